@@ -1,0 +1,291 @@
+//! Shared helpers for integration tests that drive the real `tunneld` binary.
+//!
+//! Readiness comes from the daemon itself: each spawned daemon gets its own
+//! `NOTIFY_SOCKET` (a Unix datagram socket in a temp dir) and the helpers wait for
+//! `READY=1` / `STATUS=` messages on it instead of sleeping.
+#![allow(dead_code)]
+
+pub mod tools;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tunneld");
+
+/// A port that was free a moment ago on 127.0.0.1 (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A running `tunneld` process whose stderr is collected and which is killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub notify: UnixDatagram,
+    pub notify_path: PathBuf,
+    /// `--api-listen` for a server, `--metrics-listen` for a client.
+    pub http: SocketAddr,
+    pub tunnel: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `tunneld server` on free loopback ports with its own state dir and
+    /// waits for `READY=1`.
+    pub fn server(secret: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        Self::server_in(tmp, state_dir, secret, extra)
+    }
+
+    /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
+    pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Self::server_in(tmp, state_dir.to_path_buf(), secret, extra)
+    }
+
+    fn server_in(tmp: tempfile::TempDir, state_dir: PathBuf, secret: &str, extra: &[&str]) -> Daemon {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--api-listen".into(),
+            api.to_string(),
+            "--tunnel-listen".into(),
+            tunnel.to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+        ];
+        if !secret.is_empty() {
+            args.push("--secret".into());
+            args.push(secret.into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Self::spawn(tmp, &args, api, Some(tunnel), state_dir);
+        d.wait_for_notify("READY=1", Duration::from_secs(20));
+        d
+    }
+
+    /// Starts `tunneld client` against `server_tunnel` and waits until it reports
+    /// an authenticated session (`STATUS=connected ...`).
+    pub fn client(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
+        let d = Self::client_unconnected(server_tunnel, secret, extra);
+        d.wait_for_notify("STATUS=connected", Duration::from_secs(20));
+        d
+    }
+
+    /// Starts `tunneld client` and waits only for `READY=1` (it may never connect).
+    pub fn client_unconnected(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "client".into(),
+            "--server".into(),
+            server_tunnel.to_string(),
+            "--secret".into(),
+            secret.into(),
+            "--metrics-listen".into(),
+            metrics.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let state = tmp.path().to_path_buf();
+        let d = Self::spawn(tmp, &args, metrics, None, state);
+        d.wait_for_notify("READY=1", Duration::from_secs(20));
+        d
+    }
+
+    fn spawn(tmp: tempfile::TempDir, args: &[String], http: SocketAddr, tunnel: Option<SocketAddr>, state_dir: PathBuf) -> Daemon {
+        let notify_path = tmp.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        let log_path = tmp.path().join("daemon.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(BIN)
+            .args(args)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "info,tunneld=debug")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tunneld");
+        Daemon { child, notify, notify_path, http, tunnel, state_dir, _tmp: tmp, log_path }
+    }
+
+    /// Blocks until a notify datagram contains `needle`; panics with the daemon's
+    /// log after `timeout`.
+    pub fn wait_for_notify(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("timed out waiting for notify {needle:?}\n--- daemon log ---\n{}", self.log());
+            }
+            self.notify.set_read_timeout(Some(left.min(Duration::from_millis(500)))).unwrap();
+            match self.notify.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if msg.lines().any(|l| l.starts_with(needle)) {
+                        return msg;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    if let Ok(Some(status)) = self.child_status() {
+                        panic!("daemon exited ({status}) while waiting for {needle:?}\n--- daemon log ---\n{}", self.log());
+                    }
+                }
+                Err(e) => panic!("notify recv: {e}"),
+            }
+        }
+    }
+
+    fn child_status(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        // `try_wait` needs &mut; peek through /proc instead to keep `&self`.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        match stat {
+            Ok(s) if s.split_whitespace().nth(2) == Some("Z") => Ok(Some(std::process::ExitStatus::default())),
+            Ok(_) => Ok(None),
+            Err(_) => Ok(Some(std::process::ExitStatus::default())),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY-free: use the `kill` command rather than libc in tests.
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("daemon did not exit within 20 s of SIGTERM\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.http, self.log());
+        }
+    }
+}
+
+/// Parsed JSON body plus status of an HTTP call; never panics on 4xx/5xx.
+pub fn http(method: &str, url: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let req = ureq::request(method, url).timeout(Duration::from_secs(10));
+    let res = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, json)
+}
+
+/// Creates a mapping through the API and asserts it succeeded.
+pub fn create_mapping(server: &Daemon, source_port: u16, target: SocketAddr, use_tunnel: bool) -> serde_json::Value {
+    let body = serde_json::json!({
+        "source_port": source_port,
+        "target_host": target.ip().to_string(),
+        "target_port": target.port(),
+        "use_tunnel": use_tunnel,
+    });
+    let (status, json) = http("POST", &server.url("/api/mapping/create"), Some(&body.to_string()));
+    assert_eq!(status, 200, "create mapping: {json}");
+    json
+}
+
+/// Fetches `/metrics` text.
+pub fn metrics_text(d: &Daemon) -> String {
+    ureq::get(&d.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics body")
+}
+
+/// Value of one sample in Prometheus text, e.g. `metric_value(t, "tunneld_mapping_bytes_total", &[("port","1"),("direction","sent")])`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, label_part) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i..]),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// A TCP echo server on 127.0.0.1:0 running on plain threads; returns its address.
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().expect("clone");
+                let _ = std::io::copy(&mut reader, &mut conn);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `payload` to `addr`, half-closes, and returns everything read back.
+pub fn roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = conn.try_clone().unwrap();
+    let payload = payload.to_vec();
+    let writer = std::thread::spawn(move || {
+        conn.write_all(&payload).expect("write");
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).expect("read");
+    writer.join().unwrap();
+    out
+}
+
+/// Reads lines of a child's stream (used by tests that watch logs).
+pub fn read_lines(r: impl Read) -> Vec<String> {
+    BufReader::new(r).lines().map_while(Result::ok).collect()
+}
