@@ -1,0 +1,685 @@
+// tunneld monitor page.
+//
+// Data arrives by Server-Sent Events from /api/stats/stream (one `traffic` event on
+// connect, then one per interval). If the stream cannot be opened or dies, the page
+// polls /api/stats/traffic instead and keeps trying to get the stream back; if the
+// daemon cannot be reached at all it says so and retries by itself. A 401 means an
+// API token is configured: the page asks for it (kept in localStorage) instead of
+// showing a broken page.
+//
+// Every rate on this page is (bytes now - bytes before) / (timestamp now - timestamp
+// before), with the daemon's own sample timestamps: never an assumed interval, so a
+// late or missed event cannot distort the numbers.
+//
+// For tests and scripts the state is visible in the DOM: body[data-state] and
+// [data-testid=connection-status][data-state] (connecting | live | polling | lost |
+// auth-required), [data-testid=traffic-chart][data-points], and data-testid on cards
+// and table rows (see monitor.html).
+'use strict';
+
+(() => {
+  const TOKEN_KEY = 'tunneld.apiToken';
+  const MAX_POINTS = 20;
+  const DEFAULT_INTERVAL_MS = 3000;
+  const MIN_INTERVAL_MS = 250; // the daemon's own lower bound for ?interval_ms
+  const SSE_RETRY_MS = 15000; // while polling, how often to try the stream again
+  const MAX_BACKOFF_MS = 15000; // cap for retries while the daemon is unreachable
+
+  // The page passes its own ?interval_ms on to the stream (handy for tests and for
+  // operators who want a faster chart); the poller and watchdog use the same value.
+  const pageParams = new URLSearchParams(location.search);
+  const intervalMs = parseInterval(pageParams.get('interval_ms'));
+  const passInterval = pageParams.has('interval_ms');
+
+  // A token in the page URL (?token=...) is taken once and stored, then removed
+  // from the address bar so it does not linger in history or screenshots.
+  if (pageParams.get('token')) {
+    saveToken(pageParams.get('token'));
+    pageParams.delete('token');
+    const query = pageParams.toString();
+    history.replaceState(null, '', location.pathname + (query ? '?' + query : '') + location.hash);
+  }
+
+  // ---------- DOM handles ----------
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const dom = {
+    status: $('#status'),
+    statusText: $('#status-text'),
+    updated: $('#updated'),
+    banner: $('#lost-banner'),
+    bannerText: $('#lost-text'),
+    footerMode: $('#footer-mode'),
+    cards: {
+      totalSent: $('[data-testid="card-total-sent"]'),
+      totalRecv: $('[data-testid="card-total-received"]'),
+      tunnelSent: $('[data-testid="card-tunnel-sent"]'),
+      tunnelRecv: $('[data-testid="card-tunnel-received"]'),
+      tunnel: $('[data-testid="card-tunnel-state"]'),
+      mappings: $('[data-testid="card-mappings"]'),
+    },
+    rateSent: $('#rate-sent'),
+    rateRecv: $('#rate-recv'),
+    chartBox: $('#chart-box'),
+    chartSub: $('#chart-sub'),
+    canvas: $('#chart'),
+    rows: $('#mapping-rows'),
+    empty: $('#mapping-empty'),
+    tableSub: $('#table-sub'),
+    auth: $('#auth'),
+    authForm: $('#auth-form'),
+    authInput: $('#auth-token'),
+    authError: $('#auth-error'),
+  };
+
+  // ---------- formatting ----------
+
+  const BYTE_UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+
+  /** Human bytes with binary units: "512 B", "1.50 KiB", "12.3 MiB", "456 GiB".
+   * Three significant digits past bytes; tests re-implement exactly this rule. */
+  function formatBytes(n) {
+    if (!Number.isFinite(n) || n < 0) return '—';
+    if (n < 1024) return `${Math.round(n)} B`;
+    let value = n;
+    let unit = 0;
+    while (value >= 1024 && unit < BYTE_UNITS.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    const digits = value < 10 ? 2 : value < 100 ? 1 : 0;
+    return `${value.toFixed(digits)} ${BYTE_UNITS[unit]}`;
+  }
+
+  function formatRate(bytesPerSec) {
+    if (bytesPerSec == null || !Number.isFinite(bytesPerSec)) return '—';
+    return `${formatBytes(bytesPerSec)}/s`;
+  }
+
+  const intFormat = new Intl.NumberFormat();
+
+  /** "just now", "3 s ago", "4 min ago", "2 h ago", "5 d ago". */
+  function formatAgo(seconds) {
+    if (seconds == null || !Number.isFinite(seconds)) return 'never';
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 1) return 'just now';
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return `${Math.floor(s / 86400)} d ago`;
+  }
+
+  /** "45 s", "12 min", "3 h 5 min", "2 d 4 h". */
+  function formatDuration(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+  }
+
+  function formatClock(unixSecs) {
+    const d = new Date(unixSecs * 1000);
+    const sameDay = d.toDateString() === new Date().toDateString();
+    return sameDay
+      ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' })
+      : d.toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+  }
+
+  function parseInterval(raw) {
+    const n = Number.parseInt(raw, 10);
+    return Number.isFinite(n) && n > 0 ? Math.max(MIN_INTERVAL_MS, n) : DEFAULT_INTERVAL_MS;
+  }
+
+  // ---------- token storage ----------
+
+  // localStorage can throw (disabled storage, private modes); the page then still
+  // works for the session with the token kept in memory.
+  let memoryToken = null;
+  function loadToken() {
+    try { return localStorage.getItem(TOKEN_KEY) || memoryToken; } catch { return memoryToken; }
+  }
+  function saveToken(token) {
+    memoryToken = token;
+    try { localStorage.setItem(TOKEN_KEY, token); } catch { /* memory only */ }
+  }
+  function clearToken() {
+    memoryToken = null;
+    try { localStorage.removeItem(TOKEN_KEY); } catch { /* nothing stored */ }
+  }
+
+  // ---------- traffic state: samples, rates, chart history ----------
+
+  let prev = null; // the previous sample (T), for rates
+  let latest = null; // the newest sample and when it arrived (performance.now())
+  let latestAt = 0;
+  const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map() };
+  const history = { labels: [], sent: [], recv: [] };
+
+  /** Rate of a monotonic counter between two samples, or null when it cannot be
+   * known (first sample, a counter that went backwards after a daemon restart). */
+  function rate(now, before, dt) {
+    if (before == null || now == null || !(dt > 0)) return null;
+    const delta = now - before;
+    return delta >= 0 ? delta / dt : null;
+  }
+
+  function ingest(sample) {
+    // Polling and the stream can both deliver the same snapshot around a switch-over;
+    // a sample not newer than the last adds nothing (and would divide by zero).
+    if (latest && !(sample.timestamp > latest.timestamp)) return;
+    prev = latest;
+    latest = sample;
+    latestAt = performance.now();
+
+    const dt = prev ? sample.timestamp - prev.timestamp : 0;
+    rates.sent = prev ? rate(sample.total_sent, prev.total_sent, dt) : null;
+    rates.recv = prev ? rate(sample.total_received, prev.total_received, dt) : null;
+    rates.tunnelSent = prev ? rate(sample.tunnel.bytes_sent, prev.tunnel.bytes_sent, dt) : null;
+    rates.tunnelRecv = prev ? rate(sample.tunnel.bytes_received, prev.tunnel.bytes_received, dt) : null;
+    const before = new Map((prev ? prev.mappings : []).map((m) => [m.port, m]));
+    rates.byPort = new Map(sample.mappings.map((m) => {
+      const p = before.get(m.port);
+      return [m.port, {
+        sent: p ? rate(m.bytes_sent, p.bytes_sent, dt) : null,
+        recv: p ? rate(m.bytes_received, p.bytes_received, dt) : null,
+      }];
+    }));
+
+    if (rates.sent != null && rates.recv != null) {
+      history.labels.push(formatClock(sample.timestamp));
+      history.sent.push(rates.sent);
+      history.recv.push(rates.recv);
+      while (history.labels.length > MAX_POINTS) {
+        history.labels.shift();
+        history.sent.shift();
+        history.recv.shift();
+      }
+    }
+    render();
+  }
+
+  // The daemon's clock is the reference for "3 s ago": its sample timestamp plus the
+  // time since the sample arrived. The browser's clock may be off from the server's.
+  function serverNow() {
+    return latest ? latest.timestamp + (performance.now() - latestAt) / 1000 : Date.now() / 1000;
+  }
+
+  // ---------- rendering ----------
+
+  function setCard(card, text, attrs = {}) {
+    const value = $('[data-role="value"]', card);
+    value.textContent = text;
+    for (const [k, v] of Object.entries(attrs)) value.setAttribute(k, String(v));
+  }
+
+  function setSub(card, text) {
+    $('[data-role="sub"]', card).textContent = text;
+  }
+
+  function render() {
+    const d = latest;
+    if (!d) return;
+    const c = dom.cards;
+    setCard(c.totalSent, formatBytes(d.total_sent), { 'data-bytes': d.total_sent });
+    setCard(c.totalRecv, formatBytes(d.total_received), { 'data-bytes': d.total_received });
+    setCard(c.tunnelSent, formatBytes(d.tunnel.bytes_sent), { 'data-bytes': d.tunnel.bytes_sent });
+    setCard(c.tunnelRecv, formatBytes(d.tunnel.bytes_received), { 'data-bytes': d.tunnel.bytes_received });
+    setSub(c.totalSent, rates.sent == null ? 'visitor → target, all mappings' : `${formatRate(rates.sent)} now`);
+    setSub(c.totalRecv, rates.recv == null ? 'target → visitor, all mappings' : `${formatRate(rates.recv)} now`);
+    setSub(c.tunnelSent, rates.tunnelSent == null ? 'wire bytes to the client' : `${formatRate(rates.tunnelSent)} now`);
+    setSub(c.tunnelRecv, rates.tunnelRecv == null ? 'wire bytes from the client' : `${formatRate(rates.tunnelRecv)} now`);
+
+    const count = d.mapping_count ?? d.mappings.length;
+    const open = d.active_connections ?? d.mappings.reduce((sum, m) => sum + (m.active_connections || 0), 0);
+    setCard(c.mappings, String(count), { 'data-count': count });
+    const conn = $('[data-role="connections"]', c.mappings);
+    conn.textContent = intFormat.format(open);
+    conn.dataset.count = String(open);
+
+    dom.rateSent.textContent = formatRate(rates.sent);
+    dom.rateRecv.textContent = formatRate(rates.recv);
+
+    renderTunnel();
+    renderTable();
+    renderChart();
+    renderClock();
+  }
+
+  function renderTunnel() {
+    const card = dom.cards.tunnel;
+    const t = latest.tunnel;
+    const connected = Boolean(t.connected);
+    card.dataset.connected = String(connected);
+    $('[data-role="state-text"]', card).textContent = connected ? 'Connected' : 'Not connected';
+    let sub;
+    if (connected && t.connected_since) {
+      sub = `since ${formatClock(t.connected_since)} · ${formatDuration(serverNow() - t.connected_since)}`;
+    } else if (connected) {
+      sub = 'client authenticated';
+    } else {
+      sub = tunnelEnabled === false ? 'tunnel listener disabled' : 'waiting for a client';
+    }
+    setSub(card, sub);
+  }
+
+  /** Tiny element builder: el('td', {class: 'num'}, 'text'). Text goes through
+   * textContent, so a target host can never inject markup. */
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v != null) node.setAttribute(k, String(v));
+    }
+    for (const child of children) {
+      if (child == null) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function statusBadge(status) {
+    const s = String(status || 'unknown');
+    if (s === 'active') return el('span', { class: 'badge badge-ok' }, 'Active');
+    if (s === 'waiting_for_tunnel') return el('span', { class: 'badge badge-warn' }, 'Waiting for tunnel');
+    if (s.startsWith('error')) {
+      const detail = s.replace(/^error:?\s*/, '');
+      return el('span', { class: 'badge badge-bad', title: s }, detail ? `Error: ${detail}` : 'Error');
+    }
+    return el('span', { class: 'badge' }, s);
+  }
+
+  function renderTable() {
+    const maps = latest.mappings;
+    dom.empty.hidden = maps.length > 0;
+    dom.tableSub.textContent = maps.length === 1 ? '1 mapping' : `${maps.length} mappings`;
+    const now = serverNow();
+    // Rebuilt on each sample: a handful of rows every few seconds is cheap, and it
+    // keeps rows exactly in the daemon's order (sorted by port) with no stale ones.
+    const rows = maps.map((m) => {
+      const r = rates.byPort.get(m.port) || {};
+      const ago = m.last_update == null ? null : now - m.last_update;
+      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status },
+        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
+        el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
+          `${m.target_host}:${m.target_port}`),
+        el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
+          el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}` }, m.use_tunnel ? 'Tunnel' : 'Direct')),
+        el('td', { 'data-label': 'Status', 'data-col': 'status' }, statusBadge(m.status)),
+        el('td', { class: 'num', 'data-label': 'Sent', 'data-col': 'sent', 'data-bytes': m.bytes_sent }, formatBytes(m.bytes_sent)),
+        el('td', { class: 'num', 'data-label': 'Received', 'data-col': 'received', 'data-bytes': m.bytes_received }, formatBytes(m.bytes_received)),
+        el('td', { class: 'num', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
+        el('td', { class: 'num', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
+        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, intFormat.format(m.active_connections ?? 0)),
+        el('td', { class: 'num muted', 'data-label': 'Last active', 'data-col': 'last-activity', 'data-ts': m.last_update ?? '' },
+          formatAgo(ago)));
+    });
+    dom.rows.replaceChildren(...rows);
+  }
+
+  // "Updated 2 s ago" and the "last activity" cells move on between samples.
+  function renderClock() {
+    if (!latest) return;
+    const now = serverNow();
+    dom.updated.textContent = `Updated ${formatAgo((performance.now() - latestAt) / 1000)}`;
+    for (const cell of dom.rows.querySelectorAll('[data-col="last-activity"]')) {
+      const ts = cell.dataset.ts;
+      cell.textContent = formatAgo(ts === '' ? null : now - Number(ts));
+    }
+    if (latest.tunnel.connected && latest.tunnel.connected_since) renderTunnel();
+  }
+  setInterval(renderClock, 1000);
+
+  // ---------- chart ----------
+
+  let chart = null;
+
+  function cssVar(name) {
+    return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+  }
+
+  function chartColors() {
+    return { sent: cssVar('--sent'), recv: cssVar('--recv'), grid: cssVar('--grid'), muted: cssVar('--muted') };
+  }
+
+  /** "#4f46e5" + 0.12 -> "rgba(79, 70, 229, 0.12)" for the fill under a line.
+   * (Chart.js parses colours itself and does not understand color-mix().) */
+  function withAlpha(hex, alpha) {
+    const m = /^#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$/i.exec(hex);
+    if (!m) return hex;
+    const [r, g, b] = m.slice(1).map((h) => Number.parseInt(h, 16));
+    return `rgba(${r}, ${g}, ${b}, ${alpha})`;
+  }
+
+  function createChart() {
+    // Without the vendored library the rest of the page still works; the chart box
+    // says why it is empty instead of throwing.
+    if (typeof window.Chart !== 'function') {
+      $('#chart-empty').textContent = 'Chart library failed to load';
+      return;
+    }
+    const col = chartColors();
+    // Same type as the rest of the page (the canvas does not inherit CSS fonts).
+    window.Chart.defaults.font.family = cssVar('--font');
+    const dataset = (label, data, color) => ({
+      label,
+      data,
+      borderColor: color,
+      backgroundColor: withAlpha(color, 0.12),
+      fill: 'origin',
+      tension: 0.35,
+      borderWidth: 2,
+      pointRadius: 2.5,
+      pointHoverRadius: 5,
+      pointBackgroundColor: color,
+    });
+    chart = new window.Chart(dom.canvas, {
+      type: 'line',
+      data: {
+        labels: history.labels,
+        datasets: [dataset('Sent', history.sent, col.sent), dataset('Received', history.recv, col.recv)],
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        // Updates arrive every few seconds; animating each one only adds motion.
+        animation: false,
+        interaction: { mode: 'index', intersect: false },
+        plugins: {
+          legend: { display: false }, // the panel header has its own legend with live values
+          tooltip: { callbacks: { label: (ctx) => ` ${ctx.dataset.label}: ${formatRate(ctx.parsed.y)}` } },
+        },
+        scales: {
+          x: {
+            grid: { display: false },
+            border: { color: col.grid },
+            ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 16 },
+          },
+          y: {
+            beginAtZero: true,
+            grid: { color: col.grid },
+            border: { display: false },
+            suggestedMax: 1024,
+            ticks: { color: col.muted, stepSize: niceStep(0), callback: (v) => formatTick(v) },
+          },
+        },
+      },
+    });
+  }
+
+  function applyChartTheme() {
+    if (!chart) return;
+    const col = chartColors();
+    const [sent, recv] = chart.data.datasets;
+    sent.borderColor = sent.pointBackgroundColor = col.sent;
+    sent.backgroundColor = withAlpha(col.sent, 0.12);
+    recv.borderColor = recv.pointBackgroundColor = col.recv;
+    recv.backgroundColor = withAlpha(col.recv, 0.12);
+    chart.options.scales.x.ticks.color = chart.options.scales.y.ticks.color = col.muted;
+    chart.options.scales.y.grid.color = chart.options.scales.x.border.color = col.grid;
+    chart.update('none');
+  }
+
+  /** A y-axis step that gives 4-6 round ticks in binary units (1, 2, 2.5, 5 x 10^n
+   * KiB/s, ...), instead of Chart.js's decimal steps that read "9.54 MiB/s". */
+  function niceStep(max) {
+    if (!(max > 0)) return 256; // an idle chart still gets a sensible 0-1 KiB/s axis
+    let unit = 1;
+    while (max / unit >= 1024 && unit < 1024 ** 4) unit *= 1024;
+    const raw = max / unit / 5;
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 2.5, 5, 10].map((f) => f * mag).find((v) => v >= raw);
+    return Math.max(step * unit, 1);
+  }
+
+  /** Axis labels drop trailing zeros: "2.50 MiB/s" -> "2.5 MiB/s", "2.00" -> "2". */
+  function formatTick(v) {
+    return formatRate(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ');
+  }
+
+  function renderChart() {
+    dom.chartBox.dataset.points = String(history.labels.length);
+    if (!chart) return;
+    const max = Math.max(0, ...history.sent, ...history.recv);
+    const y = chart.options.scales.y;
+    y.ticks.stepSize = niceStep(max);
+    y.suggestedMax = max > 0 ? undefined : 1024;
+    chart.update('none');
+  }
+
+  // ---------- connection state ----------
+
+  const STATE_TEXT = {
+    connecting: 'Connecting…',
+    live: 'Live',
+    polling: 'Polling',
+    lost: 'Connection lost',
+    'auth-required': 'Token required',
+  };
+
+  function setState(next, detail) {
+    document.body.dataset.state = next;
+    dom.status.dataset.state = next;
+    dom.statusText.textContent = STATE_TEXT[next];
+    dom.status.title = detail || '';
+    dom.banner.hidden = next !== 'lost';
+    if (next === 'lost') dom.bannerText.textContent = detail || 'Connection to the daemon lost — retrying…';
+    dom.auth.hidden = next !== 'auth-required';
+    const every = intervalMs >= 1000 ? `${intervalMs / 1000} s` : `${intervalMs} ms`;
+    dom.footerMode.textContent = next === 'polling'
+      ? `polling every ${every} (server push unavailable)`
+      : `updates by server push every ${every}`;
+  }
+
+  /** Thrown for 401s so every path can send the user to the token prompt. */
+  class AuthError extends Error {}
+
+  function authHeaders() {
+    const token = loadToken();
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  /** One snapshot from /api/stats/traffic (the envelope's `data`). */
+  async function fetchTraffic() {
+    const res = await fetch('/api/stats/traffic', { headers: authHeaders(), cache: 'no-store' });
+    if (res.status === 401) throw new AuthError();
+    const body = await res.json().catch(() => null);
+    if (!res.ok || !body || body.success === false || !body.data) {
+      throw new Error((body && body.message) || `HTTP ${res.status}`);
+    }
+    return body.data;
+  }
+
+  // /health tells whether a tunnel listener exists at all ("disabled" vs "waiting").
+  // It is not under /api, needs no token, and failing it only loses that nuance.
+  let tunnelEnabled = null;
+  async function fetchHealth() {
+    try {
+      const res = await fetch('/health', { cache: 'no-store' });
+      if (res.ok) tunnelEnabled = (await res.json()).tunnel_enabled !== false;
+    } catch { /* keep unknown */ }
+  }
+
+  // The connection manager. Exactly one of these runs at a time:
+  //   stream   - EventSource open (state live once data arrives)
+  //   poll     - timer fetching /api/stats/traffic (state polling), with a stream retry
+  //   recover  - daemon unreachable: back-off timer probing /api/stats/traffic (state lost)
+  // A 401 anywhere stops everything and shows the token prompt.
+  let source = null;
+  let pollTimer = null;
+  let streamRetryTimer = null;
+  let recoverTimer = null;
+  let watchdog = null;
+  let backoffMs = 1000;
+  let generation = 0; // bumps on every restart so late callbacks of an old attempt are ignored
+
+  function stopAll() {
+    generation += 1;
+    if (source) source.close();
+    source = null;
+    clearTimeout(pollTimer);
+    clearTimeout(streamRetryTimer);
+    clearTimeout(recoverTimer);
+    clearTimeout(watchdog);
+  }
+
+  function streamUrl() {
+    const q = new URLSearchParams();
+    if (passInterval) q.set('interval_ms', String(intervalMs));
+    // EventSource cannot send an Authorization header; the daemon accepts ?token=.
+    const token = loadToken();
+    if (token) q.set('token', token);
+    const query = q.toString();
+    return '/api/stats/stream' + (query ? `?${query}` : '');
+  }
+
+  function openStream() {
+    if (source) source.close();
+    const gen = generation;
+    const es = new EventSource(streamUrl());
+    source = es;
+    armWatchdog(gen);
+    es.addEventListener('traffic', (ev) => {
+      if (gen !== generation) return;
+      let sample;
+      try { sample = JSON.parse(ev.data); } catch { return; }
+      // The stream is back: polling (if it was running) is no longer needed.
+      clearTimeout(pollTimer);
+      clearTimeout(streamRetryTimer);
+      backoffMs = 1000;
+      setState('live');
+      ingest(sample);
+      armWatchdog(gen);
+    });
+    es.addEventListener('error', () => {
+      if (gen !== generation || source !== es) return;
+      // EventSource reports neither the HTTP status nor why; close it and let a
+      // plain fetch find out (401? daemon down? stream route missing?).
+      es.close();
+      source = null;
+      clearTimeout(watchdog);
+      probe(gen);
+    });
+  }
+
+  // A stream that stays open but goes silent (a stalled proxy, a hung daemon) fires
+  // no error event; treat several missed intervals as a failure.
+  function armWatchdog(gen) {
+    clearTimeout(watchdog);
+    watchdog = setTimeout(() => {
+      if (gen !== generation || !source) return;
+      source.close();
+      source = null;
+      probe(gen);
+    }, intervalMs * 3 + 5000);
+  }
+
+  async function probe(gen) {
+    try {
+      const sample = await fetchTraffic();
+      if (gen !== generation) return;
+      backoffMs = 1000;
+      ingest(sample);
+      startPolling(gen);
+    } catch (err) {
+      if (gen !== generation) return;
+      if (err instanceof AuthError) return needToken();
+      scheduleRecover(gen, err);
+    }
+  }
+
+  function startPolling(gen) {
+    setState('polling');
+    clearTimeout(pollTimer);
+    pollTimer = setTimeout(async function tick() {
+      try {
+        const sample = await fetchTraffic();
+        if (gen !== generation) return;
+        ingest(sample);
+        if (!source) setState('polling');
+        pollTimer = setTimeout(tick, intervalMs);
+      } catch (err) {
+        if (gen !== generation) return;
+        if (err instanceof AuthError) return needToken();
+        if (source) { source.close(); source = null; }
+        scheduleRecover(gen, err);
+      }
+    }, intervalMs);
+    // Keep polling, and now and then try to get the push stream back.
+    clearTimeout(streamRetryTimer);
+    streamRetryTimer = setTimeout(() => {
+      if (gen === generation && !source) openStream();
+    }, SSE_RETRY_MS);
+  }
+
+  function scheduleRecover(gen, err) {
+    clearTimeout(pollTimer);
+    clearTimeout(streamRetryTimer);
+    const wait = backoffMs;
+    backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+    const retryAt = performance.now() + wait;
+    const why = err && err.message && !/fetch|network/i.test(err.message) ? ` (${err.message})` : '';
+    const describe = () => {
+      const left = Math.max(0, Math.ceil((retryAt - performance.now()) / 1000));
+      return `Connection to the daemon lost${why} — retrying in ${left} s…`;
+    };
+    setState('lost', describe());
+    // Count down in the banner so it is obvious that the page is still trying.
+    const countdown = setInterval(() => {
+      if (gen !== generation || document.body.dataset.state !== 'lost') return clearInterval(countdown);
+      dom.bannerText.textContent = describe();
+    }, 1000);
+    recoverTimer = setTimeout(async () => {
+      clearInterval(countdown);
+      if (gen !== generation) return;
+      dom.bannerText.textContent = 'Connection to the daemon lost — retrying now…';
+      try {
+        const sample = await fetchTraffic();
+        if (gen !== generation) return;
+        backoffMs = 1000;
+        ingest(sample);
+        fetchHealth();
+        // Reachable again: go back to the stream, polling meanwhile.
+        startPolling(gen);
+        openStream();
+      } catch (e) {
+        if (gen !== generation) return;
+        if (e instanceof AuthError) return needToken();
+        scheduleRecover(gen, e);
+      }
+    }, wait);
+  }
+
+  function needToken() {
+    stopAll();
+    const had = loadToken();
+    if (had) clearToken();
+    dom.authError.hidden = !had;
+    dom.authError.textContent = had ? 'The daemon rejected that token. Check it and try again.' : '';
+    setState('auth-required', 'The daemon requires an API token');
+    dom.authInput.value = '';
+    dom.authInput.focus();
+  }
+
+  dom.authForm.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const token = dom.authInput.value.trim();
+    if (!token) return;
+    saveToken(token);
+    start();
+  });
+
+  /** (Re)start from scratch. The stream sends a snapshot as soon as it is open, so
+   * it is the first request; if it fails, probe() finds out why (401, daemon down). */
+  function start() {
+    stopAll();
+    backoffMs = 1000;
+    setState('connecting');
+    fetchHealth();
+    openStream();
+  }
+
+  createChart();
+  // Follow the system theme live, chart included (CSS handles everything else).
+  window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', applyChartTheme);
+  start();
+})();
