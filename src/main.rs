@@ -1,1 +1,187 @@
-fn main() {}
+//! `tunneld`: one binary, two roles. See `tunneld --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use tunneld::config::{self, Config, Override, Role};
+use tunneld::{client, server, systemd};
+
+#[derive(Parser)]
+#[command(name = "tunneld", version, about = "TCP port forwarding and reverse tunnels with live traffic metrics")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: mappings, tunnel listener, HTTP API.
+    Server(ServerArgs),
+    /// Run the client: dial the server and reach targets inside this network.
+    Client(ClientArgs),
+    /// Print the effective configuration (secrets masked) and exit non-zero if invalid.
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Which role's settings to check.
+        #[arg(value_enum, default_value = "server")]
+        role: Role,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    tunnel_listen: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<String>,
+    #[arg(long)]
+    secret: Option<String>,
+    #[arg(long, value_name = "TOKEN")]
+    api_token: Option<String>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// host:port of the server's tunnel listener.
+    #[arg(long, value_name = "HOST:PORT")]
+    server: Option<String>,
+    #[arg(long)]
+    secret: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+impl ServerArgs {
+    fn overrides(&self) -> Vec<Override> {
+        collect(&[
+            ("api.listen", &self.api_listen),
+            ("server.tunnel_listen", &self.tunnel_listen),
+            ("server.state_dir", &self.state_dir),
+            ("server.secret", &self.secret),
+            ("api.token", &self.api_token),
+        ])
+    }
+}
+
+impl ClientArgs {
+    fn overrides(&self) -> Vec<Override> {
+        collect(&[("client.server", &self.server), ("client.secret", &self.secret), ("client.metrics_listen", &self.metrics_listen)])
+    }
+}
+
+fn collect(flags: &[(&'static str, &Option<String>)]) -> Vec<Override> {
+    flags.iter().filter_map(|(key, value)| value.as_ref().map(|v| Override { key, value: v.clone() })).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (role, file, overrides) = match &cli.command {
+        Command::Version => {
+            println!("tunneld {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::CheckConfig { config, role } => {
+            return match config::load(config.as_deref(), &[], *role) {
+                Ok(cfg) => {
+                    print!("{}", cfg.to_masked_toml(*role));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tunneld: invalid configuration: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Server(args) => (Role::Server, args.config.clone(), args.overrides()),
+        Command::Client(args) => (Role::Client, args.config.clone(), args.overrides()),
+    };
+    // Validate everything before binding anything.
+    let config = match config::load(file.as_deref(), &overrides, role) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tunneld: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = systemd::init_logging(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(role, config, file, overrides, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "tunneld failed");
+            eprintln!("tunneld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(role: Role, config: Config, file: Option<PathBuf>, overrides: Vec<Override>, log: systemd::LogHandle) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handlers(shutdown.clone(), role, file, overrides, log)?;
+    systemd::spawn_watchdog();
+    match role {
+        Role::Server => {
+            let listeners = server::Listeners::bind(&config).await?;
+            server::run(config, listeners, shutdown).await
+        }
+        Role::Client => {
+            let metrics_listener = client::bind_metrics(&config.client).await?;
+            client::run(config.client, metrics_listener, shutdown).await
+        }
+    }
+}
+
+/// SIGTERM/SIGINT start a graceful stop; SIGHUP re-reads the configuration.
+fn spawn_signal_handlers(
+    shutdown: CancellationToken,
+    role: Role,
+    file: Option<PathBuf>,
+    overrides: Vec<Override>,
+    log: systemd::LogHandle,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!(signal = "SIGTERM", "stopping"); break; }
+                _ = int.recv() => { info!(signal = "SIGINT", "stopping"); break; }
+                _ = hup.recv() => {
+                    systemd::reloading();
+                    match config::load(file.as_deref(), &overrides, role) {
+                        Ok(new) => {
+                            systemd::set_log_level(&log, &new.log.level);
+                            info!(level = %new.log.level, "configuration reloaded (log level applied; other settings take effect on restart)");
+                        }
+                        Err(e) => warn!(error = %e, "reload rejected: the new configuration is invalid; keeping the running one"),
+                    }
+                    systemd::ready("running (configuration reloaded)");
+                }
+            }
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The HTTP API: mapping management, traffic stats (JSON and SSE), health,
+//! `/metrics` and the monitor page.
+//!
+//! Every `/api/*` answer uses the `{success, message, data}` envelope — errors
+//! included, even for unknown routes and wrong methods — so scripts can always
+//! parse the body.
+
+mod assets;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{unix_now, Metrics};
+use crate::protocol::tokens_equal;
+use crate::server::mappings::{MappingError, Mappings, NewMapping};
+use crate::server::tunnel::TunnelHub;
+
+/// Request bodies are tiny JSON objects; anything larger is refused unread.
+const MAX_BODY: usize = 16 * 1024;
+const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_secs(3);
+const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub mappings: Arc<Mappings>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<TunnelHub>,
+    /// Empty: no authentication (only allowed on loopback, see config).
+    pub token: Arc<str>,
+    /// Ends long-lived responses (SSE) so a graceful shutdown does not hang.
+    pub shutdown: CancellationToken,
+}
+
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .route("/api/mapping/create", post(create_mapping))
+        .route("/api/mapping/remove", post(remove_mapping))
+        .route("/api/mapping/list", get(list_mappings))
+        .route("/api/stats/traffic", get(traffic))
+        .route("/api/stats/stream", get(traffic_stream))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(authenticated)
+        // The page itself is public: it asks for the token and sends it on.
+        .route("/api/stats/monitor", get(assets::monitor_page))
+        .route("/assets/{*path}", get(|Path(path): Path<String>| async move { assets::asset(&path) }))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async { failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+fn success(message: &str, data: Value) -> Response {
+    Json(json!({"success": true, "message": message, "data": data})).into_response()
+}
+
+fn failure(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"success": false, "message": message.into()}))).into_response()
+}
+
+impl IntoResponse for MappingError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MappingError::Conflict(_) => StatusCode::CONFLICT,
+            MappingError::NotFound(_) => StatusCode::NOT_FOUND,
+            MappingError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        failure(status, self.to_string())
+    }
+}
+
+/// `Authorization: Bearer <token>`, or `?token=` for EventSource, which cannot set
+/// headers.
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.token.is_empty() {
+        return next.run(req).await;
+    }
+    let from_header =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    match from_header.or(from_query) {
+        Some(given) if tokens_equal(given, &state.token) => next.run(req).await,
+        Some(_) => failure(StatusCode::UNAUTHORIZED, "invalid API token"),
+        None => failure(StatusCode::UNAUTHORIZED, "API token required: send `Authorization: Bearer <token>`"),
+    }
+}
+
+/// Parses a JSON object body, mapping every way it can be wrong to a 4xx envelope.
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, Response> {
+    let bytes = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => failure(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes")),
+        status => failure(status, e.body_text()),
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(failure(StatusCode::BAD_REQUEST, "request body must be a JSON object")),
+        Err(e) => Err(failure(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))),
+    }
+}
+
+fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, Response> {
+    let bad = |msg: String| failure(StatusCode::BAD_REQUEST, msg);
+    match body.get(key) {
+        None | Some(Value::Null) => Err(bad(format!("missing field `{key}`"))),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(bad(format!("`{key}` must be an integer between 1 and 65535 (got {n})"))),
+        },
+        Some(other) => Err(bad(format!("`{key}` must be an integer between 1 and 65535 (got {other})"))),
+    }
+}
+
+async fn create_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let parsed = json_body(body).and_then(|body| {
+        let source_port = port_field(&body, "source_port")?;
+        let target_port = port_field(&body, "target_port")?;
+        let target_host = match body.get("target_host") {
+            None | Some(Value::Null) => return Err(failure(StatusCode::BAD_REQUEST, "missing field `target_host`")),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(failure(StatusCode::BAD_REQUEST, "`target_host` must be a string")),
+        };
+        let use_tunnel = match body.get("use_tunnel") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(failure(StatusCode::BAD_REQUEST, "`use_tunnel` must be true or false")),
+        };
+        Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
+    });
+    let request = match parsed {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match state.mappings.create(request).await {
+        Ok(view) => success("mapping created", json!(view)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn remove_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let port = match json_body(body).and_then(|body| port_field(&body, "port")) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    match state.mappings.remove(port).await {
+        Ok(()) => success("mapping removed", json!({"port": port})),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_mappings(State(state): State<AppState>) -> Response {
+    let mappings = state.mappings.list().await;
+    let count = mappings.len();
+    success("ok", json!({"mappings": mappings, "count": count}))
+}
+
+/// The traffic report, every number read from the registry.
+async fn traffic_data(state: &AppState) -> Value {
+    let snap = state.metrics.traffic();
+    let views = state.mappings.list().await;
+    let mut total_sent = 0u64;
+    let mut total_received = 0u64;
+    let mut active = 0u64;
+    let mappings: Vec<Value> = views
+        .iter()
+        .map(|view| {
+            let port = view.spec.source_port;
+            let t = snap.mappings.get(&port).cloned().unwrap_or_default();
+            total_sent += t.bytes_sent;
+            total_received += t.bytes_received;
+            active += t.active_connections;
+            json!({
+                "port": port,
+                "bytes_sent": t.bytes_sent,
+                "bytes_received": t.bytes_received,
+                "last_update": t.last_update,
+                "active_connections": t.active_connections,
+                "connections_total": t.connections_total,
+                "connect_errors": t.connect_errors,
+                "target_host": view.spec.target_host,
+                "target_port": view.spec.target_port,
+                "use_tunnel": view.spec.use_tunnel,
+                "status": view.status,
+            })
+        })
+        .collect();
+    json!({
+        "tunnel": {
+            "bytes_sent": snap.tunnel_sent,
+            "bytes_received": snap.tunnel_received,
+            "last_update": snap.tunnel_last_update,
+            "connected": snap.tunnel_connected,
+            "connected_since": snap.tunnel_connected_since,
+        },
+        "mappings": mappings,
+        "total_sent": total_sent,
+        "total_received": total_received,
+        "timestamp": unix_now(),
+        "mapping_count": views.len(),
+        "active_connections": active,
+    })
+}
+
+async fn traffic(State(state): State<AppState>) -> Response {
+    success("ok", traffic_data(&state).await)
+}
+
+#[derive(Deserialize)]
+struct StreamParams {
+    interval_ms: Option<u64>,
+}
+
+/// Server-Sent Events: one `traffic` event now, then one per interval, until the
+/// client leaves or the daemon stops.
+async fn traffic_stream(
+    State(state): State<AppState>,
+    params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let interval = match params {
+        Ok(Query(StreamParams { interval_ms: Some(ms) })) => Duration::from_millis(ms).max(MIN_STREAM_INTERVAL),
+        Ok(_) => DEFAULT_STREAM_INTERVAL,
+        Err(e) => return failure(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let shutdown = state.shutdown.clone();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let events = stream::unfold((state, ticker), move |(state, mut ticker)| {
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => None,
+                _ = ticker.tick() => {
+                    let data = traffic_data(&state).await;
+                    let event = Event::default().event("traffic").json_data(&data).unwrap_or_else(|_| Event::default().comment("encode error"));
+                    Some((Ok::<_, Infallible>(event), (state, ticker)))
+                }
+            }
+        }
+    });
+    sse(events).into_response()
+}
+
+fn sse<S: Stream<Item = Result<Event, Infallible>> + Send + 'static>(events: S) -> impl IntoResponse {
+    let mut headers = HeaderMap::new();
+    // Reverse proxies (nginx) would otherwise buffer the stream.
+    headers.insert("X-Accel-Buffering", header::HeaderValue::from_static("no"));
+    (headers, Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    Json(json!({"status": "ok", "tunnel_enabled": true, "tunnel_connected": state.hub.connected()})).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    metrics_response(&state.metrics)
+}
+
+/// `/metrics` for both roles.
+pub fn metrics_response(metrics: &Metrics) -> Response {
+    ([(header::CONTENT_TYPE, crate::metrics::content_type())], metrics.render()).into_response()
+}

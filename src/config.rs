@@ -1,0 +1,269 @@
+//! Configuration: built-in defaults < TOML file < `TUNNELD_*` environment < CLI flags.
+//!
+//! Everything is validated here, before the daemon binds a single socket, so a typo
+//! in a unit file or an env var fails the start with the key and where it came from
+//! instead of half-starting.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Used when `--config` is not given and this file exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/tunneld/tunneld.toml";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub api: ApiConfig,
+    pub client: ClientConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where clients dial in.
+    pub tunnel_listen: SocketAddr,
+    /// Shared secret for the HMAC handshake; empty means "generate one and keep it
+    /// in the state dir".
+    pub secret: String,
+    /// SQLite and the generated secret live here. Unset: `$STATE_DIRECTORY` under
+    /// systemd, else `./data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Address the mapping listeners bind (each mapping's `source_port`).
+    pub bind_addr: IpAddr,
+    /// Heartbeat period on the control channel; a peer silent for three periods is
+    /// dropped.
+    pub heartbeat_interval_secs: u64,
+    /// How long open connections may finish after SIGTERM before they are cut.
+    pub shutdown_grace_secs: u64,
+    /// Bound on dialing a target (direct) or getting a data channel (tunnel).
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tunnel_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9000)),
+            secret: String::new(),
+            state_dir: None,
+            bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            heartbeat_interval_secs: 10,
+            shutdown_grace_secs: 10,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/*`; required before `listen` may leave loopback.
+    pub token: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)), token: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// `host:port` of the server's tunnel listener.
+    pub server: String,
+    pub secret: String,
+    /// The client's own `/metrics`; off when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data channels kept open ahead of need, so a visitor costs no extra round trip.
+    pub pool_size: usize,
+    /// Bound on dialing a target inside the client's network.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig { server: String::new(), secret: String::new(), metrics_listen: None, pool_size: 4, connect_timeout_secs: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `debug`, `tunneld=debug,info`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+/// Which role's settings to validate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Figment(Box<figment::Error>),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// One CLI flag that overrides a config key (dotted path, e.g. `api.listen`).
+pub struct Override {
+    pub key: &'static str,
+    pub value: String,
+}
+
+/// Loads, merges and validates the configuration for `role`.
+pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    match file {
+        Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.to_path_buf())),
+        Some(path) => figment = figment.merge(Toml::file_exact(path)),
+        None if Path::new(DEFAULT_CONFIG_FILE).exists() => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE)),
+        None => {}
+    }
+    figment = figment.merge(Env::prefixed("TUNNELD_").split("__"));
+    for o in overrides {
+        figment = figment.merge(Serialized::default(o.key, &o.value));
+    }
+    let config: Config = figment.extract().map_err(|e| ConfigError::Figment(Box::new(e)))?;
+    config.validate(role)?;
+    Ok(config)
+}
+
+impl Config {
+    fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string() });
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("log.level", "not a log filter (try `info` or `debug`)");
+        }
+        match role {
+            Role::Server => {
+                if !self.api.listen.ip().is_loopback() && self.api.token.is_empty() {
+                    return invalid("api.token", "must be set when api.listen is not a loopback address");
+                }
+                if self.api.listen.port() != 0 && self.api.listen.port() == self.server.tunnel_listen.port() {
+                    return invalid("api.listen", "must not use the same port as server.tunnel_listen");
+                }
+                if self.server.heartbeat_interval_secs == 0 {
+                    return invalid("server.heartbeat_interval_secs", "must be at least 1");
+                }
+                if self.server.connect_timeout_secs == 0 {
+                    return invalid("server.connect_timeout_secs", "must be at least 1");
+                }
+            }
+            Role::Client => {
+                if self.client.server.is_empty() {
+                    return invalid("client.server", "is required (host:port of the server's tunnel listener)");
+                }
+                if split_host_port(&self.client.server).is_none() {
+                    return invalid("client.server", "must be host:port");
+                }
+                if self.client.secret.is_empty() {
+                    return invalid("client.secret", "is required (the server's secret)");
+                }
+                if self.client.pool_size > 256 {
+                    return invalid("client.pool_size", "must be at most 256");
+                }
+                if self.client.connect_timeout_secs == 0 {
+                    return invalid("client.connect_timeout_secs", "must be at least 1");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML with secrets masked, for `check-config`.
+    pub fn to_masked_toml(&self, role: Role) -> String {
+        fn mask(secret: &str, empty: &str) -> String {
+            if secret.is_empty() {
+                empty.to_string()
+            } else {
+                "********".to_string()
+            }
+        }
+        let mut shown = self.clone();
+        shown.server.secret = mask(&shown.server.secret, "(generated on first start, stored in the state dir)");
+        shown.api.token = mask(&shown.api.token, "");
+        shown.client.secret = mask(&shown.client.secret, "");
+        let value = match role {
+            Role::Server => toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, log: &shown.log }),
+            Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
+        };
+        value.unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[derive(Serialize)]
+struct ServerView<'a> {
+    server: &'a ServerConfig,
+    api: &'a ApiConfig,
+    log: &'a LogConfig,
+}
+
+#[derive(Serialize)]
+struct ClientView<'a> {
+    client: &'a ClientConfig,
+    log: &'a LogConfig,
+}
+
+/// Splits `host:port` (IPv6 as `[::1]:9000`); `None` when malformed.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then_some((host, port))
+}
+
+/// The state directory: explicit config, else `$STATE_DIRECTORY` (systemd), else `./data`.
+pub fn state_dir(server: &ServerConfig) -> PathBuf {
+    if let Some(dir) = &server.state_dir {
+        return dir.clone();
+    }
+    std::env::var_os("STATE_DIRECTORY")
+        // systemd may pass several colon-separated dirs; the first is ours.
+        .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("./data"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("example.com:9000"), Some(("example.com", 9000)));
+        assert_eq!(split_host_port("[::1]:9000"), Some(("::1", 9000)));
+        assert_eq!(split_host_port("example.com"), None);
+        assert_eq!(split_host_port(":9000"), None);
+        assert_eq!(split_host_port("h:0"), None);
+    }
+
+    #[test]
+    fn flags_override_defaults_and_are_validated() {
+        let cfg = load(None, &[Override { key: "api.listen", value: "127.0.0.1:18080".into() }], Role::Server).expect("valid");
+        assert_eq!(cfg.api.listen.port(), 18080);
+        let err = load(None, &[Override { key: "api.listen", value: "not-an-address".into() }], Role::Server).unwrap_err();
+        assert!(err.to_string().contains("api.listen"), "{err}");
+        let err = load(None, &[Override { key: "api.listen", value: "0.0.0.0:8080".into() }], Role::Server).unwrap_err();
+        assert!(err.to_string().contains("api.token"), "{err}");
+    }
+}

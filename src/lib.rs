@@ -1,0 +1,15 @@
+//! tunneld: a TCP port-forwarding and reverse-tunnel daemon whose traffic you can
+//! see — live per-port Prometheus counters, a JSON API and a monitor page, all read
+//! from one registry.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod forward;
+pub mod metered;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod store;
+pub mod systemd;

@@ -1,0 +1,59 @@
+//! A `TcpStream` wrapper that counts what crosses it into tunnel meters.
+//!
+//! Used for the control channel and for handshake frames, where bytes are few and
+//! a wrapper is simplest; the bulk data path counts in `forward::relay` instead.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::metrics::Meter;
+
+pub struct MeteredStream {
+    inner: TcpStream,
+    sent: Meter,
+    received: Meter,
+}
+
+impl MeteredStream {
+    pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
+        MeteredStream { inner, sent, received }
+    }
+
+    pub fn into_inner(self) -> TcpStream {
+        self.inner
+    }
+}
+
+impl AsyncRead for MeteredStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.received.record(n as u64);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for MeteredStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.sent.record(*n as u64);
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,358 @@
+//! Mappings: their lifecycle (create, restore, remove), their listeners, and what
+//! happens to each visitor.
+//!
+//! Each mapping is one task that owns its listener. A mapping whose port cannot be
+//! bound (say, taken by another process at start) keeps its row, shows the error in
+//! `list`, and retries in the background — one bad mapping never stops the daemon.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::tunnel::TunnelHub;
+use crate::forward;
+use crate::metrics::{MappingMetrics, Metrics};
+use crate::store::{MappingSpec, Store, StoreError};
+
+/// How often a mapping that could not bind its port tries again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// Bound on resolving a new mapping's `target_host`.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no mapping on port {0}")]
+    NotFound(u16),
+    #[error("could not save the mapping: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What the API asks for.
+#[derive(Debug, Clone)]
+pub struct NewMapping {
+    pub source_port: u16,
+    pub target_host: String,
+    pub target_port: u16,
+    pub use_tunnel: bool,
+}
+
+/// A mapping as `create` and `list` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MappingView {
+    #[serde(flatten)]
+    pub spec: MappingSpec,
+    /// `active`, `waiting_for_tunnel`, or `error: ...`.
+    pub status: String,
+}
+
+pub struct Settings {
+    pub bind_addr: IpAddr,
+    /// The API's and the tunnel's own ports: never mappable.
+    pub reserved_ports: Vec<(u16, &'static str)>,
+    pub connect_timeout: Duration,
+}
+
+pub struct Mappings {
+    entries: tokio::sync::Mutex<BTreeMap<u16, Entry>>,
+    ctx: Arc<Ctx>,
+}
+
+/// What every mapping task needs.
+struct Ctx {
+    store: Store,
+    metrics: Arc<Metrics>,
+    hub: Arc<TunnelHub>,
+    settings: Settings,
+    /// Shutdown, phase 1: listeners close.
+    stop_accepting: CancellationToken,
+    /// Shutdown, phase 2: open connections are cut.
+    abort: CancellationToken,
+    connections: TaskTracker,
+}
+
+struct Entry {
+    spec: Arc<MappingSpec>,
+    bind_error: Arc<Mutex<Option<String>>>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Mappings {
+    pub fn new(store: Store, metrics: Arc<Metrics>, hub: Arc<TunnelHub>, settings: Settings) -> Mappings {
+        let abort = CancellationToken::new();
+        Mappings {
+            entries: tokio::sync::Mutex::new(BTreeMap::new()),
+            ctx: Arc::new(Ctx {
+                store,
+                metrics,
+                hub,
+                settings,
+                stop_accepting: CancellationToken::new(),
+                abort,
+                connections: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Brings back every stored mapping. Ports that bind now are serving when this
+    /// returns; the others are retried in the background. Returns (restored, failed).
+    pub async fn restore(&self) -> Result<(usize, usize), StoreError> {
+        let stored = self.ctx.store.list().await?;
+        let mut entries = self.entries.lock().await;
+        let mut failed = 0;
+        for spec in stored {
+            let port = spec.source_port;
+            let bind_error = Arc::new(Mutex::new(None));
+            let listener = match bind(self.ctx.settings.bind_addr, port).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    failed += 1;
+                    warn!(port, error = %e, "stored mapping cannot bind its port; will retry");
+                    set(&bind_error, Some(describe_bind_error(&e)));
+                    None
+                }
+            };
+            let entry = self.spawn_mapping(Arc::new(spec), listener, bind_error);
+            entries.insert(port, entry);
+        }
+        Ok((entries.len(), failed))
+    }
+
+    pub async fn create(&self, req: NewMapping) -> Result<MappingView, MappingError> {
+        let host = req.target_host.trim().to_string();
+        if req.source_port == 0 {
+            return Err(MappingError::Invalid("source_port must be between 1 and 65535".into()));
+        }
+        if req.target_port == 0 {
+            return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
+        }
+        if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
+            return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
+        }
+        if host.is_empty() {
+            return Err(MappingError::Invalid("target_host must not be empty".into()));
+        }
+        if host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(MappingError::Invalid(format!("target_host {host:?} is not a valid host name or address")));
+        }
+        // Tunneled targets are resolved inside the client's network, which may know
+        // names the server cannot; only direct targets must resolve here.
+        if !req.use_tunnel {
+            resolve(&host, req.target_port).await?;
+        }
+
+        let mut entries = self.entries.lock().await;
+        if entries.contains_key(&req.source_port) {
+            return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
+        }
+        let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
+            _ => MappingError::Invalid(format!("cannot listen on port {}: {}", req.source_port, e)),
+        })?;
+        let spec = MappingSpec {
+            source_port: req.source_port,
+            target_host: host,
+            target_port: req.target_port,
+            use_tunnel: req.use_tunnel,
+            created_at: crate::metrics::unix_now() as i64,
+        };
+        // On disk before anyone is told it exists.
+        self.ctx.store.insert(spec.clone()).await?;
+        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, "mapping created");
+        let entry = self.spawn_mapping(Arc::new(spec), Some(listener), Arc::new(Mutex::new(None)));
+        let view = self.view(&entry);
+        entries.insert(req.source_port, entry);
+        Ok(view)
+    }
+
+    pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
+        let mut entries = self.entries.lock().await;
+        if !entries.contains_key(&port) {
+            return Err(MappingError::NotFound(port));
+        }
+        self.ctx.store.remove(port).await?;
+        if let Some(entry) = entries.remove(&port) {
+            entry.cancel.cancel();
+            // The listener is released when the task ends: wait, so the port can be
+            // mapped again the moment this returns.
+            let _ = entry.task.await;
+        }
+        self.ctx.metrics.remove_mapping(port);
+        info!(port, "mapping removed");
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Vec<MappingView> {
+        self.entries.lock().await.values().map(|e| self.view(e)).collect()
+    }
+
+    fn view(&self, entry: &Entry) -> MappingView {
+        let status = match entry.bind_error.lock().ok().and_then(|e| e.clone()) {
+            Some(error) => format!("error: {error}"),
+            None if entry.spec.use_tunnel && !self.ctx.hub.connected() => "waiting_for_tunnel".into(),
+            None => "active".into(),
+        };
+        MappingView { spec: (*entry.spec).clone(), status }
+    }
+
+    /// Closes every listener, gives open connections `grace` to finish, then cuts
+    /// the rest.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.ctx.stop_accepting.cancel();
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut entries = self.entries.lock().await;
+            std::mem::take(&mut *entries).into_values().map(|e| e.task).collect()
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.ctx.connections.close();
+        let open = self.ctx.connections.len();
+        if open > 0 {
+            info!(open, grace_secs = grace.as_secs(), "waiting for open connections to finish");
+        }
+        if tokio::time::timeout(grace, self.ctx.connections.wait()).await.is_err() {
+            warn!(open = self.ctx.connections.len(), "grace period over; closing remaining connections");
+            self.ctx.abort.cancel();
+            self.ctx.connections.wait().await;
+        }
+    }
+
+    fn spawn_mapping(&self, spec: Arc<MappingSpec>, listener: Option<TcpListener>, bind_error: Arc<Mutex<Option<String>>>) -> Entry {
+        let metrics = self.ctx.metrics.add_mapping(spec.source_port);
+        let cancel = self.ctx.abort.child_token();
+        let task = tokio::spawn(run_mapping(self.ctx.clone(), spec.clone(), listener, bind_error.clone(), cancel.clone(), metrics));
+        Entry { spec, bind_error, cancel, task }
+    }
+}
+
+fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
+    if let Ok(mut s) = slot.lock() {
+        *s = value;
+    }
+}
+
+fn describe_bind_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "port in use by another process".into(),
+        _ => e.to_string(),
+    }
+}
+
+async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(addr, port)).await
+}
+
+async fn resolve(host: &str, port: u16) -> Result<(), MappingError> {
+    let unresolvable = |why: String| MappingError::Invalid(format!("target_host {host:?} cannot be resolved: {why}"));
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => match addrs.count() {
+            0 => Err(unresolvable("no addresses".into())),
+            _ => Ok(()),
+        },
+        Ok(Err(e)) => Err(unresolvable(e.to_string())),
+        Err(_) => Err(unresolvable("lookup timed out".into())),
+    }
+}
+
+/// The life of one mapping: (re)bind until it has its port, then accept until
+/// removed or shut down.
+async fn run_mapping(
+    ctx: Arc<Ctx>,
+    spec: Arc<MappingSpec>,
+    listener: Option<TcpListener>,
+    bind_error: Arc<Mutex<Option<String>>>,
+    cancel: CancellationToken,
+    metrics: MappingMetrics,
+) {
+    let port = spec.source_port;
+    let listener = match listener {
+        Some(l) => l,
+        None => loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ctx.stop_accepting.cancelled() => return,
+                _ = tokio::time::sleep(BIND_RETRY) => {}
+            }
+            match bind(ctx.settings.bind_addr, port).await {
+                Ok(l) => {
+                    info!(port, "mapping port is free again; now listening");
+                    set(&bind_error, None);
+                    break l;
+                }
+                Err(e) => {
+                    debug!(port, error = %e, "mapping port still unavailable");
+                    set(&bind_error, Some(describe_bind_error(&e)));
+                }
+            }
+        },
+    };
+    loop {
+        let (visitor, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.stop_accepting.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx2 = ctx.clone();
+        let spec = spec.clone();
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        ctx.connections.spawn(async move {
+            tokio::select! {
+                _ = serve_visitor(&ctx2, &spec, &metrics, visitor, peer) => {}
+                _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
+            }
+        });
+    }
+}
+
+async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
+    let port = spec.source_port;
+    let _active = metrics.visitor_accepted();
+    forward::tune(&visitor);
+    let (target, tunnel_meters) = if spec.use_tunnel {
+        let (sent, received) = ctx.metrics.tunnel_meters();
+        match ctx.hub.open(&spec.target_host, spec.target_port, &sent, &received).await {
+            Ok(channel) => (channel, Some((sent, received))),
+            Err(e) => {
+                metrics.connect_errors.inc();
+                warn!(port, %peer, error = %e, "visitor refused: tunnel could not reach the target");
+                return;
+            }
+        }
+    } else {
+        match forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await {
+            Ok(stream) => (stream, None),
+            Err(e) => {
+                metrics.connect_errors.inc();
+                warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
+                return;
+            }
+        }
+    };
+    forward::tune(&target);
+    let (up, down) = metrics.meters(tunnel_meters);
+    match forward::relay(&visitor, &target, &up, &down).await {
+        Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
+        Err(e) => debug!(port, %peer, error = %e, "connection ended with error"),
+    }
+}

@@ -1,0 +1,123 @@
+//! The server role: tunnel acceptor, mapping listeners and the HTTP API, run from
+//! listeners the caller has already bound (so tests can use port 0) until a
+//! shutdown token fires.
+
+pub mod mappings;
+pub mod tunnel;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::systemd;
+use mappings::{Mappings, Settings};
+use tunnel::TunnelHub;
+
+/// The server's two fixed listeners.
+pub struct Listeners {
+    pub api: TcpListener,
+    pub tunnel: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both from the config, with the address in any error.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let api = TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
+        let tunnel = TcpListener::bind(config.server.tunnel_listen)
+            .await
+            .with_context(|| format!("cannot bind server.tunnel_listen {}", config.server.tunnel_listen))?;
+        Ok(Listeners { api, tunnel })
+    }
+}
+
+/// Runs the server until `shutdown` is cancelled, then drains: listeners close,
+/// open connections get `server.shutdown_grace_secs` to finish.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state_dir = config::state_dir(&config.server);
+    let store = Store::open(&state_dir).with_context(|| format!("cannot open the state database in {}", state_dir.display()))?;
+    let secret = match config.server.secret.clone() {
+        s if !s.is_empty() => s,
+        _ => load_or_generate_secret(&state_dir)?,
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let heartbeat = Duration::from_secs(config.server.heartbeat_interval_secs);
+    let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
+    let hub = TunnelHub::new(secret, metrics.clone(), heartbeat, connect_timeout);
+    let api_port = listeners.api.local_addr()?.port();
+    let tunnel_port = listeners.tunnel.local_addr()?.port();
+    let mappings = Arc::new(Mappings::new(
+        store,
+        metrics.clone(),
+        hub.clone(),
+        Settings { bind_addr: config.server.bind_addr, reserved_ports: vec![(api_port, "API"), (tunnel_port, "tunnel")], connect_timeout },
+    ));
+
+    systemd::status("restoring mappings");
+    let (restored, failed) = mappings.restore().await.context("cannot read stored mappings")?;
+    info!(restored, failed, state_dir = %state_dir.display(), "mappings restored");
+
+    let tunnel_task = tokio::spawn(hub.clone().serve(listeners.tunnel, shutdown.clone()));
+    let api_state = crate::api::AppState {
+        mappings: mappings.clone(),
+        metrics: metrics.clone(),
+        hub: hub.clone(),
+        token: Arc::from(config.api.token.as_str()),
+        shutdown: shutdown.clone(),
+    };
+    let api_task = tokio::spawn(crate::api::serve(listeners.api, api_state, shutdown.clone()));
+
+    info!(api = api_port, tunnel = tunnel_port, "tunneld server ready");
+    systemd::ready(&format!(
+        "serving {restored} mappings ({failed} waiting for their port); API on port {api_port}, tunnel on port {tunnel_port}"
+    ));
+
+    shutdown.cancelled().await;
+    systemd::stopping();
+    info!("shutting down: closing listeners, draining connections");
+    let _ = tunnel_task.await;
+    mappings.shutdown(Duration::from_secs(config.server.shutdown_grace_secs)).await;
+    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "API server ended with an error"),
+        Err(_) => warn!("API server did not stop within 5 s"),
+        _ => {}
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The secret a server without a configured one uses: created once (0600) and
+/// reused, so clients keep working across restarts.
+fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => {
+            info!(path = %path.display(), "using the tunnel secret stored in the state dir");
+            return Ok(s.trim().to_string());
+        }
+        Ok(_) => anyhow::bail!("secret file {} is empty; delete it to generate a new one", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    warn!(path = %path.display(), "no server.secret configured: generated one; give its contents to your clients (client.secret)");
+    Ok(secret)
+}

@@ -1,0 +1,344 @@
+//! The server's side of the tunnel: accepting clients, authenticating them,
+//! keeping the one live session, and handing out data channels to visitors.
+//!
+//! One client at a time: a newly authenticated client replaces the previous
+//! session, so a client that restarts after a crash is back in service at once
+//! instead of waiting for the dead session's heartbeat timeout.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metered::MeteredStream;
+use crate::metrics::{session_result, Meter, Metrics};
+use crate::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
+
+/// Idle data channels kept beyond this are closed; the client refills on demand.
+const MAX_IDLE_DATA_CHANNELS: usize = 64;
+
+/// A connection that has not said who it is within this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no tunnel client is connected")]
+    NoClient,
+    #[error("the tunnel client did not provide a data channel in time")]
+    Timeout,
+    #[error("the tunnel client could not reach the target: {0}")]
+    Target(String),
+    #[error("data channel failed: {0}")]
+    Channel(#[from] ProtocolError),
+}
+
+/// Shared by the tunnel acceptor and every tunneled mapping.
+pub struct TunnelHub {
+    secret: String,
+    metrics: Arc<Metrics>,
+    heartbeat: Duration,
+    connect_timeout: Duration,
+    current: Mutex<Option<Arc<Session>>>,
+}
+
+/// One authenticated client.
+struct Session {
+    id: u64,
+    token: String,
+    peer: SocketAddr,
+    control: mpsc::Sender<Message>,
+    pool: Mutex<Pool>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: VecDeque<TcpStream>,
+    waiting: VecDeque<oneshot::Sender<TcpStream>>,
+}
+
+impl TunnelHub {
+    pub fn new(secret: String, metrics: Arc<Metrics>, heartbeat: Duration, connect_timeout: Duration) -> Arc<TunnelHub> {
+        Arc::new(TunnelHub { secret, metrics, heartbeat, connect_timeout, current: Mutex::new(None) })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Accepts tunnel connections until `shutdown`; each is handled on its own task
+    /// so a slow or hostile peer never holds up another.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "tunnel accept failed");
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            crate::forward::tune(&stream);
+            let hub = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.handle_connection(stream, peer, shutdown).await {
+                    debug!(%peer, error = %e, "tunnel connection ended");
+                }
+            });
+        }
+        if let Some(session) = self.current() {
+            session.cancel.cancel();
+        }
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProtocolError> {
+        let (sent, received) = self.metrics.tunnel_meters();
+        let mut stream = MeteredStream::new(stream, sent, received);
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await;
+        let hello = match first {
+            Ok(Ok((msg, _))) => msg,
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "dropping tunnel connection: bad first frame");
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                return Err(e);
+            }
+            Err(_) => {
+                warn!(%peer, "dropping tunnel connection: no hello within the handshake timeout");
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                return Ok(());
+            }
+        };
+        match hello {
+            Message::Hello { version } => self.control_channel(stream, peer, version, shutdown).await,
+            Message::DataHello { version, session } => {
+                self.data_channel(stream.into_inner(), peer, version, &session);
+                Ok(())
+            }
+            other => {
+                warn!(%peer, kind = other.kind(), "dropping tunnel connection: unexpected first message");
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                Err(ProtocolError::Unexpected(other.kind()))
+            }
+        }
+    }
+
+    async fn control_channel(
+        self: Arc<Self>,
+        mut stream: MeteredStream,
+        peer: SocketAddr,
+        version: u32,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProtocolError> {
+        if version != PROTOCOL_VERSION {
+            let reason = format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})");
+            warn!(%peer, version, "client rejected: protocol version mismatch");
+            self.metrics.count_session(session_result::VERSION_MISMATCH);
+            protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
+            return Ok(());
+        }
+        let nonce = protocol::new_nonce();
+        protocol::write_frame(&mut stream, &Message::Challenge { nonce: nonce.clone() }).await?;
+        let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await {
+            Ok(Ok((Message::Auth { mac }, _))) => mac,
+            Ok(Ok((other, _))) => {
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                return Err(ProtocolError::Unexpected(other.kind()));
+            }
+            Ok(Err(e)) => {
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                return Err(e);
+            }
+            Err(_) => {
+                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                return Ok(());
+            }
+        };
+        if !protocol::verify(&self.secret, &nonce, &answer) {
+            warn!(%peer, "client rejected: authentication failed (wrong secret)");
+            self.metrics.count_session(session_result::AUTH_FAILED);
+            let reason = "authentication failed: the client's secret does not match the server's".to_string();
+            protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
+            return Ok(());
+        }
+
+        let (control_tx, mut control_rx) = mpsc::channel::<Message>(64);
+        let session = Arc::new(Session {
+            id: rand::random(),
+            token: protocol::new_nonce(),
+            peer,
+            control: control_tx,
+            pool: Mutex::new(Pool::default()),
+            cancel: shutdown.child_token(),
+        });
+        let welcome = Message::Welcome { session: session.token.clone(), heartbeat_interval_secs: self.heartbeat.as_secs().max(1) };
+        protocol::write_frame(&mut stream, &welcome).await?;
+        self.install(session.clone());
+        info!(%peer, session = session.id, "tunnel client authenticated");
+
+        let mut framed = Framed::new(stream, protocol::codec());
+        let mut tick = tokio::time::interval(self.heartbeat);
+        let mut last_heard = Instant::now();
+        let silent_limit = self.heartbeat * 3;
+        let outcome = loop {
+            tokio::select! {
+                _ = session.cancel.cancelled() => break Ok("replaced or shutting down"),
+                frame = framed.next() => match frame {
+                    Some(Ok(bytes)) => match Message::decode(&bytes) {
+                        Ok(Message::Heartbeat) => last_heard = Instant::now(),
+                        Ok(other) => break Err(ProtocolError::Unexpected(other.kind())),
+                        Err(e) => break Err(e),
+                    },
+                    Some(Err(e)) => break Err(ProtocolError::Io(e)),
+                    None => break Ok("client closed the control channel"),
+                },
+                Some(msg) = control_rx.recv() => {
+                    if let Err(e) = framed.send(msg.to_bytes()).await {
+                        break Err(ProtocolError::Io(e));
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > silent_limit {
+                        break Ok("client silent for three heartbeat intervals");
+                    }
+                    if let Err(e) = framed.send(Message::Heartbeat.to_bytes()).await {
+                        break Err(ProtocolError::Io(e));
+                    }
+                }
+            }
+        };
+        match &outcome {
+            Ok(reason) => info!(%peer, session = session.id, reason, "tunnel session ended"),
+            Err(e) => warn!(%peer, session = session.id, error = %e, "tunnel session ended"),
+        }
+        self.uninstall(&session);
+        outcome.map(|_| ())
+    }
+
+    fn install(&self, session: Arc<Session>) {
+        let previous = self.current.lock().ok().and_then(|mut c| c.replace(session));
+        if let Some(old) = previous {
+            info!(peer = %old.peer, session = old.id, "replacing previous tunnel session");
+            old.cancel.cancel();
+        }
+        self.metrics.count_session(session_result::OK);
+        self.metrics.session_started();
+    }
+
+    fn uninstall(&self, session: &Arc<Session>) {
+        session.cancel.cancel();
+        if let Ok(mut current) = self.current.lock() {
+            if current.as_ref().is_some_and(|c| c.id == session.id) {
+                *current = None;
+                self.metrics.session_ended();
+            }
+        }
+        // Idle channels and waiting visitors of a dead session go with it.
+        if let Ok(mut pool) = session.pool.lock() {
+            pool.idle.clear();
+            pool.waiting.clear();
+        }
+    }
+
+    fn data_channel(&self, stream: TcpStream, peer: SocketAddr, version: u32, token: &str) {
+        let session = self.current().filter(|s| protocol::tokens_equal(&s.token, token));
+        match session {
+            Some(session) if version == PROTOCOL_VERSION => session.offer(stream),
+            _ => warn!(%peer, "dropping data channel: unknown session"),
+        }
+    }
+
+    /// Gets a data channel to `host:port` through the client: a pooled channel if
+    /// one is idle, else one requested now. Returns once the client has reached the
+    /// target, so a failure is reported to the caller, not discovered by the visitor.
+    pub async fn open(&self, host: &str, port: u16, tunnel_sent: &Meter, tunnel_received: &Meter) -> Result<TcpStream, OpenError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        // A pooled channel can be stale (the client closed it); try a few.
+        let mut last_error = OpenError::Timeout;
+        for _ in 0..4 {
+            let session = self.current().ok_or(OpenError::NoClient)?;
+            let mut channel = match tokio::time::timeout_at(deadline, session.acquire()).await {
+                Ok(Some(channel)) => channel,
+                Ok(None) => return Err(OpenError::NoClient),
+                Err(_) => return Err(OpenError::Timeout),
+            };
+            let connect = Message::Connect { host: host.to_string(), port };
+            let result = tokio::time::timeout_at(deadline, async {
+                let n = protocol::write_frame(&mut channel, &connect).await?;
+                tunnel_sent.record(n as u64);
+                let (reply, n) = protocol::read_frame(&mut channel).await?;
+                tunnel_received.record(n as u64);
+                Ok::<_, ProtocolError>(reply)
+            })
+            .await;
+            match result {
+                Ok(Ok(Message::ConnectResult { error: None })) => return Ok(channel),
+                Ok(Ok(Message::ConnectResult { error: Some(e) })) => return Err(OpenError::Target(e)),
+                Ok(Ok(other)) => return Err(OpenError::Channel(ProtocolError::Unexpected(other.kind()))),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "stale data channel, trying another");
+                    last_error = OpenError::Channel(e);
+                }
+                Err(_) => return Err(OpenError::Timeout),
+            }
+        }
+        Err(last_error)
+    }
+}
+
+impl Session {
+    /// An idle channel, or a wait for the next one the client opens. `None` when
+    /// the session died meanwhile.
+    async fn acquire(&self) -> Option<TcpStream> {
+        let rx = {
+            let mut pool = self.pool.lock().ok()?;
+            if let Some(channel) = pool.idle.pop_front() {
+                return Some(channel);
+            }
+            let (tx, rx) = oneshot::channel();
+            pool.waiting.push_back(tx);
+            rx
+        };
+        // Ask for one more; the client also refills its pool on its own.
+        let _ = self.control.try_send(Message::OpenDataChannel);
+        tokio::select! {
+            channel = rx => channel.ok(),
+            _ = self.cancel.cancelled() => None,
+        }
+    }
+
+    /// A new data channel from the client: to the longest-waiting visitor, else
+    /// into the idle pool.
+    fn offer(&self, mut channel: TcpStream) {
+        let Ok(mut pool) = self.pool.lock() else { return };
+        while let Some(waiter) = pool.waiting.pop_front() {
+            match waiter.send(channel) {
+                Ok(()) => return,
+                Err(back) => channel = back,
+            }
+        }
+        if pool.idle.len() < MAX_IDLE_DATA_CHANNELS {
+            pool.idle.push_back(channel);
+        }
+    }
+}
