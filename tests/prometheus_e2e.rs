@@ -1,0 +1,395 @@
+//! The shipped monitoring files against a real Prometheus and real daemons.
+//!
+//! Starts a tunneld server and client, a Prometheus whose configuration is
+//! `dist/prometheus/scrape.yml` (targets pointed at those daemons, 1 s scrapes)
+//! plus `dist/prometheus/alerts.yml`, pushes traffic through a direct and a
+//! tunneled mapping, and then runs every PromQL expression of
+//! `grafana/tunneld.json` and of the alert rules through Prometheus's query API:
+//! each must parse, and each dashboard query must return data. This is what
+//! "import the dashboard and it works the first time" means, checked.
+//!
+//! Needs the `prometheus` binary (Debian package `prometheus`); skips loudly
+//! without it unless `TUNNELD_REQUIRE_TOOLS=1`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::tools::external_tool;
+use common::{create_mapping, echo_server, free_port, roundtrip, Daemon};
+use serde_json::Value;
+
+/// The whole test, daemons and Prometheus included, must finish within this.
+const TEST_BUDGET: Duration = Duration::from_secs(90);
+
+/// Scrape targets written in scrape.yml, replaced by the test daemons' addresses.
+const SERVER_PLACEHOLDER: &str = "tunneld-server.example.com:8080";
+const CLIENT_PLACEHOLDER: &str = "tunneld-client.example.com:9101";
+
+/// Concrete values for Grafana's built-in interval variables. With 1 s scrapes a
+/// 30 s rate window holds plenty of samples; the range covers the whole test.
+const RATE_INTERVAL: &str = "30s";
+const INTERVAL: &str = "5s";
+const RANGE: &str = "5m";
+const RANGE_SECONDS: u64 = 300;
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(repo_path(relative)).unwrap_or_else(|e| panic!("read {relative}: {e}"))
+}
+
+#[test]
+fn dashboard_and_alert_queries_work_against_real_prometheus() {
+    let Some(prometheus_bin) = external_tool("prometheus", "dashboard_and_alert_queries_work_against_real_prometheus") else { return };
+    let deadline = Instant::now() + TEST_BUDGET;
+
+    let server = Daemon::server("s3cret", &[]);
+    let client = Daemon::client(server.tunnel.expect("server has a tunnel address"), "s3cret", &[]);
+    let echo = echo_server();
+    let direct_port = free_port();
+    let tunneled_port = free_port();
+    create_mapping(&server, direct_port, echo, false);
+    create_mapping(&server, tunneled_port, echo, true);
+
+    let prometheus = Prometheus::start(&prometheus_bin, &scrape_config(server.http, client.http), deadline);
+    // Let Prometheus see the counters at 0 before the traffic, so rates and
+    // increases over the dashboard's windows cover the transfer.
+    prometheus.wait_until("both targets scraped", deadline, |p| {
+        ["tunneld-server", "tunneld-client"].iter().all(|job| p.scalar(&format!(r#"sum(up{{job="{job}"}})"#)) == Some(1.0))
+    });
+
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    for port in [direct_port, tunneled_port] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("loopback address");
+        assert!(roundtrip(addr, &payload) == payload, "echo through mapping {port} came back different");
+    }
+
+    let len = payload.len() as f64;
+    prometheus.wait_until("the traffic and a few more scrapes", deadline, |p| {
+        let moved = [direct_port, tunneled_port]
+            .iter()
+            .all(|port| p.scalar(&format!(r#"min(tunneld_mapping_bytes_total{{port="{port}"}})"#)).is_some_and(|v| v >= len));
+        let scrapes = p.scalar("min(count_over_time(up[1m]))").is_some_and(|n| n >= 5.0);
+        moved && scrapes
+    });
+    prometheus.wait_until("every alert rule evaluated once", deadline, |p| p.rules().iter().all(|r| r["health"] != "unknown"));
+    for rule in prometheus.rules() {
+        assert_eq!(rule["health"], "ok", "alert {} fails to evaluate: {}", rule["name"], rule["lastError"]);
+    }
+
+    // The values Grafana would substitute with every instance and both ports selected.
+    let instances = [server.http, client.http].map(|a| regex_escape(&a.to_string()));
+    let variables: BTreeMap<&str, String> = [
+        ("instance", format!("({})", instances.join("|"))),
+        ("port", format!("({direct_port}|{tunneled_port})")),
+        ("__rate_interval", RATE_INTERVAL.to_string()),
+        ("__interval", INTERVAL.to_string()),
+        ("__interval_ms", (parse_seconds(INTERVAL) * 1000).to_string()),
+        ("__range", RANGE.to_string()),
+        ("__range_s", RANGE_SECONDS.to_string()),
+        ("__range_ms", (RANGE_SECONDS * 1000).to_string()),
+    ]
+    .into_iter()
+    .collect();
+
+    let dashboard: Value = serde_json::from_str(&read("grafana/tunneld.json")).expect("dashboard JSON");
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 10, "expected the dashboard's panels to carry queries, found {}", queries.len());
+    let mut failures = Vec::new();
+    for (origin, raw) in &queries {
+        let expr = substitute(raw, &variables);
+        match prometheus.query(&expr) {
+            Err(e) => failures.push(format!("{origin}: {expr}\n    does not run: {e}")),
+            Ok(result) if result.is_empty() => failures.push(format!("{origin}: {expr}\n    returned no data")),
+            Ok(_) => {}
+        }
+    }
+
+    // The variables must offer what the test created: both daemons, both ports.
+    let instance_series =
+        prometheus.query(&substitute(&label_values_selector(&dashboard, "instance"), &variables)).expect("instance variable");
+    let offered: BTreeSet<String> = instance_series.iter().filter_map(|s| s["metric"]["instance"].as_str().map(str::to_string)).collect();
+    for daemon in [server.http, client.http] {
+        assert!(offered.contains(&daemon.to_string()), "instance variable does not offer {daemon}: {offered:?}");
+    }
+    let port_series = prometheus.query(&substitute(&label_values_selector(&dashboard, "port"), &variables)).expect("port variable");
+    let ports: BTreeSet<String> = port_series.iter().filter_map(|s| s["metric"]["port"].as_str().map(str::to_string)).collect();
+    assert_eq!(ports, BTreeSet::from([direct_port, tunneled_port].map(|p| p.to_string())), "port variable choices");
+
+    // The per-port totals panel shows the transfer on both mappings.
+    let totals_expr = queries
+        .iter()
+        .map(|(_, e)| e)
+        .find(|e| e.contains("increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
+        .expect("a per-port totals query");
+    let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
+    for port in [direct_port, tunneled_port] {
+        for direction in ["sent", "received"] {
+            let value = totals
+                .iter()
+                .find(|s| s["metric"]["port"] == port.to_string() && s["metric"]["direction"] == direction)
+                .and_then(sample_value)
+                .unwrap_or_else(|| panic!("no total for port {port} {direction} in {totals:?}"));
+            assert!(value >= len, "port {port} {direction}: dashboard total {value} < {len} bytes pushed");
+        }
+    }
+
+    // Alert rules as Prometheus loaded them: all of alerts.yml, all runnable.
+    let rules = prometheus.rules();
+    let in_file = read("dist/prometheus/alerts.yml").lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
+    assert_eq!(rules.len(), in_file, "Prometheus loaded {} rules, alerts.yml has {in_file}", rules.len());
+    for rule in &rules {
+        let name = rule["name"].as_str().unwrap_or("?");
+        let expr = rule["query"].as_str().expect("rule query");
+        if let Err(e) = prometheus.query(expr) {
+            failures.push(format!("alert {name}: {expr}\n    does not run: {e}"));
+        }
+    }
+
+    assert!(
+        failures.is_empty(),
+        "{} queries failed:\n{}\n--- prometheus log ---\n{}",
+        failures.len(),
+        failures.join("\n"),
+        prometheus.log()
+    );
+    assert!(Instant::now() < deadline, "test overran its {TEST_BUDGET:?} budget");
+    drop(prometheus);
+    drop(client);
+    drop(server);
+}
+
+/// scrape.yml with the test daemons as targets, a 1 s interval and the alert rules.
+fn scrape_config(server: SocketAddr, client: SocketAddr) -> String {
+    let jobs = read("dist/prometheus/scrape.yml");
+    for placeholder in [SERVER_PLACEHOLDER, CLIENT_PLACEHOLDER] {
+        assert_eq!(jobs.matches(placeholder).count(), 1, "scrape.yml should list {placeholder} once as its example target");
+    }
+    let jobs = jobs.replace(SERVER_PLACEHOLDER, &server.to_string()).replace(CLIENT_PLACEHOLDER, &client.to_string());
+    format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n{jobs}",
+        repo_path("dist/prometheus/alerts.yml").display()
+    )
+}
+
+/// Every query of the dashboard as (where it is, raw expression): panel targets,
+/// and the selector inside each `label_values(selector, label)` variable.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut queries = Vec::new();
+    let mut panels: Vec<&Value> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        panels.push(panel);
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+    }
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                queries.push((format!("panel {title:?} {}", target["refId"].as_str().unwrap_or("")), expr.to_string()));
+            }
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+        if let Some(name) = var["name"].as_str() {
+            queries.push((format!("variable {name}"), label_values_selector(dashboard, name)));
+        }
+    }
+    queries
+}
+
+/// `label_values(tunneld_build_info, instance)` -> `tunneld_build_info`: the
+/// series a variable's choices come from, as a PromQL query.
+fn label_values_selector(dashboard: &Value, name: &str) -> String {
+    let var = dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no variable {name}"));
+    let query = var["query"].as_str().or_else(|| var["query"]["query"].as_str()).expect("variable query");
+    let inner = query
+        .trim()
+        .strip_prefix("label_values(")
+        .and_then(|q| q.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("variable {name}: expected label_values(selector, label), got {query}"));
+    let (selector, _label) = inner.rsplit_once(',').unwrap_or_else(|| panic!("variable {name}: no label in {query}"));
+    selector.trim().to_string()
+}
+
+/// Replaces Grafana variables (`$name`, `${name}`, `${name:format}`, `[[name]]`)
+/// like Grafana does; an unknown variable fails the test rather than reaching
+/// Prometheus as a confusing parse error.
+fn substitute(expr: &str, variables: &BTreeMap<&str, String>) -> String {
+    let lookup = |name: &str| -> &str {
+        variables.get(name).unwrap_or_else(|| panic!("query uses ${name}, which the test does not know how to fill: {expr}"))
+    };
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(at) = rest.find(['$', '[']) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(braced) = tail.strip_prefix("${") {
+            let end = braced.find('}').unwrap_or_else(|| panic!("unclosed ${{ in {expr}"));
+            let name = braced[..end].split(':').next().unwrap_or_default();
+            out.push_str(lookup(name));
+            rest = &braced[end + 1..];
+        } else if let Some(bracketed) = tail.strip_prefix("[[") {
+            let end = bracketed.find("]]").unwrap_or_else(|| panic!("unclosed [[ in {expr}"));
+            out.push_str(lookup(&bracketed[..end]));
+            rest = &bracketed[end + 2..];
+        } else if let Some(plain) = tail.strip_prefix('$') {
+            let len = plain.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(plain.len());
+            out.push_str(lookup(&plain[..len]));
+            rest = &plain[len..];
+        } else {
+            out.push('[');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Grafana's escaping of a multi-value variable for `=~`: regex metacharacters
+/// get a backslash, itself escaped for a PromQL string.
+fn regex_escape(value: &str) -> String {
+    value.chars().fold(String::new(), |mut s, c| {
+        if "\\^$.|?*+()[]{}".contains(c) {
+            s.push_str("\\\\");
+        }
+        s.push(c);
+        s
+    })
+}
+
+fn parse_seconds(duration: &str) -> u64 {
+    duration.strip_suffix('s').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{duration} is not whole seconds"))
+}
+
+/// The value of one vector sample, `{"value": [ts, "1.5"]}`.
+fn sample_value(sample: &Value) -> Option<f64> {
+    sample["value"][1].as_str()?.parse().ok()
+}
+
+/// A Prometheus server on a free loopback port with its own data dir; killed on drop.
+struct Prometheus {
+    child: Child,
+    base: String,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(bin: &Path, config: &str, deadline: Instant) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let log_path = dir.path().join("prometheus.log");
+        let log = std::fs::File::create(&log_path).expect("prometheus log");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut prometheus = Prometheus { child, base: format!("http://{listen}"), log_path, _dir: dir };
+        // Polled by hand rather than with `wait_until` so that a Prometheus that
+        // exits (a config it rejects, a port it cannot bind) fails at once.
+        loop {
+            if let Some(status) = prometheus.child.try_wait().expect("try_wait prometheus") {
+                panic!("prometheus exited ({status}) before it was ready\n--- prometheus log ---\n{}", prometheus.log());
+            }
+            if matches!(prometheus.get("/-/ready"), Ok((200, _))) {
+                return prometheus;
+            }
+            assert!(Instant::now() < deadline, "prometheus not ready in time\n--- prometheus log ---\n{}", prometheus.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// GET a path; transport errors (not yet listening) are `Err`, HTTP errors
+    /// come back with their status so callers can show Prometheus's message.
+    fn get(&self, path_and_query: &str) -> Result<(u16, String), String> {
+        let url = format!("{}{path_and_query}", self.base);
+        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => Ok((r.status(), r.into_string().map_err(|e| e.to_string())?)),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Runs an instant query; `Ok` holds the result as a list of samples (a
+    /// scalar or string result counts as one), `Err` Prometheus's error text.
+    fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
+        let url = format!("{}/api/v1/query", self.base);
+        let response = match ureq::get(&url).query("query", expr).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(format!("transport: {e}")),
+        };
+        let body: Value = response.into_json().map_err(|e| format!("unreadable response: {e}"))?;
+        if body["status"] != "success" {
+            return Err(format!("{}: {}", body["errorType"].as_str().unwrap_or("error"), body["error"].as_str().unwrap_or("")));
+        }
+        let data = &body["data"];
+        match data["resultType"].as_str() {
+            Some("vector") | Some("matrix") => Ok(data["result"].as_array().cloned().unwrap_or_default()),
+            _ => Ok(vec![data["result"].clone()]),
+        }
+    }
+
+    /// The single value of a query that returns one sample, if it does.
+    fn scalar(&self, expr: &str) -> Option<f64> {
+        match self.query(expr).ok()?.as_slice() {
+            [one] => sample_value(one),
+            _ => None,
+        }
+    }
+
+    /// Every rule Prometheus loaded, from `/api/v1/rules`.
+    fn rules(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/rules").expect("GET /api/v1/rules");
+        assert_eq!(status, 200, "GET /api/v1/rules: {body}");
+        let body: Value = serde_json::from_str(&body).expect("rules JSON");
+        body["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect()
+    }
+
+    /// Polls `condition` until it holds; panics with the Prometheus log when the
+    /// test's deadline passes first.
+    fn wait_until(&self, what: &str, deadline: Instant, condition: impl Fn(&Prometheus) -> bool) {
+        loop {
+            if condition(self) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for {what}\n--- prometheus log ---\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- prometheus log ---\n{}", self.log());
+        }
+    }
+}
