@@ -18,10 +18,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tunneld");
 
 /// A port that was free a moment ago on 127.0.0.1 (bind port 0, read it, release it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 /// A running `tunneld` process whose stderr is collected and which is killed on drop.
@@ -43,18 +40,25 @@ impl Daemon {
     pub fn server(secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state_dir = tmp.path().join("state");
-        Self::server_in(tmp, state_dir, secret, extra)
+        Self::server_in(tmp, state_dir, None, secret, extra)
     }
 
     /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
     pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), secret, extra)
+        Self::server_in(tmp, state_dir.to_path_buf(), None, secret, extra)
     }
 
-    fn server_in(tmp: tempfile::TempDir, state_dir: PathBuf, secret: &str, extra: &[&str]) -> Daemon {
+    /// A server restarted in place: same state dir and same tunnel address, so a
+    /// running client finds it again.
+    pub fn server_restarted(state_dir: &Path, tunnel: SocketAddr, secret: &str) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Self::server_in(tmp, state_dir.to_path_buf(), Some(tunnel), secret, &[])
+    }
+
+    fn server_in(tmp: tempfile::TempDir, state_dir: PathBuf, tunnel: Option<SocketAddr>, secret: &str, extra: &[&str]) -> Daemon {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tunnel = tunnel.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let mut args: Vec<String> = vec![
             "server".into(),
             "--api-listen".into(),
@@ -288,4 +292,41 @@ pub fn roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
 /// Reads lines of a child's stream (used by tests that watch logs).
 pub fn read_lines(r: impl Read) -> Vec<String> {
     BufReader::new(r).lines().map_while(Result::ok).collect()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after
+/// `timeout`. For conditions the daemon has no event for (a counter reaching a
+/// value); never a fixed sleep.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `n` random bytes.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut v);
+    v
+}
+
+/// SHA-256 of `data`, for comparing what arrived with what was sent.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// `data` field of a successful envelope from GET `path`.
+pub fn get_data(d: &Daemon, path: &str) -> serde_json::Value {
+    let (status, json) = http("GET", &d.url(path), None);
+    assert_eq!(status, 200, "GET {path}: {json}");
+    assert_eq!(json["success"], true, "GET {path}: {json}");
+    json["data"].clone()
 }
