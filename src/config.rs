@@ -119,10 +119,42 @@ pub enum Role {
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
+    /// A value that does not parse, or an unknown key; says which and from where.
     #[error("{0}")]
-    Figment(Box<figment::Error>),
+    Source(String),
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// Keys whose environment values are free text and must not be parsed.
+const VERBATIM_ENV_KEYS: [&str; 4] = ["server.secret", "api.token", "client.secret", "client.server"];
+
+/// `api.listen` -> `TUNNELD_API__LISTEN`.
+pub fn env_var_name(key: &str) -> String {
+    format!("TUNNELD_{}", key.replace('.', "__").to_uppercase())
+}
+
+/// One line per problem: the key (as written in TOML), what is wrong, and where
+/// the value came from (file path, env var name, or flag).
+fn describe(errors: figment::Error) -> String {
+    errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let origin = match &e.metadata {
+                Some(md) if md.name.contains("environment") => format!("environment variable {}", env_var_name(&key)),
+                Some(md) => match &md.source {
+                    Some(figment::Source::File(path)) => format!("file {}", path.display()),
+                    // Defaults cannot be invalid, so any other provider is a flag.
+                    _ => "command-line flag".to_string(),
+                },
+                None => "command-line flag".to_string(),
+            };
+            let key = if key.is_empty() { "(top level)".to_string() } else { format!("`{key}`") };
+            format!("{key}: {} (from {origin})", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One CLI flag that overrides a config key (dotted path, e.g. `api.listen`).
@@ -141,10 +173,17 @@ pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<C
         None => {}
     }
     figment = figment.merge(Env::prefixed("TUNNELD_").split("__"));
+    // Env parses values that look like numbers as numbers ("00123" -> 123), which
+    // would corrupt a secret; take free-text keys from the environment verbatim.
+    for key in VERBATIM_ENV_KEYS {
+        if let Ok(raw) = std::env::var(env_var_name(key)) {
+            figment = figment.merge(Serialized::default(key, raw));
+        }
+    }
     for o in overrides {
         figment = figment.merge(Serialized::default(o.key, &o.value));
     }
-    let config: Config = figment.extract().map_err(|e| ConfigError::Figment(Box::new(e)))?;
+    let config: Config = figment.extract().map_err(|e| ConfigError::Source(describe(e)))?;
     config.validate(role)?;
     Ok(config)
 }
