@@ -6,12 +6,10 @@
 
 use std::path::PathBuf;
 
-/// Returns the path of `name` (searched on `PATH`, then in `extra_dirs`), or `None`
+/// Returns the path of `name` (searched on `PATH`, then the usual bin dirs), or `None`
 /// after printing a SKIPPED banner. Panics instead when `TUNNELD_REQUIRE_TOOLS=1`.
 pub fn external_tool(name: &str, test: &str) -> Option<PathBuf> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
     let found = path_dirs
         .iter()
         .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"].iter().map(PathBuf::from).collect::<Vec<_>>().iter())
