@@ -279,11 +279,12 @@ fn example_configs_pass_check_config() {
     for (file, role, secret_var) in
         [("dist/server.toml", "server", "TUNNELD_SERVER__SECRET"), ("dist/client.toml", "client", "TUNNELD_CLIENT__SECRET")]
     {
-        // The secret comes from the environment, as the units' EnvironmentFile
-        // provides it; check-config must accept the pair and never print it.
+        // Run it as the unit would: systemd starts services with a clean
+        // environment plus the EnvironmentFile, which provides the secret.
+        // check-config must accept the pair and never print the secret.
         let secret = "example-secret-that-must-not-be-printed";
         let mut cmd = Command::new(common::BIN);
-        cmd.args(["check-config", "--config"]).arg(repo_path(file)).arg(role).env(secret_var, secret).env_remove("STATE_DIRECTORY");
+        cmd.args(["check-config", "--config"]).arg(repo_path(file)).arg(role).env_clear().env(secret_var, secret);
         let out = run_ok(&mut cmd, &format!("tunneld check-config {file} {role}"));
         let printed = String::from_utf8_lossy(&out.stdout);
         assert!(!printed.trim().is_empty(), "check-config printed no effective config for {file}");
