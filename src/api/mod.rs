@@ -80,15 +80,31 @@ fn failure(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"success": false, "message": message.into()}))).into_response()
 }
 
-impl IntoResponse for MappingError {
+/// A request that cannot be served: its status and the message for the envelope.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+}
+
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self {
+        failure(self.status, self.message)
+    }
+}
+
+impl From<MappingError> for ApiError {
+    fn from(e: MappingError) -> ApiError {
+        let status = match &e {
             MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
             MappingError::Conflict(_) => StatusCode::CONFLICT,
             MappingError::NotFound(_) => StatusCode::NOT_FOUND,
             MappingError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        failure(status, self.to_string())
+        ApiError { status, message: e.to_string() }
     }
 }
 
@@ -108,66 +124,55 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     }
 }
 
-/// Parses a JSON object body, mapping every way it can be wrong to a 4xx envelope.
-fn json_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, Response> {
+/// Parses a JSON object body, mapping every way it can be wrong to a 4xx.
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, ApiError> {
     let bytes = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => failure(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes")),
-        status => failure(status, e.body_text()),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body exceeds {MAX_BODY} bytes") }
+        }
+        status => ApiError { status, message: e.body_text() },
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(failure(StatusCode::BAD_REQUEST, "request body must be a JSON object")),
-        Err(e) => Err(failure(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))),
+        Ok(_) => Err(bad_request("request body must be a JSON object")),
+        Err(e) => Err(bad_request(format!("malformed JSON: {e}"))),
     }
 }
 
-fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, Response> {
-    let bad = |msg: String| failure(StatusCode::BAD_REQUEST, msg);
+fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, ApiError> {
     match body.get(key) {
-        None | Some(Value::Null) => Err(bad(format!("missing field `{key}`"))),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-            _ => Err(bad(format!("`{key}` must be an integer between 1 and 65535 (got {n})"))),
-        },
-        Some(other) => Err(bad(format!("`{key}` must be an integer between 1 and 65535 (got {other})"))),
+        None | Some(Value::Null) => Err(bad_request(format!("missing field `{key}`"))),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|p| (1..=65535).contains(&p)) => Ok(n.as_i64().unwrap_or_default() as u16),
+        Some(other) => Err(bad_request(format!("`{key}` must be an integer between 1 and 65535 (got {other})"))),
     }
 }
 
-async fn create_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let parsed = json_body(body).and_then(|body| {
-        let source_port = port_field(&body, "source_port")?;
-        let target_port = port_field(&body, "target_port")?;
-        let target_host = match body.get("target_host") {
-            None | Some(Value::Null) => return Err(failure(StatusCode::BAD_REQUEST, "missing field `target_host`")),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(failure(StatusCode::BAD_REQUEST, "`target_host` must be a string")),
-        };
-        let use_tunnel = match body.get("use_tunnel") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(failure(StatusCode::BAD_REQUEST, "`use_tunnel` must be true or false")),
-        };
-        Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
-    });
-    let request = match parsed {
-        Ok(r) => r,
-        Err(response) => return response,
+fn new_mapping(body: Result<Bytes, BytesRejection>) -> Result<NewMapping, ApiError> {
+    let body = json_body(body)?;
+    let source_port = port_field(&body, "source_port")?;
+    let target_port = port_field(&body, "target_port")?;
+    let target_host = match body.get("target_host") {
+        None | Some(Value::Null) => return Err(bad_request("missing field `target_host`")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad_request("`target_host` must be a string")),
     };
-    match state.mappings.create(request).await {
-        Ok(view) => success("mapping created", json!(view)),
-        Err(e) => e.into_response(),
-    }
+    let use_tunnel = match body.get("use_tunnel") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad_request("`use_tunnel` must be true or false")),
+    };
+    Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
 }
 
-async fn remove_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let port = match json_body(body).and_then(|body| port_field(&body, "port")) {
-        Ok(p) => p,
-        Err(response) => return response,
-    };
-    match state.mappings.remove(port).await {
-        Ok(()) => success("mapping removed", json!({"port": port})),
-        Err(e) => e.into_response(),
-    }
+async fn create_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let view = state.mappings.create(new_mapping(body)?).await?;
+    Ok(success("mapping created", json!(view)))
+}
+
+async fn remove_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let port = port_field(&json_body(body)?, "port")?;
+    state.mappings.remove(port).await?;
+    Ok(success("mapping removed", json!({"port": port})))
 }
 
 async fn list_mappings(State(state): State<AppState>) -> Response {

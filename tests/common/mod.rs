@@ -73,7 +73,7 @@ impl Daemon {
             args.push(secret.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut d = Self::spawn(tmp, &args, api, Some(tunnel), state_dir);
+        let d = Self::spawn(tmp, &args, api, Some(tunnel), state_dir);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
