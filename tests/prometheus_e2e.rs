@@ -131,10 +131,11 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         .expect("a per-port totals query");
     let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
     for port in [direct_port, tunneled_port] {
+        let port_label = port.to_string();
         for direction in ["sent", "received"] {
             let value = totals
                 .iter()
-                .find(|s| s["metric"]["port"] == port.to_string() && s["metric"]["direction"] == direction)
+                .find(|s| s["metric"]["port"] == port_label && s["metric"]["direction"] == direction)
                 .and_then(sample_value)
                 .unwrap_or_else(|| panic!("no total for port {port} {direction} in {totals:?}"));
             assert!(value >= len, "port {port} {direction}: dashboard total {value} < {len} bytes pushed");
