@@ -64,6 +64,7 @@
     chartSub: $('#chart-sub'),
     canvas: $('#chart'),
     rows: $('#mapping-rows'),
+    table: $('[data-testid="mapping-table"]'),
     empty: $('#mapping-empty'),
     tableSub: $('#table-sub'),
     auth: $('#auth'),
@@ -171,6 +172,8 @@
     prev = latest;
     latest = sample;
     latestAt = performance.now();
+    // How many samples the page has taken in: lets tests wait for "N more updates".
+    document.body.dataset.samples = String(Number(document.body.dataset.samples || 0) + 1);
 
     const dt = prev ? sample.timestamp - prev.timestamp : 0;
     rates.sent = prev ? rate(sample.total_sent, prev.total_sent, dt) : null;
@@ -236,6 +239,7 @@
     const conn = $('[data-role="connections"]', c.mappings);
     conn.textContent = intFormat.format(open);
     conn.dataset.count = String(open);
+    $('[data-role="connections-label"]', c.mappings).textContent = open === 1 ? 'open connection' : 'open connections';
 
     dom.rateSent.textContent = formatRate(rates.sent);
     dom.rateRecv.textContent = formatRate(rates.recv);
@@ -291,6 +295,7 @@
   function renderTable() {
     const maps = latest.mappings;
     dom.empty.hidden = maps.length > 0;
+    dom.table.hidden = maps.length === 0; // column headings over nothing are noise
     dom.tableSub.textContent = maps.length === 1 ? '1 mapping' : `${maps.length} mappings`;
     const now = serverNow();
     // Rebuilt on each sample: a handful of rows every few seconds is cheap, and it
@@ -358,6 +363,8 @@
       return;
     }
     const col = chartColors();
+    // Which scheme the chart was drawn for (tests wait on it after a theme switch).
+    dom.chartBox.dataset.theme = window.matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light';
     // Same type as the rest of the page (the canvas does not inherit CSS fonts).
     window.Chart.defaults.font.family = cssVar('--font');
     const dataset = (label, data, color) => ({
@@ -367,8 +374,10 @@
       backgroundColor: withAlpha(color, 0.12),
       fill: 'origin',
       tension: 0.35,
+      cubicInterpolationMode: 'monotone', // smooth, but never dips below zero between points
       borderWidth: 2,
-      pointRadius: 2.5,
+      // 20 points on a phone-wide chart: smaller dots keep the line readable.
+      pointRadius: (ctx) => (ctx.chart.width < 560 ? 1.5 : 2.5),
       pointHoverRadius: 5,
       pointBackgroundColor: color,
     });
@@ -406,17 +415,13 @@
     });
   }
 
+  // On a theme switch the chart is rebuilt from the same history arrays: Chart.js
+  // caches resolved per-point colours, so patching options leaves stale dots.
   function applyChartTheme() {
     if (!chart) return;
-    const col = chartColors();
-    const [sent, recv] = chart.data.datasets;
-    sent.borderColor = sent.pointBackgroundColor = col.sent;
-    sent.backgroundColor = withAlpha(col.sent, 0.12);
-    recv.borderColor = recv.pointBackgroundColor = col.recv;
-    recv.backgroundColor = withAlpha(col.recv, 0.12);
-    chart.options.scales.x.ticks.color = chart.options.scales.y.ticks.color = col.muted;
-    chart.options.scales.y.grid.color = chart.options.scales.x.border.color = col.grid;
-    chart.update('none');
+    chart.destroy();
+    createChart();
+    renderChart();
   }
 
   /** A y-axis step that gives 4-6 round ticks in binary units (1, 2, 2.5, 5 x 10^n
@@ -505,6 +510,7 @@
   //   recover  - daemon unreachable: back-off timer probing /api/stats/traffic (state lost)
   // A 401 anywhere stops everything and shows the token prompt.
   let source = null;
+  let streamLive = false; // the open stream has delivered data
   let pollTimer = null;
   let streamRetryTimer = null;
   let recoverTimer = null;
@@ -516,6 +522,7 @@
     generation += 1;
     if (source) source.close();
     source = null;
+    streamLive = false;
     clearTimeout(pollTimer);
     clearTimeout(streamRetryTimer);
     clearTimeout(recoverTimer);
@@ -537,6 +544,8 @@
     const gen = generation;
     const es = new EventSource(streamUrl());
     source = es;
+    streamLive = false;
+    let delivered = false;
     armWatchdog(gen);
     es.addEventListener('traffic', (ev) => {
       if (gen !== generation) return;
@@ -545,6 +554,8 @@
       // The stream is back: polling (if it was running) is no longer needed.
       clearTimeout(pollTimer);
       clearTimeout(streamRetryTimer);
+      delivered = true;
+      streamLive = true;
       backoffMs = 1000;
       setState('live');
       ingest(sample);
@@ -553,11 +564,14 @@
     es.addEventListener('error', () => {
       if (gen !== generation || source !== es) return;
       // EventSource reports neither the HTTP status nor why; close it and let a
-      // plain fetch find out (401? daemon down? stream route missing?).
+      // plain fetch find out (401? daemon down? stream route missing?). A stream
+      // that had been working (dropped by a proxy, say) is retried at once; one that
+      // never delivered is left alone for a while and the page polls meanwhile.
       es.close();
       source = null;
+      streamLive = false;
       clearTimeout(watchdog);
-      probe(gen);
+      probe(gen, delivered ? 0 : SSE_RETRY_MS);
     });
   }
 
@@ -569,17 +583,20 @@
       if (gen !== generation || !source) return;
       source.close();
       source = null;
-      probe(gen);
+      streamLive = false;
+      probe(gen, SSE_RETRY_MS);
     }, intervalMs * 3 + 5000);
   }
 
-  async function probe(gen) {
+  /** After a stream failure: is the daemon there at all, and does it want a token?
+   * Reachable means polling, with the stream retried after `streamRetryMs`. */
+  async function probe(gen, streamRetryMs) {
     try {
       const sample = await fetchTraffic();
       if (gen !== generation) return;
       backoffMs = 1000;
       ingest(sample);
-      startPolling(gen);
+      startPolling(gen, streamRetryMs);
     } catch (err) {
       if (gen !== generation) return;
       if (err instanceof AuthError) return needToken();
@@ -587,28 +604,30 @@
     }
   }
 
-  function startPolling(gen) {
+  function startPolling(gen, streamRetryMs) {
     setState('polling');
     clearTimeout(pollTimer);
     pollTimer = setTimeout(async function tick() {
       try {
         const sample = await fetchTraffic();
-        if (gen !== generation) return;
+        // The stream came back while this fetch was in flight: polling ends here.
+        if (gen !== generation || streamLive) return;
         ingest(sample);
-        if (!source) setState('polling');
+        setState('polling');
         pollTimer = setTimeout(tick, intervalMs);
       } catch (err) {
         if (gen !== generation) return;
         if (err instanceof AuthError) return needToken();
+        if (streamLive) return; // a poll failed but the stream is fine
         if (source) { source.close(); source = null; }
         scheduleRecover(gen, err);
       }
     }, intervalMs);
-    // Keep polling, and now and then try to get the push stream back.
+    // Keep polling, and try to get the push stream back.
     clearTimeout(streamRetryTimer);
     streamRetryTimer = setTimeout(() => {
       if (gen === generation && !source) openStream();
-    }, SSE_RETRY_MS);
+    }, streamRetryMs);
   }
 
   function scheduleRecover(gen, err) {
@@ -638,9 +657,8 @@
         backoffMs = 1000;
         ingest(sample);
         fetchHealth();
-        // Reachable again: go back to the stream, polling meanwhile.
-        startPolling(gen);
-        openStream();
+        // Reachable again: straight back to the stream, polling meanwhile.
+        startPolling(gen, 0);
       } catch (e) {
         if (gen !== generation) return;
         if (e instanceof AuthError) return needToken();

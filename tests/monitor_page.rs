@@ -1,0 +1,769 @@
+//! The monitor page (`/api/stats/monitor`) in a real browser.
+//!
+//! Debian's `chromium` runs headless and is driven over the DevTools protocol on
+//! `--remote-debugging-pipe` (fd 3 = commands in, fd 4 = replies out, messages
+//! separated by NUL), so the test needs nothing beyond std + serde_json: no
+//! WebSocket client, no driver binary. Everything asserted is read from the
+//! *rendered* DOM after the page's JavaScript ran, and compared with what the daemon
+//! itself reports on `/api/stats/traffic`.
+//!
+//! The browser is cut off from every host but 127.0.0.1: names resolve to nothing
+//! (`--host-resolver-rules`) and any request that is not to loopback goes to a
+//! "canary" proxy owned by this test that refuses it and records it. So a page that
+//! rendered fully did so from the daemon alone, and the test also checks that the
+//! canary saw nothing and that every request the page made went to the daemon.
+//!
+//! Screenshots (phone 375x800 and desktop 1920x1080, light and dark, and the token
+//! prompt) are written to `test-artifacts/` for a human to look at.
+
+mod common;
+
+use common::{create_mapping, echo_server, free_port, roundtrip, tools::external_tool, Daemon};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Generous bound for anything the page should do "within a few updates".
+const UI_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// What the page shows, re-implemented here to compare texts exactly.
+// ---------------------------------------------------------------------------
+
+/// The page's `formatBytes` (static/monitor.js): bytes below 1 KiB as "N B", else
+/// binary units with 2/1/0 decimals for values below 10/100/1024. JS `toFixed`
+/// rounds the exact value half up, which integer arithmetic reproduces exactly.
+fn format_bytes(n: u64) -> String {
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let units = ["KiB", "MiB", "GiB", "TiB"];
+    let n = n as u128;
+    let mut div: u128 = 1024;
+    let mut unit = 0;
+    while n >= div * 1024 && unit < units.len() - 1 {
+        div *= 1024;
+        unit += 1;
+    }
+    let digits: u32 = if n < 10 * div {
+        2
+    } else if n < 100 * div {
+        1
+    } else {
+        0
+    };
+    let scale = 10u128.pow(digits);
+    let scaled = (2 * n * scale + div) / (2 * div); // round(n / div * scale), ties up
+    let text =
+        if digits == 0 { scaled.to_string() } else { format!("{}.{:0width$}", scaled / scale, scaled % scale, width = digits as usize) };
+    format!("{text} {}", units[unit])
+}
+
+#[test]
+fn format_bytes_matches_the_page_rule() {
+    assert_eq!(format_bytes(0), "0 B");
+    assert_eq!(format_bytes(1023), "1023 B");
+    assert_eq!(format_bytes(1024), "1.00 KiB");
+    assert_eq!(format_bytes(1536), "1.50 KiB");
+    assert_eq!(format_bytes(3200), "3.13 KiB"); // 3.125: JS toFixed rounds the tie up
+    assert_eq!(format_bytes(100_000), "97.7 KiB");
+    assert_eq!(format_bytes(1_048_575), "1024 KiB");
+    assert_eq!(format_bytes(1_500_000), "1.43 MiB");
+    assert_eq!(format_bytes(5 << 40), "5.00 TiB");
+    assert_eq!(format_bytes(2000 << 40), "2000 TiB");
+}
+
+// ---------------------------------------------------------------------------
+// A minimal DevTools-protocol client over --remote-debugging-pipe.
+// ---------------------------------------------------------------------------
+
+struct Browser {
+    child: Child,
+    commands: ChildStdin,
+    replies: Receiver<Value>,
+    next_id: u64,
+    /// The page's session (flattened `Target.attachToTarget`); commands go there.
+    session: String,
+    /// Every protocol event seen so far (network requests, exceptions, ...).
+    events: Vec<Value>,
+    log_path: PathBuf,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts headless chromium with a fresh profile, cut off from every host but
+    /// loopback (see the module doc), and opens one page at 1920x1080.
+    fn launch(chromium: &Path, canary_proxy: SocketAddr) -> Browser {
+        let profile = tempfile::tempdir().expect("profile dir");
+        let log_path = profile.path().join("chromium.log");
+        let log = std::fs::File::create(&log_path).expect("chromium log");
+        let flags = [
+            "--headless".to_string(),
+            "--no-sandbox".into(), // CI runs as root
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--no-first-run".into(),
+            "--no-default-browser-check".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-default-apps".into(),
+            "--disable-extensions".into(),
+            "--disable-domain-reliability".into(),
+            "--disable-client-side-phishing-detection".into(),
+            "--no-pings".into(),
+            "--disable-quic".into(),
+            // Chromium's own background services (time sync, autofill, sign-in,
+            // optimisation hints): none is the page's business.
+            "--disable-features=NetworkTimeServiceQuerying,AutofillServerCommunication,OptimizationHints,MediaRouter,Translate,CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions".into(),
+            "--disable-breakpad".into(),
+            "--hide-scrollbars".into(),
+            "--mute-audio".into(),
+            "--window-size=1920,1080".into(),
+            format!("--user-data-dir={}", profile.path().display()),
+            // No name resolves; loopback literals stay reachable.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
+            // Anything else is sent to the canary, which records and refuses it.
+            format!("--proxy-server=http://{canary_proxy}"),
+            "--proxy-bypass-list=127.0.0.1".into(),
+            "--remote-debugging-pipe".into(),
+            "about:blank".into(),
+        ];
+        // The protocol pipe lives on fds 3 and 4; std can only hand over 0-2, so a
+        // shell moves our stdin/stdout pipes there before exec'ing chromium.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null"#)
+            .arg(chromium)
+            .args(&flags)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn chromium");
+        let commands = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, replies) = channel();
+        std::thread::spawn(move || loop {
+            let mut msg = Vec::new();
+            match out.read_until(0, &mut msg) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if msg.last() == Some(&0) {
+                        msg.pop();
+                    }
+                    let Ok(v) = serde_json::from_slice::<Value>(&msg) else { continue };
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut b =
+            Browser { child, commands, replies, next_id: 0, session: String::new(), events: Vec::new(), log_path, _profile: profile };
+        let target = b.send(None, "Target.createTarget", json!({"url": "about:blank"}));
+        let target_id = target["targetId"].as_str().expect("targetId").to_string();
+        let attached = b.send(None, "Target.attachToTarget", json!({"targetId": target_id, "flatten": true}));
+        b.session = attached["sessionId"].as_str().expect("sessionId").to_string();
+        for domain in ["Page.enable", "Runtime.enable", "Network.enable"] {
+            b.call(domain, json!({}));
+        }
+        b.set_viewport(1920, 1080, false);
+        b
+    }
+
+    /// Sends one command (to the page session or, with `None`, to the browser) and
+    /// waits for its reply, keeping the events that arrive meanwhile.
+    fn send(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        if let Err(e) = self.commands.write_all(&bytes).and_then(|_| self.commands.flush()) {
+            panic!("{method}: writing to chromium failed: {e}\n{}", self.log());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(reply) if reply["id"] == json!(id) => {
+                    if let Some(err) = reply.get("error") {
+                        panic!("{method} failed: {err}");
+                    }
+                    return reply["result"].clone();
+                }
+                Ok(event) => self.events.push(event),
+                Err(RecvTimeoutError::Timeout) => panic!("{method}: no reply from chromium in 30 s\n{}", self.log()),
+                Err(RecvTimeoutError::Disconnected) => panic!("{method}: chromium went away\n{}", self.log()),
+            }
+        }
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let session = self.session.clone();
+        self.send(Some(&session), method, params)
+    }
+
+    /// Evaluates a JS expression in the page and returns its (JSON) value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true, "awaitPromise": true}));
+        if let Some(ex) = r.get("exceptionDetails") {
+            panic!("evaluating {expr:?} threw: {ex}");
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Polls a JS condition until it is `true` (bounded); on timeout panics with
+    /// `what` and the page's state snapshot. A condition that throws (the document
+    /// is still loading after a navigation) counts as not yet true.
+    fn wait_for(&mut self, what: &str, cond: &str) {
+        let guarded = format!("(() => {{ try {{ return ({cond}) === true; }} catch (e) {{ return false; }} }})()");
+        let deadline = Instant::now() + UI_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.eval(&guarded) == json!(true) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let snapshot = self.eval(SNAPSHOT_JS);
+        panic!("timed out waiting for {what} ({cond})\npage state: {snapshot:#}\n{}", self.log());
+    }
+
+    fn navigate(&mut self, url: &str) {
+        let r = self.call("Page.navigate", json!({"url": url}));
+        assert!(r.get("errorText").is_none(), "navigating to {url}: {r}");
+    }
+
+    fn set_viewport(&mut self, width: u32, height: u32, mobile: bool) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        );
+    }
+
+    fn set_color_scheme(&mut self, scheme: &str) {
+        self.call("Emulation.setEmulatedMedia", json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}));
+    }
+
+    /// Saves a PNG of the viewport into `test-artifacts/`.
+    fn screenshot(&mut self, name: &str) -> PathBuf {
+        self.capture(name, json!({"format": "png"}))
+    }
+
+    /// Saves a PNG of the whole page (everything below the fold too).
+    fn screenshot_full_page(&mut self, name: &str) -> PathBuf {
+        let size = self.call("Page.getLayoutMetrics", json!({}))["cssContentSize"].clone();
+        let clip = json!({"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1});
+        self.capture(name, json!({"format": "png", "captureBeyondViewport": true, "clip": clip}))
+    }
+
+    fn capture(&mut self, name: &str, params: Value) -> PathBuf {
+        let shot = self.call("Page.captureScreenshot", params);
+        let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
+        assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+        std::fs::create_dir_all(&dir).expect("create test-artifacts/");
+        let path = dir.join(name);
+        std::fs::write(&path, png).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+
+    /// Drains pending events (so `events` is current without sending a command).
+    fn pump(&mut self) {
+        while let Ok(ev) = self.replies.try_recv() {
+            self.events.push(ev);
+        }
+    }
+
+    fn events_named(&mut self, method: &str) -> Vec<Value> {
+        self.pump();
+        self.events.iter().filter(|e| e["method"] == json!(method)).map(|e| e["params"].clone()).collect()
+    }
+
+    /// URLs of every request the page made (documents, assets, fetch, EventSource).
+    fn requested_urls(&mut self) -> Vec<String> {
+        self.events_named("Network.requestWillBeSent")
+            .iter()
+            .map(|p| p["request"]["url"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        format!("--- chromium log (tail) ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ask politely so chromium takes its helper processes down with it, then
+        // make sure (bounded) before the profile dir is removed.
+        let mut bytes = serde_json::to_vec(&json!({"id": 0, "method": "Browser.close"})).unwrap();
+        bytes.push(0);
+        let _ = self.commands.write_all(&bytes);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Standard base64 (screenshots arrive base64-encoded); no crate for 20 lines.
+fn base64_decode(s: &str) -> Vec<u8> {
+    fn val(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some((c - b'A') as u32),
+            b'a'..=b'z' => Some((c - b'a' + 26) as u32),
+            b'0'..=b'9' => Some((c - b'0' + 52) as u32),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// Everything the tests look at, read from the rendered DOM in one go.
+const SNAPSHOT_JS: &str = r#"(() => {
+  const q = (s) => document.querySelector(s);
+  const card = (id) => {
+    const v = q(`[data-testid="${id}"] [data-role="value"]`);
+    return { text: v.textContent.trim(), bytes: v.dataset.bytes === undefined ? null : Number(v.dataset.bytes) };
+  };
+  const visible = (el) => !!el && !el.hidden && el.getClientRects().length > 0;
+  return {
+    state: q('[data-testid="connection-status"]').dataset.state,
+    status_text: q('[data-testid="connection-status"]').textContent.trim(),
+    body_state: document.body.dataset.state,
+    samples: Number(document.body.dataset.samples),
+    points: Number(q('[data-testid="traffic-chart"]').dataset.points),
+    chart_lib: typeof window.Chart,
+    chart_drawn: q('#chart').width > 0 && getComputedStyle(q('#chart-empty')).display === 'none',
+    cards: {
+      total_sent: card('card-total-sent'),
+      total_received: card('card-total-received'),
+      tunnel_sent: card('card-tunnel-sent'),
+      tunnel_received: card('card-tunnel-received'),
+      mappings: card('card-mappings'),
+    },
+    open_connections: q('[data-testid="card-mappings"] [data-role="connections"]').textContent.trim(),
+    tunnel_connected: q('[data-testid="card-tunnel-state"]').dataset.connected,
+    tunnel_text: q('[data-testid="card-tunnel-state"] [data-role="value"]').textContent.trim(),
+    rate_sent: q('#rate-sent').textContent.trim(),
+    rate_received: q('#rate-recv').textContent.trim(),
+    rows: [...document.querySelectorAll('[data-testid="mapping-row"]')].map((r) => ({
+      port: Number(r.dataset.port),
+      cells: Object.fromEntries([...r.cells].map((c) => [c.dataset.col, c.textContent.trim()])),
+    })),
+    auth_visible: visible(q('[data-testid="auth-prompt"]')),
+    auth_error: visible(q('[data-testid="auth-error"]')) ? q('[data-testid="auth-error"]').textContent.trim() : null,
+    lost_visible: visible(q('[data-testid="lost-banner"]')),
+    lost_text: q('[data-testid="lost-banner"]').textContent.trim(),
+    scroll_width: document.documentElement.scrollWidth,
+    viewport_width: window.innerWidth,
+  };
+})()"#;
+
+fn chart_theme_is(scheme: &str) -> String {
+    format!(r#"document.querySelector('[data-testid="traffic-chart"]').dataset.theme === {scheme:?}"#)
+}
+
+fn state_is(state: &str) -> String {
+    format!(r#"document.querySelector('[data-testid="connection-status"]').dataset.state === {state:?}"#)
+}
+
+// ---------------------------------------------------------------------------
+// Test fixtures: canary proxy, traffic, the daemon's own view.
+// ---------------------------------------------------------------------------
+
+/// A proxy that never proxies: it records the request line of every connection
+/// (i.e. every request the browser tried to send off-host) and closes it.
+fn canary_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind canary");
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            log.lock().unwrap().push(line.trim().to_string());
+        }
+    });
+    (addr, seen)
+}
+
+/// `/api/stats/traffic`'s `data`, optionally with a bearer token.
+fn traffic(daemon: &Daemon, token: Option<&str>) -> Value {
+    let mut req = ureq::get(&daemon.url("/api/stats/traffic")).timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let body: Value = req.call().expect("GET /api/stats/traffic").into_json().expect("traffic JSON");
+    assert_eq!(body["success"], json!(true), "{body}");
+    body["data"].clone()
+}
+
+fn u64_at(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a u64 in {v}"))
+}
+
+/// Pushes `payload_len` bytes through `port` and checks the echo came back whole.
+fn push(port: u16, payload_len: usize) {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let back = roundtrip(addr, &payload);
+    assert_eq!(back.len(), payload.len(), "echo through :{port} came back short");
+    assert!(back == payload, "echo through :{port} came back altered");
+}
+
+/// Keeps traffic flowing through `ports` on a thread until the returned flag is
+/// set (or a hard bound of 60 s / 2000 rounds), so the chart has rates to draw.
+fn background_traffic(ports: Vec<u16>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let started = Instant::now();
+        for _ in 0..2000 {
+            if flag.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
+                return;
+            }
+            for &p in &ports {
+                push(p, 48 * 1024);
+            }
+        }
+    });
+    (stop, handle)
+}
+
+/// A second `tunneld server` on a given API address (the helpers in common always
+/// pick fresh ports; recovery needs the page's daemon back where it was).
+struct Respawned {
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl Respawned {
+    fn start(api: SocketAddr, state_dir: &Path, secret: &str) -> Respawned {
+        let tmp = tempfile::tempdir().unwrap();
+        let notify_path = tmp.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let tunnel = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(common::BIN)
+            .args(["server", "--api-listen", &api.to_string(), "--tunnel-listen", &tunnel])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--secret", secret])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("respawn tunneld");
+        let me = Respawned { child, _tmp: tmp };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        notify.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        loop {
+            assert!(Instant::now() < deadline, "respawned daemon never sent READY=1");
+            if let Ok(n) = notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                    return me;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Respawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Requests the canary saw that are not Chromium's own background services.
+///
+/// Chromium phones home by itself (component and extension updates, sign-in) even
+/// with every `--disable-*` switch, and which hosts it uses changes between
+/// versions; those requests never come from the page. So the canary tolerates
+/// Chromium's service domains and reports them, and anything else fails the test.
+/// The page's own requests are checked strictly, whatever the host, from the
+/// DevTools network events (`assert_stayed_on_loopback`).
+fn unexplained_escapes(canary: &Mutex<Vec<String>>) -> Vec<String> {
+    let seen = canary.lock().unwrap().clone();
+    let (chromium_own, other): (Vec<String>, Vec<String>) = seen.into_iter().partition(|line| {
+        // "CONNECT host:443 HTTP/1.1" or "GET http://host/path HTTP/1.1"
+        let target = line.split_whitespace().nth(1).unwrap_or_default();
+        let host = target.trim_start_matches("http://").trim_start_matches("https://");
+        let host = host.split(['/', ':']).next().unwrap_or_default();
+        [".google.com", ".googleapis.com", ".gvt1.com"].iter().any(|d| host.ends_with(d))
+    });
+    if !chromium_own.is_empty() {
+        eprintln!("note: chromium's own background requests were refused by the canary: {chromium_own:?}");
+    }
+    other
+}
+
+/// Every request the page made went to the daemon, and nothing tried to leave.
+fn assert_stayed_on_loopback(browser: &mut Browser, daemon_base: &str, canary: &Mutex<Vec<String>>) {
+    let urls = browser.requested_urls();
+    assert!(!urls.is_empty(), "no requests recorded");
+    let foreign: Vec<&String> = urls.iter().filter(|u| !u.starts_with(daemon_base)).collect();
+    assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
+    let escaped = unexplained_escapes(canary);
+    assert!(escaped.is_empty(), "the browser tried to reach other hosts: {escaped:?}");
+    let failed: Vec<Value> = browser.events_named("Network.loadingFailed").into_iter().filter(|f| f["canceled"] != json!(true)).collect();
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    let thrown = browser.events_named("Runtime.exceptionThrown");
+    assert!(thrown.is_empty(), "page threw: {thrown:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+// ---------------------------------------------------------------------------
+
+/// Live traffic: cards equal the API's totals, the table lists every mapping, the
+/// chart fills up (and stops at 20 points), nothing leaves 127.0.0.1, the layout
+/// fits a phone, and the page notices a dead daemon and recovers by itself.
+#[test]
+fn monitor_page_renders_live_traffic_offline() {
+    let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
+    let mut daemon = Daemon::server("monitor-secret", &[]);
+    let echo = echo_server();
+    let ports = [free_port(), free_port()];
+    for &p in &ports {
+        create_mapping(&daemon, p, echo, false);
+    }
+
+    // Known traffic first: 100 000 bytes each way through one mapping and
+    // 1 500 000 through the other.
+    push(ports[0], 100_000);
+    push(ports[1], 1_500_000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = traffic(&daemon, None);
+        if u64_at(&t, "total_sent") == 1_600_000 && u64_at(&t, "total_received") == 1_600_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon never counted the known traffic: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (canary_addr, canary) = canary_proxy();
+    let mut browser = Browser::launch(&chromium, canary_addr);
+    let base = format!("http://{}/", daemon.http);
+    // The page passes ?interval_ms on to its event stream: 4 updates a second.
+    browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
+    browser.wait_for("the live stream", &state_is("live"));
+
+    // With traffic flowing, the chart fills and the current rate is non-zero.
+    let (stop, pusher) = background_traffic(ports.to_vec());
+    browser.wait_for("a full chart", r#"document.querySelector('[data-testid="traffic-chart"]').dataset.points === '20'"#);
+    browser.wait_for("a non-zero send rate", r#"!['0 B/s', '—'].includes(document.querySelector('#rate-sent').textContent)"#);
+    // Screenshots while traffic flows: desktop and phone, light and dark. At
+    // 375 px nothing may overflow sideways.
+    browser.screenshot("monitor-desktop-light.png");
+    browser.set_color_scheme("dark");
+    browser.wait_for("the dark chart", &chart_theme_is("dark"));
+    browser.screenshot("monitor-desktop-dark.png");
+    browser.set_viewport(375, 800, true);
+    browser
+        .wait_for("the phone layout", "window.innerWidth === 375 && document.querySelector('#chart').getBoundingClientRect().width < 375");
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["scroll_width"], json!(375), "horizontal overflow at 375 px: {page:#}");
+    browser.screenshot("monitor-phone-dark.png");
+    browser.set_color_scheme("light");
+    browser.wait_for("the light chart", &chart_theme_is("light"));
+    browser.screenshot("monitor-phone-light.png");
+    browser.screenshot_full_page("monitor-phone-light-full.png");
+    browser.set_viewport(1920, 1080, false);
+
+    stop.store(true, Ordering::SeqCst);
+    pusher.join().expect("traffic thread");
+
+    // Traffic has stopped: the page must converge on exactly the daemon's numbers.
+    let deadline = Instant::now() + UI_TIMEOUT;
+    let (api, page) = loop {
+        let page = browser.eval(SNAPSHOT_JS);
+        let api = traffic(&daemon, None);
+        let same = page["cards"]["total_sent"]["bytes"] == api["total_sent"]
+            && page["cards"]["total_received"]["bytes"] == api["total_received"]
+            && page["cards"]["tunnel_sent"]["bytes"] == api["tunnel"]["bytes_sent"]
+            && page["cards"]["tunnel_received"]["bytes"] == api["tunnel"]["bytes_received"];
+        if same {
+            break (api, page);
+        }
+        assert!(Instant::now() < deadline, "page never matched the API\napi: {api:#}\npage: {page:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(u64_at(&api, "total_sent") > 1_600_000, "background traffic was not counted: {api}");
+
+    // Cards: the same totals in the page's human units.
+    let cards = &page["cards"];
+    assert_eq!(cards["total_sent"]["text"], json!(format_bytes(u64_at(&api, "total_sent"))));
+    assert_eq!(cards["total_received"]["text"], json!(format_bytes(u64_at(&api, "total_received"))));
+    assert_eq!(cards["tunnel_sent"]["text"], json!(format_bytes(u64_at(&api["tunnel"], "bytes_sent"))));
+    assert_eq!(cards["tunnel_received"]["text"], json!(format_bytes(u64_at(&api["tunnel"], "bytes_received"))));
+    assert_eq!(cards["mappings"]["text"], json!("2"));
+    assert_eq!(page["open_connections"], json!(u64_at(&api, "active_connections").to_string()));
+    assert_eq!(page["tunnel_connected"], json!("false"), "no client was started");
+    assert_eq!(page["tunnel_text"], json!("Not connected"));
+
+    // Table: every mapping, in port order, with the API's numbers.
+    let api_maps = api["mappings"].as_array().expect("mappings array");
+    let rows = page["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "table rows: {rows:#?}");
+    let mut sorted = ports.to_vec();
+    sorted.sort();
+    for ((row, m), port) in rows.iter().zip(api_maps).zip(&sorted) {
+        assert_eq!(row["port"], json!(port));
+        assert_eq!(m["port"], json!(port));
+        let cells = &row["cells"];
+        assert_eq!(cells["port"], json!(format!(":{port}")));
+        assert_eq!(cells["target"], json!(format!("{}:{}", echo.ip(), echo.port())));
+        assert_eq!(cells["mode"], json!("Direct"));
+        assert_eq!(cells["status"], json!("Active"));
+        assert_eq!(cells["sent"], json!(format_bytes(u64_at(m, "bytes_sent"))));
+        assert_eq!(cells["received"], json!(format_bytes(u64_at(m, "bytes_received"))));
+        assert_eq!(cells["open"], json!(u64_at(m, "active_connections").to_string()));
+        assert!(
+            cells["last-activity"].as_str().unwrap().ends_with("ago") || cells["last-activity"] == json!("just now"),
+            "last activity: {cells}"
+        );
+        assert!(cells["rate-sent"].as_str().unwrap().ends_with("/s"), "rate: {cells}");
+    }
+
+    // Chart: keeps the last 20 points, no more, as updates keep coming.
+    browser.wait_for("20 chart points", r#"document.querySelector('[data-testid="traffic-chart"]').dataset.points === '20'"#);
+    let samples = browser.eval(SNAPSHOT_JS)["samples"].as_u64().unwrap();
+    browser.wait_for("3 more samples", &format!("Number(document.body.dataset.samples) >= {}", samples + 3));
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["points"], json!(20), "chart must keep only the last 20 points");
+    assert_eq!(page["chart_lib"], json!("function"), "vendored Chart.js did not load");
+    assert_eq!(page["chart_drawn"], json!(true));
+
+    // Offline: the page rendered fully from the daemon alone.
+    assert_stayed_on_loopback(&mut browser, &base, &canary);
+
+    // The daemon goes away: the page says so, then recovers by itself when a
+    // daemon is back on the same address (mappings restored from the state dir).
+    daemon.kill();
+    browser.wait_for("the lost state", &state_is("lost"));
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["lost_visible"], json!(true), "{page:#}");
+    assert!(page["lost_text"].as_str().unwrap().contains("retrying"), "{page:#}");
+    let _back = Respawned::start(daemon.http, &daemon.state_dir, "monitor-secret");
+    browser.wait_for("recovery", &state_is("live"));
+    browser.wait_for("the restored mappings", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 2"#);
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["lost_visible"], json!(false));
+}
+
+/// With an API token configured the page asks for it instead of showing data;
+/// a wrong token is refused with a message, the right one brings the data.
+#[test]
+fn monitor_page_asks_for_the_api_token() {
+    let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
+    const TOKEN: &str = "monitor-test-token";
+    let daemon = Daemon::server("monitor-secret", &["--api-token", TOKEN]);
+    let echo = echo_server();
+    let port = free_port();
+    // create_mapping cannot send the token; create it with ureq directly.
+    let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": false});
+    let resp = ureq::post(&daemon.url("/api/mapping/create"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_json(body)
+        .expect("create mapping with token");
+    assert_eq!(resp.status(), 200);
+    push(port, 3000);
+
+    // The contract the page relies on: 401 without the token, data with it.
+    let (status, _) = common::http("GET", &daemon.url("/api/stats/traffic"), None);
+    assert_eq!(status, 401);
+    let (status, _) = common::http("GET", &daemon.url(&format!("/api/stats/traffic?token={TOKEN}")), None);
+    assert_eq!(status, 200);
+
+    let (canary_addr, canary) = canary_proxy();
+    let mut browser = Browser::launch(&chromium, canary_addr);
+    browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
+    browser.wait_for("the token prompt", &state_is("auth-required"));
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["auth_visible"], json!(true), "{page:#}");
+    assert_eq!(page["auth_error"], Value::Null, "no token was tried yet: {page:#}");
+    assert_eq!(page["rows"], json!([]), "no data without the token");
+    assert_eq!(page["cards"]["total_sent"]["text"], json!("—"));
+    assert_eq!(page["status_text"], json!("Token required"));
+    browser.screenshot("monitor-token-prompt.png");
+
+    // A wrong token: still the prompt, now with an error.
+    let submit = |token: &str| {
+        format!(
+            "(() => {{ document.querySelector('#auth-token').value = {token:?}; \
+             document.querySelector('#auth-form').requestSubmit(); return true; }})()"
+        )
+    };
+    browser.eval(&submit("not-the-token"));
+    browser.wait_for(
+        "the rejection message",
+        r#"!document.querySelector('[data-testid="auth-error"]').hidden && document.body.dataset.state === 'auth-required'"#,
+    );
+
+    // The right token: data, stored for the next visit.
+    browser.eval(&submit(TOKEN));
+    browser.wait_for("the live stream", &state_is("live"));
+    browser.wait_for("the mapping row", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 1"#);
+    let api = traffic(&daemon, Some(TOKEN));
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["auth_visible"], json!(false));
+    assert_eq!(page["cards"]["total_sent"]["text"], json!(format_bytes(u64_at(&api, "total_sent"))));
+    assert_eq!(page["rows"][0]["port"], json!(port));
+    assert_eq!(browser.eval("localStorage.getItem('tunneld.apiToken')"), json!(TOKEN));
+
+    // A reload uses the stored token: straight to live, no prompt.
+    browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
+    browser.wait_for("live after reload", &state_is("live"));
+
+    // The stream carried the token as ?token= (EventSource cannot set headers), and
+    // still nothing left 127.0.0.1.
+    let urls = browser.requested_urls();
+    assert!(urls.iter().any(|u| u.contains("/api/stats/stream") && u.contains(&format!("token={TOKEN}"))), "stream requests: {urls:?}");
+    let base = format!("http://{}/", daemon.http);
+    let foreign: Vec<&String> = urls.iter().filter(|u| !u.starts_with(&base)).collect();
+    assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
+    let escaped = unexplained_escapes(&canary);
+    assert!(escaped.is_empty(), "the browser tried to reach other hosts: {escaped:?}");
+}
