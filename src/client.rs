@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Config, Role};
 use crate::forward;
 use crate::metered::MeteredStream;
 use crate::metrics::{session_result, Metrics};
@@ -38,8 +39,17 @@ pub async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpLis
     }
 }
 
-/// Runs the client until `shutdown`.
-pub async fn run(config: ClientConfig, metrics_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the client until `shutdown`. Reloaded configurations change nothing
+/// here (the log level is applied by the caller); changed keys are reported as
+/// needing a restart.
+pub async fn run(
+    config: Config,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Config>,
+) -> anyhow::Result<()> {
+    tokio::spawn(report_reloads(config.clone(), reloads));
+    let config = config.client;
     let metrics = Arc::new(Metrics::new());
     if let Some(listener) = metrics_listener {
         let router = metrics_router(metrics.clone());
@@ -77,6 +87,16 @@ pub async fn run(config: ClientConfig, metrics_listener: Option<TcpListener>, sh
     }
     systemd::stopping();
     Ok(())
+}
+
+async fn report_reloads(mut running: Config, mut reloads: mpsc::Receiver<Config>) {
+    while let Some(new) = reloads.recv().await {
+        for key in running.restart_only_changes(&new, Role::Client) {
+            warn!(key, "changed in the configuration; takes effect on restart");
+        }
+        running = new;
+        systemd::ready("running (configuration reloaded)");
+    }
 }
 
 fn metrics_router(metrics: Arc<Metrics>) -> axum::Router {

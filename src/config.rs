@@ -172,7 +172,9 @@ pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<C
         None if Path::new(DEFAULT_CONFIG_FILE).exists() => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE)),
         None => {}
     }
-    figment = figment.merge(Env::prefixed("TUNNELD_").split("__"));
+    // Only `TUNNELD_<SECTION>__<KEY>` is configuration; other TUNNELD_* variables
+    // (a wrapper script's, say) are not ours to reject.
+    figment = figment.merge(Env::prefixed("TUNNELD_").filter(|key| key.as_str().contains("__")).split("__"));
     // Env parses values that look like numbers as numbers ("00123" -> 123), which
     // would corrupt a secret; take free-text keys from the environment verbatim.
     for key in VERBATIM_ENV_KEYS {
@@ -228,6 +230,39 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Keys whose new values only take effect on restart (listeners, secrets,
+    /// state) — reported on reload so an operator is not surprised.
+    pub fn restart_only_changes(&self, new: &Config, role: Role) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        match role {
+            Role::Server => {
+                let (a, b) = (&self.server, &new.server);
+                check("server.tunnel_listen", a.tunnel_listen != b.tunnel_listen);
+                check("server.secret", a.secret != b.secret);
+                check("server.state_dir", a.state_dir != b.state_dir);
+                check("server.bind_addr", a.bind_addr != b.bind_addr);
+                check("server.heartbeat_interval_secs", a.heartbeat_interval_secs != b.heartbeat_interval_secs);
+                check("server.shutdown_grace_secs", a.shutdown_grace_secs != b.shutdown_grace_secs);
+                check("server.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+                check("api.listen", self.api.listen != new.api.listen);
+            }
+            Role::Client => {
+                let (a, b) = (&self.client, &new.client);
+                check("client.server", a.server != b.server);
+                check("client.secret", a.secret != b.secret);
+                check("client.metrics_listen", a.metrics_listen != b.metrics_listen);
+                check("client.pool_size", a.pool_size != b.pool_size);
+                check("client.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+            }
+        }
+        changed
     }
 
     /// The effective configuration as TOML with secrets masked, for `check-config`.

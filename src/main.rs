@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -138,23 +139,27 @@ fn main() -> ExitCode {
 
 async fn run(role: Role, config: Config, file: Option<PathBuf>, overrides: Vec<Override>, log: systemd::LogHandle) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    spawn_signal_handlers(shutdown.clone(), role, file, overrides, log)?;
+    let (reload_tx, reloads) = mpsc::channel(4);
+    spawn_signal_handlers(shutdown.clone(), reload_tx, role, file, overrides, log)?;
     systemd::spawn_watchdog();
     match role {
         Role::Server => {
             let listeners = server::Listeners::bind(&config).await?;
-            server::run(config, listeners, shutdown).await
+            server::run(config, listeners, shutdown, reloads).await
         }
         Role::Client => {
             let metrics_listener = client::bind_metrics(&config.client).await?;
-            client::run(config.client, metrics_listener, shutdown).await
+            client::run(config, metrics_listener, shutdown, reloads).await
         }
     }
 }
 
-/// SIGTERM/SIGINT start a graceful stop; SIGHUP re-reads the configuration.
+/// SIGTERM/SIGINT start a graceful stop; SIGHUP re-reads the configuration and,
+/// if it is valid, hands it to the running role (an invalid one is logged and the
+/// running configuration stays).
 fn spawn_signal_handlers(
     shutdown: CancellationToken,
+    reload_tx: mpsc::Sender<Config>,
     role: Role,
     file: Option<PathBuf>,
     overrides: Vec<Override>,
@@ -173,11 +178,15 @@ fn spawn_signal_handlers(
                     match config::load(file.as_deref(), &overrides, role) {
                         Ok(new) => {
                             systemd::set_log_level(&log, &new.log.level);
-                            info!(level = %new.log.level, "configuration reloaded (log level applied; other settings take effect on restart)");
+                            info!(level = %new.log.level, "configuration reloaded");
+                            // The role answers READY=1 once it has applied it.
+                            let _ = reload_tx.send(new).await;
                         }
-                        Err(e) => warn!(error = %e, "reload rejected: the new configuration is invalid; keeping the running one"),
+                        Err(e) => {
+                            warn!(error = %e, "reload rejected: the new configuration is invalid; keeping the running one");
+                            systemd::ready(&format!("running; reload rejected: {e}"));
+                        }
                     }
-                    systemd::ready("running (configuration reloaded)");
                 }
             }
         }

@@ -31,26 +31,74 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
 }
 
+/// `RELOADING=1` (with `MONOTONIC_USEC`, which `Type=notify-reload` requires);
+/// the role sends `READY=1` when done.
 pub fn reloading() {
-    notify(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]);
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now, NotifyState::Status("reloading configuration")]),
+        Err(_) => notify(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]),
+    }
 }
 
 /// Sends `WATCHDOG=1` at half of `WATCHDOG_USEC` from a task on the main runtime:
 /// if the runtime wedges, the pings stop and systemd restarts the service.
 pub fn spawn_watchdog() {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
+    let Some(usec) = watchdog_usec() else { return };
     let period = Duration::from_micros(usec / 2);
     debug!(period_ms = period.as_millis() as u64, "watchdog enabled");
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            notify(&[NotifyState::Watchdog]);
+    tokio::spawn(ping_every(period, || notify(&[NotifyState::Watchdog])));
+}
+
+/// `WATCHDOG_USEC`, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_PID`, when
+/// present, must be this process (a forked helper must not ping for its parent);
+/// when absent the watchdog is ours.
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
         }
-    });
+    }
+    (usec > 0).then_some(usec)
+}
+
+/// Calls `ping` every `period`, for as long as the runtime it runs on makes
+/// progress — which is the point: a runtime whose threads are all stuck cannot
+/// run this task, the pings stop, and systemd's watchdog fires.
+async fn ping_every(period: Duration, ping: impl Fn()) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ping();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn watchdog_pings_stop_while_the_runtime_is_stuck() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counter = pings.clone();
+        runtime.block_on(async move {
+            tokio::spawn(ping_every(Duration::from_millis(10), move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let before = pings.load(Ordering::SeqCst);
+            assert!(before >= 3, "pings while healthy: {before}");
+            // Wedge the only runtime thread, as a deadlocked or busy-looping task would.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(pings.load(Ordering::SeqCst), before, "no ping may be sent while the runtime is stuck");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(pings.load(Ordering::SeqCst) > before, "pings resume when the runtime does");
+        });
+    }
 }
 
 /// Lets a reload change the log level without restarting.

@@ -4,7 +4,7 @@
 //! check of the Grafana dashboard (Grafana itself is not packaged for CI).
 //!
 //! A missing tool skips its test loudly (see `common::tools`); CI sets
-//! `TUNNELD_REQUIRE_TOOLS=1` so nothing is skipped there.
+//! `CI_REQUIRE_TOOLS=1` so nothing is skipped there.
 
 mod common;
 

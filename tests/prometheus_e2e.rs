@@ -9,7 +9,7 @@
 //! "import the dashboard and it works the first time" means, checked.
 //!
 //! Needs the `prometheus` binary (Debian package `prometheus`); skips loudly
-//! without it unless `TUNNELD_REQUIRE_TOOLS=1`.
+//! without it unless `CI_REQUIRE_TOOLS=1`.
 
 mod common;
 

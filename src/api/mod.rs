@@ -8,7 +8,7 @@
 mod assets;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -41,8 +41,9 @@ pub struct AppState {
     pub mappings: Arc<Mappings>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<TunnelHub>,
-    /// Empty: no authentication (only allowed on loopback, see config).
-    pub token: Arc<str>,
+    /// Empty: no authentication (only allowed on loopback, see config). Swapped
+    /// in place on reload.
+    pub token: Arc<RwLock<Arc<str>>>,
     /// Ends long-lived responses (SSE) so a graceful shutdown does not hang.
     pub shutdown: CancellationToken,
 }
@@ -111,14 +112,15 @@ impl From<MappingError> for ApiError {
 /// `Authorization: Bearer <token>`, or `?token=` for EventSource, which cannot set
 /// headers.
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.token.is_empty() {
+    let token = state.token.read().map(|t| t.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+    if token.is_empty() {
         return next.run(req).await;
     }
     let from_header =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
     match from_header.or(from_query) {
-        Some(given) if tokens_equal(given, &state.token) => next.run(req).await,
+        Some(given) if tokens_equal(given, &token) => next.run(req).await,
         Some(_) => failure(StatusCode::UNAUTHORIZED, "invalid API token"),
         None => failure(StatusCode::UNAUTHORIZED, "API token required: send `Authorization: Bearer <token>`"),
     }

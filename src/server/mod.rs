@@ -8,15 +8,16 @@ pub mod tunnel;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Role};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::systemd;
@@ -42,7 +43,16 @@ impl Listeners {
 
 /// Runs the server until `shutdown` is cancelled, then drains: listeners close,
 /// open connections get `server.shutdown_grace_secs` to finish.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+///
+/// Configurations sent on `reloads` (already validated) are applied live where
+/// that is safe — today `api.token`; other changed keys are logged as needing a
+/// restart.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<Config>,
+) -> anyhow::Result<()> {
     let state_dir = config::state_dir(&config.server);
     let store = Store::open(&state_dir).with_context(|| format!("cannot open the state database in {}", state_dir.display()))?;
     let secret = match config.server.secret.clone() {
@@ -68,11 +78,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     info!(restored, failed, state_dir = %state_dir.display(), "mappings restored");
 
     let tunnel_task = tokio::spawn(hub.clone().serve(listeners.tunnel, shutdown.clone()));
+    let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.as_str())));
     let api_state = crate::api::AppState {
         mappings: mappings.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
-        token: Arc::from(config.api.token.as_str()),
+        token: token.clone(),
         shutdown: shutdown.clone(),
     };
     let api_task = tokio::spawn(crate::api::serve(listeners.api, api_state, shutdown.clone()));
@@ -82,7 +93,25 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         "serving {restored} mappings ({failed} waiting for their port); API on port {api_port}, tunnel on port {tunnel_port}"
     ));
 
-    shutdown.cancelled().await;
+    let mut running = config.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(new) = reloads.recv() => {
+                if new.api.token != running.api.token {
+                    if let Ok(mut t) = token.write() {
+                        *t = Arc::from(new.api.token.as_str());
+                    }
+                    info!("api.token changed: applied");
+                }
+                for key in running.restart_only_changes(&new, Role::Server) {
+                    warn!(key, "changed in the configuration; takes effect on restart");
+                }
+                running = new;
+                systemd::ready("running (configuration reloaded)");
+            }
+        }
+    }
     systemd::stopping();
     info!("shutting down: closing listeners, draining connections");
     let _ = tunnel_task.await;

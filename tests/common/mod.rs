@@ -38,25 +38,37 @@ impl Daemon {
     /// Starts `tunneld server` on free loopback ports with its own state dir and
     /// waits for `READY=1`.
     pub fn server(secret: &str, extra: &[&str]) -> Daemon {
+        Self::server_env(secret, extra, &[])
+    }
+
+    /// Like [`Daemon::server`] with extra environment variables.
+    pub fn server_env(secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state_dir = tmp.path().join("state");
-        Self::server_in(tmp, state_dir, None, secret, extra)
+        Self::server_in(tmp, state_dir, None, secret, extra, envs)
     }
 
     /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
     pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), None, secret, extra)
+        Self::server_in(tmp, state_dir.to_path_buf(), None, secret, extra, &[])
     }
 
     /// A server restarted in place: same state dir and same tunnel address, so a
     /// running client finds it again.
     pub fn server_restarted(state_dir: &Path, tunnel: SocketAddr, secret: &str) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), Some(tunnel), secret, &[])
+        Self::server_in(tmp, state_dir.to_path_buf(), Some(tunnel), secret, &[], &[])
     }
 
-    fn server_in(tmp: tempfile::TempDir, state_dir: PathBuf, tunnel: Option<SocketAddr>, secret: &str, extra: &[&str]) -> Daemon {
+    fn server_in(
+        tmp: tempfile::TempDir,
+        state_dir: PathBuf,
+        tunnel: Option<SocketAddr>,
+        secret: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tunnel = tunnel.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let mut args: Vec<String> = vec![
@@ -73,7 +85,7 @@ impl Daemon {
             args.push(secret.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let d = Self::spawn(tmp, &args, api, Some(tunnel), state_dir);
+        let d = Self::spawn(tmp, &args, envs, api, Some(tunnel), state_dir);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
@@ -101,12 +113,19 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let state = tmp.path().to_path_buf();
-        let d = Self::spawn(tmp, &args, metrics, None, state);
+        let d = Self::spawn(tmp, &args, &[], metrics, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
 
-    fn spawn(tmp: tempfile::TempDir, args: &[String], http: SocketAddr, tunnel: Option<SocketAddr>, state_dir: PathBuf) -> Daemon {
+    fn spawn(
+        tmp: tempfile::TempDir,
+        args: &[String],
+        envs: &[(&str, &str)],
+        http: SocketAddr,
+        tunnel: Option<SocketAddr>,
+        state_dir: PathBuf,
+    ) -> Daemon {
         let notify_path = tmp.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
         let log_path = tmp.path().join("daemon.log");
@@ -117,6 +136,7 @@ impl Daemon {
             .env("RUST_LOG", "info,tunneld=debug")
             .env_remove("JOURNAL_STREAM")
             .env_remove("WATCHDOG_USEC")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -187,6 +207,12 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     pub fn kill(&mut self) {

@@ -1,0 +1,73 @@
+//! systemd behaviour of the real binary: the watchdog cadence and configuration
+//! reload (RELOADING=1 / READY=1, live changes, a bad file rejected).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn watchdog_pings_arrive_at_half_the_interval() {
+    let server = Daemon::server_env("s", &[], &[("WATCHDOG_USEC", "400000")]);
+    let start = Instant::now();
+    let mut stamps = Vec::new();
+    while stamps.len() < 5 {
+        server.wait_for_notify("WATCHDOG=1", Duration::from_secs(5));
+        stamps.push(start.elapsed());
+    }
+    let gaps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    assert!((0.15..0.3).contains(&mean), "mean gap {mean:.3} s should be about 0.2 s (half of 0.4 s): {gaps:?}");
+}
+
+#[test]
+fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[api]\ntoken = \"first\"\n").unwrap();
+    let server = Daemon::server("s", &["--config", config.to_str().unwrap()]);
+    let list = |token: &str| {
+        ureq::get(&server.url("/api/mapping/list"))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+            .map(|r| r.status())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::Status(code, _) => code,
+                other => panic!("{other}"),
+            })
+    };
+    assert_eq!(list("first"), 200);
+
+    // A connection open across the reload must survive it.
+    let port = free_port();
+    let echo = echo_server();
+    let body = format!("{{\"source_port\": {port}, \"target_host\": \"127.0.0.1\", \"target_port\": {}}}", echo.port());
+    let created = ureq::post(&server.url("/api/mapping/create")).set("Authorization", "Bearer first").send_string(&body).unwrap();
+    assert_eq!(created.status(), 200);
+    let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    open.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).unwrap();
+
+    std::fs::write(&config, "[api]\ntoken = \"second\"\n[server]\nheartbeat_interval_secs = 3\n").unwrap();
+    server.signal("HUP");
+    server.wait_for_notify("RELOADING=1", Duration::from_secs(10));
+    server.wait_for_notify("READY=1", Duration::from_secs(10));
+    assert_eq!(list("second"), 200, "new token applied");
+    assert_eq!(list("first"), 401, "old token revoked");
+    assert!(server.log().contains("server.heartbeat_interval_secs"), "restart-only change reported");
+
+    std::fs::write(&config, "[api]\ntoken = 42\n").unwrap();
+    server.signal("HUP");
+    let status = server.wait_for_notify("READY=1", Duration::from_secs(10));
+    assert!(status.contains("reload rejected"), "{status}");
+    assert_eq!(list("second"), 200, "the running configuration stays");
+
+    open.write_all(b"pong").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong", "connection survived both reloads");
+}
