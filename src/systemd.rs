@@ -74,33 +74,6 @@ async fn ping_every(period: Duration, ping: impl Fn()) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    #[test]
-    fn watchdog_pings_stop_while_the_runtime_is_stuck() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let pings = Arc::new(AtomicUsize::new(0));
-        let counter = pings.clone();
-        runtime.block_on(async move {
-            tokio::spawn(ping_every(Duration::from_millis(10), move || {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let before = pings.load(Ordering::SeqCst);
-            assert!(before >= 3, "pings while healthy: {before}");
-            // Wedge the only runtime thread, as a deadlocked or busy-looping task would.
-            std::thread::sleep(Duration::from_millis(200));
-            assert_eq!(pings.load(Ordering::SeqCst), before, "no ping may be sent while the runtime is stuck");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(pings.load(Ordering::SeqCst) > before, "pings resume when the runtime does");
-        });
-    }
-}
-
 /// Lets a reload change the log level without restarting.
 pub type LogHandle = reload::Handle<EnvFilter, Registry>;
 
@@ -154,4 +127,31 @@ fn stderr_is_journal() -> bool {
         return false;
     };
     expected == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn watchdog_pings_stop_while_the_runtime_is_stuck() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counter = pings.clone();
+        runtime.block_on(async move {
+            tokio::spawn(ping_every(Duration::from_millis(10), move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let before = pings.load(Ordering::SeqCst);
+            assert!(before >= 3, "pings while healthy: {before}");
+            // Wedge the only runtime thread, as a deadlocked or busy-looping task would.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(pings.load(Ordering::SeqCst), before, "no ping may be sent while the runtime is stuck");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(pings.load(Ordering::SeqCst) > before, "pings resume when the runtime does");
+        });
+    }
 }
