@@ -120,13 +120,13 @@ fn health_reports_the_tunnel_state() {
 
 #[test]
 fn api_token_guards_the_api_but_not_the_page_health_or_metrics() {
-    let server = Daemon::server(SECRET, &["--api-token", "t0ken"]);
+    let server = Daemon::server(SECRET, &["--api-token", "t0ken+/="]);
     assert_error(http("GET", &server.url("/api/mapping/list"), None), 401, "token required");
     let wrong = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer nope").call();
     assert!(matches!(wrong, Err(ureq::Error::Status(401, _))));
-    let ok = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer t0ken").call().expect("authorized");
+    let ok = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer t0ken+/=").call().expect("authorized");
     assert_eq!(ok.status(), 200);
-    assert_eq!(http("GET", &server.url("/api/stats/traffic?token=t0ken"), None).0, 200);
+    assert_eq!(http("GET", &server.url("/api/stats/traffic?token=t0ken%2B%2F%3D"), None).0, 200);
     assert_eq!(http("GET", &server.url("/api/stats/monitor"), None).0, 200);
     assert_eq!(http("GET", &server.url("/health"), None).0, 200);
     assert_eq!(http("GET", &server.url("/metrics"), None).0, 200);

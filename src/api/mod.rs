@@ -118,7 +118,9 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     }
     let from_header =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-    let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    // Percent-decoded, as browsers encode `+`, `/`, `=` in query values.
+    let query: Option<Query<std::collections::HashMap<String, String>>> = Query::try_from_uri(req.uri()).ok();
+    let from_query = query.as_ref().and_then(|q| q.get("token")).map(String::as_str);
     match from_header.or(from_query) {
         Some(given) if tokens_equal(given, &token) => next.run(req).await,
         Some(_) => failure(StatusCode::UNAUTHORIZED, "invalid API token"),
