@@ -43,17 +43,17 @@ RESULTS_DIR = REPO / "bench" / "results"
 PATHS = ("raw", "haproxy", "direct", "tunnel")
 FORWARDERS = ("haproxy", "direct", "tunnel")
 
-# (key, label, unit, higher_is_better). Every figure is measured for every path.
-FIGURES = (
-    ("tput_1", "throughput, 1 stream", "Gbit/s", True),
-    ("tput_8", "throughput, 8 streams", "Gbit/s", True),
-    ("tput_1r", "throughput, 1 stream -R", "Gbit/s", True),
-    ("conn_rate", "connection setup rate", "conn/s", True),
-    ("conn_p50", "connect+echo p50", "us", False),
-    ("conn_p99", "connect+echo p99", "us", False),
-    ("conc_elapsed", "concurrent echo elapsed", "s", False),
-    ("conc_failures", "concurrent echo failures", "", False),
-)
+# key -> (label, unit), in report order. Every figure is measured for every path.
+FIGURES = {
+    "tput_1": ("throughput, 1 stream", "Gbit/s"),
+    "tput_8": ("throughput, 8 streams", "Gbit/s"),
+    "tput_1r": ("throughput, 1 stream -R", "Gbit/s"),
+    "conn_rate": ("connection setup rate", "conn/s"),
+    "conn_p50": ("connect+echo p50", "us"),
+    "conn_p99": ("connect+echo p99", "us"),
+    "conc_elapsed": ("concurrent echo elapsed", "s"),
+    "conc_failures": ("concurrent echo failures", ""),
+}
 
 # iperf3 variants: figure key -> extra iperf3 arguments.
 IPERF_RUNS = {"tput_1": [], "tput_8": ["-P", "8"], "tput_1r": ["-R"]}
@@ -307,12 +307,18 @@ def start_haproxy(procs: Children, tmp: Path, targets: dict[str, int], concurren
 
 def run_iperf(port: int, seconds: int, extra: list[str], save: Path) -> dict:
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", *extra]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    save.write_text(res.stdout)
-    try:
-        end = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        end = {"error": res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}"}
+    for attempt in range(5):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        save.write_text(res.stdout)
+        try:
+            end = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            end = {"error": res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}"}
+        # The client of the previous run can exit before `iperf3 -s` has reset for
+        # the next test; it then refuses with "busy", and a moment later accepts.
+        if "busy" not in end.get("error", ""):
+            break
+        time.sleep(1.0)
     if "error" in end or res.returncode != 0:
         raise BenchError(f"iperf3 {' '.join(extra)} on port {port} failed: {end.get('error')}")
     sent, received = end["end"]["sum_sent"], end["end"]["sum_received"]
@@ -374,9 +380,11 @@ def fmt_ratio(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
 
 
-def print_figure(label: str, unit: str, path: str, values: dict) -> None:
+def print_figure(figures: dict, key: str, path: str) -> None:
     """One measurement as soon as it is known, with its ratios to raw and HAProxy
     (which are always measured first)."""
+    label, unit = FIGURES[key]
+    values = figures[key]
     value = values.get(path)
     parts = [f"  {label:<26} {path:<8} {fmt(value, unit):>9} {unit:<7}"]
     if path != "raw":
@@ -391,7 +399,7 @@ def summary(results: dict) -> list[str]:
     head = f"{'figure':<27}{'unit':<7}" + "".join(f"{p:>10}" for p in PATHS)
     head += "".join(f"{c:>11}" for c in ("dir/raw", "dir/hap", "tun/raw", "tun/hap"))
     lines = [head, "-" * len(head)]
-    for key, label, unit, _ in FIGURES:
+    for key, (label, unit) in FIGURES.items():
         v = figs.get(key, {})
         row = f"{label:<27}{unit:<7}" + "".join(f"{fmt(v.get(p), unit):>10}" for p in PATHS)
         row += "".join(f"{fmt_ratio(ratio(v.get(a), v.get(b))):>11}"
@@ -431,11 +439,10 @@ def summary(results: dict) -> list[str]:
 
 def evaluate_targets(results: dict) -> list[dict]:
     figs = results["figures"]
-    labels = {key: label for key, label, _, _ in FIGURES}
     targets = []
     for key, path, want in RATIO_TARGETS:
         r = ratio(figs[key].get(path), figs[key].get("haproxy"))
-        targets.append({"name": f"{path} {labels[key]} >= {want}x haproxy", "measured": fmt_ratio(r),
+        targets.append({"name": f"{path} {FIGURES[key][0]} >= {want}x haproxy", "measured": fmt_ratio(r),
                         "ok": None if r is None else r >= want})
     mem = results["memory"]
     idle_mib = mem["server"]["idle_rss_kib"] / 1024
@@ -495,9 +502,13 @@ def raise_fd_limit(need: int) -> int:
     return soft
 
 
-def git_describe() -> str:
-    res = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    return res.stdout.strip() or "unknown"
+def first_line(argv: list[str]) -> str:
+    """What a tool says about its version, recorded so runs can be compared later."""
+    try:
+        res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    except FileNotFoundError:
+        return "not installed"
+    return (res.stdout or res.stderr).strip().split("\n")[0]
 
 
 def parse_args() -> argparse.Namespace:
@@ -547,10 +558,13 @@ def main() -> int:
     rundir = RESULTS_DIR / stamp
     rundir.mkdir(parents=True)
     results: dict = {
-        "meta": {"started": stamp, "git": git_describe(), "cpus": os.cpu_count(), "quick": args.quick,
+        "meta": {"started": stamp, "git": first_line(["git", "describe", "--always", "--dirty"]),
+                 "kernel": os.uname().release, "iperf3": first_line(["iperf3", "--version"]),
+                 "haproxy": first_line(["haproxy", "-v"]) if not args.skip_haproxy else "skipped",
+                 "cpus": os.cpu_count(), "quick": args.quick,
                  "seconds": args.seconds, "conns": args.conns, "concurrent": args.concurrent, "bytes": args.bytes,
-                 "fd_limit": fd_limit, "haproxy": not args.skip_haproxy, "tunneld": str(args.tunneld)},
-        "figures": {key: {} for key, *_ in FIGURES},
+                 "fd_limit": fd_limit, "tunneld": str(args.tunneld)},
+        "figures": {key: {} for key in FIGURES},
     }
     log(f"tunneld benchmark {results['meta']['git']}, logs in {rundir.relative_to(REPO)}")
 
@@ -563,6 +577,8 @@ def main() -> int:
         finally:
             procs.stop_all()
 
+    results["ratios"] = {key: {path: {"raw": ratio(v.get(path), v.get("raw")), "haproxy": ratio(v.get(path), v.get("haproxy"))}
+                               for path in FORWARDERS} for key, v in results["figures"].items()}
     results["targets"] = evaluate_targets(results)
     lines = summary(results)
     log("\n" + "\n".join(lines))
@@ -621,12 +637,11 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
     before = tunneld.traffic()
     iperf_raw: dict = {key: {} for key in IPERF_RUNS}
     for key, extra in IPERF_RUNS.items():
-        label = next(label for k, label, *_ in FIGURES if k == key)
         for path in paths:
             res = run_iperf(ports[path]["iperf"], args.seconds, extra, rundir / f"iperf3-{key}-{path}.json")
             iperf_raw[key][path] = res
             figs[key][path] = res["gbps"]
-            print_figure(label, "Gbit/s", path, figs[key])
+            print_figure(figs, key, path)
     results["iperf3"] = iperf_raw
     tunneld.wait_drained([ports[p]["iperf"] for p in ("direct", "tunnel")])
     counters = results["counters"] = check_counters(before, tunneld.traffic(), iperf_raw,
@@ -641,11 +656,9 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
         res = run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[path]['echo']}",
                                     "--count", str(args.conns)], timeout=600)
         results["connrate"][path] = res
-        for key, field, label, unit in (("conn_rate", "conns_per_s", "connection setup rate", "conn/s"),
-                                        ("conn_p50", "p50_us", "connect+echo p50", "us"),
-                                        ("conn_p99", "p99_us", "connect+echo p99", "us")):
+        for key, field in (("conn_rate", "conns_per_s"), ("conn_p50", "p50_us"), ("conn_p99", "p99_us")):
             figs[key][path] = res[field]
-            print_figure(label, unit, path, figs[key])
+            print_figure(figs, key, path)
         if res["failures"]:
             ok = False
             log(f"  FAILED: {res['failures']} connections failed: {res['errors']}")
@@ -662,7 +675,7 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
         results["concurrent"][path] = res
         figs["conc_elapsed"][path] = res["elapsed_s"]
         figs["conc_failures"][path] = res["failures"]
-        print_figure("concurrent echo elapsed", "s", path, figs["conc_elapsed"])
+        print_figure(figs, "conc_elapsed", path)
         if res["listen_overflows"]:
             log(f"    {res['listen_overflows']} SYNs dropped by a full accept queue (each costs a 1 s retry)")
         if res["failures"]:
