@@ -25,6 +25,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -144,10 +145,28 @@ class Children:
             self.stop(proc)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every address, picked *below* the ephemeral range. Everything
+    else on a shared machine (other test suites) gets its ports by binding port 0,
+    i.e. from the ephemeral range, and may keep reconnecting to a port it released;
+    if that port became one of our mappings, its retries would show up as stray
+    connections in our figures. Below the range, nobody else's port 0 lands."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    while True:
+        port = random.randrange(10000, max(ephemeral_low, 20000))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def listening(port: int) -> bool:
@@ -223,15 +242,17 @@ def http_json(url: str, body: dict | None = None) -> dict:
 
 class Tunneld:
     """A tunneld server with a connected client, both isolated from any config on
-    the host (empty config file, no TUNNELD_* variables) so the run measures defaults."""
+    the host (their own config file, no TUNNELD_* variables) so the run measures
+    defaults — except that mappings listen on loopback only, as everything here does,
+    rather than exposing an echo service on every interface."""
 
     def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict):
         self.procs = procs
         self.api = f"http://127.0.0.1:{free_port()}"
         tunnel_port = free_port()
         secret = "bench-" + os.urandom(8).hex()
-        config = tmp / "empty.toml"
-        config.write_text("")
+        config = tmp / "tunneld.toml"
+        config.write_text('[server]\nbind_addr = "127.0.0.1"\n')
         env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_")}
         env["RUST_LOG"] = "warn"
 
@@ -265,8 +286,13 @@ class Tunneld:
     def wait_drained(self, ports: list[int], timeout: float = 30.0) -> None:
         """Waits until the given mappings have no open connections, so one phase's
         closing connections neither linger into the next nor miss the counters."""
-        wait_until("connections to close", lambda: all(self.traffic()[p]["active_connections"] == 0 for p in ports),
-                   self.procs, self.server, timeout)
+        try:
+            wait_until("connections to close", lambda: all(self.traffic()[p]["active_connections"] == 0 for p in ports),
+                       self.procs, self.server, timeout)
+        except BenchError as e:
+            still = {p: {k: m[k] for k in ("active_connections", "connections_total")}
+                     for p, m in self.traffic().items() if p in ports}
+            raise BenchError(f"{e}\nmappings still open: {still}") from None
 
 
 # --------------------------------------------------------------------------- HAProxy
