@@ -34,7 +34,7 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Binds the client's own `/metrics` listener, if configured.
 pub async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpListener>> {
     match config.metrics_listen {
-        Some(addr) => Ok(Some(TcpListener::bind(addr).await.with_context(|| format!("cannot bind client.metrics_listen {addr}"))?)),
+        Some(addr) => Ok(Some(forward::listen(addr).with_context(|| format!("cannot bind client.metrics_listen {addr}"))?)),
         None => Ok(None),
     }
 }
@@ -217,19 +217,21 @@ async fn data_channel(ctx: Arc<SessionCtx>) -> anyhow::Result<()> {
     let Message::Connect { host, port } = request else {
         bail!("unexpected {} on a data channel", request.kind());
     };
-    // This channel is taken: keep the pool at its size.
-    spawn_data_channel(ctx.clone());
     let timeout = Duration::from_secs(ctx.config.connect_timeout_secs);
-    let target = match forward::connect(&host, port, timeout).await {
+    let target = forward::connect(&host, port, timeout).await;
+    let reply = Message::ConnectResult { error: target.as_ref().err().map(|e| format!("{host}:{port}: {e}")) };
+    let written = protocol::write_frame(&mut channel, &reply).await;
+    // This channel is taken: keep the pool at its size. Opened only now, so that
+    // dialing it does not compete with the visitor's own connection setup.
+    spawn_data_channel(ctx.clone());
+    tunnel_sent.record(written? as u64);
+    let target = match target {
         Ok(t) => t,
         Err(e) => {
             warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
-            let reply = Message::ConnectResult { error: Some(format!("{host}:{port}: {e}")) };
-            tunnel_sent.record(protocol::write_frame(&mut channel, &reply).await? as u64);
             return Ok(());
         }
     };
-    tunnel_sent.record(protocol::write_frame(&mut channel, &Message::ConnectResult { error: None }).await? as u64);
     let peer: Option<SocketAddr> = target.peer_addr().ok();
     let (from_server, to_server) = (tunnel_received, tunnel_sent);
     let result = forward::relay(&channel, &target, &from_server, &to_server).await;

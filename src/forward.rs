@@ -7,11 +7,11 @@
 //! no user-space buffer at all, which keeps thousands of open tunnels cheap.
 
 use std::io;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::metrics::Meter;
 
@@ -25,10 +25,11 @@ const CHUNK: usize = 64 * 1024;
 /// Returns the byte counts of each direction; on an error (a reset, say) the other
 /// direction is abandoned and both sockets close when the caller drops them.
 pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter) -> io::Result<(u64, u64)> {
-    tokio::try_join!(copy_one_way(a, b, a_to_b), copy_one_way(b, a, b_to_a))
+    tokio::try_join!(copy(a, b, a_to_b), copy(b, a, b_to_a))
 }
 
-async fn copy_one_way(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
+/// One direction of [`relay`]: `src → dst` until EOF, then half-close `dst`.
+pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
@@ -70,6 +71,20 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Listen backlog for every listener: a burst of a thousand connects must queue,
+/// not be dropped and retried a second later by the kernel (the default of 128
+/// overflows under such a burst). The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`
+/// does, so a restart is not blocked by connections in TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Socket options every forwarded connection gets: no Nagle delay (interactive

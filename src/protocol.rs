@@ -125,6 +125,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usi
     Ok((Message::decode(&body)?, FRAME_HEADER + len))
 }
 
+/// [`read_frame`] for a socket shared with a concurrent writer (the relay holds
+/// `&TcpStream` for both directions): reads through readiness, still exactly one
+/// frame and nothing more.
+pub async fn read_frame_from(stream: &tokio::net::TcpStream) -> Result<(Message, usize), ProtocolError> {
+    let mut header = [0u8; FRAME_HEADER];
+    read_exact_from(stream, &mut header).await?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    read_exact_from(stream, &mut body).await?;
+    Ok((Message::decode(&body)?, FRAME_HEADER + len))
+}
+
+async fn read_exact_from(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.try_read(&mut buf[filled..]) {
+            Ok(0) => return Err(ProtocolError::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Writes one frame; returns its size on the wire.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize, ProtocolError> {
     let body = msg.encode();

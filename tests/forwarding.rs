@@ -239,3 +239,39 @@ fn garbage_on_the_tunnel_port_does_not_harm_the_session() {
     assert!(metric_value(&text, "tunneld_tunnel_sessions_total", &[("result", "protocol_error")]).unwrap() >= 1.0);
     assert_eq!(metric_value(&text, "tunneld_tunnel_connected", &[]), Some(1.0));
 }
+
+fn unreachable_target_is_refused_and_counted(use_tunnel: bool) {
+    let server = Daemon::server(SECRET, &[]);
+    let client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    create_mapping(&server, port, closed, use_tunnel);
+    for _ in 0..3 {
+        let mut visitor = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        visitor.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = visitor.write_all(b"anyone there?");
+        let mut buf = Vec::new();
+        let _ = visitor.read_to_end(&mut buf);
+        assert!(buf.is_empty(), "nothing comes back from a closed port");
+    }
+    let errors = wait_for("three connect errors", Duration::from_secs(10), || {
+        let v = metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())])?;
+        (v == 3.0).then_some(v)
+    });
+    assert_eq!(errors, 3.0);
+    if let Some(client) = client {
+        assert!(client.log().contains("cannot reach target"), "the client logs the failure");
+        // The session survives failed targets.
+        assert_eq!(metric_value(&metrics_text(&server), "tunneld_tunnel_connected", &[]), Some(1.0));
+    }
+}
+
+#[test]
+fn direct_mapping_to_a_closed_port_closes_the_visitor_and_counts_the_error() {
+    unreachable_target_is_refused_and_counted(false);
+}
+
+#[test]
+fn tunneled_mapping_to_a_closed_port_closes_the_visitor_and_counts_the_error() {
+    unreachable_target_is_refused_and_counted(true);
+}

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::tunnel::TunnelHub;
 use crate::forward;
 use crate::metrics::{MappingMetrics, Metrics};
+use crate::protocol::{self, Message};
 use crate::store::{MappingSpec, Store, StoreError};
 
 /// How often a mapping that could not bind its port tries again.
@@ -252,7 +254,7 @@ fn describe_bind_error(e: &std::io::Error) -> String {
 }
 
 async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::new(addr, port)).await
+    forward::listen(SocketAddr::new(addr, port))
 }
 
 async fn resolve(host: &str, port: u16) -> Result<(), MappingError> {
@@ -329,30 +331,67 @@ async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, 
     let port = spec.source_port;
     let _active = metrics.visitor_accepted();
     forward::tune(&visitor);
-    let (target, tunnel_meters) = if spec.use_tunnel {
-        let (sent, received) = ctx.metrics.tunnel_meters();
-        match ctx.hub.open(&spec.target_host, spec.target_port, &sent, &received).await {
-            Ok(channel) => (channel, Some((sent, received))),
-            Err(e) => {
-                metrics.connect_errors.inc();
-                warn!(port, %peer, error = %e, "visitor refused: tunnel could not reach the target");
-                return;
-            }
+    let result = if spec.use_tunnel { tunneled(ctx, spec, metrics, &visitor).await } else { direct(ctx, spec, metrics, &visitor).await };
+    match result {
+        Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
+        Err(VisitorError::Target(e)) => {
+            metrics.connect_errors.inc();
+            warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
         }
-    } else {
-        match forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await {
-            Ok(stream) => (stream, None),
-            Err(e) => {
-                metrics.connect_errors.inc();
-                warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
-                return;
+        Err(VisitorError::Relay(e)) => debug!(port, %peer, error = %e, "connection ended with error"),
+    }
+}
+
+/// Why a visitor's connection ended early: the target could not be reached
+/// (counted as a connect error), or the relay failed midway.
+enum VisitorError {
+    Target(String),
+    Relay(std::io::Error),
+}
+
+async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+    let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout)
+        .await
+        .map_err(|e| VisitorError::Target(e.to_string()))?;
+    let (up, down) = metrics.meters(None);
+    forward::relay(visitor, &target, &up, &down).await.map_err(VisitorError::Relay)
+}
+
+/// The visitor's bytes start flowing to the client together with the `connect`
+/// request instead of after its answer, which saves a round trip on every new
+/// connection; the answer is read first in the other direction, and a failure
+/// there ends the connection and counts as a connect error.
+async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+    let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
+    let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    // Until the answer is in, any failure means the target was not reached.
+    let answered = AtomicBool::new(false);
+    let answer = async {
+        let (reply, n) = protocol::read_frame_from(&channel)
+            .await
+            .map_err(|e| VisitorError::Target(format!("no answer from the tunnel client: {e}")))?;
+        tunnel_received.record(n as u64);
+        match reply {
+            Message::ConnectResult { error: None } => {
+                answered.store(true, Ordering::Relaxed);
+                Ok(())
             }
+            Message::ConnectResult { error: Some(e) } => {
+                Err(VisitorError::Target(format!("the tunnel client could not reach the target: {e}")))
+            }
+            other => Err(VisitorError::Target(format!("unexpected {} from the tunnel client", other.kind()))),
         }
     };
-    forward::tune(&target);
-    let (up, down) = metrics.meters(tunnel_meters);
-    match forward::relay(&visitor, &target, &up, &down).await {
-        Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
-        Err(e) => debug!(port, %peer, error = %e, "connection ended with error"),
-    }
+    let (up, down) = metrics.meters(Some((tunnel_sent.clone(), tunnel_received.clone())));
+    let upstream = async {
+        forward::copy(visitor, &channel, &up).await.map_err(|e| match answered.load(Ordering::Relaxed) {
+            true => VisitorError::Relay(e),
+            false => VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}")),
+        })
+    };
+    let downstream = async {
+        answer.await?;
+        forward::copy(&channel, visitor, &down).await.map_err(VisitorError::Relay)
+    };
+    tokio::try_join!(upstream, downstream)
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, Role};
+use crate::forward;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::systemd;
@@ -33,9 +34,8 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both from the config, with the address in any error.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        let api = TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
-        let tunnel = TcpListener::bind(config.server.tunnel_listen)
-            .await
+        let api = forward::listen(config.api.listen).with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
+        let tunnel = forward::listen(config.server.tunnel_listen)
             .with_context(|| format!("cannot bind server.tunnel_listen {}", config.server.tunnel_listen))?;
         Ok(Listeners { api, tunnel })
     }

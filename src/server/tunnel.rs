@@ -33,8 +33,6 @@ pub enum OpenError {
     NoClient,
     #[error("the tunnel client did not provide a data channel in time")]
     Timeout,
-    #[error("the tunnel client could not reach the target: {0}")]
-    Target(String),
     #[error("data channel failed: {0}")]
     Channel(#[from] ProtocolError),
 }
@@ -268,12 +266,15 @@ impl TunnelHub {
         }
     }
 
-    /// Gets a data channel to `host:port` through the client: a pooled channel if
-    /// one is idle, else one requested now. Returns once the client has reached the
-    /// target, so a failure is reported to the caller, not discovered by the visitor.
-    pub async fn open(&self, host: &str, port: u16, tunnel_sent: &Meter, tunnel_received: &Meter) -> Result<TcpStream, OpenError> {
+    /// Gets a data channel through the client — a pooled one if one is idle,
+    /// else one requested now — and sends it the `connect` request for
+    /// `host:port`. The client's answer is read by the caller, so the visitor's
+    /// first bytes can travel with the request.
+    pub async fn open(&self, host: &str, port: u16, tunnel_sent: &Meter) -> Result<TcpStream, OpenError> {
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        // A pooled channel can be stale (the client closed it); try a few.
+        let connect = Message::Connect { host: host.to_string(), port };
+        // A pooled channel whose client end is already gone fails the write; try
+        // another. (One that dies later surfaces as a missing answer.)
         let mut last_error = OpenError::Timeout;
         for _ in 0..4 {
             let session = self.current().ok_or(OpenError::NoClient)?;
@@ -282,24 +283,15 @@ impl TunnelHub {
                 Ok(None) => return Err(OpenError::NoClient),
                 Err(_) => return Err(OpenError::Timeout),
             };
-            let connect = Message::Connect { host: host.to_string(), port };
-            let result = tokio::time::timeout_at(deadline, async {
-                let n = protocol::write_frame(&mut channel, &connect).await?;
-                tunnel_sent.record(n as u64);
-                let (reply, n) = protocol::read_frame(&mut channel).await?;
-                tunnel_received.record(n as u64);
-                Ok::<_, ProtocolError>(reply)
-            })
-            .await;
-            match result {
-                Ok(Ok(Message::ConnectResult { error: None })) => return Ok(channel),
-                Ok(Ok(Message::ConnectResult { error: Some(e) })) => return Err(OpenError::Target(e)),
-                Ok(Ok(other)) => return Err(OpenError::Channel(ProtocolError::Unexpected(other.kind()))),
-                Ok(Err(e)) => {
+            match protocol::write_frame(&mut channel, &connect).await {
+                Ok(n) => {
+                    tunnel_sent.record(n as u64);
+                    return Ok(channel);
+                }
+                Err(e) => {
                     debug!(error = %e, "stale data channel, trying another");
                     last_error = OpenError::Channel(e);
                 }
-                Err(_) => return Err(OpenError::Timeout),
             }
         }
         Err(last_error)
