@@ -38,8 +38,7 @@ fn mapping_bytes(text: &str, port: u16, direction: &str) -> Option<f64> {
 /// ones; afterwards the mapping's counters equal exactly what was sent, in
 /// `/metrics` and in `/api/stats/traffic` alike.
 fn transfer_and_count(use_tunnel: bool) {
-    let server = Daemon::server(SECRET, &[]);
-    let _client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    let (server, _client) = server_and_client(SECRET, use_tunnel);
     let echo = echo_server();
     let port = free_port();
     create_mapping(&server, port, echo, use_tunnel);
@@ -90,25 +89,15 @@ fn tunneled_mapping_carries_16_mib_each_way_with_50_concurrent_connections() {
 /// A target that reads until the visitor half-closes, then answers with how many
 /// bytes it got and closes.
 fn counting_target() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut got = Vec::new();
-                conn.read_to_end(&mut got).expect("target read");
-                let reply = format!("received {} bytes", got.len());
-                conn.write_all(reply.as_bytes()).expect("target reply");
-            });
-        }
-    });
-    addr
+    target(|mut conn| {
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("target read");
+        conn.write_all(format!("received {} bytes", got.len()).as_bytes()).expect("target reply");
+    })
 }
 
 fn half_close(use_tunnel: bool) {
-    let server = Daemon::server(SECRET, &[]);
-    let _client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    let (server, _client) = server_and_client(SECRET, use_tunnel);
     let port = free_port();
     create_mapping(&server, port, counting_target(), use_tunnel);
     let mut visitor = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -241,8 +230,7 @@ fn garbage_on_the_tunnel_port_does_not_harm_the_session() {
 }
 
 fn unreachable_target_is_refused_and_counted(use_tunnel: bool) {
-    let server = Daemon::server(SECRET, &[]);
-    let client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    let (server, client) = server_and_client(SECRET, use_tunnel);
     let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let port = free_port();
     create_mapping(&server, port, closed, use_tunnel);

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
@@ -28,36 +28,23 @@ fn traffic_entry(d: &Daemon, port: u16) -> Option<Value> {
 
 /// A target that reads and discards everything, never replying or closing.
 fn sink_target() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || std::io::copy(&mut conn, &mut std::io::sink()));
-        }
-    });
-    addr
+    target(|mut conn| {
+        let _ = std::io::copy(&mut conn, &mut std::io::sink());
+    })
 }
 
-/// A target that reads until EOF, then sends `reply_len` bytes and closes.
-fn replying_target(reply_len: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut conn, &mut std::io::sink());
-                let _ = conn.write_all(&vec![b'r'; reply_len]);
-            });
-        }
-    });
-    addr
+/// A target that reads until EOF, then sends [`REPLY`] bytes and closes.
+fn replying_target() -> SocketAddr {
+    target(|mut conn| {
+        let _ = std::io::copy(&mut conn, &mut std::io::sink());
+        let _ = conn.write_all(&vec![b'r'; REPLY]);
+    })
 }
+
+const REPLY: usize = 2_500_007;
 
 fn counters_move_while_the_transfer_runs(use_tunnel: bool) {
-    let server = Daemon::server(SECRET, &[]);
-    let _client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    let (server, _client) = server_and_client(SECRET, use_tunnel);
     let port = free_port();
     create_mapping(&server, port, sink_target(), use_tunnel);
     assert_eq!(port_metric(&server, "tunneld_mapping_bytes_total", port, Some("sent")), Some(0.0), "series exist at 0 from creation");
@@ -95,11 +82,10 @@ fn tunneled_counters_move_while_a_long_transfer_runs() {
 /// JSON, and for tunnels the wire counters of server and client mirror each other.
 fn exact_asymmetric_counts(use_tunnel: bool) {
     const UP: usize = 1_000_003;
-    const DOWN: usize = 2_500_007;
-    let server = Daemon::server(SECRET, &[]);
-    let client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &[]));
+    const DOWN: usize = REPLY;
+    let (server, client) = server_and_client(SECRET, use_tunnel);
     let port = free_port();
-    create_mapping(&server, port, replying_target(DOWN), use_tunnel);
+    create_mapping(&server, port, replying_target(), use_tunnel);
     let reply = roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &vec![b'u'; UP]);
     assert_eq!(reply.len(), DOWN);
 

@@ -282,21 +282,32 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
     })
 }
 
-/// A TCP echo server on 127.0.0.1:0 running on plain threads; returns its address.
-pub fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+/// A target on 127.0.0.1:0 that runs `serve` on a thread per accepted connection.
+pub fn target(serve: fn(TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().expect("clone");
-                let _ = std::io::copy(&mut reader, &mut conn);
-                let _ = conn.shutdown(std::net::Shutdown::Write);
-            });
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(conn));
         }
     });
     addr
+}
+
+/// A TCP echo target; it half-closes after the visitor does.
+pub fn echo_server() -> SocketAddr {
+    target(|mut conn| {
+        let mut reader = conn.try_clone().expect("clone");
+        let _ = std::io::copy(&mut reader, &mut conn);
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+/// A server, plus a connected client when the test is about tunneled mappings.
+pub fn server_and_client(secret: &str, use_tunnel: bool) -> (Daemon, Option<Daemon>) {
+    let server = Daemon::server(secret, &[]);
+    let client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), secret, &[]));
+    (server, client)
 }
 
 /// Sends `payload` to `addr`, half-closes, and returns everything read back.
