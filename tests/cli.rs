@@ -54,9 +54,7 @@ fn flags_beat_env_when_the_server_starts() {
     // The env points the API at an address the flag overrides; the daemon must
     // come up on the flag's port.
     let bogus = format!("127.0.0.1:{}", free_port());
-    std::env::set_var("TUNNELD_API__LISTEN", &bogus);
-    let server = Daemon::server("s", &[]);
-    std::env::remove_var("TUNNELD_API__LISTEN");
+    let server = Daemon::server_env("s", &[], &[("TUNNELD_API__LISTEN", &bogus)]);
     assert_ne!(server.http.to_string(), bogus);
     assert_eq!(http("GET", &server.url("/health"), None).0, 200);
 }
