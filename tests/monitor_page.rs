@@ -553,7 +553,7 @@ fn page_vs_api(page: &Value, api: &Value, echo: SocketAddr) -> Vec<String> {
         for (col, want) in [
             ("port", format!(":{port}")),
             ("target", format!("{}:{}", echo.ip(), echo.port())),
-            ("mode", "Direct".to_string()),
+            ("mode", if m["use_tunnel"] == json!(true) { "Tunnel" } else { "Direct" }.to_string()),
             ("status", "Active".to_string()),
             ("sent", format_bytes(u64_at(m, "bytes_sent"))),
             ("received", format_bytes(u64_at(m, "bytes_received"))),
@@ -622,11 +622,12 @@ fn assert_stayed_on_loopback(browser: &mut Browser, daemon_base: &str, canary: &
 fn monitor_page_renders_live_traffic_offline() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
     let mut daemon = Daemon::server("monitor-secret", &[]);
+    // One direct and one tunneled mapping, so the tunnel cards carry real numbers.
+    let client = Daemon::client(daemon.tunnel.expect("tunnel address"), "monitor-secret", &[]);
     let echo = echo_server();
     let ports = [free_port(), free_port()];
-    for &p in &ports {
-        create_mapping(&daemon, p, echo, false);
-    }
+    create_mapping(&daemon, ports[0], echo, false);
+    create_mapping(&daemon, ports[1], echo, true);
 
     // Known traffic first: 100 000 bytes each way through one mapping and
     // 1 500 000 through the other.
@@ -692,6 +693,8 @@ fn monitor_page_renders_live_traffic_offline() {
     sorted.sort();
     let api_ports: Vec<u64> = api["mappings"].as_array().unwrap().iter().map(|m| u64_at(m, "port")).collect();
     assert_eq!(api_ports, sorted.iter().map(|&p| p as u64).collect::<Vec<_>>(), "the API lists both mappings by port");
+    assert_eq!(api["tunnel"]["connected"], json!(true), "{api}");
+    assert!(u64_at(&api["tunnel"], "bytes_sent") > 750_000, "tunnel wire bytes shown come from real traffic: {api}");
 
     // Chart: keeps the last 20 points, no more, as updates keep coming.
     browser.wait_for("20 chart points", r#"document.querySelector('[data-testid="traffic-chart"]').dataset.points === '20'"#);
@@ -718,6 +721,7 @@ fn monitor_page_renders_live_traffic_offline() {
     browser.wait_for("the restored mappings", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 2"#);
     let page = browser.eval(SNAPSHOT_JS);
     assert_eq!(page["lost_visible"], json!(false));
+    drop(client);
 }
 
 /// With an API token configured the page asks for it instead of showing data;
