@@ -71,3 +71,50 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"pong", "connection survived both reloads");
 }
+
+/// Writes `text` to a config file in a fresh temp dir.
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tunneld.toml");
+    std::fs::write(&path, text).unwrap();
+    let p = path.display().to_string();
+    (dir, p)
+}
+
+fn tunnel_connected(server: &Daemon) -> Option<f64> {
+    metric_value(&metrics_text(server), "tunneld_tunnel_connected", &[])
+}
+
+#[test]
+fn a_frozen_client_is_dropped_by_heartbeat_and_comes_back_when_it_thaws() {
+    let (_dir, config) = config_file("[server]\nheartbeat_interval_secs = 1\n");
+    let server = Daemon::server("s", &["--config", &config]);
+    let client = Daemon::client(server.tunnel.unwrap(), "s", &[]);
+    assert_eq!(tunnel_connected(&server), Some(1.0));
+
+    // SIGSTOP keeps the TCP connection open but silences the peer: only the
+    // heartbeat can tell. Three 1 s intervals, plus scheduling slack.
+    client.signal("STOP");
+    let started = Instant::now();
+    wait_for("the server to drop the silent client", Duration::from_secs(10), || (tunnel_connected(&server) == Some(0.0)).then_some(()));
+    assert!(started.elapsed() >= Duration::from_secs(2), "dropped after {:?}: too early for a 3-interval limit", started.elapsed());
+    assert!(server.log().contains("silent for three heartbeat intervals"));
+
+    client.signal("CONT");
+    client.wait_for_notify("STATUS=connected", Duration::from_secs(15));
+    wait_for("the tunnel to be back", Duration::from_secs(10), || (tunnel_connected(&server) == Some(1.0)).then_some(()));
+}
+
+#[test]
+fn a_frozen_server_is_noticed_by_the_client() {
+    let (_dir, config) = config_file("[server]\nheartbeat_interval_secs = 1\n");
+    let server = Daemon::server("s", &["--config", &config]);
+    let client = Daemon::client(server.tunnel.unwrap(), "s", &[]);
+    server.signal("STOP");
+    let started = Instant::now();
+    client.wait_for_notify("STATUS=disconnected", Duration::from_secs(10));
+    assert!(started.elapsed() >= Duration::from_secs(2), "noticed after {:?}", started.elapsed());
+    assert!(client.log().contains("server silent for three heartbeat intervals"));
+    server.signal("CONT");
+    client.wait_for_notify("STATUS=connected", Duration::from_secs(15));
+}
