@@ -92,7 +92,9 @@ pub fn init_logging(level: &str) -> LogHandle {
             Err(e) => eprintln!("journald unavailable ({e}); logging to stderr"),
         }
     }
-    registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
+    // Colours only for a person at a terminal, not in files or pipes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init();
     handle
 }
 
