@@ -19,14 +19,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run tunneld")
 }
 
-fn write_config(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tunneld.toml");
-    std::fs::write(&path, text).unwrap();
-    let p = path.display().to_string();
-    (dir, p)
-}
-
 #[test]
 fn version_prints_the_crate_version() {
     let out = run(&["version"], &[]);
@@ -36,7 +28,7 @@ fn version_prints_the_crate_version() {
 
 #[test]
 fn check_config_applies_precedence_and_masks_secrets() {
-    let (_dir, path) = write_config(
+    let (_dir, path) = config_file(
         "[server]\nsecret = \"file-secret\"\ntunnel_listen = \"0.0.0.0:7000\"\n[api]\nlisten = \"127.0.0.1:7001\"\n[log]\nlevel = \"debug\"\n",
     );
     let out = run(&["check-config", "--config", &path, "server"], &[("TUNNELD_API__LISTEN", "127.0.0.1:7002")]);
@@ -61,13 +53,13 @@ fn flags_beat_env_when_the_server_starts() {
 
 #[test]
 fn bad_values_name_the_key_and_the_source_and_exit_before_binding() {
-    let (_d1, wrong_type) = write_config("[api]\nlisten = 8080\n");
+    let (_d1, wrong_type) = config_file("[api]\nlisten = 8080\n");
     let out = run(&["check-config", "--config", &wrong_type], &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("api.listen") && err.contains(&wrong_type), "key and file named: {err}");
 
-    let (_d2, unknown) = write_config("[servre]\nsecret = \"x\"\n");
+    let (_d2, unknown) = config_file("[servre]\nsecret = \"x\"\n");
     let err = String::from_utf8_lossy(&run(&["check-config", "--config", &unknown], &[]).stderr).to_string();
     assert!(err.contains("servre"), "unknown section named: {err}");
 
@@ -100,7 +92,7 @@ fn a_numeric_looking_secret_from_env_stays_a_string() {
 
 #[test]
 fn notify_ready_after_ports_accept_then_stopping_on_sigterm_and_exit_zero() {
-    let (_dir, config) = write_config("[server]\nshutdown_grace_secs = 1\n");
+    let (_dir, config) = config_file("[server]\nshutdown_grace_secs = 1\n");
     let mut server = Daemon::server("s", &["--config", &config]);
     // READY=1 has arrived (Daemon::server waited for it): both ports accept now.
     TcpStream::connect(server.http).expect("API accepts after READY=1");

@@ -72,15 +72,6 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
     assert_eq!(&buf, b"pong", "connection survived both reloads");
 }
 
-/// Writes `text` to a config file in a fresh temp dir.
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tunneld.toml");
-    std::fs::write(&path, text).unwrap();
-    let p = path.display().to_string();
-    (dir, p)
-}
-
 fn tunnel_connected(server: &Daemon) -> Option<f64> {
     metric_value(&metrics_text(server), "tunneld_tunnel_connected", &[])
 }

@@ -347,6 +347,15 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
+/// A config file with `text` in a fresh temp dir (kept alive by the returned guard).
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tunneld.toml");
+    std::fs::write(&path, text).expect("write config");
+    let path = path.display().to_string();
+    (dir, path)
+}
+
 /// `n` random bytes.
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
