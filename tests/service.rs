@@ -109,3 +109,24 @@ fn a_frozen_server_is_noticed_by_the_client() {
     server.signal("CONT");
     client.wait_for_notify("STATUS=connected", Duration::from_secs(15));
 }
+
+#[test]
+fn reload_never_drops_the_token_of_an_api_listening_beyond_loopback() {
+    // The API address comes from the file. The new file claims a loopback
+    // listener, which makes an empty token valid on its own; but the socket bound
+    // now is 0.0.0.0, so the token must stay.
+    let port = free_port();
+    let (dir, config) = config_file(&format!("[api]\nlisten = \"0.0.0.0:{port}\"\ntoken = \"keep-me\"\n"));
+    let tunnel = format!("127.0.0.1:{}", free_port());
+    let state = dir.path().join("state").display().to_string();
+    let args = ["server", "--config", &config, "--tunnel-listen", &tunnel, "--state-dir", &state, "--secret", "s"];
+    let server = Daemon::with_args(&args, format!("127.0.0.1:{port}").parse().unwrap());
+    let unauthenticated = || http("GET", &server.url("/api/mapping/list"), None).0;
+    assert_eq!(unauthenticated(), 401);
+
+    std::fs::write(&config, format!("[api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"\"\n")).unwrap();
+    server.signal("HUP");
+    server.wait_for_notify("READY=1", Duration::from_secs(10));
+    assert_eq!(unauthenticated(), 401, "token must survive the reload");
+    assert!(server.log().contains("keeping the token"), "{}", server.log());
+}

@@ -65,6 +65,7 @@ pub async fn run(
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
     let hub = TunnelHub::new(secret, metrics.clone(), heartbeat, connect_timeout);
     let api_port = listeners.api.local_addr()?.port();
+    let api_on_loopback = listeners.api.local_addr()?.ip().is_loopback();
     let tunnel_port = listeners.tunnel.local_addr()?.port();
     let mappings = Arc::new(Mappings::new(
         store,
@@ -99,10 +100,16 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(new) = reloads.recv() => {
                 if new.api.token != running.api.token {
-                    if let Ok(mut t) = token.write() {
-                        *t = Arc::from(new.api.token.as_str());
+                    // The new file was validated against its own api.listen, but the
+                    // listener bound now is the old one: never drop the token there.
+                    if new.api.token.is_empty() && !api_on_loopback {
+                        warn!("reload would remove api.token while the API listens beyond loopback; keeping the token");
+                    } else {
+                        if let Ok(mut t) = token.write() {
+                            *t = Arc::from(new.api.token.as_str());
+                        }
+                        info!("api.token changed: applied");
                     }
-                    info!("api.token changed: applied");
                 }
                 for key in running.restart_only_changes(&new, Role::Server) {
                     warn!(key, "changed in the configuration; takes effect on restart");

@@ -90,6 +90,17 @@ impl Daemon {
         d
     }
 
+    /// Starts `tunneld` with exactly `args` (nothing added) and waits for
+    /// `READY=1`; `http` is where the test reaches its API or metrics.
+    pub fn with_args(args: &[&str], http: SocketAddr) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let d = Self::spawn(tmp, &args, &[], http, None, state);
+        d.wait_for_notify("READY=1", Duration::from_secs(20));
+        d
+    }
+
     /// Starts `tunneld client` against `server_tunnel` and waits until it reports
     /// an authenticated session (`STATUS=connected ...`).
     pub fn client(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
