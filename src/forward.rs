@@ -87,6 +87,22 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Accepts the next connection, riding out transient failures (EMFILE when the
+/// process is out of descriptors, ECONNABORTED) with a short pause instead of
+/// spinning or giving up on the listener.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                tracing::warn!(port, error = %e, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Socket options every forwarded connection gets: no Nagle delay (interactive
 /// protocols and small request/response exchanges), and keepalive so a vanished
 /// peer is eventually noticed even on an idle connection.

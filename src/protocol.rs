@@ -104,6 +104,16 @@ pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().length_field_length(FRAME_HEADER).max_frame_length(MAX_FRAME).new_codec()
 }
 
+/// The body length a frame header announces, refused when over [`MAX_FRAME`]
+/// before any of it is allocated or read.
+fn body_len(header: [u8; FRAME_HEADER]) -> Result<usize, ProtocolError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    Ok(len)
+}
+
 /// Reads exactly one frame and nothing more. Returns the message and its size on
 /// the wire.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usize), ProtocolError> {
@@ -113,10 +123,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usi
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge(len));
-    }
+    let len = body_len(len)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
@@ -131,10 +138,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usi
 pub async fn read_frame_from(stream: &tokio::net::TcpStream) -> Result<(Message, usize), ProtocolError> {
     let mut header = [0u8; FRAME_HEADER];
     read_exact_from(stream, &mut header).await?;
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge(len));
-    }
+    let len = body_len(header)?;
     let mut body = vec![0u8; len];
     read_exact_from(stream, &mut body).await?;
     Ok((Message::decode(&body)?, FRAME_HEADER + len))

@@ -305,14 +305,7 @@ async fn run_mapping(
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ctx.stop_accepting.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(port, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = forward::accept(&listener) => accepted,
         };
         let ctx2 = ctx.clone();
         let spec = spec.clone();

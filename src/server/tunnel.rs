@@ -81,15 +81,7 @@ impl TunnelHub {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "tunnel accept failed");
-                        // EMFILE and friends: back off instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::forward::accept(&listener) => accepted,
             };
             crate::forward::tune(&stream);
             let hub = self.clone();
