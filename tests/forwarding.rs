@@ -136,12 +136,7 @@ fn wrong_secret_is_refused_and_no_visitor_gets_through() {
     let port = free_port();
     let created = create_mapping(&server, port, target.local_addr().unwrap(), true);
     assert_eq!(created["data"]["status"], "waiting_for_tunnel");
-    let mut visitor = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let _ = visitor.write_all(b"let me in");
-    let mut buf = Vec::new();
-    let _ = visitor.read_to_end(&mut buf);
-    assert!(buf.is_empty(), "visitor must get nothing");
+    assert!(visit(port, b"let me in").is_empty(), "visitor must get nothing");
     assert!(target.accept().is_err(), "target must never see a connection");
     let errors = metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())]);
     assert_eq!(errors, Some(1.0));
@@ -235,12 +230,7 @@ fn unreachable_target_is_refused_and_counted(use_tunnel: bool) {
     let port = free_port();
     create_mapping(&server, port, closed, use_tunnel);
     for _ in 0..3 {
-        let mut visitor = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        visitor.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = visitor.write_all(b"anyone there?");
-        let mut buf = Vec::new();
-        let _ = visitor.read_to_end(&mut buf);
-        assert!(buf.is_empty(), "nothing comes back from a closed port");
+        assert!(visit(port, b"anyone there?").is_empty(), "nothing comes back from a closed port");
     }
     let errors = wait_for("three connect errors", Duration::from_secs(10), || {
         let v = metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())])?;

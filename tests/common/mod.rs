@@ -337,6 +337,18 @@ pub fn roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A visitor that connects to `port`, says `hello`, and reads until the
+/// connection closes; returns what came back (a refused visitor gets nothing).
+pub fn visit(port: u16, hello: &[u8]) -> Vec<u8> {
+    let mut visitor = TcpStream::connect(("127.0.0.1", port)).expect("connect to mapping");
+    visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    // The write may fail once the daemon has closed: that is a refusal too.
+    let _ = visitor.write_all(hello);
+    let mut buf = Vec::new();
+    let _ = visitor.read_to_end(&mut buf);
+    buf
+}
+
 /// Reads lines of a child's stream (used by tests that watch logs).
 pub fn read_lines(r: impl Read) -> Vec<String> {
     BufReader::new(r).lines().map_while(Result::ok).collect()
