@@ -207,6 +207,9 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
 async fn data_channel(ctx: Arc<SessionCtx>) -> anyhow::Result<()> {
     let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
     let mut channel = dial(&ctx.config.server).await?;
+    // Armed for its whole life: should this process die, the server sees a reset
+    // and its visitor learns the transfer was cut, instead of a clean EOF.
+    forward::arm(&channel);
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session: ctx.token.clone() };
     tunnel_sent.record(protocol::write_frame(&mut channel, &hello).await? as u64);
     let (request, n) = tokio::select! {
@@ -232,9 +235,13 @@ async fn data_channel(ctx: Arc<SessionCtx>) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    forward::arm(&target);
     let peer: Option<SocketAddr> = target.peer_addr().ok();
     let (from_server, to_server) = (tunnel_received, tunnel_sent);
-    let result = forward::relay(&channel, &target, &from_server, &to_server).await;
+    // Ends with the data channel: a reset from the server (visitor gone, mapping
+    // removed) drops the target too, even while it is not reading.
+    let idle = Duration::from_secs(ctx.config.idle_timeout_secs);
+    let result = forward::relay(&channel, &target, &from_server, &to_server, idle).await;
     debug!(?peer, result = ?result, "tunneled connection finished");
     Ok(())
 }

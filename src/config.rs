@@ -44,6 +44,14 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Bound on dialing a target (direct) or getting a data channel (tunnel).
     pub connect_timeout_secs: u64,
+    /// Open connections one mapping may hold; further visitors are refused and
+    /// counted (`reason="connection_limit"`). Keeps a loop between mappings, or a
+    /// flood on one port, from taking every descriptor of the process.
+    pub max_connections_per_mapping: usize,
+    /// A forwarded connection on which no byte moved either way for this long is
+    /// closed (with a reset), so a stalled target or a vanished visitor cannot pin
+    /// descriptors and `active_connections` forever.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +64,8 @@ impl Default for ServerConfig {
             heartbeat_interval_secs: 10,
             shutdown_grace_secs: 10,
             connect_timeout_secs: 10,
+            max_connections_per_mapping: 10_000,
+            idle_timeout_secs: 2 * 60 * 60,
         }
     }
 }
@@ -66,12 +76,33 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/api/*`; required before `listen` may leave loopback.
     pub token: String,
+    /// Host names (besides IP literals and `localhost`) the API answers to; any
+    /// other `Host` header is refused, which defeats DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API from a browser.
+    pub cors_origins: Vec<String>,
+    /// `/metrics` asks for the API token too (off: scrapers read it freely).
+    pub metrics_token_required: bool,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)), token: String::new() }
+        ApiConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            token: String::new(),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            metrics_token_required: false,
+        }
     }
+}
+
+/// Shortest API token accepted: long enough that guessing it online is hopeless.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Whether `ip` is loopback, counting IPv4-mapped IPv6 (`::ffff:127.0.0.1`) too.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,11 +118,20 @@ pub struct ClientConfig {
     pub pool_size: usize,
     /// Bound on dialing a target inside the client's network.
     pub connect_timeout_secs: u64,
+    /// Like `server.idle_timeout_secs`, for the client's side of a connection.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { server: String::new(), secret: String::new(), metrics_listen: None, pool_size: 4, connect_timeout_secs: 10 }
+        ClientConfig {
+            server: String::new(),
+            secret: String::new(),
+            metrics_listen: None,
+            pool_size: 4,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 2 * 60 * 60,
+        }
     }
 }
 
@@ -124,6 +164,8 @@ pub enum ConfigError {
     Source(String),
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("config file {0} is empty; refusing to replace the running configuration with defaults")]
+    EmptyFile(PathBuf),
 }
 
 /// Keys whose environment values are free text and must not be parsed.
@@ -163,6 +205,19 @@ pub struct Override {
     pub value: String,
 }
 
+/// Like [`load`], for a reload (SIGHUP): an empty file is refused, because
+/// truncating the file by accident would otherwise apply the defaults — and
+/// silently drop `api.token`.
+pub fn load_for_reload(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
+    let path = file.map(Path::to_path_buf).or_else(|| Path::new(DEFAULT_CONFIG_FILE).exists().then(|| PathBuf::from(DEFAULT_CONFIG_FILE)));
+    if let Some(path) = path {
+        if std::fs::read_to_string(&path).is_ok_and(|text| text.trim().is_empty()) {
+            return Err(ConfigError::EmptyFile(path));
+        }
+    }
+    load(file, overrides, role)
+}
+
 /// Loads, merges and validates the configuration for `role`.
 pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -198,8 +253,27 @@ impl Config {
         }
         match role {
             Role::Server => {
-                if !self.api.listen.ip().is_loopback() && self.api.token.is_empty() {
+                if !is_loopback(self.api.listen.ip()) && self.api.token.is_empty() {
                     return invalid("api.token", "must be set when api.listen is not a loopback address");
+                }
+                let token = &self.api.token;
+                if !token.is_empty() && (token.trim() != token || token.chars().count() < MIN_TOKEN_LEN) {
+                    return invalid("api.token", "must be at least 16 characters, with no leading or trailing whitespace");
+                }
+                if self.api.metrics_token_required && token.is_empty() {
+                    return invalid("api.metrics_token_required", "needs api.token to be set");
+                }
+                if let Some(origin) = self.api.cors_origins.iter().find(|o| !valid_origin(o)) {
+                    return invalid("api.cors_origins", &format!("{origin:?} is not an origin like \"https://dash.example.com\" (scheme://host[:port], no path)"));
+                }
+                if let Some(host) = self.api.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', ':'])) {
+                    return invalid("api.allowed_hosts", &format!("{host:?} is not a host name (no scheme, port or path)"));
+                }
+                if self.server.max_connections_per_mapping == 0 {
+                    return invalid("server.max_connections_per_mapping", "must be at least 1");
+                }
+                if self.server.idle_timeout_secs == 0 {
+                    return invalid("server.idle_timeout_secs", "must be at least 1");
                 }
                 if self.api.listen.port() != 0 && self.api.listen.port() == self.server.tunnel_listen.port() {
                     return invalid("api.listen", "must not use the same port as server.tunnel_listen");
@@ -227,6 +301,9 @@ impl Config {
                 if self.client.connect_timeout_secs == 0 {
                     return invalid("client.connect_timeout_secs", "must be at least 1");
                 }
+                if self.client.idle_timeout_secs == 0 {
+                    return invalid("client.idle_timeout_secs", "must be at least 1");
+                }
             }
         }
         Ok(())
@@ -251,7 +328,12 @@ impl Config {
                 check("server.heartbeat_interval_secs", a.heartbeat_interval_secs != b.heartbeat_interval_secs);
                 check("server.shutdown_grace_secs", a.shutdown_grace_secs != b.shutdown_grace_secs);
                 check("server.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+                check("server.max_connections_per_mapping", a.max_connections_per_mapping != b.max_connections_per_mapping);
+                check("server.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
                 check("api.listen", self.api.listen != new.api.listen);
+                check("api.allowed_hosts", self.api.allowed_hosts != new.api.allowed_hosts);
+                check("api.cors_origins", self.api.cors_origins != new.api.cors_origins);
+                check("api.metrics_token_required", self.api.metrics_token_required != new.api.metrics_token_required);
             }
             Role::Client => {
                 let (a, b) = (&self.client, &new.client);
@@ -260,6 +342,7 @@ impl Config {
                 check("client.metrics_listen", a.metrics_listen != b.metrics_listen);
                 check("client.pool_size", a.pool_size != b.pool_size);
                 check("client.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+                check("client.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
             }
         }
         changed
@@ -278,6 +361,8 @@ impl Config {
         shown.server.secret = mask(&shown.server.secret, "(generated on first start, stored in the state dir)");
         shown.api.token = mask(&shown.api.token, "");
         shown.client.secret = mask(&shown.client.secret, "");
+        // Show where state really goes, not just whether it was configured.
+        shown.server.state_dir = Some(state_dir(&self.server));
         let value = match role {
             Role::Server => toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, log: &shown.log }),
             Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
@@ -297,6 +382,12 @@ struct ServerView<'a> {
 struct ClientView<'a> {
     client: &'a ClientConfig,
     log: &'a LogConfig,
+}
+
+/// `scheme://host[:port]` with nothing after it, as browsers send in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', '?', '#', ' '])
 }
 
 /// Splits `host:port` (IPv6 as `[::1]:9000`); `None` when malformed.
@@ -339,5 +430,17 @@ mod tests {
         assert!(err.to_string().contains("api.listen"), "{err}");
         let err = load(None, &[Override { key: "api.listen", value: "0.0.0.0:8080".into() }], Role::Server).unwrap_err();
         assert!(err.to_string().contains("api.token"), "{err}");
+    }
+
+    #[test]
+    fn tokens_follow_the_rule_and_mapped_loopback_is_loopback() {
+        let with = |token: &str| load(None, &[Override { key: "api.token", value: token.into() }], Role::Server);
+        assert!(with(" ").is_err());
+        assert!(with("short").is_err());
+        assert!(with(" padded-token-of-length ").is_err());
+        assert!(with("a-token-of-enough-length").is_ok());
+        assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!is_loopback("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(valid_origin("http://127.0.0.1:8000") && !valid_origin("http://x/y") && !valid_origin("x.example"));
     }
 }

@@ -10,7 +10,10 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::metrics::Meter;
@@ -22,14 +25,111 @@ const CHUNK: usize = 64 * 1024;
 /// EOF as a half-close so a peer that shut down its write side still gets the rest
 /// of the reply. `a_to_b` and `b_to_a` are counted as the bytes are written.
 ///
-/// Returns the byte counts of each direction; on an error (a reset, say) the other
-/// direction is abandoned and both sockets close when the caller drops them.
-pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter) -> io::Result<(u64, u64)> {
-    tokio::try_join!(copy(a, b, a_to_b), copy(b, a, b_to_a))
+/// How it ends — the semantics every forwarding path shares (the tunnel's framed
+/// path included):
+/// - both directions reached EOF: a clean end; both sockets are [`disarm`]ed, so
+///   dropping them closes normally (FIN) after the last byte is delivered;
+/// - an error on either socket (a reset, say), including one noticed while the
+///   other direction is blocked on a peer that does not read: `Err`;
+/// - no byte moved either way for `idle_timeout`: `Err(TimedOut)`.
+///
+/// On `Err` the sockets stay [`arm`]ed: when the caller drops them the peers get
+/// a reset (RST), never an EOF, so a cut-off transfer cannot pass for a complete
+/// one. Callers arm both sockets before relaying (and may abort any time by
+/// dropping them).
+pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
+    let activity = Activity::new();
+    let copies = async { tokio::try_join!(copy(a, b, a_to_b, &activity), copy(b, a, b_to_a, &activity)) };
+    let totals = guard(copies, &[a, b], &activity, idle_timeout).await?;
+    disarm(a);
+    disarm(b);
+    Ok(totals)
+}
+
+/// Runs `work` (copies over `sockets`) until it finishes, a socket reports an
+/// error, or `activity` has been idle for `idle_timeout`. The building block of
+/// [`relay`] for paths that interleave their own steps with the copies.
+pub async fn guard<T, E: From<io::Error>>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+    sockets: &[&TcpStream],
+    activity: &Activity,
+    idle_timeout: Duration,
+) -> Result<T, E> {
+    let failed = futures_util::future::select_all(sockets.iter().map(|s| Box::pin(failure(s))));
+    tokio::select! {
+        result = work => result,
+        (error, _, _) = failed => Err(error.into()),
+        error = activity.idle_for(idle_timeout) => Err(error.into()),
+    }
+}
+
+/// Resolves when `socket` reports an error (a reset from its peer): a direction
+/// blocked on the *other* socket would never see it, and the connection must not
+/// outlive its peer (the client dropping its target when its data channel is cut).
+async fn failure(socket: &TcpStream) -> io::Error {
+    loop {
+        match socket.ready(Interest::ERROR).await {
+            Ok(ready) if ready.is_error() => {
+                return match socket.take_error() {
+                    Ok(Some(e)) => e,
+                    _ => io::Error::from(io::ErrorKind::ConnectionReset),
+                };
+            }
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => return e,
+        }
+    }
+}
+
+/// When bytes last moved on a relayed connection, in either direction.
+pub struct Activity {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity { started: tokio::time::Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves with a `TimedOut` error once nothing has moved for `limit`.
+    pub async fn idle_for(&self, limit: Duration) -> io::Error {
+        loop {
+            let last = self.started + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return io::Error::new(io::ErrorKind::TimedOut, format!("no bytes either way for {} s", limit.as_secs()));
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+/// Makes dropping `stream` send a reset instead of an EOF (SO_LINGER 0) — also when
+/// the process dies, since the kernel closes its descriptors the same way. Set on
+/// every forwarded socket until its relay ends cleanly.
+pub fn arm(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Undoes [`arm`] after a clean end, so closing delivers every byte still queued.
+pub fn disarm(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(None);
 }
 
 /// One direction of [`relay`]: `src → dst` until EOF, then half-close `dst`.
-pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result<u64> {
+pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
@@ -46,7 +146,8 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result
                     return Ok(total);
                 }
                 Ok(n) => {
-                    write_all(dst, &buf[..n]).await?;
+                    activity.touch();
+                    write_all(dst, &buf[..n], activity).await?;
                     meter.record(n as u64);
                     total += n as u64;
                     if n < buf.capacity() {
@@ -62,15 +163,42 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                activity.touch();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Whether `e` means this process (or the system) is out of file descriptors:
+/// a local limit, not a fault of the peer being dialed or accepted.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Raises the soft limit on open descriptors to the hard limit, as most servers
+/// do: every forwarded connection costs two descriptors, and the distribution
+/// default soft limit (often 1024) is far below what the hard limit allows.
+/// Returns `(before, after)` when it changed.
+pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), maximum) = (limit.current, limit.maximum) else { return None };
+    // An unlimited hard limit is not a value the kernel accepts for NOFILE; stay
+    // within fs.nr_open's usual default.
+    let target = maximum.unwrap_or(1 << 20).min(1 << 20);
+    if target <= soft {
+        return None;
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum }).ok()?;
+    Some((soft, target))
 }
 
 /// Listen backlog for every listener: a burst of a thousand connects must queue,
@@ -90,14 +218,30 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Accepts the next connection, riding out transient failures (EMFILE when the
 /// process is out of descriptors, ECONNABORTED) with a short pause instead of
 /// spinning or giving up on the listener.
+///
+/// A burst of failures is logged once when it starts and once, with its count,
+/// when it ends — not once per attempt (ten lines a second while out of
+/// descriptors would flood the journal exactly when it matters).
 pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut failures = 0u64;
     loop {
         match listener.accept().await {
-            Ok(accepted) => return accepted,
+            Ok(accepted) => {
+                if failures > 0 {
+                    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                    tracing::warn!(port, failures, "accepting connections again after a burst of failures");
+                }
+                return accepted;
+            }
             Err(e) => {
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                tracing::warn!(port, error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if failures == 0 {
+                    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                    let out_of_descriptors = out_of_descriptors(&e);
+                    tracing::warn!(port, error = %e, out_of_descriptors, "accept failed; retrying quietly until it works again");
+                }
+                failures += 1;
+                let pause = if out_of_descriptors(&e) { Duration::from_millis(250) } else { Duration::from_millis(50) };
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -120,6 +120,9 @@ fn main() -> ExitCode {
         }
     };
     let log = systemd::init_logging(&config.log.level);
+    if let Some((before, after)) = tunneld::forward::raise_descriptor_limit() {
+        info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,8 +133,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(role, config, file, overrides, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logged once: the log goes to stderr (or the journal, which also
+            // captures stderr), so printing it as well would say it twice.
             error!(error = %format!("{e:#}"), "tunneld failed");
-            eprintln!("tunneld: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -175,7 +179,7 @@ fn spawn_signal_handlers(
                 _ = int.recv() => { info!(signal = "SIGINT", "stopping"); break; }
                 _ = hup.recv() => {
                     systemd::reloading();
-                    match config::load(file.as_deref(), &overrides, role) {
+                    match config::load_for_reload(file.as_deref(), &overrides, role) {
                         Ok(new) => {
                             systemd::set_log_level(&log, &new.log.level);
                             info!(level = %new.log.level, "configuration reloaded");

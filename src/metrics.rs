@@ -6,6 +6,8 @@
 //! keeps a second set of numbers.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -20,7 +22,21 @@ pub mod session_result {
     pub const AUTH_FAILED: &str = "auth_failed";
     pub const PROTOCOL_ERROR: &str = "protocol_error";
     pub const VERSION_MISMATCH: &str = "version_mismatch";
-    pub const ALL: [&str; 4] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH];
+    /// An authenticated client took over from the one connected before it.
+    pub const REPLACED: &str = "replaced";
+    /// Refused unheard: too many recent failures from the source, or too many
+    /// unauthenticated connections open.
+    pub const THROTTLED: &str = "throttled";
+    pub const ALL: [&str; 6] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED];
+}
+
+/// Why a visitor was turned away, in `tunneld_mapping_refused_total{reason}`.
+pub mod refused_reason {
+    pub const CONNECTION_LIMIT: &str = "connection_limit";
+    /// The process ran out of file descriptors: a local limit, not the target's
+    /// fault, so it is not a connect error.
+    pub const NO_DESCRIPTORS: &str = "no_descriptors";
+    pub const ALL: [&str; 2] = [CONNECTION_LIMIT, NO_DESCRIPTORS];
 }
 
 pub struct Metrics {
@@ -30,6 +46,9 @@ pub struct Metrics {
     mapping_active: IntGaugeVec,
     mapping_last_activity: GaugeVec,
     mapping_connect_errors: IntCounterVec,
+    mapping_refused: IntCounterVec,
+    mapping_up: IntGaugeVec,
+    mapping_info: IntGaugeVec,
     tunnel_bytes: IntCounterVec,
     tunnel_last_activity: Gauge,
     tunnel_connected: IntGauge,
@@ -71,6 +90,21 @@ impl Metrics {
             &["port"],
         )
         .expect("static metric definition");
+        let mapping_refused = IntCounterVec::new(
+            Opts::new("tunneld_mapping_refused_total", "Visitors refused by a limit (connection_limit, no_descriptors)."),
+            &["port", "reason"],
+        )
+        .expect("static metric definition");
+        let mapping_up = IntGaugeVec::new(
+            Opts::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound."),
+            &["port"],
+        )
+        .expect("static metric definition");
+        let mapping_info = IntGaugeVec::new(
+            Opts::new("tunneld_mapping_info", "Always 1; labels describe the mapping (target, mode, client) for dashboards."),
+            &["port", "target", "mode", "client"],
+        )
+        .expect("static metric definition");
         let tunnel_bytes = IntCounterVec::new(
             Opts::new(
                 "tunneld_tunnel_bytes_total",
@@ -109,6 +143,9 @@ impl Metrics {
             Box::new(mapping_active.clone()),
             Box::new(mapping_last_activity.clone()),
             Box::new(mapping_connect_errors.clone()),
+            Box::new(mapping_refused.clone()),
+            Box::new(mapping_up.clone()),
+            Box::new(mapping_info.clone()),
             Box::new(tunnel_bytes.clone()),
             Box::new(tunnel_last_activity.clone()),
             Box::new(tunnel_connected.clone()),
@@ -127,6 +164,9 @@ impl Metrics {
             mapping_active,
             mapping_last_activity,
             mapping_connect_errors,
+            mapping_refused,
+            mapping_up,
+            mapping_info,
             tunnel_bytes,
             tunnel_last_activity,
             tunnel_connected,
@@ -136,9 +176,18 @@ impl Metrics {
     }
 
     /// Creates a mapping's series at 0 so dashboards see it from the start.
-    pub fn add_mapping(&self, port: u16) -> MappingMetrics {
+    /// `info` is `(target, mode, client)` for `tunneld_mapping_info`.
+    pub fn add_mapping(&self, port: u16, info: [&str; 3]) -> MappingMetrics {
         let p = port.to_string();
+        let [target, mode, client] = info;
+        self.mapping_info.with_label_values(&[&p, target, mode, client]).set(1);
+        for reason in refused_reason::ALL {
+            self.mapping_refused.with_label_values(&[&p, reason]);
+        }
         MappingMetrics {
+            refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
+            refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
+            up: self.mapping_up.with_label_values(&[&p]),
             sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
             received: self.mapping_bytes.with_label_values(&[&p, RECEIVED]),
             connections: self.mapping_connections.with_label_values(&[&p]),
@@ -148,9 +197,11 @@ impl Metrics {
         }
     }
 
-    /// Drops every series of a removed mapping.
-    pub fn remove_mapping(&self, port: u16) {
+    /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
+    pub fn remove_mapping(&self, port: u16, info: [&str; 3]) {
         let p = port.to_string();
+        let [target, mode, client] = info;
+        let _ = self.mapping_info.remove_label_values(&[&p, target, mode, client]);
         for dir in [SENT, RECEIVED] {
             let _ = self.mapping_bytes.remove_label_values(&[&p, dir]);
         }
@@ -158,6 +209,10 @@ impl Metrics {
         let _ = self.mapping_active.remove_label_values(&[&p]);
         let _ = self.mapping_last_activity.remove_label_values(&[&p]);
         let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
+        let _ = self.mapping_up.remove_label_values(&[&p]);
+        for reason in refused_reason::ALL {
+            let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
+        }
     }
 
     /// Meters for bytes leaving this side on the tunnel and arriving from it.
@@ -277,6 +332,10 @@ pub struct MappingMetrics {
     pub active: IntGauge,
     pub last_activity: Gauge,
     pub connect_errors: IntCounter,
+    pub refused_connection_limit: IntCounter,
+    pub refused_no_descriptors: IntCounter,
+    /// `tunneld_mapping_up`: 1 while listening.
+    pub up: IntGauge,
 }
 
 impl MappingMetrics {
@@ -316,11 +375,46 @@ impl Drop for ActiveGuard {
 pub struct Meter {
     counters: Vec<IntCounter>,
     activity: Vec<Gauge>,
+    held: Option<Arc<Held>>,
+}
+
+/// Part of a meter that only counts once [`Held::release`] is called: bytes sent
+/// on ahead of an answer (a tunneled visitor's first bytes travel with the
+/// `connect` request) must not count as reaching the target until it answers.
+pub struct Held {
+    meter: Meter,
+    released: AtomicBool,
+    pending: AtomicU64,
+}
+
+impl Held {
+    /// The target answered: what was held is counted now, the rest live.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        let pending = self.pending.swap(0, Ordering::SeqCst);
+        if pending > 0 {
+            self.meter.record(pending);
+        }
+    }
+
+    fn record(&self, n: u64) {
+        if self.released.load(Ordering::SeqCst) {
+            return self.meter.record(n);
+        }
+        self.pending.fetch_add(n, Ordering::SeqCst);
+        // Released meanwhile: take back what we added, unless release did.
+        if self.released.load(Ordering::SeqCst) {
+            let pending = self.pending.swap(0, Ordering::SeqCst);
+            if pending > 0 {
+                self.meter.record(pending);
+            }
+        }
+    }
 }
 
 impl Meter {
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity }
+        Meter { counters, activity, held: None }
     }
 
     fn absorb(&mut self, other: Meter) {
@@ -328,11 +422,23 @@ impl Meter {
         self.activity.extend(other.activity);
     }
 
+    /// Moves this meter's counting behind a [`Held`] gate, keeping `always`
+    /// (say, tunnel wire bytes, which did cross) counted live.
+    pub fn held_behind(self, always: Meter) -> (Meter, Arc<Held>) {
+        let held = Arc::new(Held { meter: self, released: AtomicBool::new(false), pending: AtomicU64::new(0) });
+        let mut outer = always;
+        outer.held = Some(held.clone());
+        (outer, held)
+    }
+
     /// Adds `n` bytes, live.
     #[inline]
     pub fn record(&self, n: u64) {
         if cfg!(feature = "bench-uncounted") {
             return;
+        }
+        if let Some(held) = &self.held {
+            held.record(n);
         }
         for c in &self.counters {
             c.inc_by(n);

@@ -23,51 +23,85 @@ pub struct MappingSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("cannot create state dir {path}: {source}")]
-    StateDir { path: String, source: std::io::Error },
+    #[error("cannot create the state directory {path}: {error}")]
+    StateDir { path: String, error: std::io::Error },
+    /// Each message names the file and, where the operator can act, says how.
+    #[error("cannot open the state database {path}: {error}{}", advice(error))]
+    Open { path: String, error: rusqlite::Error },
+    #[error("state database {path}: {error}{}", advice(error))]
+    Sqlite { path: String, error: rusqlite::Error },
+    #[error("state database {path}: a stored mapping has an invalid port {port}; delete that row or restore a backup")]
+    BadRow { path: String, port: i64 },
     #[error("database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("database lock poisoned")]
     Poisoned,
-    #[error("stored mapping has an invalid port {0}")]
-    BadRow(i64),
+}
+
+/// What to do about errors an operator can fix.
+fn advice(error: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode::*;
+    match error.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => {
+            " (the file is damaged: stop tunneld, move the file aside or restore a backup, then start again and re-create the mappings)"
+        }
+        Some(ReadOnly | CannotOpen | PermissionDenied) => " (check that the state directory and the file are writable by tunneld)",
+        Some(DiskFull) => " (the disk is full)",
+        Some(DatabaseBusy | DatabaseLocked) => " (another process holds the database: only one tunneld may use a state directory)",
+        _ => "",
+    }
 }
 
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    path: Arc<str>,
 }
 
 impl Store {
     /// Opens (creating if needed) `tunneld.db` in `state_dir`.
+    ///
+    /// The database is held in exclusive locking mode: with WAL that keeps the
+    /// WAL index in process memory instead of a shared-memory `-shm` file, whose
+    /// mapping turns any failure to write it (a full or read-only disk, a file
+    /// truncated underneath) into SIGBUS instead of an error. Only one tunneld
+    /// may use a state directory anyway.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir { path: state_dir.display().to_string(), source })?;
-        let conn = Connection::open(state_dir.join("tunneld.db"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS mappings (
-                source_port INTEGER PRIMARY KEY CHECK (source_port BETWEEN 1 AND 65535),
-                target_host TEXT NOT NULL,
-                target_port INTEGER NOT NULL CHECK (target_port BETWEEN 1 AND 65535),
-                use_tunnel  INTEGER NOT NULL,
-                created_at  INTEGER NOT NULL
-            );",
-        )?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        std::fs::create_dir_all(state_dir).map_err(|error| StoreError::StateDir { path: state_dir.display().to_string(), error })?;
+        let path = state_dir.join("tunneld.db");
+        let path_text = path.display().to_string();
+        let open = |path: &Path| -> rusqlite::Result<Connection> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS mappings (
+                    source_port INTEGER PRIMARY KEY CHECK (source_port BETWEEN 1 AND 65535),
+                    target_host TEXT NOT NULL,
+                    target_port INTEGER NOT NULL CHECK (target_port BETWEEN 1 AND 65535),
+                    use_tunnel  INTEGER NOT NULL,
+                    created_at  INTEGER NOT NULL
+                );",
+            )?;
+            Ok(conn)
+        };
+        let conn = open(&path).map_err(|error| StoreError::Open { path: path_text.clone(), error })?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: Arc::from(path_text) })
     }
 
-    async fn with_conn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    /// The database file, for messages.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    async fn with_conn<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static) -> Result<T, StoreError> {
         let conn = self.conn.clone();
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().map_err(|_| StoreError::Poisoned)?;
-            f(&mut guard)
+            f(&mut guard).map_err(|error| StoreError::Sqlite { path: path.to_string(), error })
         })
         .await?
     }
@@ -79,8 +113,7 @@ impl Store {
                 "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at],
             )?;
-            tx.commit()?;
-            Ok(())
+            tx.commit()
         })
         .await
     }
@@ -97,22 +130,22 @@ impl Store {
     }
 
     pub async fn list(&self) -> Result<Vec<MappingSpec>, StoreError> {
-        self.with_conn(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT source_port, target_host, target_port, use_tunnel, created_at FROM mappings ORDER BY source_port")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (sp, host, tp, tunnel, created) = row?;
-                let source_port = u16::try_from(sp).map_err(|_| StoreError::BadRow(sp))?;
-                let target_port = u16::try_from(tp).map_err(|_| StoreError::BadRow(tp))?;
-                out.push(MappingSpec { source_port, target_host: host, target_port, use_tunnel: tunnel, created_at: created });
-            }
-            Ok(out)
-        })
-        .await
+        let rows = self
+            .with_conn(|conn| {
+                let mut stmt =
+                    conn.prepare("SELECT source_port, target_host, target_port, use_tunnel, created_at FROM mappings ORDER BY source_port")?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let port = |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path.to_string(), port: p });
+        rows.into_iter()
+            .map(|(sp, host, tp, tunnel, created)| {
+                Ok(MappingSpec { source_port: port(sp)?, target_host: host, target_port: port(tp)?, use_tunnel: tunnel, created_at: created })
+            })
+            .collect()
     }
 }
 
@@ -134,5 +167,16 @@ mod tests {
         assert!(store.remove(4000).await.unwrap());
         assert!(!store.remove(4000).await.unwrap());
         assert!(store.list().await.unwrap().is_empty());
+        assert!(!dir.path().join("tunneld.db-shm").exists(), "no shared-memory file to fault on");
+    }
+
+    #[test]
+    fn a_damaged_file_is_named_once_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tunneld.db"), vec![b'x'; 8192]).unwrap();
+        let err = Store::open(dir.path()).err().expect("garbage is not a database").to_string();
+        assert!(err.contains(&dir.path().join("tunneld.db").display().to_string()), "{err}");
+        assert!(err.contains("move the file aside"), "{err}");
+        assert_eq!(err.matches("not a database").count(), 1, "{err}");
     }
 }

@@ -6,6 +6,7 @@
 //! parse the body.
 
 mod assets;
+pub mod guard;
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
@@ -46,10 +47,53 @@ pub struct AppState {
     pub token: Arc<RwLock<Arc<str>>>,
     /// Ends long-lived responses (SSE) so a graceful shutdown does not hang.
     pub shutdown: CancellationToken,
+    /// Host, Origin and CORS rules (see [`guard`]).
+    pub guard: Arc<guard::Guard>,
 }
 
+/// A client must send its request head within this time, or the connection is
+/// closed: idle or slow connections cannot accumulate.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// API connections open at once. Beyond it new ones wait in the listen backlog
+/// (costing no descriptor) until one closes, so the API can never starve the
+/// forwarders of descriptors.
+const MAX_API_CONNECTIONS: usize = 128;
+
+/// Serves the API on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let app = router(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = crate::forward::accept(&listener) => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 pub fn router(state: AppState) -> Router {
@@ -60,16 +104,22 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats/traffic", get(traffic))
         .route("/api/stats/stream", get(traffic_stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Open by default (scrapers); behind the token when the operator asks.
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.guard.metrics_token_required {
+        metrics_route = metrics_route.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    }
     Router::new()
         .merge(authenticated)
         // The page itself is public: it asks for the token and sends it on.
         .route("/api/stats/monitor", get(assets::monitor_page))
         .route("/assets/{*path}", get(|Path(path): Path<String>| async move { assets::asset(&path) }))
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async { failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::check))
         .with_state(state)
 }
 
@@ -93,6 +143,10 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Every 500 is logged once, here: the caller only sees the envelope.
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), error = %self.message, "API request failed");
+        }
         failure(self.status, self.message)
     }
 }
@@ -103,7 +157,7 @@ impl From<MappingError> for ApiError {
             MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
             MappingError::Conflict(_) => StatusCode::CONFLICT,
             MappingError::NotFound(_) => StatusCode::NOT_FOUND,
-            MappingError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            MappingError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: e.to_string() }
     }
@@ -128,18 +182,111 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     }
 }
 
-/// Parses a JSON object body, mapping every way it can be wrong to a 4xx.
-fn json_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let bytes = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body exceeds {MAX_BODY} bytes") }
+/// The body of a state-changing request: a JSON object, sent as
+/// `application/json` (415 otherwise — a browser cannot send that cross-site
+/// without a CORS preflight), without duplicate keys, and checked against the
+/// fields its route knows ([`JsonObject::only`]). Every way it can be wrong is a
+/// 4xx with a message.
+struct JsonObject(serde_json::Map<String, Value>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<JsonObject, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: "send the body as JSON with `Content-Type: application/json`".into(),
+            });
         }
-        status => ApiError { status, message: e.body_text() },
-    })?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(bad_request("request body must be a JSON object")),
-        Err(e) => Err(bad_request(format!("malformed JSON: {e}"))),
+        let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body exceeds {MAX_BODY} bytes") }
+            }
+            status => ApiError { status, message: e.body_text() },
+        })?;
+        match serde_json::from_slice::<Strict>(&bytes) {
+            Ok(Strict(Value::Object(map))) => Ok(JsonObject(map)),
+            Ok(_) => Err(bad_request("request body must be a JSON object")),
+            Err(e) => Err(bad_request(format!("malformed JSON: {e}"))),
+        }
+    }
+}
+
+impl JsonObject {
+    /// Refuses a field the route does not know: a typo (`use_tunel`) must not
+    /// silently fall back to a default.
+    fn only(&self, known: &[&str]) -> Result<&serde_json::Map<String, Value>, ApiError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(unknown) => Err(bad_request(format!("unknown field `{unknown}` (expected: {})", known.join(", ")))),
+            None => Ok(&self.0),
+        }
+    }
+}
+
+/// A JSON value that refuses duplicate keys at any depth (serde_json keeps the
+/// last one silently, so `{"port": 1, "port": 2}` would mean whatever a reader
+/// guesses).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+        Ok(Strict(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Strict(Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let Strict(value) = map.next_value()?;
+            out.insert(key, value);
+        }
+        Ok(Strict(Value::Object(out)))
     }
 }
 
@@ -151,10 +298,10 @@ fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, A
     }
 }
 
-fn new_mapping(body: Result<Bytes, BytesRejection>) -> Result<NewMapping, ApiError> {
-    let body = json_body(body)?;
-    let source_port = port_field(&body, "source_port")?;
-    let target_port = port_field(&body, "target_port")?;
+fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
+    let body = body.only(&["source_port", "target_host", "target_port", "use_tunnel"])?;
+    let source_port = port_field(body, "source_port")?;
+    let target_port = port_field(body, "target_port")?;
     let target_host = match body.get("target_host") {
         None | Some(Value::Null) => return Err(bad_request("missing field `target_host`")),
         Some(Value::String(s)) => s.clone(),
@@ -168,13 +315,13 @@ fn new_mapping(body: Result<Bytes, BytesRejection>) -> Result<NewMapping, ApiErr
     Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
 }
 
-async fn create_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let view = state.mappings.create(new_mapping(body)?).await?;
+async fn create_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let view = state.mappings.create(new_mapping(&body)?).await?;
     Ok(success("mapping created", json!(view)))
 }
 
-async fn remove_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let port = port_field(&json_body(body)?, "port")?;
+async fn remove_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let port = port_field(body.only(&["port"])?, "port")?;
     state.mappings.remove(port).await?;
     Ok(success("mapping removed", json!({"port": port})))
 }
@@ -278,8 +425,26 @@ fn sse<S: Stream<Item = Result<Event, Infallible>> + Send + 'static>(events: S) 
     (headers, Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an
+/// operator should act on.
 async fn health(State(state): State<AppState>) -> Response {
-    Json(json!({"status": "ok", "tunnel_enabled": true, "tunnel_connected": state.hub.connected()})).into_response()
+    let connected = state.hub.connected();
+    let mut reasons = Vec::new();
+    for (port, error) in state.mappings.unbound().await {
+        reasons.push(format!("mapping on port {port} is not listening: {error}"));
+    }
+    let waiting: Vec<u16> = state.mappings.list().await.iter().filter(|m| m.spec.use_tunnel).map(|m| m.spec.source_port).collect();
+    if !connected && !waiting.is_empty() {
+        reasons.push(format!("no tunnel client connected; tunneled mappings waiting: {waiting:?}"));
+    }
+    if let Some(f) = state.hub.flapping() {
+        reasons.push(format!(
+            "tunnel clients flapping: {} and {} replaced each other {} times in the last minute (same secret on two clients?)",
+            f.previous, f.latest, f.replacements
+        ));
+    }
+    let status = if reasons.is_empty() { "ok" } else { "degraded" };
+    Json(json!({"status": status, "reasons": reasons, "tunnel_enabled": true, "tunnel_connected": connected})).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

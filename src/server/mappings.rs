@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::tunnel::TunnelHub;
 use crate::forward;
-use crate::metrics::{MappingMetrics, Metrics};
+use crate::metrics::{MappingMetrics, Meter, Metrics};
 use crate::protocol::{self, Message};
 use crate::store::{MappingSpec, Store, StoreError};
 
@@ -37,8 +38,16 @@ pub enum MappingError {
     Conflict(String),
     #[error("no mapping on port {0}")]
     NotFound(u16),
-    #[error("could not save the mapping: {0}")]
-    Store(#[from] StoreError),
+    /// `action` says what failed ("save the mapping on port 4000").
+    #[error("could not {action}: {source}")]
+    Store { action: String, source: StoreError },
+}
+
+impl MappingError {
+    fn store(action: impl Into<String>) -> impl FnOnce(StoreError) -> MappingError {
+        let action = action.into();
+        move |source| MappingError::Store { action, source }
+    }
 }
 
 /// What the API asks for.
@@ -64,6 +73,10 @@ pub struct Settings {
     /// The API's and the tunnel's own ports: never mappable.
     pub reserved_ports: Vec<(u16, &'static str)>,
     pub connect_timeout: Duration,
+    /// `server.max_connections_per_mapping`.
+    pub max_connections: usize,
+    /// `server.idle_timeout_secs`.
+    pub idle_timeout: Duration,
 }
 
 pub struct Mappings {
@@ -112,6 +125,7 @@ impl Mappings {
     /// returns; the others are retried in the background. Returns (restored, failed).
     pub async fn restore(&self) -> Result<(usize, usize), StoreError> {
         let stored = self.ctx.store.list().await?;
+        let mut restored = 0;
         let mut entries = self.entries.lock().await;
         let mut failed = 0;
         for spec in stored {
@@ -126,10 +140,11 @@ impl Mappings {
                     None
                 }
             };
+            restored += usize::from(listener.is_some());
             let entry = self.spawn_mapping(Arc::new(spec), listener, bind_error);
             entries.insert(port, entry);
         }
-        Ok((entries.len(), failed))
+        Ok((restored, failed))
     }
 
     pub async fn create(&self, req: NewMapping) -> Result<MappingView, MappingError> {
@@ -146,18 +161,27 @@ impl Mappings {
         if host.is_empty() {
             return Err(MappingError::Invalid("target_host must not be empty".into()));
         }
-        if host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(MappingError::Invalid(format!("target_host {host:?} is not a valid host name or address")));
+        // Host names and address literals are ASCII; anything else (bidi controls,
+        // zero-width characters, homoglyphs) would only let a name display as
+        // something it is not. International names go in their punycode form.
+        if host.len() > 253 || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%')) {
+            return Err(MappingError::Invalid(format!(
+                "target_host {host:?} is not a valid host name or address (letters, digits, `.-_:%` only; use punycode for international names)"
+            )));
         }
         // Tunneled targets are resolved inside the client's network, which may know
         // names the server cannot; only direct targets must resolve here.
-        if !req.use_tunnel {
-            resolve(&host, req.target_port).await?;
-        }
+        let resolved = if req.use_tunnel { Vec::new() } else { resolve(&host, req.target_port).await? };
 
         let mut entries = self.entries.lock().await;
         if entries.contains_key(&req.source_port) {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
+        }
+        if let Some(why) = self.own_listener(&resolved, req.source_port, &entries) {
+            return Err(MappingError::Invalid(format!(
+                "target {host}:{} is {why}: the mapping would forward to itself",
+                req.target_port
+            )));
         }
         let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
@@ -171,7 +195,7 @@ impl Mappings {
             created_at: crate::metrics::unix_now() as i64,
         };
         // On disk before anyone is told it exists.
-        self.ctx.store.insert(spec.clone()).await?;
+        self.ctx.store.insert(spec.clone()).await.map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
         info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, "mapping created");
         let entry = self.spawn_mapping(Arc::new(spec), Some(listener), Arc::new(Mutex::new(None)));
         let view = self.view(&entry);
@@ -184,16 +208,43 @@ impl Mappings {
         if !entries.contains_key(&port) {
             return Err(MappingError::NotFound(port));
         }
-        self.ctx.store.remove(port).await?;
+        self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
+        let removed = entries.get(&port).map(|e| e.spec.clone());
         if let Some(entry) = entries.remove(&port) {
             entry.cancel.cancel();
             // The listener is released when the task ends: wait, so the port can be
             // mapped again the moment this returns.
             let _ = entry.task.await;
         }
-        self.ctx.metrics.remove_mapping(port);
+        if let Some(spec) = &removed {
+            let [target, mode, client] = info_labels(spec);
+            self.ctx.metrics.remove_mapping(port, [&target, &mode, &client]);
+        }
         info!(port, "mapping removed");
         Ok(())
+    }
+
+    /// Why a direct target at `addrs` would be this daemon's own listener — the
+    /// new mapping's port, another mapping's, the API's or the tunnel's, on any
+    /// local address — or `None`. Dialing one makes each visitor a new visitor:
+    /// a chain that ends only when the descriptors do.
+    fn own_listener(&self, addrs: &[SocketAddr], source_port: u16, entries: &BTreeMap<u16, Entry>) -> Option<String> {
+        let addr = addrs.iter().find(|a| is_local_address(a.ip()))?;
+        let port = addr.port();
+        if port == source_port {
+            return Some(format!("this mapping's own port on a local address ({})", addr.ip()));
+        }
+        if entries.contains_key(&port) {
+            return Some(format!("the mapping on port {port} (a local address)"));
+        }
+        let (_, owner) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == port)?;
+        Some(format!("tunneld's own {owner} port"))
+    }
+
+    /// `(port, reason)` for every mapping that is not serving, for `/health`.
+    pub async fn unbound(&self) -> Vec<(u16, String)> {
+        let entries = self.entries.lock().await;
+        entries.iter().filter_map(|(port, e)| e.bind_error.lock().ok().and_then(|b| b.clone()).map(|b| (*port, b))).collect()
     }
 
     pub async fn list(&self) -> Vec<MappingView> {
@@ -233,11 +284,18 @@ impl Mappings {
     }
 
     fn spawn_mapping(&self, spec: Arc<MappingSpec>, listener: Option<TcpListener>, bind_error: Arc<Mutex<Option<String>>>) -> Entry {
-        let metrics = self.ctx.metrics.add_mapping(spec.source_port);
+        let [target, mode, client] = info_labels(&spec);
+        let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
         let cancel = self.ctx.abort.child_token();
         let task = tokio::spawn(run_mapping(self.ctx.clone(), spec.clone(), listener, bind_error.clone(), cancel.clone(), metrics));
         Entry { spec, bind_error, cancel, task }
     }
+}
+
+/// `tunneld_mapping_info`'s labels besides the port: target, mode, client.
+fn info_labels(spec: &MappingSpec) -> [String; 3] {
+    let (mode, client) = if spec.use_tunnel { ("tunnel", "default") } else { ("direct", "") };
+    [format!("{}:{}", spec.target_host, spec.target_port), mode.into(), client.into()]
 }
 
 fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
@@ -257,12 +315,19 @@ async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     forward::listen(SocketAddr::new(addr, port))
 }
 
-async fn resolve(host: &str, port: u16) -> Result<(), MappingError> {
+/// Whether `ip` is one of this host's own addresses (loopback, the wildcard, or
+/// an interface address): an address this host can bind is one it answers on.
+fn is_local_address(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, MappingError> {
     let unresolvable = |why: String| MappingError::Invalid(format!("target_host {host:?} cannot be resolved: {why}"));
     match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
-        Ok(Ok(addrs)) => match addrs.count() {
-            0 => Err(unresolvable("no addresses".into())),
-            _ => Ok(()),
+        Ok(Ok(addrs)) => match addrs.collect::<Vec<_>>() {
+            addrs if addrs.is_empty() => Err(unresolvable("no addresses".into())),
+            addrs => Ok(addrs),
         },
         Ok(Err(e)) => Err(unresolvable(e.to_string())),
         Err(_) => Err(unresolvable("lookup timed out".into())),
@@ -280,6 +345,7 @@ async fn run_mapping(
     metrics: MappingMetrics,
 ) {
     let port = spec.source_port;
+    metrics.up.set(i64::from(listener.is_some()));
     let listener = match listener {
         Some(l) => l,
         None => loop {
@@ -292,6 +358,7 @@ async fn run_mapping(
                 Ok(l) => {
                     info!(port, "mapping port is free again; now listening");
                     set(&bind_error, None);
+                    metrics.up.set(1);
                     break l;
                 }
                 Err(e) => {
@@ -301,17 +368,27 @@ async fn run_mapping(
             }
         },
     };
+    let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ctx.stop_accepting.cancelled() => break,
             accepted = forward::accept(&listener) => accepted,
         };
+        // Armed from the start: however this connection ends early, the visitor
+        // sees a reset, not an EOF that looks like a complete answer.
+        forward::arm(&visitor);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.refused_connection_limit.inc();
+            debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
+            continue;
+        };
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = serve_visitor(&ctx2, &spec, &metrics, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
@@ -327,6 +404,10 @@ async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, 
     let result = if spec.use_tunnel { tunneled(ctx, spec, metrics, &visitor).await } else { direct(ctx, spec, metrics, &visitor).await };
     match result {
         Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
+        Err(VisitorError::NoDescriptors(e)) => {
+            metrics.refused_no_descriptors.inc();
+            debug!(port, %peer, error = %e, "visitor refused: out of file descriptors");
+        }
         Err(VisitorError::Target(e)) => {
             metrics.connect_errors.inc();
             warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
@@ -339,15 +420,22 @@ async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, 
 /// (counted as a connect error), or the relay failed midway.
 enum VisitorError {
     Target(String),
+    /// This process is out of descriptors: a local limit, counted as a refusal,
+    /// not as the target's fault.
+    NoDescriptors(std::io::Error),
     Relay(std::io::Error),
 }
 
 async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
-    let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout)
-        .await
-        .map_err(|e| VisitorError::Target(e.to_string()))?;
+    let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
+        match forward::out_of_descriptors(&e) {
+            true => VisitorError::NoDescriptors(e),
+            false => VisitorError::Target(e.to_string()),
+        }
+    })?;
+    forward::arm(&target);
     let (up, down) = metrics.meters(None);
-    forward::relay(visitor, &target, &up, &down).await.map_err(VisitorError::Relay)
+    forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
@@ -357,6 +445,12 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
 async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
     let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
     let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    forward::arm(&channel);
+    let activity = forward::Activity::new();
+    let (up, down) = metrics.meters(Some((Meter::default(), tunnel_received.clone())));
+    // Visitor bytes sent ahead of the answer cross the tunnel (counted as wire
+    // bytes now) but reach the target only if it answers: counted then.
+    let (up, reached_target) = up.held_behind(tunnel_sent.clone());
     // Until the answer is in, any failure means the target was not reached.
     let answered = AtomicBool::new(false);
     let answer = async {
@@ -367,6 +461,7 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visit
         match reply {
             Message::ConnectResult { error: None } => {
                 answered.store(true, Ordering::Relaxed);
+                reached_target.release();
                 Ok(())
             }
             Message::ConnectResult { error: Some(e) } => {
@@ -375,16 +470,25 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visit
             other => Err(VisitorError::Target(format!("unexpected {} from the tunnel client", other.kind()))),
         }
     };
-    let (up, down) = metrics.meters(Some((tunnel_sent.clone(), tunnel_received.clone())));
     let upstream = async {
-        forward::copy(visitor, &channel, &up).await.map_err(|e| match answered.load(Ordering::Relaxed) {
+        forward::copy(visitor, &channel, &up, &activity).await.map_err(|e| match answered.load(Ordering::Relaxed) {
             true => VisitorError::Relay(e),
             false => VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}")),
         })
     };
     let downstream = async {
         answer.await?;
-        forward::copy(&channel, visitor, &down).await.map_err(VisitorError::Relay)
+        forward::copy(&channel, visitor, &down, &activity).await.map_err(VisitorError::Relay)
     };
-    tokio::try_join!(upstream, downstream)
+    let totals = forward::guard(async { tokio::try_join!(upstream, downstream) }, &[visitor, &channel], &activity, ctx.settings.idle_timeout)
+        .await?;
+    forward::disarm(visitor);
+    forward::disarm(&channel);
+    Ok(totals)
+}
+
+impl From<std::io::Error> for VisitorError {
+    fn from(e: std::io::Error) -> VisitorError {
+        VisitorError::Relay(e)
+    }
 }

@@ -3,6 +3,7 @@
 //! shutdown token fires.
 
 pub mod mappings;
+pub mod throttle;
 pub mod tunnel;
 
 use std::io::Write;
@@ -54,7 +55,7 @@ pub async fn run(
     mut reloads: mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
     let state_dir = config::state_dir(&config.server);
-    let store = Store::open(&state_dir).with_context(|| format!("cannot open the state database in {}", state_dir.display()))?;
+    let store = Store::open(&state_dir)?;
     let secret = match config.server.secret.clone() {
         s if !s.is_empty() => s,
         _ => load_or_generate_secret(&state_dir)?,
@@ -65,13 +66,20 @@ pub async fn run(
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
     let hub = TunnelHub::new(secret, metrics.clone(), heartbeat, connect_timeout);
     let api_port = listeners.api.local_addr()?.port();
-    let api_on_loopback = listeners.api.local_addr()?.ip().is_loopback();
+    let api_addr = listeners.api.local_addr()?;
+    let api_on_loopback = config::is_loopback(api_addr.ip());
     let tunnel_port = listeners.tunnel.local_addr()?.port();
     let mappings = Arc::new(Mappings::new(
         store,
         metrics.clone(),
         hub.clone(),
-        Settings { bind_addr: config.server.bind_addr, reserved_ports: vec![(api_port, "API"), (tunnel_port, "tunnel")], connect_timeout },
+        Settings {
+            bind_addr: config.server.bind_addr,
+            reserved_ports: vec![(api_port, "API"), (tunnel_port, "tunnel")],
+            connect_timeout,
+            max_connections: config.server.max_connections_per_mapping,
+            idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+        },
     ));
 
     systemd::status("restoring mappings");
@@ -86,6 +94,7 @@ pub async fn run(
         hub: hub.clone(),
         token: token.clone(),
         shutdown: shutdown.clone(),
+        guard: Arc::new(crate::api::guard::Guard::new(&config.api)),
     };
     let api_task = tokio::spawn(crate::api::serve(listeners.api, api_state, shutdown.clone()));
 
@@ -108,7 +117,11 @@ pub async fn run(
                         if let Ok(mut t) = token.write() {
                             *t = Arc::from(new.api.token.as_str());
                         }
-                        info!("api.token changed: applied");
+                        if new.api.token.is_empty() {
+                            warn!("reload removed api.token: the API no longer asks for authentication");
+                        } else {
+                            info!("api.token changed: applied");
+                        }
                     }
                 }
                 for key in running.restart_only_changes(&new, Role::Server) {

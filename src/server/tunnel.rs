@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::throttle::{AuthThrottle, FailureLog, FlapDetector, Flapping, Pending, Unauthenticated};
 use crate::metered::MeteredStream;
 use crate::metrics::{session_result, Meter, Metrics};
 use crate::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
@@ -26,6 +27,12 @@ const MAX_IDLE_DATA_CHANNELS: usize = 64;
 
 /// A connection that has not said who it is within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections held open before they authenticate, in total and per source.
+const MAX_UNAUTHENTICATED: usize = 256;
+const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 16;
+const UNKNOWN_SESSION: &str = "data channel for an unknown session";
+/// Failures beyond a source's first are logged as one summary per this interval.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -44,6 +51,15 @@ pub struct TunnelHub {
     heartbeat: Duration,
     connect_timeout: Duration,
     current: Mutex<Option<Arc<Session>>>,
+    defences: Mutex<Defences>,
+    unauthenticated: Arc<Unauthenticated>,
+}
+
+/// What the tunnel port remembers about misbehaving sources and clients.
+struct Defences {
+    throttle: AuthThrottle,
+    log: FailureLog,
+    flaps: FlapDetector,
 }
 
 /// One authenticated client.
@@ -64,7 +80,78 @@ struct Pool {
 
 impl TunnelHub {
     pub fn new(secret: String, metrics: Arc<Metrics>, heartbeat: Duration, connect_timeout: Duration) -> Arc<TunnelHub> {
-        Arc::new(TunnelHub { secret, metrics, heartbeat, connect_timeout, current: Mutex::new(None) })
+        Arc::new(TunnelHub {
+            secret,
+            metrics,
+            heartbeat,
+            connect_timeout,
+            current: Mutex::new(None),
+            defences: Mutex::new(Defences {
+                throttle: AuthThrottle::default(),
+                log: FailureLog::new(FAILURE_LOG_INTERVAL),
+                flaps: FlapDetector::default(),
+            }),
+            unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE),
+        })
+    }
+
+    /// Two clients fighting over the session right now, for `/health`.
+    pub fn flapping(&self) -> Option<Flapping> {
+        self.defences.lock().ok()?.flaps.flapping(Instant::now())
+    }
+
+    /// Counts a failed handshake against `peer`'s address and logs it — the first
+    /// of an interval at once, the rest as one summary line later.
+    fn failed(&self, peer: SocketAddr, result: &'static str, reason: &'static str) {
+        self.metrics.count_session(result);
+        // A data channel naming a session that just ended is a client catching up
+        // after a replacement, not a guess (session tokens are random): it is
+        // logged in aggregate but does not count against the address.
+        let guessing = reason != UNKNOWN_SESSION;
+        let log_now = match self.defences.lock() {
+            Ok(mut d) => {
+                if guessing {
+                    d.throttle.failed(peer.ip(), Instant::now());
+                }
+                d.log.record(peer.ip(), reason, Instant::now())
+            }
+            Err(_) => true,
+        };
+        if log_now {
+            warn!(%peer, reason, "tunnel handshake failed; further failures from this address are summarised once a minute");
+        }
+    }
+
+    /// Whether a new connection from `peer` may start a handshake: not while its
+    /// address is throttled or holds too many unauthenticated connections.
+    fn admit(&self, peer: SocketAddr) -> Option<Pending> {
+        let throttled = self.defences.lock().map(|mut d| !d.throttle.allows(peer.ip(), Instant::now())).unwrap_or(false);
+        let pending = if throttled { None } else { self.unauthenticated.enter(peer.ip()) };
+        if pending.is_none() {
+            self.metrics.count_session(session_result::THROTTLED);
+            let reason = if throttled { "throttled: too many failed handshakes" } else { "throttled: too many unauthenticated connections" };
+            let log_now = self.defences.lock().map(|mut d| d.log.record(peer.ip(), reason, Instant::now())).unwrap_or(true);
+            if log_now {
+                warn!(%peer, reason, "tunnel connection refused; further refusals from this address are summarised once a minute");
+            }
+        }
+        pending
+    }
+
+    /// Logs, once per interval, how many failures each source had beyond the one
+    /// logged when it started.
+    async fn summarise_failures(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(FAILURE_LOG_INTERVAL / 4);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let summaries = self.defences.lock().map(|mut d| d.log.drain(Instant::now())).unwrap_or_default();
+            for s in summaries {
+                warn!(source = %s.source, count = s.count, last_reason = s.last_reason, interval_secs = FAILURE_LOG_INTERVAL.as_secs(), "more failed or refused tunnel handshakes from this address");
+            }
+        }
     }
 
     pub fn connected(&self) -> bool {
@@ -78,16 +165,18 @@ impl TunnelHub {
     /// Accepts tunnel connections until `shutdown`; each is handled on its own task
     /// so a slow or hostile peer never holds up another.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().summarise_failures(shutdown.clone()));
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = crate::forward::accept(&listener) => accepted,
             };
+            let Some(pending) = self.admit(peer) else { continue };
             crate::forward::tune(&stream);
             let hub = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = hub.handle_connection(stream, peer, shutdown).await {
+                if let Err(e) = hub.handle_connection(stream, peer, pending, shutdown).await {
                     debug!(%peer, error = %e, "tunnel connection ended");
                 }
             });
@@ -101,6 +190,7 @@ impl TunnelHub {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
         let (sent, received) = self.metrics.tunnel_meters();
@@ -109,25 +199,23 @@ impl TunnelHub {
         let hello = match first {
             Ok(Ok((msg, _))) => msg,
             Ok(Err(e)) => {
-                warn!(%peer, error = %e, "dropping tunnel connection: bad first frame");
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "bad first frame");
                 return Err(e);
             }
             Err(_) => {
-                warn!(%peer, "dropping tunnel connection: no hello within the handshake timeout");
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "no hello within the handshake timeout");
                 return Ok(());
             }
         };
         match hello {
-            Message::Hello { version } => self.control_channel(stream, peer, version, shutdown).await,
+            Message::Hello { version } => self.control_channel(stream, peer, version, pending, shutdown).await,
             Message::DataHello { version, session } => {
+                drop(pending);
                 self.data_channel(stream.into_inner(), peer, version, &session);
                 Ok(())
             }
             other => {
-                warn!(%peer, kind = other.kind(), "dropping tunnel connection: unexpected first message");
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "unexpected first message");
                 Err(ProtocolError::Unexpected(other.kind()))
             }
         }
@@ -138,6 +226,7 @@ impl TunnelHub {
         mut stream: MeteredStream,
         peer: SocketAddr,
         version: u32,
+        pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
         if version != PROTOCOL_VERSION {
@@ -152,24 +241,27 @@ impl TunnelHub {
         let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await {
             Ok(Ok((Message::Auth { mac }, _))) => mac,
             Ok(Ok((other, _))) => {
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "unexpected message instead of auth");
                 return Err(ProtocolError::Unexpected(other.kind()));
             }
             Ok(Err(e)) => {
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "bad auth frame");
                 return Err(e);
             }
             Err(_) => {
-                self.metrics.count_session(session_result::PROTOCOL_ERROR);
+                self.failed(peer, session_result::PROTOCOL_ERROR, "no auth within the handshake timeout");
                 return Ok(());
             }
         };
         if !protocol::verify(&self.secret, &nonce, &answer) {
-            warn!(%peer, "client rejected: authentication failed (wrong secret)");
-            self.metrics.count_session(session_result::AUTH_FAILED);
+            self.failed(peer, session_result::AUTH_FAILED, "authentication failed (wrong secret)");
             let reason = "authentication failed: the client's secret does not match the server's".to_string();
             protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
             return Ok(());
+        }
+        drop(pending);
+        if let Ok(mut d) = self.defences.lock() {
+            d.throttle.succeeded(peer.ip());
         }
 
         let (control_tx, mut control_rx) = mpsc::channel::<Message>(64);
@@ -225,11 +317,24 @@ impl TunnelHub {
         outcome.map(|_| ())
     }
 
+    /// Newest wins — a restarted client is back at once — but two clients taking
+    /// turns is flapping: logged as an error naming both, and shown in `/health`.
     fn install(&self, session: Arc<Session>) {
+        let latest = session.peer;
         let previous = self.current.lock().ok().and_then(|mut c| c.replace(session));
         if let Some(old) = previous {
-            info!(peer = %old.peer, session = old.id, "replacing previous tunnel session");
+            warn!(previous = %old.peer, latest = %latest, session = old.id, "a newly authenticated client replaces the connected one");
+            self.metrics.count_session(session_result::REPLACED);
             old.cancel.cancel();
+            let flapping = self.defences.lock().ok().and_then(|mut d| d.flaps.replaced(old.peer, latest, Instant::now()));
+            if let Some(f) = flapping {
+                error!(
+                    previous = %f.previous,
+                    latest = %f.latest,
+                    replacements = f.replacements,
+                    "tunnel clients are flapping: two clients with the same secret keep replacing each other; stop one of them"
+                );
+            }
         }
         self.metrics.count_session(session_result::OK);
         self.metrics.session_started();
@@ -254,7 +359,7 @@ impl TunnelHub {
         let session = self.current().filter(|s| protocol::tokens_equal(&s.token, token));
         match session {
             Some(session) if version == PROTOCOL_VERSION => session.offer(stream),
-            _ => warn!(%peer, "dropping data channel: unknown session"),
+            _ => self.failed(peer, session_result::PROTOCOL_ERROR, UNKNOWN_SESSION),
         }
     }
 
