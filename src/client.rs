@@ -232,6 +232,8 @@ async fn data_channel(ctx: Arc<SessionCtx>) -> anyhow::Result<()> {
         Ok(t) => t,
         Err(e) => {
             warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
+            // A clean end of the exchange: the answer must arrive, not a reset.
+            forward::disarm(&channel);
             return Ok(());
         }
     };

@@ -264,7 +264,10 @@ impl Config {
                     return invalid("api.metrics_token_required", "needs api.token to be set");
                 }
                 if let Some(origin) = self.api.cors_origins.iter().find(|o| !valid_origin(o)) {
-                    return invalid("api.cors_origins", &format!("{origin:?} is not an origin like \"https://dash.example.com\" (scheme://host[:port], no path)"));
+                    return invalid(
+                        "api.cors_origins",
+                        &format!("{origin:?} is not an origin like \"https://dash.example.com\" (scheme://host[:port], no path)"),
+                    );
                 }
                 if let Some(host) = self.api.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', ':'])) {
                     return invalid("api.allowed_hosts", &format!("{host:?} is not a host name (no scheme, port or path)"));

@@ -11,6 +11,9 @@ use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use futures_util::FutureExt;
 
 use bytes::BytesMut;
 use tokio::io::Interest;
@@ -188,6 +191,7 @@ pub fn out_of_descriptors(e: &io::Error) -> bool {
 /// default soft limit (often 1024) is far below what the hard limit allows.
 /// Returns `(before, after)` when it changed.
 pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+    reserve_descriptor();
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     let (Some(soft), maximum) = (limit.current, limit.maximum) else { return None };
@@ -199,6 +203,11 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
     }
     setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum }).ok()?;
     Some((soft, target))
+}
+
+/// The soft limit on open descriptors (`None`: unlimited or unknown).
+pub fn descriptor_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
 /// Listen backlog for every listener: a burst of a thousand connects must queue,
@@ -215,14 +224,18 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Accepts the next connection, riding out transient failures (EMFILE when the
-/// process is out of descriptors, ECONNABORTED) with a short pause instead of
-/// spinning or giving up on the listener.
+/// Accepts the next connection, riding out transient failures (ECONNABORTED)
+/// with a short pause instead of spinning or giving up on the listener.
+///
+/// Out of descriptors (EMFILE), the pending connection is not left to wait in
+/// the backlog with the listener spinning on it: the reserve descriptor is freed
+/// for a moment, the connection accepted and closed at once, and `refused` is
+/// called — the visitor learns immediately, and the refusal is counted.
 ///
 /// A burst of failures is logged once when it starts and once, with its count,
 /// when it ends — not once per attempt (ten lines a second while out of
 /// descriptors would flood the journal exactly when it matters).
-pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+pub async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, SocketAddr) {
     let mut failures = 0u64;
     loop {
         match listener.accept().await {
@@ -234,17 +247,45 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
                 return accepted;
             }
             Err(e) => {
+                let exhausted = out_of_descriptors(&e);
                 if failures == 0 {
                     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                    let out_of_descriptors = out_of_descriptors(&e);
-                    tracing::warn!(port, error = %e, out_of_descriptors, "accept failed; retrying quietly until it works again");
+                    tracing::warn!(port, error = %e, out_of_descriptors = exhausted, "accept failed; retrying quietly until it works again");
                 }
                 failures += 1;
-                let pause = if out_of_descriptors(&e) { Duration::from_millis(250) } else { Duration::from_millis(50) };
+                if exhausted && shed(listener) {
+                    refused();
+                    continue;
+                }
+                let pause = if exhausted { Duration::from_millis(250) } else { Duration::from_millis(50) };
                 tokio::time::sleep(pause).await;
             }
         }
     }
+}
+
+/// One descriptor held back for [`shed`]: without it, a process out of
+/// descriptors cannot even accept a connection to close it.
+static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Takes the reserve descriptor (at start, and again after each use).
+pub fn reserve_descriptor() {
+    if let Ok(mut reserve) = RESERVE.lock() {
+        if reserve.is_none() {
+            *reserve = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
+/// Accepts one pending connection with the reserve descriptor and closes it.
+fn shed(listener: &TcpListener) -> bool {
+    let Ok(mut reserve) = RESERVE.lock() else { return false };
+    if reserve.take().is_none() {
+        return false;
+    }
+    let shed = matches!(listener.accept().now_or_never(), Some(Ok(_)));
+    *reserve = std::fs::File::open("/dev/null").ok();
+    shed
 }
 
 /// Socket options every forwarded connection gets: no Nagle delay (interactive

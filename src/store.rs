@@ -96,7 +96,10 @@ impl Store {
         &self.path
     }
 
-    async fn with_conn<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static) -> Result<T, StoreError> {
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -132,18 +135,25 @@ impl Store {
     pub async fn list(&self) -> Result<Vec<MappingSpec>, StoreError> {
         let rows = self
             .with_conn(|conn| {
-                let mut stmt =
-                    conn.prepare("SELECT source_port, target_host, target_port, use_tunnel, created_at FROM mappings ORDER BY source_port")?;
+                let mut stmt = conn
+                    .prepare("SELECT source_port, target_host, target_port, use_tunnel, created_at FROM mappings ORDER BY source_port")?;
                 let rows = stmt.query_map([], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
-        let port = |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path.to_string(), port: p });
+        let port =
+            |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path.to_string(), port: p });
         rows.into_iter()
             .map(|(sp, host, tp, tunnel, created)| {
-                Ok(MappingSpec { source_port: port(sp)?, target_host: host, target_port: port(tp)?, use_tunnel: tunnel, created_at: created })
+                Ok(MappingSpec {
+                    source_port: port(sp)?,
+                    target_host: host,
+                    target_port: port(tp)?,
+                    use_tunnel: tunnel,
+                    created_at: created,
+                })
             })
             .collect()
     }

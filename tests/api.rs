@@ -113,20 +113,20 @@ fn health_reports_the_tunnel_state() {
     let server = Daemon::server(SECRET, &[]);
     let (status, health) = http("GET", &server.url("/health"), None);
     assert_eq!(status, 200);
-    assert_eq!(health, json!({"status": "ok", "tunnel_enabled": true, "tunnel_connected": false}));
+    assert_eq!(health, json!({"status": "ok", "reasons": [], "tunnel_enabled": true, "tunnel_connected": false}));
     let _client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
     assert_eq!(http("GET", &server.url("/health"), None).1["tunnel_connected"], true);
 }
 
 #[test]
 fn api_token_guards_the_api_but_not_the_page_health_or_metrics() {
-    let server = Daemon::server(SECRET, &["--api-token", "t0ken+/="]);
+    let server = Daemon::server(SECRET, &["--api-token", "t0ken+/=t0ken+/="]);
     assert_error(http("GET", &server.url("/api/mapping/list"), None), 401, "token required");
     let wrong = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer nope").call();
     assert!(matches!(wrong, Err(ureq::Error::Status(401, _))));
-    let ok = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer t0ken+/=").call().expect("authorized");
+    let ok = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer t0ken+/=t0ken+/=").call().expect("authorized");
     assert_eq!(ok.status(), 200);
-    assert_eq!(http("GET", &server.url("/api/stats/traffic?token=t0ken%2B%2F%3D"), None).0, 200);
+    assert_eq!(http("GET", &server.url("/api/stats/traffic?token=t0ken%2B%2F%3Dt0ken%2B%2F%3D"), None).0, 200);
     assert_eq!(http("GET", &server.url("/api/stats/monitor"), None).0, 200);
     assert_eq!(http("GET", &server.url("/health"), None).0, 200);
     assert_eq!(http("GET", &server.url("/metrics"), None).0, 200);

@@ -729,7 +729,7 @@ fn monitor_page_renders_live_traffic_offline() {
 #[test]
 fn monitor_page_asks_for_the_api_token() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
-    const TOKEN: &str = "monitor-test-token";
+    const TOKEN: &str = "monitor-test-token-0123";
     let daemon = Daemon::server("monitor-secret", &["--api-token", TOKEN]);
     let echo = echo_server();
     let port = free_port();

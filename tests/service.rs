@@ -27,7 +27,7 @@ fn watchdog_pings_arrive_at_half_the_interval() {
 fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, "[api]\ntoken = \"first\"\n").unwrap();
+    std::fs::write(&config, "[api]\ntoken = \"first-token-0123456\"\n").unwrap();
     let server = Daemon::server("s", &["--config", config.to_str().unwrap()]);
     let list = |token: &str| {
         ureq::get(&server.url("/api/mapping/list"))
@@ -39,13 +39,17 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
                 other => panic!("{other}"),
             })
     };
-    assert_eq!(list("first"), 200);
+    assert_eq!(list("first-token-0123456"), 200);
 
     // A connection open across the reload must survive it.
     let port = free_port();
     let echo = echo_server();
     let body = format!("{{\"source_port\": {port}, \"target_host\": \"127.0.0.1\", \"target_port\": {}}}", echo.port());
-    let created = ureq::post(&server.url("/api/mapping/create")).set("Authorization", "Bearer first").send_string(&body).unwrap();
+    let created = ureq::post(&server.url("/api/mapping/create"))
+        .set("Authorization", "Bearer first-token-0123456")
+        .set("Content-Type", "application/json")
+        .send_string(&body)
+        .unwrap();
     assert_eq!(created.status(), 200);
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -53,19 +57,19 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
     let mut buf = [0u8; 4];
     open.read_exact(&mut buf).unwrap();
 
-    std::fs::write(&config, "[api]\ntoken = \"second\"\n[server]\nheartbeat_interval_secs = 3\n").unwrap();
+    std::fs::write(&config, "[api]\ntoken = \"second-token-012345\"\n[server]\nheartbeat_interval_secs = 3\n").unwrap();
     server.signal("HUP");
     server.wait_for_notify("RELOADING=1", Duration::from_secs(10));
     server.wait_for_notify("READY=1", Duration::from_secs(10));
-    assert_eq!(list("second"), 200, "new token applied");
-    assert_eq!(list("first"), 401, "old token revoked");
+    assert_eq!(list("second-token-012345"), 200, "new token applied");
+    assert_eq!(list("first-token-0123456"), 401, "old token revoked");
     assert!(server.log().contains("server.heartbeat_interval_secs"), "restart-only change reported");
 
     std::fs::write(&config, "[api]\ntoken = 42\n").unwrap();
     server.signal("HUP");
     let status = server.wait_for_notify("READY=1", Duration::from_secs(10));
     assert!(status.contains("reload rejected"), "{status}");
-    assert_eq!(list("second"), 200, "the running configuration stays");
+    assert_eq!(list("second-token-012345"), 200, "the running configuration stays");
 
     open.write_all(b"pong").unwrap();
     open.read_exact(&mut buf).unwrap();
@@ -116,7 +120,7 @@ fn reload_never_drops_the_token_of_an_api_listening_beyond_loopback() {
     // listener, which makes an empty token valid on its own; but the socket bound
     // now is 0.0.0.0, so the token must stay.
     let port = free_port();
-    let (dir, config) = config_file(&format!("[api]\nlisten = \"0.0.0.0:{port}\"\ntoken = \"keep-me\"\n"));
+    let (dir, config) = config_file(&format!("[api]\nlisten = \"0.0.0.0:{port}\"\ntoken = \"keep-me-0123456789\"\n"));
     let tunnel = format!("127.0.0.1:{}", free_port());
     let state = dir.path().join("state").display().to_string();
     let args = ["server", "--config", &config, "--tunnel-listen", &tunnel, "--state-dir", &state, "--secret", "s"];

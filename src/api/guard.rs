@@ -133,7 +133,9 @@ mod tests {
     #[test]
     fn hosts_literals_localhost_and_configured_names_only() {
         let g = guard(&["tunnel.example.com"], &[]);
-        for ok in ["127.0.0.1:8080", "127.0.0.1", "[::1]:8080", "localhost:8080", "LOCALHOST", "tunnel.example.com:8080", "tunnel.example.com."] {
+        for ok in
+            ["127.0.0.1:8080", "127.0.0.1", "[::1]:8080", "localhost:8080", "LOCALHOST", "tunnel.example.com:8080", "tunnel.example.com."]
+        {
             assert!(g.host_allowed(ok), "{ok}");
         }
         for refused in ["evil.example", "evil.example:8080", "localhost.evil.example", "127.0.0.1.nip.io:8080"] {

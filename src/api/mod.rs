@@ -54,15 +54,18 @@ pub struct AppState {
 /// A client must send its request head within this time, or the connection is
 /// closed: idle or slow connections cannot accumulate.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// API connections open at once. Beyond it new ones wait in the listen backlog
-/// (costing no descriptor) until one closes, so the API can never starve the
-/// forwarders of descriptors.
-const MAX_API_CONNECTIONS: usize = 128;
+/// API connections open at once: an eighth of the descriptor limit, at most 128.
+/// Beyond it new ones wait in the listen backlog (costing no descriptor) until
+/// one closes, so the API can never starve the forwarders of descriptors.
+fn max_api_connections() -> usize {
+    let limit = crate::forward::descriptor_limit().unwrap_or(u64::MAX);
+    (limit / 8).clamp(4, 128) as usize
+}
 
 /// Serves the API on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = router(state);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_api_connections()));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let slot = tokio::select! {
@@ -72,7 +75,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         let Ok(slot) = slot else { break };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = crate::forward::accept(&listener) => accepted,
+            accepted = crate::forward::accept(&listener, || {}) => accepted,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = shutdown.clone();

@@ -178,10 +178,7 @@ impl Mappings {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
         }
         if let Some(why) = self.own_listener(&resolved, req.source_port, &entries) {
-            return Err(MappingError::Invalid(format!(
-                "target {host}:{} is {why}: the mapping would forward to itself",
-                req.target_port
-            )));
+            return Err(MappingError::Invalid(format!("target {host}:{} is {why}: the mapping would forward to itself", req.target_port)));
         }
         let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
@@ -373,7 +370,7 @@ async fn run_mapping(
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ctx.stop_accepting.cancelled() => break,
-            accepted = forward::accept(&listener) => accepted,
+            accepted = forward::accept(&listener, || metrics.refused_no_descriptors.inc()) => accepted,
         };
         // Armed from the start: however this connection ends early, the visitor
         // sees a reset, not an EOF that looks like a complete answer.
@@ -480,8 +477,14 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visit
         answer.await?;
         forward::copy(&channel, visitor, &down, &activity).await.map_err(VisitorError::Relay)
     };
-    let totals = forward::guard(async { tokio::try_join!(upstream, downstream) }, &[visitor, &channel], &activity, ctx.settings.idle_timeout)
-        .await?;
+    let both = async { tokio::try_join!(upstream, downstream) };
+    let totals = forward::guard(both, &[visitor, &channel], &activity, ctx.settings.idle_timeout).await.map_err(|e| match e {
+        // A reset before the answer: the target was not reached.
+        VisitorError::Relay(e) if !answered.load(Ordering::Relaxed) => {
+            VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}"))
+        }
+        other => other,
+    })?;
     forward::disarm(visitor);
     forward::disarm(&channel);
     Ok(totals)

@@ -292,10 +292,7 @@ mod tests {
             assert!(!log.record(a, "auth_failed", start + Duration::from_secs(1)));
         }
         assert!(log.drain(start + Duration::from_secs(30)).is_empty(), "interval not over");
-        assert_eq!(
-            log.drain(start + Duration::from_secs(60)),
-            vec![Summary { source: a, count: 1999, last_reason: "auth_failed" }]
-        );
+        assert_eq!(log.drain(start + Duration::from_secs(60)), vec![Summary { source: a, count: 1999, last_reason: "auth_failed" }]);
         // Quiet for a whole interval: forgotten, the next failure is logged again.
         assert!(log.drain(start + Duration::from_secs(120)).is_empty());
         assert!(log.record(a, "no_hello", start + Duration::from_secs(121)));

@@ -129,7 +129,8 @@ impl TunnelHub {
         let pending = if throttled { None } else { self.unauthenticated.enter(peer.ip()) };
         if pending.is_none() {
             self.metrics.count_session(session_result::THROTTLED);
-            let reason = if throttled { "throttled: too many failed handshakes" } else { "throttled: too many unauthenticated connections" };
+            let reason =
+                if throttled { "throttled: too many failed handshakes" } else { "throttled: too many unauthenticated connections" };
             let log_now = self.defences.lock().map(|mut d| d.log.record(peer.ip(), reason, Instant::now())).unwrap_or(true);
             if log_now {
                 warn!(%peer, reason, "tunnel connection refused; further refusals from this address are summarised once a minute");
@@ -169,7 +170,7 @@ impl TunnelHub {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = crate::forward::accept(&listener) => accepted,
+                accepted = crate::forward::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
             };
             let Some(pending) = self.admit(peer) else { continue };
             crate::forward::tune(&stream);

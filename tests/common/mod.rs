@@ -5,6 +5,7 @@
 //! `READY=1` / `STATUS=` messages on it instead of sleeping.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod tools;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -48,6 +49,15 @@ impl Daemon {
         Self::server_in(tmp, state_dir, None, secret, extra, envs)
     }
 
+    /// Like [`Daemon::server`], run under `prlimit --nofile=SOFT:HARD`: a real
+    /// descriptor limit on the real process.
+    pub fn server_with_nofile(soft: u64, hard: u64, secret: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        let limit = format!("--nofile={soft}:{hard}");
+        Self::server_in_wrapped(tmp, state_dir, None, secret, extra, &[], &["prlimit", &limit, "--"])
+    }
+
     /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
     pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -69,6 +79,18 @@ impl Daemon {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Daemon {
+        Self::server_in_wrapped(tmp, state_dir, tunnel, secret, extra, envs, &[])
+    }
+
+    fn server_in_wrapped(
+        tmp: tempfile::TempDir,
+        state_dir: PathBuf,
+        tunnel: Option<SocketAddr>,
+        secret: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Daemon {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tunnel = tunnel.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let mut args: Vec<String> = vec![
@@ -85,7 +107,7 @@ impl Daemon {
             args.push(secret.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let d = Self::spawn(tmp, &args, envs, api, Some(tunnel), state_dir);
+        let d = Self::spawn_wrapped(tmp, wrapper, &args, envs, api, Some(tunnel), state_dir);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
@@ -137,11 +159,33 @@ impl Daemon {
         tunnel: Option<SocketAddr>,
         state_dir: PathBuf,
     ) -> Daemon {
+        Self::spawn_wrapped(tmp, &[], args, envs, http, tunnel, state_dir)
+    }
+
+    /// `wrapper` (e.g. `prlimit ... --`) runs first and execs the daemon, so the
+    /// child's pid is the daemon's.
+    fn spawn_wrapped(
+        tmp: tempfile::TempDir,
+        wrapper: &[&str],
+        args: &[String],
+        envs: &[(&str, &str)],
+        http: SocketAddr,
+        tunnel: Option<SocketAddr>,
+        state_dir: PathBuf,
+    ) -> Daemon {
         let notify_path = tmp.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
         let log_path = tmp.path().join("daemon.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "info,tunneld=debug")

@@ -1,0 +1,145 @@
+//! Issue #9, the tunnel port: throttled and aggregated handshake failures and a
+//! bound on unauthenticated connections (item 6), flapping clients (item 7),
+//! and bytes counted only when they reached the target (item 14).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const SECRET: &str = "hardening-tunnel-secret";
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is
+/// all loopback, so tests can play several sources).
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(from, 0).into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream
+}
+
+fn write_frame(conn: &mut TcpStream, msg: Value) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&msg).unwrap();
+    conn.write_all(&(body.len() as u32).to_be_bytes())?;
+    conn.write_all(&body)
+}
+
+/// The next frame, or `None` when the server closed the connection.
+fn read_frame(conn: &mut TcpStream) -> Option<Value> {
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    conn.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// One handshake with a wrong HMAC. `true` when the server got as far as a
+/// challenge (and then rejected the answer), `false` when it refused unheard.
+fn guess(from: IpAddr, tunnel: SocketAddr) -> bool {
+    let mut conn = connect_from(from, tunnel);
+    if write_frame(&mut conn, json!({"type": "hello", "version": 1})).is_err() {
+        return false;
+    }
+    match read_frame(&mut conn) {
+        Some(challenge) if challenge["type"] == "challenge" => {
+            write_frame(&mut conn, json!({"type": "auth", "mac": "00".repeat(32)})).unwrap();
+            let answer = read_frame(&mut conn).expect("an answer to the guess");
+            assert_eq!(answer["type"], "rejected", "{answer}");
+            true
+        }
+        _ => false,
+    }
+}
+
+fn sessions(server: &Daemon, result: &str) -> f64 {
+    metric_value(&metrics_text(server), "tunneld_tunnel_sessions_total", &[("result", result)]).unwrap_or(-1.0)
+}
+
+#[test]
+fn wrong_secret_guessing_is_throttled_per_source_and_logged_in_aggregate() {
+    let server = Daemon::server(SECRET, &[]);
+    let tunnel = server.tunnel.unwrap();
+    let attacker: IpAddr = "127.0.0.1".parse().unwrap();
+    let challenged = (0..40).filter(|_| guess(attacker, tunnel)).count();
+    assert!(challenged <= 6, "{challenged} of 40 guesses were heard");
+    assert!(sessions(&server, "throttled") >= 34.0, "{}", metrics_text(&server));
+    assert!(sessions(&server, "auth_failed") <= 6.0);
+    // Another address is not punished for this one.
+    assert!(guess("127.0.0.2".parse().unwrap(), tunnel), "another source still gets a challenge");
+    let log = server.log();
+    let warnings = log.lines().filter(|l| l.contains("WARN") && l.contains("tunnel")).count();
+    assert!(warnings <= 4, "logged in aggregate, not per attempt ({warnings} lines):\n{log}");
+}
+
+#[test]
+fn silent_tunnel_connections_are_bounded_and_logged_in_aggregate() {
+    let server = Daemon::server(SECRET, &[]);
+    let tunnel = server.tunnel.unwrap();
+    let quiet: IpAddr = "127.0.0.1".parse().unwrap();
+    let idle: Vec<TcpStream> = (0..100).map(|_| connect_from(quiet, tunnel)).collect();
+    // Connections beyond the per-source bound are closed at once.
+    let refused = idle
+        .iter()
+        .filter(|c| {
+            let mut c: &TcpStream = c;
+            c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            match c.read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                Ok(_) => false,
+            }
+        })
+        .count();
+    assert!(refused >= 80, "only {refused} of 100 idle connections were refused");
+    assert!(sessions(&server, "throttled") >= 80.0);
+    // Another source still gets through while they sit there.
+    assert!(guess("127.0.0.3".parse().unwrap(), tunnel));
+    let log = server.log();
+    let refusals = log.lines().filter(|l| l.contains("tunnel connection refused")).count();
+    assert!(refusals <= 1, "one line for the burst, not one per connection:\n{log}");
+}
+
+#[test]
+fn two_clients_with_one_secret_are_reported_as_flapping() {
+    let server = Daemon::server(SECRET, &[]);
+    let _first = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _second = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let health = wait_for("/health to report flapping", Duration::from_secs(90), || {
+        let (_, health) = http("GET", &server.url("/health"), None);
+        (health["status"] == "degraded" && health["reasons"].to_string().contains("flapping")).then_some(health)
+    });
+    assert!(sessions(&server, "replaced") >= 4.0, "{health}");
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("ERROR") && l.contains("flapping")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("previous=127.0.0.1:") && line.contains("latest=127.0.0.1:"), "names both peers: {line}");
+}
+
+#[test]
+fn a_tunneled_visitor_refused_by_its_target_counts_no_bytes() {
+    let (server, _client) = server_and_client(SECRET, true);
+    let port = free_port();
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    create_mapping(&server, port, closed, true);
+    assert!(visit(port, b"hello").is_empty());
+    let p = port.to_string();
+    wait_for("the connect error to be counted", Duration::from_secs(20), || {
+        metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &p)]).filter(|v| *v == 1.0)
+    });
+    let text = metrics_text(&server);
+    for direction in ["sent", "received"] {
+        assert_eq!(
+            metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &p), ("direction", direction)]),
+            Some(0.0),
+            "{direction}: nothing reached the target\n{text}"
+        );
+    }
+    assert_eq!(metric_value(&text, "tunneld_mapping_last_activity_timestamp_seconds", &[("port", &p)]), Some(0.0));
+    let traffic = get_data(&server, "/api/stats/traffic");
+    assert_eq!(traffic["mappings"][0]["last_update"], Value::Null, "{traffic}");
+}
