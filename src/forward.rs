@@ -232,27 +232,17 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// for a moment, the connection accepted and closed at once, and `refused` is
 /// called — the visitor learns immediately, and the refusal is counted.
 ///
-/// A burst of failures is logged once when it starts and once, with its count,
-/// when it ends — not once per attempt (ten lines a second while out of
-/// descriptors would flood the journal exactly when it matters).
+/// Failures are logged at most once per [`ACCEPT_WARN_INTERVAL`] for the whole
+/// process, with the count of those not logged — not once per attempt (ten lines
+/// a second while out of descriptors would flood the journal exactly when it
+/// matters).
 pub async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, SocketAddr) {
-    let mut failures = 0u64;
     loop {
         match listener.accept().await {
-            Ok(accepted) => {
-                if failures > 0 {
-                    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                    tracing::warn!(port, failures, "accepting connections again after a burst of failures");
-                }
-                return accepted;
-            }
+            Ok(accepted) => return accepted,
             Err(e) => {
                 let exhausted = out_of_descriptors(&e);
-                if failures == 0 {
-                    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                    tracing::warn!(port, error = %e, out_of_descriptors = exhausted, "accept failed; retrying quietly until it works again");
-                }
-                failures += 1;
+                note_accept_failure(listener, &e, exhausted);
                 if exhausted && shed(listener) {
                     refused();
                     continue;
@@ -262,6 +252,30 @@ pub async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, S
             }
         }
     }
+}
+
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When an accept failure was last logged, and how many failed since.
+static ACCEPT_FAILURES: Mutex<(Option<std::time::Instant>, u64)> = Mutex::new((None, 0));
+
+fn note_accept_failure(listener: &TcpListener, e: &io::Error, exhausted: bool) {
+    let Ok(mut state) = ACCEPT_FAILURES.lock() else { return };
+    let (last, unlogged) = &mut *state;
+    if last.is_some_and(|at| at.elapsed() < ACCEPT_WARN_INTERVAL) {
+        *unlogged += 1;
+        return;
+    }
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    tracing::warn!(
+        port,
+        error = %e,
+        out_of_descriptors = exhausted,
+        failures_not_logged = *unlogged,
+        "accept failed; further failures are counted and logged at most every 10 s"
+    );
+    *last = Some(std::time::Instant::now());
+    *unlogged = 0;
 }
 
 /// One descriptor held back for [`shed`]: without it, a process out of

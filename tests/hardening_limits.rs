@@ -167,7 +167,7 @@ fn idle_api_connections_are_timed_out_and_bounded() {
 #[test]
 fn out_of_descriptors_is_a_refusal_not_a_connect_error() {
     let server = Daemon::server_with_nofile(64, 64, SECRET, &[]);
-    let (target, _held) = holding_target();
+    let (target, held) = holding_target();
     let port = free_port();
     create_mapping(&server, port, target, false);
     let p = port.to_string();
@@ -183,7 +183,9 @@ fn out_of_descriptors_is_a_refusal_not_a_connect_error() {
         let refused = visitors.iter().filter(|v| closed_by_peer(v, Duration::from_millis(50))).count();
         (refused >= 5).then_some(refused)
     });
+    // Both ends let go, so the daemon's descriptors come back.
     drop(visitors);
+    held.lock().unwrap().clear();
     let fetch = || ureq::get(&server.url("/metrics")).call().ok().and_then(|r| r.into_string().ok());
     let text = wait_for("the API to answer again", Duration::from_secs(30), fetch);
     let refused = metric_value(&text, "tunneld_mapping_refused_total", &[("port", &p), ("reason", "no_descriptors")]).unwrap();

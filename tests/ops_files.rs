@@ -258,6 +258,7 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("tunneld_tunnel_sessions_total", None),
         ("process_resident_memory_bytes", Some("bytes")),
         ("rate(process_cpu_seconds_total", None),
+        ("tunneld_mapping_up{", None),
     ];
     for (fragment, unit) in wanted {
         let showing: Vec<&Value> = panels.iter().filter(|p| panel_exprs(p).iter().any(|e| e.contains(fragment))).copied().collect();

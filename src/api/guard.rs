@@ -46,7 +46,7 @@ impl Guard {
     fn host_allowed(&self, host: &str) -> bool {
         let name = host_name(host).trim_end_matches('.').to_ascii_lowercase();
         let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(&name);
-        literal.parse::<IpAddr>().is_ok() || name == "localhost" || self.allowed_hosts.iter().any(|h| *h == name)
+        literal.parse::<IpAddr>().is_ok() || name == "localhost" || self.allowed_hosts.contains(&name)
     }
 
     fn cors_allowed(&self, origin: &str) -> bool {
