@@ -47,7 +47,8 @@ impl Api {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// URL (got {base:?})");
         }
-        let token = Some(config.api.token).filter(|t| !t.is_empty());
+        let token =
+            Some(config.api.token).filter(|t| !t.is_empty()).or_else(|| file.and_then(|f| token_from_env_file(&f.with_extension("env"))));
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(30)).build();
         Ok(Api { base, token, agent })
     }
@@ -89,6 +90,19 @@ impl Api {
             Err(ureq::Error::Transport(e)) => Err(anyhow::anyhow!("cannot reach the API at {}: {e}", self.base)),
         }
     }
+}
+
+/// The packaged units keep secrets in an `EnvironmentFile` beside the config
+/// (`/etc/tunneld/server.env` for `server.toml`); an operator who can read it
+/// (root) should not have to export the token by hand. `KEY=value` lines, the
+/// value optionally quoted, as systemd reads them.
+fn token_from_env_file(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().rev().find_map(|line| {
+        let value = line.trim().strip_prefix(&format!("{}=", config::env_var_name("api.token")))?.trim();
+        let unquoted = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value);
+        Some(unquoted.to_string()).filter(|t| !t.is_empty())
+    })
 }
 
 fn base_url(config: &Config) -> String {

@@ -122,6 +122,13 @@ fn ctl_takes_the_token_from_the_environment_or_the_config_file() {
     let from_file = ctl(&server, Path::new(&with_token), &["list"], &[]);
     assert!(from_file.status.success(), "{}", stderr(&from_file));
     assert!(stdout(&from_file).contains("0 mapping(s)"));
+
+    // The packaged layout: server.toml without the token, server.env beside it
+    // with the unit's secrets.
+    let (env_dir, bare) = config_file("[log]\nlevel = \"info\"\n");
+    std::fs::write(env_dir.path().join("tunneld.env"), format!("TUNNELD_SERVER__SECRET=x\nTUNNELD_API__TOKEN=\"{TOKEN}\"\n")).unwrap();
+    let from_env_file = ctl(&server, Path::new(&bare), &["list"], &[]);
+    assert!(from_env_file.status.success(), "{}", stderr(&from_env_file));
 }
 
 #[test]
