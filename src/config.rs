@@ -220,6 +220,15 @@ pub fn load_for_reload(file: Option<&Path>, overrides: &[Override], role: Role) 
 
 /// Loads, merges and validates the configuration for `role`.
 pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
+    let config = merge(file, overrides)?;
+    config.validate(role)?;
+    Ok(config)
+}
+
+/// Loads and merges the configuration without checking it for a role: for tools
+/// such as `tunneld ctl` that only read a few keys (the API address and token) and
+/// must not refuse a file over an unrelated role's requirement.
+pub fn merge(file: Option<&Path>, overrides: &[Override]) -> Result<Config, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(Config::default()));
     match file {
         Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.to_path_buf())),
@@ -240,9 +249,7 @@ pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<C
     for o in overrides {
         figment = figment.merge(Serialized::default(o.key, &o.value));
     }
-    let config: Config = figment.extract().map_err(|e| ConfigError::Source(describe(e)))?;
-    config.validate(role)?;
-    Ok(config)
+    figment.extract().map_err(|e| ConfigError::Source(describe(e)))
 }
 
 impl Config {

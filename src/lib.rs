@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod forward;
 pub mod metered;
 pub mod metrics;

@@ -34,8 +34,81 @@ enum Command {
         #[arg(value_enum, default_value = "server")]
         role: Role,
     },
+    /// Talk to a running server's API: mappings, traffic, a live view.
+    Ctl(CtlArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The server's API, e.g. http://127.0.0.1:8080 (default: `api.listen` from the config).
+    #[arg(long, value_name = "URL", global = true)]
+    api: Option<String>,
+    /// Where `api.listen` and `api.token` are read (default: /etc/tunneld/server.toml when it
+    /// exists). The token may also come from TUNNELD_API__TOKEN.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// List the mappings.
+    List,
+    /// Create a mapping from PORT on the server to TARGET (HOST:PORT).
+    Create {
+        port: u16,
+        #[arg(value_name = "HOST:PORT")]
+        target: String,
+        /// Reach the target through the tunnel client instead of directly.
+        #[arg(long)]
+        tunnel: bool,
+        /// The tunnel client that reaches the target.
+        #[arg(long, value_name = "NAME", requires = "tunnel")]
+        client: Option<String>,
+    },
+    /// Remove the mapping on PORT.
+    Remove { port: u16 },
+    /// Traffic per mapping since the daemon started, in human units.
+    Stats,
+    /// A live view of per-port rates; q quits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(v),
+        _ => Err("must be a number of seconds between 0.2 and 3600".into()),
+    }
+}
+
+/// Runs one `ctl` subcommand; non-zero with the API's own message when it refuses.
+fn ctl(args: CtlArgs) -> ExitCode {
+    use std::time::Duration;
+    use tunneld::ctl;
+    let result = ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref()).and_then(|api| match args.command {
+        CtlCommand::List => ctl::list(&api).map(Some),
+        CtlCommand::Create { port, target, tunnel, client } => ctl::create(&api, port, &target, tunnel, client.as_deref()).map(Some),
+        CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
+        CtlCommand::Stats => ctl::stats(&api).map(Some),
+        CtlCommand::Top { interval } => ctl::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
+    });
+    match result {
+        Ok(output) => {
+            print!("{}", output.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tunneld ctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -91,15 +164,16 @@ fn collect(flags: &[(&'static str, &Option<String>)]) -> Vec<Override> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (role, file, overrides) = match &cli.command {
+    let (role, file, overrides) = match cli.command {
         Command::Version => {
             println!("tunneld {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Command::Ctl(args) => return ctl(args),
         Command::CheckConfig { config, role } => {
-            return match config::load(config.as_deref(), &[], *role) {
+            return match config::load(config.as_deref(), &[], role) {
                 Ok(cfg) => {
-                    print!("{}", cfg.to_masked_toml(*role));
+                    print!("{}", cfg.to_masked_toml(role));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
