@@ -147,9 +147,31 @@ fn bidi_and_zero_width_characters_are_refused_in_target_hosts() {
     assert_eq!(post_json(&server, "/api/mapping/create", &body.to_string()).0, 200, "punycode is fine");
 }
 
+/// Runs the daemon expecting it to exit on its own; one that is still running
+/// after 20 s (it started when it should not have) is killed and reported as
+/// exit code `None`.
 fn start_failure(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN).args(args).env_remove("STATE_DIRECTORY").output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("STATE_DIRECTORY")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(stderr.path()).unwrap_or_default())
 }
 
 #[test]
