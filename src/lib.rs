@@ -7,6 +7,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod forward;
+pub mod history;
 pub mod metered;
 pub mod metrics;
 pub mod protocol;

@@ -35,6 +35,9 @@ pub struct Metrics {
     tunnel_connected: IntGauge,
     tunnel_connected_since: Gauge,
     tunnel_sessions: IntCounterVec,
+    history_last_flush: Gauge,
+    /// When this process's counters began (Unix seconds).
+    started_at: f64,
 }
 
 /// Seconds since the Unix epoch, as Prometheus timestamps are.
@@ -91,6 +94,9 @@ impl Metrics {
         .expect("static metric definition");
         let tunnel_sessions = IntCounterVec::new(Opts::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome."), &["result"])
             .expect("static metric definition");
+        let history_last_flush =
+            Gauge::new("tunneld_history_last_flush_timestamp_seconds", "Unix time the history recorder last wrote to the database (0: not yet).")
+                .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -114,6 +120,7 @@ impl Metrics {
             Box::new(tunnel_connected.clone()),
             Box::new(tunnel_connected_since.clone()),
             Box::new(tunnel_sessions.clone()),
+            Box::new(history_last_flush.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -132,7 +139,43 @@ impl Metrics {
             tunnel_connected,
             tunnel_connected_since,
             tunnel_sessions,
+            history_last_flush,
+            started_at: unix_now(),
         }
+    }
+
+    /// When this process's counters began: `bytes_*` count from here.
+    pub fn started_at(&self) -> f64 {
+        self.started_at
+    }
+
+    pub fn history_flushed(&self, at: f64) {
+        self.history_last_flush.set(at);
+    }
+
+    /// Every mapping's byte counters (sent, received) and the tunnel's, read from
+    /// the registry without gathering the other families.
+    pub fn byte_totals(&self) -> (BTreeMap<u16, (u64, u64)>, (u64, u64)) {
+        use prometheus::core::Collector;
+        let mut ports: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
+        let direction = |m: &prometheus::proto::Metric| {
+            m.get_label().iter().find(|l| l.name() == "direction").map(|l| l.value() == SENT)
+        };
+        for family in self.mapping_bytes.collect() {
+            for m in family.get_metric() {
+                let Some(port) = m.get_label().iter().find(|l| l.name() == "port").and_then(|l| l.value().parse::<u16>().ok()) else {
+                    continue;
+                };
+                let entry = ports.entry(port).or_default();
+                match direction(m) {
+                    Some(true) => entry.0 = m.get_counter().value() as u64,
+                    Some(false) => entry.1 = m.get_counter().value() as u64,
+                    None => {}
+                }
+            }
+        }
+        let tunnel = (self.tunnel_bytes.with_label_values(&[SENT]).get(), self.tunnel_bytes.with_label_values(&[RECEIVED]).get());
+        (ports, tunnel)
     }
 
     /// Creates a mapping's series at 0 so dashboards see it from the start.

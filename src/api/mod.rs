@@ -6,6 +6,7 @@
 //! parse the body.
 
 mod assets;
+mod history;
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
@@ -26,6 +27,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::history::Recorder;
 use crate::metrics::{unix_now, Metrics};
 use crate::protocol::tokens_equal;
 use crate::server::mappings::{MappingError, Mappings, NewMapping};
@@ -41,6 +43,8 @@ pub struct AppState {
     pub mappings: Arc<Mappings>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<TunnelHub>,
+    /// Traffic history: lifetime totals and the stored buckets.
+    pub recorder: Arc<Recorder>,
     /// Empty: no authentication (only allowed on loopback, see config). Swapped
     /// in place on reload.
     pub token: Arc<RwLock<Arc<str>>>,
@@ -59,6 +63,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/mapping/list", get(list_mappings))
         .route("/api/stats/traffic", get(traffic))
         .route("/api/stats/stream", get(traffic_stream))
+        .route("/api/stats/history", get(history::history))
+        .route("/api/stats/report", get(history::report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(authenticated)
@@ -188,9 +194,11 @@ async fn list_mappings(State(state): State<AppState>) -> Response {
 /// The traffic report, every number read from the registry.
 async fn traffic_data(state: &AppState) -> Value {
     let snap = state.metrics.traffic();
+    let lifetime = state.recorder.lifetime();
     let views = state.mappings.list().await;
     let mut total_sent = 0u64;
     let mut total_received = 0u64;
+    let (mut lifetime_sent, mut lifetime_received) = (0u64, 0u64);
     let mut active = 0u64;
     let mappings: Vec<Value> = views
         .iter()
@@ -200,10 +208,17 @@ async fn traffic_data(state: &AppState) -> Value {
             total_sent += t.bytes_sent;
             total_received += t.bytes_received;
             active += t.active_connections;
+            // Never below since-start: bytes counted after the last flush are in both.
+            let (life_sent, life_received) = lifetime.get(&port).copied().unwrap_or_default();
+            let (life_sent, life_received) = (life_sent.max(t.bytes_sent), life_received.max(t.bytes_received));
+            lifetime_sent += life_sent;
+            lifetime_received += life_received;
             json!({
                 "port": port,
                 "bytes_sent": t.bytes_sent,
                 "bytes_received": t.bytes_received,
+                "lifetime_sent": life_sent,
+                "lifetime_received": life_received,
                 "last_update": t.last_update,
                 "active_connections": t.active_connections,
                 "connections_total": t.connections_total,
@@ -226,6 +241,9 @@ async fn traffic_data(state: &AppState) -> Value {
         "mappings": mappings,
         "total_sent": total_sent,
         "total_received": total_received,
+        "lifetime_sent": lifetime_sent,
+        "lifetime_received": lifetime_received,
+        "started_at": state.metrics.started_at(),
         "timestamp": unix_now(),
         "mapping_count": views.len(),
         "active_connections": active,
@@ -276,6 +294,12 @@ fn sse<S: Stream<Item = Result<Event, Infallible>> + Send + 'static>(events: S) 
     // Reverse proxies (nginx) would otherwise buffer the stream.
     headers.insert("X-Accel-Buffering", header::HeaderValue::from_static("no"));
     (headers, Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+impl AppState {
+    fn recorder_store(&self) -> &crate::store::Store {
+        self.recorder.store()
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
