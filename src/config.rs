@@ -156,9 +156,7 @@ impl HistoryConfig {
             invalid("history.utc_offset", format!("{:?} is not an offset like +08:00 or -05:30 (at most 14 h)", self.utc_offset))
         })?;
         let retention = |key, text: &str, min_secs: i64, min_text: &str| {
-            let secs = parse_retention(text).ok_or_else(|| {
-                invalid(key, format!("{text:?} is not a duration like 48h, 90d or 5y"))
-            })?;
+            let secs = parse_retention(text).ok_or_else(|| invalid(key, format!("{text:?} is not a duration like 48h, 90d or 5y")))?;
             if secs < min_secs {
                 return Err(invalid(key, format!("must be at least {min_text}")));
             }
@@ -378,12 +376,9 @@ impl Config {
         shown.api.token = mask(&shown.api.token, "");
         shown.client.secret = mask(&shown.client.secret, "");
         let value = match role {
-            Role::Server => toml::to_string_pretty(&ServerView {
-                server: &shown.server,
-                api: &shown.api,
-                history: &shown.history,
-                log: &shown.log,
-            }),
+            Role::Server => {
+                toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, history: &shown.history, log: &shown.log })
+            }
             Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
         };
         value.unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

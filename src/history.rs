@@ -119,11 +119,8 @@ impl Recorder {
                 })
                 .filter(|d| d.sent > 0 || d.received > 0)
                 .collect();
-            let tunnel_delta = Delta {
-                key: DEFAULT_CLIENT.to_string(),
-                sent: growth(tunnel.0, base.tunnel.0),
-                received: growth(tunnel.1, base.tunnel.1),
-            };
+            let tunnel_delta =
+                Delta { key: DEFAULT_CLIENT.to_string(), sent: growth(tunnel.0, base.tunnel.0), received: growth(tunnel.1, base.tunnel.1) };
             (deltas, tunnel_delta)
         };
         let s = self.settings;
@@ -150,7 +147,13 @@ impl Recorder {
             base.tunnel = tunnel;
         }
         self.metrics.history_flushed(at as f64);
-        debug!(mappings = deltas.len(), pruned_minute = pruned.minute, pruned_hour = pruned.hour, pruned_day = pruned.day, "history flushed");
+        debug!(
+            mappings = deltas.len(),
+            pruned_minute = pruned.minute,
+            pruned_hour = pruned.hour,
+            pruned_day = pruned.day,
+            "history flushed"
+        );
         Ok(pruned)
     }
 
@@ -192,5 +195,154 @@ impl Recorder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HistoryConfig;
+    use crate::store::history::{days_from_civil, Step};
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    const PLUS_8: &str = "+08:00";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        metrics: Arc<Metrics>,
+        now: Arc<AtomicI64>,
+        recorder: Recorder,
+    }
+
+    async fn fixture(offset: &str, start: i64, batch: i64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let now = Arc::new(AtomicI64::new(start));
+        let settings = HistoryConfig { utc_offset: offset.into(), ..HistoryConfig::default() }.settings().unwrap();
+        let clock_now = now.clone();
+        let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+        let recorder = Recorder::new(store.clone(), metrics.clone(), settings, clock).await.unwrap().with_retention_batch(batch);
+        Fixture { _dir: dir, store, metrics, now, recorder }
+    }
+
+    /// 2026-11-29 at `h:m` UTC.
+    fn utc(h: i64, m: i64) -> i64 {
+        days_from_civil(2026, 11, 29) * 86_400 + h * 3600 + m * 60
+    }
+
+    #[tokio::test]
+    async fn deltas_roll_up_into_hours_and_local_days_without_double_counting() {
+        let f = fixture(PLUS_8, utc(15, 58), RETENTION_BATCH).await;
+        let a = f.metrics.add_mapping(4000);
+        let b = f.metrics.add_mapping(4001);
+        a.sent.inc_by(100);
+        a.received.inc_by(10);
+        f.recorder.flush().await.unwrap();
+        // A flush with nothing new adds nothing.
+        f.recorder.flush().await.unwrap();
+        a.sent.inc_by(50);
+        b.received.inc_by(7);
+        f.now.store(utc(15, 59), Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        // 16:01 UTC is 00:01 on the 30th at +08:00: a new local day.
+        a.sent.inc_by(1000);
+        f.now.store(utc(16, 1), Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+
+        let minutes = f.store.history_points(Step::Minute, Some(4000), utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
+        let sent: Vec<(i64, u64)> = minutes.iter().map(|p| (p.t, p.bytes_sent)).collect();
+        assert_eq!(sent, vec![(utc(15, 58), 100), (utc(15, 59), 50), (utc(16, 1), 1000)], "minute 16:00 was not recorded: a gap");
+        let hours = f.store.history_points(Step::Hour, None, utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
+        assert_eq!(hours.iter().map(|p| (p.bytes_sent, p.bytes_received)).collect::<Vec<_>>(), vec![(150, 17), (1000, 0)]);
+        let local_day_29 = days_from_civil(2026, 11, 29) * 86_400 - 8 * 3600;
+        let report = f.store.history_report(Step::Day, local_day_29, local_day_29 + 2 * 86_400, 8 * 3600).await.unwrap();
+        let rows: Vec<(String, u16, u64, u64)> =
+            report.iter().map(|r| (r.period.clone(), r.port, r.bytes_sent, r.bytes_received)).collect();
+        assert_eq!(
+            rows,
+            vec![("2026-11-29".into(), 4000, 150, 10), ("2026-11-29".into(), 4001, 0, 7), ("2026-11-30".into(), 4000, 1000, 0)]
+        );
+        // At +08:00 both local days are in November.
+        let month = f.store.history_report(Step::Month, local_day_29, local_day_29 + 2 * 86_400, 8 * 3600).await.unwrap();
+        assert_eq!(
+            month.iter().map(|r| (r.period.as_str(), r.port, r.bytes_sent)).collect::<Vec<_>>(),
+            vec![("2026-11", 4000, 1150), ("2026-11", 4001, 0)]
+        );
+
+        // Unflushed bytes are in the lifetime totals at once.
+        b.sent.inc_by(5);
+        assert_eq!(f.recorder.lifetime().get(&4001), Some(&(5, 7)));
+        assert_eq!(f.recorder.lifetime().get(&4000), Some(&(1150, 10)));
+    }
+
+    #[tokio::test]
+    async fn a_restarted_process_continues_the_totals_without_recounting() {
+        let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
+        let m = f.metrics.add_mapping(5000);
+        m.sent.inc_by(300);
+        f.recorder.flush().await.unwrap();
+        // A new process: fresh counters from 0, same database.
+        let metrics = Arc::new(Metrics::new());
+        let settings = HistoryConfig::default().settings().unwrap();
+        let restarted = Recorder::new(f.store.clone(), metrics.clone(), settings, Arc::new(|| utc(10, 5))).await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(300, 0)));
+        let m2 = metrics.add_mapping(5000);
+        m2.sent.inc_by(20);
+        restarted.flush().await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(320, 0)));
+        let day = f.store.history_points(Step::Day, Some(5000), utc(0, 0), utc(24, 0), 0).await.unwrap();
+        assert_eq!(day[0].bytes_sent, 320);
+        // A mapping removed and created again starts its counters at 0: counted from there.
+        metrics.remove_mapping(5000);
+        let m3 = metrics.add_mapping(5000);
+        m3.sent.inc_by(4);
+        restarted.flush().await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(324, 0)));
+    }
+
+    #[tokio::test]
+    async fn retention_expires_each_resolution_in_bounded_steps() {
+        let start = utc(0, 0);
+        let f = fixture("+00:00", start, 7).await;
+        let m = f.metrics.add_mapping(6000);
+        // 30 minutes of traffic, one flush a minute.
+        for minute in 0..30 {
+            f.now.store(start + minute * 60, Ordering::SeqCst);
+            m.sent.inc_by(1);
+            f.recorder.flush().await.unwrap();
+        }
+        let count = |step| {
+            let store = f.store.clone();
+            async move { store.history_points(step, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap() }
+        };
+        assert_eq!(count(Step::Minute).await.len(), 30);
+        // Three days later: minutes (kept 2 days) expire, 7 rows per table per flush
+        // (30 minute rows + 30 coverage rows = 60 rows: 5 flushes of 14).
+        f.now.store(start + 3 * 86_400, Ordering::SeqCst);
+        let mut steps = Vec::new();
+        loop {
+            let pruned = f.recorder.flush().await.unwrap();
+            steps.push(pruned.minute);
+            if pruned.minute == 0 {
+                break;
+            }
+        }
+        assert_eq!(steps, vec![14, 14, 14, 14, 4, 0]);
+        let minutes = f.store.history_points(Step::Minute, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap();
+        assert!(minutes.is_empty(), "{minutes:?}");
+        // Hours (90 days) and days (5 years) still hold every byte.
+        assert_eq!(count(Step::Hour).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 30);
+        // 100 days later the hour is gone, the day remains.
+        f.now.store(start + 100 * 86_400, Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        assert_eq!(count(Step::Hour).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
+        assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 30);
+        // Six years later the day is gone too; the lifetime total is not history and stays.
+        f.now.store(start + 6 * 365 * 86_400, Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
+        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&6000), Some(&(30, 0)));
     }
 }

@@ -94,9 +94,11 @@ impl Metrics {
         .expect("static metric definition");
         let tunnel_sessions = IntCounterVec::new(Opts::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome."), &["result"])
             .expect("static metric definition");
-        let history_last_flush =
-            Gauge::new("tunneld_history_last_flush_timestamp_seconds", "Unix time the history recorder last wrote to the database (0: not yet).")
-                .expect("static metric definition");
+        let history_last_flush = Gauge::new(
+            "tunneld_history_last_flush_timestamp_seconds",
+            "Unix time the history recorder last wrote to the database (0: not yet).",
+        )
+        .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -158,9 +160,7 @@ impl Metrics {
     pub fn byte_totals(&self) -> (BTreeMap<u16, (u64, u64)>, (u64, u64)) {
         use prometheus::core::Collector;
         let mut ports: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
-        let direction = |m: &prometheus::proto::Metric| {
-            m.get_label().iter().find(|l| l.name() == "direction").map(|l| l.value() == SENT)
-        };
+        let direction = |m: &prometheus::proto::Metric| m.get_label().iter().find(|l| l.name() == "direction").map(|l| l.value() == SENT);
         for family in self.mapping_bytes.collect() {
             for m in family.get_metric() {
                 let Some(port) = m.get_label().iter().find(|l| l.name() == "port").and_then(|l| l.value().parse::<u16>().ok()) else {

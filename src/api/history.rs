@@ -54,7 +54,14 @@ fn step_param(map: &HashMap<String, String>, key: &str, default: Step, allowed: 
 }
 
 /// `from` and `to` with their defaults, checked: ordered and not too many buckets.
-fn range(map: &HashMap<String, String>, step: Step, default_span: i64, now: i64, limit: i64, utc_offset: i64) -> Result<(i64, i64), ApiError> {
+fn range(
+    map: &HashMap<String, String>,
+    step: Step,
+    default_span: i64,
+    now: i64,
+    limit: i64,
+    utc_offset: i64,
+) -> Result<(i64, i64), ApiError> {
     let to = time_param(map, "to", now)?;
     let from = time_param(map, "from", (to - default_span).max(0))?;
     if from >= to {
@@ -126,10 +133,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         )
             .into_response());
     }
-    Ok(success(
-        "ok",
-        json!({"period": period.name(), "from": from, "to": to, "utc_offset": utc_offset_text(offset), "rows": rows}),
-    ))
+    Ok(success("ok", json!({"period": period.name(), "from": from, "to": to, "utc_offset": utc_offset_text(offset), "rows": rows})))
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are

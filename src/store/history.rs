@@ -268,22 +268,22 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> Result<Pruned, StoreError> {
 
     let mut pruned = Pruned::default();
     let cutoffs = [f.keep_minutes_from, f.keep_hours_from, f.keep_days_from];
-    for ((mapping_table, tunnel_table), (cutoff, count)) in MAPPING_TABLES
-        .iter()
-        .zip(TUNNEL_TABLES)
-        .zip(cutoffs.into_iter().zip([&mut pruned.minute, &mut pruned.hour, &mut pruned.day]))
+    for ((mapping_table, tunnel_table), (cutoff, count)) in
+        MAPPING_TABLES.iter().zip(TUNNEL_TABLES).zip(cutoffs.into_iter().zip([&mut pruned.minute, &mut pruned.hour, &mut pruned.day]))
     {
         // Oldest first, through the primary key: a range scan that stops at the limit.
-        *count += tx.prepare_cached(&format!(
-            "DELETE FROM {mapping_table} WHERE (t, port) IN
+        *count += tx
+            .prepare_cached(&format!(
+                "DELETE FROM {mapping_table} WHERE (t, port) IN
                (SELECT t, port FROM {mapping_table} WHERE t < ?1 ORDER BY t LIMIT ?2)"
-        ))?
-        .execute(params![cutoff, f.retention_batch])?;
-        *count += tx.prepare_cached(&format!(
-            "DELETE FROM {tunnel_table} WHERE (t, client) IN
+            ))?
+            .execute(params![cutoff, f.retention_batch])?;
+        *count += tx
+            .prepare_cached(&format!(
+                "DELETE FROM {tunnel_table} WHERE (t, client) IN
                (SELECT t, client FROM {tunnel_table} WHERE t < ?1 ORDER BY t LIMIT ?2)"
-        ))?
-        .execute(params![cutoff, f.retention_batch])?;
+            ))?
+            .execute(params![cutoff, f.retention_batch])?;
     }
     pruned.minute += tx
         .prepare_cached("DELETE FROM history_coverage WHERE t IN (SELECT t FROM history_coverage WHERE t < ?1 ORDER BY t LIMIT ?2)")?
@@ -292,7 +292,14 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> Result<Pruned, StoreError> {
 }
 
 /// Sums per bucket start of `step` over `[from, to)`, one port or all.
-fn sums(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> Result<BTreeMap<i64, (u64, u64)>, StoreError> {
+fn sums(
+    conn: &Connection,
+    step: Step,
+    port: Option<u16>,
+    from: i64,
+    to: i64,
+    utc_offset: i64,
+) -> Result<BTreeMap<i64, (u64, u64)>, StoreError> {
     let table = step.table();
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT t, SUM(sent), SUM(received) FROM {table}
@@ -345,9 +352,8 @@ pub fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i
     let first = period.bucket_start(from, utc_offset);
     let table = period.table();
     let mut stmt = conn.prepare_cached(&format!("SELECT t, port, sent, received FROM {table} WHERE t >= ?1 AND t < ?2"))?;
-    let rows = stmt.query_map(params![first, to], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
-    })?;
+    let rows =
+        stmt.query_map(params![first, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
     let mut totals: BTreeMap<(i64, u16), (u64, u64)> = BTreeMap::new();
     for row in rows {
         let (t, port, sent, received) = row?;
@@ -389,7 +395,8 @@ pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> Resul
         Step::Hour => TUNNEL_TABLES[1],
         Step::Day | Step::Month => TUNNEL_TABLES[2],
     };
-    let mut stmt = conn.prepare_cached(&format!("SELECT t, client, sent, received FROM {table} WHERE t >= ?1 AND t < ?2 ORDER BY t, client"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT t, client, sent, received FROM {table} WHERE t >= ?1 AND t < ?2 ORDER BY t, client"))?;
     let rows = stmt.query_map(params![from, to], |r| {
         Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, to_u64(r.get::<_, i64>(2)?), to_u64(r.get::<_, i64>(3)?)))
     })?;
@@ -408,7 +415,14 @@ impl Store {
         .await
     }
 
-    pub async fn history_points(&self, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> Result<Vec<Point>, StoreError> {
+    pub async fn history_points(
+        &self,
+        step: Step,
+        port: Option<u16>,
+        from: i64,
+        to: i64,
+        utc_offset: i64,
+    ) -> Result<Vec<Point>, StoreError> {
         self.with_conn(move |conn| points(conn, step, port, from, to, utc_offset)).await
     }
 
