@@ -280,9 +280,12 @@
     setCard(c.tunnelRecv, formatBytes(d.tunnel.bytes_received), { 'data-bytes': d.tunnel.bytes_received });
     // "Total" counts since this daemon started; say since when, and show the
     // lifetime figure (across restarts) beside it.
-    const since = d.started_at ? `since start ${formatClock(d.started_at)}` : 'since the daemon started';
-    setSub(c.totalSent, rates.sent == null ? since : `${formatRate(rates.sent)} now · ${since}`);
-    setSub(c.totalRecv, rates.recv == null ? since : `${formatRate(rates.recv)} now · ${since}`);
+    const since = d.started_at ? `since ${formatAxisClock(d.started_at)}` : 'since the daemon started';
+    setSub(c.totalSent, rates.sent == null ? since : `${since} · ${formatRate(rates.sent)}`);
+    setSub(c.totalRecv, rates.recv == null ? since : `${since} · ${formatRate(rates.recv)}`);
+    const sinceTitle = d.started_at ? `Counted since the daemon started (${formatClock(d.started_at)}); lifetime: across restarts` : '';
+    $('[data-role="sub"]', c.totalSent).title = sinceTitle;
+    $('[data-role="sub"]', c.totalRecv).title = sinceTitle;
     setLifetime(c.totalSent, d.lifetime_sent);
     setLifetime(c.totalRecv, d.lifetime_received);
     setSub(c.tunnelSent, rates.tunnelSent == null ? 'wire bytes to the client' : `${formatRate(rates.tunnelSent)} now`);
