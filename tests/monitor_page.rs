@@ -752,7 +752,10 @@ fn monitor_page_renders_live_traffic_offline() {
     // The outage is a gap on the time axis, not two adjacent points.
     let samples = page["samples"].as_u64().unwrap();
     browser.wait_for("samples after the outage", &format!("Number(document.body.dataset.samples) >= {}", samples + 3));
-    browser.wait_for("a gap where the daemon was away", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.gaps) >= 1"#);
+    browser.wait_for(
+        "a gap where the daemon was away",
+        r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.gaps) >= 1"#,
+    );
     browser.screenshot("monitor-after-outage.png");
     drop(client);
 }
@@ -879,7 +882,11 @@ const TABLE_FIT_JS: &str = r#"(() => {
 })()"#;
 
 fn get_with_token(daemon: &Daemon, path: &str, token: &str) -> ureq::Response {
-    ureq::get(&daemon.url(path)).set("Authorization", &format!("Bearer {token}")).timeout(Duration::from_secs(10)).call().unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    ureq::get(&daemon.url(path))
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 fn data_with_token(daemon: &Daemon, path: &str, token: &str) -> Value {
@@ -938,7 +945,11 @@ fn history_view_matches_the_api_and_downloads_csv() {
     common::wait_for("a complete minute of history", Duration::from_secs(75), || {
         let now = now_secs() as i64;
         let data = data_with_token(&daemon, &format!("/api/stats/history?step=minute&from={}&to={now}", now - 1800), TOKEN);
-        data["points"].as_array()?.iter().any(|p| p["t"].as_i64().unwrap() + 60 <= now && p["bytes_sent"].as_u64().unwrap() > 0).then_some(())
+        data["points"]
+            .as_array()?
+            .iter()
+            .any(|p| p["t"].as_i64().unwrap() + 60 <= now && p["bytes_sent"].as_u64().unwrap() > 0)
+            .then_some(())
     });
 
     let (canary_addr, canary) = canary_proxy();
@@ -950,7 +961,10 @@ fn history_view_matches_the_api_and_downloads_csv() {
     browser.wait_for("the live stream", &state_is("live"));
     assert_eq!(browser.eval("location.search"), json!("?interval_ms=250"), "the token left the address bar");
     browser.wait_for("the history view", r#"document.querySelector('[data-testid="history"]').dataset.state === 'ready'"#);
-    browser.wait_for("the minute history in the live chart", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.historyPoints) >= 1"#);
+    browser.wait_for(
+        "the minute history in the live chart",
+        r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.historyPoints) >= 1"#,
+    );
 
     // Every range, all mappings: bars = the API's points, totals = the API's sums.
     for (range, step, period) in [("24h", "hour", "hour"), ("7d", "hour", "hour"), ("30d", "day", "day"), ("12mo", "month", "month")] {
@@ -960,7 +974,12 @@ fn history_view_matches_the_api_and_downloads_csv() {
             &format!("document.querySelector('[data-testid=\"history\"]').dataset.state === 'ready' && document.querySelector('[data-testid=\"history-chart\"]').dataset.step === '{step}'"),
         );
         let view = browser.eval(HISTORY_JS);
-        let span = match range { "24h" => 86_400, "7d" => 7 * 86_400, "30d" => 30 * 86_400, _ => 334 * 86_400 };
+        let span = match range {
+            "24h" => 86_400,
+            "7d" => 7 * 86_400,
+            "30d" => 30 * 86_400,
+            _ => 334 * 86_400,
+        };
         let to = now_secs() as i64;
         let series = data_with_token(&daemon, &format!("/api/stats/history?step={step}&from={}&to={to}", to - span), TOKEN);
         let points = series["points"].as_array().unwrap();
@@ -974,7 +993,13 @@ fn history_view_matches_the_api_and_downloads_csv() {
         assert_eq!(view["sent_text"], json!(format_bytes(2_340_000)));
         let report = data_with_token(&daemon, &format!("/api/stats/report?period={period}&from={}&to={to}", to - span), TOKEN);
         for row in view["rows"].as_array().unwrap() {
-            let want: u64 = report["rows"].as_array().unwrap().iter().filter(|r| r["port"] == row["port"]).map(|r| r["bytes_sent"].as_u64().unwrap()).sum();
+            let want: u64 = report["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["port"] == row["port"])
+                .map(|r| r["bytes_sent"].as_u64().unwrap())
+                .sum();
             assert_eq!(row["sent"], json!(want), "{range}: {row}");
             assert_eq!(row["sent_text"], json!(format_bytes(want)));
         }
@@ -983,7 +1008,10 @@ fn history_view_matches_the_api_and_downloads_csv() {
     }
 
     // One mapping.
-    browser.eval(&format!("(() => {{ const s = document.querySelector('#history-port'); s.value = '{}'; s.dispatchEvent(new Event('change')); }})()", ports[1]));
+    browser.eval(&format!(
+        "(() => {{ const s = document.querySelector('#history-port'); s.value = '{}'; s.dispatchEvent(new Event('change')); }})()",
+        ports[1]
+    ));
     browser.wait_for("one mapping", &format!("document.querySelector('#history-sub').textContent.startsWith(':{}')", ports[1]));
     browser.wait_for("its totals", r#"document.querySelector('[data-testid="history"]').dataset.state === 'ready'"#);
     let view = browser.eval(HISTORY_JS);
@@ -1008,7 +1036,10 @@ fn history_view_matches_the_api_and_downloads_csv() {
 
     // The mappings table between 720 and 1,000 px: nothing cut off, the long error
     // status wraps between words.
-    browser.wait_for("the error status", r#"[...document.querySelectorAll('[data-testid="mapping-row"]')].some((r) => r.dataset.status.startsWith('error'))"#);
+    browser.wait_for(
+        "the error status",
+        r#"[...document.querySelectorAll('[data-testid="mapping-row"]')].some((r) => r.dataset.status.startsWith('error'))"#,
+    );
     for width in [720, 780, 860, 1000] {
         browser.set_viewport(width, 1000, false);
         browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
@@ -1025,7 +1056,13 @@ fn history_view_matches_the_api_and_downloads_csv() {
             assert_eq!(status["word_break"], json!("normal"), "{fit:#}");
             assert_eq!(status["overflow_wrap"], json!("normal"), "{fit:#}");
         }
-        let error = fit["statuses"].as_array().unwrap().iter().find(|s| s["text"].as_str().unwrap().starts_with("Error")).expect("error badge").clone();
+        let error = fit["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["text"].as_str().unwrap().starts_with("Error"))
+            .expect("error badge")
+            .clone();
         assert!(error["text"].as_str().unwrap().contains("in use"), "the whole status is there: {error}");
     }
     browser.set_viewport(1920, 1080, false);
