@@ -20,6 +20,7 @@
 (() => {
   const TOKEN_KEY = 'tunneld.apiToken';
   const LIVE_WINDOW_SECS = 30 * 60; // the live chart shows the last 30 minutes
+  const MIN_WINDOW_SECS = 5 * 60;
   const DEFAULT_INTERVAL_MS = 3000;
   const MIN_INTERVAL_MS = 250; // the daemon's own lower bound for ?interval_ms
   const SSE_RETRY_MS = 15000; // while polling, how often to try the stream again
@@ -569,8 +570,13 @@
     chart.data.datasets[0].data = series.sent;
     chart.data.datasets[1].data = series.recv;
     const now = serverNow();
-    chart.options.scales.x.min = now - LIVE_WINDOW_SECS;
+    // Up to 30 minutes; while less is known (a fresh daemon), just what is known,
+    // but at least 5 minutes, so a new page is not one spike at the right edge.
+    const oldest = live.points.length ? live.points[0].x : now;
+    chart.options.scales.x.min = Math.max(now - LIVE_WINDOW_SECS, Math.min(oldest, now - MIN_WINDOW_SECS));
     chart.options.scales.x.max = now;
+    // A tick per minute on a short axis, every 5 minutes on the full 30.
+    chart.options.scales.x.ticks.stepSize = now - chart.options.scales.x.min > 10 * 60 ? 300 : 60;
     const visible = live.points.filter((p) => p.x >= now - LIVE_WINDOW_SECS);
     const max = Math.max(0, ...visible.map((p) => Math.max(p.sent, p.recv)));
     const y = chart.options.scales.y;
@@ -952,7 +958,9 @@
       hist.chart.data.labels = labels;
       hist.chart.data.datasets[0].data = sent;
       hist.chart.data.datasets[1].data = recv;
-      hist.chart.options.scales.y.ticks.stepSize = niceStep(Math.max(0, ...sent, ...recv));
+      const max = Math.max(0, ...sent, ...recv);
+      hist.chart.options.scales.y.ticks.stepSize = niceStep(max);
+      hist.chart.options.scales.y.suggestedMax = max > 0 ? undefined : 1024; // an empty range still gets a sane axis
       hist.chart.update('none');
     }
     const rows = [...totals.entries()]
@@ -988,7 +996,8 @@
             beginAtZero: true,
             grid: { color: col.grid },
             border: { display: false },
-            ticks: { color: col.muted, callback: (v) => formatBytes(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ') },
+            suggestedMax: 1024,
+            ticks: { color: col.muted, stepSize: niceStep(0), callback: (v) => formatBytes(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ') },
           },
         },
       },
