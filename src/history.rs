@@ -157,6 +157,14 @@ impl Recorder {
         Ok(pruned)
     }
 
+    /// [`Recorder::flush`] for callers that cannot do more about a failure than
+    /// log it (the bytes stay in the next flush's delta).
+    pub async fn flush_logged(&self) {
+        if let Err(e) = self.flush().await {
+            warn!(error = %e, "traffic history flush failed; retried at the next interval");
+        }
+    }
+
     /// Lifetime (sent, received) per port: stored totals plus what the counters
     /// gained since the last flush — exact at any moment.
     pub fn lifetime(&self) -> BTreeMap<u16, (u64, u64)> {

@@ -192,3 +192,23 @@ fn report_csv_parses_and_bad_queries_are_refused() {
         assert!(message.contains(needle), "{query}: {message}");
     }
 }
+
+#[test]
+fn a_removed_mapping_keeps_its_history_and_a_new_one_on_its_port_counts_from_zero() {
+    let (_cfg_dir, config) = config_file("[history]\ninterval_secs = 60\n");
+    let d = Daemon::server(SECRET, &["--config", &config]);
+    let echo = echo_server();
+    let port = free_port();
+    create_mapping(&d, port, echo, false);
+    // With a 60 s interval no periodic flush comes in between: removal records it.
+    push(port, 7_000);
+    let (status, body) = http("POST", &d.url("/api/mapping/remove"), Some(&format!(r#"{{"port": {port}}}"#)));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(history_sums(&d, port), (7_000, 7_000), "the removed mapping's bytes are in the history");
+    create_mapping(&d, port, echo, false);
+    push(port, 500);
+    assert_eq!(lifetime(&d, port), (7_500, 7_500), "the port's lifetime continues, counting the new mapping from 0");
+    let report = get_data(&d, "/api/stats/report?period=day");
+    let row = report["rows"].as_array().unwrap().iter().find(|r| r["port"] == port).cloned().expect("report row");
+    assert_eq!(row["bytes_sent"], 7_000, "{report}");
+}

@@ -181,7 +181,12 @@ async fn create_mapping(State(state): State<AppState>, body: Result<Bytes, Bytes
 
 async fn remove_mapping(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let port = port_field(&json_body(body)?, "port")?;
+    // The mapping's series vanish with it: record what it moved since the last
+    // flush first, and flush again after, so a new mapping on the same port
+    // counts from its own zero.
+    state.recorder.flush_logged().await;
     state.mappings.remove(port).await?;
+    state.recorder.flush_logged().await;
     Ok(success("mapping removed", json!({"port": port})))
 }
 
