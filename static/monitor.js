@@ -533,8 +533,12 @@
   }
 
   /** Axis labels drop trailing zeros: "2.50 MiB/s" -> "2.5 MiB/s", "2.00" -> "2". */
+  function trimZeros(label) {
+    return label.replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ');
+  }
+
   function formatTick(v) {
-    return formatRate(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ');
+    return trimZeros(formatRate(v));
   }
 
   function formatAxisClock(unixSecs) {
@@ -997,7 +1001,7 @@
             grid: { color: col.grid },
             border: { display: false },
             suggestedMax: 1024,
-            ticks: { color: col.muted, stepSize: niceStep(0), callback: (v) => formatBytes(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ') },
+            ticks: { color: col.muted, stepSize: niceStep(0), callback: (v) => trimZeros(formatBytes(v)) },
           },
         },
       },

@@ -236,27 +236,31 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// Adds each delta to its bucket (one per table, starting at `starts`) of
+/// `tables`, whose key column is `key`.
+fn add_to_buckets<K: rusqlite::ToSql>(
+    tx: &Transaction<'_>,
+    tables: [&str; 3],
+    key: &str,
+    starts: [i64; 3],
+    deltas: &[Delta<K>],
+) -> Result<(), StoreError> {
+    for (table, t) in tables.iter().zip(starts) {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO {table} (t, {key}, sent, received) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (t, {key}) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received"
+        ))?;
+        for d in deltas {
+            stmt.execute(params![t, d.key, to_i64(d.sent), to_i64(d.received)])?;
+        }
+    }
+    Ok(())
+}
+
 fn write_flush(tx: &Transaction<'_>, f: &Flush) -> Result<Pruned, StoreError> {
-    let steps = [Step::Minute, Step::Hour, Step::Day];
-    let starts = steps.map(|s| s.bucket_start(f.at, f.utc_offset));
-    for (table, t) in MAPPING_TABLES.iter().zip(starts) {
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO {table} (t, port, sent, received) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (t, port) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received"
-        ))?;
-        for d in &f.mappings {
-            stmt.execute(params![t, d.key, to_i64(d.sent), to_i64(d.received)])?;
-        }
-    }
-    for (table, t) in TUNNEL_TABLES.iter().zip(starts) {
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO {table} (t, client, sent, received) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (t, client) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received"
-        ))?;
-        for d in &f.tunnel {
-            stmt.execute(params![t, d.key, to_i64(d.sent), to_i64(d.received)])?;
-        }
-    }
+    let starts = [Step::Minute, Step::Hour, Step::Day].map(|s| s.bucket_start(f.at, f.utc_offset));
+    add_to_buckets(tx, MAPPING_TABLES, "port", starts, &f.mappings)?;
+    add_to_buckets(tx, TUNNEL_TABLES, "client", starts, &f.tunnel)?;
     let mut lifetime = tx.prepare_cached(
         "INSERT INTO history_lifetime (port, sent, received) VALUES (?1, ?2, ?3)
          ON CONFLICT (port) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received",
