@@ -21,13 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
-use crate::metrics::Metrics;
+use crate::metrics::{ByteTotals, Metrics};
 use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
-
-/// Tunnel wire bytes are recorded per client; until the server serves named
-/// clients (DESIGN.md "Clients"), its one client is `default`.
-pub const DEFAULT_CLIENT: &str = "default";
 
 /// Unix seconds now; replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -52,7 +48,8 @@ pub struct Recorder {
 struct Baseline {
     /// Counter values at the last successful flush.
     mappings: BTreeMap<u16, (u64, u64)>,
-    tunnel: (u64, u64),
+    /// Tunnel wire bytes per client (`default` until clients have names).
+    tunnel: BTreeMap<String, (u64, u64)>,
     /// Stored lifetime totals, kept in step with the database after each commit.
     lifetime: BTreeMap<u16, (u64, u64)>,
 }
@@ -65,6 +62,17 @@ fn growth(now: u64, before: u64) -> u64 {
     } else {
         now
     }
+}
+
+/// What each counter pair gained since `base`; pairs that did not move are left out.
+fn deltas_since<K: Ord + Clone>(now: &BTreeMap<K, (u64, u64)>, base: &BTreeMap<K, (u64, u64)>) -> Vec<Delta<K>> {
+    now.iter()
+        .map(|(key, &(sent, received))| {
+            let (bs, br) = base.get(key).copied().unwrap_or_default();
+            Delta { key: key.clone(), sent: growth(sent, bs), received: growth(received, br) }
+        })
+        .filter(|d| d.sent > 0 || d.received > 0)
+        .collect()
 }
 
 impl Recorder {
@@ -108,27 +116,17 @@ impl Recorder {
     pub async fn flush(&self) -> Result<Pruned, StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         let at = self.now();
-        let (mappings, tunnel) = self.metrics.byte_totals();
-        let (deltas, tunnel_delta) = {
+        let ByteTotals { mappings, tunnel } = self.metrics.byte_totals();
+        let (deltas, tunnel_deltas) = {
             let base = self.baseline();
-            let deltas: Vec<Delta<u16>> = mappings
-                .iter()
-                .map(|(&port, &(sent, received))| {
-                    let (bs, br) = base.mappings.get(&port).copied().unwrap_or_default();
-                    Delta { key: port, sent: growth(sent, bs), received: growth(received, br) }
-                })
-                .filter(|d| d.sent > 0 || d.received > 0)
-                .collect();
-            let tunnel_delta =
-                Delta { key: DEFAULT_CLIENT.to_string(), sent: growth(tunnel.0, base.tunnel.0), received: growth(tunnel.1, base.tunnel.1) };
-            (deltas, tunnel_delta)
+            (deltas_since(&mappings, &base.mappings), deltas_since(&tunnel, &base.tunnel))
         };
         let s = self.settings;
         let flush = Flush {
             at,
             utc_offset: s.utc_offset_secs,
             mappings: deltas.clone(),
-            tunnel: if tunnel_delta.sent > 0 || tunnel_delta.received > 0 { vec![tunnel_delta] } else { vec![] },
+            tunnel: tunnel_deltas,
             keep_minutes_from: at - s.minute_retention_secs,
             keep_hours_from: at - s.hour_retention_secs,
             keep_days_from: at - s.day_retention_secs,
@@ -170,7 +168,7 @@ impl Recorder {
     pub fn lifetime(&self) -> BTreeMap<u16, (u64, u64)> {
         let base = self.baseline();
         // Read under the lock: a flush updates baseline and lifetime together.
-        let (now, _) = self.metrics.byte_totals();
+        let now = self.metrics.byte_totals().mappings;
         let mut out = base.lifetime.clone();
         for (port, (sent, received)) in now {
             let (bs, br) = base.mappings.get(&port).copied().unwrap_or_default();
@@ -290,7 +288,14 @@ mod tests {
         let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
         let m = f.metrics.add_mapping(5000);
         m.sent.inc_by(300);
+        // Tunnel wire bytes go to the `default` client's buckets.
+        let (wire_out, wire_in) = f.metrics.tunnel_meters();
+        wire_out.record(900);
+        wire_in.record(80);
         f.recorder.flush().await.unwrap();
+        f.recorder.flush().await.unwrap();
+        let tunnel = f.store.tunnel_history(Step::Day, utc(0, 0), utc(24, 0)).await.unwrap();
+        assert_eq!(tunnel, vec![(utc(0, 0), "default".to_string(), 900, 80)]);
         // A new process: fresh counters from 0, same database.
         let metrics = Arc::new(Metrics::new());
         let settings = HistoryConfig::default().settings().unwrap();

@@ -12,6 +12,8 @@ use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, 
 use serde::Serialize;
 
 pub const SENT: &str = "sent";
+/// The client name of a server's tunnel until clients have names of their own.
+pub const DEFAULT_CLIENT: &str = "default";
 pub const RECEIVED: &str = "received";
 
 /// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
@@ -155,27 +157,33 @@ impl Metrics {
         self.history_last_flush.set(at);
     }
 
-    /// Every mapping's byte counters (sent, received) and the tunnel's, read from
-    /// the registry without gathering the other families.
-    pub fn byte_totals(&self) -> (BTreeMap<u16, (u64, u64)>, (u64, u64)) {
+    /// Every mapping's byte counters (sent, received) and the tunnel's per client,
+    /// read from the registry without gathering the other families. Tunnel series
+    /// without a `client` label belong to the one client, `default`.
+    pub fn byte_totals(&self) -> ByteTotals {
         use prometheus::core::Collector;
-        let mut ports: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
-        let direction = |m: &prometheus::proto::Metric| m.get_label().iter().find(|l| l.name() == "direction").map(|l| l.value() == SENT);
-        for family in self.mapping_bytes.collect() {
-            for m in family.get_metric() {
-                let Some(port) = m.get_label().iter().find(|l| l.name() == "port").and_then(|l| l.value().parse::<u16>().ok()) else {
-                    continue;
-                };
-                let entry = ports.entry(port).or_default();
-                match direction(m) {
-                    Some(true) => entry.0 = m.get_counter().value() as u64,
-                    Some(false) => entry.1 = m.get_counter().value() as u64,
-                    None => {}
-                }
+        fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+            m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
+        }
+        fn add(entry: &mut (u64, u64), m: &prometheus::proto::Metric) {
+            let value = m.get_counter().value() as u64;
+            match label(m, "direction") {
+                Some(SENT) => entry.0 = value,
+                Some(RECEIVED) => entry.1 = value,
+                _ => {}
             }
         }
-        let tunnel = (self.tunnel_bytes.with_label_values(&[SENT]).get(), self.tunnel_bytes.with_label_values(&[RECEIVED]).get());
-        (ports, tunnel)
+        let mut totals = ByteTotals::default();
+        for m in self.mapping_bytes.collect().iter().flat_map(|f| f.get_metric()) {
+            if let Some(port) = label(m, "port").and_then(|p| p.parse::<u16>().ok()) {
+                add(totals.mappings.entry(port).or_default(), m);
+            }
+        }
+        for m in self.tunnel_bytes.collect().iter().flat_map(|f| f.get_metric()) {
+            let client = label(m, "client").unwrap_or(DEFAULT_CLIENT).to_string();
+            add(totals.tunnel.entry(client).or_default(), m);
+        }
+        totals
     }
 
     /// Creates a mapping's series at 0 so dashboards see it from the start.
@@ -288,6 +296,13 @@ impl Default for Metrics {
 /// Gauges use 0 for "never"; JSON uses null.
 fn timestamp(v: f64) -> Option<f64> {
     (v > 0.0).then_some(v)
+}
+
+/// Byte counters (sent, received) per mapping port and per tunnel client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ByteTotals {
+    pub mappings: BTreeMap<u16, (u64, u64)>,
+    pub tunnel: BTreeMap<String, (u64, u64)>,
 }
 
 /// One mapping's numbers as read from the registry.
