@@ -516,7 +516,7 @@
       createHistoryChart();
       hist.chart.data.labels = labels;
       hist.chart.data.datasets.forEach((d, i) => { d.data = data[i]; });
-      hist.chart.update('none');
+      fitHistoryAxis();
     }
   }
 
@@ -962,10 +962,7 @@
       hist.chart.data.labels = labels;
       hist.chart.data.datasets[0].data = sent;
       hist.chart.data.datasets[1].data = recv;
-      const max = Math.max(0, ...sent, ...recv);
-      hist.chart.options.scales.y.ticks.stepSize = niceStep(max);
-      hist.chart.options.scales.y.suggestedMax = max > 0 ? undefined : 1024; // an empty range still gets a sane axis
-      hist.chart.update('none');
+      fitHistoryAxis();
     }
     const rows = [...totals.entries()]
       .filter(([p]) => !port || String(p) === port)
@@ -976,6 +973,14 @@
         el('td', { class: 'num', 'data-label': 'Received', 'data-col': 'received', 'data-bytes': t.recv }, formatBytes(t.recv)),
         el('td', { class: 'num', 'data-label': 'Total', 'data-col': 'total', 'data-bytes': t.sent + t.recv }, formatBytes(t.sent + t.recv))));
     hist.rows.replaceChildren(...rows);
+  }
+
+  /** Round binary steps on the bar chart's axis, as on the live chart. */
+  function fitHistoryAxis() {
+    const max = Math.max(0, ...hist.chart.data.datasets.flatMap((d) => d.data));
+    hist.chart.options.scales.y.ticks.stepSize = niceStep(max);
+    hist.chart.options.scales.y.suggestedMax = max > 0 ? undefined : 1024; // an empty range still gets a sane axis
+    hist.chart.update('none');
   }
 
   function createHistoryChart() {

@@ -1006,6 +1006,7 @@ fn history_view_matches_the_api_and_downloads_csv() {
             assert_eq!(row["sent_text"], json!(format_bytes(want)));
         }
         assert_eq!(view["rows"].as_array().unwrap().len(), 2, "{range}: the two ports with traffic: {view}");
+        browser.eval("document.querySelector('[data-testid=\"history\"]').scrollIntoView()");
         browser.screenshot(&format!("history-{range}.png"));
     }
 
@@ -1020,6 +1021,7 @@ fn history_view_matches_the_api_and_downloads_csv() {
     assert_eq!(view["sent"], json!(2_000_000), "{view}");
     assert_eq!(view["rows"].as_array().unwrap().len(), 1, "{view}");
     assert!(view["options"].as_array().unwrap().contains(&json!(ports[2].to_string())), "every mapping is selectable: {view}");
+    browser.eval("document.querySelector('[data-testid=\"history\"]').scrollIntoView()");
     browser.screenshot("history-one-mapping.png");
 
     // Download CSV: the page fetches it with the token; the file is the API's CSV.
@@ -1046,7 +1048,6 @@ fn history_view_matches_the_api_and_downloads_csv() {
         browser.set_viewport(width, 1000, false);
         browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
         let fit = browser.eval(TABLE_FIT_JS);
-        eprintln!("table at {width} px: {fit}");
         browser.eval("document.querySelector('[data-testid=\"mapping-table\"]').scrollIntoView()");
         browser.screenshot(&format!("monitor-table-{width}.png"));
         assert_eq!(fit["page_overflow"], json!(false), "{fit:#}");
