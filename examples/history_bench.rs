@@ -7,8 +7,9 @@
 //!    writes into the same minute buckets, so the rows and the size are the same)
 //!    and runs on /dev/shm so it takes minutes, not days of fsyncs.
 //! 2. Flush time: 1,000 mappings carrying traffic, on the state disk (fsync and
-//!    all), on a fresh database and on the year-old one; the baseline in the same
-//!    run is a flush in which no mapping moved bytes (one transaction, one fsync).
+//!    all), on a fresh database and on the year-old one, in alternating rounds; the
+//!    baseline in the same run is a flush in which no mapping moved bytes (one
+//!    transaction, one fsync).
 //!
 //! `cargo run --release --example history_bench -- [--days N] [--flushes N]`
 
@@ -57,7 +58,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Times `flushes` flushes (ms), moving bytes before each when `busy`.
+/// Times `flushes` flushes (ms, unsorted), moving bytes before each when `busy`.
 async fn time_flushes(rig: &Rig, flushes: usize, busy: bool) -> Vec<f64> {
     let mut times = Vec::with_capacity(flushes);
     for round in 0..flushes {
@@ -69,7 +70,6 @@ async fn time_flushes(rig: &Rig, flushes: usize, busy: bool) -> Vec<f64> {
         rig.recorder.flush().await.expect("flush");
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
     times
 }
 
@@ -114,30 +114,38 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    // 2. Flush time on the real disk.
-    let disk = tempfile::tempdir_in(".").expect("temp dir on the state disk");
-    let fresh = rig(disk.path(), 1000, START).await;
-    move_bytes(&fresh, 0);
-    fresh.recorder.flush().await.expect("warm-up flush");
-    let idle = time_flushes(&fresh, flushes, false).await;
-    let busy = time_flushes(&fresh, flushes, true).await;
+    // 2. Flush time on the real disk: a fresh database and a copy of the year-old
+    // one, measured in alternating rounds so machine noise hits both alike.
+    drop(year);
+    let fresh_dir = tempfile::tempdir_in(".").expect("temp dir on the state disk");
+    let aged_dir = tempfile::tempdir_in(".").expect("temp dir on the state disk");
+    for file in ["tunneld.db", "tunneld.db-wal"] {
+        if year_dir.path().join(file).exists() {
+            std::fs::copy(year_dir.path().join(file), aged_dir.path().join(file)).expect("copy the year-old database");
+        }
+    }
+    let fresh = rig(fresh_dir.path(), 1000, START).await;
+    let aged = rig(aged_dir.path(), 1000, START + minutes * 60).await;
+    for r in [&fresh, &aged] {
+        move_bytes(r, 0);
+        r.recorder.flush().await.expect("warm-up flush");
+    }
+    let rounds = 5;
+    let per_round = flushes.div_ceil(rounds);
+    let (mut idle, mut busy, mut aged_busy) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        idle.extend(time_flushes(&fresh, per_round, false).await);
+        busy.extend(time_flushes(&fresh, per_round, true).await);
+        aged_busy.extend(time_flushes(&aged, per_round, true).await);
+    }
+    for t in [&mut idle, &mut busy, &mut aged_busy] {
+        t.sort_by(f64::total_cmp);
+    }
     report("baseline: flush with nothing moved", &idle);
     report("1,000 mappings carrying traffic, fresh database", &busy);
-
-    // The same on a copy of the year-old database: cost must not grow with history.
-    let aged_dir = tempfile::tempdir_in(".").expect("temp dir on the state disk");
-    drop(year);
-    std::fs::copy(year_dir.path().join("tunneld.db"), aged_dir.path().join("tunneld.db")).expect("copy the year-old database");
-    if year_dir.path().join("tunneld.db-wal").exists() {
-        std::fs::copy(year_dir.path().join("tunneld.db-wal"), aged_dir.path().join("tunneld.db-wal")).expect("copy its WAL");
-    }
-    let aged = rig(aged_dir.path(), 1000, START + minutes * 60).await;
-    move_bytes(&aged, 0);
-    aged.recorder.flush().await.expect("warm-up flush");
-    let aged_busy = time_flushes(&aged, flushes, true).await;
     report("1,000 mappings carrying traffic, year-old database", &aged_busy);
     println!(
-        "ratios (median): busy/baseline {:.2}x, year-old/fresh {:.2}x",
+        "ratios (median, {rounds} alternating rounds): busy/baseline {:.2}x, year-old/fresh {:.2}x",
         percentile(&busy, 0.5) / percentile(&idle, 0.5),
         percentile(&aged_busy, 0.5) / percentile(&busy, 0.5)
     );
