@@ -859,6 +859,7 @@
     empty: $('#history-empty'),
     canvas: $('#history-chart'),
     rows: $('#history-rows'),
+    table: $('[data-testid="history-table"]'),
     port: $('#history-port'),
     ranges: $('#history-ranges'),
     csv: $('#history-csv'),
@@ -936,6 +937,7 @@
       if (err instanceof AuthError) return needToken();
       hist.section.dataset.state = 'error';
       hist.empty.textContent = `History unavailable: ${err.message}`;
+      hist.empty.hidden = false;
       hist.box.dataset.bars = '0';
     }
     clearTimeout(hist.refresh);
@@ -956,8 +958,6 @@
         el('strong', { 'data-testid': 'history-received', 'data-bytes': sum(recv) }, formatBytes(sum(recv)))));
     hist.box.dataset.bars = String(series.points.length);
     hist.box.dataset.step = series.step;
-    hist.empty.textContent = series.points.length ? '' : 'No history in this range';
-    hist.empty.hidden = series.points.length > 0;
     if (hist.chart) {
       hist.chart.data.labels = labels;
       hist.chart.data.datasets[0].data = sent;
@@ -973,6 +973,11 @@
         el('td', { class: 'num', 'data-label': 'Received', 'data-col': 'received', 'data-bytes': t.recv }, formatBytes(t.recv)),
         el('td', { class: 'num', 'data-label': 'Total', 'data-col': 'total', 'data-bytes': t.sent + t.recv }, formatBytes(t.sent + t.recv))));
     hist.rows.replaceChildren(...rows);
+    // No port moved bytes in this range: say so instead of empty headings.
+    const quiet = rows.length === 0;
+    hist.table.hidden = quiet;
+    hist.empty.hidden = !quiet;
+    hist.empty.textContent = quiet ? 'No traffic in this range' : '';
   }
 
   /** Round binary steps on the bar chart's axis, as on the live chart. */
