@@ -74,7 +74,7 @@ async fn time_flushes(rig: &Rig, flushes: usize, busy: bool) -> Vec<f64> {
 }
 
 fn report(label: &str, t: &[f64]) {
-    println!("{label:<48} median {:>7.2} ms   p90 {:>7.2} ms   max {:>7.2} ms", percentile(t, 0.5), percentile(t, 0.9), t[t.len() - 1]);
+    println!("{label:<52} median {:>7.2} ms   p90 {:>7.2} ms   max {:>7.2} ms", percentile(t, 0.5), percentile(t, 0.9), t[t.len() - 1]);
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -143,9 +143,9 @@ async fn main() {
     }
     report("baseline: flush with nothing moved", &idle);
     report("1,000 mappings carrying traffic, fresh database", &busy);
-    report("1,000 mappings carrying traffic, year-old database", &aged_busy);
+    report(&format!("1,000 mappings carrying traffic, {days}-day-old database"), &aged_busy);
     println!(
-        "ratios (median, {rounds} alternating rounds): busy/baseline {:.2}x, year-old/fresh {:.2}x",
+        "ratios (median, {rounds} alternating rounds): busy/baseline {:.2}x, {days}-day-old/fresh {:.2}x",
         percentile(&busy, 0.5) / percentile(&idle, 0.5),
         percentile(&aged_busy, 0.5) / percentile(&busy, 0.5)
     );
