@@ -20,6 +20,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub api: ApiConfig,
     pub client: ClientConfig,
+    pub history: HistoryConfig,
     pub log: LogConfig,
 }
 
@@ -146,6 +147,100 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".into() }
     }
+}
+
+/// `[history]`: the traffic recorder (see `crate::history`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Seconds between two readings of the registry; a crash loses at most one.
+    pub interval_secs: u64,
+    /// `+HH:MM` / `-HH:MM`: where a "day" and a "month" begin for reports.
+    pub utc_offset: String,
+    /// How long each resolution is kept: a number and a unit (`h`, `d`, `y` = 365 d).
+    pub minute_retention: String,
+    pub hour_retention: String,
+    pub day_retention: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            interval_secs: 10,
+            utc_offset: "+00:00".into(),
+            minute_retention: "2d".into(),
+            hour_retention: "90d".into(),
+            day_retention: "5y".into(),
+        }
+    }
+}
+
+/// `[history]` after validation, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    pub interval_secs: u64,
+    pub utc_offset_secs: i64,
+    pub minute_retention_secs: i64,
+    pub hour_retention_secs: i64,
+    pub day_retention_secs: i64,
+}
+
+impl HistoryConfig {
+    /// The validated settings, or the first bad key and why.
+    pub fn settings(&self) -> Result<HistorySettings, ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        if !(1..=60).contains(&self.interval_secs) {
+            return Err(invalid("history.interval_secs", "must be between 1 and 60 (a minute bucket needs a reading)".into()));
+        }
+        let utc_offset_secs = parse_utc_offset(&self.utc_offset).ok_or_else(|| {
+            invalid("history.utc_offset", format!("{:?} is not an offset like +08:00 or -05:30 (at most 14 h)", self.utc_offset))
+        })?;
+        let retention = |key, text: &str, min_secs: i64, min_text: &str| {
+            let secs = parse_retention(text).ok_or_else(|| invalid(key, format!("{text:?} is not a duration like 48h, 90d or 5y")))?;
+            if secs < min_secs {
+                return Err(invalid(key, format!("must be at least {min_text}")));
+            }
+            Ok(secs)
+        };
+        Ok(HistorySettings {
+            interval_secs: self.interval_secs,
+            utc_offset_secs,
+            minute_retention_secs: retention("history.minute_retention", &self.minute_retention, 3600, "1h")?,
+            hour_retention_secs: retention("history.hour_retention", &self.hour_retention, 86_400, "1d")?,
+            // A month report needs the whole month's days.
+            day_retention_secs: retention("history.day_retention", &self.day_retention, 31 * 86_400, "31d")?,
+        })
+    }
+}
+
+/// `+08:00`, `-05:30`, `+00:00` (also `Z`) -> seconds east of UTC.
+pub fn parse_utc_offset(text: &str) -> Option<i64> {
+    if text == "Z" {
+        return Some(0);
+    }
+    let (sign, rest) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 14 && m < 60 && h * 60 + m <= 14 * 60).then_some(sign * (h * 3600 + m * 60))
+}
+
+/// `36h`, `2d`, `5y` (365 days) -> seconds.
+fn parse_retention(text: &str) -> Option<i64> {
+    let unit = match text.chars().last()? {
+        'h' => 3600,
+        'd' => 86_400,
+        'y' => 365 * 86_400,
+        _ => return None,
+    };
+    let n: i64 = text[..text.len() - 1].parse().ok()?;
+    (n > 0 && n <= 1000).then_some(n * unit)
 }
 
 /// Which role's settings to validate.
@@ -294,6 +389,7 @@ impl Config {
                 if self.server.connect_timeout_secs == 0 {
                     return invalid("server.connect_timeout_secs", "must be at least 1");
                 }
+                self.history.settings()?;
             }
             Role::Client => {
                 if self.client.server.is_empty() {
@@ -344,6 +440,7 @@ impl Config {
                 check("api.allowed_hosts", self.api.allowed_hosts != new.api.allowed_hosts);
                 check("api.cors_origins", self.api.cors_origins != new.api.cors_origins);
                 check("api.metrics_token_required", self.api.metrics_token_required != new.api.metrics_token_required);
+                check("history", format!("{:?}", self.history) != format!("{:?}", new.history));
             }
             Role::Client => {
                 let (a, b) = (&self.client, &new.client);
@@ -374,7 +471,9 @@ impl Config {
         // Show where state really goes, not just whether it was configured.
         shown.server.state_dir = Some(state_dir(&self.server));
         let value = match role {
-            Role::Server => toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, log: &shown.log }),
+            Role::Server => {
+                toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, history: &shown.history, log: &shown.log })
+            }
             Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
         };
         value.unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -385,6 +484,7 @@ impl Config {
 struct ServerView<'a> {
     server: &'a ServerConfig,
     api: &'a ApiConfig,
+    history: &'a HistoryConfig,
     log: &'a LogConfig,
 }
 
@@ -452,5 +552,26 @@ mod tests {
         assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_loopback("::ffff:10.0.0.1".parse().unwrap()));
         assert!(valid_origin("http://127.0.0.1:8000") && !valid_origin("http://x/y") && !valid_origin("x.example"));
+    }
+
+    #[test]
+    fn history_settings_are_validated() {
+        let defaults = HistoryConfig::default().settings().expect("defaults are valid");
+        assert_eq!(defaults.minute_retention_secs, 2 * 86_400);
+        assert_eq!(defaults.day_retention_secs, 5 * 365 * 86_400);
+        assert_eq!(parse_utc_offset("+08:00"), Some(8 * 3600));
+        assert_eq!(parse_utc_offset("-05:30"), Some(-(5 * 3600 + 1800)));
+        for bad in ["08:00", "+8:00", "+15:00", "+08:60", "", "+08"] {
+            assert_eq!(parse_utc_offset(bad), None, "{bad}");
+        }
+        for (key, value) in [
+            ("history.utc_offset", "UTC+8"),
+            ("history.interval_secs", "0"),
+            ("history.minute_retention", "2 days"),
+            ("history.day_retention", "7d"),
+        ] {
+            let err = load(None, &[Override { key, value: value.into() }], Role::Server).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}={value}: {err}");
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod forward;
+pub mod history;
 pub mod metered;
 pub mod metrics;
 pub mod protocol;

@@ -14,6 +14,8 @@ use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, 
 use serde::Serialize;
 
 pub const SENT: &str = "sent";
+/// The client name of a server's tunnel until clients have names of their own.
+pub const DEFAULT_CLIENT: &str = "default";
 pub const RECEIVED: &str = "received";
 
 /// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
@@ -54,6 +56,9 @@ pub struct Metrics {
     tunnel_connected: IntGauge,
     tunnel_connected_since: Gauge,
     tunnel_sessions: IntCounterVec,
+    history_last_flush: Gauge,
+    /// When this process's counters began (Unix seconds).
+    started_at: f64,
 }
 
 /// Seconds since the Unix epoch, as Prometheus timestamps are.
@@ -125,6 +130,11 @@ impl Metrics {
         .expect("static metric definition");
         let tunnel_sessions = IntCounterVec::new(Opts::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome."), &["result"])
             .expect("static metric definition");
+        let history_last_flush = Gauge::new(
+            "tunneld_history_last_flush_timestamp_seconds",
+            "Unix time the history recorder last wrote to the database (0: not yet).",
+        )
+        .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -151,6 +161,7 @@ impl Metrics {
             Box::new(tunnel_connected.clone()),
             Box::new(tunnel_connected_since.clone()),
             Box::new(tunnel_sessions.clone()),
+            Box::new(history_last_flush.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -172,7 +183,47 @@ impl Metrics {
             tunnel_connected,
             tunnel_connected_since,
             tunnel_sessions,
+            history_last_flush,
+            started_at: unix_now(),
         }
+    }
+
+    /// When this process's counters began: `bytes_*` count from here.
+    pub fn started_at(&self) -> f64 {
+        self.started_at
+    }
+
+    pub fn history_flushed(&self, at: f64) {
+        self.history_last_flush.set(at);
+    }
+
+    /// Every mapping's byte counters (sent, received) and the tunnel's per client,
+    /// read from the registry without gathering the other families. Tunnel series
+    /// without a `client` label belong to the one client, `default`.
+    pub fn byte_totals(&self) -> ByteTotals {
+        use prometheus::core::Collector;
+        fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+            m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
+        }
+        fn add(entry: &mut (u64, u64), m: &prometheus::proto::Metric) {
+            let value = m.get_counter().value() as u64;
+            match label(m, "direction") {
+                Some(SENT) => entry.0 = value,
+                Some(RECEIVED) => entry.1 = value,
+                _ => {}
+            }
+        }
+        let mut totals = ByteTotals::default();
+        for m in self.mapping_bytes.collect().iter().flat_map(|f| f.get_metric()) {
+            if let Some(port) = label(m, "port").and_then(|p| p.parse::<u16>().ok()) {
+                add(totals.mappings.entry(port).or_default(), m);
+            }
+        }
+        for m in self.tunnel_bytes.collect().iter().flat_map(|f| f.get_metric()) {
+            let client = label(m, "client").unwrap_or(DEFAULT_CLIENT).to_string();
+            add(totals.tunnel.entry(client).or_default(), m);
+        }
+        totals
     }
 
     /// Creates a mapping's series at 0 so dashboards see it from the start.
@@ -300,6 +351,13 @@ impl Default for Metrics {
 /// Gauges use 0 for "never"; JSON uses null.
 fn timestamp(v: f64) -> Option<f64> {
     (v > 0.0).then_some(v)
+}
+
+/// Byte counters (sent, received) per mapping port and per tunnel client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ByteTotals {
+    pub mappings: BTreeMap<u16, (u64, u64)>,
+    pub tunnel: BTreeMap<String, (u64, u64)>,
 }
 
 /// One mapping's numbers as read from the registry.

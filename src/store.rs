@@ -1,8 +1,10 @@
-//! SQLite persistence for mappings.
+//! SQLite persistence for mappings and traffic history (`history` submodule).
 //!
 //! Every write is one transaction with `synchronous=FULL`, so a mapping the API
 //! reported as created is on disk, and a crash never leaves half a row. Calls are
 //! short and rare (API writes, start-up restore); they run on the blocking pool.
+
+pub mod history;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -85,6 +87,7 @@ impl Store {
                     created_at  INTEGER NOT NULL
                 );",
             )?;
+            history::create_schema(&conn)?;
             Ok(conn)
         };
         let conn = open(&path).map_err(|error| StoreError::Open { path: path_text.clone(), error })?;

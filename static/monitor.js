@@ -19,7 +19,8 @@
 
 (() => {
   const TOKEN_KEY = 'tunneld.apiToken';
-  const MAX_POINTS = 20;
+  const LIVE_WINDOW_SECS = 30 * 60; // the live chart shows the last 30 minutes
+  const MIN_WINDOW_SECS = 5 * 60;
   const DEFAULT_INTERVAL_MS = 3000;
   const MIN_INTERVAL_MS = 250; // the daemon's own lower bound for ?interval_ms
   const SSE_RETRY_MS = 15000; // while polling, how often to try the stream again
@@ -30,15 +31,6 @@
   const pageParams = new URLSearchParams(location.search);
   const intervalMs = parseInterval(pageParams.get('interval_ms'));
   const passInterval = pageParams.has('interval_ms');
-
-  // A token in the page URL (?token=...) is taken once and stored, then removed
-  // from the address bar so it does not linger in history or screenshots.
-  if (pageParams.get('token')) {
-    saveToken(pageParams.get('token'));
-    pageParams.delete('token');
-    const query = pageParams.toString();
-    history.replaceState(null, '', location.pathname + (query ? '?' + query : '') + location.hash);
-  }
 
   // ---------- DOM handles ----------
 
@@ -149,13 +141,25 @@
     try { localStorage.removeItem(TOKEN_KEY); } catch { /* nothing stored */ }
   }
 
+  // A token in the page URL (?token=...) is taken once and stored, then removed
+  // from the address bar so it does not linger in history or screenshots.
+  if (pageParams.get('token')) {
+    saveToken(pageParams.get('token'));
+    pageParams.delete('token');
+    const query = pageParams.toString();
+    window.history.replaceState(null, '', location.pathname + (query ? '?' + query : '') + location.hash);
+  }
+
   // ---------- traffic state: samples, rates, chart history ----------
 
   let prev = null; // the previous sample (T), for rates
   let latest = null; // the newest sample and when it arrived (performance.now())
   let latestAt = 0;
   const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map() };
-  const history = { labels: [], sent: [], recv: [] };
+  // Live chart points, oldest first: {x: unix secs, sent, recv: bytes/s, span: secs
+  // the rate covers}. Minute history fills it on load; samples extend it.
+  const live = { points: [], historyPoints: 0 };
+  let historyStarted = false; // minute fill and History view load after the first sample
 
   /** Rate of a monotonic counter between two samples, or null when it cannot be
    * known (first sample, a counter that went backwards after a daemon restart). */
@@ -189,17 +193,57 @@
       }];
     }));
 
-    if (rates.sent != null && rates.recv != null) {
-      history.labels.push(formatClock(sample.timestamp));
-      history.sent.push(rates.sent);
-      history.recv.push(rates.recv);
-      while (history.labels.length > MAX_POINTS) {
-        history.labels.shift();
-        history.sent.shift();
-        history.recv.shift();
-      }
+    // A rate averaged over a long silence (the daemon or the network was away)
+    // would draw a flat line over the outage; the chart shows a gap there instead.
+    if (rates.sent != null && rates.recv != null && dt <= maxSampleGap()) {
+      addLivePoint({ x: sample.timestamp, sent: rates.sent, recv: rates.recv, span: dt });
+    }
+    if (!historyStarted) {
+      historyStarted = true;
+      fillFromMinuteHistory();
+      loadHistory();
     }
     render();
+  }
+
+  /** Longest distance between two samples that still counts as "no gap". */
+  function maxSampleGap() {
+    return Math.max(3 * intervalMs / 1000, 10);
+  }
+
+  function addLivePoint(point) {
+    const pts = live.points;
+    // Keep the array ordered by time (minute history may arrive after samples).
+    let i = pts.length;
+    while (i > 0 && pts[i - 1].x > point.x) i -= 1;
+    if (i > 0 && pts[i - 1].x === point.x) return;
+    pts.splice(i, 0, point);
+    const oldest = serverNow() - LIVE_WINDOW_SECS - 120;
+    while (pts.length && pts[0].x < oldest) pts.shift();
+  }
+
+  /** The live chart starts with the last 30 minutes from the daemon's minute
+   * history (bytes per minute -> average rate over that minute), so a reload does
+   * not start from an empty chart. Minutes the daemon was not recording are
+   * absent from the history and show as gaps. */
+  async function fillFromMinuteHistory() {
+    const now = Math.floor(serverNow());
+    try {
+      const data = await fetchApi(`/api/stats/history?step=minute&from=${now - LIVE_WINDOW_SECS}&to=${now}`);
+      let added = 0;
+      for (const p of data.points) {
+        // The current minute is still filling up: its average would be too low.
+        if (p.t + 60 > now) continue;
+        addLivePoint({ x: p.t + 60, sent: p.bytes_sent / 60, recv: p.bytes_received / 60, span: 60 });
+        added += 1;
+      }
+      live.historyPoints = added;
+      dom.chartBox.dataset.historyPoints = String(added);
+      renderChart();
+    } catch (err) {
+      if (err instanceof AuthError) needToken();
+      // Otherwise the chart simply starts from the live samples.
+    }
   }
 
   // The daemon's clock is the reference for "3 s ago": its sample timestamp plus the
@@ -220,6 +264,13 @@
     $('[data-role="sub"]', card).textContent = text;
   }
 
+  function setLifetime(card, bytes) {
+    const line = $('[data-role="lifetime"]', card);
+    if (bytes == null) return;
+    line.textContent = `Lifetime ${formatBytes(bytes)}`;
+    line.dataset.bytes = String(bytes);
+  }
+
   function render() {
     const d = latest;
     if (!d) return;
@@ -228,8 +279,16 @@
     setCard(c.totalRecv, formatBytes(d.total_received), { 'data-bytes': d.total_received });
     setCard(c.tunnelSent, formatBytes(d.tunnel.bytes_sent), { 'data-bytes': d.tunnel.bytes_sent });
     setCard(c.tunnelRecv, formatBytes(d.tunnel.bytes_received), { 'data-bytes': d.tunnel.bytes_received });
-    setSub(c.totalSent, rates.sent == null ? 'visitor → target, all mappings' : `${formatRate(rates.sent)} now`);
-    setSub(c.totalRecv, rates.recv == null ? 'target → visitor, all mappings' : `${formatRate(rates.recv)} now`);
+    // "Total" counts since this daemon started; say since when, and show the
+    // lifetime figure (across restarts) beside it.
+    const since = d.started_at ? `since ${formatAxisClock(d.started_at)}` : 'since the daemon started';
+    setSub(c.totalSent, rates.sent == null ? since : `${since} · ${formatRate(rates.sent)}`);
+    setSub(c.totalRecv, rates.recv == null ? since : `${since} · ${formatRate(rates.recv)}`);
+    const sinceTitle = d.started_at ? `Counted since the daemon started (${formatClock(d.started_at)}); lifetime: across restarts` : '';
+    $('[data-role="sub"]', c.totalSent).title = sinceTitle;
+    $('[data-role="sub"]', c.totalRecv).title = sinceTitle;
+    setLifetime(c.totalSent, d.lifetime_sent);
+    setLifetime(c.totalRecv, d.lifetime_received);
     setSub(c.tunnelSent, rates.tunnelSent == null ? 'wire bytes to the client' : `${formatRate(rates.tunnelSent)} now`);
     setSub(c.tunnelRecv, rates.tunnelRecv == null ? 'wire bytes from the client' : `${formatRate(rates.tunnelRecv)} now`);
 
@@ -252,6 +311,15 @@
 
   function renderTunnel() {
     const card = dom.cards.tunnel;
+    if (!latest) return;
+    // While the daemon cannot be reached, its last word on the tunnel is stale:
+    // claiming "Connected" would be a guess.
+    if (document.body.dataset.state === 'lost') {
+      card.dataset.connected = 'unknown';
+      $('[data-role="state-text"]', card).textContent = 'Unknown';
+      setSub(card, 'daemon unreachable');
+      return;
+    }
     const t = latest.tunnel;
     const connected = Boolean(t.connected);
     card.dataset.connected = String(connected);
@@ -292,6 +360,16 @@
     return el('span', { class: 'badge' }, s);
   }
 
+  /** Since-start bytes, with the lifetime total under them (and, in the narrow
+   * layout that hides the rate columns, the rate). */
+  function bytesCell(label, col, bytes, lifetime, rate) {
+    return el('td', { class: 'num', 'data-label': label, 'data-col': col, 'data-bytes': bytes, 'data-lifetime': lifetime ?? '' },
+      el('span', { 'data-role': 'value' }, formatBytes(bytes)),
+      el('span', { class: 'cell-sub rate-inline', 'data-role': 'rate' }, formatRate(rate)),
+      lifetime == null ? null : el('span', { class: 'cell-sub', 'data-role': 'lifetime', title: 'Lifetime: since the mapping was created, across restarts' },
+        `lifetime ${formatBytes(lifetime)}`));
+  }
+
   function renderTable() {
     const maps = latest.mappings;
     dom.empty.hidden = maps.length > 0;
@@ -306,19 +384,22 @@
       return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status },
         el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
-          `${m.target_host}:${m.target_port}`),
+          el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
+          // Shown under the target when the table is narrow and the Mode column is not.
+          el('span', { class: 'cell-sub mode-inline' }, m.use_tunnel ? 'via tunnel' : 'direct')),
         el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
           el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}` }, m.use_tunnel ? 'Tunnel' : 'Direct')),
         el('td', { 'data-label': 'Status', 'data-col': 'status' }, statusBadge(m.status)),
-        el('td', { class: 'num', 'data-label': 'Sent', 'data-col': 'sent', 'data-bytes': m.bytes_sent }, formatBytes(m.bytes_sent)),
-        el('td', { class: 'num', 'data-label': 'Received', 'data-col': 'received', 'data-bytes': m.bytes_received }, formatBytes(m.bytes_received)),
-        el('td', { class: 'num', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
-        el('td', { class: 'num', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
+        bytesCell('Sent', 'sent', m.bytes_sent, m.lifetime_sent, r.sent),
+        bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
+        el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
+        el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
         el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, intFormat.format(m.active_connections ?? 0)),
         el('td', { class: 'num muted', 'data-label': 'Last active', 'data-col': 'last-activity', 'data-ts': m.last_update ?? '' },
           formatAgo(ago)));
     });
     dom.rows.replaceChildren(...rows);
+    if (typeof updatePortOptions === 'function') updatePortOptions(maps.map((m) => m.port));
   }
 
   // "Updated 2 s ago" and the "last activity" cells move on between samples.
@@ -331,6 +412,7 @@
       cell.textContent = formatAgo(ts === '' ? null : now - Number(ts));
     }
     if (latest.tunnel.connected && latest.tunnel.connected_since) renderTunnel();
+    renderChart(); // the time axis moves on, also while no samples arrive
   }
   setInterval(renderClock, 1000);
 
@@ -367,26 +449,23 @@
     dom.chartBox.dataset.theme = window.matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light';
     // Same type as the rest of the page (the canvas does not inherit CSS fonts).
     window.Chart.defaults.font.family = cssVar('--font');
-    const dataset = (label, data, color) => ({
+    const dataset = (label, color) => ({
       label,
-      data,
+      data: [],
       borderColor: color,
       backgroundColor: withAlpha(color, 0.12),
       fill: 'origin',
       tension: 0.35,
       cubicInterpolationMode: 'monotone', // smooth, but never dips below zero between points
       borderWidth: 2,
-      // 20 points on a phone-wide chart: smaller dots keep the line readable.
-      pointRadius: (ctx) => (ctx.chart.width < 560 ? 1.5 : 2.5),
-      pointHoverRadius: 5,
+      spanGaps: false, // a null point is a time nobody measured: draw nothing there
+      pointRadius: 0, // hundreds of points over 30 minutes: dots would be noise
+      pointHoverRadius: 4,
       pointBackgroundColor: color,
     });
     chart = new window.Chart(dom.canvas, {
       type: 'line',
-      data: {
-        labels: history.labels,
-        datasets: [dataset('Sent', history.sent, col.sent), dataset('Received', history.recv, col.recv)],
-      },
+      data: { datasets: [dataset('Sent', col.sent), dataset('Received', col.recv)] },
       options: {
         responsive: true,
         maintainAspectRatio: false,
@@ -395,13 +474,21 @@
         interaction: { mode: 'index', intersect: false },
         plugins: {
           legend: { display: false }, // the panel header has its own legend with live values
-          tooltip: { callbacks: { label: (ctx) => ` ${ctx.dataset.label}: ${formatRate(ctx.parsed.y)}` } },
+          tooltip: {
+            callbacks: {
+              title: (items) => (items.length ? formatClock(items[0].parsed.x) : ''),
+              label: (ctx) => ` ${ctx.dataset.label}: ${formatRate(ctx.parsed.y)}`,
+            },
+          },
         },
         scales: {
+          // A real time axis (Unix seconds): samples sit where they were taken, so
+          // an outage is as wide as it lasted.
           x: {
+            type: 'linear',
             grid: { display: false },
             border: { color: col.grid },
-            ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 16 },
+            ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 16, stepSize: 300, callback: (v) => formatAxisClock(v) },
           },
           y: {
             beginAtZero: true,
@@ -422,6 +509,15 @@
     chart.destroy();
     createChart();
     renderChart();
+    if (hist.chart) {
+      const { labels, datasets } = hist.chart.data;
+      const data = datasets.map((d) => d.data);
+      hist.chart.destroy();
+      createHistoryChart();
+      hist.chart.data.labels = labels;
+      hist.chart.data.datasets.forEach((d, i) => { d.data = data[i]; });
+      fitHistoryAxis();
+    }
   }
 
   /** A y-axis step that gives 4-6 round ticks in binary units (1, 2, 2.5, 5 x 10^n
@@ -437,14 +533,56 @@
   }
 
   /** Axis labels drop trailing zeros: "2.50 MiB/s" -> "2.5 MiB/s", "2.00" -> "2". */
+  function trimZeros(label) {
+    return label.replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ');
+  }
+
   function formatTick(v) {
-    return formatRate(v).replace(/(\.\d*?)0+ /, '$1 ').replace('. ', ' ');
+    return trimZeros(formatRate(v));
+  }
+
+  function formatAxisClock(unixSecs) {
+    return new Date(unixSecs * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  /** The live series with a null wherever consecutive points are further apart
+   * than their own spans allow: the chart breaks the line there. */
+  function liveSeries() {
+    const sent = [];
+    const recv = [];
+    let gaps = 0;
+    let before = null;
+    for (const p of live.points) {
+      if (before && p.x - before.x > Math.max(p.span, before.span) * 1.5 + intervalMs / 1000) {
+        const mid = (before.x + p.x) / 2;
+        sent.push({ x: mid, y: null });
+        recv.push({ x: mid, y: null });
+        gaps += 1;
+      }
+      sent.push({ x: p.x, y: p.sent });
+      recv.push({ x: p.x, y: p.recv });
+      before = p;
+    }
+    return { sent, recv, gaps };
   }
 
   function renderChart() {
-    dom.chartBox.dataset.points = String(history.labels.length);
+    const series = liveSeries();
+    dom.chartBox.dataset.points = String(live.points.length);
+    dom.chartBox.dataset.gaps = String(series.gaps);
     if (!chart) return;
-    const max = Math.max(0, ...history.sent, ...history.recv);
+    chart.data.datasets[0].data = series.sent;
+    chart.data.datasets[1].data = series.recv;
+    const now = serverNow();
+    // Up to 30 minutes; while less is known (a fresh daemon), just what is known,
+    // but at least 5 minutes, so a new page is not one spike at the right edge.
+    const oldest = live.points.length ? live.points[0].x : now;
+    chart.options.scales.x.min = Math.max(now - LIVE_WINDOW_SECS, Math.min(oldest, now - MIN_WINDOW_SECS));
+    chart.options.scales.x.max = now;
+    // A tick per minute on a short axis, every 5 minutes on the full 30.
+    chart.options.scales.x.ticks.stepSize = now - chart.options.scales.x.min > 10 * 60 ? 300 : 60;
+    const visible = live.points.filter((p) => p.x >= now - LIVE_WINDOW_SECS);
+    const max = Math.max(0, ...visible.map((p) => Math.max(p.sent, p.recv)));
     const y = chart.options.scales.y;
     y.ticks.stepSize = niceStep(max);
     y.suggestedMax = max > 0 ? undefined : 1024;
@@ -469,6 +607,7 @@
     dom.banner.hidden = next !== 'lost';
     if (next === 'lost') dom.bannerText.textContent = detail || 'Connection to the daemon lost — retrying…';
     dom.auth.hidden = next !== 'auth-required';
+    renderTunnel();
     const every = intervalMs >= 1000 ? `${intervalMs / 1000} s` : `${intervalMs} ms`;
     dom.footerMode.textContent = next === 'polling'
       ? `polling every ${every} (server push unavailable)`
@@ -483,15 +622,20 @@
     return token ? { Authorization: `Bearer ${token}` } : {};
   }
 
-  /** One snapshot from /api/stats/traffic (the envelope's `data`). */
-  async function fetchTraffic() {
-    const res = await fetch('/api/stats/traffic', { headers: authHeaders(), cache: 'no-store' });
+  /** The envelope's `data` of a GET under /api, with the token. */
+  async function fetchApi(path) {
+    const res = await fetch(path, { headers: authHeaders(), cache: 'no-store' });
     if (res.status === 401) throw new AuthError();
     const body = await res.json().catch(() => null);
     if (!res.ok || !body || body.success === false || !body.data) {
       throw new Error((body && body.message) || `HTTP ${res.status}`);
     }
     return body.data;
+  }
+
+  /** One snapshot from /api/stats/traffic. */
+  function fetchTraffic() {
+    return fetchApi('/api/stats/traffic');
   }
 
   // /health tells whether a tunnel listener exists at all ("disabled" vs "waiting").
@@ -690,13 +834,225 @@
    * it is the first request; if it fails, probe() finds out why (401, daemon down). */
   function start() {
     stopAll();
+    historyStarted = false;
     backoffMs = 1000;
     setState('connecting');
     fetchHealth();
     openStream();
   }
 
+  // ---------- History view ----------
+
+  // Each range: how far back, the bar step, and the report period of its totals
+  // table and CSV. 12 months reaches back 334 days, which always gives 12 monthly bars.
+  const RANGES = {
+    '24h': { span: 86400, step: 'hour', title: 'last 24 hours, hourly' },
+    '7d': { span: 7 * 86400, step: 'hour', title: 'last 7 days, hourly' },
+    '30d': { span: 30 * 86400, step: 'day', title: 'last 30 days, daily' },
+    '12mo': { span: 334 * 86400, step: 'month', title: 'last 12 months, monthly' },
+  };
+  const hist = {
+    section: $('[data-testid="history"]'),
+    sub: $('#history-sub'),
+    summary: $('#history-summary'),
+    box: $('#history-box'),
+    empty: $('#history-empty'),
+    canvas: $('#history-chart'),
+    rows: $('#history-rows'),
+    table: $('[data-testid="history-table"]'),
+    port: $('#history-port'),
+    ranges: $('#history-ranges'),
+    csv: $('#history-csv'),
+    range: '24h',
+    chart: null,
+    request: 0,
+    refresh: null,
+    knownPorts: new Set(),
+  };
+
+  /** "+08:00" -> seconds east of UTC. */
+  function parseOffset(text) {
+    const m = /^([+-])(\d{2}):(\d{2})$/.exec(text || '');
+    return m ? (m[1] === '-' ? -1 : 1) * (Number(m[2]) * 3600 + Number(m[3]) * 60) : 0;
+  }
+
+  /** A bucket start as the daemon's calendar sees it (history.utc_offset), not
+   * the browser's: a "day" bar is the operator's day. */
+  function bucketLabel(t, step, offset) {
+    const d = new Date((t + offset) * 1000);
+    const month = d.toLocaleString('en', { month: 'short', timeZone: 'UTC' });
+    const pad = (n) => String(n).padStart(2, '0');
+    if (step === 'month') return `${month} ${d.getUTCFullYear()}`;
+    if (step === 'day') return `${month} ${d.getUTCDate()}`;
+    return `${month} ${d.getUTCDate()} ${pad(d.getUTCHours())}:00`;
+  }
+
+  function rangeQuery() {
+    const r = RANGES[hist.range];
+    const to = Math.floor(serverNow());
+    return { r, from: to - r.span, to };
+  }
+
+  function reportUrl(format) {
+    const { r, from, to } = rangeQuery();
+    return `/api/stats/report?period=${r.step}&from=${from}&to=${to}&format=${format}`;
+  }
+
+  function updatePortOptions(ports) {
+    let changed = false;
+    for (const p of ports) {
+      if (!hist.knownPorts.has(p)) { hist.knownPorts.add(p); changed = true; }
+    }
+    if (!changed) return;
+    const selected = hist.port.value;
+    const options = [...hist.knownPorts].sort((a, b) => a - b).map((p) => el('option', { value: p }, `:${p}`));
+    hist.port.replaceChildren(el('option', { value: '' }, 'All mappings'), ...options);
+    hist.port.value = selected;
+  }
+
+  async function loadHistory() {
+    const request = ++hist.request;
+    const { r, from, to } = rangeQuery();
+    const port = hist.port.value;
+    hist.section.dataset.state = 'loading';
+    try {
+      const [series, report] = await Promise.all([
+        fetchApi(`/api/stats/history?step=${r.step}&from=${from}&to=${to}${port ? `&port=${port}` : ''}`),
+        fetchApi(reportUrl('json')),
+      ]);
+      if (request !== hist.request) return; // a newer choice is already loading
+      const offset = parseOffset(series.utc_offset);
+      const totals = new Map();
+      for (const row of report.rows) {
+        const t = totals.get(row.port) || { sent: 0, recv: 0 };
+        t.sent += row.bytes_sent;
+        t.recv += row.bytes_received;
+        totals.set(row.port, t);
+      }
+      updatePortOptions([...(latest ? latest.mappings.map((m) => m.port) : []), ...totals.keys()]);
+      renderHistory(series, offset, totals, port);
+      hist.section.dataset.state = 'ready';
+    } catch (err) {
+      if (request !== hist.request) return;
+      if (err instanceof AuthError) return needToken();
+      hist.section.dataset.state = 'error';
+      hist.empty.textContent = `History unavailable: ${err.message}`;
+      hist.empty.hidden = false;
+      hist.box.dataset.bars = '0';
+    }
+    clearTimeout(hist.refresh);
+    hist.refresh = setTimeout(() => { if (document.body.dataset.state !== 'auth-required') loadHistory(); }, 60000);
+  }
+
+  function renderHistory(series, offset, totals, port) {
+    const r = RANGES[hist.range];
+    const labels = series.points.map((p) => bucketLabel(p.t, series.step, offset));
+    const sent = series.points.map((p) => p.bytes_sent);
+    const recv = series.points.map((p) => p.bytes_received);
+    const sum = (a) => a.reduce((x, y) => x + y, 0);
+    hist.sub.textContent = `${port ? `:${port}` : 'All mappings'}, ${r.title} (days start at UTC${series.utc_offset})`;
+    hist.summary.replaceChildren(
+      el('span', {}, el('span', { class: 'swatch swatch-sent', 'aria-hidden': 'true' }), ' Sent ',
+        el('strong', { 'data-testid': 'history-sent', 'data-bytes': sum(sent) }, formatBytes(sum(sent)))),
+      el('span', {}, el('span', { class: 'swatch swatch-recv', 'aria-hidden': 'true' }), ' Received ',
+        el('strong', { 'data-testid': 'history-received', 'data-bytes': sum(recv) }, formatBytes(sum(recv)))));
+    hist.box.dataset.bars = String(series.points.length);
+    hist.box.dataset.step = series.step;
+    if (hist.chart) {
+      hist.chart.data.labels = labels;
+      hist.chart.data.datasets[0].data = sent;
+      hist.chart.data.datasets[1].data = recv;
+      fitHistoryAxis();
+    }
+    const rows = [...totals.entries()]
+      .filter(([p]) => !port || String(p) === port)
+      .sort((a, b) => a[0] - b[0])
+      .map(([p, t]) => el('tr', { 'data-testid': 'history-row', 'data-port': p },
+        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${p}`),
+        el('td', { class: 'num', 'data-label': 'Sent', 'data-col': 'sent', 'data-bytes': t.sent }, formatBytes(t.sent)),
+        el('td', { class: 'num', 'data-label': 'Received', 'data-col': 'received', 'data-bytes': t.recv }, formatBytes(t.recv)),
+        el('td', { class: 'num', 'data-label': 'Total', 'data-col': 'total', 'data-bytes': t.sent + t.recv }, formatBytes(t.sent + t.recv))));
+    hist.rows.replaceChildren(...rows);
+    // No port moved bytes in this range: say so instead of empty headings.
+    const quiet = rows.length === 0;
+    hist.table.hidden = quiet;
+    hist.empty.hidden = !quiet;
+    hist.empty.textContent = quiet ? 'No traffic in this range' : '';
+  }
+
+  /** Round binary steps on the bar chart's axis, as on the live chart. */
+  function fitHistoryAxis() {
+    const max = Math.max(0, ...hist.chart.data.datasets.flatMap((d) => d.data));
+    hist.chart.options.scales.y.ticks.stepSize = niceStep(max);
+    hist.chart.options.scales.y.suggestedMax = max > 0 ? undefined : 1024; // an empty range still gets a sane axis
+    hist.chart.update('none');
+  }
+
+  function createHistoryChart() {
+    if (typeof window.Chart !== 'function') return;
+    const col = chartColors();
+    const bars = (label, color) => ({ label, data: [], backgroundColor: color, borderRadius: 3, maxBarThickness: 28 });
+    hist.chart = new window.Chart(hist.canvas, {
+      type: 'bar',
+      data: { labels: [], datasets: [bars('Sent', col.sent), bars('Received', col.recv)] },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        animation: false,
+        interaction: { mode: 'index', intersect: false },
+        plugins: {
+          legend: { display: false },
+          tooltip: { callbacks: { label: (ctx) => ` ${ctx.dataset.label}: ${formatBytes(ctx.parsed.y)}` } },
+        },
+        scales: {
+          x: { grid: { display: false }, border: { color: col.grid }, ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 12 } },
+          y: {
+            beginAtZero: true,
+            grid: { color: col.grid },
+            border: { display: false },
+            suggestedMax: 1024,
+            ticks: { color: col.muted, stepSize: niceStep(0), callback: (v) => trimZeros(formatBytes(v)) },
+          },
+        },
+      },
+    });
+  }
+
+  hist.ranges.addEventListener('click', (ev) => {
+    const button = ev.target.closest('button[data-range]');
+    if (!button) return;
+    hist.range = button.dataset.range;
+    for (const b of hist.ranges.querySelectorAll('button')) b.setAttribute('aria-pressed', String(b === button));
+    loadHistory();
+  });
+  hist.port.addEventListener('change', () => loadHistory());
+
+  // A plain link cannot carry the Authorization header; fetch the CSV with it and
+  // hand the browser a file, named as the daemon's Content-Disposition says.
+  hist.csv.addEventListener('click', async () => {
+    hist.csv.disabled = true;
+    try {
+      const res = await fetch(reportUrl('csv'), { headers: authHeaders(), cache: 'no-store' });
+      if (res.status === 401) return needToken();
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      const name = /filename="([^"]+)"/.exec(res.headers.get('Content-Disposition') || '');
+      const url = URL.createObjectURL(await res.blob());
+      const a = el('a', { href: url, download: name ? name[1] : 'tunneld-report.csv' });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+      hist.section.dataset.csv = 'downloaded';
+    } catch (err) {
+      hist.section.dataset.csv = 'failed';
+      hist.summary.append(el('span', { class: 'history-error', role: 'alert' }, `CSV download failed: ${err.message}`));
+    } finally {
+      hist.csv.disabled = false;
+    }
+  });
+
   createChart();
+  createHistoryChart();
   // Follow the system theme live, chart included (CSS handles everything else).
   window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', applyChartTheme);
   start();

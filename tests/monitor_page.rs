@@ -366,6 +366,10 @@ const SNAPSHOT_JS: &str = r#"(() => {
     body_state: document.body.dataset.state,
     samples: Number(document.body.dataset.samples),
     points: Number(q('[data-testid="traffic-chart"]').dataset.points),
+    gaps: Number(q('[data-testid="traffic-chart"]').dataset.gaps),
+    history_points: Number(q('[data-testid="traffic-chart"]').dataset.historyPoints),
+    lifetime_sent: Number(q('[data-testid="card-total-sent"] [data-role="lifetime"]').dataset.bytes),
+    lifetime_received: Number(q('[data-testid="card-total-received"] [data-role="lifetime"]').dataset.bytes),
     chart_lib: typeof window.Chart,
     chart_drawn: q('#chart').width > 0 && getComputedStyle(q('#chart-empty')).display === 'none',
     cards: {
@@ -382,7 +386,9 @@ const SNAPSHOT_JS: &str = r#"(() => {
     rate_received: q('#rate-recv').textContent.trim(),
     rows: [...document.querySelectorAll('[data-testid="mapping-row"]')].map((r) => ({
       port: Number(r.dataset.port),
-      cells: Object.fromEntries([...r.cells].map((c) => [c.dataset.col, c.textContent.trim()])),
+      // A cell's main value (cells may carry sub-lines: lifetime, inline rate).
+      cells: Object.fromEntries([...r.cells].map((c) => [c.dataset.col, (c.querySelector('[data-role="value"]') || c).textContent.trim()])),
+      lifetime: Object.fromEntries([...r.querySelectorAll('td[data-lifetime]')].map((c) => [c.dataset.col, c.dataset.lifetime === '' ? null : Number(c.dataset.lifetime)])),
     })),
     auth_visible: visible(q('[data-testid="auth-prompt"]')),
     auth_error: visible(q('[data-testid="auth-error"]')) ? q('[data-testid="auth-error"]').textContent.trim() : null,
@@ -652,7 +658,7 @@ fn monitor_page_renders_live_traffic_offline() {
 
     // With traffic flowing, the chart fills and the current rate is non-zero.
     let (stop, pusher) = background_traffic(ports.to_vec());
-    browser.wait_for("a full chart", r#"document.querySelector('[data-testid="traffic-chart"]').dataset.points === '20'"#);
+    browser.wait_for("a chart with points", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.points) >= 12"#);
     browser.wait_for("a non-zero send rate", r#"!['0 B/s', '—'].includes(document.querySelector('#rate-sent').textContent)"#);
     // Screenshots while traffic flows: desktop and phone, light and dark. At
     // 375 px nothing may overflow sideways.
@@ -691,17 +697,38 @@ fn monitor_page_renders_live_traffic_offline() {
     assert!(u64_at(&api, "total_sent") > 1_600_000, "background traffic was not counted: {api}");
     let mut sorted = ports.to_vec();
     sorted.sort();
+    // Lifetime totals beside the since-start ones (a fresh state dir: equal or more).
+    let page = browser.eval(SNAPSHOT_JS);
+    assert_eq!(page["lifetime_sent"], json!(u64_at(&api, "lifetime_sent")), "{page:#}");
+    assert_eq!(page["lifetime_received"], json!(u64_at(&api, "lifetime_received")), "{page:#}");
+    for row in page["rows"].as_array().unwrap() {
+        let m = api["mappings"].as_array().unwrap().iter().find(|m| m["port"] == row["port"]).unwrap();
+        assert_eq!(row["lifetime"]["sent"], m["lifetime_sent"], "{row}");
+        assert_eq!(row["lifetime"]["received"], m["lifetime_received"], "{row}");
+    }
     let api_ports: Vec<u64> = api["mappings"].as_array().unwrap().iter().map(|m| u64_at(m, "port")).collect();
     assert_eq!(api_ports, sorted.iter().map(|&p| p as u64).collect::<Vec<_>>(), "the API lists both mappings by port");
     assert_eq!(api["tunnel"]["connected"], json!(true), "{api}");
     assert!(u64_at(&api["tunnel"], "bytes_sent") > 750_000, "tunnel wire bytes shown come from real traffic: {api}");
 
-    // Chart: keeps the last 20 points, no more, as updates keep coming.
-    browser.wait_for("20 chart points", r#"document.querySelector('[data-testid="traffic-chart"]').dataset.points === '20'"#);
-    let samples = browser.eval(SNAPSHOT_JS)["samples"].as_u64().unwrap();
+    // Chart: a real time axis over the last 30 minutes; every sample adds a point
+    // (none are dropped at a fixed count) and a steady stream has no gaps.
+    let before = browser.eval(SNAPSHOT_JS);
+    let samples = before["samples"].as_u64().unwrap();
     browser.wait_for("3 more samples", &format!("Number(document.body.dataset.samples) >= {}", samples + 3));
     let page = browser.eval(SNAPSHOT_JS);
-    assert_eq!(page["points"], json!(20), "chart must keep only the last 20 points");
+    assert!(page["points"].as_u64().unwrap() >= before["points"].as_u64().unwrap() + 3, "every sample is a point: {page:#}");
+    assert_eq!(page["gaps"], json!(0), "a steady stream has no gaps: {page:#}");
+    // The old chart stopped at 20 points; this one keeps 30 minutes of them.
+    browser.wait_for("more than 20 points", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.points) > 24"#);
+    let axis = browser.eval(
+        "(() => { const c = Chart.getChart(document.querySelector('#chart')); const x = c.scales.x; \
+         return { type: x.type, span: x.max - x.min, last: c.data.datasets[0].data.at(-1).x }; })()",
+    );
+    assert_eq!(axis["type"], json!("linear"), "time axis: {axis}");
+    let span = axis["span"].as_f64().unwrap();
+    assert!((299.0..=1801.0).contains(&span), "5 to 30 minutes wide: {axis}");
+    assert!(axis["last"].as_f64().unwrap() > 1.7e9, "x values are Unix times: {axis}");
     assert_eq!(page["chart_lib"], json!("function"), "vendored Chart.js did not load");
     assert_eq!(page["chart_drawn"], json!(true));
 
@@ -715,12 +742,23 @@ fn monitor_page_renders_live_traffic_offline() {
     let page = browser.eval(SNAPSHOT_JS);
     assert_eq!(page["lost_visible"], json!(true), "{page:#}");
     assert!(page["lost_text"].as_str().unwrap().contains("retrying"), "{page:#}");
+    // The last word on the tunnel is stale now: no "Connected" while unreachable.
+    assert_eq!(page["tunnel_connected"], json!("unknown"), "{page:#}");
+    assert_eq!(page["tunnel_text"], json!("Unknown"), "{page:#}");
     browser.screenshot("monitor-connection-lost.png");
     let _back = Respawned::start(daemon.http, &daemon.state_dir, "monitor-secret");
     browser.wait_for("recovery", &state_is("live"));
     browser.wait_for("the restored mappings", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 2"#);
     let page = browser.eval(SNAPSHOT_JS);
     assert_eq!(page["lost_visible"], json!(false));
+    // The outage is a gap on the time axis, not two adjacent points.
+    let samples = page["samples"].as_u64().unwrap();
+    browser.wait_for("samples after the outage", &format!("Number(document.body.dataset.samples) >= {}", samples + 3));
+    browser.wait_for(
+        "a gap where the daemon was away",
+        r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.gaps) >= 1"#,
+    );
+    browser.screenshot("monitor-after-outage.png");
     drop(client);
 }
 
@@ -797,4 +835,253 @@ fn monitor_page_asks_for_the_api_token() {
     assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
     let escaped = unexplained_escapes(&canary);
     assert!(escaped.is_empty(), "the browser tried to reach other hosts: {escaped:?}");
+}
+
+/// What the History view shows, read from the DOM.
+const HISTORY_JS: &str = r#"(() => {
+  const q = (s) => document.querySelector(s);
+  return {
+    state: q('[data-testid="history"]').dataset.state,
+    bars: Number(q('[data-testid="history-chart"]').dataset.bars),
+    step: q('[data-testid="history-chart"]').dataset.step,
+    sent: q('[data-testid="history-sent"]') && Number(q('[data-testid="history-sent"]').dataset.bytes),
+    sent_text: q('[data-testid="history-sent"]') && q('[data-testid="history-sent"]').textContent.trim(),
+    received: q('[data-testid="history-received"]') && Number(q('[data-testid="history-received"]').dataset.bytes),
+    rows: [...document.querySelectorAll('[data-testid="history-row"]')].map((r) => ({
+      port: Number(r.dataset.port),
+      sent: Number(r.querySelector('[data-col="sent"]').dataset.bytes),
+      sent_text: r.querySelector('[data-col="sent"]').textContent.trim(),
+      received: Number(r.querySelector('[data-col="received"]').dataset.bytes),
+    })),
+    options: [...document.querySelectorAll('#history-port option')].map((o) => o.value),
+  };
+})()"#;
+
+/// The mappings table at a given width: does it overflow, and is any status cut?
+const TABLE_FIT_JS: &str = r#"(() => {
+  const wrap = document.querySelector('[data-testid="mapping-table"]').parentElement;
+  const table = document.querySelector('[data-testid="mapping-table"]');
+  const badges = [...document.querySelectorAll('[data-col="status"] .badge')];
+  const hiddenCells = [...table.querySelectorAll('tbody td')].filter((td) => {
+    const r = td.getBoundingClientRect();
+    return getComputedStyle(td).display !== 'none' && r.right > wrap.getBoundingClientRect().right + 0.5;
+  }).map((td) => `${td.dataset.col} ${td.getBoundingClientRect().right} > ${wrap.getBoundingClientRect().right} (${td.scrollWidth}/${td.clientWidth})`);
+  return {
+    width: window.innerWidth,
+    page_overflow: document.documentElement.scrollWidth > window.innerWidth,
+    table_overflow: table.getBoundingClientRect().right > wrap.getBoundingClientRect().right + 0.5,
+    cells_past_edge: hiddenCells,
+    statuses: badges.map((b) => ({
+      text: b.textContent,
+      cut: b.scrollWidth > b.clientWidth + 1 || getComputedStyle(b).textOverflow === 'ellipsis' && b.scrollWidth > b.clientWidth,
+      word_break: getComputedStyle(b).wordBreak,
+      overflow_wrap: getComputedStyle(b).overflowWrap,
+      lines: Math.round(b.getBoundingClientRect().height / parseFloat(getComputedStyle(b).lineHeight)),
+    })),
+    rates_visible: [...table.querySelectorAll('tbody tr:first-child [data-role="rate"], tbody tr:first-child [data-col^="rate-"]')]
+      .filter((e) => getComputedStyle(e).display !== 'none').length,
+  };
+})()"#;
+
+fn get_with_token(daemon: &Daemon, path: &str, token: &str) -> ureq::Response {
+    ureq::get(&daemon.url(path))
+        .set("Authorization", &format!("Bearer {token}"))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn data_with_token(daemon: &Daemon, path: &str, token: &str) -> Value {
+    let body: Value = get_with_token(daemon, path, token).into_json().expect("JSON");
+    assert_eq!(body["success"], json!(true), "{path}: {body}");
+    body["data"].clone()
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Waits until the recorder has written everything counted so far.
+fn wait_flushed(daemon: &Daemon, token: &str) {
+    let counted = now_secs();
+    common::wait_for("a history flush", Duration::from_secs(20), || {
+        let text = get_with_token(daemon, "/metrics", token).into_string().ok()?;
+        let last = common::metric_value(&text, "tunneld_history_last_flush_timestamp_seconds", &[])?;
+        (last > counted).then_some(())
+    });
+}
+
+/// The History view against the API: every range, all mappings and one, the
+/// per-port totals, the CSV download (with the API token), the live chart filled
+/// from minute history, and the mappings table at 720-1,000 px with a long error
+/// status — with screenshots.
+#[test]
+fn history_view_matches_the_api_and_downloads_csv() {
+    let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
+    const TOKEN: &str = "history-view-token";
+    let (_cfg_dir, config) = common::config_file("[history]\ninterval_secs = 1\nutc_offset = \"+08:00\"\n");
+    let state_tmp = tempfile::tempdir().unwrap();
+    let state = state_tmp.path().join("state");
+    let args = ["--api-token", TOKEN, "--config", config.as_str()];
+    let echo = echo_server();
+    let ports = [free_port(), free_port(), free_port()];
+
+    // First run: three mappings, known traffic on two, a clean stop (exact flush).
+    let mut first = Daemon::server_with_state(&state, "monitor-secret", &args);
+    for &port in &ports {
+        let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": false});
+        let resp = ureq::post(&first.url("/api/mapping/create")).set("Authorization", &format!("Bearer {TOKEN}")).send_json(body);
+        assert_eq!(resp.expect("create").status(), 200);
+    }
+    push(ports[0], 300_000);
+    push(ports[1], 2_000_000);
+    assert!(first.terminate().success());
+
+    // The third port is taken while the daemon is away: its status becomes a long error.
+    let squatter = TcpListener::bind(("0.0.0.0", ports[2])).expect("occupy the third port");
+    let daemon = Daemon::server_with_state(&state, "monitor-secret", &args);
+    push(ports[0], 40_000);
+    wait_flushed(&daemon, TOKEN);
+    // The live chart is filled from *complete* minutes of history: wait until one
+    // with traffic has ended (at most a minute).
+    common::wait_for("a complete minute of history", Duration::from_secs(75), || {
+        let now = now_secs() as i64;
+        let data = data_with_token(&daemon, &format!("/api/stats/history?step=minute&from={}&to={now}", now - 1800), TOKEN);
+        data["points"]
+            .as_array()?
+            .iter()
+            .any(|p| p["t"].as_i64().unwrap() + 60 <= now && p["bytes_sent"].as_u64().unwrap() > 0)
+            .then_some(())
+    });
+
+    let (canary_addr, canary) = canary_proxy();
+    let mut browser = Browser::launch(&chromium, canary_addr);
+    let downloads = tempfile::tempdir().unwrap();
+    browser.send(None, "Browser.setDownloadBehavior", json!({"behavior": "allow", "downloadPath": downloads.path().display().to_string()}));
+    // The token arrives in the URL once: the page stores it and drops it from the address bar.
+    browser.navigate(&daemon.url(&format!("/api/stats/monitor?interval_ms=250&token={TOKEN}")));
+    browser.wait_for("the live stream", &state_is("live"));
+    assert_eq!(browser.eval("location.search"), json!("?interval_ms=250"), "the token left the address bar");
+    browser.wait_for("the history view", r#"document.querySelector('[data-testid="history"]').dataset.state === 'ready'"#);
+    browser.wait_for(
+        "the minute history in the live chart",
+        r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.historyPoints) >= 1"#,
+    );
+
+    // Every range, all mappings: bars = the API's points, totals = the API's sums.
+    for (range, step, period) in [("24h", "hour", "hour"), ("7d", "hour", "hour"), ("30d", "day", "day"), ("12mo", "month", "month")] {
+        browser.eval(&format!("document.querySelector('[data-range=\"{range}\"]').click()"));
+        browser.wait_for(
+            &format!("the {range} range"),
+            &format!("document.querySelector('[data-testid=\"history\"]').dataset.state === 'ready' && document.querySelector('[data-testid=\"history-chart\"]').dataset.step === '{step}'"),
+        );
+        let view = browser.eval(HISTORY_JS);
+        let span = match range {
+            "24h" => 86_400,
+            "7d" => 7 * 86_400,
+            "30d" => 30 * 86_400,
+            _ => 334 * 86_400,
+        };
+        let to = now_secs() as i64;
+        let series = data_with_token(&daemon, &format!("/api/stats/history?step={step}&from={}&to={to}", to - span), TOKEN);
+        let points = series["points"].as_array().unwrap();
+        assert!((view["bars"].as_i64().unwrap() - points.len() as i64).abs() <= 1, "{range}: {view} vs {} points", points.len());
+        if range == "12mo" {
+            assert_eq!(view["bars"], json!(12), "12 monthly bars");
+        }
+        let sent: u64 = points.iter().map(|p| p["bytes_sent"].as_u64().unwrap()).sum();
+        assert_eq!(view["sent"], json!(sent), "{range}: {view}");
+        assert_eq!(view["sent"], json!(2_340_000), "{range}: all traffic is within every range");
+        assert_eq!(view["sent_text"], json!(format_bytes(2_340_000)));
+        let report = data_with_token(&daemon, &format!("/api/stats/report?period={period}&from={}&to={to}", to - span), TOKEN);
+        for row in view["rows"].as_array().unwrap() {
+            let want: u64 = report["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["port"] == row["port"])
+                .map(|r| r["bytes_sent"].as_u64().unwrap())
+                .sum();
+            assert_eq!(row["sent"], json!(want), "{range}: {row}");
+            assert_eq!(row["sent_text"], json!(format_bytes(want)));
+        }
+        assert_eq!(view["rows"].as_array().unwrap().len(), 2, "{range}: the two ports with traffic: {view}");
+        browser.eval("document.querySelector('[data-testid=\"history\"]').scrollIntoView()");
+        browser.screenshot(&format!("history-{range}.png"));
+    }
+
+    // One mapping.
+    browser.eval(&format!(
+        "(() => {{ const s = document.querySelector('#history-port'); s.value = '{}'; s.dispatchEvent(new Event('change')); }})()",
+        ports[1]
+    ));
+    browser.wait_for("one mapping", &format!("document.querySelector('#history-sub').textContent.startsWith(':{}')", ports[1]));
+    browser.wait_for("its totals", r#"document.querySelector('[data-testid="history"]').dataset.state === 'ready'"#);
+    let view = browser.eval(HISTORY_JS);
+    assert_eq!(view["sent"], json!(2_000_000), "{view}");
+    assert_eq!(view["rows"].as_array().unwrap().len(), 1, "{view}");
+    assert!(view["options"].as_array().unwrap().contains(&json!(ports[2].to_string())), "every mapping is selectable: {view}");
+    browser.eval("document.querySelector('[data-testid=\"history\"]').scrollIntoView()");
+    browser.screenshot("history-one-mapping.png");
+
+    // Download CSV: the page fetches it with the token; the file is the API's CSV.
+    browser.eval("document.querySelector('[data-testid=\"history-csv\"]').click()");
+    let file = common::wait_for("the downloaded CSV", Duration::from_secs(30), || {
+        std::fs::read_dir(downloads.path()).ok()?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "csv"))
+    });
+    let text = std::fs::read_to_string(&file).expect("read download");
+    assert!(file.file_name().unwrap().to_string_lossy().starts_with("tunneld-report-month-"), "{file:?}");
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let records: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>().expect("the download is valid CSV");
+    let sum_sent: u64 = records.iter().map(|r| r[3].parse::<u64>().unwrap()).sum();
+    assert_eq!(sum_sent, 2_340_000, "{text}");
+    let ports_in_csv: std::collections::BTreeSet<u16> = records.iter().map(|r| r[2].parse().unwrap()).collect();
+    assert_eq!(ports_in_csv, [ports[0], ports[1]].into_iter().collect(), "{text}");
+
+    // The mappings table between 720 and 1,000 px: nothing cut off, the long error
+    // status wraps between words.
+    browser.wait_for(
+        "the error status",
+        r#"[...document.querySelectorAll('[data-testid="mapping-row"]')].some((r) => r.dataset.status.startsWith('error'))"#,
+    );
+    for width in [720, 780, 860, 1000] {
+        browser.set_viewport(width, 1000, false);
+        browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
+        let fit = browser.eval(TABLE_FIT_JS);
+        browser.eval("document.querySelector('[data-testid=\"mapping-table\"]').scrollIntoView()");
+        browser.screenshot(&format!("monitor-table-{width}.png"));
+        assert_eq!(fit["page_overflow"], json!(false), "{fit:#}");
+        assert_eq!(fit["table_overflow"], json!(false), "{fit:#}");
+        assert_eq!(fit["cells_past_edge"], json!([]), "{fit:#}");
+        assert!(fit["rates_visible"].as_u64().unwrap() >= 2, "rates stay visible: {fit:#}");
+        for status in fit["statuses"].as_array().unwrap() {
+            assert_eq!(status["cut"], json!(false), "{fit:#}");
+            assert_eq!(status["word_break"], json!("normal"), "{fit:#}");
+            assert_eq!(status["overflow_wrap"], json!("normal"), "{fit:#}");
+        }
+        let error = fit["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["text"].as_str().unwrap().starts_with("Error"))
+            .expect("error badge")
+            .clone();
+        assert!(error["text"].as_str().unwrap().contains("in use"), "the whole status is there: {error}");
+    }
+    browser.set_viewport(1920, 1080, false);
+    browser.set_color_scheme("dark");
+    browser.wait_for("the dark chart", &chart_theme_is("dark"));
+    browser.eval("document.querySelector('[data-testid=\"history\"]').scrollIntoView()");
+    browser.screenshot("history-dark.png");
+    browser.set_color_scheme("light");
+    browser.screenshot_full_page("monitor-with-history-full.png");
+
+    let base = format!("http://{}/", daemon.http);
+    let urls = browser.requested_urls();
+    let foreign: Vec<&String> = urls.iter().filter(|u| !u.starts_with(&base) && !u.starts_with("blob:")).collect();
+    assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
+    assert!(unexplained_escapes(&canary).is_empty());
+    let thrown = browser.events_named("Runtime.exceptionThrown");
+    assert!(thrown.is_empty(), "page threw: {thrown:?}");
+    drop(squatter);
 }

@@ -250,8 +250,15 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
     let wanted = [
         ("tunneld_tunnel_connected{", None),
         ("tunneld_tunnel_connected_since_timestamp_seconds", Some("dateTimeFromNow")),
-        ("sum by (direction) (rate(tunneld_mapping_bytes_total", Some("Bps")),
-        ("port, direction) (rate(tunneld_mapping_bytes_total", Some("Bps")),
+        // IEC units (KiB/s, MiB/s), as the monitor page shows them.
+        ("sum by (direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("port, direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("up{job=~\"tunneld-server|tunneld-client\"", None),
+        ("group_left (target, mode) (max by (instance, port, target, mode) (tunneld_mapping_info", None),
+        ("rate(tunneld_mapping_connect_errors_total{instance=~\"$instance\", port=~\"$port\"}[$__rate_interval])) / sum by (instance, port) (rate(tunneld_mapping_connections_total", Some("percentunit")),
+        ("topk(5, sum by (instance, port) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("(increase(tunneld_mapping_bytes_total{instance=~\"$instance\", port=~\"$port\"}[1d]))", Some("bytes")),
+        ("tunneld_history_last_flush_timestamp_seconds", Some("s")),
         ("(increase(tunneld_mapping_bytes_total", Some("bytes")),
         ("tunneld_mapping_active_connections", None),
         ("rate(tunneld_mapping_connections_total", None),
@@ -273,6 +280,18 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
     let range_totals =
         panels.iter().flat_map(|p| panel_exprs(p)).any(|e| e.contains("increase(tunneld_mapping_bytes_total") && e.contains("[$__range]"));
     assert!(range_totals, "per-port totals must cover the selected range ($__range)");
+    let timelines: Vec<String> =
+        panels.iter().filter(|p| p["type"] == "state-timeline").flat_map(|p| panel_exprs(p)).map(str::to_string).collect();
+    for wanted in ["up{", "tunneld_tunnel_connected{"] {
+        assert!(timelines.iter().any(|e| e.starts_with(wanted)), "no state timeline of {wanted}: {timelines:?}");
+    }
+    let si_units: Vec<String> = panels
+        .iter()
+        .filter_map(|p| p["fieldConfig"]["defaults"]["unit"].as_str())
+        .filter(|u| ["Bps", "decbytes", "KBs", "MBs"].contains(u))
+        .map(str::to_string)
+        .collect();
+    assert!(si_units.is_empty(), "byte units must be IEC like the page: {si_units:?}");
 }
 
 #[test]
@@ -295,7 +314,7 @@ fn example_configs_pass_check_config() {
 
 #[test]
 fn example_configs_have_only_their_roles_sections_and_explain_every_key() {
-    for (file, sections) in [("dist/server.toml", &["server", "api", "log"][..]), ("dist/client.toml", &["client", "log"][..])] {
+    for (file, sections) in [("dist/server.toml", &["server", "api", "history", "log"][..]), ("dist/client.toml", &["client", "log"][..])] {
         let text = read(file);
         let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not TOML: {e}"));
         let found: BTreeSet<&str> = parsed.keys().map(String::as_str).collect();

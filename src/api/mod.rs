@@ -7,6 +7,7 @@
 
 mod assets;
 pub mod guard;
+mod history;
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::history::Recorder;
 use crate::metrics::{unix_now, Metrics};
 use crate::protocol::tokens_equal;
 use crate::server::mappings::{MappingError, Mappings, NewMapping};
@@ -42,6 +44,8 @@ pub struct AppState {
     pub mappings: Arc<Mappings>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<TunnelHub>,
+    /// Traffic history: lifetime totals and the stored buckets.
+    pub recorder: Arc<Recorder>,
     /// Empty: no authentication (only allowed on loopback, see config). Swapped
     /// in place on reload.
     pub token: Arc<RwLock<Arc<str>>>,
@@ -106,6 +110,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/mapping/list", get(list_mappings))
         .route("/api/stats/traffic", get(traffic))
         .route("/api/stats/stream", get(traffic_stream))
+        .route("/api/stats/history", get(history::history))
+        .route("/api/stats/report", get(history::report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     // Open by default (scrapers); behind the token when the operator asks.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -325,7 +331,12 @@ async fn create_mapping(State(state): State<AppState>, body: JsonObject) -> Resu
 
 async fn remove_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
     let port = port_field(body.only(&["port"])?, "port")?;
+    // The mapping's series vanish with it: record what it moved since the last
+    // flush first, and flush again after, so a new mapping on the same port
+    // counts from its own zero.
+    state.recorder.flush_logged().await;
     state.mappings.remove(port).await?;
+    state.recorder.flush_logged().await;
     Ok(success("mapping removed", json!({"port": port})))
 }
 
@@ -338,9 +349,11 @@ async fn list_mappings(State(state): State<AppState>) -> Response {
 /// The traffic report, every number read from the registry.
 async fn traffic_data(state: &AppState) -> Value {
     let snap = state.metrics.traffic();
+    let lifetime = state.recorder.lifetime();
     let views = state.mappings.list().await;
     let mut total_sent = 0u64;
     let mut total_received = 0u64;
+    let (mut lifetime_sent, mut lifetime_received) = (0u64, 0u64);
     let mut active = 0u64;
     let mappings: Vec<Value> = views
         .iter()
@@ -350,10 +363,17 @@ async fn traffic_data(state: &AppState) -> Value {
             total_sent += t.bytes_sent;
             total_received += t.bytes_received;
             active += t.active_connections;
+            // Never below since-start: bytes counted after the last flush are in both.
+            let (life_sent, life_received) = lifetime.get(&port).copied().unwrap_or_default();
+            let (life_sent, life_received) = (life_sent.max(t.bytes_sent), life_received.max(t.bytes_received));
+            lifetime_sent += life_sent;
+            lifetime_received += life_received;
             json!({
                 "port": port,
                 "bytes_sent": t.bytes_sent,
                 "bytes_received": t.bytes_received,
+                "lifetime_sent": life_sent,
+                "lifetime_received": life_received,
                 "last_update": t.last_update,
                 "active_connections": t.active_connections,
                 "connections_total": t.connections_total,
@@ -376,6 +396,9 @@ async fn traffic_data(state: &AppState) -> Value {
         "mappings": mappings,
         "total_sent": total_sent,
         "total_received": total_received,
+        "lifetime_sent": lifetime_sent,
+        "lifetime_received": lifetime_received,
+        "started_at": state.metrics.started_at(),
         "timestamp": unix_now(),
         "mapping_count": views.len(),
         "active_connections": active,
@@ -426,6 +449,12 @@ fn sse<S: Stream<Item = Result<Event, Infallible>> + Send + 'static>(events: S) 
     // Reverse proxies (nginx) would otherwise buffer the stream.
     headers.insert("X-Accel-Buffering", header::HeaderValue::from_static("no"));
     (headers, Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+impl AppState {
+    fn recorder_store(&self) -> &crate::store::Store {
+        self.recorder.store()
+    }
 }
 
 /// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an

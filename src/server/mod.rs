@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config, Role};
 use crate::forward;
+use crate::history::{self, Recorder};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::systemd;
@@ -62,6 +63,13 @@ pub async fn run(
     };
 
     let metrics = Arc::new(Metrics::new());
+    // Validated when the configuration was loaded.
+    let history_settings = config.history.settings()?;
+    let recorder = Arc::new(
+        Recorder::new(store.clone(), metrics.clone(), history_settings, history::system_clock())
+            .await
+            .context("cannot read the stored traffic history")?,
+    );
     let heartbeat = Duration::from_secs(config.server.heartbeat_interval_secs);
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
     let hub = TunnelHub::new(secret, metrics.clone(), heartbeat, connect_timeout);
@@ -87,11 +95,13 @@ pub async fn run(
     info!(restored, failed, state_dir = %state_dir.display(), "mappings restored");
 
     let tunnel_task = tokio::spawn(hub.clone().serve(listeners.tunnel, shutdown.clone()));
+    let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
     let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.as_str())));
     let api_state = crate::api::AppState {
         mappings: mappings.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
+        recorder: recorder.clone(),
         token: token.clone(),
         shutdown: shutdown.clone(),
         guard: Arc::new(crate::api::guard::Guard::new(&config.api)),
@@ -136,6 +146,13 @@ pub async fn run(
     info!("shutting down: closing listeners, draining connections");
     let _ = tunnel_task.await;
     mappings.shutdown(Duration::from_secs(config.server.shutdown_grace_secs)).await;
+    // After the drain, so the bytes of connections that finished in the grace
+    // period are in the history too.
+    let _ = recorder_task.await;
+    match recorder.flush().await {
+        Ok(_) => info!("traffic history flushed"),
+        Err(e) => warn!(error = %e, "final traffic history flush failed; up to one interval of traffic is not recorded"),
+    }
     match tokio::time::timeout(Duration::from_secs(5), api_task).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "API server ended with an error"),
         Err(_) => warn!("API server did not stop within 5 s"),

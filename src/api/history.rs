@@ -1,0 +1,158 @@
+//! `/api/stats/history` and `/api/stats/report`: the recorder's buckets as series
+//! (for charts) and as per-period, per-port totals (for budgets and billing), in
+//! JSON or as a CSV attachment.
+//!
+//! Times are Unix seconds, ranges are `[from, to)`, and days and months begin at
+//! `history.utc_offset`.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{bad_request, success, ApiError, AppState};
+use crate::store::history::{ReportRow, Step};
+
+/// Most points one series may have: a day of minutes, five years of days.
+pub const MAX_POINTS: i64 = 2_000;
+/// Most periods one report may cover.
+pub const MAX_PERIODS: i64 = 2_000;
+/// No range may reach outside 1970..10000 (also keeps the arithmetic far from overflow).
+const LATEST: i64 = 253_402_300_799;
+
+type Params = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let Query(map) = raw.map_err(|e| bad_request(e.body_text()))?;
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str()) && k.as_str() != "token") {
+        return Err(bad_request(format!("unknown parameter `{unknown}` (expected one of: {})", allowed.join(", "))));
+    }
+    Ok(map)
+}
+
+fn time_param(map: &HashMap<String, String>, key: &str, default: i64) -> Result<i64, ApiError> {
+    match map.get(key) {
+        None => Ok(default),
+        Some(text) => match text.parse::<i64>() {
+            Ok(t) if (0..=LATEST).contains(&t) => Ok(t),
+            _ => Err(bad_request(format!("`{key}` must be Unix seconds between 0 and {LATEST} (got {text:?})"))),
+        },
+    }
+}
+
+fn step_param(map: &HashMap<String, String>, key: &str, default: Step, allowed: &[Step]) -> Result<Step, ApiError> {
+    let Some(text) = map.get(key) else { return Ok(default) };
+    match Step::parse(text) {
+        Some(step) if allowed.contains(&step) => Ok(step),
+        _ => {
+            let names: Vec<&str> = allowed.iter().map(|s| s.name()).collect();
+            Err(bad_request(format!("`{key}` must be one of {} (got {text:?})", names.join(", "))))
+        }
+    }
+}
+
+/// `from` and `to` with their defaults, checked: ordered and not too many buckets.
+fn range(
+    map: &HashMap<String, String>,
+    step: Step,
+    default_span: i64,
+    now: i64,
+    limit: i64,
+    utc_offset: i64,
+) -> Result<(i64, i64), ApiError> {
+    let to = time_param(map, "to", now)?;
+    let from = time_param(map, "from", (to - default_span).max(0))?;
+    if from >= to {
+        return Err(bad_request(format!("`from` ({from}) must be before `to` ({to})")));
+    }
+    let count = step.count(from, to, utc_offset);
+    if count > limit {
+        let hint = match step.coarser() {
+            Some(coarser) => format!("; use step={} or a shorter range", coarser.name()),
+            None => "; use a shorter range".to_string(),
+        };
+        return Err(bad_request(format!("the range spans {count} {}s, more than {limit}{hint}", step.name())));
+    }
+    Ok((from, to))
+}
+
+pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Result<Response, ApiError> {
+    let map = params(raw, &["port", "step", "from", "to"])?;
+    let port = match map.get("port") {
+        None => None,
+        Some(text) => match text.parse::<u16>() {
+            Ok(p) if p > 0 => Some(p),
+            _ => return Err(bad_request(format!("`port` must be an integer between 1 and 65535 (got {text:?})"))),
+        },
+    };
+    let step = step_param(&map, "step", Step::Hour, &[Step::Minute, Step::Hour, Step::Day, Step::Month])?;
+    let settings = state.recorder.settings();
+    let offset = settings.utc_offset_secs;
+    let (from, to) = range(&map, step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
+    let points = state.recorder_store().history_points(step, port, from, to, offset).await.map_err(internal)?;
+    Ok(success(
+        "ok",
+        json!({
+            "step": step.name(),
+            "port": port,
+            "from": from,
+            "to": to,
+            "utc_offset": utc_offset_text(offset),
+            "interval_secs": settings.interval_secs,
+            "points": points,
+        }),
+    ))
+}
+
+pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result<Response, ApiError> {
+    let map = params(raw, &["period", "from", "to", "format"])?;
+    let period = step_param(&map, "period", Step::Day, &[Step::Hour, Step::Day, Step::Month])?;
+    let csv = match map.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => return Err(bad_request(format!("`format` must be json or csv (got {other:?})"))),
+    };
+    let offset = state.recorder.settings().utc_offset_secs;
+    let default_span = match period {
+        Step::Month => 365 * 86_400,
+        Step::Day => 31 * 86_400,
+        _ => 86_400,
+    };
+    let (from, to) = range(&map, period, default_span, state.recorder.now(), MAX_PERIODS, offset)?;
+    let rows = state.recorder_store().history_report(period, from, to, offset).await.map_err(internal)?;
+    if csv {
+        let filename = format!("tunneld-report-{}-{from}-{to}.csv", period.name());
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8; header=present".to_string()),
+                (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}\"")),
+            ],
+            to_csv(&rows),
+        )
+            .into_response());
+    }
+    Ok(success("ok", json!({"period": period.name(), "from": from, "to": to, "utc_offset": utc_offset_text(offset), "rows": rows})))
+}
+
+/// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are
+/// dates, the rest numbers), so none is quoted.
+fn to_csv(rows: &[ReportRow]) -> String {
+    let mut out = String::from("period,period_start,port,bytes_sent,bytes_received\r\n");
+    for r in rows {
+        out.push_str(&format!("{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received));
+    }
+    out
+}
+
+/// Seconds east of UTC -> `+08:00`.
+pub fn utc_offset_text(secs: i64) -> String {
+    let sign = if secs < 0 { '-' } else { '+' };
+    let abs = secs.abs();
+    format!("{sign}{:02}:{:02}", abs / 3600, (abs % 3600) / 60)
+}
+
+fn internal(e: crate::store::StoreError) -> ApiError {
+    ApiError { status: axum::http::StatusCode::INTERNAL_SERVER_ERROR, message: format!("cannot read the traffic history: {e}") }
+}

@@ -1,0 +1,361 @@
+//! The traffic recorder: turns the registry's live counters into history that
+//! outlives the process.
+//!
+//! Every `history.interval_secs` it reads each mapping's byte counters (and the
+//! tunnel's wire bytes), subtracts its own previous reading *in this process*, and
+//! writes the difference into minute, hour and day buckets plus lifetime totals in
+//! one transaction (`store::history`). Because the baseline is the previous
+//! reading and a new process starts from counters at 0, a restart never counts a
+//! byte twice; a crash loses at most the last interval; the final flush after
+//! the SIGTERM drain loses nothing. A failed write keeps the old baseline, so its
+//! bytes go into the next flush instead of being dropped.
+//!
+//! The clock is injected so tests can move time (retention, roll-ups) without
+//! waiting.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::HistorySettings;
+use crate::metrics::{ByteTotals, Metrics};
+use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
+use crate::store::{Store, StoreError};
+
+/// Unix seconds now; replaceable in tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| crate::metrics::unix_now() as i64)
+}
+
+pub struct Recorder {
+    store: Store,
+    metrics: Arc<Metrics>,
+    settings: HistorySettings,
+    clock: Clock,
+    retention_batch: i64,
+    /// Flushes never overlap (the periodic one and the final one at shutdown).
+    flushing: tokio::sync::Mutex<()>,
+    state: Mutex<Baseline>,
+}
+
+/// What has been written so far, as seen from this process.
+#[derive(Default)]
+struct Baseline {
+    /// Counter values at the last successful flush.
+    mappings: BTreeMap<u16, (u64, u64)>,
+    /// Tunnel wire bytes per client (`default` until clients have names).
+    tunnel: BTreeMap<String, (u64, u64)>,
+    /// Stored lifetime totals, kept in step with the database after each commit.
+    lifetime: BTreeMap<u16, (u64, u64)>,
+}
+
+/// A counter's growth since `before`; a smaller value means the series was
+/// recreated (mapping removed and created again), which starts again from 0.
+fn growth(now: u64, before: u64) -> u64 {
+    if now >= before {
+        now - before
+    } else {
+        now
+    }
+}
+
+/// What each counter pair gained since `base`; pairs that did not move are left out.
+fn deltas_since<K: Ord + Clone>(now: &BTreeMap<K, (u64, u64)>, base: &BTreeMap<K, (u64, u64)>) -> Vec<Delta<K>> {
+    now.iter()
+        .map(|(key, &(sent, received))| {
+            let (bs, br) = base.get(key).copied().unwrap_or_default();
+            Delta { key: key.clone(), sent: growth(sent, bs), received: growth(received, br) }
+        })
+        .filter(|d| d.sent > 0 || d.received > 0)
+        .collect()
+}
+
+impl Recorder {
+    /// Loads the stored lifetime totals so they are exact from the first request.
+    pub async fn new(store: Store, metrics: Arc<Metrics>, settings: HistorySettings, clock: Clock) -> Result<Recorder, StoreError> {
+        let lifetime = store.lifetime_totals().await?;
+        Ok(Recorder {
+            store,
+            metrics,
+            settings,
+            clock,
+            retention_batch: RETENTION_BATCH,
+            flushing: tokio::sync::Mutex::new(()),
+            state: Mutex::new(Baseline { lifetime, ..Baseline::default() }),
+        })
+    }
+
+    /// Smaller retention steps, so tests can watch retention work in steps.
+    pub fn with_retention_batch(mut self, rows: i64) -> Recorder {
+        self.retention_batch = rows.max(1);
+        self
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> HistorySettings {
+        self.settings
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn baseline(&self) -> std::sync::MutexGuard<'_, Baseline> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the registry and writes what moved since the last flush.
+    pub async fn flush(&self) -> Result<Pruned, StoreError> {
+        let _one_at_a_time = self.flushing.lock().await;
+        let at = self.now();
+        let ByteTotals { mappings, tunnel } = self.metrics.byte_totals();
+        let (deltas, tunnel_deltas) = {
+            let base = self.baseline();
+            (deltas_since(&mappings, &base.mappings), deltas_since(&tunnel, &base.tunnel))
+        };
+        let s = self.settings;
+        let flush = Flush {
+            at,
+            utc_offset: s.utc_offset_secs,
+            mappings: deltas.clone(),
+            tunnel: tunnel_deltas,
+            keep_minutes_from: at - s.minute_retention_secs,
+            keep_hours_from: at - s.hour_retention_secs,
+            keep_days_from: at - s.day_retention_secs,
+            retention_batch: self.retention_batch,
+        };
+        let pruned = self.store.flush_history(flush).await?;
+        {
+            let mut base = self.baseline();
+            for d in &deltas {
+                let entry = base.lifetime.entry(d.key).or_default();
+                entry.0 += d.sent;
+                entry.1 += d.received;
+            }
+            // Removed mappings drop out of the baseline with their series.
+            base.mappings = mappings;
+            base.tunnel = tunnel;
+        }
+        self.metrics.history_flushed(at as f64);
+        debug!(
+            mappings = deltas.len(),
+            pruned_minute = pruned.minute,
+            pruned_hour = pruned.hour,
+            pruned_day = pruned.day,
+            "history flushed"
+        );
+        Ok(pruned)
+    }
+
+    /// [`Recorder::flush`] for callers that cannot do more about a failure than
+    /// log it (the bytes stay in the next flush's delta).
+    pub async fn flush_logged(&self) {
+        if let Err(e) = self.flush().await {
+            warn!(error = %e, "traffic history flush failed; retried at the next interval");
+        }
+    }
+
+    /// Lifetime (sent, received) per port: stored totals plus what the counters
+    /// gained since the last flush — exact at any moment.
+    pub fn lifetime(&self) -> BTreeMap<u16, (u64, u64)> {
+        let base = self.baseline();
+        // Read under the lock: a flush updates baseline and lifetime together.
+        let now = self.metrics.byte_totals().mappings;
+        let mut out = base.lifetime.clone();
+        for (port, (sent, received)) in now {
+            let (bs, br) = base.mappings.get(&port).copied().unwrap_or_default();
+            let entry = out.entry(port).or_default();
+            entry.0 += growth(sent, bs);
+            entry.1 += growth(received, br);
+        }
+        out
+    }
+
+    /// Flushes every `interval_secs` until `shutdown`; the caller runs the final
+    /// flush after connections have drained.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(self.settings.interval_secs));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate; nothing has moved yet
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {
+                    match self.flush().await {
+                        Ok(_) if failing => { failing = false; warn!("history recorder writes again"); }
+                        Ok(_) => {}
+                        // Logged once per outage, not once per interval; the bytes stay
+                        // in the next flush's delta.
+                        Err(e) if !failing => { failing = true; warn!(error = %e, "history recorder cannot write; will retry every interval"); }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HistoryConfig;
+    use crate::store::history::{days_from_civil, Step};
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    const PLUS_8: &str = "+08:00";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        metrics: Arc<Metrics>,
+        now: Arc<AtomicI64>,
+        recorder: Recorder,
+    }
+
+    async fn fixture(offset: &str, start: i64, batch: i64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let now = Arc::new(AtomicI64::new(start));
+        let settings = HistoryConfig { utc_offset: offset.into(), ..HistoryConfig::default() }.settings().unwrap();
+        let clock_now = now.clone();
+        let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+        let recorder = Recorder::new(store.clone(), metrics.clone(), settings, clock).await.unwrap().with_retention_batch(batch);
+        Fixture { _dir: dir, store, metrics, now, recorder }
+    }
+
+    /// 2026-11-29 at `h:m` UTC.
+    fn utc(h: i64, m: i64) -> i64 {
+        days_from_civil(2026, 11, 29) * 86_400 + h * 3600 + m * 60
+    }
+
+    #[tokio::test]
+    async fn deltas_roll_up_into_hours_and_local_days_without_double_counting() {
+        let f = fixture(PLUS_8, utc(15, 58), RETENTION_BATCH).await;
+        let a = f.metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        let b = f.metrics.add_mapping(4001, ["127.0.0.1:9", "direct", ""]);
+        a.sent.inc_by(100);
+        a.received.inc_by(10);
+        f.recorder.flush().await.unwrap();
+        // A flush with nothing new adds nothing.
+        f.recorder.flush().await.unwrap();
+        a.sent.inc_by(50);
+        b.received.inc_by(7);
+        f.now.store(utc(15, 59), Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        // 16:01 UTC is 00:01 on the 30th at +08:00: a new local day.
+        a.sent.inc_by(1000);
+        f.now.store(utc(16, 1), Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+
+        let minutes = f.store.history_points(Step::Minute, Some(4000), utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
+        let sent: Vec<(i64, u64)> = minutes.iter().map(|p| (p.t, p.bytes_sent)).collect();
+        assert_eq!(sent, vec![(utc(15, 58), 100), (utc(15, 59), 50), (utc(16, 1), 1000)], "minute 16:00 was not recorded: a gap");
+        let hours = f.store.history_points(Step::Hour, None, utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
+        assert_eq!(hours.iter().map(|p| (p.bytes_sent, p.bytes_received)).collect::<Vec<_>>(), vec![(150, 17), (1000, 0)]);
+        let local_day_29 = days_from_civil(2026, 11, 29) * 86_400 - 8 * 3600;
+        let report = f.store.history_report(Step::Day, local_day_29, local_day_29 + 2 * 86_400, 8 * 3600).await.unwrap();
+        let rows: Vec<(String, u16, u64, u64)> =
+            report.iter().map(|r| (r.period.clone(), r.port, r.bytes_sent, r.bytes_received)).collect();
+        assert_eq!(
+            rows,
+            vec![("2026-11-29".into(), 4000, 150, 10), ("2026-11-29".into(), 4001, 0, 7), ("2026-11-30".into(), 4000, 1000, 0)]
+        );
+        // At +08:00 both local days are in November.
+        let month = f.store.history_report(Step::Month, local_day_29, local_day_29 + 2 * 86_400, 8 * 3600).await.unwrap();
+        assert_eq!(
+            month.iter().map(|r| (r.period.as_str(), r.port, r.bytes_sent)).collect::<Vec<_>>(),
+            vec![("2026-11", 4000, 1150), ("2026-11", 4001, 0)]
+        );
+
+        // Unflushed bytes are in the lifetime totals at once.
+        b.sent.inc_by(5);
+        assert_eq!(f.recorder.lifetime().get(&4001), Some(&(5, 7)));
+        assert_eq!(f.recorder.lifetime().get(&4000), Some(&(1150, 10)));
+    }
+
+    #[tokio::test]
+    async fn a_restarted_process_continues_the_totals_without_recounting() {
+        let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
+        let m = f.metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        m.sent.inc_by(300);
+        // Tunnel wire bytes go to the `default` client's buckets.
+        let (wire_out, wire_in) = f.metrics.tunnel_meters();
+        wire_out.record(900);
+        wire_in.record(80);
+        f.recorder.flush().await.unwrap();
+        f.recorder.flush().await.unwrap();
+        let tunnel = f.store.tunnel_history(Step::Day, utc(0, 0), utc(24, 0)).await.unwrap();
+        assert_eq!(tunnel, vec![(utc(0, 0), "default".to_string(), 900, 80)]);
+        // A new process: fresh counters from 0, same database.
+        let metrics = Arc::new(Metrics::new());
+        let settings = HistoryConfig::default().settings().unwrap();
+        let restarted = Recorder::new(f.store.clone(), metrics.clone(), settings, Arc::new(|| utc(10, 5))).await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(300, 0)));
+        let m2 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        m2.sent.inc_by(20);
+        restarted.flush().await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(320, 0)));
+        let day = f.store.history_points(Step::Day, Some(5000), utc(0, 0), utc(24, 0), 0).await.unwrap();
+        assert_eq!(day[0].bytes_sent, 320);
+        // A mapping removed and created again starts its counters at 0: counted from there.
+        metrics.remove_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        let m3 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        m3.sent.inc_by(4);
+        restarted.flush().await.unwrap();
+        assert_eq!(restarted.lifetime().get(&5000), Some(&(324, 0)));
+    }
+
+    #[tokio::test]
+    async fn retention_expires_each_resolution_in_bounded_steps() {
+        let start = utc(0, 0);
+        let f = fixture("+00:00", start, 7).await;
+        let m = f.metrics.add_mapping(6000, ["127.0.0.1:9", "direct", ""]);
+        // 30 minutes of traffic, one flush a minute.
+        for minute in 0..30 {
+            f.now.store(start + minute * 60, Ordering::SeqCst);
+            m.sent.inc_by(1);
+            f.recorder.flush().await.unwrap();
+        }
+        let count = |step| {
+            let store = f.store.clone();
+            async move { store.history_points(step, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap() }
+        };
+        assert_eq!(count(Step::Minute).await.len(), 30);
+        // Three days later: minutes (kept 2 days) expire, 7 rows per table per flush
+        // (30 minute rows + 30 coverage rows = 60 rows: 5 flushes of 14).
+        f.now.store(start + 3 * 86_400, Ordering::SeqCst);
+        let mut steps = Vec::new();
+        loop {
+            let pruned = f.recorder.flush().await.unwrap();
+            steps.push(pruned.minute);
+            if pruned.minute == 0 {
+                break;
+            }
+        }
+        assert_eq!(steps, vec![14, 14, 14, 14, 4, 0]);
+        let minutes = f.store.history_points(Step::Minute, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap();
+        assert!(minutes.is_empty(), "{minutes:?}");
+        // Hours (90 days) and days (5 years) still hold every byte.
+        assert_eq!(count(Step::Hour).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 30);
+        // 100 days later the hour is gone, the day remains.
+        f.now.store(start + 100 * 86_400, Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        assert_eq!(count(Step::Hour).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
+        assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 30);
+        // Six years later the day is gone too; the lifetime total is not history and stays.
+        f.now.store(start + 6 * 365 * 86_400, Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
+        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&6000), Some(&(30, 0)));
+    }
+}

@@ -1,0 +1,487 @@
+//! Traffic history in SQLite: minute, hour and day buckets per port (and per
+//! tunnel client), lifetime totals per port, and which minutes the recorder was
+//! running at all (so an idle minute and a minute the daemon was down differ).
+//!
+//! Writes come only from the recorder (`crate::history`), one transaction per
+//! flush. Every statement a flush runs is an upsert on a primary key or a delete
+//! bounded by a `LIMIT`, so its cost depends on the number of mappings that moved
+//! bytes, never on how much history is stored.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, Connection, Transaction};
+
+use super::{Store, StoreError};
+
+/// A stored port outside 1..=65535: a damaged row, reported as SQLite reports any
+/// value that does not fit its column's type.
+fn stored_port(column: usize, port: i64) -> rusqlite::Result<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0).ok_or(rusqlite::Error::IntegralValueOutOfRange(column, port))
+}
+
+/// Rows each retention step may delete per table and flush: enough to keep up
+/// with 1,000 busy mappings at one flush every 10 s, small enough that a flush
+/// after a long downtime stays short.
+pub const RETENTION_BATCH: i64 = 5_000;
+
+/// The bucket tables, finest first.
+const MAPPING_TABLES: [&str; 3] = ["history_minute", "history_hour", "history_day"];
+const TUNNEL_TABLES: [&str; 3] = ["tunnel_history_minute", "tunnel_history_hour", "tunnel_history_day"];
+
+pub(super) fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
+    let mut sql = String::new();
+    for table in MAPPING_TABLES {
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                t INTEGER NOT NULL, port INTEGER NOT NULL,
+                sent INTEGER NOT NULL, received INTEGER NOT NULL,
+                PRIMARY KEY (t, port)) WITHOUT ROWID;"
+        ));
+    }
+    for table in TUNNEL_TABLES {
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                t INTEGER NOT NULL, client TEXT NOT NULL,
+                sent INTEGER NOT NULL, received INTEGER NOT NULL,
+                PRIMARY KEY (t, client)) WITHOUT ROWID;"
+        ));
+    }
+    sql.push_str(
+        "CREATE TABLE IF NOT EXISTS history_lifetime (
+            port INTEGER PRIMARY KEY, sent INTEGER NOT NULL, received INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS history_coverage (t INTEGER PRIMARY KEY) WITHOUT ROWID;",
+    );
+    conn.execute_batch(&sql)
+}
+
+/// A bucket size. Hours, days and months begin at the configured UTC offset's
+/// local boundaries; minutes are the same everywhere that has whole-minute offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Step {
+    pub fn parse(text: &str) -> Option<Step> {
+        match text {
+            "minute" => Some(Step::Minute),
+            "hour" => Some(Step::Hour),
+            "day" => Some(Step::Day),
+            "month" => Some(Step::Month),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Minute => "minute",
+            Step::Hour => "hour",
+            Step::Day => "day",
+            Step::Month => "month",
+        }
+    }
+
+    /// The next coarser step, for "use a coarser step" messages.
+    pub fn coarser(self) -> Option<Step> {
+        match self {
+            Step::Minute => Some(Step::Hour),
+            Step::Hour => Some(Step::Day),
+            Step::Day => Some(Step::Month),
+            Step::Month => None,
+        }
+    }
+
+    /// Where its buckets are stored (months are summed from days).
+    fn table(self) -> &'static str {
+        match self {
+            Step::Minute => MAPPING_TABLES[0],
+            Step::Hour => MAPPING_TABLES[1],
+            Step::Day | Step::Month => MAPPING_TABLES[2],
+        }
+    }
+
+    /// Start (Unix seconds) of the bucket holding `t`.
+    pub fn bucket_start(self, t: i64, utc_offset: i64) -> i64 {
+        let local = t + utc_offset;
+        match self {
+            Step::Minute => t - t.rem_euclid(60),
+            Step::Hour => local - local.rem_euclid(3600) - utc_offset,
+            Step::Day => local - local.rem_euclid(86_400) - utc_offset,
+            Step::Month => {
+                let (y, m, _) = civil_from_days(local.div_euclid(86_400));
+                days_from_civil(y, m, 1) * 86_400 - utc_offset
+            }
+        }
+    }
+
+    /// Start of the bucket after the one starting at `start`.
+    pub fn next(self, start: i64, utc_offset: i64) -> i64 {
+        match self {
+            Step::Minute => start + 60,
+            Step::Hour => start + 3600,
+            Step::Day => start + 86_400,
+            Step::Month => {
+                let (y, m, _) = civil_from_days((start + utc_offset).div_euclid(86_400));
+                let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                days_from_civil(y, m, 1) * 86_400 - utc_offset
+            }
+        }
+    }
+
+    /// How many buckets `[from, to)` spans, computed without walking it.
+    pub fn count(self, from: i64, to: i64, utc_offset: i64) -> i64 {
+        let first = self.bucket_start(from, utc_offset);
+        match self {
+            Step::Minute => (to - first + 59) / 60,
+            Step::Hour => (to - first + 3599) / 3600,
+            Step::Day => (to - first + 86_399) / 86_400,
+            Step::Month => {
+                let month_index = |t: i64| {
+                    let (y, m, _) = civil_from_days((t + utc_offset).div_euclid(86_400));
+                    y * 12 + i64::from(m)
+                };
+                month_index(to - 1) - month_index(first) + 1
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian
+/// (H. Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// (year, month, day) -> days since 1970-01-01; inverse of [`civil_from_days`].
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The local calendar label of a bucket: `2026-11-29` for days (and finer), `2026-11` for months.
+pub fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
+    let (y, m, d) = civil_from_days((start + utc_offset).div_euclid(86_400));
+    match step {
+        Step::Month => format!("{y:04}-{m:02}"),
+        _ => format!("{y:04}-{m:02}-{d:02}"),
+    }
+}
+
+/// Bytes one port (or client) moved since the previous flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta<K> {
+    pub key: K,
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Everything one flush writes.
+#[derive(Debug, Clone)]
+pub struct Flush {
+    /// When the readings were taken (Unix seconds).
+    pub at: i64,
+    pub utc_offset: i64,
+    pub mappings: Vec<Delta<u16>>,
+    pub tunnel: Vec<Delta<String>>,
+    /// Buckets older than these (Unix seconds) are deleted, a bounded batch per flush.
+    pub keep_minutes_from: i64,
+    pub keep_hours_from: i64,
+    pub keep_days_from: i64,
+    pub retention_batch: i64,
+}
+
+/// How many expired rows a flush deleted (minute, hour, day; coverage included in minute).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub minute: usize,
+    pub hour: usize,
+    pub day: usize,
+}
+
+/// One point of a history series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Point {
+    pub t: i64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// One row of a report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReportRow {
+    /// Local calendar label (`2026-11-29`, `2026-11`).
+    pub period: String,
+    pub period_start: i64,
+    pub port: u16,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Adds each delta to its bucket (one per table, starting at `starts`) of
+/// `tables`, whose key column is `key`.
+fn add_to_buckets<K: rusqlite::ToSql>(
+    tx: &Transaction<'_>,
+    tables: [&str; 3],
+    key: &str,
+    starts: [i64; 3],
+    deltas: &[Delta<K>],
+) -> rusqlite::Result<()> {
+    for (table, t) in tables.iter().zip(starts) {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO {table} (t, {key}, sent, received) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (t, {key}) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received"
+        ))?;
+        for d in deltas {
+            stmt.execute(params![t, d.key, to_i64(d.sent), to_i64(d.received)])?;
+        }
+    }
+    Ok(())
+}
+
+fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
+    let starts = [Step::Minute, Step::Hour, Step::Day].map(|s| s.bucket_start(f.at, f.utc_offset));
+    add_to_buckets(tx, MAPPING_TABLES, "port", starts, &f.mappings)?;
+    add_to_buckets(tx, TUNNEL_TABLES, "client", starts, &f.tunnel)?;
+    let mut lifetime = tx.prepare_cached(
+        "INSERT INTO history_lifetime (port, sent, received) VALUES (?1, ?2, ?3)
+         ON CONFLICT (port) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received",
+    )?;
+    for d in &f.mappings {
+        lifetime.execute(params![d.key, to_i64(d.sent), to_i64(d.received)])?;
+    }
+    tx.prepare_cached("INSERT OR IGNORE INTO history_coverage (t) VALUES (?1)")?.execute(params![starts[0]])?;
+
+    let mut pruned = Pruned::default();
+    let cutoffs = [f.keep_minutes_from, f.keep_hours_from, f.keep_days_from];
+    for ((mapping_table, tunnel_table), (cutoff, count)) in
+        MAPPING_TABLES.iter().zip(TUNNEL_TABLES).zip(cutoffs.into_iter().zip([&mut pruned.minute, &mut pruned.hour, &mut pruned.day]))
+    {
+        // Oldest first, through the primary key: a range scan that stops at the limit.
+        *count += tx
+            .prepare_cached(&format!(
+                "DELETE FROM {mapping_table} WHERE (t, port) IN
+               (SELECT t, port FROM {mapping_table} WHERE t < ?1 ORDER BY t LIMIT ?2)"
+            ))?
+            .execute(params![cutoff, f.retention_batch])?;
+        *count += tx
+            .prepare_cached(&format!(
+                "DELETE FROM {tunnel_table} WHERE (t, client) IN
+               (SELECT t, client FROM {tunnel_table} WHERE t < ?1 ORDER BY t LIMIT ?2)"
+            ))?
+            .execute(params![cutoff, f.retention_batch])?;
+    }
+    pruned.minute += tx
+        .prepare_cached("DELETE FROM history_coverage WHERE t IN (SELECT t FROM history_coverage WHERE t < ?1 ORDER BY t LIMIT ?2)")?
+        .execute(params![f.keep_minutes_from, f.retention_batch])?;
+    Ok(pruned)
+}
+
+/// Sums per bucket start of `step` over `[from, to)`, one port or all.
+fn sums(
+    conn: &Connection,
+    step: Step,
+    port: Option<u16>,
+    from: i64,
+    to: i64,
+    utc_offset: i64,
+) -> rusqlite::Result<BTreeMap<i64, (u64, u64)>> {
+    let table = step.table();
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT t, SUM(sent), SUM(received) FROM {table}
+         WHERE t >= ?1 AND t < ?2 AND (?3 IS NULL OR port = ?3) GROUP BY t"
+    ))?;
+    let rows = stmt.query_map(params![from, to, port], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    for row in rows {
+        let (t, sent, received) = row?;
+        // Rows written under another utc_offset still land in exactly one bucket.
+        let entry = out.entry(step.bucket_start(t, utc_offset)).or_default();
+        entry.0 += to_u64(sent);
+        entry.1 += to_u64(received);
+    }
+    Ok(out)
+}
+
+fn covered_minutes(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare_cached("SELECT t FROM history_coverage WHERE t >= ?1 AND t < ?2 ORDER BY t")?;
+    let rows = stmt.query_map(params![from, to], |r| r.get::<_, i64>(0))?;
+    rows.collect()
+}
+
+/// A history series over `[from, to)` (bucket-aligned by the caller's step).
+/// Minute points exist only for minutes the recorder ran (idle ones at 0), so a
+/// gap in the series is a time the daemon was not recording; coarser steps have a
+/// point for every bucket.
+pub fn points(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<Vec<Point>> {
+    let first = step.bucket_start(from, utc_offset);
+    let sums = sums(conn, step, port, first, to, utc_offset)?;
+    let point = |t: i64| {
+        let (bytes_sent, bytes_received) = sums.get(&t).copied().unwrap_or_default();
+        Point { t, bytes_sent, bytes_received }
+    };
+    if step == Step::Minute {
+        return Ok(covered_minutes(conn, first, to)?.into_iter().map(point).collect());
+    }
+    let mut out = Vec::new();
+    let mut t = first;
+    while t < to {
+        out.push(point(t));
+        t = step.next(t, utc_offset);
+    }
+    Ok(out)
+}
+
+/// Per-period, per-port totals over `[from, to)`; ports without traffic in a
+/// period have no row.
+pub fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<Vec<ReportRow>> {
+    let first = period.bucket_start(from, utc_offset);
+    let table = period.table();
+    let mut stmt = conn.prepare_cached(&format!("SELECT t, port, sent, received FROM {table} WHERE t >= ?1 AND t < ?2"))?;
+    let rows =
+        stmt.query_map(params![first, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+    let mut totals: BTreeMap<(i64, u16), (u64, u64)> = BTreeMap::new();
+    for row in rows {
+        let (t, port, sent, received) = row?;
+        let port = stored_port(1, port)?;
+        let entry = totals.entry((period.bucket_start(t, utc_offset), port)).or_default();
+        entry.0 += to_u64(sent);
+        entry.1 += to_u64(received);
+    }
+    Ok(totals
+        .into_iter()
+        .filter(|(_, (s, r))| s + r > 0)
+        .map(|((start, port), (bytes_sent, bytes_received))| ReportRow {
+            period: period_label(start, period, utc_offset),
+            period_start: start,
+            port,
+            bytes_sent,
+            bytes_received,
+        })
+        .collect())
+}
+
+/// Stored lifetime totals per port (sent, received).
+pub fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, (u64, u64)>> {
+    let mut stmt = conn.prepare_cached("SELECT port, sent, received FROM history_lifetime")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (port, sent, received) = row?;
+        let port = stored_port(0, port)?;
+        out.insert(port, (to_u64(sent), to_u64(received)));
+    }
+    Ok(out)
+}
+
+/// Tunnel wire bytes per client and bucket of `step` (no months) over `[from, to)`.
+pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, String, u64, u64)>> {
+    let table = match step {
+        Step::Minute => TUNNEL_TABLES[0],
+        Step::Hour => TUNNEL_TABLES[1],
+        Step::Day | Step::Month => TUNNEL_TABLES[2],
+    };
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT t, client, sent, received FROM {table} WHERE t >= ?1 AND t < ?2 ORDER BY t, client"))?;
+    let rows = stmt.query_map(params![from, to], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, to_u64(r.get::<_, i64>(2)?), to_u64(r.get::<_, i64>(3)?)))
+    })?;
+    rows.collect()
+}
+
+impl Store {
+    /// Writes one flush in one transaction; returns what retention deleted.
+    pub async fn flush_history(&self, flush: Flush) -> Result<Pruned, StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let pruned = write_flush(&tx, &flush)?;
+            tx.commit()?;
+            Ok(pruned)
+        })
+        .await
+    }
+
+    pub async fn history_points(
+        &self,
+        step: Step,
+        port: Option<u16>,
+        from: i64,
+        to: i64,
+        utc_offset: i64,
+    ) -> Result<Vec<Point>, StoreError> {
+        self.with_conn(move |conn| points(conn, step, port, from, to, utc_offset)).await
+    }
+
+    pub async fn history_report(&self, period: Step, from: i64, to: i64, utc_offset: i64) -> Result<Vec<ReportRow>, StoreError> {
+        self.with_conn(move |conn| report(conn, period, from, to, utc_offset)).await
+    }
+
+    pub async fn lifetime_totals(&self) -> Result<BTreeMap<u16, (u64, u64)>, StoreError> {
+        self.with_conn(|conn| lifetime(conn)).await
+    }
+
+    pub async fn tunnel_history(&self, step: Step, from: i64, to: i64) -> Result<Vec<(i64, String, u64, u64)>, StoreError> {
+        self.with_conn(move |conn| tunnel_points(conn, step, from, to)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLUS_8: i64 = 8 * 3600;
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in [-800_000, -1, 0, 1, 59, 365, 11_016, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+    }
+
+    #[test]
+    fn day_and_month_boundaries_follow_the_offset() {
+        // 2026-11-29 15:30 UTC is 23:30 on the 29th at +08:00; 16:30 UTC is the 30th.
+        let t = days_from_civil(2026, 11, 29) * 86_400 + 15 * 3600 + 1800;
+        let local_midnight_29 = days_from_civil(2026, 11, 29) * 86_400 - PLUS_8;
+        assert_eq!(Step::Day.bucket_start(t, PLUS_8), local_midnight_29);
+        assert_eq!(Step::Day.bucket_start(t + 3600, PLUS_8), local_midnight_29 + 86_400);
+        assert_eq!(period_label(Step::Day.bucket_start(t + 3600, PLUS_8), Step::Day, PLUS_8), "2026-11-30");
+        // 2026-11-30 16:30 UTC is already December at +08:00.
+        let dec = days_from_civil(2026, 11, 30) * 86_400 + 16 * 3600 + 1800;
+        assert_eq!(period_label(Step::Month.bucket_start(dec, PLUS_8), Step::Month, PLUS_8), "2026-12");
+        assert_eq!(period_label(Step::Month.bucket_start(dec, 0), Step::Month, 0), "2026-11");
+        assert_eq!(Step::Month.next(Step::Month.bucket_start(dec, PLUS_8), PLUS_8), days_from_civil(2027, 1, 1) * 86_400 - PLUS_8);
+        // Half-hour offsets move hour boundaries too.
+        assert_eq!(Step::Hour.bucket_start(1800, 5 * 3600 + 1800), 1800);
+        assert_eq!(Step::Hour.bucket_start(1799, 5 * 3600 + 1800), -1800);
+        assert_eq!(Step::Month.count(local_midnight_29, dec + 86_400 * 40, PLUS_8), 3);
+        assert_eq!(Step::Minute.count(0, 3600, 0), 60);
+    }
+}
