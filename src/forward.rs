@@ -62,7 +62,7 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter) -> io::Result
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
             Ok(n) => data = &data[n..],

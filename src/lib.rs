@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod exchange;
 pub mod forward;
 pub mod metered;
 pub mod metrics;
@@ -13,3 +14,5 @@ pub mod protocol;
 pub mod server;
 pub mod store;
 pub mod systemd;
+pub mod tls;
+pub mod transport;

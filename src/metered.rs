@@ -1,7 +1,7 @@
 //! A `TcpStream` wrapper that counts what crosses it into tunnel meters.
 //!
-//! Used for the control channel and for handshake frames, where bytes are few and
-//! a wrapper is simplest; the bulk data path counts in `forward::relay` instead.
+//! Every tunnel connection runs over one (under TLS, when TLS is on), so the tunnel
+//! meters see the wire: frame headers, TLS records and handshakes included.
 
 use std::io;
 use std::pin::Pin;
@@ -23,8 +23,8 @@ impl MeteredStream {
         MeteredStream { inner, sent, received }
     }
 
-    pub fn into_inner(self) -> TcpStream {
-        self.inner
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
     }
 }
 
@@ -47,6 +47,18 @@ impl AsyncWrite for MeteredStream {
             self.sent.record(*n as u64);
         }
         poll
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.sent.record(*n as u64);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

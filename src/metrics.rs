@@ -20,7 +20,9 @@ pub mod session_result {
     pub const AUTH_FAILED: &str = "auth_failed";
     pub const PROTOCOL_ERROR: &str = "protocol_error";
     pub const VERSION_MISMATCH: &str = "version_mismatch";
-    pub const ALL: [&str; 4] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH];
+    /// A failed TLS handshake, or a TLS/plain mismatch between the two sides.
+    pub const TLS_ERROR: &str = "tls_error";
+    pub const ALL: [&str; 5] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, TLS_ERROR];
 }
 
 pub struct Metrics {
@@ -288,17 +290,11 @@ impl MappingMetrics {
         ActiveGuard(self.active.clone())
     }
 
-    /// Meters for visitor→target (`sent`) and target→visitor (`received`), with
-    /// tunnel wire counters added when the bytes cross the tunnel.
-    pub fn meters(&self, tunnel: Option<(Meter, Meter)>) -> (Meter, Meter) {
+    /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
+    /// bytes only, tunneled or not (the tunnel's wire is metered on its own).
+    pub fn meters(&self) -> (Meter, Meter) {
         let activity = vec![self.last_activity.clone()];
-        let mut up = Meter::new(vec![self.sent.clone()], activity.clone());
-        let mut down = Meter::new(vec![self.received.clone()], activity);
-        if let Some((tunnel_sent, tunnel_received)) = tunnel {
-            up.absorb(tunnel_sent);
-            down.absorb(tunnel_received);
-        }
-        (up, down)
+        (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
     }
 }
 
@@ -321,11 +317,6 @@ pub struct Meter {
 impl Meter {
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
         Meter { counters, activity }
-    }
-
-    fn absorb(&mut self, other: Meter) {
-        self.counters.extend(other.counters);
-        self.activity.extend(other.activity);
     }
 
     /// Adds `n` bytes, live.

@@ -118,7 +118,7 @@ fn generated_secret_is_stored_private_and_reused() {
     let secret = std::fs::read_to_string(&path).expect("secret file created");
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     assert!(server.log().contains(&path.display().to_string()), "log says where the secret is");
-    let _client = Daemon::client(server.tunnel.unwrap(), secret.trim(), &[]);
+    let _client = Daemon::client(&server, secret.trim(), &[]);
     server.terminate();
     let _again = Daemon::server_with_state(state.path(), "", &[]);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), secret, "same secret after restart");

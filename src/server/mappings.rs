@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::tunnel::TunnelHub;
+use super::tunnel::{DataChannel, TunnelHub};
+use crate::exchange::{self, ExchangeError};
 use crate::forward;
 use crate::metrics::{MappingMetrics, Metrics};
-use crate::protocol::{self, Message};
 use crate::store::{MappingSpec, Store, StoreError};
 
 /// How often a mapping that could not bind its port tries again.
@@ -346,45 +345,27 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
     let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout)
         .await
         .map_err(|e| VisitorError::Target(e.to_string()))?;
-    let (up, down) = metrics.meters(None);
+    let (up, down) = metrics.meters();
     forward::relay(visitor, &target, &up, &down).await.map_err(VisitorError::Relay)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
 /// request instead of after its answer, which saves a round trip on every new
 /// connection; the answer is read first in the other direction, and a failure
-/// there ends the connection and counts as a connect error.
+/// there ends the connection and counts as a connect error. After a clean
+/// exchange the data channel goes back to the pool for the next visitor.
 async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
-    let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
-    let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
-    // Until the answer is in, any failure means the target was not reached.
-    let answered = AtomicBool::new(false);
-    let answer = async {
-        let (reply, n) = protocol::read_frame_from(&channel)
-            .await
-            .map_err(|e| VisitorError::Target(format!("no answer from the tunnel client: {e}")))?;
-        tunnel_received.record(n as u64);
-        match reply {
-            Message::ConnectResult { error: None } => {
-                answered.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            Message::ConnectResult { error: Some(e) } => {
-                Err(VisitorError::Target(format!("the tunnel client could not reach the target: {e}")))
-            }
-            other => Err(VisitorError::Target(format!("unexpected {} from the tunnel client", other.kind()))),
+    let channel = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    let (stream, session) = channel.into_parts();
+    // User bytes only: the tunnel's wire bytes are counted under the channel.
+    let (up, down) = metrics.meters();
+    match exchange::relay(stream, visitor, &up, &down, exchange::Answer::Expected).await {
+        Ok((stream, sent, received)) => {
+            DataChannel::release(stream, session);
+            Ok((sent, received))
         }
-    };
-    let (up, down) = metrics.meters(Some((tunnel_sent.clone(), tunnel_received.clone())));
-    let upstream = async {
-        forward::copy(visitor, &channel, &up).await.map_err(|e| match answered.load(Ordering::Relaxed) {
-            true => VisitorError::Relay(e),
-            false => VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}")),
-        })
-    };
-    let downstream = async {
-        answer.await?;
-        forward::copy(&channel, visitor, &down).await.map_err(VisitorError::Relay)
-    };
-    tokio::try_join!(upstream, downstream)
+        Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
+        Err(ExchangeError::Socket(e)) => Err(VisitorError::Relay(e)),
+        Err(e) => Err(VisitorError::Relay(std::io::Error::other(e))),
+    }
 }
