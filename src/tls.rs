@@ -255,9 +255,11 @@ pub fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> String
              it is older than protocol version 2 (upgrade the server)"
                 .to_string()
         }
-        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => "the server closed the connection during the TLS handshake: \
+        _ if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+            "the server closed the connection during the TLS handshake: \
              it may be older than protocol version 2 (upgrade the server) or run with server.tls = false"
-            .to_string(),
+                .to_string()
+        }
         _ => format!("TLS handshake failed: {e}"),
     }
 }

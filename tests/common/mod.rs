@@ -122,6 +122,11 @@ impl Daemon {
     /// Starts `tunneld client` against `server_tunnel` with exactly `extra` added
     /// (no fingerprint), waiting only for `READY=1`.
     pub fn client_with(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
+        Self::client_with_env(server_tunnel, secret, extra, &[])
+    }
+
+    /// [`Daemon::client_with`] with extra environment variables.
+    pub fn client_with_env(server_tunnel: SocketAddr, secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args: Vec<String> = vec![
@@ -135,7 +140,7 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let state = tmp.path().to_path_buf();
-        let d = Self::spawn(tmp, &args, &[], metrics, None, state);
+        let d = Self::spawn(tmp, &args, envs, metrics, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
