@@ -298,6 +298,27 @@ fn a_thousand_sequential_visitors_reuse_the_pooled_channels() {
     assert_eq!(metric_value(&text, "tunneld_mapping_connections_total", &[("port", &port.to_string())]), Some(1000.0));
 }
 
+#[test]
+fn idle_pooled_channels_time_out_and_are_replaced() {
+    const POOL: usize = 2;
+    let server =
+        Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__POOL_IDLE_SECS", "1"), ("TUNNELD_SERVER__HEARTBEAT_INTERVAL_SECS", "1")]);
+    let (proxy, accepted) = counting_proxy(server.tunnel.unwrap());
+    let (_client, _cfg) = client_via_proxy(&server, proxy, POOL);
+    let first = wait_for("the pool to be open", Duration::from_secs(10), || {
+        let n = accepted.load(Ordering::SeqCst);
+        (n > POOL).then_some(n)
+    });
+    // The server closes idle channels after a second (checked every heartbeat);
+    // the client opens fresh ones in their place.
+    wait_for("expired channels to be replaced", Duration::from_secs(20), || {
+        (accepted.load(Ordering::SeqCst) >= first + POOL).then_some(())
+    });
+    let port = free_port();
+    create_mapping(&server, port, echo_server(), true);
+    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"fresh channel"), b"fresh channel");
+}
+
 /// Streams bytes until the peer goes away; records whether it ended by a reset.
 fn firehose(reset_seen: Arc<AtomicBool>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

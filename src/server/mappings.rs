@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::tunnel::{DataChannel, TunnelHub};
+use super::tunnel::TunnelHub;
 use crate::exchange::{self, ExchangeError};
 use crate::forward;
 use crate::metrics::{MappingMetrics, Metrics};
@@ -355,13 +355,12 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
 /// there ends the connection and counts as a connect error. After a clean
 /// exchange the data channel goes back to the pool for the next visitor.
 async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
-    let channel = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
-    let (stream, session) = channel.into_parts();
+    let (channel, lease) = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     let (up, down) = metrics.meters();
-    match exchange::relay(stream, visitor, &up, &down, exchange::Answer::Expected).await {
-        Ok((stream, sent, received)) => {
-            DataChannel::release(stream, session);
+    match exchange::relay(channel, visitor, &up, &down, exchange::Answer::Expected).await {
+        Ok((channel, sent, received)) => {
+            lease.give_back(channel);
             Ok((sent, received))
         }
         Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),

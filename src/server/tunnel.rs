@@ -63,7 +63,7 @@ pub struct TunnelHub {
 }
 
 /// One authenticated client.
-pub struct Session {
+struct Session {
     id: u64,
     token: String,
     peer: SocketAddr,
@@ -79,24 +79,16 @@ struct Pool {
     waiting: VecDeque<oneshot::Sender<TunnelStream>>,
 }
 
-/// A data channel lent to one visitor; [`DataChannel::release`] after a clean
-/// exchange puts it back for the next.
-pub struct DataChannel {
-    pub stream: TunnelStream,
-    session: Arc<Session>,
-}
+/// Where a data channel lent to one visitor goes back after a clean exchange.
+pub struct Lease(Arc<Session>);
 
-impl DataChannel {
-    /// Back into its session's pool (or to a waiting visitor); dropped if the
-    /// session has ended meanwhile.
-    pub fn release(stream: TunnelStream, session: Arc<Session>) {
-        if !session.cancel.is_cancelled() {
-            session.offer(stream);
+impl Lease {
+    /// Into the session's pool (or to a waiting visitor); dropped if the session
+    /// has ended meanwhile.
+    pub fn give_back(self, stream: TunnelStream) {
+        if !self.0.cancel.is_cancelled() {
+            self.0.offer(stream);
         }
-    }
-
-    pub fn into_parts(self) -> (TunnelStream, Arc<Session>) {
-        (self.stream, self.session)
     }
 }
 
@@ -363,7 +355,7 @@ impl TunnelHub {
     /// else one requested now — and sends it the `connect` request for
     /// `host:port`. The client's answer is read by the caller, so the visitor's
     /// first bytes can travel with the request.
-    pub async fn open(&self, host: &str, port: u16) -> Result<DataChannel, OpenError> {
+    pub async fn open(&self, host: &str, port: u16) -> Result<(TunnelStream, Lease), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Message::Connect { host: host.to_string(), port };
         // A pooled channel whose client end is already gone fails the write; try
@@ -377,7 +369,7 @@ impl TunnelHub {
                 Err(_) => return Err(OpenError::Timeout),
             };
             match protocol::write_frame(&mut stream, &connect).await {
-                Ok(_) => return Ok(DataChannel { stream, session }),
+                Ok(_) => return Ok((stream, Lease(session))),
                 Err(e) => {
                     debug!(error = %e, "stale data channel, trying another");
                     last_error = OpenError::Channel(e);
