@@ -143,7 +143,7 @@ impl Dialer {
         let Some((connector, name)) = &self.tls else {
             return Ok(TunnelStream::Plain(metered));
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered)).await {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered.reading_ahead())).await {
             Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),
             Ok(Err(e)) => {
                 self.metrics.count_session(session_result::TLS_ERROR);

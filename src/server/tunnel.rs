@@ -187,7 +187,7 @@ impl TunnelHub {
         let (sent, received) = self.metrics.tunnel_meters();
         let mut metered = MeteredStream::new(stream, sent, received);
         match (&self.settings.tls, speaks_tls) {
-            (Some(acceptor), true) => match acceptor.accept(metered).await {
+            (Some(acceptor), true) => match acceptor.accept(metered.reading_ahead()).await {
                 Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
                 Err(e) => {
                     warn!(%peer, error = %e, "TLS handshake with a tunnel client failed");
