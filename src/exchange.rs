@@ -167,11 +167,17 @@ async fn upstream<W: AsyncWrite + Unpin>(socket: &TcpStream, channel: &mut W, me
 }
 
 /// `channel → socket` until [`END`] (half-closes the socket) or [`RESET`].
+///
+/// Each read of a chunk's payload may also take the next chunk's header (never
+/// more: bytes past it could belong to the channel's next exchange), so a bulk
+/// transfer costs one read per chunk, not two.
 async fn downstream<R: AsyncRead + Unpin>(channel: &mut R, socket: &TcpStream, meter: &Meter) -> Result<u64, ExchangeError> {
     let mut total = 0u64;
     let mut buf: Vec<u8> = Vec::new();
+    let mut header = [0u8; HEADER];
+    let mut have = 0;
     loop {
-        match read_header(channel, &mut buf).await? {
+        match read_header(channel, &mut header, have, &mut buf).await? {
             END => {
                 // ENOTCONN only means the socket's peer is already gone.
                 let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
@@ -183,23 +189,29 @@ async fn downstream<R: AsyncRead + Unpin>(channel: &mut R, socket: &TcpStream, m
             }
             len => {
                 if buf.is_empty() {
-                    buf = vec![0u8; MAX_CHUNK];
+                    buf = vec![0u8; MAX_CHUNK + HEADER];
                 }
                 let mut left = len as usize;
+                have = 0;
                 while left > 0 {
-                    // Gather what is already decrypted/buffered, then one write.
-                    let mut filled = read_some(channel, &mut buf[..left]).await?;
+                    // Gather what is already buffered or decrypted, then one write.
+                    let limit = left + HEADER;
+                    let mut filled = read_some(channel, &mut buf[..limit]).await?;
                     while filled < left {
-                        match channel.read(&mut buf[filled..left]).now_or_never() {
+                        match channel.read(&mut buf[filled..limit]).now_or_never() {
                             Some(Ok(0)) | None => break,
                             Some(Ok(n)) => filled += n,
                             Some(Err(e)) => return Err(channel_error(e)),
                         }
                     }
-                    write_all(socket, &buf[..filled]).await.map_err(ExchangeError::Socket)?;
-                    meter.record(filled as u64);
-                    total += filled as u64;
-                    left -= filled;
+                    let payload = filled.min(left);
+                    write_all(socket, &buf[..payload]).await.map_err(ExchangeError::Socket)?;
+                    meter.record(payload as u64);
+                    total += payload as u64;
+                    left -= payload;
+                    // What came past the payload is the start of the next header.
+                    have = filled - payload;
+                    header[..have].copy_from_slice(&buf[payload..filled]);
                 }
             }
         }
@@ -213,27 +225,30 @@ async fn read_some<R: AsyncRead + Unpin>(channel: &mut R, buf: &mut [u8]) -> Res
     }
 }
 
-/// The next chunk header. When none is ready the copy buffer is released first,
-/// so a quiet exchange holds none.
-async fn read_header<R: AsyncRead + Unpin>(channel: &mut R, buf: &mut Vec<u8>) -> Result<u32, ExchangeError> {
-    let mut header = [0u8; HEADER];
-    let mut filled = 0;
-    while filled < HEADER {
+/// The next chunk header, of which `have` bytes are already in `header`. When
+/// none is ready the copy buffer is released first, so a quiet exchange holds none.
+async fn read_header<R: AsyncRead + Unpin>(
+    channel: &mut R,
+    header: &mut [u8; HEADER],
+    mut have: usize,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ExchangeError> {
+    while have < HEADER {
         // A `read` that is not ready has read nothing, so trying once is lossless.
-        let ready = channel.read(&mut header[filled..]).now_or_never();
+        let ready = channel.read(&mut header[have..]).now_or_never();
         let n = match ready {
             Some(r) => r,
             None => {
                 *buf = Vec::new();
-                channel.read(&mut header[filled..]).await
+                channel.read(&mut header[have..]).await
             }
         }
         .map_err(channel_error)?;
         if n == 0 {
-            let what = if filled == 0 { "closed mid-exchange" } else { "closed in the middle of a chunk header" };
+            let what = if have == 0 { "closed mid-exchange" } else { "closed in the middle of a chunk header" };
             return Err(ExchangeError::Channel(what.into()));
         }
-        filled += n;
+        have += n;
     }
-    Ok(u32::from_be_bytes(header))
+    Ok(u32::from_be_bytes(*header))
 }
