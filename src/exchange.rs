@@ -188,10 +188,11 @@ async fn downstream<R: AsyncRead + Unpin>(channel: &mut R, socket: &TcpStream, m
                 return Err(ExchangeError::Channel(format!("chunk of {len} bytes exceeds the {MAX_CHUNK}-byte limit")))
             }
             len => {
-                if buf.is_empty() {
-                    buf = vec![0u8; MAX_CHUNK + HEADER];
-                }
                 let mut left = len as usize;
+                // Sized by what arrives: a one-byte exchange does not zero 64 KiB.
+                if buf.len() < left + HEADER {
+                    buf.resize(left + HEADER, 0);
+                }
                 have = 0;
                 while left > 0 {
                     // Gather what is already buffered or decrypted, then one write.
