@@ -8,7 +8,8 @@ noise; ratios much less so):
   raw      client -> target                      (the physical limit of loopback)
   haproxy  client -> HAProxy (TCP mode) -> target (the reference user-space forwarder)
   direct   client -> tunneld direct mapping -> target
-  tunnel   client -> tunneld server -> data channel -> tunneld client -> target
+  tunnel   client -> tunneld server -> data channel (TLS, the default) -> tunneld client -> target
+  plain    the same with server.tls = client.tls = false
 
 Figures: iperf3 throughput (1 stream, 8 streams, 1 stream reversed), sequential
 connection setup rate and latency, 1000 concurrent verified echoes, and the RSS
@@ -41,8 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
 RESULTS_DIR = REPO / "bench" / "results"
 
-PATHS = ("raw", "haproxy", "direct", "tunnel")
-FORWARDERS = ("haproxy", "direct", "tunnel")
+PATHS = ("raw", "haproxy", "direct", "tunnel", "plain")
+FORWARDERS = ("haproxy", "direct", "tunnel", "plain")
+TUNNELD_PATHS = ("direct", "tunnel", "plain")
 
 # key -> (label, unit), in report order. Every figure is measured for every path.
 FIGURES = {
@@ -59,20 +61,25 @@ FIGURES = {
 # iperf3 variants: figure key -> extra iperf3 arguments.
 IPERF_RUNS = {"tput_1": [], "tput_8": ["-P", "8"], "tput_1r": ["-R"]}
 
-# Issue 6's targets, all relative to HAProxy measured in the same run except the
-# absolute memory and failure bounds.
+# Targets of issues 6 and 11: (figure, path, minimum ratio, baseline path), all
+# measured in the same run, plus the absolute memory and failure bounds. "tunnel"
+# is the default (TLS) tunnel, "plain" the same with TLS off.
 RATIO_TARGETS = (
-    ("tput_1", "direct", 1.0),
-    ("tput_8", "direct", 1.0),
-    ("tput_1r", "direct", 1.0),
-    ("tput_1", "tunnel", 0.6),
-    ("tput_8", "tunnel", 0.6),
-    ("tput_1r", "tunnel", 0.6),
-    ("conn_rate", "direct", 1.0),
-    ("conn_rate", "tunnel", 0.9),
+    ("tput_1", "direct", 1.0, "haproxy"),
+    ("tput_8", "direct", 1.0, "haproxy"),
+    ("tput_1r", "direct", 1.0, "haproxy"),
+    ("tput_1", "tunnel", 0.6, "haproxy"),
+    ("tput_8", "tunnel", 0.6, "haproxy"),
+    ("tput_1r", "tunnel", 0.6, "haproxy"),
+    ("conn_rate", "direct", 1.0, "haproxy"),
+    ("tput_1", "plain", 1.2, "haproxy"),
+    ("conn_rate", "plain", 0.9, "haproxy"),
+    ("conn_rate", "tunnel", 0.9, "plain"),
+    ("tput_1", "tunnel", 0.6, "plain"),
+    ("tput_8", "tunnel", 0.6, "plain"),
 )
-IDLE_SERVER_RSS_MIB = 10.0
-PER_CONN_KIB = 40.0
+IDLE_SERVER_RSS_MIB = 12.0
+PER_CONN_KIB = 64.0
 
 PR_SET_PDEATHSIG = 1
 
@@ -246,27 +253,40 @@ class Tunneld:
     defaults — except that mappings listen on loopback only, as everything here does,
     rather than exposing an echo service on every interface."""
 
-    def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict):
+    def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict, tls: bool = True):
         self.procs = procs
         self.api = f"http://127.0.0.1:{free_port()}"
         tunnel_port = free_port()
         secret = "bench-" + os.urandom(8).hex()
+        name = "tls" if tls else "plain"
+        tmp = tmp / name
+        tmp.mkdir()
         config = tmp / "tunneld.toml"
-        config.write_text('[server]\nbind_addr = "127.0.0.1"\n')
+        tls_off = "" if tls else "tls = false\n"
+        config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}[client]\n{tls_off}')
         env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_")}
         env["RUST_LOG"] = "warn"
 
         notify = Notify(tmp / "server.notify")
-        self.server = procs.spawn("tunneld-server", [
+        state = tmp / "state"
+        self.server = procs.spawn(f"tunneld-server-{name}", [
             str(binary), "server", "--config", str(config), "--api-listen", self.api.removeprefix("http://"),
-            "--tunnel-listen", f"127.0.0.1:{tunnel_port}", "--state-dir", str(tmp / "state"), "--secret", secret,
+            "--tunnel-listen", f"127.0.0.1:{tunnel_port}", "--state-dir", str(state), "--secret", secret,
         ], env={**env, "NOTIFY_SOCKET": str(notify.path)})
         notify.wait("READY=1", procs, self.server)
 
+        pin = []
+        if tls:
+            # As an operator would: read the generated certificate's fingerprint.
+            out = subprocess.run([str(binary), "fingerprint", "--config", str(config), "--state-dir", str(state)],
+                                 capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise BenchError(f"tunneld fingerprint failed: {out.stderr}")
+            pin = ["--fingerprint", out.stdout.strip()]
         notify = Notify(tmp / "client.notify")
-        self.client = procs.spawn("tunneld-client", [
+        self.client = procs.spawn(f"tunneld-client-{name}", [
             str(binary), "client", "--config", str(config), "--server", f"127.0.0.1:{tunnel_port}",
-            "--secret", secret, "--metrics-listen", f"127.0.0.1:{free_port()}",
+            "--secret", secret, "--metrics-listen", f"127.0.0.1:{free_port()}", *pin,
         ], env={**env, "NOTIFY_SOCKET": str(notify.path)})
         notify.wait("STATUS=connected", procs, self.client)
         wait_until("the server to see the tunnel", lambda: http_json(self.api + "/health").get("tunnel_connected"),
@@ -415,28 +435,30 @@ def print_figure(figures: dict, key: str, path: str) -> None:
     parts = [f"  {label:<26} {path:<8} {fmt(value, unit):>9} {unit:<7}"]
     if path != "raw":
         parts.append(f"{fmt_ratio(ratio(value, values.get('raw'))):>7} raw")
-    if path in ("direct", "tunnel"):
+    if path in TUNNELD_PATHS:
         parts.append(f"{fmt_ratio(ratio(value, values.get('haproxy'))):>7} haproxy")
+    if path == "tunnel":
+        parts.append(f"{fmt_ratio(ratio(value, values.get('plain'))):>7} plain")
     log(" ".join(parts))
 
 
 def summary(results: dict) -> list[str]:
     figs = results["figures"]
     head = f"{'figure':<27}{'unit':<7}" + "".join(f"{p:>10}" for p in PATHS)
-    head += "".join(f"{c:>11}" for c in ("dir/raw", "dir/hap", "tun/raw", "tun/hap"))
+    pairs = (("direct", "haproxy"), ("tunnel", "haproxy"), ("plain", "haproxy"), ("tunnel", "plain"))
+    head += "".join(f"{a[:3] + '/' + b[:3]:>11}" for a, b in pairs)
     lines = [head, "-" * len(head)]
     for key, (label, unit) in FIGURES.items():
         v = figs.get(key, {})
         row = f"{label:<27}{unit:<7}" + "".join(f"{fmt(v.get(p), unit):>10}" for p in PATHS)
-        row += "".join(f"{fmt_ratio(ratio(v.get(a), v.get(b))):>11}"
-                       for a, b in (("direct", "raw"), ("direct", "haproxy"), ("tunnel", "raw"), ("tunnel", "haproxy")))
+        row += "".join(f"{fmt_ratio(ratio(v.get(a), v.get(b))):>11}" for a, b in pairs)
         lines.append(row)
     lines.append("(ratios are value / baseline; for us, s and failures lower is better)")
 
     mem = results.get("memory")
     if mem:
         n = mem["hold"]["open"]
-        lines += ["", f"{'tunneld memory':<42}{'server':>10}{'client':>10}", "-" * 62]
+        lines += ["", f"{'tunneld memory (TLS tunnel)':<42}{'server':>10}{'client':>10}", "-" * 62]
         for label, key, scale in (("idle RSS (MiB)", "idle_rss_kib", 1024),
                                   (f"RSS with {n} tunneled conns (MiB)", "held_rss_kib", 1024),
                                   ("added per tunneled conn (KiB)", "per_conn_kib", 1)):
@@ -457,7 +479,7 @@ def summary(results: dict) -> list[str]:
                 lines.append(f"  {path:<7}{direction:<9} counter {d['counter']:>15,}  iperf3 received {d['iperf_received']:>15,}"
                              f"  sent {d['iperf_sent']:>15,}  {'OK' if d['ok'] else 'MISMATCH'}")
 
-    lines += ["", "issue 6 targets:"]
+    lines += ["", "targets (issues 6 and 11):"]
     for t in results["targets"]:
         lines.append(f"  [{'PASS' if t['ok'] else 'FAIL' if t['ok'] is False else 'n/a '}] {t['name']}: {t['measured']}")
     return lines
@@ -466,9 +488,9 @@ def summary(results: dict) -> list[str]:
 def evaluate_targets(results: dict) -> list[dict]:
     figs = results["figures"]
     targets = []
-    for key, path, want in RATIO_TARGETS:
-        r = ratio(figs[key].get(path), figs[key].get("haproxy"))
-        targets.append({"name": f"{path} {FIGURES[key][0]} >= {want}x haproxy", "measured": fmt_ratio(r),
+    for key, path, want, base in RATIO_TARGETS:
+        r = ratio(figs[key].get(path), figs[key].get(base))
+        targets.append({"name": f"{path} {FIGURES[key][0]} >= {want}x {base}", "measured": fmt_ratio(r),
                         "ok": None if r is None else r >= want})
     mem = results["memory"]
     idle_mib = mem["server"]["idle_rss_kib"] / 1024
@@ -478,7 +500,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         per = mem[role]["per_conn_kib"]
         targets.append({"name": f"{role} memory per tunneled conn <= {PER_CONN_KIB:g} KiB", "measured": f"{per:.1f} KiB",
                         "ok": per <= PER_CONN_KIB})
-    for path in ("direct", "tunnel"):
+    for path in TUNNELD_PATHS:
         conc = results["concurrent"][path]
         targets.append({"name": f"{conc['conns']} concurrent {path} conns, zero failures",
                         "measured": f"{conc['failures']} failures", "ok": conc["failures"] == 0})
@@ -491,7 +513,7 @@ def check_counters(before: dict, after: dict, iperf: dict, ports: dict) -> dict:
     sender wrote, plus a little for iperf3's own control connection."""
     slack = 1 << 20
     out = {}
-    for path in ("direct", "tunnel"):
+    for path in TUNNELD_PATHS:
         port = ports[path]
         out[path] = {}
         # Forward runs move data visitor -> target ("sent"); -R runs the other way.
@@ -641,8 +663,10 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
     if "haproxy" in paths:
         ports["haproxy"] = start_haproxy(procs, tmp, {"iperf": iperf_port, "echo": echo_port}, args.concurrent)
     tunneld = Tunneld(args.tunneld, procs, tmp, env)
-    for path, use_tunnel in (("direct", False), ("tunnel", True)):
-        ports[path] = {name: tunneld.map(port, use_tunnel) for name, port in (("iperf", iperf_port), ("echo", echo_port))}
+    plain = Tunneld(args.tunneld, procs, tmp, env, tls=False)
+    daemons = {"direct": tunneld, "tunnel": tunneld, "plain": plain}
+    for path, use_tunnel in (("direct", False), ("tunnel", True), ("plain", True)):
+        ports[path] = {name: daemons[path].map(port, use_tunnel) for name, port in (("iperf", iperf_port), ("echo", echo_port))}
     log(f"ports: {json.dumps(ports)}")
 
     # Memory first, on fresh daemons: idle is then really idle, and the per-connection
@@ -660,7 +684,7 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
             f"server saw {mem['server_active_connections']} active")
 
     log(f"\n== throughput: iperf3, {args.seconds} s per run")
-    before = tunneld.traffic()
+    before = {**tunneld.traffic(), **plain.traffic()}
     iperf_raw: dict = {key: {} for key in IPERF_RUNS}
     for key, extra in IPERF_RUNS.items():
         for path in paths:
@@ -670,8 +694,9 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
             print_figure(figs, key, path)
     results["iperf3"] = iperf_raw
     tunneld.wait_drained([ports[p]["iperf"] for p in ("direct", "tunnel")])
-    counters = results["counters"] = check_counters(before, tunneld.traffic(), iperf_raw,
-                                                    {p: ports[p]["iperf"] for p in ("direct", "tunnel")})
+    plain.wait_drained([ports["plain"]["iperf"]])
+    counters = results["counters"] = check_counters(before, {**tunneld.traffic(), **plain.traffic()}, iperf_raw,
+                                                    {p: ports[p]["iperf"] for p in TUNNELD_PATHS})
     counters_ok = all(d["ok"] for c in counters.values() for d in c.values())
     log(f"  tunneld mapping counters {'match' if counters_ok else 'DO NOT MATCH'} iperf3's byte counts")
     ok &= counters_ok

@@ -3,8 +3,14 @@
 //!
 //! It reconnects forever with capped exponential backoff and jitter, so a fleet of
 //! clients does not stampede a server that comes back.
+//!
+//! Every connection is TLS (verified by a pinned fingerprint or a CA) unless
+//! `client.tls = false`. Data channels are reused: after a clean exchange a channel
+//! waits for the next `connect`, so a steady stream of visitors costs no new TCP
+//! or TLS handshakes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ClientConfig, Config, Role};
+use crate::exchange::{self, Answer};
 use crate::forward;
 use crate::metered::MeteredStream;
-use crate::metrics::{session_result, Metrics};
+use crate::metrics::{session_result, Meter, Metrics};
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
 use crate::systemd;
+use crate::transport::TunnelStream;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,26 +68,33 @@ pub async fn run(
             }
         });
     }
+    let tls = match config.tls {
+        true => Some(crate::tls::connector(&config)?),
+        false => {
+            warn!("client.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");
+            None
+        }
+    };
     systemd::ready(&format!("connecting to {}", config.server));
-    let config = Arc::new(config);
+    let dialer = Arc::new(Dialer { config, metrics: metrics.clone(), tls });
     let mut backoff = Backoff::new();
     loop {
         let started = Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = run_session(config.clone(), metrics.clone(), shutdown.clone()) => r,
+            r = run_session(dialer.clone(), shutdown.clone()) => r,
         };
         metrics.session_ended();
         match result {
-            Ok(reason) => info!(server = %config.server, reason, "tunnel session ended"),
-            Err(e) => error!(server = %config.server, error = %format!("{e:#}"), "tunnel session failed"),
+            Ok(reason) => info!(server = %dialer.config.server, reason, "tunnel session ended"),
+            Err(e) => error!(server = %dialer.config.server, error = %format!("{e:#}"), "tunnel session failed"),
         }
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        systemd::status(&format!("disconnected from {}; reconnecting in {:.1} s", config.server, delay.as_secs_f64()));
-        info!(server = %config.server, delay_ms = delay.as_millis() as u64, "reconnecting");
+        systemd::status(&format!("disconnected from {}; reconnecting in {:.1} s", dialer.config.server, delay.as_secs_f64()));
+        info!(server = %dialer.config.server, delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
@@ -108,37 +123,62 @@ fn metrics_router(metrics: Arc<Metrics>) -> axum::Router {
     )
 }
 
-/// What every data channel of one session needs.
-struct SessionCtx {
-    config: Arc<ClientConfig>,
+/// Opens tunnel connections: TCP, counted on the wire, then TLS when on.
+struct Dialer {
+    config: ClientConfig,
     metrics: Arc<Metrics>,
-    token: String,
-    cancel: CancellationToken,
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
 }
 
-async fn dial(server: &str) -> anyhow::Result<TcpStream> {
-    let stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server))
-        .await
-        .map_err(|_| anyhow!("connecting to {server} timed out"))?
-        .with_context(|| format!("cannot connect to {server}"))?;
-    forward::tune(&stream);
-    Ok(stream)
+impl Dialer {
+    async fn connect(&self) -> anyhow::Result<TunnelStream> {
+        let server = &self.config.server;
+        let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server))
+            .await
+            .map_err(|_| anyhow!("connecting to {server} timed out"))?
+            .with_context(|| format!("cannot connect to {server}"))?;
+        forward::tune(&tcp);
+        let (sent, received) = self.metrics.tunnel_meters();
+        let metered = MeteredStream::new(tcp, sent, received);
+        let Some((connector, name)) = &self.tls else {
+            return Ok(TunnelStream::Plain(metered));
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered.reading_ahead())).await {
+            Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),
+            Ok(Err(e)) => {
+                self.metrics.count_session(session_result::TLS_ERROR);
+                bail!("TLS with {server}: {}", crate::tls::explain_client_error(&e, &self.config))
+            }
+            Err(_) => bail!("TLS handshake with {server} timed out"),
+        }
+    }
+}
+
+/// What every data channel of one session needs.
+struct SessionCtx {
+    dialer: Arc<Dialer>,
+    token: String,
+    cancel: CancellationToken,
+    /// Channels waiting for a `connect` now.
+    idle: AtomicUsize,
 }
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
-async fn run_session(config: Arc<ClientConfig>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> anyhow::Result<&'static str> {
-    let (sent, received) = metrics.tunnel_meters();
-    let mut stream = MeteredStream::new(dial(&config.server).await?, sent, received);
+async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow::Result<&'static str> {
+    let config = &dialer.config;
+    let metrics = &dialer.metrics;
     let handshake = async {
+        let mut stream = dialer.connect().await?;
         protocol::write_frame(&mut stream, &Message::Hello { version: PROTOCOL_VERSION }).await?;
         let nonce = match protocol::read_frame(&mut stream).await?.0 {
             Message::Challenge { nonce } => nonce,
-            Message::Rejected { reason } => bail!("server rejected the connection: {reason}"),
+            Message::Rejected { reason } => bail!("server rejected the connection: {}", protocol::explain_rejection(&reason)),
             other => bail!("unexpected {} during handshake", other.kind()),
         };
-        protocol::write_frame(&mut stream, &Message::Auth { mac: protocol::sign(&config.secret, &nonce) }).await?;
+        let mac = protocol::sign(&config.secret, &nonce, &stream.binding());
+        protocol::write_frame(&mut stream, &Message::Auth { mac }).await?;
         match protocol::read_frame(&mut stream).await?.0 {
-            Message::Welcome { session, heartbeat_interval_secs } => Ok((session, heartbeat_interval_secs)),
+            Message::Welcome { session, heartbeat_interval_secs } => Ok((stream, session, heartbeat_interval_secs)),
             Message::Rejected { reason } => {
                 metrics.count_session(session_result::AUTH_FAILED);
                 bail!("server rejected authentication: {reason} (check client.secret)")
@@ -146,14 +186,14 @@ async fn run_session(config: Arc<ClientConfig>, metrics: Arc<Metrics>, shutdown:
             other => bail!("unexpected {} during handshake", other.kind()),
         }
     };
-    let (token, heartbeat_secs) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
+    let (stream, token, heartbeat_secs) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     metrics.count_session(session_result::OK);
     metrics.session_started();
     systemd::status(&format!("connected to {}", config.server));
     info!(server = %config.server, "tunnel session established");
 
-    let ctx = Arc::new(SessionCtx { config: config.clone(), metrics: metrics.clone(), token, cancel: shutdown.child_token() });
+    let ctx = Arc::new(SessionCtx { dialer: dialer.clone(), token, cancel: shutdown.child_token(), idle: AtomicUsize::new(0) });
     for _ in 0..config.pool_size {
         spawn_data_channel(ctx.clone());
     }
@@ -197,55 +237,99 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
         return;
     }
     tokio::spawn(async move {
-        if let Err(e) = data_channel(ctx).await {
-            debug!(error = %format!("{e:#}"), "data channel ended");
+        match data_channel(&ctx).await {
+            // An established channel that closed (idle timeout, the server's pool
+            // trimmed, a failed exchange): keep the pool at its size.
+            Ok(()) => {
+                if ctx.idle.load(Ordering::Relaxed) < ctx.dialer.config.pool_size {
+                    spawn_data_channel(ctx);
+                }
+            }
+            // Not replaced: the control session notices a server that is gone.
+            Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
 }
 
-/// One pooled data channel: wait for the server to name a target, dial it, relay.
-async fn data_channel(ctx: Arc<SessionCtx>) -> anyhow::Result<()> {
-    let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
-    let mut channel = dial(&ctx.config.server).await?;
-    // Armed for its whole life: should this process die, the server sees a reset
-    // and its visitor learns the transfer was cut, instead of a clean EOF.
-    forward::arm(&channel);
+/// Marks one channel idle for as long as it lives.
+struct IdleMark<'a>(&'a AtomicUsize);
+
+impl<'a> IdleMark<'a> {
+    fn new(count: &'a AtomicUsize) -> IdleMark<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        IdleMark(count)
+    }
+
+    /// Unmarks and returns how many other channels are still idle.
+    fn taken(self) -> usize {
+        let left = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        std::mem::forget(self);
+        left
+    }
+}
+
+impl Drop for IdleMark<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One pooled data channel: wait for the server to name a target, dial it, relay;
+/// again, for as long as exchanges end cleanly. `Err` only when it could not be
+/// opened at all.
+async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
+    let config = &ctx.dialer.config;
+    let mut channel = ctx.dialer.connect().await?;
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session: ctx.token.clone() };
-    tunnel_sent.record(protocol::write_frame(&mut channel, &hello).await? as u64);
-    let (request, n) = tokio::select! {
-        _ = ctx.cancel.cancelled() => return Ok(()),
-        r = protocol::read_frame(&mut channel) => r?,
-    };
-    tunnel_received.record(n as u64);
-    let Message::Connect { host, port } = request else {
-        bail!("unexpected {} on a data channel", request.kind());
-    };
-    let timeout = Duration::from_secs(ctx.config.connect_timeout_secs);
-    let target = forward::connect(&host, port, timeout).await;
-    let reply = Message::ConnectResult { error: target.as_ref().err().map(|e| format!("{host}:{port}: {e}")) };
-    let written = protocol::write_frame(&mut channel, &reply).await;
-    // This channel is taken: keep the pool at its size. Opened only now, so that
-    // dialing it does not compete with the visitor's own connection setup.
-    spawn_data_channel(ctx.clone());
-    tunnel_sent.record(written? as u64);
-    let target = match target {
-        Ok(t) => t,
-        Err(e) => {
-            warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
-            // A clean end of the exchange: the answer must arrive, not a reset.
-            forward::disarm(&channel);
+    protocol::write_frame(&mut channel, &hello).await?;
+    let idle_limit = Duration::from_secs(config.pool_idle_secs);
+    let idle_timeout = Duration::from_secs(config.idle_timeout_secs);
+    let quiet = Meter::new(Vec::new(), Vec::new());
+    loop {
+        let mark = IdleMark::new(&ctx.idle);
+        let request = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(idle_limit) => return Ok(()),
+            r = protocol::read_frame(&mut channel) => r,
+        };
+        let Ok((Message::Connect { host, port }, _)) = request else {
+            // The server closed it (idle timeout, pool trimmed) or sent nonsense.
+            return Ok(());
+        };
+        if mark.taken() == 0 {
+            // The last idle one is taken: have another ready for the next visitor.
+            spawn_data_channel(ctx.clone());
+        }
+        let timeout = Duration::from_secs(config.connect_timeout_secs);
+        let target = match forward::connect(&host, port, timeout).await {
+            Ok(target) => target,
+            Err(e) => {
+                warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
+                let reply = Message::ConnectResult { error: Some(format!("{host}:{port}: {e}")) };
+                // The server may already have sent the visitor's first bytes: this
+                // channel is not reusable; answer and close it.
+                let _ = protocol::write_frame(&mut channel, &reply).await;
+                return Ok(());
+            }
+        };
+        if protocol::write_frame(&mut channel, &Message::ConnectResult { error: None }).await.is_err() {
             return Ok(());
         }
-    };
-    forward::arm(&target);
-    let peer: Option<SocketAddr> = target.peer_addr().ok();
-    let (from_server, to_server) = (tunnel_received, tunnel_sent);
-    // Ends with the data channel: a reset from the server (visitor gone, mapping
-    // removed) drops the target too, even while it is not reading.
-    let idle = Duration::from_secs(ctx.config.idle_timeout_secs);
-    let result = forward::relay(&channel, &target, &from_server, &to_server, idle).await;
-    debug!(?peer, result = ?result, "tunneled connection finished");
-    Ok(())
+        // Armed until the exchange ends cleanly: should this process die, the
+        // target sees a reset, not an EOF that looks like a complete request.
+        forward::arm(&target);
+        let peer: Option<SocketAddr> = target.peer_addr().ok();
+        match exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await {
+            Ok((back, sent, received)) => {
+                debug!(?peer, sent, received, "tunneled connection finished");
+                channel = back;
+            }
+            Err(e) => {
+                debug!(?peer, error = %e, "tunneled connection ended with an error");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Exponential backoff with jitter, capped.

@@ -53,6 +53,17 @@ pub struct ServerConfig {
     /// closed (with a reset), so a stalled target or a vanished visitor cannot pin
     /// descriptors and `active_connections` forever.
     pub idle_timeout_secs: u64,
+    /// TLS 1.3 on the tunnel port; off only on a trusted network.
+    pub tls: bool,
+    /// PEM certificate (chain) and key; both unset: a self-signed pair generated
+    /// once into the state dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Idle pooled data channels are closed after this long (the client opens
+    /// fresh ones), so a pool never holds connections a middlebox dropped.
+    pub pool_idle_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +78,10 @@ impl Default for ServerConfig {
             connect_timeout_secs: 10,
             max_connections_per_mapping: 10_000,
             idle_timeout_secs: 2 * 60 * 60,
+            tls: true,
+            tls_cert: None,
+            tls_key: None,
+            pool_idle_secs: 60,
         }
     }
 }
@@ -121,6 +136,21 @@ pub struct ClientConfig {
     pub connect_timeout_secs: u64,
     /// Like `server.idle_timeout_secs`, for the client's side of a connection.
     pub idle_timeout_secs: u64,
+    /// TLS 1.3 to the server; must match `server.tls`.
+    pub tls: bool,
+    /// The server certificate's `sha256:<hex>` (`tunneld fingerprint`); pins it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_fingerprint: Option<String>,
+    /// Alternatively, a CA bundle (PEM) that signed the server's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name checked against a CA-signed certificate; default: the host of `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    /// An idle pooled channel is closed after this long. A backstop: keep it above
+    /// `server.pool_idle_secs`, since the server, which hands channels out, should be
+    /// the side that expires them.
+    pub pool_idle_secs: u64,
 }
 
 impl Default for ClientConfig {
@@ -132,6 +162,11 @@ impl Default for ClientConfig {
             pool_size: 4,
             connect_timeout_secs: 10,
             idle_timeout_secs: 2 * 60 * 60,
+            tls: true,
+            server_fingerprint: None,
+            tls_ca: None,
+            tls_server_name: None,
+            pool_idle_secs: 75,
         }
     }
 }
@@ -264,7 +299,8 @@ pub enum ConfigError {
 }
 
 /// Keys whose environment values are free text and must not be parsed.
-const VERBATIM_ENV_KEYS: [&str; 4] = ["server.secret", "api.token", "client.secret", "client.server"];
+const VERBATIM_ENV_KEYS: [&str; 6] =
+    ["server.secret", "api.token", "client.secret", "client.server", "client.server_fingerprint", "client.tls_server_name"];
 
 /// `api.listen` -> `TUNNELD_API__LISTEN`.
 pub fn env_var_name(key: &str) -> String {
@@ -390,6 +426,12 @@ impl Config {
                     return invalid("server.connect_timeout_secs", "must be at least 1");
                 }
                 self.history.settings()?;
+                if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+                    return invalid("server.tls_cert", "server.tls_cert and server.tls_key go together (or neither: self-signed)");
+                }
+                if self.server.pool_idle_secs == 0 {
+                    return invalid("server.pool_idle_secs", "must be at least 1");
+                }
             }
             Role::Client => {
                 if self.client.server.is_empty() {
@@ -409,6 +451,17 @@ impl Config {
                 }
                 if self.client.idle_timeout_secs == 0 {
                     return invalid("client.idle_timeout_secs", "must be at least 1");
+                }
+                if self.client.pool_idle_secs == 0 {
+                    return invalid("client.pool_idle_secs", "must be at least 1");
+                }
+                if let Some(pin) = &self.client.server_fingerprint {
+                    if crate::tls::parse_fingerprint(pin).is_none() {
+                        return invalid("client.server_fingerprint", "must be sha256: followed by 64 hex digits (`tunneld fingerprint`)");
+                    }
+                }
+                if self.client.tls && self.client.server_fingerprint.is_none() && self.client.tls_ca.is_none() {
+                    return invalid("client.server_fingerprint", crate::tls::NO_TRUST_ANCHOR);
                 }
             }
         }
@@ -436,6 +489,10 @@ impl Config {
                 check("server.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
                 check("server.max_connections_per_mapping", a.max_connections_per_mapping != b.max_connections_per_mapping);
                 check("server.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
+                check("server.tls", a.tls != b.tls);
+                check("server.tls_cert", a.tls_cert != b.tls_cert);
+                check("server.tls_key", a.tls_key != b.tls_key);
+                check("server.pool_idle_secs", a.pool_idle_secs != b.pool_idle_secs);
                 check("api.listen", self.api.listen != new.api.listen);
                 check("api.allowed_hosts", self.api.allowed_hosts != new.api.allowed_hosts);
                 check("api.cors_origins", self.api.cors_origins != new.api.cors_origins);
@@ -450,6 +507,11 @@ impl Config {
                 check("client.pool_size", a.pool_size != b.pool_size);
                 check("client.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
                 check("client.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
+                check("client.tls", a.tls != b.tls);
+                check("client.server_fingerprint", a.server_fingerprint != b.server_fingerprint);
+                check("client.tls_ca", a.tls_ca != b.tls_ca);
+                check("client.tls_server_name", a.tls_server_name != b.tls_server_name);
+                check("client.pool_idle_secs", a.pool_idle_secs != b.pool_idle_secs);
             }
         }
         changed

@@ -96,7 +96,7 @@ impl Activity {
         Activity { started: tokio::time::Instant::now(), last: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
@@ -166,7 +166,7 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Ac
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity) -> io::Result<()> {
+pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
             Ok(n) => {

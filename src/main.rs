@@ -36,6 +36,13 @@ enum Command {
     },
     /// Talk to a running server's API: mappings, traffic, a live view.
     Ctl(CtlArgs),
+    /// Print the server's tunnel certificate fingerprint (sha256:...) for clients to pin.
+    Fingerprint {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<String>,
+    },
     /// Print the version.
     Version,
 }
@@ -136,6 +143,9 @@ struct ClientArgs {
     server: Option<String>,
     #[arg(long)]
     secret: Option<String>,
+    /// The server certificate's fingerprint to pin (`tunneld fingerprint` on the server).
+    #[arg(long, value_name = "sha256:HEX")]
+    fingerprint: Option<String>,
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
 }
@@ -154,7 +164,12 @@ impl ServerArgs {
 
 impl ClientArgs {
     fn overrides(&self) -> Vec<Override> {
-        collect(&[("client.server", &self.server), ("client.secret", &self.secret), ("client.metrics_listen", &self.metrics_listen)])
+        collect(&[
+            ("client.server", &self.server),
+            ("client.secret", &self.secret),
+            ("client.server_fingerprint", &self.fingerprint),
+            ("client.metrics_listen", &self.metrics_listen),
+        ])
     }
 }
 
@@ -182,6 +197,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Fingerprint { config, state_dir } => return print_fingerprint(config.as_deref(), &state_dir),
         Command::Server(args) => (Role::Server, args.config.clone(), args.overrides()),
         Command::Client(args) => (Role::Client, args.config.clone(), args.overrides()),
     };
@@ -210,6 +226,40 @@ fn main() -> ExitCode {
             // Logged once: the log goes to stderr (or the journal, which also
             // captures stderr), so printing it as well would say it twice.
             error!(error = %format!("{e:#}"), "tunneld failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tunneld fingerprint`: the certificate the server presents (configured, or the
+/// one it generated in its state dir). Does not generate one: the server does
+/// that on its first start, as the user it runs as.
+fn print_fingerprint(file: Option<&std::path::Path>, state_dir: &Option<String>) -> ExitCode {
+    let overrides = collect(&[("server.state_dir", state_dir)]);
+    let config = match config::load(file, &overrides, Role::Server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tunneld: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !config.server.tls {
+        eprintln!("tunneld: server.tls = false: the tunnel has no certificate");
+        return ExitCode::from(2);
+    }
+    let dir = config::state_dir(&config.server);
+    let (cert, key) = tunneld::tls::cert_paths(&config.server, &dir);
+    if !cert.exists() {
+        eprintln!("tunneld: no certificate at {}: start the server once (it generates one there) or set server.tls_cert", cert.display());
+        return ExitCode::FAILURE;
+    }
+    match tunneld::tls::load(&cert, &key) {
+        Ok(identity) => {
+            println!("{}", identity.fingerprint());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tunneld: {e:#}");
             ExitCode::FAILURE
         }
     }

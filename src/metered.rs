@@ -1,43 +1,95 @@
 //! A `TcpStream` wrapper that counts what crosses it into tunnel meters.
 //!
-//! Used for the control channel and for handshake frames, where bytes are few and
-//! a wrapper is simplest; the bulk data path counts in `forward::relay` instead.
+//! Every tunnel connection runs over one (under TLS, when TLS is on), so the tunnel
+//! meters see the wire: frame headers, TLS records and handshakes included.
+//!
+//! Under TLS it also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
+//! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record. The
+//! read-ahead takes up to [`READ_AHEAD`] per call instead and hands it out from
+//! memory; its buffer exists only while data is arriving and is released as soon
+//! as the socket has nothing more, so an idle connection holds none.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::Meter;
 
+/// Largest read from the socket when reading ahead.
+const READ_AHEAD: usize = 64 * 1024;
+
 pub struct MeteredStream {
     inner: TcpStream,
     sent: Meter,
     received: Meter,
+    /// `None`: reads go straight to the socket. `Some`: read-ahead, holding
+    /// unread bytes (an empty buffer is dropped, so this is free while idle).
+    ahead: Option<BytesMut>,
+    read_ahead: bool,
 }
 
 impl MeteredStream {
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, sent, received }
+        MeteredStream { inner, sent, received, ahead: None, read_ahead: false }
     }
 
-    pub fn into_inner(self) -> TcpStream {
-        self.inner
+    /// Turns on read-ahead (for a stream that TLS will read in small pieces).
+    pub fn reading_ahead(mut self) -> MeteredStream {
+        self.read_ahead = true;
+        self
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
     }
 }
 
 impl AsyncRead for MeteredStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.received.record(n as u64);
+        let this = &mut *self;
+        if let Some(ahead) = this.ahead.as_mut().filter(|a| a.has_remaining()) {
+            serve(ahead, buf);
+            return Poll::Ready(Ok(()));
         }
-        poll
+        if !this.read_ahead || buf.remaining() >= READ_AHEAD {
+            let before = buf.filled().len();
+            let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+            let n = buf.filled().len() - before;
+            if n > 0 {
+                this.received.record(n as u64);
+            }
+            return poll;
+        }
+        let ahead = this.ahead.get_or_insert_with(|| BytesMut::with_capacity(READ_AHEAD));
+        // Drained: reuse the whole allocation from its start.
+        ahead.clear();
+        ahead.reserve(READ_AHEAD);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, ahead) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.received.record(n as u64);
+                    serve(ahead, buf);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Nothing is arriving: the buffer goes until data moves again.
+                this.ahead = None;
+                Poll::Pending
+            }
+        }
     }
+}
+
+fn serve(ahead: &mut BytesMut, buf: &mut ReadBuf<'_>) {
+    let n = ahead.remaining().min(buf.remaining());
+    buf.put_slice(&ahead[..n]);
+    ahead.advance(n);
 }
 
 impl AsyncWrite for MeteredStream {
@@ -47,6 +99,18 @@ impl AsyncWrite for MeteredStream {
             self.sent.record(*n as u64);
         }
         poll
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.sent.record(*n as u64);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -29,7 +29,9 @@ pub mod session_result {
     /// Refused unheard: too many recent failures from the source, or too many
     /// unauthenticated connections open.
     pub const THROTTLED: &str = "throttled";
-    pub const ALL: [&str; 6] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED];
+    /// A failed TLS handshake, or a TLS/plain mismatch between the two sides.
+    pub const TLS_ERROR: &str = "tls_error";
+    pub const ALL: [&str; 7] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED, TLS_ERROR];
 }
 
 /// Why a visitor was turned away, in `tunneld_mapping_refused_total{reason}`.
@@ -405,17 +407,11 @@ impl MappingMetrics {
         ActiveGuard(self.active.clone())
     }
 
-    /// Meters for visitor→target (`sent`) and target→visitor (`received`), with
-    /// tunnel wire counters added when the bytes cross the tunnel.
-    pub fn meters(&self, tunnel: Option<(Meter, Meter)>) -> (Meter, Meter) {
+    /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
+    /// bytes only, tunneled or not (the tunnel's wire is metered on its own).
+    pub fn meters(&self) -> (Meter, Meter) {
         let activity = vec![self.last_activity.clone()];
-        let mut up = Meter::new(vec![self.sent.clone()], activity.clone());
-        let mut down = Meter::new(vec![self.received.clone()], activity);
-        if let Some((tunnel_sent, tunnel_received)) = tunnel {
-            up.absorb(tunnel_sent);
-            down.absorb(tunnel_received);
-        }
-        (up, down)
+        (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
     }
 }
 
@@ -473,11 +469,6 @@ impl Held {
 impl Meter {
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
         Meter { counters, activity, held: None }
-    }
-
-    fn absorb(&mut self, other: Meter) {
-        self.counters.extend(other.counters);
-        self.activity.extend(other.activity);
     }
 
     /// Moves this meter's counting behind a [`Held`] gate, keeping `always`

@@ -1,15 +1,17 @@
 //! The tunnel wire protocol: framing, messages and the HMAC handshake.
 //!
+//! Version 2. Every connection runs inside TLS 1.3 unless both sides turned it off.
 //! Every message is a length-delimited frame (4-byte big-endian length, then JSON)
 //! — the format of tokio-util's `LengthDelimitedCodec`, which the control channel
-//! uses directly. Data channels read their one or two frames with [`read_frame`],
-//! which never reads past the frame, so the raw bytes that follow stay in the
-//! socket for the copy loop.
+//! uses directly. Data channels read their `connect` / `connect_result` frames with
+//! [`read_frame`], which never reads past the frame, so the chunks that follow
+//! (see `exchange`) stay in the stream.
 //!
 //! A connection to the tunnel port opens with [`Message::Hello`] (control) or
 //! [`Message::DataHello`] (data channel). Control: server sends a random
-//! `Challenge`, client answers `Auth{mac = HMAC-SHA256(secret, nonce)}`, server
-//! replies `Welcome` (with a session token for data channels) or `Rejected`.
+//! `Challenge`, client answers `Auth{mac = HMAC-SHA256(secret, nonce ‖ TLS
+//! exporter)}`, server replies `Welcome` (with a session token for data channels)
+//! or `Rejected`.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -18,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; sent in the first frame of every connection.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// No legitimate frame is anywhere near this; a larger length prefix is garbage.
 pub const MAX_FRAME: usize = 16 * 1024;
@@ -132,31 +134,6 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usi
     Ok((Message::decode(&body)?, FRAME_HEADER + len))
 }
 
-/// [`read_frame`] for a socket shared with a concurrent writer (the relay holds
-/// `&TcpStream` for both directions): reads through readiness, still exactly one
-/// frame and nothing more.
-pub async fn read_frame_from(stream: &tokio::net::TcpStream) -> Result<(Message, usize), ProtocolError> {
-    let mut header = [0u8; FRAME_HEADER];
-    read_exact_from(stream, &mut header).await?;
-    let len = body_len(header)?;
-    let mut body = vec![0u8; len];
-    read_exact_from(stream, &mut body).await?;
-    Ok((Message::decode(&body)?, FRAME_HEADER + len))
-}
-
-async fn read_exact_from(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> Result<(), ProtocolError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match stream.try_read(&mut buf[filled..]) {
-            Ok(0) => return Err(ProtocolError::Closed),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.readable().await?,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 /// Writes one frame; returns its size on the wire.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize, ProtocolError> {
     let body = msg.encode();
@@ -164,6 +141,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Res
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
     w.write_all(&frame).await?;
+    // Under TLS a frame is not on its way until flushed.
+    w.flush().await?;
     Ok(frame.len())
 }
 
@@ -174,21 +153,42 @@ pub fn new_nonce() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-/// The client's answer to a challenge.
-pub fn sign(secret: &str, nonce: &str) -> String {
+fn mac(secret: &str, nonce: &str, binding: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length");
     mac.update(nonce.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    mac.update(binding);
+    mac
+}
+
+/// The client's answer to a challenge: HMAC-SHA256(secret, nonce ‖ binding), where
+/// `binding` is this TLS session's exporter value (empty on a plain tunnel), so
+/// the answer is worthless on any other session.
+pub fn sign(secret: &str, nonce: &str, binding: &[u8]) -> String {
+    hex::encode(mac(secret, nonce, binding).finalize().into_bytes())
 }
 
 /// Checks a client's answer in constant time.
-pub fn verify(secret: &str, nonce: &str, answer_hex: &str) -> bool {
+pub fn verify(secret: &str, nonce: &str, binding: &[u8], answer_hex: &str) -> bool {
     let Ok(answer) = hex::decode(answer_hex) else {
         return false;
     };
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length");
-    mac.update(nonce.as_bytes());
-    mac.verify_slice(&answer).is_ok()
+    mac(secret, nonce, binding).verify_slice(&answer).is_ok()
+}
+
+/// What the server answers a peer speaking another protocol version.
+pub fn version_rejection(peer_version: u32) -> String {
+    let upgrade = if peer_version < PROTOCOL_VERSION { "upgrade the client" } else { "upgrade the server" };
+    format!("protocol version {peer_version} is not supported by this server ({PROTOCOL_VERSION}); {upgrade}")
+}
+
+/// A rejection as the client reports it; a version-1 server words its version
+/// rejection differently, so that one is translated into the same message.
+pub fn explain_rejection(reason: &str) -> String {
+    if reason.contains("(server speaks 1)") {
+        format!("protocol version {PROTOCOL_VERSION} is not supported by this server (1); upgrade the server")
+    } else {
+        reason.to_string()
+    }
 }
 
 /// Constant-time equality for tokens compared outside HMAC.
@@ -204,11 +204,12 @@ mod tests {
     #[test]
     fn hmac_round_trip_and_rejection() {
         let nonce = new_nonce();
-        let answer = sign("s3cret", &nonce);
-        assert!(verify("s3cret", &nonce, &answer));
-        assert!(!verify("other", &nonce, &answer));
-        assert!(!verify("s3cret", &new_nonce(), &answer));
-        assert!(!verify("s3cret", &nonce, "zz-not-hex"));
+        let answer = sign("s3cret", &nonce, b"session a");
+        assert!(verify("s3cret", &nonce, b"session a", &answer));
+        assert!(!verify("s3cret", &nonce, b"session b", &answer), "bound to the session");
+        assert!(!verify("other", &nonce, b"session a", &answer));
+        assert!(!verify("s3cret", &new_nonce(), b"session a", &answer));
+        assert!(!verify("s3cret", &nonce, b"session a", "zz-not-hex"));
     }
 
     #[tokio::test]

@@ -114,7 +114,7 @@ fn health_reports_the_tunnel_state() {
     let (status, health) = http("GET", &server.url("/health"), None);
     assert_eq!(status, 200);
     assert_eq!(health, json!({"status": "ok", "reasons": [], "tunnel_enabled": true, "tunnel_connected": false}));
-    let _client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _client = Daemon::client(&server, SECRET, &[]);
     assert_eq!(http("GET", &server.url("/health"), None).1["tunnel_connected"], true);
 }
 

@@ -86,8 +86,18 @@ fn bad_values_name_the_key_and_the_source_and_exit_before_binding() {
 
 #[test]
 fn a_numeric_looking_secret_from_env_stays_a_string() {
-    let out = run(&["check-config", "client"], &[("TUNNELD_CLIENT__SERVER", "example.com:9000"), ("TUNNELD_CLIENT__SECRET", "123456")]);
+    // A bare all-digit fingerprint must survive the environment as text too.
+    let pin = "1".repeat(64);
+    let out = run(
+        &["check-config", "client"],
+        &[
+            ("TUNNELD_CLIENT__SERVER", "example.com:9000"),
+            ("TUNNELD_CLIENT__SECRET", "123456"),
+            ("TUNNELD_CLIENT__SERVER_FINGERPRINT", &pin),
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&pin));
 }
 
 #[test]
@@ -118,7 +128,7 @@ fn generated_secret_is_stored_private_and_reused() {
     let secret = std::fs::read_to_string(&path).expect("secret file created");
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     assert!(server.log().contains(&path.display().to_string()), "log says where the secret is");
-    let _client = Daemon::client(server.tunnel.unwrap(), secret.trim(), &[]);
+    let _client = Daemon::client(&server, secret.trim(), &[]);
     server.terminate();
     let _again = Daemon::server_with_state(state.path(), "", &[]);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), secret, "same secret after restart");

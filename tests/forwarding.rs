@@ -122,7 +122,7 @@ fn tunneled_mapping_delivers_the_reply_after_the_visitor_half_closes() {
 #[test]
 fn wrong_secret_is_refused_and_no_visitor_gets_through() {
     let server = Daemon::server(SECRET, &[]);
-    let client = Daemon::client_unconnected(server.tunnel.unwrap(), "not the secret", &[]);
+    let client = Daemon::client_unconnected(&server, "not the secret", &[]);
     // The client reports the failed session and schedules a retry.
     client.wait_for_notify("STATUS=disconnected", Duration::from_secs(10));
     let text = metrics_text(&server);
@@ -147,14 +147,14 @@ fn wrong_secret_is_refused_and_no_visitor_gets_through() {
 #[test]
 fn killed_client_is_replaced_and_the_tunnel_works_again_without_api_calls() {
     let server = Daemon::server(SECRET, &[]);
-    let mut client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let mut client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(roundtrip(addr, b"before"), b"before");
 
     client.kill();
-    let _client2 = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _client2 = Daemon::client(&server, SECRET, &[]);
     assert_eq!(roundtrip(addr, b"after restart"), b"after restart");
     let text = metrics_text(&server);
     assert_eq!(metric_value(&text, "tunneld_tunnel_connected", &[]), Some(1.0));
@@ -166,7 +166,7 @@ fn restarted_server_restores_its_mappings_and_the_client_reconnects() {
     let state = tempfile::tempdir().unwrap();
     let mut server = Daemon::server_with_state(state.path(), SECRET, &[]);
     let tunnel_addr = server.tunnel.unwrap();
-    let client = Daemon::client(tunnel_addr, SECRET, &[]);
+    let client = Daemon::client(&server, SECRET, &[]);
     let echo = echo_server();
     let (direct, tunneled) = (free_port(), free_port());
     create_mapping(&server, direct, echo, false);
@@ -207,7 +207,7 @@ fn a_stored_mapping_whose_port_is_taken_is_reported_and_retried() {
 #[test]
 fn garbage_on_the_tunnel_port_does_not_harm_the_session() {
     let server = Daemon::server(SECRET, &[]);
-    let _client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
 

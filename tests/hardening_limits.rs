@@ -253,7 +253,7 @@ fn with_idle_timeout(secs: u64) -> (tempfile::TempDir, String) {
 fn stalled_target_is_closed_after_the_idle_timeout(use_tunnel: bool) {
     let (_dir, config) = with_idle_timeout(2);
     let server = Daemon::server(SECRET, &["--config", &config]);
-    let _client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), SECRET, &["--config", &config]));
+    let _client = use_tunnel.then(|| Daemon::client(&server, SECRET, &["--config", &config]));
     let (target, held) = holding_target();
     let port = free_port();
     create_mapping(&server, port, target, use_tunnel);

@@ -108,8 +108,8 @@ fn silent_tunnel_connections_are_bounded_and_logged_in_aggregate() {
 #[test]
 fn two_clients_with_one_secret_are_reported_as_flapping() {
     let server = Daemon::server(SECRET, &[]);
-    let _first = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
-    let _second = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _first = Daemon::client(&server, SECRET, &[]);
+    let _second = Daemon::client(&server, SECRET, &[]);
     let health = wait_for("/health to report flapping", Duration::from_secs(90), || {
         let (_, health) = http("GET", &server.url("/health"), None);
         (health["status"] == "degraded" && health["reasons"].to_string().contains("flapping")).then_some(health)

@@ -148,7 +148,7 @@ fn a_removed_mapping_disappears_from_both_views() {
 #[test]
 fn traffic_json_has_every_documented_field_with_its_type() {
     let server = Daemon::server(SECRET, &[]);
-    let _client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let _client = Daemon::client(&server, SECRET, &[]);
     let echo = echo_server();
     let (a, b) = (free_port(), free_port());
     create_mapping(&server, a.max(b), echo, true);
@@ -191,7 +191,7 @@ fn traffic_json_has_every_documented_field_with_its_type() {
 #[test]
 fn metrics_endpoints_have_the_right_content_type_and_pass_promtool() {
     let server = Daemon::server(SECRET, &[]);
-    let client = Daemon::client(server.tunnel.unwrap(), SECRET, &[]);
+    let client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
     roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"traffic");

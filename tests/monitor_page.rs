@@ -629,7 +629,7 @@ fn monitor_page_renders_live_traffic_offline() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
     let mut daemon = Daemon::server("monitor-secret", &[]);
     // One direct and one tunneled mapping, so the tunnel cards carry real numbers.
-    let client = Daemon::client(daemon.tunnel.expect("tunnel address"), "monitor-secret", &[]);
+    let client = Daemon::client(&daemon, "monitor-secret", &[]);
     let echo = echo_server();
     let ports = [free_port(), free_port()];
     create_mapping(&daemon, ports[0], echo, false);

@@ -51,7 +51,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let deadline = Instant::now() + TEST_BUDGET;
 
     let server = Daemon::server("s3cret", &[]);
-    let client = Daemon::client(server.tunnel.expect("server has a tunnel address"), "s3cret", &[]);
+    let client = Daemon::client(&server, "s3cret", &[]);
     let echo = echo_server();
     let direct_port = free_port();
     let tunneled_port = free_port();

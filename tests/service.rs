@@ -84,7 +84,7 @@ fn tunnel_connected(server: &Daemon) -> Option<f64> {
 fn a_frozen_client_is_dropped_by_heartbeat_and_comes_back_when_it_thaws() {
     let (_dir, config) = config_file("[server]\nheartbeat_interval_secs = 1\n");
     let server = Daemon::server("s", &["--config", &config]);
-    let client = Daemon::client(server.tunnel.unwrap(), "s", &[]);
+    let client = Daemon::client(&server, "s", &[]);
     assert_eq!(tunnel_connected(&server), Some(1.0));
 
     // SIGSTOP keeps the TCP connection open but silences the peer: only the
@@ -104,7 +104,7 @@ fn a_frozen_client_is_dropped_by_heartbeat_and_comes_back_when_it_thaws() {
 fn a_frozen_server_is_noticed_by_the_client() {
     let (_dir, config) = config_file("[server]\nheartbeat_interval_secs = 1\n");
     let server = Daemon::server("s", &["--config", &config]);
-    let client = Daemon::client(server.tunnel.unwrap(), "s", &[]);
+    let client = Daemon::client(&server, "s", &[]);
     server.signal("STOP");
     let started = Instant::now();
     client.wait_for_notify("STATUS=disconnected", Duration::from_secs(10));

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +19,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::tunnel::TunnelHub;
+use crate::exchange::{self, ExchangeError};
 use crate::forward;
 use crate::metrics::{MappingMetrics, Meter, Metrics};
-use crate::protocol::{self, Message};
 use crate::store::{MappingSpec, Store, StoreError};
 
 /// How often a mapping that could not bind its port tries again.
@@ -431,67 +430,30 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
         }
     })?;
     forward::arm(&target);
-    let (up, down) = metrics.meters(None);
+    let (up, down) = metrics.meters();
     forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
 /// request instead of after its answer, which saves a round trip on every new
 /// connection; the answer is read first in the other direction, and a failure
-/// there ends the connection and counts as a connect error.
+/// there ends the connection and counts as a connect error. After a clean
+/// exchange the data channel goes back to the pool for the next visitor.
 async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
-    let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
-    let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
-    forward::arm(&channel);
-    let activity = forward::Activity::new();
-    let (up, down) = metrics.meters(Some((Meter::default(), tunnel_received.clone())));
-    // Visitor bytes sent ahead of the answer cross the tunnel (counted as wire
-    // bytes now) but reach the target only if it answers: counted then.
-    let (up, reached_target) = up.held_behind(tunnel_sent.clone());
-    // Until the answer is in, any failure means the target was not reached.
-    let answered = AtomicBool::new(false);
-    let answer = async {
-        let (reply, n) = protocol::read_frame_from(&channel)
-            .await
-            .map_err(|e| VisitorError::Target(format!("no answer from the tunnel client: {e}")))?;
-        tunnel_received.record(n as u64);
-        match reply {
-            Message::ConnectResult { error: None } => {
-                answered.store(true, Ordering::Relaxed);
-                reached_target.release();
-                Ok(())
-            }
-            Message::ConnectResult { error: Some(e) } => {
-                Err(VisitorError::Target(format!("the tunnel client could not reach the target: {e}")))
-            }
-            other => Err(VisitorError::Target(format!("unexpected {} from the tunnel client", other.kind()))),
+    let (channel, lease) = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    // User bytes only: the tunnel's wire bytes are counted under the channel.
+    let (up, down) = metrics.meters();
+    // Visitor bytes sent ahead of the answer reach the target only if it
+    // answers: they are counted then.
+    let (up, reached_target) = up.held_behind(Meter::default());
+    let answer = exchange::Answer::Expected(&reached_target);
+    match exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout).await {
+        Ok((channel, sent, received)) => {
+            lease.give_back(channel);
+            Ok((sent, received))
         }
-    };
-    let upstream = async {
-        forward::copy(visitor, &channel, &up, &activity).await.map_err(|e| match answered.load(Ordering::Relaxed) {
-            true => VisitorError::Relay(e),
-            false => VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}")),
-        })
-    };
-    let downstream = async {
-        answer.await?;
-        forward::copy(&channel, visitor, &down, &activity).await.map_err(VisitorError::Relay)
-    };
-    let both = async { tokio::try_join!(upstream, downstream) };
-    let totals = forward::guard(both, &[visitor, &channel], &activity, ctx.settings.idle_timeout).await.map_err(|e| match e {
-        // A reset before the answer: the target was not reached.
-        VisitorError::Relay(e) if !answered.load(Ordering::Relaxed) => {
-            VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}"))
-        }
-        other => other,
-    })?;
-    forward::disarm(visitor);
-    forward::disarm(&channel);
-    Ok(totals)
-}
-
-impl From<std::io::Error> for VisitorError {
-    fn from(e: std::io::Error) -> VisitorError {
-        VisitorError::Relay(e)
+        Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
+        Err(ExchangeError::Socket(e)) => Err(VisitorError::Relay(e)),
+        Err(e) => Err(VisitorError::Relay(std::io::Error::other(e))),
     }
 }

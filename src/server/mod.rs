@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::systemd;
 use mappings::{Mappings, Settings};
-use tunnel::TunnelHub;
+use tunnel::{HubSettings, TunnelHub};
 
 /// The server's two fixed listeners.
 pub struct Listeners {
@@ -72,11 +72,14 @@ pub async fn run(
     );
     let heartbeat = Duration::from_secs(config.server.heartbeat_interval_secs);
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
-    let hub = TunnelHub::new(secret, metrics.clone(), heartbeat, connect_timeout);
-    let api_port = listeners.api.local_addr()?.port();
+    let tunnel_addr = listeners.tunnel.local_addr()?;
+    let tls = tunnel_tls(&config, &state_dir, tunnel_addr)?;
+    let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
+    let hub = TunnelHub::new(secret, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
     let api_addr = listeners.api.local_addr()?;
+    let api_port = api_addr.port();
     let api_on_loopback = config::is_loopback(api_addr.ip());
-    let tunnel_port = listeners.tunnel.local_addr()?.port();
+    let tunnel_port = tunnel_addr.port();
     let mappings = Arc::new(Mappings::new(
         store,
         metrics.clone(),
@@ -160,6 +163,39 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The tunnel port's TLS acceptor (`None` with `server.tls = false`), and the
+/// start-up line that tells the operator exactly how to start a client.
+fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let host = if tunnel.ip().is_unspecified() { this_host() } else { tunnel.ip().to_string() };
+    let secret_ref = if config.server.secret.is_empty() {
+        format!("\"$(cat {})\"", state_dir.join("secret").display())
+    } else {
+        "<server.secret>".to_string()
+    };
+    if !config.server.tls {
+        warn!("server.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");
+        let command = format!("tunneld client --server {host}:{} --secret {secret_ref} (with client.tls = false)", tunnel.port());
+        info!(client_command = %command, "start a client with");
+        return Ok(None);
+    }
+    let identity = crate::tls::load_or_generate(&config.server, state_dir)?;
+    let fingerprint = identity.fingerprint();
+    let command = format!("tunneld client --server {host}:{} --fingerprint {fingerprint} --secret {secret_ref}", tunnel.port());
+    info!(%fingerprint, cert = %identity.cert_path.display(), "tunnel TLS certificate");
+    info!(client_command = %command, "start a client with");
+    Ok(Some(crate::tls::acceptor(identity)?))
+}
+
+/// This machine's host name for the client command line (the tunnel listens on
+/// all addresses, so any name the clients can resolve works).
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "SERVER_HOST".into())
 }
 
 /// The secret a server without a configured one uses: created once (0600) and

@@ -4,6 +4,11 @@
 //! One client at a time: a newly authenticated client replaces the previous
 //! session, so a client that restarts after a crash is back in service at once
 //! instead of waiting for the dead session's heartbeat timeout.
+//!
+//! Every connection is TLS unless `server.tls = false`; the first byte tells a TLS
+//! client from a plain one, so a mismatch (or a version-1 client) gets a clear
+//! answer instead of a "malformed frame". Data channels are reused: after a clean
+//! exchange a channel goes back into the session's idle pool.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -11,16 +16,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::throttle::{AuthThrottle, FailureLog, FlapDetector, Flapping, Pending, Unauthenticated};
 use crate::metered::MeteredStream;
-use crate::metrics::{session_result, Meter, Metrics};
+use crate::metrics::{session_result, Metrics};
 use crate::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
+use crate::transport::TunnelStream;
 
 /// Idle data channels kept beyond this are closed; the client refills on demand.
 const MAX_IDLE_DATA_CHANNELS: usize = 64;
@@ -44,12 +52,20 @@ pub enum OpenError {
     Channel(#[from] ProtocolError),
 }
 
+/// How the tunnel port behaves, from `server.*`.
+pub struct HubSettings {
+    pub heartbeat: Duration,
+    pub connect_timeout: Duration,
+    /// `None` when `server.tls = false`.
+    pub tls: Option<TlsAcceptor>,
+    pub pool_idle: Duration,
+}
+
 /// Shared by the tunnel acceptor and every tunneled mapping.
 pub struct TunnelHub {
     secret: String,
     metrics: Arc<Metrics>,
-    heartbeat: Duration,
-    connect_timeout: Duration,
+    settings: HubSettings,
     current: Mutex<Option<Arc<Session>>>,
     defences: Mutex<Defences>,
     unauthenticated: Arc<Unauthenticated>,
@@ -74,17 +90,30 @@ struct Session {
 
 #[derive(Default)]
 struct Pool {
-    idle: VecDeque<TcpStream>,
-    waiting: VecDeque<oneshot::Sender<TcpStream>>,
+    /// Oldest first, with when each became idle.
+    idle: VecDeque<(TunnelStream, Instant)>,
+    waiting: VecDeque<oneshot::Sender<TunnelStream>>,
+}
+
+/// Where a data channel lent to one visitor goes back after a clean exchange.
+pub struct Lease(Arc<Session>);
+
+impl Lease {
+    /// Into the session's pool (or to a waiting visitor); dropped if the session
+    /// has ended meanwhile.
+    pub fn give_back(self, stream: TunnelStream) {
+        if !self.0.cancel.is_cancelled() {
+            self.0.offer(stream);
+        }
+    }
 }
 
 impl TunnelHub {
-    pub fn new(secret: String, metrics: Arc<Metrics>, heartbeat: Duration, connect_timeout: Duration) -> Arc<TunnelHub> {
+    pub fn new(secret: String, metrics: Arc<Metrics>, settings: HubSettings) -> Arc<TunnelHub> {
         Arc::new(TunnelHub {
             secret,
             metrics,
-            heartbeat,
-            connect_timeout,
+            settings,
             current: Mutex::new(None),
             defences: Mutex::new(Defences {
                 throttle: AuthThrottle::default(),
@@ -194,8 +223,12 @@ impl TunnelHub {
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
-        let (sent, received) = self.metrics.tunnel_meters();
-        let mut stream = MeteredStream::new(stream, sent, received);
+        let Some(mut stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secure(stream, peer)).await.unwrap_or_else(|_| {
+            self.failed(peer, session_result::PROTOCOL_ERROR, "no handshake within the timeout");
+            None
+        }) else {
+            return Ok(());
+        };
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await;
         let hello = match first {
             Ok(Ok((msg, _))) => msg,
@@ -209,10 +242,13 @@ impl TunnelHub {
             }
         };
         match hello {
-            Message::Hello { version } => self.control_channel(stream, peer, version, pending, shutdown).await,
-            Message::DataHello { version, session } => {
+            Message::Hello { version } | Message::DataHello { version, .. } if version != PROTOCOL_VERSION => {
+                self.reject_version(&mut stream, peer, version).await
+            }
+            Message::Hello { .. } => self.control_channel(stream, peer, pending, shutdown).await,
+            Message::DataHello { session, .. } => {
                 drop(pending);
-                self.data_channel(stream.into_inner(), peer, version, &session);
+                self.data_channel(stream, peer, &session);
                 Ok(())
             }
             other => {
@@ -222,21 +258,77 @@ impl TunnelHub {
         }
     }
 
+    async fn reject_version(&self, stream: &mut TunnelStream, peer: SocketAddr, version: u32) -> Result<(), ProtocolError> {
+        warn!(%peer, version, "client rejected: protocol version mismatch");
+        self.metrics.count_session(session_result::VERSION_MISMATCH);
+        protocol::write_frame(stream, &Message::Rejected { reason: protocol::version_rejection(version) }).await?;
+        Ok(())
+    }
+
+    /// The connection as this server speaks it: TLS (handshake done) or plain.
+    /// A peer on the other side of a TLS/plain mismatch is told so and dropped.
+    async fn secure(&self, stream: TcpStream, peer: SocketAddr) -> Option<TunnelStream> {
+        let mut first = [0u8; 1];
+        let peeked = stream.peek(&mut first).await.ok()?;
+        let speaks_tls = peeked == 1 && first[0] == crate::tls::TLS_HANDSHAKE_BYTE;
+        let (sent, received) = self.metrics.tunnel_meters();
+        let mut metered = MeteredStream::new(stream, sent, received);
+        match (&self.settings.tls, speaks_tls) {
+            (Some(acceptor), true) => match acceptor.accept(metered.reading_ahead()).await {
+                Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
+                Err(e) => {
+                    debug!(%peer, error = %e, "TLS handshake with a tunnel client failed");
+                    self.failed(peer, session_result::TLS_ERROR, "TLS handshake failed");
+                    None
+                }
+            },
+            (None, false) => Some(TunnelStream::Plain(metered)),
+            (Some(_), false) => {
+                // A version-1 client, a client with `tls = false`, or garbage: read
+                // its hello in the clear to tell which, and answer in the clear.
+                let mut plain = TunnelStream::Plain(metered);
+                match protocol::read_frame(&mut plain).await {
+                    Ok((Message::Hello { version } | Message::DataHello { version, .. }, _)) if version != PROTOCOL_VERSION => {
+                        let _ = self.reject_version(&mut plain, peer, version).await;
+                    }
+                    Ok((Message::Hello { .. } | Message::DataHello { .. }, _)) => {
+                        self.failed(
+                            peer,
+                            session_result::TLS_ERROR,
+                            "client speaks plain TCP but this server requires TLS (server.tls = true)",
+                        );
+                        let reason = "this server requires TLS (server.tls = true): remove `tls = false` from the client's \
+                                      configuration and pin the server's fingerprint"
+                            .to_string();
+                        let _ = protocol::write_frame(&mut plain, &Message::Rejected { reason }).await;
+                    }
+                    Ok((other, _)) => {
+                        debug!(%peer, kind = other.kind(), "unexpected first message");
+                        self.failed(peer, session_result::PROTOCOL_ERROR, "unexpected first message");
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "bad first frame");
+                        self.failed(peer, session_result::PROTOCOL_ERROR, "bad first frame");
+                    }
+                }
+                None
+            }
+            (None, true) => {
+                self.failed(peer, session_result::TLS_ERROR, "client speaks TLS but this server runs with server.tls = false");
+                // A plaintext fatal alert: the client reports "server has TLS off".
+                let _ = metered.write_all(&crate::tls::PLAIN_SERVER_ALERT).await;
+                None
+            }
+        }
+    }
+
     async fn control_channel(
         self: Arc<Self>,
-        mut stream: MeteredStream,
+        mut stream: TunnelStream,
         peer: SocketAddr,
-        version: u32,
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
-        if version != PROTOCOL_VERSION {
-            let reason = format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})");
-            warn!(%peer, version, "client rejected: protocol version mismatch");
-            self.metrics.count_session(session_result::VERSION_MISMATCH);
-            protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
-            return Ok(());
-        }
         let nonce = protocol::new_nonce();
         protocol::write_frame(&mut stream, &Message::Challenge { nonce: nonce.clone() }).await?;
         let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await {
@@ -254,7 +346,7 @@ impl TunnelHub {
                 return Ok(());
             }
         };
-        if !protocol::verify(&self.secret, &nonce, &answer) {
+        if !protocol::verify(&self.secret, &nonce, &stream.binding(), &answer) {
             self.failed(peer, session_result::AUTH_FAILED, "authentication failed (wrong secret)");
             let reason = "authentication failed: the client's secret does not match the server's".to_string();
             protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
@@ -274,15 +366,16 @@ impl TunnelHub {
             pool: Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
         });
-        let welcome = Message::Welcome { session: session.token.clone(), heartbeat_interval_secs: self.heartbeat.as_secs().max(1) };
+        let heartbeat = self.settings.heartbeat;
+        let welcome = Message::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
         protocol::write_frame(&mut stream, &welcome).await?;
         self.install(session.clone());
         info!(%peer, session = session.id, "tunnel client authenticated");
 
         let mut framed = Framed::new(stream, protocol::codec());
-        let mut tick = tokio::time::interval(self.heartbeat);
+        let mut tick = tokio::time::interval(heartbeat);
         let mut last_heard = Instant::now();
-        let silent_limit = self.heartbeat * 3;
+        let silent_limit = heartbeat * 3;
         let outcome = loop {
             tokio::select! {
                 _ = session.cancel.cancelled() => break Ok("replaced or shutting down"),
@@ -304,6 +397,7 @@ impl TunnelHub {
                     if last_heard.elapsed() > silent_limit {
                         break Ok("client silent for three heartbeat intervals");
                     }
+                    session.expire_idle(self.settings.pool_idle);
                     if let Err(e) = framed.send(Message::Heartbeat.to_bytes()).await {
                         break Err(ProtocolError::Io(e));
                     }
@@ -356,11 +450,10 @@ impl TunnelHub {
         }
     }
 
-    fn data_channel(&self, stream: TcpStream, peer: SocketAddr, version: u32, token: &str) {
-        let session = self.current().filter(|s| protocol::tokens_equal(&s.token, token));
-        match session {
-            Some(session) if version == PROTOCOL_VERSION => session.offer(stream),
-            _ => self.failed(peer, session_result::PROTOCOL_ERROR, UNKNOWN_SESSION),
+    fn data_channel(&self, stream: TunnelStream, peer: SocketAddr, token: &str) {
+        match self.current().filter(|s| protocol::tokens_equal(&s.token, token)) {
+            Some(session) => session.offer(stream),
+            None => self.failed(peer, session_result::PROTOCOL_ERROR, UNKNOWN_SESSION),
         }
     }
 
@@ -368,24 +461,21 @@ impl TunnelHub {
     /// else one requested now — and sends it the `connect` request for
     /// `host:port`. The client's answer is read by the caller, so the visitor's
     /// first bytes can travel with the request.
-    pub async fn open(&self, host: &str, port: u16, tunnel_sent: &Meter) -> Result<TcpStream, OpenError> {
-        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+    pub async fn open(&self, host: &str, port: u16) -> Result<(TunnelStream, Lease), OpenError> {
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Message::Connect { host: host.to_string(), port };
         // A pooled channel whose client end is already gone fails the write; try
         // another. (One that dies later surfaces as a missing answer.)
         let mut last_error = OpenError::Timeout;
         for _ in 0..4 {
             let session = self.current().ok_or(OpenError::NoClient)?;
-            let mut channel = match tokio::time::timeout_at(deadline, session.acquire()).await {
-                Ok(Some(channel)) => channel,
+            let mut stream = match tokio::time::timeout_at(deadline, session.acquire(self.settings.pool_idle)).await {
+                Ok(Some(stream)) => stream,
                 Ok(None) => return Err(OpenError::NoClient),
                 Err(_) => return Err(OpenError::Timeout),
             };
-            match protocol::write_frame(&mut channel, &connect).await {
-                Ok(n) => {
-                    tunnel_sent.record(n as u64);
-                    return Ok(channel);
-                }
+            match protocol::write_frame(&mut stream, &connect).await {
+                Ok(_) => return Ok((stream, Lease(session))),
                 Err(e) => {
                     debug!(error = %e, "stale data channel, trying another");
                     last_error = OpenError::Channel(e);
@@ -399,11 +489,15 @@ impl TunnelHub {
 impl Session {
     /// An idle channel, or a wait for the next one the client opens. `None` when
     /// the session died meanwhile.
-    async fn acquire(&self) -> Option<TcpStream> {
+    async fn acquire(&self, max_idle: Duration) -> Option<TunnelStream> {
         let rx = {
             let mut pool = self.pool.lock().ok()?;
-            if let Some(channel) = pool.idle.pop_front() {
-                return Some(channel);
+            // Most recently used first: it is the least likely to have been closed
+            // by a middlebox or the client, and it lets the rest age out.
+            while let Some((mut channel, since)) = pool.idle.pop_back() {
+                if since.elapsed() < max_idle && !channel.is_stale() {
+                    return Some(channel);
+                }
             }
             let (tx, rx) = oneshot::channel();
             pool.waiting.push_back(tx);
@@ -419,7 +513,7 @@ impl Session {
 
     /// A new data channel from the client: to the longest-waiting visitor, else
     /// into the idle pool.
-    fn offer(&self, mut channel: TcpStream) {
+    fn offer(&self, mut channel: TunnelStream) {
         let Ok(mut pool) = self.pool.lock() else { return };
         while let Some(waiter) = pool.waiting.pop_front() {
             match waiter.send(channel) {
@@ -428,7 +522,14 @@ impl Session {
             }
         }
         if pool.idle.len() < MAX_IDLE_DATA_CHANNELS {
-            pool.idle.push_back(channel);
+            pool.idle.push_back((channel, Instant::now()));
+        }
+    }
+
+    /// Closes channels idle for `max_idle`; the client notices and opens fresh ones.
+    fn expire_idle(&self, max_idle: Duration) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.idle.retain(|(_, since)| since.elapsed() < max_idle);
         }
     }
 }

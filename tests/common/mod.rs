@@ -123,16 +123,32 @@ impl Daemon {
         d
     }
 
-    /// Starts `tunneld client` against `server_tunnel` and waits until it reports
-    /// an authenticated session (`STATUS=connected ...`).
-    pub fn client(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
-        let d = Self::client_unconnected(server_tunnel, secret, extra);
+    /// Starts `tunneld client` against `server`'s tunnel, pinning its certificate
+    /// (read with `tunneld fingerprint --state-dir`, as an operator would), and
+    /// waits until it reports an authenticated session (`STATUS=connected ...`).
+    pub fn client(server: &Daemon, secret: &str, extra: &[&str]) -> Daemon {
+        let d = Self::client_unconnected(server, secret, extra);
         d.wait_for_notify("STATUS=connected", Duration::from_secs(20));
         d
     }
 
-    /// Starts `tunneld client` and waits only for `READY=1` (it may never connect).
-    pub fn client_unconnected(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
+    /// Starts `tunneld client` for `server` and waits only for `READY=1` (it may
+    /// never connect).
+    pub fn client_unconnected(server: &Daemon, secret: &str, extra: &[&str]) -> Daemon {
+        let pin = server.fingerprint();
+        let mut args = vec!["--fingerprint", pin.as_str()];
+        args.extend_from_slice(extra);
+        Self::client_with(server.tunnel.expect("a server has a tunnel address"), secret, &args)
+    }
+
+    /// Starts `tunneld client` against `server_tunnel` with exactly `extra` added
+    /// (no fingerprint), waiting only for `READY=1`.
+    pub fn client_with(server_tunnel: SocketAddr, secret: &str, extra: &[&str]) -> Daemon {
+        Self::client_with_env(server_tunnel, secret, extra, &[])
+    }
+
+    /// [`Daemon::client_with`] with extra environment variables.
+    pub fn client_with_env(server_tunnel: SocketAddr, secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args: Vec<String> = vec![
@@ -146,9 +162,20 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let state = tmp.path().to_path_buf();
-        let d = Self::spawn(tmp, &args, &[], metrics, None, state);
+        let d = Self::spawn(tmp, &args, envs, metrics, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
+    }
+
+    /// This server's tunnel certificate fingerprint, via `tunneld fingerprint`.
+    pub fn fingerprint(&self) -> String {
+        let out = Command::new(BIN)
+            .args(["fingerprint", "--state-dir", &self.state_dir.display().to_string()])
+            .env_remove("TUNNELD_SERVER__STATE_DIR")
+            .output()
+            .expect("run tunneld fingerprint");
+        assert!(out.status.success(), "tunneld fingerprint failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
     }
 
     fn spawn(
@@ -361,7 +388,7 @@ pub fn echo_server() -> SocketAddr {
 /// A server, plus a connected client when the test is about tunneled mappings.
 pub fn server_and_client(secret: &str, use_tunnel: bool) -> (Daemon, Option<Daemon>) {
     let server = Daemon::server(secret, &[]);
-    let client = use_tunnel.then(|| Daemon::client(server.tunnel.unwrap(), secret, &[]));
+    let client = use_tunnel.then(|| Daemon::client(&server, secret, &[]));
     (server, client)
 }
 

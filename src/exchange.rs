@@ -1,0 +1,280 @@
+//! One visitor's exchange over a pooled data channel (protocol v2), the same code
+//! on both ends: the server relays visitor ⇄ channel, the client target ⇄ channel.
+//!
+//! Each direction carries chunks `u32 length ‖ bytes` (at most [`MAX_CHUNK`]);
+//! length 0 ([`END`]) ends the direction — the half-close — and [`RESET`] aborts
+//! the exchange. When both directions ended cleanly the channel is handed back for
+//! the next visitor; on any failure it is dropped, and the local socket is reset so
+//! nobody is left waiting for bytes that will never come. The kernel's TCP still
+//! does the flow control: one visitor per channel, no windows of our own.
+//!
+//! Buffers exist only while data moves: the read side drops its buffer before it
+//! waits for the next chunk, the write side allocates per burst, so a thousand
+//! open but quiet exchanges cost no copy buffers at all.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::forward::{self, write_all, Activity};
+use crate::metrics::{Held, Meter};
+use crate::protocol::{self, Message};
+use crate::transport::TunnelStream;
+
+/// Chunk length that ends a direction (the half-close).
+pub const END: u32 = 0;
+/// Chunk length that aborts the exchange: the receiver resets its socket.
+pub const RESET: u32 = u32::MAX;
+/// Largest chunk; anything longer (other than [`RESET`]) is garbage.
+pub const MAX_CHUNK: usize = 64 * 1024;
+const HEADER: usize = 4;
+
+/// How long a failing side tries to tell the other one to reset.
+const RESET_NOTICE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The target was not reached (the client's `connect_result`, or the channel
+    /// failed before it arrived). Counted as a connect error by the server.
+    #[error("{0}")]
+    Refused(String),
+    /// The other end reset its socket and said so.
+    #[error("the other end of the tunnel reset the connection")]
+    PeerReset,
+    /// The channel broke, closed mid-exchange or carried garbage.
+    #[error("data channel failed: {0}")]
+    Channel(String),
+    /// The local socket (visitor or target) failed, e.g. was reset.
+    #[error("{0}")]
+    Socket(io::Error),
+}
+
+fn channel_error(e: io::Error) -> ExchangeError {
+    ExchangeError::Channel(e.to_string())
+}
+
+/// Whether the channel carries the client's `connect_result` before its first
+/// chunk (the server's side of an exchange). The visitor's first bytes travel
+/// ahead of that answer; they are counted as reaching the target only once it
+/// arrives, through the [`Held`] part of the upstream meter.
+pub enum Answer<'a> {
+    Expected(&'a Held),
+    None,
+}
+
+/// Relays `socket ⇄ channel` until both directions ended. On success the channel
+/// comes back, ready for the next exchange, with the user bytes moved each way
+/// (`to_channel`, `from_channel`). `to_channel` and `from_channel` count user
+/// bytes only; the wire is counted under the channel.
+///
+/// It ends as [`forward::relay`] does: an error on the local socket (its peer
+/// reset), even while the channel direction is blocked, or no byte either way for
+/// `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
+/// close) and the other end is sent a [`RESET`]. After a clean end the socket is
+/// disarmed, so its close delivers every byte.
+pub async fn relay(
+    channel: TunnelStream,
+    socket: &TcpStream,
+    to_channel: &Meter,
+    from_channel: &Meter,
+    answer: Answer<'_>,
+    idle_timeout: Duration,
+) -> Result<(TunnelStream, u64, u64), ExchangeError> {
+    let (mut reader, mut writer) = tokio::io::split(channel);
+    let answered = AtomicBool::new(matches!(answer, Answer::None));
+    let activity = Activity::new();
+    let outcome = {
+        let up = upstream(socket, &mut writer, to_channel, &activity);
+        let down = async {
+            if let Answer::Expected(reached_target) = answer {
+                read_answer(&mut reader).await?;
+                answered.store(true, Ordering::Relaxed);
+                reached_target.release();
+            }
+            downstream(&mut reader, socket, from_channel, &activity).await
+        };
+        forward::guard(async { tokio::try_join!(up, down) }, &[socket], &activity, idle_timeout).await
+    };
+    match outcome {
+        Ok((up, down)) => {
+            forward::disarm(socket);
+            Ok((reader.unsplit(writer), up, down))
+        }
+        Err(ExchangeError::Channel(e)) if !answered.load(Ordering::Relaxed) => {
+            Err(ExchangeError::Refused(format!("data channel failed before the tunnel client answered: {e}")))
+        }
+        Err(e @ ExchangeError::Refused(_)) => Err(e),
+        Err(e) => {
+            forward::arm(socket);
+            if matches!(e, ExchangeError::Socket(_)) {
+                // Best effort: if a chunk was cut off mid-write the other end reads
+                // garbage instead, which ends in the same reset.
+                let notice = async {
+                    writer.write_all(&RESET.to_be_bytes()).await?;
+                    writer.flush().await
+                };
+                let _ = tokio::time::timeout(RESET_NOTICE, notice).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A failure of the local socket, or its idle timeout (from [`forward::guard`]).
+impl From<io::Error> for ExchangeError {
+    fn from(e: io::Error) -> ExchangeError {
+        ExchangeError::Socket(e)
+    }
+}
+
+async fn read_answer<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), ExchangeError> {
+    let reply = protocol::read_frame(reader).await.map_err(|e| ExchangeError::Refused(format!("no answer from the tunnel client: {e}")))?;
+    match reply.0 {
+        Message::ConnectResult { error: None } => Ok(()),
+        Message::ConnectResult { error: Some(e) } => {
+            Err(ExchangeError::Refused(format!("the tunnel client could not reach the target: {e}")))
+        }
+        other => Err(ExchangeError::Refused(format!("unexpected {} from the tunnel client", other.kind()))),
+    }
+}
+
+/// `socket → channel` as chunks, then [`END`].
+async fn upstream<W: AsyncWrite + Unpin>(
+    socket: &TcpStream,
+    channel: &mut W,
+    meter: &Meter,
+    activity: &Activity,
+) -> Result<u64, ExchangeError> {
+    let mut total = 0u64;
+    loop {
+        // Whatever was written is on its way before we wait: TLS holds records
+        // back until flushed.
+        channel.flush().await.map_err(channel_error)?;
+        socket.readable().await.map_err(ExchangeError::Socket)?;
+        // Per burst, released when the socket runs dry; the header slot sits in
+        // front of the payload so each chunk is one write.
+        let mut buf = BytesMut::with_capacity(HEADER + MAX_CHUNK);
+        loop {
+            buf.clear();
+            buf.put_u32(0);
+            match socket.try_read_buf(&mut (&mut buf).limit(MAX_CHUNK)) {
+                Ok(0) => {
+                    channel.write_all(&END.to_be_bytes()).await.map_err(channel_error)?;
+                    channel.flush().await.map_err(channel_error)?;
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    activity.touch();
+                    buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
+                    channel.write_all(&buf).await.map_err(channel_error)?;
+                    meter.record(n as u64);
+                    total += n as u64;
+                    if n < MAX_CHUNK {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(ExchangeError::Socket(e)),
+            }
+        }
+    }
+}
+
+/// `channel → socket` until [`END`] (half-closes the socket) or [`RESET`].
+///
+/// Each read of a chunk's payload may also take the next chunk's header (never
+/// more: bytes past it could belong to the channel's next exchange), so a bulk
+/// transfer costs one read per chunk, not two.
+async fn downstream<R: AsyncRead + Unpin>(
+    channel: &mut R,
+    socket: &TcpStream,
+    meter: &Meter,
+    activity: &Activity,
+) -> Result<u64, ExchangeError> {
+    let mut total = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut header = [0u8; HEADER];
+    let mut have = 0;
+    loop {
+        match read_header(channel, &mut header, have, &mut buf).await? {
+            END => {
+                // ENOTCONN only means the socket's peer is already gone.
+                let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
+                return Ok(total);
+            }
+            RESET => return Err(ExchangeError::PeerReset),
+            len if len as usize > MAX_CHUNK => {
+                return Err(ExchangeError::Channel(format!("chunk of {len} bytes exceeds the {MAX_CHUNK}-byte limit")))
+            }
+            len => {
+                let mut left = len as usize;
+                // Sized by what arrives: a one-byte exchange does not zero 64 KiB.
+                if buf.len() < left + HEADER {
+                    buf.resize(left + HEADER, 0);
+                }
+                have = 0;
+                while left > 0 {
+                    // Gather what is already buffered or decrypted, then one write.
+                    let limit = left + HEADER;
+                    let mut filled = read_some(channel, &mut buf[..limit]).await?;
+                    while filled < left {
+                        match channel.read(&mut buf[filled..limit]).now_or_never() {
+                            Some(Ok(0)) | None => break,
+                            Some(Ok(n)) => filled += n,
+                            Some(Err(e)) => return Err(channel_error(e)),
+                        }
+                    }
+                    let payload = filled.min(left);
+                    write_all(socket, &buf[..payload], activity).await.map_err(ExchangeError::Socket)?;
+                    meter.record(payload as u64);
+                    total += payload as u64;
+                    left -= payload;
+                    // What came past the payload is the start of the next header.
+                    have = filled - payload;
+                    header[..have].copy_from_slice(&buf[payload..filled]);
+                }
+            }
+        }
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(channel: &mut R, buf: &mut [u8]) -> Result<usize, ExchangeError> {
+    match channel.read(buf).await.map_err(channel_error)? {
+        0 => Err(ExchangeError::Channel("closed in the middle of a chunk".into())),
+        n => Ok(n),
+    }
+}
+
+/// The next chunk header, of which `have` bytes are already in `header`. When
+/// none is ready the copy buffer is released first, so a quiet exchange holds none.
+async fn read_header<R: AsyncRead + Unpin>(
+    channel: &mut R,
+    header: &mut [u8; HEADER],
+    mut have: usize,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ExchangeError> {
+    while have < HEADER {
+        // A `read` that is not ready has read nothing, so trying once is lossless.
+        let ready = channel.read(&mut header[have..]).now_or_never();
+        let n = match ready {
+            Some(r) => r,
+            None => {
+                *buf = Vec::new();
+                channel.read(&mut header[have..]).await
+            }
+        }
+        .map_err(channel_error)?;
+        if n == 0 {
+            let what = if have == 0 { "closed mid-exchange" } else { "closed in the middle of a chunk header" };
+            return Err(ExchangeError::Channel(what.into()));
+        }
+        have += n;
+    }
+    Ok(u32::from_be_bytes(*header))
+}

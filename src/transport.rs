@@ -1,0 +1,94 @@
+//! One tunnel connection (control or data channel), TLS or plain, counted on the
+//! wire: the meter sits under TLS, so `tunneld_tunnel_bytes_total` includes
+//! record overhead, frame headers and handshakes — what the network carried.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::metered::MeteredStream;
+
+pub enum TunnelStream {
+    Plain(MeteredStream),
+    Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
+}
+
+impl TunnelStream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            TunnelStream::Plain(s) => s.get_ref(),
+            TunnelStream::Tls(s) => s.get_ref().0.get_ref(),
+        }
+    }
+
+    /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
+    /// plain (trusted-network) tunnel.
+    pub fn binding(&self) -> Vec<u8> {
+        match self {
+            TunnelStream::Plain(_) => Vec::new(),
+            TunnelStream::Tls(s) => match s.as_ref() {
+                tokio_rustls::TlsStream::Client(c) => crate::tls::binding(c.get_ref().1),
+                tokio_rustls::TlsStream::Server(c) => crate::tls::binding(c.get_ref().1),
+            },
+        }
+    }
+
+    /// True when an idle channel has been closed or written to by the peer: a
+    /// pooled channel must have nothing to read. Never waits.
+    pub fn is_stale(&mut self) -> bool {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let mut probe = [0u8; 1];
+        // `read` that is not ready reads nothing, so polling it once loses no data.
+        self.read(&mut probe).now_or_never().is_some()
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TunnelStream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TunnelStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            TunnelStream::Plain(s) => s.is_write_vectored(),
+            TunnelStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
