@@ -86,6 +86,10 @@ pub async fn relay(
     answer: Answer<'_>,
     idle_timeout: Duration,
 ) -> Result<(TunnelStream, u64, u64), ExchangeError> {
+    let watch = channel_watch(&channel);
+    if let Some(watch) = &watch {
+        forward::arm(watch);
+    }
     let (mut reader, mut writer) = tokio::io::split(channel);
     let answered = AtomicBool::new(matches!(answer, Answer::None));
     let activity = Activity::new();
@@ -99,11 +103,22 @@ pub async fn relay(
             }
             downstream(&mut reader, socket, from_channel, &activity).await
         };
-        forward::guard(async { tokio::try_join!(up, down) }, &[socket], &activity, idle_timeout).await
+        let local = [socket];
+        let work = forward::guard(async { tokio::try_join!(up, down) }, &local, &activity, idle_timeout);
+        match &watch {
+            Some(watch) => tokio::select! {
+                result = work => result,
+                e = forward::failure(watch) => Err(ExchangeError::Channel(format!("reset by the other end: {e}"))),
+            },
+            None => work.await,
+        }
     };
     match outcome {
         Ok((up, down)) => {
             forward::disarm(socket);
+            if let Some(watch) = &watch {
+                forward::disarm(watch);
+            }
             Ok((reader.unsplit(writer), up, down))
         }
         Err(ExchangeError::Channel(e)) if !answered.load(Ordering::Relaxed) => {
@@ -124,6 +139,18 @@ pub async fn relay(
             Err(e)
         }
     }
+}
+
+/// A second handle on the channel's socket, for what the split halves cannot do:
+/// notice a reset from the other end while this exchange is blocked on its local
+/// socket (a target that does not read must not pin the exchange after the
+/// visitor is gone), and make this end's close a reset while an exchange is in
+/// flight, so the other end learns at once. `None` when the descriptor cannot be
+/// duplicated (out of descriptors): the exchange then ends when it next touches
+/// the channel.
+fn channel_watch(channel: &TunnelStream) -> Option<TcpStream> {
+    let duplicate = socket2::SockRef::from(channel.tcp()).try_clone().ok()?;
+    TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
 }
 
 /// A failure of the local socket, or its idle timeout (from [`forward::guard`]).

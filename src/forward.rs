@@ -69,7 +69,7 @@ pub async fn guard<T, E: From<io::Error>>(
 /// Resolves when `socket` reports an error (a reset from its peer): a direction
 /// blocked on the *other* socket would never see it, and the connection must not
 /// outlive its peer (the client dropping its target when its data channel is cut).
-async fn failure(socket: &TcpStream) -> io::Error {
+pub(crate) async fn failure(socket: &TcpStream) -> io::Error {
     loop {
         match socket.ready(Interest::ERROR).await {
             Ok(ready) if ready.is_error() => {

@@ -43,7 +43,7 @@ fn read_frame(conn: &mut TcpStream) -> Option<Value> {
 /// challenge (and then rejected the answer), `false` when it refused unheard.
 fn guess(from: IpAddr, tunnel: SocketAddr) -> bool {
     let mut conn = connect_from(from, tunnel);
-    if write_frame(&mut conn, json!({"type": "hello", "version": 1})).is_err() {
+    if write_frame(&mut conn, json!({"type": "hello", "version": 2})).is_err() {
         return false;
     }
     match read_frame(&mut conn) {
@@ -57,13 +57,20 @@ fn guess(from: IpAddr, tunnel: SocketAddr) -> bool {
     }
 }
 
+/// A server whose tunnel speaks plain TCP (`server.tls = false`), so a guess can
+/// reach the HMAC step with hand-written frames; with TLS on, the same plain
+/// hellos are TLS mismatches, which go through the same per-source throttle.
+fn plain_server() -> Daemon {
+    Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__TLS", "false")])
+}
+
 fn sessions(server: &Daemon, result: &str) -> f64 {
     metric_value(&metrics_text(server), "tunneld_tunnel_sessions_total", &[("result", result)]).unwrap_or(-1.0)
 }
 
 #[test]
 fn wrong_secret_guessing_is_throttled_per_source_and_logged_in_aggregate() {
-    let server = Daemon::server(SECRET, &[]);
+    let server = plain_server();
     let tunnel = server.tunnel.unwrap();
     let attacker: IpAddr = "127.0.0.1".parse().unwrap();
     let challenged = (0..40).filter(|_| guess(attacker, tunnel)).count();
@@ -79,7 +86,7 @@ fn wrong_secret_guessing_is_throttled_per_source_and_logged_in_aggregate() {
 
 #[test]
 fn silent_tunnel_connections_are_bounded_and_logged_in_aggregate() {
-    let server = Daemon::server(SECRET, &[]);
+    let server = plain_server();
     let tunnel = server.tunnel.unwrap();
     let quiet: IpAddr = "127.0.0.1".parse().unwrap();
     let idle: Vec<TcpStream> = (0..100).map(|_| connect_from(quiet, tunnel)).collect();
