@@ -39,14 +39,14 @@ pub enum MappingError {
     #[error("no mapping on port {0}")]
     NotFound(u16),
     /// `action` says what failed ("save the mapping on port 4000").
-    #[error("could not {action}: {source}")]
-    Store { action: String, source: StoreError },
+    #[error("could not {action}: {error}")]
+    Store { action: String, error: StoreError },
 }
 
 impl MappingError {
     fn store(action: impl Into<String>) -> impl FnOnce(StoreError) -> MappingError {
         let action = action.into();
-        move |source| MappingError::Store { action, source }
+        move |error| MappingError::Store { action, error }
     }
 }
 
