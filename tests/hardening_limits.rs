@@ -77,7 +77,7 @@ fn peer_let_go(conn: &TcpStream, wait: Duration) -> bool {
             .find(|f| f.len() > 3 && f[1] == local && f[2] == remote)
             .map(|f| f[3].to_string());
         // Gone from the table (reset: TCP_CLOSE is unhashed) or CLOSE_WAIT (FIN).
-        if state.as_deref().is_none_or(|st| st == "08" || st == "07") {
+        if state.as_deref().map_or(true, |st| st == "08" || st == "07") {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
