@@ -5,17 +5,19 @@
 //! halves, so both directions run concurrently on one socket without locks, and a
 //! copy buffer exists only while data is actually moving: an idle connection holds
 //! no user-space buffer at all, which keeps thousands of open tunnels cheap.
+//!
+//! It also owns how a forwarded connection ends (see [`relay`]): cleanly only when
+//! both directions finished; otherwise — a peer's reset, the idle timeout, an
+//! abort — with a reset to the other side, never an EOF that passes for success.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-
-use futures_util::FutureExt;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
