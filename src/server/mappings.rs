@@ -478,7 +478,7 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visit
         forward::copy(&channel, visitor, &down, &activity).await.map_err(VisitorError::Relay)
     };
     let both = async { tokio::try_join!(upstream, downstream) };
-    let totals = forward::guard(both, &[visitor, &channel], &activity, ctx.settings.idle_timeout).await.map_err(|e| match e {
+    let totals = forward::guard(both, (visitor, &channel), &activity, ctx.settings.idle_timeout).await.map_err(|e| match e {
         // A reset before the answer: the target was not reached.
         VisitorError::Relay(e) if !answered.load(Ordering::Relaxed) => {
             VisitorError::Target(format!("data channel failed before the tunnel client answered: {e}"))
