@@ -74,8 +74,8 @@ pub enum Answer<'a> {
 /// bytes only; the wire is counted under the channel.
 ///
 /// It ends as [`forward::relay`] does: an error on the local socket (its peer
-/// reset), even while the channel direction is blocked, or no byte either way for
-/// `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
+/// reset) or on the channel, even while the other direction is blocked, or no
+/// byte either way for `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
 /// close) and the other end is sent a [`RESET`]. After a clean end the socket is
 /// disarmed, so its close delivers every byte.
 pub async fn relay(
@@ -103,14 +103,11 @@ pub async fn relay(
             }
             downstream(&mut reader, socket, from_channel, &activity).await
         };
-        let local = [socket];
-        let work = forward::guard(async { tokio::try_join!(up, down) }, &local, &activity, idle_timeout);
-        match &watch {
-            Some(watch) => tokio::select! {
-                result = work => result,
-                e = forward::failure(watch) => Err(ExchangeError::Channel(format!("reset by the other end: {e}"))),
-            },
-            None => work.await,
+        tokio::select! {
+            result = async { tokio::try_join!(up, down) } => result,
+            e = forward::failure(socket) => Err(ExchangeError::Socket(e)),
+            e = channel_failure(watch.as_ref()) => Err(ExchangeError::Channel(format!("reset by the other end: {e}"))),
+            e = activity.idle_for(idle_timeout) => Err(ExchangeError::Socket(e)),
         }
     };
     match outcome {
@@ -153,10 +150,11 @@ fn channel_watch(channel: &TunnelStream) -> Option<TcpStream> {
     TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
 }
 
-/// A failure of the local socket, or its idle timeout (from [`forward::guard`]).
-impl From<io::Error> for ExchangeError {
-    fn from(e: io::Error) -> ExchangeError {
-        ExchangeError::Socket(e)
+/// A reset of the channel seen through its [`channel_watch`]; never without one.
+async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
+    match watch {
+        Some(watch) => forward::failure(watch).await,
+        None => std::future::pending().await,
     }
 }
 

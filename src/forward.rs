@@ -5,17 +5,19 @@
 //! halves, so both directions run concurrently on one socket without locks, and a
 //! copy buffer exists only while data is actually moving: an idle connection holds
 //! no user-space buffer at all, which keeps thousands of open tunnels cheap.
+//!
+//! It also owns how a forwarded connection ends (see [`relay`]): cleanly only when
+//! both directions finished; otherwise — a peer's reset, the idle timeout, an
+//! abort — with a reset to the other side, never an EOF that passes for success.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-
-use futures_util::FutureExt;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -43,25 +45,26 @@ const CHUNK: usize = 64 * 1024;
 pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
     let copies = async { tokio::try_join!(copy(a, b, a_to_b, &activity), copy(b, a, b_to_a, &activity)) };
-    let totals = guard(copies, &[a, b], &activity, idle_timeout).await?;
+    let totals = guard(copies, (a, b), &activity, idle_timeout).await?;
     disarm(a);
     disarm(b);
     Ok(totals)
 }
 
-/// Runs `work` (copies over `sockets`) until it finishes, a socket reports an
-/// error, or `activity` has been idle for `idle_timeout`. The building block of
-/// [`relay`] for paths that interleave their own steps with the copies.
+/// Runs `work` (copies between the two `sockets`) until it finishes, either
+/// socket reports an error, or `activity` has been idle for `idle_timeout`. The
+/// building block of [`relay`] for paths that interleave their own steps with the
+/// copies.
 pub async fn guard<T, E: From<io::Error>>(
     work: impl std::future::Future<Output = Result<T, E>>,
-    sockets: &[&TcpStream],
+    sockets: (&TcpStream, &TcpStream),
     activity: &Activity,
     idle_timeout: Duration,
 ) -> Result<T, E> {
-    let failed = futures_util::future::select_all(sockets.iter().map(|s| Box::pin(failure(s))));
     tokio::select! {
         result = work => result,
-        (error, _, _) = failed => Err(error.into()),
+        error = failure(sockets.0) => Err(error.into()),
+        error = failure(sockets.1) => Err(error.into()),
         error = activity.idle_for(idle_timeout) => Err(error.into()),
     }
 }

@@ -38,8 +38,8 @@ fn pages_on_other_origins_cannot_change_the_api_and_read_it_only_when_allowed() 
     let Some(chromium) = external_tool("chromium", "browser_security") else { return };
     let evil = page_server();
     let friend = page_server();
-    let (_dir, config) = config_file(&format!("[api]\ncors_origins = [\"http://{friend}\"]\n"));
-    let server = Daemon::server("browser-secret", &["--config", &config]);
+    // The default configuration: tokenless on loopback.
+    let server = Daemon::server("browser-secret", &[]);
     let api = format!("http://{}", server.http);
     let echo = echo_server();
     let body = |port: u16| json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port()}).to_string();
@@ -77,6 +77,9 @@ fn pages_on_other_origins_cannot_change_the_api_and_read_it_only_when_allowed() 
 
     // A configured origin reads the stats, with a preflight (the Authorization
     // header makes the request non-simple).
+    let (_dir, config) = config_file(&format!("[api]\ncors_origins = [\"http://{friend}\"]\n"));
+    let server = Daemon::server("browser-secret", &["--config", &config]);
+    let api = format!("http://{}", server.http);
     browser.open(&format!("http://{friend}/"));
     let read = format!(
         "fetch('{api}/api/stats/traffic', {{headers: {{'Authorization': 'Bearer unused-on-a-tokenless-api'}}}}).then(r => r.json()).then(j => j.success && Array.isArray(j.data.mappings))"

@@ -43,16 +43,15 @@ fn mapping_count(server: &Daemon) -> u64 {
 
 #[test]
 fn api_refuses_foreign_hosts_origins_and_non_json_bodies() {
-    let cors = "http://127.0.0.1:3000";
-    let (_dir, config) = config_file(&format!("[api]\nallowed_hosts = [\"tunnel.example\"]\ncors_origins = [\"{cors}\"]\n"));
-    let server = Daemon::server(SECRET, &["--config", &config]);
+    // The default configuration: tokenless on loopback.
+    let server = Daemon::server(SECRET, &[]);
     let own = server.http.to_string();
     // DNS rebinding: a page under a foreign name reaches this address.
     assert_eq!(get_with_host(&server, "/api/mapping/list", "evil.example"), 403);
     assert_eq!(get_with_host(&server, "/metrics", &format!("evil.example:{}", server.http.port())), 403);
     assert_eq!(get_with_host(&server, "/api/mapping/list", &own), 200);
     assert_eq!(get_with_host(&server, "/api/mapping/list", &format!("localhost:{}", server.http.port())), 200);
-    assert_eq!(get_with_host(&server, "/api/mapping/list", "tunnel.example"), 200);
+    assert_eq!(get_with_host(&server, "/api/mapping/list", "tunnel.example"), 403);
 
     let body = json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": echo_server().port()}).to_string();
     let post = |headers: &str| {
@@ -73,8 +72,19 @@ fn api_refuses_foreign_hosts_origins_and_non_json_bodies() {
     assert_eq!(post("Content-Type: application/json\r\nOrigin: http://evil.example\r\n"), 403);
     assert_eq!(post("Content-Type: application/json\r\nOrigin: null\r\n"), 403);
     assert_eq!(mapping_count(&server), 0, "nothing was created");
-    // The API's own page (same origin) and a configured origin may.
+    // The API's own page (same origin) may.
     assert_eq!(post(&format!("Content-Type: application/json; charset=utf-8\r\nOrigin: http://{own}\r\n")), 200);
+}
+
+#[test]
+fn configured_hosts_and_cors_origins_are_allowed() {
+    let cors = "http://127.0.0.1:3000";
+    let (_dir, config) = config_file(&format!("[api]\nallowed_hosts = [\"tunnel.example\"]\ncors_origins = [\"{cors}\"]\n"));
+    let server = Daemon::server(SECRET, &["--config", &config]);
+    let own = server.http.to_string();
+    assert_eq!(get_with_host(&server, "/api/mapping/list", "tunnel.example"), 200);
+    assert_eq!(get_with_host(&server, "/api/mapping/list", "TUNNEL.example:8080"), 200);
+    assert_eq!(get_with_host(&server, "/api/mapping/list", "other.example"), 403);
 
     // CORS: a configured origin reads, with a preflight answer; others get nothing.
     let (status, head) =

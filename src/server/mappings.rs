@@ -38,14 +38,14 @@ pub enum MappingError {
     #[error("no mapping on port {0}")]
     NotFound(u16),
     /// `action` says what failed ("save the mapping on port 4000").
-    #[error("could not {action}: {source}")]
-    Store { action: String, source: StoreError },
+    #[error("could not {action}: {error}")]
+    Store { action: String, error: StoreError },
 }
 
 impl MappingError {
     fn store(action: impl Into<String>) -> impl FnOnce(StoreError) -> MappingError {
         let action = action.into();
-        move |source| MappingError::Store { action, source }
+        move |error| MappingError::Store { action, error }
     }
 }
 
@@ -455,5 +455,26 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visit
         Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
         Err(ExchangeError::Socket(e)) => Err(VisitorError::Relay(e)),
         Err(e) => Err(VisitorError::Relay(std::io::Error::other(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_addresses_are_the_ones_this_host_answers_on() {
+        for local in ["127.0.0.1", "127.3.2.1", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1"] {
+            assert!(is_local_address(local.parse().unwrap()), "{local}");
+        }
+        // TEST-NET-1 and documentation IPv6: never assigned to a real host.
+        for remote in ["192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1"] {
+            assert!(!is_local_address(remote.parse().unwrap()), "{remote}");
+        }
+        // The host's own outward address, when it has one, is local too.
+        let outward = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect("192.0.2.1:9").and_then(|_| s.local_addr()));
+        if let Ok(addr) = outward {
+            assert!(is_local_address(addr.ip()), "{addr}");
+        }
     }
 }

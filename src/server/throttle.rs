@@ -102,10 +102,6 @@ impl FailureLog {
         FailureLog { interval, sources: HashMap::new() }
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Counts a failure; `true` when the caller should log this one itself.
     pub fn record(&mut self, source: IpAddr, reason: &'static str, now: Instant) -> bool {
         let source = source.to_canonical();
