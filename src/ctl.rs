@@ -363,19 +363,11 @@ fn human_duration(secs: f64) -> String {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` from Unix seconds (civil-from-days, no time zone
-/// database needed).
+/// `YYYY-MM-DD HH:MM:SS UTC` from Unix seconds, with the history's calendar
+/// arithmetic (no time zone database needed).
 fn format_utc(unix: i64) -> String {
     let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = crate::store::history::civil_from_days(days);
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
