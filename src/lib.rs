@@ -11,6 +11,7 @@ pub mod forward;
 pub mod history;
 pub mod metered;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -38,7 +38,11 @@ pub mod refused_reason {
     /// The process ran out of file descriptors: a local limit, not the target's
     /// fault, so it is not a connect error.
     pub const NO_DESCRIPTORS: &str = "no_descriptors";
-    pub const ALL: [&str; 2] = [CONNECTION_LIMIT, NO_DESCRIPTORS];
+    /// The visitor's address is denied, or not allowed, by the mapping's lists.
+    pub const ACL: &str = "acl";
+    /// The mapping's quota is used up and its action is `block`.
+    pub const QUOTA: &str = "quota";
+    pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
 }
 
 pub struct Metrics {
@@ -51,6 +55,7 @@ pub struct Metrics {
     mapping_refused: IntCounterVec,
     mapping_up: IntGaugeVec,
     mapping_info: IntGaugeVec,
+    mapping_quota_used: GaugeVec,
     tunnel_bytes: IntCounterVec,
     tunnel_last_activity: Gauge,
     tunnel_connected: IntGauge,
@@ -135,6 +140,11 @@ impl Metrics {
             "Unix time the history recorder last wrote to the database (0: not yet).",
         )
         .expect("static metric definition");
+        let mapping_quota_used = GaugeVec::new(
+            Opts::new("tunneld_mapping_quota_used_ratio", "Share of the current period's quota used (1 = all of it; 0 without a quota)."),
+            &["port"],
+        )
+        .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -156,6 +166,7 @@ impl Metrics {
             Box::new(mapping_refused.clone()),
             Box::new(mapping_up.clone()),
             Box::new(mapping_info.clone()),
+            Box::new(mapping_quota_used.clone()),
             Box::new(tunnel_bytes.clone()),
             Box::new(tunnel_last_activity.clone()),
             Box::new(tunnel_connected.clone()),
@@ -178,6 +189,7 @@ impl Metrics {
             mapping_refused,
             mapping_up,
             mapping_info,
+            mapping_quota_used,
             tunnel_bytes,
             tunnel_last_activity,
             tunnel_connected,
@@ -238,6 +250,9 @@ impl Metrics {
         MappingMetrics {
             refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
             refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
+            refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
+            refused_quota: self.mapping_refused.with_label_values(&[&p, refused_reason::QUOTA]),
+            quota_used: self.mapping_quota_used.with_label_values(&[&p]),
             up: self.mapping_up.with_label_values(&[&p]),
             sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
             received: self.mapping_bytes.with_label_values(&[&p, RECEIVED]),
@@ -261,6 +276,7 @@ impl Metrics {
         let _ = self.mapping_last_activity.remove_label_values(&[&p]);
         let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
         let _ = self.mapping_up.remove_label_values(&[&p]);
+        let _ = self.mapping_quota_used.remove_label_values(&[&p]);
         for reason in refused_reason::ALL {
             let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
         }
@@ -392,6 +408,10 @@ pub struct MappingMetrics {
     pub connect_errors: IntCounter,
     pub refused_connection_limit: IntCounter,
     pub refused_no_descriptors: IntCounter,
+    pub refused_acl: IntCounter,
+    pub refused_quota: IntCounter,
+    /// `tunneld_mapping_quota_used_ratio`.
+    pub quota_used: Gauge,
     /// `tunneld_mapping_up`: 1 while listening.
     pub up: IntGauge,
 }
@@ -434,6 +454,8 @@ pub struct Meter {
     counters: Vec<IntCounter>,
     activity: Vec<Gauge>,
     held: Option<Arc<Held>>,
+    /// The mapping's shared cap for this direction, if it has one at all.
+    limiter: Option<Arc<crate::policy::Limiter>>,
 }
 
 /// Part of a meter that only counts once [`Held::release`] is called: bytes sent
@@ -472,7 +494,25 @@ impl Held {
 
 impl Meter {
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity, held: None }
+        Meter { counters, activity, held: None, limiter: None }
+    }
+
+    /// Paces this direction by `limiter` (shared by all of a mapping's connections;
+    /// its rate can change while they run).
+    pub fn limited_by(mut self, limiter: Arc<crate::policy::Limiter>) -> Meter {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Counts `n` bytes that were forwarded, then waits as long as the cap asks
+    /// before the copy moves more. Every copy loop calls this once per chunk, so
+    /// every forwarding path is capped the same way.
+    #[inline]
+    pub async fn counted(&self, n: u64) {
+        self.record(n);
+        if let Some(limiter) = &self.limiter {
+            limiter.pace(n).await;
+        }
     }
 
     fn absorb(&mut self, other: Meter) {
@@ -482,10 +522,12 @@ impl Meter {
 
     /// Moves this meter's counting behind a [`Held`] gate, keeping `always`
     /// (say, tunnel wire bytes, which did cross) counted live.
-    pub fn held_behind(self, always: Meter) -> (Meter, Arc<Held>) {
+    pub fn held_behind(mut self, always: Meter) -> (Meter, Arc<Held>) {
+        let limiter = self.limiter.take();
         let held = Arc::new(Held { meter: self, released: AtomicBool::new(false), pending: AtomicU64::new(0) });
         let mut outer = always;
         outer.held = Some(held.clone());
+        outer.limiter = limiter.or(outer.limiter);
         (outer, held)
     }
 

@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
     let authenticated = Router::new()
         .route("/api/mapping/create", post(create_mapping))
         .route("/api/mapping/remove", post(remove_mapping))
+        .route("/api/mapping/update", post(update_mapping))
         .route("/api/mapping/list", get(list_mappings))
         .route("/api/stats/traffic", get(traffic))
         .route("/api/stats/stream", get(traffic_stream))
@@ -308,7 +309,17 @@ fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, A
 }
 
 fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
-    let body = body.only(&["source_port", "target_host", "target_port", "use_tunnel"])?;
+    let body = body.only(&[
+        "source_port",
+        "target_host",
+        "target_port",
+        "use_tunnel",
+        "description",
+        "bandwidth_limit",
+        "quota",
+        "allow",
+        "deny",
+    ])?;
     let source_port = port_field(body, "source_port")?;
     let target_port = port_field(body, "target_port")?;
     let target_host = match body.get("target_host") {
@@ -321,7 +332,18 @@ fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad_request("`use_tunnel` must be true or false")),
     };
-    Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
+    let mut policy = crate::policy::Policy::default();
+    policy.apply(body).map_err(bad_request)?;
+    Ok(NewMapping { source_port, target_host, target_port, use_tunnel, policy })
+}
+
+async fn update_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let mut known = vec!["port"];
+    known.extend(crate::policy::FIELDS);
+    let body = body.only(&known)?;
+    let port = port_field(body, "port")?;
+    let view = state.mappings.update(port, |policy| policy.apply(body)).await?;
+    Ok(success("mapping updated", json!(view)))
 }
 
 async fn create_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {

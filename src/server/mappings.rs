@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::tunnel::TunnelHub;
 use crate::forward;
 use crate::metrics::{MappingMetrics, Meter, Metrics};
+use crate::policy::{LivePolicy, Policy};
 use crate::protocol::{self, Message};
 use crate::store::{MappingSpec, Store, StoreError};
 
@@ -57,6 +58,7 @@ pub struct NewMapping {
     pub target_host: String,
     pub target_port: u16,
     pub use_tunnel: bool,
+    pub policy: Policy,
 }
 
 /// A mapping as `create` and `list` show it.
@@ -64,6 +66,8 @@ pub struct NewMapping {
 pub struct MappingView {
     #[serde(flatten)]
     pub spec: MappingSpec,
+    #[serde(flatten)]
+    pub policy: Policy,
     /// `active`, `waiting_for_tunnel`, or `error: ...`.
     pub status: String,
 }
@@ -99,6 +103,7 @@ struct Ctx {
 
 struct Entry {
     spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
@@ -128,7 +133,7 @@ impl Mappings {
         let mut restored = 0;
         let mut entries = self.entries.lock().await;
         let mut failed = 0;
-        for spec in stored {
+        for (spec, policy) in stored {
             let port = spec.source_port;
             let bind_error = Arc::new(Mutex::new(None));
             let listener = match bind(self.ctx.settings.bind_addr, port).await {
@@ -141,7 +146,7 @@ impl Mappings {
                 }
             };
             restored += usize::from(listener.is_some());
-            let entry = self.spawn_mapping(Arc::new(spec), listener, bind_error);
+            let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error);
             entries.insert(port, entry);
         }
         Ok((restored, failed))
@@ -192,12 +197,39 @@ impl Mappings {
             created_at: crate::metrics::unix_now() as i64,
         };
         // On disk before anyone is told it exists.
-        self.ctx.store.insert(spec.clone()).await.map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
+        self.ctx
+            .store
+            .insert(spec.clone(), &req.policy)
+            .await
+            .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
         info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, "mapping created");
-        let entry = self.spawn_mapping(Arc::new(spec), Some(listener), Arc::new(Mutex::new(None)));
+        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)));
         let view = self.view(&entry);
         entries.insert(req.source_port, entry);
         Ok(view)
+    }
+
+    /// Changes a mapping's policy live: `change` edits a copy of the current one
+    /// (an `Err` is a 400 naming the field); it is stored, then applied. Open
+    /// connections stay and follow the new caps at once.
+    pub async fn update(&self, port: u16, change: impl FnOnce(&mut Policy) -> Result<(), String>) -> Result<MappingView, MappingError> {
+        let entries = self.entries.lock().await;
+        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        let mut policy = entry.policy.get();
+        change(&mut policy).map_err(MappingError::Invalid)?;
+        self.ctx
+            .store
+            .set_policy(port, &policy)
+            .await
+            .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
+        entry.policy.set(policy);
+        info!(port, "mapping policy updated");
+        Ok(self.view(entry))
+    }
+
+    /// Every mapping's live policy and byte counters, for the quota watcher.
+    pub async fn policies(&self) -> Vec<(u16, Arc<LivePolicy>)> {
+        self.entries.lock().await.iter().map(|(port, e)| (*port, e.policy.clone())).collect()
     }
 
     pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
@@ -254,7 +286,7 @@ impl Mappings {
             None if entry.spec.use_tunnel && !self.ctx.hub.connected() => "waiting_for_tunnel".into(),
             None => "active".into(),
         };
-        MappingView { spec: (*entry.spec).clone(), status }
+        MappingView { spec: (*entry.spec).clone(), policy: entry.policy.get(), status }
     }
 
     /// Closes every listener, gives open connections `grace` to finish, then cuts
@@ -280,12 +312,27 @@ impl Mappings {
         }
     }
 
-    fn spawn_mapping(&self, spec: Arc<MappingSpec>, listener: Option<TcpListener>, bind_error: Arc<Mutex<Option<String>>>) -> Entry {
+    fn spawn_mapping(
+        &self,
+        spec: Arc<MappingSpec>,
+        policy: Policy,
+        listener: Option<TcpListener>,
+        bind_error: Arc<Mutex<Option<String>>>,
+    ) -> Entry {
         let [target, mode, client] = info_labels(&spec);
         let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
+        let policy = LivePolicy::new(policy);
         let cancel = self.ctx.abort.child_token();
-        let task = tokio::spawn(run_mapping(self.ctx.clone(), spec.clone(), listener, bind_error.clone(), cancel.clone(), metrics));
-        Entry { spec, bind_error, cancel, task }
+        let task = tokio::spawn(run_mapping(
+            self.ctx.clone(),
+            spec.clone(),
+            policy.clone(),
+            listener,
+            bind_error.clone(),
+            cancel.clone(),
+            metrics,
+        ));
+        Entry { spec, policy, bind_error, cancel, task }
     }
 }
 
@@ -336,6 +383,7 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, MappingError>
 async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
     listener: Option<TcpListener>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
@@ -375,6 +423,18 @@ async fn run_mapping(
         // Armed from the start: however this connection ends early, the visitor
         // sees a reset, not an EOF that looks like a complete answer.
         forward::arm(&visitor);
+        // Policy first, before any target or tunnel work: a refused visitor is
+        // dropped here, armed, so it gets a reset at once.
+        if !policy.admits(peer.ip()) {
+            metrics.refused_acl.inc();
+            debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
+            continue;
+        }
+        if policy.quota_blocked() {
+            metrics.refused_quota.inc();
+            debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.refused_connection_limit.inc();
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
@@ -383,22 +443,27 @@ async fn run_mapping(
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
+        let policy = policy.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
             let _slot = slot;
             tokio::select! {
-                _ = serve_visitor(&ctx2, &spec, &metrics, visitor, peer) => {}
+                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
             }
         });
     }
 }
 
-async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
+async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, policy: &LivePolicy, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
     let port = spec.source_port;
     let _active = metrics.visitor_accepted();
     forward::tune(&visitor);
-    let result = if spec.use_tunnel { tunneled(ctx, spec, metrics, &visitor).await } else { direct(ctx, spec, metrics, &visitor).await };
+    let result = if spec.use_tunnel {
+        tunneled(ctx, spec, policy, metrics, &visitor).await
+    } else {
+        direct(ctx, spec, policy, metrics, &visitor).await
+    };
     match result {
         Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
         Err(VisitorError::NoDescriptors(e)) => {
@@ -423,7 +488,13 @@ enum VisitorError {
     Relay(std::io::Error),
 }
 
-async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+async fn direct(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
     let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
         match forward::out_of_descriptors(&e) {
             true => VisitorError::NoDescriptors(e),
@@ -432,6 +503,7 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
     })?;
     forward::arm(&target);
     let (up, down) = metrics.meters(None);
+    let (up, down) = (up.limited_by(policy.upload.clone()), down.limited_by(policy.download.clone()));
     forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
@@ -439,12 +511,19 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
 /// request instead of after its answer, which saves a round trip on every new
 /// connection; the answer is read first in the other direction, and a failure
 /// there ends the connection and counts as a connect error.
-async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+async fn tunneled(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
     let (tunnel_sent, tunnel_received) = ctx.metrics.tunnel_meters();
     let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     forward::arm(&channel);
     let activity = forward::Activity::new();
     let (up, down) = metrics.meters(Some((Meter::default(), tunnel_received.clone())));
+    let (up, down) = (up.limited_by(policy.upload.clone()), down.limited_by(policy.download.clone()));
     // Visitor bytes sent ahead of the answer cross the tunnel (counted as wire
     // bytes now) but reach the target only if it answers: counted then.
     let (up, reached_target) = up.held_behind(tunnel_sent.clone());
