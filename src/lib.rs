@@ -3,6 +3,7 @@
 //! from one registry.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod metered;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod systemd;

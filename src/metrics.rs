@@ -62,6 +62,7 @@ pub struct Metrics {
     tunnel_connected_since: Gauge,
     tunnel_sessions: IntCounterVec,
     history_last_flush: Gauge,
+    webhook_failures: IntCounter,
     /// When this process's counters began (Unix seconds).
     started_at: f64,
 }
@@ -145,6 +146,11 @@ impl Metrics {
             &["port"],
         )
         .expect("static metric definition");
+        let webhook_failures = IntCounter::new(
+            "tunneld_alert_webhook_failures_total",
+            "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
+        )
+        .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -173,6 +179,7 @@ impl Metrics {
             Box::new(tunnel_connected_since.clone()),
             Box::new(tunnel_sessions.clone()),
             Box::new(history_last_flush.clone()),
+            Box::new(webhook_failures.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -196,6 +203,7 @@ impl Metrics {
             tunnel_connected_since,
             tunnel_sessions,
             history_last_flush,
+            webhook_failures,
             started_at: unix_now(),
         }
     }
@@ -203,6 +211,10 @@ impl Metrics {
     /// When this process's counters began: `bytes_*` count from here.
     pub fn started_at(&self) -> f64 {
         self.started_at
+    }
+
+    pub fn webhook_failed(&self) {
+        self.webhook_failures.inc();
     }
 
     pub fn history_flushed(&self, at: f64) {

@@ -215,6 +215,8 @@ pub struct LivePolicy {
     pub download: Arc<Limiter>,
     /// Set while a blocking quota is used up for the current period.
     quota_blocked: AtomicBool,
+    /// Bytes used in the current quota period (as of the last check).
+    quota_used: AtomicU64,
 }
 
 impl LivePolicy {
@@ -224,6 +226,7 @@ impl LivePolicy {
             upload: Arc::new(Limiter::default()),
             download: Arc::new(Limiter::default()),
             quota_blocked: AtomicBool::new(false),
+            quota_used: AtomicU64::new(0),
         });
         live.set(policy);
         live
@@ -253,6 +256,14 @@ impl LivePolicy {
 
     pub fn set_quota_blocked(&self, blocked: bool) {
         self.quota_blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    pub fn quota_used(&self) -> u64 {
+        self.quota_used.load(Ordering::Relaxed)
+    }
+
+    pub fn set_quota_used(&self, bytes: u64) {
+        self.quota_used.store(bytes, Ordering::Relaxed);
     }
 }
 

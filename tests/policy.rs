@@ -251,3 +251,144 @@ fn a_5_mb_per_second_cap_holds_for_one_connection_and_lifts_live() {
 fn a_5_mb_per_second_cap_is_shared_by_8_connections_and_lifts_live() {
     cap_holds_and_lifts_live(8);
 }
+
+/// A webhook receiver: answers its first request with a 500 (so the daemon has
+/// to retry), then 200; keeps every JSON body it accepted, in order.
+fn webhook_receiver() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::BufRead;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::new(AtomicU64::new(0));
+    let out = received.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (received, seen) = (received.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut writer = conn.try_clone().unwrap();
+                let mut reader = std::io::BufReader::new(conn);
+                loop {
+                    let mut length = 0usize;
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let status = if seen.fetch_add(1, Ordering::SeqCst) == 0 { "500 Internal Server Error" } else { "200 OK" };
+                    if status.starts_with("200") {
+                        received.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                    }
+                    let _ = write!(writer, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (addr, out)
+}
+
+#[test]
+fn a_blocking_quota_alerts_at_80_and_100_percent_then_refuses_new_visitors() {
+    const QUOTA: u64 = 10_000_000;
+    let (hook, delivered) = webhook_receiver();
+    let (_dir, config) = config_file(&format!("[alerts]\nwebhook_url = \"http://{hook}/hook\"\n"));
+    let server = Daemon::server("policy-secret-123456", &["--config", &config]);
+    let at_target = Arc::new(AtomicU64::new(0));
+    let target = sink(at_target.clone());
+    let port = free_port();
+    let (status, json) = post(
+        &server,
+        "/api/mapping/create",
+        json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(),
+               "quota": {"bytes": QUOTA, "period": "month", "action": "block"}}),
+    );
+    assert_eq!(status, 200, "{json}");
+    let kinds = || delivered.lock().unwrap().iter().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect::<Vec<_>>();
+    let push = |conn: &mut TcpStream, bytes: u64| {
+        let before = at_target.load(Ordering::Relaxed);
+        conn.write_all(&vec![1u8; bytes as usize]).unwrap();
+        wait_for("the bytes at the target", Duration::from_secs(30), || {
+            (at_target.load(Ordering::Relaxed) >= before + bytes).then_some(())
+        });
+    };
+
+    let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    push(&mut open, 8_500_000);
+    wait_for("the 80 % event at the webhook", Duration::from_secs(30), || (kinds() == ["quota_warning"]).then_some(()));
+    assert_eq!(visit_from("127.0.0.2".parse().unwrap(), port, b""), Vec::<u8>::new());
+    assert_eq!(refused(&server, port, "quota"), 0.0, "not blocked at 85 %");
+
+    push(&mut open, 2_000_000);
+    wait_for("the 100 % event at the webhook", Duration::from_secs(30), || (kinds().len() == 2).then_some(()));
+    assert_eq!(kinds(), ["quota_warning", "quota_exhausted"], "in order");
+    let first = delivered.lock().unwrap()[0].clone();
+    assert_eq!(first["port"], port);
+    assert!(first["message"].as_str().unwrap().contains("85 %"), "{first}");
+    let text = metrics_text(&server);
+    let ratio = metric_value(&text, "tunneld_mapping_quota_used_ratio", &[("port", &port.to_string())]).unwrap();
+    assert!((ratio - 1.05).abs() < 0.01, "ratio {ratio}");
+    assert!(metric_value(&text, "tunneld_alert_webhook_failures_total", &[]).unwrap() >= 1.0, "the 500 was counted");
+
+    // New visitors are refused; the open connection may finish.
+    let before = accepted(&server, port);
+    for _ in 0..2 {
+        let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        late.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        assert!(matches!(late.read(&mut buf), Ok(0) | Err(_)), "a late visitor is closed at once");
+    }
+    assert_eq!(refused(&server, port, "quota"), 2.0);
+    assert_eq!(accepted(&server, port), before);
+    push(&mut open, 1_000_000);
+
+    let events = get_data(&server, "/api/events");
+    let listed: Vec<&str> = events["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["quota_exhausted", "quota_warning"], "newest first: {events}");
+}
+
+fn event_kinds(d: &Daemon) -> Vec<String> {
+    let events = get_data(d, "/api/events");
+    events["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
+}
+
+#[test]
+fn unbindable_mappings_and_lost_clients_are_events() {
+    let secret = "policy-secret-123456";
+    let mut server = Daemon::server(secret, &[]);
+    let port = free_port();
+    create_mapping(&server, port, echo_server(), false);
+    server.terminate();
+    let blocker = TcpListener::bind(("0.0.0.0", port)).expect("take the mapping's port");
+    let server = Daemon::server_with_state(&server.state_dir.clone(), secret, &[]);
+    wait_for("a mapping_down event", Duration::from_secs(20), || event_kinds(&server).contains(&"mapping_down".into()).then_some(()));
+    drop(blocker);
+    wait_for("a mapping_up event", Duration::from_secs(30), || (event_kinds(&server)[0] == "mapping_up").then_some(()));
+    let events = get_data(&server, "/api/events");
+    assert_eq!(events["events"][0]["port"], port, "{events}");
+
+    let mut client = Daemon::client(server.tunnel.unwrap(), secret, &[]);
+    // The watcher samples the tunnel once a second (a session shorter than that
+    // is not worth an alert, and there is no signal to wait on): let it see one.
+    std::thread::sleep(Duration::from_millis(2500));
+    client.kill();
+    wait_for("a client_lost event", Duration::from_secs(20), || (event_kinds(&server)[0] == "client_lost").then_some(()));
+    let _client = Daemon::client(server.tunnel.unwrap(), secret, &[]);
+    wait_for("a client_back event", Duration::from_secs(20), || (event_kinds(&server)[0] == "client_back").then_some(()));
+    assert_eq!(get_data(&server, "/api/events")["events"][0]["client"], "default");
+}

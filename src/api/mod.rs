@@ -113,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats/stream", get(traffic_stream))
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
+        .route("/api/events", get(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     // Open by default (scrapers); behind the token when the operator asks.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -425,6 +426,29 @@ async fn traffic_data(state: &AppState) -> Value {
         "mapping_count": views.len(),
         "active_connections": active,
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsParams {
+    limit: Option<u32>,
+}
+
+/// Recent events, newest first (`?limit=`, default 100, at most the 1,000 kept).
+async fn events(
+    State(state): State<AppState>,
+    params: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let limit = match params {
+        Ok(Query(EventsParams { limit })) => limit.unwrap_or(100).clamp(1, crate::store::events::KEEP as u32),
+        Err(e) => return Err(bad_request(e.body_text())),
+    };
+    let events = state
+        .recorder_store()
+        .events(limit)
+        .await
+        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("cannot read events: {e}") })?;
+    Ok(success("ok", json!({"events": events, "count": events.len()})))
 }
 
 async fn traffic(State(state): State<AppState>) -> Response {

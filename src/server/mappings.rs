@@ -68,6 +68,12 @@ pub struct MappingView {
     pub spec: MappingSpec,
     #[serde(flatten)]
     pub policy: Policy,
+    /// With a quota: bytes used in the current period, and whether new visitors
+    /// are refused for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_blocked: Option<bool>,
     /// `active`, `waiting_for_tunnel`, or `error: ...`.
     pub status: String,
 }
@@ -104,6 +110,7 @@ struct Ctx {
 struct Entry {
     spec: Arc<MappingSpec>,
     policy: Arc<LivePolicy>,
+    quota_used: prometheus::Gauge,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
@@ -227,9 +234,13 @@ impl Mappings {
         Ok(self.view(entry))
     }
 
-    /// Every mapping's live policy and byte counters, for the quota watcher.
-    pub async fn policies(&self) -> Vec<(u16, Arc<LivePolicy>)> {
-        self.entries.lock().await.iter().map(|(port, e)| (*port, e.policy.clone())).collect()
+    /// Every mapping's live policy and quota gauge, for the quota check.
+    pub async fn policies(&self) -> Vec<crate::quota::MappingPolicy> {
+        let entries = self.entries.lock().await;
+        entries
+            .iter()
+            .map(|(port, e)| crate::quota::MappingPolicy { port: *port, policy: e.policy.clone(), quota_used: e.quota_used.clone() })
+            .collect()
     }
 
     pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
@@ -286,7 +297,15 @@ impl Mappings {
             None if entry.spec.use_tunnel && !self.ctx.hub.connected() => "waiting_for_tunnel".into(),
             None => "active".into(),
         };
-        MappingView { spec: (*entry.spec).clone(), policy: entry.policy.get(), status }
+        let policy = entry.policy.get();
+        let has_quota = policy.quota.is_some();
+        MappingView {
+            spec: (*entry.spec).clone(),
+            policy,
+            quota_used: has_quota.then(|| entry.policy.quota_used()),
+            quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
+            status,
+        }
     }
 
     /// Closes every listener, gives open connections `grace` to finish, then cuts
@@ -322,6 +341,7 @@ impl Mappings {
         let [target, mode, client] = info_labels(&spec);
         let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
         let policy = LivePolicy::new(policy);
+        let quota_used = metrics.quota_used.clone();
         let cancel = self.ctx.abort.child_token();
         let task = tokio::spawn(run_mapping(
             self.ctx.clone(),
@@ -332,7 +352,7 @@ impl Mappings {
             cancel.clone(),
             metrics,
         ));
-        Entry { spec, policy, bind_error, cancel, task }
+        Entry { spec, policy, quota_used, bind_error, cancel, task }
     }
 }
 
