@@ -266,6 +266,7 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("process_resident_memory_bytes", Some("bytes")),
         ("rate(process_cpu_seconds_total", None),
         ("tunneld_mapping_up{", None),
+        ("tunneld_mapping_quota_used_ratio{", Some("percentunit")),
     ];
     for (fragment, unit) in wanted {
         let showing: Vec<&Value> = panels.iter().filter(|p| panel_exprs(p).iter().any(|e| e.contains(fragment))).copied().collect();
