@@ -405,6 +405,13 @@ async fn traffic_data(state: &AppState) -> Value {
                 "target_port": view.spec.target_port,
                 "use_tunnel": view.spec.use_tunnel,
                 "status": view.status,
+                "description": view.policy.description,
+                "bandwidth_limit": view.policy.bandwidth_limit,
+                "quota": view.policy.quota,
+                "quota_used": view.quota_used,
+                "quota_blocked": view.quota_blocked,
+                "allow": view.policy.allow,
+                "deny": view.policy.deny,
             })
         })
         .collect();
