@@ -64,7 +64,7 @@ impl Events {
     /// Logs, stores and (if configured) queues `event` for the webhook.
     pub async fn emit(&self, kind: &str, port: Option<u16>, client: Option<&str>, message: String) {
         let event = Event { time: crate::metrics::unix_now(), kind: kind.into(), port, client: client.map(str::to_string), message };
-        warn!(kind = %event.kind, port = ?event.port, client = ?event.client, "{}", event.message);
+        warn!(kind = %event.kind, port = ?event.port, client = ?event.client, message = %event.message, "event");
         if let Err(e) = self.store.add_event(event.clone()).await {
             warn!(error = %e, kind, "cannot store the event");
         }
