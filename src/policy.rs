@@ -246,6 +246,12 @@ impl LivePolicy {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
+    /// A connection's (visitor→target, target→visitor) meters, paced by this
+    /// mapping's shared caps from now on, whatever they are changed to later.
+    pub fn capped(&self, (up, down): (crate::metrics::Meter, crate::metrics::Meter)) -> (crate::metrics::Meter, crate::metrics::Meter) {
+        (up.limited_by(self.upload.clone()), down.limited_by(self.download.clone()))
+    }
+
     pub fn admits(&self, ip: IpAddr) -> bool {
         self.policy.read().unwrap_or_else(|p| p.into_inner()).admits(ip)
     }

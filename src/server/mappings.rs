@@ -522,8 +522,7 @@ async fn direct(
         }
     })?;
     forward::arm(&target);
-    let (up, down) = metrics.meters(None);
-    let (up, down) = (up.limited_by(policy.upload.clone()), down.limited_by(policy.download.clone()));
+    let (up, down) = policy.capped(metrics.meters(None));
     forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
@@ -542,8 +541,7 @@ async fn tunneled(
     let channel = ctx.hub.open(&spec.target_host, spec.target_port, &tunnel_sent).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     forward::arm(&channel);
     let activity = forward::Activity::new();
-    let (up, down) = metrics.meters(Some((Meter::default(), tunnel_received.clone())));
-    let (up, down) = (up.limited_by(policy.upload.clone()), down.limited_by(policy.download.clone()));
+    let (up, down) = policy.capped(metrics.meters(Some((Meter::default(), tunnel_received.clone()))));
     // Visitor bytes sent ahead of the answer cross the tunnel (counted as wire
     // bytes now) but reach the target only if it answers: counted then.
     let (up, reached_target) = up.held_behind(tunnel_sent.clone());
