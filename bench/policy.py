@@ -96,7 +96,10 @@ def iperf(port: int, seconds: int, streams: int = 1) -> float:
                          capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         sys.exit(f"iperf3 through {port} failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-    return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 8
+    report = json.loads(out.stdout)
+    if "error" in report:
+        sys.exit(f"iperf3 through {port}: {report['error']}")
+    return report["end"]["sum_received"]["bits_per_second"] / 8
 
 
 def main() -> int:
@@ -115,7 +118,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tunneld-policy-bench-") as tmp_name:
         tmp = Path(tmp_name)
         iperf_port = free_port()
-        server = subprocess.Popen(["iperf3", "-s", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers = [subprocess.Popen(["iperf3", "-s", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         daemons: list[Daemon] = []
         try:
             wait_listening(iperf_port)
@@ -139,14 +142,21 @@ def main() -> int:
                 results["unlimited"][name] = {"samples_Bps": values, "median_Bps": median, "ratio_to_baseline": median / base}
 
             for cap in (1_000_000, 10_000_000, 100_000_000):
-                port = current.map(iperf_port, bandwidth_limit=cap)
+                # A fresh iperf3 server per cap: bytes the cap still holds back
+                # when one run's client stops keep its server busy for a while.
+                own_port = free_port()
+                servers.append(subprocess.Popen(["iperf3", "-s", "-p", str(own_port)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                wait_listening(own_port)
+                port = current.map(own_port, bandwidth_limit=cap)
                 got = iperf(port, args.seconds)
                 results["caps"].append({"cap_Bps": cap, "measured_Bps": got, "error": (got - cap) / cap})
                 print(f"cap {cap / 1e6:5.0f} MB/s: measured {got / 1e6:8.3f} MB/s ({(got - cap) / cap * 100:+.2f} %)", flush=True)
         finally:
             for d in daemons:
                 d.stop()
-            server.terminate()
+            for server in servers:
+                server.terminate()
 
     print("\nunlimited direct mapping, median of", args.rounds, "alternating rounds of", args.seconds, "s:")
     for name, r in results["unlimited"].items():
