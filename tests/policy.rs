@@ -357,6 +357,11 @@ fn a_blocking_quota_alerts_at_80_and_100_percent_then_refuses_new_visitors() {
     assert_eq!(accepted(&server, port), before);
     push(&mut open, 1_000_000);
 
+    let (status, json) = http("GET", &server.url("/api/events?limit=1&since=0"), None);
+    assert_eq!(status, 400, "unknown parameters are refused: {json}");
+    assert_eq!(get_data(&server, "/api/events?limit=1")["events"].as_array().unwrap().len(), 1);
+    // `?token=` is how the API token may travel; it is not an unknown parameter.
+    assert_eq!(get_data(&server, "/api/events?token=policy-token-0123456789")["count"], 2);
     let events = get_data(&server, "/api/events");
     let listed: Vec<&str> = events["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(listed, ["quota_exhausted", "quota_warning"], "newest first: {events}");

@@ -439,6 +439,9 @@ async fn traffic_data(state: &AppState) -> Value {
 #[serde(deny_unknown_fields)]
 struct EventsParams {
     limit: Option<u32>,
+    /// The API token may come as `?token=` (see [`require_token`]).
+    #[serde(rename = "token")]
+    _token: Option<String>,
 }
 
 /// Recent events, newest first (`?limit=`, default 100, at most the 1,000 kept).
@@ -447,7 +450,7 @@ async fn events(
     params: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let limit = match params {
-        Ok(Query(EventsParams { limit })) => limit.unwrap_or(100).clamp(1, crate::store::events::KEEP as u32),
+        Ok(Query(EventsParams { limit, .. })) => limit.unwrap_or(100).clamp(1, crate::store::events::KEEP as u32),
         Err(e) => return Err(bad_request(e.body_text())),
     };
     let events = state
