@@ -21,7 +21,18 @@ pub struct Config {
     pub api: ApiConfig,
     pub client: ClientConfig,
     pub history: HistoryConfig,
+    pub alerts: AlertsConfig,
     pub log: LogConfig,
+}
+
+/// `[alerts]`: where events (quota thresholds, unbindable mappings, clients
+/// lost and back) are sent besides the log and `/api/events`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// `http://…` URL each event is POSTed to as JSON; empty: none. Plain HTTP
+    /// only: the binary has no TLS client.
+    pub webhook_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -432,6 +443,12 @@ impl Config {
                 if self.server.pool_idle_secs == 0 {
                     return invalid("server.pool_idle_secs", "must be at least 1");
                 }
+                let url = &self.alerts.webhook_url;
+                // The binary carries no TLS client: an https:// receiver sits behind a
+                // local relay (or gets a plain-HTTP listener on a trusted network).
+                if !url.is_empty() && !url.starts_with("http://") {
+                    return invalid("alerts.webhook_url", "must be an http:// URL (or empty)");
+                }
             }
             Role::Client => {
                 if self.client.server.is_empty() {
@@ -498,6 +515,7 @@ impl Config {
                 check("api.cors_origins", self.api.cors_origins != new.api.cors_origins);
                 check("api.metrics_token_required", self.api.metrics_token_required != new.api.metrics_token_required);
                 check("history", format!("{:?}", self.history) != format!("{:?}", new.history));
+                check("alerts.webhook_url", self.alerts.webhook_url != new.alerts.webhook_url);
             }
             Role::Client => {
                 let (a, b) = (&self.client, &new.client);
@@ -533,9 +551,13 @@ impl Config {
         // Show where state really goes, not just whether it was configured.
         shown.server.state_dir = Some(state_dir(&self.server));
         let value = match role {
-            Role::Server => {
-                toml::to_string_pretty(&ServerView { server: &shown.server, api: &shown.api, history: &shown.history, log: &shown.log })
-            }
+            Role::Server => toml::to_string_pretty(&ServerView {
+                server: &shown.server,
+                api: &shown.api,
+                history: &shown.history,
+                alerts: &shown.alerts,
+                log: &shown.log,
+            }),
             Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
         };
         value.unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -547,6 +569,7 @@ struct ServerView<'a> {
     server: &'a ServerConfig,
     api: &'a ApiConfig,
     history: &'a HistoryConfig,
+    alerts: &'a AlertsConfig,
     log: &'a LogConfig,
 }
 

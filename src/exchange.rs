@@ -198,7 +198,7 @@ async fn upstream<W: AsyncWrite + Unpin>(
                     activity.touch();
                     buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
                     channel.write_all(&buf).await.map_err(channel_error)?;
-                    meter.record(n as u64);
+                    meter.counted(n as u64).await;
                     total += n as u64;
                     if n < MAX_CHUNK {
                         break;
@@ -257,7 +257,7 @@ async fn downstream<R: AsyncRead + Unpin>(
                     }
                     let payload = filled.min(left);
                     write_all(socket, &buf[..payload], activity).await.map_err(ExchangeError::Socket)?;
-                    meter.record(payload as u64);
+                    meter.counted(payload as u64).await;
                     total += payload as u64;
                     left -= payload;
                     // What came past the payload is the start of the next header.

@@ -154,7 +154,7 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Ac
                 Ok(n) => {
                     activity.touch();
                     write_all(dst, &buf[..n], activity).await?;
-                    meter.record(n as u64);
+                    meter.counted(n as u64).await;
                     total += n as u64;
                     if n < buf.capacity() {
                         // Short read: the socket is probably drained; let readiness

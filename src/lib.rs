@@ -3,6 +3,7 @@
 //! from one registry.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -12,7 +13,9 @@ pub mod forward;
 pub mod history;
 pub mod metered;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod systemd;

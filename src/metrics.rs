@@ -40,7 +40,11 @@ pub mod refused_reason {
     /// The process ran out of file descriptors: a local limit, not the target's
     /// fault, so it is not a connect error.
     pub const NO_DESCRIPTORS: &str = "no_descriptors";
-    pub const ALL: [&str; 2] = [CONNECTION_LIMIT, NO_DESCRIPTORS];
+    /// The visitor's address is denied, or not allowed, by the mapping's lists.
+    pub const ACL: &str = "acl";
+    /// The mapping's quota is used up and its action is `block`.
+    pub const QUOTA: &str = "quota";
+    pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
 }
 
 pub struct Metrics {
@@ -53,12 +57,14 @@ pub struct Metrics {
     mapping_refused: IntCounterVec,
     mapping_up: IntGaugeVec,
     mapping_info: IntGaugeVec,
+    mapping_quota_used: GaugeVec,
     tunnel_bytes: IntCounterVec,
     tunnel_last_activity: Gauge,
     tunnel_connected: IntGauge,
     tunnel_connected_since: Gauge,
     tunnel_sessions: IntCounterVec,
     history_last_flush: Gauge,
+    webhook_failures: IntCounter,
     /// When this process's counters began (Unix seconds).
     started_at: f64,
 }
@@ -137,6 +143,16 @@ impl Metrics {
             "Unix time the history recorder last wrote to the database (0: not yet).",
         )
         .expect("static metric definition");
+        let mapping_quota_used = GaugeVec::new(
+            Opts::new("tunneld_mapping_quota_used_ratio", "Share of the current period's quota used (1 = all of it; 0 without a quota)."),
+            &["port"],
+        )
+        .expect("static metric definition");
+        let webhook_failures = IntCounter::new(
+            "tunneld_alert_webhook_failures_total",
+            "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
+        )
+        .expect("static metric definition");
         let build_info =
             IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
                 .expect("static metric definition");
@@ -158,12 +174,14 @@ impl Metrics {
             Box::new(mapping_refused.clone()),
             Box::new(mapping_up.clone()),
             Box::new(mapping_info.clone()),
+            Box::new(mapping_quota_used.clone()),
             Box::new(tunnel_bytes.clone()),
             Box::new(tunnel_last_activity.clone()),
             Box::new(tunnel_connected.clone()),
             Box::new(tunnel_connected_since.clone()),
             Box::new(tunnel_sessions.clone()),
             Box::new(history_last_flush.clone()),
+            Box::new(webhook_failures.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -180,12 +198,14 @@ impl Metrics {
             mapping_refused,
             mapping_up,
             mapping_info,
+            mapping_quota_used,
             tunnel_bytes,
             tunnel_last_activity,
             tunnel_connected,
             tunnel_connected_since,
             tunnel_sessions,
             history_last_flush,
+            webhook_failures,
             started_at: unix_now(),
         }
     }
@@ -193,6 +213,10 @@ impl Metrics {
     /// When this process's counters began: `bytes_*` count from here.
     pub fn started_at(&self) -> f64 {
         self.started_at
+    }
+
+    pub fn webhook_failed(&self) {
+        self.webhook_failures.inc();
     }
 
     pub fn history_flushed(&self, at: f64) {
@@ -240,6 +264,9 @@ impl Metrics {
         MappingMetrics {
             refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
             refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
+            refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
+            refused_quota: self.mapping_refused.with_label_values(&[&p, refused_reason::QUOTA]),
+            quota_used: self.mapping_quota_used.with_label_values(&[&p]),
             up: self.mapping_up.with_label_values(&[&p]),
             sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
             received: self.mapping_bytes.with_label_values(&[&p, RECEIVED]),
@@ -263,6 +290,7 @@ impl Metrics {
         let _ = self.mapping_last_activity.remove_label_values(&[&p]);
         let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
         let _ = self.mapping_up.remove_label_values(&[&p]);
+        let _ = self.mapping_quota_used.remove_label_values(&[&p]);
         for reason in refused_reason::ALL {
             let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
         }
@@ -394,6 +422,10 @@ pub struct MappingMetrics {
     pub connect_errors: IntCounter,
     pub refused_connection_limit: IntCounter,
     pub refused_no_descriptors: IntCounter,
+    pub refused_acl: IntCounter,
+    pub refused_quota: IntCounter,
+    /// `tunneld_mapping_quota_used_ratio`.
+    pub quota_used: Gauge,
     /// `tunneld_mapping_up`: 1 while listening.
     pub up: IntGauge,
 }
@@ -430,6 +462,8 @@ pub struct Meter {
     counters: Vec<IntCounter>,
     activity: Vec<Gauge>,
     held: Option<Arc<Held>>,
+    /// The mapping's shared cap for this direction, if it has one at all.
+    limiter: Option<Arc<crate::policy::Limiter>>,
 }
 
 /// Part of a meter that only counts once [`Held::release`] is called: bytes sent
@@ -468,15 +502,35 @@ impl Held {
 
 impl Meter {
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity, held: None }
+        Meter { counters, activity, held: None, limiter: None }
+    }
+
+    /// Paces this direction by `limiter` (shared by all of a mapping's connections;
+    /// its rate can change while they run).
+    pub fn limited_by(mut self, limiter: Arc<crate::policy::Limiter>) -> Meter {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Counts `n` bytes that were forwarded, then waits as long as the cap asks
+    /// before the copy moves more. Every copy loop calls this once per chunk, so
+    /// every forwarding path is capped the same way.
+    #[inline]
+    pub async fn counted(&self, n: u64) {
+        self.record(n);
+        if let Some(limiter) = &self.limiter {
+            limiter.pace(n).await;
+        }
     }
 
     /// Moves this meter's counting behind a [`Held`] gate, keeping `always`
     /// (say, tunnel wire bytes, which did cross) counted live.
-    pub fn held_behind(self, always: Meter) -> (Meter, Arc<Held>) {
+    pub fn held_behind(mut self, always: Meter) -> (Meter, Arc<Held>) {
+        let limiter = self.limiter.take();
         let held = Arc::new(Held { meter: self, released: AtomicBool::new(false), pending: AtomicU64::new(0) });
         let mut outer = always;
         outer.held = Some(held.clone());
+        outer.limiter = limiter.or(outer.limiter);
         (outer, held)
     }
 

@@ -4,6 +4,7 @@
 //! reported as created is on disk, and a crash never leaves half a row. Calls are
 //! short and rare (API writes, start-up restore); they run on the blocking pool.
 
+pub mod events;
 pub mod history;
 
 use std::path::Path;
@@ -11,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
 
 /// A mapping as stored and as the API shows it (plus live status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +37,8 @@ pub enum StoreError {
     Sqlite { path: String, error: rusqlite::Error },
     #[error("state database {path}: a stored mapping has an invalid port {port}; delete that row or restore a backup")]
     BadRow { path: String, port: i64 },
+    #[error("state database {path}: the mapping on port {port} has an unreadable policy ({error}); fix or delete that row")]
+    BadPolicy { path: String, port: i64, error: String },
     #[error("database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("database lock poisoned")]
@@ -52,6 +57,19 @@ fn advice(error: &rusqlite::Error) -> &'static str {
         Some(DatabaseBusy | DatabaseLocked) => " (another process holds the database: only one tunneld may use a state directory)",
         _ => "",
     }
+}
+
+fn policy_json(policy: &Policy) -> String {
+    serde_json::to_string(policy).unwrap_or_else(|_| "{}".into())
+}
+
+/// Databases made before mappings had a policy get the column, empty (`{}`).
+fn migrate_policy_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_policy = conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = 'policy'")?.exists([])?;
+    if !has_policy {
+        conn.execute_batch("ALTER TABLE mappings ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -87,7 +105,9 @@ impl Store {
                     created_at  INTEGER NOT NULL
                 );",
             )?;
+            migrate_policy_column(&conn)?;
             history::create_schema(&conn)?;
+            events::create_schema(&conn)?;
             Ok(conn)
         };
         let conn = open(&path).map_err(|error| StoreError::Open { path: path_text.clone(), error })?;
@@ -112,14 +132,27 @@ impl Store {
         .await?
     }
 
-    pub async fn insert(&self, m: MappingSpec) -> Result<(), StoreError> {
+    pub async fn insert(&self, m: MappingSpec, policy: &Policy) -> Result<(), StoreError> {
+        let policy = policy_json(policy);
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at],
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy],
             )?;
             tx.commit()
+        })
+        .await
+    }
+
+    /// Replaces a mapping's policy; returns whether the mapping exists.
+    pub async fn set_policy(&self, port: u16, policy: &Policy) -> Result<bool, StoreError> {
+        let policy = policy_json(policy);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("UPDATE mappings SET policy = ?2 WHERE source_port = ?1", params![port, policy])?;
+            tx.commit()?;
+            Ok(n > 0)
         })
         .await
     }
@@ -135,13 +168,21 @@ impl Store {
         .await
     }
 
-    pub async fn list(&self) -> Result<Vec<MappingSpec>, StoreError> {
+    pub async fn list(&self) -> Result<Vec<(MappingSpec, Policy)>, StoreError> {
         let rows = self
             .with_conn(|conn| {
-                let mut stmt = conn
-                    .prepare("SELECT source_port, target_host, target_port, use_tunnel, created_at FROM mappings ORDER BY source_port")?;
+                let mut stmt = conn.prepare(
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy FROM mappings ORDER BY source_port",
+                )?;
                 let rows = stmt.query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?))
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, bool>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
@@ -149,14 +190,20 @@ impl Store {
         let port =
             |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path.to_string(), port: p });
         rows.into_iter()
-            .map(|(sp, host, tp, tunnel, created)| {
-                Ok(MappingSpec {
+            .map(|(sp, host, tp, tunnel, created, policy)| {
+                let policy = serde_json::from_str(&policy).map_err(|e| StoreError::BadPolicy {
+                    path: self.path.to_string(),
+                    port: sp,
+                    error: e.to_string(),
+                })?;
+                let spec = MappingSpec {
                     source_port: port(sp)?,
                     target_host: host,
                     target_port: port(tp)?,
                     use_tunnel: tunnel,
                     created_at: created,
-                })
+                };
+                Ok((spec, policy))
             })
             .collect()
     }
@@ -172,15 +219,40 @@ mod tests {
         let m = MappingSpec { source_port: 4000, target_host: "127.0.0.1".into(), target_port: 22, use_tunnel: true, created_at: 1 };
         {
             let store = Store::open(dir.path()).unwrap();
-            store.insert(m.clone()).await.unwrap();
-            assert!(store.insert(m.clone()).await.is_err(), "duplicate port must be refused");
+            store.insert(m.clone(), &Policy::default()).await.unwrap();
+            assert!(store.insert(m.clone(), &Policy::default()).await.is_err(), "duplicate port must be refused");
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.list().await.unwrap(), vec![m]);
+        assert_eq!(store.list().await.unwrap(), vec![(m, Policy::default())]);
+        let policy =
+            Policy { bandwidth_limit: Some(5), allow: vec![crate::policy::Cidr::parse("10.0.0.0/8").unwrap()], ..Policy::default() };
+        assert!(store.set_policy(4000, &policy).await.unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list().await.unwrap()[0].1, policy);
         assert!(store.remove(4000).await.unwrap());
         assert!(!store.remove(4000).await.unwrap());
         assert!(store.list().await.unwrap().is_empty());
         assert!(!dir.path().join("tunneld.db-shm").exists(), "no shared-memory file to fault on");
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_policies_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL);
+                 INSERT INTO mappings VALUES (4000, 'example.com', 22, 0, 7);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows = store.list().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1, Policy::default());
+        assert!(store.set_policy(4000, &Policy { description: Some("x".into()), ..Policy::default() }).await.unwrap());
     }
 
     #[test]

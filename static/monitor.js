@@ -385,11 +385,12 @@
         el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
           el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
+          m.description ? el('span', { class: 'mapping-description', 'data-role': 'description' }, m.description) : null,
           // Shown under the target when the table is narrow and the Mode column is not.
           el('span', { class: 'cell-sub mode-inline' }, m.use_tunnel ? 'via tunnel' : 'direct')),
         el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
           el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}` }, m.use_tunnel ? 'Tunnel' : 'Direct')),
-        el('td', { 'data-label': 'Status', 'data-col': 'status' }, statusBadge(m.status)),
+        el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, statusBadge(m.status)), policyBadges(m)),
         bytesCell('Sent', 'sent', m.bytes_sent, m.lifetime_sent, r.sent),
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
@@ -399,7 +400,144 @@
           formatAgo(ago)));
     });
     dom.rows.replaceChildren(...rows);
+    policyState.mappings = new Map(maps.map((m) => [m.port, m]));
+    maybeLoadEvents();
     if (typeof updatePortOptions === 'function') updatePortOptions(maps.map((m) => m.port));
+  }
+
+  // ---------- Mapping policy ----------
+
+  const policyState = { mappings: new Map(), eventsAt: 0, editing: null };
+
+  /** Cap, quota bar (used / allowance) and ACL badges, plus the edit link. */
+  function policyBadges(m) {
+    const parts = [];
+    if (m.bandwidth_limit) {
+      parts.push(el('span', { class: 'badge', 'data-role': 'cap', title: 'Bandwidth cap per direction, shared by all connections' },
+        `cap ${formatRate(m.bandwidth_limit)}`));
+    }
+    if (m.quota) {
+      const used = m.quota_used ?? 0;
+      const ratio = m.quota.bytes > 0 ? used / m.quota.bytes : 0;
+      const level = ratio >= 1 ? 'bad' : ratio >= 0.8 ? 'warn' : 'ok';
+      const bar = el('span', { class: 'quota-bar' }, el('span', { style: `width: ${Math.min(100, ratio * 100).toFixed(1)}%` }));
+      parts.push(el('span', { class: 'quota', 'data-role': 'quota', 'data-level': level, 'data-ratio': ratio.toFixed(4),
+        title: `Quota per ${m.quota.period}, action ${m.quota.action}${m.quota_blocked ? ' — new visitors refused' : ''}` },
+        bar, `${formatBytes(used)} / ${formatBytes(m.quota.bytes)} per ${m.quota.period}${m.quota_blocked ? ' · blocked' : ''}`));
+    }
+    const allow = m.allow || [];
+    const deny = m.deny || [];
+    if (allow.length || deny.length) {
+      const title = [allow.length ? `allow ${allow.join(', ')}` : null, deny.length ? `deny ${deny.join(', ')}` : null].filter(Boolean).join('; ');
+      parts.push(el('span', { class: 'badge badge-warn', 'data-role': 'acl', title }, `ACL ${allow.length ? `${allow.length} allowed` : ''}${allow.length && deny.length ? ', ' : ''}${deny.length ? `${deny.length} denied` : ''}`));
+    }
+    parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
+    return el('div', { class: 'policy', 'data-testid': 'policy' }, ...parts);
+  }
+
+  const policyDom = {
+    overlay: $('#policy'),
+    form: $('#policy-form'),
+    port: $('#policy-port'),
+    description: $('#policy-description'),
+    limit: $('#policy-limit'),
+    quotaBytes: $('#policy-quota-bytes'),
+    quotaPeriod: $('#policy-quota-period'),
+    quotaAction: $('#policy-quota-action'),
+    allow: $('#policy-allow'),
+    deny: $('#policy-deny'),
+    error: $('#policy-error'),
+    cancel: $('#policy-cancel'),
+  };
+  const MiB = 1024 * 1024;
+  const GiB = 1024 * MiB;
+
+  function openPolicy(port) {
+    const m = policyState.mappings.get(port);
+    if (!m) return;
+    policyState.editing = port;
+    policyDom.port.textContent = String(port);
+    policyDom.description.value = m.description || '';
+    policyDom.limit.value = m.bandwidth_limit ? String(+(m.bandwidth_limit / MiB).toFixed(3)) : '';
+    policyDom.quotaBytes.value = m.quota ? String(+(m.quota.bytes / GiB).toFixed(3)) : '';
+    policyDom.quotaPeriod.value = m.quota ? m.quota.period : 'month';
+    policyDom.quotaAction.value = m.quota ? m.quota.action : 'alert';
+    policyDom.allow.value = (m.allow || []).join('\n');
+    policyDom.deny.value = (m.deny || []).join('\n');
+    policyDom.error.hidden = true;
+    policyDom.overlay.hidden = false;
+    policyDom.description.focus();
+  }
+
+  function closePolicy() {
+    policyState.editing = null;
+    policyDom.overlay.hidden = true;
+  }
+
+  function lines(text) {
+    return text.split(/[\s,]+/).map((s) => s.trim()).filter(Boolean);
+  }
+
+  async function savePolicy(event) {
+    event.preventDefault();
+    const port = policyState.editing;
+    if (port == null) return;
+    const limit = parseFloat(policyDom.limit.value);
+    const quota = parseFloat(policyDom.quotaBytes.value);
+    const body = {
+      port,
+      description: policyDom.description.value.trim() || null,
+      bandwidth_limit: Number.isFinite(limit) && limit > 0 ? Math.max(1, Math.round(limit * MiB)) : null,
+      quota: Number.isFinite(quota) && quota > 0
+        ? { bytes: Math.max(1, Math.round(quota * GiB)), period: policyDom.quotaPeriod.value, action: policyDom.quotaAction.value }
+        : null,
+      allow: lines(policyDom.allow.value),
+      deny: lines(policyDom.deny.value),
+    };
+    const res = await fetch('/api/mapping/update', {
+      method: 'POST',
+      headers: { ...authHeaders(), 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+      cache: 'no-store',
+    }).catch((e) => ({ ok: false, status: 0, json: async () => ({ message: String(e) }) }));
+    if (res.status === 401) {
+      closePolicy();
+      needToken();
+      return;
+    }
+    const reply = await res.json().catch(() => null);
+    if (!res.ok || !reply || reply.success === false) {
+      policyDom.error.textContent = (reply && reply.message) || `HTTP ${res.status}`;
+      policyDom.error.hidden = false;
+      return;
+    }
+    policyState.mappings.set(port, { ...policyState.mappings.get(port), ...reply.data });
+    closePolicy();
+    fetchTraffic().then(ingest).catch(() => {});
+  }
+
+  policyDom.form.addEventListener('submit', savePolicy);
+  policyDom.cancel.addEventListener('click', closePolicy);
+  dom.rows.addEventListener('click', (e) => {
+    const button = e.target.closest('[data-role="edit-policy"]');
+    if (button) openPolicy(Number(button.dataset.port));
+  });
+
+  const eventsDom = { list: $('#event-list'), empty: $('#events-empty') };
+
+  /** Refreshes the events list at most every 5 s, riding on the traffic updates. */
+  function maybeLoadEvents() {
+    const now = Date.now();
+    if (now - policyState.eventsAt < 5000) return;
+    policyState.eventsAt = now;
+    fetchApi('/api/events?limit=50').then((data) => {
+      const events = data.events || [];
+      eventsDom.empty.hidden = events.length > 0;
+      eventsDom.list.replaceChildren(...events.map((ev) => el('li', { 'data-testid': 'event', 'data-kind': ev.kind, 'data-port': ev.port ?? '' },
+        el('time', { datetime: new Date(ev.time * 1000).toISOString() }, new Date(ev.time * 1000).toLocaleString()),
+        el('span', { class: `badge ${ev.kind.startsWith('quota_ex') || ev.kind.endsWith('_down') || ev.kind.endsWith('_lost') ? 'badge-bad' : ev.kind === 'quota_warning' ? 'badge-warn' : 'badge-ok'}` }, ev.kind.replace(/_/g, ' ')),
+        el('span', { class: 'event-message' }, ev.message))));
+    }).catch(() => {});
   }
 
   // "Updated 2 s ago" and the "last activity" cells move on between samples.

@@ -307,7 +307,7 @@ fn a_bad_stored_row_names_the_file() {
     let server = Daemon::server(SECRET, &[]);
     create_mapping(&server, free_port(), echo_server(), false);
     let (_keep, state) =
-        tamper(server, "PRAGMA ignore_check_constraints = ON; INSERT INTO mappings VALUES (70000, '127.0.0.1', 80, 0, 0);");
+        tamper(server, "PRAGMA ignore_check_constraints = ON; INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at) VALUES (70000, '127.0.0.1', 80, 0, 0);");
     let (code, err) =
         start_failure(&["server", "--api-listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{err}");

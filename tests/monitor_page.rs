@@ -1085,3 +1085,91 @@ fn history_view_matches_the_api_and_downloads_csv() {
     assert!(thrown.is_empty(), "page threw: {thrown:?}");
     drop(squatter);
 }
+
+/// POSTs `body` to `path` with the token; returns the envelope.
+fn post_with_token(daemon: &Daemon, path: &str, token: &str, body: Value) -> Value {
+    let resp = ureq::post(&daemon.url(path)).set("Authorization", &format!("Bearer {token}")).send_json(body);
+    match resp {
+        Ok(r) => r.into_json().expect("JSON envelope"),
+        Err(ureq::Error::Status(_, r)) => r.into_json().expect("JSON envelope"),
+        Err(e) => panic!("POST {path}: {e}"),
+    }
+}
+
+#[test]
+fn policy_badges_events_and_the_edit_form() {
+    let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
+    const TOKEN: &str = "monitor-policy-token-0123";
+    let daemon = Daemon::server("monitor-secret", &["--api-token", TOKEN]);
+    let echo = echo_server();
+    let port = free_port();
+    let created = post_with_token(
+        &daemon,
+        "/api/mapping/create",
+        TOKEN,
+        json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "description": "office SSH",
+               "bandwidth_limit": 50 * 1024 * 1024, "quota": {"bytes": 4_000_000, "period": "month", "action": "alert"},
+               "allow": ["127.0.0.0/8", "10.0.0.0/8"], "deny": ["10.9.9.9"]}),
+    );
+    assert_eq!(created["success"], json!(true), "{created}");
+    // An echo counts both ways: 2 × 1.7 MB = 85 % of the quota.
+    push(port, 1_700_000);
+
+    let (canary_addr, canary) = canary_proxy();
+    let mut browser = Browser::launch(&chromium, canary_addr);
+    browser.navigate(&daemon.url(&format!("/api/stats/monitor?interval_ms=250&token={TOKEN}")));
+    browser.wait_for("the live stream", &state_is("live"));
+    browser.wait_for("the quota bar at 85 %", r#"Number(document.querySelector('[data-role="quota"]')?.dataset.ratio) >= 0.85"#);
+    browser.wait_for("the 80 % event in the list", r#"document.querySelector('[data-testid="event"]')?.dataset.kind === 'quota_warning'"#);
+    let badges = browser.eval(
+        r#"(() => { const p = document.querySelector('[data-testid="policy"]'); return {
+            cap: p.querySelector('[data-role="cap"]')?.textContent, quota: p.querySelector('[data-role="quota"]')?.textContent,
+            level: p.querySelector('[data-role="quota"]')?.dataset.level, acl: p.querySelector('[data-role="acl"]')?.textContent,
+            acl_title: p.querySelector('[data-role="acl"]')?.title,
+            description: document.querySelector('[data-role="description"]')?.textContent,
+            event: document.querySelector('[data-testid="event"] .event-message')?.textContent }; })()"#,
+    );
+    assert_eq!(badges["cap"], json!("cap 50.0 MiB/s"), "{badges:#}");
+    assert_eq!(badges["quota"], json!(format!("{} / {} per month", format_bytes(3_400_000), format_bytes(4_000_000))), "{badges:#}");
+    assert_eq!(badges["level"], json!("warn"), "{badges:#}");
+    assert_eq!(badges["acl"], json!("ACL 2 allowed, 1 denied"), "{badges:#}");
+    assert_eq!(badges["acl_title"], json!("allow 127.0.0.0/8, 10.0.0.0/8; deny 10.9.9.9/32"), "{badges:#}");
+    assert_eq!(badges["description"], json!("office SSH"), "{badges:#}");
+    assert!(badges["event"].as_str().unwrap().contains(&format!("port {port}")), "{badges:#}");
+    browser.screenshot("monitor-policy.png");
+
+    // The form: opened with the current values; a bad CIDR is refused with the
+    // daemon's message naming the field; a good edit applies (token sent).
+    browser.eval(r#"document.querySelector('[data-role="edit-policy"]').click()"#);
+    browser.wait_for("the policy dialog", r#"!document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    let form = browser.eval(
+        r#"({limit: document.querySelector('#policy-limit').value, quota: document.querySelector('#policy-quota-bytes').value,
+            deny: document.querySelector('#policy-deny').value, allow: document.querySelector('#policy-allow').value})"#,
+    );
+    assert_eq!(form, json!({"limit": "50", "quota": "0.004", "deny": "10.9.9.9/32", "allow": "127.0.0.0/8\n10.0.0.0/8"}));
+    browser.eval(
+        r#"(() => { document.querySelector('#policy-deny').value = '300.1.1.1';
+                   document.querySelector('#policy-form').requestSubmit(); return true; })()"#,
+    );
+    browser.wait_for("the refusal", r#"!document.querySelector('[data-testid="policy-error"]').hidden"#);
+    let error = browser.eval(r#"document.querySelector('[data-testid="policy-error"]').textContent"#);
+    assert!(error.as_str().unwrap().contains("`deny`"), "{error}");
+    browser.screenshot("monitor-policy-form-error.png");
+    browser.eval(
+        r#"(() => { document.querySelector('#policy-deny').value = '';
+                   document.querySelector('#policy-limit').value = '';
+                   document.querySelector('#policy-quota-bytes').value = '1';
+                   document.querySelector('#policy-quota-action').value = 'block';
+                   document.querySelector('#policy-form').requestSubmit(); return true; })()"#,
+    );
+    browser.wait_for("the dialog to close", r#"document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    let listed = post_with_token(&daemon, "/api/mapping/update", TOKEN, json!({"port": port}));
+    let m = &listed["data"];
+    assert_eq!(m["bandwidth_limit"], Value::Null, "{m}");
+    assert_eq!(m["deny"], json!([]), "{m}");
+    assert_eq!(m["allow"], json!(["127.0.0.0/8", "10.0.0.0/8"]), "{m}");
+    assert_eq!(m["quota"], json!({"bytes": 1024u64 * 1024 * 1024, "period": "month", "action": "block"}), "{m}");
+    browser.wait_for("the cap badge gone", r#"!document.querySelector('[data-role="cap"]')"#);
+    browser.screenshot("monitor-policy-after-edit.png");
+    assert_stayed_on_loopback(&mut browser, &daemon.url(""), &canary);
+}

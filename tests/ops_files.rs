@@ -266,6 +266,7 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("process_resident_memory_bytes", Some("bytes")),
         ("rate(process_cpu_seconds_total", None),
         ("tunneld_mapping_up{", None),
+        ("tunneld_mapping_quota_used_ratio{", Some("percentunit")),
     ];
     for (fragment, unit) in wanted {
         let showing: Vec<&Value> = panels.iter().filter(|p| panel_exprs(p).iter().any(|e| e.contains(fragment))).copied().collect();
@@ -314,7 +315,9 @@ fn example_configs_pass_check_config() {
 
 #[test]
 fn example_configs_have_only_their_roles_sections_and_explain_every_key() {
-    for (file, sections) in [("dist/server.toml", &["server", "api", "history", "log"][..]), ("dist/client.toml", &["client", "log"][..])] {
+    for (file, sections) in
+        [("dist/server.toml", &["server", "api", "history", "alerts", "log"][..]), ("dist/client.toml", &["client", "log"][..])]
+    {
         let text = read(file);
         let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not TOML: {e}"));
         let found: BTreeSet<&str> = parsed.keys().map(String::as_str).collect();

@@ -107,11 +107,13 @@ pub fn router(state: AppState) -> Router {
     let authenticated = Router::new()
         .route("/api/mapping/create", post(create_mapping))
         .route("/api/mapping/remove", post(remove_mapping))
+        .route("/api/mapping/update", post(update_mapping))
         .route("/api/mapping/list", get(list_mappings))
         .route("/api/stats/traffic", get(traffic))
         .route("/api/stats/stream", get(traffic_stream))
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
+        .route("/api/events", get(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     // Open by default (scrapers); behind the token when the operator asks.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -308,7 +310,17 @@ fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, A
 }
 
 fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
-    let body = body.only(&["source_port", "target_host", "target_port", "use_tunnel"])?;
+    let body = body.only(&[
+        "source_port",
+        "target_host",
+        "target_port",
+        "use_tunnel",
+        "description",
+        "bandwidth_limit",
+        "quota",
+        "allow",
+        "deny",
+    ])?;
     let source_port = port_field(body, "source_port")?;
     let target_port = port_field(body, "target_port")?;
     let target_host = match body.get("target_host") {
@@ -321,7 +333,18 @@ fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad_request("`use_tunnel` must be true or false")),
     };
-    Ok(NewMapping { source_port, target_host, target_port, use_tunnel })
+    let mut policy = crate::policy::Policy::default();
+    policy.apply(body).map_err(bad_request)?;
+    Ok(NewMapping { source_port, target_host, target_port, use_tunnel, policy })
+}
+
+async fn update_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let mut known = vec!["port"];
+    known.extend(crate::policy::FIELDS);
+    let body = body.only(&known)?;
+    let port = port_field(body, "port")?;
+    let view = state.mappings.update(port, |policy| policy.apply(body)).await?;
+    Ok(success("mapping updated", json!(view)))
 }
 
 async fn create_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
@@ -382,6 +405,13 @@ async fn traffic_data(state: &AppState) -> Value {
                 "target_port": view.spec.target_port,
                 "use_tunnel": view.spec.use_tunnel,
                 "status": view.status,
+                "description": view.policy.description,
+                "bandwidth_limit": view.policy.bandwidth_limit,
+                "quota": view.policy.quota,
+                "quota_used": view.quota_used,
+                "quota_blocked": view.quota_blocked,
+                "allow": view.policy.allow,
+                "deny": view.policy.deny,
             })
         })
         .collect();
@@ -403,6 +433,32 @@ async fn traffic_data(state: &AppState) -> Value {
         "mapping_count": views.len(),
         "active_connections": active,
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsParams {
+    limit: Option<u32>,
+    /// The API token may come as `?token=` (see [`require_token`]).
+    #[serde(rename = "token")]
+    _token: Option<String>,
+}
+
+/// Recent events, newest first (`?limit=`, default 100, at most the 1,000 kept).
+async fn events(
+    State(state): State<AppState>,
+    params: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let limit = match params {
+        Ok(Query(EventsParams { limit, .. })) => limit.unwrap_or(100).clamp(1, crate::store::events::KEEP as u32),
+        Err(e) => return Err(bad_request(e.body_text())),
+    };
+    let events = state
+        .recorder_store()
+        .events(limit)
+        .await
+        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("cannot read events: {e}") })?;
+    Ok(success("ok", json!({"events": events, "count": events.len()})))
 }
 
 async fn traffic(State(state): State<AppState>) -> Response {

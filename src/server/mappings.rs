@@ -22,6 +22,7 @@ use super::tunnel::TunnelHub;
 use crate::exchange::{self, ExchangeError};
 use crate::forward;
 use crate::metrics::{MappingMetrics, Meter, Metrics};
+use crate::policy::{LivePolicy, Policy};
 use crate::store::{MappingSpec, Store, StoreError};
 
 /// How often a mapping that could not bind its port tries again.
@@ -56,6 +57,7 @@ pub struct NewMapping {
     pub target_host: String,
     pub target_port: u16,
     pub use_tunnel: bool,
+    pub policy: Policy,
 }
 
 /// A mapping as `create` and `list` show it.
@@ -63,6 +65,14 @@ pub struct NewMapping {
 pub struct MappingView {
     #[serde(flatten)]
     pub spec: MappingSpec,
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// With a quota: bytes used in the current period, and whether new visitors
+    /// are refused for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_blocked: Option<bool>,
     /// `active`, `waiting_for_tunnel`, or `error: ...`.
     pub status: String,
 }
@@ -98,6 +108,8 @@ struct Ctx {
 
 struct Entry {
     spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
+    quota_used: prometheus::Gauge,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
@@ -127,7 +139,7 @@ impl Mappings {
         let mut restored = 0;
         let mut entries = self.entries.lock().await;
         let mut failed = 0;
-        for spec in stored {
+        for (spec, policy) in stored {
             let port = spec.source_port;
             let bind_error = Arc::new(Mutex::new(None));
             let listener = match bind(self.ctx.settings.bind_addr, port).await {
@@ -140,7 +152,7 @@ impl Mappings {
                 }
             };
             restored += usize::from(listener.is_some());
-            let entry = self.spawn_mapping(Arc::new(spec), listener, bind_error);
+            let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error);
             entries.insert(port, entry);
         }
         Ok((restored, failed))
@@ -191,12 +203,43 @@ impl Mappings {
             created_at: crate::metrics::unix_now() as i64,
         };
         // On disk before anyone is told it exists.
-        self.ctx.store.insert(spec.clone()).await.map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
+        self.ctx
+            .store
+            .insert(spec.clone(), &req.policy)
+            .await
+            .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
         info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, "mapping created");
-        let entry = self.spawn_mapping(Arc::new(spec), Some(listener), Arc::new(Mutex::new(None)));
+        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)));
         let view = self.view(&entry);
         entries.insert(req.source_port, entry);
         Ok(view)
+    }
+
+    /// Changes a mapping's policy live: `change` edits a copy of the current one
+    /// (an `Err` is a 400 naming the field); it is stored, then applied. Open
+    /// connections stay and follow the new caps at once.
+    pub async fn update(&self, port: u16, change: impl FnOnce(&mut Policy) -> Result<(), String>) -> Result<MappingView, MappingError> {
+        let entries = self.entries.lock().await;
+        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        let mut policy = entry.policy.get();
+        change(&mut policy).map_err(MappingError::Invalid)?;
+        self.ctx
+            .store
+            .set_policy(port, &policy)
+            .await
+            .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
+        entry.policy.set(policy);
+        info!(port, "mapping policy updated");
+        Ok(self.view(entry))
+    }
+
+    /// Every mapping's live policy and quota gauge, for the quota check.
+    pub async fn policies(&self) -> Vec<crate::quota::MappingPolicy> {
+        let entries = self.entries.lock().await;
+        entries
+            .iter()
+            .map(|(port, e)| crate::quota::MappingPolicy { port: *port, policy: e.policy.clone(), quota_used: e.quota_used.clone() })
+            .collect()
     }
 
     pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
@@ -253,7 +296,15 @@ impl Mappings {
             None if entry.spec.use_tunnel && !self.ctx.hub.connected() => "waiting_for_tunnel".into(),
             None => "active".into(),
         };
-        MappingView { spec: (*entry.spec).clone(), status }
+        let policy = entry.policy.get();
+        let has_quota = policy.quota.is_some();
+        MappingView {
+            spec: (*entry.spec).clone(),
+            policy,
+            quota_used: has_quota.then(|| entry.policy.quota_used()),
+            quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
+            status,
+        }
     }
 
     /// Closes every listener, gives open connections `grace` to finish, then cuts
@@ -279,12 +330,28 @@ impl Mappings {
         }
     }
 
-    fn spawn_mapping(&self, spec: Arc<MappingSpec>, listener: Option<TcpListener>, bind_error: Arc<Mutex<Option<String>>>) -> Entry {
+    fn spawn_mapping(
+        &self,
+        spec: Arc<MappingSpec>,
+        policy: Policy,
+        listener: Option<TcpListener>,
+        bind_error: Arc<Mutex<Option<String>>>,
+    ) -> Entry {
         let [target, mode, client] = info_labels(&spec);
         let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
+        let policy = LivePolicy::new(policy);
+        let quota_used = metrics.quota_used.clone();
         let cancel = self.ctx.abort.child_token();
-        let task = tokio::spawn(run_mapping(self.ctx.clone(), spec.clone(), listener, bind_error.clone(), cancel.clone(), metrics));
-        Entry { spec, bind_error, cancel, task }
+        let task = tokio::spawn(run_mapping(
+            self.ctx.clone(),
+            spec.clone(),
+            policy.clone(),
+            listener,
+            bind_error.clone(),
+            cancel.clone(),
+            metrics,
+        ));
+        Entry { spec, policy, quota_used, bind_error, cancel, task }
     }
 }
 
@@ -335,6 +402,7 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, MappingError>
 async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
     listener: Option<TcpListener>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
@@ -374,6 +442,18 @@ async fn run_mapping(
         // Armed from the start: however this connection ends early, the visitor
         // sees a reset, not an EOF that looks like a complete answer.
         forward::arm(&visitor);
+        // Policy first, before any target or tunnel work: a refused visitor is
+        // dropped here, armed, so it gets a reset at once.
+        if !policy.admits(peer.ip()) {
+            metrics.refused_acl.inc();
+            debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
+            continue;
+        }
+        if policy.quota_blocked() {
+            metrics.refused_quota.inc();
+            debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.refused_connection_limit.inc();
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
@@ -382,22 +462,27 @@ async fn run_mapping(
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
+        let policy = policy.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
             let _slot = slot;
             tokio::select! {
-                _ = serve_visitor(&ctx2, &spec, &metrics, visitor, peer) => {}
+                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
             }
         });
     }
 }
 
-async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
+async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, policy: &LivePolicy, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
     let port = spec.source_port;
     let _active = metrics.visitor_accepted();
     forward::tune(&visitor);
-    let result = if spec.use_tunnel { tunneled(ctx, spec, metrics, &visitor).await } else { direct(ctx, spec, metrics, &visitor).await };
+    let result = if spec.use_tunnel {
+        tunneled(ctx, spec, policy, metrics, &visitor).await
+    } else {
+        direct(ctx, spec, policy, metrics, &visitor).await
+    };
     match result {
         Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
         Err(VisitorError::NoDescriptors(e)) => {
@@ -422,7 +507,13 @@ enum VisitorError {
     Relay(std::io::Error),
 }
 
-async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+async fn direct(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
     let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
         match forward::out_of_descriptors(&e) {
             true => VisitorError::NoDescriptors(e),
@@ -430,7 +521,7 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
         }
     })?;
     forward::arm(&target);
-    let (up, down) = metrics.meters();
+    let (up, down) = policy.capped(metrics.meters());
     forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
@@ -439,10 +530,16 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor
 /// connection; the answer is read first in the other direction, and a failure
 /// there ends the connection and counts as a connect error. After a clean
 /// exchange the data channel goes back to the pool for the next visitor.
-async fn tunneled(ctx: &Ctx, spec: &MappingSpec, metrics: &MappingMetrics, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
+async fn tunneled(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
     let (channel, lease) = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.
-    let (up, down) = metrics.meters();
+    let (up, down) = policy.capped(metrics.meters());
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());

@@ -99,6 +99,9 @@ pub async fn run(
 
     let tunnel_task = tokio::spawn(hub.clone().serve(listeners.tunnel, shutdown.clone()));
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
+    let events = crate::alerts::Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
+    let watcher = crate::alerts::Watcher { mappings: mappings.clone(), hub: hub.clone(), recorder: recorder.clone(), events };
+    tokio::spawn(watcher.run(shutdown.clone()));
     let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.as_str())));
     let api_state = crate::api::AppState {
         mappings: mappings.clone(),

@@ -1,0 +1,452 @@
+//! Per-mapping policy: a description, a bandwidth cap, a traffic quota and
+//! visitor allow/deny lists — what is stored, how the API's JSON is validated
+//! into it, and the live state the forwarders consult ([`LivePolicy`]).
+//!
+//! The data path reads policy in two places only: once per visitor at accept
+//! (ACL and quota block, under a short read lock), and once per chunk through
+//! the mapping's [`Limiter`]s, which cost one relaxed atomic load when no cap is
+//! set.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The fields a policy has, as named in the API.
+pub const FIELDS: [&str; 5] = ["description", "bandwidth_limit", "quota", "allow", "deny"];
+
+/// Longest description accepted: a label, not a document.
+const MAX_DESCRIPTION: usize = 500;
+/// Most CIDR blocks in one list.
+const MAX_CIDRS: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub description: Option<String>,
+    /// Bytes per second per direction, shared by all of the mapping's connections.
+    pub bandwidth_limit: Option<u64>,
+    pub quota: Option<Quota>,
+    /// Empty: everyone (unless denied).
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Allowance per period, both directions together.
+    pub bytes: u64,
+    pub period: QuotaPeriod,
+    pub action: QuotaAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaAction {
+    /// Events only.
+    Alert,
+    /// Events, and new visitors refused until the period rolls over.
+    Block,
+}
+
+/// An address block, `10.0.0.0/8`, `2001:db8::/32`, or one address. IPv4-mapped
+/// IPv6 visitors (`::ffff:10.1.2.3`, as a dual-stack listener sees them) match
+/// IPv4 blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+            Some(_) => return None,
+            None => max,
+        };
+        // Stored as the network address, so `10.1.2.3/8` lists as `10.0.0.0/8`.
+        Some(Cidr { network: mask(addr, prefix), prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            IpAddr::V4((bits & m).into())
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            IpAddr::V6((bits & m).into())
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let text = String::deserialize(d)?;
+        Cidr::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("invalid CIDR block {text:?}")))
+    }
+}
+
+impl Policy {
+    /// Applies the policy fields present in `body`: a value sets the field,
+    /// `null` removes it, an absent field stays as it is. Fields other than the
+    /// policy's are ignored (the route checks for unknown ones). The message of
+    /// an error names the field.
+    pub fn apply(&mut self, body: &Map<String, Value>) -> Result<(), String> {
+        let mut next = self.clone();
+        for (key, value) in body.iter().filter(|(k, _)| FIELDS.contains(&k.as_str())) {
+            match (key.as_str(), value) {
+                ("description", Value::Null) => next.description = None,
+                ("description", Value::String(s)) if s.chars().count() <= MAX_DESCRIPTION && !s.chars().any(char::is_control) => {
+                    next.description = Some(s.trim().to_string()).filter(|s| !s.is_empty())
+                }
+                ("description", _) => {
+                    return Err(format!("`description` must be text of at most {MAX_DESCRIPTION} characters without control characters"))
+                }
+                ("bandwidth_limit", Value::Null) => next.bandwidth_limit = None,
+                ("bandwidth_limit", Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => next.bandwidth_limit = n.as_u64(),
+                ("bandwidth_limit", other) => {
+                    return Err(format!("`bandwidth_limit` must be a positive whole number of bytes per second (got {other})"))
+                }
+                ("quota", Value::Null) => next.quota = None,
+                ("quota", value) => next.quota = Some(parse_quota(value)?),
+                ("allow", Value::Null) => next.allow.clear(),
+                ("allow", value) => next.allow = parse_cidrs("allow", value)?,
+                ("deny", Value::Null) => next.deny.clear(),
+                ("deny", value) => next.deny = parse_cidrs("deny", value)?,
+                _ => {}
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Whether a visitor from `ip` may connect: not denied, and allowed when an
+    /// allow list exists.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        !self.deny.iter().any(|c| c.contains(ip)) && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
+    }
+}
+
+fn parse_quota(value: &Value) -> Result<Quota, String> {
+    const SHAPE: &str = "`quota` must be {\"bytes\": N, \"period\": \"day\"|\"month\", \"action\": \"alert\"|\"block\"}";
+    let Value::Object(q) = value else { return Err(SHAPE.into()) };
+    if let Some(unknown) = q.keys().find(|k| !["bytes", "period", "action"].contains(&k.as_str())) {
+        return Err(format!("unknown field `quota.{unknown}` ({SHAPE})"));
+    }
+    let bytes = match q.get("bytes") {
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => n.as_u64().unwrap_or_default(),
+        Some(other) => return Err(format!("`quota.bytes` must be a positive whole number (got {other})")),
+        None => return Err(format!("missing field `quota.bytes` ({SHAPE})")),
+    };
+    let period = match q.get("period").and_then(Value::as_str) {
+        Some("day") => QuotaPeriod::Day,
+        Some("month") => QuotaPeriod::Month,
+        _ => return Err(format!("`quota.period` must be \"day\" or \"month\" (got {})", q.get("period").unwrap_or(&Value::Null))),
+    };
+    let action = match q.get("action").and_then(Value::as_str) {
+        Some("alert") => QuotaAction::Alert,
+        Some("block") => QuotaAction::Block,
+        _ => return Err(format!("`quota.action` must be \"alert\" or \"block\" (got {})", q.get("action").unwrap_or(&Value::Null))),
+    };
+    Ok(Quota { bytes, period, action })
+}
+
+fn parse_cidrs(field: &str, value: &Value) -> Result<Vec<Cidr>, String> {
+    let Value::Array(items) = value else { return Err(format!("`{field}` must be a list of CIDR blocks like \"10.0.0.0/8\"")) };
+    if items.len() > MAX_CIDRS {
+        return Err(format!("`{field}` has more than {MAX_CIDRS} blocks"));
+    }
+    items
+        .iter()
+        .map(|item| match item.as_str().and_then(Cidr::parse) {
+            Some(cidr) => Ok(cidr),
+            None => Err(format!("`{field}`: {item} is not a CIDR block (like \"192.0.2.0/24\" or \"2001:db8::/32\")")),
+        })
+        .collect()
+}
+
+/// A mapping's policy as the forwarders see it, changed in place by an update so
+/// open connections follow it (their meters hold the same [`Limiter`]s).
+pub struct LivePolicy {
+    policy: RwLock<Policy>,
+    /// Visitor→target and target→visitor caps.
+    pub upload: Arc<Limiter>,
+    pub download: Arc<Limiter>,
+    /// Set while a blocking quota is used up for the current period.
+    quota_blocked: AtomicBool,
+    /// Bytes used in the current quota period (as of the last check).
+    quota_used: AtomicU64,
+}
+
+impl LivePolicy {
+    pub fn new(policy: Policy) -> Arc<LivePolicy> {
+        let live = Arc::new(LivePolicy {
+            policy: RwLock::new(Policy::default()),
+            upload: Arc::new(Limiter::default()),
+            download: Arc::new(Limiter::default()),
+            quota_blocked: AtomicBool::new(false),
+            quota_used: AtomicU64::new(0),
+        });
+        live.set(policy);
+        live
+    }
+
+    pub fn get(&self) -> Policy {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, policy: Policy) {
+        let rate = policy.bandwidth_limit.unwrap_or(0);
+        self.upload.set_rate(rate);
+        self.download.set_rate(rate);
+        if !policy.quota.is_some_and(|q| q.action == QuotaAction::Block) {
+            self.quota_blocked.store(false, Ordering::Relaxed);
+        }
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// A connection's (visitor→target, target→visitor) meters, paced by this
+    /// mapping's shared caps from now on, whatever they are changed to later.
+    pub fn capped(&self, (up, down): (crate::metrics::Meter, crate::metrics::Meter)) -> (crate::metrics::Meter, crate::metrics::Meter) {
+        (up.limited_by(self.upload.clone()), down.limited_by(self.download.clone()))
+    }
+
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).admits(ip)
+    }
+
+    pub fn quota_blocked(&self) -> bool {
+        self.quota_blocked.load(Ordering::Relaxed)
+    }
+
+    pub fn set_quota_blocked(&self, blocked: bool) {
+        self.quota_blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    pub fn quota_used(&self) -> u64 {
+        self.quota_used.load(Ordering::Relaxed)
+    }
+
+    pub fn set_quota_used(&self, bytes: u64) {
+        self.quota_used.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A token bucket shared by every connection of a mapping in one direction.
+///
+/// Unlimited (rate 0) it costs one relaxed atomic load per chunk and takes no
+/// lock. Limited, each chunk is debited after it was forwarded and the copy
+/// sleeps off any debt, so the sum over all connections converges to the rate
+/// whatever their number; the bucket holds at most [`BURST`] worth of tokens,
+/// which bounds the burst after an idle spell.
+#[derive(Default)]
+pub struct Limiter {
+    /// Bytes per second; 0 = unlimited.
+    rate: AtomicU64,
+    bucket: Mutex<Bucket>,
+}
+
+/// How much unused allowance a bucket keeps, in time at its rate.
+const BURST: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Bucket {
+    /// Tokens (bytes) available; negative = debt to sleep off.
+    tokens: f64,
+    refilled: Option<std::time::Instant>,
+}
+
+impl Limiter {
+    pub fn set_rate(&self, rate: u64) {
+        let before = self.rate.swap(rate, Ordering::Relaxed);
+        if before != rate {
+            // A new rate starts from an empty bucket: debt run up at a low cap
+            // must not hold back a raised one.
+            if let Ok(mut b) = self.bucket.lock() {
+                *b = Bucket::default();
+            }
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Debits `n` bytes; returns how long the caller must wait before moving more.
+    pub fn debit(&self, n: u64) -> Option<Duration> {
+        if self.rate.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.debit_at(n, std::time::Instant::now())
+    }
+
+    fn debit_at(&self, n: u64, now: std::time::Instant) -> Option<Duration> {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return None;
+        }
+        let rate = rate as f64;
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let capacity = rate * BURST.as_secs_f64();
+        b.tokens = match b.refilled {
+            Some(at) => (b.tokens + now.duration_since(at).as_secs_f64() * rate).min(capacity),
+            None => capacity,
+        };
+        b.refilled = Some(now);
+        b.tokens -= n as f64;
+        (b.tokens < 0.0).then(|| Duration::from_secs_f64(-b.tokens / rate))
+    }
+
+    /// Waits out `n` bytes' worth of the rate, if there is a rate. A raised or
+    /// lifted rate ends the wait early (checked every 100 ms), so lifting a cap
+    /// frees connections that were sleeping off a low one.
+    pub async fn pace(&self, n: u64) {
+        let Some(mut wait) = self.debit(n) else { return };
+        let rate = self.rate();
+        while !wait.is_zero() {
+            let step = wait.min(Duration::from_millis(100));
+            tokio::time::sleep(step).await;
+            wait -= step;
+            if self.rate() != rate {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn apply(policy: &mut Policy, body: Value) -> Result<(), String> {
+        policy.apply(body.as_object().unwrap())
+    }
+
+    #[test]
+    fn cidrs_match_their_family_and_mapped_v4() {
+        let net = Cidr::parse("10.1.2.3/8").unwrap();
+        assert_eq!(net.to_string(), "10.0.0.0/8");
+        assert!(net.contains("10.200.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert_eq!(Cidr::parse("::1").unwrap().to_string(), "::1/128");
+        for bad in ["10.0.0.0/33", "10.0.0/8", "10.0.0.0/", "10.0.0.0/+8", "::/129", "example.com", ""] {
+            assert!(Cidr::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_wins_and_empty_allow_is_everyone() {
+        let mut p = Policy::default();
+        assert!(p.admits("192.0.2.1".parse().unwrap()));
+        apply(&mut p, json!({"allow": ["127.0.0.0/8"], "deny": ["127.0.0.3"]})).unwrap();
+        assert!(p.admits("127.0.0.2".parse().unwrap()));
+        assert!(!p.admits("127.0.0.3".parse().unwrap()));
+        assert!(!p.admits("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn updates_keep_absent_fields_and_null_removes() {
+        let mut p = Policy::default();
+        apply(
+            &mut p,
+            json!({"description": "ssh", "bandwidth_limit": 1000, "quota": {"bytes": 10, "period": "month", "action": "block"}, "deny": ["::1"]}),
+        )
+        .unwrap();
+        apply(&mut p, json!({"bandwidth_limit": null, "description": "office ssh"})).unwrap();
+        assert_eq!(p.bandwidth_limit, None);
+        assert_eq!(p.description.as_deref(), Some("office ssh"));
+        assert_eq!(p.quota, Some(Quota { bytes: 10, period: QuotaPeriod::Month, action: QuotaAction::Block }));
+        assert_eq!(p.deny.len(), 1);
+        apply(&mut p, json!({"quota": null, "deny": null})).unwrap();
+        assert_eq!(p.quota, None);
+        assert!(p.deny.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_change_nothing() {
+        let mut p = Policy { bandwidth_limit: Some(5), ..Policy::default() };
+        let cases = [
+            (json!({"bandwidth_limit": 0}), "`bandwidth_limit`"),
+            (json!({"bandwidth_limit": -3}), "`bandwidth_limit`"),
+            (json!({"bandwidth_limit": 1.5}), "`bandwidth_limit`"),
+            (json!({"allow": ["10.0.0.0/33"]}), "`allow`"),
+            (json!({"deny": "10.0.0.0/8"}), "`deny`"),
+            (json!({"quota": {"bytes": 1, "period": "week", "action": "block"}}), "`quota.period`"),
+            (json!({"quota": {"bytes": 1, "period": "day", "action": "drop"}}), "`quota.action`"),
+            (json!({"quota": {"bytes": 0, "period": "day", "action": "alert"}}), "`quota.bytes`"),
+            (json!({"quota": {"bytes": 1, "period": "day", "action": "alert", "x": 1}}), "`quota.x`"),
+            (json!({"description": 5}), "`description`"),
+        ];
+        for (body, field) in cases {
+            // Valid fields next to the bad one are not applied either.
+            let mut body = body.as_object().unwrap().clone();
+            body.entry("bandwidth_limit").or_insert(json!(7));
+            let err = apply(&mut p, body.into()).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        assert_eq!(p.bandwidth_limit, Some(5), "a refused update changes nothing");
+    }
+
+    #[test]
+    fn a_shared_bucket_holds_its_rate_across_users() {
+        let limiter = Limiter::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(limiter.debit_at(1 << 30, t0), None, "unlimited never waits");
+        limiter.set_rate(1000);
+        // 100 ms of burst, then 1,000 B/s whoever debits.
+        assert_eq!(limiter.debit_at(100, t0), None);
+        assert_eq!(limiter.debit_at(500, t0), Some(Duration::from_millis(500)));
+        // Half a second later the debt is paid; the next 250 B cost 250 ms.
+        assert_eq!(limiter.debit_at(250, t0 + Duration::from_millis(500)), Some(Duration::from_millis(250)));
+        // A new rate starts afresh.
+        limiter.set_rate(2000);
+        assert_eq!(limiter.debit_at(200, t0 + Duration::from_millis(500)), None);
+    }
+}

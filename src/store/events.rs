@@ -1,0 +1,89 @@
+//! The event log behind `/api/events`: quota thresholds, mappings that cannot
+//! bind, clients lost and back. Bounded: only the newest [`KEEP`] events stay.
+
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError};
+
+/// Events kept; older ones are deleted as new ones arrive.
+pub const KEEP: i64 = 1_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix seconds.
+    pub time: f64,
+    /// `quota_warning`, `quota_exhausted`, `mapping_down`, `mapping_up`,
+    /// `client_lost`, `client_back`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    pub message: String,
+}
+
+pub(super) fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS events (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            time    REAL NOT NULL,
+            kind    TEXT NOT NULL,
+            port    INTEGER,
+            client  TEXT,
+            message TEXT NOT NULL
+        );",
+    )
+}
+
+impl Store {
+    pub async fn add_event(&self, event: Event) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO events (time, kind, port, client, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![event.time, event.kind, event.port, event.client, event.message],
+            )?;
+            tx.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1", params![KEEP])?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// The newest `limit` events, newest first.
+    pub async fn events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT time, kind, port, client, message FROM events ORDER BY id DESC LIMIT ?1")?;
+            let rows = stmt.query_map(params![limit], |r| {
+                Ok(Event {
+                    time: r.get(0)?,
+                    kind: r.get(1)?,
+                    port: r.get::<_, Option<i64>>(2)?.and_then(|p| u16::try_from(p).ok()),
+                    client: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_are_bounded_and_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..(KEEP + 5) {
+            let event = Event { time: i as f64, kind: "mapping_down".into(), port: Some(1), client: None, message: format!("{i}") };
+            store.add_event(event).await.unwrap();
+        }
+        let events = store.events(10_000).await.unwrap();
+        assert_eq!(events.len() as i64, KEEP);
+        assert_eq!(events[0].message, format!("{}", KEEP + 4));
+        assert_eq!(events.last().unwrap().message, "5");
+    }
+}
