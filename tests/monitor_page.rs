@@ -424,7 +424,12 @@ fn canary_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
             let mut line = String::new();
             let _ = BufReader::new(&conn).read_line(&mut line);
-            log.lock().unwrap().push(line.trim().to_string());
+            // Chromium pre-opens connections to its proxy and may close them
+            // unused: a connection that never names a destination leaks nothing
+            // and is not an escape. Any request line is recorded.
+            if !line.trim().is_empty() {
+                log.lock().unwrap().push(line.trim().to_string());
+            }
         }
     });
     (addr, seen)
@@ -1080,7 +1085,8 @@ fn history_view_matches_the_api_and_downloads_csv() {
     let urls = browser.requested_urls();
     let foreign: Vec<&String> = urls.iter().filter(|u| !u.starts_with(&base) && !u.starts_with("blob:")).collect();
     assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
-    assert!(unexplained_escapes(&canary).is_empty());
+    let escaped = unexplained_escapes(&canary);
+    assert!(escaped.is_empty(), "the browser tried to reach other hosts: {escaped:?}");
     let thrown = browser.events_named("Runtime.exceptionThrown");
     assert!(thrown.is_empty(), "page threw: {thrown:?}");
     drop(squatter);
