@@ -181,7 +181,13 @@ fn ctl_top_shows_live_rates_and_quits_on_q() {
     let exit_file = dir.path().join("exit-code");
 
     let tmux = Tmux { socket: format!("tunneld-ctl-test-{}-{port}", std::process::id()) };
-    let command = format!("{BIN} ctl --api {} --config {config} top --interval 0.3; echo $? > {}", server.url(""), exit_file.display());
+    // The shell creates the redirect target before `echo` writes to it, so the code is
+    // written beside it and renamed into place: the test never reads a half-made file.
+    let command = format!(
+        "{BIN} ctl --api {} --config {config} top --interval 0.3; echo $? > {exit}.part && mv {exit}.part {exit}",
+        server.url(""),
+        exit = exit_file.display()
+    );
     let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "40", &command]);
     assert!(started.status.success(), "tmux: {}", stderr(&started));
     wait_for("the top screen with the mapping", Duration::from_secs(15), || {
