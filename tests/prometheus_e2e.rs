@@ -88,6 +88,8 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let instances = [server.http, client.http].map(|a| regex_escape(&a.to_string()));
     let variables: BTreeMap<&str, String> = [
         ("instance", format!("({})", instances.join("|"))),
+        // Client All: the variable's custom all value, which keeps direct mappings.
+        ("client", ".*".to_string()),
         ("port", format!("({direct_port}|{tunneled_port})")),
         ("__rate_interval", RATE_INTERVAL.to_string()),
         ("__interval", INTERVAL.to_string()),
@@ -127,7 +129,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let totals_expr = queries
         .iter()
         .map(|(_, e)| e)
-        .find(|e| e.contains("increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
+        .find(|e| e.contains("sum by (instance, port, direction) (increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
         .expect("a per-port totals query");
     let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
     for port in [direct_port, tunneled_port] {
