@@ -143,7 +143,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let office_ports = label_values(&prometheus, &dashboard, "port", &office_only);
     assert_eq!(office_ports, names([office_port.to_string()]), "port variable choices with client office");
 
-    // The per-port totals panel shows the transfer on both mappings.
+    // The per-port totals panel shows the transfer on every mapping.
     let totals_expr = queries
         .iter()
         .map(|(_, e)| e)
@@ -151,13 +151,8 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         .expect("a per-port totals query");
     let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
     for port in ports {
-        let port_label = port.to_string();
         for direction in ["sent", "received"] {
-            let value = totals
-                .iter()
-                .find(|s| s["metric"]["port"] == port_label && s["metric"]["direction"] == direction)
-                .and_then(sample_value)
-                .unwrap_or_else(|| panic!("no total for port {port} {direction} in {totals:?}"));
+            let value = total_of(&totals, "port", &port.to_string(), direction);
             assert!(value >= len, "port {port} {direction}: dashboard total {value} < {len} bytes pushed");
         }
     }
@@ -169,11 +164,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     assert_eq!(label_set(&totals, "client"), names(["default", "office"]), "per-client totals: {totals:?}");
     for client in ["default", "office"] {
         for direction in ["sent", "received"] {
-            let value = totals
-                .iter()
-                .find(|s| s["metric"]["client"] == client && s["metric"]["direction"] == direction)
-                .and_then(sample_value)
-                .unwrap_or_else(|| panic!("no total for client {client} {direction} in {totals:?}"));
+            let value = total_of(&totals, "client", client, direction);
             // One 64 KiB echo per client; the direct mapping's must not be added in.
             assert!(value >= len && value < 2.0 * len, "client {client} {direction}: dashboard total {value}, pushed {len} bytes");
         }
@@ -354,6 +345,15 @@ fn label_values(prometheus: &Prometheus, dashboard: &Value, name: &str, variable
         .query(&substitute(&label_values_selector(dashboard, name), variables))
         .unwrap_or_else(|e| panic!("variable {name}: {e}"));
     label_set(&series, name)
+}
+
+/// The value of the sample whose `label` is `value` and whose direction is `direction`.
+fn total_of(samples: &[Value], label: &str, value: &str, direction: &str) -> f64 {
+    samples
+        .iter()
+        .find(|s| s["metric"][label] == value && s["metric"]["direction"] == direction)
+        .and_then(sample_value)
+        .unwrap_or_else(|| panic!("no total for {label} {value} {direction} in {samples:?}"))
 }
 
 /// The values of `label` across `samples`.
