@@ -8,7 +8,7 @@
 //! backoff, fed through a bounded queue that drops (and counts) rather than ever
 //! making anyone wait.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,8 +123,11 @@ impl Watcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut quotas = QuotaTracker::default();
         let mut down: BTreeMap<u16, String> = BTreeMap::new();
-        let mut connected = self.hub.connected();
-        let mut lost = false;
+        let connected_now =
+            |hub: &TunnelHub| -> BTreeSet<String> { hub.clients().into_iter().filter(|c| c.peer.is_some()).map(|c| c.name).collect() };
+        let mut connected = connected_now(&self.hub);
+        // Clients whose loss was announced: their return is announced too.
+        let mut lost: BTreeSet<String> = BTreeSet::new();
         let mut ticker = tokio::time::interval(WATCH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -150,18 +153,20 @@ impl Watcher {
             }
             down = now_down;
 
-            let now_connected = self.hub.connected();
-            if connected && !now_connected {
-                lost = true;
-                self.events
-                    .emit(kind::CLIENT_LOST, None, Some(crate::metrics::DEFAULT_CLIENT), "tunnel client default disconnected".into())
-                    .await;
-            } else if !connected && now_connected && lost {
-                info!("tunnel client back");
-                self.events
-                    .emit(kind::CLIENT_BACK, None, Some(crate::metrics::DEFAULT_CLIENT), "tunnel client default is back".into())
-                    .await;
+            let known: BTreeSet<String> = self.hub.clients().into_iter().map(|c| c.name).collect();
+            let now_connected = connected_now(&self.hub);
+            // A removed client is not "lost": it is gone on purpose.
+            for name in connected.difference(&now_connected).filter(|n| known.contains(*n)) {
+                lost.insert(name.clone());
+                self.events.emit(kind::CLIENT_LOST, None, Some(name), format!("tunnel client {name} disconnected")).await;
             }
+            for name in now_connected.difference(&connected) {
+                if lost.remove(name) {
+                    info!(client = %name, "tunnel client back");
+                    self.events.emit(kind::CLIENT_BACK, None, Some(name), format!("tunnel client {name} is back")).await;
+                }
+            }
+            lost.retain(|name| known.contains(name));
             connected = now_connected;
         }
     }

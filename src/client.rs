@@ -59,6 +59,7 @@ pub async fn run(
     tokio::spawn(report_reloads(config.clone(), reloads));
     let config = config.client;
     let metrics = Arc::new(Metrics::new());
+    metrics.add_client(&config.name);
     if let Some(listener) = metrics_listener {
         let router = metrics_router(metrics.clone());
         let stop = shutdown.clone();
@@ -84,7 +85,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             r = run_session(dialer.clone(), shutdown.clone()) => r,
         };
-        metrics.session_ended();
+        metrics.session_ended(&dialer.config.name);
         match result {
             Ok(reason) => info!(server = %dialer.config.server, reason, "tunnel session ended"),
             Err(e) => error!(server = %dialer.config.server, error = %format!("{e:#}"), "tunnel session failed"),
@@ -138,7 +139,7 @@ impl Dialer {
             .map_err(|_| anyhow!("connecting to {server} timed out"))?
             .with_context(|| format!("cannot connect to {server}"))?;
         forward::tune(&tcp);
-        let (sent, received) = self.metrics.tunnel_meters();
+        let (sent, received) = self.metrics.tunnel_meters(&self.config.name);
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
             return Ok(TunnelStream::Plain(metered));
@@ -169,7 +170,7 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
     let metrics = &dialer.metrics;
     let handshake = async {
         let mut stream = dialer.connect().await?;
-        protocol::write_frame(&mut stream, &Message::Hello { version: PROTOCOL_VERSION }).await?;
+        protocol::write_frame(&mut stream, &Message::Hello { version: PROTOCOL_VERSION, client: config.name.clone() }).await?;
         let nonce = match protocol::read_frame(&mut stream).await?.0 {
             Message::Challenge { nonce } => nonce,
             Message::Rejected { reason } => bail!("server rejected the connection: {}", protocol::explain_rejection(&reason)),
@@ -181,7 +182,7 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
             Message::Welcome { session, heartbeat_interval_secs } => Ok((stream, session, heartbeat_interval_secs)),
             Message::Rejected { reason } => {
                 metrics.count_session(session_result::AUTH_FAILED);
-                bail!("server rejected authentication: {reason} (check client.secret)")
+                bail!("server rejected authentication as client {:?}: {reason} (check client.name and client.secret)", config.name)
             }
             other => bail!("unexpected {} during handshake", other.kind()),
         }
@@ -189,9 +190,9 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
     let (stream, token, heartbeat_secs) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     metrics.count_session(session_result::OK);
-    metrics.session_started();
-    systemd::status(&format!("connected to {}", config.server));
-    info!(server = %config.server, "tunnel session established");
+    metrics.session_started(&config.name);
+    systemd::status(&format!("connected to {} as {}", config.server, config.name));
+    info!(server = %config.server, client = %config.name, "tunnel session established");
 
     let ctx = Arc::new(SessionCtx { dialer: dialer.clone(), token, cancel: shutdown.child_token(), idle: AtomicUsize::new(0) });
     for _ in 0..config.pool_size {

@@ -137,6 +137,9 @@ pub fn is_loopback(ip: IpAddr) -> bool {
 pub struct ClientConfig {
     /// `host:port` of the server's tunnel listener.
     pub server: String,
+    /// Who this client is to the server (`/api/client/create`); `secret` is that
+    /// client's. `default` is the client whose secret is `server.secret`.
+    pub name: String,
     pub secret: String,
     /// The client's own `/metrics`; off when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -168,6 +171,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             server: String::new(),
+            name: crate::metrics::DEFAULT_CLIENT.to_string(),
             secret: String::new(),
             metrics_listen: None,
             pool_size: 4,
@@ -310,8 +314,8 @@ pub enum ConfigError {
 }
 
 /// Keys whose environment values are free text and must not be parsed.
-const VERBATIM_ENV_KEYS: [&str; 6] =
-    ["server.secret", "api.token", "client.secret", "client.server", "client.server_fingerprint", "client.tls_server_name"];
+const VERBATIM_ENV_KEYS: [&str; 7] =
+    ["server.secret", "api.token", "client.secret", "client.name", "client.server", "client.server_fingerprint", "client.tls_server_name"];
 
 /// `api.listen` -> `TUNNELD_API__LISTEN`.
 pub fn env_var_name(key: &str) -> String {
@@ -457,8 +461,14 @@ impl Config {
                 if split_host_port(&self.client.server).is_none() {
                     return invalid("client.server", "must be host:port");
                 }
+                if let Some(why) = crate::protocol::invalid_client_name(&self.client.name) {
+                    return invalid("client.name", &why);
+                }
                 if self.client.secret.is_empty() {
-                    return invalid("client.secret", "is required (the server's secret)");
+                    return invalid(
+                        "client.secret",
+                        "is required (server.secret for the client `default`, else the secret /api/client/create returned)",
+                    );
                 }
                 if self.client.pool_size > 256 {
                     return invalid("client.pool_size", "must be at most 256");
@@ -521,6 +531,7 @@ impl Config {
                 let (a, b) = (&self.client, &new.client);
                 check("client.server", a.server != b.server);
                 check("client.secret", a.secret != b.secret);
+                check("client.name", a.name != b.name);
                 check("client.metrics_listen", a.metrics_listen != b.metrics_listen);
                 check("client.pool_size", a.pool_size != b.pool_size);
                 check("client.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);

@@ -289,7 +289,8 @@ mod tests {
         let m = f.metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
         m.sent.inc_by(300);
         // Tunnel wire bytes go to the `default` client's buckets.
-        let (wire_out, wire_in) = f.metrics.tunnel_meters();
+        f.metrics.add_client("default");
+        let (wire_out, wire_in) = f.metrics.tunnel_meters("default");
         wire_out.record(900);
         wire_in.record(80);
         f.recorder.flush().await.unwrap();

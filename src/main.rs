@@ -141,6 +141,9 @@ struct ClientArgs {
     /// host:port of the server's tunnel listener.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
+    /// This client's name on the server (default: `default`).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     #[arg(long)]
     secret: Option<String>,
     /// The server certificate's fingerprint to pin (`tunneld fingerprint` on the server).
@@ -166,6 +169,7 @@ impl ClientArgs {
     fn overrides(&self) -> Vec<Override> {
         collect(&[
             ("client.server", &self.server),
+            ("client.name", &self.name),
             ("client.secret", &self.secret),
             ("client.server_fingerprint", &self.fingerprint),
             ("client.metrics_listen", &self.metrics_listen),

@@ -3,6 +3,12 @@
 //! Every tunnel connection runs over one (under TLS, when TLS is on), so the tunnel
 //! meters see the wire: frame headers, TLS records and handshakes included.
 //!
+//! On the server a connection's client is known only once it has authenticated,
+//! so a stream may start unattributed: it tallies what crossed it and hands the
+//! tally to the client's meters when [`MeteredStream::attribute`] names them. A
+//! connection that never authenticates is counted nowhere, so unknown peers
+//! cannot create label sets.
+//!
 //! Under TLS it also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
 //! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record. The
 //! read-ahead takes up to [`READ_AHEAD`] per call instead and hands it out from
@@ -22,10 +28,15 @@ use crate::metrics::Meter;
 /// Largest read from the socket when reading ahead.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// Where a stream's bytes go: a client's meters, or a tally until it is known.
+enum Counting {
+    Tally { sent: u64, received: u64 },
+    Meters { sent: Meter, received: Meter },
+}
+
 pub struct MeteredStream {
     inner: TcpStream,
-    sent: Meter,
-    received: Meter,
+    counting: Counting,
     /// `None`: reads go straight to the socket. `Some`: read-ahead, holding
     /// unread bytes (an empty buffer is dropped, so this is free while idle).
     ahead: Option<BytesMut>,
@@ -34,7 +45,40 @@ pub struct MeteredStream {
 
 impl MeteredStream {
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, sent, received, ahead: None, read_ahead: false }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false }
+    }
+
+    /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
+    pub fn unattributed(inner: TcpStream) -> MeteredStream {
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false }
+    }
+
+    /// Counts everything from here into these meters, starting with what crossed
+    /// the stream before.
+    pub fn attribute(&mut self, sent: Meter, received: Meter) {
+        if let Counting::Tally { sent: before_sent, received: before_received } = self.counting {
+            if before_sent > 0 {
+                sent.record(before_sent);
+            }
+            if before_received > 0 {
+                received.record(before_received);
+            }
+        }
+        self.counting = Counting::Meters { sent, received };
+    }
+
+    fn count_sent(&mut self, n: u64) {
+        match &mut self.counting {
+            Counting::Meters { sent, .. } => sent.record(n),
+            Counting::Tally { sent, .. } => *sent += n,
+        }
+    }
+
+    fn count_received(&mut self, n: u64) {
+        match &mut self.counting {
+            Counting::Meters { received, .. } => received.record(n),
+            Counting::Tally { received, .. } => *received += n,
+        }
     }
 
     /// Turns on read-ahead (for a stream that TLS will read in small pieces).
@@ -60,7 +104,7 @@ impl AsyncRead for MeteredStream {
             let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
             let n = buf.filled().len() - before;
             if n > 0 {
-                this.received.record(n as u64);
+                this.count_received(n as u64);
             }
             return poll;
         }
@@ -71,8 +115,8 @@ impl AsyncRead for MeteredStream {
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, ahead) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    this.received.record(n as u64);
                     serve(ahead, buf);
+                    this.count_received(n as u64);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -96,7 +140,8 @@ impl AsyncWrite for MeteredStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &poll {
-            self.sent.record(*n as u64);
+            let n = *n as u64;
+            self.count_sent(n);
         }
         poll
     }
@@ -104,7 +149,8 @@ impl AsyncWrite for MeteredStream {
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &poll {
-            self.sent.record(*n as u64);
+            let n = *n as u64;
+            self.count_sent(n);
         }
         poll
     }

@@ -14,7 +14,7 @@ use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, 
 use serde::Serialize;
 
 pub const SENT: &str = "sent";
-/// The client name of a server's tunnel until clients have names of their own.
+/// The client whose secret is `server.secret`: the one a single-client setup has.
 pub const DEFAULT_CLIENT: &str = "default";
 pub const RECEIVED: &str = "received";
 
@@ -59,9 +59,9 @@ pub struct Metrics {
     mapping_info: IntGaugeVec,
     mapping_quota_used: GaugeVec,
     tunnel_bytes: IntCounterVec,
-    tunnel_last_activity: Gauge,
-    tunnel_connected: IntGauge,
-    tunnel_connected_since: Gauge,
+    tunnel_last_activity: GaugeVec,
+    tunnel_connected: IntGaugeVec,
+    tunnel_connected_since: GaugeVec,
     tunnel_sessions: IntCounterVec,
     history_last_flush: Gauge,
     webhook_failures: IntCounter,
@@ -123,17 +123,22 @@ impl Metrics {
                 "tunneld_tunnel_bytes_total",
                 "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
             ),
-            &["direction"],
+            &["client", "direction"],
         )
         .expect("static metric definition");
-        let tunnel_last_activity =
-            Gauge::new("tunneld_tunnel_last_activity_timestamp_seconds", "Unix time bytes last crossed the tunnel (0: never).")
-                .expect("static metric definition");
-        let tunnel_connected =
-            IntGauge::new("tunneld_tunnel_connected", "1 while a client is authenticated.").expect("static metric definition");
-        let tunnel_connected_since = Gauge::new(
-            "tunneld_tunnel_connected_since_timestamp_seconds",
-            "Unix time the current tunnel session was authenticated (0: no session).",
+        let tunnel_last_activity = GaugeVec::new(
+            Opts::new("tunneld_tunnel_last_activity_timestamp_seconds", "Unix time bytes last crossed the client's tunnel (0: never)."),
+            &["client"],
+        )
+        .expect("static metric definition");
+        let tunnel_connected = IntGaugeVec::new(Opts::new("tunneld_tunnel_connected", "1 while the client is authenticated."), &["client"])
+            .expect("static metric definition");
+        let tunnel_connected_since = GaugeVec::new(
+            Opts::new(
+                "tunneld_tunnel_connected_since_timestamp_seconds",
+                "Unix time the client's current tunnel session was authenticated (0: no session).",
+            ),
+            &["client"],
         )
         .expect("static metric definition");
         let tunnel_sessions = IntCounterVec::new(Opts::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome."), &["result"])
@@ -158,9 +163,6 @@ impl Metrics {
                 .expect("static metric definition");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        for dir in [SENT, RECEIVED] {
-            tunnel_bytes.with_label_values(&[dir]);
-        }
         for result in session_result::ALL {
             tunnel_sessions.with_label_values(&[result]);
         }
@@ -296,28 +298,57 @@ impl Metrics {
         }
     }
 
-    /// Meters for bytes leaving this side on the tunnel and arriving from it.
-    pub fn tunnel_meters(&self) -> (Meter, Meter) {
-        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[dir])], vec![self.tunnel_last_activity.clone()]);
+    /// Creates a tunnel client's series at 0, so dashboards and alerts see a known
+    /// client from the start, connected or not.
+    pub fn add_client(&self, client: &str) {
+        for dir in [SENT, RECEIVED] {
+            self.tunnel_bytes.with_label_values(&[client, dir]);
+        }
+        self.tunnel_last_activity.with_label_values(&[client]);
+        self.tunnel_connected.with_label_values(&[client]);
+        self.tunnel_connected_since.with_label_values(&[client]);
+    }
+
+    /// Drops a removed client's series.
+    pub fn remove_client(&self, client: &str) {
+        for dir in [SENT, RECEIVED] {
+            let _ = self.tunnel_bytes.remove_label_values(&[client, dir]);
+        }
+        let _ = self.tunnel_last_activity.remove_label_values(&[client]);
+        let _ = self.tunnel_connected.remove_label_values(&[client]);
+        let _ = self.tunnel_connected_since.remove_label_values(&[client]);
+    }
+
+    /// Meters for bytes leaving this side on `client`'s tunnel and arriving from it.
+    pub fn tunnel_meters(&self, client: &str) -> (Meter, Meter) {
+        let activity = self.tunnel_last_activity.with_label_values(&[client]);
+        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[client, dir])], vec![activity.clone()]);
         (meter(SENT), meter(RECEIVED))
     }
 
-    pub fn session_started(&self) {
-        self.tunnel_connected.set(1);
-        self.tunnel_connected_since.set(unix_now());
+    pub fn session_started(&self, client: &str) {
+        self.tunnel_connected.with_label_values(&[client]).set(1);
+        self.tunnel_connected_since.with_label_values(&[client]).set(unix_now());
     }
 
-    pub fn session_ended(&self) {
-        self.tunnel_connected.set(0);
-        self.tunnel_connected_since.set(0.0);
+    /// Only for a client still known: a removed client's series stay removed.
+    pub fn session_ended(&self, client: &str) {
+        if let Ok(connected) = self.tunnel_connected.get_metric_with_label_values(&[client]) {
+            connected.set(0);
+        }
+        if let Ok(since) = self.tunnel_connected_since.get_metric_with_label_values(&[client]) {
+            since.set(0.0);
+        }
     }
 
     pub fn count_session(&self, result: &str) {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
 
+    /// Whether any client is authenticated (on a client: whether it is).
     pub fn tunnel_connected(&self) -> bool {
-        self.tunnel_connected.get() == 1
+        use prometheus::core::Collector;
+        self.tunnel_connected.collect().iter().flat_map(|f| f.get_metric()).any(|m| m.get_gauge().value() == 1.0)
     }
 
     /// Prometheus text exposition of everything registered.
@@ -355,14 +386,23 @@ impl Metrics {
                     ("tunneld_mapping_last_activity_timestamp_seconds", Some(p)) => {
                         ports.entry(p).or_default().last_update = timestamp(gauge)
                     }
-                    ("tunneld_tunnel_bytes_total", None) => match label("direction").as_deref() {
-                        Some(SENT) => snap.tunnel_sent = counter as u64,
-                        Some(RECEIVED) => snap.tunnel_received = counter as u64,
-                        _ => {}
-                    },
-                    ("tunneld_tunnel_last_activity_timestamp_seconds", None) => snap.tunnel_last_update = timestamp(gauge),
-                    ("tunneld_tunnel_connected_since_timestamp_seconds", None) => snap.tunnel_connected_since = timestamp(gauge),
-                    ("tunneld_tunnel_connected", None) => snap.tunnel_connected = gauge == 1.0,
+                    ("tunneld_tunnel_bytes_total", None) => {
+                        let entry = snap.clients.entry(label("client").unwrap_or_default()).or_default();
+                        match label("direction").as_deref() {
+                            Some(SENT) => entry.bytes_sent = counter as u64,
+                            Some(RECEIVED) => entry.bytes_received = counter as u64,
+                            _ => {}
+                        }
+                    }
+                    ("tunneld_tunnel_last_activity_timestamp_seconds", None) => {
+                        snap.clients.entry(label("client").unwrap_or_default()).or_default().last_update = timestamp(gauge)
+                    }
+                    ("tunneld_tunnel_connected_since_timestamp_seconds", None) => {
+                        snap.clients.entry(label("client").unwrap_or_default()).or_default().connected_since = timestamp(gauge)
+                    }
+                    ("tunneld_tunnel_connected", None) => {
+                        snap.clients.entry(label("client").unwrap_or_default()).or_default().connected = gauge == 1.0
+                    }
                     _ => {}
                 }
             }
@@ -404,11 +444,42 @@ pub struct PortTraffic {
 #[derive(Debug, Default, Clone)]
 pub struct TrafficSnapshot {
     pub mappings: BTreeMap<u16, PortTraffic>,
-    pub tunnel_sent: u64,
-    pub tunnel_received: u64,
-    pub tunnel_last_update: Option<f64>,
-    pub tunnel_connected: bool,
-    pub tunnel_connected_since: Option<f64>,
+    /// Per tunnel client, by name.
+    pub clients: BTreeMap<String, ClientTraffic>,
+}
+
+/// One tunnel client's wire numbers as read from the registry.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ClientTraffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_update: Option<f64>,
+    pub connected: bool,
+    pub connected_since: Option<f64>,
+}
+
+impl TrafficSnapshot {
+    /// The tunnel as one: bytes summed over clients, the latest activity, connected
+    /// while any client is, since the earliest session began.
+    pub fn tunnel(&self) -> ClientTraffic {
+        let mut sum = ClientTraffic::default();
+        for c in self.clients.values() {
+            sum.bytes_sent += c.bytes_sent;
+            sum.bytes_received += c.bytes_received;
+            sum.last_update = match (sum.last_update, c.last_update) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            sum.connected |= c.connected;
+            if c.connected {
+                sum.connected_since = match (sum.connected_since, c.connected_since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        sum
+    }
 }
 
 /// A mapping's pre-resolved handles, created once when the mapping is.

@@ -31,8 +31,14 @@ pub const FRAME_HEADER: usize = 4;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// client → server, first frame of a control channel.
-    Hello { version: u32 },
+    /// client → server, first frame of a control channel. `client` names whose
+    /// secret the answer will use (absent from clients before named clients:
+    /// `default`).
+    Hello {
+        version: u32,
+        #[serde(default = "default_client")]
+        client: String,
+    },
     /// server → client.
     Challenge { nonce: String },
     /// client → server: hex HMAC-SHA256(secret, nonce).
@@ -53,6 +59,10 @@ pub enum Message {
     /// client → server on that data channel: `error` is `None` when the target
     /// answered, and raw bytes follow.
     ConnectResult { error: Option<String> },
+}
+
+fn default_client() -> String {
+    crate::metrics::DEFAULT_CLIENT.to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +201,18 @@ pub fn explain_rejection(reason: &str) -> String {
     }
 }
 
+/// Why a client name is not acceptable, or `None`: 1–64 characters of
+/// `[a-z0-9_-]`, so a name is safe in a label, a log line, a URL and a file name.
+pub fn invalid_client_name(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > 64 {
+        return Some(format!("a client name has 1 to 64 characters; {:?} has {}", name, name.chars().count()));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+        return Some(format!("client name {name:?} may only contain a-z, 0-9, '_' and '-'"));
+    }
+    None
+}
+
 /// Constant-time equality for tokens compared outside HMAC.
 pub fn tokens_equal(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;
@@ -200,6 +222,22 @@ pub fn tokens_equal(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_names_are_short_lowercase_words() {
+        for good in ["default", "office", "home-lab_2", "a", &"x".repeat(64)] {
+            assert_eq!(invalid_client_name(good), None, "{good}");
+        }
+        for bad in ["", "Office", "home lab", "ü", "a/b", "a.b", &"x".repeat(65)] {
+            assert!(invalid_client_name(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_hello_without_a_client_name_is_the_default_client() {
+        let hello = Message::decode(br#"{"type":"hello","version":2}"#).unwrap();
+        assert_eq!(hello, Message::Hello { version: 2, client: "default".into() });
+    }
 
     #[test]
     fn hmac_round_trip_and_rejection() {

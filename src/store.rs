@@ -22,7 +22,17 @@ pub struct MappingSpec {
     pub target_host: String,
     pub target_port: u16,
     pub use_tunnel: bool,
+    /// The tunnel client that reaches the target; `None` for a direct mapping.
+    pub client: Option<String>,
     /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A named tunnel client as stored (`default` is not: its secret is `server.secret`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClient {
+    pub name: String,
+    pub secret: String,
     pub created_at: i64,
 }
 
@@ -63,11 +73,19 @@ fn policy_json(policy: &Policy) -> String {
     serde_json::to_string(policy).unwrap_or_else(|_| "{}".into())
 }
 
-/// Databases made before mappings had a policy get the column, empty (`{}`).
-fn migrate_policy_column(conn: &Connection) -> rusqlite::Result<()> {
-    let has_policy = conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = 'policy'")?.exists([])?;
-    if !has_policy {
+/// Databases made before mappings had a policy get the column, empty (`{}`);
+/// those made before named clients get the `client` column, with their tunneled
+/// mappings belonging to `default`, the one client there was.
+fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = ?1")?.exists([column]);
+    if !has("policy")? {
         conn.execute_batch("ALTER TABLE mappings ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    if !has("client")? {
+        conn.execute_batch(
+            "ALTER TABLE mappings ADD COLUMN client TEXT;
+             UPDATE mappings SET client = 'default' WHERE use_tunnel != 0;",
+        )?;
     }
     Ok(())
 }
@@ -105,7 +123,14 @@ impl Store {
                     created_at  INTEGER NOT NULL
                 );",
             )?;
-            migrate_policy_column(&conn)?;
+            migrate_mapping_columns(&conn)?;
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS clients (
+                    name       TEXT PRIMARY KEY,
+                    secret     TEXT NOT NULL,
+                    created_at INTEGER NOT NULL
+                );",
+            )?;
             history::create_schema(&conn)?;
             events::create_schema(&conn)?;
             Ok(conn)
@@ -137,8 +162,8 @@ impl Store {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy],
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client],
             )?;
             tx.commit()
         })
@@ -172,7 +197,7 @@ impl Store {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy FROM mappings ORDER BY source_port",
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client FROM mappings ORDER BY source_port",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -182,6 +207,7 @@ impl Store {
                         r.get::<_, bool>(3)?,
                         r.get::<_, i64>(4)?,
                         r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -190,7 +216,7 @@ impl Store {
         let port =
             |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path.to_string(), port: p });
         rows.into_iter()
-            .map(|(sp, host, tp, tunnel, created, policy)| {
+            .map(|(sp, host, tp, tunnel, created, policy, client)| {
                 let policy = serde_json::from_str(&policy).map_err(|e| StoreError::BadPolicy {
                     path: self.path.to_string(),
                     port: sp,
@@ -201,11 +227,48 @@ impl Store {
                     target_host: host,
                     target_port: port(tp)?,
                     use_tunnel: tunnel,
+                    client: if tunnel { Some(client.unwrap_or_else(|| crate::metrics::DEFAULT_CLIENT.to_string())) } else { None },
                     created_at: created,
                 };
                 Ok((spec, policy))
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// Fails (a constraint error) when the name exists.
+    pub async fn insert_client(&self, client: StoredClient) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO clients (name, secret, created_at) VALUES (?1, ?2, ?3)",
+                params![client.name, client.secret, client.created_at],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Returns whether a row was deleted.
+    pub async fn remove_client(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM clients WHERE name = ?1", params![name])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT name, secret, created_at FROM clients ORDER BY name")?;
+            let rows = stmt.query_map([], |r| Ok(StoredClient { name: r.get(0)?, secret: r.get(1)?, created_at: r.get(2)? }))?;
+            rows.collect()
+        })
+        .await
     }
 }
 
@@ -216,7 +279,14 @@ mod tests {
     #[tokio::test]
     async fn mappings_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let m = MappingSpec { source_port: 4000, target_host: "127.0.0.1".into(), target_port: 22, use_tunnel: true, created_at: 1 };
+        let m = MappingSpec {
+            source_port: 4000,
+            target_host: "127.0.0.1".into(),
+            target_port: 22,
+            use_tunnel: true,
+            client: Some("office".into()),
+            created_at: 1,
+        };
         {
             let store = Store::open(dir.path()).unwrap();
             store.insert(m.clone(), &Policy::default()).await.unwrap();
@@ -252,7 +322,40 @@ mod tests {
         let rows = store.list().await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1, Policy::default());
+        assert_eq!(rows[0].0.client, None, "a direct mapping has no client");
         assert!(store.set_policy(4000, &Policy { description: Some("x".into()), ..Policy::default() }).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn tunneled_mappings_from_before_named_clients_belong_to_default() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL, policy TEXT NOT NULL DEFAULT '{}');
+                 INSERT INTO mappings VALUES (4000, '10.0.0.5', 22, 1, 7, '{}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list().await.unwrap()[0].0.client.as_deref(), Some("default"));
+    }
+
+    #[tokio::test]
+    async fn clients_survive_reopen_and_names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let office = StoredClient { name: "office".into(), secret: "s".repeat(64), created_at: 3 };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_client(office.clone()).await.unwrap();
+            assert!(store.insert_client(office.clone()).await.is_err(), "a name is unique");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.clients().await.unwrap(), vec![office]);
+        assert!(store.remove_client("office").await.unwrap());
+        assert!(!store.remove_client("office").await.unwrap());
+        assert!(store.clients().await.unwrap().is_empty());
     }
 
     #[test]

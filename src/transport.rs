@@ -24,6 +24,15 @@ impl TunnelStream {
         }
     }
 
+    /// Counts this connection, from its first byte, as `client`'s (see
+    /// [`MeteredStream::attribute`]).
+    pub fn attribute(&mut self, sent: crate::metrics::Meter, received: crate::metrics::Meter) {
+        match self {
+            TunnelStream::Plain(s) => s.attribute(sent, received),
+            TunnelStream::Tls(s) => s.get_mut().0.attribute(sent, received),
+        }
+    }
+
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
     /// plain (trusted-network) tunnel.
     pub fn binding(&self) -> Vec<u8> {

@@ -410,13 +410,13 @@ async fn tls_connect(tunnel: SocketAddr, pin: &str) -> TunnelStream {
         tunneld::config::ClientConfig { server: tunnel.to_string(), server_fingerprint: Some(pin.to_string()), ..Default::default() };
     let (connector, name) = tunneld::tls::connector(&config).unwrap();
     let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
-    let (sent, received) = Metrics::new().tunnel_meters();
+    let (sent, received) = Metrics::new().tunnel_meters("default");
     let tls = connector.connect(name, MeteredStream::new(tcp, sent, received)).await.unwrap();
     TunnelStream::Tls(Box::new(tls.into()))
 }
 
 async fn challenge(stream: &mut TunnelStream) -> String {
-    protocol::write_frame(stream, &Message::Hello { version: PROTOCOL_VERSION }).await.unwrap();
+    protocol::write_frame(stream, &Message::Hello { version: PROTOCOL_VERSION, client: "default".into() }).await.unwrap();
     match protocol::read_frame(stream).await.unwrap().0 {
         Message::Challenge { nonce } => nonce,
         other => panic!("expected a challenge, got {other:?}"),

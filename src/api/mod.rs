@@ -114,6 +114,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
         .route("/api/events", get(events))
+        .route("/api/client/create", post(create_client))
+        .route("/api/client/remove", post(remove_client))
+        .route("/api/client/list", get(list_clients))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     // Open by default (scrapers); behind the token when the operator asks.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -167,7 +170,7 @@ impl From<MappingError> for ApiError {
         let status = match &e {
             MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
             MappingError::Conflict(_) => StatusCode::CONFLICT,
-            MappingError::NotFound(_) => StatusCode::NOT_FOUND,
+            MappingError::NotFound(_) | MappingError::UnknownClient(_) => StatusCode::NOT_FOUND,
             MappingError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: e.to_string() }
@@ -315,6 +318,7 @@ fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
         "target_host",
         "target_port",
         "use_tunnel",
+        "client",
         "description",
         "bandwidth_limit",
         "quota",
@@ -333,9 +337,14 @@ fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad_request("`use_tunnel` must be true or false")),
     };
+    let client = match body.get("client") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(bad_request("`client` must be a client name (a string)")),
+    };
     let mut policy = crate::policy::Policy::default();
     policy.apply(body).map_err(bad_request)?;
-    Ok(NewMapping { source_port, target_host, target_port, use_tunnel, policy })
+    Ok(NewMapping { source_port, target_host, target_port, use_tunnel, client, policy })
 }
 
 async fn update_mapping(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
@@ -361,6 +370,69 @@ async fn remove_mapping(State(state): State<AppState>, body: JsonObject) -> Resu
     state.mappings.remove(port).await?;
     state.recorder.flush_logged().await;
     Ok(success("mapping removed", json!({"port": port})))
+}
+
+async fn create_client(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let body = body.only(&["name"])?;
+    let name = match body.get("name") {
+        None | Some(Value::Null) => return Err(bad_request("missing field `name`")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad_request("`name` must be a string")),
+    };
+    let secret = state.mappings.create_client(&name).await?;
+    Ok(success(
+        "client created; its secret is shown only now: give it to the client (client.secret) with client.name set to this name",
+        json!({"name": name, "secret": secret}),
+    ))
+}
+
+async fn remove_client(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+    let body = body.only(&["name", "force"])?;
+    let name = match body.get("name") {
+        None | Some(Value::Null) => return Err(bad_request("missing field `name`")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad_request("`name` must be a string")),
+    };
+    let force = match body.get("force") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad_request("`force` must be true or false")),
+    };
+    // The client's tunnel series vanish with it: record what it moved first.
+    state.recorder.flush_logged().await;
+    let waiting = state.mappings.remove_client(&name, force).await?;
+    state.recorder.flush_logged().await;
+    Ok(success("client removed", json!({"name": name, "mappings_waiting": waiting})))
+}
+
+async fn list_clients(State(state): State<AppState>) -> Response {
+    let clients = client_views(&state, &state.metrics.traffic()).await;
+    let count = clients.len();
+    success("ok", json!({"clients": clients, "count": count}))
+}
+
+/// Every client as the API shows it: who is connected from where, since when,
+/// what crossed its tunnel, and how many mappings it serves.
+async fn client_views(state: &AppState, snap: &crate::metrics::TrafficSnapshot) -> Vec<Value> {
+    let per_client = state.mappings.mappings_per_client().await;
+    state
+        .hub
+        .clients()
+        .into_iter()
+        .map(|c| {
+            let t = snap.clients.get(&c.name).cloned().unwrap_or_default();
+            json!({
+                "name": c.name,
+                "connected": c.peer.is_some(),
+                "peer": c.peer.map(|p| p.to_string()),
+                "connected_since": t.connected_since.filter(|_| c.peer.is_some()),
+                "bytes_sent": t.bytes_sent,
+                "bytes_received": t.bytes_received,
+                "last_update": t.last_update,
+                "mappings": per_client.get(&c.name).copied().unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 async fn list_mappings(State(state): State<AppState>) -> Response {
@@ -404,6 +476,7 @@ async fn traffic_data(state: &AppState) -> Value {
                 "target_host": view.spec.target_host,
                 "target_port": view.spec.target_port,
                 "use_tunnel": view.spec.use_tunnel,
+                "client": view.spec.client,
                 "status": view.status,
                 "description": view.policy.description,
                 "bandwidth_limit": view.policy.bandwidth_limit,
@@ -415,14 +488,16 @@ async fn traffic_data(state: &AppState) -> Value {
             })
         })
         .collect();
+    let tunnel = snap.tunnel();
     json!({
         "tunnel": {
-            "bytes_sent": snap.tunnel_sent,
-            "bytes_received": snap.tunnel_received,
-            "last_update": snap.tunnel_last_update,
-            "connected": snap.tunnel_connected,
-            "connected_since": snap.tunnel_connected_since,
+            "bytes_sent": tunnel.bytes_sent,
+            "bytes_received": tunnel.bytes_received,
+            "last_update": tunnel.last_update,
+            "connected": tunnel.connected,
+            "connected_since": tunnel.connected_since,
         },
+        "clients": client_views(state, &snap).await,
         "mappings": mappings,
         "total_sent": total_sent,
         "total_received": total_received,
@@ -516,18 +591,24 @@ impl AppState {
 /// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an
 /// operator should act on.
 async fn health(State(state): State<AppState>) -> Response {
-    let connected = state.hub.connected();
+    let clients = state.hub.clients();
+    let connected = clients.iter().any(|c| c.peer.is_some());
     let mut reasons = Vec::new();
     for (port, error) in state.mappings.unbound().await {
         reasons.push(format!("mapping on port {port} is not listening: {error}"));
     }
-    let waiting: Vec<u16> = state.mappings.list().await.iter().filter(|m| m.spec.use_tunnel).map(|m| m.spec.source_port).collect();
-    if !connected && !waiting.is_empty() {
-        reasons.push(format!("no tunnel client connected; tunneled mappings waiting: {waiting:?}"));
+    let mut waiting: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
+    for m in state.mappings.list().await {
+        if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {
+            waiting.entry(client).or_default().push(m.spec.source_port);
+        }
     }
-    if let Some(f) = state.hub.flapping() {
+    for (client, ports) in waiting {
+        reasons.push(format!("tunnel client {client} is not connected; its mappings wait: {ports:?}"));
+    }
+    for (client, f) in state.hub.flapping() {
         reasons.push(format!(
-            "tunnel clients flapping: {} and {} replaced each other {} times in the last minute (same secret on two clients?)",
+            "tunnel client {client} is flapping: {} and {} replaced each other {} times in the last minute (one name on two clients?)",
             f.previous, f.latest, f.replacements
         ));
     }

@@ -38,6 +38,8 @@ pub enum MappingError {
     Conflict(String),
     #[error("no mapping on port {0}")]
     NotFound(u16),
+    #[error("no client named {0:?}")]
+    UnknownClient(String),
     /// `action` says what failed ("save the mapping on port 4000").
     #[error("could not {action}: {error}")]
     Store { action: String, error: StoreError },
@@ -57,6 +59,8 @@ pub struct NewMapping {
     pub target_host: String,
     pub target_port: u16,
     pub use_tunnel: bool,
+    /// Which client reaches the target (`None`: `default`); tunneled mappings only.
+    pub client: Option<String>,
     pub policy: Policy,
 }
 
@@ -172,6 +176,13 @@ impl Mappings {
         if host.is_empty() {
             return Err(MappingError::Invalid("target_host must not be empty".into()));
         }
+        let client = match (req.use_tunnel, req.client) {
+            (true, client) => Some(client.unwrap_or_else(|| crate::metrics::DEFAULT_CLIENT.to_string())),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into()))
+            }
+        };
         // Host names and address literals are ASCII; anything else (bidi controls,
         // zero-width characters, homoglyphs) would only let a name display as
         // something it is not. International names go in their punycode form.
@@ -185,6 +196,11 @@ impl Mappings {
         let resolved = if req.use_tunnel { Vec::new() } else { resolve(&host, req.target_port).await? };
 
         let mut entries = self.entries.lock().await;
+        // Checked under the mappings lock, which client removal takes too: a
+        // mapping never names a client that is being removed.
+        if let Some(name) = client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
+            return Err(MappingError::Invalid(format!("client: no client named {name:?} (create it with /api/client/create)")));
+        }
         if entries.contains_key(&req.source_port) {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
         }
@@ -200,6 +216,7 @@ impl Mappings {
             target_host: host,
             target_port: req.target_port,
             use_tunnel: req.use_tunnel,
+            client,
             created_at: crate::metrics::unix_now() as i64,
         };
         // On disk before anyone is told it exists.
@@ -208,7 +225,7 @@ impl Mappings {
             .insert(spec.clone(), &req.policy)
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
-        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, "mapping created");
+        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), "mapping created");
         let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)));
         let view = self.view(&entry);
         entries.insert(req.source_port, entry);
@@ -263,6 +280,63 @@ impl Mappings {
         Ok(())
     }
 
+    /// Registers a new tunnel client and returns its secret. The secret is stored
+    /// (a client's answer is checked against it) but never shown again.
+    pub async fn create_client(&self, name: &str) -> Result<String, MappingError> {
+        if let Some(why) = crate::protocol::invalid_client_name(name) {
+            return Err(MappingError::Invalid(format!("name: {why}")));
+        }
+        // Under the mappings lock: creation and removal of clients are serialised
+        // with each other and with mappings that name them.
+        let _entries = self.entries.lock().await;
+        if self.ctx.hub.knows(name) {
+            return Err(MappingError::Conflict(format!("a client named {name:?} already exists")));
+        }
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let stored =
+            crate::store::StoredClient { name: name.to_string(), secret: secret.clone(), created_at: crate::metrics::unix_now() as i64 };
+        self.ctx.store.insert_client(stored).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
+        self.ctx.hub.add_client(name, secret.clone());
+        info!(client = name, "tunnel client created");
+        Ok(secret)
+    }
+
+    /// Forgets a client: it can no longer authenticate and its session ends now.
+    /// While mappings name it this is a conflict, unless `force`: then they stay,
+    /// waiting for a client of that name. Returns the ports of those mappings.
+    pub async fn remove_client(&self, name: &str, force: bool) -> Result<Vec<u16>, MappingError> {
+        if name == crate::metrics::DEFAULT_CLIENT {
+            return Err(MappingError::Invalid(
+                "the client `default` cannot be removed: its secret is server.secret; change that to lock it out".into(),
+            ));
+        }
+        let entries = self.entries.lock().await;
+        if !self.ctx.hub.knows(name) {
+            return Err(MappingError::UnknownClient(name.to_string()));
+        }
+        let users: Vec<u16> = entries.values().filter(|e| e.spec.client.as_deref() == Some(name)).map(|e| e.spec.source_port).collect();
+        if !users.is_empty() && !force {
+            return Err(MappingError::Conflict(format!(
+                "client {name:?} is used by the mappings on ports {users:?}: remove them first, or send \"force\": true to keep them waiting for this name"
+            )));
+        }
+        self.ctx.store.remove_client(name).await.map_err(MappingError::store(format!("remove the client {name:?}")))?;
+        self.ctx.hub.remove_client(name);
+        info!(client = name, mappings_left_waiting = users.len(), "tunnel client removed");
+        Ok(users)
+    }
+
+    /// How many mappings name each client.
+    pub async fn mappings_per_client(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for entry in self.entries.lock().await.values() {
+            if let Some(client) = &entry.spec.client {
+                *counts.entry(client.clone()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
     /// Why a direct target at `addrs` would be this daemon's own listener — the
     /// new mapping's port, another mapping's, the API's or the tunnel's, on any
     /// local address — or `None`. Dialing one makes each visitor a new visitor:
@@ -293,7 +367,7 @@ impl Mappings {
     fn view(&self, entry: &Entry) -> MappingView {
         let status = match entry.bind_error.lock().ok().and_then(|e| e.clone()) {
             Some(error) => format!("error: {error}"),
-            None if entry.spec.use_tunnel && !self.ctx.hub.connected() => "waiting_for_tunnel".into(),
+            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => "waiting_for_tunnel".into(),
             None => "active".into(),
         };
         let policy = entry.policy.get();
@@ -357,8 +431,8 @@ impl Mappings {
 
 /// `tunneld_mapping_info`'s labels besides the port: target, mode, client.
 fn info_labels(spec: &MappingSpec) -> [String; 3] {
-    let (mode, client) = if spec.use_tunnel { ("tunnel", "default") } else { ("direct", "") };
-    [format!("{}:{}", spec.target_host, spec.target_port), mode.into(), client.into()]
+    let mode = if spec.use_tunnel { "tunnel" } else { "direct" };
+    [format!("{}:{}", spec.target_host, spec.target_port), mode.into(), spec.client.clone().unwrap_or_default()]
 }
 
 fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
@@ -537,14 +611,21 @@ async fn tunneled(
     metrics: &MappingMetrics,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
-    let (channel, lease) = ctx.hub.open(&spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    let client = spec.client.as_deref().unwrap_or(crate::metrics::DEFAULT_CLIENT);
+    let (channel, lease) =
+        ctx.hub.open(client, &spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     let (up, down) = policy.capped(metrics.meters());
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
     let answer = exchange::Answer::Expected(&reached_target);
-    match exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout).await {
+    let relayed = tokio::select! {
+        relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
+        // A removed client's access ends with its exchanges, not when they finish.
+        _ = lease.revoked() => return Err(VisitorError::Relay(std::io::Error::other(format!("client {client} was removed")))),
+    };
+    match relayed {
         Ok((channel, sent, received)) => {
             lease.give_back(channel);
             Ok((sent, received))

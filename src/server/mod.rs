@@ -75,7 +75,9 @@ pub async fn run(
     let tunnel_addr = listeners.tunnel.local_addr()?;
     let tls = tunnel_tls(&config, &state_dir, tunnel_addr)?;
     let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
-    let hub = TunnelHub::new(secret, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
+    let clients = store.clients().await.context("cannot read the stored tunnel clients")?;
+    let clients = clients.into_iter().map(|c| (c.name, c.secret));
+    let hub = TunnelHub::new(secret, clients, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
     let api_addr = listeners.api.local_addr()?;
     let api_port = api_addr.port();
     let api_on_loopback = config::is_loopback(api_addr.ip());

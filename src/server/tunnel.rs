@@ -1,18 +1,20 @@
 //! The server's side of the tunnel: accepting clients, authenticating them,
-//! keeping the one live session, and handing out data channels to visitors.
+//! keeping each named client's live session, and handing out data channels to
+//! visitors of that client's mappings.
 //!
-//! One client at a time: a newly authenticated client replaces the previous
-//! session, so a client that restarts after a crash is back in service at once
-//! instead of waiting for the dead session's heartbeat timeout.
+//! Clients are known by name, each with its own secret. One session per name: a
+//! newly authenticated connection under a name replaces that name's session, so a
+//! client that restarts after a crash is back in service at once instead of
+//! waiting for the dead session's heartbeat timeout. Other names are untouched.
 //!
 //! Every connection is TLS unless `server.tls = false`; the first byte tells a TLS
 //! client from a plain one, so a mismatch (or a version-1 client) gets a clear
 //! answer instead of a "malformed frame". Data channels are reused: after a clean
 //! exchange a channel goes back into the session's idle pool.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -26,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::throttle::{AuthThrottle, FailureLog, FlapDetector, Flapping, Pending, Unauthenticated};
 use crate::metered::MeteredStream;
-use crate::metrics::{session_result, Metrics};
+use crate::metrics::{session_result, Metrics, DEFAULT_CLIENT};
 use crate::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
 use crate::transport::TunnelStream;
 
@@ -44,8 +46,8 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("no tunnel client is connected")]
-    NoClient,
+    #[error("tunnel client {0} is not connected")]
+    NoClient(String),
     #[error("the tunnel client did not provide a data channel in time")]
     Timeout,
     #[error("data channel failed: {0}")]
@@ -61,12 +63,14 @@ pub struct HubSettings {
     pub pool_idle: Duration,
 }
 
-/// Shared by the tunnel acceptor and every tunneled mapping.
+/// Shared by the tunnel acceptor, every tunneled mapping and the client API.
 pub struct TunnelHub {
-    secret: String,
     metrics: Arc<Metrics>,
     settings: HubSettings,
-    current: Mutex<Option<Arc<Session>>>,
+    /// Every known client by name. Metric series of a client are created and
+    /// removed under this lock, so a session ending as its client is removed
+    /// cannot bring the removed series back.
+    clients: RwLock<HashMap<String, Arc<Client>>>,
     defences: Mutex<Defences>,
     unauthenticated: Arc<Unauthenticated>,
 }
@@ -75,14 +79,34 @@ pub struct TunnelHub {
 struct Defences {
     throttle: AuthThrottle,
     log: FailureLog,
-    flaps: FlapDetector,
+    /// Per client name: two processes with one name replacing each other.
+    flaps: HashMap<String, FlapDetector>,
 }
 
-/// One authenticated client.
+/// A named client: its secret and, while it is connected, its session.
+struct Client {
+    name: String,
+    secret: String,
+    session: Mutex<Option<Arc<Session>>>,
+    /// Cancelled when the client is removed: its session and every exchange on
+    /// its data channels end.
+    removed: CancellationToken,
+}
+
+/// What the API shows of a client besides its traffic.
+#[derive(Debug, Clone)]
+pub struct ClientStatus {
+    pub name: String,
+    /// While connected: the control connection's source address.
+    pub peer: Option<SocketAddr>,
+}
+
+/// One authenticated connection of a client.
 struct Session {
     id: u64,
     token: String,
     peer: SocketAddr,
+    client: Arc<Client>,
     control: mpsc::Sender<Message>,
     pool: Mutex<Pool>,
     cancel: CancellationToken,
@@ -99,6 +123,11 @@ struct Pool {
 pub struct Lease(Arc<Session>);
 
 impl Lease {
+    /// Resolves when the channel's client is removed: its exchanges end then.
+    pub async fn revoked(&self) {
+        self.0.client.removed.cancelled().await
+    }
+
     /// Into the session's pool (or to a waiting visitor); dropped if the session
     /// has ended meanwhile.
     pub fn give_back(self, stream: TunnelStream) {
@@ -109,24 +138,87 @@ impl Lease {
 }
 
 impl TunnelHub {
-    pub fn new(secret: String, metrics: Arc<Metrics>, settings: HubSettings) -> Arc<TunnelHub> {
-        Arc::new(TunnelHub {
-            secret,
+    /// A hub that knows the client `default` (whose secret is `server.secret`) and
+    /// the stored `clients` (name, secret).
+    pub fn new(
+        default_secret: String,
+        clients: impl IntoIterator<Item = (String, String)>,
+        metrics: Arc<Metrics>,
+        settings: HubSettings,
+    ) -> Arc<TunnelHub> {
+        let hub = Arc::new(TunnelHub {
             metrics,
             settings,
-            current: Mutex::new(None),
+            clients: RwLock::new(HashMap::new()),
             defences: Mutex::new(Defences {
                 throttle: AuthThrottle::default(),
                 log: FailureLog::new(FAILURE_LOG_INTERVAL),
-                flaps: FlapDetector::default(),
+                flaps: HashMap::new(),
             }),
             unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE),
-        })
+        });
+        hub.add_client(DEFAULT_CLIENT, default_secret);
+        for (name, secret) in clients {
+            hub.add_client(&name, secret);
+        }
+        hub
     }
 
-    /// Two clients fighting over the session right now, for `/health`.
-    pub fn flapping(&self) -> Option<Flapping> {
-        self.defences.lock().ok()?.flaps.flapping(Instant::now())
+    /// Makes `name` known with `secret` (replacing nothing: callers check first).
+    pub fn add_client(&self, name: &str, secret: String) {
+        let client = Arc::new(Client { name: name.to_string(), secret, session: Mutex::new(None), removed: CancellationToken::new() });
+        if let Ok(mut clients) = self.clients.write() {
+            self.metrics.add_client(name);
+            clients.insert(name.to_string(), client);
+        }
+    }
+
+    /// Forgets `name`: its session and the exchanges on its data channels end now,
+    /// and its metric series go. Returns whether it was known.
+    pub fn remove_client(&self, name: &str) -> bool {
+        let removed = match self.clients.write() {
+            Ok(mut clients) => {
+                let removed = clients.remove(name);
+                if removed.is_some() {
+                    self.metrics.remove_client(name);
+                }
+                removed
+            }
+            Err(_) => None,
+        };
+        let Some(client) = removed else { return false };
+        client.removed.cancel();
+        if let Some(session) = client.session.lock().ok().and_then(|s| s.clone()) {
+            session.cancel.cancel();
+        }
+        if let Ok(mut d) = self.defences.lock() {
+            d.flaps.remove(name);
+        }
+        true
+    }
+
+    pub fn knows(&self, name: &str) -> bool {
+        self.client(name).is_some()
+    }
+
+    /// Every known client, by name.
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        let mut status: Vec<ClientStatus> =
+            clients.iter().map(|c| ClientStatus { name: c.name.clone(), peer: c.current().map(|s| s.peer) }).collect();
+        status.sort_by(|a, b| a.name.cmp(&b.name));
+        status
+    }
+
+    fn client(&self, name: &str) -> Option<Arc<Client>> {
+        self.clients.read().ok()?.get(name).cloned()
+    }
+
+    /// Clients whose processes are fighting over one name right now, for `/health`.
+    pub fn flapping(&self) -> BTreeMap<String, Flapping> {
+        let now = Instant::now();
+        let Ok(d) = self.defences.lock() else { return BTreeMap::new() };
+        d.flaps.iter().filter_map(|(name, f)| Some((name.clone(), f.flapping(now)?))).collect()
     }
 
     /// Counts a failed handshake against `peer`'s address and logs it — the first
@@ -184,12 +276,13 @@ impl TunnelHub {
         }
     }
 
-    pub fn connected(&self) -> bool {
-        self.current().is_some()
+    /// Whether the client `name` has a live session.
+    pub fn connected(&self, name: &str) -> bool {
+        self.session(name).is_some()
     }
 
-    fn current(&self) -> Option<Arc<Session>> {
-        self.current.lock().ok().and_then(|c| c.clone())
+    fn session(&self, name: &str) -> Option<Arc<Session>> {
+        self.client(name)?.current()
     }
 
     /// Accepts tunnel connections until `shutdown`; each is handled on its own task
@@ -211,7 +304,8 @@ impl TunnelHub {
                 }
             });
         }
-        if let Some(session) = self.current() {
+        let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        for session in clients.iter().filter_map(|c| c.current()) {
             session.cancel.cancel();
         }
     }
@@ -242,10 +336,10 @@ impl TunnelHub {
             }
         };
         match hello {
-            Message::Hello { version } | Message::DataHello { version, .. } if version != PROTOCOL_VERSION => {
+            Message::Hello { version, .. } | Message::DataHello { version, .. } if version != PROTOCOL_VERSION => {
                 self.reject_version(&mut stream, peer, version).await
             }
-            Message::Hello { .. } => self.control_channel(stream, peer, pending, shutdown).await,
+            Message::Hello { client, .. } => self.control_channel(stream, peer, &client, pending, shutdown).await,
             Message::DataHello { session, .. } => {
                 drop(pending);
                 self.data_channel(stream, peer, &session);
@@ -271,8 +365,8 @@ impl TunnelHub {
         let mut first = [0u8; 1];
         let peeked = stream.peek(&mut first).await.ok()?;
         let speaks_tls = peeked == 1 && first[0] == crate::tls::TLS_HANDSHAKE_BYTE;
-        let (sent, received) = self.metrics.tunnel_meters();
-        let mut metered = MeteredStream::new(stream, sent, received);
+        // Counted as a client's once it has authenticated (see `attribute`).
+        let mut metered = MeteredStream::unattributed(stream);
         match (&self.settings.tls, speaks_tls) {
             (Some(acceptor), true) => match acceptor.accept(metered.reading_ahead()).await {
                 Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
@@ -288,7 +382,7 @@ impl TunnelHub {
                 // its hello in the clear to tell which, and answer in the clear.
                 let mut plain = TunnelStream::Plain(metered);
                 match protocol::read_frame(&mut plain).await {
-                    Ok((Message::Hello { version } | Message::DataHello { version, .. }, _)) if version != PROTOCOL_VERSION => {
+                    Ok((Message::Hello { version, .. } | Message::DataHello { version, .. }, _)) if version != PROTOCOL_VERSION => {
                         let _ = self.reject_version(&mut plain, peer, version).await;
                     }
                     Ok((Message::Hello { .. } | Message::DataHello { .. }, _)) => {
@@ -326,9 +420,19 @@ impl TunnelHub {
         self: Arc<Self>,
         mut stream: TunnelStream,
         peer: SocketAddr,
+        name: &str,
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
+        if protocol::invalid_client_name(name).is_some() {
+            self.failed(peer, session_result::PROTOCOL_ERROR, "invalid client name in hello");
+            let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-'".to_string();
+            protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
+            return Ok(());
+        }
+        // An unknown name is challenged like a known one and refused with the same
+        // words as a wrong secret, so names cannot be probed.
+        let client = self.client(name);
         let nonce = protocol::new_nonce();
         protocol::write_frame(&mut stream, &Message::Challenge { nonce: nonce.clone() }).await?;
         let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut stream)).await {
@@ -346,22 +450,29 @@ impl TunnelHub {
                 return Ok(());
             }
         };
-        if !protocol::verify(&self.secret, &nonce, &stream.binding(), &answer) {
-            self.failed(peer, session_result::AUTH_FAILED, "authentication failed (wrong secret)");
-            let reason = "authentication failed: the client's secret does not match the server's".to_string();
+        let binding = stream.binding();
+        let Some(client) = client.filter(|c| protocol::verify(&c.secret, &nonce, &binding, &answer)) else {
+            let reason =
+                if self.knows(name) { "authentication failed (wrong secret)" } else { "authentication failed (unknown client name)" };
+            debug!(%peer, client = name, reason, "tunnel client refused");
+            self.failed(peer, session_result::AUTH_FAILED, reason);
+            let reason = "authentication failed: unknown client name or wrong secret".to_string();
             protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
             return Ok(());
-        }
+        };
         drop(pending);
         if let Ok(mut d) = self.defences.lock() {
             d.throttle.succeeded(peer.ip());
         }
+        let (sent, received) = self.metrics.tunnel_meters(&client.name);
+        stream.attribute(sent, received);
 
         let (control_tx, mut control_rx) = mpsc::channel::<Message>(64);
         let session = Arc::new(Session {
             id: rand::random(),
             token: protocol::new_nonce(),
             peer,
+            client: client.clone(),
             control: control_tx,
             pool: Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
@@ -370,7 +481,7 @@ impl TunnelHub {
         let welcome = Message::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
         protocol::write_frame(&mut stream, &welcome).await?;
         self.install(session.clone());
-        info!(%peer, session = session.id, "tunnel client authenticated");
+        info!(%peer, client = %client.name, session = session.id, "tunnel client authenticated");
 
         let mut framed = Framed::new(stream, protocol::codec());
         let mut tick = tokio::time::interval(heartbeat);
@@ -378,7 +489,7 @@ impl TunnelHub {
         let silent_limit = heartbeat * 3;
         let outcome = loop {
             tokio::select! {
-                _ = session.cancel.cancelled() => break Ok("replaced or shutting down"),
+                _ = session.cancel.cancelled() => break Ok(if client.removed.is_cancelled() { "client removed" } else { "replaced or shutting down" }),
                 frame = framed.next() => match frame {
                     Some(Ok(bytes)) => match Message::decode(&bytes) {
                         Ok(Message::Heartbeat) => last_heard = Instant::now(),
@@ -405,42 +516,69 @@ impl TunnelHub {
             }
         };
         match &outcome {
-            Ok(reason) => info!(%peer, session = session.id, reason, "tunnel session ended"),
-            Err(e) => warn!(%peer, session = session.id, error = %e, "tunnel session ended"),
+            Ok(reason) => info!(%peer, client = %client.name, session = session.id, reason, "tunnel session ended"),
+            Err(e) => warn!(%peer, client = %client.name, session = session.id, error = %e, "tunnel session ended"),
         }
         self.uninstall(&session);
         outcome.map(|_| ())
     }
 
-    /// Newest wins — a restarted client is back at once — but two clients taking
-    /// turns is flapping: logged as an error naming both, and shown in `/health`.
+    /// Newest wins — a restarted client is back at once — but two processes with
+    /// one name taking turns is flapping: logged as an error naming both, and
+    /// shown in `/health`.
     fn install(&self, session: Arc<Session>) {
+        let client = session.client.clone();
         let latest = session.peer;
-        let previous = self.current.lock().ok().and_then(|mut c| c.replace(session));
+        let previous = client.session.lock().ok().and_then(|mut c| c.replace(session));
         if let Some(old) = previous {
-            warn!(previous = %old.peer, latest = %latest, session = old.id, "a newly authenticated client replaces the connected one");
+            warn!(client = %client.name, previous = %old.peer, latest = %latest, session = old.id, "a newly authenticated client replaces the connected one with the same name");
             self.metrics.count_session(session_result::REPLACED);
             old.cancel.cancel();
-            let flapping = self.defences.lock().ok().and_then(|mut d| d.flaps.replaced(old.peer, latest, Instant::now()));
+            let flapping = self
+                .defences
+                .lock()
+                .ok()
+                .and_then(|mut d| d.flaps.entry(client.name.clone()).or_default().replaced(old.peer, latest, Instant::now()));
             if let Some(f) = flapping {
                 error!(
+                    client = %client.name,
                     previous = %f.previous,
                     latest = %f.latest,
                     replacements = f.replacements,
-                    "tunnel clients are flapping: two clients with the same secret keep replacing each other; stop one of them"
+                    "tunnel clients are flapping: two clients with the same name keep replacing each other; stop one of them"
                 );
             }
         }
         self.metrics.count_session(session_result::OK);
-        self.metrics.session_started();
+        if let Ok(clients) = self.clients.read() {
+            // A client removed during the handshake: its series stay removed and
+            // the session ends at once.
+            match clients.get(&client.name) {
+                Some(known) if Arc::ptr_eq(known, &client) => self.metrics.session_started(&client.name),
+                _ => {
+                    if let Some(s) = client.current() {
+                        s.cancel.cancel();
+                    }
+                }
+            }
+        }
     }
 
     fn uninstall(&self, session: &Arc<Session>) {
         session.cancel.cancel();
-        if let Ok(mut current) = self.current.lock() {
-            if current.as_ref().is_some_and(|c| c.id == session.id) {
+        let client = &session.client;
+        let was_current = match client.session.lock() {
+            Ok(mut current) if current.as_ref().is_some_and(|c| c.id == session.id) => {
                 *current = None;
-                self.metrics.session_ended();
+                true
+            }
+            _ => false,
+        };
+        if was_current {
+            if let Ok(clients) = self.clients.read() {
+                if clients.get(&client.name).is_some_and(|known| Arc::ptr_eq(known, client)) {
+                    self.metrics.session_ended(&client.name);
+                }
             }
         }
         // Idle channels and waiting visitors of a dead session go with it.
@@ -450,28 +588,35 @@ impl TunnelHub {
         }
     }
 
-    fn data_channel(&self, stream: TunnelStream, peer: SocketAddr, token: &str) {
-        match self.current().filter(|s| protocol::tokens_equal(&s.token, token)) {
-            Some(session) => session.offer(stream),
+    /// A data channel presents its session's token; the session tells whose it is.
+    fn data_channel(&self, mut stream: TunnelStream, peer: SocketAddr, token: &str) {
+        let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        match clients.iter().filter_map(|c| c.current()).find(|s| protocol::tokens_equal(&s.token, token)) {
+            Some(session) => {
+                let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
+                stream.attribute(sent, received);
+                session.offer(stream)
+            }
             None => self.failed(peer, session_result::PROTOCOL_ERROR, UNKNOWN_SESSION),
         }
     }
 
-    /// Gets a data channel through the client — a pooled one if one is idle,
-    /// else one requested now — and sends it the `connect` request for
-    /// `host:port`. The client's answer is read by the caller, so the visitor's
-    /// first bytes can travel with the request.
-    pub async fn open(&self, host: &str, port: u16) -> Result<(TunnelStream, Lease), OpenError> {
+    /// Gets a data channel through `client` — a pooled one if one is idle, else
+    /// one requested now — and sends it the `connect` request for `host:port`.
+    /// The client's answer is read by the caller, so the visitor's first bytes can
+    /// travel with the request.
+    pub async fn open(&self, client: &str, host: &str, port: u16) -> Result<(TunnelStream, Lease), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Message::Connect { host: host.to_string(), port };
+        let no_client = || OpenError::NoClient(client.to_string());
         // A pooled channel whose client end is already gone fails the write; try
         // another. (One that dies later surfaces as a missing answer.)
         let mut last_error = OpenError::Timeout;
         for _ in 0..4 {
-            let session = self.current().ok_or(OpenError::NoClient)?;
+            let session = self.session(client).ok_or_else(no_client)?;
             let mut stream = match tokio::time::timeout_at(deadline, session.acquire(self.settings.pool_idle)).await {
                 Ok(Some(stream)) => stream,
-                Ok(None) => return Err(OpenError::NoClient),
+                Ok(None) => return Err(no_client()),
                 Err(_) => return Err(OpenError::Timeout),
             };
             match protocol::write_frame(&mut stream, &connect).await {
@@ -483,6 +628,12 @@ impl TunnelHub {
             }
         }
         Err(last_error)
+    }
+}
+
+impl Client {
+    fn current(&self) -> Option<Arc<Session>> {
+        self.session.lock().ok().and_then(|s| s.clone())
     }
 }
 
