@@ -429,14 +429,20 @@
       perSec == null ? null : el('span', { class: 'client-rate', 'data-role': 'rate' }, formatRate(perSec)),
     ];
     // Connected: for how long (ticks every second) and since when. Away: when the
-    // tunnel last moved bytes, if ever since the daemon started.
-    const since = c.connected && c.connected_since != null
-      ? fact('Connected', 'since',
-        el('span', { 'data-role': 'ago', 'data-ts': c.connected_since, 'data-kind': 'duration' }),
-        el('time', { class: 'client-clock', 'data-role': 'clock', datetime: new Date(c.connected_since * 1000).toISOString(), title: new Date(c.connected_since * 1000).toLocaleString() },
-          `since ${formatClock(c.connected_since)}`))
-      : fact('Last active', 'since',
-        el('span', { 'data-role': 'ago', 'data-ts': c.last_update ?? '', 'data-kind': 'ago' }));
+    // tunnel last moved bytes, if ever since the daemon started. Daemon unreachable:
+    // only when the session began; a running duration would claim it still runs.
+    const clock = (prefix) => el('time', { class: 'client-clock', 'data-role': 'clock',
+      datetime: new Date(c.connected_since * 1000).toISOString(), title: new Date(c.connected_since * 1000).toLocaleString() },
+    `${prefix}${formatClock(c.connected_since)}`);
+    let since;
+    if (c.connected && c.connected_since != null && lost) {
+      since = fact('Connected at', 'since', clock(''));
+    } else if (c.connected && c.connected_since != null) {
+      since = fact('Connected', 'since',
+        el('span', { 'data-role': 'ago', 'data-ts': c.connected_since, 'data-kind': 'duration' }), clock('since '));
+    } else {
+      since = fact('Last active', 'since', el('span', { 'data-role': 'ago', 'data-ts': c.last_update ?? '', 'data-kind': 'ago' }));
+    }
     const count = c.mappings ?? 0;
     return el('article', { class: 'client', 'data-testid': 'client-card', 'data-name': c.name, 'data-connected': state,
       'data-missed': String(!lost && clientMissed(c)), id: `client-${c.name}` },

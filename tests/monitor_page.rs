@@ -750,6 +750,13 @@ fn monitor_page_renders_live_traffic_offline() {
     // The last word on the tunnel is stale now: no "Connected" while unreachable.
     assert_eq!(page["tunnel_connected"], json!("unknown"), "{page:#}");
     assert_eq!(page["tunnel_text"], json!("Unknown"), "{page:#}");
+    // So is each client's: no "Connected" badge, no duration still counting up.
+    let card = browser.eval(
+        r#"(() => { const c = document.querySelector('[data-testid="client-card"]');
+            return { connected: c.dataset.connected, state: c.querySelector('[data-role="state"]').textContent,
+                     ticking: !!c.querySelector('[data-kind="duration"]') }; })()"#,
+    );
+    assert_eq!(card, json!({"connected": "unknown", "state": "Unknown", "ticking": false}), "{card}");
     browser.screenshot("monitor-connection-lost.png");
     let _back = Respawned::start(daemon.http, &daemon.state_dir, "monitor-secret");
     browser.wait_for("recovery", &state_is("live"));
