@@ -364,7 +364,7 @@
     if (clients.length > 1) {
       // Several clients: one "Connected" would hide the ones that are away.
       // "2 of 3" large, "connected" small: fits a card a sixth of the page wide.
-      stateText.replaceChildren(`${up.length} of ${clients.length}`, el('span', { class: 'card-unit' }, ' connected'));
+      stateText.replaceChildren(el('span', { class: 'card-count' }, `${up.length} of ${clients.length}`), ' ', el('span', { class: 'card-unit' }, 'connected'));
       // Those that mappings wait for first; the full list is in the tooltip.
       const away = [...missed, ...clients.filter((c) => !c.connected && !clientMissed(c))].map((c) => c.name);
       let sub;
@@ -401,7 +401,10 @@
     dom.clientsSub.textContent = lost
       ? `${clients.length === 1 ? '1 client' : `${clients.length} clients`} · state unknown while the daemon is unreachable`
       : `${up} of ${clients.length} connected · wire bytes per client, since the daemon started`;
-    dom.clientList.replaceChildren(...clients.map((c) => clientCard(c, rates.byClient.get(c.name) || {}, lost)));
+    // Clients that mappings wait for come first (the list scrolls when long), the
+    // rest keep the daemon's order by name.
+    const ordered = lost ? clients : [...clients.filter(clientMissed), ...clients.filter((c) => !clientMissed(c))];
+    dom.clientList.replaceChildren(...ordered.map((c) => clientCard(c, rates.byClient.get(c.name) || {}, lost)));
     renderClientClocks();
   }
 
