@@ -73,6 +73,15 @@ pub struct TunnelHub {
     clients: RwLock<HashMap<String, Arc<Client>>>,
     defences: Mutex<Defences>,
     unauthenticated: Arc<Unauthenticated>,
+    presence: tokio::sync::broadcast::Sender<Presence>,
+}
+
+/// A client came or went: a session began, or ended without a successor (a
+/// replacement is neither; a removed client's end is not reported).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub client: String,
+    pub connected: bool,
 }
 
 /// What the tunnel port remembers about misbehaving sources and clients.
@@ -156,6 +165,7 @@ impl TunnelHub {
                 flaps: HashMap::new(),
             }),
             unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE),
+            presence: tokio::sync::broadcast::channel(256).0,
         });
         hub.add_client(DEFAULT_CLIENT, default_secret);
         for (name, secret) in clients {
@@ -195,6 +205,12 @@ impl TunnelHub {
             d.flaps.remove(name);
         }
         true
+    }
+
+    /// Every session that begins or ends from now on, as it happens — a client
+    /// that stays for a moment is seen too.
+    pub fn presence(&self) -> tokio::sync::broadcast::Receiver<Presence> {
+        self.presence.subscribe()
     }
 
     pub fn knows(&self, name: &str) -> bool {
@@ -530,6 +546,7 @@ impl TunnelHub {
         let client = session.client.clone();
         let latest = session.peer;
         let previous = client.session.lock().ok().and_then(|mut c| c.replace(session));
+        let previous_peer = previous.as_ref().map(|old| old.peer);
         if let Some(old) = previous {
             warn!(client = %client.name, previous = %old.peer, latest = %latest, session = old.id, "a newly authenticated client replaces the connected one with the same name");
             self.metrics.count_session(session_result::REPLACED);
@@ -554,7 +571,12 @@ impl TunnelHub {
             // A client removed during the handshake: its series stay removed and
             // the session ends at once.
             match clients.get(&client.name) {
-                Some(known) if Arc::ptr_eq(known, &client) => self.metrics.session_started(&client.name),
+                Some(known) if Arc::ptr_eq(known, &client) => {
+                    self.metrics.session_started(&client.name);
+                    if previous_peer.is_none() {
+                        let _ = self.presence.send(Presence { client: client.name.clone(), connected: true });
+                    }
+                }
                 _ => {
                     if let Some(s) = client.current() {
                         s.cancel.cancel();
@@ -578,6 +600,7 @@ impl TunnelHub {
             if let Ok(clients) = self.clients.read() {
                 if clients.get(&client.name).is_some_and(|known| Arc::ptr_eq(known, client)) {
                     self.metrics.session_ended(&client.name);
+                    let _ = self.presence.send(Presence { client: client.name.clone(), connected: false });
                 }
             }
         }
