@@ -156,6 +156,23 @@ pub fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
     Ok(format!("mapping on port {port} removed\n"))
 }
 
+/// `ctl events`: the newest `limit` events, newest first.
+pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
+    let data = api.get(&format!("/api/events?limit={limit}"))?;
+    let events = data.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut rows = vec![vec!["TIME".to_string(), "KIND".into(), "PORT".into(), "CLIENT".into(), "MESSAGE".into()]];
+    for e in &events {
+        rows.push(vec![
+            e.get("time").and_then(Value::as_f64).map(|t| format_utc(t as i64)).unwrap_or_default(),
+            text(e, "kind"),
+            e.get("port").and_then(Value::as_u64).map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            e.get("client").and_then(Value::as_str).unwrap_or("-").to_string(),
+            text(e, "message"),
+        ]);
+    }
+    Ok(format!("{}{} event(s)\n", table(&rows), events.len()))
+}
+
 /// `ctl client list`.
 pub fn client_list(api: &Api) -> anyhow::Result<String> {
     let data = api.get("/api/client/list")?;

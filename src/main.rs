@@ -83,6 +83,12 @@ enum CtlCommand {
     Client(ClientCommand),
     /// Traffic per mapping since the daemon started, in human units.
     Stats,
+    /// Recent events (quota thresholds, ports that cannot bind, clients lost and back), newest first.
+    Events {
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// A live view of per-port rates; q quits.
     Top {
         /// Seconds between refreshes.
@@ -125,6 +131,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
         CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
         CtlCommand::Stats => ctl::stats(&api).map(Some),
+        CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
         CtlCommand::Top { interval } => ctl::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
     });
     match result {

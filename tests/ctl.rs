@@ -145,6 +145,29 @@ fn ctl_creates_lists_and_removes_clients_and_maps_through_them() {
     assert!(removed.status.success(), "{}", stderr(&removed));
     assert!(stdout(&removed).contains("client office removed; 1 mapping(s) wait"), "{}", stdout(&removed));
     assert!(stdout(&ctl(&server, config, &["client", "list"], &[])).contains("1 client(s)"));
+
+    // The removal cut office's session: no event (it was on purpose); a client
+    // that goes away on its own is one.
+    let home_secret = stdout(&ctl(&server, config, &["client", "create", "home"], &[]))
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 64)
+        .unwrap_or_default()
+        .to_string();
+    let mut home = Daemon::client(&server, &home_secret, &["--name", "home"]);
+    home.kill();
+    let events = wait_for("a client_lost event in ctl events", Duration::from_secs(15), || {
+        let out = ctl(&server, config, &["events", "--limit", "5"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        text.lines()
+            .any(|l| l.contains("client_lost") && l.contains("home") && l.contains("tunnel client home disconnected"))
+            .then_some(text)
+    });
+    assert!(!events.contains("office"), "{events}");
+    assert!(events.starts_with("TIME"), "{events}");
+    let refused = ctl(&server, config, &["events", "--limit", "0"], &[]);
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
 }
 
 #[test]
