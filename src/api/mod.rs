@@ -421,7 +421,7 @@ async fn client_views(state: &AppState, snap: &crate::metrics::TrafficSnapshot) 
                 "name": c.name,
                 "connected": c.peer.is_some(),
                 "peer": c.peer.map(|p| p.to_string()),
-                "connected_since": t.connected_since.filter(|_| c.peer.is_some()),
+                "connected_since": c.connected_since,
                 "bytes_sent": t.bytes_sent,
                 "bytes_received": t.bytes_received,
                 "last_update": t.last_update,

@@ -108,6 +108,8 @@ pub struct ClientStatus {
     pub name: String,
     /// While connected: the control connection's source address.
     pub peer: Option<SocketAddr>,
+    /// While connected: when this session authenticated (Unix seconds).
+    pub connected_since: Option<f64>,
 }
 
 /// One authenticated connection of a client.
@@ -115,6 +117,8 @@ struct Session {
     id: u64,
     token: String,
     peer: SocketAddr,
+    /// Unix seconds.
+    authenticated_at: f64,
     client: Arc<Client>,
     control: mpsc::Sender<Message>,
     pool: Mutex<Pool>,
@@ -220,8 +224,17 @@ impl TunnelHub {
     /// Every known client, by name.
     pub fn clients(&self) -> Vec<ClientStatus> {
         let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
-        let mut status: Vec<ClientStatus> =
-            clients.iter().map(|c| ClientStatus { name: c.name.clone(), peer: c.current().map(|s| s.peer) }).collect();
+        let mut status: Vec<ClientStatus> = clients
+            .iter()
+            .map(|c| {
+                let session = c.current();
+                ClientStatus {
+                    name: c.name.clone(),
+                    peer: session.as_ref().map(|s| s.peer),
+                    connected_since: session.as_ref().map(|s| s.authenticated_at),
+                }
+            })
+            .collect();
         status.sort_by(|a, b| a.name.cmp(&b.name));
         status
     }
@@ -488,6 +501,7 @@ impl TunnelHub {
             id: rand::random(),
             token: protocol::new_nonce(),
             peer,
+            authenticated_at: crate::metrics::unix_now(),
             client: client.clone(),
             control: control_tx,
             pool: Mutex::new(Pool::default()),
@@ -572,7 +586,9 @@ impl TunnelHub {
             // the session ends at once.
             match clients.get(&client.name) {
                 Some(known) if Arc::ptr_eq(known, &client) => {
-                    self.metrics.session_started(&client.name);
+                    if let Some(since) = client.current().map(|s| s.authenticated_at) {
+                        self.metrics.session_started(&client.name, since);
+                    }
                     if previous_peer.is_none() {
                         let _ = self.presence.send(Presence { client: client.name.clone(), connected: true });
                     }
