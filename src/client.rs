@@ -9,7 +9,6 @@
 //! waits for the next `connect`, so a steady stream of visitors costs no new TCP
 //! or TLS handshakes.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -319,7 +318,8 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         // Armed until the exchange ends cleanly: should this process die, the
         // target sees a reset, not an EOF that looks like a complete request.
         forward::arm(&target);
-        let peer: Option<SocketAddr> = target.peer_addr().ok();
+        // Looked up only for the debug log: a syscall per visitor otherwise.
+        let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| target.peer_addr().ok()).flatten();
         match exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await {
             Ok((back, sent, received)) => {
                 debug!(?peer, sent, received, "tunneled connection finished");

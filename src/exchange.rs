@@ -79,14 +79,14 @@ pub enum Answer<'a> {
 /// close) and the other end is sent a [`RESET`]. After a clean end the socket is
 /// disarmed, so its close delivers every byte.
 pub async fn relay(
-    channel: TunnelStream,
+    mut channel: TunnelStream,
     socket: &TcpStream,
     to_channel: &Meter,
     from_channel: &Meter,
     answer: Answer<'_>,
     idle_timeout: Duration,
 ) -> Result<(TunnelStream, u64, u64), ExchangeError> {
-    let watch = channel_watch(&channel);
+    let watch = channel.take_watch();
     if let Some(watch) = &watch {
         forward::arm(watch);
     }
@@ -113,10 +113,12 @@ pub async fn relay(
     match outcome {
         Ok((up, down)) => {
             forward::disarm(socket);
-            if let Some(watch) = &watch {
-                forward::disarm(watch);
+            let mut channel = reader.unsplit(writer);
+            if let Some(watch) = watch {
+                forward::disarm(&watch);
+                channel.return_watch(watch);
             }
-            Ok((reader.unsplit(writer), up, down))
+            Ok((channel, up, down))
         }
         Err(ExchangeError::Channel(e)) if !answered.load(Ordering::Relaxed) => {
             Err(ExchangeError::Refused(format!("data channel failed before the tunnel client answered: {e}")))
@@ -138,19 +140,14 @@ pub async fn relay(
     }
 }
 
-/// A second handle on the channel's socket, for what the split halves cannot do:
-/// notice a reset from the other end while this exchange is blocked on its local
-/// socket (a target that does not read must not pin the exchange after the
-/// visitor is gone), and make this end's close a reset while an exchange is in
-/// flight, so the other end learns at once. `None` when the descriptor cannot be
-/// duplicated (out of descriptors): the exchange then ends when it next touches
-/// the channel.
-fn channel_watch(channel: &TunnelStream) -> Option<TcpStream> {
-    let duplicate = socket2::SockRef::from(channel.tcp()).try_clone().ok()?;
-    TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
-}
-
-/// A reset of the channel seen through its [`channel_watch`]; never without one.
+/// A reset of the channel seen through its watch (`TunnelStream::take_watch`), a
+/// second handle on its socket for what the split halves cannot do: notice a
+/// reset from the other end while this exchange is blocked on its local socket
+/// (a target that does not read must not pin the exchange after the visitor is
+/// gone), and make this end's close a reset while an exchange is in flight, so
+/// the other end learns at once. Never without a watch: it is `None` when the
+/// descriptor could not be duplicated (out of descriptors), and the exchange then
+/// ends when it next touches the channel.
 async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
     match watch {
         Some(watch) => forward::failure(watch).await,

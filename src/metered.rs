@@ -41,16 +41,20 @@ pub struct MeteredStream {
     /// unread bytes (an empty buffer is dropped, so this is free while idle).
     ahead: Option<BytesMut>,
     read_ahead: bool,
+    /// A second handle on the socket, made for the first exchange and kept for
+    /// the stream's life (see `exchange::relay`), so a pooled channel does not
+    /// pay a `dup`, two `epoll_ctl` and a `close` per visitor.
+    watch: Option<TcpStream>,
 }
 
 impl MeteredStream {
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
     pub fn unattributed(inner: TcpStream) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false }
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
@@ -89,6 +93,20 @@ impl MeteredStream {
 
     pub fn get_ref(&self) -> &TcpStream {
         &self.inner
+    }
+
+    /// Lends out the socket's second handle, made on first use; `None` when the
+    /// descriptor cannot be duplicated (out of descriptors). Give it back with
+    /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
+    pub fn take_watch(&mut self) -> Option<TcpStream> {
+        self.watch.take().or_else(|| {
+            let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
+            TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
+        })
+    }
+
+    pub fn return_watch(&mut self, watch: TcpStream) {
+        self.watch = Some(watch);
     }
 }
 

@@ -17,20 +17,26 @@ pub enum TunnelStream {
 }
 
 impl TunnelStream {
-    pub fn tcp(&self) -> &TcpStream {
+    fn metered(&mut self) -> &mut MeteredStream {
         match self {
-            TunnelStream::Plain(s) => s.get_ref(),
-            TunnelStream::Tls(s) => s.get_ref().0.get_ref(),
+            TunnelStream::Plain(s) => s,
+            TunnelStream::Tls(s) => s.get_mut().0,
         }
+    }
+
+    /// A second handle on the channel's socket (see [`MeteredStream::take_watch`]).
+    pub fn take_watch(&mut self) -> Option<TcpStream> {
+        self.metered().take_watch()
+    }
+
+    pub fn return_watch(&mut self, watch: TcpStream) {
+        self.metered().return_watch(watch)
     }
 
     /// Counts this connection, from its first byte, as `client`'s (see
     /// [`MeteredStream::attribute`]).
     pub fn attribute(&mut self, sent: crate::metrics::Meter, received: crate::metrics::Meter) {
-        match self {
-            TunnelStream::Plain(s) => s.attribute(sent, received),
-            TunnelStream::Tls(s) => s.get_mut().0.attribute(sent, received),
-        }
+        self.metered().attribute(sent, received)
     }
 
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
