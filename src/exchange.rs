@@ -64,8 +64,44 @@ fn channel_error(e: io::Error) -> ExchangeError {
 /// ahead of that answer; they are counted as reaching the target only once it
 /// arrives, through the [`Held`] part of the upstream meter.
 pub enum Answer<'a> {
-    Expected(&'a Held),
+    Expected {
+        reached_target: &'a Held,
+        /// User bytes already sent as the first chunk, with the `connect`
+        /// request ([`opening`]); counted when the exchange starts.
+        sent_ahead: usize,
+    },
     None,
+}
+
+/// What the visitor has already sent, taken without waiting (at most one chunk),
+/// so that it travels in the same write as the `connect` request: one write on
+/// this side and one wake-up of the client fewer per visitor. Only bytes already
+/// queued are read (`FIONREAD` first), so a pending reset or EOF stays on the
+/// socket for the exchange to see, exactly as before.
+pub fn early_bytes(socket: &TcpStream) -> Vec<u8> {
+    let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(MAX_CHUNK as u64) as usize;
+    if queued == 0 {
+        return Vec::new();
+    }
+    let mut early = vec![0u8; queued];
+    // Non-blocking, and with bytes queued it returns them rather than an error.
+    match io::Read::read(&mut &*socket2::SockRef::from(socket), &mut early) {
+        Ok(n) => early.truncate(n),
+        Err(_) => early.clear(),
+    }
+    early
+}
+
+/// The server's opening of an exchange, for one write: the `connect` request
+/// and, when the visitor has already sent some, its first chunk.
+pub fn opening(connect: &Message, early: &[u8]) -> Vec<u8> {
+    let mut wire = protocol::encode_frame(connect);
+    if !early.is_empty() {
+        wire.reserve(HEADER + early.len());
+        wire.extend_from_slice(&(early.len() as u32).to_be_bytes());
+        wire.extend_from_slice(early);
+    }
+    wire
 }
 
 /// Relays `socket ⇄ channel` until both directions ended. On success the channel
@@ -92,11 +128,15 @@ pub async fn relay(
     }
     let (mut reader, mut writer) = tokio::io::split(channel);
     let answered = AtomicBool::new(matches!(answer, Answer::None));
+    let sent_ahead = match answer {
+        Answer::Expected { sent_ahead, .. } => sent_ahead as u64,
+        Answer::None => 0,
+    };
     let activity = Activity::new();
     let outcome = {
-        let up = upstream(socket, &mut writer, to_channel, &activity);
+        let up = upstream(socket, &mut writer, to_channel, &activity, sent_ahead);
         let down = async {
-            if let Answer::Expected(reached_target) = answer {
+            if let Answer::Expected { reached_target, .. } = answer {
                 read_answer(&mut reader).await?;
                 answered.store(true, Ordering::Relaxed);
                 reached_target.release();
@@ -166,14 +206,19 @@ async fn read_answer<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), Exchang
     }
 }
 
-/// `socket → channel` as chunks, then [`END`].
+/// `socket → channel` as chunks, then [`END`]; `sent_ahead` user bytes already
+/// went with the opening.
 async fn upstream<W: AsyncWrite + Unpin>(
     socket: &TcpStream,
     channel: &mut W,
     meter: &Meter,
     activity: &Activity,
+    sent_ahead: u64,
 ) -> Result<u64, ExchangeError> {
-    let mut total = 0u64;
+    if sent_ahead > 0 {
+        meter.counted(sent_ahead).await;
+    }
+    let mut total = sent_ahead;
     loop {
         // Whatever was written is on its way before we wait: TLS holds records
         // back until flushed.

@@ -144,12 +144,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Message, usi
     Ok((Message::decode(&body)?, FRAME_HEADER + len))
 }
 
-/// Writes one frame; returns its size on the wire.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize, ProtocolError> {
+/// One frame as it goes on the wire: `u32 length ‖ body`.
+pub fn encode_frame(msg: &Message) -> Vec<u8> {
     let body = msg.encode();
     let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
+    frame
+}
+
+/// Writes one frame; returns its size on the wire.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize, ProtocolError> {
+    let frame = encode_frame(msg);
     w.write_all(&frame).await?;
     // Under TLS a frame is not on its way until flushed.
     w.flush().await?;

@@ -612,14 +612,14 @@ async fn tunneled(
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
     let client = spec.client.as_deref().unwrap_or(crate::metrics::DEFAULT_CLIENT);
-    let (channel, lease) =
-        ctx.hub.open(client, &spec.target_host, spec.target_port).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    let (channel, lease, sent_ahead) =
+        ctx.hub.open(client, &spec.target_host, spec.target_port, visitor).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     let (up, down) = policy.capped(metrics.meters());
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
-    let answer = exchange::Answer::Expected(&reached_target);
+    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead };
     let relayed = tokio::select! {
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
         // A removed client's access ends with its exchanges, not when they finish.

@@ -641,12 +641,14 @@ impl TunnelHub {
     }
 
     /// Gets a data channel through `client` — a pooled one if one is idle, else
-    /// one requested now — and sends it the `connect` request for `host:port`.
-    /// The client's answer is read by the caller, so the visitor's first bytes can
-    /// travel with the request.
-    pub async fn open(&self, client: &str, host: &str, port: u16) -> Result<(TunnelStream, Lease), OpenError> {
+    /// one requested now — and sends it the `connect` request for `host:port`,
+    /// with what `visitor` has already sent as the first chunk in the same write
+    /// (returned: how many user bytes went with it). The client's answer is read
+    /// by the caller, so the visitor's bytes travel ahead of it.
+    pub async fn open(&self, client: &str, host: &str, port: u16, visitor: &TcpStream) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Message::Connect { host: host.to_string(), port };
+        let mut opening: Option<(Vec<u8>, usize)> = None;
         let no_client = || OpenError::NoClient(client.to_string());
         // A pooled channel whose client end is already gone fails the write; try
         // another. (One that dies later surfaces as a missing answer.)
@@ -658,8 +660,19 @@ impl TunnelHub {
                 Ok(None) => return Err(no_client()),
                 Err(_) => return Err(OpenError::Timeout),
             };
-            match protocol::write_frame(&mut stream, &connect).await {
-                Ok(_) => return Ok((stream, Lease(session))),
+            // Read once a channel is at hand (the visitor had longest to send),
+            // and kept for the next channel should this one turn out stale.
+            let (wire, sent_ahead) = opening.get_or_insert_with(|| {
+                let early = crate::exchange::early_bytes(visitor);
+                (crate::exchange::opening(&connect, &early), early.len())
+            });
+            let sent = async {
+                stream.write_all(wire).await?;
+                // Under TLS the request is not on its way until flushed.
+                stream.flush().await
+            };
+            match sent.await.map_err(ProtocolError::Io) {
+                Ok(()) => return Ok((stream, Lease(session), *sent_ahead)),
                 Err(e) => {
                     debug!(error = %e, "stale data channel, trying another");
                     last_error = OpenError::Channel(e);
