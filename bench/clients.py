@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Many-clients benchmark (issue 12): one tunneld server, 100 named clients with 10
+tunneled mappings each, all on 127.0.0.1.
+
+Two figures, each read against a baseline taken in the same run:
+
+1. Server RSS per idle client session: the server's RSS with no client connected
+   against the same server with every client connected and idle, divided by the
+   number of clients. The 1,000 mappings exist in both readings (they are restored
+   from the state dir before READY), so their cost is not counted as the sessions'.
+   Measured with the default data-channel pool and with `client.pool_size = 0`
+   (the session alone), with TLS (the default) and without. What the mappings and
+   the client records themselves cost is reported on its own.
+2. Tunneled connection setup rate (sequential connect, 1-byte echo, close) with one
+   client connected against all of them connected: through the same mapping of the
+   first client, and spread over one mapping of each of 10 clients. Rounds
+   alternate between the two states; medians are compared.
+
+bench/run.py runs this as its last section; alone:
+
+    flock /tmp/tunneld-bench.lock python3 bench/clients.py [--quick]
+
+Python 3 standard library only; it uses run.py's process and port helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from run import (REPO, RESULTS_DIR, TARGET_DIR, BenchError, Children, Notify, build, free_port, http_json, listening,
+                 log, raise_fd_limit, run_loadgen, wait_until)
+
+SESSION_KIB = 64.0
+CONNRATE_RATIO = 0.9
+SPREAD = 10
+
+
+def status_kib(pid: int) -> dict:
+    """VmRSS and its anonymous part (heap, stacks) in KiB. RssFile (the binary's
+    pages touched so far) grows the first time a code path runs, e.g. the first
+    TLS handshake, which is not memory a session holds; RssAnon shows that."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def established_on(port: int) -> int:
+    """ESTABLISHED TCP connections whose local end is 127.0.0.1:port, i.e. the
+    server's ends of control and data channels."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for fields in (line.split() for line in f) if fields[1] == want and fields[3] == "01")
+
+
+def settle(pid: int, quiet_kib: int = 64, timeout: float = 10.0) -> dict:
+    """RSS once it stopped moving: two readings 0.5 s apart within `quiet_kib`
+    (lazy allocation after a burst of handshakes, the allocator trimming)."""
+    deadline = time.monotonic() + timeout
+    last = status_kib(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = status_kib(pid)
+        if abs(now["VmRSS"] - last["VmRSS"]) <= quiet_kib:
+            return now
+        last = now
+    return last
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    try:
+        reply = http_json(base + path, body)
+    except urllib.error.HTTPError as e:
+        raise BenchError(f"{path} {body}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+    if not reply.get("success"):
+        raise BenchError(f"{path} {body} failed: {reply}")
+    return reply["data"]
+
+
+class Bench:
+    """A server whose state (clients, mappings) lives in one state dir, so every
+    measurement starts a fresh server process that restores the same 1,000
+    mappings; and the client processes connected to it."""
+
+    def __init__(self, args, procs: Children, tmp: Path, env: dict):
+        self.args, self.procs, self.tmp = args, procs, tmp
+        self.env = {k: v for k, v in env.items() if not k.startswith("TUNNELD_")}
+        self.env["RUST_LOG"] = "warn"
+        self.state = tmp / "state"
+        self.secret = "bench-" + os.urandom(8).hex()
+        self.names = [f"c{i:03d}" for i in range(args.clients)]
+        self.secrets: dict[str, str] = {}
+        self.mappings: dict[str, list[int]] = {}
+        self.server = None
+        self.clients: dict[str, subprocess.Popen] = {}
+        self.starts = 0
+
+    def config(self, tls: bool, pool: int | None) -> Path:
+        tls_off = "" if tls else "tls = false\n"
+        pool_line = "" if pool is None else f"pool_size = {pool}\n"
+        path = self.tmp / f"tunneld-{'tls' if tls else 'plain'}-{pool}.toml"
+        path.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}[client]\n{tls_off}{pool_line}')
+        return path
+
+    def start_server(self, label: str, tls: bool) -> None:
+        self.starts += 1
+        self.api = f"http://127.0.0.1:{free_port()}"
+        self.tunnel_port = free_port()
+        self.config_path = self.config(tls, None)
+        notify = Notify(self.tmp / f"server-{self.starts}.notify")
+        self.server = self.procs.spawn(f"clients-server-{label}", [
+            str(self.args.tunneld), "server", "--config", str(self.config_path),
+            "--api-listen", self.api.removeprefix("http://"), "--tunnel-listen", f"127.0.0.1:{self.tunnel_port}",
+            "--state-dir", str(self.state), "--secret", self.secret,
+        ], env={**self.env, "NOTIFY_SOCKET": str(notify.path)})
+        notify.wait("READY=1", self.procs, self.server, timeout=60)
+        self.pin = []
+        if tls:
+            out = subprocess.run([str(self.args.tunneld), "fingerprint", "--config", str(self.config_path),
+                                  "--state-dir", str(self.state)], capture_output=True, text=True, env=self.env)
+            if out.returncode != 0:
+                raise BenchError(f"tunneld fingerprint failed: {out.stderr}")
+            self.pin = ["--fingerprint", out.stdout.strip()]
+
+    def stop_server(self) -> None:
+        self.stop_clients(list(self.clients))
+        self.procs.stop(self.server)
+
+    def populate(self) -> dict:
+        """Creates the clients and their mappings through the API; returns what the
+        server's RSS did meanwhile."""
+        before = settle(self.server.pid)
+        for name in self.names:
+            self.secrets[name] = api(self.api, "/api/client/create", {"name": name})["secret"]
+        created = settle(self.server.pid)
+        for name in self.names:
+            self.mappings[name] = []
+            for _ in range(self.args.mappings):
+                port = free_port()
+                m = api(self.api, "/api/mapping/create", {
+                    "source_port": port, "target_host": "127.0.0.1", "target_port": self.echo_port,
+                    "use_tunnel": True, "client": name})
+                if m.get("status") != "waiting_for_tunnel" or m.get("client") != name:
+                    raise BenchError(f"mapping {port} for {name}: unexpected {m}")
+                self.mappings[name].append(port)
+        mapped = settle(self.server.pid)
+        n_maps = len(self.names) * self.args.mappings
+        return {"rss_kib": {"empty": before, "clients_created": created, "mappings_created": mapped},
+                "per_client_record_kib": (created["VmRSS"] - before["VmRSS"]) / len(self.names),
+                "per_mapping_kib": (mapped["VmRSS"] - created["VmRSS"]) / n_maps,
+                "per_mapping_anon_kib": (mapped["RssAnon"] - created["RssAnon"]) / n_maps}
+
+    def check_restored(self) -> None:
+        listed = api(self.api, "/api/mapping/list")["mappings"]
+        bad = [m for m in listed if m.get("status") != "waiting_for_tunnel"]
+        want = len(self.names) * self.args.mappings
+        if len(listed) != want or bad:
+            raise BenchError(f"restored {len(listed)} mappings (want {want}); not waiting for their client: {bad[:3]}")
+
+    def start_clients(self, names: list[str], label: str, tls: bool, pool: int | None) -> None:
+        """Starts the clients all at once and returns when the server lists every one
+        of them as connected and their pools are open (counted on the tunnel port)."""
+        config = self.config(tls, pool)
+        for name in names:
+            self.clients[name] = self.procs.spawn(f"clients/{label}-{name}-{self.starts}", [
+                str(self.args.tunneld), "client", "--config", str(config), "--server", f"127.0.0.1:{self.tunnel_port}",
+                "--name", name, "--secret", self.secrets[name], *self.pin], env=self.env)
+        want = set(names)
+
+        def connected() -> bool:
+            for name in names:
+                self.procs.check_alive(self.clients[name])
+            listed = api(self.api, "/api/client/list")["clients"]
+            return want <= {c["name"] for c in listed if c["connected"]}
+
+        wait_until(f"{len(names)} clients to connect", connected, self.procs, self.server, timeout=120)
+        pool_size = self.default_pool if pool is None else pool
+        sessions = len([n for n in self.clients if self.clients[n].poll() is None])
+        channels = sessions * (1 + pool_size)
+        wait_until(f"{channels} control and pooled data channels", lambda: established_on(self.tunnel_port) >= channels,
+                   self.procs, self.server, timeout=60)
+
+    def stop_clients(self, names: list[str]) -> None:
+        """Stops them all at once, then waits until the server lists none of them."""
+        procs = [self.clients.pop(n) for n in names if n in self.clients]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            self.procs.stop(p)
+        gone = set(names)
+        if self.server.poll() is None:
+            wait_until("the stopped clients to disconnect", lambda: not gone & {
+                c["name"] for c in api(self.api, "/api/client/list")["clients"] if c["connected"]},
+                self.procs, self.server, timeout=60)
+
+    @property
+    def default_pool(self) -> int:
+        """client.pool_size as the binary defaults it, from `tunneld check-config`."""
+        if not hasattr(self, "_default_pool"):
+            out = subprocess.run([str(self.args.tunneld), "check-config", "--config", str(self.config(True, None)),
+                                  "client"], capture_output=True, text=True,
+                                 env={**self.env, "TUNNELD_CLIENT__SERVER": "127.0.0.1:1",
+                                      "TUNNELD_CLIENT__SECRET": "x" * 16,
+                                      "TUNNELD_CLIENT__SERVER_FINGERPRINT": "sha256:" + "0" * 64})
+            lines = [line for line in out.stdout.splitlines() if line.strip().startswith("pool_size")]
+            if out.returncode != 0 or not lines:
+                raise BenchError(f"tunneld check-config client: {out.stderr or out.stdout}")
+            self._default_pool = int(lines[0].split("=")[1])
+        return self._default_pool
+
+
+def measure_sessions(bench: Bench, label: str, tls: bool, pool: int | None) -> dict:
+    """Fresh server (state restored), RSS with no session, then with every client
+    connected and idle."""
+    bench.start_server(label, tls)
+    bench.check_restored()
+    idle = settle(bench.server.pid)
+    t0 = time.monotonic()
+    bench.start_clients(bench.names, label, tls, pool)
+    connect_s = time.monotonic() - t0
+    full = settle(bench.server.pid)
+    n = len(bench.names)
+    pool_size = bench.default_pool if pool is None else pool
+    out = {"tls": tls, "pool_size": pool_size, "default_pool": pool is None, "clients": n,
+           "connect_all_s": connect_s, "rss_kib": {"no_sessions": idle, "all_connected": full},
+           "per_session_kib": (full["VmRSS"] - idle["VmRSS"]) / n,
+           "per_session_anon_kib": (full["RssAnon"] - idle["RssAnon"]) / n}
+    log(f"  {label:<13} {n} clients connected in {connect_s:4.1f} s; server RSS {idle['VmRSS'] / 1024:6.1f} -> "
+        f"{full['VmRSS'] / 1024:6.1f} MiB: {out['per_session_kib']:5.1f} KiB per session "
+        f"(anonymous {out['per_session_anon_kib']:5.1f} KiB), pool_size {pool_size}")
+    return out
+
+
+def connrate(bench: Bench, ports: list[int]) -> dict:
+    argv = ["connrate", "--count", str(bench.args.conns)]
+    for port in ports:
+        argv += ["--target", f"127.0.0.1:{port}"]
+    return run_loadgen(bench.loadgen, argv, timeout=600)
+
+
+def measure_connrate(bench: Bench, label: str, tls: bool) -> dict:
+    """On the server and clients measure_sessions left running: rounds of
+    [all connected: same mapping, spread] then [one connected: same mapping]."""
+    first = bench.names[0]
+    same = [bench.mappings[first][0]]
+    step = max(len(bench.names) // SPREAD, 1)
+    spread = [bench.mappings[name][i % bench.args.mappings] for i, name in enumerate(bench.names[::step][:SPREAD])]
+    rounds: dict[str, list[dict]] = {"one_same": [], "all_same": [], "all_spread": []}
+    others = bench.names[1:]
+    for r in range(bench.args.rounds):
+        if r:
+            bench.start_clients(others, f"{label}-r{r}", tls, None)
+        rounds["all_same"].append(connrate(bench, same))
+        rounds["all_spread"].append(connrate(bench, spread))
+        bench.stop_clients(others)
+        rounds["one_same"].append(connrate(bench, same))
+        log(f"  {label:<13} round {r + 1}: {len(bench.names)} clients "
+            + ", ".join(f"{k} {rounds[k][-1]['conns_per_s']:,.0f} conn/s" for k in ("all_same", "all_spread"))
+            + f"; 1 client {rounds['one_same'][-1]['conns_per_s']:,.0f} conn/s")
+    failures = sum(res["failures"] for runs in rounds.values() for res in runs)
+    med = {k: statistics.median(res["conns_per_s"] for res in runs) for k, runs in rounds.items()}
+    p50 = {k: statistics.median(res["p50_us"] for res in runs) for k, runs in rounds.items()}
+    return {"tls": tls, "conns": bench.args.conns, "rounds": rounds, "failures": failures,
+            "errors": sorted({e for runs in rounds.values() for res in runs for e in res["errors"]}),
+            "spread_ports": spread, "median_conns_per_s": med, "median_p50_us": p50,
+            "ratio_same": med["all_same"] / med["one_same"], "ratio_spread": med["all_spread"] / med["one_same"]}
+
+
+def summary(results: dict) -> list[str]:
+    n = results["meta"]["clients"]
+    m = results["meta"]["mappings_per_client"]
+    lines = [f"many clients ({n} clients x {m} tunneled mappings; server RSS)",
+             f"{'variant':<20}{'no sessions MiB':>16}{'all connected MiB':>19}{'KiB/session':>13}{'anon KiB':>10}",
+             "-" * 78]
+    for s in results["sessions"]:
+        label = f"{'TLS' if s['tls'] else 'plain'}, pool {s['pool_size']}" + (" (default)" if s["default_pool"] else "")
+        lines.append(f"{label:<20}{s['rss_kib']['no_sessions']['VmRSS'] / 1024:>16.1f}"
+                     f"{s['rss_kib']['all_connected']['VmRSS'] / 1024:>19.1f}{s['per_session_kib']:>13.1f}"
+                     f"{s['per_session_anon_kib']:>10.1f}")
+    for tls in (True, False):
+        per_channel = results.get("per_pooled_channel_kib", {}).get("tls" if tls else "plain")
+        if per_channel is not None:
+            lines.append(f"  per pooled data channel ({'TLS' if tls else 'plain'}): {per_channel:.1f} KiB")
+    p = results["populate"]
+    lines.append(f"  per mapping (waiting for its client): {p['per_mapping_kib']:.2f} KiB; "
+                 f"per client record: {p['per_client_record_kib']:.2f} KiB")
+    for c in results["connrate"]:
+        med = c["median_conns_per_s"]
+        lines += ["", f"tunneled connection setup, {'TLS' if c['tls'] else 'plain'} "
+                      f"({c['conns']} sequential connect+echo+close, median of {len(c['rounds']['one_same'])} rounds)",
+                  f"  1 client connected, its mapping:            {med['one_same']:>8,.0f} conn/s",
+                  f"  {n} clients connected, the same mapping:    {med['all_same']:>8,.0f} conn/s  {c['ratio_same']:.2f}x",
+                  f"  {n} clients connected, {len(c['spread_ports'])} clients' mappings: {med['all_spread']:>8,.0f} conn/s"
+                  f"  {c['ratio_spread']:.2f}x"]
+    return lines
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    return [f"  [{'PASS' if t['ok'] else 'FAIL'}] {t['name']}: {t['measured']}" for t in targets]
+
+
+def evaluate(results: dict) -> list[dict]:
+    targets = []
+    for s in results["sessions"]:
+        if s["pool_size"] == 0:
+            targets.append({"name": f"server RSS per idle {'TLS' if s['tls'] else 'plain'} session (no pooled channels) "
+                                    f"<= {SESSION_KIB:g} KiB",
+                            "measured": f"{s['per_session_kib']:.1f} KiB", "ok": s["per_session_kib"] <= SESSION_KIB})
+    n = results["meta"]["clients"]
+    for c in results["connrate"]:
+        kind = "TLS" if c["tls"] else "plain"
+        for key, what in (("ratio_same", "the same mapping"), ("ratio_spread", f"{len(c['spread_ports'])} clients' mappings")):
+            targets.append({"name": f"{kind} conn/s with {n} clients ({what}) >= {CONNRATE_RATIO}x 1 client",
+                            "measured": f"{c[key]:.2f}x", "ok": c[key] >= CONNRATE_RATIO})
+    return targets
+
+
+def run(args, procs: Children, tmp: Path, results: dict) -> bool:
+    echo_port = free_port()
+    echo = procs.spawn("clients-echo", [str(args.loadgen), "echo", "--listen", f"127.0.0.1:{echo_port}"])
+    wait_until("the echo target to listen", lambda: listening(echo_port), procs, echo)
+    bench = Bench(args, procs, tmp, dict(os.environ))
+    bench.echo_port, bench.loadgen = echo_port, args.loadgen
+    (procs.logdir / "clients").mkdir(exist_ok=True)
+
+    log(f"== creating {args.clients} clients and {args.clients * args.mappings} tunneled mappings")
+    bench.start_server("populate", tls=True)
+    pop = results["populate"] = bench.populate()
+    log(f"  server RSS {pop['rss_kib']['empty']['VmRSS'] / 1024:.1f} MiB -> "
+        f"{pop['rss_kib']['mappings_created']['VmRSS'] / 1024:.1f} MiB: "
+        f"{pop['per_client_record_kib']:.2f} KiB per client record, {pop['per_mapping_kib']:.2f} KiB per mapping")
+    bench.stop_server()
+
+    log(f"\n== server RSS per idle session; tunneled connection setup with 1 client against {args.clients}")
+    results["sessions"], results["connrate"] = [], []
+    for tls in args.variants:
+        kind = "tls" if tls else "plain"
+        for pool in args.pools:
+            label = f"{kind}-pool{'default' if pool is None else pool}"
+            results["sessions"].append(measure_sessions(bench, label, tls, pool))
+            if pool is None:
+                results["connrate"].append(measure_connrate(bench, label, tls))
+            bench.stop_server()
+    results["per_pooled_channel_kib"] = {}
+    for tls in args.variants:
+        by_pool = {s["pool_size"]: s["per_session_kib"] for s in results["sessions"] if s["tls"] == tls}
+        if len(by_pool) == 2:
+            (lo, a), (hi, b) = sorted(by_pool.items())
+            results["per_pooled_channel_kib"]["tls" if tls else "plain"] = (b - a) / (hi - lo)
+    ok = True
+    for c in results["connrate"]:
+        if c["failures"]:
+            ok = False
+            log(f"  FAILED: {c['failures']} connections failed: {c['errors']}")
+    return ok
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run for CI: TLS only, one round of 300 connections")
+    ap.add_argument("--clients", type=int, default=100, help="named clients, one process each (default 100)")
+    ap.add_argument("--mappings", type=int, default=10, help="tunneled mappings per client (default 10)")
+    ap.add_argument("--conns", type=int, help="sequential connections per connrate run (default 2000, --quick 300)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds of the connrate comparison (default 3, --quick 1)")
+    ap.add_argument("--tunneld", type=Path, default=TARGET_DIR / "release" / "tunneld", help="tunneld binary")
+    ap.add_argument("--no-build", action="store_true", help="use the existing binaries, do not run cargo build")
+    ap.add_argument("--rundir", type=Path, help="where logs go (default bench/results/clients-<timestamp>)")
+    ap.add_argument("--json", type=Path, help="also write all results to this file")
+    args = ap.parse_args()
+    args.conns = args.conns or (300 if args.quick else 2000)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    # TLS is the default and what the targets are about; plain shows what TLS costs.
+    args.variants = (True,) if args.quick else (True, False)
+    args.pools = (None, 0)
+    args.loadgen = TARGET_DIR / "release" / "examples" / "loadgen"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    # SIGTERM (CI timeouts, run.py stopping) unwinds through the finally that stops the children.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    build(args.no_build)
+    for binary in (args.tunneld, args.loadgen):
+        if not binary.is_file():
+            raise BenchError(f"{binary} does not exist (build it, or drop --no-build)")
+    # Server: 1,000 listeners plus 1 + pool descriptors per client.
+    raise_fd_limit(args.clients * (args.mappings + 16) + 256)
+    rundir = args.rundir or RESULTS_DIR / ("clients-" + time.strftime("%Y%m%d-%H%M%S"))
+    rundir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"meta": {"started": time.strftime("%Y%m%d-%H%M%S"), "quick": args.quick, "clients": args.clients,
+                              "mappings_per_client": args.mappings, "conns": args.conns, "rounds": args.rounds,
+                              "tunneld": str(args.tunneld), "cpus": os.cpu_count()}}
+    log(f"tunneld many-clients benchmark, logs in {rundir}")
+    procs = Children(rundir)
+    # The state dir takes 1,100 SQLite writes with synchronous=FULL; on tmpfs they
+    # cost nothing, and the disk is not what this measures.
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="tunneld-clients-", dir=shm) as tmpdir:
+        try:
+            ok = run(args, procs, Path(tmpdir), results)
+        finally:
+            procs.stop_all()
+    results["targets"] = evaluate(results)
+    # run.py prints the figures in its summary and the targets in its own list.
+    results["summary"] = summary(results)
+    log("\n" + "\n".join(results["summary"] + ["", "targets (issue 12):"] + target_lines(results["targets"])))
+    for path in (rundir / "results.json", args.json):
+        if path:
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    if not ok:
+        log("FAILED: tunneled connections failed (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        log(f"\nbench: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log("\nbench: interrupted")
+        sys.exit(130)
