@@ -20,7 +20,7 @@ use crate::history::Recorder;
 use crate::metrics::Metrics;
 use crate::quota::QuotaTracker;
 use crate::server::mappings::Mappings;
-use crate::server::tunnel::TunnelHub;
+use crate::server::tunnel::{Presence, TunnelHub};
 use crate::store::events::Event;
 use crate::store::Store;
 
@@ -110,8 +110,8 @@ async fn deliver(url: String, mut queue: mpsc::Receiver<Event>, metrics: Arc<Met
     }
 }
 
-/// Watches quotas, mapping listeners and the tunnel once a second and turns
-/// changes into events.
+/// Watches quotas and mapping listeners once a second, and tunnel clients as
+/// their sessions begin and end, and turns changes into events.
 pub struct Watcher {
     pub mappings: Arc<Mappings>,
     pub hub: Arc<TunnelHub>,
@@ -123,9 +123,7 @@ impl Watcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut quotas = QuotaTracker::default();
         let mut down: BTreeMap<u16, String> = BTreeMap::new();
-        let connected_now =
-            |hub: &TunnelHub| -> BTreeSet<String> { hub.clients().into_iter().filter(|c| c.peer.is_some()).map(|c| c.name).collect() };
-        let mut connected = connected_now(&self.hub);
+        let mut presence = self.hub.presence();
         // Clients whose loss was announced: their return is announced too.
         let mut lost: BTreeSet<String> = BTreeSet::new();
         let mut ticker = tokio::time::interval(WATCH_INTERVAL);
@@ -134,6 +132,25 @@ impl Watcher {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+                change = presence.recv() => {
+                    match change {
+                        Ok(Presence { client, connected: false }) => {
+                            self.events.emit(kind::CLIENT_LOST, None, Some(&client), format!("tunnel client {client} disconnected")).await;
+                            lost.insert(client);
+                        }
+                        Ok(Presence { client, connected: true }) => {
+                            if lost.remove(&client) {
+                                info!(client = %client, "tunnel client back");
+                                self.events.emit(kind::CLIENT_BACK, None, Some(&client), format!("tunnel client {client} is back")).await;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            warn!(missed, "client presence changes came faster than events could be stored; some were not recorded");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    continue;
+                }
             }
             let policies = self.mappings.policies().await;
             for notice in quotas.check(&self.recorder, &policies).await {
@@ -153,21 +170,9 @@ impl Watcher {
             }
             down = now_down;
 
+            // A removed client is gone on purpose: created again, it is new, not back.
             let known: BTreeSet<String> = self.hub.clients().into_iter().map(|c| c.name).collect();
-            let now_connected = connected_now(&self.hub);
-            // A removed client is not "lost": it is gone on purpose.
-            for name in connected.difference(&now_connected).filter(|n| known.contains(*n)) {
-                lost.insert(name.clone());
-                self.events.emit(kind::CLIENT_LOST, None, Some(name), format!("tunnel client {name} disconnected")).await;
-            }
-            for name in now_connected.difference(&connected) {
-                if lost.remove(name) {
-                    info!(client = %name, "tunnel client back");
-                    self.events.emit(kind::CLIENT_BACK, None, Some(name), format!("tunnel client {name} is back")).await;
-                }
-            }
             lost.retain(|name| known.contains(name));
-            connected = now_connected;
         }
     }
 }

@@ -190,7 +190,7 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
     let (stream, token, heartbeat_secs) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     metrics.count_session(session_result::OK);
-    metrics.session_started(&config.name);
+    metrics.session_started(&config.name, crate::metrics::unix_now());
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
 

@@ -156,6 +156,65 @@ pub fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
     Ok(format!("mapping on port {port} removed\n"))
 }
 
+/// `ctl events`: the newest `limit` events, newest first.
+pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
+    let data = api.get(&format!("/api/events?limit={limit}"))?;
+    let events = data.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut rows = vec![vec!["TIME".to_string(), "KIND".into(), "PORT".into(), "CLIENT".into(), "MESSAGE".into()]];
+    for e in &events {
+        rows.push(vec![
+            e.get("time").and_then(Value::as_f64).map(|t| format_utc(t as i64)).unwrap_or_default(),
+            text(e, "kind"),
+            e.get("port").and_then(Value::as_u64).map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            e.get("client").and_then(Value::as_str).unwrap_or("-").to_string(),
+            text(e, "message"),
+        ]);
+    }
+    Ok(format!("{}{} event(s)\n", table(&rows), events.len()))
+}
+
+/// `ctl client list`.
+pub fn client_list(api: &Api) -> anyhow::Result<String> {
+    let data = api.get("/api/client/list")?;
+    let clients = data.get("clients").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut rows =
+        vec![vec!["NAME".to_string(), "STATUS".into(), "PEER".into(), "SINCE".into(), "SENT".into(), "RECEIVED".into(), "MAPPINGS".into()]];
+    for c in &clients {
+        let connected = c.get("connected").and_then(Value::as_bool) == Some(true);
+        rows.push(vec![
+            text(c, "name"),
+            if connected { "connected".into() } else { "not connected".into() },
+            c.get("peer").and_then(Value::as_str).unwrap_or("-").to_string(),
+            c.get("connected_since").and_then(Value::as_f64).map(|t| format_utc(t as i64)).unwrap_or_else(|| "-".into()),
+            human_bytes(number(c, "bytes_sent")),
+            human_bytes(number(c, "bytes_received")),
+            field(c, "mappings"),
+        ]);
+    }
+    Ok(format!("{}{} client(s)\n", table(&rows), clients.len()))
+}
+
+/// `ctl client create`: prints the secret, with how to use it.
+pub fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
+    let data = api.post("/api/client/create", json!({"name": name}))?;
+    Ok(format!(
+        "client {} created. Its secret is shown only now:\n\n  {}\n\nStart the client with --name {} and this secret (client.name / client.secret).\n",
+        text(&data, "name"),
+        text(&data, "secret"),
+        text(&data, "name"),
+    ))
+}
+
+/// `ctl client remove`.
+pub fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
+    let data = api.post("/api/client/remove", json!({"name": name, "force": force}))?;
+    let waiting = data.get("mappings_waiting").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+    Ok(match waiting {
+        0 => format!("client {name} removed\n"),
+        n => format!("client {name} removed; {n} mapping(s) wait for a client of that name\n"),
+    })
+}
+
 /// `ctl stats`: traffic since the daemon started, per mapping and in total.
 pub fn stats(api: &Api) -> anyhow::Result<String> {
     let data = api.get("/api/stats/traffic")?;

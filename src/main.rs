@@ -78,13 +78,37 @@ enum CtlCommand {
     },
     /// Remove the mapping on PORT.
     Remove { port: u16 },
+    /// Manage the tunnel clients (each with a name and its own secret).
+    #[command(subcommand)]
+    Client(ClientCommand),
     /// Traffic per mapping since the daemon started, in human units.
     Stats,
+    /// Recent events (quota thresholds, ports that cannot bind, clients lost and back), newest first.
+    Events {
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// A live view of per-port rates; q quits.
     Top {
         /// Seconds between refreshes.
         #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// List the clients: connected or not, from where, traffic, mappings.
+    List,
+    /// Create a client; prints its secret, which is shown only this once.
+    Create { name: String },
+    /// Remove a client: its session ends now and it cannot authenticate again.
+    Remove {
+        name: String,
+        /// Remove it even while mappings name it (they wait for a client of that name).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -103,7 +127,11 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::List => ctl::list(&api).map(Some),
         CtlCommand::Create { port, target, tunnel, client } => ctl::create(&api, port, &target, tunnel, client.as_deref()).map(Some),
         CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
+        CtlCommand::Client(ClientCommand::List) => ctl::client_list(&api).map(Some),
+        CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
+        CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
         CtlCommand::Stats => ctl::stats(&api).map(Some),
+        CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
         CtlCommand::Top { interval } => ctl::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
     });
     match result {

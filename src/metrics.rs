@@ -326,9 +326,10 @@ impl Metrics {
         (meter(SENT), meter(RECEIVED))
     }
 
-    pub fn session_started(&self, client: &str) {
+    /// `since`: when the session authenticated (Unix seconds).
+    pub fn session_started(&self, client: &str, since: f64) {
         self.tunnel_connected.with_label_values(&[client]).set(1);
-        self.tunnel_connected_since.with_label_values(&[client]).set(unix_now());
+        self.tunnel_connected_since.with_label_values(&[client]).set(since);
     }
 
     /// Only for a client still known: a removed client's series stay removed.

@@ -80,7 +80,7 @@ impl QuotaTracker {
                 // Same period, new quota: same usage, thresholds judged afresh.
                 Some(t) if t.period_start == start => Tracked { quota, warned: false, exhausted: false, ..t },
                 previous => {
-                    if previous.is_some_and(|t| t.exhausted) {
+                    if previous.as_ref().is_some_and(|t| t.exhausted) {
                         notices.push(Notice {
                             kind: kind::QUOTA_RESET,
                             port,
@@ -94,7 +94,12 @@ impl QuotaTracker {
                             total
                         }
                     };
-                    Tracked { quota, period_start: start, base, warned: false, exhausted: false }
+                    // A restarted process must not repeat what it already said this period.
+                    let (warned, exhausted) = match previous {
+                        Some(_) => (false, false),
+                        None => announced(recorder, port, start).await,
+                    };
+                    Tracked { quota, period_start: start, base, warned, exhausted }
                 }
             };
             let mut tracked = tracked;
@@ -134,6 +139,19 @@ impl QuotaTracker {
             self.tracked.insert(port, tracked);
         }
         notices
+    }
+}
+
+/// Whether the warning and the exhaustion notice for `port` were already
+/// recorded since `period_start` (by an earlier process).
+async fn announced(recorder: &Recorder, port: u16, period_start: i64) -> (bool, bool) {
+    const NOTICES: &[&str] = &[kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED];
+    match recorder.store().announced_since(port, period_start as f64, NOTICES).await {
+        Ok(kinds) => (kinds.iter().any(|k| k == kind::QUOTA_WARNING), kinds.iter().any(|k| k == kind::QUOTA_EXHAUSTED)),
+        Err(e) => {
+            warn!(port, error = %e, "cannot read the recorded quota events; thresholds may be announced again");
+            (false, false)
+        }
     }
 }
 
@@ -197,10 +215,24 @@ mod tests {
         assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [kind::QUOTA_EXHAUSTED]);
         assert!(policy.quota_blocked());
 
-        // A restart in the same local day continues from the stored history.
+        // A restart in the same local day continues from the stored history. What
+        // was not recorded as announced is announced (once); what was, is not.
         let mut restarted = QuotaTracker::default();
         let notices = kinds(restarted.check(&recorder, &mappings).await);
         assert_eq!(notices, [kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED]);
+        assert!(policy.quota_blocked());
+        for kind in [kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED] {
+            let event = crate::store::events::Event {
+                time: LATE_EVENING as f64,
+                kind: kind.into(),
+                port: Some(port),
+                client: None,
+                message: String::new(),
+            };
+            store.add_event(event).await.unwrap();
+        }
+        let mut restarted_again = QuotaTracker::default();
+        assert!(restarted_again.check(&recorder, &mappings).await.is_empty(), "already announced this period");
         assert!(policy.quota_blocked());
 
         // 59 minutes later it is still the same local day; one more minute and

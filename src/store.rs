@@ -40,6 +40,8 @@ pub struct StoredClient {
 pub enum StoreError {
     #[error("cannot create the state directory {path}: {error}")]
     StateDir { path: String, error: std::io::Error },
+    #[error("cannot make the state database {path} private (mode 0600; it holds the clients' secrets): {error}")]
+    Private { path: String, error: std::io::Error },
     /// Each message names the file and, where the operator can act, says how.
     #[error("cannot open the state database {path}: {error}{}", advice(error))]
     Open { path: String, error: rusqlite::Error },
@@ -90,6 +92,25 @@ fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The database holds the clients' secrets: readable by tunneld alone (0600),
+/// created so and tightened if an older version left it wider. SQLite gives its
+/// `-wal` file the same mode.
+fn keep_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+                tracing::info!(path = %path.display(), "state database made private (mode 0600): it holds the clients' secrets");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -135,6 +156,7 @@ impl Store {
             events::create_schema(&conn)?;
             Ok(conn)
         };
+        keep_private(&path).map_err(|error| StoreError::Private { path: path_text.clone(), error })?;
         let conn = open(&path).map_err(|error| StoreError::Open { path: path_text.clone(), error })?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)), path: Arc::from(path_text) })
     }
@@ -344,14 +366,19 @@ mod tests {
 
     #[tokio::test]
     async fn clients_survive_reopen_and_names_are_unique() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tunneld.db");
         let office = StoredClient { name: "office".into(), secret: "s".repeat(64), created_at: 3 };
         {
             let store = Store::open(dir.path()).unwrap();
             store.insert_client(office.clone()).await.unwrap();
             assert!(store.insert_client(office.clone()).await.is_err(), "a name is unique");
         }
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600, "secrets inside: private");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
         let store = Store::open(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600, "tightened");
         assert_eq!(store.clients().await.unwrap(), vec![office]);
         assert!(store.remove_client("office").await.unwrap());
         assert!(!store.remove_client("office").await.unwrap());

@@ -59,6 +59,9 @@
     table: $('[data-testid="mapping-table"]'),
     empty: $('#mapping-empty'),
     tableSub: $('#table-sub'),
+    clients: $('[data-testid="clients"]'),
+    clientList: $('#client-list'),
+    clientsSub: $('#clients-sub'),
     auth: $('#auth'),
     authForm: $('#auth-form'),
     authInput: $('#auth-token'),
@@ -155,7 +158,7 @@
   let prev = null; // the previous sample (T), for rates
   let latest = null; // the newest sample and when it arrived (performance.now())
   let latestAt = 0;
-  const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map() };
+  const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map(), byClient: new Map() };
   // Live chart points, oldest first: {x: unix secs, sent, recv: bytes/s, span: secs
   // the rate covers}. Minute history fills it on load; samples extend it.
   const live = { points: [], historyPoints: 0 };
@@ -190,6 +193,16 @@
       return [m.port, {
         sent: p ? rate(m.bytes_sent, p.bytes_sent, dt) : null,
         recv: p ? rate(m.bytes_received, p.bytes_received, dt) : null,
+      }];
+    }));
+    // Per client by name: a client removed and re-created under the same name starts
+    // again from zero, which rate() reads as "unknown", not as a negative rate.
+    const clientsBefore = new Map(clientsOf(prev).map((c) => [c.name, c]));
+    rates.byClient = new Map(clientsOf(sample).map((c) => {
+      const p = clientsBefore.get(c.name);
+      return [c.name, {
+        sent: p ? rate(c.bytes_sent, p.bytes_sent, dt) : null,
+        recv: p ? rate(c.bytes_received, p.bytes_received, dt) : null,
       }];
     }));
 
@@ -289,8 +302,10 @@
     $('[data-role="sub"]', c.totalRecv).title = sinceTitle;
     setLifetime(c.totalSent, d.lifetime_sent);
     setLifetime(c.totalRecv, d.lifetime_received);
-    setSub(c.tunnelSent, rates.tunnelSent == null ? 'wire bytes to the client' : `${formatRate(rates.tunnelSent)} now`);
-    setSub(c.tunnelRecv, rates.tunnelRecv == null ? 'wire bytes from the client' : `${formatRate(rates.tunnelRecv)} now`);
+    // With several clients the tunnel cards are their sum (the daemon adds them up).
+    const whom = clientsOf(d).length > 1 ? 'all clients' : 'the client';
+    setSub(c.tunnelSent, rates.tunnelSent == null ? `wire bytes to ${whom}` : `${formatRate(rates.tunnelSent)} now`);
+    setSub(c.tunnelRecv, rates.tunnelRecv == null ? `wire bytes from ${whom}` : `${formatRate(rates.tunnelRecv)} now`);
 
     const count = d.mapping_count ?? d.mappings.length;
     const open = d.active_connections ?? d.mappings.reduce((sum, m) => sum + (m.active_connections || 0), 0);
@@ -304,26 +319,64 @@
     dom.rateRecv.textContent = formatRate(rates.recv);
 
     renderTunnel();
+    renderClients();
     renderTable();
     renderChart();
     renderClock();
   }
 
+  /** The sample's clients (sorted by name by the daemon); empty for a sample
+   * without them. */
+  function clientsOf(sample) {
+    return sample && Array.isArray(sample.clients) ? sample.clients : [];
+  }
+
+  /** A client that tunneled mappings name and that is not connected: its
+   * visitors are being turned away, which is what /health calls degraded. */
+  function clientMissed(c) {
+    return !c.connected && c.mappings > 0;
+  }
+
   function renderTunnel() {
     const card = dom.cards.tunnel;
     if (!latest) return;
+    const stateText = $('[data-role="state-text"]', card);
     // While the daemon cannot be reached, its last word on the tunnel is stale:
     // claiming "Connected" would be a guess.
     if (document.body.dataset.state === 'lost') {
       card.dataset.connected = 'unknown';
-      $('[data-role="state-text"]', card).textContent = 'Unknown';
+      card.dataset.health = 'unknown';
+      stateText.textContent = 'Unknown';
       setSub(card, 'daemon unreachable');
       return;
     }
     const t = latest.tunnel;
+    const clients = clientsOf(latest);
+    const up = clients.filter((c) => c.connected);
+    const missed = clients.filter(clientMissed);
     const connected = Boolean(t.connected);
     card.dataset.connected = String(connected);
-    $('[data-role="state-text"]', card).textContent = connected ? 'Connected' : 'Not connected';
+    card.dataset.clients = String(clients.length);
+    card.dataset.clientsConnected = String(up.length);
+    // The dot is green only while every client that mappings need is there.
+    card.dataset.health = missed.length ? 'degraded' : 'ok';
+    $('[data-role="sub"]', card).title = '';
+    if (clients.length > 1) {
+      // Several clients: one "Connected" would hide the ones that are away.
+      // "2 of 3" large, "connected" small: fits a card a sixth of the page wide.
+      stateText.replaceChildren(el('span', { class: 'card-count' }, `${up.length} of ${clients.length}`), ' ', el('span', { class: 'card-unit' }, 'connected'));
+      // Those that mappings wait for first; the full list is in the tooltip.
+      const away = [...missed, ...clients.filter((c) => !c.connected && !clientMissed(c))].map((c) => c.name);
+      let sub;
+      if (!away.length) sub = 'all clients connected';
+      else if (tunnelEnabled === false) sub = 'tunnel listener disabled';
+      else if (away.length <= 2) sub = `not connected: ${away.join(', ')}`;
+      else sub = `not connected: ${away.slice(0, 2).join(', ')} +${away.length - 2} more`;
+      setSub(card, sub);
+      $('[data-role="sub"]', card).title = away.length ? `not connected: ${away.join(', ')}` : '';
+      return;
+    }
+    stateText.textContent = connected ? 'Connected' : 'Not connected';
     let sub;
     if (connected && t.connected_since) {
       sub = `since ${formatClock(t.connected_since)} · ${formatDuration(serverNow() - t.connected_since)}`;
@@ -333,6 +386,90 @@
       sub = tunnelEnabled === false ? 'tunnel listener disabled' : 'waiting for a client';
     }
     setSub(card, sub);
+  }
+
+  /** One card per client: state, peer, since when, wire traffic and rate, and how
+   * many mappings name it. Rebuilt with each sample, like the mappings table. */
+  function renderClients() {
+    if (!latest) return;
+    const clients = clientsOf(latest);
+    // A daemon that sends no `clients` (none known) gets no empty section.
+    dom.clients.hidden = clients.length === 0;
+    if (!clients.length) return;
+    const lost = document.body.dataset.state === 'lost';
+    const up = clients.filter((c) => c.connected).length;
+    dom.clientsSub.textContent = lost
+      ? `${clients.length === 1 ? '1 client' : `${clients.length} clients`} · state unknown while the daemon is unreachable`
+      : `${up} of ${clients.length} connected · wire bytes per client, since the daemon started`;
+    // Clients that mappings wait for come first (the list scrolls when long), the
+    // rest keep the daemon's order by name.
+    const ordered = lost ? clients : [...clients.filter(clientMissed), ...clients.filter((c) => !clientMissed(c))];
+    dom.clientList.replaceChildren(...ordered.map((c) => clientCard(c, rates.byClient.get(c.name) || {}, lost)));
+    renderClientClocks();
+  }
+
+  const FACT_TITLES = {
+    peer: 'Address the client connects from',
+    sent: 'Tunnel wire bytes from this server to the client (control and data, TLS included)',
+    received: 'Tunnel wire bytes from the client to this server',
+    mappings: 'Mappings that are served through this client',
+  };
+
+  function clientCard(c, r, lost) {
+    const state = lost ? 'unknown' : String(Boolean(c.connected));
+    const badge = lost
+      ? el('span', { class: 'badge', 'data-role': 'state' }, 'Unknown')
+      : c.connected
+        ? el('span', { class: 'badge badge-ok', 'data-role': 'state' }, 'Connected')
+        // Away with mappings waiting is a problem; away with none is just idle.
+        : el('span', { class: `badge ${clientMissed(c) ? 'badge-warn' : ''}`, 'data-role': 'state' }, 'Not connected');
+    const fact = (label, role, ...value) => [
+      el('dt', { title: FACT_TITLES[role] }, label),
+      el('dd', { 'data-role': role }, ...value),
+    ];
+    const traffic = (bytes, perSec) => [
+      el('span', { 'data-role': 'value', 'data-bytes': bytes }, formatBytes(bytes)),
+      perSec == null ? null : el('span', { class: 'client-rate', 'data-role': 'rate' }, formatRate(perSec)),
+    ];
+    // Connected: for how long (ticks every second) and since when. Away: when the
+    // tunnel last moved bytes, if ever since the daemon started. Daemon unreachable:
+    // only when the session began; a running duration would claim it still runs.
+    const clock = (prefix) => el('time', { class: 'client-clock', 'data-role': 'clock',
+      datetime: new Date(c.connected_since * 1000).toISOString(), title: new Date(c.connected_since * 1000).toLocaleString() },
+    `${prefix}${formatClock(c.connected_since)}`);
+    let since;
+    if (c.connected && c.connected_since != null && lost) {
+      since = fact('Connected at', 'since', clock(''));
+    } else if (c.connected && c.connected_since != null) {
+      since = fact('Connected', 'since',
+        el('span', { 'data-role': 'ago', 'data-ts': c.connected_since, 'data-kind': 'duration' }), clock('since '));
+    } else {
+      since = fact('Last active', 'since', el('span', { 'data-role': 'ago', 'data-ts': c.last_update ?? '', 'data-kind': 'ago' }));
+    }
+    const count = c.mappings ?? 0;
+    return el('article', { class: 'client', 'data-testid': 'client-card', 'data-name': c.name, 'data-connected': state,
+      'data-missed': String(!lost && clientMissed(c)), id: `client-${c.name}` },
+    el('header', { class: 'client-head' },
+      el('span', { class: 'dot', 'aria-hidden': 'true' }),
+      el('h3', { class: 'client-name', 'data-role': 'name', title: c.name }, c.name),
+      badge),
+    el('dl', { class: 'client-facts' },
+      ...fact('Peer', 'peer', c.peer ?? '—'),
+      ...since,
+      ...fact('Sent', 'sent', ...traffic(c.bytes_sent, r.sent)),
+      ...fact('Received', 'received', ...traffic(c.bytes_received, r.recv)),
+      ...fact('Mappings', 'mappings', el('span', { 'data-role': 'value', 'data-count': count }, intFormat.format(count)))));
+  }
+
+  /** "Connected 12 min" and "Last active 3 s ago" move on between samples. */
+  function renderClientClocks() {
+    const now = serverNow();
+    for (const node of dom.clientList.querySelectorAll('[data-role="ago"]')) {
+      const ts = node.dataset.ts === '' ? null : Number(node.dataset.ts);
+      node.textContent = node.dataset.kind === 'duration'
+        ? formatDuration(now - ts)
+        : formatAgo(ts == null ? null : now - ts);
+    }
   }
 
   /** Tiny element builder: el('td', {class: 'num'}, 'text'). Text goes through
@@ -349,10 +486,12 @@
     return node;
   }
 
-  function statusBadge(status) {
+  function statusBadge(status, client) {
     const s = String(status || 'unknown');
     if (s === 'active') return el('span', { class: 'badge badge-ok' }, 'Active');
-    if (s === 'waiting_for_tunnel') return el('span', { class: 'badge badge-warn' }, 'Waiting for tunnel');
+    if (s === 'waiting_for_tunnel') {
+      return el('span', { class: 'badge badge-warn', title: client ? `client ${client} is not connected` : null }, 'Waiting for tunnel');
+    }
     if (s.startsWith('error')) {
       const detail = s.replace(/^error:?\s*/, '');
       return el('span', { class: 'badge badge-bad', title: s }, detail ? `Error: ${detail}` : 'Error');
@@ -381,16 +520,18 @@
     const rows = maps.map((m) => {
       const r = rates.byPort.get(m.port) || {};
       const ago = m.last_update == null ? null : now - m.last_update;
-      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status },
+      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status, 'data-client': m.client ?? '' },
         el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
           el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
           m.description ? el('span', { class: 'mapping-description', 'data-role': 'description' }, m.description) : null,
           // Shown under the target when the table is narrow and the Mode column is not.
-          el('span', { class: 'cell-sub mode-inline' }, m.use_tunnel ? 'via tunnel' : 'direct')),
+          el('span', { class: 'cell-sub mode-inline', title: m.client ? `via the tunnel of client ${m.client}` : null },
+            m.use_tunnel ? 'via tunnel' : 'direct', m.client ? clientRef(m.client, ' · ') : null)),
         el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
-          el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}` }, m.use_tunnel ? 'Tunnel' : 'Direct')),
-        el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, statusBadge(m.status)), policyBadges(m)),
+          el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}`, 'data-role': 'value' }, m.use_tunnel ? 'Tunnel' : 'Direct'),
+          m.client ? el('span', { class: 'cell-sub' }, clientRef(m.client, 'client ')) : null),
+        el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, statusBadge(m.status, m.client)), policyBadges(m)),
         bytesCell('Sent', 'sent', m.bytes_sent, m.lifetime_sent, r.sent),
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
@@ -403,6 +544,12 @@
     policyState.mappings = new Map(maps.map((m) => [m.port, m]));
     maybeLoadEvents();
     if (typeof updatePortOptions === 'function') updatePortOptions(maps.map((m) => m.port));
+  }
+
+  /** A tunneled mapping's client: its name, linking to the client's card. */
+  function clientRef(name, prefix) {
+    return el('span', { class: 'client-ref' }, prefix,
+      el('a', { href: `#client-${encodeURIComponent(name)}`, 'data-role': 'client' }, name));
   }
 
   // ---------- Mapping policy ----------
@@ -550,6 +697,7 @@
       cell.textContent = formatAgo(ts === '' ? null : now - Number(ts));
     }
     if (latest.tunnel.connected && latest.tunnel.connected_since) renderTunnel();
+    renderClientClocks();
     renderChart(); // the time axis moves on, also while no samples arrive
   }
   setInterval(renderClock, 1000);
@@ -746,6 +894,7 @@
     if (next === 'lost') dom.bannerText.textContent = detail || 'Connection to the daemon lost — retrying…';
     dom.auth.hidden = next !== 'auth-required';
     renderTunnel();
+    renderClients();
     const every = intervalMs >= 1000 ? `${intervalMs / 1000} s` : `${intervalMs} ms`;
     dom.footerMode.textContent = next === 'polling'
       ? `polling every ${every} (server push unavailable)`

@@ -130,6 +130,11 @@ fn three_named_clients_serve_their_own_mappings_and_one_leaving_touches_no_other
     for (transfer, _) in transfers {
         assert!(transfer.join().unwrap(), "a visitor of another client was touched when office left");
     }
+    let lost = wait_for("a client_lost event naming office", Duration::from_secs(15), || {
+        let events = get_data(&server, "/api/events");
+        events["events"].as_array().unwrap().iter().find(|e| e["kind"] == "client_lost").cloned()
+    });
+    assert_eq!(lost["client"], "office", "{lost}");
     // Visitors of the missing client are refused; the others are served.
     assert!(visit(ports[1].1, b"hello").is_empty(), "no client, no answer");
 
@@ -380,4 +385,27 @@ fn a_client_name_is_checked_before_the_client_starts() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("client.name"), "{stderr}");
+}
+
+#[test]
+fn a_second_process_under_a_name_replaces_only_that_clients_session() {
+    let server = Daemon::server(SECRET, &[]);
+    let office_secret = create_client(&server, "office");
+    let _default = Daemon::client(&server, SECRET, &[]);
+    let _first = Daemon::client(&server, &office_secret, &["--name", "office"]);
+    let default_peer = client_entry(&server, "default")["peer"].clone();
+    let first_peer = client_entry(&server, "office")["peer"].clone();
+    let _second = Daemon::client(&server, &office_secret, &["--name", "office"]);
+    let replaced = wait_for("the replacement to be counted", Duration::from_secs(15), || {
+        let text = metrics_text(&server);
+        metric_value(&text, "tunneld_tunnel_sessions_total", &[("result", "replaced")]).filter(|v| *v >= 1.0)
+    });
+    assert!(replaced >= 1.0);
+    let log = server.log();
+    let warning = log.lines().find(|l| l.contains("replaces the connected one")).unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("client=office") && warning.contains(first_peer.as_str().unwrap()), "{warning}");
+    let office = client_entry(&server, "office");
+    assert_eq!(office["connected"], true, "{office}");
+    assert_ne!(office["peer"], first_peer, "the replaced connection is gone: {office}");
+    assert_eq!(client_entry(&server, "default")["peer"], default_peer, "another client's session is untouched");
 }

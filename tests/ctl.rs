@@ -104,6 +104,73 @@ fn ctl_creates_lists_reports_and_removes_mappings() {
 }
 
 #[test]
+fn ctl_creates_lists_and_removes_clients_and_maps_through_them() {
+    let server = Daemon::server("s3cret", &[]);
+    let (_dir, config) = config_file("");
+    let config = Path::new(&config);
+
+    let created = ctl(&server, config, &["client", "create", "office"], &[]);
+    assert!(created.status.success(), "client create: {}", stderr(&created));
+    let secret = stdout(&created)
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 64 && l.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("a secret line in: {}", stdout(&created)))
+        .to_string();
+    let again = ctl(&server, config, &["client", "create", "office"], &[]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already exists (HTTP 409)"), "{}", stderr(&again));
+
+    let _office = Daemon::client(&server, &secret, &["--name", "office"]);
+    let port = free_port();
+    let target = echo_server();
+    let target_arg = format!("127.0.0.1:{}", target.port());
+    let mapped = ctl(&server, config, &["create", &port.to_string(), &target_arg, "--tunnel", "--client", "office"], &[]);
+    assert!(mapped.status.success(), "create: {}", stderr(&mapped));
+    assert!(stdout(&mapped).contains("(tunnel:office), status active"), "{}", stdout(&mapped));
+    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"via office"), b"via office");
+
+    let listed = stdout(&ctl(&server, config, &["client", "list"], &[]));
+    let office = listed.lines().find(|l| l.starts_with("office")).unwrap_or_default();
+    assert!(office.contains(" connected") && office.contains("127.0.0.1:") && office.trim_end().ends_with('1'), "{listed}");
+    let default = listed.lines().find(|l| l.starts_with("default")).unwrap_or_default();
+    assert!(default.contains("not connected"), "{listed}");
+    assert!(listed.contains("2 client(s)"), "{listed}");
+    assert!(!listed.contains(&secret), "{listed}");
+
+    let refused = ctl(&server, config, &["client", "remove", "office"], &[]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("(HTTP 409)"), "{}", stderr(&refused));
+    let removed = ctl(&server, config, &["client", "remove", "office", "--force"], &[]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert!(stdout(&removed).contains("client office removed; 1 mapping(s) wait"), "{}", stdout(&removed));
+    assert!(stdout(&ctl(&server, config, &["client", "list"], &[])).contains("1 client(s)"));
+
+    // The removal cut office's session: no event (it was on purpose); a client
+    // that goes away on its own is one.
+    let home_secret = stdout(&ctl(&server, config, &["client", "create", "home"], &[]))
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 64)
+        .unwrap_or_default()
+        .to_string();
+    let mut home = Daemon::client(&server, &home_secret, &["--name", "home"]);
+    home.kill();
+    let events = wait_for("a client_lost event in ctl events", Duration::from_secs(15), || {
+        let out = ctl(&server, config, &["events", "--limit", "5"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        text.lines()
+            .any(|l| l.contains("client_lost") && l.contains("home") && l.contains("tunnel client home disconnected"))
+            .then_some(text)
+    });
+    assert!(!events.contains("office"), "{events}");
+    assert!(events.starts_with("TIME"), "{events}");
+    let refused = ctl(&server, config, &["events", "--limit", "0"], &[]);
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+}
+
+#[test]
 fn ctl_takes_the_token_from_the_environment_or_the_config_file() {
     let server = Daemon::server("s3cret", &["--api-token", TOKEN]);
     let (_empty_dir, empty) = config_file("");

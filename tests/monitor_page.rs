@@ -750,6 +750,13 @@ fn monitor_page_renders_live_traffic_offline() {
     // The last word on the tunnel is stale now: no "Connected" while unreachable.
     assert_eq!(page["tunnel_connected"], json!("unknown"), "{page:#}");
     assert_eq!(page["tunnel_text"], json!("Unknown"), "{page:#}");
+    // So is each client's: no "Connected" badge, no duration still counting up.
+    let card = browser.eval(
+        r#"(() => { const c = document.querySelector('[data-testid="client-card"]');
+            return { connected: c.dataset.connected, state: c.querySelector('[data-role="state"]').textContent,
+                     ticking: !!c.querySelector('[data-kind="duration"]') }; })()"#,
+    );
+    assert_eq!(card, json!({"connected": "unknown", "state": "Unknown", "ticking": false}), "{card}");
     browser.screenshot("monitor-connection-lost.png");
     let _back = Respawned::start(daemon.http, &daemon.state_dir, "monitor-secret");
     browser.wait_for("recovery", &state_is("live"));
@@ -1178,4 +1185,297 @@ fn policy_badges_events_and_the_edit_form() {
     browser.wait_for("the cap badge gone", r#"!document.querySelector('[data-role="cap"]')"#);
     browser.screenshot("monitor-policy-after-edit.png");
     assert_stayed_on_loopback(&mut browser, &daemon.url(""), &canary);
+}
+
+/// The Clients section, the tunnel card and the client column of the mappings
+/// table, read from the DOM.
+const CLIENTS_JS: &str = r#"(() => {
+  const q = (s, root = document) => root.querySelector(s);
+  const tunnel = q('[data-testid="card-tunnel-state"]');
+  const bytes = (card, role) => {
+    const v = q(`[data-role="${role}"] [data-role="value"]`, card);
+    return { bytes: Number(v.dataset.bytes), text: v.textContent.trim() };
+  };
+  return {
+    visible: !q('[data-testid="clients"]').hidden,
+    sub: q('[data-testid="clients-sub"]').textContent.trim(),
+    tunnel: {
+      connected: tunnel.dataset.connected,
+      health: tunnel.dataset.health,
+      text: q('[data-role="state-text"]', tunnel).textContent.trim(),
+      sub: q('[data-role="sub"]', tunnel).textContent.trim(),
+    },
+    cards: [...document.querySelectorAll('[data-testid="client-card"]')].map((c) => ({
+      name: c.dataset.name,
+      // Text only: a name is never parsed as markup.
+      name_text: q('[data-role="name"]', c).textContent,
+      name_elements: q('[data-role="name"]', c).children.length,
+      connected: c.dataset.connected,
+      missed: c.dataset.missed,
+      state: q('[data-role="state"]', c).textContent.trim(),
+      peer: q('[data-role="peer"]', c).textContent.trim(),
+      since: q('[data-role="since"] [data-role="ago"]', c).textContent.trim(),
+      // The absolute "since" time, as Unix seconds read back from its datetime.
+      clock: (() => { const t = q('[data-role="since"] [data-role="clock"]', c); return t ? Date.parse(t.getAttribute('datetime')) / 1000 : null; })(),
+      sent: bytes(c, 'sent'),
+      received: bytes(c, 'received'),
+      mappings: Number(q('[data-role="mappings"] [data-role="value"]', c).dataset.count),
+      mappings_text: q('[data-role="mappings"]', c).textContent.trim(),
+    })),
+    rows: [...document.querySelectorAll('[data-testid="mapping-row"]')].map((r) => ({
+      port: Number(r.dataset.port),
+      client: r.dataset.client,
+      mode: q('td[data-col="mode"] [data-role="value"]', r).textContent.trim(),
+      client_text: q('td[data-col="mode"] [data-role="client"]', r)?.textContent ?? null,
+      client_inline: q('td[data-col="target"] [data-role="client"]', r)?.textContent ?? null,
+      status: r.dataset.status,
+    })),
+  };
+})()"#;
+
+/// Does the Clients section fit its panel, with every fact whole (not cut)?
+const CLIENTS_FIT_JS: &str = r#"(() => {
+  const panel = document.querySelector('[data-testid="clients"]').getBoundingClientRect();
+  const cards = [...document.querySelectorAll('[data-testid="client-card"]')];
+  return {
+    page_overflow: document.documentElement.scrollWidth > window.innerWidth,
+    cards_past_edge: cards.filter((c) => c.getBoundingClientRect().right > panel.right + 0.5).map((c) => c.dataset.name),
+    cut: cards.flatMap((c) => [...c.querySelectorAll('dd, [data-role="name"], [data-role="state"]')]
+      .filter((e) => e.scrollWidth > e.clientWidth + 1)
+      .map((e) => `${c.dataset.name} ${e.dataset.role || e.tagName}: ${e.textContent} (${e.scrollWidth}/${e.clientWidth})`)),
+  };
+})()"#;
+
+/// `POST` with a JSON body and no token; the envelope's `data`, asserting success.
+fn post_ok(daemon: &Daemon, path: &str, body: Value) -> Value {
+    let (status, reply) = common::http("POST", &daemon.url(path), Some(&body.to_string()));
+    assert_eq!(status, 200, "POST {path} {body}: {reply}");
+    reply["data"].clone()
+}
+
+/// Everything in the Clients section and the client column that differs from
+/// `/api/stats/traffic` (empty: all equal).
+fn clients_vs_api(view: &Value, api: &Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    // Clients that mappings wait for first, then the API's order (by name).
+    let missed = |c: &&Value| c["connected"] == json!(false) && c["mappings"].as_u64().unwrap_or(0) > 0;
+    let all = api["clients"].as_array().expect("clients array");
+    let clients: Vec<&Value> = all.iter().filter(missed).chain(all.iter().filter(|c| !missed(c))).collect();
+    let cards = view["cards"].as_array().expect("cards");
+    let names: Vec<&Value> = clients.iter().map(|c| &c["name"]).collect();
+    let shown: Vec<&Value> = cards.iter().map(|c| &c["name"]).collect();
+    if names != shown {
+        wrong.push(format!("cards {shown:?}, API clients {names:?}"));
+        return wrong;
+    }
+    for (card, c) in cards.iter().zip(clients.iter().copied()) {
+        let name = c["name"].as_str().unwrap();
+        let connected = c["connected"].as_bool().expect("connected");
+        let mut expect = |what: &str, shown: &Value, want: Value| {
+            if *shown != want {
+                wrong.push(format!("{name} {what}: page shows {shown}, API says {want}"));
+            }
+        };
+        expect("name", &card["name_text"], json!(name));
+        expect("connected", &card["connected"], json!(connected.to_string()));
+        expect("state", &card["state"], json!(if connected { "Connected" } else { "Not connected" }));
+        expect("peer", &card["peer"], json!(c["peer"].as_str().unwrap_or("—")));
+        expect("mappings", &card["mappings"], c["mappings"].clone());
+        expect("sent", &card["sent"]["bytes"], c["bytes_sent"].clone());
+        expect("sent text", &card["sent"]["text"], json!(format_bytes(u64_at(c, "bytes_sent"))));
+        expect("received", &card["received"]["bytes"], c["bytes_received"].clone());
+        expect("received text", &card["received"]["text"], json!(format_bytes(u64_at(c, "bytes_received"))));
+        // The page's <time datetime> keeps milliseconds; the API may send finer.
+        let since = c["connected_since"].as_f64().filter(|_| connected);
+        let clock = card["clock"].as_f64();
+        let same = match (since, clock) {
+            (Some(want), Some(shown)) => (want - shown).abs() < 0.001,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            wrong.push(format!("{name} connected since: page shows {clock:?}, API says {since:?}"));
+        }
+    }
+    for (row, m) in view["rows"].as_array().unwrap().iter().zip(api["mappings"].as_array().unwrap()) {
+        let client = m["client"].as_str();
+        if row["client_text"] != json!(client) {
+            wrong.push(format!(":{} shows client {}, API says {:?}", row["port"], row["client_text"], client));
+        }
+    }
+    wrong
+}
+
+/// Two named clients, each serving its own tunneled mappings: the Clients section
+/// shows both (state, peer, since when, wire bytes, mapping count) as the API
+/// does, each tunneled row names its client, the tunnel card counts "N of M", and
+/// killing one client turns only its card to "Not connected" — at desktop, phone
+/// and 720-1,000 px widths, with screenshots.
+#[test]
+fn clients_section_follows_each_client() {
+    let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
+    const SECRET: &str = "monitor-secret";
+    let daemon = Daemon::server(SECRET, &[]);
+    let office_secret =
+        post_ok(&daemon, "/api/client/create", json!({"name": "office"}))["secret"].as_str().expect("a new client's secret").to_string();
+    let default_client = Daemon::client(&daemon, SECRET, &[]);
+    let mut office = Daemon::client(&daemon, &office_secret, &["--name", "office"]);
+
+    let echo = echo_server();
+    let [direct, home, office_a, office_b] = [free_port(), free_port(), free_port(), free_port()];
+    create_mapping(&daemon, direct, echo, false);
+    create_mapping(&daemon, home, echo, true); // no "client": the default one
+    for port in [office_a, office_b] {
+        let m = post_ok(
+            &daemon,
+            "/api/mapping/create",
+            json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": true, "client": "office"}),
+        );
+        assert_eq!(m["client"], json!("office"), "{m}");
+    }
+    // Known traffic through each client's tunnel, so both cards carry real bytes.
+    push(home, 200_000);
+    push(office_a, 1_200_000);
+    push(office_b, 30_000);
+
+    let (canary_addr, canary) = canary_proxy();
+    let mut browser = Browser::launch(&chromium, canary_addr);
+    browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
+    browser.wait_for("the live stream", &state_is("live"));
+    browser.wait_for(
+        "both clients connected",
+        r#"[...document.querySelectorAll('[data-testid="client-card"]')].filter((c) => c.dataset.connected === 'true').length === 2"#,
+    );
+
+    // The page converges on exactly the daemon's numbers (idle tunnels still move
+    // a few keepalive bytes, so compare a page and an API reading taken together).
+    let deadline = Instant::now() + UI_TIMEOUT;
+    let (view, api) = loop {
+        let view = browser.eval(CLIENTS_JS);
+        let api = traffic(&daemon, None);
+        let wrong = clients_vs_api(&view, &api);
+        if wrong.is_empty() {
+            break (view, api);
+        }
+        assert!(Instant::now() < deadline, "the page never showed the daemon's clients:\n  {}\n{view:#}", wrong.join("\n  "));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let card = |name: &str| view["cards"].as_array().unwrap().iter().find(|c| c["name"] == json!(name)).unwrap().clone();
+    let (default_card, office_card) = (card("default"), card("office"));
+    assert_eq!(view["visible"], json!(true));
+    assert_eq!(default_card["mappings"], json!(1), "{view:#}");
+    assert_eq!(office_card["mappings"], json!(2), "{view:#}");
+    assert_eq!(office_card["mappings_text"], json!("2"), "{view:#}");
+    for c in [&default_card, &office_card] {
+        assert_eq!(c["state"], json!("Connected"), "{c}");
+        assert!(c["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "the client's address: {c}");
+        assert!(c["since"].as_str().unwrap().ends_with(" s") || c["since"].as_str().unwrap().contains("min"), "how long: {c}");
+        assert_eq!(c["name_elements"], json!(0), "{c}");
+    }
+    assert!(u64_at(&office_card["received"], "bytes") > 1_200_000, "office's wire bytes carry its traffic: {office_card}");
+    assert!(u64_at(&default_card["received"], "bytes") > 200_000, "default's wire bytes carry its traffic: {default_card}");
+    assert!(
+        u64_at(&office_card["received"], "bytes") > u64_at(&default_card["received"], "bytes"),
+        "each card has its own client's bytes, not the sum: {view:#}"
+    );
+    assert_eq!(view["sub"], json!("2 of 2 connected · wire bytes per client, since the daemon started"));
+    assert_eq!(view["tunnel"]["text"], json!("2 of 2 connected"), "{view:#}");
+    assert_eq!(view["tunnel"]["health"], json!("ok"), "{view:#}");
+    assert_eq!(view["tunnel"]["sub"], json!("all clients connected"), "{view:#}");
+    assert_eq!(api["tunnel"]["connected"], json!(true));
+
+    // Each tunneled row names its client (in the Mode column and, for narrow
+    // tables, under the target); the direct row names none.
+    let row = |port: u16| view["rows"].as_array().unwrap().iter().find(|r| r["port"] == json!(port)).unwrap().clone();
+    for (port, client) in [(home, Some("default")), (office_a, Some("office")), (office_b, Some("office")), (direct, None)] {
+        let r = row(port);
+        assert_eq!(r["client_text"], json!(client), "{r}");
+        assert_eq!(r["client_inline"], json!(client), "{r}");
+        assert_eq!(r["client"], json!(client.unwrap_or("")), "{r}");
+        assert_eq!(r["mode"], json!(if client.is_some() { "Tunnel" } else { "Direct" }), "{r}");
+    }
+
+    // Screenshots: desktop light and dark, phone; nothing overflows on a phone.
+    browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
+    browser.screenshot("monitor-clients-desktop.png");
+    browser.set_color_scheme("dark");
+    browser.wait_for("the dark chart", &chart_theme_is("dark"));
+    browser.screenshot("monitor-clients-desktop-dark.png");
+    browser.set_color_scheme("light");
+    browser.wait_for("the light chart", &chart_theme_is("light"));
+    browser.eval("window.scrollTo(0, 0)"); // the sticky top bar at the top of the full page
+    browser.screenshot_full_page("monitor-clients-full.png");
+    browser.set_viewport(375, 800, true);
+    browser.wait_for("the phone layout", "window.innerWidth === 375");
+    let fit = browser.eval(CLIENTS_FIT_JS);
+    assert_eq!(fit, json!({"page_overflow": false, "cards_past_edge": [], "cut": []}), "at 375 px");
+    browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
+    browser.screenshot("monitor-clients-phone.png");
+    browser.eval("window.scrollTo(0, 0)"); // the sticky top bar at the top of the full page
+    browser.screenshot_full_page("monitor-clients-phone-full.png");
+
+    // 720-1,000 px: the table (now with client names) and the client cards fit.
+    for width in [720, 780, 860, 1000] {
+        browser.set_viewport(width, 1000, false);
+        browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
+        let table = browser.eval(TABLE_FIT_JS);
+        assert_eq!(table["page_overflow"], json!(false), "{table:#}");
+        assert_eq!(table["table_overflow"], json!(false), "{table:#}");
+        assert_eq!(table["cells_past_edge"], json!([]), "{table:#}");
+        let fit = browser.eval(CLIENTS_FIT_JS);
+        assert_eq!(fit, json!({"page_overflow": false, "cards_past_edge": [], "cut": []}), "at {width} px");
+        browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
+        browser.screenshot(&format!("monitor-clients-{width}.png"));
+    }
+    browser.set_viewport(1920, 1080, false);
+
+    // One client goes away: only its card turns "Not connected", its mappings wait
+    // for it, the tunnel card counts 1 of 2 and turns amber (mappings need office).
+    office.kill();
+    browser.wait_for(
+        "office not connected",
+        r#"document.querySelector('[data-testid="client-card"][data-name="office"]').dataset.connected === 'false'"#,
+    );
+    browser.wait_for(
+        "office's mappings waiting",
+        r#"[...document.querySelectorAll('[data-testid="mapping-row"][data-client="office"]')].every((r) => r.dataset.status === 'waiting_for_tunnel')"#,
+    );
+    let deadline = Instant::now() + UI_TIMEOUT;
+    let view = loop {
+        let view = browser.eval(CLIENTS_JS);
+        let wrong = clients_vs_api(&view, &traffic(&daemon, None));
+        if wrong.is_empty() {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "the page never showed the daemon's clients:\n  {}\n{view:#}", wrong.join("\n  "));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (default_card, office_card) = (
+        view["cards"].as_array().unwrap().iter().find(|c| c["name"] == json!("default")).unwrap().clone(),
+        view["cards"].as_array().unwrap().iter().find(|c| c["name"] == json!("office")).unwrap().clone(),
+    );
+    assert_eq!(view["cards"][0]["name"], json!("office"), "the client mappings wait for comes first: {view:#}");
+    assert_eq!(office_card["state"], json!("Not connected"), "{office_card}");
+    assert_eq!(office_card["peer"], json!("—"), "{office_card}");
+    assert_eq!(office_card["missed"], json!("true"), "its mappings wait for it: {office_card}");
+    assert_eq!(office_card["mappings"], json!(2), "{office_card}");
+    assert_eq!(default_card["state"], json!("Connected"), "the other client is untouched: {default_card}");
+    assert_eq!(default_card["connected"], json!("true"), "{default_card}");
+    assert_eq!(view["tunnel"]["text"], json!("1 of 2 connected"), "{view:#}");
+    assert_eq!(view["tunnel"]["connected"], json!("true"), "{view:#}");
+    assert_eq!(view["tunnel"]["health"], json!("degraded"), "{view:#}");
+    assert_eq!(view["tunnel"]["sub"], json!("not connected: office"), "{view:#}");
+    let home_row = view["rows"].as_array().unwrap().iter().find(|r| r["port"] == json!(home)).unwrap().clone();
+    assert_eq!(home_row["status"], json!("active"), "{home_row}");
+    push(home, 10_000); // the default client's mapping still serves
+    browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
+    browser.screenshot("monitor-clients-one-lost.png");
+    browser.eval("window.scrollTo(0, 0)");
+    browser.screenshot_full_page("monitor-clients-one-lost-full.png");
+    browser.set_viewport(375, 800, true);
+    browser.wait_for("the phone layout", "window.innerWidth === 375");
+    browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
+    browser.screenshot("monitor-clients-one-lost-phone.png");
+    assert_stayed_on_loopback(&mut browser, &daemon.url(""), &canary);
+    drop(default_client);
 }

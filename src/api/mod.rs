@@ -312,6 +312,27 @@ fn port_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<u16, A
     }
 }
 
+fn string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<String, ApiError> {
+    optional_string_field(body, key)?.ok_or_else(|| bad_request(format!("missing field `{key}`")))
+}
+
+fn optional_string_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(bad_request(format!("`{key}` must be a string"))),
+    }
+}
+
+/// An absent or `null` flag is `false`.
+fn flag_field(body: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad_request(format!("`{key}` must be true or false"))),
+    }
+}
+
 fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
     let body = body.only(&[
         "source_port",
@@ -327,21 +348,9 @@ fn new_mapping(body: &JsonObject) -> Result<NewMapping, ApiError> {
     ])?;
     let source_port = port_field(body, "source_port")?;
     let target_port = port_field(body, "target_port")?;
-    let target_host = match body.get("target_host") {
-        None | Some(Value::Null) => return Err(bad_request("missing field `target_host`")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(bad_request("`target_host` must be a string")),
-    };
-    let use_tunnel = match body.get("use_tunnel") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad_request("`use_tunnel` must be true or false")),
-    };
-    let client = match body.get("client") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(bad_request("`client` must be a client name (a string)")),
-    };
+    let target_host = string_field(body, "target_host")?;
+    let use_tunnel = flag_field(body, "use_tunnel")?;
+    let client = optional_string_field(body, "client")?;
     let mut policy = crate::policy::Policy::default();
     policy.apply(body).map_err(bad_request)?;
     Ok(NewMapping { source_port, target_host, target_port, use_tunnel, client, policy })
@@ -373,12 +382,7 @@ async fn remove_mapping(State(state): State<AppState>, body: JsonObject) -> Resu
 }
 
 async fn create_client(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
-    let body = body.only(&["name"])?;
-    let name = match body.get("name") {
-        None | Some(Value::Null) => return Err(bad_request("missing field `name`")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(bad_request("`name` must be a string")),
-    };
+    let name = string_field(body.only(&["name"])?, "name")?;
     let secret = state.mappings.create_client(&name).await?;
     Ok(success(
         "client created; its secret is shown only now: give it to the client (client.secret) with client.name set to this name",
@@ -388,16 +392,8 @@ async fn create_client(State(state): State<AppState>, body: JsonObject) -> Resul
 
 async fn remove_client(State(state): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
     let body = body.only(&["name", "force"])?;
-    let name = match body.get("name") {
-        None | Some(Value::Null) => return Err(bad_request("missing field `name`")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(bad_request("`name` must be a string")),
-    };
-    let force = match body.get("force") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad_request("`force` must be true or false")),
-    };
+    let name = string_field(body, "name")?;
+    let force = flag_field(body, "force")?;
     // The client's tunnel series vanish with it: record what it moved first.
     state.recorder.flush_logged().await;
     let waiting = state.mappings.remove_client(&name, force).await?;
@@ -425,7 +421,7 @@ async fn client_views(state: &AppState, snap: &crate::metrics::TrafficSnapshot) 
                 "name": c.name,
                 "connected": c.peer.is_some(),
                 "peer": c.peer.map(|p| p.to_string()),
-                "connected_since": t.connected_since.filter(|_| c.peer.is_some()),
+                "connected_since": c.connected_since,
                 "bytes_sent": t.bytes_sent,
                 "bytes_received": t.bytes_received,
                 "last_update": t.last_update,

@@ -73,6 +73,15 @@ pub struct TunnelHub {
     clients: RwLock<HashMap<String, Arc<Client>>>,
     defences: Mutex<Defences>,
     unauthenticated: Arc<Unauthenticated>,
+    presence: tokio::sync::broadcast::Sender<Presence>,
+}
+
+/// A client came or went: a session began, or ended without a successor (a
+/// replacement is neither; a removed client's end is not reported).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub client: String,
+    pub connected: bool,
 }
 
 /// What the tunnel port remembers about misbehaving sources and clients.
@@ -99,6 +108,8 @@ pub struct ClientStatus {
     pub name: String,
     /// While connected: the control connection's source address.
     pub peer: Option<SocketAddr>,
+    /// While connected: when this session authenticated (Unix seconds).
+    pub connected_since: Option<f64>,
 }
 
 /// One authenticated connection of a client.
@@ -106,6 +117,8 @@ struct Session {
     id: u64,
     token: String,
     peer: SocketAddr,
+    /// Unix seconds.
+    authenticated_at: f64,
     client: Arc<Client>,
     control: mpsc::Sender<Message>,
     pool: Mutex<Pool>,
@@ -156,6 +169,7 @@ impl TunnelHub {
                 flaps: HashMap::new(),
             }),
             unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE),
+            presence: tokio::sync::broadcast::channel(256).0,
         });
         hub.add_client(DEFAULT_CLIENT, default_secret);
         for (name, secret) in clients {
@@ -197,6 +211,12 @@ impl TunnelHub {
         true
     }
 
+    /// Every session that begins or ends from now on, as it happens — a client
+    /// that stays for a moment is seen too.
+    pub fn presence(&self) -> tokio::sync::broadcast::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+
     pub fn knows(&self, name: &str) -> bool {
         self.client(name).is_some()
     }
@@ -204,8 +224,17 @@ impl TunnelHub {
     /// Every known client, by name.
     pub fn clients(&self) -> Vec<ClientStatus> {
         let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
-        let mut status: Vec<ClientStatus> =
-            clients.iter().map(|c| ClientStatus { name: c.name.clone(), peer: c.current().map(|s| s.peer) }).collect();
+        let mut status: Vec<ClientStatus> = clients
+            .iter()
+            .map(|c| {
+                let session = c.current();
+                ClientStatus {
+                    name: c.name.clone(),
+                    peer: session.as_ref().map(|s| s.peer),
+                    connected_since: session.as_ref().map(|s| s.authenticated_at),
+                }
+            })
+            .collect();
         status.sort_by(|a, b| a.name.cmp(&b.name));
         status
     }
@@ -472,6 +501,7 @@ impl TunnelHub {
             id: rand::random(),
             token: protocol::new_nonce(),
             peer,
+            authenticated_at: crate::metrics::unix_now(),
             client: client.clone(),
             control: control_tx,
             pool: Mutex::new(Pool::default()),
@@ -530,6 +560,7 @@ impl TunnelHub {
         let client = session.client.clone();
         let latest = session.peer;
         let previous = client.session.lock().ok().and_then(|mut c| c.replace(session));
+        let previous_peer = previous.as_ref().map(|old| old.peer);
         if let Some(old) = previous {
             warn!(client = %client.name, previous = %old.peer, latest = %latest, session = old.id, "a newly authenticated client replaces the connected one with the same name");
             self.metrics.count_session(session_result::REPLACED);
@@ -554,7 +585,14 @@ impl TunnelHub {
             // A client removed during the handshake: its series stay removed and
             // the session ends at once.
             match clients.get(&client.name) {
-                Some(known) if Arc::ptr_eq(known, &client) => self.metrics.session_started(&client.name),
+                Some(known) if Arc::ptr_eq(known, &client) => {
+                    if let Some(since) = client.current().map(|s| s.authenticated_at) {
+                        self.metrics.session_started(&client.name, since);
+                    }
+                    if previous_peer.is_none() {
+                        let _ = self.presence.send(Presence { client: client.name.clone(), connected: true });
+                    }
+                }
                 _ => {
                     if let Some(s) = client.current() {
                         s.cancel.cancel();
@@ -578,6 +616,7 @@ impl TunnelHub {
             if let Ok(clients) = self.clients.read() {
                 if clients.get(&client.name).is_some_and(|known| Arc::ptr_eq(known, client)) {
                     self.metrics.session_ended(&client.name);
+                    let _ = self.presence.send(Presence { client: client.name.clone(), connected: false });
                 }
             }
         }

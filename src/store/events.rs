@@ -69,6 +69,20 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Which of `kinds` were recorded for `port` at or after `since` (Unix
+    /// seconds): what a restarted process has already told the operator.
+    pub async fn announced_since(&self, port: u16, since: f64, kinds: &'static [&'static str]) -> Result<Vec<String>, StoreError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT DISTINCT kind FROM events WHERE port = ?1 AND time >= ?2")?;
+            let rows = stmt.query_map(params![port, since], |r| r.get::<_, String>(0))?;
+            let found: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+            Ok(found.into_iter().filter(|k| kinds.contains(&k.as_str())).collect())
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
