@@ -11,10 +11,11 @@ Two figures, each read against a baseline taken in the same run:
    Measured with the default data-channel pool and with `client.pool_size = 0`
    (the session alone), with TLS (the default) and without. What the mappings and
    the client records themselves cost is reported on its own.
-2. Tunneled connection setup rate (sequential connect, 1-byte echo, close) with one
-   client connected against all of them connected: through the same mapping of the
-   first client, and spread over one mapping of each of 10 clients. Rounds
-   alternate between the two states; medians are compared.
+2. Tunneled connection setup rate (sequential connect, 1-byte echo, close) with all
+   clients connected against only the clients whose mappings the load uses: the
+   first client's mapping (all connected vs that client alone), and one mapping
+   each of 10 clients in turn (all connected vs those 10 alone). Rounds alternate
+   the order of the states; medians are compared.
 
 bench/run.py runs this as its last section; alone:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,6 +60,33 @@ def status_kib(pid: int) -> dict:
     return out
 
 
+def heap_in_use(procs: Children, proc: subprocess.Popen) -> int | None:
+    """Bytes the process has allocated and not freed (glibc's malloc_stats, called
+    through gdb, prints them to the process's stderr, i.e. its log), or None
+    without gdb. Unlike RSS it does not depend on what the allocator keeps cached
+    or how fragmented its arenas are, so it is the steadier per-session figure."""
+    if not shutil.which("gdb"):
+        return None
+    logfile = procs.logdir / f"{proc.name}.log"  # type: ignore[attr-defined]
+    start = logfile.stat().st_size
+    # gdb's exit status is not telling: it can complain while detaching (about
+    # registers it could not write back) after the call went through.
+    res = subprocess.run(["gdb", "-nx", "-batch", "-p", str(proc.pid), "-ex", "call (void)malloc_stats()"],
+                         capture_output=True, text=True, timeout=120)
+    procs.check_alive(proc)
+    with open(logfile, errors="replace") as f:
+        f.seek(start)
+        text = f.read()
+    total = text.rfind("Total (incl. mmap):")
+    if total < 0:
+        log(f"  note: gdb could not read the heap of {proc.name}: {res.stderr.strip()[-200:]}")  # type: ignore[attr-defined]
+        return None
+    for line in text[total:].splitlines():
+        if line.startswith("in use bytes"):
+            return int(line.split("=")[1])
+    return None
+
+
 def established_on(port: int) -> int:
     """ESTABLISHED TCP connections whose local end is 127.0.0.1:port, i.e. the
     server's ends of control and data channels."""
@@ -79,6 +108,30 @@ def settle(pid: int, quiet_kib: int = 64, timeout: float = 10.0) -> dict:
             return now
         last = now
     return last
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_quiet(procs: list[subprocess.Popen], children: Children, timeout: float = 30.0) -> None:
+    """Until the processes together used at most 2 ticks (20 ms) of CPU in 0.5 s:
+    clients that just connected are done with handshakes and start-up work, so a
+    measurement that follows sees idle sessions, not their arrival."""
+    deadline = time.monotonic() + timeout
+    last = sum(cpu_ticks(p.pid) for p in procs)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        for p in procs:
+            children.check_alive(p)
+        now = sum(cpu_ticks(p.pid) for p in procs)
+        if now - last <= 2:
+            return
+        last = now
+    log(f"  note: the processes did not go quiet within {timeout:.0f} s; measuring anyway")
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:
@@ -208,6 +261,15 @@ class Bench:
                 c["name"] for c in api(self.api, "/api/client/list")["clients"] if c["connected"]},
                 self.procs, self.server, timeout=60)
 
+    def connect_only(self, names: list[str], label: str, tls: bool) -> None:
+        """Exactly `names` connected (default pool), and every process quiet again."""
+        want = set(names)
+        self.stop_clients([n for n in self.clients if n not in want])
+        missing = [n for n in names if n not in self.clients]
+        if missing:
+            self.start_clients(missing, label, tls, None)
+        wait_quiet([self.server, *self.clients.values()], self.procs)
+
     @property
     def default_pool(self) -> int:
         """client.pool_size as the binary defaults it, from `tunneld check-config`."""
@@ -230,19 +292,25 @@ def measure_sessions(bench: Bench, label: str, tls: bool, pool: int | None) -> d
     bench.start_server(label, tls)
     bench.check_restored()
     idle = settle(bench.server.pid)
+    heap_idle = heap_in_use(bench.procs, bench.server)
     t0 = time.monotonic()
     bench.start_clients(bench.names, label, tls, pool)
     connect_s = time.monotonic() - t0
+    wait_quiet([bench.server, *bench.clients.values()], bench.procs)
     full = settle(bench.server.pid)
+    heap_full = heap_in_use(bench.procs, bench.server)
     n = len(bench.names)
     pool_size = bench.default_pool if pool is None else pool
     out = {"tls": tls, "pool_size": pool_size, "default_pool": pool is None, "clients": n,
            "connect_all_s": connect_s, "rss_kib": {"no_sessions": idle, "all_connected": full},
            "per_session_kib": (full["VmRSS"] - idle["VmRSS"]) / n,
-           "per_session_anon_kib": (full["RssAnon"] - idle["RssAnon"]) / n}
+           "per_session_anon_kib": (full["RssAnon"] - idle["RssAnon"]) / n,
+           "heap_in_use_bytes": {"no_sessions": heap_idle, "all_connected": heap_full},
+           "per_session_heap_kib": None if heap_idle is None or heap_full is None else (heap_full - heap_idle) / n / 1024}
+    heap = "n/a (no gdb)" if out["per_session_heap_kib"] is None else f"{out['per_session_heap_kib']:5.1f} KiB"
     log(f"  {label:<13} {n} clients connected in {connect_s:4.1f} s; server RSS {idle['VmRSS'] / 1024:6.1f} -> "
         f"{full['VmRSS'] / 1024:6.1f} MiB: {out['per_session_kib']:5.1f} KiB per session "
-        f"(anonymous {out['per_session_anon_kib']:5.1f} KiB), pool_size {pool_size}")
+        f"(anonymous {out['per_session_anon_kib']:5.1f} KiB; heap in use {heap}), pool_size {pool_size}")
     return out
 
 
@@ -254,59 +322,67 @@ def connrate(bench: Bench, ports: list[int]) -> dict:
 
 
 def measure_connrate(bench: Bench, label: str, tls: bool) -> dict:
-    """On the server and clients measure_sessions left running: rounds of
-    [all connected: same mapping, spread] then [one connected: same mapping]."""
-    first = bench.names[0]
-    same = [bench.mappings[first][0]]
+    """On the server and clients measure_sessions left running, rounds through
+    three states: every client connected (the first client's mapping, then one
+    mapping each of SPREAD clients), only those SPREAD clients connected (the same
+    spread), only the first client (its mapping). Every ratio compares the same
+    mappings; only the number of other, idle sessions differs. The order of the
+    states reverses every round, so a drift in the machine's load hits both sides."""
+    same = [bench.mappings[bench.names[0]][0]]
     step = max(len(bench.names) // SPREAD, 1)
-    spread = [bench.mappings[name][i % bench.args.mappings] for i, name in enumerate(bench.names[::step][:SPREAD])]
-    rounds: dict[str, list[dict]] = {"one_same": [], "all_same": [], "all_spread": []}
-    others = bench.names[1:]
+    spread_names = bench.names[::step][:SPREAD]
+    spread = [bench.mappings[name][i % bench.args.mappings] for i, name in enumerate(spread_names)]
+    states = {"all": (bench.names, {"all_same": same, "all_spread": spread}),
+              "spread": (spread_names, {"few_spread": spread}),
+              "one": (bench.names[:1], {"one_same": same})}
+    rounds: dict[str, list[dict]] = {key: [] for _, runs in states.values() for key in runs}
     for r in range(bench.args.rounds):
-        if r:
-            bench.start_clients(others, f"{label}-r{r}", tls, None)
-        rounds["all_same"].append(connrate(bench, same))
-        rounds["all_spread"].append(connrate(bench, spread))
-        bench.stop_clients(others)
-        rounds["one_same"].append(connrate(bench, same))
-        log(f"  {label:<13} round {r + 1}: {len(bench.names)} clients "
-            + ", ".join(f"{k} {rounds[k][-1]['conns_per_s']:,.0f} conn/s" for k in ("all_same", "all_spread"))
-            + f"; 1 client {rounds['one_same'][-1]['conns_per_s']:,.0f} conn/s")
+        order = ["all", "spread", "one"] if r % 2 == 0 else ["one", "spread", "all"]
+        for state in order:
+            names, runs = states[state]
+            bench.connect_only(names, f"{label}-r{r}", tls)
+            keys = list(runs) if r % 2 == 0 else list(reversed(runs))
+            for key in keys:
+                rounds[key].append(connrate(bench, runs[key]))
+        log(f"  {label:<13} round {r + 1}: " + ", ".join(f"{k} {v[-1]['conns_per_s']:,.0f}" for k, v in rounds.items())
+            + " conn/s")
     failures = sum(res["failures"] for runs in rounds.values() for res in runs)
     med = {k: statistics.median(res["conns_per_s"] for res in runs) for k, runs in rounds.items()}
     p50 = {k: statistics.median(res["p50_us"] for res in runs) for k, runs in rounds.items()}
     return {"tls": tls, "conns": bench.args.conns, "rounds": rounds, "failures": failures,
             "errors": sorted({e for runs in rounds.values() for res in runs for e in res["errors"]}),
-            "spread_ports": spread, "median_conns_per_s": med, "median_p50_us": p50,
-            "ratio_same": med["all_same"] / med["one_same"], "ratio_spread": med["all_spread"] / med["one_same"]}
+            "spread_clients": spread_names, "spread_ports": spread, "median_conns_per_s": med, "median_p50_us": p50,
+            "ratio_same": med["all_same"] / med["one_same"], "ratio_spread": med["all_spread"] / med["few_spread"]}
 
 
 def summary(results: dict) -> list[str]:
     n = results["meta"]["clients"]
     m = results["meta"]["mappings_per_client"]
     lines = [f"many clients ({n} clients x {m} tunneled mappings; server RSS)",
-             f"{'variant':<20}{'no sessions MiB':>16}{'all connected MiB':>19}{'KiB/session':>13}{'anon KiB':>10}",
-             "-" * 78]
+             f"{'variant':<22}{'RSS no sessions':>16}{'all connected':>15}{'RSS/session':>13}{'heap/session':>14}",
+             f"{'':<22}{'MiB':>16}{'MiB':>15}{'KiB':>13}{'KiB':>14}",
+             "-" * 80]
     for s in results["sessions"]:
         label = f"{'TLS' if s['tls'] else 'plain'}, pool {s['pool_size']}" + (" (default)" if s["default_pool"] else "")
-        lines.append(f"{label:<20}{s['rss_kib']['no_sessions']['VmRSS'] / 1024:>16.1f}"
-                     f"{s['rss_kib']['all_connected']['VmRSS'] / 1024:>19.1f}{s['per_session_kib']:>13.1f}"
-                     f"{s['per_session_anon_kib']:>10.1f}")
-    for tls in (True, False):
-        per_channel = results.get("per_pooled_channel_kib", {}).get("tls" if tls else "plain")
-        if per_channel is not None:
-            lines.append(f"  per pooled data channel ({'TLS' if tls else 'plain'}): {per_channel:.1f} KiB")
+        heap = "n/a" if s["per_session_heap_kib"] is None else f"{s['per_session_heap_kib']:.1f}"
+        lines.append(f"{label:<22}{s['rss_kib']['no_sessions']['VmRSS'] / 1024:>16.1f}"
+                     f"{s['rss_kib']['all_connected']['VmRSS'] / 1024:>15.1f}{s['per_session_kib']:>13.1f}{heap:>14}")
+    for kind, per in results.get("per_pooled_channel_kib", {}).items():
+        heap = "n/a" if per["heap"] is None else f"{per['heap']:.1f} KiB"
+        lines.append(f"  per pooled data channel ({kind}): RSS {per['rss']:.1f} KiB, heap {heap}")
     p = results["populate"]
     lines.append(f"  per mapping (waiting for its client): {p['per_mapping_kib']:.2f} KiB; "
                  f"per client record: {p['per_client_record_kib']:.2f} KiB")
     for c in results["connrate"]:
         med = c["median_conns_per_s"]
+        k = len(c["spread_ports"])
         lines += ["", f"tunneled connection setup, {'TLS' if c['tls'] else 'plain'} "
                       f"({c['conns']} sequential connect+echo+close, median of {len(c['rounds']['one_same'])} rounds)",
-                  f"  1 client connected, its mapping:            {med['one_same']:>8,.0f} conn/s",
-                  f"  {n} clients connected, the same mapping:    {med['all_same']:>8,.0f} conn/s  {c['ratio_same']:.2f}x",
-                  f"  {n} clients connected, {len(c['spread_ports'])} clients' mappings: {med['all_spread']:>8,.0f} conn/s"
-                  f"  {c['ratio_spread']:.2f}x"]
+                  f"{'':<34}{'1 client':>10}{f'{k} clients':>12}{f'{n} clients':>13}{'ratio':>8}",
+                  f"{'  one client mapping (conn/s)':<34}{med['one_same']:>10,.0f}{'':>12}{med['all_same']:>13,.0f}"
+                  f"{c['ratio_same']:>7.2f}x",
+                  f"{f'  {k} clients mappings (conn/s)':<34}{'':>10}{med['few_spread']:>12,.0f}{med['all_spread']:>13,.0f}"
+                  f"{c['ratio_spread']:>7.2f}x"]
     return lines
 
 
@@ -321,11 +397,18 @@ def evaluate(results: dict) -> list[dict]:
             targets.append({"name": f"server RSS per idle {'TLS' if s['tls'] else 'plain'} session (no pooled channels) "
                                     f"<= {SESSION_KIB:g} KiB",
                             "measured": f"{s['per_session_kib']:.1f} KiB", "ok": s["per_session_kib"] <= SESSION_KIB})
+            if s["per_session_heap_kib"] is not None:
+                targets.append({"name": f"server heap in use per idle {'TLS' if s['tls'] else 'plain'} session "
+                                        f"(no pooled channels) <= {SESSION_KIB:g} KiB",
+                                "measured": f"{s['per_session_heap_kib']:.1f} KiB",
+                                "ok": s["per_session_heap_kib"] <= SESSION_KIB})
     n = results["meta"]["clients"]
     for c in results["connrate"]:
         kind = "TLS" if c["tls"] else "plain"
-        for key, what in (("ratio_same", "the same mapping"), ("ratio_spread", f"{len(c['spread_ports'])} clients' mappings")):
-            targets.append({"name": f"{kind} conn/s with {n} clients ({what}) >= {CONNRATE_RATIO}x 1 client",
+        k = len(c["spread_ports"])
+        for key, what in (("ratio_same", "1 client's mapping: all connected vs it alone"),
+                          ("ratio_spread", f"{k} clients' mappings: all connected vs those {k} alone")):
+            targets.append({"name": f"{kind} conn/s with {n} clients >= {CONNRATE_RATIO}x ({what})",
                             "measured": f"{c[key]:.2f}x", "ok": c[key] >= CONNRATE_RATIO})
     return targets
 
@@ -358,10 +441,13 @@ def run(args, procs: Children, tmp: Path, results: dict) -> bool:
             bench.stop_server()
     results["per_pooled_channel_kib"] = {}
     for tls in args.variants:
-        by_pool = {s["pool_size"]: s["per_session_kib"] for s in results["sessions"] if s["tls"] == tls}
+        by_pool = {s["pool_size"]: s for s in results["sessions"] if s["tls"] == tls}
         if len(by_pool) == 2:
             (lo, a), (hi, b) = sorted(by_pool.items())
-            results["per_pooled_channel_kib"]["tls" if tls else "plain"] = (b - a) / (hi - lo)
+            heap = None if None in (a["per_session_heap_kib"], b["per_session_heap_kib"]) else \
+                (b["per_session_heap_kib"] - a["per_session_heap_kib"]) / (hi - lo)
+            results["per_pooled_channel_kib"]["TLS" if tls else "plain"] = {
+                "rss": (b["per_session_kib"] - a["per_session_kib"]) / (hi - lo), "heap": heap}
     ok = True
     for c in results["connrate"]:
         if c["failures"]:
@@ -373,18 +459,18 @@ def run(args, procs: Children, tmp: Path, results: dict) -> bool:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run for CI: TLS only, one round of 300 connections")
+                    help="smoke run for CI: TLS only, two rounds of 300 connections")
     ap.add_argument("--clients", type=int, default=100, help="named clients, one process each (default 100)")
     ap.add_argument("--mappings", type=int, default=10, help="tunneled mappings per client (default 10)")
     ap.add_argument("--conns", type=int, help="sequential connections per connrate run (default 2000, --quick 300)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds of the connrate comparison (default 3, --quick 1)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds of the connrate comparison (default 5, --quick 2)")
     ap.add_argument("--tunneld", type=Path, default=TARGET_DIR / "release" / "tunneld", help="tunneld binary")
     ap.add_argument("--no-build", action="store_true", help="use the existing binaries, do not run cargo build")
     ap.add_argument("--rundir", type=Path, help="where logs go (default bench/results/clients-<timestamp>)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     args = ap.parse_args()
     args.conns = args.conns or (300 if args.quick else 2000)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     # TLS is the default and what the targets are about; plain shows what TLS costs.
     args.variants = (True,) if args.quick else (True, False)
     args.pools = (None, 0)

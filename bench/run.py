@@ -14,6 +14,7 @@ noise; ratios much less so):
 Figures: iperf3 throughput (1 stream, 8 streams, 1 stream reversed), sequential
 connection setup rate and latency, 1000 concurrent verified echoes, and the RSS
 of the tunneld server and client idle and with 1000 tunneled connections open.
+Last, bench/clients.py (issue 12): 100 named clients with 10 mappings each.
 See bench/README.md for how to run it and what each figure means.
 
 Python 3 standard library only, so it runs anywhere the tools do.

@@ -33,6 +33,15 @@ impl TunnelStream {
         }
     }
 
+    /// Frees what an idle channel does not need (see
+    /// [`MeteredStream::release_read_ahead`]).
+    pub fn release_read_ahead(&mut self) {
+        match self {
+            TunnelStream::Plain(s) => s.release_read_ahead(),
+            TunnelStream::Tls(s) => s.get_mut().0.release_read_ahead(),
+        }
+    }
+
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
     /// plain (trusted-network) tunnel.
     pub fn binding(&self) -> Vec<u8> {

@@ -712,6 +712,7 @@ impl Session {
             }
         }
         if pool.idle.len() < MAX_IDLE_DATA_CHANNELS {
+            channel.release_read_ahead();
             pool.idle.push_back((channel, Instant::now()));
         }
     }
