@@ -22,6 +22,14 @@ const UNITS: [(&str, &str); 2] =
 /// The jobs alerts and dashboard rely on; scrape.yml must define both.
 const JOBS: [&str; 2] = ["tunneld-server", "tunneld-client"];
 
+/// Metrics labelled per client; a panel showing them must follow `$client`.
+const PER_CLIENT_METRICS: [&str; 4] = [
+    "tunneld_tunnel_connected{",
+    "tunneld_tunnel_connected_since_timestamp_seconds",
+    "tunneld_tunnel_bytes_total",
+    "tunneld_tunnel_last_activity_timestamp_seconds",
+];
+
 /// Where the units expect the binary; the tests swap in the freshly built one,
 /// because `systemd-analyze verify` insists that `ExecStart=` is executable.
 const INSTALLED_BIN: &str = "/usr/bin/tunneld";
@@ -203,7 +211,7 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
     assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()), "stable uid so re-imports replace the dashboard");
 
     let variables = dash["templating"]["list"].as_array().expect("templating.list");
-    for name in ["instance", "port"] {
+    for name in ["instance", "client", "port"] {
         let var = variables.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("template variable {name} missing"));
         assert_eq!(var["type"], "query", "variable {name} is a query variable");
         assert_eq!(var["datasource"]["uid"], DS, "variable {name} uses the imported data source");
@@ -211,6 +219,24 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
     }
     let port_var = variables.iter().find(|v| v["name"] == "port").expect("port variable");
     assert!(var_query(port_var).contains("$instance"), "port choices follow the selected instances");
+    assert!(var_query(port_var).contains(r#"client=~"$client""#), "port choices follow the selected clients: {}", var_query(port_var));
+
+    // One dashboard for every client of a server: pick one, several or All.
+    let client_var = variables.iter().find(|v| v["name"] == "client").expect("client variable");
+    let client_query = var_query(client_var);
+    assert!(
+        client_query.starts_with("label_values(tunneld_tunnel_connected{") && client_query.ends_with(", client)"),
+        "client choices are the clients the tunnel gauge knows: {client_query}"
+    );
+    assert!(client_query.contains("$instance"), "client choices follow the selected instances");
+    assert_eq!(client_var["multi"], true, "several clients can be selected");
+    assert_eq!(client_var["includeAll"], true, "the client variable offers All");
+    // With All, `client=~"$client"` must still match direct mappings, whose
+    // tunneld_mapping_info has client="": Grafana's default All (the list of
+    // client names) would drop them from every per-port panel.
+    assert_eq!(client_var["allValue"], ".*", "client All must match the empty client label of direct mappings");
+    let position = |name: &str| variables.iter().position(|v| v["name"] == name);
+    assert!(position("client") < position("port"), "client comes before port, which depends on it");
 
     let panels = all_panels(&dash);
     let mut ids = BTreeSet::new();
@@ -243,6 +269,13 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
             assert_eq!(target["datasource"]["uid"], DS, "{title}: target data source");
             assert!(target["legendFormat"].as_str().is_some_and(|l| !l.is_empty()), "{title}: target {expr} has no legend");
             assert!(expr.contains(r#"instance=~"$instance""#), "{title}: {expr} ignores the instance variable");
+            // The tunnel metrics are per client: every panel of them follows
+            // the client variable and tells the clients apart.
+            if PER_CLIENT_METRICS.iter().any(|m| expr.contains(m)) {
+                assert!(expr.contains(r#"client=~"$client""#), "{title}: {expr} ignores the client variable");
+                let legend = target["legendFormat"].as_str().unwrap_or("");
+                assert!(legend.contains("{{client}}"), "{title}: legend {legend:?} does not name the client");
+            }
         }
     }
 
@@ -254,7 +287,16 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("sum by (direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
         ("port, direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
         ("up{job=~\"tunneld-server|tunneld-client\"", None),
-        ("group_left (target, mode) (max by (instance, port, target, mode) (tunneld_mapping_info", None),
+        ("group_left (target, mode, client) (max by (instance, port, target, mode, client) (tunneld_mapping_info", None),
+        // Per client: the tunnel's own counters, and the user traffic of each
+        // client's tunneled mappings through tunneld_mapping_info's client label.
+        ("sum by (job, instance, client, direction) (rate(tunneld_tunnel_bytes_total", Some("binBps")),
+        (
+            "sum by (instance, client, direction) (rate(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__rate_interval]) * on (instance, port) group_left (client) max by (instance, port, client) (tunneld_mapping_info{instance=~\"$instance\", mode=\"tunnel\", client=~\"$client\"})",
+            Some("binBps"),
+        ),
+        ("sum by (instance, client, direction) (increase(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__range]) * on (instance, port) group_left (client)", Some("bytes")),
+        ("count by (instance, client) (tunneld_mapping_info{instance=~\"$instance\", mode=\"tunnel\"", None),
         ("rate(tunneld_mapping_connect_errors_total{instance=~\"$instance\", port=~\"$port\"}[$__rate_interval])) / sum by (instance, port) (rate(tunneld_mapping_connections_total", Some("percentunit")),
         ("topk(5, sum by (instance, port) (rate(tunneld_mapping_bytes_total", Some("binBps")),
         ("(increase(tunneld_mapping_bytes_total{instance=~\"$instance\", port=~\"$port\"}[1d]))", Some("bytes")),

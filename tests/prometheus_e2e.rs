@@ -1,12 +1,15 @@
 //! The shipped monitoring files against a real Prometheus and real daemons.
 //!
-//! Starts a tunneld server and client, a Prometheus whose configuration is
-//! `dist/prometheus/scrape.yml` (targets pointed at those daemons, 1 s scrapes)
-//! plus `dist/prometheus/alerts.yml`, pushes traffic through a direct and a
-//! tunneled mapping, and then runs every PromQL expression of
-//! `grafana/tunneld.json` and of the alert rules through Prometheus's query API:
-//! each must parse, and each dashboard query must return data. This is what
-//! "import the dashboard and it works the first time" means, checked.
+//! Starts a tunneld server with two named clients (`default` and `office`; a
+//! third, `idle`, is created but never runs), a Prometheus whose configuration
+//! is `dist/prometheus/scrape.yml` (targets pointed at those daemons, 1 s
+//! scrapes) plus `dist/prometheus/alerts.yml`, pushes traffic through a direct
+//! mapping and a tunneled mapping of each client, and then runs every PromQL
+//! expression of `grafana/tunneld.json` and of the alert rules through
+//! Prometheus's query API: each must parse, and each dashboard query must return
+//! data. This is what "import the dashboard and it works the first time" means,
+//! checked. The per-client panels must tell the clients apart, and
+//! `TunneldTunnelDown` must go pending for `office` alone once it is killed.
 //!
 //! Needs the `prometheus` binary (Debian package `prometheus`); skips loudly
 //! without it unless `CI_REQUIRE_TOOLS=1`.
@@ -20,11 +23,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tools::external_tool;
-use common::{create_mapping, echo_server, free_port, roundtrip, Daemon};
+use common::{create_client, create_mapping, create_tunneled_mapping, echo_server, free_port, roundtrip, Daemon};
 use serde_json::Value;
 
 /// The whole test, daemons and Prometheus included, must finish within this.
-const TEST_BUDGET: Duration = Duration::from_secs(90);
+const TEST_BUDGET: Duration = Duration::from_secs(120);
 
 /// Scrape targets written in scrape.yml, replaced by the test daemons' addresses.
 const SERVER_PLACEHOLDER: &str = "tunneld-server.example.com:8080";
@@ -51,31 +54,39 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let deadline = Instant::now() + TEST_BUDGET;
 
     let server = Daemon::server("s3cret", &[]);
-    let client = Daemon::client(&server, "s3cret", &[]);
+    let default_client = Daemon::client(&server, "s3cret", &[]);
+    // A second site under its own name and secret, and a client that exists on
+    // the server but was never deployed: no mapping names it, so it must not alert.
+    let office_secret = create_client(&server, "office");
+    create_client(&server, "idle");
+    let mut office_client = Daemon::client(&server, &office_secret, &["--name", "office"]);
     let echo = echo_server();
     let direct_port = free_port();
     let tunneled_port = free_port();
+    let office_port = free_port();
     create_mapping(&server, direct_port, echo, false);
     create_mapping(&server, tunneled_port, echo, true);
+    create_tunneled_mapping(&server, office_port, echo, "office");
+    let ports = [direct_port, tunneled_port, office_port];
 
-    let prometheus = Prometheus::start(&prometheus_bin, &scrape_config(server.http, client.http), deadline);
+    let clients = [default_client.http, office_client.http];
+    let prometheus = Prometheus::start(&prometheus_bin, &scrape_config(server.http, &clients), deadline);
     // Let Prometheus see the counters at 0 before the traffic, so rates and
     // increases over the dashboard's windows cover the transfer.
-    prometheus.wait_until("both targets scraped", deadline, |p| {
-        ["tunneld-server", "tunneld-client"].iter().all(|job| p.scalar(&format!(r#"sum(up{{job="{job}"}})"#)) == Some(1.0))
+    prometheus.wait_until("every target scraped", deadline, |p| {
+        p.scalar(r#"sum(up{job="tunneld-server"})"#) == Some(1.0) && p.scalar(r#"sum(up{job="tunneld-client"})"#) == Some(2.0)
     });
 
     let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-    for port in [direct_port, tunneled_port] {
+    for port in ports {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("loopback address");
         assert!(roundtrip(addr, &payload) == payload, "echo through mapping {port} came back different");
     }
 
     let len = payload.len() as f64;
     prometheus.wait_until("the traffic and a few more scrapes", deadline, |p| {
-        let moved = [direct_port, tunneled_port]
-            .iter()
-            .all(|port| p.scalar(&format!(r#"min(tunneld_mapping_bytes_total{{port="{port}"}})"#)).is_some_and(|v| v >= len));
+        let moved =
+            ports.iter().all(|port| p.scalar(&format!(r#"min(tunneld_mapping_bytes_total{{port="{port}"}})"#)).is_some_and(|v| v >= len));
         let scrapes = p.scalar("min(count_over_time(up[1m]))").is_some_and(|n| n >= 5.0);
         moved && scrapes
     });
@@ -84,11 +95,13 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         assert_eq!(rule["health"], "ok", "alert {} fails to evaluate: {}", rule["name"], rule["lastError"]);
     }
 
-    // The values Grafana would substitute with every instance and both ports selected.
-    let instances = [server.http, client.http].map(|a| regex_escape(&a.to_string()));
+    // The values Grafana would substitute with every instance and port selected, and client All.
+    let instances = [server.http, default_client.http, office_client.http].map(|a| regex_escape(&a.to_string()));
     let variables: BTreeMap<&str, String> = [
         ("instance", format!("({})", instances.join("|"))),
-        ("port", format!("({direct_port}|{tunneled_port})")),
+        // Client All: the variable's custom all value, which keeps direct mappings.
+        ("client", ".*".to_string()),
+        ("port", format!("({direct_port}|{tunneled_port}|{office_port})")),
         ("__rate_interval", RATE_INTERVAL.to_string()),
         ("__interval", INTERVAL.to_string()),
         ("__interval_ms", (parse_seconds(INTERVAL) * 1000).to_string()),
@@ -112,35 +125,98 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         }
     }
 
-    // The variables must offer what the test created: both daemons, both ports.
-    let instance_series =
-        prometheus.query(&substitute(&label_values_selector(&dashboard, "instance"), &variables)).expect("instance variable");
-    let offered: BTreeSet<String> = instance_series.iter().filter_map(|s| s["metric"]["instance"].as_str().map(str::to_string)).collect();
-    for daemon in [server.http, client.http] {
+    // The variables must offer what the test created: every daemon, client and port.
+    let offered = label_values(&prometheus, &dashboard, "instance", &variables);
+    for daemon in [server.http, default_client.http, office_client.http] {
         assert!(offered.contains(&daemon.to_string()), "instance variable does not offer {daemon}: {offered:?}");
     }
-    let port_series = prometheus.query(&substitute(&label_values_selector(&dashboard, "port"), &variables)).expect("port variable");
-    let ports: BTreeSet<String> = port_series.iter().filter_map(|s| s["metric"]["port"].as_str().map(str::to_string)).collect();
-    assert_eq!(ports, BTreeSet::from([direct_port, tunneled_port].map(|p| p.to_string())), "port variable choices");
+    let offered_clients = label_values(&prometheus, &dashboard, "client", &variables);
+    assert_eq!(offered_clients, names(["default", "idle", "office"]), "client variable choices (every client the server knows)");
+    let offered_ports = label_values(&prometheus, &dashboard, "port", &variables);
+    assert_eq!(offered_ports, names(ports.map(|p| p.to_string())), "port variable choices with client All");
+    // One client selected: the port choices narrow to its mappings, and so do
+    // the per-port panels that filter on $port.
+    let mut office_only = variables.clone();
+    office_only.insert("client", "office".to_string());
+    let office_ports = label_values(&prometheus, &dashboard, "port", &office_only);
+    assert_eq!(office_ports, names([office_port.to_string()]), "port variable choices with client office");
 
-    // The per-port totals panel shows the transfer on both mappings.
+    // The per-port totals panel shows the transfer on every mapping.
     let totals_expr = queries
         .iter()
         .map(|(_, e)| e)
-        .find(|e| e.contains("increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
+        .find(|e| e.contains("sum by (instance, port, direction) (increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
         .expect("a per-port totals query");
     let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
-    for port in [direct_port, tunneled_port] {
-        let port_label = port.to_string();
+    for port in ports {
         for direction in ["sent", "received"] {
-            let value = totals
-                .iter()
-                .find(|s| s["metric"]["port"] == port_label && s["metric"]["direction"] == direction)
-                .and_then(sample_value)
-                .unwrap_or_else(|| panic!("no total for port {port} {direction} in {totals:?}"));
+            let value = total_of(&totals, "port", &port.to_string(), direction);
             assert!(value >= len, "port {port} {direction}: dashboard total {value} < {len} bytes pushed");
         }
     }
+
+    // Per client: each client's tunneled mapping traffic lands on that client
+    // (through tunneld_mapping_info's client label), the direct mapping on none.
+    let per_client_totals = find_query(&queries, "sum by (instance, client, direction) (increase(tunneld_mapping_bytes_total");
+    let totals = prometheus.query(&substitute(per_client_totals, &variables)).expect("per-client totals query");
+    assert_eq!(label_set(&totals, "client"), names(["default", "office"]), "per-client totals: {totals:?}");
+    for client in ["default", "office"] {
+        for direction in ["sent", "received"] {
+            let value = total_of(&totals, "client", client, direction);
+            // One 64 KiB echo per client; the direct mapping's must not be added in.
+            assert!(value >= len && value < 2.0 * len, "client {client} {direction}: dashboard total {value}, pushed {len} bytes");
+        }
+    }
+    let per_client_rate = find_query(&queries, "sum by (instance, client, direction) (rate(tunneld_mapping_bytes_total");
+    let office_rate = prometheus.query(&substitute(per_client_rate, &office_only)).expect("per-client traffic query");
+    assert_eq!(label_set(&office_rate, "client"), names(["office"]), "client office selected: {office_rate:?}");
+
+    // Tunnel state per client, from the server (every client it knows) and from
+    // each client process (itself).
+    let state = prometheus.query(&substitute(find_query(&queries, "tunneld_tunnel_connected{instance"), &variables)).expect("tunnel state");
+    let seen: BTreeSet<(String, String, u8)> = state
+        .iter()
+        .map(|s| {
+            let label = |k: &str| s["metric"][k].as_str().unwrap_or("").to_string();
+            (label("instance"), label("client"), sample_value(s).unwrap_or(-1.0) as u8)
+        })
+        .collect();
+    let expected: BTreeSet<(String, String, u8)> = [
+        (server.http, "default", 1),
+        (server.http, "office", 1),
+        (server.http, "idle", 0),
+        (default_client.http, "default", 1),
+        (office_client.http, "office", 1),
+    ]
+    .into_iter()
+    .map(|(at, client, up)| (at.to_string(), client.to_string(), up))
+    .collect();
+    assert_eq!(seen, expected, "tunnel state per client (instance, client, connected)");
+    let mappings = prometheus
+        .query(&substitute(find_query(&queries, "count by (instance, client) (tunneld_mapping_info"), &variables))
+        .expect("mappings per client");
+    let counts: BTreeMap<String, f64> =
+        mappings.iter().filter_map(|s| Some((s["metric"]["client"].as_str()?.to_string(), sample_value(s)?))).collect();
+    assert_eq!(
+        counts,
+        BTreeMap::from([("default".into(), 1.0), ("idle".into(), 0.0), ("office".into(), 1.0)]),
+        "tunneled mappings per client"
+    );
+
+    // Tunnel down is per client: nothing while idle (no mappings) is away; once
+    // office is killed, TunneldTunnelDown goes pending for office alone, on the
+    // server, with its one waiting mapping as the value.
+    assert!(prometheus.alerts("TunneldTunnelDown").is_empty(), "TunneldTunnelDown active with every mapped client connected");
+    office_client.kill();
+    prometheus.wait_until("TunneldTunnelDown pending for office", deadline, |p| !p.alerts("TunneldTunnelDown").is_empty());
+    let down = prometheus.alerts("TunneldTunnelDown");
+    let [alert] = down.as_slice() else { panic!("expected one TunneldTunnelDown alert, got {down:?}") };
+    assert_eq!(alert["labels"]["client"], "office", "{alert}");
+    assert_eq!(alert["labels"]["instance"], server.http.to_string(), "{alert}");
+    assert_eq!(alert["labels"]["job"], "tunneld-server", "{alert}");
+    assert_eq!(alert["state"], "pending", "{alert}");
+    assert_eq!(alert["value"].as_str().and_then(|v| v.parse::<f64>().ok()), Some(1.0), "one mapping waits for office: {alert}");
+    assert!(alert["annotations"]["summary"].as_str().is_some_and(|s| s.contains("client office")), "the summary names the client: {alert}");
 
     // Alert rules as Prometheus loaded them: all of alerts.yml, all runnable.
     let rules = prometheus.rules();
@@ -158,17 +234,29 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     assert!(failures.is_empty(), "{} queries failed:\n{}", failures.len(), failures.join("\n"));
     assert!(Instant::now() < deadline, "test overran its {TEST_BUDGET:?} budget");
     drop(prometheus);
-    drop(client);
+    drop(office_client);
+    drop(default_client);
     drop(server);
 }
 
-/// scrape.yml with the test daemons as targets, a 1 s interval and the alert rules.
-fn scrape_config(server: SocketAddr, client: SocketAddr) -> String {
+/// scrape.yml with the test daemons as targets (every client under the client
+/// job), a 1 s interval and the alert rules.
+fn scrape_config(server: SocketAddr, clients: &[SocketAddr]) -> String {
     let jobs = read("dist/prometheus/scrape.yml");
     for placeholder in [SERVER_PLACEHOLDER, CLIENT_PLACEHOLDER] {
         assert_eq!(jobs.matches(placeholder).count(), 1, "scrape.yml should list {placeholder} once as its example target");
     }
-    let jobs = jobs.replace(SERVER_PLACEHOLDER, &server.to_string()).replace(CLIENT_PLACEHOLDER, &client.to_string());
+    let jobs: String = jobs
+        .lines()
+        .flat_map(|line| {
+            if line.contains(CLIENT_PLACEHOLDER) {
+                clients.iter().map(|c| line.replace(CLIENT_PLACEHOLDER, &c.to_string())).collect()
+            } else {
+                vec![line.replace(SERVER_PLACEHOLDER, &server.to_string())]
+            }
+        })
+        .map(|line| line + "\n")
+        .collect();
     format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n{jobs}",
         repo_path("dist/prometheus/alerts.yml").display()
@@ -217,6 +305,41 @@ fn label_values_selector(dashboard: &Value, name: &str) -> String {
         .unwrap_or_else(|| panic!("variable {name}: expected label_values(selector, label), got {query}"));
     let (selector, _label) = inner.rsplit_once(',').unwrap_or_else(|| panic!("variable {name}: no label in {query}"));
     selector.trim().to_string()
+}
+
+/// The dashboard query containing `fragment` (the first, in panel order).
+fn find_query<'a>(queries: &'a [(String, String)], fragment: &str) -> &'a str {
+    queries
+        .iter()
+        .map(|(_, e)| e.as_str())
+        .find(|e| e.contains(fragment))
+        .unwrap_or_else(|| panic!("no dashboard query contains {fragment}"))
+}
+
+/// The choices a `label_values(selector, label)` variable offers with `variables` filled in.
+fn label_values(prometheus: &Prometheus, dashboard: &Value, name: &str, variables: &BTreeMap<&str, String>) -> BTreeSet<String> {
+    let series = prometheus
+        .query(&substitute(&label_values_selector(dashboard, name), variables))
+        .unwrap_or_else(|e| panic!("variable {name}: {e}"));
+    label_set(&series, name)
+}
+
+/// The value of the sample whose `label` is `value` and whose direction is `direction`.
+fn total_of(samples: &[Value], label: &str, value: &str, direction: &str) -> f64 {
+    samples
+        .iter()
+        .find(|s| s["metric"][label] == value && s["metric"]["direction"] == direction)
+        .and_then(sample_value)
+        .unwrap_or_else(|| panic!("no total for {label} {value} {direction} in {samples:?}"))
+}
+
+/// The values of `label` across `samples`.
+fn label_set(samples: &[Value], label: &str) -> BTreeSet<String> {
+    samples.iter().filter_map(|s| s["metric"][label].as_str().map(str::to_string)).collect()
+}
+
+fn names<const N: usize>(values: [impl Into<String>; N]) -> BTreeSet<String> {
+    values.into_iter().map(Into::into).collect()
 }
 
 /// Replaces Grafana variables (`$name`, `${name}`, `${name:format}`, `[[name]]`)
@@ -363,6 +486,14 @@ impl Prometheus {
         assert_eq!(status, 200, "GET /api/v1/rules: {body}");
         let body: Value = serde_json::from_str(&body).expect("rules JSON");
         body["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect()
+    }
+
+    /// Alerts of `name` that are pending or firing, from `/api/v1/alerts`.
+    fn alerts(&self, name: &str) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/alerts").expect("GET /api/v1/alerts");
+        assert_eq!(status, 200, "GET /api/v1/alerts: {body}");
+        let body: Value = serde_json::from_str(&body).expect("alerts JSON");
+        body["data"]["alerts"].as_array().into_iter().flatten().filter(|a| a["labels"]["alertname"] == name).cloned().collect()
     }
 
     /// Polls `condition` until it holds; panics when the test's deadline passes
