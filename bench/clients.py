@@ -36,11 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+import urllib.error
 from pathlib import Path
 
-from run import (REPO, RESULTS_DIR, TARGET_DIR, BenchError, Children, Notify, build, free_port, http_json, listening,
-                 log, raise_fd_limit, run_loadgen, wait_until)
+from run import (RESULTS_DIR, TARGET_DIR, BenchError, Children, Notify, build, entry, free_port, http_json, listening, log,
+                 raise_fd_limit, run_loadgen, wait_until)
 
 SESSION_KIB = 64.0
 CONNRATE_RATIO = 0.9
@@ -525,11 +525,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        log(f"\nbench: {e}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        log("\nbench: interrupted")
-        sys.exit(130)
+    entry(main)

@@ -758,7 +758,9 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
     return ok
 
 
-if __name__ == "__main__":
+def entry(main) -> None:
+    """Runs a benchmark's `main` and exits with the harness's statuses: its own,
+    2 when the run could not be done at all, 130 on Ctrl-C."""
     try:
         sys.exit(main())
     except BenchError as e:
@@ -767,3 +769,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         log("\nbench: interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    entry(main)
