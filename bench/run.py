@@ -14,6 +14,7 @@ noise; ratios much less so):
 Figures: iperf3 throughput (1 stream, 8 streams, 1 stream reversed), sequential
 connection setup rate and latency, 1000 concurrent verified echoes, and the RSS
 of the tunneld server and client idle and with 1000 tunneled connections open.
+Last, bench/clients.py (issue 12): 100 named clients with 10 mappings each.
 See bench/README.md for how to run it and what each figure means.
 
 Python 3 standard library only, so it runs anywhere the tools do.
@@ -479,7 +480,11 @@ def summary(results: dict) -> list[str]:
                 lines.append(f"  {path:<7}{direction:<9} counter {d['counter']:>15,}  iperf3 received {d['iperf_received']:>15,}"
                              f"  sent {d['iperf_sent']:>15,}  {'OK' if d['ok'] else 'MISMATCH'}")
 
-    lines += ["", "targets (issues 6 and 11):"]
+    clients = results.get("clients")
+    if clients:
+        lines += [""] + clients["summary"]
+
+    lines += ["", "targets (issues 6, 11 and 12):"]
     for t in results["targets"]:
         lines.append(f"  [{'PASS' if t['ok'] else 'FAIL' if t['ok'] is False else 'n/a '}] {t['name']}: {t['measured']}")
     return lines
@@ -504,7 +509,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         conc = results["concurrent"][path]
         targets.append({"name": f"{conc['conns']} concurrent {path} conns, zero failures",
                         "measured": f"{conc['failures']} failures", "ok": conc["failures"] == 0})
-    return targets
+    return targets + (results.get("clients") or {}).get("targets", [])
 
 
 def check_counters(before: dict, after: dict, iperf: dict, ports: dict) -> dict:
@@ -624,6 +629,8 @@ def main() -> int:
             ok = run(args, paths, procs, tmp, loadgen, rundir, results)
         finally:
             procs.stop_all()
+    results["clients"], clients_rc = run_clients(args, rundir)
+    ok &= clients_rc == 0
 
     results["ratios"] = {key: {path: {"raw": ratio(v.get(path), v.get("raw")), "haproxy": ratio(v.get(path), v.get("haproxy"))}
                                for path in FORWARDERS} for key, v in results["figures"].items()}
@@ -638,9 +645,23 @@ def main() -> int:
             path.write_text(json.dumps(results, indent=2) + "\n")
     (rundir / "summary.txt").write_text("\n".join(lines) + "\n")
     log(f"\nresults: {(rundir / 'results.json').relative_to(REPO)}" + (f" and {args.json}" if args.json else ""))
+    if clients_rc not in (0, 1):
+        log(f"FAILED: the many-clients section could not run (bench/clients.py exited with {clients_rc})")
+        return 2
     if not ok:
         log("FAILED: connections failed or the counters did not match (see above)")
     return 0 if ok else 1
+
+
+def run_clients(args, rundir: Path) -> tuple[dict | None, int]:
+    """Issue 12's section: bench/clients.py (100 client processes and a server of
+    its own), in its own process, after every daemon above has stopped."""
+    out = rundir / "clients.json"
+    argv = [sys.executable, str(REPO / "bench" / "clients.py"), "--no-build", "--tunneld", str(args.tunneld),
+            "--rundir", str(rundir / "clients"), "--json", str(out)] + (["--quick"] if args.quick else [])
+    log("\n== many clients: bench/clients.py" + (" --quick" if args.quick else ""))
+    rc = subprocess.run(argv, preexec_fn=_die_with_parent).returncode
+    return (json.loads(out.read_text()) if out.exists() else None), rc
 
 
 def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundir: Path, results: dict) -> bool:
@@ -737,7 +758,9 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
     return ok
 
 
-if __name__ == "__main__":
+def entry(main) -> None:
+    """Runs a benchmark's `main` and exits with the harness's statuses: its own,
+    2 when the run could not be done at all, 130 on Ctrl-C."""
     try:
         sys.exit(main())
     except BenchError as e:
@@ -746,3 +769,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         log("\nbench: interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    entry(main)

@@ -48,10 +48,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
-    /// Sequential connect → 1-byte echo → close, `count` times.
+    /// Sequential connect → 1-byte echo → close, `count` times. With several
+    /// `--target`s the connections take them in turn (a load spread over mappings).
     Connrate {
-        #[arg(long)]
-        target: SocketAddr,
+        #[arg(long, required = true)]
+        target: Vec<SocketAddr>,
         #[arg(long, default_value_t = 2000)]
         count: usize,
         /// Print the report as JSON instead of text.
@@ -208,13 +209,13 @@ struct ConnrateReport {
     max_us: f64,
 }
 
-async fn connrate(target: SocketAddr, count: usize) -> Result<ConnrateReport> {
+async fn connrate(targets: Vec<SocketAddr>, count: usize) -> Result<ConnrateReport> {
     let mut latencies = Vec::with_capacity(count);
     let mut failures = Failures::default();
     let start = Instant::now();
-    for _ in 0..count {
+    for target in targets.iter().cycle().take(count) {
         let t0 = Instant::now();
-        match with_timeout(ping(target)).await {
+        match with_timeout(ping(*target)).await {
             // Closing is part of the cycle (and of the rate), not of the latency.
             Ok(stream) => {
                 latencies.push(t0.elapsed());

@@ -14,10 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -198,13 +197,13 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
         spawn_data_channel(ctx.clone());
     }
     let heartbeat = Duration::from_secs(heartbeat_secs.max(1));
-    let mut framed = Framed::new(stream, protocol::codec());
+    let (mut frames, mut writer) = protocol::control_channel(stream);
     let mut tick = tokio::time::interval(heartbeat);
     let mut last_heard = Instant::now();
     let outcome = loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => break Ok("shutting down"),
-            frame = framed.next() => match frame {
+            frame = frames.next() => match frame {
                 Some(Ok(bytes)) => match Message::decode(&bytes) {
                     Ok(Message::Heartbeat) => last_heard = Instant::now(),
                     Ok(Message::OpenDataChannel) => {
@@ -221,7 +220,7 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
                 if last_heard.elapsed() > heartbeat * 3 {
                     break Ok("server silent for three heartbeat intervals");
                 }
-                if let Err(e) = framed.send(Message::Heartbeat.to_bytes()).await {
+                if let Err(e) = protocol::write_frame(&mut writer, &Message::Heartbeat).await {
                     break Err(anyhow::Error::from(e));
                 }
             }

@@ -108,6 +108,17 @@ impl MeteredStream {
     pub fn return_watch(&mut self, watch: TcpStream) {
         self.watch = Some(watch);
     }
+
+    /// Drops the read-ahead buffer when nothing unread is in it. A reader that
+    /// stops polling after a read that returned data (a data channel parked in
+    /// the server's pool after reading its hello or an exchange's last frame)
+    /// never sees the `Pending` that releases it, and would keep up to
+    /// [`READ_AHEAD`] for as long as it waits.
+    pub fn release_read_ahead(&mut self) {
+        if self.ahead.as_ref().is_some_and(|a| !a.has_remaining()) {
+            self.ahead = None;
+        }
+    }
 }
 
 impl AsyncRead for MeteredStream {
@@ -183,5 +194,34 @@ impl AsyncWrite for MeteredStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn releasing_the_read_ahead_keeps_unread_bytes_and_frees_a_drained_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut stream = MeteredStream::unattributed(dialed.unwrap()).reading_ahead();
+        let mut peer = accepted.unwrap().0;
+
+        peer.write_all(b"hello world").await.unwrap();
+        let mut first = [0u8; 5];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello");
+        // Bytes read ahead but not yet handed out must survive a release.
+        stream.release_read_ahead();
+        let mut rest = [0u8; 6];
+        stream.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b" world");
+        // Drained, the buffer is still held (nothing polled to Pending) until released.
+        assert!(stream.ahead.is_some());
+        stream.release_read_ahead();
+        assert!(stream.ahead.is_none());
     }
 }

@@ -85,11 +85,6 @@ impl Message {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The frame body for the control channel's codec.
-    pub fn to_bytes(&self) -> bytes::Bytes {
-        bytes::Bytes::from(self.encode())
-    }
-
     pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
         Ok(serde_json::from_slice(frame)?)
     }
@@ -112,8 +107,21 @@ impl Message {
 }
 
 /// The codec for the control channel; same wire format as [`read_frame`].
-pub fn codec() -> LengthDelimitedCodec {
+fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().length_field_length(FRAME_HEADER).max_frame_length(MAX_FRAME).new_codec()
+}
+
+/// A control channel's read side, framed, and its write side (written with
+/// [`write_frame`]). Control frames are a few dozen bytes, and every connected
+/// client holds its control channel for as long as it is connected: the read
+/// buffer starts small and grows only for a larger frame, where `Framed` would
+/// hold 8 KiB each way per session.
+pub fn control_channel<S: AsyncRead + AsyncWrite>(
+    stream: S,
+) -> (tokio_util::codec::FramedRead<tokio::io::ReadHalf<S>, LengthDelimitedCodec>, tokio::io::WriteHalf<S>) {
+    const CONTROL_READ_BUFFER: usize = 256;
+    let (read, write) = tokio::io::split(stream);
+    (tokio_util::codec::FramedRead::with_capacity(read, codec(), CONTROL_READ_BUFFER), write)
 }
 
 /// The body length a frame header announces, refused when over [`MAX_FRAME`]

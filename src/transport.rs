@@ -39,6 +39,12 @@ impl TunnelStream {
         self.metered().attribute(sent, received)
     }
 
+    /// Frees what an idle channel does not need (see
+    /// [`MeteredStream::release_read_ahead`]).
+    pub fn release_read_ahead(&mut self) {
+        self.metered().release_read_ahead()
+    }
+
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
     /// plain (trusted-network) tunnel.
     pub fn binding(&self) -> Vec<u8> {

@@ -19,23 +19,6 @@ fn post(server: &Daemon, path: &str, body: Value) -> (u16, Value) {
     http("POST", &server.url(path), Some(&body.to_string()))
 }
 
-/// Creates a client through the API and returns its secret.
-fn create_client(server: &Daemon, name: &str) -> String {
-    let (status, body) = post(server, "/api/client/create", json!({"name": name}));
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["data"]["name"], name, "{body}");
-    let secret = body["data"]["secret"].as_str().expect("a secret").to_string();
-    assert!(secret.len() >= 32, "a long random secret: {secret}");
-    secret
-}
-
-fn tunneled_mapping(server: &Daemon, port: u16, target: SocketAddr, client: &str) -> Value {
-    let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "use_tunnel": true, "client": client});
-    let (status, json) = post(server, "/api/mapping/create", body);
-    assert_eq!(status, 200, "{json}");
-    json["data"].clone()
-}
-
 fn client_entry(server: &Daemon, name: &str) -> Value {
     let list = get_data(server, "/api/client/list");
     list["clients"].as_array().expect("clients").iter().find(|c| c["name"] == name).cloned().unwrap_or(Value::Null)
@@ -88,7 +71,7 @@ fn three_named_clients_serve_their_own_mappings_and_one_leaving_touches_no_other
     let echo = echo_server();
     let ports = [("default", free_port()), ("office", free_port()), ("home", free_port())];
     for (client, port) in ports {
-        let created = tunneled_mapping(&server, port, echo, client);
+        let created = create_tunneled_mapping(&server, port, echo, client);
         assert_eq!(created["client"], client, "{created}");
         assert_eq!(created["status"], "active", "{created}");
     }
@@ -186,8 +169,8 @@ fn removing_a_client_closes_its_session_and_its_connections_within_a_second() {
     let _default = Daemon::client(&server, SECRET, &[]);
     let echo = echo_server();
     let (office_port, default_port) = (free_port(), free_port());
-    tunneled_mapping(&server, office_port, echo, "office");
-    tunneled_mapping(&server, default_port, echo, "default");
+    create_tunneled_mapping(&server, office_port, echo, "office");
+    create_tunneled_mapping(&server, default_port, echo, "default");
 
     // A visitor in the middle of an exchange through office.
     let mut visitor = TcpStream::connect(("127.0.0.1", office_port)).unwrap();
@@ -245,7 +228,7 @@ fn creating_and_removing_clients_while_traffic_flows_loses_no_bytes() {
     let server = Daemon::server(SECRET, &[]);
     let _default = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
-    tunneled_mapping(&server, port, echo_server(), "default");
+    create_tunneled_mapping(&server, port, echo_server(), "default");
     let started = Arc::new(AtomicBool::new(false));
     let total = 4 * 1024 * 1024;
     let transfer = slow_echo_transfer(port, total, started.clone());
@@ -315,7 +298,7 @@ fn clients_are_validated_listed_with_their_traffic_and_restored_after_a_restart(
     let direct_port = free_port();
     let direct = create_mapping(&server, direct_port, echo, false);
     assert_eq!(direct["data"]["client"], Value::Null, "{direct}");
-    let tunneled = tunneled_mapping(&server, port, echo, "lab-2");
+    let tunneled = create_tunneled_mapping(&server, port, echo, "lab-2");
     assert_eq!(tunneled["status"], "waiting_for_tunnel", "{tunneled}");
 
     // A known client's series exist at 0 before it ever connects.

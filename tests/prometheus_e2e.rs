@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tools::external_tool;
-use common::{create_mapping, echo_server, free_port, http, roundtrip, Daemon};
+use common::{create_client, create_mapping, create_tunneled_mapping, echo_server, free_port, roundtrip, Daemon};
 use serde_json::Value;
 
 /// The whole test, daemons and Prometheus included, must finish within this.
@@ -237,27 +237,6 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     drop(office_client);
     drop(default_client);
     drop(server);
-}
-
-/// Creates a named client through the API and returns its secret (shown only here).
-fn create_client(server: &Daemon, name: &str) -> String {
-    let body = serde_json::json!({ "name": name }).to_string();
-    let (status, json) = http("POST", &server.url("/api/client/create"), Some(&body));
-    assert_eq!(status, 200, "create client {name}: {json}");
-    json["data"]["secret"].as_str().unwrap_or_else(|| panic!("create client {name}: no secret in {json}")).to_string()
-}
-
-/// Creates a tunneled mapping served by the client named `client`.
-fn create_tunneled_mapping(server: &Daemon, source_port: u16, target: SocketAddr, client: &str) {
-    let body = serde_json::json!({
-        "source_port": source_port,
-        "target_host": target.ip().to_string(),
-        "target_port": target.port(),
-        "use_tunnel": true,
-        "client": client,
-    });
-    let (status, json) = http("POST", &server.url("/api/mapping/create"), Some(&body.to_string()));
-    assert_eq!(status, 200, "create mapping for client {client}: {json}");
 }
 
 /// scrape.yml with the test daemons as targets (every client under the client

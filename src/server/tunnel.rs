@@ -17,12 +17,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -513,14 +512,14 @@ impl TunnelHub {
         self.install(session.clone());
         info!(%peer, client = %client.name, session = session.id, "tunnel client authenticated");
 
-        let mut framed = Framed::new(stream, protocol::codec());
+        let (mut frames, mut writer) = protocol::control_channel(stream);
         let mut tick = tokio::time::interval(heartbeat);
         let mut last_heard = Instant::now();
         let silent_limit = heartbeat * 3;
         let outcome = loop {
             tokio::select! {
                 _ = session.cancel.cancelled() => break Ok(if client.removed.is_cancelled() { "client removed" } else { "replaced or shutting down" }),
-                frame = framed.next() => match frame {
+                frame = frames.next() => match frame {
                     Some(Ok(bytes)) => match Message::decode(&bytes) {
                         Ok(Message::Heartbeat) => last_heard = Instant::now(),
                         Ok(other) => break Err(ProtocolError::Unexpected(other.kind())),
@@ -530,8 +529,8 @@ impl TunnelHub {
                     None => break Ok("client closed the control channel"),
                 },
                 Some(msg) = control_rx.recv() => {
-                    if let Err(e) = framed.send(msg.to_bytes()).await {
-                        break Err(ProtocolError::Io(e));
+                    if let Err(e) = protocol::write_frame(&mut writer, &msg).await {
+                        break Err(e);
                     }
                 }
                 _ = tick.tick() => {
@@ -539,8 +538,8 @@ impl TunnelHub {
                         break Ok("client silent for three heartbeat intervals");
                     }
                     session.expire_idle(self.settings.pool_idle);
-                    if let Err(e) = framed.send(Message::Heartbeat.to_bytes()).await {
-                        break Err(ProtocolError::Io(e));
+                    if let Err(e) = protocol::write_frame(&mut writer, &Message::Heartbeat).await {
+                        break Err(e);
                     }
                 }
             }
@@ -725,6 +724,7 @@ impl Session {
             }
         }
         if pool.idle.len() < MAX_IDLE_DATA_CHANNELS {
+            channel.release_read_ahead();
             pool.idle.push_back((channel, Instant::now()));
         }
     }

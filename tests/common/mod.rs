@@ -343,6 +343,31 @@ pub fn create_mapping(server: &Daemon, source_port: u16, target: SocketAddr, use
     json
 }
 
+/// Creates a named tunnel client through the API and returns its secret (shown
+/// only in this answer).
+pub fn create_client(server: &Daemon, name: &str) -> String {
+    let body = serde_json::json!({ "name": name }).to_string();
+    let (status, json) = http("POST", &server.url("/api/client/create"), Some(&body));
+    assert_eq!(status, 200, "create client {name}: {json}");
+    assert_eq!(json["data"]["name"], name, "{json}");
+    json["data"]["secret"].as_str().unwrap_or_else(|| panic!("create client {name}: no secret in {json}")).to_string()
+}
+
+/// Creates a tunneled mapping served by the client named `client`; returns the
+/// mapping as the API shows it.
+pub fn create_tunneled_mapping(server: &Daemon, source_port: u16, target: SocketAddr, client: &str) -> serde_json::Value {
+    let body = serde_json::json!({
+        "source_port": source_port,
+        "target_host": target.ip().to_string(),
+        "target_port": target.port(),
+        "use_tunnel": true,
+        "client": client,
+    });
+    let (status, json) = http("POST", &server.url("/api/mapping/create"), Some(&body.to_string()));
+    assert_eq!(status, 200, "create mapping for client {client}: {json}");
+    json["data"].clone()
+}
+
 /// Fetches `/metrics` text.
 pub fn metrics_text(d: &Daemon) -> String {
     ureq::get(&d.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics body")
