@@ -140,7 +140,7 @@ impl Dialer {
         let (sent, received) = self.metrics.tunnel_meters(&self.config.name);
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
-            return Ok(TunnelStream::Plain(metered));
+            return Ok(TunnelStream::Plain(Box::new(metered)));
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered.reading_ahead())).await {
             Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),

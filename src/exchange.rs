@@ -74,10 +74,10 @@ pub enum Answer<'a> {
 }
 
 /// What the visitor has already sent, taken without waiting (at most one chunk),
-/// so that it travels in the same write as the `connect` request: one write on
-/// this side and one wake-up of the client fewer per visitor. Only bytes already
-/// queued are read (`FIONREAD` first), so a pending reset or EOF stays on the
-/// socket for the exchange to see, exactly as before.
+/// so that it travels in the same write as the `connect` request: one write (one
+/// TLS record) fewer per visitor, and the client finds the first chunk behind the
+/// request. Only bytes already queued are read (`FIONREAD` first), so a pending
+/// reset or EOF stays on the socket for the exchange to see, exactly as before.
 pub fn early_bytes(socket: &TcpStream) -> Vec<u8> {
     let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(MAX_CHUNK as u64) as usize;
     if queued == 0 {

@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use crate::metered::MeteredStream;
 
+/// Both variants boxed alike: the stream carries its read-ahead and its watch.
 pub enum TunnelStream {
-    Plain(MeteredStream),
+    Plain(Box<MeteredStream>),
     Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
 }
 

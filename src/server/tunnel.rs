@@ -404,11 +404,11 @@ impl TunnelHub {
                     None
                 }
             },
-            (None, false) => Some(TunnelStream::Plain(metered)),
+            (None, false) => Some(TunnelStream::Plain(Box::new(metered))),
             (Some(_), false) => {
                 // A version-1 client, a client with `tls = false`, or garbage: read
                 // its hello in the clear to tell which, and answer in the clear.
-                let mut plain = TunnelStream::Plain(metered);
+                let mut plain = TunnelStream::Plain(Box::new(metered));
                 match protocol::read_frame(&mut plain).await {
                     Ok((Message::Hello { version, .. } | Message::DataHello { version, .. }, _)) if version != PROTOCOL_VERSION => {
                         let _ = self.reject_version(&mut plain, peer, version).await;
