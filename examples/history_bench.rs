@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use tunneld::config::HistoryConfig;
 use tunneld::history::{Clock, Recorder};
-use tunneld::metrics::{MappingMetrics, Metrics};
 use tunneld::store::Store;
+use tunneld::telemetry::{MappingMetrics, Metrics};
 
 const START: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::AsyncWriteExt;
-use tunneld::metered::MeteredStream;
-use tunneld::metrics::Metrics;
-use tunneld::protocol::{self, Message, PROTOCOL_VERSION};
-use tunneld::transport::TunnelStream;
+use tunneld::net::metered::MeteredStream;
+use tunneld::net::transport::TunnelStream;
+use tunneld::telemetry::Metrics;
+use tunneld::tunnel::protocol::{self, Message, PROTOCOL_VERSION};
 
 const SECRET: &str = "v2 secret";
 
@@ -408,7 +408,7 @@ fn runtime() -> tokio::runtime::Runtime {
 async fn tls_connect(tunnel: SocketAddr, pin: &str) -> TunnelStream {
     let config =
         tunneld::config::ClientConfig { server: tunnel.to_string(), server_fingerprint: Some(pin.to_string()), ..Default::default() };
-    let (connector, name) = tunneld::tls::connector(&config).unwrap();
+    let (connector, name) = tunneld::net::tls::connector(&config).unwrap();
     let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
     let (sent, received) = Metrics::new().tunnel_meters("default");
     let tls = connector.connect(name, MeteredStream::new(tcp, sent, received)).await.unwrap();

@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{bad_request, success, ApiError, AppState};
-use crate::store::history::{ReportRow, Step};
+use crate::core::calendar::{utc_offset_text, Step};
+use crate::store::history::ReportRow;
 
 /// Most points one series may have: a day of minutes, five years of days.
 pub const MAX_POINTS: i64 = 2_000;
@@ -144,13 +145,6 @@ fn to_csv(rows: &[ReportRow]) -> String {
         out.push_str(&format!("{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received));
     }
     out
-}
-
-/// Seconds east of UTC -> `+08:00`.
-pub fn utc_offset_text(secs: i64) -> String {
-    let sign = if secs < 0 { '-' } else { '+' };
-    let abs = secs.abs();
-    format!("{sign}{:02}:{:02}", abs / 3600, (abs % 3600) / 60)
 }
 
 fn internal(e: crate::store::StoreError) -> ApiError {

@@ -28,11 +28,13 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::secret::tokens_equal;
+use crate::core::time::unix_now;
 use crate::history::Recorder;
-use crate::metrics::{unix_now, Metrics};
-use crate::protocol::tokens_equal;
+use crate::net::socket;
+use crate::server::hub::TunnelHub;
 use crate::server::mappings::{MappingError, Mappings, NewMapping};
-use crate::server::tunnel::TunnelHub;
+use crate::telemetry::Metrics;
 
 /// Request bodies are tiny JSON objects; anything larger is refused unread.
 const MAX_BODY: usize = 16 * 1024;
@@ -62,7 +64,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Beyond it new ones wait in the listen backlog (costing no descriptor) until
 /// one closes, so the API can never starve the forwarders of descriptors.
 fn max_api_connections() -> usize {
-    let limit = crate::forward::descriptor_limit().unwrap_or(u64::MAX);
+    let limit = socket::descriptor_limit().unwrap_or(u64::MAX);
     (limit / 8).clamp(4, 128) as usize
 }
 
@@ -79,7 +81,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         let Ok(slot) = slot else { break };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = crate::forward::accept(&listener, || {}) => accepted,
+            accepted = socket::accept(&listener, || {}) => accepted,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = shutdown.clone();
@@ -409,7 +411,7 @@ async fn list_clients(State(state): State<AppState>) -> Response {
 
 /// Every client as the API shows it: who is connected from where, since when,
 /// what crossed its tunnel, and how many mappings it serves.
-async fn client_views(state: &AppState, snap: &crate::metrics::TrafficSnapshot) -> Vec<Value> {
+async fn client_views(state: &AppState, snap: &crate::telemetry::TrafficSnapshot) -> Vec<Value> {
     let per_client = state.mappings.mappings_per_client().await;
     state
         .hub
@@ -618,5 +620,5 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `/metrics` for both roles.
 pub fn metrics_response(metrics: &Metrics) -> Response {
-    ([(header::CONTENT_TYPE, crate::metrics::content_type())], metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, crate::telemetry::content_type())], metrics.render()).into_response()
 }

@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::tunnel::TunnelHub;
-use crate::exchange::{self, ExchangeError};
-use crate::forward;
-use crate::metrics::{MappingMetrics, Meter, Metrics};
+use super::hub::TunnelHub;
+use crate::net::relay;
+use crate::net::socket;
 use crate::policy::{LivePolicy, Policy};
 use crate::store::{MappingSpec, Store, StoreError};
+use crate::telemetry::{MappingMetrics, Meter, Metrics};
+use crate::tunnel::exchange::{self, ExchangeError};
 
 /// How often a mapping that could not bind its port tries again.
 const BIND_RETRY: Duration = Duration::from_secs(5);
@@ -177,7 +178,7 @@ impl Mappings {
             return Err(MappingError::Invalid("target_host must not be empty".into()));
         }
         let client = match (req.use_tunnel, req.client) {
-            (true, client) => Some(client.unwrap_or_else(|| crate::metrics::DEFAULT_CLIENT.to_string())),
+            (true, client) => Some(client.unwrap_or_else(|| crate::core::names::DEFAULT_CLIENT.to_string())),
             (false, None) => None,
             (false, Some(_)) => {
                 return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into()))
@@ -217,7 +218,7 @@ impl Mappings {
             target_port: req.target_port,
             use_tunnel: req.use_tunnel,
             client,
-            created_at: crate::metrics::unix_now() as i64,
+            created_at: crate::core::time::unix_now() as i64,
         };
         // On disk before anyone is told it exists.
         self.ctx
@@ -251,11 +252,15 @@ impl Mappings {
     }
 
     /// Every mapping's live policy and quota gauge, for the quota check.
-    pub async fn policies(&self) -> Vec<crate::quota::MappingPolicy> {
+    pub async fn policies(&self) -> Vec<crate::server::quotas::MappingPolicy> {
         let entries = self.entries.lock().await;
         entries
             .iter()
-            .map(|(port, e)| crate::quota::MappingPolicy { port: *port, policy: e.policy.clone(), quota_used: e.quota_used.clone() })
+            .map(|(port, e)| crate::server::quotas::MappingPolicy {
+                port: *port,
+                policy: e.policy.clone(),
+                quota_used: e.quota_used.clone(),
+            })
             .collect()
     }
 
@@ -283,7 +288,7 @@ impl Mappings {
     /// Registers a new tunnel client and returns its secret. The secret is stored
     /// (a client's answer is checked against it) but never shown again.
     pub async fn create_client(&self, name: &str) -> Result<String, MappingError> {
-        if let Some(why) = crate::protocol::invalid_client_name(name) {
+        if let Some(why) = crate::core::names::invalid_client_name(name) {
             return Err(MappingError::Invalid(format!("name: {why}")));
         }
         // Under the mappings lock: creation and removal of clients are serialised
@@ -294,7 +299,7 @@ impl Mappings {
         }
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let stored =
-            crate::store::StoredClient { name: name.to_string(), secret: secret.clone(), created_at: crate::metrics::unix_now() as i64 };
+            crate::store::StoredClient { name: name.to_string(), secret: secret.clone(), created_at: crate::core::time::unix_now() as i64 };
         self.ctx.store.insert_client(stored).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
         self.ctx.hub.add_client(name, secret.clone());
         info!(client = name, "tunnel client created");
@@ -305,7 +310,7 @@ impl Mappings {
     /// While mappings name it this is a conflict, unless `force`: then they stay,
     /// waiting for a client of that name. Returns the ports of those mappings.
     pub async fn remove_client(&self, name: &str, force: bool) -> Result<Vec<u16>, MappingError> {
-        if name == crate::metrics::DEFAULT_CLIENT {
+        if name == crate::core::names::DEFAULT_CLIENT {
             return Err(MappingError::Invalid(
                 "the client `default` cannot be removed: its secret is server.secret; change that to lock it out".into(),
             ));
@@ -449,7 +454,7 @@ fn describe_bind_error(e: &std::io::Error) -> String {
 }
 
 async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
-    forward::listen(SocketAddr::new(addr, port))
+    socket::listen(SocketAddr::new(addr, port))
 }
 
 /// Whether `ip` is one of this host's own addresses (loopback, the wildcard, or
@@ -511,11 +516,11 @@ async fn run_mapping(
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ctx.stop_accepting.cancelled() => break,
-            accepted = forward::accept(&listener, || metrics.refused_no_descriptors.inc()) => accepted,
+            accepted = socket::accept(&listener, || metrics.refused_no_descriptors.inc()) => accepted,
         };
         // Armed from the start: however this connection ends early, the visitor
         // sees a reset, not an EOF that looks like a complete answer.
-        forward::arm(&visitor);
+        relay::arm(&visitor);
         // Policy first, before any target or tunnel work: a refused visitor is
         // dropped here, armed, so it gets a reset at once.
         if !policy.admits(peer.ip()) {
@@ -551,7 +556,7 @@ async fn run_mapping(
 async fn serve_visitor(ctx: &Ctx, spec: &MappingSpec, policy: &LivePolicy, metrics: &MappingMetrics, visitor: TcpStream, peer: SocketAddr) {
     let port = spec.source_port;
     let _active = metrics.visitor_accepted();
-    forward::tune(&visitor);
+    socket::tune(&visitor);
     let result = if spec.use_tunnel {
         tunneled(ctx, spec, policy, metrics, &visitor).await
     } else {
@@ -588,15 +593,15 @@ async fn direct(
     metrics: &MappingMetrics,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
-    let target = forward::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
-        match forward::out_of_descriptors(&e) {
+    let target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
+        match socket::out_of_descriptors(&e) {
             true => VisitorError::NoDescriptors(e),
             false => VisitorError::Target(e.to_string()),
         }
     })?;
-    forward::arm(&target);
+    relay::arm(&target);
     let (up, down) = policy.capped(metrics.meters());
-    forward::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
+    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
@@ -611,7 +616,7 @@ async fn tunneled(
     metrics: &MappingMetrics,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
-    let client = spec.client.as_deref().unwrap_or(crate::metrics::DEFAULT_CLIENT);
+    let client = spec.client.as_deref().unwrap_or(crate::core::names::DEFAULT_CLIENT);
     let (channel, lease, sent_ahead) =
         ctx.hub.open(client, &spec.target_host, spec.target_port, visitor).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.

@@ -1,31 +1,39 @@
-//! The server role: tunnel acceptor, mapping listeners and the HTTP API, run from
-//! listeners the caller has already bound (so tests can use port 0) until a
-//! shutdown token fires.
+//! The server role: the tunnel hub that clients dial, the mappings and what
+//! happens to each visitor, quotas and the events watcher, started on listeners
+//! the caller has already bound (so tests can use port 0) and stopped by a
+//! shutdown token.
+//!
+//! May import every layer below the roles: `core`, `config`, `telemetry`,
+//! `net`, `tunnel`, `policy`, `store`, `history`, `events`, `systemd`.
 
+pub mod hub;
 pub mod mappings;
+pub mod quotas;
 pub mod throttle;
-pub mod tunnel;
+pub mod watcher;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{self, Config, Role};
-use crate::forward;
+use crate::config::{self, Config};
+use crate::events::Events;
+use crate::net::socket;
+
 use crate::history::{self, Recorder};
-use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::systemd;
+use crate::telemetry::Metrics;
+use hub::{HubSettings, TunnelHub};
 use mappings::{Mappings, Settings};
-use tunnel::{HubSettings, TunnelHub};
 
 /// The server's two fixed listeners.
 pub struct Listeners {
@@ -36,25 +44,33 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both from the config, with the address in any error.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        let api = forward::listen(config.api.listen).with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
-        let tunnel = forward::listen(config.server.tunnel_listen)
+        let api = socket::listen(config.api.listen).with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
+        let tunnel = socket::listen(config.server.tunnel_listen)
             .with_context(|| format!("cannot bind server.tunnel_listen {}", config.server.tunnel_listen))?;
         Ok(Listeners { api, tunnel })
     }
 }
 
-/// Runs the server until `shutdown` is cancelled, then drains: listeners close,
-/// open connections get `server.shutdown_grace_secs` to finish.
-///
-/// Configurations sent on `reloads` (already validated) are applied live where
-/// that is safe — today `api.token`; other changed keys are logged as needing a
-/// restart.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-    mut reloads: mpsc::Receiver<Config>,
-) -> anyhow::Result<()> {
+/// A running server role: what the API serves from, and the tasks that
+/// [`Server::stop`] drains.
+pub struct Server {
+    pub mappings: Arc<Mappings>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<TunnelHub>,
+    pub recorder: Arc<Recorder>,
+    /// Mappings serving when [`start`] returned, and those waiting for their port.
+    pub restored: usize,
+    pub waiting: usize,
+    tunnel_task: JoinHandle<()>,
+    recorder_task: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// Starts the server role on a bound tunnel listener: state, history, the
+/// tunnel hub, the stored mappings, the events watcher. It runs until
+/// `shutdown` is cancelled; then [`Server::stop`] drains it. `reserved_ports`
+/// (the API's) are never mappable.
+pub async fn start(config: &Config, tunnel: TcpListener, api_port: u16, shutdown: CancellationToken) -> anyhow::Result<Server> {
     let state_dir = config::state_dir(&config.server);
     let store = Store::open(&state_dir)?;
     let secret = match config.server.secret.clone() {
@@ -72,23 +88,19 @@ pub async fn run(
     );
     let heartbeat = Duration::from_secs(config.server.heartbeat_interval_secs);
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
-    let tunnel_addr = listeners.tunnel.local_addr()?;
-    let tls = tunnel_tls(&config, &state_dir, tunnel_addr)?;
+    let tunnel_addr = tunnel.local_addr()?;
+    let tls = tunnel_tls(config, &state_dir, tunnel_addr)?;
     let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
     let clients = store.clients().await.context("cannot read the stored tunnel clients")?;
     let clients = clients.into_iter().map(|c| (c.name, c.secret));
     let hub = TunnelHub::new(secret, clients, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
-    let api_addr = listeners.api.local_addr()?;
-    let api_port = api_addr.port();
-    let api_on_loopback = config::is_loopback(api_addr.ip());
-    let tunnel_port = tunnel_addr.port();
     let mappings = Arc::new(Mappings::new(
         store,
         metrics.clone(),
         hub.clone(),
         Settings {
             bind_addr: config.server.bind_addr,
-            reserved_ports: vec![(api_port, "API"), (tunnel_port, "tunnel")],
+            reserved_ports: vec![(api_port, "API"), (tunnel_addr.port(), "tunnel")],
             connect_timeout,
             max_connections: config.server.max_connections_per_mapping,
             idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
@@ -96,78 +108,42 @@ pub async fn run(
     ));
 
     systemd::status("restoring mappings");
-    let (restored, failed) = mappings.restore().await.context("cannot read stored mappings")?;
-    info!(restored, failed, state_dir = %state_dir.display(), "mappings restored");
+    let (restored, waiting) = mappings.restore().await.context("cannot read stored mappings")?;
+    info!(restored, failed = waiting, state_dir = %state_dir.display(), "mappings restored");
 
-    let tunnel_task = tokio::spawn(hub.clone().serve(listeners.tunnel, shutdown.clone()));
+    let tunnel_task = tokio::spawn(hub.clone().serve(tunnel, shutdown.clone()));
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
-    let events = crate::alerts::Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
-    let watcher = crate::alerts::Watcher { mappings: mappings.clone(), hub: hub.clone(), recorder: recorder.clone(), events };
-    tokio::spawn(watcher.run(shutdown.clone()));
-    let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.as_str())));
-    let api_state = crate::api::AppState {
-        mappings: mappings.clone(),
-        metrics: metrics.clone(),
-        hub: hub.clone(),
-        recorder: recorder.clone(),
-        token: token.clone(),
-        shutdown: shutdown.clone(),
-        guard: Arc::new(crate::api::guard::Guard::new(&config.api)),
-    };
-    let api_task = tokio::spawn(crate::api::serve(listeners.api, api_state, shutdown.clone()));
+    let events = Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
+    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), recorder: recorder.clone(), events };
+    tokio::spawn(watcher.run(shutdown));
+    Ok(Server {
+        mappings,
+        metrics,
+        hub,
+        recorder,
+        restored,
+        waiting,
+        tunnel_task,
+        recorder_task,
+        grace: Duration::from_secs(config.server.shutdown_grace_secs),
+    })
+}
 
-    info!(api = api_port, tunnel = tunnel_port, "tunneld server ready");
-    systemd::ready(&format!(
-        "serving {restored} mappings ({failed} waiting for their port); API on port {api_port}, tunnel on port {tunnel_port}"
-    ));
-
-    let mut running = config.clone();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(new) = reloads.recv() => {
-                if new.api.token != running.api.token {
-                    // The new file was validated against its own api.listen, but the
-                    // listener bound now is the old one: never drop the token there.
-                    if new.api.token.is_empty() && !api_on_loopback {
-                        warn!("reload would remove api.token while the API listens beyond loopback; keeping the token");
-                    } else {
-                        if let Ok(mut t) = token.write() {
-                            *t = Arc::from(new.api.token.as_str());
-                        }
-                        if new.api.token.is_empty() {
-                            warn!("reload removed api.token: the API no longer asks for authentication");
-                        } else {
-                            info!("api.token changed: applied");
-                        }
-                    }
-                }
-                for key in running.restart_only_changes(&new, Role::Server) {
-                    warn!(key, "changed in the configuration; takes effect on restart");
-                }
-                running = new;
-                systemd::ready("running (configuration reloaded)");
-            }
+impl Server {
+    /// After `shutdown` was cancelled: the tunnel listener closes, open
+    /// connections get `server.shutdown_grace_secs` to finish, and the history
+    /// takes its final flush.
+    pub async fn stop(self) {
+        let _ = self.tunnel_task.await;
+        self.mappings.shutdown(self.grace).await;
+        // After the drain, so the bytes of connections that finished in the grace
+        // period are in the history too.
+        let _ = self.recorder_task.await;
+        match self.recorder.flush().await {
+            Ok(_) => info!("traffic history flushed"),
+            Err(e) => warn!(error = %e, "final traffic history flush failed; up to one interval of traffic is not recorded"),
         }
     }
-    systemd::stopping();
-    info!("shutting down: closing listeners, draining connections");
-    let _ = tunnel_task.await;
-    mappings.shutdown(Duration::from_secs(config.server.shutdown_grace_secs)).await;
-    // After the drain, so the bytes of connections that finished in the grace
-    // period are in the history too.
-    let _ = recorder_task.await;
-    match recorder.flush().await {
-        Ok(_) => info!("traffic history flushed"),
-        Err(e) => warn!(error = %e, "final traffic history flush failed; up to one interval of traffic is not recorded"),
-    }
-    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "API server ended with an error"),
-        Err(_) => warn!("API server did not stop within 5 s"),
-        _ => {}
-    }
-    info!("stopped");
-    Ok(())
 }
 
 /// The tunnel port's TLS acceptor (`None` with `server.tls = false`), and the
@@ -185,12 +161,12 @@ fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -
         info!(client_command = %command, "start a client with");
         return Ok(None);
     }
-    let identity = crate::tls::load_or_generate(&config.server, state_dir)?;
+    let identity = crate::net::tls::load_or_generate(&config.server, state_dir)?;
     let fingerprint = identity.fingerprint();
     let command = format!("tunneld client --server {host}:{} --fingerprint {fingerprint} --secret {secret_ref}", tunnel.port());
     info!(%fingerprint, cert = %identity.cert_path.display(), "tunnel TLS certificate");
     info!(client_command = %command, "start a client with");
-    Ok(Some(crate::tls::acceptor(identity)?))
+    Ok(Some(crate::net::tls::acceptor(identity)?))
 }
 
 /// This machine's host name for the client command line (the tunnel listens on

@@ -22,10 +22,10 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::forward::{self, write_all, Activity};
-use crate::metrics::{Held, Meter};
-use crate::protocol::{self, Message};
-use crate::transport::TunnelStream;
+use crate::net::relay::{self, write_all, Activity};
+use crate::net::transport::TunnelStream;
+use crate::telemetry::{Held, Meter};
+use crate::tunnel::protocol::{self, Message};
 
 /// Chunk length that ends a direction (the half-close).
 pub const END: u32 = 0;
@@ -109,7 +109,7 @@ pub fn opening(connect: &Message, early: &[u8]) -> Vec<u8> {
 /// (`to_channel`, `from_channel`). `to_channel` and `from_channel` count user
 /// bytes only; the wire is counted under the channel.
 ///
-/// It ends as [`forward::relay`] does: an error on the local socket (its peer
+/// It ends as [`relay::relay`] does: an error on the local socket (its peer
 /// reset) or on the channel, even while the other direction is blocked, or no
 /// byte either way for `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
 /// close) and the other end is sent a [`RESET`]. After a clean end the socket is
@@ -124,7 +124,7 @@ pub async fn relay(
 ) -> Result<(TunnelStream, u64, u64), ExchangeError> {
     let watch = channel.take_watch();
     if let Some(watch) = &watch {
-        forward::arm(watch);
+        relay::arm(watch);
     }
     let (mut reader, mut writer) = tokio::io::split(channel);
     let answered = AtomicBool::new(matches!(answer, Answer::None));
@@ -145,17 +145,17 @@ pub async fn relay(
         };
         tokio::select! {
             result = async { tokio::try_join!(up, down) } => result,
-            e = forward::failure(socket) => Err(ExchangeError::Socket(e)),
+            e = relay::failure(socket) => Err(ExchangeError::Socket(e)),
             e = channel_failure(watch.as_ref()) => Err(ExchangeError::Channel(format!("reset by the other end: {e}"))),
             e = activity.idle_for(idle_timeout) => Err(ExchangeError::Socket(e)),
         }
     };
     match outcome {
         Ok((up, down)) => {
-            forward::disarm(socket);
+            relay::disarm(socket);
             let mut channel = reader.unsplit(writer);
             if let Some(watch) = watch {
-                forward::disarm(&watch);
+                relay::disarm(&watch);
                 channel.return_watch(watch);
             }
             Ok((channel, up, down))
@@ -165,7 +165,7 @@ pub async fn relay(
         }
         Err(e @ ExchangeError::Refused(_)) => Err(e),
         Err(e) => {
-            forward::arm(socket);
+            relay::arm(socket);
             if matches!(e, ExchangeError::Socket(_)) {
                 // Best effort: if a chunk was cut off mid-write the other end reads
                 // garbage instead, which ends in the same reset.
@@ -190,7 +190,7 @@ pub async fn relay(
 /// ends when it next touches the channel.
 async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
     match watch {
-        Some(watch) => forward::failure(watch).await,
+        Some(watch) => relay::failure(watch).await,
         None => std::future::pending().await,
     }
 }

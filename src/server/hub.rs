@@ -26,10 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::throttle::{AuthThrottle, FailureLog, FlapDetector, Flapping, Pending, Unauthenticated};
-use crate::metered::MeteredStream;
-use crate::metrics::{session_result, Metrics, DEFAULT_CLIENT};
-use crate::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
-use crate::transport::TunnelStream;
+use crate::core::names::DEFAULT_CLIENT;
+use crate::net::metered::MeteredStream;
+use crate::net::socket;
+use crate::net::transport::TunnelStream;
+use crate::telemetry::{session_result, Metrics};
+use crate::tunnel::protocol::{self, Message, ProtocolError, PROTOCOL_VERSION};
 
 /// Idle data channels kept beyond this are closed; the client refills on demand.
 const MAX_IDLE_DATA_CHANNELS: usize = 64;
@@ -320,10 +322,10 @@ impl TunnelHub {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = crate::forward::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
+                accepted = socket::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
             };
             let Some(pending) = self.admit(peer) else { continue };
-            crate::forward::tune(&stream);
+            socket::tune(&stream);
             let hub = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -392,7 +394,7 @@ impl TunnelHub {
     async fn secure(&self, stream: TcpStream, peer: SocketAddr) -> Option<TunnelStream> {
         let mut first = [0u8; 1];
         let peeked = stream.peek(&mut first).await.ok()?;
-        let speaks_tls = peeked == 1 && first[0] == crate::tls::TLS_HANDSHAKE_BYTE;
+        let speaks_tls = peeked == 1 && first[0] == crate::net::tls::TLS_HANDSHAKE_BYTE;
         // Counted as a client's once it has authenticated (see `attribute`).
         let mut metered = MeteredStream::unattributed(stream);
         match (&self.settings.tls, speaks_tls) {
@@ -438,7 +440,7 @@ impl TunnelHub {
             (None, true) => {
                 self.failed(peer, session_result::TLS_ERROR, "client speaks TLS but this server runs with server.tls = false");
                 // A plaintext fatal alert: the client reports "server has TLS off".
-                let _ = metered.write_all(&crate::tls::PLAIN_SERVER_ALERT).await;
+                let _ = metered.write_all(&crate::net::tls::PLAIN_SERVER_ALERT).await;
                 None
             }
         }
@@ -452,7 +454,7 @@ impl TunnelHub {
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
-        if protocol::invalid_client_name(name).is_some() {
+        if crate::core::names::invalid_client_name(name).is_some() {
             self.failed(peer, session_result::PROTOCOL_ERROR, "invalid client name in hello");
             let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-'".to_string();
             protocol::write_frame(&mut stream, &Message::Rejected { reason }).await?;
@@ -500,7 +502,7 @@ impl TunnelHub {
             id: rand::random(),
             token: protocol::new_nonce(),
             peer,
-            authenticated_at: crate::metrics::unix_now(),
+            authenticated_at: crate::core::time::unix_now(),
             client: client.clone(),
             control: control_tx,
             pool: Mutex::new(Pool::default()),
@@ -629,7 +631,7 @@ impl TunnelHub {
     /// A data channel presents its session's token; the session tells whose it is.
     fn data_channel(&self, mut stream: TunnelStream, peer: SocketAddr, token: &str) {
         let clients: Vec<Arc<Client>> = self.clients.read().map(|c| c.values().cloned().collect()).unwrap_or_default();
-        match clients.iter().filter_map(|c| c.current()).find(|s| protocol::tokens_equal(&s.token, token)) {
+        match clients.iter().filter_map(|c| c.current()).find(|s| crate::core::secret::tokens_equal(&s.token, token)) {
             Some(session) => {
                 let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
                 stream.attribute(sent, received);
@@ -662,8 +664,8 @@ impl TunnelHub {
             // Read once a channel is at hand (the visitor had longest to send),
             // and kept for the next channel should this one turn out stale.
             let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = crate::exchange::early_bytes(visitor);
-                (crate::exchange::opening(&connect, &early), early.len())
+                let early = crate::tunnel::exchange::early_bytes(visitor);
+                (crate::tunnel::exchange::opening(&connect, &early), early.len())
             });
             let sent = async {
                 stream.write_all(wire).await?;

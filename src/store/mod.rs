@@ -249,7 +249,7 @@ impl Store {
                     target_host: host,
                     target_port: port(tp)?,
                     use_tunnel: tunnel,
-                    client: if tunnel { Some(client.unwrap_or_else(|| crate::metrics::DEFAULT_CLIENT.to_string())) } else { None },
+                    client: if tunnel { Some(client.unwrap_or_else(|| crate::core::names::DEFAULT_CLIENT.to_string())) } else { None },
                     created_at: created,
                 };
                 Ok((spec, policy))

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use prometheus::Gauge;
 use tracing::warn;
 
-use crate::alerts::kind;
+use crate::core::calendar::Step;
+use crate::events::kind;
 use crate::history::Recorder;
 use crate::policy::{LivePolicy, Quota, QuotaAction, QuotaPeriod};
-use crate::store::history::Step;
 
 /// Share of the allowance at which the early warning goes out.
 pub const WARNING_RATIO: f64 = 0.8;
@@ -177,9 +177,9 @@ async fn stored_before_period(
 mod tests {
     use super::*;
     use crate::config::HistoryConfig;
-    use crate::metrics::Metrics;
     use crate::policy::Policy;
     use crate::store::Store;
+    use crate::telemetry::Metrics;
     use std::sync::atomic::{AtomicI64, Ordering};
 
     /// 2026-11-29 23:00 at +08:00 (15:00 UTC).

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::metered::MeteredStream;
+use crate::net::metered::MeteredStream;
 
 /// Both variants boxed alike: the stream carries its read-ahead and its watch.
 pub enum TunnelStream {
@@ -36,7 +36,7 @@ impl TunnelStream {
 
     /// Counts this connection, from its first byte, as `client`'s (see
     /// [`MeteredStream::attribute`]).
-    pub fn attribute(&mut self, sent: crate::metrics::Meter, received: crate::metrics::Meter) {
+    pub fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {
         self.metered().attribute(sent, received)
     }
 
@@ -52,8 +52,8 @@ impl TunnelStream {
         match self {
             TunnelStream::Plain(_) => Vec::new(),
             TunnelStream::Tls(s) => match s.as_ref() {
-                tokio_rustls::TlsStream::Client(c) => crate::tls::binding(c.get_ref().1),
-                tokio_rustls::TlsStream::Server(c) => crate::tls::binding(c.get_ref().1),
+                tokio_rustls::TlsStream::Client(c) => crate::net::tls::binding(c.get_ref().1),
+                tokio_rustls::TlsStream::Server(c) => crate::net::tls::binding(c.get_ref().1),
             },
         }
     }

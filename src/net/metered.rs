@@ -23,7 +23,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::metrics::Meter;
+use crate::telemetry::Meter;
 
 /// Largest read from the socket when reading ahead.
 const READ_AHEAD: usize = 64 * 1024;

@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::core::calendar::parse_utc_offset;
+
 /// Used when `--config` is not given and this file exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/tunneld/tunneld.toml";
 
@@ -171,7 +173,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             server: String::new(),
-            name: crate::metrics::DEFAULT_CLIENT.to_string(),
+            name: crate::core::names::DEFAULT_CLIENT.to_string(),
             secret: String::new(),
             metrics_listen: None,
             pool_size: 4,
@@ -263,24 +265,6 @@ impl HistoryConfig {
     }
 }
 
-/// `+08:00`, `-05:30`, `+00:00` (also `Z`) -> seconds east of UTC.
-pub fn parse_utc_offset(text: &str) -> Option<i64> {
-    if text == "Z" {
-        return Some(0);
-    }
-    let (sign, rest) = match text.as_bytes().first()? {
-        b'+' => (1, &text[1..]),
-        b'-' => (-1, &text[1..]),
-        _ => return None,
-    };
-    let (h, m) = rest.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
-        return None;
-    }
-    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
-    (h <= 14 && m < 60 && h * 60 + m <= 14 * 60).then_some(sign * (h * 3600 + m * 60))
-}
-
 /// `36h`, `2d`, `5y` (365 days) -> seconds.
 fn parse_retention(text: &str) -> Option<i64> {
     let unit = match text.chars().last()? {
@@ -292,6 +276,20 @@ fn parse_retention(text: &str) -> Option<i64> {
     let n: i64 = text[..text.len() - 1].parse().ok()?;
     (n > 0 && n <= 1000).then_some(n * unit)
 }
+
+/// Normalizes a fingerprint as an operator may paste it (`sha256:` prefix optional,
+/// colons allowed, any case); `None` when it is not 32 bytes of hex.
+pub fn parse_fingerprint(text: &str) -> Option<String> {
+    let hexpart = text.trim();
+    let hexpart = hexpart.strip_prefix("sha256:").or_else(|| hexpart.strip_prefix("SHA256:")).unwrap_or(hexpart);
+    let digits: String = hexpart.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    (digits.len() == 64 && digits.chars().all(|c| c.is_ascii_hexdigit())).then(|| format!("sha256:{digits}"))
+}
+
+/// What a TLS client without a pin or a CA is told (config validation uses it too).
+pub const NO_TRUST_ANCHOR: &str = "TLS is on but the client has no way to verify the server: set client.server_fingerprint \
+     (flag --fingerprint) to the output of `tunneld fingerprint` on the server (the server also logs it at start), \
+     or set client.tls_ca (and client.tls_server_name) to trust a CA; client.tls = false only on a trusted network";
 
 /// Which role's settings to validate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -461,7 +459,7 @@ impl Config {
                 if split_host_port(&self.client.server).is_none() {
                     return invalid("client.server", "must be host:port");
                 }
-                if let Some(why) = crate::protocol::invalid_client_name(&self.client.name) {
+                if let Some(why) = crate::core::names::invalid_client_name(&self.client.name) {
                     return invalid("client.name", &why);
                 }
                 if self.client.secret.is_empty() {
@@ -483,12 +481,12 @@ impl Config {
                     return invalid("client.pool_idle_secs", "must be at least 1");
                 }
                 if let Some(pin) = &self.client.server_fingerprint {
-                    if crate::tls::parse_fingerprint(pin).is_none() {
+                    if parse_fingerprint(pin).is_none() {
                         return invalid("client.server_fingerprint", "must be sha256: followed by 64 hex digits (`tunneld fingerprint`)");
                     }
                 }
                 if self.client.tls && self.client.server_fingerprint.is_none() && self.client.tls_ca.is_none() {
-                    return invalid("client.server_fingerprint", crate::tls::NO_TRUST_ANCHOR);
+                    return invalid("client.server_fingerprint", NO_TRUST_ANCHOR);
                 }
             }
         }
@@ -618,6 +616,18 @@ pub fn state_dir(server: &ServerConfig) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_parse_in_the_forms_operators_paste() {
+        let hex64 = "ab".repeat(32);
+        let want = Some(format!("sha256:{hex64}"));
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex64}")), want);
+        assert_eq!(parse_fingerprint(&hex64.to_uppercase()), want);
+        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
+        assert_eq!(parse_fingerprint(&format!("SHA256:{}", colons.join(":"))), want);
+        assert_eq!(parse_fingerprint("sha256:abcd"), None);
+        assert_eq!(parse_fingerprint(&"zz".repeat(32)), None);
+    }
 
     #[test]
     fn host_port_forms() {

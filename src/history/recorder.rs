@@ -21,15 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
-use crate::metrics::{ByteTotals, Metrics};
 use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
+use crate::telemetry::{ByteTotals, Metrics};
 
 /// Unix seconds now; replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
-    Arc::new(|| crate::metrics::unix_now() as i64)
+    Arc::new(|| crate::core::time::unix_now() as i64)
 }
 
 pub struct Recorder {
@@ -208,7 +208,7 @@ impl Recorder {
 mod tests {
     use super::*;
     use crate::config::HistoryConfig;
-    use crate::store::history::{days_from_civil, Step};
+    use crate::core::calendar::{days_from_civil, Step};
     use std::sync::atomic::{AtomicI64, Ordering};
 
     const PLUS_8: &str = "+08:00";

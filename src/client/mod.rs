@@ -21,13 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ClientConfig, Config, Role};
-use crate::exchange::{self, Answer};
-use crate::forward;
-use crate::metered::MeteredStream;
-use crate::metrics::{session_result, Meter, Metrics};
-use crate::protocol::{self, Message, PROTOCOL_VERSION};
+use crate::net::metered::MeteredStream;
+use crate::net::relay;
+use crate::net::socket;
+use crate::net::transport::TunnelStream;
 use crate::systemd;
-use crate::transport::TunnelStream;
+use crate::telemetry::{session_result, Meter, Metrics};
+use crate::tunnel::exchange::{self, Answer};
+use crate::tunnel::protocol::{self, Message, PROTOCOL_VERSION};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +41,7 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Binds the client's own `/metrics` listener, if configured.
 pub async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpListener>> {
     match config.metrics_listen {
-        Some(addr) => Ok(Some(forward::listen(addr).with_context(|| format!("cannot bind client.metrics_listen {addr}"))?)),
+        Some(addr) => Ok(Some(socket::listen(addr).with_context(|| format!("cannot bind client.metrics_listen {addr}"))?)),
         None => Ok(None),
     }
 }
@@ -68,7 +69,7 @@ pub async fn run(
         });
     }
     let tls = match config.tls {
-        true => Some(crate::tls::connector(&config)?),
+        true => Some(crate::net::tls::connector(&config)?),
         false => {
             warn!("client.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");
             None
@@ -136,7 +137,7 @@ impl Dialer {
             .await
             .map_err(|_| anyhow!("connecting to {server} timed out"))?
             .with_context(|| format!("cannot connect to {server}"))?;
-        forward::tune(&tcp);
+        socket::tune(&tcp);
         let (sent, received) = self.metrics.tunnel_meters(&self.config.name);
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
@@ -146,7 +147,7 @@ impl Dialer {
             Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),
             Ok(Err(e)) => {
                 self.metrics.count_session(session_result::TLS_ERROR);
-                bail!("TLS with {server}: {}", crate::tls::explain_client_error(&e, &self.config))
+                bail!("TLS with {server}: {}", crate::net::tls::explain_client_error(&e, &self.config))
             }
             Err(_) => bail!("TLS handshake with {server} timed out"),
         }
@@ -188,7 +189,7 @@ async fn run_session(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow
     let (stream, token, heartbeat_secs) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     metrics.count_session(session_result::OK);
-    metrics.session_started(&config.name, crate::metrics::unix_now());
+    metrics.session_started(&config.name, crate::core::time::unix_now());
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
 
@@ -300,7 +301,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             spawn_data_channel(ctx.clone());
         }
         let timeout = Duration::from_secs(config.connect_timeout_secs);
-        let target = match forward::connect(&host, port, timeout).await {
+        let target = match socket::connect(&host, port, timeout).await {
             Ok(target) => target,
             Err(e) => {
                 warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
@@ -316,7 +317,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         }
         // Armed until the exchange ends cleanly: should this process die, the
         // target sees a reset, not an EOF that looks like a complete request.
-        forward::arm(&target);
+        relay::arm(&target);
         // Looked up only for the debug log: a syscall per visitor otherwise.
         let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| target.peer_addr().ok()).flatten();
         match exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await {

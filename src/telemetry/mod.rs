@@ -6,16 +6,17 @@
 //! keeps a second set of numbers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Serialize;
 
+use crate::core::names::DEFAULT_CLIENT;
+use crate::core::time::unix_now;
+
+mod meter;
+pub use meter::{Held, Meter};
+
 pub const SENT: &str = "sent";
-/// The client whose secret is `server.secret`: the one a single-client setup has.
-pub const DEFAULT_CLIENT: &str = "default";
 pub const RECEIVED: &str = "received";
 
 /// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
@@ -67,11 +68,6 @@ pub struct Metrics {
     webhook_failures: IntCounter,
     /// When this process's counters began (Unix seconds).
     started_at: f64,
-}
-
-/// Seconds since the Unix epoch, as Prometheus timestamps are.
-pub fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 impl Metrics {
@@ -524,106 +520,6 @@ pub struct ActiveGuard(IntGauge);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-/// What one direction of a copy loop adds each chunk to: byte counters and
-/// "last activity" gauges, all resolved before the first byte moves.
-#[derive(Clone, Default)]
-pub struct Meter {
-    counters: Vec<IntCounter>,
-    activity: Vec<Gauge>,
-    held: Option<Arc<Held>>,
-    /// The mapping's shared cap for this direction, if it has one at all.
-    limiter: Option<Arc<crate::policy::Limiter>>,
-}
-
-/// Part of a meter that only counts once [`Held::release`] is called: bytes sent
-/// on ahead of an answer (a tunneled visitor's first bytes travel with the
-/// `connect` request) must not count as reaching the target until it answers.
-pub struct Held {
-    meter: Meter,
-    released: AtomicBool,
-    pending: AtomicU64,
-}
-
-impl Held {
-    /// The target answered: what was held is counted now, the rest live.
-    pub fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-        let pending = self.pending.swap(0, Ordering::SeqCst);
-        if pending > 0 {
-            self.meter.record(pending);
-        }
-    }
-
-    fn record(&self, n: u64) {
-        if self.released.load(Ordering::SeqCst) {
-            return self.meter.record(n);
-        }
-        self.pending.fetch_add(n, Ordering::SeqCst);
-        // Released meanwhile: take back what we added, unless release did.
-        if self.released.load(Ordering::SeqCst) {
-            let pending = self.pending.swap(0, Ordering::SeqCst);
-            if pending > 0 {
-                self.meter.record(pending);
-            }
-        }
-    }
-}
-
-impl Meter {
-    pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity, held: None, limiter: None }
-    }
-
-    /// Paces this direction by `limiter` (shared by all of a mapping's connections;
-    /// its rate can change while they run).
-    pub fn limited_by(mut self, limiter: Arc<crate::policy::Limiter>) -> Meter {
-        self.limiter = Some(limiter);
-        self
-    }
-
-    /// Counts `n` bytes that were forwarded, then waits as long as the cap asks
-    /// before the copy moves more. Every copy loop calls this once per chunk, so
-    /// every forwarding path is capped the same way.
-    #[inline]
-    pub async fn counted(&self, n: u64) {
-        self.record(n);
-        if let Some(limiter) = &self.limiter {
-            limiter.pace(n).await;
-        }
-    }
-
-    /// Moves this meter's counting behind a [`Held`] gate, keeping `always`
-    /// (say, tunnel wire bytes, which did cross) counted live.
-    pub fn held_behind(mut self, always: Meter) -> (Meter, Arc<Held>) {
-        let limiter = self.limiter.take();
-        let held = Arc::new(Held { meter: self, released: AtomicBool::new(false), pending: AtomicU64::new(0) });
-        let mut outer = always;
-        outer.held = Some(held.clone());
-        outer.limiter = limiter.or(outer.limiter);
-        (outer, held)
-    }
-
-    /// Adds `n` bytes, live.
-    #[inline]
-    pub fn record(&self, n: u64) {
-        if cfg!(feature = "bench-uncounted") {
-            return;
-        }
-        if let Some(held) = &self.held {
-            held.record(n);
-        }
-        for c in &self.counters {
-            c.inc_by(n);
-        }
-        if !self.activity.is_empty() {
-            let now = unix_now();
-            for g in &self.activity {
-                g.set(now);
-            }
-        }
     }
 }
 

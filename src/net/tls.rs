@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use crate::config::{split_host_port, ClientConfig, ServerConfig};
+use crate::config::{parse_fingerprint, split_host_port, ClientConfig, ServerConfig, NO_TRUST_ANCHOR};
 
 /// File names of the generated identity inside the state dir.
 pub const GENERATED_CERT: &str = "tls-cert.pem";
@@ -45,15 +45,6 @@ fn provider() -> Arc<CryptoProvider> {
 /// `sha256:<64 hex>` over a certificate's DER.
 pub fn fingerprint(cert: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(cert)))
-}
-
-/// Normalizes a fingerprint as an operator may paste it (`sha256:` prefix optional,
-/// colons allowed, any case); `None` when it is not 32 bytes of hex.
-pub fn parse_fingerprint(text: &str) -> Option<String> {
-    let hexpart = text.trim();
-    let hexpart = hexpart.strip_prefix("sha256:").or_else(|| hexpart.strip_prefix("SHA256:")).unwrap_or(hexpart);
-    let digits: String = hexpart.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
-    (digits.len() == 64 && digits.chars().all(|c| c.is_ascii_hexdigit())).then(|| format!("sha256:{digits}"))
 }
 
 /// The server's certificate chain and key.
@@ -168,11 +159,6 @@ pub fn connector(client: &ClientConfig) -> anyhow::Result<(tokio_rustls::TlsConn
     Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
 }
 
-/// What a TLS client without a pin or a CA is told (config validation uses it too).
-pub const NO_TRUST_ANCHOR: &str = "TLS is on but the client has no way to verify the server: set client.server_fingerprint \
-     (flag --fingerprint) to the output of `tunneld fingerprint` on the server (the server also logs it at start), \
-     or set client.tls_ca (and client.tls_server_name) to trust a CA; client.tls = false only on a trusted network";
-
 /// The value both ends of one TLS session derive alike, and no other session can.
 pub fn binding(conn: &rustls::ConnectionCommon<impl Sized>) -> Vec<u8> {
     conn.export_keying_material(vec![0u8; 32], EXPORTER_LABEL, None).unwrap_or_default()
@@ -278,18 +264,6 @@ pub const PLAIN_SERVER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70]
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_parse_in_the_forms_operators_paste() {
-        let hex64 = "ab".repeat(32);
-        let want = Some(format!("sha256:{hex64}"));
-        assert_eq!(parse_fingerprint(&format!("sha256:{hex64}")), want);
-        assert_eq!(parse_fingerprint(&hex64.to_uppercase()), want);
-        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
-        assert_eq!(parse_fingerprint(&format!("SHA256:{}", colons.join(":"))), want);
-        assert_eq!(parse_fingerprint("sha256:abcd"), None);
-        assert_eq!(parse_fingerprint(&"zz".repeat(32)), None);
-    }
 
     #[test]
     fn generated_identity_is_reused_and_its_key_is_private() {

@@ -1,0 +1,177 @@
+//! The command line: every subcommand, flag and its help text (a contract:
+//! scripts and operators depend on it).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Override, Role};
+
+#[derive(Parser)]
+#[command(name = "tunneld", version, about = "TCP port forwarding and reverse tunnels with live traffic metrics")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run the server: mappings, tunnel listener, HTTP API.
+    Server(ServerArgs),
+    /// Run the client: dial the server and reach targets inside this network.
+    Client(ClientArgs),
+    /// Print the effective configuration (secrets masked) and exit non-zero if invalid.
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Which role's settings to check.
+        #[arg(value_enum, default_value = "server")]
+        role: Role,
+    },
+    /// Talk to a running server's API: mappings, traffic, a live view.
+    Ctl(CtlArgs),
+    /// Print the server's tunnel certificate fingerprint (sha256:...) for clients to pin.
+    Fingerprint {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<String>,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args)]
+pub(crate) struct CtlArgs {
+    /// The server's API, e.g. http://127.0.0.1:8080 (default: `api.listen` from the config).
+    #[arg(long, value_name = "URL", global = true)]
+    pub(crate) api: Option<String>,
+    /// Where `api.listen` and `api.token` are read (default: /etc/tunneld/server.toml when it
+    /// exists). The token may also come from TUNNELD_API__TOKEN.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CtlCommand {
+    /// List the mappings.
+    List,
+    /// Create a mapping from PORT on the server to TARGET (HOST:PORT).
+    Create {
+        port: u16,
+        #[arg(value_name = "HOST:PORT")]
+        target: String,
+        /// Reach the target through the tunnel client instead of directly.
+        #[arg(long)]
+        tunnel: bool,
+        /// The tunnel client that reaches the target.
+        #[arg(long, value_name = "NAME", requires = "tunnel")]
+        client: Option<String>,
+    },
+    /// Remove the mapping on PORT.
+    Remove { port: u16 },
+    /// Manage the tunnel clients (each with a name and its own secret).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Traffic per mapping since the daemon started, in human units.
+    Stats,
+    /// Recent events (quota thresholds, ports that cannot bind, clients lost and back), newest first.
+    Events {
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
+    /// A live view of per-port rates; q quits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClientCommand {
+    /// List the clients: connected or not, from where, traffic, mappings.
+    List,
+    /// Create a client; prints its secret, which is shown only this once.
+    Create { name: String },
+    /// Remove a client: its session ends now and it cannot authenticate again.
+    Remove {
+        name: String,
+        /// Remove it even while mappings name it (they wait for a client of that name).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(v),
+        _ => Err("must be a number of seconds between 0.2 and 3600".into()),
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct ServerArgs {
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) api_listen: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) tunnel_listen: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<String>,
+    #[arg(long)]
+    pub(crate) secret: Option<String>,
+    #[arg(long, value_name = "TOKEN")]
+    pub(crate) api_token: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct ClientArgs {
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// host:port of the server's tunnel listener.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) server: Option<String>,
+    /// This client's name on the server (default: `default`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: Option<String>,
+    #[arg(long)]
+    pub(crate) secret: Option<String>,
+    /// The server certificate's fingerprint to pin (`tunneld fingerprint` on the server).
+    #[arg(long, value_name = "sha256:HEX")]
+    pub(crate) fingerprint: Option<String>,
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<String>,
+}
+
+impl ServerArgs {
+    pub(crate) fn overrides(&self) -> Vec<Override> {
+        collect(&[
+            ("api.listen", &self.api_listen),
+            ("server.tunnel_listen", &self.tunnel_listen),
+            ("server.state_dir", &self.state_dir),
+            ("server.secret", &self.secret),
+            ("api.token", &self.api_token),
+        ])
+    }
+}
+
+impl ClientArgs {
+    pub(crate) fn overrides(&self) -> Vec<Override> {
+        collect(&[
+            ("client.server", &self.server),
+            ("client.name", &self.name),
+            ("client.secret", &self.secret),
+            ("client.server_fingerprint", &self.fingerprint),
+            ("client.metrics_listen", &self.metrics_listen),
+        ])
+    }
+}
+
+pub(crate) fn collect(flags: &[(&'static str, &Option<String>)]) -> Vec<Override> {
+    flags.iter().filter_map(|(key, value)| value.as_ref().map(|v| Override { key, value: v.clone() })).collect()
+}

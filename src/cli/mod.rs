@@ -1,0 +1,133 @@
+//! The process: the command line, the daemon roles wired to the API under
+//! signals and systemd, and `tunneld ctl`, the operator's client of the API.
+//!
+//! The top floor: may import everything below it.
+
+mod args;
+pub mod ctl;
+mod daemon;
+mod top;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info};
+
+use crate::config::{self, Role};
+use crate::systemd;
+use args::{Cli, ClientCommand, Command, CtlArgs, CtlCommand};
+
+/// `tunneld`'s `main`: parses the command line and runs what it asks for.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (role, file, overrides) = match cli.command {
+        Command::Version => {
+            println!("tunneld {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Ctl(args) => return ctl(args),
+        Command::CheckConfig { config, role } => {
+            return match config::load(config.as_deref(), &[], role) {
+                Ok(cfg) => {
+                    print!("{}", cfg.to_masked_toml(role));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tunneld: invalid configuration: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Fingerprint { config, state_dir } => return print_fingerprint(config.as_deref(), &state_dir),
+        Command::Server(args) => (Role::Server, args.config.clone(), args.overrides()),
+        Command::Client(args) => (Role::Client, args.config.clone(), args.overrides()),
+    };
+    // Validate everything before binding anything.
+    let config = match config::load(file.as_deref(), &overrides, role) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tunneld: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = systemd::init_logging(&config.log.level);
+    if let Some((before, after)) = crate::net::socket::raise_descriptor_limit() {
+        info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(role, config, file, overrides, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logged once: the log goes to stderr (or the journal, which also
+            // captures stderr), so printing it as well would say it twice.
+            error!(error = %format!("{e:#}"), "tunneld failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tunneld fingerprint`: the certificate the server presents (configured, or the
+/// one it generated in its state dir). Does not generate one: the server does
+/// that on its first start, as the user it runs as.
+fn print_fingerprint(file: Option<&std::path::Path>, state_dir: &Option<String>) -> ExitCode {
+    let overrides = args::collect(&[("server.state_dir", state_dir)]);
+    let config = match config::load(file, &overrides, Role::Server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tunneld: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !config.server.tls {
+        eprintln!("tunneld: server.tls = false: the tunnel has no certificate");
+        return ExitCode::from(2);
+    }
+    let dir = config::state_dir(&config.server);
+    let (cert, key) = crate::net::tls::cert_paths(&config.server, &dir);
+    if !cert.exists() {
+        eprintln!("tunneld: no certificate at {}: start the server once (it generates one there) or set server.tls_cert", cert.display());
+        return ExitCode::FAILURE;
+    }
+    match crate::net::tls::load(&cert, &key) {
+        Ok(identity) => {
+            println!("{}", identity.fingerprint());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tunneld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one `ctl` subcommand; non-zero with the API's own message when it refuses.
+fn ctl(args: CtlArgs) -> ExitCode {
+    use std::time::Duration;
+    let result = ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref()).and_then(|api| match args.command {
+        CtlCommand::List => ctl::list(&api).map(Some),
+        CtlCommand::Create { port, target, tunnel, client } => ctl::create(&api, port, &target, tunnel, client.as_deref()).map(Some),
+        CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
+        CtlCommand::Client(ClientCommand::List) => ctl::client_list(&api).map(Some),
+        CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
+        CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
+        CtlCommand::Stats => ctl::stats(&api).map(Some),
+        CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
+        CtlCommand::Top { interval } => top::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
+    });
+    match result {
+        Ok(output) => {
+            print!("{}", output.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tunneld ctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

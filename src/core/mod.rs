@@ -1,0 +1,10 @@
+//! The bottom floor: vocabulary every layer shares — client names, time and the
+//! calendar of history periods, secrets, the token bucket that paces traffic.
+//!
+//! It imports nothing of this crate, so anything may import it.
+
+pub mod calendar;
+pub mod names;
+pub mod rate;
+pub mod secret;
+pub mod time;

@@ -1,0 +1,16 @@
+//! Sockets and streams: how bytes move, are counted and are protected, with no
+//! idea of mappings or clients.
+//!
+//! - [`socket`]: listeners, accepting through descriptor exhaustion, dialing;
+//! - [`relay`]: the counted copy between two sockets and how it ends;
+//! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
+//! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
+//! - [`transport`]: a tunnel connection, TLS or plain.
+//!
+//! May import `core`, `config` and `telemetry`.
+
+pub mod metered;
+pub mod relay;
+pub mod socket;
+pub mod tls;
+pub mod transport;

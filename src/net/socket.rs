@@ -1,0 +1,154 @@
+//! Sockets as every listener and dialer of the daemon sets them up: the listen
+//! backlog, accepting through descriptor exhaustion, keepalive, dialing with a
+//! timeout, and the process's descriptor limit.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Whether `e` means this process (or the system) is out of file descriptors:
+/// a local limit, not a fault of the peer being dialed or accepted.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Raises the soft limit on open descriptors to the hard limit, as most servers
+/// do: every forwarded connection costs two descriptors, and the distribution
+/// default soft limit (often 1024) is far below what the hard limit allows.
+/// Returns `(before, after)` when it changed.
+pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+    reserve_descriptor();
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), maximum) = (limit.current, limit.maximum) else { return None };
+    // An unlimited hard limit is not a value the kernel accepts for NOFILE; stay
+    // within fs.nr_open's usual default.
+    let target = maximum.unwrap_or(1 << 20).min(1 << 20);
+    if target <= soft {
+        return None;
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum }).ok()?;
+    Some((soft, target))
+}
+
+/// The soft limit on open descriptors (`None`: unlimited or unknown).
+pub fn descriptor_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Listen backlog for every listener: a burst of a thousand connects must queue,
+/// not be dropped and retried a second later by the kernel (the default of 128
+/// overflows under such a burst). The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`
+/// does, so a restart is not blocked by connections in TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts the next connection, riding out transient failures (ECONNABORTED)
+/// with a short pause instead of spinning or giving up on the listener.
+///
+/// Out of descriptors (EMFILE), the pending connection is not left to wait in
+/// the backlog with the listener spinning on it: the reserve descriptor is freed
+/// for a moment, the connection accepted and closed at once, and `refused` is
+/// called — the visitor learns immediately, and the refusal is counted.
+///
+/// Failures are logged at most once per [`ACCEPT_WARN_INTERVAL`] for the whole
+/// process, with the count of those not logged — not once per attempt (ten lines
+/// a second while out of descriptors would flood the journal exactly when it
+/// matters).
+pub async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let exhausted = out_of_descriptors(&e);
+                note_accept_failure(listener, &e, exhausted);
+                if exhausted && shed(listener) {
+                    refused();
+                    continue;
+                }
+                let pause = if exhausted { Duration::from_millis(250) } else { Duration::from_millis(50) };
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When an accept failure was last logged, and how many failed since.
+static ACCEPT_FAILURES: Mutex<(Option<std::time::Instant>, u64)> = Mutex::new((None, 0));
+
+fn note_accept_failure(listener: &TcpListener, e: &io::Error, exhausted: bool) {
+    let Ok(mut state) = ACCEPT_FAILURES.lock() else { return };
+    let (last, unlogged) = &mut *state;
+    if last.is_some_and(|at| at.elapsed() < ACCEPT_WARN_INTERVAL) {
+        *unlogged += 1;
+        return;
+    }
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    tracing::warn!(
+        port,
+        error = %e,
+        out_of_descriptors = exhausted,
+        failures_not_logged = *unlogged,
+        "accept failed; further failures are counted and logged at most every 10 s"
+    );
+    *last = Some(std::time::Instant::now());
+    *unlogged = 0;
+}
+
+/// One descriptor held back for [`shed`]: without it, a process out of
+/// descriptors cannot even accept a connection to close it.
+static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Takes the reserve descriptor (at start, and again after each use).
+pub fn reserve_descriptor() {
+    if let Ok(mut reserve) = RESERVE.lock() {
+        if reserve.is_none() {
+            *reserve = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
+/// Accepts one pending connection with the reserve descriptor and closes it.
+fn shed(listener: &TcpListener) -> bool {
+    let Ok(mut reserve) = RESERVE.lock() else { return false };
+    if reserve.take().is_none() {
+        return false;
+    }
+    let shed = matches!(listener.accept().now_or_never(), Some(Ok(_)));
+    *reserve = std::fs::File::open("/dev/null").ok();
+    shed
+}
+
+/// Socket options every forwarded connection gets: no Nagle delay (interactive
+/// protocols and small request/response exchanges), and keepalive so a vanished
+/// peer is eventually noticed even on an idle connection.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Dials `host:port` within `timeout`, trying each resolved address in turn.
+pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        Ok(Ok(stream)) => {
+            tune(&stream);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {host}:{port} timed out after {timeout:?}"))),
+    }
+}

@@ -1,0 +1,109 @@
+//! The data path's side of the registry: what each copy loop adds a chunk to.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus::{Gauge, IntCounter};
+
+use crate::core::rate::Limiter;
+use crate::core::time::unix_now;
+
+/// What one direction of a copy loop adds each chunk to: byte counters and
+/// "last activity" gauges, all resolved before the first byte moves.
+#[derive(Clone, Default)]
+pub struct Meter {
+    counters: Vec<IntCounter>,
+    activity: Vec<Gauge>,
+    held: Option<Arc<Held>>,
+    /// The mapping's shared cap for this direction, if it has one at all.
+    limiter: Option<Arc<Limiter>>,
+}
+
+/// Part of a meter that only counts once [`Held::release`] is called: bytes sent
+/// on ahead of an answer (a tunneled visitor's first bytes travel with the
+/// `connect` request) must not count as reaching the target until it answers.
+pub struct Held {
+    meter: Meter,
+    released: AtomicBool,
+    pending: AtomicU64,
+}
+
+impl Held {
+    /// The target answered: what was held is counted now, the rest live.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        let pending = self.pending.swap(0, Ordering::SeqCst);
+        if pending > 0 {
+            self.meter.record(pending);
+        }
+    }
+
+    fn record(&self, n: u64) {
+        if self.released.load(Ordering::SeqCst) {
+            return self.meter.record(n);
+        }
+        self.pending.fetch_add(n, Ordering::SeqCst);
+        // Released meanwhile: take back what we added, unless release did.
+        if self.released.load(Ordering::SeqCst) {
+            let pending = self.pending.swap(0, Ordering::SeqCst);
+            if pending > 0 {
+                self.meter.record(pending);
+            }
+        }
+    }
+}
+
+impl Meter {
+    pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
+        Meter { counters, activity, held: None, limiter: None }
+    }
+
+    /// Paces this direction by `limiter` (shared by all of a mapping's connections;
+    /// its rate can change while they run).
+    pub fn limited_by(mut self, limiter: Arc<Limiter>) -> Meter {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Counts `n` bytes that were forwarded, then waits as long as the cap asks
+    /// before the copy moves more. Every copy loop calls this once per chunk, so
+    /// every forwarding path is capped the same way.
+    #[inline]
+    pub async fn counted(&self, n: u64) {
+        self.record(n);
+        if let Some(limiter) = &self.limiter {
+            limiter.pace(n).await;
+        }
+    }
+
+    /// Moves this meter's counting behind a [`Held`] gate, keeping `always`
+    /// (say, tunnel wire bytes, which did cross) counted live.
+    pub fn held_behind(mut self, always: Meter) -> (Meter, Arc<Held>) {
+        let limiter = self.limiter.take();
+        let held = Arc::new(Held { meter: self, released: AtomicBool::new(false), pending: AtomicU64::new(0) });
+        let mut outer = always;
+        outer.held = Some(held.clone());
+        outer.limiter = limiter.or(outer.limiter);
+        (outer, held)
+    }
+
+    /// Adds `n` bytes, live.
+    #[inline]
+    pub fn record(&self, n: u64) {
+        if cfg!(feature = "bench-uncounted") {
+            return;
+        }
+        if let Some(held) = &self.held {
+            held.record(n);
+        }
+        for c in &self.counters {
+            c.inc_by(n);
+        }
+        if !self.activity.is_empty() {
+            let now = unix_now();
+            for g in &self.activity {
+                g.set(now);
+            }
+        }
+    }
+}
