@@ -9,7 +9,11 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tunneld::tunnel::frame::{self, FRAME_HEADER};
+use tunneld::tunnel::message::{Auth, Challenge, Opening, Verdict, PROTOCOL_VERSION};
 
 const SECRET: &str = "hardening-tunnel-secret";
 
@@ -24,33 +28,34 @@ fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
     stream
 }
 
-fn write_frame(conn: &mut TcpStream, msg: Value) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&msg).unwrap();
-    conn.write_all(&(body.len() as u32).to_be_bytes())?;
-    conn.write_all(&body)
+/// One frame, written with the crate's own framing.
+fn write_frame<T: Serialize>(conn: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+    conn.write_all(&frame::encode_frame(msg))
 }
 
-/// The next frame, or `None` when the server closed the connection.
-fn read_frame(conn: &mut TcpStream) -> Option<Value> {
-    let mut len = [0u8; 4];
+/// The next frame as the message it must be, or `None` when the server closed
+/// the connection (or sent something else).
+fn read_frame<T: DeserializeOwned>(conn: &mut TcpStream) -> Option<T> {
+    let mut len = [0u8; FRAME_HEADER];
     conn.read_exact(&mut len).ok()?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     conn.read_exact(&mut body).ok()?;
-    serde_json::from_slice(&body).ok()
+    frame::decode(&body).ok()
 }
 
 /// One handshake with a wrong HMAC. `true` when the server got as far as a
 /// challenge (and then rejected the answer), `false` when it refused unheard.
 fn guess(from: IpAddr, tunnel: SocketAddr) -> bool {
     let mut conn = connect_from(from, tunnel);
-    if write_frame(&mut conn, json!({"type": "hello", "version": 2})).is_err() {
+    let hello = Opening::Control { version: PROTOCOL_VERSION, client: "default".into() };
+    if write_frame(&mut conn, &hello).is_err() {
         return false;
     }
     match read_frame(&mut conn) {
-        Some(challenge) if challenge["type"] == "challenge" => {
-            write_frame(&mut conn, json!({"type": "auth", "mac": "00".repeat(32)})).unwrap();
-            let answer = read_frame(&mut conn).expect("an answer to the guess");
-            assert_eq!(answer["type"], "rejected", "{answer}");
+        Some(Challenge::Challenge { .. }) => {
+            write_frame(&mut conn, &Auth::Auth { mac: "00".repeat(32) }).unwrap();
+            let answer: Verdict = read_frame(&mut conn).expect("an answer to the guess");
+            assert!(matches!(answer, Verdict::Rejected { .. }), "{answer:?}");
             true
         }
         _ => false,

@@ -15,7 +15,9 @@ use tokio::io::AsyncWriteExt;
 use tunneld::net::metered::MeteredStream;
 use tunneld::net::transport::TunnelStream;
 use tunneld::telemetry::Metrics;
-use tunneld::tunnel::protocol::{self, Message, PROTOCOL_VERSION};
+use tunneld::tunnel::auth;
+use tunneld::tunnel::frame::{read_frame, write_frame};
+use tunneld::tunnel::message::{Auth, Challenge, Connect, ConnectResult, Opening, Verdict, PROTOCOL_VERSION};
 
 const SECRET: &str = "v2 secret";
 
@@ -416,9 +418,9 @@ async fn tls_connect(tunnel: SocketAddr, pin: &str) -> TunnelStream {
 }
 
 async fn challenge(stream: &mut TunnelStream) -> String {
-    protocol::write_frame(stream, &Message::Hello { version: PROTOCOL_VERSION, client: "default".into() }).await.unwrap();
-    match protocol::read_frame(stream).await.unwrap().0 {
-        Message::Challenge { nonce } => nonce,
+    write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: "default".into() }).await.unwrap();
+    match read_frame(stream).await.unwrap().0 {
+        Challenge::Challenge { nonce } => nonce,
         other => panic!("expected a challenge, got {other:?}"),
     }
 }
@@ -434,18 +436,18 @@ fn a_relayed_hmac_answer_from_another_tls_session_is_refused() {
         let mut b = tls_connect(tunnel, &pin).await;
         let nonce_a = challenge(&mut a).await;
         let _ = challenge(&mut b).await;
-        let relayed = protocol::sign(SECRET, &nonce_a, &b.binding());
-        protocol::write_frame(&mut a, &Message::Auth { mac: relayed }).await.unwrap();
-        match protocol::read_frame(&mut a).await.unwrap().0 {
-            Message::Rejected { reason } => assert!(reason.contains("authentication failed"), "{reason}"),
+        let relayed = auth::sign(SECRET, &nonce_a, &b.binding());
+        write_frame(&mut a, &Auth::Auth { mac: relayed }).await.unwrap();
+        match read_frame(&mut a).await.unwrap().0 {
+            Verdict::Rejected { reason } => assert!(reason.contains("authentication failed"), "{reason}"),
             other => panic!("a relayed answer must be refused, got {other:?}"),
         }
         // The same secret, bound to the right session, is accepted.
         let mut c = tls_connect(tunnel, &pin).await;
         let nonce_c = challenge(&mut c).await;
-        let own = protocol::sign(SECRET, &nonce_c, &c.binding());
-        protocol::write_frame(&mut c, &Message::Auth { mac: own }).await.unwrap();
-        assert!(matches!(protocol::read_frame(&mut c).await.unwrap().0, Message::Welcome { .. }));
+        let own = auth::sign(SECRET, &nonce_c, &c.binding());
+        write_frame(&mut c, &Auth::Auth { mac: own }).await.unwrap();
+        assert!(matches!(read_frame(&mut c).await.unwrap().0, Verdict::Welcome { .. }));
     });
     assert!(sessions(&server, "auth_failed") >= 1.0);
 }
@@ -470,10 +472,10 @@ fn garbage_oversized_and_truncated_frames_close_only_that_data_channel() {
     let (control, token) = rt.block_on(async {
         let mut control = tls_connect(tunnel, &pin).await;
         let nonce = challenge(&mut control).await;
-        let mac = protocol::sign(SECRET, &nonce, &control.binding());
-        protocol::write_frame(&mut control, &Message::Auth { mac }).await.unwrap();
-        match protocol::read_frame(&mut control).await.unwrap().0 {
-            Message::Welcome { session, .. } => (control, session),
+        let mac = auth::sign(SECRET, &nonce, &control.binding());
+        write_frame(&mut control, &Auth::Auth { mac }).await.unwrap();
+        match read_frame(&mut control).await.unwrap().0 {
+            Verdict::Welcome { session, .. } => (control, session),
             other => panic!("{other:?}"),
         }
     });
@@ -481,9 +483,9 @@ fn garbage_oversized_and_truncated_frames_close_only_that_data_channel() {
         let (pin, token) = (pin.clone(), token.clone());
         let channel = rt.spawn(async move {
             let mut channel = tls_connect(tunnel, &pin).await;
-            protocol::write_frame(&mut channel, &Message::DataHello { version: PROTOCOL_VERSION, session: token.clone() }).await.unwrap();
-            let (connect, _) = protocol::read_frame(&mut channel).await.unwrap();
-            assert!(matches!(connect, Message::Connect { .. }), "{connect:?}");
+            write_frame(&mut channel, &Opening::Data { version: PROTOCOL_VERSION, session: token.clone() }).await.unwrap();
+            let (connect, _): (Connect, _) = read_frame(&mut channel).await.unwrap();
+            assert!(matches!(connect, Connect::Connect { .. }), "{connect:?}");
             let bad: Vec<u8> = match breakage {
                 // Junk where the `connect_result` frame belongs.
                 Breakage::Garbage => [&8u32.to_be_bytes()[..], b"%%junk%%"].concat(),
@@ -491,7 +493,7 @@ fn garbage_oversized_and_truncated_frames_close_only_that_data_channel() {
                 Breakage::Truncated => [&100u32.to_be_bytes()[..], b"only ten b"].concat(),
             };
             if !matches!(breakage, Breakage::Garbage) {
-                protocol::write_frame(&mut channel, &Message::ConnectResult { error: None }).await.unwrap();
+                write_frame(&mut channel, &ConnectResult::ConnectResult { error: None }).await.unwrap();
             }
             channel.write_all(&bad).await.unwrap();
             channel.flush().await.unwrap();

@@ -47,8 +47,9 @@ impl Api {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--api must be an http:// URL (got {base:?})");
         }
-        let token =
-            Some(config.api.token).filter(|t| !t.is_empty()).or_else(|| file.and_then(|f| token_from_env_file(&f.with_extension("env"))));
+        let token = Some(config.api.token.expose().to_string())
+            .filter(|t| !t.is_empty())
+            .or_else(|| file.and_then(|f| token_from_env_file(&f.with_extension("env"))));
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(30)).build();
         Ok(Api { base, token, agent })
     }

@@ -96,7 +96,7 @@ async fn run_server(
     let api_on_loopback = config::is_loopback(api_addr.ip());
     let tunnel_port = listeners.tunnel.local_addr()?.port();
     let role = server::start(&config, listeners.tunnel, api_port, shutdown.clone()).await?;
-    let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.as_str())));
+    let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.expose())));
     let api_state = api::AppState {
         mappings: role.mappings.clone(),
         metrics: role.metrics.clone(),
@@ -125,7 +125,7 @@ async fn run_server(
                     if new.api.token.is_empty() && !api_on_loopback {
                         warn!("reload would remove api.token while the API listens beyond loopback; keeping the token");
                     } else {
-                        *token.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::from(new.api.token.as_str());
+                        *crate::core::sync::write(&token) = Arc::from(new.api.token.expose());
                         if new.api.token.is_empty() {
                             warn!("reload removed api.token: the API no longer asks for authentication");
                         } else {

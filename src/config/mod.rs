@@ -12,6 +12,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::core::calendar::parse_utc_offset;
+use crate::core::secret::Secret;
 
 /// Used when `--config` is not given and this file exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/tunneld/tunneld.toml";
@@ -44,7 +45,7 @@ pub struct ServerConfig {
     pub tunnel_listen: SocketAddr,
     /// Shared secret for the HMAC handshake; empty means "generate one and keep it
     /// in the state dir".
-    pub secret: String,
+    pub secret: Secret,
     /// SQLite and the generated secret live here. Unset: `$STATE_DIRECTORY` under
     /// systemd, else `./data`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,7 +84,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             tunnel_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9000)),
-            secret: String::new(),
+            secret: Secret::default(),
             state_dir: None,
             bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             heartbeat_interval_secs: 10,
@@ -104,7 +105,7 @@ impl Default for ServerConfig {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/api/*`; required before `listen` may leave loopback.
-    pub token: String,
+    pub token: Secret,
     /// Host names (besides IP literals and `localhost`) the API answers to; any
     /// other `Host` header is refused, which defeats DNS rebinding.
     pub allowed_hosts: Vec<String>,
@@ -118,7 +119,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
-            token: String::new(),
+            token: Secret::default(),
             allowed_hosts: Vec::new(),
             cors_origins: Vec::new(),
             metrics_token_required: false,
@@ -142,7 +143,7 @@ pub struct ClientConfig {
     /// Who this client is to the server (`/api/client/create`); `secret` is that
     /// client's. `default` is the client whose secret is `server.secret`.
     pub name: String,
-    pub secret: String,
+    pub secret: Secret,
     /// The client's own `/metrics`; off when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
@@ -174,7 +175,7 @@ impl Default for ClientConfig {
         ClientConfig {
             server: String::new(),
             name: crate::core::names::DEFAULT_CLIENT.to_string(),
-            secret: String::new(),
+            secret: Secret::default(),
             metrics_listen: None,
             pool_size: 4,
             connect_timeout_secs: 10,
@@ -407,7 +408,7 @@ impl Config {
                 if !is_loopback(self.api.listen.ip()) && self.api.token.is_empty() {
                     return invalid("api.token", "must be set when api.listen is not a loopback address");
                 }
-                let token = &self.api.token;
+                let token = self.api.token.expose();
                 if !token.is_empty() && (token.trim() != token || token.chars().count() < MIN_TOKEN_LEN) {
                     return invalid("api.token", "must be at least 16 characters, with no leading or trailing whitespace");
                 }
@@ -554,9 +555,9 @@ impl Config {
             }
         }
         let mut shown = self.clone();
-        shown.server.secret = mask(&shown.server.secret, "(generated on first start, stored in the state dir)");
-        shown.api.token = mask(&shown.api.token, "");
-        shown.client.secret = mask(&shown.client.secret, "");
+        shown.server.secret = Secret::new(mask(shown.server.secret.expose(), "(generated on first start, stored in the state dir)"));
+        shown.api.token = Secret::new(mask(shown.api.token.expose(), ""));
+        shown.client.secret = Secret::new(mask(shown.client.secret.expose(), ""));
         // Show where state really goes, not just whether it was configured.
         shown.server.state_dir = Some(state_dir(&self.server));
         let value = match role {

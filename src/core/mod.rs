@@ -7,4 +7,5 @@ pub mod calendar;
 pub mod names;
 pub mod rate;
 pub mod secret;
+pub mod sync;
 pub mod time;

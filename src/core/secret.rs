@@ -1,7 +1,76 @@
-//! Secrets: compared in constant time.
+//! Secrets — the tunnel secrets and the API token — as a type that cannot be
+//! logged or printed by accident: its `Debug` is masked, and the value comes out
+//! only through [`Secret::expose`], where a reader sees it being used.
+
+use serde::{Deserialize, Serialize};
+
+/// A secret string. Serializes as the plain value (the configuration and the
+/// state database store it); `Debug` shows whether it is set, never what it is.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the few places that must use it (HMAC, comparing a
+    /// presented token, writing it where it belongs).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_string())
+    }
+}
+
+/// Compared in constant time, like every secret here.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        tokens_equal(&self.0, &other.0)
+    }
+}
+
+impl Eq for Secret {}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(unset)" } else { "Secret(********)" })
+    }
+}
 
 /// Constant-time equality for tokens compared outside HMAC.
 pub fn tokens_equal(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let secret = Secret::new("hunter2-hunter2-hunter2");
+        assert_eq!(format!("{secret:?}"), "Secret(********)");
+        assert_eq!(format!("{:?}", Secret::default()), "Secret(unset)");
+        assert_eq!(secret.expose(), "hunter2-hunter2-hunter2");
+        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"hunter2-hunter2-hunter2\"");
+    }
 }

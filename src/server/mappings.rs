@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::hub::TunnelHub;
+use crate::core::secret::Secret;
 use crate::net::relay;
 use crate::net::socket;
 use crate::policy::{LivePolicy, Policy};
@@ -298,10 +299,13 @@ impl Mappings {
             return Err(MappingError::Conflict(format!("a client named {name:?} already exists")));
         }
         let secret = hex::encode(rand::random::<[u8; 32]>());
-        let stored =
-            crate::store::StoredClient { name: name.to_string(), secret: secret.clone(), created_at: crate::core::time::unix_now() as i64 };
+        let stored = crate::store::StoredClient {
+            name: name.to_string(),
+            secret: Secret::new(secret.clone()),
+            created_at: crate::core::time::unix_now() as i64,
+        };
         self.ctx.store.insert_client(stored).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
-        self.ctx.hub.add_client(name, secret.clone());
+        self.ctx.hub.add_client(name, Secret::new(secret.clone()));
         info!(client = name, "tunnel client created");
         Ok(secret)
     }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{self, Config};
+use crate::core::secret::Secret;
 use crate::events::Events;
 use crate::net::socket;
 
@@ -181,12 +182,12 @@ fn this_host() -> String {
 
 /// The secret a server without a configured one uses: created once (0600) and
 /// reused, so clients keep working across restarts.
-fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<String> {
+fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<Secret> {
     let path = state_dir.join("secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => {
             info!(path = %path.display(), "using the tunnel secret stored in the state dir");
-            return Ok(s.trim().to_string());
+            return Ok(Secret::new(s.trim()));
         }
         Ok(_) => anyhow::bail!("secret file {} is empty; delete it to generate a new one", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -202,5 +203,5 @@ fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<String> {
     file.write_all(secret.as_bytes())?;
     file.sync_all()?;
     warn!(path = %path.display(), "no server.secret configured: generated one; give its contents to your clients (client.secret)");
-    Ok(secret)
+    Ok(Secret::new(secret))
 }

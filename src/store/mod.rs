@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
+use crate::core::secret::Secret;
 use crate::policy::Policy;
 
 /// A mapping as stored and as the API shows it (plus live status).
@@ -32,7 +33,7 @@ pub struct MappingSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredClient {
     pub name: String,
-    pub secret: String,
+    pub secret: Secret,
     pub created_at: i64,
 }
 
@@ -265,7 +266,7 @@ impl Store {
             let tx = conn.transaction()?;
             tx.execute(
                 "INSERT INTO clients (name, secret, created_at) VALUES (?1, ?2, ?3)",
-                params![client.name, client.secret, client.created_at],
+                params![client.name, client.secret.expose(), client.created_at],
             )?;
             tx.commit()
         })
@@ -287,7 +288,9 @@ impl Store {
     pub async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare("SELECT name, secret, created_at FROM clients ORDER BY name")?;
-            let rows = stmt.query_map([], |r| Ok(StoredClient { name: r.get(0)?, secret: r.get(1)?, created_at: r.get(2)? }))?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredClient { name: r.get(0)?, secret: Secret::new(r.get::<_, String>(1)?), created_at: r.get(2)? })
+            })?;
             rows.collect()
         })
         .await
@@ -369,7 +372,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("tunneld.db");
-        let office = StoredClient { name: "office".into(), secret: "s".repeat(64), created_at: 3 };
+        let office = StoredClient { name: "office".into(), secret: Secret::new("s".repeat(64)), created_at: 3 };
         {
             let store = Store::open(dir.path()).unwrap();
             store.insert_client(office.clone()).await.unwrap();

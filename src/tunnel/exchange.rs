@@ -22,10 +22,11 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::frame;
+use super::message::{Connect, ConnectResult};
 use crate::net::relay::{self, write_all, Activity};
 use crate::net::transport::TunnelStream;
 use crate::telemetry::{Held, Meter};
-use crate::tunnel::protocol::{self, Message};
 
 /// Chunk length that ends a direction (the half-close).
 pub const END: u32 = 0;
@@ -94,8 +95,8 @@ pub fn early_bytes(socket: &TcpStream) -> Vec<u8> {
 
 /// The server's opening of an exchange, for one write: the `connect` request
 /// and, when the visitor has already sent some, its first chunk.
-pub fn opening(connect: &Message, early: &[u8]) -> Vec<u8> {
-    let mut wire = protocol::encode_frame(connect);
+pub fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
+    let mut wire = frame::encode_frame(connect);
     if !early.is_empty() {
         wire.reserve(HEADER + early.len());
         wire.extend_from_slice(&(early.len() as u32).to_be_bytes());
@@ -196,13 +197,12 @@ async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
 }
 
 async fn read_answer<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(), ExchangeError> {
-    let reply = protocol::read_frame(reader).await.map_err(|e| ExchangeError::Refused(format!("no answer from the tunnel client: {e}")))?;
+    let reply = frame::read_frame(reader).await.map_err(|e| ExchangeError::Refused(format!("no answer from the tunnel client: {e}")))?;
     match reply.0 {
-        Message::ConnectResult { error: None } => Ok(()),
-        Message::ConnectResult { error: Some(e) } => {
+        ConnectResult::ConnectResult { error: None } => Ok(()),
+        ConnectResult::ConnectResult { error: Some(e) } => {
             Err(ExchangeError::Refused(format!("the tunnel client could not reach the target: {e}")))
         }
-        other => Err(ExchangeError::Refused(format!("unexpected {} from the tunnel client", other.kind()))),
     }
 }
 

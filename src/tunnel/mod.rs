@@ -1,8 +1,13 @@
-//! The tunnel between the roles: the wire protocol (frames, messages, the
-//! HMAC handshake) and one visitor's exchange over a pooled data channel, the
+//! The tunnel between the roles: its messages, typed per direction and phase;
+//! their framing; the HMAC handshake; the control channel's heartbeat loop that
+//! both roles run; and one visitor's exchange over a pooled data channel, the
 //! same code on both ends.
 //!
 //! May import `core`, `config`, `telemetry` and `net`.
 
+pub mod auth;
+pub mod control;
 pub mod exchange;
-pub mod protocol;
+pub mod frame;
+pub mod handshake;
+pub mod message;

@@ -1,0 +1,178 @@
+//! One session with the server: the control channel (handshake, heartbeats,
+//! requests for more data channels) and the pool of data channels, each of which
+//! waits for a `connect`, dials the target and relays, again and again for as
+//! long as exchanges end cleanly — a steady stream of visitors costs no new TCP
+//! or TLS handshakes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
+use crate::net::relay;
+use crate::net::socket;
+use crate::net::transport::TunnelStream;
+use crate::systemd;
+use crate::telemetry::{session_result, Meter};
+use crate::tunnel::control::{self, Ended};
+use crate::tunnel::exchange::{self, Answer};
+use crate::tunnel::frame;
+use crate::tunnel::handshake::{self, HandshakeError};
+use crate::tunnel::message::{Connect, ConnectResult, Opening, ToClient, ToServer, PROTOCOL_VERSION};
+
+/// What every data channel of one session needs.
+struct SessionCtx {
+    dialer: Arc<Dialer>,
+    token: String,
+    cancel: CancellationToken,
+    /// Channels waiting for a `connect` now.
+    idle: AtomicUsize,
+}
+
+/// One control-channel session, from dial to disconnect. Returns why it ended.
+pub(super) async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow::Result<&'static str> {
+    let config = &dialer.config;
+    let metrics = &dialer.metrics;
+    let handshake = async {
+        let mut stream = dialer.connect().await?;
+        let welcome = handshake::authenticate(&mut stream, &config.name, config.secret.expose(), TunnelStream::binding).await;
+        match welcome {
+            Ok(welcome) => Ok((stream, welcome)),
+            Err(HandshakeError::AuthFailed(reason)) => {
+                metrics.count_session(session_result::AUTH_FAILED);
+                bail!("server rejected authentication as client {:?}: {reason} (check client.name and client.secret)", config.name)
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
+    metrics.count_session(session_result::OK);
+    metrics.session_started(&config.name, crate::core::time::unix_now());
+    systemd::status(&format!("connected to {} as {}", config.server, config.name));
+    info!(server = %config.server, client = %config.name, "tunnel session established");
+
+    let ctx =
+        Arc::new(SessionCtx { dialer: dialer.clone(), token: welcome.session, cancel: shutdown.child_token(), idle: AtomicUsize::new(0) });
+    for _ in 0..config.pool_size {
+        spawn_data_channel(ctx.clone());
+    }
+    let heartbeat = Duration::from_secs(welcome.heartbeat_interval_secs.max(1));
+    let on_message = |msg: ToClient| {
+        if msg == ToClient::OpenDataChannel {
+            spawn_data_channel(ctx.clone());
+        }
+    };
+    let outcome = control::run::<_, ToClient, ToServer>(stream, heartbeat, &ctx.cancel, None, on_message, || {}).await;
+    // Idle pooled channels belong to this session; active relays finish on their own.
+    ctx.cancel.cancel();
+    match outcome? {
+        Ended::Cancelled => Ok("shutting down"),
+        Ended::PeerClosed => Ok("server closed the control channel"),
+        Ended::PeerSilent => Ok("server silent for three heartbeat intervals"),
+    }
+}
+
+fn spawn_data_channel(ctx: Arc<SessionCtx>) {
+    if ctx.cancel.is_cancelled() {
+        return;
+    }
+    tokio::spawn(async move {
+        match data_channel(&ctx).await {
+            // An established channel that closed (idle timeout, the server's pool
+            // trimmed, a failed exchange): keep the pool at its size.
+            Ok(()) => {
+                if ctx.idle.load(Ordering::Relaxed) < ctx.dialer.config.pool_size {
+                    spawn_data_channel(ctx);
+                }
+            }
+            // Not replaced: the control session notices a server that is gone.
+            Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
+        }
+    });
+}
+
+/// Marks one channel idle for as long as it lives.
+struct IdleMark<'a>(&'a AtomicUsize);
+
+impl<'a> IdleMark<'a> {
+    fn new(count: &'a AtomicUsize) -> IdleMark<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        IdleMark(count)
+    }
+
+    /// Unmarks and returns how many other channels are still idle.
+    fn taken(self) -> usize {
+        let left = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        std::mem::forget(self);
+        left
+    }
+}
+
+impl Drop for IdleMark<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One pooled data channel: wait for the server to name a target, dial it, relay;
+/// again, for as long as exchanges end cleanly. `Err` only when it could not be
+/// opened at all.
+async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
+    let config = &ctx.dialer.config;
+    let mut channel = ctx.dialer.connect().await?;
+    let hello = Opening::Data { version: PROTOCOL_VERSION, session: ctx.token.clone() };
+    frame::write_frame(&mut channel, &hello).await?;
+    let idle_limit = Duration::from_secs(config.pool_idle_secs);
+    let idle_timeout = Duration::from_secs(config.idle_timeout_secs);
+    let quiet = Meter::new(Vec::new(), Vec::new());
+    loop {
+        let mark = IdleMark::new(&ctx.idle);
+        let request = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(idle_limit) => return Ok(()),
+            r = frame::read_frame::<Connect, _>(&mut channel) => r,
+        };
+        let Ok((Connect::Connect { host, port }, _)) = request else {
+            // The server closed it (idle timeout, pool trimmed) or sent nonsense.
+            return Ok(());
+        };
+        if mark.taken() == 0 {
+            // The last idle one is taken: have another ready for the next visitor.
+            spawn_data_channel(ctx.clone());
+        }
+        let timeout = Duration::from_secs(config.connect_timeout_secs);
+        let target = match socket::connect(&host, port, timeout).await {
+            Ok(target) => target,
+            Err(e) => {
+                warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
+                let reply = ConnectResult::ConnectResult { error: Some(format!("{host}:{port}: {e}")) };
+                // The server may already have sent the visitor's first bytes: this
+                // channel is not reusable; answer and close it.
+                let _ = frame::write_frame(&mut channel, &reply).await;
+                return Ok(());
+            }
+        };
+        if frame::write_frame(&mut channel, &ConnectResult::ConnectResult { error: None }).await.is_err() {
+            return Ok(());
+        }
+        // Armed until the exchange ends cleanly: should this process die, the
+        // target sees a reset, not an EOF that looks like a complete request.
+        relay::arm(&target);
+        // Looked up only for the debug log: a syscall per visitor otherwise.
+        let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| target.peer_addr().ok()).flatten();
+        match exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await {
+            Ok((back, sent, received)) => {
+                debug!(?peer, sent, received, "tunneled connection finished");
+                channel = back;
+            }
+            Err(e) => {
+                debug!(?peer, error = %e, "tunneled connection ended with an error");
+                return Ok(());
+            }
+        }
+    }
+}

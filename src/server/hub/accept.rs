@@ -1,0 +1,355 @@
+//! The tunnel port: accepting connections, telling TLS from plain, the server's
+//! half of the handshake, and the defences around it — per-source throttling of
+//! failures, a bound on unauthenticated connections, failures logged in
+//! aggregate, flapping names.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::pool::{Pool, Session};
+use super::{Client, TunnelHub};
+use crate::core::names::invalid_client_name;
+use crate::core::secret::tokens_equal;
+use crate::core::sync::lock;
+use crate::net::metered::MeteredStream;
+use crate::net::socket;
+use crate::net::tls;
+use crate::net::transport::TunnelStream;
+use crate::server::throttle::{AuthThrottle, FailureLog, FlapDetector, Pending};
+use crate::telemetry::session_result;
+use crate::tunnel::auth;
+use crate::tunnel::control::{self, Ended};
+use crate::tunnel::frame::{self, ProtocolError};
+use crate::tunnel::message::{version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, PROTOCOL_VERSION};
+
+/// A connection that has not said who it is within this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failures beyond a source's first are logged as one summary per this interval.
+pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the tunnel port remembers about misbehaving sources and clients.
+pub(super) struct Defences {
+    pub(super) throttle: AuthThrottle,
+    pub(super) log: FailureLog,
+    /// Per client name: two processes with one name replacing each other.
+    pub(super) flaps: HashMap<String, FlapDetector>,
+}
+
+/// Why a tunnel connection failed its handshake: what it is counted as, how it
+/// is logged, and whether it is held against its source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    NoHandshake,
+    BadFirstFrame,
+    NoHello,
+    TlsHandshake,
+    PlainClientTlsServer,
+    TlsClientPlainServer,
+    InvalidName,
+    BadAuth,
+    NoAuth,
+    WrongSecret,
+    UnknownName,
+    UnknownSession,
+}
+
+impl Failure {
+    /// The `result` label of `tunneld_tunnel_sessions_total`.
+    fn result(self) -> &'static str {
+        match self {
+            Failure::TlsHandshake | Failure::PlainClientTlsServer | Failure::TlsClientPlainServer => session_result::TLS_ERROR,
+            Failure::WrongSecret | Failure::UnknownName => session_result::AUTH_FAILED,
+            _ => session_result::PROTOCOL_ERROR,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Failure::NoHandshake => "no handshake within the timeout",
+            Failure::BadFirstFrame => "bad first frame",
+            Failure::NoHello => "no hello within the handshake timeout",
+            Failure::TlsHandshake => "TLS handshake failed",
+            Failure::PlainClientTlsServer => "client speaks plain TCP but this server requires TLS (server.tls = true)",
+            Failure::TlsClientPlainServer => "client speaks TLS but this server runs with server.tls = false",
+            Failure::InvalidName => "invalid client name in hello",
+            Failure::BadAuth => "bad auth frame",
+            Failure::NoAuth => "no auth within the handshake timeout",
+            Failure::WrongSecret => "authentication failed (wrong secret)",
+            Failure::UnknownName => "authentication failed (unknown client name)",
+            Failure::UnknownSession => "data channel for an unknown session",
+        }
+    }
+
+    /// A data channel naming a session that just ended is a client catching up
+    /// after a replacement, not a guess (session tokens are random): it is logged
+    /// in aggregate but does not count against the address.
+    fn held_against_source(self) -> bool {
+        self != Failure::UnknownSession
+    }
+}
+
+impl TunnelHub {
+    /// Counts a failed handshake against `peer`'s address and logs it — the first
+    /// of an interval at once, the rest as one summary line later.
+    fn failed(&self, peer: SocketAddr, failure: Failure) {
+        self.metrics.count_session(failure.result());
+        let log_now = {
+            let mut d = lock(&self.defences);
+            if failure.held_against_source() {
+                d.throttle.failed(peer.ip(), Instant::now());
+            }
+            d.log.record(peer.ip(), failure.reason(), Instant::now())
+        };
+        if log_now {
+            warn!(%peer, reason = failure.reason(), "tunnel handshake failed; further failures from this address are summarised once a minute");
+        }
+    }
+
+    /// Whether a new connection from `peer` may start a handshake: not while its
+    /// address is throttled or holds too many unauthenticated connections.
+    fn admit(&self, peer: SocketAddr) -> Option<Pending> {
+        let throttled = !lock(&self.defences).throttle.allows(peer.ip(), Instant::now());
+        let pending = if throttled { None } else { self.unauthenticated.enter(peer.ip()) };
+        if pending.is_none() {
+            self.metrics.count_session(session_result::THROTTLED);
+            let reason =
+                if throttled { "throttled: too many failed handshakes" } else { "throttled: too many unauthenticated connections" };
+            if lock(&self.defences).log.record(peer.ip(), reason, Instant::now()) {
+                warn!(%peer, reason, "tunnel connection refused; further refusals from this address are summarised once a minute");
+            }
+        }
+        pending
+    }
+
+    /// Logs, once per interval, how many failures each source had beyond the one
+    /// logged when it started.
+    async fn summarise_failures(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(FAILURE_LOG_INTERVAL / 4);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let summaries = lock(&self.defences).log.drain(Instant::now());
+            for s in summaries {
+                warn!(source = %s.source, count = s.count, last_reason = s.last_reason, interval_secs = FAILURE_LOG_INTERVAL.as_secs(), "more failed or refused tunnel handshakes from this address");
+            }
+        }
+    }
+
+    /// Accepts tunnel connections until `shutdown`; each is handled on its own task
+    /// so a slow or hostile peer never holds up another.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().summarise_failures(shutdown.clone()));
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = socket::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
+            };
+            let Some(pending) = self.admit(peer) else { continue };
+            socket::tune(&stream);
+            let hub = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.handle_connection(stream, peer, pending, shutdown).await {
+                    debug!(%peer, error = %e, "tunnel connection ended");
+                }
+            });
+        }
+        for session in self.all_clients().iter().filter_map(|c| c.current()) {
+            session.cancel.cancel();
+        }
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        pending: Pending,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProtocolError> {
+        let Some(mut stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secure(stream, peer)).await.unwrap_or_else(|_| {
+            self.failed(peer, Failure::NoHandshake);
+            None
+        }) else {
+            return Ok(());
+        };
+        let opening = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_frame::<Opening, _>(&mut stream)).await {
+            Ok(Ok((opening, _))) => opening,
+            Ok(Err(e)) => {
+                self.failed(peer, Failure::BadFirstFrame);
+                return Err(e);
+            }
+            Err(_) => {
+                self.failed(peer, Failure::NoHello);
+                return Ok(());
+            }
+        };
+        match opening {
+            opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, peer, opening.version()).await,
+            Opening::Control { client, .. } => self.control_channel(stream, peer, &client, pending, shutdown).await,
+            Opening::Data { session, .. } => {
+                drop(pending);
+                self.data_channel(stream, peer, &session);
+                Ok(())
+            }
+        }
+    }
+
+    async fn reject_version(&self, stream: &mut TunnelStream, peer: SocketAddr, version: u32) -> Result<(), ProtocolError> {
+        warn!(%peer, version, "client rejected: protocol version mismatch");
+        self.metrics.count_session(session_result::VERSION_MISMATCH);
+        frame::write_frame(stream, &Challenge::Rejected { reason: version_rejection(version) }).await?;
+        Ok(())
+    }
+
+    /// The connection as this server speaks it: TLS (handshake done) or plain.
+    /// A peer on the other side of a TLS/plain mismatch is told so and dropped.
+    async fn secure(&self, stream: TcpStream, peer: SocketAddr) -> Option<TunnelStream> {
+        let mut first = [0u8; 1];
+        let peeked = stream.peek(&mut first).await.ok()?;
+        let speaks_tls = peeked == 1 && first[0] == tls::TLS_HANDSHAKE_BYTE;
+        // Counted as a client's once it has authenticated (see `attribute`).
+        let mut metered = MeteredStream::unattributed(stream);
+        match (&self.settings.tls, speaks_tls) {
+            (Some(acceptor), true) => match acceptor.accept(metered.reading_ahead()).await {
+                Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
+                Err(e) => {
+                    debug!(%peer, error = %e, "TLS handshake with a tunnel client failed");
+                    self.failed(peer, Failure::TlsHandshake);
+                    None
+                }
+            },
+            (None, false) => Some(TunnelStream::Plain(Box::new(metered))),
+            (Some(_), false) => {
+                // A version-1 client, a client with `tls = false`, or garbage: read
+                // its hello in the clear to tell which, and answer in the clear.
+                let mut plain = TunnelStream::Plain(Box::new(metered));
+                match frame::read_frame::<Opening, _>(&mut plain).await {
+                    Ok((opening, _)) if opening.version() != PROTOCOL_VERSION => {
+                        let _ = self.reject_version(&mut plain, peer, opening.version()).await;
+                    }
+                    Ok(_) => {
+                        self.failed(peer, Failure::PlainClientTlsServer);
+                        let reason = "this server requires TLS (server.tls = true): remove `tls = false` from the client's \
+                                      configuration and pin the server's fingerprint"
+                            .to_string();
+                        let _ = frame::write_frame(&mut plain, &Challenge::Rejected { reason }).await;
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "bad first frame");
+                        self.failed(peer, Failure::BadFirstFrame);
+                    }
+                }
+                None
+            }
+            (None, true) => {
+                self.failed(peer, Failure::TlsClientPlainServer);
+                // A plaintext fatal alert: the client reports "server has TLS off".
+                let _ = metered.write_all(&tls::PLAIN_SERVER_ALERT).await;
+                None
+            }
+        }
+    }
+
+    /// The server's half of the handshake, then the session's control loop.
+    async fn control_channel(
+        self: Arc<Self>,
+        mut stream: TunnelStream,
+        peer: SocketAddr,
+        name: &str,
+        pending: Pending,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProtocolError> {
+        if invalid_client_name(name).is_some() {
+            self.failed(peer, Failure::InvalidName);
+            let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-'".to_string();
+            frame::write_frame(&mut stream, &Challenge::Rejected { reason }).await?;
+            return Ok(());
+        }
+        // An unknown name is challenged like a known one and refused with the same
+        // words as a wrong secret, so names cannot be probed.
+        let client = self.client(name);
+        let nonce = auth::new_nonce();
+        frame::write_frame(&mut stream, &Challenge::Challenge { nonce: nonce.clone() }).await?;
+        let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_frame::<Auth, _>(&mut stream)).await {
+            Ok(Ok((Auth::Auth { mac }, _))) => mac,
+            Ok(Err(e)) => {
+                self.failed(peer, Failure::BadAuth);
+                return Err(e);
+            }
+            Err(_) => {
+                self.failed(peer, Failure::NoAuth);
+                return Ok(());
+            }
+        };
+        let binding = stream.binding();
+        let Some(client) = client.filter(|c| auth::verify(c.secret.expose(), &nonce, &binding, &answer)) else {
+            let failure = if self.knows(name) { Failure::WrongSecret } else { Failure::UnknownName };
+            debug!(%peer, client = name, reason = failure.reason(), "tunnel client refused");
+            self.failed(peer, failure);
+            let reason = "authentication failed: unknown client name or wrong secret".to_string();
+            frame::write_frame(&mut stream, &Verdict::Rejected { reason }).await?;
+            return Ok(());
+        };
+        drop(pending);
+        lock(&self.defences).throttle.succeeded(peer.ip());
+        let (sent, received) = self.metrics.tunnel_meters(&client.name);
+        stream.attribute(sent, received);
+
+        let (control_tx, mut control_rx) = mpsc::channel::<ToClient>(64);
+        let session = Arc::new(Session {
+            id: rand::random(),
+            token: auth::new_nonce(),
+            peer,
+            authenticated_at: crate::core::time::unix_now(),
+            client: client.clone(),
+            control: control_tx,
+            pool: std::sync::Mutex::new(Pool::default()),
+            cancel: shutdown.child_token(),
+        });
+        let heartbeat = self.settings.heartbeat;
+        let welcome = Verdict::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
+        frame::write_frame(&mut stream, &welcome).await?;
+        self.install(session.clone());
+        info!(%peer, client = %client.name, session = session.id, "tunnel client authenticated");
+
+        let pool_idle = self.settings.pool_idle;
+        let expire_idle = || session.expire_idle(pool_idle);
+        let outcome =
+            control::run::<_, ToServer, ToClient>(stream, heartbeat, &session.cancel, Some(&mut control_rx), |_| {}, expire_idle).await;
+        let outcome = outcome.map(|ended| match ended {
+            Ended::Cancelled if client.removed.is_cancelled() => "client removed",
+            Ended::Cancelled => "replaced or shutting down",
+            Ended::PeerClosed => "client closed the control channel",
+            Ended::PeerSilent => "client silent for three heartbeat intervals",
+        });
+        match &outcome {
+            Ok(reason) => info!(%peer, client = %client.name, session = session.id, reason, "tunnel session ended"),
+            Err(e) => warn!(%peer, client = %client.name, session = session.id, error = %e, "tunnel session ended"),
+        }
+        self.uninstall(&session);
+        outcome.map(|_| ())
+    }
+
+    /// A data channel presents its session's token; the session tells whose it is.
+    fn data_channel(&self, mut stream: TunnelStream, peer: SocketAddr, token: &str) {
+        let clients: Vec<Arc<Client>> = self.all_clients();
+        match clients.iter().filter_map(|c| c.current()).find(|s| tokens_equal(&s.token, token)) {
+            Some(session) => {
+                let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
+                stream.attribute(sent, received);
+                session.offer(stream)
+            }
+            None => self.failed(peer, Failure::UnknownSession),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! An authenticated control channel as both roles run it: heartbeats each way,
+//! a peer silent for three intervals is dropped, and each side's own messages go
+//! out in between. Any frame proves the peer is alive.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, ProtocolError};
+use super::message::Heartbeat;
+
+/// Heartbeat intervals a peer may stay silent before the session is dropped.
+const SILENT_INTERVALS: u32 = 3;
+
+/// How a control channel ended without a protocol error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// This side's token was cancelled (shutdown, replacement, removal).
+    Cancelled,
+    /// The peer closed the connection.
+    PeerClosed,
+    /// Nothing arrived for three heartbeat intervals.
+    PeerSilent,
+}
+
+/// Runs the control channel on `stream` until `cancel`, the peer closes or falls
+/// silent, or a frame fails. Each frame from the peer is handed to `on_message`;
+/// messages from `outgoing` (when given) are sent as they come; `on_tick` runs
+/// once per heartbeat interval, before this side's heartbeat goes out.
+pub async fn run<S, In, Out>(
+    stream: S,
+    heartbeat: Duration,
+    cancel: &CancellationToken,
+    mut outgoing: Option<&mut mpsc::Receiver<Out>>,
+    mut on_message: impl FnMut(In),
+    mut on_tick: impl FnMut(),
+) -> Result<Ended, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite,
+    In: DeserializeOwned,
+    Out: Serialize + Heartbeat,
+{
+    let (mut frames, mut writer) = frame::control_channel(stream);
+    let mut tick = tokio::time::interval(heartbeat);
+    let mut last_heard = Instant::now();
+    loop {
+        let next_outgoing = async {
+            match outgoing.as_mut() {
+                Some(queue) => queue.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(Ended::Cancelled),
+            frame = frames.next() => match frame {
+                Some(Ok(bytes)) => {
+                    last_heard = Instant::now();
+                    on_message(frame::decode(&bytes)?);
+                }
+                Some(Err(e)) => return Err(ProtocolError::Io(e)),
+                None => return Ok(Ended::PeerClosed),
+            },
+            Some(msg) = next_outgoing => {
+                frame::write_frame(&mut writer, &msg).await?;
+            }
+            _ = tick.tick() => {
+                if last_heard.elapsed() > heartbeat * SILENT_INTERVALS {
+                    return Ok(Ended::PeerSilent);
+                }
+                on_tick();
+                frame::write_frame(&mut writer, &Out::HEARTBEAT).await?;
+            }
+        }
+    }
+}

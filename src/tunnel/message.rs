@@ -1,0 +1,191 @@
+//! The tunnel's messages, one type per direction and phase, so that each place
+//! that reads a frame can only receive what may come there: a frame of any other
+//! kind fails to decode (`ProtocolError::Malformed`) instead of needing an
+//! "unexpected message" branch.
+//!
+//! On the wire every message is a JSON object whose `type` names it (`hello`,
+//! `challenge`, `auth`, …) — the same names whichever type carries them, so the
+//! format is that of protocol version 2 from its first release.
+//!
+//! A connection to the tunnel port opens with an [`Opening`]: `hello` for a
+//! control channel, `data_hello` for a data channel. Control: the server answers
+//! a [`Challenge`], the client an [`Auth`] (HMAC-SHA256(secret, nonce ‖ TLS
+//! exporter), see `auth`), the server a [`Verdict`]. Then both sides exchange
+//! heartbeats ([`ToClient`], [`ToServer`]). A data channel waits for a
+//! [`Connect`] and answers it with a [`ConnectResult`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::names::DEFAULT_CLIENT;
+
+/// Bumped on any incompatible change; sent in the first frame of every connection.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// client → server: the first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Opening {
+    /// Opens a control channel. `client` names whose secret the answer will use
+    /// (absent from clients older than named clients: `default`).
+    #[serde(rename = "hello")]
+    Control {
+        version: u32,
+        #[serde(default = "default_client")]
+        client: String,
+    },
+    /// Opens a data channel for the session whose token it presents.
+    #[serde(rename = "data_hello")]
+    Data { version: u32, session: String },
+}
+
+impl Opening {
+    /// The protocol version the peer speaks.
+    pub fn version(&self) -> u32 {
+        match self {
+            Opening::Control { version, .. } | Opening::Data { version, .. } => *version,
+        }
+    }
+}
+
+fn default_client() -> String {
+    DEFAULT_CLIENT.to_string()
+}
+
+/// server → client: the answer to a control channel's [`Opening`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Challenge {
+    /// Prove the secret: answer with HMAC over this nonce (hex).
+    Challenge { nonce: String },
+    /// Refused before authentication (another protocol version, a bad name, a
+    /// TLS/plain mismatch); the server closes.
+    Rejected { reason: String },
+}
+
+/// client → server: the answer to a [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Auth {
+    /// Hex HMAC-SHA256(secret, nonce ‖ binding).
+    Auth { mac: String },
+}
+
+/// server → client: the outcome of [`Auth`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Authenticated. Data channels present `session`.
+    Welcome { session: String, heartbeat_interval_secs: u64 },
+    /// Refused; the server closes.
+    Rejected { reason: String },
+}
+
+/// server → client on an authenticated control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToClient {
+    /// Every heartbeat interval; any frame proves the peer is alive.
+    Heartbeat,
+    /// A visitor is waiting and the pool is empty: open one more data channel.
+    OpenDataChannel,
+}
+
+/// client → server on an authenticated control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToServer {
+    /// Every heartbeat interval.
+    Heartbeat,
+}
+
+/// A message both sides of a control channel send every heartbeat interval.
+pub trait Heartbeat {
+    /// The heartbeat frame of this direction.
+    const HEARTBEAT: Self;
+}
+
+impl Heartbeat for ToClient {
+    const HEARTBEAT: ToClient = ToClient::Heartbeat;
+}
+
+impl Heartbeat for ToServer {
+    const HEARTBEAT: ToServer = ToServer::Heartbeat;
+}
+
+/// server → client on an idle data channel: dial this target and relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Connect {
+    /// The target, as the mapping names it (resolved in the client's network).
+    Connect { host: String, port: u16 },
+}
+
+/// client → server on that data channel; raw chunks follow when the target answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConnectResult {
+    /// `error` is `None` when the target answered.
+    ConnectResult { error: Option<String> },
+}
+
+/// What the server answers a peer speaking another protocol version.
+pub fn version_rejection(peer_version: u32) -> String {
+    let upgrade = if peer_version < PROTOCOL_VERSION { "upgrade the client" } else { "upgrade the server" };
+    format!("protocol version {peer_version} is not supported by this server ({PROTOCOL_VERSION}); {upgrade}")
+}
+
+/// A rejection as the client reports it; a version-1 server words its version
+/// rejection differently, so that one is translated into the same message.
+pub fn explain_rejection(reason: &str) -> String {
+    if reason.contains("(server speaks 1)") {
+        format!("protocol version {PROTOCOL_VERSION} is not supported by this server (1); upgrade the server")
+    } else {
+        reason.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_without_a_client_name_is_the_default_client() {
+        let hello: Opening = serde_json::from_slice(br#"{"type":"hello","version":2}"#).unwrap();
+        assert_eq!(hello, Opening::Control { version: 2, client: "default".into() });
+    }
+
+    #[test]
+    fn each_message_keeps_its_wire_name() {
+        let wire = |v: &dyn erased::Ser| v.json();
+        assert_eq!(wire(&Opening::Data { version: 2, session: "s".into() }), r#"{"type":"data_hello","version":2,"session":"s"}"#);
+        assert_eq!(wire(&Challenge::Challenge { nonce: "n".into() }), r#"{"type":"challenge","nonce":"n"}"#);
+        assert_eq!(wire(&Auth::Auth { mac: "m".into() }), r#"{"type":"auth","mac":"m"}"#);
+        assert_eq!(
+            wire(&Verdict::Welcome { session: "s".into(), heartbeat_interval_secs: 10 }),
+            r#"{"type":"welcome","session":"s","heartbeat_interval_secs":10}"#
+        );
+        assert_eq!(wire(&Verdict::Rejected { reason: "r".into() }), r#"{"type":"rejected","reason":"r"}"#);
+        assert_eq!(wire(&ToClient::OpenDataChannel), r#"{"type":"open_data_channel"}"#);
+        assert_eq!(wire(&ToServer::Heartbeat), r#"{"type":"heartbeat"}"#);
+        assert_eq!(wire(&Connect::Connect { host: "h".into(), port: 22 }), r#"{"type":"connect","host":"h","port":22}"#);
+        assert_eq!(wire(&ConnectResult::ConnectResult { error: None }), r#"{"type":"connect_result","error":null}"#);
+    }
+
+    #[test]
+    fn a_message_of_another_phase_does_not_decode() {
+        assert!(serde_json::from_slice::<Verdict>(br#"{"type":"challenge","nonce":"n"}"#).is_err());
+        assert!(serde_json::from_slice::<ToServer>(br#"{"type":"open_data_channel"}"#).is_err());
+    }
+
+    /// Serializes any message in a test without naming its type.
+    mod erased {
+        pub(super) trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap()
+            }
+        }
+    }
+}
