@@ -12,11 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
-
-/// Where a default `ctl` finds its server when no `--api` is given.
-pub const PACKAGED_SERVER_CONFIG: &str = "/etc/tunneld/server.toml";
 
 /// An API call the server refused: its HTTP status and the envelope's message.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +35,8 @@ impl Api {
     /// reached on loopback). The token comes from `TUNNELD_API__TOKEN` or the file,
     /// through the same loader the daemon uses, so both agree on precedence.
     pub fn from_settings(api: Option<&str>, config_file: Option<&Path>) -> anyhow::Result<Api> {
-        let file = config_file.or_else(|| Path::new(PACKAGED_SERVER_CONFIG).exists().then_some(Path::new(PACKAGED_SERVER_CONFIG)));
-        let config = config::merge(file, &[]).context("cannot read the configuration")?;
+        let file = config::file_for(Role::Server, config_file);
+        let config = config::merge(file, &[], Role::Server).context("cannot read the configuration")?;
         let base = match api {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => base_url(&config),

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::sync::lock;
+
 /// A token bucket shared by every connection of a mapping in one direction.
 ///
 /// Unlimited (rate 0) it costs one relaxed atomic load per chunk and takes no
@@ -36,9 +38,7 @@ impl Limiter {
         if before != rate {
             // A new rate starts from an empty bucket: debt run up at a low cap
             // must not hold back a raised one.
-            if let Ok(mut b) = self.bucket.lock() {
-                *b = Bucket::default();
-            }
+            *lock(&self.bucket) = Bucket::default();
         }
     }
 
@@ -60,7 +60,7 @@ impl Limiter {
             return None;
         }
         let rate = rate as f64;
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = lock(&self.bucket);
         let capacity = rate * BURST.as_secs_f64();
         b.tokens = match b.refilled {
             Some(at) => (b.tokens + now.duration_since(at).as_secs_f64() * rate).min(capacity),

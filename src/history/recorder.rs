@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
+use crate::core::sync::lock;
 use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{ByteTotals, Metrics};
@@ -109,7 +110,7 @@ impl Recorder {
     }
 
     fn baseline(&self) -> std::sync::MutexGuard<'_, Baseline> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// Reads the registry and writes what moved since the last flush.

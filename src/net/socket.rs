@@ -10,6 +10,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::core::sync::lock;
+
 /// Whether `e` means this process (or the system) is out of file descriptors:
 /// a local limit, not a fault of the peer being dialed or accepted.
 pub fn out_of_descriptors(e: &io::Error) -> bool {
@@ -90,7 +92,7 @@ const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 static ACCEPT_FAILURES: Mutex<(Option<std::time::Instant>, u64)> = Mutex::new((None, 0));
 
 fn note_accept_failure(listener: &TcpListener, e: &io::Error, exhausted: bool) {
-    let Ok(mut state) = ACCEPT_FAILURES.lock() else { return };
+    let mut state = lock(&ACCEPT_FAILURES);
     let (last, unlogged) = &mut *state;
     if last.is_some_and(|at| at.elapsed() < ACCEPT_WARN_INTERVAL) {
         *unlogged += 1;
@@ -114,16 +116,15 @@ static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 /// Takes the reserve descriptor (at start, and again after each use).
 pub fn reserve_descriptor() {
-    if let Ok(mut reserve) = RESERVE.lock() {
-        if reserve.is_none() {
-            *reserve = std::fs::File::open("/dev/null").ok();
-        }
+    let mut reserve = lock(&RESERVE);
+    if reserve.is_none() {
+        *reserve = std::fs::File::open("/dev/null").ok();
     }
 }
 
 /// Accepts one pending connection with the reserve descriptor and closes it.
 fn shed(listener: &TcpListener) -> bool {
-    let Ok(mut reserve) = RESERVE.lock() else { return false };
+    let mut reserve = lock(&RESERVE);
     if reserve.take().is_none() {
         return false;
     }

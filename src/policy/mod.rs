@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::core::rate::Limiter;
+use crate::core::sync::{read, write};
 
 /// The fields a policy has, as named in the API.
 pub const FIELDS: [&str; 5] = ["description", "bandwidth_limit", "quota", "allow", "deny"];
@@ -234,7 +235,7 @@ impl LivePolicy {
     }
 
     pub fn get(&self) -> Policy {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.policy).clone()
     }
 
     pub fn set(&self, policy: Policy) {
@@ -244,7 +245,7 @@ impl LivePolicy {
         if !policy.quota.is_some_and(|q| q.action == QuotaAction::Block) {
             self.quota_blocked.store(false, Ordering::Relaxed);
         }
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        *write(&self.policy) = policy;
     }
 
     /// A connection's (visitor→target, target→visitor) meters, paced by this
@@ -257,7 +258,7 @@ impl LivePolicy {
     }
 
     pub fn admits(&self, ip: IpAddr) -> bool {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).admits(ip)
+        read(&self.policy).admits(ip)
     }
 
     pub fn quota_blocked(&self) -> bool {

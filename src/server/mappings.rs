@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::hub::TunnelHub;
 use crate::core::secret::Secret;
+use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
 use crate::policy::{LivePolicy, Policy};
@@ -366,7 +367,7 @@ impl Mappings {
     /// `(port, reason)` for every mapping that is not serving, for `/health`.
     pub async fn unbound(&self) -> Vec<(u16, String)> {
         let entries = self.entries.lock().await;
-        entries.iter().filter_map(|(port, e)| e.bind_error.lock().ok().and_then(|b| b.clone()).map(|b| (*port, b))).collect()
+        entries.iter().filter_map(|(port, e)| lock(&e.bind_error).clone().map(|b| (*port, b))).collect()
     }
 
     pub async fn list(&self) -> Vec<MappingView> {
@@ -374,7 +375,7 @@ impl Mappings {
     }
 
     fn view(&self, entry: &Entry) -> MappingView {
-        let status = match entry.bind_error.lock().ok().and_then(|e| e.clone()) {
+        let status = match lock(&entry.bind_error).clone() {
             Some(error) => format!("error: {error}"),
             None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => "waiting_for_tunnel".into(),
             None => "active".into(),
@@ -445,9 +446,7 @@ fn info_labels(spec: &MappingSpec) -> [String; 3] {
 }
 
 fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
-    if let Ok(mut s) = slot.lock() {
-        *s = value;
-    }
+    *lock(slot) = value;
 }
 
 fn describe_bind_error(e: &std::io::Error) -> String {

@@ -16,6 +16,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::core::sync::lock;
+
 /// Failed handshakes a source may make in a burst before it is throttled.
 pub const FAILURE_BURST: f64 = 5.0;
 /// After the burst, one more attempt per this interval (five a minute).
@@ -165,7 +167,7 @@ impl Unauthenticated {
     /// reached.
     pub fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pending> {
         let source = source.to_canonical();
-        let mut open = self.open.lock().ok()?;
+        let mut open = lock(&self.open);
         let (total, per_source) = &mut *open;
         let mine = per_source.entry(source).or_insert(0);
         if *total >= self.max_total || *mine >= self.max_per_source {
@@ -182,14 +184,13 @@ impl Unauthenticated {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.owner.open.lock() {
-            let (total, per_source) = &mut *open;
-            *total = total.saturating_sub(1);
-            if let Some(n) = per_source.get_mut(&self.source) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    per_source.remove(&self.source);
-                }
+        let mut open = lock(&self.owner.open);
+        let (total, per_source) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per_source.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_source.remove(&self.source);
             }
         }
     }

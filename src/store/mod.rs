@@ -14,6 +14,7 @@ use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
 use crate::core::secret::Secret;
+use crate::core::sync::lock;
 use crate::policy::Policy;
 
 /// A mapping as stored and as the API shows it (plus live status).
@@ -54,8 +55,6 @@ pub enum StoreError {
     BadPolicy { path: String, port: i64, error: String },
     #[error("database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-    #[error("database lock poisoned")]
-    Poisoned,
 }
 
 /// What to do about errors an operator can fix.
@@ -174,7 +173,7 @@ impl Store {
         let conn = self.conn.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| StoreError::Poisoned)?;
+            let mut guard = lock(&conn);
             f(&mut guard).map_err(|error| StoreError::Sqlite { path: path.to_string(), error })
         })
         .await?

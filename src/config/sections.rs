@@ -1,0 +1,265 @@
+//! The configuration's sections as serde types: every key, its default, and
+//! what it means. Unknown keys are refused (`deny_unknown_fields`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::core::calendar::parse_utc_offset;
+use crate::core::names::DEFAULT_CLIENT;
+use crate::core::secret::Secret;
+
+/// `[alerts]`: where events (quota thresholds, unbindable mappings, clients
+/// lost and back) are sent besides the log and `/api/events`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// `http://…` URL each event is POSTed to as JSON; empty: none. Plain HTTP
+    /// only: the binary has no TLS client.
+    pub webhook_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where clients dial in.
+    pub tunnel_listen: SocketAddr,
+    /// Shared secret for the HMAC handshake; empty means "generate one and keep it
+    /// in the state dir".
+    pub secret: Secret,
+    /// SQLite and the generated secret live here. Unset: `$STATE_DIRECTORY` under
+    /// systemd, else `./data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Address the mapping listeners bind (each mapping's `source_port`).
+    pub bind_addr: IpAddr,
+    /// Heartbeat period on the control channel; a peer silent for three periods is
+    /// dropped.
+    pub heartbeat_interval_secs: u64,
+    /// How long open connections may finish after SIGTERM before they are cut.
+    pub shutdown_grace_secs: u64,
+    /// Bound on dialing a target (direct) or getting a data channel (tunnel).
+    pub connect_timeout_secs: u64,
+    /// Open connections one mapping may hold; further visitors are refused and
+    /// counted (`reason="connection_limit"`). Keeps a loop between mappings, or a
+    /// flood on one port, from taking every descriptor of the process.
+    pub max_connections_per_mapping: usize,
+    /// A forwarded connection on which no byte moved either way for this long is
+    /// closed (with a reset), so a stalled target or a vanished visitor cannot pin
+    /// descriptors and `active_connections` forever.
+    pub idle_timeout_secs: u64,
+    /// TLS 1.3 on the tunnel port; off only on a trusted network.
+    pub tls: bool,
+    /// PEM certificate (chain) and key; both unset: a self-signed pair generated
+    /// once into the state dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Idle pooled data channels are closed after this long (the client opens
+    /// fresh ones), so a pool never holds connections a middlebox dropped.
+    pub pool_idle_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tunnel_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9000)),
+            secret: Secret::default(),
+            state_dir: None,
+            bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            heartbeat_interval_secs: 10,
+            shutdown_grace_secs: 10,
+            connect_timeout_secs: 10,
+            max_connections_per_mapping: 10_000,
+            idle_timeout_secs: 2 * 60 * 60,
+            tls: true,
+            tls_cert: None,
+            tls_key: None,
+            pool_idle_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/*`; required before `listen` may leave loopback.
+    pub token: Secret,
+    /// Host names (besides IP literals and `localhost`) the API answers to; any
+    /// other `Host` header is refused, which defeats DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API from a browser.
+    pub cors_origins: Vec<String>,
+    /// `/metrics` asks for the API token too (off: scrapers read it freely).
+    pub metrics_token_required: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            token: Secret::default(),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            metrics_token_required: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// `host:port` of the server's tunnel listener.
+    pub server: String,
+    /// Who this client is to the server (`/api/client/create`); `secret` is that
+    /// client's. `default` is the client whose secret is `server.secret`.
+    pub name: String,
+    pub secret: Secret,
+    /// The client's own `/metrics`; off when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data channels kept open ahead of need, so a visitor costs no extra round trip.
+    pub pool_size: usize,
+    /// Bound on dialing a target inside the client's network.
+    pub connect_timeout_secs: u64,
+    /// Like `server.idle_timeout_secs`, for the client's side of a connection.
+    pub idle_timeout_secs: u64,
+    /// TLS 1.3 to the server; must match `server.tls`.
+    pub tls: bool,
+    /// The server certificate's `sha256:<hex>` (`tunneld fingerprint`); pins it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_fingerprint: Option<String>,
+    /// Alternatively, a CA bundle (PEM) that signed the server's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name checked against a CA-signed certificate; default: the host of `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    /// An idle pooled channel is closed after this long. A backstop: keep it above
+    /// `server.pool_idle_secs`, since the server, which hands channels out, should be
+    /// the side that expires them.
+    pub pool_idle_secs: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            server: String::new(),
+            name: DEFAULT_CLIENT.to_string(),
+            secret: Secret::default(),
+            metrics_listen: None,
+            pool_size: 4,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 2 * 60 * 60,
+            tls: true,
+            server_fingerprint: None,
+            tls_ca: None,
+            tls_server_name: None,
+            pool_idle_secs: 75,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `debug`, `tunneld=debug,info`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+/// `[history]`: the traffic recorder (see `crate::history`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Seconds between two readings of the registry; a crash loses at most one.
+    pub interval_secs: u64,
+    /// `+HH:MM` / `-HH:MM`: where a "day" and a "month" begin for reports.
+    pub utc_offset: String,
+    /// How long each resolution is kept: a number and a unit (`h`, `d`, `y` = 365 d).
+    pub minute_retention: String,
+    pub hour_retention: String,
+    pub day_retention: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            interval_secs: 10,
+            utc_offset: "+00:00".into(),
+            minute_retention: "2d".into(),
+            hour_retention: "90d".into(),
+            day_retention: "5y".into(),
+        }
+    }
+}
+
+/// `[history]` after validation, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    pub interval_secs: u64,
+    pub utc_offset_secs: i64,
+    pub minute_retention_secs: i64,
+    pub hour_retention_secs: i64,
+    pub day_retention_secs: i64,
+}
+
+impl HistoryConfig {
+    /// The validated settings, or the first bad key and why.
+    pub fn settings(&self) -> Result<HistorySettings, ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        if !(1..=60).contains(&self.interval_secs) {
+            return Err(invalid("history.interval_secs", "must be between 1 and 60 (a minute bucket needs a reading)".into()));
+        }
+        let utc_offset_secs = parse_utc_offset(&self.utc_offset).ok_or_else(|| {
+            invalid("history.utc_offset", format!("{:?} is not an offset like +08:00 or -05:30 (at most 14 h)", self.utc_offset))
+        })?;
+        let retention = |key, text: &str, min_secs: i64, min_text: &str| {
+            let secs = parse_retention(text).ok_or_else(|| invalid(key, format!("{text:?} is not a duration like 48h, 90d or 5y")))?;
+            if secs < min_secs {
+                return Err(invalid(key, format!("must be at least {min_text}")));
+            }
+            Ok(secs)
+        };
+        Ok(HistorySettings {
+            interval_secs: self.interval_secs,
+            utc_offset_secs,
+            minute_retention_secs: retention("history.minute_retention", &self.minute_retention, 3600, "1h")?,
+            hour_retention_secs: retention("history.hour_retention", &self.hour_retention, 86_400, "1d")?,
+            // A month report needs the whole month's days.
+            day_retention_secs: retention("history.day_retention", &self.day_retention, 31 * 86_400, "31d")?,
+        })
+    }
+}
+
+/// `36h`, `2d`, `5y` (365 days) -> seconds.
+fn parse_retention(text: &str) -> Option<i64> {
+    let unit = match text.chars().last()? {
+        'h' => 3600,
+        'd' => 86_400,
+        'y' => 365 * 86_400,
+        _ => return None,
+    };
+    let n: i64 = text[..text.len() - 1].parse().ok()?;
+    (n > 0 && n <= 1000).then_some(n * unit)
+}
+
+/// The state directory: explicit config, else `$STATE_DIRECTORY` (systemd), else `./data`.
+pub fn state_dir(server: &ServerConfig) -> PathBuf {
+    if let Some(dir) = &server.state_dir {
+        return dir.clone();
+    }
+    std::env::var_os("STATE_DIRECTORY")
+        // systemd may pass several colon-separated dirs; the first is ours.
+        .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("./data"))
+}

@@ -1,0 +1,201 @@
+//! Whole-configuration checks for a role, what a reload cannot change live, and
+//! the masked view `check-config` prints.
+
+use serde::Serialize;
+
+use super::sections::{AlertsConfig, ApiConfig, ClientConfig, HistoryConfig, LogConfig, ServerConfig};
+use super::values::{is_loopback, parse_fingerprint, split_host_port, valid_origin, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
+use super::{state_dir, Config, ConfigError, Role};
+use crate::core::secret::Secret;
+
+impl Config {
+    pub(super) fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string() });
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("log.level", "not a log filter (try `info` or `debug`)");
+        }
+        match role {
+            Role::Server => {
+                if !is_loopback(self.api.listen.ip()) && self.api.token.is_empty() {
+                    return invalid("api.token", "must be set when api.listen is not a loopback address");
+                }
+                let token = self.api.token.expose();
+                if !token.is_empty() && (token.trim() != token || token.chars().count() < MIN_TOKEN_LEN) {
+                    return invalid("api.token", "must be at least 16 characters, with no leading or trailing whitespace");
+                }
+                if self.api.metrics_token_required && token.is_empty() {
+                    return invalid("api.metrics_token_required", "needs api.token to be set");
+                }
+                if let Some(origin) = self.api.cors_origins.iter().find(|o| !valid_origin(o)) {
+                    return invalid(
+                        "api.cors_origins",
+                        &format!("{origin:?} is not an origin like \"https://dash.example.com\" (scheme://host[:port], no path)"),
+                    );
+                }
+                if let Some(host) = self.api.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', ':'])) {
+                    return invalid("api.allowed_hosts", &format!("{host:?} is not a host name (no scheme, port or path)"));
+                }
+                if self.server.max_connections_per_mapping == 0 {
+                    return invalid("server.max_connections_per_mapping", "must be at least 1");
+                }
+                if self.server.idle_timeout_secs == 0 {
+                    return invalid("server.idle_timeout_secs", "must be at least 1");
+                }
+                if self.api.listen.port() != 0 && self.api.listen.port() == self.server.tunnel_listen.port() {
+                    return invalid("api.listen", "must not use the same port as server.tunnel_listen");
+                }
+                if self.server.heartbeat_interval_secs == 0 {
+                    return invalid("server.heartbeat_interval_secs", "must be at least 1");
+                }
+                if self.server.connect_timeout_secs == 0 {
+                    return invalid("server.connect_timeout_secs", "must be at least 1");
+                }
+                self.history.settings()?;
+                if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+                    return invalid("server.tls_cert", "server.tls_cert and server.tls_key go together (or neither: self-signed)");
+                }
+                if self.server.pool_idle_secs == 0 {
+                    return invalid("server.pool_idle_secs", "must be at least 1");
+                }
+                let url = &self.alerts.webhook_url;
+                // The binary carries no TLS client: an https:// receiver sits behind a
+                // local relay (or gets a plain-HTTP listener on a trusted network).
+                if !url.is_empty() && !url.starts_with("http://") {
+                    return invalid("alerts.webhook_url", "must be an http:// URL (or empty)");
+                }
+            }
+            Role::Client => {
+                if self.client.server.is_empty() {
+                    return invalid("client.server", "is required (host:port of the server's tunnel listener)");
+                }
+                if split_host_port(&self.client.server).is_none() {
+                    return invalid("client.server", "must be host:port");
+                }
+                if let Some(why) = crate::core::names::invalid_client_name(&self.client.name) {
+                    return invalid("client.name", &why);
+                }
+                if self.client.secret.is_empty() {
+                    return invalid(
+                        "client.secret",
+                        "is required (server.secret for the client `default`, else the secret /api/client/create returned)",
+                    );
+                }
+                if self.client.pool_size > 256 {
+                    return invalid("client.pool_size", "must be at most 256");
+                }
+                if self.client.connect_timeout_secs == 0 {
+                    return invalid("client.connect_timeout_secs", "must be at least 1");
+                }
+                if self.client.idle_timeout_secs == 0 {
+                    return invalid("client.idle_timeout_secs", "must be at least 1");
+                }
+                if self.client.pool_idle_secs == 0 {
+                    return invalid("client.pool_idle_secs", "must be at least 1");
+                }
+                if let Some(pin) = &self.client.server_fingerprint {
+                    if parse_fingerprint(pin).is_none() {
+                        return invalid("client.server_fingerprint", "must be sha256: followed by 64 hex digits (`tunneld fingerprint`)");
+                    }
+                }
+                if self.client.tls && self.client.server_fingerprint.is_none() && self.client.tls_ca.is_none() {
+                    return invalid("client.server_fingerprint", NO_TRUST_ANCHOR);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys whose new values only take effect on restart (listeners, secrets,
+    /// state) — reported on reload so an operator is not surprised.
+    pub fn restart_only_changes(&self, new: &Config, role: Role) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        match role {
+            Role::Server => {
+                let (a, b) = (&self.server, &new.server);
+                check("server.tunnel_listen", a.tunnel_listen != b.tunnel_listen);
+                check("server.secret", a.secret != b.secret);
+                check("server.state_dir", a.state_dir != b.state_dir);
+                check("server.bind_addr", a.bind_addr != b.bind_addr);
+                check("server.heartbeat_interval_secs", a.heartbeat_interval_secs != b.heartbeat_interval_secs);
+                check("server.shutdown_grace_secs", a.shutdown_grace_secs != b.shutdown_grace_secs);
+                check("server.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+                check("server.max_connections_per_mapping", a.max_connections_per_mapping != b.max_connections_per_mapping);
+                check("server.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
+                check("server.tls", a.tls != b.tls);
+                check("server.tls_cert", a.tls_cert != b.tls_cert);
+                check("server.tls_key", a.tls_key != b.tls_key);
+                check("server.pool_idle_secs", a.pool_idle_secs != b.pool_idle_secs);
+                check("api.listen", self.api.listen != new.api.listen);
+                check("api.allowed_hosts", self.api.allowed_hosts != new.api.allowed_hosts);
+                check("api.cors_origins", self.api.cors_origins != new.api.cors_origins);
+                check("api.metrics_token_required", self.api.metrics_token_required != new.api.metrics_token_required);
+                check("history", format!("{:?}", self.history) != format!("{:?}", new.history));
+                check("alerts.webhook_url", self.alerts.webhook_url != new.alerts.webhook_url);
+            }
+            Role::Client => {
+                let (a, b) = (&self.client, &new.client);
+                check("client.server", a.server != b.server);
+                check("client.secret", a.secret != b.secret);
+                check("client.name", a.name != b.name);
+                check("client.metrics_listen", a.metrics_listen != b.metrics_listen);
+                check("client.pool_size", a.pool_size != b.pool_size);
+                check("client.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
+                check("client.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
+                check("client.tls", a.tls != b.tls);
+                check("client.server_fingerprint", a.server_fingerprint != b.server_fingerprint);
+                check("client.tls_ca", a.tls_ca != b.tls_ca);
+                check("client.tls_server_name", a.tls_server_name != b.tls_server_name);
+                check("client.pool_idle_secs", a.pool_idle_secs != b.pool_idle_secs);
+            }
+        }
+        changed
+    }
+
+    /// The effective configuration as TOML with secrets masked, for `check-config`.
+    pub fn to_masked_toml(&self, role: Role) -> String {
+        fn mask(secret: &str, empty: &str) -> String {
+            if secret.is_empty() {
+                empty.to_string()
+            } else {
+                "********".to_string()
+            }
+        }
+        let mut shown = self.clone();
+        shown.server.secret = Secret::new(mask(shown.server.secret.expose(), "(generated on first start, stored in the state dir)"));
+        shown.api.token = Secret::new(mask(shown.api.token.expose(), ""));
+        shown.client.secret = Secret::new(mask(shown.client.secret.expose(), ""));
+        // Show where state really goes, not just whether it was configured.
+        shown.server.state_dir = Some(state_dir(&self.server));
+        let value = match role {
+            Role::Server => toml::to_string_pretty(&ServerView {
+                server: &shown.server,
+                api: &shown.api,
+                history: &shown.history,
+                alerts: &shown.alerts,
+                log: &shown.log,
+            }),
+            Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
+        };
+        value.unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[derive(Serialize)]
+struct ServerView<'a> {
+    server: &'a ServerConfig,
+    api: &'a ApiConfig,
+    history: &'a HistoryConfig,
+    alerts: &'a AlertsConfig,
+    log: &'a LogConfig,
+}
+
+#[derive(Serialize)]
+struct ClientView<'a> {
+    client: &'a ClientConfig,
+    log: &'a LogConfig,
+}
