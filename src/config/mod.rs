@@ -4,17 +4,19 @@
 //! in a unit file or an env var fails the start with the key and where it came from
 //! instead of half-starting.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use serde::{Deserialize, Serialize};
 
+mod error;
 mod sections;
 mod validate;
 mod values;
 
-pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
+pub use error::ConfigError;
+pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
+pub use validate::Role;
 pub use values::{is_loopback, parse_fingerprint, split_host_port, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
 
 /// The file `role` reads when `--config` is not given: the packaged layout's,
@@ -30,37 +32,6 @@ pub fn default_file(role: Role) -> &'static Path {
 /// The file to read: the one given, else `role`'s default when it exists.
 pub fn file_for(role: Role, given: Option<&Path>) -> Option<&Path> {
     given.or_else(|| Some(default_file(role)).filter(|default| default.exists()))
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub server: ServerConfig,
-    pub api: ApiConfig,
-    pub client: ClientConfig,
-    pub history: HistoryConfig,
-    pub alerts: AlertsConfig,
-    pub log: LogConfig,
-}
-
-/// Which role's settings to validate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    Server,
-    Client,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {0} does not exist")]
-    MissingFile(PathBuf),
-    /// A value that does not parse, or an unknown key; says which and from where.
-    #[error("{0}")]
-    Source(String),
-    #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
-    #[error("config file {0} is empty; refusing to replace the running configuration with defaults")]
-    EmptyFile(PathBuf),
 }
 
 /// Keys whose environment values are free text and must not be parsed.

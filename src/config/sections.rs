@@ -6,10 +6,22 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::error::ConfigError;
 use crate::core::calendar::parse_utc_offset;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::secret::Secret;
+
+/// The whole configuration file: one section per table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub api: ApiConfig,
+    pub client: ClientConfig,
+    pub history: HistoryConfig,
+    pub alerts: AlertsConfig,
+    pub log: LogConfig,
+}
 
 /// `[alerts]`: where events (quota thresholds, unbindable mappings, clients
 /// lost and back) are sent besides the log and `/api/events`.

@@ -3,10 +3,17 @@
 
 use serde::Serialize;
 
-use super::sections::{AlertsConfig, ApiConfig, ClientConfig, HistoryConfig, LogConfig, ServerConfig};
+use super::error::ConfigError;
+use super::sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, LogConfig, ServerConfig};
 use super::values::{is_loopback, parse_fingerprint, split_host_port, valid_origin, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
-use super::{state_dir, Config, ConfigError, Role};
 use crate::core::secret::Secret;
+
+/// Which role's settings to validate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Server,
+    Client,
+}
 
 impl Config {
     pub(super) fn validate(&self, role: Role) -> Result<(), ConfigError> {
