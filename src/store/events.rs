@@ -1,10 +1,10 @@
 //! The event log behind `/api/events`: quota thresholds, mappings that cannot
 //! bind, clients lost and back. Bounded: only the newest [`KEEP`] events stay.
 
-use rusqlite::{params, Connection};
+use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError};
+use super::db::{Store, StoreError};
 
 /// Events kept; older ones are deleted as new ones arrive.
 pub const KEEP: i64 = 1_000;
@@ -21,19 +21,6 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
     pub message: String,
-}
-
-pub(super) fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS events (
-            id      INTEGER PRIMARY KEY AUTOINCREMENT,
-            time    REAL NOT NULL,
-            kind    TEXT NOT NULL,
-            port    INTEGER,
-            client  TEXT,
-            message TEXT NOT NULL
-        );",
-    )
 }
 
 impl Store {

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, Transaction};
 
-use super::{Store, StoreError};
+use super::db::{Store, StoreError};
+use super::schema::{MAPPING_TABLES, TUNNEL_TABLES};
 use crate::core::calendar::{period_label, Step};
 
 /// A stored port outside 1..=65535: a damaged row, reported as SQLite reports any
@@ -24,36 +25,6 @@ fn stored_port(column: usize, port: i64) -> rusqlite::Result<u16> {
 /// with 1,000 busy mappings at one flush every 10 s, small enough that a flush
 /// after a long downtime stays short.
 pub const RETENTION_BATCH: i64 = 5_000;
-
-/// The bucket tables, finest first.
-const MAPPING_TABLES: [&str; 3] = ["history_minute", "history_hour", "history_day"];
-const TUNNEL_TABLES: [&str; 3] = ["tunnel_history_minute", "tunnel_history_hour", "tunnel_history_day"];
-
-pub(super) fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
-    let mut sql = String::new();
-    for table in MAPPING_TABLES {
-        sql.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {table} (
-                t INTEGER NOT NULL, port INTEGER NOT NULL,
-                sent INTEGER NOT NULL, received INTEGER NOT NULL,
-                PRIMARY KEY (t, port)) WITHOUT ROWID;"
-        ));
-    }
-    for table in TUNNEL_TABLES {
-        sql.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {table} (
-                t INTEGER NOT NULL, client TEXT NOT NULL,
-                sent INTEGER NOT NULL, received INTEGER NOT NULL,
-                PRIMARY KEY (t, client)) WITHOUT ROWID;"
-        ));
-    }
-    sql.push_str(
-        "CREATE TABLE IF NOT EXISTS history_lifetime (
-            port INTEGER PRIMARY KEY, sent INTEGER NOT NULL, received INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS history_coverage (t INTEGER PRIMARY KEY) WITHOUT ROWID;",
-    );
-    conn.execute_batch(&sql)
-}
 
 /// Where a step's buckets are stored (months are summed from days).
 fn mapping_table(step: Step) -> &'static str {

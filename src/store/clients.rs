@@ -1,0 +1,53 @@
+//! Stored tunnel clients: their names and secrets (the reason the database is
+//! private).
+
+use rusqlite::params;
+
+use super::db::{Store, StoreError};
+use crate::core::secret::Secret;
+
+/// A named tunnel client as stored (`default` is not: its secret is `server.secret`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClient {
+    pub name: String,
+    pub secret: Secret,
+    pub created_at: i64,
+}
+
+impl Store {
+    /// Fails (a constraint error) when the name exists.
+    pub async fn insert_client(&self, client: StoredClient) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO clients (name, secret, created_at) VALUES (?1, ?2, ?3)",
+                params![client.name, client.secret.expose(), client.created_at],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Returns whether a row was deleted.
+    pub async fn remove_client(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM clients WHERE name = ?1", params![name])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT name, secret, created_at FROM clients ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredClient { name: r.get(0)?, secret: Secret::new(r.get::<_, String>(1)?), created_at: r.get(2)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}

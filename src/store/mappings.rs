@@ -1,0 +1,105 @@
+//! Stored mappings: what `restore` brings back at start, with each one's policy.
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use super::db::{Store, StoreError};
+use crate::core::names::DEFAULT_CLIENT;
+use crate::policy::Policy;
+
+/// A mapping as stored and as the API shows it (plus live status).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingSpec {
+    pub source_port: u16,
+    pub target_host: String,
+    pub target_port: u16,
+    pub use_tunnel: bool,
+    /// The tunnel client that reaches the target; `None` for a direct mapping.
+    pub client: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+fn policy_json(policy: &Policy) -> String {
+    serde_json::to_string(policy).unwrap_or_else(|_| "{}".into())
+}
+
+impl Store {
+    pub async fn insert(&self, m: MappingSpec, policy: &Policy) -> Result<(), StoreError> {
+        let policy = policy_json(policy);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Replaces a mapping's policy; returns whether the mapping exists.
+    pub async fn set_policy(&self, port: u16, policy: &Policy) -> Result<bool, StoreError> {
+        let policy = policy_json(policy);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("UPDATE mappings SET policy = ?2 WHERE source_port = ?1", params![port, policy])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Returns whether a row was deleted.
+    pub async fn remove(&self, port: u16) -> Result<bool, StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute("DELETE FROM mappings WHERE source_port = ?1", params![port])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn list(&self) -> Result<Vec<(MappingSpec, Policy)>, StoreError> {
+        let rows = self
+            .with_conn(|conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client FROM mappings ORDER BY source_port",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, bool>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let port =
+            |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path().to_string(), port: p });
+        rows.into_iter()
+            .map(|(sp, host, tp, tunnel, created, policy, client)| {
+                let policy = serde_json::from_str(&policy).map_err(|e| StoreError::BadPolicy {
+                    path: self.path().to_string(),
+                    port: sp,
+                    error: e.to_string(),
+                })?;
+                let spec = MappingSpec {
+                    source_port: port(sp)?,
+                    target_host: host,
+                    target_port: port(tp)?,
+                    use_tunnel: tunnel,
+                    client: if tunnel { Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())) } else { None },
+                    created_at: created,
+                };
+                Ok((spec, policy))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,87 @@
+//! Every table of the state database in one place, with the migrations that
+//! bring an older database up to date. Run once when the database is opened.
+
+use rusqlite::Connection;
+
+/// The bucket tables, finest first.
+pub(super) const MAPPING_TABLES: [&str; 3] = ["history_minute", "history_hour", "history_day"];
+pub(super) const TUNNEL_TABLES: [&str; 3] = ["tunnel_history_minute", "tunnel_history_hour", "tunnel_history_day"];
+
+/// Creates whatever is missing and migrates older layouts.
+pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS mappings (
+            source_port INTEGER PRIMARY KEY CHECK (source_port BETWEEN 1 AND 65535),
+            target_host TEXT NOT NULL,
+            target_port INTEGER NOT NULL CHECK (target_port BETWEEN 1 AND 65535),
+            use_tunnel  INTEGER NOT NULL,
+            created_at  INTEGER NOT NULL
+        );",
+    )?;
+    migrate_mapping_columns(conn)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS clients (
+            name       TEXT PRIMARY KEY,
+            secret     TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );",
+    )?;
+    create_history(conn)?;
+    create_events(conn)
+}
+
+/// Databases made before mappings had a policy get the column, empty (`{}`);
+/// those made before named clients get the `client` column, with their tunneled
+/// mappings belonging to `default`, the one client there was.
+fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = ?1")?.exists([column]);
+    if !has("policy")? {
+        conn.execute_batch("ALTER TABLE mappings ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    if !has("client")? {
+        conn.execute_batch(
+            "ALTER TABLE mappings ADD COLUMN client TEXT;
+             UPDATE mappings SET client = 'default' WHERE use_tunnel != 0;",
+        )?;
+    }
+    Ok(())
+}
+
+fn create_history(conn: &Connection) -> rusqlite::Result<()> {
+    let mut sql = String::new();
+    for table in MAPPING_TABLES {
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                t INTEGER NOT NULL, port INTEGER NOT NULL,
+                sent INTEGER NOT NULL, received INTEGER NOT NULL,
+                PRIMARY KEY (t, port)) WITHOUT ROWID;"
+        ));
+    }
+    for table in TUNNEL_TABLES {
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                t INTEGER NOT NULL, client TEXT NOT NULL,
+                sent INTEGER NOT NULL, received INTEGER NOT NULL,
+                PRIMARY KEY (t, client)) WITHOUT ROWID;"
+        ));
+    }
+    sql.push_str(
+        "CREATE TABLE IF NOT EXISTS history_lifetime (
+            port INTEGER PRIMARY KEY, sent INTEGER NOT NULL, received INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS history_coverage (t INTEGER PRIMARY KEY) WITHOUT ROWID;",
+    );
+    conn.execute_batch(&sql)
+}
+
+fn create_events(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS events (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            time    REAL NOT NULL,
+            kind    TEXT NOT NULL,
+            port    INTEGER,
+            client  TEXT,
+            message TEXT NOT NULL
+        );",
+    )
+}
