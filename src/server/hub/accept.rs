@@ -3,7 +3,6 @@
 //! failures, a bound on unauthenticated connections, failures logged in
 //! aggregate, flapping names.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +13,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::pool::{Pool, Session};
-use super::{Client, TunnelHub};
+use super::defences::FAILURE_LOG_INTERVAL;
+use super::registry::TunnelHub;
+use super::session::{Client, Pool, Session};
 use crate::core::names::invalid_client_name;
 use crate::core::secret::tokens_equal;
 use crate::core::sync::lock;
@@ -23,7 +23,7 @@ use crate::net::metered::MeteredStream;
 use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
-use crate::server::throttle::{AuthThrottle, FailureLog, FlapDetector, Pending};
+use crate::server::throttle::Pending;
 use crate::telemetry::session_result;
 use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
@@ -32,16 +32,6 @@ use crate::tunnel::message::{version_rejection, Auth, Challenge, Opening, ToClie
 
 /// A connection that has not said who it is within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Failures beyond a source's first are logged as one summary per this interval.
-pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
-/// What the tunnel port remembers about misbehaving sources and clients.
-pub(super) struct Defences {
-    pub(super) throttle: AuthThrottle,
-    pub(super) log: FailureLog,
-    /// Per client name: two processes with one name replacing each other.
-    pub(super) flaps: HashMap<String, FlapDetector>,
-}
 
 /// Why a tunnel connection failed its handshake: what it is counted as, how it
 /// is logged, and whether it is held against its source address.

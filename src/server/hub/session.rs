@@ -1,37 +1,37 @@
-//! A client's session as visitors use it: its pool of idle data channels, the
-//! visitors waiting for one, and the lease under which a channel serves one
-//! visitor and comes back.
+//! A named client and its live session as visitors use it: the pool of idle data
+//! channels, the visitors waiting for one, and the lease under which a channel
+//! serves one visitor and comes back.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
-use super::{Client, TunnelHub};
+use crate::core::secret::Secret;
 use crate::core::sync::lock;
 use crate::net::transport::TunnelStream;
-use crate::tunnel::exchange;
-use crate::tunnel::frame::ProtocolError;
-use crate::tunnel::message::{Connect, ToClient};
+use crate::tunnel::message::ToClient;
 
 /// Idle data channels kept beyond this are closed; the client refills on demand.
 const MAX_IDLE_DATA_CHANNELS: usize = 64;
 
-/// Why no data channel could be had for a visitor.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("tunnel client {0} is not connected")]
-    NoClient(String),
-    #[error("the tunnel client did not provide a data channel in time")]
-    Timeout,
-    #[error("data channel failed: {0}")]
-    Channel(#[from] ProtocolError),
+/// A named client: its secret and, while it is connected, its session.
+pub(super) struct Client {
+    pub(super) name: String,
+    pub(super) secret: Secret,
+    pub(super) session: Mutex<Option<Arc<Session>>>,
+    /// Cancelled when the client is removed: its session and every exchange on
+    /// its data channels end.
+    pub(super) removed: CancellationToken,
+}
+
+impl Client {
+    pub(super) fn current(&self) -> Option<Arc<Session>> {
+        lock(&self.session).clone()
+    }
 }
 
 /// One authenticated connection of a client.
@@ -57,7 +57,7 @@ pub(super) struct Pool {
 }
 
 /// Where a data channel lent to one visitor goes back after a clean exchange.
-pub struct Lease(Arc<Session>);
+pub struct Lease(pub(super) Arc<Session>);
 
 impl Lease {
     /// Resolves when the channel's client is removed: its exchanges end then.
@@ -71,50 +71,6 @@ impl Lease {
         if !self.0.cancel.is_cancelled() {
             self.0.offer(stream);
         }
-    }
-}
-
-impl TunnelHub {
-    /// Gets a data channel through `client` — a pooled one if one is idle, else
-    /// one requested now — and sends it the `connect` request for `host:port`,
-    /// with what `visitor` has already sent as the first chunk in the same write
-    /// (returned: how many user bytes went with it). The client's answer is read
-    /// by the caller, so the visitor's bytes travel ahead of it.
-    pub async fn open(&self, client: &str, host: &str, port: u16, visitor: &TcpStream) -> Result<(TunnelStream, Lease, usize), OpenError> {
-        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
-        let connect = Connect::Connect { host: host.to_string(), port };
-        let mut opening: Option<(Vec<u8>, usize)> = None;
-        let no_client = || OpenError::NoClient(client.to_string());
-        // A pooled channel whose client end is already gone fails the write; try
-        // another. (One that dies later surfaces as a missing answer.)
-        let mut last_error = OpenError::Timeout;
-        for _ in 0..4 {
-            let session = self.session(client).ok_or_else(no_client)?;
-            let mut stream = match tokio::time::timeout_at(deadline, session.acquire(self.settings.pool_idle)).await {
-                Ok(Some(stream)) => stream,
-                Ok(None) => return Err(no_client()),
-                Err(_) => return Err(OpenError::Timeout),
-            };
-            // Read once a channel is at hand (the visitor had longest to send),
-            // and kept for the next channel should this one turn out stale.
-            let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = exchange::early_bytes(visitor);
-                (exchange::opening(&connect, &early), early.len())
-            });
-            let sent = async {
-                stream.write_all(wire).await?;
-                // Under TLS the request is not on its way until flushed.
-                stream.flush().await
-            };
-            match sent.await.map_err(ProtocolError::Io) {
-                Ok(()) => return Ok((stream, Lease(session), *sent_ahead)),
-                Err(e) => {
-                    debug!(error = %e, "stale data channel, trying another");
-                    last_error = OpenError::Channel(e);
-                }
-            }
-        }
-        Err(last_error)
     }
 }
 

@@ -1,0 +1,17 @@
+//! What the tunnel port remembers about misbehaving sources and clients.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::server::throttle::{AuthThrottle, FailureLog, FlapDetector};
+
+/// Failures beyond a source's first are logged as one summary per this interval.
+pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the tunnel port remembers about misbehaving sources and clients.
+pub(super) struct Defences {
+    pub(super) throttle: AuthThrottle,
+    pub(super) log: FailureLog,
+    /// Per client name: two processes with one name replacing each other.
+    pub(super) flaps: HashMap<String, FlapDetector>,
+}
