@@ -1,0 +1,29 @@
+//! Why a change to the mappings (or the clients) was refused; the API maps each
+//! kind to its status code.
+
+use crate::store::StoreError;
+
+/// A refused change: invalid (400), conflicting (409), unknown (404), or not
+/// saved (500).
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no mapping on port {0}")]
+    NotFound(u16),
+    #[error("no client named {0:?}")]
+    UnknownClient(String),
+    /// `action` says what failed ("save the mapping on port 4000").
+    #[error("could not {action}: {error}")]
+    Store { action: String, error: StoreError },
+}
+
+impl MappingError {
+    /// Wraps a store failure with what was being done ("save the mapping on port 4000").
+    pub(super) fn store(action: impl Into<String>) -> impl FnOnce(StoreError) -> MappingError {
+        let action = action.into();
+        move |error| MappingError::Store { action, error }
+    }
+}

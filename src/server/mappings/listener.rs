@@ -1,0 +1,116 @@
+//! The life of one mapping's listener: (re)bind until it has its port, then
+//! accept, checking each visitor against the mapping's policy and connection
+//! limit before any target or tunnel work.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::context::Ctx;
+use super::visitor::serve_visitor;
+use crate::core::sync::lock;
+use crate::net::relay;
+use crate::net::socket;
+use crate::policy::LivePolicy;
+use crate::store::MappingSpec;
+use crate::telemetry::MappingMetrics;
+
+/// How often a mapping that could not bind its port tries again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+pub(super) fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
+    *lock(slot) = value;
+}
+
+pub(super) fn describe_bind_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "port in use by another process".into(),
+        _ => e.to_string(),
+    }
+}
+
+pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    socket::listen(SocketAddr::new(addr, port))
+}
+
+/// The life of one mapping: (re)bind until it has its port, then accept until
+/// removed or shut down.
+pub(super) async fn run_mapping(
+    ctx: Arc<Ctx>,
+    spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
+    listener: Option<TcpListener>,
+    bind_error: Arc<Mutex<Option<String>>>,
+    cancel: CancellationToken,
+    metrics: MappingMetrics,
+) {
+    let port = spec.source_port;
+    metrics.up.set(i64::from(listener.is_some()));
+    let listener = match listener {
+        Some(l) => l,
+        None => loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ctx.stop_accepting.cancelled() => return,
+                _ = tokio::time::sleep(BIND_RETRY) => {}
+            }
+            match bind(ctx.settings.bind_addr, port).await {
+                Ok(l) => {
+                    info!(port, "mapping port is free again; now listening");
+                    set(&bind_error, None);
+                    metrics.up.set(1);
+                    break l;
+                }
+                Err(e) => {
+                    debug!(port, error = %e, "mapping port still unavailable");
+                    set(&bind_error, Some(describe_bind_error(&e)));
+                }
+            }
+        },
+    };
+    let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    loop {
+        let (visitor, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.stop_accepting.cancelled() => break,
+            accepted = socket::accept(&listener, || metrics.refused_no_descriptors.inc()) => accepted,
+        };
+        // Armed from the start: however this connection ends early, the visitor
+        // sees a reset, not an EOF that looks like a complete answer.
+        relay::arm(&visitor);
+        // Policy first, before any target or tunnel work: a refused visitor is
+        // dropped here, armed, so it gets a reset at once.
+        if !policy.admits(peer.ip()) {
+            metrics.refused_acl.inc();
+            debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
+            continue;
+        }
+        if policy.quota_blocked() {
+            metrics.refused_quota.inc();
+            debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.refused_connection_limit.inc();
+            debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        let spec = spec.clone();
+        let metrics = metrics.clone();
+        let policy = policy.clone();
+        let cancel = cancel.clone();
+        ctx.connections.spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
+                _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
+            }
+        });
+    }
+}

@@ -1,0 +1,18 @@
+//! Mappings: their lifecycle (create, restore, update, remove), their
+//! listeners, and what happens to each visitor.
+//!
+//! Each mapping is one task that owns its listener. A mapping whose port cannot be
+//! bound (say, taken by another process at start) keeps its row, shows the error in
+//! `list`, and retries in the background — one bad mapping never stops the daemon.
+
+mod clients;
+mod context;
+mod error;
+mod listener;
+mod registry;
+mod target;
+mod visitor;
+
+pub use context::Settings;
+pub use error::MappingError;
+pub use registry::{MappingView, Mappings, NewMapping};

@@ -1,0 +1,304 @@
+//! The registry of mappings: the one lock under which they are created,
+//! restored, changed and removed, stored before anyone is told, and shown.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::context::{Ctx, Settings};
+use super::error::MappingError;
+use super::listener::{bind, describe_bind_error, run_mapping, set};
+use super::target;
+use crate::core::names::DEFAULT_CLIENT;
+use crate::core::sync::lock;
+use crate::policy::{LivePolicy, Policy};
+use crate::server::hub::TunnelHub;
+use crate::store::{MappingSpec, Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// What the API asks for.
+#[derive(Debug, Clone)]
+pub struct NewMapping {
+    pub source_port: u16,
+    pub target_host: String,
+    pub target_port: u16,
+    pub use_tunnel: bool,
+    /// Which client reaches the target (`None`: `default`); tunneled mappings only.
+    pub client: Option<String>,
+    pub policy: Policy,
+}
+
+/// A mapping as `create` and `list` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MappingView {
+    #[serde(flatten)]
+    pub spec: MappingSpec,
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// With a quota: bytes used in the current period, and whether new visitors
+    /// are refused for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_blocked: Option<bool>,
+    /// `active`, `waiting_for_tunnel`, or `error: ...`.
+    pub status: String,
+}
+
+pub struct Mappings {
+    pub(super) entries: tokio::sync::Mutex<BTreeMap<u16, Entry>>,
+    pub(super) ctx: Arc<Ctx>,
+}
+
+pub(super) struct Entry {
+    pub(super) spec: Arc<MappingSpec>,
+    policy: Arc<LivePolicy>,
+    quota_used: prometheus::Gauge,
+    bind_error: Arc<Mutex<Option<String>>>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Mappings {
+    pub fn new(store: Store, metrics: Arc<Metrics>, hub: Arc<TunnelHub>, settings: Settings) -> Mappings {
+        let abort = CancellationToken::new();
+        Mappings {
+            entries: tokio::sync::Mutex::new(BTreeMap::new()),
+            ctx: Arc::new(Ctx {
+                store,
+                metrics,
+                hub,
+                settings,
+                stop_accepting: CancellationToken::new(),
+                abort,
+                connections: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Brings back every stored mapping. Ports that bind now are serving when this
+    /// returns; the others are retried in the background. Returns (restored, failed).
+    pub async fn restore(&self) -> Result<(usize, usize), StoreError> {
+        let stored = self.ctx.store.list().await?;
+        let mut restored = 0;
+        let mut entries = self.entries.lock().await;
+        let mut failed = 0;
+        for (spec, policy) in stored {
+            let port = spec.source_port;
+            let bind_error = Arc::new(Mutex::new(None));
+            let listener = match bind(self.ctx.settings.bind_addr, port).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    failed += 1;
+                    warn!(port, error = %e, "stored mapping cannot bind its port; will retry");
+                    set(&bind_error, Some(describe_bind_error(&e)));
+                    None
+                }
+            };
+            restored += usize::from(listener.is_some());
+            let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error);
+            entries.insert(port, entry);
+        }
+        Ok((restored, failed))
+    }
+
+    pub async fn create(&self, req: NewMapping) -> Result<MappingView, MappingError> {
+        let host = req.target_host.trim().to_string();
+        target::check_host(&host)?;
+        if req.source_port == 0 {
+            return Err(MappingError::Invalid("source_port must be between 1 and 65535".into()));
+        }
+        if req.target_port == 0 {
+            return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
+        }
+        if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
+            return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
+        }
+        let client = match (req.use_tunnel, req.client) {
+            (true, client) => Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into()))
+            }
+        };
+        // Tunneled targets are resolved inside the client's network, which may know
+        // names the server cannot; only direct targets must resolve here.
+        let resolved = if req.use_tunnel { Vec::new() } else { target::resolve(&host, req.target_port).await? };
+
+        let mut entries = self.entries.lock().await;
+        // Checked under the mappings lock, which client removal takes too: a
+        // mapping never names a client that is being removed.
+        if let Some(name) = client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
+            return Err(MappingError::Invalid(format!("client: no client named {name:?} (create it with /api/client/create)")));
+        }
+        if entries.contains_key(&req.source_port) {
+            return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
+        }
+        let reserved = &self.ctx.settings.reserved_ports;
+        if let Some(why) = target::own_listener(&resolved, req.source_port, |port| entries.contains_key(&port), reserved) {
+            return Err(MappingError::Invalid(format!("target {host}:{} is {why}: the mapping would forward to itself", req.target_port)));
+        }
+        let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
+            _ => MappingError::Invalid(format!("cannot listen on port {}: {}", req.source_port, e)),
+        })?;
+        let spec = MappingSpec {
+            source_port: req.source_port,
+            target_host: host,
+            target_port: req.target_port,
+            use_tunnel: req.use_tunnel,
+            client,
+            created_at: crate::core::time::unix_now() as i64,
+        };
+        // On disk before anyone is told it exists.
+        self.ctx
+            .store
+            .insert(spec.clone(), &req.policy)
+            .await
+            .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
+        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), "mapping created");
+        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)));
+        let view = self.view(&entry);
+        entries.insert(req.source_port, entry);
+        Ok(view)
+    }
+
+    /// Changes a mapping's policy live: `change` edits a copy of the current one
+    /// (an `Err` is a 400 naming the field); it is stored, then applied. Open
+    /// connections stay and follow the new caps at once.
+    pub async fn update(&self, port: u16, change: impl FnOnce(&mut Policy) -> Result<(), String>) -> Result<MappingView, MappingError> {
+        let entries = self.entries.lock().await;
+        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        let mut policy = entry.policy.get();
+        change(&mut policy).map_err(MappingError::Invalid)?;
+        self.ctx
+            .store
+            .set_policy(port, &policy)
+            .await
+            .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
+        entry.policy.set(policy);
+        info!(port, "mapping policy updated");
+        Ok(self.view(entry))
+    }
+
+    /// Every mapping's live policy and quota gauge, for the quota check.
+    pub async fn policies(&self) -> Vec<crate::server::quotas::MappingPolicy> {
+        let entries = self.entries.lock().await;
+        entries
+            .iter()
+            .map(|(port, e)| crate::server::quotas::MappingPolicy {
+                port: *port,
+                policy: e.policy.clone(),
+                quota_used: e.quota_used.clone(),
+            })
+            .collect()
+    }
+
+    pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
+        let mut entries = self.entries.lock().await;
+        if !entries.contains_key(&port) {
+            return Err(MappingError::NotFound(port));
+        }
+        self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
+        let removed = entries.get(&port).map(|e| e.spec.clone());
+        if let Some(entry) = entries.remove(&port) {
+            entry.cancel.cancel();
+            // The listener is released when the task ends: wait, so the port can be
+            // mapped again the moment this returns.
+            let _ = entry.task.await;
+        }
+        if let Some(spec) = &removed {
+            let [target, mode, client] = info_labels(spec);
+            self.ctx.metrics.remove_mapping(port, [&target, &mode, &client]);
+        }
+        info!(port, "mapping removed");
+        Ok(())
+    }
+
+    /// `(port, reason)` for every mapping that is not serving, for `/health`.
+    pub async fn unbound(&self) -> Vec<(u16, String)> {
+        let entries = self.entries.lock().await;
+        entries.iter().filter_map(|(port, e)| lock(&e.bind_error).clone().map(|b| (*port, b))).collect()
+    }
+
+    pub async fn list(&self) -> Vec<MappingView> {
+        self.entries.lock().await.values().map(|e| self.view(e)).collect()
+    }
+
+    fn view(&self, entry: &Entry) -> MappingView {
+        let status = match lock(&entry.bind_error).clone() {
+            Some(error) => format!("error: {error}"),
+            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => "waiting_for_tunnel".into(),
+            None => "active".into(),
+        };
+        let policy = entry.policy.get();
+        let has_quota = policy.quota.is_some();
+        MappingView {
+            spec: (*entry.spec).clone(),
+            policy,
+            quota_used: has_quota.then(|| entry.policy.quota_used()),
+            quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
+            status,
+        }
+    }
+
+    /// Closes every listener, gives open connections `grace` to finish, then cuts
+    /// the rest.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.ctx.stop_accepting.cancel();
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut entries = self.entries.lock().await;
+            std::mem::take(&mut *entries).into_values().map(|e| e.task).collect()
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.ctx.connections.close();
+        let open = self.ctx.connections.len();
+        if open > 0 {
+            info!(open, grace_secs = grace.as_secs(), "waiting for open connections to finish");
+        }
+        if tokio::time::timeout(grace, self.ctx.connections.wait()).await.is_err() {
+            warn!(open = self.ctx.connections.len(), "grace period over; closing remaining connections");
+            self.ctx.abort.cancel();
+            self.ctx.connections.wait().await;
+        }
+    }
+
+    fn spawn_mapping(
+        &self,
+        spec: Arc<MappingSpec>,
+        policy: Policy,
+        listener: Option<TcpListener>,
+        bind_error: Arc<Mutex<Option<String>>>,
+    ) -> Entry {
+        let [target, mode, client] = info_labels(&spec);
+        let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
+        let policy = LivePolicy::new(policy);
+        let quota_used = metrics.quota_used.clone();
+        let cancel = self.ctx.abort.child_token();
+        let task = tokio::spawn(run_mapping(
+            self.ctx.clone(),
+            spec.clone(),
+            policy.clone(),
+            listener,
+            bind_error.clone(),
+            cancel.clone(),
+            metrics,
+        ));
+        Entry { spec, policy, quota_used, bind_error, cancel, task }
+    }
+}
+
+/// `tunneld_mapping_info`'s labels besides the port: target, mode, client.
+fn info_labels(spec: &MappingSpec) -> [String; 3] {
+    let mode = if spec.use_tunnel { "tunnel" } else { "direct" };
+    [format!("{}:{}", spec.target_host, spec.target_port), mode.into(), spec.client.clone().unwrap_or_default()]
+}

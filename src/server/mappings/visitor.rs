@@ -1,0 +1,112 @@
+//! What happens to one visitor once admitted: the target is dialed directly or
+//! reached through the mapping's tunnel client, and the bytes are relayed,
+//! counted and capped until either side is done.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::context::Ctx;
+use crate::core::names::DEFAULT_CLIENT;
+use crate::net::relay;
+use crate::net::socket;
+use crate::policy::LivePolicy;
+use crate::store::MappingSpec;
+use crate::telemetry::{MappingMetrics, Meter};
+use crate::tunnel::exchange::{self, ExchangeError};
+
+pub(super) async fn serve_visitor(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: TcpStream,
+    peer: SocketAddr,
+) {
+    let port = spec.source_port;
+    let _active = metrics.visitor_accepted();
+    socket::tune(&visitor);
+    let result = if spec.use_tunnel {
+        tunneled(ctx, spec, policy, metrics, &visitor).await
+    } else {
+        direct(ctx, spec, policy, metrics, &visitor).await
+    };
+    match result {
+        Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
+        Err(VisitorError::NoDescriptors(e)) => {
+            metrics.refused_no_descriptors.inc();
+            debug!(port, %peer, error = %e, "visitor refused: out of file descriptors");
+        }
+        Err(VisitorError::Target(e)) => {
+            metrics.connect_errors.inc();
+            warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
+        }
+        Err(VisitorError::Relay(e)) => debug!(port, %peer, error = %e, "connection ended with error"),
+    }
+}
+
+/// Why a visitor's connection ended early: the target could not be reached
+/// (counted as a connect error), or the relay failed midway.
+enum VisitorError {
+    Target(String),
+    /// This process is out of descriptors: a local limit, counted as a refusal,
+    /// not as the target's fault.
+    NoDescriptors(std::io::Error),
+    Relay(std::io::Error),
+}
+
+async fn direct(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
+    let target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
+        match socket::out_of_descriptors(&e) {
+            true => VisitorError::NoDescriptors(e),
+            false => VisitorError::Target(e.to_string()),
+        }
+    })?;
+    relay::arm(&target);
+    let (up, down) = policy.capped(metrics.meters());
+    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
+}
+
+/// The visitor's bytes start flowing to the client together with the `connect`
+/// request instead of after its answer, which saves a round trip on every new
+/// connection; the answer is read first in the other direction, and a failure
+/// there ends the connection and counts as a connect error. After a clean
+/// exchange the data channel goes back to the pool for the next visitor.
+async fn tunneled(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    policy: &LivePolicy,
+    metrics: &MappingMetrics,
+    visitor: &TcpStream,
+) -> Result<(u64, u64), VisitorError> {
+    let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
+    let (channel, lease, sent_ahead) =
+        ctx.hub.open(client, &spec.target_host, spec.target_port, visitor).await.map_err(|e| VisitorError::Target(e.to_string()))?;
+    // User bytes only: the tunnel's wire bytes are counted under the channel.
+    let (up, down) = policy.capped(metrics.meters());
+    // Visitor bytes sent ahead of the answer reach the target only if it
+    // answers: they are counted then.
+    let (up, reached_target) = up.held_behind(Meter::default());
+    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead };
+    let relayed = tokio::select! {
+        relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
+        // A removed client's access ends with its exchanges, not when they finish.
+        _ = lease.revoked() => return Err(VisitorError::Relay(std::io::Error::other(format!("client {client} was removed")))),
+    };
+    match relayed {
+        Ok((channel, sent, received)) => {
+            lease.give_back(channel);
+            Ok((sent, received))
+        }
+        Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
+        Err(ExchangeError::Socket(e)) => Err(VisitorError::Relay(e)),
+        Err(e) => Err(VisitorError::Relay(std::io::Error::other(e))),
+    }
+}
