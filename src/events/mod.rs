@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::store::events::Event;
+use crate::store::events::{Event, EventKind};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -25,16 +25,6 @@ const WEBHOOK_QUEUE: usize = 1_000;
 const WEBHOOK_ATTEMPTS: u32 = 5;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub mod kind {
-    pub const QUOTA_WARNING: &str = "quota_warning";
-    pub const QUOTA_EXHAUSTED: &str = "quota_exhausted";
-    pub const QUOTA_RESET: &str = "quota_reset";
-    pub const MAPPING_DOWN: &str = "mapping_down";
-    pub const MAPPING_UP: &str = "mapping_up";
-    pub const CLIENT_LOST: &str = "client_lost";
-    pub const CLIENT_BACK: &str = "client_back";
-}
 
 /// Where events go.
 pub struct Events {
@@ -55,16 +45,16 @@ impl Events {
     }
 
     /// Logs, stores and (if configured) queues `event` for the webhook.
-    pub async fn emit(&self, kind: &str, port: Option<u16>, client: Option<&str>, message: String) {
-        let event = Event { time: crate::core::time::unix_now(), kind: kind.into(), port, client: client.map(str::to_string), message };
+    pub async fn emit(&self, kind: EventKind, port: Option<u16>, client: Option<&str>, message: String) {
+        let event = Event { time: crate::core::time::unix_now(), kind, port, client: client.map(str::to_string), message };
         warn!(kind = %event.kind, port = ?event.port, client = ?event.client, message = %event.message, "event");
         if let Err(e) = self.store.add_event(event.clone()).await {
-            warn!(error = %e, kind, "cannot store the event");
+            warn!(error = %e, kind = kind.as_str(), "cannot store the event");
         }
         if let Some(tx) = &self.webhook {
             if tx.try_send(event).is_err() {
                 self.metrics.webhook_failed();
-                warn!(kind, "webhook queue full; event not sent");
+                warn!(kind = kind.as_str(), "webhook queue full; event not sent");
             }
         }
     }

@@ -14,9 +14,9 @@ use prometheus::Gauge;
 use tracing::warn;
 
 use crate::core::calendar::Step;
-use crate::events::kind;
 use crate::history::Recorder;
 use crate::policy::{LivePolicy, Quota, QuotaAction, QuotaPeriod};
+use crate::store::events::EventKind;
 
 /// Share of the allowance at which the early warning goes out.
 pub const WARNING_RATIO: f64 = 0.8;
@@ -32,7 +32,7 @@ pub struct MappingPolicy {
 /// Something to tell the operator.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notice {
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub port: u16,
     pub message: String,
 }
@@ -82,7 +82,7 @@ impl QuotaTracker {
                 previous => {
                     if previous.as_ref().is_some_and(|t| t.exhausted) {
                         notices.push(Notice {
-                            kind: kind::QUOTA_RESET,
+                            kind: EventKind::QuotaReset,
                             port,
                             message: format!("mapping on port {port}: a new quota period began; visitors are admitted again"),
                         });
@@ -114,7 +114,7 @@ impl QuotaTracker {
             if ratio >= WARNING_RATIO && !tracked.warned {
                 tracked.warned = true;
                 notices.push(Notice {
-                    kind: kind::QUOTA_WARNING,
+                    kind: EventKind::QuotaWarning,
                     port,
                     message: format!(
                         "mapping on port {port} has used {:.0} % of its quota {period} ({used} of {} bytes)",
@@ -130,7 +130,7 @@ impl QuotaTracker {
                     QuotaAction::Alert => "traffic continues (action: alert)",
                 };
                 notices.push(Notice {
-                    kind: kind::QUOTA_EXHAUSTED,
+                    kind: EventKind::QuotaExhausted,
                     port,
                     message: format!("mapping on port {port} has used its whole quota {period} ({used} of {} bytes); {then}", quota.bytes),
                 });
@@ -145,9 +145,9 @@ impl QuotaTracker {
 /// Whether the warning and the exhaustion notice for `port` were already
 /// recorded since `period_start` (by an earlier process).
 async fn announced(recorder: &Recorder, port: u16, period_start: i64) -> (bool, bool) {
-    const NOTICES: &[&str] = &[kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED];
+    const NOTICES: &[EventKind] = &[EventKind::QuotaWarning, EventKind::QuotaExhausted];
     match recorder.store().announced_since(port, period_start as f64, NOTICES).await {
-        Ok(kinds) => (kinds.iter().any(|k| k == kind::QUOTA_WARNING), kinds.iter().any(|k| k == kind::QUOTA_EXHAUSTED)),
+        Ok(kinds) => (kinds.contains(&EventKind::QuotaWarning), kinds.contains(&EventKind::QuotaExhausted)),
         Err(e) => {
             warn!(port, error = %e, "cannot read the recorded quota events; thresholds may be announced again");
             (false, false)
@@ -205,30 +205,25 @@ mod tests {
         // Bytes that moved before the first check (not flushed yet) count too.
         counters.sent.inc_by(500);
         counters.received.inc_by(350);
-        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [kind::QUOTA_WARNING]);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaWarning]);
         assert!((counters.quota_used.get() - 0.85).abs() < 1e-9);
         assert!(!policy.quota_blocked());
         assert!(tracker.check(&recorder, &mappings).await.is_empty(), "each threshold is announced once");
 
         counters.sent.inc_by(150);
         recorder.flush().await.unwrap();
-        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [kind::QUOTA_EXHAUSTED]);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
 
         // A restart in the same local day continues from the stored history. What
         // was not recorded as announced is announced (once); what was, is not.
         let mut restarted = QuotaTracker::default();
         let notices = kinds(restarted.check(&recorder, &mappings).await);
-        assert_eq!(notices, [kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED]);
+        assert_eq!(notices, [EventKind::QuotaWarning, EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
-        for kind in [kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED] {
-            let event = crate::store::events::Event {
-                time: LATE_EVENING as f64,
-                kind: kind.into(),
-                port: Some(port),
-                client: None,
-                message: String::new(),
-            };
+        for kind in [EventKind::QuotaWarning, EventKind::QuotaExhausted] {
+            let event =
+                crate::store::events::Event { time: LATE_EVENING as f64, kind, port: Some(port), client: None, message: String::new() };
             store.add_event(event).await.unwrap();
         }
         let mut restarted_again = QuotaTracker::default();
@@ -241,13 +236,13 @@ mod tests {
         assert!(tracker.check(&recorder, &mappings).await.is_empty());
         assert!(policy.quota_blocked());
         clock.store(LATE_EVENING + 3600, Ordering::SeqCst);
-        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [kind::QUOTA_RESET]);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaReset]);
         assert_eq!(counters.quota_used.get(), 0.0);
         assert!(!policy.quota_blocked());
 
         // Lifting the quota clears the gauge and the block.
         counters.sent.inc_by(2_000);
-        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [kind::QUOTA_WARNING, kind::QUOTA_EXHAUSTED]);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaWarning, EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
         policy.set(Policy::default());
         assert!(tracker.check(&recorder, &mappings).await.is_empty());

@@ -11,8 +11,9 @@ use tracing::{info, warn};
 use super::hub::{Presence, TunnelHub};
 use super::mappings::Mappings;
 use super::quotas::QuotaTracker;
-use crate::events::{kind, Events};
+use crate::events::Events;
 use crate::history::Recorder;
+use crate::store::events::EventKind;
 
 /// How often the watcher looks at quotas and listeners.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -42,13 +43,13 @@ impl Watcher {
                 change = presence.recv() => {
                     match change {
                         Ok(Presence { client, connected: false }) => {
-                            self.events.emit(kind::CLIENT_LOST, None, Some(&client), format!("tunnel client {client} disconnected")).await;
+                            self.events.emit(EventKind::ClientLost, None, Some(&client), format!("tunnel client {client} disconnected")).await;
                             lost.insert(client);
                         }
                         Ok(Presence { client, connected: true }) => {
                             if lost.remove(&client) {
                                 info!(client = %client, "tunnel client back");
-                                self.events.emit(kind::CLIENT_BACK, None, Some(&client), format!("tunnel client {client} is back")).await;
+                                self.events.emit(EventKind::ClientBack, None, Some(&client), format!("tunnel client {client} is back")).await;
                             }
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -67,12 +68,14 @@ impl Watcher {
             let now_down: BTreeMap<u16, String> = self.mappings.unbound().await.into_iter().collect();
             for (port, why) in &now_down {
                 if !down.contains_key(port) {
-                    self.events.emit(kind::MAPPING_DOWN, Some(*port), None, format!("mapping on port {port} cannot listen: {why}")).await;
+                    self.events
+                        .emit(EventKind::MappingDown, Some(*port), None, format!("mapping on port {port} cannot listen: {why}"))
+                        .await;
                 }
             }
             for port in down.keys().filter(|p| !now_down.contains_key(p)) {
                 if policies.iter().any(|p| p.port == *port) {
-                    self.events.emit(kind::MAPPING_UP, Some(*port), None, format!("mapping on port {port} listens again")).await;
+                    self.events.emit(EventKind::MappingUp, Some(*port), None, format!("mapping on port {port} listens again")).await;
                 }
             }
             down = now_down;

@@ -9,13 +9,76 @@ use super::db::{Store, StoreError};
 /// Events kept; older ones are deleted as new ones arrive.
 pub const KEEP: i64 = 1_000;
 
+/// What an event is about; stored and served as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A mapping used 80 % of its quota for the period.
+    QuotaWarning,
+    /// A mapping used its whole quota (visitors are refused if its action is `block`).
+    QuotaExhausted,
+    /// A new quota period began after an exhausted one.
+    QuotaReset,
+    /// A mapping cannot listen on its port.
+    MappingDown,
+    /// A mapping listens again.
+    MappingUp,
+    /// A tunnel client's session ended without a successor.
+    ClientLost,
+    /// A lost client is connected again.
+    ClientBack,
+}
+
+impl EventKind {
+    /// Every kind, for parsing.
+    const ALL: [EventKind; 7] = [
+        EventKind::QuotaWarning,
+        EventKind::QuotaExhausted,
+        EventKind::QuotaReset,
+        EventKind::MappingDown,
+        EventKind::MappingUp,
+        EventKind::ClientLost,
+        EventKind::ClientBack,
+    ];
+
+    /// The name in the table, the API and the webhook.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::QuotaWarning => "quota_warning",
+            EventKind::QuotaExhausted => "quota_exhausted",
+            EventKind::QuotaReset => "quota_reset",
+            EventKind::MappingDown => "mapping_down",
+            EventKind::MappingUp => "mapping_up",
+            EventKind::ClientLost => "client_lost",
+            EventKind::ClientBack => "client_back",
+        }
+    }
+
+    fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored kind this version does not know (written by a newer one).
+fn stored_kind(column: usize, name: String) -> rusqlite::Result<EventKind> {
+    EventKind::parse(&name).ok_or_else(|| {
+        let unknown = std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unknown event kind {name:?}"));
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(unknown))
+    })
+}
+
+/// One event as stored, listed and posted to the webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Unix seconds.
     pub time: f64,
-    /// `quota_warning`, `quota_exhausted`, `mapping_down`, `mapping_up`,
-    /// `client_lost`, `client_back`.
-    pub kind: String,
+    pub kind: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -29,7 +92,7 @@ impl Store {
             let tx = conn.transaction()?;
             tx.execute(
                 "INSERT INTO events (time, kind, port, client, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![event.time, event.kind, event.port, event.client, event.message],
+                params![event.time, event.kind.as_str(), event.port, event.client, event.message],
             )?;
             tx.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1", params![KEEP])?;
             tx.commit()
@@ -44,7 +107,7 @@ impl Store {
             let rows = stmt.query_map(params![limit], |r| {
                 Ok(Event {
                     time: r.get(0)?,
-                    kind: r.get(1)?,
+                    kind: stored_kind(1, r.get(1)?)?,
                     port: r.get::<_, Option<i64>>(2)?.and_then(|p| u16::try_from(p).ok()),
                     client: r.get(3)?,
                     message: r.get(4)?,
@@ -59,12 +122,12 @@ impl Store {
 impl Store {
     /// Which of `kinds` were recorded for `port` at or after `since` (Unix
     /// seconds): what a restarted process has already told the operator.
-    pub async fn announced_since(&self, port: u16, since: f64, kinds: &'static [&'static str]) -> Result<Vec<String>, StoreError> {
+    pub async fn announced_since(&self, port: u16, since: f64, kinds: &'static [EventKind]) -> Result<Vec<EventKind>, StoreError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached("SELECT DISTINCT kind FROM events WHERE port = ?1 AND time >= ?2")?;
             let rows = stmt.query_map(params![port, since], |r| r.get::<_, String>(0))?;
             let found: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-            Ok(found.into_iter().filter(|k| kinds.contains(&k.as_str())).collect())
+            Ok(kinds.iter().copied().filter(|k| found.iter().any(|name| name == k.as_str())).collect())
         })
         .await
     }
@@ -79,7 +142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for i in 0..(KEEP + 5) {
-            let event = Event { time: i as f64, kind: "mapping_down".into(), port: Some(1), client: None, message: format!("{i}") };
+            let event = Event { time: i as f64, kind: EventKind::MappingDown, port: Some(1), client: None, message: format!("{i}") };
             store.add_event(event).await.unwrap();
         }
         let events = store.events(10_000).await.unwrap();
