@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::net::free_port;
+use super::net::{free_port, loopback};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tunneld");
 
@@ -35,7 +35,7 @@ impl Daemon {
     pub fn server_env(secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state_dir = tmp.path().join("state");
-        Self::server_in(tmp, state_dir, Listen::fresh(), secret, extra, envs)
+        Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, envs, &[])
     }
 
     /// Like [`Daemon::server`], run under `prlimit --nofile=SOFT:HARD`: a real
@@ -44,20 +44,20 @@ impl Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state_dir = tmp.path().join("state");
         let limit = format!("--nofile={soft}:{hard}");
-        Self::server_in_wrapped(tmp, state_dir, Listen::fresh(), secret, extra, &[], &["prlimit", &limit, "--"])
+        Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, &[], &["prlimit", &limit, "--"])
     }
 
     /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
     pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), Listen::fresh(), secret, extra, &[])
+        Self::start_server(tmp, state_dir.to_path_buf(), Listen::fresh(), secret, extra, &[], &[])
     }
 
     /// A server restarted in place: same state dir and same tunnel address, so a
     /// running client finds it again.
     pub fn server_restarted(state_dir: &Path, tunnel: SocketAddr, secret: &str) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), Listen { api: None, tunnel: Some(tunnel) }, secret, &[], &[])
+        Self::start_server(tmp, state_dir.to_path_buf(), Listen { api: None, tunnel: Some(tunnel) }, secret, &[], &[], &[])
     }
 
     /// A server restarted on the API address of one that stopped (same state
@@ -65,21 +65,13 @@ impl Daemon {
     /// when it reconnects.
     pub fn server_restarted_on_api(state_dir: &Path, api: SocketAddr, secret: &str) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Self::server_in(tmp, state_dir.to_path_buf(), Listen { api: Some(api), tunnel: None }, secret, &[], &[])
+        Self::start_server(tmp, state_dir.to_path_buf(), Listen { api: Some(api), tunnel: None }, secret, &[], &[], &[])
     }
 
-    fn server_in(
-        tmp: tempfile::TempDir,
-        state_dir: PathBuf,
-        listen: Listen,
-        secret: &str,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Daemon {
-        Self::server_in_wrapped(tmp, state_dir, listen, secret, extra, envs, &[])
-    }
-
-    fn server_in_wrapped(
+    /// Starts `tunneld server` on `listen`'s addresses (free ports where `None`)
+    /// with `state_dir`, the secret unless empty, then `extra`; `wrapper` as in
+    /// [`Daemon::spawn`]. Waits for `READY=1`.
+    fn start_server(
         tmp: tempfile::TempDir,
         state_dir: PathBuf,
         listen: Listen,
@@ -88,8 +80,8 @@ impl Daemon {
         envs: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Daemon {
-        let api = listen.api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
-        let tunnel = listen.tunnel.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let api = listen.api.unwrap_or_else(|| loopback(free_port()));
+        let tunnel = listen.tunnel.unwrap_or_else(|| loopback(free_port()));
         let mut args: Vec<String> = vec![
             "server".into(),
             "--api-listen".into(),
@@ -104,7 +96,7 @@ impl Daemon {
             args.push(secret.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let d = Self::spawn_wrapped(tmp, wrapper, &args, envs, api, Some(tunnel), state_dir);
+        let d = Self::spawn(tmp, wrapper, &args, envs, api, Some(tunnel), state_dir);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
@@ -115,7 +107,7 @@ impl Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state = tmp.path().to_path_buf();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let d = Self::spawn(tmp, &args, &[], http, None, state);
+        let d = Self::spawn(tmp, &[], &args, &[], http, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
@@ -147,7 +139,7 @@ impl Daemon {
     /// [`Daemon::client_with`] with extra environment variables.
     pub fn client_with_env(server_tunnel: SocketAddr, secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = loopback(free_port());
         let mut args: Vec<String> = vec![
             "client".into(),
             "--server".into(),
@@ -159,7 +151,7 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let state = tmp.path().to_path_buf();
-        let d = Self::spawn(tmp, &args, envs, metrics, None, state);
+        let d = Self::spawn(tmp, &[], &args, envs, metrics, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
     }
@@ -175,20 +167,10 @@ impl Daemon {
         String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
     }
 
+    /// Spawns the daemon with `args`, its notify socket and log in `tmp`.
+    /// `wrapper` (e.g. `prlimit ... --`, or nothing) runs first and execs the
+    /// daemon, so the child's pid is the daemon's.
     fn spawn(
-        tmp: tempfile::TempDir,
-        args: &[String],
-        envs: &[(&str, &str)],
-        http: SocketAddr,
-        tunnel: Option<SocketAddr>,
-        state_dir: PathBuf,
-    ) -> Daemon {
-        Self::spawn_wrapped(tmp, &[], args, envs, http, tunnel, state_dir)
-    }
-
-    /// `wrapper` (e.g. `prlimit ... --`) runs first and execs the daemon, so the
-    /// child's pid is the daemon's.
-    fn spawn_wrapped(
         tmp: tempfile::TempDir,
         wrapper: &[&str],
         args: &[String],

@@ -10,6 +10,12 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
+/// `127.0.0.1:port`: where a mapping on `port` (or anything the tests bind)
+/// is reached.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// A target on 127.0.0.1:0 that runs `serve` on a thread per accepted connection.
 pub fn target(serve: fn(TcpStream)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
@@ -52,7 +58,7 @@ pub fn roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
 /// size for the counters to show.
 pub fn echo_through(port: u16, len: usize) {
     let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let back = roundtrip(SocketAddr::from(([127, 0, 0, 1], port)), &payload);
+    let back = roundtrip(loopback(port), &payload);
     assert_eq!(back.len(), payload.len(), "echo through :{port} came back short");
     assert!(back == payload, "echo through :{port} came back altered");
 }
