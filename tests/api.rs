@@ -10,10 +10,6 @@ use serde_json::json;
 
 const SECRET: &str = "api-test-secret";
 
-fn post(d: &Daemon, path: &str, body: &str) -> (u16, serde_json::Value) {
-    http("POST", &d.url(path), Some(body))
-}
-
 /// Asserts an error envelope: status, `success: false`, a message containing
 /// `needle`, and no `data`.
 fn assert_error(reply: (u16, serde_json::Value), status: u16, needle: &str) {
@@ -30,11 +26,11 @@ fn create_rejects_bad_input_with_the_right_status_and_a_message() {
     let server = Daemon::server(SECRET, &[]);
     let api_port = server.http.port();
     let tunnel_port = server.tunnel.unwrap().port();
-    let create = |body: serde_json::Value| post(&server, "/api/mapping/create", &body.to_string());
+    let create = |body: serde_json::Value| post(&server, "/api/mapping/create", body);
     let valid = |port: u16| json!({"source_port": port, "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": false});
 
-    assert_error(post(&server, "/api/mapping/create", "{not json"), 400, "malformed JSON");
-    assert_error(post(&server, "/api/mapping/create", "[1,2]"), 400, "JSON object");
+    assert_error(post_raw(&server, "/api/mapping/create", "{not json"), 400, "malformed JSON");
+    assert_error(post_raw(&server, "/api/mapping/create", "[1,2]"), 400, "JSON object");
     assert_error(create(json!({"target_host": "127.0.0.1", "target_port": 80})), 400, "source_port");
     assert_error(create(json!({"source_port": 1234, "target_port": 80})), 400, "target_host");
     assert_error(create(json!({"source_port": 1234, "target_host": "127.0.0.1"})), 400, "target_port");
@@ -60,7 +56,7 @@ fn create_rejects_bad_input_with_the_right_status_and_a_message() {
     assert_error(create(valid(port)), 409, "already mapped");
 
     let huge = format!("{{\"target_host\": \"{}\"}}", "x".repeat(64 * 1024));
-    assert_error(post(&server, "/api/mapping/create", &huge), 413, "exceeds");
+    assert_error(post_raw(&server, "/api/mapping/create", &huge), 413, "exceeds");
 
     // Nothing that failed was stored or left listening.
     let list = get_data(&server, "/api/mapping/list");
@@ -70,8 +66,8 @@ fn create_rejects_bad_input_with_the_right_status_and_a_message() {
 #[test]
 fn remove_list_routes_and_methods() {
     let server = Daemon::server(SECRET, &[]);
-    assert_error(post(&server, "/api/mapping/remove", "{}"), 400, "port");
-    assert_error(post(&server, "/api/mapping/remove", r#"{"port": 4242}"#), 404, "no mapping on port 4242");
+    assert_error(post(&server, "/api/mapping/remove", json!({})), 400, "port");
+    assert_error(post(&server, "/api/mapping/remove", json!({"port": 4242})), 404, "no mapping on port 4242");
     assert_error(http("GET", &server.url("/api/mapping/create"), None), 405, "method not allowed");
     assert_error(http("POST", &server.url("/api/mapping/list"), Some("{}")), 405, "method not allowed");
     assert_error(http("GET", &server.url("/api/nothing/here"), None), 404, "no such route");
@@ -99,13 +95,13 @@ fn remove_list_routes_and_methods() {
     assert_eq!(list["count"], 2);
     assert_eq!(list["mappings"][0]["source_port"], port.min(tunneled));
 
-    let (status, body) = post(&server, "/api/mapping/remove", &json!({"port": port}).to_string());
+    let (status, body) = post(&server, "/api/mapping/remove", json!({"port": port}));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"], json!({"port": port}));
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "listener closed on remove");
     // The port can be mapped again at once.
     create_mapping(&server, port, echo, false);
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"again"), b"again");
+    assert_eq!(roundtrip(loopback(port), b"again"), b"again");
 }
 
 #[test]
@@ -122,10 +118,8 @@ fn health_reports_the_tunnel_state() {
 fn api_token_guards_the_api_but_not_the_page_health_or_metrics() {
     let server = Daemon::server(SECRET, &["--api-token", "t0ken+/=t0ken+/="]);
     assert_error(http("GET", &server.url("/api/mapping/list"), None), 401, "token required");
-    let wrong = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer nope").call();
-    assert!(matches!(wrong, Err(ureq::Error::Status(401, _))));
-    let ok = ureq::get(&server.url("/api/mapping/list")).set("Authorization", "Bearer t0ken+/=t0ken+/=").call().expect("authorized");
-    assert_eq!(ok.status(), 200);
+    assert_eq!(http_with_token("GET", &server.url("/api/mapping/list"), "nope", None).0, 401);
+    assert_eq!(http_with_token("GET", &server.url("/api/mapping/list"), "t0ken+/=t0ken+/=", None).0, 200, "authorized");
     assert_eq!(http("GET", &server.url("/api/stats/traffic?token=t0ken%2B%2F%3Dt0ken%2B%2F%3D"), None).0, 200);
     assert_eq!(http("GET", &server.url("/api/stats/monitor"), None).0, 200);
     assert_eq!(http("GET", &server.url("/health"), None).0, 200);

@@ -43,9 +43,8 @@ fn pages_on_other_origins_cannot_change_the_api_and_read_it_only_when_allowed() 
     let api = format!("http://{}", server.http);
     let echo = echo_server();
     let body = |port: u16| json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port()}).to_string();
-    let mappings = || get_data(&server, "/api/mapping/list")["count"].as_u64().unwrap();
 
-    let mut browser = Browser::launch(&chromium, "MAP rebound.example 127.0.0.1");
+    let mut browser = Browser::launch(&chromium, &["MAP rebound.example 127.0.0.1"], None);
     browser.open(&format!("http://{evil}/"));
     // The classic CSRF: a "simple" request the browser sends without asking.
     let no_cors = format!(
@@ -62,7 +61,7 @@ fn pages_on_other_origins_cannot_change_the_api_and_read_it_only_when_allowed() 
     // Nor can it read anything.
     let read = format!("fetch('{api}/api/stats/traffic').then(r => r.json()).then(j => 'read ' + j.success, e => 'blocked')");
     assert_eq!(browser.eval(&read), json!("blocked"));
-    assert_eq!(mappings(), 0, "no page on another origin created a mapping");
+    assert_eq!(mapping_count(&server), 0, "no page on another origin created a mapping");
 
     // DNS rebinding: the attacker's name now resolves to the API's address, so
     // its page is same-origin with the API — and refused by Host.
@@ -73,7 +72,7 @@ fn pages_on_other_origins_cannot_change_the_api_and_read_it_only_when_allowed() 
     );
     assert_eq!(browser.eval(&rebound), json!(403));
     assert_eq!(browser.eval("fetch('/api/mapping/list').then(r => r.status)"), json!(403));
-    assert_eq!(mappings(), 0);
+    assert_eq!(mapping_count(&server), 0);
 
     // A configured origin reads the stats, with a preflight (the Authorization
     // header makes the request non-simple).

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,18 +15,14 @@ use serde_json::{json, Value};
 
 const SECRET: &str = "default-client-secret";
 
-fn post(server: &Daemon, path: &str, body: Value) -> (u16, Value) {
-    http("POST", &server.url(path), Some(&body.to_string()))
-}
-
 fn client_entry(server: &Daemon, name: &str) -> Value {
     let list = get_data(server, "/api/client/list");
     list["clients"].as_array().expect("clients").iter().find(|c| c["name"] == name).cloned().unwrap_or(Value::Null)
 }
 
+/// The status of the mapping on `port` as listed; empty when there is none.
 fn mapping_status(server: &Daemon, port: u16) -> String {
-    let list = get_data(server, "/api/mapping/list");
-    let mapping = list["mappings"].as_array().unwrap().iter().find(|m| m["source_port"] == port).cloned().unwrap_or(Value::Null);
+    let mapping = listed_mapping(server, port).unwrap_or(Value::Null);
     mapping["status"].as_str().unwrap_or_default().to_string()
 }
 
@@ -77,7 +73,7 @@ fn three_named_clients_serve_their_own_mappings_and_one_leaving_touches_no_other
     }
     for (client, port) in ports {
         let payload = random_bytes(200_000);
-        assert_eq!(sha256(&roundtrip(SocketAddr::from(([127, 0, 0, 1], port)), &payload)), sha256(&payload), "through {client}");
+        assert_eq!(sha256(&roundtrip(loopback(port), &payload)), sha256(&payload), "through {client}");
     }
     // Each client's tunnel carried its own mapping's bytes.
     let text = metrics_text(&server);
@@ -127,7 +123,7 @@ fn three_named_clients_serve_their_own_mappings_and_one_leaving_touches_no_other
         (mapping_status(&server, ports[1].1) == "active").then_some(())
     });
     let payload = random_bytes(100_000);
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], ports[1].1)), &payload), payload);
+    assert_eq!(roundtrip(loopback(ports[1].1), &payload), payload);
     let office_entry = client_entry(&server, "office");
     assert_eq!(office_entry["connected"], true, "{office_entry}");
     assert_eq!(office_entry["mappings"], 1, "{office_entry}");
@@ -141,16 +137,12 @@ fn a_valid_name_with_another_clients_secret_is_refused() {
     let _office_secret = create_client(&server, "office");
     let home_secret = create_client(&server, "home");
     let impostor = Daemon::client_unconnected(&server, &home_secret, &["--name", "office"]);
-    wait_for("the refusal in the client's log", Duration::from_secs(20), || {
-        impostor.log().contains("unknown client name or wrong secret").then_some(())
-    });
+    impostor.wait_for_log("unknown client name or wrong secret", Duration::from_secs(20));
     // The server's secret is `default`'s, not anyone else's.
     let as_default_secret = Daemon::client_unconnected(&server, SECRET, &["--name", "home"]);
     let unknown = Daemon::client_unconnected(&server, &home_secret, &["--name", "nobody"]);
     for refused in [&as_default_secret, &unknown] {
-        wait_for("the refusal in the client's log", Duration::from_secs(20), || {
-            refused.log().contains("unknown client name or wrong secret").then_some(())
-        });
+        refused.wait_for_log("unknown client name or wrong secret", Duration::from_secs(20));
     }
     let text = metrics_text(&server);
     assert!(metric_value(&text, "tunneld_tunnel_sessions_total", &[("result", "auth_failed")]).unwrap() >= 3.0, "{text}");
@@ -207,12 +199,10 @@ fn removing_a_client_closes_its_session_and_its_connections_within_a_second() {
     let text = metrics_text(&server);
     assert!(!text.contains("client=\"office\"}") && !text.contains("client=\"office\",direction"), "series removed:\n{text}");
     // It cannot come back with its old secret.
-    wait_for("the removed client to be refused", Duration::from_secs(20), || {
-        office.log().contains("unknown client name or wrong secret").then_some(())
-    });
+    office.wait_for_log("unknown client name or wrong secret", Duration::from_secs(20));
     // The other client never noticed.
     let payload = random_bytes(50_000);
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], default_port)), &payload), payload);
+    assert_eq!(roundtrip(loopback(default_port), &payload), payload);
     // Created again under the same name, with a new secret, it serves the mapping.
     let new_secret = create_client(&server, "office");
     assert_ne!(new_secret, office_secret);
@@ -220,7 +210,7 @@ fn removing_a_client_closes_its_session_and_its_connections_within_a_second() {
     wait_for("the office mapping to be active again", Duration::from_secs(15), || {
         (mapping_status(&server, office_port) == "active").then_some(())
     });
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], office_port)), b"again"), b"again");
+    assert_eq!(roundtrip(loopback(office_port), b"again"), b"again");
 }
 
 #[test]
@@ -314,7 +304,7 @@ fn clients_are_validated_listed_with_their_traffic_and_restored_after_a_restart(
     {
         let _lab = Daemon::client(&server, &lab_secret, &["--name", "lab-2"]);
         let payload = random_bytes(30_000);
-        assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], port)), &payload), payload);
+        assert_eq!(roundtrip(loopback(port), &payload), payload);
         let list = get_data(&server, "/api/client/list");
         assert_eq!(list["count"], 2, "{list}");
         assert!(!list.to_string().contains(&lab_secret), "a secret is never shown again: {list}");
@@ -346,7 +336,7 @@ fn clients_are_validated_listed_with_their_traffic_and_restored_after_a_restart(
     assert_eq!(client_entry(&server, "lab-2")["mappings"], 1);
     let _lab = Daemon::client(&server, &lab_secret, &["--name", "lab-2"]);
     wait_for("the restored mapping to be active", Duration::from_secs(15), || (mapping_status(&server, port) == "active").then_some(()));
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], port)), b"restored"), b"restored");
+    assert_eq!(roundtrip(loopback(port), b"restored"), b"restored");
 }
 
 #[test]

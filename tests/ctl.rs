@@ -69,7 +69,7 @@ fn ctl_creates_lists_reports_and_removes_mappings() {
 
     // 3,000 bytes each way: 2.9 KiB in the stats table, both columns.
     let payload = random_bytes(3000);
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &payload), payload);
+    assert_eq!(roundtrip(loopback(port), &payload), payload);
     let stats = wait_for("both directions counted", Duration::from_secs(10), || {
         let out = ctl(&server, config, &["stats"], &[]);
         assert!(out.status.success(), "stats: {}", stderr(&out));
@@ -128,7 +128,7 @@ fn ctl_creates_lists_and_removes_clients_and_maps_through_them() {
     let mapped = ctl(&server, config, &["create", &port.to_string(), &target_arg, "--tunnel", "--client", "office"], &[]);
     assert!(mapped.status.success(), "create: {}", stderr(&mapped));
     assert!(stdout(&mapped).contains("(tunnel:office), status active"), "{}", stdout(&mapped));
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"via office"), b"via office");
+    assert_eq!(roundtrip(loopback(port), b"via office"), b"via office");
 
     let listed = stdout(&ctl(&server, config, &["client", "list"], &[]));
     let office = listed.lines().find(|l| l.starts_with("office")).unwrap_or_default();

@@ -42,7 +42,7 @@ fn transfer_and_count(use_tunnel: bool) {
     let echo = echo_server();
     let port = free_port();
     create_mapping(&server, port, echo, use_tunnel);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = loopback(port);
 
     const TOTAL: usize = 16 << 20;
     concurrent_echo(addr, 1, TOTAL);
@@ -138,7 +138,7 @@ fn wrong_secret_is_refused_and_no_visitor_gets_through() {
     assert_eq!(created["data"]["status"], "waiting_for_tunnel");
     assert!(visit(port, b"let me in").is_empty(), "visitor must get nothing");
     assert!(target.accept().is_err(), "target must never see a connection");
-    let errors = metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())]);
+    let errors = scrape_metric(&server, "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())]);
     assert_eq!(errors, Some(1.0));
     let health = http("GET", &server.url("/health"), None).1;
     assert_eq!(health["tunnel_connected"], false);
@@ -150,7 +150,7 @@ fn killed_client_is_replaced_and_the_tunnel_works_again_without_api_calls() {
     let mut client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = loopback(port);
     assert_eq!(roundtrip(addr, b"before"), b"before");
 
     client.kill();
@@ -179,10 +179,10 @@ fn restarted_server_restores_its_mappings_and_the_client_reconnects() {
     assert_eq!(list["count"], 2, "{list}");
     let ports: Vec<u64> = list["mappings"].as_array().unwrap().iter().map(|m| m["source_port"].as_u64().unwrap()).collect();
     assert_eq!(ports, vec![direct.min(tunneled) as u64, direct.max(tunneled) as u64]);
-    assert_eq!(roundtrip(format!("127.0.0.1:{direct}").parse().unwrap(), b"direct after restart"), b"direct after restart");
+    assert_eq!(roundtrip(loopback(direct), b"direct after restart"), b"direct after restart");
 
     client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
-    assert_eq!(roundtrip(format!("127.0.0.1:{tunneled}").parse().unwrap(), b"tunnel after restart"), b"tunnel after restart");
+    assert_eq!(roundtrip(loopback(tunneled), b"tunnel after restart"), b"tunnel after restart");
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn a_stored_mapping_whose_port_is_taken_is_reported_and_retried() {
 
     drop(squatter);
     wait_for("the mapping to bind once the port is free", Duration::from_secs(15), || (status(&server) == "active").then_some(()));
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"finally"), b"finally");
+    assert_eq!(roundtrip(loopback(port), b"finally"), b"finally");
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn garbage_on_the_tunnel_port_does_not_harm_the_session() {
     let _ = junk.read_to_end(&mut buf);
     assert!(buf.is_empty(), "garbage gets no answer");
 
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"still fine"), b"still fine");
+    assert_eq!(roundtrip(loopback(port), b"still fine"), b"still fine");
     let text = metrics_text(&server);
     assert!(metric_value(&text, "tunneld_tunnel_sessions_total", &[("result", "protocol_error")]).unwrap() >= 1.0);
     assert_eq!(metric_value(&text, "tunneld_tunnel_connected", &[]), Some(1.0));
@@ -226,21 +226,21 @@ fn garbage_on_the_tunnel_port_does_not_harm_the_session() {
 
 fn unreachable_target_is_refused_and_counted(use_tunnel: bool) {
     let (server, client) = server_and_client(SECRET, use_tunnel);
-    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let closed: SocketAddr = loopback(free_port());
     let port = free_port();
     create_mapping(&server, port, closed, use_tunnel);
     for _ in 0..3 {
         assert!(visit(port, b"anyone there?").is_empty(), "nothing comes back from a closed port");
     }
     let errors = wait_for("three connect errors", Duration::from_secs(10), || {
-        let v = metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())])?;
+        let v = scrape_metric(&server, "tunneld_mapping_connect_errors_total", &[("port", &port.to_string())])?;
         (v == 3.0).then_some(v)
     });
     assert_eq!(errors, 3.0);
     if let Some(client) = client {
         assert!(client.log().contains("cannot reach target"), "the client logs the failure");
         // The session survives failed targets.
-        assert_eq!(metric_value(&metrics_text(&server), "tunneld_tunnel_connected", &[]), Some(1.0));
+        assert_eq!(scrape_metric(&server, "tunneld_tunnel_connected", &[]), Some(1.0));
     }
 }
 

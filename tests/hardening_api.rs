@@ -15,10 +15,6 @@ use serde_json::json;
 const SECRET: &str = "hardening-api-secret";
 const TOKEN: &str = "a-token-of-enough-length";
 
-fn post_json(server: &Daemon, path: &str, body: &str) -> (u16, serde_json::Value) {
-    http("POST", &server.url(path), Some(body))
-}
-
 /// A raw HTTP/1.1 request, so tests control every header (`Host` included).
 /// Returns the status and the response head (lower-cased header names).
 fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
@@ -35,10 +31,6 @@ fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
 
 fn get_with_host(server: &Daemon, path: &str, host: &str) -> u16 {
     raw(server.http, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).0
-}
-
-fn mapping_count(server: &Daemon) -> u64 {
-    get_data(server, "/api/mapping/list")["count"].as_u64().unwrap()
 }
 
 #[test]
@@ -112,19 +104,19 @@ fn unknown_and_duplicate_json_keys_are_refused() {
     let server = Daemon::server(SECRET, &[]);
     let port = free_port();
     let target = echo_server().port();
-    let (status, body) = post_json(
+    let (status, body) = post(
         &server,
         "/api/mapping/create",
-        &json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target, "use_tunel": true}).to_string(),
+        json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target, "use_tunel": true}),
     );
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("unknown field `use_tunel`"), "{body}");
     let duplicate =
         format!(r#"{{"source_port": {port}, "source_port": {}, "target_host": "127.0.0.1", "target_port": {target}}}"#, free_port());
-    let (status, body) = post_json(&server, "/api/mapping/create", &duplicate);
+    let (status, body) = post_raw(&server, "/api/mapping/create", &duplicate);
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("duplicate key `source_port`"), "{body}");
-    let (status, body) = post_json(&server, "/api/mapping/remove", &json!({"port": port, "force": true}).to_string());
+    let (status, body) = post(&server, "/api/mapping/remove", json!({"port": port, "force": true}));
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("unknown field `force`"), "{body}");
     assert_eq!(mapping_count(&server), 0);
@@ -137,10 +129,8 @@ fn ipv4_mapped_loopback_counts_as_loopback() {
     let listen = format!("[::ffff:127.0.0.1]:{port}");
     let tunnel = format!("127.0.0.1:{}", free_port());
     let state_dir = state.path().display().to_string();
-    let server = Daemon::with_args(
-        &["server", "--api-listen", &listen, "--tunnel-listen", &tunnel, "--state-dir", &state_dir],
-        SocketAddr::from(([127, 0, 0, 1], port)),
-    );
+    let server =
+        Daemon::with_args(&["server", "--api-listen", &listen, "--tunnel-listen", &tunnel, "--state-dir", &state_dir], loopback(port));
     assert_eq!(http("GET", &server.url("/health"), None).0, 200, "started without a token, as on 127.0.0.1");
 }
 
@@ -149,12 +139,12 @@ fn bidi_and_zero_width_characters_are_refused_in_target_hosts() {
     let server = Daemon::server(SECRET, &[]);
     for host in ["exa\u{202E}lpmoc.example", "inter\u{200B}nal.example", "\u{2066}db.lan\u{2069}", "b\u{fc}cher.example"] {
         let body = json!({"source_port": free_port(), "target_host": host, "target_port": 80, "use_tunnel": true});
-        let (status, reply) = post_json(&server, "/api/mapping/create", &body.to_string());
+        let (status, reply) = post(&server, "/api/mapping/create", body);
         assert_eq!(status, 400, "{host:?}: {reply}");
         assert!(reply["message"].as_str().unwrap().contains("not a valid host name"), "{reply}");
     }
     let body = json!({"source_port": free_port(), "target_host": "xn--bcher-kva.example", "target_port": 80, "use_tunnel": true});
-    assert_eq!(post_json(&server, "/api/mapping/create", &body.to_string()).0, 200, "punycode is fine");
+    assert_eq!(post(&server, "/api/mapping/create", body).0, 200, "punycode is fine");
 }
 
 /// Runs the daemon expecting it to exit on its own; one that is still running
@@ -242,10 +232,10 @@ fn the_state_database_keeps_no_shared_memory_file_to_fault_on() {
     if shm.exists() {
         std::fs::OpenOptions::new().write(true).open(&shm).unwrap().set_len(0).unwrap();
     }
-    let (status, body) = post_json(
+    let (status, body) = post(
         &server,
         "/api/mapping/create",
-        &json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": echo_server().port()}).to_string(),
+        json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": echo_server().port()}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(mapping_count(&server), 2);
@@ -293,7 +283,7 @@ fn a_failed_remove_says_remove_names_the_file_and_logs_the_500() {
     let (_keep, state) =
         tamper(server, "CREATE TRIGGER keep_rows BEFORE DELETE ON mappings BEGIN SELECT RAISE(ABORT, 'rows are kept'); END;");
     let server = Daemon::server_with_state(&state, SECRET, &[]);
-    let (status, body) = post_json(&server, "/api/mapping/remove", &json!({"port": port}).to_string());
+    let (status, body) = post(&server, "/api/mapping/remove", json!({"port": port}));
     assert_eq!(status, 500, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(message.contains(&format!("could not remove the mapping on port {port}")), "{message}");
@@ -340,7 +330,7 @@ fn an_unbindable_mapping_is_down_in_metrics_and_degrades_health() {
     assert!(health["reasons"][0].as_str().unwrap().contains(&format!("port {blocked}")), "{health}");
     drop(blocker);
     wait_for("the mapping to bind its port", Duration::from_secs(30), || {
-        metric_value(&metrics_text(&server), "tunneld_mapping_up", &[("port", &b)]).filter(|v| *v == 1.0)
+        scrape_metric(&server, "tunneld_mapping_up", &[("port", &b)]).filter(|v| *v == 1.0)
     });
     assert_eq!(http("GET", &server.url("/health"), None).1["status"], "ok");
 }

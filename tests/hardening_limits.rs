@@ -14,13 +14,14 @@ use serde_json::json;
 
 const SECRET: &str = "hardening-limits-secret";
 
+/// Asks for a mapping to `host:target_port`, which may be refused: the status
+/// and the reply.
 fn create(server: &Daemon, source_port: u16, host: &str, target_port: u16, use_tunnel: bool) -> (u16, serde_json::Value) {
-    let body = json!({"source_port": source_port, "target_host": host, "target_port": target_port, "use_tunnel": use_tunnel});
-    http("POST", &server.url("/api/mapping/create"), Some(&body.to_string()))
-}
-
-fn sample(server: &Daemon, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metric_value(&metrics_text(server), name, labels)
+    post(
+        server,
+        "/api/mapping/create",
+        json!({"source_port": source_port, "target_host": host, "target_port": target_port, "use_tunnel": use_tunnel}),
+    )
 }
 
 fn open_descriptors(pid: u32) -> usize {
@@ -141,14 +142,14 @@ fn a_mapping_loop_through_an_outside_relay_is_capped_and_the_daemon_stays_up() {
     visitor.write_all(b"round and round").unwrap();
     let port = looped.to_string();
     wait_for("the loop to hit the connection limit", Duration::from_secs(60), || {
-        sample(&server, "tunneld_mapping_refused_total", &[("port", &port), ("reason", "connection_limit")]).filter(|v| *v >= 1.0)
+        scrape_metric(&server, "tunneld_mapping_refused_total", &[("port", &port), ("reason", "connection_limit")]).filter(|v| *v >= 1.0)
     });
-    let active = sample(&server, "tunneld_mapping_active_connections", &[("port", &port)]).unwrap();
+    let active = scrape_metric(&server, "tunneld_mapping_active_connections", &[("port", &port)]).unwrap();
     assert!(active <= 40.0, "the cap holds: {active} open");
     // Still serving: the API and another mapping.
     let other = free_port();
     create_mapping(&server, other, echo_server(), false);
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], other)), b"still here"), b"still here");
+    assert_eq!(roundtrip(loopback(other), b"still here"), b"still here");
     assert!(!server.log().contains("Too many open files"), "{}", server.log());
 }
 
@@ -172,7 +173,7 @@ fn idle_api_connections_are_timed_out_and_bounded() {
     wait_for("the API to take its share of idle connections", Duration::from_secs(20), || {
         (open_descriptors(server.child.id()) > before).then_some(())
     });
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], port)), b"forwarding"), b"forwarding");
+    assert_eq!(roundtrip(loopback(port), b"forwarding"), b"forwarding");
     let during = open_descriptors(server.child.id());
     assert!(during < before + 40, "API connections are bounded: {before} descriptors before, {during} with 70 idle clients");
     // The first batch is closed by the header read timeout.
@@ -231,7 +232,7 @@ fn out_of_descriptors_is_a_refusal_not_a_connect_error() {
         let body = json!({"source_port": other, "target_host": "127.0.0.1", "target_port": echo_server().port(), "use_tunnel": false});
         ureq::post(&server.url("/api/mapping/create")).set("Content-Type", "application/json").send_string(&body.to_string()).ok()
     });
-    assert_eq!(roundtrip(SocketAddr::from(([127, 0, 0, 1], other)), b"recovered"), b"recovered");
+    assert_eq!(roundtrip(loopback(other), b"recovered"), b"recovered");
 }
 
 #[test]
@@ -263,7 +264,7 @@ fn stalled_target_is_closed_after_the_idle_timeout(use_tunnel: bool) {
         wait_for("the target to be reached", Duration::from_secs(20), || held.lock().unwrap().first().map(|c| c.try_clone().unwrap()));
     let p = port.to_string();
     wait_for("the idle connection to be closed", Duration::from_secs(30), || {
-        sample(&server, "tunneld_mapping_active_connections", &[("port", &p)]).filter(|v| *v == 0.0)
+        scrape_metric(&server, "tunneld_mapping_active_connections", &[("port", &p)]).filter(|v| *v == 0.0)
     });
     assert!(closed_by_peer(&visitor, Duration::from_secs(10)), "the visitor's connection is closed");
     assert!(peer_let_go(&target_conn, Duration::from_secs(10)), "the target's connection is closed");
@@ -310,7 +311,7 @@ fn removing_a_mapping_makes_the_client_drop_its_target() {
         last = now;
         stalled.then_some(())
     });
-    let (status, body) = http("POST", &server.url("/api/mapping/remove"), Some(&json!({"port": port}).to_string()));
+    let (status, body) = post(&server, "/api/mapping/remove", json!({"port": port}));
     assert_eq!(status, 200, "{body}");
     assert!(peer_let_go(&target_conn, Duration::from_secs(20)), "the client still holds the target open");
 }

@@ -17,17 +17,6 @@ use tunneld::tunnel::message::{Auth, Challenge, Opening, Verdict, PROTOCOL_VERSI
 
 const SECRET: &str = "hardening-tunnel-secret";
 
-/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is
-/// all loopback, so tests can play several sources).
-fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    socket.connect(&to.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    stream
-}
-
 /// One frame, written with the crate's own framing.
 fn write_frame<T: Serialize>(conn: &mut TcpStream, msg: &T) -> std::io::Result<()> {
     conn.write_all(&frame::encode_frame(msg))
@@ -69,10 +58,6 @@ fn plain_server() -> Daemon {
     Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__TLS", "false")])
 }
 
-fn sessions(server: &Daemon, result: &str) -> f64 {
-    metric_value(&metrics_text(server), "tunneld_tunnel_sessions_total", &[("result", result)]).unwrap_or(-1.0)
-}
-
 #[test]
 fn wrong_secret_guessing_is_throttled_per_source_and_logged_in_aggregate() {
     let server = plain_server();
@@ -80,8 +65,8 @@ fn wrong_secret_guessing_is_throttled_per_source_and_logged_in_aggregate() {
     let attacker: IpAddr = "127.0.0.1".parse().unwrap();
     let challenged = (0..40).filter(|_| guess(attacker, tunnel)).count();
     assert!(challenged <= 6, "{challenged} of 40 guesses were heard");
-    assert!(sessions(&server, "throttled") >= 34.0, "{}", metrics_text(&server));
-    assert!(sessions(&server, "auth_failed") <= 6.0);
+    assert!(tunnel_sessions(&server, "throttled") >= 34.0, "{}", metrics_text(&server));
+    assert!(tunnel_sessions(&server, "auth_failed") <= 6.0);
     // Another address is not punished for this one.
     assert!(guess("127.0.0.2".parse().unwrap(), tunnel), "another source still gets a challenge");
     let log = server.log();
@@ -113,7 +98,7 @@ fn silent_tunnel_connections_are_bounded_and_logged_in_aggregate() {
         (n >= 80).then_some(n)
     });
     assert!(refused >= 80, "only {refused} of 100 idle connections were refused");
-    assert!(sessions(&server, "throttled") >= 80.0);
+    assert!(tunnel_sessions(&server, "throttled") >= 80.0);
     // Another source still gets through while they sit there.
     assert!(guess("127.0.0.3".parse().unwrap(), tunnel));
     let log = server.log();
@@ -130,7 +115,7 @@ fn two_clients_with_one_secret_are_reported_as_flapping() {
         let (_, health) = http("GET", &server.url("/health"), None);
         (health["status"] == "degraded" && health["reasons"].to_string().contains("flapping")).then_some(health)
     });
-    assert!(sessions(&server, "replaced") >= 4.0, "{health}");
+    assert!(tunnel_sessions(&server, "replaced") >= 4.0, "{health}");
     let log = server.log();
     let line = log.lines().find(|l| l.contains("ERROR") && l.contains("flapping")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("previous=127.0.0.1:") && line.contains("latest=127.0.0.1:"), "names both peers: {line}");
@@ -140,12 +125,12 @@ fn two_clients_with_one_secret_are_reported_as_flapping() {
 fn a_tunneled_visitor_refused_by_its_target_counts_no_bytes() {
     let (server, _client) = server_and_client(SECRET, true);
     let port = free_port();
-    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let closed = loopback(free_port());
     create_mapping(&server, port, closed, true);
     assert!(visit(port, b"hello").is_empty());
     let p = port.to_string();
     wait_for("the connect error to be counted", Duration::from_secs(20), || {
-        metric_value(&metrics_text(&server), "tunneld_mapping_connect_errors_total", &[("port", &p)]).filter(|v| *v == 1.0)
+        scrape_metric(&server, "tunneld_mapping_connect_errors_total", &[("port", &p)]).filter(|v| *v == 1.0)
     });
     let text = metrics_text(&server);
     for direction in ["sent", "received"] {

@@ -6,39 +6,25 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    config_file, create_mapping, echo_server, free_port, get_data, http, metric_value, metrics_text, roundtrip, wait_for, Daemon,
+    config_file, create_mapping, echo_server, echo_through, free_port, get_data, http, post, traffic_entry, unix_now, wait_for,
+    wait_for_history_flush, Daemon,
 };
+use serde_json::json;
 
 const SECRET: &str = "history-secret";
 const CONFIG: &str = "[history]\ninterval_secs = 1\nutc_offset = \"+08:00\"\n";
-
-fn push(port: u16, len: usize) {
-    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(roundtrip(addr, &payload) == payload, "echo through :{port} came back different");
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 /// Waits until the daemon has counted `want` (sent) on `port`, then until the
 /// recorder has flushed after that moment.
 fn wait_flushed(d: &Daemon, port: u16, want: u64) {
     wait_for("the bytes to be counted", Duration::from_secs(20), || {
-        let data = get_data(d, "/api/stats/traffic");
-        let m = data["mappings"].as_array()?.iter().find(|m| m["port"] == port)?.clone();
+        let m = traffic_entry(d, port)?;
         (m["bytes_sent"].as_u64()? >= want).then_some(())
     });
-    let counted = now();
-    wait_for("a flush after the bytes were counted", Duration::from_secs(20), || {
-        let last = metric_value(&metrics_text(d), "tunneld_history_last_flush_timestamp_seconds", &[])?;
-        (last > counted).then_some(())
-    });
+    wait_for_history_flush(d, unix_now());
 }
 
 /// (sent, received) per port from the hourly history of the last day.
@@ -49,8 +35,7 @@ fn history_sums(d: &Daemon, port: u16) -> (u64, u64) {
 }
 
 fn lifetime(d: &Daemon, port: u16) -> (u64, u64) {
-    let data = get_data(d, "/api/stats/traffic");
-    let m = data["mappings"].as_array().unwrap().iter().find(|m| m["port"] == port).expect("mapping listed").clone();
+    let m = traffic_entry(d, port).expect("mapping listed");
     (m["lifetime_sent"].as_u64().unwrap(), m["lifetime_received"].as_u64().unwrap())
 }
 
@@ -70,11 +55,11 @@ fn history_survives_kill_9_and_is_exact_after_sigterm() {
     let mut d = start(&state, &config);
     create_mapping(&d, ports[0], echo, false);
     create_mapping(&d, ports[1], echo, false);
-    push(ports[0], 100_000);
-    push(ports[1], 200_000);
+    echo_through(ports[0], 100_000);
+    echo_through(ports[1], 200_000);
     wait_flushed(&d, ports[1], 200_000);
     wait_flushed(&d, ports[0], 100_000);
-    push(ports[0], 30_000); // may be lost: at most one interval
+    echo_through(ports[0], 30_000); // may be lost: at most one interval
     d.kill();
     let mut moved = [130_000u64, 200_000];
     let mut surely = [100_000u64, 200_000];
@@ -89,13 +74,13 @@ fn history_survives_kill_9_and_is_exact_after_sigterm() {
         // What the store holds now is the new floor.
         surely[i] = sent;
     }
-    push(ports[0], 70_000);
-    push(ports[1], 11_000);
+    echo_through(ports[0], 70_000);
+    echo_through(ports[1], 11_000);
     wait_flushed(&d, ports[1], 11_000);
     wait_flushed(&d, ports[0], 70_000);
     surely[0] += 70_000;
     surely[1] += 11_000;
-    push(ports[1], 5_000); // may be lost
+    echo_through(ports[1], 5_000); // may be lost
     moved[0] += 70_000;
     moved[1] += 16_000;
     d.kill();
@@ -114,8 +99,8 @@ fn history_survives_kill_9_and_is_exact_after_sigterm() {
         assert_eq!(history_sums(&d, port).0, sent);
         stored[i] = sent;
     }
-    push(ports[0], 12_345);
-    push(ports[1], 54_321);
+    echo_through(ports[0], 12_345);
+    echo_through(ports[1], 54_321);
     let status = d.terminate();
     assert!(status.success(), "SIGTERM exit: {status}");
 
@@ -133,7 +118,7 @@ fn history_survives_kill_9_and_is_exact_after_sigterm() {
     assert_eq!(traffic["lifetime_sent"].as_u64(), Some(sum));
     assert_eq!(traffic["total_sent"].as_u64(), Some(0), "since-start totals keep their meaning: {traffic}");
     let started = traffic["started_at"].as_f64().expect("started_at");
-    assert!(started <= traffic["timestamp"].as_f64().unwrap() && started > now() - 120.0, "{traffic}");
+    assert!(started <= traffic["timestamp"].as_f64().unwrap() && started > unix_now() - 120.0, "{traffic}");
     let (status, _) = http("GET", &d.url("/health"), None);
     assert_eq!(status, 200);
 }
@@ -145,7 +130,7 @@ fn report_csv_parses_and_bad_queries_are_refused() {
     let echo = echo_server();
     let port = free_port();
     create_mapping(&d, port, echo, false);
-    push(port, 4_321);
+    echo_through(port, 4_321);
     wait_flushed(&d, port, 4_321);
 
     // JSON and CSV carry the same rows; the CSV is an RFC 4180 attachment.
@@ -172,7 +157,7 @@ fn report_csv_parses_and_bad_queries_are_refused() {
     assert_eq!(mine[0][0].len(), "2026-11".len(), "month label: {:?}", &mine[0][0]);
 
     // 400s, each with a message that says what to do.
-    let now = now() as i64;
+    let now = unix_now() as i64;
     for (query, needle) in [
         ("history?step=week", "step"),
         ("history?step=minute&from=0&to=999999", "step=hour"),
@@ -201,12 +186,12 @@ fn a_removed_mapping_keeps_its_history_and_a_new_one_on_its_port_counts_from_zer
     let port = free_port();
     create_mapping(&d, port, echo, false);
     // With a 60 s interval no periodic flush comes in between: removal records it.
-    push(port, 7_000);
-    let (status, body) = http("POST", &d.url("/api/mapping/remove"), Some(&format!(r#"{{"port": {port}}}"#)));
+    echo_through(port, 7_000);
+    let (status, body) = post(&d, "/api/mapping/remove", json!({"port": port}));
     assert_eq!(status, 200, "{body}");
     assert_eq!(history_sums(&d, port), (7_000, 7_000), "the removed mapping's bytes are in the history");
     create_mapping(&d, port, echo, false);
-    push(port, 500);
+    echo_through(port, 500);
     assert_eq!(lifetime(&d, port), (7_500, 7_500), "the port's lifetime continues, counting the new mapping from 0");
     let report = get_data(&d, "/api/stats/report?period=day");
     let row = report["rows"].as_array().unwrap().iter().find(|r| r["port"] == port).cloned().expect("report row");

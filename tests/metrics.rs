@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::json;
 
 const SECRET: &str = "metrics-secret";
 
@@ -19,11 +19,7 @@ fn port_metric(d: &Daemon, name: &str, port: u16, direction: Option<&str>) -> Op
     if let Some(dir) = direction {
         labels.push(("direction", dir));
     }
-    metric_value(&metrics_text(d), name, &labels)
-}
-
-fn traffic_entry(d: &Daemon, port: u16) -> Option<Value> {
-    get_data(d, "/api/stats/traffic")["mappings"].as_array()?.iter().find(|m| m["port"] == port).cloned()
+    scrape_metric(d, name, &labels)
 }
 
 /// A target that reads and discards everything, never replying or closing.
@@ -86,7 +82,7 @@ fn exact_asymmetric_counts(use_tunnel: bool) {
     let (server, client) = server_and_client(SECRET, use_tunnel);
     let port = free_port();
     create_mapping(&server, port, replying_target(), use_tunnel);
-    let reply = roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &vec![b'u'; UP]);
+    let reply = roundtrip(loopback(port), &vec![b'u'; UP]);
     assert_eq!(reply.len(), DOWN);
 
     let text = wait_for("connection closed", Duration::from_secs(10), || {
@@ -101,7 +97,7 @@ fn exact_asymmetric_counts(use_tunnel: bool) {
     assert_eq!(entry["bytes_received"], DOWN);
 
     if let Some(client) = client {
-        let tunnel = |d: &Daemon, dir: &str| metric_value(&metrics_text(d), "tunneld_tunnel_bytes_total", &[("direction", dir)]).unwrap();
+        let tunnel = |d: &Daemon, dir: &str| scrape_metric(d, "tunneld_tunnel_bytes_total", &[("direction", dir)]).unwrap();
         // Heartbeats may be in flight at any instant, so wait for a quiet moment
         // where each side's "sent" equals the other's "received".
         wait_for("server and client wire counters to mirror each other", Duration::from_secs(10), || {
@@ -133,10 +129,10 @@ fn a_removed_mapping_disappears_from_both_views() {
     let echo = echo_server();
     create_mapping(&server, keep, echo, false);
     create_mapping(&server, gone, echo, false);
-    roundtrip(format!("127.0.0.1:{gone}").parse().unwrap(), b"some bytes");
+    roundtrip(loopback(gone), b"some bytes");
     assert!(metrics_text(&server).contains(&format!("port=\"{gone}\"")));
 
-    let (status, _) = http("POST", &server.url("/api/mapping/remove"), Some(&format!("{{\"port\": {gone}}}")));
+    let (status, _) = post(&server, "/api/mapping/remove", json!({"port": gone}));
     assert_eq!(status, 200);
     let text = metrics_text(&server);
     assert!(!text.contains(&format!("port=\"{gone}\"")), "no series left for the removed port:\n{text}");
@@ -153,7 +149,7 @@ fn traffic_json_has_every_documented_field_with_its_type() {
     let (a, b) = (free_port(), free_port());
     create_mapping(&server, a.max(b), echo, true);
     create_mapping(&server, a.min(b), echo, false);
-    roundtrip(format!("127.0.0.1:{}", a.min(b)).parse().unwrap(), b"x");
+    roundtrip(loopback(a.min(b)), b"x");
 
     let (status, body) = http("GET", &server.url("/api/stats/traffic"), None);
     assert_eq!(status, 200);
@@ -194,7 +190,7 @@ fn metrics_endpoints_have_the_right_content_type_and_pass_promtool() {
     let client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"traffic");
+    roundtrip(loopback(port), b"traffic");
 
     for d in [&server, &client] {
         let resp = ureq::get(&d.url("/metrics")).call().unwrap();
@@ -228,7 +224,7 @@ fn concurrent_connections_on_one_port_add_up_exactly() {
     let server = Daemon::server(SECRET, &[]);
     let port = free_port();
     create_mapping(&server, port, echo_server(), false);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = loopback(port);
     let sizes: Vec<usize> = (0..20).map(|i| 10_000 + i * 7_919).collect();
     let workers: Vec<_> = sizes
         .iter()

@@ -1,9 +1,7 @@
 //! The monitor page (`/api/stats/monitor`) in a real browser.
 //!
-//! Debian's `chromium` runs headless and is driven over the DevTools protocol on
-//! `--remote-debugging-pipe` (fd 3 = commands in, fd 4 = replies out, messages
-//! separated by NUL), so the test needs nothing beyond std + serde_json: no
-//! WebSocket client, no driver binary. Everything asserted is read from the
+//! Debian's `chromium` runs headless, driven over the DevTools pipe by
+//! `common::browser` (no WebSocket client, no driver binary). Everything asserted is read from the
 //! *rendered* DOM after the page's JavaScript ran, and compared with what the daemon
 //! itself reports on `/api/stats/traffic`.
 //!
@@ -18,20 +16,19 @@
 
 mod common;
 
-use common::{create_mapping, echo_server, free_port, roundtrip, tools::external_tool, Daemon};
+use common::browser::{Browser, UI_TIMEOUT};
+use common::tools::external_tool;
+use common::{
+    config_file, create_client, create_mapping, create_tunneled_mapping, echo_server, echo_through, free_port, get_data,
+    get_data_with_token, http, post_with_token, unix_now, wait_for, wait_for_history_flush, Daemon,
+};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Generous bound for anything the page should do "within a few updates".
-const UI_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // What the page shows, re-implemented here to compare texts exactly.
@@ -78,278 +75,6 @@ fn format_bytes_matches_the_page_rule() {
     assert_eq!(format_bytes(1_500_000), "1.43 MiB");
     assert_eq!(format_bytes(5 << 40), "5.00 TiB");
     assert_eq!(format_bytes(2000 << 40), "2000 TiB");
-}
-
-// ---------------------------------------------------------------------------
-// A minimal DevTools-protocol client over --remote-debugging-pipe.
-// ---------------------------------------------------------------------------
-
-struct Browser {
-    child: Child,
-    commands: ChildStdin,
-    replies: Receiver<Value>,
-    next_id: u64,
-    /// The page's session (flattened `Target.attachToTarget`); commands go there.
-    session: String,
-    /// Every protocol event seen so far (network requests, exceptions, ...).
-    events: Vec<Value>,
-    log_path: PathBuf,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    /// Starts headless chromium with a fresh profile, cut off from every host but
-    /// loopback (see the module doc), and opens one page at 1920x1080.
-    fn launch(chromium: &Path, canary_proxy: SocketAddr) -> Browser {
-        let profile = tempfile::tempdir().expect("profile dir");
-        let log_path = profile.path().join("chromium.log");
-        let log = std::fs::File::create(&log_path).expect("chromium log");
-        let flags = [
-            "--headless".to_string(),
-            "--no-sandbox".into(), // CI runs as root
-            "--disable-gpu".into(),
-            "--disable-dev-shm-usage".into(),
-            "--no-first-run".into(),
-            "--no-default-browser-check".into(),
-            "--disable-background-networking".into(),
-            "--disable-component-update".into(),
-            "--disable-sync".into(),
-            "--disable-default-apps".into(),
-            "--disable-extensions".into(),
-            "--disable-domain-reliability".into(),
-            "--disable-client-side-phishing-detection".into(),
-            "--no-pings".into(),
-            "--disable-quic".into(),
-            // Chromium's own background services (time sync, autofill, sign-in,
-            // optimisation hints): none is the page's business.
-            "--disable-features=NetworkTimeServiceQuerying,AutofillServerCommunication,OptimizationHints,MediaRouter,Translate,CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions".into(),
-            "--disable-breakpad".into(),
-            "--hide-scrollbars".into(),
-            "--mute-audio".into(),
-            "--window-size=1920,1080".into(),
-            format!("--user-data-dir={}", profile.path().display()),
-            // No name resolves; loopback literals stay reachable.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
-            // Anything else is sent to the canary, which records and refuses it.
-            format!("--proxy-server=http://{canary_proxy}"),
-            "--proxy-bypass-list=127.0.0.1".into(),
-            "--remote-debugging-pipe".into(),
-            "about:blank".into(),
-        ];
-        // The protocol pipe lives on fds 3 and 4; std can only hand over 0-2, so a
-        // shell moves our stdin/stdout pipes there before exec'ing chromium.
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null"#)
-            .arg(chromium)
-            .args(&flags)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn chromium");
-        let commands = child.stdin.take().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, replies) = channel();
-        std::thread::spawn(move || loop {
-            let mut msg = Vec::new();
-            match out.read_until(0, &mut msg) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    if msg.last() == Some(&0) {
-                        msg.pop();
-                    }
-                    let Ok(v) = serde_json::from_slice::<Value>(&msg) else { continue };
-                    if tx.send(v).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        let mut b =
-            Browser { child, commands, replies, next_id: 0, session: String::new(), events: Vec::new(), log_path, _profile: profile };
-        let target = b.send(None, "Target.createTarget", json!({"url": "about:blank"}));
-        let target_id = target["targetId"].as_str().expect("targetId").to_string();
-        let attached = b.send(None, "Target.attachToTarget", json!({"targetId": target_id, "flatten": true}));
-        b.session = attached["sessionId"].as_str().expect("sessionId").to_string();
-        for domain in ["Page.enable", "Runtime.enable", "Network.enable"] {
-            b.call(domain, json!({}));
-        }
-        b.set_viewport(1920, 1080, false);
-        b
-    }
-
-    /// Sends one command (to the page session or, with `None`, to the browser) and
-    /// waits for its reply, keeping the events that arrive meanwhile.
-    fn send(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut msg = json!({"id": id, "method": method, "params": params});
-        if let Some(s) = session {
-            msg["sessionId"] = json!(s);
-        }
-        let mut bytes = serde_json::to_vec(&msg).unwrap();
-        bytes.push(0);
-        if let Err(e) = self.commands.write_all(&bytes).and_then(|_| self.commands.flush()) {
-            panic!("{method}: writing to chromium failed: {e}\n{}", self.log());
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.recv_timeout(left) {
-                Ok(reply) if reply["id"] == json!(id) => {
-                    if let Some(err) = reply.get("error") {
-                        panic!("{method} failed: {err}");
-                    }
-                    return reply["result"].clone();
-                }
-                Ok(event) => self.events.push(event),
-                Err(RecvTimeoutError::Timeout) => panic!("{method}: no reply from chromium in 30 s\n{}", self.log()),
-                Err(RecvTimeoutError::Disconnected) => panic!("{method}: chromium went away\n{}", self.log()),
-            }
-        }
-    }
-
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        let session = self.session.clone();
-        self.send(Some(&session), method, params)
-    }
-
-    /// Evaluates a JS expression in the page and returns its (JSON) value.
-    fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true, "awaitPromise": true}));
-        if let Some(ex) = r.get("exceptionDetails") {
-            panic!("evaluating {expr:?} threw: {ex}");
-        }
-        r["result"]["value"].clone()
-    }
-
-    /// Polls a JS condition until it is `true` (bounded); on timeout panics with
-    /// `what` and the page's state snapshot. A condition that throws (the document
-    /// is still loading after a navigation) counts as not yet true.
-    fn wait_for(&mut self, what: &str, cond: &str) {
-        let guarded = format!("(() => {{ try {{ return ({cond}) === true; }} catch (e) {{ return false; }} }})()");
-        let deadline = Instant::now() + UI_TIMEOUT;
-        while Instant::now() < deadline {
-            if self.eval(&guarded) == json!(true) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let snapshot = self.eval(SNAPSHOT_JS);
-        panic!("timed out waiting for {what} ({cond})\npage state: {snapshot:#}\n{}", self.log());
-    }
-
-    fn navigate(&mut self, url: &str) {
-        let r = self.call("Page.navigate", json!({"url": url}));
-        assert!(r.get("errorText").is_none(), "navigating to {url}: {r}");
-    }
-
-    fn set_viewport(&mut self, width: u32, height: u32, mobile: bool) {
-        self.call(
-            "Emulation.setDeviceMetricsOverride",
-            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
-        );
-    }
-
-    fn set_color_scheme(&mut self, scheme: &str) {
-        self.call("Emulation.setEmulatedMedia", json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}));
-    }
-
-    /// Saves a PNG of the viewport into `test-artifacts/`.
-    fn screenshot(&mut self, name: &str) -> PathBuf {
-        self.capture(name, json!({"format": "png"}))
-    }
-
-    /// Saves a PNG of the whole page (everything below the fold too).
-    fn screenshot_full_page(&mut self, name: &str) -> PathBuf {
-        let size = self.call("Page.getLayoutMetrics", json!({}))["cssContentSize"].clone();
-        let clip = json!({"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1});
-        self.capture(name, json!({"format": "png", "captureBeyondViewport": true, "clip": clip}))
-    }
-
-    fn capture(&mut self, name: &str, params: Value) -> PathBuf {
-        let shot = self.call("Page.captureScreenshot", params);
-        let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
-        assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
-        std::fs::create_dir_all(&dir).expect("create test-artifacts/");
-        let path = dir.join(name);
-        std::fs::write(&path, png).expect("write screenshot");
-        eprintln!("screenshot: {}", path.display());
-        path
-    }
-
-    /// Drains pending events (so `events` is current without sending a command).
-    fn pump(&mut self) {
-        while let Ok(ev) = self.replies.try_recv() {
-            self.events.push(ev);
-        }
-    }
-
-    fn events_named(&mut self, method: &str) -> Vec<Value> {
-        self.pump();
-        self.events.iter().filter(|e| e["method"] == json!(method)).map(|e| e["params"].clone()).collect()
-    }
-
-    /// URLs of every request the page made (documents, assets, fetch, EventSource).
-    fn requested_urls(&mut self) -> Vec<String> {
-        self.events_named("Network.requestWillBeSent")
-            .iter()
-            .map(|p| p["request"]["url"].as_str().unwrap_or_default().to_string())
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        format!("--- chromium log (tail) ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // Ask politely so chromium takes its helper processes down with it, then
-        // make sure (bounded) before the profile dir is removed.
-        let mut bytes = serde_json::to_vec(&json!({"id": 0, "method": "Browser.close"})).unwrap();
-        bytes.push(0);
-        let _ = self.commands.write_all(&bytes);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Standard base64 (screenshots arrive base64-encoded); no crate for 20 lines.
-fn base64_decode(s: &str) -> Vec<u8> {
-    fn val(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some((c - b'A') as u32),
-            b'a'..=b'z' => Some((c - b'a' + 26) as u32),
-            b'0'..=b'9' => Some((c - b'0' + 52) as u32),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for v in s.bytes().filter_map(val) {
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
 }
 
 /// Everything the tests look at, read from the rendered DOM in one go.
@@ -407,6 +132,15 @@ fn state_is(state: &str) -> String {
     format!(r#"document.querySelector('[data-testid="connection-status"]').dataset.state === {state:?}"#)
 }
 
+/// The browser every test here uses: cut off from every host but 127.0.0.1, its
+/// other requests sent to the `canary` proxy, and the page's state
+/// ([`SNAPSHOT_JS`]) printed when a wait times out.
+fn monitor_browser(chromium: &Path, canary: SocketAddr) -> Browser {
+    let mut browser = Browser::launch(chromium, &[], Some(canary));
+    browser.set_state_probe(SNAPSHOT_JS);
+    browser
+}
+
 // ---------------------------------------------------------------------------
 // Test fixtures: canary proxy, traffic, the daemon's own view.
 // ---------------------------------------------------------------------------
@@ -435,28 +169,8 @@ fn canary_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, seen)
 }
 
-/// `/api/stats/traffic`'s `data`, optionally with a bearer token.
-fn traffic(daemon: &Daemon, token: Option<&str>) -> Value {
-    let mut req = ureq::get(&daemon.url("/api/stats/traffic")).timeout(Duration::from_secs(10));
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let body: Value = req.call().expect("GET /api/stats/traffic").into_json().expect("traffic JSON");
-    assert_eq!(body["success"], json!(true), "{body}");
-    body["data"].clone()
-}
-
 fn u64_at(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a u64 in {v}"))
-}
-
-/// Pushes `payload_len` bytes through `port` and checks the echo came back whole.
-fn push(port: u16, payload_len: usize) {
-    let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let back = roundtrip(addr, &payload);
-    assert_eq!(back.len(), payload.len(), "echo through :{port} came back short");
-    assert!(back == payload, "echo through :{port} came back altered");
 }
 
 /// Keeps traffic flowing through `ports` on a thread until the returned flag is
@@ -471,59 +185,11 @@ fn background_traffic(ports: Vec<u16>) -> (Arc<AtomicBool>, std::thread::JoinHan
                 return;
             }
             for &p in &ports {
-                push(p, 48 * 1024);
+                echo_through(p, 48 * 1024);
             }
         }
     });
     (stop, handle)
-}
-
-/// A second `tunneld server` on a given API address (the helpers in common always
-/// pick fresh ports; recovery needs the page's daemon back where it was).
-struct Respawned {
-    child: Child,
-    _tmp: tempfile::TempDir,
-}
-
-impl Respawned {
-    fn start(api: SocketAddr, state_dir: &Path, secret: &str) -> Respawned {
-        let tmp = tempfile::tempdir().unwrap();
-        let notify_path = tmp.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let tunnel = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(common::BIN)
-            .args(["server", "--api-listen", &api.to_string(), "--tunnel-listen", &tunnel])
-            .arg("--state-dir")
-            .arg(state_dir)
-            .args(["--secret", secret])
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("respawn tunneld");
-        let me = Respawned { child, _tmp: tmp };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 4096];
-        notify.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        loop {
-            assert!(Instant::now() < deadline, "respawned daemon never sent READY=1");
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    return me;
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Respawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Everything on the page that differs from `/api/stats/traffic` (empty: all
@@ -642,11 +308,11 @@ fn monitor_page_renders_live_traffic_offline() {
 
     // Known traffic first: 100 000 bytes each way through one mapping and
     // 1 500 000 through the other.
-    push(ports[0], 100_000);
-    push(ports[1], 1_500_000);
+    echo_through(ports[0], 100_000);
+    echo_through(ports[1], 1_500_000);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let t = traffic(&daemon, None);
+        let t = get_data(&daemon, "/api/stats/traffic");
         if u64_at(&t, "total_sent") == 1_600_000 && u64_at(&t, "total_received") == 1_600_000 {
             break;
         }
@@ -655,7 +321,7 @@ fn monitor_page_renders_live_traffic_offline() {
     }
 
     let (canary_addr, canary) = canary_proxy();
-    let mut browser = Browser::launch(&chromium, canary_addr);
+    let mut browser = monitor_browser(&chromium, canary_addr);
     let base = format!("http://{}/", daemon.http);
     // The page passes ?interval_ms on to its event stream: 4 updates a second.
     browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
@@ -691,7 +357,7 @@ fn monitor_page_renders_live_traffic_offline() {
     let deadline = Instant::now() + UI_TIMEOUT;
     let api = loop {
         let page = browser.eval(SNAPSHOT_JS);
-        let api = traffic(&daemon, None);
+        let api = get_data(&daemon, "/api/stats/traffic");
         let wrong = page_vs_api(&page, &api, echo);
         if wrong.is_empty() {
             break api;
@@ -758,7 +424,7 @@ fn monitor_page_renders_live_traffic_offline() {
     );
     assert_eq!(card, json!({"connected": "unknown", "state": "Unknown", "ticking": false}), "{card}");
     browser.screenshot("monitor-connection-lost.png");
-    let _back = Respawned::start(daemon.http, &daemon.state_dir, "monitor-secret");
+    let _back = Daemon::server_restarted_on_api(&daemon.state_dir, daemon.http, "monitor-secret");
     browser.wait_for("recovery", &state_is("live"));
     browser.wait_for("the restored mappings", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 2"#);
     let page = browser.eval(SNAPSHOT_JS);
@@ -783,23 +449,20 @@ fn monitor_page_asks_for_the_api_token() {
     let daemon = Daemon::server("monitor-secret", &["--api-token", TOKEN]);
     let echo = echo_server();
     let port = free_port();
-    // create_mapping cannot send the token; create it with ureq directly.
+    // create_mapping cannot send the token.
     let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": false});
-    let resp = ureq::post(&daemon.url("/api/mapping/create"))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .send_json(body)
-        .expect("create mapping with token");
-    assert_eq!(resp.status(), 200);
-    push(port, 3000);
+    let (status, reply) = post_with_token(&daemon, "/api/mapping/create", TOKEN, body);
+    assert_eq!(status, 200, "create mapping with token: {reply}");
+    echo_through(port, 3000);
 
     // The contract the page relies on: 401 without the token, data with it.
-    let (status, _) = common::http("GET", &daemon.url("/api/stats/traffic"), None);
+    let (status, _) = http("GET", &daemon.url("/api/stats/traffic"), None);
     assert_eq!(status, 401);
-    let (status, _) = common::http("GET", &daemon.url(&format!("/api/stats/traffic?token={TOKEN}")), None);
+    let (status, _) = http("GET", &daemon.url(&format!("/api/stats/traffic?token={TOKEN}")), None);
     assert_eq!(status, 200);
 
     let (canary_addr, canary) = canary_proxy();
-    let mut browser = Browser::launch(&chromium, canary_addr);
+    let mut browser = monitor_browser(&chromium, canary_addr);
     browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
     browser.wait_for("the token prompt", &state_is("auth-required"));
     let page = browser.eval(SNAPSHOT_JS);
@@ -827,7 +490,7 @@ fn monitor_page_asks_for_the_api_token() {
     browser.eval(&submit(TOKEN));
     browser.wait_for("the live stream", &state_is("live"));
     browser.wait_for("the mapping row", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 1"#);
-    let api = traffic(&daemon, Some(TOKEN));
+    let api = get_data_with_token(&daemon, "/api/stats/traffic", TOKEN);
     let page = browser.eval(SNAPSHOT_JS);
     assert_eq!(page["auth_visible"], json!(false));
     assert_eq!(page["cards"]["total_sent"]["text"], json!(format_bytes(u64_at(&api, "total_sent"))));
@@ -895,34 +558,6 @@ const TABLE_FIT_JS: &str = r#"(() => {
   };
 })()"#;
 
-fn get_with_token(daemon: &Daemon, path: &str, token: &str) -> ureq::Response {
-    ureq::get(&daemon.url(path))
-        .set("Authorization", &format!("Bearer {token}"))
-        .timeout(Duration::from_secs(10))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-fn data_with_token(daemon: &Daemon, path: &str, token: &str) -> Value {
-    let body: Value = get_with_token(daemon, path, token).into_json().expect("JSON");
-    assert_eq!(body["success"], json!(true), "{path}: {body}");
-    body["data"].clone()
-}
-
-fn now_secs() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-/// Waits until the recorder has written everything counted so far.
-fn wait_flushed(daemon: &Daemon, token: &str) {
-    let counted = now_secs();
-    common::wait_for("a history flush", Duration::from_secs(20), || {
-        let text = get_with_token(daemon, "/metrics", token).into_string().ok()?;
-        let last = common::metric_value(&text, "tunneld_history_last_flush_timestamp_seconds", &[])?;
-        (last > counted).then_some(())
-    });
-}
-
 /// The History view against the API: every range, all mappings and one, the
 /// per-port totals, the CSV download (with the API token), the live chart filled
 /// from minute history, and the mappings table at 720-1,000 px with a long error
@@ -931,7 +566,7 @@ fn wait_flushed(daemon: &Daemon, token: &str) {
 fn history_view_matches_the_api_and_downloads_csv() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
     const TOKEN: &str = "history-view-token";
-    let (_cfg_dir, config) = common::config_file("[history]\ninterval_secs = 1\nutc_offset = \"+08:00\"\n");
+    let (_cfg_dir, config) = config_file("[history]\ninterval_secs = 1\nutc_offset = \"+08:00\"\n");
     let state_tmp = tempfile::tempdir().unwrap();
     let state = state_tmp.path().join("state");
     let args = ["--api-token", TOKEN, "--config", config.as_str()];
@@ -942,23 +577,23 @@ fn history_view_matches_the_api_and_downloads_csv() {
     let mut first = Daemon::server_with_state(&state, "monitor-secret", &args);
     for &port in &ports {
         let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": false});
-        let resp = ureq::post(&first.url("/api/mapping/create")).set("Authorization", &format!("Bearer {TOKEN}")).send_json(body);
-        assert_eq!(resp.expect("create").status(), 200);
+        let (status, reply) = post_with_token(&first, "/api/mapping/create", TOKEN, body);
+        assert_eq!(status, 200, "create: {reply}");
     }
-    push(ports[0], 300_000);
-    push(ports[1], 2_000_000);
+    echo_through(ports[0], 300_000);
+    echo_through(ports[1], 2_000_000);
     assert!(first.terminate().success());
 
     // The third port is taken while the daemon is away: its status becomes a long error.
     let squatter = TcpListener::bind(("0.0.0.0", ports[2])).expect("occupy the third port");
     let daemon = Daemon::server_with_state(&state, "monitor-secret", &args);
-    push(ports[0], 40_000);
-    wait_flushed(&daemon, TOKEN);
+    echo_through(ports[0], 40_000);
+    wait_for_history_flush(&daemon, unix_now());
     // The live chart is filled from *complete* minutes of history: wait until one
     // with traffic has ended (at most a minute).
-    common::wait_for("a complete minute of history", Duration::from_secs(75), || {
-        let now = now_secs() as i64;
-        let data = data_with_token(&daemon, &format!("/api/stats/history?step=minute&from={}&to={now}", now - 1800), TOKEN);
+    wait_for("a complete minute of history", Duration::from_secs(75), || {
+        let now = unix_now() as i64;
+        let data = get_data_with_token(&daemon, &format!("/api/stats/history?step=minute&from={}&to={now}", now - 1800), TOKEN);
         data["points"]
             .as_array()?
             .iter()
@@ -967,9 +602,9 @@ fn history_view_matches_the_api_and_downloads_csv() {
     });
 
     let (canary_addr, canary) = canary_proxy();
-    let mut browser = Browser::launch(&chromium, canary_addr);
+    let mut browser = monitor_browser(&chromium, canary_addr);
     let downloads = tempfile::tempdir().unwrap();
-    browser.send(None, "Browser.setDownloadBehavior", json!({"behavior": "allow", "downloadPath": downloads.path().display().to_string()}));
+    browser.allow_downloads_to(downloads.path());
     // The token arrives in the URL once: the page stores it and drops it from the address bar.
     browser.navigate(&daemon.url(&format!("/api/stats/monitor?interval_ms=250&token={TOKEN}")));
     browser.wait_for("the live stream", &state_is("live"));
@@ -994,8 +629,8 @@ fn history_view_matches_the_api_and_downloads_csv() {
             "30d" => 30 * 86_400,
             _ => 334 * 86_400,
         };
-        let to = now_secs() as i64;
-        let series = data_with_token(&daemon, &format!("/api/stats/history?step={step}&from={}&to={to}", to - span), TOKEN);
+        let to = unix_now() as i64;
+        let series = get_data_with_token(&daemon, &format!("/api/stats/history?step={step}&from={}&to={to}", to - span), TOKEN);
         let points = series["points"].as_array().unwrap();
         assert!((view["bars"].as_i64().unwrap() - points.len() as i64).abs() <= 1, "{range}: {view} vs {} points", points.len());
         if range == "12mo" {
@@ -1005,7 +640,7 @@ fn history_view_matches_the_api_and_downloads_csv() {
         assert_eq!(view["sent"], json!(sent), "{range}: {view}");
         assert_eq!(view["sent"], json!(2_340_000), "{range}: all traffic is within every range");
         assert_eq!(view["sent_text"], json!(format_bytes(2_340_000)));
-        let report = data_with_token(&daemon, &format!("/api/stats/report?period={period}&from={}&to={to}", to - span), TOKEN);
+        let report = get_data_with_token(&daemon, &format!("/api/stats/report?period={period}&from={}&to={to}", to - span), TOKEN);
         for row in view["rows"].as_array().unwrap() {
             let want: u64 = report["rows"]
                 .as_array()
@@ -1038,7 +673,7 @@ fn history_view_matches_the_api_and_downloads_csv() {
 
     // Download CSV: the page fetches it with the token; the file is the API's CSV.
     browser.eval("document.querySelector('[data-testid=\"history-csv\"]').click()");
-    let file = common::wait_for("the downloaded CSV", Duration::from_secs(30), || {
+    let file = wait_for("the downloaded CSV", Duration::from_secs(30), || {
         std::fs::read_dir(downloads.path()).ok()?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "csv"))
     });
     let text = std::fs::read_to_string(&file).expect("read download");
@@ -1099,16 +734,6 @@ fn history_view_matches_the_api_and_downloads_csv() {
     drop(squatter);
 }
 
-/// POSTs `body` to `path` with the token; returns the envelope.
-fn post_with_token(daemon: &Daemon, path: &str, token: &str, body: Value) -> Value {
-    let resp = ureq::post(&daemon.url(path)).set("Authorization", &format!("Bearer {token}")).send_json(body);
-    match resp {
-        Ok(r) => r.into_json().expect("JSON envelope"),
-        Err(ureq::Error::Status(_, r)) => r.into_json().expect("JSON envelope"),
-        Err(e) => panic!("POST {path}: {e}"),
-    }
-}
-
 #[test]
 fn policy_badges_events_and_the_edit_form() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
@@ -1116,7 +741,7 @@ fn policy_badges_events_and_the_edit_form() {
     let daemon = Daemon::server("monitor-secret", &["--api-token", TOKEN]);
     let echo = echo_server();
     let port = free_port();
-    let created = post_with_token(
+    let (_, created) = post_with_token(
         &daemon,
         "/api/mapping/create",
         TOKEN,
@@ -1126,10 +751,10 @@ fn policy_badges_events_and_the_edit_form() {
     );
     assert_eq!(created["success"], json!(true), "{created}");
     // An echo counts both ways: 2 × 1.7 MB = 85 % of the quota.
-    push(port, 1_700_000);
+    echo_through(port, 1_700_000);
 
     let (canary_addr, canary) = canary_proxy();
-    let mut browser = Browser::launch(&chromium, canary_addr);
+    let mut browser = monitor_browser(&chromium, canary_addr);
     browser.navigate(&daemon.url(&format!("/api/stats/monitor?interval_ms=250&token={TOKEN}")));
     browser.wait_for("the live stream", &state_is("live"));
     browser.wait_for("the quota bar at 85 %", r#"Number(document.querySelector('[data-role="quota"]')?.dataset.ratio) >= 0.85"#);
@@ -1176,7 +801,7 @@ fn policy_badges_events_and_the_edit_form() {
                    document.querySelector('#policy-form').requestSubmit(); return true; })()"#,
     );
     browser.wait_for("the dialog to close", r#"document.querySelector('[data-testid="policy-dialog"]').hidden"#);
-    let listed = post_with_token(&daemon, "/api/mapping/update", TOKEN, json!({"port": port}));
+    let (_, listed) = post_with_token(&daemon, "/api/mapping/update", TOKEN, json!({"port": port}));
     let m = &listed["data"];
     assert_eq!(m["bandwidth_limit"], Value::Null, "{m}");
     assert_eq!(m["deny"], json!([]), "{m}");
@@ -1246,13 +871,6 @@ const CLIENTS_FIT_JS: &str = r#"(() => {
   };
 })()"#;
 
-/// `POST` with a JSON body and no token; the envelope's `data`, asserting success.
-fn post_ok(daemon: &Daemon, path: &str, body: Value) -> Value {
-    let (status, reply) = common::http("POST", &daemon.url(path), Some(&body.to_string()));
-    assert_eq!(status, 200, "POST {path} {body}: {reply}");
-    reply["data"].clone()
-}
-
 /// Everything in the Clients section and the client column that differs from
 /// `/api/stats/traffic` (empty: all equal).
 fn clients_vs_api(view: &Value, api: &Value) -> Vec<String> {
@@ -1316,8 +934,7 @@ fn clients_section_follows_each_client() {
     let Some(chromium) = external_tool("chromium", "monitor_page") else { return };
     const SECRET: &str = "monitor-secret";
     let daemon = Daemon::server(SECRET, &[]);
-    let office_secret =
-        post_ok(&daemon, "/api/client/create", json!({"name": "office"}))["secret"].as_str().expect("a new client's secret").to_string();
+    let office_secret = create_client(&daemon, "office");
     let default_client = Daemon::client(&daemon, SECRET, &[]);
     let mut office = Daemon::client(&daemon, &office_secret, &["--name", "office"]);
 
@@ -1326,20 +943,16 @@ fn clients_section_follows_each_client() {
     create_mapping(&daemon, direct, echo, false);
     create_mapping(&daemon, home, echo, true); // no "client": the default one
     for port in [office_a, office_b] {
-        let m = post_ok(
-            &daemon,
-            "/api/mapping/create",
-            json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": true, "client": "office"}),
-        );
+        let m = create_tunneled_mapping(&daemon, port, echo, "office");
         assert_eq!(m["client"], json!("office"), "{m}");
     }
     // Known traffic through each client's tunnel, so both cards carry real bytes.
-    push(home, 200_000);
-    push(office_a, 1_200_000);
-    push(office_b, 30_000);
+    echo_through(home, 200_000);
+    echo_through(office_a, 1_200_000);
+    echo_through(office_b, 30_000);
 
     let (canary_addr, canary) = canary_proxy();
-    let mut browser = Browser::launch(&chromium, canary_addr);
+    let mut browser = monitor_browser(&chromium, canary_addr);
     browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
     browser.wait_for("the live stream", &state_is("live"));
     browser.wait_for(
@@ -1352,7 +965,7 @@ fn clients_section_follows_each_client() {
     let deadline = Instant::now() + UI_TIMEOUT;
     let (view, api) = loop {
         let view = browser.eval(CLIENTS_JS);
-        let api = traffic(&daemon, None);
+        let api = get_data(&daemon, "/api/stats/traffic");
         let wrong = clients_vs_api(&view, &api);
         if wrong.is_empty() {
             break (view, api);
@@ -1443,7 +1056,7 @@ fn clients_section_follows_each_client() {
     let deadline = Instant::now() + UI_TIMEOUT;
     let view = loop {
         let view = browser.eval(CLIENTS_JS);
-        let wrong = clients_vs_api(&view, &traffic(&daemon, None));
+        let wrong = clients_vs_api(&view, &get_data(&daemon, "/api/stats/traffic"));
         if wrong.is_empty() {
             break view;
         }
@@ -1467,7 +1080,7 @@ fn clients_section_follows_each_client() {
     assert_eq!(view["tunnel"]["sub"], json!("not connected: office"), "{view:#}");
     let home_row = view["rows"].as_array().unwrap().iter().find(|r| r["port"] == json!(home)).unwrap().clone();
     assert_eq!(home_row["status"], json!("active"), "{home_row}");
-    push(home, 10_000); // the default client's mapping still serves
+    echo_through(home, 10_000); // the default client's mapping still serves
     browser.eval("document.querySelector('[data-testid=\"clients\"]').scrollIntoView()");
     browser.screenshot("monitor-clients-one-lost.png");
     browser.eval("window.scrollTo(0, 0)");

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::tools::external_tool;
+use common::{read_repo_file, repo_path};
 use serde_json::Value;
 
 /// The units, with the config file each one passes to the daemon.
@@ -33,14 +34,6 @@ const PER_CLIENT_METRICS: [&str; 4] = [
 /// Where the units expect the binary; the tests swap in the freshly built one,
 /// because `systemd-analyze verify` insists that `ExecStart=` is executable.
 const INSTALLED_BIN: &str = "/usr/bin/tunneld";
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn read(relative: &str) -> String {
-    std::fs::read_to_string(repo_path(relative)).unwrap_or_else(|e| panic!("read {relative}: {e}"))
-}
 
 /// Runs `cmd` and returns its output, panicking with both streams when it fails,
 /// so a CI log shows the tool's own complaint.
@@ -70,8 +63,8 @@ fn every_alert_passes_its_promtool_unit_tests() {
     run_ok(Command::new(promtool).args(["test", "rules"]).arg(repo_path("dist/prometheus/alerts_test.yml")), "promtool test rules");
 
     // promtool is happy with an alert that no test mentions; we are not.
-    let rules = read("dist/prometheus/alerts.yml");
-    let tests = read("dist/prometheus/alerts_test.yml");
+    let rules = read_repo_file("dist/prometheus/alerts.yml");
+    let tests = read_repo_file("dist/prometheus/alerts_test.yml");
     let alerts = yaml_values(&rules, "- alert:");
     assert!(alerts.len() >= 5, "expected at least the five alerts the issue asks for, found {alerts:?}");
     let tested = yaml_values(&tests, "alertname:");
@@ -95,7 +88,7 @@ fn prometheus_config_with_the_scrape_jobs_and_alerts_is_valid() {
     let text = format!(
         "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\nrule_files:\n  - {}\n{}",
         repo_path("dist/prometheus/alerts.yml").display(),
-        read("dist/prometheus/scrape.yml")
+        read_repo_file("dist/prometheus/scrape.yml")
     );
     std::fs::write(&config, text).expect("write prometheus.yml");
     let out = run_ok(Command::new(&promtool).args(["check", "config"]).arg(&config), "promtool check config with rules");
@@ -105,17 +98,17 @@ fn prometheus_config_with_the_scrape_jobs_and_alerts_is_valid() {
 
 #[test]
 fn alerts_and_dashboard_select_only_jobs_that_scrape_yml_defines() {
-    let defined = yaml_values(&read("dist/prometheus/scrape.yml"), "- job_name:");
+    let defined = yaml_values(&read_repo_file("dist/prometheus/scrape.yml"), "- job_name:");
     for job in JOBS {
         assert!(defined.contains(job), "scrape.yml lacks job {job}; defines {defined:?}");
     }
     for file in ["dist/prometheus/alerts.yml", "grafana/tunneld.json"] {
-        let text = read(file);
+        let text = read_repo_file(file);
         let used = job_names_in_selectors(&text);
         let unknown: Vec<_> = used.difference(&defined).collect();
         assert!(unknown.is_empty(), "{file} selects jobs that scrape.yml does not define: {unknown:?}");
     }
-    assert!(!job_names_in_selectors(&read("dist/prometheus/alerts.yml")).is_empty(), "alerts.yml should scope its rules by job");
+    assert!(!job_names_in_selectors(&read_repo_file("dist/prometheus/alerts.yml")).is_empty(), "alerts.yml should scope its rules by job");
 }
 
 #[test]
@@ -151,7 +144,7 @@ fn systemd_units_stay_hardened() {
 #[test]
 fn systemd_units_declare_the_service_contract() {
     for (unit, config) in UNITS {
-        let text = read(&format!("dist/{unit}"));
+        let text = read_repo_file(&format!("dist/{unit}"));
         let settings = unit_settings(&text);
         let values = |key: &str| -> Vec<&str> { settings.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect() };
         let one = |key: &str| -> String {
@@ -198,7 +191,7 @@ fn systemd_units_declare_the_service_contract() {
 
 #[test]
 fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
-    let text = read("grafana/tunneld.json");
+    let text = read_repo_file("grafana/tunneld.json");
     let dash: Value = serde_json::from_str(&text).expect("grafana/tunneld.json is valid JSON");
     const DS: &str = "${DS_PROMETHEUS}";
 
@@ -360,7 +353,7 @@ fn example_configs_have_only_their_roles_sections_and_explain_every_key() {
     for (file, sections) in
         [("dist/server.toml", &["server", "api", "history", "alerts", "log"][..]), ("dist/client.toml", &["client", "log"][..])]
     {
-        let text = read(file);
+        let text = read_repo_file(file);
         let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not TOML: {e}"));
         let found: BTreeSet<&str> = parsed.keys().map(String::as_str).collect();
         assert_eq!(found, sections.iter().copied().collect(), "{file}: sections");
@@ -383,7 +376,7 @@ fn example_configs_have_only_their_roles_sections_and_explain_every_key() {
 /// Copies `dist/<unit>` into `dir` with the installed binary path replaced by the
 /// one cargo just built.
 fn unit_with_built_binary(dir: &Path, unit: &str) -> PathBuf {
-    let text = read(&format!("dist/{unit}"));
+    let text = read_repo_file(&format!("dist/{unit}"));
     assert!(text.contains(INSTALLED_BIN), "{unit} no longer runs {INSTALLED_BIN}");
     let path = dir.join(unit);
     std::fs::write(&path, text.replace(INSTALLED_BIN, common::BIN)).expect("write unit copy");

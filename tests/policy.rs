@@ -13,15 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-fn post(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
-    http("POST", &d.url(path), Some(&body.to_string()))
-}
-
-fn mapping_on(d: &Daemon, port: u16) -> Value {
-    let list = get_data(d, "/api/mapping/list");
-    list["mappings"].as_array().unwrap().iter().find(|m| m["source_port"] == port).cloned().expect("mapping listed")
-}
-
 #[test]
 fn policy_fields_are_validated_updated_live_and_survive_a_restart() {
     let state = tempfile::tempdir().unwrap();
@@ -79,7 +70,7 @@ fn policy_fields_are_validated_updated_live_and_survive_a_restart() {
     assert!(json["message"].as_str().unwrap().contains("`deny`"), "{json}");
     let (status, json) = post(&server, "/api/mapping/update", json!({"port": free_port(), "description": "x"}));
     assert_eq!(status, 404, "{json}");
-    let m = mapping_on(&server, port);
+    let m = listed_mapping(&server, port).expect("mapping listed");
     assert_eq!(m["description"], "ssh");
     assert_eq!(m["bandwidth_limit"], Value::Null);
     assert_eq!(m["quota"]["bytes"], 10_000_000);
@@ -92,7 +83,7 @@ fn policy_fields_are_validated_updated_live_and_survive_a_restart() {
 
     server.terminate();
     let server = Daemon::server_with_state(state.path(), "policy-secret-123456", &[]);
-    let restored = mapping_on(&server, port);
+    let restored = listed_mapping(&server, port).expect("mapping listed");
     assert_eq!(restored["description"], "ssh");
     assert_eq!(restored["quota"], json!({"bytes": 10_000_000, "period": "month", "action": "alert"}));
     assert_eq!(restored["allow"], json!(["127.0.0.0/8", "::1/128"]));
@@ -105,14 +96,8 @@ fn policy_fields_are_validated_updated_live_and_survive_a_restart() {
 /// address `from`, says `hello`, half-closes, and returns what came back (a
 /// refused visitor gets nothing).
 fn visit_from(from: IpAddr, port: u16, hello: &[u8]) -> Vec<u8> {
-    use socket2::{Domain, Socket, Type};
-    let (domain, to): (Domain, IpAddr) =
-        if from.is_ipv4() { (Domain::IPV4, "127.0.0.1".parse().unwrap()) } else { (Domain::IPV6, "::1".parse().unwrap()) };
-    let socket = Socket::new(domain, Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(from, 0).into()).expect("bind the visitor's source address");
-    socket.connect(&SocketAddr::new(to, port).into()).expect("connect to the mapping");
-    let mut visitor: TcpStream = socket.into();
-    visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let to: IpAddr = if from.is_ipv4() { "127.0.0.1".parse().unwrap() } else { "::1".parse().unwrap() };
+    let mut visitor = connect_from(from, SocketAddr::new(to, port));
     let _ = visitor.write_all(hello);
     let _ = visitor.shutdown(std::net::Shutdown::Write);
     let mut out = Vec::new();
@@ -120,12 +105,15 @@ fn visit_from(from: IpAddr, port: u16, hello: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Visitors of `port` refused for `reason`; -1 while the series is missing, so
+/// that "none refused" asserts an exported zero.
 fn refused(d: &Daemon, port: u16, reason: &str) -> f64 {
-    metric_value(&metrics_text(d), "tunneld_mapping_refused_total", &[("port", &port.to_string()), ("reason", reason)]).unwrap_or(-1.0)
+    scrape_metric(d, "tunneld_mapping_refused_total", &[("port", &port.to_string()), ("reason", reason)]).unwrap_or(-1.0)
 }
 
+/// Visitors of `port` that reached the forwarding stage; -1 while the series is missing.
 fn accepted(d: &Daemon, port: u16) -> f64 {
-    metric_value(&metrics_text(d), "tunneld_mapping_connections_total", &[("port", &port.to_string())]).unwrap_or(-1.0)
+    scrape_metric(d, "tunneld_mapping_connections_total", &[("port", &port.to_string())]).unwrap_or(-1.0)
 }
 
 #[test]

@@ -23,7 +23,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tools::external_tool;
-use common::{create_client, create_mapping, create_tunneled_mapping, echo_server, free_port, roundtrip, Daemon};
+use common::{
+    create_client, create_mapping, create_tunneled_mapping, echo_server, free_port, loopback, read_repo_file, repo_path, roundtrip, Daemon,
+};
 use serde_json::Value;
 
 /// The whole test, daemons and Prometheus included, must finish within this.
@@ -39,14 +41,6 @@ const RATE_INTERVAL: &str = "30s";
 const INTERVAL: &str = "5s";
 const RANGE: &str = "5m";
 const RANGE_SECONDS: u64 = 300;
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn read(relative: &str) -> String {
-    std::fs::read_to_string(repo_path(relative)).unwrap_or_else(|e| panic!("read {relative}: {e}"))
-}
 
 #[test]
 fn dashboard_and_alert_queries_work_against_real_prometheus() {
@@ -79,7 +73,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
 
     let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
     for port in ports {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("loopback address");
+        let addr: SocketAddr = loopback(port);
         assert!(roundtrip(addr, &payload) == payload, "echo through mapping {port} came back different");
     }
 
@@ -112,7 +106,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     .into_iter()
     .collect();
 
-    let dashboard: Value = serde_json::from_str(&read("grafana/tunneld.json")).expect("dashboard JSON");
+    let dashboard: Value = serde_json::from_str(&read_repo_file("grafana/tunneld.json")).expect("dashboard JSON");
     let queries = dashboard_queries(&dashboard);
     assert!(queries.len() >= 10, "expected the dashboard's panels to carry queries, found {}", queries.len());
     let mut failures = Vec::new();
@@ -220,7 +214,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
 
     // Alert rules as Prometheus loaded them: all of alerts.yml, all runnable.
     let rules = prometheus.rules();
-    let in_file = read("dist/prometheus/alerts.yml").lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
+    let in_file = read_repo_file("dist/prometheus/alerts.yml").lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
     assert_eq!(rules.len(), in_file, "Prometheus loaded {} rules, alerts.yml has {in_file}", rules.len());
     for rule in &rules {
         let name = rule["name"].as_str().unwrap_or("?");
@@ -242,7 +236,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
 /// scrape.yml with the test daemons as targets (every client under the client
 /// job), a 1 s interval and the alert rules.
 fn scrape_config(server: SocketAddr, clients: &[SocketAddr]) -> String {
-    let jobs = read("dist/prometheus/scrape.yml");
+    let jobs = read_repo_file("dist/prometheus/scrape.yml");
     for placeholder in [SERVER_PLACEHOLDER, CLIENT_PLACEHOLDER] {
         assert_eq!(jobs.matches(placeholder).count(), 1, "scrape.yml should list {placeholder} once as its example target");
     }

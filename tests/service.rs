@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 
 #[test]
 fn watchdog_pings_arrive_at_half_the_interval() {
@@ -29,28 +30,15 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
     let config = dir.path().join("server.toml");
     std::fs::write(&config, "[api]\ntoken = \"first-token-0123456\"\n").unwrap();
     let server = Daemon::server("s", &["--config", config.to_str().unwrap()]);
-    let list = |token: &str| {
-        ureq::get(&server.url("/api/mapping/list"))
-            .set("Authorization", &format!("Bearer {token}"))
-            .call()
-            .map(|r| r.status())
-            .unwrap_or_else(|e| match e {
-                ureq::Error::Status(code, _) => code,
-                other => panic!("{other}"),
-            })
-    };
+    let list = |token: &str| http_with_token("GET", &server.url("/api/mapping/list"), token, None).0;
     assert_eq!(list("first-token-0123456"), 200);
 
     // A connection open across the reload must survive it.
     let port = free_port();
     let echo = echo_server();
-    let body = format!("{{\"source_port\": {port}, \"target_host\": \"127.0.0.1\", \"target_port\": {}}}", echo.port());
-    let created = ureq::post(&server.url("/api/mapping/create"))
-        .set("Authorization", "Bearer first-token-0123456")
-        .set("Content-Type", "application/json")
-        .send_string(&body)
-        .unwrap();
-    assert_eq!(created.status(), 200);
+    let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port()});
+    let (status, created) = post_with_token(&server, "/api/mapping/create", "first-token-0123456", body);
+    assert_eq!(status, 200, "{created}");
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     open.write_all(b"ping").unwrap();
@@ -77,7 +65,7 @@ fn reload_applies_a_new_token_keeps_connections_and_rejects_a_bad_file() {
 }
 
 fn tunnel_connected(server: &Daemon) -> Option<f64> {
-    metric_value(&metrics_text(server), "tunneld_tunnel_connected", &[])
+    scrape_metric(server, "tunneld_tunnel_connected", &[])
 }
 
 #[test]
@@ -124,7 +112,7 @@ fn reload_never_drops_the_token_of_an_api_listening_beyond_loopback() {
     let tunnel = format!("127.0.0.1:{}", free_port());
     let state = dir.path().join("state").display().to_string();
     let args = ["server", "--config", &config, "--tunnel-listen", &tunnel, "--state-dir", &state, "--secret", "s"];
-    let server = Daemon::with_args(&args, format!("127.0.0.1:{port}").parse().unwrap());
+    let server = Daemon::with_args(&args, loopback(port));
     let unauthenticated = || http("GET", &server.url("/api/mapping/list"), None).0;
     assert_eq!(unauthenticated(), 401);
 

@@ -21,17 +21,6 @@ use tunneld::tunnel::message::{Auth, Challenge, Connect, ConnectResult, Opening,
 
 const SECRET: &str = "v2 secret";
 
-fn sessions(server: &Daemon, result: &str) -> f64 {
-    metric_value(&metrics_text(server), "tunneld_tunnel_sessions_total", &[("result", result)]).unwrap_or(0.0)
-}
-
-fn wait_log(d: &Daemon, needle: &str) -> String {
-    wait_for(&format!("log line {needle:?}"), Duration::from_secs(20), || {
-        let log = d.log();
-        log.contains(needle).then_some(log)
-    })
-}
-
 /// A TCP relay in front of `to` that counts the connections it accepts: every
 /// tunnel connection a client opens (control and data channels).
 fn counting_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -64,7 +53,7 @@ fn client_config_file(body: &str) -> (tempfile::TempDir, String) {
 fn the_server_logs_the_exact_client_command_without_the_secret() {
     let state = tempfile::tempdir().unwrap();
     let server = Daemon::server_with_state(state.path(), SECRET, &[]);
-    let log = wait_log(&server, "client_command");
+    let log = server.wait_for_log("client_command", Duration::from_secs(20));
     let pin = server.fingerprint();
     assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64, "{pin}");
     let tunnel = server.tunnel.unwrap();
@@ -83,20 +72,20 @@ fn the_server_logs_the_exact_client_command_without_the_secret() {
 fn a_plain_client_is_refused_by_a_default_server_and_both_say_why() {
     let server = Daemon::server(SECRET, &[]);
     let client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
-    wait_log(&client, "this server requires TLS");
+    client.wait_for_log("this server requires TLS", Duration::from_secs(20));
     assert!(client.log().contains("NOT encrypted"), "startup warning: {}", client.log());
-    wait_log(&server, "speaks plain TCP but this server requires TLS");
-    assert!(sessions(&server, "tls_error") >= 1.0);
+    server.wait_for_log("speaks plain TCP but this server requires TLS", Duration::from_secs(20));
+    assert!(tunnel_sessions(&server, "tls_error") >= 1.0);
 }
 
 #[test]
 fn a_tls_client_against_a_plain_server_is_told_the_server_has_tls_off() {
     let server = Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__TLS", "false")]);
-    wait_log(&server, "NOT encrypted");
+    server.wait_for_log("NOT encrypted", Duration::from_secs(20));
     let client = Daemon::client_with(server.tunnel.unwrap(), SECRET, &["--fingerprint", &format!("sha256:{}", "0".repeat(64))]);
-    wait_log(&client, "does not speak TLS on its tunnel port");
-    wait_log(&server, "speaks TLS but this server runs with server.tls = false");
-    assert!(sessions(&server, "tls_error") >= 1.0);
+    client.wait_for_log("does not speak TLS on its tunnel port", Duration::from_secs(20));
+    server.wait_for_log("speaks TLS but this server runs with server.tls = false", Duration::from_secs(20));
+    assert!(tunnel_sessions(&server, "tls_error") >= 1.0);
 }
 
 #[test]
@@ -107,7 +96,7 @@ fn plain_on_both_sides_still_forwards_with_exact_counts() {
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
     let payload = random_bytes(3 << 20);
-    let back = roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &payload);
+    let back = roundtrip(loopback(port), &payload);
     assert_eq!(sha256(&back), sha256(&payload));
     let text = wait_for("connection closed", Duration::from_secs(10), || {
         let t = metrics_text(&server);
@@ -137,10 +126,10 @@ fn a_wrong_fingerprint_is_refused_naming_both_and_counted_by_the_server() {
     let server = Daemon::server(SECRET, &[]);
     let wrong = format!("sha256:{}", "ab".repeat(32));
     let client = Daemon::client_with(server.tunnel.unwrap(), SECRET, &["--fingerprint", &wrong]);
-    let log = wait_log(&client, "does not match the pinned");
+    let log = client.wait_for_log("does not match the pinned", Duration::from_secs(20));
     assert!(log.contains(&wrong) && log.contains(&server.fingerprint()), "names both fingerprints:\n{log}");
-    wait_for("tls_error counted", Duration::from_secs(20), || (sessions(&server, "tls_error") >= 1.0).then_some(()));
-    assert_eq!(sessions(&server, "ok"), 0.0);
+    wait_for("tls_error counted", Duration::from_secs(20), || (tunnel_sessions(&server, "tls_error") >= 1.0).then_some(()));
+    assert_eq!(tunnel_sessions(&server, "ok"), 0.0);
 }
 
 /// A CA, and a server certificate for `tunnel.test` it signed (optionally expired).
@@ -194,7 +183,7 @@ fn a_ca_signed_server_is_trusted_through_client_tls_ca() {
     client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"via a CA"), b"via a CA");
+    assert_eq!(roundtrip(loopback(port), b"via a CA"), b"via a CA");
 }
 
 #[test]
@@ -202,16 +191,16 @@ fn a_server_signed_by_another_ca_is_refused() {
     let (theirs, ours) = (pki(false), pki(false));
     let server = server_with_cert(&theirs);
     let client = ca_client(&server, &ours.ca);
-    wait_log(&client, "not signed by client.tls_ca");
-    wait_for("tls_error counted", Duration::from_secs(20), || (sessions(&server, "tls_error") >= 1.0).then_some(()));
+    client.wait_for_log("not signed by client.tls_ca", Duration::from_secs(20));
+    wait_for("tls_error counted", Duration::from_secs(20), || (tunnel_sessions(&server, "tls_error") >= 1.0).then_some(()));
 }
 
 #[test]
 fn a_self_signed_server_without_a_pin_is_refused() {
     let server = Daemon::server(SECRET, &[]);
     let client = ca_client(&server, &pki(false).ca);
-    wait_log(&client, "not signed by client.tls_ca");
-    wait_for("tls_error counted", Duration::from_secs(20), || (sessions(&server, "tls_error") >= 1.0).then_some(()));
+    client.wait_for_log("not signed by client.tls_ca", Duration::from_secs(20));
+    wait_for("tls_error counted", Duration::from_secs(20), || (tunnel_sessions(&server, "tls_error") >= 1.0).then_some(()));
 }
 
 #[test]
@@ -219,8 +208,8 @@ fn an_expired_server_certificate_is_refused() {
     let pki = pki(true);
     let server = server_with_cert(&pki);
     let client = ca_client(&server, &pki.ca);
-    wait_log(&client, "certificate has expired");
-    wait_for("tls_error counted", Duration::from_secs(20), || (sessions(&server, "tls_error") >= 1.0).then_some(()));
+    client.wait_for_log("certificate has expired", Duration::from_secs(20));
+    wait_for("tls_error counted", Duration::from_secs(20), || (tunnel_sessions(&server, "tls_error") >= 1.0).then_some(()));
 }
 
 // ---------------------------------------------------------------- protocol versions
@@ -237,7 +226,7 @@ fn a_version_1_client_is_told_to_upgrade() {
     let _ = conn.read_to_end(&mut reply);
     let text = String::from_utf8_lossy(&reply);
     assert!(text.contains("protocol version 1 is not supported by this server (2); upgrade the client"), "{text}");
-    assert!(sessions(&server, "version_mismatch") >= 1.0);
+    assert!(tunnel_sessions(&server, "version_mismatch") >= 1.0);
 }
 
 /// A stand-in for a version-1 server: answers the first frame as v1 did.
@@ -264,9 +253,9 @@ fn v1_server() -> SocketAddr {
 fn a_version_1_server_makes_the_client_say_upgrade_the_server() {
     let old = v1_server();
     let plain = Daemon::client_with_env(old, SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
-    wait_log(&plain, "protocol version 2 is not supported by this server (1); upgrade the server");
+    plain.wait_for_log("protocol version 2 is not supported by this server (1); upgrade the server", Duration::from_secs(20));
     let tls = Daemon::client_with(old, SECRET, &["--fingerprint", &format!("sha256:{}", "1".repeat(64))]);
-    wait_log(&tls, "older than protocol version 2 (upgrade the server)");
+    tls.wait_for_log("older than protocol version 2 (upgrade the server)", Duration::from_secs(20));
 }
 
 // ---------------------------------------------------------------- reuse
@@ -288,7 +277,7 @@ fn a_thousand_sequential_visitors_reuse_the_pooled_channels() {
     let (_client, _cfg) = client_via_proxy(&server, proxy, POOL);
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = loopback(port);
     for i in 0..1000u32 {
         let msg = format!("visitor {i}");
         assert_eq!(roundtrip(addr, msg.as_bytes()), msg.as_bytes());
@@ -318,7 +307,7 @@ fn idle_pooled_channels_time_out_and_are_replaced() {
     });
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    assert_eq!(roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"fresh channel"), b"fresh channel");
+    assert_eq!(roundtrip(loopback(port), b"fresh channel"), b"fresh channel");
 }
 
 /// Streams bytes until the peer goes away; records whether it ended by a reset.
@@ -367,7 +356,7 @@ fn a_reset_mid_exchange_reaches_the_target_and_the_next_visitor_gets_clean_bytes
         assert!(got.iter().all(|b| *b == b'F'));
         reset(visitor);
         let payload = random_bytes(100_000 + round);
-        let back = roundtrip(format!("127.0.0.1:{echo}").parse().unwrap(), &payload);
+        let back = roundtrip(loopback(echo), &payload);
         assert_eq!(back.len(), payload.len(), "round {round}: no leftovers of the reset exchange");
         assert_eq!(sha256(&back), sha256(&payload));
     }
@@ -397,7 +386,7 @@ fn a_target_reset_reaches_the_visitor_as_a_reset() {
 fn roundtrip_after_reset(server: &Daemon) -> Vec<u8> {
     let port = free_port();
     create_mapping(server, port, echo_server(), true);
-    roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), b"still fine")
+    roundtrip(loopback(port), b"still fine")
 }
 
 // ---------------------------------------------------------------- in-process peers
@@ -449,7 +438,7 @@ fn a_relayed_hmac_answer_from_another_tls_session_is_refused() {
         write_frame(&mut c, &Auth::Auth { mac: own }).await.unwrap();
         assert!(matches!(read_frame(&mut c).await.unwrap().0, Verdict::Welcome { .. }));
     });
-    assert!(sessions(&server, "auth_failed") >= 1.0);
+    assert!(tunnel_sessions(&server, "auth_failed") >= 1.0);
 }
 
 /// What a hostile or broken client sends on a data channel after `connect_result`.
@@ -516,6 +505,6 @@ fn garbage_oversized_and_truncated_frames_close_only_that_data_channel() {
     // The session is untouched: still connected, and the control channel alive.
     let text = metrics_text(&server);
     assert_eq!(metric_value(&text, "tunneld_tunnel_connected", &[]), Some(1.0));
-    assert_eq!(sessions(&server, "ok"), 1.0);
+    assert_eq!(tunnel_sessions(&server, "ok"), 1.0);
     drop(control);
 }

@@ -1,0 +1,89 @@
+//! The loopback network around a daemon: free ports, targets for its mappings,
+//! and visitors that go through them.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+/// A port that was free a moment ago on 127.0.0.1 (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+/// `127.0.0.1:port`: where a mapping on `port` (or anything the tests bind)
+/// is reached.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A target on 127.0.0.1:0 that runs `serve` on a thread per accepted connection.
+pub fn target(serve: fn(TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    addr
+}
+
+/// A TCP echo target; it half-closes after the visitor does.
+pub fn echo_server() -> SocketAddr {
+    target(|mut conn| {
+        let mut reader = conn.try_clone().expect("clone");
+        let _ = std::io::copy(&mut reader, &mut conn);
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+/// Sends `payload` to `addr`, half-closes, and returns everything read back.
+pub fn roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = conn.try_clone().unwrap();
+    let payload = payload.to_vec();
+    let writer = std::thread::spawn(move || {
+        conn.write_all(&payload).expect("write");
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).expect("read");
+    writer.join().unwrap();
+    out
+}
+
+/// Pushes `len` known bytes through the mapping on `port` (whose target is an
+/// echo server) and asserts they all came back unchanged: traffic of a known
+/// size for the counters to show.
+pub fn echo_through(port: u16, len: usize) {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let back = roundtrip(loopback(port), &payload);
+    assert_eq!(back.len(), payload.len(), "echo through :{port} came back short");
+    assert!(back == payload, "echo through :{port} came back altered");
+}
+
+/// A visitor that connects to `port`, says `hello`, and reads until the
+/// connection closes; returns what came back (a refused visitor gets nothing).
+pub fn visit(port: u16, hello: &[u8]) -> Vec<u8> {
+    let mut visitor = TcpStream::connect(("127.0.0.1", port)).expect("connect to mapping");
+    visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    // The write may fail once the daemon has closed: that is a refusal too.
+    let _ = visitor.write_all(hello);
+    let mut buf = Vec::new();
+    let _ = visitor.read_to_end(&mut buf);
+    buf
+}
+
+/// A TCP connection to `to` from the source address `from` (all of 127.0.0.0/8
+/// is loopback, so tests can play several sources), with a 15 s read timeout.
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let domain = if from.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let socket = Socket::new(domain, Type::STREAM, None).expect("a socket");
+    socket.bind(&SocketAddr::new(from, 0).into()).unwrap_or_else(|e| panic!("bind the source address {from}: {e}"));
+    socket.connect(&to.into()).unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream
+}
