@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::time::unix_now;
+use crate::core::traffic::Traffic;
 
 mod meter;
 pub use meter::{Held, Meter};
@@ -229,11 +230,11 @@ impl Metrics {
         fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
             m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
         }
-        fn add(entry: &mut (u64, u64), m: &prometheus::proto::Metric) {
+        fn add(entry: &mut Traffic, m: &prometheus::proto::Metric) {
             let value = m.get_counter().value() as u64;
             match label(m, "direction") {
-                Some(SENT) => entry.0 = value,
-                Some(RECEIVED) => entry.1 = value,
+                Some(SENT) => entry.sent = value,
+                Some(RECEIVED) => entry.received = value,
                 _ => {}
             }
         }
@@ -420,11 +421,11 @@ fn timestamp(v: f64) -> Option<f64> {
     (v > 0.0).then_some(v)
 }
 
-/// Byte counters (sent, received) per mapping port and per tunnel client.
+/// Byte counters per mapping port and per tunnel client.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ByteTotals {
-    pub mappings: BTreeMap<u16, (u64, u64)>,
-    pub tunnel: BTreeMap<String, (u64, u64)>,
+    pub mappings: BTreeMap<u16, Traffic>,
+    pub tunnel: BTreeMap<String, Traffic>,
 }
 
 /// One mapping's numbers as read from the registry.
