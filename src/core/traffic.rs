@@ -8,7 +8,9 @@ use std::ops::{Add, AddAssign};
 /// fields of a `(u64, u64)` can.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Traffic {
+    /// Bytes in the counter's `sent` direction.
     pub sent: u64,
+    /// Bytes the other way.
     pub received: u64,
 }
 

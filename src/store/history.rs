@@ -69,6 +69,7 @@ fn mapping_table(step: Step) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delta<K> {
     pub key: K,
+    /// What the counters gained since the previous flush.
     pub traffic: Traffic,
 }
 

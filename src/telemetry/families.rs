@@ -40,9 +40,11 @@ pub mod refused_reason {
     pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
 }
 
-/// Label names.
+/// Label: a mapping's listening port.
 pub(crate) const PORT: &str = "port";
+/// Label: [`SENT`] or [`RECEIVED`].
 pub(crate) const DIRECTION: &str = "direction";
+/// Label: a tunnel client's name.
 pub(crate) const CLIENT: &str = "client";
 
 /// One metric family: what `/metrics` shows for it and the labels its series have.
@@ -55,88 +57,62 @@ pub(crate) struct Family {
     listed: &'static [&'static str],
 }
 
-pub(crate) const MAPPING_BYTES: Family = Family {
-    name: "tunneld_mapping_bytes_total",
-    help: "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
-    labels: &[PORT, DIRECTION],
-    listed: &[],
-};
-pub(crate) const MAPPING_CONNECTIONS: Family =
-    Family { name: "tunneld_mapping_connections_total", help: "Visitor connections accepted.", labels: &[PORT], listed: &[] };
-pub(crate) const MAPPING_ACTIVE: Family =
-    Family { name: "tunneld_mapping_active_connections", help: "Visitor connections open now.", labels: &[PORT], listed: &[] };
-pub(crate) const MAPPING_LAST_ACTIVITY: Family = Family {
-    name: "tunneld_mapping_last_activity_timestamp_seconds",
-    help: "Unix time bytes last moved on the mapping (0: never).",
-    labels: &[PORT],
-    listed: &[],
-};
-pub(crate) const MAPPING_CONNECT_ERRORS: Family = Family {
-    name: "tunneld_mapping_connect_errors_total",
-    help: "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
-    labels: &[PORT],
-    listed: &[],
-};
-pub(crate) const MAPPING_REFUSED: Family = Family {
-    name: "tunneld_mapping_refused_total",
-    help: "Visitors refused, by reason",
-    labels: &[PORT, "reason"],
-    listed: &refused_reason::ALL,
-};
-pub(crate) const MAPPING_UP: Family = Family {
-    name: "tunneld_mapping_up",
-    help: "1 while the mapping listens on its port; 0 while the port cannot be bound.",
-    labels: &[PORT],
-    listed: &[],
-};
-pub(crate) const MAPPING_INFO: Family = Family {
-    name: "tunneld_mapping_info",
-    help: "Always 1; labels describe the mapping (target, mode, client) for dashboards.",
-    labels: &[PORT, "target", "mode", CLIENT],
-    listed: &[],
-};
-pub(crate) const MAPPING_QUOTA_USED: Family = Family {
-    name: "tunneld_mapping_quota_used_ratio",
-    help: "Share of the current period's quota used (1 = all of it; 0 without a quota).",
-    labels: &[PORT],
-    listed: &[],
-};
-pub(crate) const TUNNEL_BYTES: Family = Family {
-    name: "tunneld_tunnel_bytes_total",
-    help: "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
-    labels: &[CLIENT, DIRECTION],
-    listed: &[],
-};
-pub(crate) const TUNNEL_LAST_ACTIVITY: Family = Family {
-    name: "tunneld_tunnel_last_activity_timestamp_seconds",
-    help: "Unix time bytes last crossed the client's tunnel (0: never).",
-    labels: &[CLIENT],
-    listed: &[],
-};
-pub(crate) const TUNNEL_CONNECTED: Family =
-    Family { name: "tunneld_tunnel_connected", help: "1 while the client is authenticated.", labels: &[CLIENT], listed: &[] };
-pub(crate) const TUNNEL_CONNECTED_SINCE: Family = Family {
-    name: "tunneld_tunnel_connected_since_timestamp_seconds",
-    help: "Unix time the client's current tunnel session was authenticated (0: no session).",
-    labels: &[CLIENT],
-    listed: &[],
-};
-pub(crate) const TUNNEL_SESSIONS: Family =
-    Family { name: "tunneld_tunnel_sessions_total", help: "Tunnel handshakes by outcome.", labels: &["result"], listed: &[] };
-pub(crate) const HISTORY_LAST_FLUSH: Family = Family {
-    name: "tunneld_history_last_flush_timestamp_seconds",
-    help: "Unix time the history recorder last wrote to the database (0: not yet).",
-    labels: &[],
-    listed: &[],
-};
-pub(crate) const WEBHOOK_FAILURES: Family = Family {
-    name: "tunneld_alert_webhook_failures_total",
-    help: "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
-    labels: &[],
-    listed: &[],
-};
-pub(crate) const BUILD_INFO: Family =
-    Family { name: "tunneld_build_info", help: "Always 1; the version label says which build runs.", labels: &["version"], listed: &[] };
+pub(crate) const MAPPING_BYTES: Family = Family::new(
+    "tunneld_mapping_bytes_total",
+    "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
+    &[PORT, DIRECTION],
+);
+pub(crate) const MAPPING_CONNECTIONS: Family = Family::new("tunneld_mapping_connections_total", "Visitor connections accepted.", &[PORT]);
+pub(crate) const MAPPING_ACTIVE: Family = Family::new("tunneld_mapping_active_connections", "Visitor connections open now.", &[PORT]);
+pub(crate) const MAPPING_LAST_ACTIVITY: Family =
+    Family::new("tunneld_mapping_last_activity_timestamp_seconds", "Unix time bytes last moved on the mapping (0: never).", &[PORT]);
+pub(crate) const MAPPING_CONNECT_ERRORS: Family = Family::new(
+    "tunneld_mapping_connect_errors_total",
+    "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
+    &[PORT],
+);
+pub(crate) const MAPPING_REFUSED: Family =
+    Family::new("tunneld_mapping_refused_total", "Visitors refused, by reason", &[PORT, "reason"]).listing(&refused_reason::ALL);
+pub(crate) const MAPPING_UP: Family =
+    Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT]);
+pub(crate) const MAPPING_INFO: Family = Family::new(
+    "tunneld_mapping_info",
+    "Always 1; labels describe the mapping (target, mode, client) for dashboards.",
+    &[PORT, "target", "mode", CLIENT],
+);
+pub(crate) const MAPPING_QUOTA_USED: Family = Family::new(
+    "tunneld_mapping_quota_used_ratio",
+    "Share of the current period's quota used (1 = all of it; 0 without a quota).",
+    &[PORT],
+);
+pub(crate) const TUNNEL_BYTES: Family = Family::new(
+    "tunneld_tunnel_bytes_total",
+    "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
+    &[CLIENT, DIRECTION],
+);
+pub(crate) const TUNNEL_LAST_ACTIVITY: Family = Family::new(
+    "tunneld_tunnel_last_activity_timestamp_seconds",
+    "Unix time bytes last crossed the client's tunnel (0: never).",
+    &[CLIENT],
+);
+pub(crate) const TUNNEL_CONNECTED: Family = Family::new("tunneld_tunnel_connected", "1 while the client is authenticated.", &[CLIENT]);
+pub(crate) const TUNNEL_CONNECTED_SINCE: Family = Family::new(
+    "tunneld_tunnel_connected_since_timestamp_seconds",
+    "Unix time the client's current tunnel session was authenticated (0: no session).",
+    &[CLIENT],
+);
+pub(crate) const TUNNEL_SESSIONS: Family = Family::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome.", &["result"]);
+pub(crate) const HISTORY_LAST_FLUSH: Family = Family::new(
+    "tunneld_history_last_flush_timestamp_seconds",
+    "Unix time the history recorder last wrote to the database (0: not yet).",
+    &[],
+);
+pub(crate) const WEBHOOK_FAILURES: Family = Family::new(
+    "tunneld_alert_webhook_failures_total",
+    "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
+    &[],
+);
+pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 1; the version label says which build runs.", &["version"]);
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
@@ -161,6 +137,15 @@ pub(crate) const ALL: [&Family; 17] = [
 ];
 
 impl Family {
+    const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
+        Family { name, help, labels, listed: &[] }
+    }
+
+    /// The same family with `values` listed in its HELP.
+    const fn listing(self, values: &'static [&'static str]) -> Family {
+        Family { listed: values, ..self }
+    }
+
     /// The family's name, as Prometheus shows it.
     #[cfg(test)]
     pub(crate) fn name(&self) -> &'static str {
