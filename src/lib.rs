@@ -8,7 +8,7 @@
 //!
 //! | floor | owns |
 //! |---|---|
-//! | [`core`] | names, time and the calendar, secrets, the token bucket |
+//! | [`core`] | names, time and the calendar, secrets, the token bucket, the sent/received pair |
 //! | [`config`] | the configuration: defaults, file, environment, flags, validation |
 //! | [`systemd`] | readiness, status, watchdog, journald |
 //! | [`telemetry`] | the Prometheus registry and the data path's meters |

@@ -457,7 +457,7 @@ async fn traffic_data(state: &AppState) -> Value {
             total_received += t.bytes_received;
             active += t.active_connections;
             // Never below since-start: bytes counted after the last flush are in both.
-            let (life_sent, life_received) = lifetime.get(&port).copied().unwrap_or_default();
+            let (life_sent, life_received) = lifetime.get(&port).map(|t| (t.sent, t.received)).unwrap_or_default();
             let (life_sent, life_received) = (life_sent.max(t.bytes_sent), life_received.max(t.bytes_received));
             lifetime_sent += life_sent;
             lifetime_received += life_received;

@@ -1,6 +1,9 @@
 //! The calendar of history buckets and quota periods: minutes, hours, local days
 //! and months at a fixed UTC offset (`history.utc_offset`), without a time-zone
-//! database.
+//! database. Dates come from the `time` crate; this module only says where
+//! buckets begin, in Unix seconds.
+
+use time::{Date, OffsetDateTime};
 
 /// A bucket size. Hours, days and months begin at the configured UTC offset's
 /// local boundaries; minutes are the same everywhere that has whole-minute offsets.
@@ -50,8 +53,9 @@ impl Step {
             Step::Hour => local - local.rem_euclid(3600) - utc_offset,
             Step::Day => local - local.rem_euclid(86_400) - utc_offset,
             Step::Month => {
-                let (y, m, _) = civil_from_days(local.div_euclid(86_400));
-                days_from_civil(y, m, 1) * 86_400 - utc_offset
+                // Back from the local day to the 1st of its month.
+                let day = local.div_euclid(86_400);
+                (day - i64::from(date_of_day(day).day()) + 1) * 86_400 - utc_offset
             }
         }
     }
@@ -63,9 +67,9 @@ impl Step {
             Step::Hour => start + 3600,
             Step::Day => start + 86_400,
             Step::Month => {
-                let (y, m, _) = civil_from_days((start + utc_offset).div_euclid(86_400));
-                let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                days_from_civil(y, m, 1) * 86_400 - utc_offset
+                let first = Step::Month.bucket_start(start, utc_offset);
+                let date = local_date(first, utc_offset);
+                first + i64::from(date.month().length(date.year())) * 86_400
             }
         }
     }
@@ -79,8 +83,8 @@ impl Step {
             Step::Day => (to - first + 86_399) / 86_400,
             Step::Month => {
                 let month_index = |t: i64| {
-                    let (y, m, _) = civil_from_days((t + utc_offset).div_euclid(86_400));
-                    y * 12 + i64::from(m)
+                    let date = local_date(t, utc_offset);
+                    i64::from(date.year()) * 12 + i64::from(u8::from(date.month()))
                 };
                 month_index(to - 1) - month_index(first) + 1
             }
@@ -88,35 +92,36 @@ impl Step {
     }
 }
 
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian
-/// (H. Hinnant's `civil_from_days`).
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+/// The Julian day number of 1970-01-01.
+const UNIX_EPOCH_JULIAN_DAY: i32 = OffsetDateTime::UNIX_EPOCH.to_julian_day();
+
+/// The proleptic Gregorian date `days` days after 1970-01-01. `time` (with
+/// `large-dates`) covers the years ±999,999; days beyond that, which no clock,
+/// stored bucket or API range (the years 1970 to 9999) comes near, are held at
+/// its first or last date instead of failing.
+fn date_of_day(days: i64) -> Date {
+    let julian = days.saturating_add(i64::from(UNIX_EPOCH_JULIAN_DAY));
+    let end = if days < 0 { Date::MIN } else { Date::MAX };
+    i32::try_from(julian).ok().and_then(|julian| Date::from_julian_day(julian).ok()).unwrap_or(end)
 }
 
-/// (year, month, day) -> days since 1970-01-01; inverse of [`civil_from_days`].
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Days since 1970-01-01 of a date, the inverse of [`date_of_day`]: for tests
+/// that name a day.
+#[cfg(test)]
+pub(crate) fn days_from_civil(year: i32, month: u8, day: u8) -> i64 {
+    let date = Date::from_calendar_date(year, time::Month::try_from(month).unwrap(), day).unwrap();
+    i64::from(date.to_julian_day() - UNIX_EPOCH_JULIAN_DAY)
+}
+
+/// The local date, at `utc_offset`, of Unix second `t`.
+fn local_date(t: i64, utc_offset: i64) -> Date {
+    date_of_day((t + utc_offset).div_euclid(86_400))
 }
 
 /// The local calendar label of a bucket: `2026-11-29` for days (and finer), `2026-11` for months.
 pub fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
-    let (y, m, d) = civil_from_days((start + utc_offset).div_euclid(86_400));
+    let date = local_date(start, utc_offset);
+    let (y, m, d) = (date.year(), u8::from(date.month()), date.day());
     match step {
         Step::Month => format!("{y:04}-{m:02}"),
         _ => format!("{y:04}-{m:02}-{d:02}"),
@@ -151,17 +156,38 @@ pub fn utc_offset_text(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::Month;
 
     const PLUS_8: i64 = 8 * 3600;
 
     #[test]
     fn civil_dates_round_trip() {
         for days in [-800_000, -1, 0, 1, 59, 365, 11_016, 20_000, 2_000_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+            let date = date_of_day(days);
+            assert_eq!(days_from_civil(date.year(), u8::from(date.month()), date.day()), days);
         }
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(date_of_day(0), Date::from_calendar_date(1970, Month::January, 1).unwrap());
+        assert_eq!(date_of_day(days_from_civil(2024, 2, 29)), Date::from_calendar_date(2024, Month::February, 29).unwrap());
+        // Far outside any real time: held at the ends, no panic.
+        assert_eq!(date_of_day(i64::MAX), Date::MAX);
+        assert_eq!(date_of_day(i64::MIN), Date::MIN);
+    }
+
+    #[test]
+    fn months_have_their_lengths_and_the_api_range_is_exact() {
+        let feb_2024 = days_from_civil(2024, 2, 1) * 86_400;
+        assert_eq!(Step::Month.next(feb_2024, 0), days_from_civil(2024, 3, 1) * 86_400);
+        assert_eq!(Step::Month.next(days_from_civil(2023, 2, 1) * 86_400, 0), days_from_civil(2023, 3, 1) * 86_400);
+        assert_eq!(Step::Month.next(days_from_civil(2026, 12, 1) * 86_400, 0), days_from_civil(2027, 1, 1) * 86_400);
+        // The API admits times up to 9999-12-31 23:59:59 UTC, which is already the
+        // year 10000 east of UTC.
+        let latest = 253_402_300_799;
+        let plus_14 = 14 * 3600;
+        assert_eq!(period_label(Step::Month.bucket_start(latest, plus_14), Step::Month, plus_14), "10000-01");
+        let dec_9999 = Step::Month.bucket_start(latest, 0);
+        assert_eq!(period_label(dec_9999, Step::Month, 0), "9999-12");
+        assert_eq!(Step::Month.next(dec_9999, 0), latest + 1);
+        assert_eq!(Step::Month.count(0, latest, 0), (9999 - 1970 + 1) * 12);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
 use crate::core::sync::lock;
+use crate::core::traffic::Traffic;
 use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{ByteTotals, Metrics};
@@ -48,31 +49,26 @@ pub struct Recorder {
 #[derive(Default)]
 struct Baseline {
     /// Counter values at the last successful flush.
-    mappings: BTreeMap<u16, (u64, u64)>,
+    mappings: BTreeMap<u16, Traffic>,
     /// Tunnel wire bytes per client (`default` until clients have names).
-    tunnel: BTreeMap<String, (u64, u64)>,
+    tunnel: BTreeMap<String, Traffic>,
     /// Stored lifetime totals, kept in step with the database after each commit.
-    lifetime: BTreeMap<u16, (u64, u64)>,
+    lifetime: BTreeMap<u16, Traffic>,
 }
 
-/// A counter's growth since `before`; a smaller value means the series was
-/// recreated (mapping removed and created again), which starts again from 0.
-fn growth(now: u64, before: u64) -> u64 {
-    if now >= before {
-        now - before
-    } else {
-        now
-    }
+/// What a pair of counters gained since `before`, each direction on its own; a
+/// counter below its earlier reading means the series was recreated (mapping
+/// removed and created again), which starts again from 0.
+fn growth(now: Traffic, before: Traffic) -> Traffic {
+    let one = |now: u64, before: u64| if now >= before { now - before } else { now };
+    Traffic { sent: one(now.sent, before.sent), received: one(now.received, before.received) }
 }
 
 /// What each counter pair gained since `base`; pairs that did not move are left out.
-fn deltas_since<K: Ord + Clone>(now: &BTreeMap<K, (u64, u64)>, base: &BTreeMap<K, (u64, u64)>) -> Vec<Delta<K>> {
+fn deltas_since<K: Ord + Clone>(now: &BTreeMap<K, Traffic>, base: &BTreeMap<K, Traffic>) -> Vec<Delta<K>> {
     now.iter()
-        .map(|(key, &(sent, received))| {
-            let (bs, br) = base.get(key).copied().unwrap_or_default();
-            Delta { key: key.clone(), sent: growth(sent, bs), received: growth(received, br) }
-        })
-        .filter(|d| d.sent > 0 || d.received > 0)
+        .map(|(key, &counters)| Delta { key: key.clone(), traffic: growth(counters, base.get(key).copied().unwrap_or_default()) })
+        .filter(|d| !d.traffic.is_zero())
         .collect()
 }
 
@@ -137,9 +133,7 @@ impl Recorder {
         {
             let mut base = self.baseline();
             for d in &deltas {
-                let entry = base.lifetime.entry(d.key).or_default();
-                entry.0 += d.sent;
-                entry.1 += d.received;
+                *base.lifetime.entry(d.key).or_default() += d.traffic;
             }
             // Removed mappings drop out of the baseline with their series.
             base.mappings = mappings;
@@ -164,18 +158,15 @@ impl Recorder {
         }
     }
 
-    /// Lifetime (sent, received) per port: stored totals plus what the counters
-    /// gained since the last flush — exact at any moment.
-    pub fn lifetime(&self) -> BTreeMap<u16, (u64, u64)> {
+    /// Lifetime traffic per port: stored totals plus what the counters gained
+    /// since the last flush — exact at any moment.
+    pub fn lifetime(&self) -> BTreeMap<u16, Traffic> {
         let base = self.baseline();
         // Read under the lock: a flush updates baseline and lifetime together.
         let now = self.metrics.byte_totals().mappings;
         let mut out = base.lifetime.clone();
-        for (port, (sent, received)) in now {
-            let (bs, br) = base.mappings.get(&port).copied().unwrap_or_default();
-            let entry = out.entry(port).or_default();
-            entry.0 += growth(sent, bs);
-            entry.1 += growth(received, br);
+        for (port, counters) in now {
+            *out.entry(port).or_default() += growth(counters, base.mappings.get(&port).copied().unwrap_or_default());
         }
         out
     }
@@ -234,6 +225,10 @@ mod tests {
         Fixture { _dir: dir, store, metrics, now, recorder }
     }
 
+    fn bytes(sent: u64, received: u64) -> Traffic {
+        Traffic { sent, received }
+    }
+
     /// 2026-11-29 at `h:m` UTC.
     fn utc(h: i64, m: i64) -> i64 {
         days_from_civil(2026, 11, 29) * 86_400 + h * 3600 + m * 60
@@ -280,8 +275,8 @@ mod tests {
 
         // Unflushed bytes are in the lifetime totals at once.
         b.sent.inc_by(5);
-        assert_eq!(f.recorder.lifetime().get(&4001), Some(&(5, 7)));
-        assert_eq!(f.recorder.lifetime().get(&4000), Some(&(1150, 10)));
+        assert_eq!(f.recorder.lifetime().get(&4001), Some(&bytes(5, 7)));
+        assert_eq!(f.recorder.lifetime().get(&4000), Some(&bytes(1150, 10)));
     }
 
     #[tokio::test]
@@ -297,16 +292,16 @@ mod tests {
         f.recorder.flush().await.unwrap();
         f.recorder.flush().await.unwrap();
         let tunnel = f.store.tunnel_history(Step::Day, utc(0, 0), utc(24, 0)).await.unwrap();
-        assert_eq!(tunnel, vec![(utc(0, 0), "default".to_string(), 900, 80)]);
+        assert_eq!(tunnel, vec![(utc(0, 0), "default".to_string(), bytes(900, 80))]);
         // A new process: fresh counters from 0, same database.
         let metrics = Arc::new(Metrics::new());
         let settings = HistoryConfig::default().settings().unwrap();
         let restarted = Recorder::new(f.store.clone(), metrics.clone(), settings, Arc::new(|| utc(10, 5))).await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&(300, 0)));
+        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(300, 0)));
         let m2 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
         m2.sent.inc_by(20);
         restarted.flush().await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&(320, 0)));
+        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(320, 0)));
         let day = f.store.history_points(Step::Day, Some(5000), utc(0, 0), utc(24, 0), 0).await.unwrap();
         assert_eq!(day[0].bytes_sent, 320);
         // A mapping removed and created again starts its counters at 0: counted from there.
@@ -314,7 +309,7 @@ mod tests {
         let m3 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
         m3.sent.inc_by(4);
         restarted.flush().await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&(324, 0)));
+        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(324, 0)));
     }
 
     #[tokio::test]
@@ -358,6 +353,6 @@ mod tests {
         f.now.store(start + 6 * 365 * 86_400, Ordering::SeqCst);
         f.recorder.flush().await.unwrap();
         assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
-        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&6000), Some(&(30, 0)));
+        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&6000), Some(&bytes(30, 0)));
     }
 }

@@ -73,7 +73,7 @@ impl QuotaTracker {
                 QuotaPeriod::Month => Step::Month,
             };
             let start = step.bucket_start(now, offset);
-            let total = lifetime.get(&port).map(|(s, r)| s + r).unwrap_or(0);
+            let total = lifetime.get(&port).map_or(0, |t| t.total());
             let previous = self.tracked.remove(&port);
             let tracked = match previous {
                 Some(t) if t.period_start == start && t.quota == quota => t,
@@ -167,7 +167,7 @@ async fn stored_before_period(
     offset: i64,
 ) -> Result<u64, crate::store::StoreError> {
     let store = recorder.store();
-    let stored = store.lifetime_totals().await?.get(&port).map(|(s, r)| s + r).unwrap_or(0);
+    let stored = store.lifetime_totals().await?.get(&port).map_or(0, |t| t.total());
     let rows = store.history_report(step, start, now.max(start) + 1, offset).await?;
     let in_period: u64 = rows.iter().filter(|r| r.port == port && r.period_start == start).map(|r| r.bytes_sent + r.bytes_received).sum();
     Ok(stored.saturating_sub(in_period))

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, Transaction};
 use super::db::{Store, StoreError};
 use super::schema::{MAPPING_TABLES, TUNNEL_TABLES};
 use crate::core::calendar::{period_label, Step};
+use crate::core::traffic::Traffic;
 
 /// A stored port outside 1..=65535: a damaged row, reported as SQLite reports any
 /// value that does not fit its column's type.
@@ -39,8 +40,8 @@ fn mapping_table(step: Step) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delta<K> {
     pub key: K,
-    pub sent: u64,
-    pub received: u64,
+    /// What the counters gained since the previous flush.
+    pub traffic: Traffic,
 }
 
 /// Everything one flush writes.
@@ -93,6 +94,11 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// The stored `sent` and `received` columns (signed in SQLite) as traffic.
+fn stored_traffic(sent: i64, received: i64) -> Traffic {
+    Traffic { sent: to_u64(sent), received: to_u64(received) }
+}
+
 /// Adds each delta to its bucket (one per table, starting at `starts`) of
 /// `tables`, whose key column is `key`.
 fn add_to_buckets<K: rusqlite::ToSql>(
@@ -108,7 +114,7 @@ fn add_to_buckets<K: rusqlite::ToSql>(
              ON CONFLICT (t, {key}) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received"
         ))?;
         for d in deltas {
-            stmt.execute(params![t, d.key, to_i64(d.sent), to_i64(d.received)])?;
+            stmt.execute(params![t, d.key, to_i64(d.traffic.sent), to_i64(d.traffic.received)])?;
         }
     }
     Ok(())
@@ -123,7 +129,7 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
          ON CONFLICT (port) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received",
     )?;
     for d in &f.mappings {
-        lifetime.execute(params![d.key, to_i64(d.sent), to_i64(d.received)])?;
+        lifetime.execute(params![d.key, to_i64(d.traffic.sent), to_i64(d.traffic.received)])?;
     }
     tx.prepare_cached("INSERT OR IGNORE INTO history_coverage (t) VALUES (?1)")?.execute(params![starts[0]])?;
 
@@ -153,27 +159,18 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
 }
 
 /// Sums per bucket start of `step` over `[from, to)`, one port or all.
-fn sums(
-    conn: &Connection,
-    step: Step,
-    port: Option<u16>,
-    from: i64,
-    to: i64,
-    utc_offset: i64,
-) -> rusqlite::Result<BTreeMap<i64, (u64, u64)>> {
+fn sums(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<BTreeMap<i64, Traffic>> {
     let table = mapping_table(step);
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT t, SUM(sent), SUM(received) FROM {table}
          WHERE t >= ?1 AND t < ?2 AND (?3 IS NULL OR port = ?3) GROUP BY t"
     ))?;
-    let rows = stmt.query_map(params![from, to, port], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
-    let mut out: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    let rows = stmt.query_map(params![from, to, port], |r| Ok((r.get::<_, i64>(0)?, stored_traffic(r.get(1)?, r.get(2)?))))?;
+    let mut out: BTreeMap<i64, Traffic> = BTreeMap::new();
     for row in rows {
-        let (t, sent, received) = row?;
+        let (t, traffic) = row?;
         // Rows written under another utc_offset still land in exactly one bucket.
-        let entry = out.entry(step.bucket_start(t, utc_offset)).or_default();
-        entry.0 += to_u64(sent);
-        entry.1 += to_u64(received);
+        *out.entry(step.bucket_start(t, utc_offset)).or_default() += traffic;
     }
     Ok(out)
 }
@@ -192,8 +189,8 @@ pub fn points(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i
     let first = step.bucket_start(from, utc_offset);
     let sums = sums(conn, step, port, first, to, utc_offset)?;
     let point = |t: i64| {
-        let (bytes_sent, bytes_received) = sums.get(&t).copied().unwrap_or_default();
-        Point { t, bytes_sent, bytes_received }
+        let Traffic { sent, received } = sums.get(&t).copied().unwrap_or_default();
+        Point { t, bytes_sent: sent, bytes_received: received }
     };
     if step == Step::Minute {
         return Ok(covered_minutes(conn, first, to)?.into_iter().map(point).collect());
@@ -214,43 +211,40 @@ pub fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i
     let table = mapping_table(period);
     let mut stmt = conn.prepare_cached(&format!("SELECT t, port, sent, received FROM {table} WHERE t >= ?1 AND t < ?2"))?;
     let rows =
-        stmt.query_map(params![first, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
-    let mut totals: BTreeMap<(i64, u16), (u64, u64)> = BTreeMap::new();
+        stmt.query_map(params![first, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, stored_traffic(r.get(2)?, r.get(3)?))))?;
+    let mut totals: BTreeMap<(i64, u16), Traffic> = BTreeMap::new();
     for row in rows {
-        let (t, port, sent, received) = row?;
+        let (t, port, traffic) = row?;
         let port = stored_port(1, port)?;
-        let entry = totals.entry((period.bucket_start(t, utc_offset), port)).or_default();
-        entry.0 += to_u64(sent);
-        entry.1 += to_u64(received);
+        *totals.entry((period.bucket_start(t, utc_offset), port)).or_default() += traffic;
     }
     Ok(totals
         .into_iter()
-        .filter(|(_, (s, r))| s + r > 0)
-        .map(|((start, port), (bytes_sent, bytes_received))| ReportRow {
+        .filter(|(_, traffic)| !traffic.is_zero())
+        .map(|((start, port), traffic)| ReportRow {
             period: period_label(start, period, utc_offset),
             period_start: start,
             port,
-            bytes_sent,
-            bytes_received,
+            bytes_sent: traffic.sent,
+            bytes_received: traffic.received,
         })
         .collect())
 }
 
-/// Stored lifetime totals per port (sent, received).
-pub fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, (u64, u64)>> {
+/// Stored lifetime totals per port.
+pub fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
     let mut stmt = conn.prepare_cached("SELECT port, sent, received FROM history_lifetime")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, stored_traffic(r.get(1)?, r.get(2)?))))?;
     let mut out = BTreeMap::new();
     for row in rows {
-        let (port, sent, received) = row?;
-        let port = stored_port(0, port)?;
-        out.insert(port, (to_u64(sent), to_u64(received)));
+        let (port, traffic) = row?;
+        out.insert(stored_port(0, port)?, traffic);
     }
     Ok(out)
 }
 
 /// Tunnel wire bytes per client and bucket of `step` (no months) over `[from, to)`.
-pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, String, u64, u64)>> {
+pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, String, Traffic)>> {
     let table = match step {
         Step::Minute => TUNNEL_TABLES[0],
         Step::Hour => TUNNEL_TABLES[1],
@@ -258,9 +252,8 @@ pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusql
     };
     let mut stmt =
         conn.prepare_cached(&format!("SELECT t, client, sent, received FROM {table} WHERE t >= ?1 AND t < ?2 ORDER BY t, client"))?;
-    let rows = stmt.query_map(params![from, to], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, to_u64(r.get::<_, i64>(2)?), to_u64(r.get::<_, i64>(3)?)))
-    })?;
+    let rows =
+        stmt.query_map(params![from, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, stored_traffic(r.get(2)?, r.get(3)?))))?;
     rows.collect()
 }
 
@@ -291,11 +284,11 @@ impl Store {
         self.with_conn(move |conn| report(conn, period, from, to, utc_offset)).await
     }
 
-    pub async fn lifetime_totals(&self) -> Result<BTreeMap<u16, (u64, u64)>, StoreError> {
+    pub async fn lifetime_totals(&self) -> Result<BTreeMap<u16, Traffic>, StoreError> {
         self.with_conn(|conn| lifetime(conn)).await
     }
 
-    pub async fn tunnel_history(&self, step: Step, from: i64, to: i64) -> Result<Vec<(i64, String, u64, u64)>, StoreError> {
+    pub async fn tunnel_history(&self, step: Step, from: i64, to: i64) -> Result<Vec<(i64, String, Traffic)>, StoreError> {
         self.with_conn(move |conn| tunnel_points(conn, step, from, to)).await
     }
 }

@@ -4,49 +4,26 @@
 //! an atomic add, never a label lookup. The JSON API, the SSE stream and the monitor
 //! page all read back from [`Metrics::registry`] via [`Metrics::traffic`]; nothing
 //! keeps a second set of numbers.
+//!
+//! `families` is the schema (each family's name, HELP and labels, defined once),
+//! `snapshot` the read-back, `meter` the data path's side.
 
-use std::collections::BTreeMap;
+use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder};
 
-use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use serde::Serialize;
-
-use crate::core::names::DEFAULT_CLIENT;
 use crate::core::time::unix_now;
 
+mod families;
 mod meter;
+mod snapshot;
+
+pub use families::{refused_reason, session_result, RECEIVED, SENT};
+use families::{
+    BUILD_INFO, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECT_ERRORS, MAPPING_INFO,
+    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE,
+    TUNNEL_LAST_ACTIVITY, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+};
 pub use meter::{Held, Meter};
-
-pub const SENT: &str = "sent";
-pub const RECEIVED: &str = "received";
-
-/// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
-pub mod session_result {
-    pub const OK: &str = "ok";
-    pub const AUTH_FAILED: &str = "auth_failed";
-    pub const PROTOCOL_ERROR: &str = "protocol_error";
-    pub const VERSION_MISMATCH: &str = "version_mismatch";
-    /// An authenticated client took over from the one connected before it.
-    pub const REPLACED: &str = "replaced";
-    /// Refused unheard: too many recent failures from the source, or too many
-    /// unauthenticated connections open.
-    pub const THROTTLED: &str = "throttled";
-    /// A failed TLS handshake, or a TLS/plain mismatch between the two sides.
-    pub const TLS_ERROR: &str = "tls_error";
-    pub const ALL: [&str; 7] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED, TLS_ERROR];
-}
-
-/// Why a visitor was turned away, in `tunneld_mapping_refused_total{reason}`.
-pub mod refused_reason {
-    pub const CONNECTION_LIMIT: &str = "connection_limit";
-    /// The process ran out of file descriptors: a local limit, not the target's
-    /// fault, so it is not a connect error.
-    pub const NO_DESCRIPTORS: &str = "no_descriptors";
-    /// The visitor's address is denied, or not allowed, by the mapping's lists.
-    pub const ACL: &str = "acl";
-    /// The mapping's quota is used up and its action is `block`.
-    pub const QUOTA: &str = "quota";
-    pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
-}
+pub use snapshot::{ByteTotals, ClientTraffic, PortTraffic, TrafficSnapshot};
 
 pub struct Metrics {
     registry: Registry,
@@ -73,137 +50,33 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let mapping_bytes = IntCounterVec::new(
-            Opts::new(
-                "tunneld_mapping_bytes_total",
-                "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
-            ),
-            &["port", "direction"],
-        )
-        .expect("static metric definition");
-        let mapping_connections =
-            IntCounterVec::new(Opts::new("tunneld_mapping_connections_total", "Visitor connections accepted."), &["port"])
-                .expect("static metric definition");
-        let mapping_active = IntGaugeVec::new(Opts::new("tunneld_mapping_active_connections", "Visitor connections open now."), &["port"])
-            .expect("static metric definition");
-        let mapping_last_activity = GaugeVec::new(
-            Opts::new("tunneld_mapping_last_activity_timestamp_seconds", "Unix time bytes last moved on the mapping (0: never)."),
-            &["port"],
-        )
-        .expect("static metric definition");
-        let mapping_connect_errors = IntCounterVec::new(
-            Opts::new(
-                "tunneld_mapping_connect_errors_total",
-                "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
-            ),
-            &["port"],
-        )
-        .expect("static metric definition");
-        let mapping_refused = IntCounterVec::new(
-            Opts::new("tunneld_mapping_refused_total", "Visitors refused by a limit (connection_limit, no_descriptors)."),
-            &["port", "reason"],
-        )
-        .expect("static metric definition");
-        let mapping_up = IntGaugeVec::new(
-            Opts::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound."),
-            &["port"],
-        )
-        .expect("static metric definition");
-        let mapping_info = IntGaugeVec::new(
-            Opts::new("tunneld_mapping_info", "Always 1; labels describe the mapping (target, mode, client) for dashboards."),
-            &["port", "target", "mode", "client"],
-        )
-        .expect("static metric definition");
-        let tunnel_bytes = IntCounterVec::new(
-            Opts::new(
-                "tunneld_tunnel_bytes_total",
-                "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
-            ),
-            &["client", "direction"],
-        )
-        .expect("static metric definition");
-        let tunnel_last_activity = GaugeVec::new(
-            Opts::new("tunneld_tunnel_last_activity_timestamp_seconds", "Unix time bytes last crossed the client's tunnel (0: never)."),
-            &["client"],
-        )
-        .expect("static metric definition");
-        let tunnel_connected = IntGaugeVec::new(Opts::new("tunneld_tunnel_connected", "1 while the client is authenticated."), &["client"])
-            .expect("static metric definition");
-        let tunnel_connected_since = GaugeVec::new(
-            Opts::new(
-                "tunneld_tunnel_connected_since_timestamp_seconds",
-                "Unix time the client's current tunnel session was authenticated (0: no session).",
-            ),
-            &["client"],
-        )
-        .expect("static metric definition");
-        let tunnel_sessions = IntCounterVec::new(Opts::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome."), &["result"])
-            .expect("static metric definition");
-        let history_last_flush = Gauge::new(
-            "tunneld_history_last_flush_timestamp_seconds",
-            "Unix time the history recorder last wrote to the database (0: not yet).",
-        )
-        .expect("static metric definition");
-        let mapping_quota_used = GaugeVec::new(
-            Opts::new("tunneld_mapping_quota_used_ratio", "Share of the current period's quota used (1 = all of it; 0 without a quota)."),
-            &["port"],
-        )
-        .expect("static metric definition");
-        let webhook_failures = IntCounter::new(
-            "tunneld_alert_webhook_failures_total",
-            "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
-        )
-        .expect("static metric definition");
-        let build_info =
-            IntGaugeVec::new(Opts::new("tunneld_build_info", "Always 1; the version label says which build runs."), &["version"])
-                .expect("static metric definition");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-
+        let r = &registry;
+        BUILD_INFO.int_gauge_vec(r).with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        if let Err(e) = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+            panic!("metric names are unique, but process_* are not: {e}");
+        }
+        let tunnel_sessions = TUNNEL_SESSIONS.int_counter_vec(r);
         for result in session_result::ALL {
             tunnel_sessions.with_label_values(&[result]);
         }
-
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(mapping_bytes.clone()),
-            Box::new(mapping_connections.clone()),
-            Box::new(mapping_active.clone()),
-            Box::new(mapping_last_activity.clone()),
-            Box::new(mapping_connect_errors.clone()),
-            Box::new(mapping_refused.clone()),
-            Box::new(mapping_up.clone()),
-            Box::new(mapping_info.clone()),
-            Box::new(mapping_quota_used.clone()),
-            Box::new(tunnel_bytes.clone()),
-            Box::new(tunnel_last_activity.clone()),
-            Box::new(tunnel_connected.clone()),
-            Box::new(tunnel_connected_since.clone()),
-            Box::new(tunnel_sessions.clone()),
-            Box::new(history_last_flush.clone()),
-            Box::new(webhook_failures.clone()),
-            Box::new(build_info),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
-        ];
-        for c in collectors {
-            registry.register(c).expect("metric names are unique");
-        }
         Metrics {
-            registry,
-            mapping_bytes,
-            mapping_connections,
-            mapping_active,
-            mapping_last_activity,
-            mapping_connect_errors,
-            mapping_refused,
-            mapping_up,
-            mapping_info,
-            mapping_quota_used,
-            tunnel_bytes,
-            tunnel_last_activity,
-            tunnel_connected,
-            tunnel_connected_since,
+            mapping_bytes: MAPPING_BYTES.int_counter_vec(r),
+            mapping_connections: MAPPING_CONNECTIONS.int_counter_vec(r),
+            mapping_active: MAPPING_ACTIVE.int_gauge_vec(r),
+            mapping_last_activity: MAPPING_LAST_ACTIVITY.gauge_vec(r),
+            mapping_connect_errors: MAPPING_CONNECT_ERRORS.int_counter_vec(r),
+            mapping_refused: MAPPING_REFUSED.int_counter_vec(r),
+            mapping_up: MAPPING_UP.int_gauge_vec(r),
+            mapping_info: MAPPING_INFO.int_gauge_vec(r),
+            mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
+            tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
+            tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
+            tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),
+            tunnel_connected_since: TUNNEL_CONNECTED_SINCE.gauge_vec(r),
             tunnel_sessions,
-            history_last_flush,
-            webhook_failures,
+            history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
+            webhook_failures: WEBHOOK_FAILURES.int_counter(r),
+            registry,
             started_at: unix_now(),
         }
     }
@@ -219,35 +92,6 @@ impl Metrics {
 
     pub fn history_flushed(&self, at: f64) {
         self.history_last_flush.set(at);
-    }
-
-    /// Every mapping's byte counters (sent, received) and the tunnel's per client,
-    /// read from the registry without gathering the other families. Tunnel series
-    /// without a `client` label belong to the one client, `default`.
-    pub fn byte_totals(&self) -> ByteTotals {
-        use prometheus::core::Collector;
-        fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
-            m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
-        }
-        fn add(entry: &mut (u64, u64), m: &prometheus::proto::Metric) {
-            let value = m.get_counter().value() as u64;
-            match label(m, "direction") {
-                Some(SENT) => entry.0 = value,
-                Some(RECEIVED) => entry.1 = value,
-                _ => {}
-            }
-        }
-        let mut totals = ByteTotals::default();
-        for m in self.mapping_bytes.collect().iter().flat_map(|f| f.get_metric()) {
-            if let Some(port) = label(m, "port").and_then(|p| p.parse::<u16>().ok()) {
-                add(totals.mappings.entry(port).or_default(), m);
-            }
-        }
-        for m in self.tunnel_bytes.collect().iter().flat_map(|f| f.get_metric()) {
-            let client = label(m, "client").unwrap_or(DEFAULT_CLIENT).to_string();
-            add(totals.tunnel.entry(client).or_default(), m);
-        }
-        totals
     }
 
     /// Creates a mapping's series at 0 so dashboards see it from the start.
@@ -342,12 +186,6 @@ impl Metrics {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
 
-    /// Whether any client is authenticated (on a client: whether it is).
-    pub fn tunnel_connected(&self) -> bool {
-        use prometheus::core::Collector;
-        self.tunnel_connected.collect().iter().flat_map(|f| f.get_metric()).any(|m| m.get_gauge().value() == 1.0)
-    }
-
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -355,127 +193,11 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
-
-    /// Traffic numbers read back from the registry.
-    pub fn traffic(&self) -> TrafficSnapshot {
-        let mut snap = TrafficSnapshot::default();
-        let mut ports: BTreeMap<u16, PortTraffic> = BTreeMap::new();
-        for family in self.registry.gather() {
-            for metric in family.get_metric() {
-                let label = |name: &str| metric.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string());
-                let port = label("port").and_then(|p| p.parse::<u16>().ok());
-                let counter = metric.get_counter().value();
-                let gauge = metric.get_gauge().value();
-                match (family.name(), port) {
-                    ("tunneld_mapping_bytes_total", Some(p)) => {
-                        let entry = ports.entry(p).or_default();
-                        match label("direction").as_deref() {
-                            Some(SENT) => entry.bytes_sent = counter as u64,
-                            Some(RECEIVED) => entry.bytes_received = counter as u64,
-                            _ => {}
-                        }
-                    }
-                    ("tunneld_mapping_connections_total", Some(p)) => ports.entry(p).or_default().connections_total = counter as u64,
-                    ("tunneld_mapping_active_connections", Some(p)) => {
-                        ports.entry(p).or_default().active_connections = gauge.max(0.0) as u64
-                    }
-                    ("tunneld_mapping_connect_errors_total", Some(p)) => ports.entry(p).or_default().connect_errors = counter as u64,
-                    ("tunneld_mapping_last_activity_timestamp_seconds", Some(p)) => {
-                        ports.entry(p).or_default().last_update = timestamp(gauge)
-                    }
-                    ("tunneld_tunnel_bytes_total", None) => {
-                        let entry = snap.clients.entry(label("client").unwrap_or_default()).or_default();
-                        match label("direction").as_deref() {
-                            Some(SENT) => entry.bytes_sent = counter as u64,
-                            Some(RECEIVED) => entry.bytes_received = counter as u64,
-                            _ => {}
-                        }
-                    }
-                    ("tunneld_tunnel_last_activity_timestamp_seconds", None) => {
-                        snap.clients.entry(label("client").unwrap_or_default()).or_default().last_update = timestamp(gauge)
-                    }
-                    ("tunneld_tunnel_connected_since_timestamp_seconds", None) => {
-                        snap.clients.entry(label("client").unwrap_or_default()).or_default().connected_since = timestamp(gauge)
-                    }
-                    ("tunneld_tunnel_connected", None) => {
-                        snap.clients.entry(label("client").unwrap_or_default()).or_default().connected = gauge == 1.0
-                    }
-                    _ => {}
-                }
-            }
-        }
-        snap.mappings = ports;
-        snap
-    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
-    }
-}
-
-/// Gauges use 0 for "never"; JSON uses null.
-fn timestamp(v: f64) -> Option<f64> {
-    (v > 0.0).then_some(v)
-}
-
-/// Byte counters (sent, received) per mapping port and per tunnel client.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ByteTotals {
-    pub mappings: BTreeMap<u16, (u64, u64)>,
-    pub tunnel: BTreeMap<String, (u64, u64)>,
-}
-
-/// One mapping's numbers as read from the registry.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct PortTraffic {
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub last_update: Option<f64>,
-    pub active_connections: u64,
-    pub connections_total: u64,
-    pub connect_errors: u64,
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct TrafficSnapshot {
-    pub mappings: BTreeMap<u16, PortTraffic>,
-    /// Per tunnel client, by name.
-    pub clients: BTreeMap<String, ClientTraffic>,
-}
-
-/// One tunnel client's wire numbers as read from the registry.
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
-pub struct ClientTraffic {
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub last_update: Option<f64>,
-    pub connected: bool,
-    pub connected_since: Option<f64>,
-}
-
-impl TrafficSnapshot {
-    /// The tunnel as one: bytes summed over clients, the latest activity, connected
-    /// while any client is, since the earliest session began.
-    pub fn tunnel(&self) -> ClientTraffic {
-        let mut sum = ClientTraffic::default();
-        for c in self.clients.values() {
-            sum.bytes_sent += c.bytes_sent;
-            sum.bytes_received += c.bytes_received;
-            sum.last_update = match (sum.last_update, c.last_update) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-            sum.connected |= c.connected;
-            if c.connected {
-                sum.connected_since = match (sum.connected_since, c.connected_since) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-        }
-        sum
     }
 }
 
@@ -526,4 +248,69 @@ impl Drop for ActiveGuard {
 /// Text exposition content type, per the Prometheus spec.
 pub fn content_type() -> String {
     TextEncoder::new().format_type().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::traffic::Traffic;
+
+    #[test]
+    fn every_family_is_exported_with_its_help_and_documented() {
+        let metrics = Metrics::new();
+        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        metrics.add_client("default");
+        let text = metrics.render();
+        let readme = include_str!("../../README.md");
+        for family in families::ALL {
+            let help = format!("# HELP {} {}\n", family.name(), family.help());
+            assert!(text.contains(&help), "{help:?} missing from\n{text}");
+            assert!(readme.contains(&format!("| `{}` |", family.name())), "{} missing from the README's metrics table", family.name());
+        }
+        let help = MAPPING_REFUSED.help();
+        assert!(refused_reason::ALL.iter().all(|reason| help.contains(reason)), "{help}");
+    }
+
+    #[test]
+    fn traffic_reads_back_what_was_counted() {
+        let metrics = Metrics::new();
+        let mapping = metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        mapping.sent.inc_by(5);
+        mapping.received.inc_by(7);
+        mapping.connect_errors.inc();
+        let open = mapping.visitor_accepted();
+        mapping.last_activity.set(12.0);
+        metrics.add_client("default");
+        metrics.add_client("b");
+        let (out, back) = metrics.tunnel_meters("b");
+        out.record(3);
+        back.record(4);
+        metrics.session_started("b", 99.0);
+
+        let snap = metrics.traffic();
+        let port = &snap.mappings[&4000];
+        assert_eq!(
+            (port.bytes_sent, port.bytes_received, port.connections_total, port.active_connections, port.connect_errors),
+            (5, 7, 1, 1, 1)
+        );
+        assert_eq!(port.last_update, Some(12.0));
+        let b = &snap.clients["b"];
+        assert_eq!((b.bytes_sent, b.bytes_received, b.connected, b.connected_since), (3, 4, true, Some(99.0)));
+        assert!(b.last_update.is_some());
+        assert_eq!(snap.clients["default"], ClientTraffic::default(), "a known client has series at 0");
+        assert!(metrics.tunnel_connected());
+        let totals = metrics.byte_totals();
+        assert_eq!(totals.mappings[&4000], Traffic { sent: 5, received: 7 });
+        assert_eq!(totals.tunnel["b"], Traffic { sent: 3, received: 4 });
+
+        drop(open);
+        metrics.session_ended("b");
+        assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
+        assert!(!metrics.tunnel_connected());
+        metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        metrics.remove_client("b");
+        let snap = metrics.traffic();
+        assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);
+        assert_eq!(snap.clients.keys().collect::<Vec<_>>(), ["default"]);
+    }
 }

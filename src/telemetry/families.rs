@@ -1,0 +1,200 @@
+//! The schema: every metric family this daemon exports, each defined once. The
+//! same [`Family`] registers the family (name, HELP, label names) and names the
+//! labels its series are read back by, so no name is spelled twice.
+
+use prometheus::core::Collector;
+use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// `direction` label value: visitor to target on a mapping, from this side on a tunnel.
+pub const SENT: &str = "sent";
+/// `direction` label value: the other way.
+pub const RECEIVED: &str = "received";
+
+/// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
+pub mod session_result {
+    pub const OK: &str = "ok";
+    pub const AUTH_FAILED: &str = "auth_failed";
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    pub const VERSION_MISMATCH: &str = "version_mismatch";
+    /// An authenticated client took over from the one connected before it.
+    pub const REPLACED: &str = "replaced";
+    /// Refused unheard: too many recent failures from the source, or too many
+    /// unauthenticated connections open.
+    pub const THROTTLED: &str = "throttled";
+    /// A failed TLS handshake, or a TLS/plain mismatch between the two sides.
+    pub const TLS_ERROR: &str = "tls_error";
+    pub const ALL: [&str; 7] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED, TLS_ERROR];
+}
+
+/// Why a visitor was turned away, in `tunneld_mapping_refused_total{reason}`.
+pub mod refused_reason {
+    pub const CONNECTION_LIMIT: &str = "connection_limit";
+    /// The process ran out of file descriptors: a local limit, not the target's
+    /// fault, so it is not a connect error.
+    pub const NO_DESCRIPTORS: &str = "no_descriptors";
+    /// The visitor's address is denied, or not allowed, by the mapping's lists.
+    pub const ACL: &str = "acl";
+    /// The mapping's quota is used up and its action is `block`.
+    pub const QUOTA: &str = "quota";
+    /// Every reason; the family's HELP lists these, so it names each one there is.
+    pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
+}
+
+/// Label: a mapping's listening port.
+pub(crate) const PORT: &str = "port";
+/// Label: [`SENT`] or [`RECEIVED`].
+pub(crate) const DIRECTION: &str = "direction";
+/// Label: a tunnel client's name.
+pub(crate) const CLIENT: &str = "client";
+
+/// One metric family: what `/metrics` shows for it and the labels its series have.
+pub(crate) struct Family {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    /// Values the HELP lists after `help` (`help: a, b, c.`), taken from the
+    /// constant the code counts with so the text cannot fall behind it.
+    listed: &'static [&'static str],
+}
+
+pub(crate) const MAPPING_BYTES: Family = Family::new(
+    "tunneld_mapping_bytes_total",
+    "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
+    &[PORT, DIRECTION],
+);
+pub(crate) const MAPPING_CONNECTIONS: Family = Family::new("tunneld_mapping_connections_total", "Visitor connections accepted.", &[PORT]);
+pub(crate) const MAPPING_ACTIVE: Family = Family::new("tunneld_mapping_active_connections", "Visitor connections open now.", &[PORT]);
+pub(crate) const MAPPING_LAST_ACTIVITY: Family =
+    Family::new("tunneld_mapping_last_activity_timestamp_seconds", "Unix time bytes last moved on the mapping (0: never).", &[PORT]);
+pub(crate) const MAPPING_CONNECT_ERRORS: Family = Family::new(
+    "tunneld_mapping_connect_errors_total",
+    "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
+    &[PORT],
+);
+pub(crate) const MAPPING_REFUSED: Family =
+    Family::new("tunneld_mapping_refused_total", "Visitors refused, by reason", &[PORT, "reason"]).listing(&refused_reason::ALL);
+pub(crate) const MAPPING_UP: Family =
+    Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT]);
+pub(crate) const MAPPING_INFO: Family = Family::new(
+    "tunneld_mapping_info",
+    "Always 1; labels describe the mapping (target, mode, client) for dashboards.",
+    &[PORT, "target", "mode", CLIENT],
+);
+pub(crate) const MAPPING_QUOTA_USED: Family = Family::new(
+    "tunneld_mapping_quota_used_ratio",
+    "Share of the current period's quota used (1 = all of it; 0 without a quota).",
+    &[PORT],
+);
+pub(crate) const TUNNEL_BYTES: Family = Family::new(
+    "tunneld_tunnel_bytes_total",
+    "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
+    &[CLIENT, DIRECTION],
+);
+pub(crate) const TUNNEL_LAST_ACTIVITY: Family = Family::new(
+    "tunneld_tunnel_last_activity_timestamp_seconds",
+    "Unix time bytes last crossed the client's tunnel (0: never).",
+    &[CLIENT],
+);
+pub(crate) const TUNNEL_CONNECTED: Family = Family::new("tunneld_tunnel_connected", "1 while the client is authenticated.", &[CLIENT]);
+pub(crate) const TUNNEL_CONNECTED_SINCE: Family = Family::new(
+    "tunneld_tunnel_connected_since_timestamp_seconds",
+    "Unix time the client's current tunnel session was authenticated (0: no session).",
+    &[CLIENT],
+);
+pub(crate) const TUNNEL_SESSIONS: Family = Family::new("tunneld_tunnel_sessions_total", "Tunnel handshakes by outcome.", &["result"]);
+pub(crate) const HISTORY_LAST_FLUSH: Family = Family::new(
+    "tunneld_history_last_flush_timestamp_seconds",
+    "Unix time the history recorder last wrote to the database (0: not yet).",
+    &[],
+);
+pub(crate) const WEBHOOK_FAILURES: Family = Family::new(
+    "tunneld_alert_webhook_failures_total",
+    "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
+    &[],
+);
+pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 1; the version label says which build runs.", &["version"]);
+
+/// Every family, for the checks that the exposition and the docs show each one.
+#[cfg(test)]
+pub(crate) const ALL: [&Family; 17] = [
+    &MAPPING_BYTES,
+    &MAPPING_CONNECTIONS,
+    &MAPPING_ACTIVE,
+    &MAPPING_LAST_ACTIVITY,
+    &MAPPING_CONNECT_ERRORS,
+    &MAPPING_REFUSED,
+    &MAPPING_UP,
+    &MAPPING_INFO,
+    &MAPPING_QUOTA_USED,
+    &TUNNEL_BYTES,
+    &TUNNEL_LAST_ACTIVITY,
+    &TUNNEL_CONNECTED,
+    &TUNNEL_CONNECTED_SINCE,
+    &TUNNEL_SESSIONS,
+    &HISTORY_LAST_FLUSH,
+    &WEBHOOK_FAILURES,
+    &BUILD_INFO,
+];
+
+impl Family {
+    const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
+        Family { name, help, labels, listed: &[] }
+    }
+
+    /// The same family with `values` listed in its HELP.
+    const fn listing(self, values: &'static [&'static str]) -> Family {
+        Family { listed: values, ..self }
+    }
+
+    /// The family's name, as Prometheus shows it.
+    #[cfg(test)]
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The HELP line's text.
+    pub(crate) fn help(&self) -> String {
+        match self.listed {
+            [] => self.help.to_string(),
+            values => format!("{}: {}.", self.help, values.join(", ")),
+        }
+    }
+
+    fn opts(&self) -> Opts {
+        Opts::new(self.name, self.help())
+    }
+
+    /// Registers `metric` as this family. Definitions are static, so a failure
+    /// here is a bug caught by every test that builds [`super::Metrics`].
+    fn register<M: Collector + Clone + 'static>(&self, registry: &Registry, metric: prometheus::Result<M>) -> M {
+        let metric = metric.unwrap_or_else(|e| panic!("static metric definition {}: {e}", self.name));
+        if let Err(e) = registry.register(Box::new(metric.clone())) {
+            panic!("metric names are unique, but {} is not: {e}", self.name);
+        }
+        metric
+    }
+
+    pub(crate) fn int_counter_vec(&self, registry: &Registry) -> IntCounterVec {
+        self.register(registry, IntCounterVec::new(self.opts(), self.labels))
+    }
+
+    pub(crate) fn int_gauge_vec(&self, registry: &Registry) -> IntGaugeVec {
+        self.register(registry, IntGaugeVec::new(self.opts(), self.labels))
+    }
+
+    pub(crate) fn gauge_vec(&self, registry: &Registry) -> GaugeVec {
+        self.register(registry, GaugeVec::new(self.opts(), self.labels))
+    }
+
+    /// A family without labels: one gauge.
+    pub(crate) fn gauge(&self, registry: &Registry) -> Gauge {
+        debug_assert!(self.labels.is_empty(), "{} has labels", self.name);
+        self.register(registry, Gauge::with_opts(self.opts()))
+    }
+
+    /// A family without labels: one counter.
+    pub(crate) fn int_counter(&self, registry: &Registry) -> IntCounter {
+        debug_assert!(self.labels.is_empty(), "{} has labels", self.name);
+        self.register(registry, IntCounter::with_opts(self.opts()))
+    }
+}

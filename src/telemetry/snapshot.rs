@@ -1,0 +1,162 @@
+//! Read-back: the numbers the API, the SSE stream, the history recorder and the
+//! quota check show, read from the registry's own series. Each family is read
+//! through its typed handle, so nothing here names a family a second time, and
+//! nothing gathers families the reader does not need.
+
+use std::collections::BTreeMap;
+
+use prometheus::core::Collector;
+use prometheus::proto::Metric;
+use serde::Serialize;
+
+use super::families::{CLIENT, DIRECTION, PORT, RECEIVED, SENT};
+use super::Metrics;
+use crate::core::names::DEFAULT_CLIENT;
+use crate::core::traffic::Traffic;
+
+/// Byte counters per mapping port and per tunnel client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ByteTotals {
+    pub mappings: BTreeMap<u16, Traffic>,
+    pub tunnel: BTreeMap<String, Traffic>,
+}
+
+/// One mapping's numbers as read from the registry.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PortTraffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_update: Option<f64>,
+    pub active_connections: u64,
+    pub connections_total: u64,
+    pub connect_errors: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TrafficSnapshot {
+    pub mappings: BTreeMap<u16, PortTraffic>,
+    /// Per tunnel client, by name.
+    pub clients: BTreeMap<String, ClientTraffic>,
+}
+
+/// One tunnel client's wire numbers as read from the registry.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ClientTraffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_update: Option<f64>,
+    pub connected: bool,
+    pub connected_since: Option<f64>,
+}
+
+impl TrafficSnapshot {
+    /// The tunnel as one: bytes summed over clients, the latest activity, connected
+    /// while any client is, since the earliest session began.
+    pub fn tunnel(&self) -> ClientTraffic {
+        let mut sum = ClientTraffic::default();
+        for c in self.clients.values() {
+            sum.bytes_sent += c.bytes_sent;
+            sum.bytes_received += c.bytes_received;
+            sum.last_update = match (sum.last_update, c.last_update) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            sum.connected |= c.connected;
+            if c.connected {
+                sum.connected_since = match (sum.connected_since, c.connected_since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        sum
+    }
+}
+
+/// Calls `f` with every series the family behind `handle` has now.
+fn each_series(handle: &dyn Collector, mut f: impl FnMut(&Metric)) {
+    for family in handle.collect() {
+        family.get_metric().iter().for_each(&mut f);
+    }
+}
+
+fn label<'a>(m: &'a Metric, name: &str) -> Option<&'a str> {
+    m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
+}
+
+fn port(m: &Metric) -> Option<u16> {
+    label(m, PORT)?.parse().ok()
+}
+
+fn client(m: &Metric) -> String {
+    label(m, CLIENT).unwrap_or(DEFAULT_CLIENT).to_string()
+}
+
+/// Puts a `direction`-labelled byte counter into its side of `traffic`.
+fn set_direction(traffic: &mut Traffic, m: &Metric) {
+    let value = m.get_counter().value() as u64;
+    match label(m, DIRECTION) {
+        Some(SENT) => traffic.sent = value,
+        Some(RECEIVED) => traffic.received = value,
+        _ => {}
+    }
+}
+
+/// Gauges use 0 for "never"; JSON uses null.
+fn timestamp(v: f64) -> Option<f64> {
+    (v > 0.0).then_some(v)
+}
+
+impl Metrics {
+    /// Every mapping's byte counters and the tunnel's per client, read from the
+    /// registry without gathering the other families.
+    pub fn byte_totals(&self) -> ByteTotals {
+        let mut totals = ByteTotals::default();
+        each_series(&self.mapping_bytes, |m| {
+            if let Some(port) = port(m) {
+                set_direction(totals.mappings.entry(port).or_default(), m);
+            }
+        });
+        each_series(&self.tunnel_bytes, |m| set_direction(totals.tunnel.entry(client(m)).or_default(), m));
+        totals
+    }
+
+    /// Traffic numbers read back from the registry.
+    pub fn traffic(&self) -> TrafficSnapshot {
+        let ByteTotals { mappings: mapping_bytes, tunnel: tunnel_bytes } = self.byte_totals();
+        let mut ports: BTreeMap<u16, PortTraffic> = mapping_bytes
+            .into_iter()
+            .map(|(port, t)| (port, PortTraffic { bytes_sent: t.sent, bytes_received: t.received, ..PortTraffic::default() }))
+            .collect();
+        let mut per_port = |handle: &dyn Collector, set: fn(&mut PortTraffic, &Metric)| {
+            each_series(handle, |m| {
+                if let Some(port) = port(m) {
+                    set(ports.entry(port).or_default(), m);
+                }
+            })
+        };
+        per_port(&self.mapping_connections, |p, m| p.connections_total = m.get_counter().value() as u64);
+        per_port(&self.mapping_active, |p, m| p.active_connections = m.get_gauge().value().max(0.0) as u64);
+        per_port(&self.mapping_connect_errors, |p, m| p.connect_errors = m.get_counter().value() as u64);
+        per_port(&self.mapping_last_activity, |p, m| p.last_update = timestamp(m.get_gauge().value()));
+
+        let mut clients: BTreeMap<String, ClientTraffic> = tunnel_bytes
+            .into_iter()
+            .map(|(name, t)| (name, ClientTraffic { bytes_sent: t.sent, bytes_received: t.received, ..ClientTraffic::default() }))
+            .collect();
+        let mut per_client = |handle: &dyn Collector, set: fn(&mut ClientTraffic, &Metric)| {
+            each_series(handle, |m| set(clients.entry(client(m)).or_default(), m))
+        };
+        per_client(&self.tunnel_last_activity, |c, m| c.last_update = timestamp(m.get_gauge().value()));
+        per_client(&self.tunnel_connected_since, |c, m| c.connected_since = timestamp(m.get_gauge().value()));
+        per_client(&self.tunnel_connected, |c, m| c.connected = m.get_gauge().value() == 1.0);
+        TrafficSnapshot { mappings: ports, clients }
+    }
+
+    /// Whether any client is authenticated (on a client: whether it is).
+    pub fn tunnel_connected(&self) -> bool {
+        let mut any = false;
+        each_series(&self.tunnel_connected, |m| any |= m.get_gauge().value() == 1.0);
+        any
+    }
+}
