@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::hub::TunnelHub;
 use crate::net::relay;
 use crate::net::socket;
-use crate::policy::{LivePolicy, Policy};
+use crate::policy::{LivePolicy, Policy, PolicyUpdate};
 use crate::store::{MappingSpec, Store, StoreError};
 use crate::telemetry::{MappingMetrics, Meter, Metrics};
 use crate::tunnel::exchange::{self, ExchangeError};
@@ -65,21 +65,65 @@ pub struct NewMapping {
     pub policy: Policy,
 }
 
-/// A mapping as `create` and `list` show it.
-#[derive(Debug, Clone, Serialize)]
+/// A mapping as `create` and `list` show it (the API turns it into its wire type).
+#[derive(Debug, Clone)]
 pub struct MappingView {
-    #[serde(flatten)]
     pub spec: MappingSpec,
-    #[serde(flatten)]
     pub policy: Policy,
     /// With a quota: bytes used in the current period, and whether new visitors
     /// are refused for it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub quota_used: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub quota_blocked: Option<bool>,
-    /// `active`, `waiting_for_tunnel`, or `error: ...`.
-    pub status: String,
+    pub status: MappingStatus,
+}
+
+/// Whether a mapping is serving, as the API shows it: `"active"`,
+/// `"waiting_for_tunnel"`, or `"error: <why>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MappingStatus {
+    /// Listening, and (tunneled) its client is connected.
+    Active,
+    /// Listening, but the client that reaches the target is not connected.
+    WaitingForTunnel,
+    /// The port cannot be bound (retried in the background); why.
+    Error(String),
+}
+
+impl std::fmt::Display for MappingStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            MappingStatus::Active => f.write_str("active"),
+            MappingStatus::WaitingForTunnel => f.write_str("waiting_for_tunnel"),
+            MappingStatus::Error(why) => write!(f, "error: {why}"),
+        }
+    }
+}
+
+impl std::str::FromStr for MappingStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<MappingStatus, String> {
+        match text {
+            "active" => Ok(MappingStatus::Active),
+            "waiting_for_tunnel" => Ok(MappingStatus::WaitingForTunnel),
+            _ => match text.strip_prefix("error: ") {
+                Some(why) => Ok(MappingStatus::Error(why.to_string())),
+                None => Err(format!("unknown mapping status {text:?}")),
+            },
+        }
+    }
+}
+
+impl Serialize for MappingStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MappingStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MappingStatus, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 pub struct Settings {
@@ -233,14 +277,14 @@ impl Mappings {
         Ok(view)
     }
 
-    /// Changes a mapping's policy live: `change` edits a copy of the current one
-    /// (an `Err` is a 400 naming the field); it is stored, then applied. Open
-    /// connections stay and follow the new caps at once.
-    pub async fn update(&self, port: u16, change: impl FnOnce(&mut Policy) -> Result<(), String>) -> Result<MappingView, MappingError> {
+    /// Changes a mapping's policy live: `update` is applied to a copy of the
+    /// current one, which is stored, then put in force. Open connections stay and
+    /// follow the new caps at once.
+    pub async fn update(&self, port: u16, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let entries = self.entries.lock().await;
         let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
         let mut policy = entry.policy.get();
-        change(&mut policy).map_err(MappingError::Invalid)?;
+        policy.apply(update);
         self.ctx
             .store
             .set_policy(port, &policy)
@@ -371,9 +415,9 @@ impl Mappings {
 
     fn view(&self, entry: &Entry) -> MappingView {
         let status = match entry.bind_error.lock().ok().and_then(|e| e.clone()) {
-            Some(error) => format!("error: {error}"),
-            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => "waiting_for_tunnel".into(),
-            None => "active".into(),
+            Some(error) => MappingStatus::Error(error),
+            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => MappingStatus::WaitingForTunnel,
+            None => MappingStatus::Active,
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();
