@@ -53,7 +53,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// `T` from one JSON object and nothing after it, or what is wrong, in words.
-pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let mut json = serde_json::Deserializer::from_slice(bytes);
     let Object(value) = serde_path_to_error::deserialize(&mut json).map_err(describe)?;
     json.end().map_err(|e| format!("malformed JSON: {e}"))?;

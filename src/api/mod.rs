@@ -45,8 +45,11 @@ pub use health::metrics_response;
 /// What every handler reads: the server role's parts and the API's settings.
 #[derive(Clone)]
 pub struct AppState {
+    /// The mappings: what the mapping routes change and every report lists.
     pub mappings: Arc<Mappings>,
+    /// The registry every traffic number is read from.
     pub metrics: Arc<Metrics>,
+    /// The tunnel clients: who is known, who is connected.
     pub hub: Arc<TunnelHub>,
     /// Traffic history: lifetime totals and the stored buckets.
     pub recorder: Arc<Recorder>,

@@ -68,12 +68,15 @@ pub struct NewMapping {
 /// A mapping as `create` and `list` show it (the API turns it into its wire type).
 #[derive(Debug, Clone)]
 pub struct MappingView {
+    /// Where it forwards, as stored.
     pub spec: MappingSpec,
+    /// Its policy now.
     pub policy: Policy,
-    /// With a quota: bytes used in the current period, and whether new visitors
-    /// are refused for it.
+    /// With a quota: bytes used in the current period.
     pub quota_used: Option<u64>,
+    /// With a quota: whether new visitors are refused for it.
     pub quota_blocked: Option<bool>,
+    /// Whether it is serving.
     pub status: MappingStatus,
 }
 
