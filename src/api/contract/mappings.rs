@@ -169,3 +169,21 @@ pub struct MappingRemoved {
     /// The port that is free again.
     pub port: u16,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_written_and_read_as_the_strings_the_api_has_always_shown() {
+        for (status, text) in [
+            (MappingStatus::Active, "active"),
+            (MappingStatus::WaitingForTunnel, "waiting_for_tunnel"),
+            (MappingStatus::Error("port in use by another process".into()), "error: port in use by another process"),
+        ] {
+            assert_eq!(serde_json::to_value(&status).unwrap(), serde_json::json!(text));
+            assert_eq!(serde_json::from_value::<MappingStatus>(serde_json::json!(text)).unwrap(), status);
+        }
+        assert!(serde_json::from_value::<MappingStatus>(serde_json::json!("sleeping")).is_err());
+    }
+}
