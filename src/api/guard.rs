@@ -9,7 +9,7 @@
 //!   preflight answers; no other origin can read a response.
 //!
 //! The JSON content type of state-changing requests (415) is enforced by the body
-//! extractor ([`super::JsonObject`]), which every such route uses.
+//! extractor ([`super::body`]), which every such route uses.
 
 use std::net::IpAddr;
 
@@ -18,7 +18,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::{failure, AppState};
+use super::error::failure;
+use super::AppState;
 use crate::config::ApiConfig;
 
 /// How long a browser may cache a preflight answer.

@@ -7,14 +7,13 @@
 
 use std::collections::HashMap;
 
+use super::contract::{History, Report, ReportRow};
+use super::error::{success, ApiError};
+use super::AppState;
+use crate::core::calendar::{utc_offset_text, Step};
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
-
-use super::{bad_request, success, ApiError, AppState};
-use crate::core::calendar::{utc_offset_text, Step};
-use crate::store::history::ReportRow;
 
 /// Most points one series may have: a day of minutes, five years of days.
 pub const MAX_POINTS: i64 = 2_000;
@@ -26,9 +25,9 @@ const LATEST: i64 = 253_402_300_799;
 type Params = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
 
 fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
-    let Query(map) = raw.map_err(|e| bad_request(e.body_text()))?;
+    let Query(map) = raw.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str()) && k.as_str() != "token") {
-        return Err(bad_request(format!("unknown parameter `{unknown}` (expected one of: {})", allowed.join(", "))));
+        return Err(ApiError::bad_request(format!("unknown parameter `{unknown}` (expected one of: {})", allowed.join(", "))));
     }
     Ok(map)
 }
@@ -38,7 +37,7 @@ fn time_param(map: &HashMap<String, String>, key: &str, default: i64) -> Result<
         None => Ok(default),
         Some(text) => match text.parse::<i64>() {
             Ok(t) if (0..=LATEST).contains(&t) => Ok(t),
-            _ => Err(bad_request(format!("`{key}` must be Unix seconds between 0 and {LATEST} (got {text:?})"))),
+            _ => Err(ApiError::bad_request(format!("`{key}` must be Unix seconds between 0 and {LATEST} (got {text:?})"))),
         },
     }
 }
@@ -49,7 +48,7 @@ fn step_param(map: &HashMap<String, String>, key: &str, default: Step, allowed: 
         Some(step) if allowed.contains(&step) => Ok(step),
         _ => {
             let names: Vec<&str> = allowed.iter().map(|s| s.name()).collect();
-            Err(bad_request(format!("`{key}` must be one of {} (got {text:?})", names.join(", "))))
+            Err(ApiError::bad_request(format!("`{key}` must be one of {} (got {text:?})", names.join(", "))))
         }
     }
 }
@@ -66,7 +65,7 @@ fn range(
     let to = time_param(map, "to", now)?;
     let from = time_param(map, "from", (to - default_span).max(0))?;
     if from >= to {
-        return Err(bad_request(format!("`from` ({from}) must be before `to` ({to})")));
+        return Err(ApiError::bad_request(format!("`from` ({from}) must be before `to` ({to})")));
     }
     let count = step.count(from, to, utc_offset);
     if count > limit {
@@ -74,7 +73,7 @@ fn range(
             Some(coarser) => format!("; use step={} or a shorter range", coarser.name()),
             None => "; use a shorter range".to_string(),
         };
-        return Err(bad_request(format!("the range spans {count} {}s, more than {limit}{hint}", step.name())));
+        return Err(ApiError::bad_request(format!("the range spans {count} {}s, more than {limit}{hint}", step.name())));
     }
     Ok((from, to))
 }
@@ -85,7 +84,7 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
         None => None,
         Some(text) => match text.parse::<u16>() {
             Ok(p) if p > 0 => Some(p),
-            _ => return Err(bad_request(format!("`port` must be an integer between 1 and 65535 (got {text:?})"))),
+            _ => return Err(ApiError::bad_request(format!("`port` must be an integer between 1 and 65535 (got {text:?})"))),
         },
     };
     let step = step_param(&map, "step", Step::Hour, &[Step::Minute, Step::Hour, Step::Day, Step::Month])?;
@@ -95,15 +94,15 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
     let points = state.recorder_store().history_points(step, port, from, to, offset).await.map_err(internal)?;
     Ok(success(
         "ok",
-        json!({
-            "step": step.name(),
-            "port": port,
-            "from": from,
-            "to": to,
-            "utc_offset": utc_offset_text(offset),
-            "interval_secs": settings.interval_secs,
-            "points": points,
-        }),
+        History {
+            step: step.name().to_string(),
+            port,
+            from,
+            to,
+            utc_offset: utc_offset_text(offset),
+            interval_secs: settings.interval_secs,
+            points: points.into_iter().map(Into::into).collect(),
+        },
     ))
 }
 
@@ -113,7 +112,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
     let csv = match map.get("format").map(String::as_str) {
         None | Some("json") => false,
         Some("csv") => true,
-        Some(other) => return Err(bad_request(format!("`format` must be json or csv (got {other:?})"))),
+        Some(other) => return Err(ApiError::bad_request(format!("`format` must be json or csv (got {other:?})"))),
     };
     let offset = state.recorder.settings().utc_offset_secs;
     let default_span = match period {
@@ -122,7 +121,8 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         _ => 86_400,
     };
     let (from, to) = range(&map, period, default_span, state.recorder.now(), MAX_PERIODS, offset)?;
-    let rows = state.recorder_store().history_report(period, from, to, offset).await.map_err(internal)?;
+    let rows: Vec<ReportRow> =
+        state.recorder_store().history_report(period, from, to, offset).await.map_err(internal)?.into_iter().map(Into::into).collect();
     if csv {
         let filename = format!("tunneld-report-{}-{from}-{to}.csv", period.name());
         return Ok((
@@ -134,7 +134,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         )
             .into_response());
     }
-    Ok(success("ok", json!({"period": period.name(), "from": from, "to": to, "utc_offset": utc_offset_text(offset), "rows": rows})))
+    Ok(success("ok", Report { period: period.name().to_string(), from, to, utc_offset: utc_offset_text(offset), rows }))
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are
@@ -148,5 +148,5 @@ fn to_csv(rows: &[ReportRow]) -> String {
 }
 
 fn internal(e: crate::store::StoreError) -> ApiError {
-    ApiError { status: axum::http::StatusCode::INTERNAL_SERVER_ERROR, message: format!("cannot read the traffic history: {e}") }
+    ApiError::internal(format!("cannot read the traffic history: {e}"))
 }

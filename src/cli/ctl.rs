@@ -4,14 +4,21 @@
 //!
 //! Every subcommand is one or two API calls; the server stays the only place that
 //! validates anything, and its message is printed verbatim when it refuses.
+//! Requests and answers are the API's own contract types, so `ctl` and the
+//! server cannot drift apart field by field.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use anyhow::{anyhow, bail, Context};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Serialize;
 
+use crate::api::contract::{
+    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingList, MappingRemoved,
+    RemoveClient, RemoveMapping, TrafficReport,
+};
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
 
@@ -51,11 +58,13 @@ impl Api {
         Ok(Api { base, token, agent })
     }
 
-    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// `GET path`: the answer's `data`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(self.request("GET", path).call())
     }
 
-    pub fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    /// `POST path` with `body` as JSON: the answer's `data`.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
         // send_json sets `Content-Type: application/json`, which the API requires
         // of every mutating request.
         self.call(self.request("POST", path).send_json(body))
@@ -71,18 +80,17 @@ impl Api {
 
     /// The envelope's `data` on success; the envelope's `message` as an error
     /// otherwise (or what went wrong on the way).
-    fn call(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<Value> {
+    fn call<T: DeserializeOwned>(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<T> {
         match result {
             Ok(response) => {
-                let envelope: Value = response.into_json().context("the API answered with something other than JSON")?;
-                Ok(envelope.get("data").cloned().unwrap_or(Value::Null))
+                let envelope: Envelope<T> = response.into_json().context("cannot read the API's answer")?;
+                envelope.data.ok_or_else(|| anyhow!("the API answered without data: {}", envelope.message))
             }
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-                    .unwrap_or_else(|| text.trim().to_string());
+                let message = serde_json::from_str::<Envelope<IgnoredAny>>(&text)
+                    .map(|envelope| envelope.message)
+                    .unwrap_or_else(|_| text.trim().to_string());
                 Err(ApiRefused { status, message }.into())
             }
             Err(ureq::Error::Transport(e)) => Err(anyhow::anyhow!("cannot reach the API at {}: {e}", self.base)),
@@ -113,16 +121,15 @@ fn base_url(config: &Config) -> String {
 
 /// `ctl list`: the mappings as a table.
 pub fn list(api: &Api) -> anyhow::Result<String> {
-    let data = api.get("/api/mapping/list")?;
-    let mappings = data.get("mappings").and_then(Value::as_array).cloned().unwrap_or_default();
+    let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
     let mut rows = vec![vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into(), "CREATED".into()]];
     for m in &mappings {
         rows.push(vec![
-            field(m, "source_port"),
-            format!("{}:{}", text(m, "target_host"), field(m, "target_port")),
-            mode(m.get("use_tunnel"), m.get("client")),
-            text(m, "status"),
-            m.get("created_at").and_then(Value::as_i64).map(format_utc).unwrap_or_default(),
+            m.source_port.to_string(),
+            format!("{}:{}", m.target_host, m.target_port),
+            mode(m.use_tunnel, m.client.as_deref()),
+            m.status.to_string(),
+            format_utc(m.created_at),
         ]);
     }
     Ok(format!("{}{} mapping(s)\n", table(&rows), mappings.len()))
@@ -133,39 +140,42 @@ pub fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&
     let Some((host, target_port)) = config::split_host_port(target) else {
         bail!("target must be HOST:PORT (IPv6 as [::1]:22), got {target:?}");
     };
-    let mut body = json!({"source_port": port, "target_host": host, "target_port": target_port, "use_tunnel": tunnel});
-    if let Some(client) = client {
-        body["client"] = json!(client);
-    }
-    let m = api.post("/api/mapping/create", body)?;
+    let request = CreateMapping {
+        source_port: port,
+        target_host: host.to_string(),
+        target_port,
+        use_tunnel: tunnel,
+        client: client.map(str::to_string),
+        ..CreateMapping::default()
+    };
+    let m: Mapping = api.post("/api/mapping/create", &request)?;
     Ok(format!(
         "mapping created: port {} -> {}:{} ({}), status {}\n",
-        field(&m, "source_port"),
-        text(&m, "target_host"),
-        field(&m, "target_port"),
-        mode(m.get("use_tunnel"), m.get("client")),
-        text(&m, "status")
+        m.source_port,
+        m.target_host,
+        m.target_port,
+        mode(m.use_tunnel, m.client.as_deref()),
+        m.status
     ))
 }
 
 /// `ctl remove`.
 pub fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
-    api.post("/api/mapping/remove", json!({"port": port}))?;
+    let MappingRemoved { port } = api.post("/api/mapping/remove", &RemoveMapping { port })?;
     Ok(format!("mapping on port {port} removed\n"))
 }
 
 /// `ctl events`: the newest `limit` events, newest first.
 pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
-    let data = api.get(&format!("/api/events?limit={limit}"))?;
-    let events = data.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    let EventList { events, .. } = api.get(&format!("/api/events?limit={limit}"))?;
     let mut rows = vec![vec!["TIME".to_string(), "KIND".into(), "PORT".into(), "CLIENT".into(), "MESSAGE".into()]];
     for e in &events {
         rows.push(vec![
-            e.get("time").and_then(Value::as_f64).map(|t| format_utc(t as i64)).unwrap_or_default(),
-            text(e, "kind"),
-            e.get("port").and_then(Value::as_u64).map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            e.get("client").and_then(Value::as_str).unwrap_or("-").to_string(),
-            text(e, "message"),
+            format_utc(e.time as i64),
+            e.kind.clone(),
+            e.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            e.client.clone().unwrap_or_else(|| "-".into()),
+            e.message.clone(),
         ]);
     }
     Ok(format!("{}{} event(s)\n", table(&rows), events.len()))
@@ -173,20 +183,18 @@ pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
 
 /// `ctl client list`.
 pub fn client_list(api: &Api) -> anyhow::Result<String> {
-    let data = api.get("/api/client/list")?;
-    let clients = data.get("clients").and_then(Value::as_array).cloned().unwrap_or_default();
+    let ClientList { clients, .. } = api.get("/api/client/list")?;
     let mut rows =
         vec![vec!["NAME".to_string(), "STATUS".into(), "PEER".into(), "SINCE".into(), "SENT".into(), "RECEIVED".into(), "MAPPINGS".into()]];
     for c in &clients {
-        let connected = c.get("connected").and_then(Value::as_bool) == Some(true);
         rows.push(vec![
-            text(c, "name"),
-            if connected { "connected".into() } else { "not connected".into() },
-            c.get("peer").and_then(Value::as_str).unwrap_or("-").to_string(),
-            c.get("connected_since").and_then(Value::as_f64).map(|t| format_utc(t as i64)).unwrap_or_else(|| "-".into()),
-            human_bytes(number(c, "bytes_sent")),
-            human_bytes(number(c, "bytes_received")),
-            field(c, "mappings"),
+            c.name.clone(),
+            if c.connected { "connected".into() } else { "not connected".into() },
+            c.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.connected_since.map(|t| format_utc(t as i64)).unwrap_or_else(|| "-".into()),
+            human_bytes(c.bytes_sent),
+            human_bytes(c.bytes_received),
+            c.mappings.to_string(),
         ]);
     }
     Ok(format!("{}{} client(s)\n", table(&rows), clients.len()))
@@ -194,20 +202,16 @@ pub fn client_list(api: &Api) -> anyhow::Result<String> {
 
 /// `ctl client create`: prints the secret, with how to use it.
 pub fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
-    let data = api.post("/api/client/create", json!({"name": name}))?;
+    let ClientCreated { name, secret } = api.post("/api/client/create", &CreateClient { name: name.to_string() })?;
     Ok(format!(
-        "client {} created. Its secret is shown only now:\n\n  {}\n\nStart the client with --name {} and this secret (client.name / client.secret).\n",
-        text(&data, "name"),
-        text(&data, "secret"),
-        text(&data, "name"),
+        "client {name} created. Its secret is shown only now:\n\n  {secret}\n\nStart the client with --name {name} and this secret (client.name / client.secret).\n",
     ))
 }
 
 /// `ctl client remove`.
 pub fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
-    let data = api.post("/api/client/remove", json!({"name": name, "force": force}))?;
-    let waiting = data.get("mappings_waiting").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-    Ok(match waiting {
+    let removed: ClientRemoved = api.post("/api/client/remove", &RemoveClient { name: name.to_string(), force })?;
+    Ok(match removed.mappings_waiting.len() {
         0 => format!("client {name} removed\n"),
         n => format!("client {name} removed; {n} mapping(s) wait for a client of that name\n"),
     })
@@ -215,8 +219,7 @@ pub fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<Strin
 
 /// `ctl stats`: traffic since the daemon started, per mapping and in total.
 pub fn stats(api: &Api) -> anyhow::Result<String> {
-    let data = api.get("/api/stats/traffic")?;
-    let mappings = data.get("mappings").and_then(Value::as_array).cloned().unwrap_or_default();
+    let report: TrafficReport = api.get("/api/stats/traffic")?;
     let mut rows = vec![vec![
         "PORT".to_string(),
         "TARGET".into(),
@@ -228,33 +231,32 @@ pub fn stats(api: &Api) -> anyhow::Result<String> {
         "ERRORS".into(),
         "LAST ACTIVITY".into(),
     ]];
-    let now = data.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0);
-    for m in &mappings {
+    for m in &report.mappings {
         rows.push(vec![
-            field(m, "port"),
-            format!("{}:{}", text(m, "target_host"), field(m, "target_port")),
-            mode(m.get("use_tunnel"), m.get("client")),
-            human_bytes(number(m, "bytes_sent")),
-            human_bytes(number(m, "bytes_received")),
-            field(m, "active_connections"),
-            field(m, "connections_total"),
-            field(m, "connect_errors"),
-            match m.get("last_update").and_then(Value::as_f64) {
-                Some(t) => format!("{} ago", human_duration((now - t).max(0.0))),
+            m.port.to_string(),
+            format!("{}:{}", m.target_host, m.target_port),
+            mode(m.use_tunnel, m.client.as_deref()),
+            human_bytes(m.bytes_sent),
+            human_bytes(m.bytes_received),
+            m.active_connections.to_string(),
+            m.connections_total.to_string(),
+            m.connect_errors.to_string(),
+            match m.last_update {
+                Some(t) => format!("{} ago", human_duration((report.timestamp - t).max(0.0))),
                 None => "never".into(),
             },
         ]);
     }
     let mut out = table(&rows);
-    let tunnel = data.get("tunnel").cloned().unwrap_or(Value::Null);
+    let tunnel = &report.tunnel;
     let _ = writeln!(
         out,
         "total: sent {}, received {}; tunnel ({}): sent {}, received {}",
-        human_bytes(number(&data, "total_sent")),
-        human_bytes(number(&data, "total_received")),
-        if tunnel.get("connected").and_then(Value::as_bool) == Some(true) { "connected" } else { "not connected" },
-        human_bytes(number(&tunnel, "bytes_sent")),
-        human_bytes(number(&tunnel, "bytes_received")),
+        human_bytes(report.total_sent),
+        human_bytes(report.total_received),
+        if tunnel.connected { "connected" } else { "not connected" },
+        human_bytes(tunnel.bytes_sent),
+        human_bytes(tunnel.bytes_received),
     );
     Ok(out)
 }
@@ -297,27 +299,12 @@ pub(super) fn human_duration(secs: f64) -> String {
     }
 }
 
-pub(super) fn mode(use_tunnel: Option<&Value>, client: Option<&Value>) -> String {
-    match (use_tunnel.and_then(Value::as_bool), client.and_then(Value::as_str)) {
-        (Some(true), Some(client)) => format!("tunnel:{client}"),
-        (Some(true), None) => "tunnel".into(),
-        _ => "direct".into(),
-    }
-}
-
-pub(super) fn number(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-pub(super) fn text(v: &Value, key: &str) -> String {
-    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
-pub(super) fn field(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
+/// `direct`, `tunnel`, or `tunnel:<client>`.
+pub(super) fn mode(use_tunnel: bool, client: Option<&str>) -> String {
+    match (use_tunnel, client) {
+        (true, Some(client)) => format!("tunnel:{client}"),
+        (true, None) => "tunnel".into(),
+        (false, _) => "direct".into(),
     }
 }
 

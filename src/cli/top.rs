@@ -4,59 +4,50 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::Value;
 
-use super::ctl::{field, human_bytes, mode, number, table, text, Api};
+use super::ctl::{human_bytes, mode, table, Api};
+use crate::api::contract::TrafficReport;
 
 /// One `/api/stats/traffic` reading, kept to turn the next one into rates.
 struct Sample {
     at: f64,
-    bytes: std::collections::BTreeMap<u64, (u64, u64)>,
+    bytes: std::collections::BTreeMap<u16, (u64, u64)>,
 }
 
 impl Sample {
-    fn of(data: &Value) -> Sample {
-        let bytes = data
-            .get("mappings")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|m| Some((m.get("port")?.as_u64()?, (number(m, "bytes_sent"), number(m, "bytes_received")))))
-            .collect();
-        Sample { at: data.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0), bytes }
+    fn of(report: &TrafficReport) -> Sample {
+        let bytes = report.mappings.iter().map(|m| (m.port, (m.bytes_sent, m.bytes_received))).collect();
+        Sample { at: report.timestamp, bytes }
     }
 }
 
 /// The `ctl top` screen for one reading: mappings ordered by current throughput,
 /// rates from the daemon's own timestamps (so a slow terminal does not skew them).
-fn top_screen(api_base: &str, data: &Value, previous: Option<&Sample>) -> String {
-    let current = Sample::of(data);
+fn top_screen(api_base: &str, report: &TrafficReport, previous: Option<&Sample>) -> String {
+    let current = Sample::of(report);
     let elapsed = previous.map(|p| current.at - p.at).filter(|dt| *dt > 0.0);
-    let rate = |port: u64, now: u64, pick: fn(&(u64, u64)) -> u64| -> f64 {
+    let rate = |port: u16, now: u64, pick: fn(&(u64, u64)) -> u64| -> f64 {
         match (elapsed, previous.and_then(|p| p.bytes.get(&port))) {
             (Some(dt), Some(before)) => now.saturating_sub(pick(before)) as f64 / dt,
             _ => 0.0,
         }
     };
-    let mut lines: Vec<(f64, Vec<String>)> = data
-        .get("mappings")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let mut lines: Vec<(f64, Vec<String>)> = report
+        .mappings
+        .iter()
         .map(|m| {
-            let port = m.get("port").and_then(Value::as_u64).unwrap_or_default();
-            let (sent, received) = (number(m, "bytes_sent"), number(m, "bytes_received"));
-            let (up, down) = (rate(port, sent, |b| b.0), rate(port, received, |b| b.1));
+            let (sent, received) = (m.bytes_sent, m.bytes_received);
+            let (up, down) = (rate(m.port, sent, |b| b.0), rate(m.port, received, |b| b.1));
             let row = vec![
-                port.to_string(),
-                format!("{}:{}", text(m, "target_host"), field(m, "target_port")),
-                mode(m.get("use_tunnel"), m.get("client")),
+                m.port.to_string(),
+                format!("{}:{}", m.target_host, m.target_port),
+                mode(m.use_tunnel, m.client.as_deref()),
                 format!("{}/s", human_bytes(up as u64)),
                 format!("{}/s", human_bytes(down as u64)),
                 human_bytes(sent),
                 human_bytes(received),
-                field(m, "active_connections"),
-                text(m, "status"),
+                m.active_connections.to_string(),
+                m.status.to_string(),
             ];
             (up + down, row)
         })
@@ -74,12 +65,11 @@ fn top_screen(api_base: &str, data: &Value, previous: Option<&Sample>) -> String
         "STATUS".into(),
     ]];
     rows.extend(lines.into_iter().map(|(_, row)| row));
-    let connected = data.get("tunnel").and_then(|t| t.get("connected")).and_then(Value::as_bool) == Some(true);
     format!(
         "tunneld top — {api_base} — {} mapping(s), {} open connection(s), tunnel {} — q quits\n\n{}",
-        field(data, "mapping_count"),
-        field(data, "active_connections"),
-        if connected { "connected" } else { "not connected" },
+        report.mapping_count,
+        report.active_connections,
+        if report.tunnel.connected { "connected" } else { "not connected" },
         table(&rows)
     )
 }
@@ -104,10 +94,10 @@ pub fn top(api: &Api, interval: Duration) -> anyhow::Result<()> {
     execute!(out, terminal::EnterAlternateScreen, cursor::Hide)?;
     let mut previous: Option<Sample> = None;
     loop {
-        let screen = match api.get("/api/stats/traffic") {
-            Ok(data) => {
-                let screen = top_screen(&api.base, &data, previous.as_ref());
-                previous = Some(Sample::of(&data));
+        let screen = match api.get::<TrafficReport>("/api/stats/traffic") {
+            Ok(report) => {
+                let screen = top_screen(&api.base, &report, previous.as_ref());
+                previous = Some(Sample::of(&report));
                 screen
             }
             Err(e) => format!("tunneld top — {} — q quits\n\n{e:#}\nretrying every {:.0} s\n", api.base, interval.as_secs_f64()),
@@ -134,15 +124,52 @@ pub fn top(api: &Api, interval: Duration) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::api::contract::{MappingStatus, MappingTraffic, TunnelTraffic};
+
+    fn mapping(port: u16, bytes_sent: u64) -> MappingTraffic {
+        MappingTraffic {
+            port,
+            bytes_sent,
+            bytes_received: 0,
+            lifetime_sent: bytes_sent,
+            lifetime_received: 0,
+            last_update: None,
+            active_connections: 0,
+            connections_total: 0,
+            connect_errors: 0,
+            target_host: "h".into(),
+            target_port: port / 1000,
+            use_tunnel: false,
+            client: None,
+            status: MappingStatus::Active,
+            description: None,
+            bandwidth_limit: None,
+            quota: None,
+            quota_used: None,
+            quota_blocked: None,
+            allow: vec![],
+            deny: vec![],
+        }
+    }
+
+    fn reading(timestamp: f64, a: u64, b: u64) -> TrafficReport {
+        TrafficReport {
+            tunnel: TunnelTraffic { bytes_sent: 0, bytes_received: 0, last_update: None, connected: false, connected_since: None },
+            clients: vec![],
+            mappings: vec![mapping(1000, a), mapping(2000, b)],
+            total_sent: a + b,
+            total_received: 0,
+            lifetime_sent: a + b,
+            lifetime_received: 0,
+            started_at: 0.0,
+            timestamp,
+            mapping_count: 2,
+            active_connections: 0,
+        }
+    }
 
     #[test]
     fn top_orders_by_current_rate() {
-        let reading = |t: f64, a: u64, b: u64| {
-            json!({"timestamp": t, "mapping_count": 2, "active_connections": 0, "tunnel": {"connected": false},
-                   "mappings": [{"port": 1000, "bytes_sent": a, "bytes_received": 0, "target_host": "h", "target_port": 1},
-                                {"port": 2000, "bytes_sent": b, "bytes_received": 0, "target_host": "h", "target_port": 2}]})
-        };
         let before = Sample::of(&reading(10.0, 0, 0));
         let screen = top_screen("http://x", &reading(12.0, 2048, 4 * 1024 * 1024), Some(&before));
         let rows: Vec<&str> = screen.lines().filter(|l| l.starts_with("1000") || l.starts_with("2000")).collect();

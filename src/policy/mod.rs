@@ -1,6 +1,6 @@
 //! Per-mapping policy: a description, a bandwidth cap, a traffic quota and
-//! visitor allow/deny lists — what is stored, how the API's JSON is validated
-//! into it, and the live state the forwarders consult ([`LivePolicy`]).
+//! visitor allow/deny lists — what is stored, how a request changes it
+//! ([`update`]), and the live state the forwarders consult ([`LivePolicy`]).
 //!
 //! The data path reads policy in two places only: once per visitor at accept
 //! (ACL and quota block, under a short read lock), and once per chunk through
@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+pub mod update;
+
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use crate::core::rate::Limiter;
 use crate::core::sync::{read, write};
@@ -20,14 +21,7 @@ use crate::core::sync::{read, write};
 mod acl;
 
 pub use acl::Cidr;
-
-/// The fields a policy has, as named in the API.
-pub const FIELDS: [&str; 5] = ["description", "bandwidth_limit", "quota", "allow", "deny"];
-
-/// Longest description accepted: a label, not a document.
-const MAX_DESCRIPTION: usize = 500;
-/// Most CIDR blocks in one list.
-const MAX_CIDRS: usize = 256;
+pub use update::PolicyUpdate;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -44,8 +38,10 @@ pub struct Policy {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Quota {
     /// Allowance per period, both directions together.
+    #[serde(deserialize_with = "update::quota_bytes")]
     pub bytes: u64,
     pub period: QuotaPeriod,
     pub action: QuotaAction,
@@ -68,82 +64,11 @@ pub enum QuotaAction {
 }
 
 impl Policy {
-    /// Applies the policy fields present in `body`: a value sets the field,
-    /// `null` removes it, an absent field stays as it is. Fields other than the
-    /// policy's are ignored (the route checks for unknown ones). The message of
-    /// an error names the field.
-    pub fn apply(&mut self, body: &Map<String, Value>) -> Result<(), String> {
-        let mut next = self.clone();
-        for (key, value) in body.iter().filter(|(k, _)| FIELDS.contains(&k.as_str())) {
-            match (key.as_str(), value) {
-                ("description", Value::Null) => next.description = None,
-                ("description", Value::String(s)) if s.chars().count() <= MAX_DESCRIPTION && !s.chars().any(char::is_control) => {
-                    next.description = Some(s.trim().to_string()).filter(|s| !s.is_empty())
-                }
-                ("description", _) => {
-                    return Err(format!("`description` must be text of at most {MAX_DESCRIPTION} characters without control characters"))
-                }
-                ("bandwidth_limit", Value::Null) => next.bandwidth_limit = None,
-                ("bandwidth_limit", Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => next.bandwidth_limit = n.as_u64(),
-                ("bandwidth_limit", other) => {
-                    return Err(format!("`bandwidth_limit` must be a positive whole number of bytes per second (got {other})"))
-                }
-                ("quota", Value::Null) => next.quota = None,
-                ("quota", value) => next.quota = Some(parse_quota(value)?),
-                ("allow", Value::Null) => next.allow.clear(),
-                ("allow", value) => next.allow = parse_cidrs("allow", value)?,
-                ("deny", Value::Null) => next.deny.clear(),
-                ("deny", value) => next.deny = parse_cidrs("deny", value)?,
-                _ => {}
-            }
-        }
-        *self = next;
-        Ok(())
-    }
-
     /// Whether a visitor from `ip` may connect: not denied, and allowed when an
     /// allow list exists.
     pub fn admits(&self, ip: IpAddr) -> bool {
         !self.deny.iter().any(|c| c.contains(ip)) && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
     }
-}
-
-fn parse_quota(value: &Value) -> Result<Quota, String> {
-    const SHAPE: &str = "`quota` must be {\"bytes\": N, \"period\": \"day\"|\"month\", \"action\": \"alert\"|\"block\"}";
-    let Value::Object(q) = value else { return Err(SHAPE.into()) };
-    if let Some(unknown) = q.keys().find(|k| !["bytes", "period", "action"].contains(&k.as_str())) {
-        return Err(format!("unknown field `quota.{unknown}` ({SHAPE})"));
-    }
-    let bytes = match q.get("bytes") {
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => n.as_u64().unwrap_or_default(),
-        Some(other) => return Err(format!("`quota.bytes` must be a positive whole number (got {other})")),
-        None => return Err(format!("missing field `quota.bytes` ({SHAPE})")),
-    };
-    let period = match q.get("period").and_then(Value::as_str) {
-        Some("day") => QuotaPeriod::Day,
-        Some("month") => QuotaPeriod::Month,
-        _ => return Err(format!("`quota.period` must be \"day\" or \"month\" (got {})", q.get("period").unwrap_or(&Value::Null))),
-    };
-    let action = match q.get("action").and_then(Value::as_str) {
-        Some("alert") => QuotaAction::Alert,
-        Some("block") => QuotaAction::Block,
-        _ => return Err(format!("`quota.action` must be \"alert\" or \"block\" (got {})", q.get("action").unwrap_or(&Value::Null))),
-    };
-    Ok(Quota { bytes, period, action })
-}
-
-fn parse_cidrs(field: &str, value: &Value) -> Result<Vec<Cidr>, String> {
-    let Value::Array(items) = value else { return Err(format!("`{field}` must be a list of CIDR blocks like \"10.0.0.0/8\"")) };
-    if items.len() > MAX_CIDRS {
-        return Err(format!("`{field}` has more than {MAX_CIDRS} blocks"));
-    }
-    items
-        .iter()
-        .map(|item| match item.as_str().and_then(Cidr::parse) {
-            Some(cidr) => Ok(cidr),
-            None => Err(format!("`{field}`: {item} is not a CIDR block (like \"192.0.2.0/24\" or \"2001:db8::/32\")")),
-        })
-        .collect()
 }
 
 /// A mapping's policy as the forwarders see it, changed in place by an update so
@@ -221,15 +146,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn apply(policy: &mut Policy, body: Value) -> Result<(), String> {
-        policy.apply(body.as_object().unwrap())
+    fn blocks(texts: &[&str]) -> Option<Option<Vec<Cidr>>> {
+        Some(Some(texts.iter().map(|t| Cidr::parse(t).unwrap()).collect()))
     }
 
     #[test]
     fn deny_wins_and_empty_allow_is_everyone() {
         let mut p = Policy::default();
         assert!(p.admits("192.0.2.1".parse().unwrap()));
-        apply(&mut p, json!({"allow": ["127.0.0.0/8"], "deny": ["127.0.0.3"]})).unwrap();
+        p.apply(PolicyUpdate { allow: blocks(&["127.0.0.0/8"]), deny: blocks(&["127.0.0.3"]), ..PolicyUpdate::default() });
         assert!(p.admits("127.0.0.2".parse().unwrap()));
         assert!(!p.admits("127.0.0.3".parse().unwrap()));
         assert!(!p.admits("192.0.2.1".parse().unwrap()));
@@ -237,44 +162,78 @@ mod tests {
 
     #[test]
     fn updates_keep_absent_fields_and_null_removes() {
+        let quota = Quota { bytes: 10, period: QuotaPeriod::Month, action: QuotaAction::Block };
         let mut p = Policy::default();
-        apply(
-            &mut p,
-            json!({"description": "ssh", "bandwidth_limit": 1000, "quota": {"bytes": 10, "period": "month", "action": "block"}, "deny": ["::1"]}),
-        )
-        .unwrap();
-        apply(&mut p, json!({"bandwidth_limit": null, "description": "office ssh"})).unwrap();
+        p.apply(PolicyUpdate {
+            description: Some(Some("ssh".into())),
+            bandwidth_limit: Some(Some(1000)),
+            quota: Some(Some(quota)),
+            deny: blocks(&["::1"]),
+            ..PolicyUpdate::default()
+        });
+        p.apply(PolicyUpdate { bandwidth_limit: Some(None), description: Some(Some("office ssh".into())), ..PolicyUpdate::default() });
         assert_eq!(p.bandwidth_limit, None);
         assert_eq!(p.description.as_deref(), Some("office ssh"));
-        assert_eq!(p.quota, Some(Quota { bytes: 10, period: QuotaPeriod::Month, action: QuotaAction::Block }));
+        assert_eq!(p.quota, Some(quota));
         assert_eq!(p.deny.len(), 1);
-        apply(&mut p, json!({"quota": null, "deny": null})).unwrap();
+        p.apply(PolicyUpdate { quota: Some(None), deny: Some(None), ..PolicyUpdate::default() });
         assert_eq!(p.quota, None);
         assert!(p.deny.is_empty());
+        assert_eq!(p.description.as_deref(), Some("office ssh"), "absent fields stay");
+        let before = p.clone();
+        p.apply(PolicyUpdate::default());
+        assert_eq!(p, before, "an empty update changes nothing");
     }
 
     #[test]
-    fn errors_name_the_field_and_change_nothing() {
-        let mut p = Policy { bandwidth_limit: Some(5), ..Policy::default() };
-        let cases = [
-            (json!({"bandwidth_limit": 0}), "`bandwidth_limit`"),
-            (json!({"bandwidth_limit": -3}), "`bandwidth_limit`"),
-            (json!({"bandwidth_limit": 1.5}), "`bandwidth_limit`"),
-            (json!({"allow": ["10.0.0.0/33"]}), "`allow`"),
-            (json!({"deny": "10.0.0.0/8"}), "`deny`"),
-            (json!({"quota": {"bytes": 1, "period": "week", "action": "block"}}), "`quota.period`"),
-            (json!({"quota": {"bytes": 1, "period": "day", "action": "drop"}}), "`quota.action`"),
-            (json!({"quota": {"bytes": 0, "period": "day", "action": "alert"}}), "`quota.bytes`"),
-            (json!({"quota": {"bytes": 1, "period": "day", "action": "alert", "x": 1}}), "`quota.x`"),
-            (json!({"description": 5}), "`description`"),
-        ];
-        for (body, field) in cases {
-            // Valid fields next to the bad one are not applied either.
-            let mut body = body.as_object().unwrap().clone();
-            body.entry("bandwidth_limit").or_insert(json!(7));
-            let err = apply(&mut p, body.into()).unwrap_err();
-            assert!(err.contains(field), "{field}: {err}");
+    fn values_are_read_null_as_removal_and_text_trimmed() {
+        assert_eq!(update::description(json!("  office ssh ")).unwrap(), Some(Some("office ssh".into())));
+        assert_eq!(update::description(json!("   ")).unwrap(), Some(None), "blank removes");
+        assert_eq!(update::description(json!(null)).unwrap(), Some(None));
+        assert_eq!(update::description(json!("é".repeat(500))).unwrap(), Some(Some("é".repeat(500))), "characters, not bytes");
+        assert_eq!(update::bandwidth_limit(json!(1000)).unwrap(), Some(Some(1000)));
+        assert_eq!(update::bandwidth_limit(json!(null)).unwrap(), Some(None));
+        let quota = json!({"bytes": 10, "period": "day", "action": "alert"});
+        assert_eq!(update::quota(quota).unwrap(), Some(Some(Quota { bytes: 10, period: QuotaPeriod::Day, action: QuotaAction::Alert })));
+        assert_eq!(update::quota(json!(null)).unwrap(), Some(None));
+        assert_eq!(update::cidrs(json!(["10.1.2.3/8", "::1"])).unwrap(), blocks(&["10.0.0.0/8", "::1/128"]));
+        assert_eq!(update::cidrs(json!(null)).unwrap(), Some(None));
+        assert_eq!(update::cidrs(json!([])).unwrap(), Some(Some(vec![])));
+        let most: Vec<String> = (0..256).map(|i| format!("10.0.{i}.0/24")).collect();
+        assert_eq!(update::cidrs(json!(most)).unwrap().flatten().map(|b| b.len()), Some(256));
+    }
+
+    #[test]
+    fn bad_values_say_what_was_expected_and_what_came() {
+        let error = |result: Result<Option<Option<u64>>, serde_json::Error>| result.unwrap_err().to_string();
+        for bad in [json!(0), json!(-3), json!(1.5), json!("1000")] {
+            let message = error(update::bandwidth_limit(bad.clone()));
+            assert!(message.contains("a positive whole number of bytes per second"), "{bad}: {message}");
         }
-        assert_eq!(p.bandwidth_limit, Some(5), "a refused update changes nothing");
+        let message = update::description(json!("x".repeat(501))).unwrap_err().to_string();
+        assert!(message.contains("at most 500 characters") && message.contains("501 characters"), "{message}");
+        let message = update::description(json!("two\nlines")).unwrap_err().to_string();
+        assert!(message.contains("control character"), "{message}");
+        assert!(update::description(json!(5)).unwrap_err().to_string().contains("a string"));
+
+        let quota = |q: serde_json::Value| update::quota(q).unwrap_err().to_string();
+        for (bad, needle) in [
+            (json!({"bytes": 1, "period": "week", "action": "block"}), "`week`"),
+            (json!({"bytes": 1, "period": "day", "action": "drop"}), "`drop`"),
+            (json!({"bytes": 0, "period": "day", "action": "alert"}), "a positive whole number of bytes"),
+            (json!({"bytes": 1, "period": "day", "action": "alert", "x": 1}), "unknown field `x`"),
+            (json!({"period": "day", "action": "alert"}), "missing field `bytes`"),
+            (json!([1, "day", "alert"]), r#"an object {"bytes": N"#),
+        ] {
+            let message = quota(bad.clone());
+            assert!(message.contains(needle), "{bad}: {message}");
+        }
+
+        let cidrs = |c: serde_json::Value| update::cidrs(c).unwrap_err().to_string();
+        assert!(cidrs(json!(["10.0.0.0/8", "10.0.0.0/33"])).contains(r#""10.0.0.0/33" is not a CIDR block"#));
+        assert!(cidrs(json!("10.0.0.0/8")).contains("a list of CIDR blocks"));
+        assert!(cidrs(json!([7])).contains("a string"));
+        let too_many: Vec<String> = (0..257).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
+        assert!(cidrs(json!(too_many)).contains("more than 256 blocks"));
     }
 }

@@ -11,8 +11,10 @@ mod error;
 mod listener;
 mod registry;
 mod target;
+mod view;
 mod visitor;
 
 pub use context::Settings;
 pub use error::MappingError;
-pub use registry::{MappingView, Mappings, NewMapping};
+pub use registry::{Mappings, NewMapping};
+pub use view::{MappingStatus, MappingView};

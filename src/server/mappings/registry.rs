@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -16,9 +15,10 @@ use super::context::{Ctx, Settings};
 use super::error::MappingError;
 use super::listener::{bind, describe_bind_error, run_mapping, set};
 use super::target;
+use super::view::{MappingStatus, MappingView};
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::sync::lock;
-use crate::policy::{LivePolicy, Policy};
+use crate::policy::{LivePolicy, Policy, PolicyUpdate};
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Store, StoreError};
 use crate::telemetry::Metrics;
@@ -33,23 +33,6 @@ pub struct NewMapping {
     /// Which client reaches the target (`None`: `default`); tunneled mappings only.
     pub client: Option<String>,
     pub policy: Policy,
-}
-
-/// A mapping as `create` and `list` show it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MappingView {
-    #[serde(flatten)]
-    pub spec: MappingSpec,
-    #[serde(flatten)]
-    pub policy: Policy,
-    /// With a quota: bytes used in the current period, and whether new visitors
-    /// are refused for it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quota_used: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quota_blocked: Option<bool>,
-    /// `active`, `waiting_for_tunnel`, or `error: ...`.
-    pub status: String,
 }
 
 pub struct Mappings {
@@ -170,14 +153,14 @@ impl Mappings {
         Ok(view)
     }
 
-    /// Changes a mapping's policy live: `change` edits a copy of the current one
-    /// (an `Err` is a 400 naming the field); it is stored, then applied. Open
-    /// connections stay and follow the new caps at once.
-    pub async fn update(&self, port: u16, change: impl FnOnce(&mut Policy) -> Result<(), String>) -> Result<MappingView, MappingError> {
+    /// Changes a mapping's policy live: `update` is applied to a copy of the
+    /// current one, which is stored, then put in force. Open connections stay and
+    /// follow the new caps at once.
+    pub async fn update(&self, port: u16, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let entries = self.entries.lock().await;
         let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
         let mut policy = entry.policy.get();
-        change(&mut policy).map_err(MappingError::Invalid)?;
+        policy.apply(update);
         self.ctx
             .store
             .set_policy(port, &policy)
@@ -234,9 +217,9 @@ impl Mappings {
 
     fn view(&self, entry: &Entry) -> MappingView {
         let status = match lock(&entry.bind_error).clone() {
-            Some(error) => format!("error: {error}"),
-            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => "waiting_for_tunnel".into(),
-            None => "active".into(),
+            Some(error) => MappingStatus::Error(error),
+            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => MappingStatus::WaitingForTunnel,
+            None => MappingStatus::Active,
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();

@@ -1,0 +1,31 @@
+//! The API token check, one middleware in front of every `/api/*` route (and
+//! `/metrics` when asked), so no handler can forget it.
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::error::failure;
+use super::AppState;
+use crate::core::secret::tokens_equal;
+
+/// `Authorization: Bearer <token>`, or `?token=` for EventSource, which cannot set
+/// headers. An empty configured token means no authentication (allowed only on
+/// loopback, see the config).
+pub(super) async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let token = state.token.read().map(|t| t.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+    if token.is_empty() {
+        return next.run(req).await;
+    }
+    let from_header =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    // Percent-decoded, as browsers encode `+`, `/`, `=` in query values.
+    let query: Option<Query<std::collections::HashMap<String, String>>> = Query::try_from_uri(req.uri()).ok();
+    let from_query = query.as_ref().and_then(|q| q.get("token")).map(String::as_str);
+    match from_header.or(from_query) {
+        Some(given) if tokens_equal(given, &token) => next.run(req).await,
+        Some(_) => failure(StatusCode::UNAUTHORIZED, "invalid API token"),
+        None => failure(StatusCode::UNAUTHORIZED, "API token required: send `Authorization: Bearer <token>`"),
+    }
+}

@@ -1,0 +1,189 @@
+//! `/api/mapping/*`: create, update, remove and list mappings.
+
+use serde::{Deserialize, Serialize};
+
+use super::fields;
+use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
+pub use crate::server::mappings::MappingStatus;
+use crate::server::mappings::{MappingView, NewMapping};
+
+/// `POST /api/mapping/create`. Besides where to forward, it may carry the
+/// policy fields of [`UpdateMapping`] (here `null` and absent both mean "none").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMapping {
+    /// The port visitors connect to on the server.
+    #[serde(deserialize_with = "fields::port")]
+    pub source_port: u16,
+    /// Where they are forwarded: a host name or an address literal.
+    pub target_host: String,
+    /// The target's port.
+    #[serde(deserialize_with = "fields::port")]
+    pub target_port: u16,
+    /// Through a tunnel client rather than directly (absent or `null`: `false`).
+    #[serde(default, deserialize_with = "fields::null_as_default")]
+    pub use_tunnel: bool,
+    /// The tunnel client that reaches the target (tunneled only; default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// See [`UpdateMapping::description`].
+    #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
+    pub description: Option<Option<String>>,
+    /// See [`UpdateMapping::bandwidth_limit`].
+    #[serde(default, deserialize_with = "update::bandwidth_limit", skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<Option<u64>>,
+    /// See [`UpdateMapping::quota`].
+    #[serde(default, deserialize_with = "update::quota", skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Option<Quota>>,
+    /// See [`UpdateMapping::allow`].
+    #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Option<Vec<Cidr>>>,
+    /// See [`UpdateMapping::deny`].
+    #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Option<Vec<Cidr>>>,
+}
+
+impl CreateMapping {
+    /// What the server is asked to set up.
+    pub(crate) fn into_new_mapping(self) -> NewMapping {
+        let CreateMapping { source_port, target_host, target_port, use_tunnel, client, description, bandwidth_limit, quota, allow, deny } =
+            self;
+        let mut policy = Policy::default();
+        policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny });
+        NewMapping { source_port, target_host, target_port, use_tunnel, client, policy }
+    }
+}
+
+/// `POST /api/mapping/update`: a mapping's policy, changed live. Per policy
+/// field: absent keeps it, `null` removes it, a value sets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMapping {
+    /// The mapping's `source_port`.
+    #[serde(deserialize_with = "fields::port")]
+    pub port: u16,
+    /// A label: at most 500 characters, no control characters; blank removes it.
+    #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
+    pub description: Option<Option<String>>,
+    /// Bytes per second per direction, shared by the mapping's connections.
+    #[serde(default, deserialize_with = "update::bandwidth_limit", skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<Option<u64>>,
+    /// `{bytes, period: "day"|"month", action: "alert"|"block"}`.
+    #[serde(default, deserialize_with = "update::quota", skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Option<Quota>>,
+    /// Visitor address blocks let in (at most 256; empty: everyone).
+    #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Option<Vec<Cidr>>>,
+    /// Visitor address blocks refused; wins over `allow` (at most 256).
+    #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Option<Vec<Cidr>>>,
+}
+
+impl UpdateMapping {
+    /// The mapping's port and the change to its policy.
+    pub(crate) fn into_parts(self) -> (u16, PolicyUpdate) {
+        let UpdateMapping { port, description, bandwidth_limit, quota, allow, deny } = self;
+        (port, PolicyUpdate { description, bandwidth_limit, quota, allow, deny })
+    }
+}
+
+/// `POST /api/mapping/remove`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveMapping {
+    /// The mapping's `source_port`.
+    #[serde(deserialize_with = "fields::port")]
+    pub port: u16,
+}
+
+/// A mapping, wherever one is shown: `create`'s and `update`'s `data`, each
+/// element of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// The port visitors connect to.
+    pub source_port: u16,
+    /// Where visitors are forwarded.
+    pub target_host: String,
+    /// The target's port.
+    pub target_port: u16,
+    /// Through a tunnel client rather than directly.
+    pub use_tunnel: bool,
+    /// The client that reaches the target; `null` for a direct mapping.
+    pub client: Option<String>,
+    /// When it was created (Unix seconds).
+    pub created_at: i64,
+    /// The operator's label, or `null`.
+    pub description: Option<String>,
+    /// Bytes per second per direction, or `null` (no cap).
+    pub bandwidth_limit: Option<u64>,
+    /// The traffic quota, or `null`.
+    pub quota: Option<Quota>,
+    /// Visitor blocks let in (`[]`: everyone not denied).
+    pub allow: Vec<Cidr>,
+    /// Visitor blocks refused.
+    pub deny: Vec<Cidr>,
+    /// With a quota only: bytes used in the current period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_used: Option<u64>,
+    /// With a quota only: whether new visitors are refused until the period ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_blocked: Option<bool>,
+    /// Whether it is serving.
+    pub status: MappingStatus,
+}
+
+impl From<MappingView> for Mapping {
+    fn from(view: MappingView) -> Mapping {
+        let MappingView { spec, policy, quota_used, quota_blocked, status } = view;
+        Mapping {
+            source_port: spec.source_port,
+            target_host: spec.target_host,
+            target_port: spec.target_port,
+            use_tunnel: spec.use_tunnel,
+            client: spec.client,
+            created_at: spec.created_at,
+            description: policy.description,
+            bandwidth_limit: policy.bandwidth_limit,
+            quota: policy.quota,
+            allow: policy.allow,
+            deny: policy.deny,
+            quota_used,
+            quota_blocked,
+            status,
+        }
+    }
+}
+
+/// `GET /api/mapping/list`: every mapping, by port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingList {
+    /// Always an array, empty when there are none.
+    pub mappings: Vec<Mapping>,
+    /// `mappings.len()`.
+    pub count: usize,
+}
+
+/// `POST /api/mapping/remove`'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingRemoved {
+    /// The port that is free again.
+    pub port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_written_and_read_as_the_strings_the_api_has_always_shown() {
+        for (status, text) in [
+            (MappingStatus::Active, "active"),
+            (MappingStatus::WaitingForTunnel, "waiting_for_tunnel"),
+            (MappingStatus::Error("port in use by another process".into()), "error: port in use by another process"),
+        ] {
+            assert_eq!(serde_json::to_value(&status).unwrap(), serde_json::json!(text));
+            assert_eq!(serde_json::from_value::<MappingStatus>(serde_json::json!(text)).unwrap(), status);
+        }
+        assert!(serde_json::from_value::<MappingStatus>(serde_json::json!("sleeping")).is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! The HTTP API's contract as types: every request body and every answer, shared
+//! by the handlers that serialize them, `tunneld ctl` that reads them back, and
+//! the tests that check the wire against them — so a field renamed on one side
+//! fails to compile on the other instead of reading as `null`.
+//!
+//! Requests refuse unknown fields (a typo must not fall back to a default) and,
+//! through serde's derive, duplicate ones; their field checks say what was
+//! expected, and the body extractor ([`super::body`]) names the field. Answers
+//! accept fields they do not know, so an older `ctl` can read a newer server.
+//!
+//! Conventions the types keep: a field that is `null` when unset is an `Option`
+//! that is always written; one that is left out when unset says so with
+//! `skip_serializing_if`; times are Unix seconds (`f64` where the daemon keeps
+//! sub-second precision, `i64` for whole-second records), byte counts `u64`.
+
+mod clients;
+mod events;
+mod fields;
+mod health;
+mod history;
+mod mappings;
+mod traffic;
+
+use serde::{Deserialize, Serialize};
+
+pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
+pub use events::{Event, EventList};
+pub use health::{Health, HealthStatus};
+pub use history::{History, HistoryPoint, Report, ReportRow};
+pub use mappings::{CreateMapping, Mapping, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
+pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
+
+/// Every `/api/*` answer: `data` on success, left out on failure (then `message`
+/// says why).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Whether the request did what it asked.
+    pub success: bool,
+    /// `"ok"`, what was done, or why not.
+    pub message: String,
+    /// The answer; absent on failure (read as `None`, as serde reads a missing
+    /// `Option`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+}
+
+impl<T> Envelope<T> {
+    /// A successful answer carrying `data`.
+    pub fn success(message: impl Into<String>, data: T) -> Envelope<T> {
+        Envelope { success: true, message: message.into(), data: Some(data) }
+    }
+
+    /// A refusal: no data, a message that says why.
+    pub fn failure(message: impl Into<String>) -> Envelope<T> {
+        Envelope { success: false, message: message.into(), data: None }
+    }
+}

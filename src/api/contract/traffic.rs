@@ -1,0 +1,109 @@
+//! `GET /api/stats/traffic` and each event of `/api/stats/stream`: every number
+//! read from the Prometheus registry at one moment.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Client, MappingStatus};
+use crate::policy::{Cidr, Quota};
+
+/// The tunnel as one: wire bytes summed over clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunnelTraffic {
+    /// Wire bytes server → clients since the daemon started (framing and TLS included).
+    pub bytes_sent: u64,
+    /// Wire bytes clients → server since the daemon started.
+    pub bytes_received: u64,
+    /// When tunnel bytes last moved (Unix seconds), or `null`.
+    pub last_update: Option<f64>,
+    /// Whether any client is connected.
+    pub connected: bool,
+    /// Since when the longest-connected client is (Unix seconds), or `null`.
+    pub connected_since: Option<f64>,
+}
+
+impl From<crate::telemetry::ClientTraffic> for TunnelTraffic {
+    fn from(t: crate::telemetry::ClientTraffic) -> TunnelTraffic {
+        TunnelTraffic {
+            bytes_sent: t.bytes_sent,
+            bytes_received: t.bytes_received,
+            last_update: t.last_update,
+            connected: t.connected,
+            connected_since: t.connected_since,
+        }
+    }
+}
+
+/// One mapping's traffic, with its settings so a page needs no second call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MappingTraffic {
+    /// The mapping's `source_port`.
+    pub port: u16,
+    /// Visitor → target bytes since the daemon started.
+    pub bytes_sent: u64,
+    /// Target → visitor bytes since the daemon started.
+    pub bytes_received: u64,
+    /// Visitor → target bytes since the mapping was first created, across restarts.
+    pub lifetime_sent: u64,
+    /// Target → visitor bytes since the mapping was first created.
+    pub lifetime_received: u64,
+    /// When bytes last moved (Unix seconds), or `null`.
+    pub last_update: Option<f64>,
+    /// Visitor connections open now.
+    pub active_connections: u64,
+    /// Visitor connections accepted since the daemon started.
+    pub connections_total: u64,
+    /// Visitors whose target could not be reached.
+    pub connect_errors: u64,
+    /// Where visitors are forwarded.
+    pub target_host: String,
+    /// The target's port.
+    pub target_port: u16,
+    /// Through a tunnel client rather than directly.
+    pub use_tunnel: bool,
+    /// The client that reaches the target; `null` for a direct mapping.
+    pub client: Option<String>,
+    /// Whether it is serving.
+    pub status: MappingStatus,
+    /// The operator's label, or `null`.
+    pub description: Option<String>,
+    /// Bytes per second per direction, or `null`.
+    pub bandwidth_limit: Option<u64>,
+    /// The traffic quota, or `null`.
+    pub quota: Option<Quota>,
+    /// Bytes used in the quota's current period; `null` (here always written)
+    /// without a quota.
+    pub quota_used: Option<u64>,
+    /// Whether the quota refuses new visitors now; `null` without a quota.
+    pub quota_blocked: Option<bool>,
+    /// Visitor blocks let in.
+    pub allow: Vec<Cidr>,
+    /// Visitor blocks refused.
+    pub deny: Vec<Cidr>,
+}
+
+/// The whole traffic report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficReport {
+    /// The tunnel's wire bytes, all clients together.
+    pub tunnel: TunnelTraffic,
+    /// Each client, as in `/api/client/list`.
+    pub clients: Vec<Client>,
+    /// Each mapping, by port.
+    pub mappings: Vec<MappingTraffic>,
+    /// `bytes_sent` summed over mappings: every user byte forwarded.
+    pub total_sent: u64,
+    /// `bytes_received` summed over mappings.
+    pub total_received: u64,
+    /// `lifetime_sent` summed over the current mappings.
+    pub lifetime_sent: u64,
+    /// `lifetime_received` summed over the current mappings.
+    pub lifetime_received: u64,
+    /// When the daemon started (Unix seconds).
+    pub started_at: f64,
+    /// When these numbers were read (Unix seconds).
+    pub timestamp: f64,
+    /// `mappings.len()`.
+    pub mapping_count: usize,
+    /// Visitor connections open now, over all mappings.
+    pub active_connections: u64,
+}

@@ -1,0 +1,62 @@
+//! How handlers answer: a success envelope with typed data, or an [`ApiError`]
+//! that becomes a failure envelope with the right status. Kept in one place so
+//! every route, the fallbacks and the middlewares answer in the same shape.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::contract::Envelope;
+use crate::server::mappings::MappingError;
+
+/// `200` with `{success: true, message, data}`.
+pub(crate) fn success<T: Serialize>(message: &str, data: T) -> Response {
+    Json(Envelope::success(message, data)).into_response()
+}
+
+/// `status` with `{success: false, message}`.
+pub(crate) fn failure(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(Envelope::<()>::failure(message))).into_response()
+}
+
+/// A request that cannot be served: its status and the message for the envelope.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    /// 400: the request itself is wrong; `message` says how.
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+
+    /// 500: the daemon failed (logged once, when answered).
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Every 500 is logged once, here: the caller only sees the envelope.
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), error = %self.message, "API request failed");
+        }
+        failure(self.status, self.message)
+    }
+}
+
+impl From<MappingError> for ApiError {
+    fn from(e: MappingError) -> ApiError {
+        let status = match &e {
+            MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MappingError::Conflict(_) => StatusCode::CONFLICT,
+            MappingError::NotFound(_) | MappingError::UnknownClient(_) => StatusCode::NOT_FOUND,
+            MappingError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: e.to_string() }
+    }
+}

@@ -1,0 +1,50 @@
+//! `/health` and `/metrics`: what load balancers, service monitors and Prometheus
+//! poll. Both answer outside the envelope, in the form their pollers expect.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::contract::{Health, HealthStatus};
+use super::AppState;
+use crate::telemetry::Metrics;
+
+/// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an
+/// operator should act on.
+pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
+    let clients = state.hub.clients();
+    let tunnel_connected = clients.iter().any(|c| c.peer.is_some());
+    let mut reasons = Vec::new();
+    for (port, error) in state.mappings.unbound().await {
+        reasons.push(format!("mapping on port {port} is not listening: {error}"));
+    }
+    let mut waiting: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for m in state.mappings.list().await {
+        if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {
+            waiting.entry(client).or_default().push(m.spec.source_port);
+        }
+    }
+    for (client, ports) in waiting {
+        reasons.push(format!("tunnel client {client} is not connected; its mappings wait: {ports:?}"));
+    }
+    for (client, f) in state.hub.flapping() {
+        reasons.push(format!(
+            "tunnel client {client} is flapping: {} and {} replaced each other {} times in the last minute (one name on two clients?)",
+            f.previous, f.latest, f.replacements
+        ));
+    }
+    let status = if reasons.is_empty() { HealthStatus::Ok } else { HealthStatus::Degraded };
+    Json(Health { status, reasons, tunnel_enabled: true, tunnel_connected })
+}
+
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    metrics_response(&state.metrics)
+}
+
+/// `/metrics` for both roles: the registry in Prometheus text exposition.
+pub fn metrics_response(metrics: &Metrics) -> Response {
+    ([(header::CONTENT_TYPE, crate::telemetry::content_type())], metrics.render()).into_response()
+}
