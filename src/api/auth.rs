@@ -7,7 +7,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::failure;
-use super::AppState;
+use super::state::AppState;
 use crate::core::secret::tokens_equal;
 
 /// `Authorization: Bearer <token>`, or `?token=` for EventSource, which cannot set

@@ -7,7 +7,7 @@ use axum::response::Response;
 use super::body::JsonBody;
 use super::contract::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
 use super::error::{success, ApiError};
-use super::AppState;
+use super::state::AppState;
 use crate::telemetry::TrafficSnapshot;
 
 pub(super) async fn create(

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::contract::{Event, EventList};
 use super::error::{success, ApiError};
-use super::AppState;
+use super::state::AppState;
 
 /// Events shown when `?limit=` is not given.
 const DEFAULT_LIMIT: u32 = 100;

@@ -12,6 +12,7 @@
 //! extractor ([`super::body`]), which every such route uses.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -19,7 +20,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::failure;
-use super::AppState;
 use crate::config::ApiConfig;
 
 /// How long a browser may cache a preflight answer.
@@ -68,8 +68,7 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
     host.is_some_and(|host| origin.eq_ignore_ascii_case(&format!("http://{host}")))
 }
 
-pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let guard = &state.guard;
+pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if let Some(host) = host {

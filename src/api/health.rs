@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::contract::{Health, HealthStatus};
-use super::AppState;
+use super::state::AppState;
 use crate::telemetry::Metrics;
 
 /// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an

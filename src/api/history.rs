@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use super::contract::{History, Report, ReportRow};
 use super::error::{success, ApiError};
-use super::AppState;
+use super::state::AppState;
 use crate::core::calendar::{utc_offset_text, Step};
 use axum::extract::{Query, State};
 use axum::http::header;

@@ -10,7 +10,7 @@ use axum::response::Response;
 use super::body::JsonBody;
 use super::contract::{CreateMapping, Mapping, MappingList, MappingRemoved, RemoveMapping, UpdateMapping};
 use super::error::{success, ApiError};
-use super::AppState;
+use super::state::AppState;
 
 pub(super) async fn create(State(state): State<AppState>, JsonBody(request): JsonBody<CreateMapping>) -> Result<Response, ApiError> {
     let view = state.mappings.create(request.into_new_mapping()).await?;

@@ -20,9 +20,10 @@ pub mod guard;
 mod health;
 mod history;
 mod mappings;
+mod state;
 mod traffic;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path};
@@ -33,34 +34,11 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::Recorder;
 use crate::net::socket;
-use crate::server::hub::TunnelHub;
-use crate::server::mappings::Mappings;
-use crate::telemetry::Metrics;
 use auth::require_token;
 use error::failure;
 pub use health::metrics_response;
-
-/// What every handler reads: the server role's parts and the API's settings.
-#[derive(Clone)]
-pub struct AppState {
-    /// The mappings: what the mapping routes change and every report lists.
-    pub mappings: Arc<Mappings>,
-    /// The registry every traffic number is read from.
-    pub metrics: Arc<Metrics>,
-    /// The tunnel clients: who is known, who is connected.
-    pub hub: Arc<TunnelHub>,
-    /// Traffic history: lifetime totals and the stored buckets.
-    pub recorder: Arc<Recorder>,
-    /// Empty: no authentication (only allowed on loopback, see config). Swapped
-    /// in place on reload.
-    pub token: Arc<RwLock<Arc<str>>>,
-    /// Ends long-lived responses (SSE) so a graceful shutdown does not hang.
-    pub shutdown: CancellationToken,
-    /// Host, Origin and CORS rules (see [`guard`]).
-    pub guard: Arc<guard::Guard>,
-}
+pub use state::AppState;
 
 /// A client must send its request head within this time, or the connection is
 /// closed: idle or slow connections cannot accumulate.
@@ -141,12 +119,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async { failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this route") })
         .layer(DefaultBodyLimit::max(body::MAX_BODY))
-        .layer(middleware::from_fn_with_state(state.clone(), guard::check))
+        .layer(middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
-}
-
-impl AppState {
-    fn recorder_store(&self) -> &crate::store::Store {
-        self.recorder.store()
-    }
 }

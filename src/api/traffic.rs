@@ -13,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 
+use super::clients;
 use super::contract::{MappingTraffic, TrafficReport, TunnelTraffic};
 use super::error::{failure, success};
-use super::{clients, AppState};
+use super::state::AppState;
 use crate::core::time::unix_now;
 
 const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_secs(3);

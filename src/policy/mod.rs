@@ -4,142 +4,20 @@
 //!
 //! The data path reads policy in two places only: once per visitor at accept
 //! (ACL and quota block, under a short read lock), and once per chunk through
-//! the mapping's [`Limiter`]s, which cost one relaxed atomic load when no cap is
+//! the mapping's [`Limiter`](crate::core::rate::Limiter)s, which cost one relaxed atomic load when no cap is
 //! set.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-
+mod acl;
+mod live;
+mod model;
+mod quota;
 pub mod update;
 
-use serde::{Deserialize, Serialize};
-
-use crate::core::rate::Limiter;
-use crate::core::sync::{read, write};
-
-mod acl;
-
 pub use acl::Cidr;
+pub use live::LivePolicy;
+pub use model::Policy;
+pub use quota::{Quota, QuotaAction, QuotaPeriod};
 pub use update::PolicyUpdate;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
-    pub description: Option<String>,
-    /// Bytes per second per direction, shared by all of the mapping's connections.
-    pub bandwidth_limit: Option<u64>,
-    pub quota: Option<Quota>,
-    /// Empty: everyone (unless denied).
-    #[serde(default)]
-    pub allow: Vec<Cidr>,
-    /// Wins over `allow`.
-    #[serde(default)]
-    pub deny: Vec<Cidr>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Quota {
-    /// Allowance per period, both directions together.
-    #[serde(deserialize_with = "update::quota_bytes")]
-    pub bytes: u64,
-    pub period: QuotaPeriod,
-    pub action: QuotaAction,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuotaPeriod {
-    Day,
-    Month,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuotaAction {
-    /// Events only.
-    Alert,
-    /// Events, and new visitors refused until the period rolls over.
-    Block,
-}
-
-impl Policy {
-    /// Whether a visitor from `ip` may connect: not denied, and allowed when an
-    /// allow list exists.
-    pub fn admits(&self, ip: IpAddr) -> bool {
-        !self.deny.iter().any(|c| c.contains(ip)) && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
-    }
-}
-
-/// A mapping's policy as the forwarders see it, changed in place by an update so
-/// open connections follow it (their meters hold the same [`Limiter`]s).
-pub struct LivePolicy {
-    policy: RwLock<Policy>,
-    /// Visitor→target and target→visitor caps.
-    pub upload: Arc<Limiter>,
-    pub download: Arc<Limiter>,
-    /// Set while a blocking quota is used up for the current period.
-    quota_blocked: AtomicBool,
-    /// Bytes used in the current quota period (as of the last check).
-    quota_used: AtomicU64,
-}
-
-impl LivePolicy {
-    pub fn new(policy: Policy) -> Arc<LivePolicy> {
-        let live = Arc::new(LivePolicy {
-            policy: RwLock::new(Policy::default()),
-            upload: Arc::new(Limiter::default()),
-            download: Arc::new(Limiter::default()),
-            quota_blocked: AtomicBool::new(false),
-            quota_used: AtomicU64::new(0),
-        });
-        live.set(policy);
-        live
-    }
-
-    pub fn get(&self) -> Policy {
-        read(&self.policy).clone()
-    }
-
-    pub fn set(&self, policy: Policy) {
-        let rate = policy.bandwidth_limit.unwrap_or(0);
-        self.upload.set_rate(rate);
-        self.download.set_rate(rate);
-        if !policy.quota.is_some_and(|q| q.action == QuotaAction::Block) {
-            self.quota_blocked.store(false, Ordering::Relaxed);
-        }
-        *write(&self.policy) = policy;
-    }
-
-    /// A connection's (visitor→target, target→visitor) meters, paced by this
-    /// mapping's shared caps from now on, whatever they are changed to later.
-    pub fn capped(
-        &self,
-        (up, down): (crate::telemetry::Meter, crate::telemetry::Meter),
-    ) -> (crate::telemetry::Meter, crate::telemetry::Meter) {
-        (up.limited_by(self.upload.clone()), down.limited_by(self.download.clone()))
-    }
-
-    pub fn admits(&self, ip: IpAddr) -> bool {
-        read(&self.policy).admits(ip)
-    }
-
-    pub fn quota_blocked(&self) -> bool {
-        self.quota_blocked.load(Ordering::Relaxed)
-    }
-
-    pub fn set_quota_blocked(&self, blocked: bool) {
-        self.quota_blocked.store(blocked, Ordering::Relaxed);
-    }
-
-    pub fn quota_used(&self) -> u64 {
-        self.quota_used.load(Ordering::Relaxed)
-    }
-
-    pub fn set_quota_used(&self, bytes: u64) {
-        self.quota_used.store(bytes, Ordering::Relaxed);
-    }
-}
 
 #[cfg(test)]
 mod tests {

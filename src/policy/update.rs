@@ -12,7 +12,9 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 
-use super::{Cidr, Policy, Quota};
+use super::acl::Cidr;
+use super::model::Policy;
+use super::quota::{Positive, Quota};
 
 /// Longest description accepted: a label, not a document.
 const MAX_DESCRIPTION: usize = 500;
@@ -78,11 +80,6 @@ pub fn bandwidth_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<
     d.deserialize_option(Nullable(Positive("a positive whole number of bytes per second"))).map(Some)
 }
 
-/// `quota.bytes`: a positive whole number (a zero quota would block at once).
-pub(super) fn quota_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    d.deserialize_u64(Positive("a positive whole number of bytes"))
-}
-
 /// `quota`: an object with exactly `bytes`, `period` and `action`.
 pub fn quota<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Quota>>, D::Error> {
     d.deserialize_option(Nullable(QuotaObject)).map(Some)
@@ -116,29 +113,6 @@ impl<'de, V: ReadWith<'de>> Visitor<'de> for Nullable<V> {
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         self.0.read(d).map(Some)
-    }
-}
-
-/// A whole number above zero; the text says what it counts.
-struct Positive(&'static str);
-
-impl<'de> Visitor<'de> for Positive {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(self.0)
-    }
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<u64, E> {
-        match n {
-            0 => Err(E::invalid_value(Unexpected::Unsigned(0), &self)),
-            n => Ok(n),
-        }
-    }
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<u64, E> {
-        match u64::try_from(n) {
-            Ok(n) => self.visit_u64(n),
-            Err(_) => Err(E::invalid_value(Unexpected::Signed(n), &self)),
-        }
     }
 }
 

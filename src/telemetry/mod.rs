@@ -8,79 +8,19 @@
 //! `families` is the schema (each family's name, HELP and labels, defined once),
 //! `snapshot` the read-back, `meter` the data path's side.
 
-use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder};
-
-use crate::core::time::unix_now;
+use prometheus::{Encoder, Gauge, IntCounter, IntGauge, TextEncoder};
 
 mod families;
 mod meter;
+mod registry;
 mod snapshot;
 
 pub use families::{refused_reason, session_result, RECEIVED, SENT};
-use families::{
-    BUILD_INFO, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECT_ERRORS, MAPPING_INFO,
-    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE,
-    TUNNEL_LAST_ACTIVITY, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
-};
 pub use meter::{Held, Meter};
+pub use registry::Metrics;
 pub use snapshot::{ByteTotals, ClientTraffic, PortTraffic, TrafficSnapshot};
 
-pub struct Metrics {
-    registry: Registry,
-    mapping_bytes: IntCounterVec,
-    mapping_connections: IntCounterVec,
-    mapping_active: IntGaugeVec,
-    mapping_last_activity: GaugeVec,
-    mapping_connect_errors: IntCounterVec,
-    mapping_refused: IntCounterVec,
-    mapping_up: IntGaugeVec,
-    mapping_info: IntGaugeVec,
-    mapping_quota_used: GaugeVec,
-    tunnel_bytes: IntCounterVec,
-    tunnel_last_activity: GaugeVec,
-    tunnel_connected: IntGaugeVec,
-    tunnel_connected_since: GaugeVec,
-    tunnel_sessions: IntCounterVec,
-    history_last_flush: Gauge,
-    webhook_failures: IntCounter,
-    /// When this process's counters began (Unix seconds).
-    started_at: f64,
-}
-
 impl Metrics {
-    pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let r = &registry;
-        BUILD_INFO.int_gauge_vec(r).with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        if let Err(e) = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
-            panic!("metric names are unique, but process_* are not: {e}");
-        }
-        let tunnel_sessions = TUNNEL_SESSIONS.int_counter_vec(r);
-        for result in session_result::ALL {
-            tunnel_sessions.with_label_values(&[result]);
-        }
-        Metrics {
-            mapping_bytes: MAPPING_BYTES.int_counter_vec(r),
-            mapping_connections: MAPPING_CONNECTIONS.int_counter_vec(r),
-            mapping_active: MAPPING_ACTIVE.int_gauge_vec(r),
-            mapping_last_activity: MAPPING_LAST_ACTIVITY.gauge_vec(r),
-            mapping_connect_errors: MAPPING_CONNECT_ERRORS.int_counter_vec(r),
-            mapping_refused: MAPPING_REFUSED.int_counter_vec(r),
-            mapping_up: MAPPING_UP.int_gauge_vec(r),
-            mapping_info: MAPPING_INFO.int_gauge_vec(r),
-            mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
-            tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
-            tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
-            tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),
-            tunnel_connected_since: TUNNEL_CONNECTED_SINCE.gauge_vec(r),
-            tunnel_sessions,
-            history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
-            webhook_failures: WEBHOOK_FAILURES.int_counter(r),
-            registry,
-            started_at: unix_now(),
-        }
-    }
-
     /// When this process's counters began: `bytes_*` count from here.
     pub fn started_at(&self) -> f64 {
         self.started_at
@@ -195,12 +135,6 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
-}
-
 /// A mapping's pre-resolved handles, created once when the mapping is.
 #[derive(Clone)]
 pub struct MappingMetrics {
@@ -252,6 +186,7 @@ pub fn content_type() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::families::MAPPING_REFUSED;
     use super::*;
     use crate::core::traffic::Traffic;
 

@@ -10,7 +10,7 @@ use prometheus::proto::Metric;
 use serde::Serialize;
 
 use super::families::{CLIENT, DIRECTION, PORT, RECEIVED, SENT};
-use super::Metrics;
+use super::registry::Metrics;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::traffic::Traffic;
 

@@ -1,0 +1,77 @@
+//! The registry and the handle of every family, registered from the family
+//! table (`families`) so no name or label list is written twice.
+
+use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
+
+use super::families::{
+    session_result, BUILD_INFO, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECT_ERRORS,
+    MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED,
+    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+};
+use crate::core::time::unix_now;
+
+/// Every metric family of this process, registered once, with the handles the
+/// rest of the crate counts through.
+pub struct Metrics {
+    pub(super) registry: Registry,
+    pub(super) mapping_bytes: IntCounterVec,
+    pub(super) mapping_connections: IntCounterVec,
+    pub(super) mapping_active: IntGaugeVec,
+    pub(super) mapping_last_activity: GaugeVec,
+    pub(super) mapping_connect_errors: IntCounterVec,
+    pub(super) mapping_refused: IntCounterVec,
+    pub(super) mapping_up: IntGaugeVec,
+    pub(super) mapping_info: IntGaugeVec,
+    pub(super) mapping_quota_used: GaugeVec,
+    pub(super) tunnel_bytes: IntCounterVec,
+    pub(super) tunnel_last_activity: GaugeVec,
+    pub(super) tunnel_connected: IntGaugeVec,
+    pub(super) tunnel_connected_since: GaugeVec,
+    pub(super) tunnel_sessions: IntCounterVec,
+    pub(super) history_last_flush: Gauge,
+    pub(super) webhook_failures: IntCounter,
+    /// When this process's counters began (Unix seconds).
+    pub(super) started_at: f64,
+}
+
+impl Metrics {
+    /// A registry with every family, the process collector and the build info.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        BUILD_INFO.int_gauge_vec(r).with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        if let Err(e) = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+            panic!("metric names are unique, but process_* are not: {e}");
+        }
+        let tunnel_sessions = TUNNEL_SESSIONS.int_counter_vec(r);
+        for result in session_result::ALL {
+            tunnel_sessions.with_label_values(&[result]);
+        }
+        Metrics {
+            mapping_bytes: MAPPING_BYTES.int_counter_vec(r),
+            mapping_connections: MAPPING_CONNECTIONS.int_counter_vec(r),
+            mapping_active: MAPPING_ACTIVE.int_gauge_vec(r),
+            mapping_last_activity: MAPPING_LAST_ACTIVITY.gauge_vec(r),
+            mapping_connect_errors: MAPPING_CONNECT_ERRORS.int_counter_vec(r),
+            mapping_refused: MAPPING_REFUSED.int_counter_vec(r),
+            mapping_up: MAPPING_UP.int_gauge_vec(r),
+            mapping_info: MAPPING_INFO.int_gauge_vec(r),
+            mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
+            tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
+            tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
+            tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),
+            tunnel_connected_since: TUNNEL_CONNECTED_SINCE.gauge_vec(r),
+            tunnel_sessions,
+            history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
+            webhook_failures: WEBHOOK_FAILURES.int_counter(r),
+            registry,
+            started_at: unix_now(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
