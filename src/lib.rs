@@ -22,18 +22,19 @@
 //! | [`api`] | the HTTP API, its contract and the monitor page |
 //! | [`cli`] | the process: command line, daemon wiring, `tunneld ctl` |
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
 pub mod cli;
-pub mod client;
+pub(crate) mod client;
 pub mod config;
 pub mod core;
-pub mod events;
+pub(crate) mod events;
 pub mod history;
 pub mod net;
 pub mod policy;
-pub mod server;
+pub(crate) mod server;
 pub mod store;
-pub mod systemd;
+pub(crate) mod systemd;
 pub mod telemetry;
 pub mod tunnel;

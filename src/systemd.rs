@@ -19,21 +19,21 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// `READY=1` with a status line; sent once every listener is bound.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping: draining connections")]);
 }
 
 /// `RELOADING=1` (with `MONOTONIC_USEC`, which `Type=notify-reload` requires);
 /// the role sends `READY=1` when done.
-pub fn reloading() {
+pub(crate) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => notify(&[NotifyState::Reloading, now, NotifyState::Status("reloading configuration")]),
         Err(_) => notify(&[NotifyState::Reloading, NotifyState::Status("reloading configuration")]),
@@ -42,7 +42,7 @@ pub fn reloading() {
 
 /// Sends `WATCHDOG=1` at half of `WATCHDOG_USEC` from a task on the main runtime:
 /// if the runtime wedges, the pings stop and systemd restarts the service.
-pub fn spawn_watchdog() {
+pub(crate) fn spawn_watchdog() {
     let Some(usec) = watchdog_usec() else { return };
     let period = Duration::from_micros(usec / 2);
     debug!(period_ms = period.as_millis() as u64, "watchdog enabled");
@@ -75,11 +75,11 @@ async fn ping_every(period: Duration, ping: impl Fn()) {
 }
 
 /// Lets a reload change the log level without restarting.
-pub type LogHandle = reload::Handle<EnvFilter, Registry>;
+pub(crate) type LogHandle = reload::Handle<EnvFilter, Registry>;
 
 /// Sets up logging: journald (structured fields kept) when stderr is connected to
 /// the journal, human-readable stderr otherwise. `RUST_LOG` overrides `level`.
-pub fn init_logging(level: &str) -> LogHandle {
+pub(crate) fn init_logging(level: &str) -> LogHandle {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
@@ -99,7 +99,7 @@ pub fn init_logging(level: &str) -> LogHandle {
 }
 
 /// Applies a new level from a reloaded config, unless `RUST_LOG` pins it.
-pub fn set_log_level(handle: &LogHandle, level: &str) {
+pub(crate) fn set_log_level(handle: &LogHandle, level: &str) {
     if std::env::var_os("RUST_LOG").is_some() {
         return;
     }

@@ -13,11 +13,11 @@ const FILES: &[(&str, &str, &[u8])] = &[
     ("vendor/LICENSE.md", "text/markdown; charset=utf-8", include_bytes!("../../static/vendor/LICENSE.md")),
 ];
 
-pub async fn monitor_page() -> Response {
+pub(super) async fn monitor_page() -> Response {
     asset("monitor.html")
 }
 
-pub fn asset(path: &str) -> Response {
+pub(super) fn asset(path: &str) -> Response {
     match FILES.iter().find(|(name, _, _)| *name == path) {
         Some((_, content_type, bytes)) => {
             ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], *bytes).into_response()

@@ -68,7 +68,7 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
     host.is_some_and(|host| origin.eq_ignore_ascii_case(&format!("http://{host}")))
 }
 
-pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+pub(crate) async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if let Some(host) = host {

@@ -16,9 +16,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 /// Most points one series may have: a day of minutes, five years of days.
-pub const MAX_POINTS: i64 = 2_000;
+pub(super) const MAX_POINTS: i64 = 2_000;
 /// Most periods one report may cover.
-pub const MAX_PERIODS: i64 = 2_000;
+pub(super) const MAX_PERIODS: i64 = 2_000;
 /// No range may reach outside 1970..10000 (also keeps the arithmetic far from overflow).
 const LATEST: i64 = 253_402_300_799;
 

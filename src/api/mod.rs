@@ -16,7 +16,7 @@ mod clients;
 pub mod contract;
 mod error;
 mod events;
-pub mod guard;
+pub(crate) mod guard;
 mod health;
 mod history;
 mod mappings;

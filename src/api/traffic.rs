@@ -53,7 +53,7 @@ async fn report(state: &AppState) -> TrafficReport {
                 target_port: view.spec.target_port,
                 use_tunnel: view.spec.use_tunnel,
                 client: view.spec.client,
-                status: view.status,
+                status: view.status.into(),
                 description: view.policy.description,
                 bandwidth_limit: view.policy.bandwidth_limit,
                 quota: view.policy.quota,

@@ -25,13 +25,13 @@ use crate::core::time::format_utc;
 /// An API call the server refused: its HTTP status and the envelope's message.
 #[derive(Debug, thiserror::Error)]
 #[error("{message} (HTTP {status})")]
-pub struct ApiRefused {
+pub(super) struct ApiRefused {
     pub status: u16,
     pub message: String,
 }
 
 /// A connection to one server's API.
-pub struct Api {
+pub(super) struct Api {
     pub(super) base: String,
     token: Option<String>,
     agent: ureq::Agent,
@@ -41,7 +41,7 @@ impl Api {
     /// `--api` wins; else the config file's `api.listen` (a wildcard address is
     /// reached on loopback). The token comes from `TUNNELD_API__TOKEN` or the file,
     /// through the same loader the daemon uses, so both agree on precedence.
-    pub fn from_settings(api: Option<&str>, config_file: Option<&Path>) -> anyhow::Result<Api> {
+    pub(super) fn from_settings(api: Option<&str>, config_file: Option<&Path>) -> anyhow::Result<Api> {
         let file = config::file_for(Role::Server, config_file);
         let config = config::merge(file, &[], Role::Server).context("cannot read the configuration")?;
         let base = match api {
@@ -59,12 +59,12 @@ impl Api {
     }
 
     /// `GET path`: the answer's `data`.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(super) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(self.request("GET", path).call())
     }
 
     /// `POST path` with `body` as JSON: the answer's `data`.
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+    pub(super) fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
         // send_json sets `Content-Type: application/json`, which the API requires
         // of every mutating request.
         self.call(self.request("POST", path).send_json(body))
@@ -120,7 +120,7 @@ fn base_url(config: &Config) -> String {
 }
 
 /// `ctl list`: the mappings as a table.
-pub fn list(api: &Api) -> anyhow::Result<String> {
+pub(super) fn list(api: &Api) -> anyhow::Result<String> {
     let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
     let mut rows = vec![vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into(), "CREATED".into()]];
     for m in &mappings {
@@ -136,7 +136,7 @@ pub fn list(api: &Api) -> anyhow::Result<String> {
 }
 
 /// `ctl create`: one mapping; `target` is `HOST:PORT`.
-pub fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&str>) -> anyhow::Result<String> {
+pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&str>) -> anyhow::Result<String> {
     let Some((host, target_port)) = config::split_host_port(target) else {
         bail!("target must be HOST:PORT (IPv6 as [::1]:22), got {target:?}");
     };
@@ -160,13 +160,13 @@ pub fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&
 }
 
 /// `ctl remove`.
-pub fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
+pub(super) fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
     let MappingRemoved { port } = api.post("/api/mapping/remove", &RemoveMapping { port })?;
     Ok(format!("mapping on port {port} removed\n"))
 }
 
 /// `ctl events`: the newest `limit` events, newest first.
-pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
+pub(super) fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
     let EventList { events, .. } = api.get(&format!("/api/events?limit={limit}"))?;
     let mut rows = vec![vec!["TIME".to_string(), "KIND".into(), "PORT".into(), "CLIENT".into(), "MESSAGE".into()]];
     for e in &events {
@@ -182,7 +182,7 @@ pub fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
 }
 
 /// `ctl client list`.
-pub fn client_list(api: &Api) -> anyhow::Result<String> {
+pub(super) fn client_list(api: &Api) -> anyhow::Result<String> {
     let ClientList { clients, .. } = api.get("/api/client/list")?;
     let mut rows =
         vec![vec!["NAME".to_string(), "STATUS".into(), "PEER".into(), "SINCE".into(), "SENT".into(), "RECEIVED".into(), "MAPPINGS".into()]];
@@ -201,7 +201,7 @@ pub fn client_list(api: &Api) -> anyhow::Result<String> {
 }
 
 /// `ctl client create`: prints the secret, with how to use it.
-pub fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
+pub(super) fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
     let ClientCreated { name, secret } = api.post("/api/client/create", &CreateClient { name: name.to_string() })?;
     Ok(format!(
         "client {name} created. Its secret is shown only now:\n\n  {secret}\n\nStart the client with --name {name} and this secret (client.name / client.secret).\n",
@@ -209,7 +209,7 @@ pub fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
 }
 
 /// `ctl client remove`.
-pub fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
+pub(super) fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
     let removed: ClientRemoved = api.post("/api/client/remove", &RemoveClient { name: name.to_string(), force })?;
     Ok(match removed.mappings_waiting.len() {
         0 => format!("client {name} removed\n"),
@@ -218,7 +218,7 @@ pub fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<Strin
 }
 
 /// `ctl stats`: traffic since the daemon started, per mapping and in total.
-pub fn stats(api: &Api) -> anyhow::Result<String> {
+pub(super) fn stats(api: &Api) -> anyhow::Result<String> {
     let report: TrafficReport = api.get("/api/stats/traffic")?;
     let mut rows = vec![vec![
         "PORT".to_string(),
@@ -275,7 +275,7 @@ pub(super) fn table(rows: &[Vec<String>]) -> String {
 }
 
 /// Binary units, as the monitor page shows them.
-pub fn human_bytes(n: u64) -> String {
+pub(super) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = n as f64;
     let mut unit = 0;

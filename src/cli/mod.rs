@@ -4,7 +4,7 @@
 //! The top floor: may import everything below it.
 
 mod args;
-pub mod ctl;
+mod ctl;
 mod daemon;
 mod top;
 

@@ -76,7 +76,7 @@ fn top_screen(api_base: &str, report: &TrafficReport, previous: Option<&Sample>)
 
 /// `ctl top`: a live view refreshed every `interval` until `q` (or Ctrl-C). A
 /// failed poll is shown on screen and retried, so a daemon restart does not end it.
-pub fn top(api: &Api, interval: Duration) -> anyhow::Result<()> {
+pub(super) fn top(api: &Api, interval: Duration) -> anyhow::Result<()> {
     use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
     use crossterm::{cursor, execute, terminal};
 

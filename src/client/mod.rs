@@ -34,7 +34,7 @@ use dialer::Dialer;
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 /// Binds the client's own `/metrics` listener, if configured.
-pub async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpListener>> {
+pub(crate) async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpListener>> {
     match config.metrics_listen {
         Some(addr) => Ok(Some(socket::listen(addr).with_context(|| format!("cannot bind client.metrics_listen {addr}"))?)),
         None => Ok(None),
@@ -44,7 +44,7 @@ pub async fn bind_metrics(config: &ClientConfig) -> anyhow::Result<Option<TcpLis
 /// Runs the client until `shutdown`. Reloaded configurations change nothing
 /// here (the log level is applied by the caller); changed keys are reported as
 /// needing a restart.
-pub async fn run(
+pub(crate) async fn run(
     config: Config,
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,

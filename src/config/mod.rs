@@ -68,7 +68,9 @@ fn describe(errors: figment::Error) -> String {
 
 /// One CLI flag that overrides a config key (dotted path, e.g. `api.listen`).
 pub struct Override {
+    /// The dotted key, as in TOML (`api.listen`).
     pub key: &'static str,
+    /// The value as typed on the command line.
     pub value: String,
 }
 

@@ -15,11 +15,17 @@ use crate::core::secret::Secret;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: the tunnel port, state, limits and timeouts.
     pub server: ServerConfig,
+    /// `[api]`: the HTTP API's address, token and browser rules.
     pub api: ApiConfig,
+    /// `[client]`: where the client dials and how it trusts the server.
     pub client: ClientConfig,
+    /// `[history]`: the traffic recorder.
     pub history: HistoryConfig,
+    /// `[alerts]`: the event webhook.
     pub alerts: AlertsConfig,
+    /// `[log]`: the log filter.
     pub log: LogConfig,
 }
 
@@ -35,6 +41,7 @@ pub struct AlertsConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// `[server]`: what the server role listens on, keeps and allows.
 pub struct ServerConfig {
     /// Where clients dial in.
     pub tunnel_listen: SocketAddr,
@@ -69,6 +76,7 @@ pub struct ServerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The private key (PEM) for `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// Idle pooled data channels are closed after this long (the client opens
     /// fresh ones), so a pool never holds connections a middlebox dropped.
@@ -97,7 +105,9 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// `[api]`: the HTTP API and the rules that keep browsers from misusing it.
 pub struct ApiConfig {
+    /// Where the API, `/metrics` and the monitor page listen.
     pub listen: SocketAddr,
     /// Bearer token for `/api/*`; required before `listen` may leave loopback.
     pub token: Secret,
@@ -124,12 +134,14 @@ impl Default for ApiConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// `[client]`: the client role: its server, its name and secret, its pool.
 pub struct ClientConfig {
     /// `host:port` of the server's tunnel listener.
     pub server: String,
     /// Who this client is to the server (`/api/client/create`); `secret` is that
     /// client's. `default` is the client whose secret is `server.secret`.
     pub name: String,
+    /// This client's secret (`server.secret` for `default`, else what `/api/client/create` returned).
     pub secret: Secret,
     /// The client's own `/metrics`; off when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +190,7 @@ impl Default for ClientConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// `[log]`: how much the daemon logs.
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `debug`, `tunneld=debug,info`); `RUST_LOG` wins.
     pub level: String,
@@ -199,7 +212,9 @@ pub struct HistoryConfig {
     pub utc_offset: String,
     /// How long each resolution is kept: a number and a unit (`h`, `d`, `y` = 365 d).
     pub minute_retention: String,
+    /// How long hour buckets are kept.
     pub hour_retention: String,
+    /// How long day buckets are kept (at least 31 days: a month report needs them).
     pub day_retention: String,
 }
 
@@ -218,10 +233,15 @@ impl Default for HistoryConfig {
 /// `[history]` after validation, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistorySettings {
+    /// Seconds between two readings of the registry.
     pub interval_secs: u64,
+    /// Where days and months begin, in seconds east of UTC.
     pub utc_offset_secs: i64,
+    /// How long minute buckets are kept, in seconds.
     pub minute_retention_secs: i64,
+    /// How long hour buckets are kept, in seconds.
     pub hour_retention_secs: i64,
+    /// How long day buckets are kept, in seconds.
     pub day_retention_secs: i64,
 }
 

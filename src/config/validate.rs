@@ -11,7 +11,9 @@ use crate::core::secret::Secret;
 /// Which role's settings to validate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
+    /// The server role (mappings, tunnel port, API).
     Server,
+    /// The client role (dials the server).
     Client,
 }
 

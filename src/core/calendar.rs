@@ -8,7 +8,7 @@ use time::{Date, OffsetDateTime};
 /// A bucket size. Hours, days and months begin at the configured UTC offset's
 /// local boundaries; minutes are the same everywhere that has whole-minute offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     Minute,
     Hour,
     Day,
@@ -16,7 +16,7 @@ pub enum Step {
 }
 
 impl Step {
-    pub fn parse(text: &str) -> Option<Step> {
+    pub(crate) fn parse(text: &str) -> Option<Step> {
         match text {
             "minute" => Some(Step::Minute),
             "hour" => Some(Step::Hour),
@@ -26,7 +26,7 @@ impl Step {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Step::Minute => "minute",
             Step::Hour => "hour",
@@ -36,7 +36,7 @@ impl Step {
     }
 
     /// The next coarser step, for "use a coarser step" messages.
-    pub fn coarser(self) -> Option<Step> {
+    pub(crate) fn coarser(self) -> Option<Step> {
         match self {
             Step::Minute => Some(Step::Hour),
             Step::Hour => Some(Step::Day),
@@ -46,7 +46,7 @@ impl Step {
     }
 
     /// Start (Unix seconds) of the bucket holding `t`.
-    pub fn bucket_start(self, t: i64, utc_offset: i64) -> i64 {
+    pub(crate) fn bucket_start(self, t: i64, utc_offset: i64) -> i64 {
         let local = t + utc_offset;
         match self {
             Step::Minute => t - t.rem_euclid(60),
@@ -61,7 +61,7 @@ impl Step {
     }
 
     /// Start of the bucket after the one starting at `start`.
-    pub fn next(self, start: i64, utc_offset: i64) -> i64 {
+    pub(crate) fn next(self, start: i64, utc_offset: i64) -> i64 {
         match self {
             Step::Minute => start + 60,
             Step::Hour => start + 3600,
@@ -75,7 +75,7 @@ impl Step {
     }
 
     /// How many buckets `[from, to)` spans, computed without walking it.
-    pub fn count(self, from: i64, to: i64, utc_offset: i64) -> i64 {
+    pub(crate) fn count(self, from: i64, to: i64, utc_offset: i64) -> i64 {
         let first = self.bucket_start(from, utc_offset);
         match self {
             Step::Minute => (to - first + 59) / 60,
@@ -119,7 +119,7 @@ fn local_date(t: i64, utc_offset: i64) -> Date {
 }
 
 /// The local calendar label of a bucket: `2026-11-29` for days (and finer), `2026-11` for months.
-pub fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
+pub(crate) fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
     let date = local_date(start, utc_offset);
     let (y, m, d) = (date.year(), u8::from(date.month()), date.day());
     match step {
@@ -129,7 +129,7 @@ pub fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
 }
 
 /// `+08:00`, `-05:30`, `+00:00` (also `Z`) -> seconds east of UTC.
-pub fn parse_utc_offset(text: &str) -> Option<i64> {
+pub(crate) fn parse_utc_offset(text: &str) -> Option<i64> {
     if text == "Z" {
         return Some(0);
     }
@@ -147,7 +147,7 @@ pub fn parse_utc_offset(text: &str) -> Option<i64> {
 }
 
 /// Seconds east of UTC -> `+08:00`.
-pub fn utc_offset_text(secs: i64) -> String {
+pub(crate) fn utc_offset_text(secs: i64) -> String {
     let sign = if secs < 0 { '-' } else { '+' };
     let abs = secs.abs();
     format!("{sign}{:02}:{:02}", abs / 3600, (abs % 3600) / 60)

@@ -4,10 +4,10 @@
 //!
 //! It imports nothing of this crate, so anything may import it.
 
-pub mod calendar;
-pub mod names;
-pub mod rate;
+pub(crate) mod calendar;
+pub(crate) mod names;
+pub(crate) mod rate;
 pub mod secret;
-pub mod sync;
-pub mod time;
+pub(crate) mod sync;
+pub(crate) mod time;
 pub mod traffic;

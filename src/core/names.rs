@@ -1,11 +1,11 @@
 //! Names that travel between the roles, the API, metric labels and the log.
 
 /// The client whose secret is `server.secret`: the one a single-client setup has.
-pub const DEFAULT_CLIENT: &str = "default";
+pub(crate) const DEFAULT_CLIENT: &str = "default";
 
 /// Why a client name is not acceptable, or `None`: 1–64 characters of
 /// `[a-z0-9_-]`, so a name is safe in a label, a log line, a URL and a file name.
-pub fn invalid_client_name(name: &str) -> Option<String> {
+pub(crate) fn invalid_client_name(name: &str) -> Option<String> {
     if name.is_empty() || name.len() > 64 {
         return Some(format!("a client name has 1 to 64 characters; {:?} has {}", name, name.chars().count()));
     }

@@ -5,13 +5,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use time::OffsetDateTime;
 
 /// Seconds since the Unix epoch, as Prometheus timestamps are.
-pub fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` from Unix seconds; a time outside the calendar's
 /// years (±999,999), which only a damaged value can be, stays a number.
-pub fn format_utc(unix: i64) -> String {
+pub(crate) fn format_utc(unix: i64) -> String {
     match OffsetDateTime::from_unix_timestamp(unix) {
         Ok(t) => {
             let (year, month, day) = (t.year(), u8::from(t.month()), t.day());

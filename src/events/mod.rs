@@ -27,7 +27,7 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where events go.
-pub struct Events {
+pub(crate) struct Events {
     store: Store,
     metrics: Arc<Metrics>,
     webhook: Option<mpsc::Sender<Event>>,
@@ -35,7 +35,7 @@ pub struct Events {
 
 impl Events {
     /// Starts the webhook sender when `webhook_url` is set; it ends with `shutdown`.
-    pub fn new(store: Store, metrics: Arc<Metrics>, webhook_url: &str, shutdown: CancellationToken) -> Arc<Events> {
+    pub(crate) fn new(store: Store, metrics: Arc<Metrics>, webhook_url: &str, shutdown: CancellationToken) -> Arc<Events> {
         let webhook = (!webhook_url.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
             tokio::spawn(deliver(webhook_url.to_string(), rx, metrics.clone(), shutdown));
@@ -45,7 +45,7 @@ impl Events {
     }
 
     /// Logs, stores and (if configured) queues `event` for the webhook.
-    pub async fn emit(&self, kind: EventKind, port: Option<u16>, client: Option<&str>, message: String) {
+    pub(crate) async fn emit(&self, kind: EventKind, port: Option<u16>, client: Option<&str>, message: String) {
         let event = Event { time: crate::core::time::unix_now(), kind, port, client: client.map(str::to_string), message };
         warn!(kind = %event.kind, port = ?event.port, client = ?event.client, message = %event.message, "event");
         if let Err(e) = self.store.add_event(event.clone()).await {

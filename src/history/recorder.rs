@@ -30,10 +30,12 @@ use crate::telemetry::{ByteTotals, Metrics};
 /// Unix seconds now; replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+/// The wall clock, in Unix seconds.
 pub fn system_clock() -> Clock {
     Arc::new(|| crate::core::time::unix_now() as i64)
 }
 
+/// Writes what the counters gained into the history, once per interval and at shutdown.
 pub struct Recorder {
     store: Store,
     metrics: Arc<Metrics>,
@@ -88,20 +90,21 @@ impl Recorder {
     }
 
     /// Smaller retention steps, so tests can watch retention work in steps.
-    pub fn with_retention_batch(mut self, rows: i64) -> Recorder {
+    #[cfg(test)]
+    pub(crate) fn with_retention_batch(mut self, rows: i64) -> Recorder {
         self.retention_batch = rows.max(1);
         self
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn settings(&self) -> HistorySettings {
+    pub(crate) fn settings(&self) -> HistorySettings {
         self.settings
     }
 
-    pub fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         (self.clock)()
     }
 
@@ -152,7 +155,7 @@ impl Recorder {
 
     /// [`Recorder::flush`] for callers that cannot do more about a failure than
     /// log it (the bytes stay in the next flush's delta).
-    pub async fn flush_logged(&self) {
+    pub(crate) async fn flush_logged(&self) {
         if let Err(e) = self.flush().await {
             warn!(error = %e, "traffic history flush failed; retried at the next interval");
         }
@@ -160,7 +163,7 @@ impl Recorder {
 
     /// Lifetime traffic per port: stored totals plus what the counters gained
     /// since the last flush — exact at any moment.
-    pub fn lifetime(&self) -> BTreeMap<u16, Traffic> {
+    pub(crate) fn lifetime(&self) -> BTreeMap<u16, Traffic> {
         let base = self.baseline();
         // Read under the lock: a flush updates baseline and lifetime together.
         let now = self.metrics.byte_totals().mappings;
@@ -173,7 +176,7 @@ impl Recorder {
 
     /// Flushes every `interval_secs` until `shutdown`; the caller runs the final
     /// flush after connections have drained.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(Duration::from_secs(self.settings.interval_secs));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate; nothing has moved yet

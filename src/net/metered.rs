@@ -34,6 +34,7 @@ enum Counting {
     Meters { sent: Meter, received: Meter },
 }
 
+/// A tunnel connection's TCP stream, counting what crosses it (see the module doc).
 pub struct MeteredStream {
     inner: TcpStream,
     counting: Counting,
@@ -48,18 +49,19 @@ pub struct MeteredStream {
 }
 
 impl MeteredStream {
+    /// A stream whose bytes count into `sent` and `received` from the first one.
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
         MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
-    pub fn unattributed(inner: TcpStream) -> MeteredStream {
+    pub(crate) fn unattributed(inner: TcpStream) -> MeteredStream {
         MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
     /// the stream before.
-    pub fn attribute(&mut self, sent: Meter, received: Meter) {
+    pub(crate) fn attribute(&mut self, sent: Meter, received: Meter) {
         if let Counting::Tally { sent: before_sent, received: before_received } = self.counting {
             if before_sent > 0 {
                 sent.record(before_sent);
@@ -86,26 +88,22 @@ impl MeteredStream {
     }
 
     /// Turns on read-ahead (for a stream that TLS will read in small pieces).
-    pub fn reading_ahead(mut self) -> MeteredStream {
+    pub(crate) fn reading_ahead(mut self) -> MeteredStream {
         self.read_ahead = true;
         self
-    }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.inner
     }
 
     /// Lends out the socket's second handle, made on first use; `None` when the
     /// descriptor cannot be duplicated (out of descriptors). Give it back with
     /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
-    pub fn take_watch(&mut self) -> Option<TcpStream> {
+    pub(crate) fn take_watch(&mut self) -> Option<TcpStream> {
         self.watch.take().or_else(|| {
             let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
             TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
         })
     }
 
-    pub fn return_watch(&mut self, watch: TcpStream) {
+    pub(crate) fn return_watch(&mut self, watch: TcpStream) {
         self.watch = Some(watch);
     }
 
@@ -114,7 +112,7 @@ impl MeteredStream {
     /// the server's pool after reading its hello or an exchange's last frame)
     /// never sees the `Pending` that releases it, and would keep up to
     /// [`READ_AHEAD`] for as long as it waits.
-    pub fn release_read_ahead(&mut self) {
+    pub(crate) fn release_read_ahead(&mut self) {
         if self.ahead.as_ref().is_some_and(|a| !a.has_remaining()) {
             self.ahead = None;
         }

@@ -10,7 +10,7 @@
 //! May import `core`, `config` and `telemetry`.
 
 pub mod metered;
-pub mod relay;
-pub mod socket;
+pub(crate) mod relay;
+pub(crate) mod socket;
 pub mod tls;
 pub mod transport;

@@ -40,7 +40,7 @@ const CHUNK: usize = 64 * 1024;
 /// a reset (RST), never an EOF, so a cut-off transfer cannot pass for a complete
 /// one. Callers arm both sockets before relaying (and may abort any time by
 /// dropping them).
-pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
+pub(crate) async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
     let copies = async { tokio::try_join!(copy(a, b, a_to_b, &activity), copy(b, a, b_to_a, &activity)) };
     let totals = guard(copies, (a, b), &activity, idle_timeout).await?;
@@ -53,7 +53,7 @@ pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter,
 /// socket reports an error, or `activity` has been idle for `idle_timeout`. The
 /// building block of [`relay`] for paths that interleave their own steps with the
 /// copies.
-pub async fn guard<T, E: From<io::Error>>(
+pub(crate) async fn guard<T, E: From<io::Error>>(
     work: impl std::future::Future<Output = Result<T, E>>,
     sockets: (&TcpStream, &TcpStream),
     activity: &Activity,
@@ -86,14 +86,14 @@ pub(crate) async fn failure(socket: &TcpStream) -> io::Error {
 }
 
 /// When bytes last moved on a relayed connection, in either direction.
-pub struct Activity {
+pub(crate) struct Activity {
     started: tokio::time::Instant,
     /// Milliseconds after `started`.
     last: AtomicU64,
 }
 
 impl Activity {
-    pub fn new() -> Activity {
+    pub(crate) fn new() -> Activity {
         Activity { started: tokio::time::Instant::now(), last: AtomicU64::new(0) }
     }
 
@@ -102,7 +102,7 @@ impl Activity {
     }
 
     /// Resolves with a `TimedOut` error once nothing has moved for `limit`.
-    pub async fn idle_for(&self, limit: Duration) -> io::Error {
+    pub(crate) async fn idle_for(&self, limit: Duration) -> io::Error {
         loop {
             let last = self.started + Duration::from_millis(self.last.load(Ordering::Relaxed));
             let deadline = last + limit;
@@ -123,17 +123,17 @@ impl Default for Activity {
 /// Makes dropping `stream` send a reset instead of an EOF (SO_LINGER 0) — also when
 /// the process dies, since the kernel closes its descriptors the same way. Set on
 /// every forwarded socket until its relay ends cleanly.
-pub fn arm(stream: &TcpStream) {
+pub(crate) fn arm(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Undoes [`arm`] after a clean end, so closing delivers every byte still queued.
-pub fn disarm(stream: &TcpStream) {
+pub(crate) fn disarm(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(None);
 }
 
 /// One direction of [`relay`]: `src → dst` until EOF, then half-close `dst`.
-pub async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity) -> io::Result<u64> {
+pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;

@@ -14,7 +14,7 @@ use crate::core::sync::lock;
 
 /// Whether `e` means this process (or the system) is out of file descriptors:
 /// a local limit, not a fault of the peer being dialed or accepted.
-pub fn out_of_descriptors(e: &io::Error) -> bool {
+pub(crate) fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
@@ -22,7 +22,7 @@ pub fn out_of_descriptors(e: &io::Error) -> bool {
 /// do: every forwarded connection costs two descriptors, and the distribution
 /// default soft limit (often 1024) is far below what the hard limit allows.
 /// Returns `(before, after)` when it changed.
-pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+pub(crate) fn raise_descriptor_limit() -> Option<(u64, u64)> {
     reserve_descriptor();
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
@@ -38,7 +38,7 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
 }
 
 /// The soft limit on open descriptors (`None`: unlimited or unknown).
-pub fn descriptor_limit() -> Option<u64> {
+pub(crate) fn descriptor_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
@@ -49,7 +49,7 @@ const BACKLOG: u32 = 4096;
 
 /// Binds a listener with [`BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`
 /// does, so a restart is not blocked by connections in TIME_WAIT).
-pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -68,7 +68,7 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// process, with the count of those not logged — not once per attempt (ten lines
 /// a second while out of descriptors would flood the journal exactly when it
 /// matters).
-pub async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, SocketAddr) {
+pub(crate) async fn accept(listener: &TcpListener, refused: impl Fn()) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
@@ -115,7 +115,7 @@ fn note_accept_failure(listener: &TcpListener, e: &io::Error, exhausted: bool) {
 static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 /// Takes the reserve descriptor (at start, and again after each use).
-pub fn reserve_descriptor() {
+pub(crate) fn reserve_descriptor() {
     let mut reserve = lock(&RESERVE);
     if reserve.is_none() {
         *reserve = std::fs::File::open("/dev/null").ok();
@@ -136,14 +136,14 @@ fn shed(listener: &TcpListener) -> bool {
 /// Socket options every forwarded connection gets: no Nagle delay (interactive
 /// protocols and small request/response exchanges), and keepalive so a vanished
 /// peer is eventually noticed even on an idle connection.
-pub fn tune(stream: &TcpStream) {
+pub(crate) fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 /// Dials `host:port` within `timeout`, trying each resolved address in turn.
-pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(stream)) => {
             tune(&stream);

@@ -22,15 +22,15 @@ use sha2::{Digest, Sha256};
 use crate::config::{parse_fingerprint, split_host_port, ClientConfig, ServerConfig, NO_TRUST_ANCHOR};
 
 /// File names of the generated identity inside the state dir.
-pub const GENERATED_CERT: &str = "tls-cert.pem";
-pub const GENERATED_KEY: &str = "tls-key.pem";
+pub(crate) const GENERATED_CERT: &str = "tls-cert.pem";
+pub(crate) const GENERATED_KEY: &str = "tls-key.pem";
 
 /// Exporter label for the auth binding (RFC 8446 §7.5); both sides must agree.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-tunneld-auth-v2";
 
 /// The first byte of a TLS handshake record; a plain v1/v2 frame starts with a
 /// length prefix whose first byte is 0 (frames are at most 16 KiB).
-pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
+pub(crate) const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
 /// ring, with AES-128-GCM preferred: on the bulk path encryption is the largest
 /// cost, and AES-128 does 10 rounds to AES-256's 14 at a security margin that is
@@ -43,12 +43,12 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// `sha256:<64 hex>` over a certificate's DER.
-pub fn fingerprint(cert: &[u8]) -> String {
+pub(crate) fn fingerprint(cert: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(cert)))
 }
 
 /// The server's certificate chain and key.
-pub struct Identity {
+pub(crate) struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     /// Where the certificate came from, for logs.
@@ -56,13 +56,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         self.chain.first().map(|c| fingerprint(c)).unwrap_or_default()
     }
 }
 
 /// Where the server's certificate lives: configured, or generated in the state dir.
-pub fn cert_paths(server: &ServerConfig, state_dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn cert_paths(server: &ServerConfig, state_dir: &Path) -> (PathBuf, PathBuf) {
     match (&server.tls_cert, &server.tls_key) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => (state_dir.join(GENERATED_CERT), state_dir.join(GENERATED_KEY)),
@@ -71,7 +71,7 @@ pub fn cert_paths(server: &ServerConfig, state_dir: &Path) -> (PathBuf, PathBuf)
 
 /// Loads the configured PEM pair, or the generated one — generating it (key 0600)
 /// on first start.
-pub fn load_or_generate(server: &ServerConfig, state_dir: &Path) -> anyhow::Result<Identity> {
+pub(crate) fn load_or_generate(server: &ServerConfig, state_dir: &Path) -> anyhow::Result<Identity> {
     let (cert_path, key_path) = cert_paths(server, state_dir);
     let configured = server.tls_cert.is_some();
     if !configured && !cert_path.exists() {
@@ -82,7 +82,7 @@ pub fn load_or_generate(server: &ServerConfig, state_dir: &Path) -> anyhow::Resu
 }
 
 /// Loads an existing PEM certificate chain and key.
-pub fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<Identity> {
+pub(crate) fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<Identity> {
     let pem = std::fs::read(cert_path).with_context(|| format!("cannot read the TLS certificate {}", cert_path.display()))?;
     let chain = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -121,7 +121,7 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 /// The acceptor for the server's tunnel port.
-pub fn acceptor(identity: Identity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+pub(crate) fn acceptor(identity: Identity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -160,7 +160,7 @@ pub fn connector(client: &ClientConfig) -> anyhow::Result<(tokio_rustls::TlsConn
 }
 
 /// The value both ends of one TLS session derive alike, and no other session can.
-pub fn binding(conn: &rustls::ConnectionCommon<impl Sized>) -> Vec<u8> {
+pub(crate) fn binding(conn: &rustls::ConnectionCommon<impl Sized>) -> Vec<u8> {
     conn.export_keying_material(vec![0u8; 32], EXPORTER_LABEL, None).unwrap_or_default()
 }
 
@@ -216,7 +216,7 @@ impl ServerCertVerifier for PinnedVerifier {
 }
 
 /// A handshake failure in words an operator can act on.
-pub fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> String {
+pub(crate) fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> String {
     use rustls::{AlertDescription, CertificateError, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
     match inner {
@@ -259,7 +259,7 @@ pub fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> String
 /// A plain TLS alert record (fatal, protocol_version): what a plain server
 /// answers a TLS client, so the client can say "the server has TLS off" instead
 /// of timing out.
-pub const PLAIN_SERVER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70];
+pub(crate) const PLAIN_SERVER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70];
 
 #[cfg(test)]
 mod tests {

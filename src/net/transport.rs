@@ -13,7 +13,9 @@ use crate::net::metered::MeteredStream;
 
 /// Both variants boxed alike: the stream carries its read-ahead and its watch.
 pub enum TunnelStream {
+    /// A plain TCP tunnel (`tls = false` on both sides).
     Plain(Box<MeteredStream>),
+    /// TLS 1.3, client or server side.
     Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
 }
 
@@ -26,23 +28,23 @@ impl TunnelStream {
     }
 
     /// A second handle on the channel's socket (see [`MeteredStream::take_watch`]).
-    pub fn take_watch(&mut self) -> Option<TcpStream> {
+    pub(crate) fn take_watch(&mut self) -> Option<TcpStream> {
         self.metered().take_watch()
     }
 
-    pub fn return_watch(&mut self, watch: TcpStream) {
+    pub(crate) fn return_watch(&mut self, watch: TcpStream) {
         self.metered().return_watch(watch)
     }
 
     /// Counts this connection, from its first byte, as `client`'s (see
     /// [`MeteredStream::attribute`]).
-    pub fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {
+    pub(crate) fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {
         self.metered().attribute(sent, received)
     }
 
     /// Frees what an idle channel does not need (see
     /// [`MeteredStream::release_read_ahead`]).
-    pub fn release_read_ahead(&mut self) {
+    pub(crate) fn release_read_ahead(&mut self) {
         self.metered().release_read_ahead()
     }
 
@@ -60,7 +62,7 @@ impl TunnelStream {
 
     /// True when an idle channel has been closed or written to by the peer: a
     /// pooled channel must have nothing to read. Never waits.
-    pub fn is_stale(&mut self) -> bool {
+    pub(crate) fn is_stale(&mut self) -> bool {
         use futures_util::FutureExt;
         use tokio::io::AsyncReadExt;
         let mut probe = [0u8; 1];

@@ -11,10 +11,10 @@ mod acl;
 mod live;
 mod model;
 mod quota;
-pub mod update;
+pub(crate) mod update;
 
 pub use acl::Cidr;
-pub use live::LivePolicy;
+pub(crate) use live::LivePolicy;
 pub use model::Policy;
 pub use quota::{Quota, QuotaAction, QuotaPeriod};
 pub use update::PolicyUpdate;

@@ -11,9 +11,11 @@ use super::quota::Quota;
 /// What a mapping lets through, and how much.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
+    /// What the mapping is for, in the operator's words (at most 500 characters).
     pub description: Option<String>,
     /// Bytes per second per direction, shared by all of the mapping's connections.
     pub bandwidth_limit: Option<u64>,
+    /// How much traffic per day or month, and what happens then.
     pub quota: Option<Quota>,
     /// Empty: everyone (unless denied).
     #[serde(default)]

@@ -13,7 +13,9 @@ pub struct Quota {
     /// Allowance per period, both directions together.
     #[serde(deserialize_with = "quota_bytes")]
     pub bytes: u64,
+    /// Per local day or month (`history.utc_offset`).
     pub period: QuotaPeriod,
+    /// What a used-up quota does.
     pub action: QuotaAction,
 }
 
@@ -21,7 +23,9 @@ pub struct Quota {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuotaPeriod {
+    /// From local midnight to local midnight.
     Day,
+    /// From the first of the month, local time.
     Month,
 }
 

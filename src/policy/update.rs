@@ -62,7 +62,7 @@ impl Policy {
 
 /// `description`: text of at most 500 characters without control characters
 /// (it ends up in logs and on the page); stored trimmed, and blank removes it.
-pub fn description<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+pub(crate) fn description<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     let Some(text) = Option::<String>::deserialize(d)? else { return Ok(Some(None)) };
     let expected = format!("text of at most {MAX_DESCRIPTION} characters without control characters");
     if text.chars().any(char::is_control) {
@@ -76,17 +76,17 @@ pub fn description<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Stri
 }
 
 /// `bandwidth_limit`: a positive whole number of bytes per second.
-pub fn bandwidth_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+pub(crate) fn bandwidth_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
     d.deserialize_option(Nullable(Positive("a positive whole number of bytes per second"))).map(Some)
 }
 
 /// `quota`: an object with exactly `bytes`, `period` and `action`.
-pub fn quota<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Quota>>, D::Error> {
+pub(crate) fn quota<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Quota>>, D::Error> {
     d.deserialize_option(Nullable(QuotaObject)).map(Some)
 }
 
 /// `allow` and `deny`: lists of at most 256 CIDR blocks.
-pub fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Vec<Cidr>>>, D::Error> {
+pub(crate) fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Vec<Cidr>>>, D::Error> {
     d.deserialize_option(Nullable(CidrList)).map(Some)
 }
 

@@ -6,11 +6,11 @@
 //! May import every layer below the roles: `core`, `config`, `telemetry`,
 //! `net`, `tunnel`, `policy`, `store`, `history`, `events`, `systemd`.
 
-pub mod hub;
-pub mod mappings;
-pub mod quotas;
-pub mod throttle;
-pub mod watcher;
+pub(crate) mod hub;
+pub(crate) mod mappings;
+pub(crate) mod quotas;
+pub(crate) mod throttle;
+pub(crate) mod watcher;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,14 +37,14 @@ use hub::{HubSettings, TunnelHub};
 use mappings::{Mappings, Settings};
 
 /// The server's two fixed listeners.
-pub struct Listeners {
+pub(crate) struct Listeners {
     pub api: TcpListener,
     pub tunnel: TcpListener,
 }
 
 impl Listeners {
     /// Binds both from the config, with the address in any error.
-    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    pub(crate) async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let api = socket::listen(config.api.listen).with_context(|| format!("cannot bind api.listen {}", config.api.listen))?;
         let tunnel = socket::listen(config.server.tunnel_listen)
             .with_context(|| format!("cannot bind server.tunnel_listen {}", config.server.tunnel_listen))?;
@@ -54,7 +54,7 @@ impl Listeners {
 
 /// A running server role: what the API serves from, and the tasks that
 /// [`Server::stop`] drains.
-pub struct Server {
+pub(crate) struct Server {
     pub mappings: Arc<Mappings>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<TunnelHub>,
@@ -71,7 +71,7 @@ pub struct Server {
 /// tunnel hub, the stored mappings, the events watcher. It runs until
 /// `shutdown` is cancelled; then [`Server::stop`] drains it. `reserved_ports`
 /// (the API's) are never mappable.
-pub async fn start(config: &Config, tunnel: TcpListener, api_port: u16, shutdown: CancellationToken) -> anyhow::Result<Server> {
+pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, shutdown: CancellationToken) -> anyhow::Result<Server> {
     let state_dir = config::state_dir(&config.server);
     let store = Store::open(&state_dir)?;
     let secret = match config.server.secret.clone() {
@@ -134,7 +134,7 @@ impl Server {
     /// After `shutdown` was cancelled: the tunnel listener closes, open
     /// connections get `server.shutdown_grace_secs` to finish, and the history
     /// takes its final flush.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.tunnel_task.await;
         self.mappings.shutdown(self.grace).await;
         // After the drain, so the bytes of connections that finished in the grace

@@ -19,7 +19,7 @@ use crate::policy::{LivePolicy, Quota, QuotaAction, QuotaPeriod};
 use crate::store::events::EventKind;
 
 /// Share of the allowance at which the early warning goes out.
-pub const WARNING_RATIO: f64 = 0.8;
+pub(crate) const WARNING_RATIO: f64 = 0.8;
 
 /// One mapping as the quota check sees it.
 pub struct MappingPolicy {
@@ -31,14 +31,14 @@ pub struct MappingPolicy {
 
 /// Something to tell the operator.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
+pub(crate) struct Notice {
     pub kind: EventKind,
     pub port: u16,
     pub message: String,
 }
 
 #[derive(Default)]
-pub struct QuotaTracker {
+pub(crate) struct QuotaTracker {
     tracked: HashMap<u16, Tracked>,
 }
 
@@ -53,7 +53,7 @@ struct Tracked {
 
 impl QuotaTracker {
     /// Updates every mapping's ratio and block flag; returns the notices due.
-    pub async fn check(&mut self, recorder: &Recorder, mappings: &[MappingPolicy]) -> Vec<Notice> {
+    pub(crate) async fn check(&mut self, recorder: &Recorder, mappings: &[MappingPolicy]) -> Vec<Notice> {
         let now = recorder.now();
         let offset = recorder.settings().utc_offset_secs;
         let lifetime = recorder.lifetime();

@@ -19,16 +19,16 @@ use std::time::{Duration, Instant};
 use crate::core::sync::lock;
 
 /// Failed handshakes a source may make in a burst before it is throttled.
-pub const FAILURE_BURST: f64 = 5.0;
+pub(crate) const FAILURE_BURST: f64 = 5.0;
 /// After the burst, one more attempt per this interval (five a minute).
-pub const FAILURE_REFILL: Duration = Duration::from_secs(12);
+pub(crate) const FAILURE_REFILL: Duration = Duration::from_secs(12);
 /// Sources remembered at most; beyond it the fullest buckets are forgotten first
 /// (a spoofing flood must not grow the map without bound).
 const MAX_TRACKED_SOURCES: usize = 10_000;
 
 /// Failed handshakes per source, as a token bucket.
 #[derive(Default)]
-pub struct AuthThrottle {
+pub(crate) struct AuthThrottle {
     sources: HashMap<IpAddr, Bucket>,
 }
 
@@ -47,7 +47,7 @@ impl Bucket {
 
 impl AuthThrottle {
     /// Whether `source` may try a handshake now.
-    pub fn allows(&mut self, source: IpAddr, now: Instant) -> bool {
+    pub(crate) fn allows(&mut self, source: IpAddr, now: Instant) -> bool {
         match self.sources.get_mut(&source.to_canonical()) {
             Some(bucket) => {
                 bucket.refill(now);
@@ -58,7 +58,7 @@ impl AuthThrottle {
     }
 
     /// Records a failed handshake (wrong secret, garbage, silence, unknown session).
-    pub fn failed(&mut self, source: IpAddr, now: Instant) {
+    pub(crate) fn failed(&mut self, source: IpAddr, now: Instant) {
         if self.sources.len() >= MAX_TRACKED_SOURCES {
             self.sources.retain(|_, b| {
                 b.refill(now);
@@ -71,7 +71,7 @@ impl AuthThrottle {
     }
 
     /// A source that authenticated is forgiven its earlier mistakes.
-    pub fn succeeded(&mut self, source: IpAddr) {
+    pub(crate) fn succeeded(&mut self, source: IpAddr) {
         self.sources.remove(&source.to_canonical());
     }
 }
@@ -80,7 +80,7 @@ impl AuthThrottle {
 /// once; later ones within the interval are counted and reported by [`drain`].
 ///
 /// [`drain`]: FailureLog::drain
-pub struct FailureLog {
+pub(crate) struct FailureLog {
     interval: Duration,
     sources: HashMap<IpAddr, Tally>,
 }
@@ -93,19 +93,19 @@ struct Tally {
 
 /// A source's failures not logged one by one during the last interval.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub source: IpAddr,
     pub count: u64,
     pub last_reason: &'static str,
 }
 
 impl FailureLog {
-    pub fn new(interval: Duration) -> FailureLog {
+    pub(crate) fn new(interval: Duration) -> FailureLog {
         FailureLog { interval, sources: HashMap::new() }
     }
 
     /// Counts a failure; `true` when the caller should log this one itself.
-    pub fn record(&mut self, source: IpAddr, reason: &'static str, now: Instant) -> bool {
+    pub(crate) fn record(&mut self, source: IpAddr, reason: &'static str, now: Instant) -> bool {
         let source = source.to_canonical();
         match self.sources.get_mut(&source) {
             Some(tally) => {
@@ -125,7 +125,7 @@ impl FailureLog {
     /// Summaries of sources whose interval is over and that failed again after
     /// their first logged failure. A source quiet for a whole interval is
     /// forgotten, so its next failure is logged at once again.
-    pub fn drain(&mut self, now: Instant) -> Vec<Summary> {
+    pub(crate) fn drain(&mut self, now: Instant) -> Vec<Summary> {
         let mut out = Vec::new();
         let interval = self.interval;
         self.sources.retain(|source, tally| {
@@ -146,26 +146,26 @@ impl FailureLog {
 }
 
 /// Connections not yet authenticated, bounded in total and per source.
-pub struct Unauthenticated {
+pub(crate) struct Unauthenticated {
     max_total: usize,
     max_per_source: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 /// One unauthenticated connection's slot; freed on drop (authenticated, or gone).
-pub struct Pending {
+pub(crate) struct Pending {
     owner: Arc<Unauthenticated>,
     source: IpAddr,
 }
 
 impl Unauthenticated {
-    pub fn new(max_total: usize, max_per_source: usize) -> Arc<Unauthenticated> {
+    pub(crate) fn new(max_total: usize, max_per_source: usize) -> Arc<Unauthenticated> {
         Arc::new(Unauthenticated { max_total, max_per_source, open: Mutex::new((0, HashMap::new())) })
     }
 
     /// A slot for a new connection from `source`, or `None` when either bound is
     /// reached.
-    pub fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pending> {
+    pub(crate) fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pending> {
         let source = source.to_canonical();
         let mut open = lock(&self.open);
         let (total, per_source) = &mut *open;
@@ -197,15 +197,15 @@ impl Drop for Pending {
 }
 
 /// Replacements within this window count towards flapping.
-pub const FLAP_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const FLAP_WINDOW: Duration = Duration::from_secs(60);
 /// This many replacements within [`FLAP_WINDOW`] is flapping, not a restart.
-pub const FLAP_THRESHOLD: usize = 4;
+pub(crate) const FLAP_THRESHOLD: usize = 4;
 
 /// Notices a client identity that keeps changing hands: two clients running
 /// with the same secret replace each other forever, and visitors land on
 /// whichever won last.
 #[derive(Default)]
-pub struct FlapDetector {
+pub(crate) struct FlapDetector {
     replacements: VecDeque<(Instant, SocketAddr, SocketAddr)>,
     reported: Option<Instant>,
 }
@@ -222,7 +222,7 @@ impl FlapDetector {
     /// Records that `latest` replaced `previous`. Returns the flapping to report
     /// when this replacement crosses the threshold and none was reported within
     /// the window (so an ongoing fight logs once a minute, not on every swap).
-    pub fn replaced(&mut self, previous: SocketAddr, latest: SocketAddr, now: Instant) -> Option<Flapping> {
+    pub(crate) fn replaced(&mut self, previous: SocketAddr, latest: SocketAddr, now: Instant) -> Option<Flapping> {
         self.replacements.push_back((now, previous, latest));
         self.prune(now);
         let flapping = self.flapping(now)?;
@@ -234,7 +234,7 @@ impl FlapDetector {
     }
 
     /// The current fight, if replacements within the window reach the threshold.
-    pub fn flapping(&self, now: Instant) -> Option<Flapping> {
+    pub(crate) fn flapping(&self, now: Instant) -> Option<Flapping> {
         let recent: Vec<_> = self.replacements.iter().filter(|(at, _, _)| now.saturating_duration_since(*at) < FLAP_WINDOW).collect();
         if recent.len() < FLAP_THRESHOLD {
             return None;

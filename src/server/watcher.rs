@@ -20,7 +20,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Watches quotas and mapping listeners once a second, and tunnel clients as
 /// their sessions begin and end, and turns changes into events.
-pub struct Watcher {
+pub(crate) struct Watcher {
     pub mappings: Arc<Mappings>,
     pub hub: Arc<TunnelHub>,
     pub recorder: Arc<Recorder>,
@@ -28,7 +28,7 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut quotas = QuotaTracker::default();
         let mut down: BTreeMap<u16, String> = BTreeMap::new();
         let mut presence = self.hub.presence();

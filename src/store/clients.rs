@@ -8,7 +8,7 @@ use crate::core::secret::Secret;
 
 /// A named tunnel client as stored (`default` is not: its secret is `server.secret`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredClient {
+pub(crate) struct StoredClient {
     pub name: String,
     pub secret: Secret,
     pub created_at: i64,
@@ -16,7 +16,7 @@ pub struct StoredClient {
 
 impl Store {
     /// Fails (a constraint error) when the name exists.
-    pub async fn insert_client(&self, client: StoredClient) -> Result<(), StoreError> {
+    pub(crate) async fn insert_client(&self, client: StoredClient) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
@@ -29,7 +29,7 @@ impl Store {
     }
 
     /// Returns whether a row was deleted.
-    pub async fn remove_client(&self, name: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn remove_client(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
@@ -40,7 +40,7 @@ impl Store {
         .await
     }
 
-    pub async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
+    pub(crate) async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare("SELECT name, secret, created_at FROM clients ORDER BY name")?;
             let rows = stmt.query_map([], |r| {

@@ -9,23 +9,61 @@ use rusqlite::Connection;
 use super::schema;
 use crate::core::sync::lock;
 
-/// Why the state database could not be used; each message names the file.
-
+/// Why the state database could not be used. Each message names the file (or
+/// directory) and, where the operator can act, says how.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The state directory could not be created.
     #[error("cannot create the state directory {path}: {error}")]
-    StateDir { path: String, error: std::io::Error },
+    StateDir {
+        /// The directory.
+        path: String,
+        /// Why not.
+        error: std::io::Error,
+    },
+    /// The database file could not be made readable by tunneld alone.
     #[error("cannot make the state database {path} private (mode 0600; it holds the clients' secrets): {error}")]
-    Private { path: String, error: std::io::Error },
-    /// Each message names the file and, where the operator can act, says how.
+    Private {
+        /// The database file.
+        path: String,
+        /// Why not.
+        error: std::io::Error,
+    },
+    /// The database could not be opened or brought up to date.
     #[error("cannot open the state database {path}: {error}{}", advice(error))]
-    Open { path: String, error: rusqlite::Error },
+    Open {
+        /// The database file.
+        path: String,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+    /// A query failed.
     #[error("state database {path}: {error}{}", advice(error))]
-    Sqlite { path: String, error: rusqlite::Error },
+    Sqlite {
+        /// The database file.
+        path: String,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+    /// A stored mapping's port is outside 1–65535: a damaged row.
     #[error("state database {path}: a stored mapping has an invalid port {port}; delete that row or restore a backup")]
-    BadRow { path: String, port: i64 },
+    BadRow {
+        /// The database file.
+        path: String,
+        /// The port as stored.
+        port: i64,
+    },
+    /// A stored mapping's policy does not parse: a damaged row.
     #[error("state database {path}: the mapping on port {port} has an unreadable policy ({error}); fix or delete that row")]
-    BadPolicy { path: String, port: i64, error: String },
+    BadPolicy {
+        /// The database file.
+        path: String,
+        /// The mapping's port.
+        port: i64,
+        /// Why its policy does not parse.
+        error: String,
+    },
+    /// The blocking task that ran the query panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -63,6 +101,7 @@ fn keep_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The state database, shared by every part of the server (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -96,7 +135,7 @@ impl Store {
     }
 
     /// The database file, for messages.
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         &self.path
     }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::db::{Store, StoreError};
 
 /// Events kept; older ones are deleted as new ones arrive.
-pub const KEEP: i64 = 1_000;
+pub(crate) const KEEP: i64 = 1_000;
 
 /// What an event is about; stored and served as its snake_case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,7 +87,7 @@ pub struct Event {
 }
 
 impl Store {
-    pub async fn add_event(&self, event: Event) -> Result<(), StoreError> {
+    pub(crate) async fn add_event(&self, event: Event) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
@@ -101,7 +101,7 @@ impl Store {
     }
 
     /// The newest `limit` events, newest first.
-    pub async fn events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+    pub(crate) async fn events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached("SELECT time, kind, port, client, message FROM events ORDER BY id DESC LIMIT ?1")?;
             let rows = stmt.query_map(params![limit], |r| {
@@ -122,7 +122,7 @@ impl Store {
 impl Store {
     /// Which of `kinds` were recorded for `port` at or after `since` (Unix
     /// seconds): what a restarted process has already told the operator.
-    pub async fn announced_since(&self, port: u16, since: f64, kinds: &'static [EventKind]) -> Result<Vec<EventKind>, StoreError> {
+    pub(crate) async fn announced_since(&self, port: u16, since: f64, kinds: &'static [EventKind]) -> Result<Vec<EventKind>, StoreError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached("SELECT DISTINCT kind FROM events WHERE port = ?1 AND time >= ?2")?;
             let rows = stmt.query_map(params![port, since], |r| r.get::<_, String>(0))?;

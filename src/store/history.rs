@@ -25,7 +25,7 @@ fn stored_port(column: usize, port: i64) -> rusqlite::Result<u16> {
 /// Rows each retention step may delete per table and flush: enough to keep up
 /// with 1,000 busy mappings at one flush every 10 s, small enough that a flush
 /// after a long downtime stays short.
-pub const RETENTION_BATCH: i64 = 5_000;
+pub(crate) const RETENTION_BATCH: i64 = 5_000;
 
 /// Where a step's buckets are stored (months are summed from days).
 fn mapping_table(step: Step) -> &'static str {
@@ -38,7 +38,7 @@ fn mapping_table(step: Step) -> &'static str {
 
 /// Bytes one port (or client) moved since the previous flush.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delta<K> {
+pub(crate) struct Delta<K> {
     pub key: K,
     /// What the counters gained since the previous flush.
     pub traffic: Traffic,
@@ -46,7 +46,7 @@ pub struct Delta<K> {
 
 /// Everything one flush writes.
 #[derive(Debug, Clone)]
-pub struct Flush {
+pub(crate) struct Flush {
     /// When the readings were taken (Unix seconds).
     pub at: i64,
     pub utc_offset: i64,
@@ -185,7 +185,14 @@ fn covered_minutes(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Ve
 /// Minute points exist only for minutes the recorder ran (idle ones at 0), so a
 /// gap in the series is a time the daemon was not recording; coarser steps have a
 /// point for every bucket.
-pub fn points(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<Vec<Point>> {
+pub(crate) fn points(
+    conn: &Connection,
+    step: Step,
+    port: Option<u16>,
+    from: i64,
+    to: i64,
+    utc_offset: i64,
+) -> rusqlite::Result<Vec<Point>> {
     let first = step.bucket_start(from, utc_offset);
     let sums = sums(conn, step, port, first, to, utc_offset)?;
     let point = |t: i64| {
@@ -206,7 +213,7 @@ pub fn points(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i
 
 /// Per-period, per-port totals over `[from, to)`; ports without traffic in a
 /// period have no row.
-pub fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<Vec<ReportRow>> {
+pub(crate) fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<Vec<ReportRow>> {
     let first = period.bucket_start(from, utc_offset);
     let table = mapping_table(period);
     let mut stmt = conn.prepare_cached(&format!("SELECT t, port, sent, received FROM {table} WHERE t >= ?1 AND t < ?2"))?;
@@ -232,7 +239,7 @@ pub fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_offset: i
 }
 
 /// Stored lifetime totals per port.
-pub fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
+pub(crate) fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
     let mut stmt = conn.prepare_cached("SELECT port, sent, received FROM history_lifetime")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, stored_traffic(r.get(1)?, r.get(2)?))))?;
     let mut out = BTreeMap::new();
@@ -244,7 +251,8 @@ pub fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
 }
 
 /// Tunnel wire bytes per client and bucket of `step` (no months) over `[from, to)`.
-pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, String, Traffic)>> {
+#[cfg(test)]
+pub(crate) fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, String, Traffic)>> {
     let table = match step {
         Step::Minute => TUNNEL_TABLES[0],
         Step::Hour => TUNNEL_TABLES[1],
@@ -259,7 +267,7 @@ pub fn tunnel_points(conn: &Connection, step: Step, from: i64, to: i64) -> rusql
 
 impl Store {
     /// Writes one flush in one transaction; returns what retention deleted.
-    pub async fn flush_history(&self, flush: Flush) -> Result<Pruned, StoreError> {
+    pub(crate) async fn flush_history(&self, flush: Flush) -> Result<Pruned, StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let pruned = write_flush(&tx, &flush)?;
@@ -269,7 +277,7 @@ impl Store {
         .await
     }
 
-    pub async fn history_points(
+    pub(crate) async fn history_points(
         &self,
         step: Step,
         port: Option<u16>,
@@ -280,15 +288,16 @@ impl Store {
         self.with_conn(move |conn| points(conn, step, port, from, to, utc_offset)).await
     }
 
-    pub async fn history_report(&self, period: Step, from: i64, to: i64, utc_offset: i64) -> Result<Vec<ReportRow>, StoreError> {
+    pub(crate) async fn history_report(&self, period: Step, from: i64, to: i64, utc_offset: i64) -> Result<Vec<ReportRow>, StoreError> {
         self.with_conn(move |conn| report(conn, period, from, to, utc_offset)).await
     }
 
-    pub async fn lifetime_totals(&self) -> Result<BTreeMap<u16, Traffic>, StoreError> {
+    pub(crate) async fn lifetime_totals(&self) -> Result<BTreeMap<u16, Traffic>, StoreError> {
         self.with_conn(|conn| lifetime(conn)).await
     }
 
-    pub async fn tunnel_history(&self, step: Step, from: i64, to: i64) -> Result<Vec<(i64, String, Traffic)>, StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn tunnel_history(&self, step: Step, from: i64, to: i64) -> Result<Vec<(i64, String, Traffic)>, StoreError> {
         self.with_conn(move |conn| tunnel_points(conn, step, from, to)).await
     }
 }

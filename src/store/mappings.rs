@@ -10,9 +10,13 @@ use crate::policy::Policy;
 /// A mapping as stored and as the API shows it (plus live status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingSpec {
+    /// The port the server listens on (1–65535), unique among mappings.
     pub source_port: u16,
+    /// The host dialed for each visitor (by the server, or by the client when tunneled).
     pub target_host: String,
+    /// The port dialed on `target_host`.
     pub target_port: u16,
+    /// Whether the target is reached through a tunnel client.
     pub use_tunnel: bool,
     /// The tunnel client that reaches the target; `None` for a direct mapping.
     pub client: Option<String>,
@@ -25,7 +29,7 @@ fn policy_json(policy: &Policy) -> String {
 }
 
 impl Store {
-    pub async fn insert(&self, m: MappingSpec, policy: &Policy) -> Result<(), StoreError> {
+    pub(crate) async fn insert(&self, m: MappingSpec, policy: &Policy) -> Result<(), StoreError> {
         let policy = policy_json(policy);
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
@@ -39,7 +43,7 @@ impl Store {
     }
 
     /// Replaces a mapping's policy; returns whether the mapping exists.
-    pub async fn set_policy(&self, port: u16, policy: &Policy) -> Result<bool, StoreError> {
+    pub(crate) async fn set_policy(&self, port: u16, policy: &Policy) -> Result<bool, StoreError> {
         let policy = policy_json(policy);
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
@@ -51,7 +55,7 @@ impl Store {
     }
 
     /// Returns whether a row was deleted.
-    pub async fn remove(&self, port: u16) -> Result<bool, StoreError> {
+    pub(crate) async fn remove(&self, port: u16) -> Result<bool, StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let n = tx.execute("DELETE FROM mappings WHERE source_port = ?1", params![port])?;
@@ -61,7 +65,7 @@ impl Store {
         .await
     }
 
-    pub async fn list(&self) -> Result<Vec<(MappingSpec, Policy)>, StoreError> {
+    pub(crate) async fn list(&self) -> Result<Vec<(MappingSpec, Policy)>, StoreError> {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(

@@ -10,12 +10,12 @@
 
 mod clients;
 mod db;
-pub mod events;
-pub mod history;
+pub(crate) mod events;
+pub(crate) mod history;
 mod mappings;
 mod schema;
 
-pub use clients::StoredClient;
+pub(crate) use clients::StoredClient;
 pub use db::{Store, StoreError};
 pub use mappings::MappingSpec;
 

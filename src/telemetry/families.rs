@@ -6,38 +6,38 @@ use prometheus::core::Collector;
 use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// `direction` label value: visitor to target on a mapping, from this side on a tunnel.
-pub const SENT: &str = "sent";
+pub(crate) const SENT: &str = "sent";
 /// `direction` label value: the other way.
-pub const RECEIVED: &str = "received";
+pub(crate) const RECEIVED: &str = "received";
 
 /// Outcomes counted in `tunneld_tunnel_sessions_total{result}`.
-pub mod session_result {
-    pub const OK: &str = "ok";
-    pub const AUTH_FAILED: &str = "auth_failed";
-    pub const PROTOCOL_ERROR: &str = "protocol_error";
-    pub const VERSION_MISMATCH: &str = "version_mismatch";
+pub(crate) mod session_result {
+    pub(crate) const OK: &str = "ok";
+    pub(crate) const AUTH_FAILED: &str = "auth_failed";
+    pub(crate) const PROTOCOL_ERROR: &str = "protocol_error";
+    pub(crate) const VERSION_MISMATCH: &str = "version_mismatch";
     /// An authenticated client took over from the one connected before it.
-    pub const REPLACED: &str = "replaced";
+    pub(crate) const REPLACED: &str = "replaced";
     /// Refused unheard: too many recent failures from the source, or too many
     /// unauthenticated connections open.
-    pub const THROTTLED: &str = "throttled";
+    pub(crate) const THROTTLED: &str = "throttled";
     /// A failed TLS handshake, or a TLS/plain mismatch between the two sides.
-    pub const TLS_ERROR: &str = "tls_error";
-    pub const ALL: [&str; 7] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED, TLS_ERROR];
+    pub(crate) const TLS_ERROR: &str = "tls_error";
+    pub(crate) const ALL: [&str; 7] = [OK, AUTH_FAILED, PROTOCOL_ERROR, VERSION_MISMATCH, REPLACED, THROTTLED, TLS_ERROR];
 }
 
 /// Why a visitor was turned away, in `tunneld_mapping_refused_total{reason}`.
-pub mod refused_reason {
-    pub const CONNECTION_LIMIT: &str = "connection_limit";
+pub(crate) mod refused_reason {
+    pub(crate) const CONNECTION_LIMIT: &str = "connection_limit";
     /// The process ran out of file descriptors: a local limit, not the target's
     /// fault, so it is not a connect error.
-    pub const NO_DESCRIPTORS: &str = "no_descriptors";
+    pub(crate) const NO_DESCRIPTORS: &str = "no_descriptors";
     /// The visitor's address is denied, or not allowed, by the mapping's lists.
-    pub const ACL: &str = "acl";
+    pub(crate) const ACL: &str = "acl";
     /// The mapping's quota is used up and its action is `block`.
-    pub const QUOTA: &str = "quota";
+    pub(crate) const QUOTA: &str = "quota";
     /// Every reason; the family's HELP lists these, so it names each one there is.
-    pub const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
+    pub(crate) const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
 }
 
 /// Label: a mapping's listening port.

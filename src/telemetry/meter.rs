@@ -54,6 +54,7 @@ impl Held {
 }
 
 impl Meter {
+    /// A meter adding to `counters` and stamping `activity` with the time of each chunk.
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
         Meter { counters, activity, held: None, limiter: None }
     }

@@ -15,22 +15,22 @@ mod meter;
 mod registry;
 mod snapshot;
 
-pub use families::{refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{refused_reason, session_result, RECEIVED, SENT};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
-pub use snapshot::{ByteTotals, ClientTraffic, PortTraffic, TrafficSnapshot};
+pub(crate) use snapshot::{ByteTotals, ClientTraffic, TrafficSnapshot};
 
 impl Metrics {
     /// When this process's counters began: `bytes_*` count from here.
-    pub fn started_at(&self) -> f64 {
+    pub(crate) fn started_at(&self) -> f64 {
         self.started_at
     }
 
-    pub fn webhook_failed(&self) {
+    pub(crate) fn webhook_failed(&self) {
         self.webhook_failures.inc();
     }
 
-    pub fn history_flushed(&self, at: f64) {
+    pub(crate) fn history_flushed(&self, at: f64) {
         self.history_last_flush.set(at);
     }
 
@@ -60,7 +60,7 @@ impl Metrics {
     }
 
     /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
-    pub fn remove_mapping(&self, port: u16, info: [&str; 3]) {
+    pub(crate) fn remove_mapping(&self, port: u16, info: [&str; 3]) {
         let p = port.to_string();
         let [target, mode, client] = info;
         let _ = self.mapping_info.remove_label_values(&[&p, target, mode, client]);
@@ -80,7 +80,7 @@ impl Metrics {
 
     /// Creates a tunnel client's series at 0, so dashboards and alerts see a known
     /// client from the start, connected or not.
-    pub fn add_client(&self, client: &str) {
+    pub(crate) fn add_client(&self, client: &str) {
         for dir in [SENT, RECEIVED] {
             self.tunnel_bytes.with_label_values(&[client, dir]);
         }
@@ -90,7 +90,7 @@ impl Metrics {
     }
 
     /// Drops a removed client's series.
-    pub fn remove_client(&self, client: &str) {
+    pub(crate) fn remove_client(&self, client: &str) {
         for dir in [SENT, RECEIVED] {
             let _ = self.tunnel_bytes.remove_label_values(&[client, dir]);
         }
@@ -107,13 +107,13 @@ impl Metrics {
     }
 
     /// `since`: when the session authenticated (Unix seconds).
-    pub fn session_started(&self, client: &str, since: f64) {
+    pub(crate) fn session_started(&self, client: &str, since: f64) {
         self.tunnel_connected.with_label_values(&[client]).set(1);
         self.tunnel_connected_since.with_label_values(&[client]).set(since);
     }
 
     /// Only for a client still known: a removed client's series stay removed.
-    pub fn session_ended(&self, client: &str) {
+    pub(crate) fn session_ended(&self, client: &str) {
         if let Ok(connected) = self.tunnel_connected.get_metric_with_label_values(&[client]) {
             connected.set(0);
         }
@@ -122,12 +122,12 @@ impl Metrics {
         }
     }
 
-    pub fn count_session(&self, result: &str) {
+    pub(crate) fn count_session(&self, result: &str) {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
 
     /// Prometheus text exposition of everything registered.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -138,26 +138,28 @@ impl Metrics {
 /// A mapping's pre-resolved handles, created once when the mapping is.
 #[derive(Clone)]
 pub struct MappingMetrics {
+    /// `tunneld_mapping_bytes_total{direction="sent"}`: visitor to target.
     pub sent: IntCounter,
+    /// `tunneld_mapping_bytes_total{direction="received"}`: target to visitor.
     pub received: IntCounter,
-    pub connections: IntCounter,
-    pub active: IntGauge,
-    pub last_activity: Gauge,
-    pub connect_errors: IntCounter,
-    pub refused_connection_limit: IntCounter,
-    pub refused_no_descriptors: IntCounter,
-    pub refused_acl: IntCounter,
-    pub refused_quota: IntCounter,
+    pub(crate) connections: IntCounter,
+    pub(crate) active: IntGauge,
+    pub(crate) last_activity: Gauge,
+    pub(crate) connect_errors: IntCounter,
+    pub(crate) refused_connection_limit: IntCounter,
+    pub(crate) refused_no_descriptors: IntCounter,
+    pub(crate) refused_acl: IntCounter,
+    pub(crate) refused_quota: IntCounter,
     /// `tunneld_mapping_quota_used_ratio`.
-    pub quota_used: Gauge,
+    pub(crate) quota_used: Gauge,
     /// `tunneld_mapping_up`: 1 while listening.
-    pub up: IntGauge,
+    pub(crate) up: IntGauge,
 }
 
 impl MappingMetrics {
     /// Counts an accepted visitor and keeps it in `active_connections` until the
     /// returned guard drops — however the connection ends.
-    pub fn visitor_accepted(&self) -> ActiveGuard {
+    pub(crate) fn visitor_accepted(&self) -> ActiveGuard {
         self.connections.inc();
         self.active.inc();
         ActiveGuard(self.active.clone())
@@ -165,13 +167,13 @@ impl MappingMetrics {
 
     /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
     /// bytes only, tunneled or not (the tunnel's wire is metered on its own).
-    pub fn meters(&self) -> (Meter, Meter) {
+    pub(crate) fn meters(&self) -> (Meter, Meter) {
         let activity = vec![self.last_activity.clone()];
         (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
     }
 }
 
-pub struct ActiveGuard(IntGauge);
+pub(crate) struct ActiveGuard(IntGauge);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -180,7 +182,7 @@ impl Drop for ActiveGuard {
 }
 
 /// Text exposition content type, per the Prometheus spec.
-pub fn content_type() -> String {
+pub(crate) fn content_type() -> String {
     TextEncoder::new().format_type().to_string()
 }
 

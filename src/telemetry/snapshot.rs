@@ -16,14 +16,14 @@ use crate::core::traffic::Traffic;
 
 /// Byte counters per mapping port and per tunnel client.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ByteTotals {
+pub(crate) struct ByteTotals {
     pub mappings: BTreeMap<u16, Traffic>,
     pub tunnel: BTreeMap<String, Traffic>,
 }
 
 /// One mapping's numbers as read from the registry.
 #[derive(Debug, Default, Clone, Serialize)]
-pub struct PortTraffic {
+pub(crate) struct PortTraffic {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub last_update: Option<f64>,
@@ -33,7 +33,7 @@ pub struct PortTraffic {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct TrafficSnapshot {
+pub(crate) struct TrafficSnapshot {
     pub mappings: BTreeMap<u16, PortTraffic>,
     /// Per tunnel client, by name.
     pub clients: BTreeMap<String, ClientTraffic>,
@@ -52,7 +52,7 @@ pub struct ClientTraffic {
 impl TrafficSnapshot {
     /// The tunnel as one: bytes summed over clients, the latest activity, connected
     /// while any client is, since the earliest session began.
-    pub fn tunnel(&self) -> ClientTraffic {
+    pub(crate) fn tunnel(&self) -> ClientTraffic {
         let mut sum = ClientTraffic::default();
         for c in self.clients.values() {
             sum.bytes_sent += c.bytes_sent;
@@ -110,7 +110,7 @@ fn timestamp(v: f64) -> Option<f64> {
 impl Metrics {
     /// Every mapping's byte counters and the tunnel's per client, read from the
     /// registry without gathering the other families.
-    pub fn byte_totals(&self) -> ByteTotals {
+    pub(crate) fn byte_totals(&self) -> ByteTotals {
         let mut totals = ByteTotals::default();
         each_series(&self.mapping_bytes, |m| {
             if let Some(port) = port(m) {
@@ -122,7 +122,7 @@ impl Metrics {
     }
 
     /// Traffic numbers read back from the registry.
-    pub fn traffic(&self) -> TrafficSnapshot {
+    pub(crate) fn traffic(&self) -> TrafficSnapshot {
         let ByteTotals { mappings: mapping_bytes, tunnel: tunnel_bytes } = self.byte_totals();
         let mut ports: BTreeMap<u16, PortTraffic> = mapping_bytes
             .into_iter()
@@ -154,7 +154,7 @@ impl Metrics {
     }
 
     /// Whether any client is authenticated (on a client: whether it is).
-    pub fn tunnel_connected(&self) -> bool {
+    pub(crate) fn tunnel_connected(&self) -> bool {
         let mut any = false;
         each_series(&self.tunnel_connected, |m| any |= m.get_gauge().value() == 1.0);
         any

@@ -19,7 +19,7 @@ const SILENT_INTERVALS: u32 = 3;
 
 /// How a control channel ended without a protocol error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// This side's token was cancelled (shutdown, replacement, removal).
     Cancelled,
     /// The peer closed the connection.
@@ -32,7 +32,7 @@ pub enum Ended {
 /// silent, or a frame fails. Each frame from the peer is handed to `on_message`;
 /// messages from `outgoing` (when given) are sent as they come; `on_tick` runs
 /// once per heartbeat interval, before this side's heartbeat goes out.
-pub async fn run<S, In, Out>(
+pub(crate) async fn run<S, In, Out>(
     stream: S,
     heartbeat: Duration,
     cancel: &CancellationToken,

@@ -29,18 +29,18 @@ use crate::net::transport::TunnelStream;
 use crate::telemetry::{Held, Meter};
 
 /// Chunk length that ends a direction (the half-close).
-pub const END: u32 = 0;
+pub(crate) const END: u32 = 0;
 /// Chunk length that aborts the exchange: the receiver resets its socket.
-pub const RESET: u32 = u32::MAX;
+pub(crate) const RESET: u32 = u32::MAX;
 /// Largest chunk; anything longer (other than [`RESET`]) is garbage.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 const HEADER: usize = 4;
 
 /// How long a failing side tries to tell the other one to reset.
 const RESET_NOTICE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     /// The target was not reached (the client's `connect_result`, or the channel
     /// failed before it arrived). Counted as a connect error by the server.
     #[error("{0}")]
@@ -64,7 +64,7 @@ fn channel_error(e: io::Error) -> ExchangeError {
 /// chunk (the server's side of an exchange). The visitor's first bytes travel
 /// ahead of that answer; they are counted as reaching the target only once it
 /// arrives, through the [`Held`] part of the upstream meter.
-pub enum Answer<'a> {
+pub(crate) enum Answer<'a> {
     Expected {
         reached_target: &'a Held,
         /// User bytes already sent as the first chunk, with the `connect`
@@ -79,7 +79,7 @@ pub enum Answer<'a> {
 /// TLS record) fewer per visitor, and the client finds the first chunk behind the
 /// request. Only bytes already queued are read (`FIONREAD` first), so a pending
 /// reset or EOF stays on the socket for the exchange to see, exactly as before.
-pub fn early_bytes(socket: &TcpStream) -> Vec<u8> {
+pub(crate) fn early_bytes(socket: &TcpStream) -> Vec<u8> {
     let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(MAX_CHUNK as u64) as usize;
     if queued == 0 {
         return Vec::new();
@@ -95,7 +95,7 @@ pub fn early_bytes(socket: &TcpStream) -> Vec<u8> {
 
 /// The server's opening of an exchange, for one write: the `connect` request
 /// and, when the visitor has already sent some, its first chunk.
-pub fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
+pub(crate) fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
     let mut wire = frame::encode_frame(connect);
     if !early.is_empty() {
         wire.reserve(HEADER + early.len());
@@ -115,7 +115,7 @@ pub fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
 /// byte either way for `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
 /// close) and the other end is sent a [`RESET`]. After a clean end the socket is
 /// disarmed, so its close delivers every byte.
-pub async fn relay(
+pub(crate) async fn relay(
     mut channel: TunnelStream,
     socket: &TcpStream,
     to_channel: &Meter,

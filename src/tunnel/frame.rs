@@ -19,13 +19,16 @@ pub const FRAME_HEADER: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("connection closed")]
+    /// The peer closed the connection (between frames or inside one).
     Closed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    /// A length prefix over [`MAX_FRAME`]: garbage, refused unread.
     FrameTooLarge(usize),
     /// Not JSON, or not a message that may come at this point of the protocol.
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error(transparent)]
+    /// The connection failed.
     Io(#[from] std::io::Error),
 }
 

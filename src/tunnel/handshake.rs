@@ -10,7 +10,7 @@ use super::message::{explain_rejection, Auth, Challenge, Opening, Verdict, PROTO
 
 /// An authenticated session as the server granted it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Welcome {
+pub(crate) struct Welcome {
     /// The token this session's data channels present.
     pub session: String,
     pub heartbeat_interval_secs: u64,
@@ -18,7 +18,7 @@ pub struct Welcome {
 
 /// Why the server did not let this client in.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     /// Refused before authentication: another protocol version, a bad name, a
     /// TLS/plain mismatch.
     #[error("server rejected the connection: {0}")]
@@ -32,7 +32,7 @@ pub enum HandshakeError {
 
 /// Runs the handshake as client `name` with `secret` on `stream`, whose TLS
 /// session (if any) yields `binding`.
-pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     name: &str,
     secret: &str,

@@ -29,13 +29,20 @@ pub enum Opening {
     /// (absent from clients older than named clients: `default`).
     #[serde(rename = "hello")]
     Control {
+        /// [`PROTOCOL_VERSION`] of the client.
         version: u32,
+        /// The client's name.
         #[serde(default = "default_client")]
         client: String,
     },
     /// Opens a data channel for the session whose token it presents.
     #[serde(rename = "data_hello")]
-    Data { version: u32, session: String },
+    Data {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The session token from [`Verdict::Welcome`].
+        session: String,
+    },
 }
 
 impl Opening {
@@ -56,10 +63,16 @@ fn default_client() -> String {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Challenge {
     /// Prove the secret: answer with HMAC over this nonce (hex).
-    Challenge { nonce: String },
+    Challenge {
+        /// Random, hex.
+        nonce: String,
+    },
     /// Refused before authentication (another protocol version, a bad name, a
     /// TLS/plain mismatch); the server closes.
-    Rejected { reason: String },
+    Rejected {
+        /// Why, in words for the client's log.
+        reason: String,
+    },
 }
 
 /// client → server: the answer to a [`Challenge`].
@@ -67,7 +80,10 @@ pub enum Challenge {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Auth {
     /// Hex HMAC-SHA256(secret, nonce ‖ binding).
-    Auth { mac: String },
+    Auth {
+        /// The answer, hex.
+        mac: String,
+    },
 }
 
 /// server → client: the outcome of [`Auth`].
@@ -75,9 +91,17 @@ pub enum Auth {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Verdict {
     /// Authenticated. Data channels present `session`.
-    Welcome { session: String, heartbeat_interval_secs: u64 },
+    Welcome {
+        /// The token this session's data channels present.
+        session: String,
+        /// How often each side sends a heartbeat.
+        heartbeat_interval_secs: u64,
+    },
     /// Refused; the server closes.
-    Rejected { reason: String },
+    Rejected {
+        /// Why, in words for the client's log.
+        reason: String,
+    },
 }
 
 /// server → client on an authenticated control channel.
@@ -117,7 +141,12 @@ impl Heartbeat for ToServer {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Connect {
     /// The target, as the mapping names it (resolved in the client's network).
-    Connect { host: String, port: u16 },
+    Connect {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
 /// client → server on that data channel; raw chunks follow when the target answered.
@@ -125,7 +154,10 @@ pub enum Connect {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ConnectResult {
     /// `error` is `None` when the target answered.
-    ConnectResult { error: Option<String> },
+    ConnectResult {
+        /// Why the target could not be reached, if it could not.
+        error: Option<String>,
+    },
 }
 
 /// What the server answers a peer speaking another protocol version.

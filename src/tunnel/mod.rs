@@ -6,8 +6,8 @@
 //! May import `core`, `config`, `telemetry` and `net`.
 
 pub mod auth;
-pub mod control;
-pub mod exchange;
+pub(crate) mod control;
+pub(crate) mod exchange;
 pub mod frame;
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod message;

@@ -4,7 +4,6 @@ use serde::{Deserialize, Serialize};
 
 use super::fields;
 use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
-pub use crate::server::mappings::MappingStatus;
 use crate::server::mappings::{MappingView, NewMapping};
 
 /// `POST /api/mapping/create`. Besides where to forward, it may carry the
@@ -149,7 +148,7 @@ impl From<MappingView> for Mapping {
             deny: policy.deny,
             quota_used,
             quota_blocked,
-            status,
+            status: status.into(),
         }
     }
 }
@@ -168,6 +167,66 @@ pub struct MappingList {
 pub struct MappingRemoved {
     /// The port that is free again.
     pub port: u16,
+}
+
+/// Whether a mapping is serving, on the wire: `"active"`,
+/// `"waiting_for_tunnel"`, or `"error: <why>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MappingStatus {
+    /// Listening, and (tunneled) its client is connected.
+    Active,
+    /// Listening, but the client that reaches the target is not connected.
+    WaitingForTunnel,
+    /// The port cannot be bound (retried in the background); why.
+    Error(String),
+}
+
+impl From<crate::server::mappings::MappingStatus> for MappingStatus {
+    fn from(status: crate::server::mappings::MappingStatus) -> MappingStatus {
+        use crate::server::mappings::MappingStatus as Server;
+        match status {
+            Server::Active => MappingStatus::Active,
+            Server::WaitingForTunnel => MappingStatus::WaitingForTunnel,
+            Server::Error(why) => MappingStatus::Error(why),
+        }
+    }
+}
+
+impl std::fmt::Display for MappingStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            MappingStatus::Active => f.write_str("active"),
+            MappingStatus::WaitingForTunnel => f.write_str("waiting_for_tunnel"),
+            MappingStatus::Error(why) => write!(f, "error: {why}"),
+        }
+    }
+}
+
+impl std::str::FromStr for MappingStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<MappingStatus, String> {
+        match text {
+            "active" => Ok(MappingStatus::Active),
+            "waiting_for_tunnel" => Ok(MappingStatus::WaitingForTunnel),
+            _ => match text.strip_prefix("error: ") {
+                Some(why) => Ok(MappingStatus::Error(why.to_string())),
+                None => Err(format!("unknown mapping status {text:?}")),
+            },
+        }
+    }
+}
+
+impl Serialize for MappingStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MappingStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MappingStatus, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[cfg(test)]

@@ -18,5 +18,4 @@ mod defences;
 mod registry;
 mod session;
 
-pub use registry::{ClientStatus, HubSettings, OpenError, Presence, TunnelHub};
-pub use session::Lease;
+pub(crate) use registry::{HubSettings, Presence, TunnelHub};

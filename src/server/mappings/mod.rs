@@ -14,7 +14,7 @@ mod target;
 mod view;
 mod visitor;
 
-pub use context::Settings;
-pub use error::MappingError;
-pub use registry::{Mappings, NewMapping};
-pub use view::{MappingStatus, MappingView};
+pub(crate) use context::Settings;
+pub(crate) use error::MappingError;
+pub(crate) use registry::{Mappings, NewMapping};
+pub(crate) use view::{MappingStatus, MappingView};

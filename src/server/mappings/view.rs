@@ -1,7 +1,5 @@
 //! A mapping as the server shows it: where it forwards, its policy, its quota
-//! use, and whether it is serving. The API turns it into its wire type.
-
-use serde::{Deserialize, Serialize};
+//! use, and whether it is serving. The API turns it into its wire types.
 
 use crate::policy::Policy;
 use crate::store::MappingSpec;
@@ -21,8 +19,8 @@ pub struct MappingView {
     pub status: MappingStatus,
 }
 
-/// Whether a mapping is serving, as the API shows it: `"active"`,
-/// `"waiting_for_tunnel"`, or `"error: <why>"`.
+/// Whether a mapping is serving (the API's wire form is
+/// `api::contract::MappingStatus`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MappingStatus {
     /// Listening, and (tunneled) its client is connected.
@@ -31,41 +29,4 @@ pub enum MappingStatus {
     WaitingForTunnel,
     /// The port cannot be bound (retried in the background); why.
     Error(String),
-}
-
-impl std::fmt::Display for MappingStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match self {
-            MappingStatus::Active => f.write_str("active"),
-            MappingStatus::WaitingForTunnel => f.write_str("waiting_for_tunnel"),
-            MappingStatus::Error(why) => write!(f, "error: {why}"),
-        }
-    }
-}
-
-impl std::str::FromStr for MappingStatus {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<MappingStatus, String> {
-        match text {
-            "active" => Ok(MappingStatus::Active),
-            "waiting_for_tunnel" => Ok(MappingStatus::WaitingForTunnel),
-            _ => match text.strip_prefix("error: ") {
-                Some(why) => Ok(MappingStatus::Error(why.to_string())),
-                None => Err(format!("unknown mapping status {text:?}")),
-            },
-        }
-    }
-}
-
-impl Serialize for MappingStatus {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MappingStatus {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MappingStatus, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
 }
