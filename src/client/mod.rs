@@ -8,6 +8,9 @@
 //! `client.tls = false`. Data channels are reused: after a clean exchange a channel
 //! waits for the next `connect`, so a steady stream of visitors costs no new TCP
 //! or TLS handshakes.
+//!
+//! May import every layer below the roles: `core`, `config`, `systemd`,
+//! `telemetry`, `net` and `tunnel` (never `server` or `api`).
 
 mod backoff;
 mod dialer;

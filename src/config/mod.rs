@@ -3,6 +3,8 @@
 //! Everything is validated here, before the daemon binds a single socket, so a typo
 //! in a unit file or an env var fails the start with the key and where it came from
 //! instead of half-starting.
+//!
+//! May import `core` only: every other layer reads its settings from here.
 
 use std::path::Path;
 

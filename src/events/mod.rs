@@ -7,6 +7,8 @@
 //! event); webhook deliveries run on their own task, in order, with retries and
 //! backoff, fed through a bounded queue that drops (and counts) rather than ever
 //! making anyone wait.
+//!
+//! May import `core`, `telemetry` and `store`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,6 +6,8 @@
 //! (ACL and quota block, under a short read lock), and once per chunk through
 //! the mapping's [`Limiter`](crate::core::rate::Limiter)s, which cost one relaxed atomic load when no cap is
 //! set.
+//!
+//! May import `core` and `telemetry` (the meters a cap paces).
 
 mod acl;
 mod live;

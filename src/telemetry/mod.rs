@@ -7,6 +7,8 @@
 //!
 //! `families` is the schema (each family's name, HELP and labels, defined once),
 //! `snapshot` the read-back, `meter` the data path's side.
+//!
+//! May import `core` only, so every layer above can count.
 
 use prometheus::{Encoder, Gauge, IntCounter, IntGauge, TextEncoder};
 

@@ -100,6 +100,8 @@ pub(super) async fn run_mapping(
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
             continue;
         };
+        // Admitted: the socket options every forwarded connection gets.
+        socket::tune(&visitor);
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();

@@ -26,7 +26,6 @@ pub(super) async fn serve_visitor(
 ) {
     let port = spec.source_port;
     let _active = metrics.visitor_accepted();
-    socket::tune(&visitor);
     let result = if spec.use_tunnel {
         tunneled(ctx, spec, policy, metrics, &visitor).await
     } else {
