@@ -154,6 +154,33 @@ fn allow_and_deny_lists_are_checked_at_accept_for_ipv4_and_ipv6() {
     assert_eq!(accepted(&server, port), 5.0);
 }
 
+/// Issue 18 item 4: `::ffff:127.0.0.1` was kept as an IPv6 /128 that no visitor
+/// (compared in canonical IPv4 form) ever matched, so as a deny entry it failed open.
+#[test]
+fn an_ipv4_mapped_deny_entry_refuses_its_ipv4_visitor() {
+    let server = Daemon::server_env("policy-secret-123456", &[], &[("TUNNELD_SERVER__BIND_ADDR", "::")]);
+    let echo = echo_server();
+    let port = free_port();
+    let (status, json) = post(
+        &server,
+        "/api/mapping/create",
+        json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo.port(), "deny": ["::ffff:127.0.0.5", "::ffff:127.0.0.0/120"]}),
+    );
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["data"]["deny"], json!(["127.0.0.5/32", "127.0.0.0/24"]), "mapped blocks are listed as the IPv4 blocks they stand for");
+
+    assert_eq!(visit_from(IpAddr::from([127, 0, 0, 5]), port, b"five"), Vec::<u8>::new(), "a mapped deny entry must not fail open");
+    assert_eq!(refused(&server, port, "acl"), 1.0);
+
+    // As an allow entry it admits the visitor it names, and only it.
+    let (status, json) = post(&server, "/api/mapping/update", json!({"port": port, "deny": null, "allow": ["::ffff:127.0.0.6"]}));
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(listed_mapping(&server, port).unwrap()["allow"], json!(["127.0.0.6/32"]));
+    assert_eq!(visit_from(IpAddr::from([127, 0, 0, 6]), port, b"six"), b"six");
+    assert_eq!(visit_from(IpAddr::from([127, 0, 0, 7]), port, b"seven"), Vec::<u8>::new());
+    assert_eq!(refused(&server, port, "acl"), 2.0);
+}
+
 /// A target that reads and discards everything, adding what it read to `received`.
 fn sink(received: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -123,8 +123,12 @@ pub(crate) struct ServerArgs {
     pub(crate) tunnel_listen: Option<String>,
     #[arg(long, value_name = "DIR")]
     pub(crate) state_dir: Option<String>,
+    /// Visible to every user in `ps`: prefer --secret-file or TUNNELD_SERVER__SECRET.
     #[arg(long)]
     pub(crate) secret: Option<String>,
+    /// A file whose first line is the shared secret.
+    #[arg(long, value_name = "FILE", conflicts_with = "secret")]
+    pub(crate) secret_file: Option<String>,
     #[arg(long, value_name = "TOKEN")]
     pub(crate) api_token: Option<String>,
 }
@@ -139,8 +143,12 @@ pub(crate) struct ClientArgs {
     /// This client's name on the server (default: `default`).
     #[arg(long, value_name = "NAME")]
     pub(crate) name: Option<String>,
+    /// Visible to every user in `ps`: prefer --secret-file or TUNNELD_CLIENT__SECRET.
     #[arg(long)]
     pub(crate) secret: Option<String>,
+    /// A file whose first line is this client's secret.
+    #[arg(long, value_name = "FILE", conflicts_with = "secret")]
+    pub(crate) secret_file: Option<String>,
     /// The server certificate's fingerprint to pin (`tunneld fingerprint` on the server).
     #[arg(long, value_name = "sha256:HEX")]
     pub(crate) fingerprint: Option<String>,
@@ -155,6 +163,7 @@ impl ServerArgs {
             ("server.tunnel_listen", &self.tunnel_listen),
             ("server.state_dir", &self.state_dir),
             ("server.secret", &self.secret),
+            ("server.secret_file", &self.secret_file),
             ("api.token", &self.api_token),
         ])
     }
@@ -166,6 +175,7 @@ impl ClientArgs {
             ("client.server", &self.server),
             ("client.name", &self.name),
             ("client.secret", &self.secret),
+            ("client.secret_file", &self.secret_file),
             ("client.server_fingerprint", &self.fingerprint),
             ("client.metrics_listen", &self.metrics_listen),
         ])

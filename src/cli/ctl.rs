@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Context};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Serialize;
 
+use super::untrusted::{make_printable, printable_message, read_bounded, read_prefix, MAX_ANSWER_BYTES, MAX_ERROR_BYTES};
 use crate::api::contract::{
     ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingList, MappingRemoved,
     RemoveClient, RemoveMapping, TrafficReport,
@@ -83,14 +84,24 @@ impl Api {
     fn call<T: DeserializeOwned>(&self, result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<T> {
         match result {
             Ok(response) => {
-                let envelope: Envelope<T> = response.into_json().context("cannot read the API's answer")?;
+                let body = read_bounded(response.into_reader(), MAX_ANSWER_BYTES)
+                    .context("cannot read the API's answer")?
+                    .ok_or_else(|| anyhow!("the API's answer is larger than {} MiB; not reading it", MAX_ANSWER_BYTES >> 20))?;
+                let mut answer: serde_json::Value = serde_json::from_slice(&body).context("the API's answer is not JSON")?;
+                make_printable(&mut answer);
+                let envelope: Envelope<T> = serde_json::from_value(answer).context("cannot read the API's answer")?;
                 envelope.data.ok_or_else(|| anyhow!("the API answered without data: {}", envelope.message))
             }
             Err(ureq::Error::Status(status, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Envelope<IgnoredAny>>(&text)
-                    .map(|envelope| envelope.message)
-                    .unwrap_or_else(|_| text.trim().to_string());
+                let reason = printable_message(response.status_text());
+                // A body cut short is no envelope, but its start still says something.
+                let body = read_prefix(response.into_reader(), MAX_ERROR_BYTES).unwrap_or_default();
+                let text = String::from_utf8_lossy(&body);
+                let message = match serde_json::from_str::<Envelope<IgnoredAny>>(&text) {
+                    Ok(envelope) => printable_message(&envelope.message),
+                    Err(_) => printable_message(&text),
+                };
+                let message = if message.is_empty() { format!("the API refused without a message: {status} {reason}") } else { message };
                 Err(ApiRefused { status, message }.into())
             }
             Err(ureq::Error::Transport(e)) => Err(anyhow::anyhow!("cannot reach the API at {}: {e}", self.base)),

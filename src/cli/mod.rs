@@ -7,11 +7,12 @@ mod args;
 mod ctl;
 mod daemon;
 mod top;
+mod untrusted;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{self, Role};
 use crate::systemd;
@@ -20,6 +21,11 @@ use args::{Cli, ClientCommand, Command, CtlArgs, CtlCommand};
 /// `tunneld`'s `main`: parses the command line and runs what it asks for.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let secret_on_command_line = match &cli.command {
+        Command::Server(args) => args.secret.is_some(),
+        Command::Client(args) => args.secret.is_some(),
+        _ => false,
+    };
     let (role, file, overrides) = match cli.command {
         Command::Version => {
             println!("tunneld {}", env!("CARGO_PKG_VERSION"));
@@ -51,6 +57,9 @@ pub fn main() -> ExitCode {
         }
     };
     let log = systemd::init_logging(&config.log.level);
+    if secret_on_command_line {
+        warn!("the secret was given with --secret: every user of this host can read it in `ps` and /proc; use --secret-file FILE or the TUNNELD_SERVER__SECRET / TUNNELD_CLIENT__SECRET environment variable");
+    }
     if let Some((before, after)) = crate::net::socket::raise_descriptor_limit() {
         info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit");
     }

@@ -90,7 +90,8 @@ pub fn load_for_reload(file: Option<&Path>, overrides: &[Override], role: Role) 
 
 /// Loads, merges and validates the configuration for `role`.
 pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
-    let config = merge(file, overrides, role)?;
+    let mut config = merge(file, overrides, role)?;
+    config.read_secret_files()?;
     config.validate(role)?;
     Ok(config)
 }

@@ -48,6 +48,10 @@ pub struct ServerConfig {
     /// Shared secret for the HMAC handshake; empty means "generate one and keep it
     /// in the state dir".
     pub secret: Secret,
+    /// A file holding `secret` (its first line), so that the secret is in neither
+    /// this world-readable file nor a command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     /// SQLite and the generated secret live here. Unset: `$STATE_DIRECTORY` under
     /// systemd, else `./data`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +92,7 @@ impl Default for ServerConfig {
         ServerConfig {
             tunnel_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9000)),
             secret: Secret::default(),
+            secret_file: None,
             state_dir: None,
             bind_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             heartbeat_interval_secs: 10,
@@ -143,6 +148,10 @@ pub struct ClientConfig {
     pub name: String,
     /// This client's secret (`server.secret` for `default`, else what `/api/client/create` returned).
     pub secret: Secret,
+    /// A file holding `secret` (its first line): unlike `--secret`, it does not
+    /// show in every user's `ps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     /// The client's own `/metrics`; off when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
@@ -175,6 +184,7 @@ impl Default for ClientConfig {
             server: String::new(),
             name: DEFAULT_CLIENT.to_string(),
             secret: Secret::default(),
+            secret_file: None,
             metrics_listen: None,
             pool_size: 4,
             connect_timeout_secs: 10,

@@ -165,6 +165,13 @@ impl Config {
         changed
     }
 
+    /// Fills `server.secret` and `client.secret` from their `secret_file`s. Both
+    /// a secret and its file set is refused: which one wins would be a guess.
+    pub(crate) fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        read_secret_file(&mut self.server.secret, self.server.secret_file.as_deref(), "server.secret_file")?;
+        read_secret_file(&mut self.client.secret, self.client.secret_file.as_deref(), "client.secret_file")
+    }
+
     /// The effective configuration as TOML with secrets masked, for `check-config`.
     pub fn to_masked_toml(&self, role: Role) -> String {
         fn mask(secret: &str, empty: &str) -> String {
@@ -178,6 +185,9 @@ impl Config {
         shown.server.secret = Secret::new(mask(shown.server.secret.expose(), "(generated on first start, stored in the state dir)"));
         shown.api.token = Secret::new(mask(shown.api.token.expose(), ""));
         shown.client.secret = Secret::new(mask(shown.client.secret.expose(), ""));
+        if !shown.alerts.webhook_url.is_empty() {
+            shown.alerts.webhook_url = crate::core::secret::redacted_url(&shown.alerts.webhook_url);
+        }
         // Show where state really goes, not just whether it was configured.
         shown.server.state_dir = Some(state_dir(&self.server));
         let value = match role {
@@ -207,4 +217,24 @@ struct ServerView<'a> {
 struct ClientView<'a> {
     client: &'a ClientConfig,
     log: &'a LogConfig,
+}
+
+/// The first line of `file` into `secret` (a trailing newline, as `echo` or an
+/// editor leaves it, is not part of the secret).
+fn read_secret_file(secret: &mut Secret, file: Option<&std::path::Path>, key: &'static str) -> Result<(), ConfigError> {
+    let Some(file) = file else { return Ok(()) };
+    let secret_key = key.trim_end_matches("_file");
+    if !secret.is_empty() {
+        return Err(ConfigError::Invalid { key, reason: format!("set either `{secret_key}` or `{key}`, not both") });
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid { key, reason: format!("cannot read {}: {e}", file.display()) })?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(ConfigError::Invalid { key, reason: format!("{} is empty (the secret is its first line)", file.display()) });
+    }
+    if text.lines().skip(1).any(|l| !l.trim().is_empty()) {
+        return Err(ConfigError::Invalid { key, reason: format!("{} has more than one line (the secret is its only line)", file.display()) });
+    }
+    *secret = Secret::new(line);
+    Ok(())
 }

@@ -61,9 +61,36 @@ pub fn tokens_equal(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
+/// `url` with its credentials hidden, for logs and `check-config`: scheme, host
+/// and port stay (they say where deliveries go), while user info, path and query
+/// are masked, since webhook receivers carry their keys in any of the three
+/// (`user:password@`, Slack-style `/services/T0/B0/KEY`, `?key=`).
+pub fn redacted_url(url: &str) -> String {
+    const MASK: &str = "********";
+    let Some((scheme, rest)) = url.split_once("://") else { return MASK.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{MASK}@{host}"),
+        None => authority.to_string(),
+    };
+    let tail = if tail.is_empty() || tail == "/" { tail.to_string() } else { format!("/{MASK}") };
+    format!("{scheme}://{host}{tail}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_keep_where_they_go_and_hide_their_keys() {
+        assert_eq!(redacted_url("http://hooks.example:8080/"), "http://hooks.example:8080/");
+        assert_eq!(redacted_url("http://hooks.example"), "http://hooks.example");
+        assert_eq!(redacted_url("http://alice:pw@hooks.example/in?key=k1"), "http://********@hooks.example/********");
+        assert_eq!(redacted_url("http://hooks.example?key=k1"), "http://hooks.example/********");
+        assert_eq!(redacted_url("http://a@b@hooks.example/services/T0/B0/KEY"), "http://********@hooks.example/********");
+        assert_eq!(redacted_url("not a url"), "********");
+    }
 
     #[test]
     fn debug_never_shows_the_value() {

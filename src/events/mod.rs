@@ -74,7 +74,7 @@ async fn deliver(url: String, mut queue: mpsc::Receiver<Event>, metrics: Arc<Met
         let mut delay = FIRST_RETRY;
         for attempt in 1..=WEBHOOK_ATTEMPTS {
             let (agent, url, body) = (agent.clone(), url.clone(), serde_json::to_value(&event).unwrap_or_default());
-            let sent = tokio::task::spawn_blocking(move || agent.post(&url).send_json(body).map(|_| ()).map_err(|e| e.to_string())).await;
+            let sent = tokio::task::spawn_blocking(move || agent.post(&url).send_json(body).map(|_| ()).map_err(delivery_error)).await;
             let error = match sent {
                 Ok(Ok(())) => break,
                 Ok(Err(e)) => e,
@@ -91,6 +91,24 @@ async fn deliver(url: String, mut queue: mpsc::Receiver<Event>, metrics: Arc<Met
                 _ = tokio::time::sleep(delay) => {}
             }
             delay *= 2;
+        }
+    }
+}
+
+/// What went wrong, without the URL: ureq's own message starts with it, and the
+/// URL may carry the receiver's key.
+fn delivery_error(error: ureq::Error) -> String {
+    match error {
+        ureq::Error::Status(status, _) => format!("the receiver answered HTTP {status}"),
+        ureq::Error::Transport(transport) => {
+            let mut text = transport.kind().to_string();
+            if let Some(message) = transport.message() {
+                text = format!("{text}: {message}");
+            }
+            if let Some(source) = std::error::Error::source(&transport) {
+                text = format!("{text}: {source}");
+            }
+            text
         }
     }
 }

@@ -30,13 +30,27 @@ impl Cidr {
             Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => IpNet::new(addr, p.parse().ok()?).ok()?,
             Some(_) => return None,
         };
-        Some(Cidr(net.trunc()))
+        Some(Cidr(canonical(net).trunc()))
     }
 
     /// Whether `ip` is in the block; an IPv4-mapped IPv6 address counts as the
     /// IPv4 address it carries, any other address of the other family never is.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(&ip.to_canonical())
+    }
+}
+
+/// An IPv4-mapped block (`::ffff:127.0.0.1`, `::ffff:10.0.0.0/104`) as the IPv4
+/// block it stands for. Visitors are compared in their canonical form, so a
+/// mapped block kept as IPv6 would never match anyone: a deny entry would fail
+/// open. Blocks wider than the mapped range (`::/64`) stay IPv6.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -78,6 +92,13 @@ mod tests {
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
         assert_eq!(Cidr::parse("::1").unwrap().to_string(), "::1/128");
+        let mapped = Cidr::parse("::ffff:127.0.0.1").unwrap();
+        assert_eq!(mapped.to_string(), "127.0.0.1/32");
+        assert!(mapped.contains("127.0.0.1".parse().unwrap()));
+        assert!(mapped.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert_eq!(Cidr::parse("::ffff:10.9.0.0/104").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(Cidr::parse("::ffff:0:0/96").unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(Cidr::parse("::/64").unwrap().to_string(), "::/64");
         for bad in ["10.0.0.0/33", "10.0.0/8", "10.0.0.0/", "10.0.0.0/+8", "::/129", "example.com", "", "010.0.0.0/8", "10.0.0.0/8 "] {
             assert!(Cidr::parse(bad).is_none(), "{bad}");
         }

@@ -151,20 +151,22 @@ impl Server {
 /// start-up line that tells the operator exactly how to start a client.
 fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
     let host = if tunnel.ip().is_unspecified() { this_host() } else { tunnel.ip().to_string() };
+    // The secret goes in a file on the client's host (never on its command line,
+    // where `ps` shows it): say which secret belongs there.
     let secret_ref = if config.server.secret.is_empty() {
-        format!("\"$(cat {})\"", state_dir.join("secret").display())
+        format!("FILE (FILE: a copy of {})", state_dir.join("secret").display())
     } else {
-        "<server.secret>".to_string()
+        "FILE (FILE: holding server.secret)".to_string()
     };
     if !config.server.tls {
         warn!("server.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");
-        let command = format!("tunneld client --server {host}:{} --secret {secret_ref} (with client.tls = false)", tunnel.port());
+        let command = format!("tunneld client --server {host}:{} --secret-file {secret_ref}, with client.tls = false", tunnel.port());
         info!(client_command = %command, "start a client with");
         return Ok(None);
     }
     let identity = crate::net::tls::load_or_generate(&config.server, state_dir)?;
     let fingerprint = identity.fingerprint();
-    let command = format!("tunneld client --server {host}:{} --fingerprint {fingerprint} --secret {secret_ref}", tunnel.port());
+    let command = format!("tunneld client --server {host}:{} --fingerprint {fingerprint} --secret-file {secret_ref}", tunnel.port());
     info!(%fingerprint, cert = %identity.cert_path.display(), "tunnel TLS certificate");
     info!(client_command = %command, "start a client with");
     Ok(Some(crate::net::tls::acceptor(identity)?))
