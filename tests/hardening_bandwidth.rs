@@ -93,6 +93,14 @@ fn short_sequential_downloads_are_held_to_the_cap() {
         download(port, SHORT);
     }
     assert_held_to_the_cap("8 sequential downloads", 8 * SHORT, start.elapsed());
+    // Paced in pieces, still counted to the byte.
+    let expected = 8 * SHORT as u64;
+    let counted = wait_for("the downloads counted", Duration::from_secs(10), || {
+        let entry = traffic_entry(&server, port)?;
+        let counted = entry["bytes_sent"].as_u64()? + entry["bytes_received"].as_u64()?;
+        (counted >= expected && entry["active_connections"] == 0).then_some(counted)
+    });
+    assert_eq!(counted, expected, "bytes counted for {expected} B of downloads");
 }
 
 /// Parallel short downloads through the tunnel (the server's side of the
