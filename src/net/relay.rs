@@ -15,7 +15,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -133,6 +133,10 @@ pub(crate) fn disarm(stream: &TcpStream) {
 }
 
 /// One direction of [`relay`]: `src → dst` until EOF, then half-close `dst`.
+///
+/// Each read takes no more than `meter`'s cap allows at that moment (asked
+/// before reading, see [`Meter::allowance`]), so the cap holds from a
+/// connection's first byte; uncapped, a read takes up to [`CHUNK`].
 pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
@@ -141,8 +145,11 @@ pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activi
         // the socket runs dry. `try_read_buf` fills spare capacity without zeroing.
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
+            let allowed = meter.allowance(CHUNK).await;
             buf.clear();
-            match src.try_read_buf(&mut buf) {
+            let read = src.try_read_buf(&mut (&mut buf).limit(allowed));
+            meter.unused(allowed - read.as_ref().map_or(0, |n| *n));
+            match read {
                 Ok(0) => {
                     // Half-close: the peer may still be sending the other way.
                     // ENOTCONN here only means the other side is already gone.
@@ -152,9 +159,9 @@ pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activi
                 Ok(n) => {
                     activity.touch();
                     write_all(dst, &buf[..n], activity).await?;
-                    meter.counted(n as u64).await;
+                    meter.record(n as u64);
                     total += n as u64;
-                    if n < buf.capacity() {
+                    if n < allowed {
                         // Short read: the socket is probably drained; let readiness
                         // tell us rather than paying for a WouldBlock syscall.
                         break;
@@ -165,6 +172,19 @@ pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activi
             }
         }
     }
+}
+
+/// Writes all of `data` to `dst` as `meter`'s cap allows, asking before each
+/// piece, and counts each piece once written: for bytes already in hand (a
+/// chunk off the tunnel) that must not go out ahead of the cap.
+pub(crate) async fn forward(dst: &TcpStream, mut data: &[u8], meter: &Meter, activity: &Activity) -> io::Result<()> {
+    while !data.is_empty() {
+        let allowed = meter.allowance(data.len()).await;
+        write_all(dst, &data[..allowed], activity).await?;
+        meter.record(allowed as u64);
+        data = &data[allowed..];
+    }
+    Ok(())
 }
 
 pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity) -> io::Result<()> {

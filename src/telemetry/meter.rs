@@ -66,14 +66,39 @@ impl Meter {
         self
     }
 
-    /// Counts `n` bytes that were forwarded, then waits as long as the cap asks
-    /// before the copy moves more. Every copy loop calls this once per chunk, so
-    /// every forwarding path is capped the same way.
+    /// How many bytes (at most `want`) this direction may move now: waits for
+    /// the cap's turn, if there is a cap. Every copy loop asks before it reads
+    /// (or writes) a chunk and moves no more than this, so every forwarding
+    /// path is capped the same way and nothing goes out ahead of the cap. What
+    /// is not moved goes back with [`Meter::unused`]; what is, is counted with
+    /// [`Meter::record`]. Without a cap this is `want` at once.
     #[inline]
-    pub async fn counted(&self, n: u64) {
-        self.record(n);
-        if let Some(limiter) = &self.limiter {
-            limiter.pace(n).await;
+    pub async fn allowance(&self, want: usize) -> usize {
+        match &self.limiter {
+            Some(limiter) => limiter.grant(want).await,
+            None => want,
+        }
+    }
+
+    /// [`Meter::allowance`] without waiting: what the cap lets through right
+    /// now (possibly 0), for bytes sent on ahead of an answer.
+    pub fn allowance_now(&self, want: usize) -> usize {
+        match &self.limiter {
+            Some(limiter) => limiter.grant_now(want),
+            None => want,
+        }
+    }
+
+    /// Whether a cap paces this direction now.
+    pub fn capped(&self) -> bool {
+        self.limiter.as_ref().is_some_and(|limiter| limiter.rate() > 0)
+    }
+
+    /// Gives back `n` bytes of an allowance that were not moved.
+    #[inline]
+    pub fn unused(&self, n: usize) {
+        if let Some(limiter) = self.limiter.as_ref().filter(|_| n > 0) {
+            limiter.refund(n);
         }
     }
 

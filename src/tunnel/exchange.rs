@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::frame;
 use super::message::{Connect, ConnectResult};
-use crate::net::relay::{self, write_all, Activity};
+use crate::net::relay::{self, Activity};
 use crate::net::transport::TunnelStream;
 use crate::telemetry::{Held, Meter};
 
@@ -74,13 +74,14 @@ pub(crate) enum Answer<'a> {
     None,
 }
 
-/// What the visitor has already sent, taken without waiting (at most one chunk),
-/// so that it travels in the same write as the `connect` request: one write (one
+/// What the visitor has already sent, taken without waiting (at most `max`
+/// bytes, and never more than one chunk: what the mapping's cap lets through
+/// at once, see `Meter::allowance_now`), so that it travels in the same write as the `connect` request: one write (one
 /// TLS record) fewer per visitor, and the client finds the first chunk behind the
 /// request. Only bytes already queued are read (`FIONREAD` first), so a pending
 /// reset or EOF stays on the socket for the exchange to see, exactly as before.
-pub(crate) fn early_bytes(socket: &TcpStream) -> Vec<u8> {
-    let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(MAX_CHUNK as u64) as usize;
+pub(crate) fn early_bytes(socket: &TcpStream, max: usize) -> Vec<u8> {
+    let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(max.min(MAX_CHUNK) as u64) as usize;
     if queued == 0 {
         return Vec::new();
     }
@@ -216,7 +217,8 @@ async fn upstream<W: AsyncWrite + Unpin>(
     sent_ahead: u64,
 ) -> Result<u64, ExchangeError> {
     if sent_ahead > 0 {
-        meter.counted(sent_ahead).await;
+        // Already paced: the opening took no more than the cap allowed.
+        meter.record(sent_ahead);
     }
     let mut total = sent_ahead;
     loop {
@@ -228,9 +230,13 @@ async fn upstream<W: AsyncWrite + Unpin>(
         // front of the payload so each chunk is one write.
         let mut buf = BytesMut::with_capacity(HEADER + MAX_CHUNK);
         loop {
+            // Asked before reading, so nothing goes out ahead of the cap.
+            let allowed = meter.allowance(MAX_CHUNK).await;
             buf.clear();
             buf.put_u32(0);
-            match socket.try_read_buf(&mut (&mut buf).limit(MAX_CHUNK)) {
+            let read = socket.try_read_buf(&mut (&mut buf).limit(allowed));
+            meter.unused(allowed - read.as_ref().map_or(0, |n| *n));
+            match read {
                 Ok(0) => {
                     channel.write_all(&END.to_be_bytes()).await.map_err(channel_error)?;
                     channel.flush().await.map_err(channel_error)?;
@@ -240,10 +246,14 @@ async fn upstream<W: AsyncWrite + Unpin>(
                     activity.touch();
                     buf[..HEADER].copy_from_slice(&(n as u32).to_be_bytes());
                     channel.write_all(&buf).await.map_err(channel_error)?;
-                    meter.counted(n as u64).await;
+                    meter.record(n as u64);
                     total += n as u64;
-                    if n < MAX_CHUNK {
+                    if n < allowed {
                         break;
+                    }
+                    if meter.capped() {
+                        // The next turn may be a while: this chunk goes now.
+                        channel.flush().await.map_err(channel_error)?;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -298,8 +308,9 @@ async fn downstream<R: AsyncRead + Unpin>(
                         }
                     }
                     let payload = filled.min(left);
-                    write_all(socket, &buf[..payload], activity).await.map_err(ExchangeError::Socket)?;
-                    meter.counted(payload as u64).await;
+                    // Paced piece by piece: a chunk off the channel does not
+                    // go out ahead of the cap either.
+                    relay::forward(socket, &buf[..payload], meter, activity).await.map_err(ExchangeError::Socket)?;
                     total += payload as u64;
                     left -= payload;
                     // What came past the payload is the start of the next header.

@@ -257,9 +257,17 @@ impl TunnelHub {
     /// Gets a data channel through `client` — a pooled one if one is idle, else
     /// one requested now — and sends it the `connect` request for `host:port`,
     /// with what `visitor` has already sent as the first chunk in the same write
-    /// (returned: how many user bytes went with it). The client's answer is read
-    /// by the caller, so the visitor's bytes travel ahead of it.
-    pub async fn open(&self, client: &str, host: &str, port: u16, visitor: &TcpStream) -> Result<(TunnelStream, Lease, usize), OpenError> {
+    /// (at most `early_max` bytes; returned: how many user bytes went with it).
+    /// The client's answer is read by the caller, so the visitor's bytes travel
+    /// ahead of it.
+    pub async fn open(
+        &self,
+        client: &str,
+        host: &str,
+        port: u16,
+        visitor: &TcpStream,
+        early_max: usize,
+    ) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Connect::Connect { host: host.to_string(), port };
         let mut opening: Option<(Vec<u8>, usize)> = None;
@@ -277,7 +285,7 @@ impl TunnelHub {
             // Read once a channel is at hand (the visitor had longest to send),
             // and kept for the next channel should this one turn out stale.
             let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = exchange::early_bytes(visitor);
+                let early = exchange::early_bytes(visitor, early_max);
                 (exchange::opening(&connect, &early), early.len())
             });
             let sent = async {

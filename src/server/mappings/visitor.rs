@@ -86,10 +86,17 @@ async fn tunneled(
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
     let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
-    let (channel, lease, sent_ahead) =
-        ctx.hub.open(client, &spec.target_host, spec.target_port, visitor).await.map_err(|e| VisitorError::Target(e.to_string()))?;
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     let (up, down) = policy.capped(metrics.meters());
+    // What the visitor sent travels with the request only as far as the cap
+    // allows at once; the rest follows, paced, in the exchange.
+    let early_max = up.allowance_now(exchange::MAX_CHUNK);
+    let opened = ctx.hub.open(client, &spec.target_host, spec.target_port, visitor, early_max).await;
+    let (channel, lease, sent_ahead) = opened.map_err(|e| {
+        up.unused(early_max);
+        VisitorError::Target(e.to_string())
+    })?;
+    up.unused(early_max - sent_ahead);
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
