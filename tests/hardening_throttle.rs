@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -43,8 +43,7 @@ async fn wrong_secret(from: IpAddr, tunnel: SocketAddr, pin: &str) {
 /// still waiting on it (an admitted handshake). Never waits.
 fn refused(conn: &TcpStream) -> bool {
     conn.set_nonblocking(true).expect("nonblocking");
-    let mut conn = conn;
-    match conn.read(&mut [0u8; 64]) {
+    match conn.peek(&mut [0u8; 64]) {
         // The refusal's answer (the client is told it was throttled), or the close.
         Ok(_) => true,
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,

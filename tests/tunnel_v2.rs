@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tunnel::{challenge_as, runtime, tls_connect};
 use common::*;
 use tokio::io::AsyncWriteExt;
-use common::tunnel::{challenge_as, runtime, tls_connect};
 use tunneld::tunnel::auth;
 use tunneld::tunnel::frame::{read_frame, write_frame};
 use tunneld::tunnel::message::{Auth, Connect, ConnectResult, Opening, Verdict, PROTOCOL_VERSION};

@@ -57,8 +57,7 @@ pub(super) async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) -> any
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
 
-    let ctx =
-        Arc::new(SessionCtx {
+    let ctx = Arc::new(SessionCtx {
         dialer: dialer.clone(),
         token: welcome.session,
         cancel: shutdown.child_token(),

@@ -528,8 +528,11 @@ mod tests {
     #[test]
     fn known_sources_have_slots_that_strangers_cannot_take() {
         let gate = Unauthenticated::new(4, 2, 3);
-        let strangers: Vec<Pending> =
-            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].iter().flat_map(|s| [gate.enter(ip(s), false), gate.enter(ip(s), false)]).flatten().collect();
+        let strangers: Vec<Pending> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .flat_map(|s| [gate.enter(ip(s), false), gate.enter(ip(s), false)])
+            .flatten()
+            .collect();
         assert_eq!(strangers.len(), 4, "the ordinary slots");
         let client = ip("198.51.100.7");
         assert!(gate.enter(client, false).is_none(), "full for strangers");
