@@ -189,9 +189,13 @@ struct EndedSession {
 }
 
 impl EndedSessions {
-    /// The session whose data channels present `token` has ended.
+    /// The session whose data channels present `token` has ended (or is about
+    /// to; a session already remembered is not added twice).
     pub(crate) fn ended(&mut self, token: &str, now: Instant) {
         self.prune(now);
+        if self.ended.iter().any(|e| tokens_equal(&e.token, token)) {
+            return;
+        }
         if self.ended.len() >= MAX_ENDED_SESSIONS {
             self.ended.pop_front();
         }

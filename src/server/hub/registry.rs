@@ -124,6 +124,11 @@ impl TunnelHub {
     /// Forgets `name`: its session and the exchanges on its data channels end now,
     /// and its metric series go. Returns whether it was known.
     pub fn remove_client(&self, name: &str) -> bool {
+        // Remembered before the session can no longer be found, so none of its
+        // data channels in flight is taken for a forgery.
+        if let Some(session) = self.session(name) {
+            self.session_ending(&session);
+        }
         let removed = {
             let mut clients = write(&self.clients);
             let removed = clients.remove(name);
@@ -199,6 +204,9 @@ impl TunnelHub {
     pub(super) fn install(&self, session: Arc<Session>) {
         let client = session.client.clone();
         let latest = session.peer;
+        if let Some(old) = client.current() {
+            self.session_ending(&old);
+        }
         let previous = lock(&client.session).replace(session);
         let previous_peer = previous.as_ref().map(|old| old.peer);
         if let Some(old) = previous {
@@ -237,10 +245,16 @@ impl TunnelHub {
         }
     }
 
+    /// A session is about to end (replaced, removed, gone): its client may still
+    /// be opening data channels with its token, which are then no guesses.
+    /// Called while the session can still be found, so no channel falls between.
+    fn session_ending(&self, session: &Session) {
+        lock(&self.defences).ended.ended(&session.token, Instant::now());
+    }
+
     pub(super) fn uninstall(&self, session: &Arc<Session>) {
         session.cancel.cancel();
-        // Its client may still be opening data channels with its token.
-        lock(&self.defences).ended.ended(&session.token, Instant::now());
+        self.session_ending(session);
         let client = &session.client;
         let was_current = {
             let mut current = lock(&client.session);
