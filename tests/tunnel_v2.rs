@@ -10,14 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tunnel::{challenge_as, runtime, tls_connect};
 use common::*;
 use tokio::io::AsyncWriteExt;
-use tunneld::net::metered::MeteredStream;
-use tunneld::net::transport::TunnelStream;
-use tunneld::telemetry::Metrics;
 use tunneld::tunnel::auth;
 use tunneld::tunnel::frame::{read_frame, write_frame};
-use tunneld::tunnel::message::{Auth, Challenge, Connect, ConnectResult, Opening, Verdict, PROTOCOL_VERSION};
+use tunneld::tunnel::message::{Auth, Connect, ConnectResult, Opening, Verdict, PROTOCOL_VERSION};
 
 const SECRET: &str = "v2 secret";
 
@@ -391,29 +389,6 @@ fn roundtrip_after_reset(server: &Daemon) -> Vec<u8> {
 
 // ---------------------------------------------------------------- in-process peers
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-/// A TLS connection to `server`'s tunnel port, pinned like a real client.
-async fn tls_connect(tunnel: SocketAddr, pin: &str) -> TunnelStream {
-    let config =
-        tunneld::config::ClientConfig { server: tunnel.to_string(), server_fingerprint: Some(pin.to_string()), ..Default::default() };
-    let (connector, name) = tunneld::net::tls::connector(&config).unwrap();
-    let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
-    let (sent, received) = Metrics::new().tunnel_meters("default");
-    let tls = connector.connect(name, MeteredStream::new(tcp, sent, received)).await.unwrap();
-    TunnelStream::Tls(Box::new(tls.into()))
-}
-
-async fn challenge(stream: &mut TunnelStream) -> String {
-    write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: "default".into() }).await.unwrap();
-    match read_frame(stream).await.unwrap().0 {
-        Challenge::Challenge { nonce } => nonce,
-        other => panic!("expected a challenge, got {other:?}"),
-    }
-}
-
 #[test]
 fn a_relayed_hmac_answer_from_another_tls_session_is_refused() {
     let server = Daemon::server(SECRET, &[]);
@@ -423,8 +398,8 @@ fn a_relayed_hmac_answer_from_another_tls_session_is_refused() {
         // session A relays that challenge/answer pair as if it were A's.
         let mut a = tls_connect(tunnel, &pin).await;
         let mut b = tls_connect(tunnel, &pin).await;
-        let nonce_a = challenge(&mut a).await;
-        let _ = challenge(&mut b).await;
+        let nonce_a = challenge_as(&mut a, "default").await;
+        let _ = challenge_as(&mut b, "default").await;
         let relayed = auth::sign(SECRET, &nonce_a, &b.binding());
         write_frame(&mut a, &Auth::Auth { mac: relayed }).await.unwrap();
         match read_frame(&mut a).await.unwrap().0 {
@@ -433,7 +408,7 @@ fn a_relayed_hmac_answer_from_another_tls_session_is_refused() {
         }
         // The same secret, bound to the right session, is accepted.
         let mut c = tls_connect(tunnel, &pin).await;
-        let nonce_c = challenge(&mut c).await;
+        let nonce_c = challenge_as(&mut c, "default").await;
         let own = auth::sign(SECRET, &nonce_c, &c.binding());
         write_frame(&mut c, &Auth::Auth { mac: own }).await.unwrap();
         assert!(matches!(read_frame(&mut c).await.unwrap().0, Verdict::Welcome { .. }));
@@ -460,7 +435,7 @@ fn garbage_oversized_and_truncated_frames_close_only_that_data_channel() {
     // data channel with one kind of breakage.
     let (control, token) = rt.block_on(async {
         let mut control = tls_connect(tunnel, &pin).await;
-        let nonce = challenge(&mut control).await;
+        let nonce = challenge_as(&mut control, "default").await;
         let mac = auth::sign(SECRET, &nonce, &control.binding());
         write_frame(&mut control, &Auth::Auth { mac }).await.unwrap();
         match read_frame(&mut control).await.unwrap().0 {

@@ -20,6 +20,14 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the TLS handshake, and (twice) on the tunnel handshake after it.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The server's defences refused the connection before any handshake: too many
+/// failed or unfinished handshakes from this client's address.
+#[derive(Debug, thiserror::Error)]
+#[error("{server}: {}", tls::THROTTLED)]
+pub(super) struct Throttled {
+    server: String,
+}
+
 /// Opens tunnel connections, control and data channels alike.
 pub(super) struct Dialer {
     pub(super) config: ClientConfig,
@@ -54,6 +62,10 @@ impl Dialer {
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered.reading_ahead())).await {
             Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),
+            Ok(Err(e)) if tls::refused_as_throttled(&e) => {
+                self.metrics.count_session(session_result::THROTTLED);
+                Err(Throttled { server: server.clone() }.into())
+            }
             Ok(Err(e)) => {
                 self.metrics.count_session(session_result::TLS_ERROR);
                 bail!("TLS with {server}: {}", tls::explain_client_error(&e, &self.config))

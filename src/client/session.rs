@@ -4,7 +4,7 @@
 //! long as exchanges end cleanly — a steady stream of visitors costs no new TCP
 //! or TLS handshakes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
+use super::dialer::{Dialer, Throttled, HANDSHAKE_TIMEOUT};
 use crate::net::relay;
 use crate::net::socket;
 use crate::net::transport::TunnelStream;
@@ -20,7 +20,7 @@ use crate::systemd;
 use crate::telemetry::{session_result, Meter};
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::exchange::{self, Answer};
-use crate::tunnel::frame;
+use crate::tunnel::frame::{self, ProtocolError};
 use crate::tunnel::handshake::{self, HandshakeError};
 use crate::tunnel::message::{Connect, ConnectResult, Opening, ToClient, ToServer, PROTOCOL_VERSION};
 
@@ -31,6 +31,8 @@ struct SessionCtx {
     cancel: CancellationToken,
     /// Channels waiting for a `connect` now.
     idle: AtomicUsize,
+    /// Whether a throttled data channel was logged in this session already.
+    throttled_logged: AtomicBool,
 }
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
@@ -55,8 +57,13 @@ pub(super) async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) -> any
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
 
-    let ctx =
-        Arc::new(SessionCtx { dialer: dialer.clone(), token: welcome.session, cancel: shutdown.child_token(), idle: AtomicUsize::new(0) });
+    let ctx = Arc::new(SessionCtx {
+        dialer: dialer.clone(),
+        token: welcome.session,
+        cancel: shutdown.child_token(),
+        idle: AtomicUsize::new(0),
+        throttled_logged: AtomicBool::new(false),
+    });
     for _ in 0..config.pool_size {
         spawn_data_channel(ctx.clone());
     }
@@ -90,6 +97,9 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
                 }
             }
             // Not replaced: the control session notices a server that is gone.
+            Err(e) if e.downcast_ref::<Throttled>().is_some() && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
+                warn!(error = %format!("{e:#}"), "data channel refused; visitors wait until the server admits this address again (logged once per session)")
+            }
             Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
@@ -136,9 +146,13 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             _ = tokio::time::sleep(idle_limit) => return Ok(()),
             r = frame::read_frame::<Connect, _>(&mut channel) => r,
         };
-        let Ok((Connect::Connect { host, port }, _)) = request else {
-            // The server closed it (idle timeout, pool trimmed) or sent nonsense.
-            return Ok(());
+        let (Connect::Connect { host, port }, _) = match request {
+            Ok(request) => request,
+            // Not a `connect`: on a plain tunnel, a refusal such as being
+            // throttled. Not replaced, so a refusing server is not hammered.
+            Err(e @ ProtocolError::Malformed(_)) => bail!("the server sent a data channel something other than a connect request: {e}"),
+            // The server closed it (idle timeout, pool trimmed).
+            Err(_) => return Ok(()),
         };
         if mark.taken() == 0 {
             // The last idle one is taken: have another ready for the next visitor.

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::error::ConfigError;
 use super::sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, LogConfig, ServerConfig};
-use super::values::{is_loopback, parse_fingerprint, split_host_port, valid_origin, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
+use super::values::{is_loopback, parse_fingerprint, split_host_port, valid_origin, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
 use crate::core::secret::Secret;
 
 /// Which role's settings to validate.
@@ -89,8 +89,8 @@ impl Config {
                         "is required (server.secret for the client `default`, else the secret /api/client/create returned)",
                     );
                 }
-                if self.client.pool_size > 256 {
-                    return invalid("client.pool_size", "must be at most 256");
+                if self.client.pool_size > MAX_POOL_SIZE {
+                    return invalid("client.pool_size", &format!("must be at most {MAX_POOL_SIZE}"));
                 }
                 if self.client.connect_timeout_secs == 0 {
                     return invalid("client.connect_timeout_secs", "must be at least 1");

@@ -6,6 +6,9 @@ use std::net::IpAddr;
 /// Shortest API token accepted: long enough that guessing it online is hopeless.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// The most data channels a client may keep open ahead of need (`client.pool_size`).
+pub const MAX_POOL_SIZE: usize = 256;
+
 /// Whether `ip` is loopback, counting IPv4-mapped IPv6 (`::ffff:127.0.0.1`) too.
 pub fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()

@@ -237,6 +237,7 @@ pub(crate) fn explain_client_error(e: &std::io::Error, client: &ClientConfig) ->
                 .unwrap_or_else(|| split_host_port(&client.server).map(|(h, _)| h.to_string()).unwrap_or_default())
         ),
         Some(Error::InvalidCertificate(other)) => format!("the server's certificate is not acceptable: {other:?}"),
+        Some(Error::AlertReceived(AlertDescription::AccessDenied)) => THROTTLED.to_string(),
         Some(Error::AlertReceived(AlertDescription::ProtocolVersion)) => {
             "the server does not speak TLS on its tunnel port (it runs with server.tls = false): set client.tls = false \
              on a trusted network, or turn TLS on at the server"
@@ -260,6 +261,25 @@ pub(crate) fn explain_client_error(e: &std::io::Error, client: &ClientConfig) ->
 /// answers a TLS client, so the client can say "the server has TLS off" instead
 /// of timing out.
 pub(crate) const PLAIN_SERVER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70];
+
+/// A plain TLS alert record (fatal, access_denied): what the server answers a
+/// connection its defences refuse before any handshake, so the client can say
+/// it was throttled instead of "connection closed". The server's TLS stack
+/// never sends this alert itself (there are no client certificates).
+pub(crate) const THROTTLED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+
+/// What a throttled client is told (as [`THROTTLED_ALERT`], or in a plain
+/// rejection) and logs. It says nothing an attacker could use: not which bound,
+/// not for how long.
+pub(crate) const THROTTLED: &str = "throttled by the server: too many failed or unfinished tunnel handshakes from this address; \
+                             retrying later (if this client's name, secret and fingerprint are right, another program \
+                             at the same address is failing to authenticate)";
+
+/// Whether a failed TLS handshake was the server's throttle refusing it.
+pub(crate) fn refused_as_throttled(e: &std::io::Error) -> bool {
+    use rustls::{AlertDescription, Error};
+    matches!(e.get_ref().and_then(|i| i.downcast_ref::<Error>()), Some(Error::AlertReceived(AlertDescription::AccessDenied)))
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,11 +2,19 @@
 //! handshake (today's, or a TLS one) calls the same few methods:
 //!
 //! - [`AuthThrottle`]: failed handshakes per source address, a token bucket — a
-//!   few mistakes are free, guessing is slowed to a crawl;
+//!   few mistakes are free, guessing is slowed to a crawl. A token is reserved
+//!   when a connection is admitted, not taken when it fails, so a source cannot
+//!   start many handshakes on one token;
+//! - [`KnownSources`]: addresses clients authenticated from recently, whose
+//!   connections get slots kept for them and are not held to the burst while
+//!   they have not failed (a busy client opens data channels by the hundred);
+//! - [`EndedSessions`]: tokens of sessions that just ended, so a replaced
+//!   client's late data channels are told apart from forged ones;
 //! - [`FailureLog`]: one log line per source per interval, with a count, instead of
 //!   one per attempt (2,000 attempts must not mean 2,000 WARN lines);
 //! - [`Unauthenticated`]: a bound on connections that have not authenticated yet,
-//!   in total and per source, so idle connections cannot eat every descriptor;
+//!   in total and per source, so idle connections cannot eat every descriptor,
+//!   with slots beyond it kept for known clients;
 //! - [`FlapDetector`]: two clients with one identity replacing each other.
 //!
 //! All of them take the time as an argument, so tests drive the clock.
@@ -16,6 +24,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::MAX_POOL_SIZE;
+use crate::core::secret::tokens_equal;
 use crate::core::sync::lock;
 
 /// Failed handshakes a source may make in a burst before it is throttled.
@@ -38,6 +48,10 @@ struct Bucket {
 }
 
 impl Bucket {
+    fn full(now: Instant) -> Bucket {
+        Bucket { tokens: FAILURE_BURST, updated: now }
+    }
+
     fn refill(&mut self, now: Instant) {
         let earned = now.saturating_duration_since(self.updated).as_secs_f64() / FAILURE_REFILL.as_secs_f64();
         self.tokens = (self.tokens + earned).min(FAILURE_BURST);
@@ -45,34 +59,169 @@ impl Bucket {
     }
 }
 
+/// What admitting a connection took from its source's bucket; the handshake's
+/// outcome settles it ([`AuthThrottle::failed`], [`AuthThrottle::refund`],
+/// [`AuthThrottle::succeeded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Charge {
+    /// A token was taken on admission: a failure keeps it, a proven connection
+    /// gets it back.
+    Reserved,
+    /// Nothing was taken (a known client's address with a clean record): a
+    /// failure takes a token then.
+    Free,
+}
+
 impl AuthThrottle {
-    /// Whether `source` may try a handshake now.
-    pub(crate) fn allows(&mut self, source: IpAddr, now: Instant) -> bool {
-        match self.sources.get_mut(&source.to_canonical()) {
-            Some(bucket) => {
-                bucket.refill(now);
-                bucket.tokens >= 1.0
+    /// Admits a handshake from `source`, or refuses it (`None`) while the source
+    /// has no token left. The token is reserved now, so sixteen handshakes
+    /// started at once from a source with one token left get one admission, not
+    /// sixteen. A `known` source with no recent failure is admitted without a
+    /// reservation: its client's data channels come in bursts larger than the
+    /// failure burst, and must not be held to it.
+    pub(crate) fn admit(&mut self, source: IpAddr, known: bool, now: Instant) -> Option<Charge> {
+        let source = source.to_canonical();
+        if known && !self.sources.contains_key(&source) {
+            return Some(Charge::Free);
+        }
+        self.make_room(now);
+        let bucket = self.sources.entry(source).or_insert_with(|| Bucket::full(now));
+        bucket.refill(now);
+        if bucket.tokens < 1.0 {
+            return None;
+        }
+        bucket.tokens -= 1.0;
+        Some(Charge::Reserved)
+    }
+
+    /// Records a failed handshake (wrong secret, garbage, silence, a forged
+    /// session token). A reserved token is simply kept.
+    pub(crate) fn failed(&mut self, source: IpAddr, charge: Charge, now: Instant) {
+        if charge == Charge::Reserved {
+            return;
+        }
+        self.make_room(now);
+        let bucket = self.sources.entry(source.to_canonical()).or_insert_with(|| Bucket::full(now));
+        bucket.refill(now);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+
+    /// Gives back what admission reserved: the connection was no guess (a data
+    /// channel of a live session, another protocol version). A source back at
+    /// a full bucket is forgotten.
+    pub(crate) fn refund(&mut self, source: IpAddr, charge: Charge, now: Instant) {
+        if charge == Charge::Free {
+            return;
+        }
+        let source = source.to_canonical();
+        if let Some(bucket) = self.sources.get_mut(&source) {
+            bucket.refill(now);
+            bucket.tokens = (bucket.tokens + 1.0).min(FAILURE_BURST);
+            if bucket.tokens >= FAILURE_BURST {
+                self.sources.remove(&source);
             }
-            None => true,
         }
     }
 
-    /// Records a failed handshake (wrong secret, garbage, silence, unknown session).
-    pub(crate) fn failed(&mut self, source: IpAddr, now: Instant) {
+    /// A source that authenticated is forgiven its earlier mistakes.
+    pub(crate) fn succeeded(&mut self, source: IpAddr) {
+        self.sources.remove(&source.to_canonical());
+    }
+
+    fn make_room(&mut self, now: Instant) {
         if self.sources.len() >= MAX_TRACKED_SOURCES {
             self.sources.retain(|_, b| {
                 b.refill(now);
                 b.tokens < FAILURE_BURST
             });
         }
-        let bucket = self.sources.entry(source.to_canonical()).or_insert(Bucket { tokens: FAILURE_BURST, updated: now });
-        bucket.refill(now);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+}
+
+/// A source stays known this long after its last successful authentication or
+/// data channel. A connected client's address is refreshed at least every
+/// pool-idle interval (its pooled channels expire and are replaced).
+pub(crate) const KNOWN_FOR: Duration = Duration::from_secs(3600);
+
+/// Addresses clients authenticated from recently. Only a holder of a secret can
+/// add one, so the map grows with the fleet, not with an attack.
+#[derive(Default)]
+pub(crate) struct KnownSources {
+    seen: HashMap<IpAddr, Instant>,
+}
+
+impl KnownSources {
+    /// A client authenticated (or opened a data channel of its session) from `source`.
+    pub(crate) fn remember(&mut self, source: IpAddr, now: Instant) {
+        if self.seen.len() >= MAX_TRACKED_SOURCES {
+            self.seen.retain(|_, at| now.saturating_duration_since(*at) < KNOWN_FOR);
+        }
+        self.seen.insert(source.to_canonical(), now);
     }
 
-    /// A source that authenticated is forgiven its earlier mistakes.
-    pub(crate) fn succeeded(&mut self, source: IpAddr) {
-        self.sources.remove(&source.to_canonical());
+    /// Whether a client authenticated from `source` within [`KNOWN_FOR`].
+    pub(crate) fn knows(&self, source: IpAddr, now: Instant) -> bool {
+        self.seen.get(&source.to_canonical()).is_some_and(|at| now.saturating_duration_since(*at) < KNOWN_FOR)
+    }
+}
+
+/// A data channel may present an ended session's token this long after the end.
+pub(crate) const LATE_WINDOW: Duration = Duration::from_secs(60);
+/// Late data channels one ended session may present: a replaced client had at
+/// most its whole pool ([`MAX_POOL_SIZE`]) opening, and as many again asked for
+/// by waiting visitors. Beyond it, they count as forged.
+pub(crate) const LATE_CHANNELS_PER_SESSION: usize = 2 * MAX_POOL_SIZE;
+/// Ended sessions remembered at most.
+const MAX_ENDED_SESSIONS: usize = 1024;
+
+/// Tokens of sessions that ended within [`LATE_WINDOW`]. A data channel naming
+/// one is a replaced client catching up; one naming no session at all is a
+/// guess (tokens are random), and is held against its source.
+#[derive(Default)]
+pub(crate) struct EndedSessions {
+    ended: VecDeque<EndedSession>,
+}
+
+struct EndedSession {
+    token: String,
+    at: Instant,
+    presented: usize,
+}
+
+impl EndedSessions {
+    /// The session whose data channels present `token` has ended (or is about
+    /// to; a session already remembered is not added twice).
+    pub(crate) fn ended(&mut self, token: &str, now: Instant) {
+        self.prune(now);
+        if self.ended.iter().any(|e| tokens_equal(&e.token, token)) {
+            return;
+        }
+        if self.ended.len() >= MAX_ENDED_SESSIONS {
+            self.ended.pop_front();
+        }
+        self.ended.push_back(EndedSession { token: token.to_string(), at: now, presented: 0 });
+    }
+
+    /// Whether `token` is a recently ended session's, and within what its client
+    /// may still present; counts the presentation.
+    pub(crate) fn late(&mut self, token: &str, now: Instant) -> bool {
+        self.prune(now);
+        // Every entry is compared, in constant time each, whichever matches.
+        let mut found = None;
+        for (i, e) in self.ended.iter().enumerate() {
+            if tokens_equal(&e.token, token) {
+                found = Some(i);
+            }
+        }
+        let Some(entry) = found.and_then(|i| self.ended.get_mut(i)) else { return false };
+        entry.presented += 1;
+        entry.presented <= LATE_CHANNELS_PER_SESSION
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while self.ended.front().is_some_and(|e| now.saturating_duration_since(e.at) >= LATE_WINDOW) {
+            self.ended.pop_front();
+        }
     }
 }
 
@@ -145,10 +294,13 @@ impl FailureLog {
     }
 }
 
-/// Connections not yet authenticated, bounded in total and per source.
+/// Connections not yet authenticated, bounded in total and per source, with
+/// slots beyond the total kept for known clients: sources that fill every
+/// ordinary slot with silent connections cannot keep a client out.
 pub(crate) struct Unauthenticated {
     max_total: usize,
     max_per_source: usize,
+    reserved_for_known: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
@@ -159,18 +311,23 @@ pub(crate) struct Pending {
 }
 
 impl Unauthenticated {
-    pub(crate) fn new(max_total: usize, max_per_source: usize) -> Arc<Unauthenticated> {
-        Arc::new(Unauthenticated { max_total, max_per_source, open: Mutex::new((0, HashMap::new())) })
+    /// `max_total` slots for anyone, at most `max_per_source` of them per
+    /// unknown source; known sources may use `reserved_for_known` more, and up
+    /// to `max_total` each (a client's data channels arrive in bursts).
+    pub(crate) fn new(max_total: usize, max_per_source: usize, reserved_for_known: usize) -> Arc<Unauthenticated> {
+        Arc::new(Unauthenticated { max_total, max_per_source, reserved_for_known, open: Mutex::new((0, HashMap::new())) })
     }
 
-    /// A slot for a new connection from `source`, or `None` when either bound is
+    /// A slot for a new connection from `source`, or `None` when its bounds are
     /// reached.
-    pub(crate) fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pending> {
+    pub(crate) fn enter(self: &Arc<Self>, source: IpAddr, known: bool) -> Option<Pending> {
         let source = source.to_canonical();
         let mut open = lock(&self.open);
         let (total, per_source) = &mut *open;
         let mine = per_source.entry(source).or_insert(0);
-        if *total >= self.max_total || *mine >= self.max_per_source {
+        let (total_bound, source_bound) =
+            if known { (self.max_total + self.reserved_for_known, self.max_total) } else { (self.max_total, self.max_per_source) };
+        if *total >= total_bound || *mine >= source_bound {
             if *mine == 0 {
                 per_source.remove(&source);
             }
@@ -264,19 +421,83 @@ mod tests {
         let start = Instant::now();
         let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
         for _ in 0..FAILURE_BURST as usize {
-            assert!(t.allows(a, start));
-            t.failed(a, start);
+            let charge = t.admit(a, false, start).expect("within the burst");
+            t.failed(a, charge, start);
         }
-        assert!(!t.allows(a, start), "burst used up");
-        assert!(t.allows(b, start), "other sources are not affected");
-        assert!(!t.allows(a, start + FAILURE_REFILL / 2));
-        assert!(t.allows(a, start + FAILURE_REFILL), "one attempt per refill interval");
-        t.failed(a, start + FAILURE_REFILL);
-        assert!(!t.allows(a, start + FAILURE_REFILL));
+        assert_eq!(t.admit(a, false, start), None, "burst used up");
+        assert!(t.admit(b, false, start).is_some(), "other sources are not affected");
+        assert_eq!(t.admit(a, false, start + FAILURE_REFILL / 2), None);
+        let charge = t.admit(a, false, start + FAILURE_REFILL).expect("one attempt per refill interval");
+        t.failed(a, charge, start + FAILURE_REFILL);
+        assert_eq!(t.admit(a, false, start + FAILURE_REFILL), None);
         // IPv4-mapped IPv6 is the same source.
-        assert!(!t.allows(ip("::ffff:192.0.2.1"), start + FAILURE_REFILL));
+        assert_eq!(t.admit(ip("::ffff:192.0.2.1"), false, start + FAILURE_REFILL), None);
         t.succeeded(a);
-        assert!(t.allows(a, start + FAILURE_REFILL));
+        assert!(t.admit(a, false, start + FAILURE_REFILL).is_some());
+    }
+
+    #[test]
+    fn concurrent_handshakes_share_the_tokens_left_instead_of_each_seeing_them() {
+        let mut t = AuthThrottle::default();
+        let start = Instant::now();
+        let a = ip("192.0.2.1");
+        for _ in 0..(FAILURE_BURST as usize - 1) {
+            let charge = t.admit(a, false, start).unwrap();
+            t.failed(a, charge, start);
+        }
+        // One token left: sixteen handshakes started at once get one admission.
+        let admitted: Vec<Charge> = (0..16).filter_map(|_| t.admit(a, false, start)).collect();
+        assert_eq!(admitted, vec![Charge::Reserved]);
+        // Its failure costs nothing more; a refund (a valid data channel) gives it back.
+        t.failed(a, Charge::Reserved, start);
+        assert_eq!(t.admit(a, false, start), None);
+        let later = start + FAILURE_REFILL;
+        let charge = t.admit(a, false, later).unwrap();
+        t.refund(a, charge, later);
+        assert!(t.admit(a, false, later).is_some(), "refunded");
+    }
+
+    #[test]
+    fn a_known_clean_source_is_not_held_to_the_burst_until_it_fails() {
+        let mut t = AuthThrottle::default();
+        let start = Instant::now();
+        let a = ip("192.0.2.1");
+        let charges: Vec<Charge> = (0..200).filter_map(|_| t.admit(a, true, start)).collect();
+        assert_eq!(charges.len(), 200, "a busy client's burst of data channels");
+        assert!(charges.iter().all(|c| *c == Charge::Free));
+        for _ in 0..FAILURE_BURST as usize {
+            t.failed(a, Charge::Free, start);
+        }
+        assert_eq!(t.admit(a, true, start), None, "known, but failing: throttled like anyone");
+        // An unknown source starts with the burst, reserved one by one.
+        let b = ip("192.0.2.2");
+        assert_eq!((0..16).filter_map(|_| t.admit(b, false, start)).count(), FAILURE_BURST as usize);
+    }
+
+    #[test]
+    fn known_sources_are_remembered_for_a_while() {
+        let mut k = KnownSources::default();
+        let start = Instant::now();
+        let a = ip("192.0.2.1");
+        assert!(!k.knows(a, start));
+        k.remember(a, start);
+        assert!(k.knows(ip("::ffff:192.0.2.1"), start + KNOWN_FOR / 2));
+        assert!(!k.knows(a, start + KNOWN_FOR));
+    }
+
+    #[test]
+    fn an_ended_sessions_token_is_late_for_a_while_and_a_bounded_number_of_times() {
+        let mut e = EndedSessions::default();
+        let start = Instant::now();
+        assert!(!e.late("forged", start), "never a session's");
+        e.ended("old", start);
+        assert!(!e.late("forged", start));
+        for _ in 0..LATE_CHANNELS_PER_SESSION {
+            assert!(e.late("old", start + LATE_WINDOW / 2));
+        }
+        assert!(!e.late("old", start + LATE_WINDOW / 2), "more than a replaced client can present");
+        e.ended("older", start);
+        assert!(!e.late("older", start + LATE_WINDOW), "too late");
     }
 
     #[test]
@@ -297,15 +518,30 @@ mod tests {
 
     #[test]
     fn unauthenticated_connections_are_bounded_in_total_and_per_source() {
-        let gate = Unauthenticated::new(3, 2);
+        let gate = Unauthenticated::new(3, 2, 0);
         let (a, b, c) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3"));
-        let a1 = gate.enter(a).expect("first");
-        let _a2 = gate.enter(a).expect("second");
-        assert!(gate.enter(a).is_none(), "per-source bound");
-        let _b1 = gate.enter(b).expect("other source");
-        assert!(gate.enter(c).is_none(), "total bound");
+        let a1 = gate.enter(a, false).expect("first");
+        let _a2 = gate.enter(a, false).expect("second");
+        assert!(gate.enter(a, false).is_none(), "per-source bound");
+        let _b1 = gate.enter(b, false).expect("other source");
+        assert!(gate.enter(c, false).is_none(), "total bound");
         drop(a1);
-        assert!(gate.enter(c).is_some(), "a freed slot is reusable");
+        assert!(gate.enter(c, false).is_some(), "a freed slot is reusable");
+    }
+
+    #[test]
+    fn known_sources_have_slots_that_strangers_cannot_take() {
+        let gate = Unauthenticated::new(4, 2, 3);
+        let strangers: Vec<Pending> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .flat_map(|s| [gate.enter(ip(s), false), gate.enter(ip(s), false)])
+            .flatten()
+            .collect();
+        assert_eq!(strangers.len(), 4, "the ordinary slots");
+        let client = ip("198.51.100.7");
+        assert!(gate.enter(client, false).is_none(), "full for strangers");
+        let kept: Vec<Pending> = (0..5).filter_map(|_| gate.enter(client, true)).collect();
+        assert_eq!(kept.len(), 3, "the kept slots, beyond the per-source bound of strangers");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - [`metrics`]: scraping `/metrics`;
 //! - [`files`]: config files and files of this repository;
 //! - [`browser`]: headless Chromium over the DevTools pipe;
-//! - [`tools`]: outside programs a test may need, skipped loudly when missing.
+//! - [`tools`]: outside programs a test may need, skipped loudly when missing;
+//! - [`tunnel`]: TLS connections to the tunnel port from chosen sources, and the
+//!   control handshake, through the crate's own types.
 //!
 //! Each test binary uses a subset of these, hence `dead_code` (and, for the
 //! re-exports, `unused_imports`) is allowed here.
@@ -25,6 +27,7 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod tools;
+pub mod tunnel;
 
 #[allow(unused_imports)]
 pub use {daemon::*, files::*, http::*, metrics::*, net::*};

@@ -5,8 +5,24 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-/// A port that was free a moment ago on 127.0.0.1 (bind port 0, read it, release it).
+/// A port that was free a moment ago on every address, chosen below the kernel's
+/// ephemeral range: a port the kernel hands out (bind port 0) is one that the
+/// outgoing connections of tests running in parallel — hundreds at a time in
+/// some — can take before the daemon binds it ("port in use by another process").
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_start > 10_000 {
+        for _ in 0..1000 {
+            let port = rand::thread_rng().gen_range(10_000..ephemeral_start);
+            if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 

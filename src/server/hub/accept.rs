@@ -1,9 +1,11 @@
 //! The tunnel port: accepting connections, telling TLS from plain, the server's
 //! half of the handshake, and the defences around it — per-source throttling of
-//! failures, a bound on unauthenticated connections, failures logged in
-//! aggregate, flapping names.
+//! failures (a token reserved as each connection is admitted), a bound on
+//! unauthenticated connections with slots kept for known clients, failures
+//! logged in aggregate, flapping names. A refused connection is told it was
+//! throttled before it is closed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,7 @@ use crate::net::metered::MeteredStream;
 use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
-use crate::server::throttle::Pending;
+use crate::server::throttle::{Charge, Pending};
 use crate::telemetry::session_result;
 use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
@@ -48,7 +50,8 @@ enum Failure {
     NoAuth,
     WrongSecret,
     UnknownName,
-    UnknownSession,
+    LateSession,
+    ForgedSession,
 }
 
 impl Failure {
@@ -74,49 +77,101 @@ impl Failure {
             Failure::NoAuth => "no auth within the handshake timeout",
             Failure::WrongSecret => "authentication failed (wrong secret)",
             Failure::UnknownName => "authentication failed (unknown client name)",
-            Failure::UnknownSession => "data channel for an unknown session",
+            Failure::LateSession => "data channel for a session that has ended",
+            Failure::ForgedSession => "data channel for an unknown session",
         }
     }
 
     /// A data channel naming a session that just ended is a client catching up
-    /// after a replacement, not a guess (session tokens are random): it is logged
-    /// in aggregate but does not count against the address.
+    /// after a replacement, not a guess: it is logged in aggregate but does not
+    /// count against the address. One naming no session at all (tokens are
+    /// random), or an ended one more often than its client could, does.
     fn held_against_source(self) -> bool {
-        self != Failure::UnknownSession
+        self != Failure::LateSession
+    }
+}
+
+/// One admitted connection: where it comes from and what admission took from
+/// its source's failure bucket (settled by its outcome).
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    peer: SocketAddr,
+    charge: Charge,
+}
+
+impl Attempt {
+    fn source(&self) -> IpAddr {
+        self.peer.ip()
     }
 }
 
 impl TunnelHub {
-    /// Counts a failed handshake against `peer`'s address and logs it — the first
-    /// of an interval at once, the rest as one summary line later.
-    fn failed(&self, peer: SocketAddr, failure: Failure) {
+    /// Counts a failed handshake against its address and logs it — the first of
+    /// an interval at once, the rest as one summary line later.
+    fn failed(&self, attempt: Attempt, failure: Failure) {
         self.metrics.count_session(failure.result());
+        let now = Instant::now();
         let log_now = {
             let mut d = lock(&self.defences);
             if failure.held_against_source() {
-                d.throttle.failed(peer.ip(), Instant::now());
+                d.throttle.failed(attempt.source(), attempt.charge, now);
+            } else {
+                d.throttle.refund(attempt.source(), attempt.charge, now);
             }
-            d.log.record(peer.ip(), failure.reason(), Instant::now())
+            d.log.record(attempt.source(), failure.reason(), now)
         };
         if log_now {
+            let peer = attempt.peer;
             warn!(%peer, reason = failure.reason(), "tunnel handshake failed; further failures from this address are summarised once a minute");
         }
     }
 
     /// Whether a new connection from `peer` may start a handshake: not while its
-    /// address is throttled or holds too many unauthenticated connections.
-    fn admit(&self, peer: SocketAddr) -> Option<Pending> {
-        let throttled = !lock(&self.defences).throttle.allows(peer.ip(), Instant::now());
-        let pending = if throttled { None } else { self.unauthenticated.enter(peer.ip()) };
-        if pending.is_none() {
-            self.metrics.count_session(session_result::THROTTLED);
-            let reason =
-                if throttled { "throttled: too many failed handshakes" } else { "throttled: too many unauthenticated connections" };
-            if lock(&self.defences).log.record(peer.ip(), reason, Instant::now()) {
-                warn!(%peer, reason, "tunnel connection refused; further refusals from this address are summarised once a minute");
+    /// address is throttled or holds too many unauthenticated connections. A
+    /// token is reserved from the address's failure bucket as it is admitted.
+    fn admit(&self, peer: SocketAddr) -> Option<(Attempt, Pending)> {
+        let now = Instant::now();
+        let refused = {
+            let mut d = lock(&self.defences);
+            let known = d.known.knows(peer.ip(), now);
+            match d.throttle.admit(peer.ip(), known, now) {
+                None => "throttled: too many failed handshakes",
+                Some(charge) => match self.unauthenticated.enter(peer.ip(), known) {
+                    Some(pending) => return Some((Attempt { peer, charge }, pending)),
+                    None => {
+                        d.throttle.refund(peer.ip(), charge, now);
+                        "throttled: too many unauthenticated connections"
+                    }
+                },
+            }
+        };
+        self.metrics.count_session(session_result::THROTTLED);
+        if lock(&self.defences).log.record(peer.ip(), refused, now) {
+            warn!(%peer, reason = refused, "tunnel connection refused; further refusals from this address are summarised once a minute");
+        }
+        None
+    }
+
+    /// Tells a refused connection it was throttled, then closes it, without
+    /// waiting for anything: a TLS client reads a fatal access_denied alert, a
+    /// plain one a rejection; either logs [`tls::THROTTLED`] instead of
+    /// "connection closed".
+    fn tell_throttled(&self, stream: TcpStream) {
+        let answer = match self.settings.tls {
+            Some(_) => tls::THROTTLED_ALERT.to_vec(),
+            None => frame::encode_frame(&Challenge::Rejected { reason: tls::THROTTLED.to_string() }),
+        };
+        // A fresh socket's send buffer has room for a few bytes.
+        let _ = stream.try_write(&answer);
+        // What the peer sent already is read away, so closing sends a FIN after
+        // the answer rather than a reset that could discard it.
+        let mut sink = [0u8; 2048];
+        for _ in 0..4 {
+            match stream.try_read(&mut sink) {
+                Ok(n) if n > 0 => continue,
+                _ => break,
             }
         }
-        pending
     }
 
     /// Logs, once per interval, how many failures each source had beyond the one
@@ -144,12 +199,15 @@ impl TunnelHub {
                 _ = shutdown.cancelled() => break,
                 accepted = socket::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
             };
-            let Some(pending) = self.admit(peer) else { continue };
+            let Some((attempt, pending)) = self.admit(peer) else {
+                self.tell_throttled(stream);
+                continue;
+            };
             socket::tune(&stream);
             let hub = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = hub.handle_connection(stream, peer, pending, shutdown).await {
+                if let Err(e) = hub.handle_connection(stream, attempt, pending, shutdown).await {
                     debug!(%peer, error = %e, "tunnel connection ended");
                 }
             });
@@ -162,12 +220,12 @@ impl TunnelHub {
     async fn handle_connection(
         self: Arc<Self>,
         stream: TcpStream,
-        peer: SocketAddr,
+        attempt: Attempt,
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
-        let Some(mut stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secure(stream, peer)).await.unwrap_or_else(|_| {
-            self.failed(peer, Failure::NoHandshake);
+        let Some(mut stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secure(stream, attempt)).await.unwrap_or_else(|_| {
+            self.failed(attempt, Failure::NoHandshake);
             None
         }) else {
             return Ok(());
@@ -175,27 +233,30 @@ impl TunnelHub {
         let opening = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_frame::<Opening, _>(&mut stream)).await {
             Ok(Ok((opening, _))) => opening,
             Ok(Err(e)) => {
-                self.failed(peer, Failure::BadFirstFrame);
+                self.failed(attempt, Failure::BadFirstFrame);
                 return Err(e);
             }
             Err(_) => {
-                self.failed(peer, Failure::NoHello);
+                self.failed(attempt, Failure::NoHello);
                 return Ok(());
             }
         };
         match opening {
-            opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, peer, opening.version()).await,
-            Opening::Control { client, .. } => self.control_channel(stream, peer, &client, pending, shutdown).await,
+            opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, attempt, opening.version()).await,
+            Opening::Control { client, .. } => self.control_channel(stream, attempt, &client, pending, shutdown).await,
             Opening::Data { session, .. } => {
                 drop(pending);
-                self.data_channel(stream, peer, &session);
+                self.data_channel(stream, attempt, &session);
                 Ok(())
             }
         }
     }
 
-    async fn reject_version(&self, stream: &mut TunnelStream, peer: SocketAddr, version: u32) -> Result<(), ProtocolError> {
+    /// Another protocol version is no guess: the reserved token goes back.
+    async fn reject_version(&self, stream: &mut TunnelStream, attempt: Attempt, version: u32) -> Result<(), ProtocolError> {
+        let peer = attempt.peer;
         warn!(%peer, version, "client rejected: protocol version mismatch");
+        lock(&self.defences).throttle.refund(attempt.source(), attempt.charge, Instant::now());
         self.metrics.count_session(session_result::VERSION_MISMATCH);
         frame::write_frame(stream, &Challenge::Rejected { reason: version_rejection(version) }).await?;
         Ok(())
@@ -203,7 +264,8 @@ impl TunnelHub {
 
     /// The connection as this server speaks it: TLS (handshake done) or plain.
     /// A peer on the other side of a TLS/plain mismatch is told so and dropped.
-    async fn secure(&self, stream: TcpStream, peer: SocketAddr) -> Option<TunnelStream> {
+    async fn secure(&self, stream: TcpStream, attempt: Attempt) -> Option<TunnelStream> {
+        let peer = attempt.peer;
         let mut first = [0u8; 1];
         let peeked = stream.peek(&mut first).await.ok()?;
         let speaks_tls = peeked == 1 && first[0] == tls::TLS_HANDSHAKE_BYTE;
@@ -214,7 +276,7 @@ impl TunnelHub {
                 Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
                 Err(e) => {
                     debug!(%peer, error = %e, "TLS handshake with a tunnel client failed");
-                    self.failed(peer, Failure::TlsHandshake);
+                    self.failed(attempt, Failure::TlsHandshake);
                     None
                 }
             },
@@ -225,10 +287,10 @@ impl TunnelHub {
                 let mut plain = TunnelStream::Plain(Box::new(metered));
                 match frame::read_frame::<Opening, _>(&mut plain).await {
                     Ok((opening, _)) if opening.version() != PROTOCOL_VERSION => {
-                        let _ = self.reject_version(&mut plain, peer, opening.version()).await;
+                        let _ = self.reject_version(&mut plain, attempt, opening.version()).await;
                     }
                     Ok(_) => {
-                        self.failed(peer, Failure::PlainClientTlsServer);
+                        self.failed(attempt, Failure::PlainClientTlsServer);
                         let reason = "this server requires TLS (server.tls = true): remove `tls = false` from the client's \
                                       configuration and pin the server's fingerprint"
                             .to_string();
@@ -236,13 +298,13 @@ impl TunnelHub {
                     }
                     Err(e) => {
                         debug!(%peer, error = %e, "bad first frame");
-                        self.failed(peer, Failure::BadFirstFrame);
+                        self.failed(attempt, Failure::BadFirstFrame);
                     }
                 }
                 None
             }
             (None, true) => {
-                self.failed(peer, Failure::TlsClientPlainServer);
+                self.failed(attempt, Failure::TlsClientPlainServer);
                 // A plaintext fatal alert: the client reports "server has TLS off".
                 let _ = metered.write_all(&tls::PLAIN_SERVER_ALERT).await;
                 None
@@ -254,13 +316,14 @@ impl TunnelHub {
     async fn control_channel(
         self: Arc<Self>,
         mut stream: TunnelStream,
-        peer: SocketAddr,
+        attempt: Attempt,
         name: &str,
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
+        let peer = attempt.peer;
         if invalid_client_name(name).is_some() {
-            self.failed(peer, Failure::InvalidName);
+            self.failed(attempt, Failure::InvalidName);
             let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-'".to_string();
             frame::write_frame(&mut stream, &Challenge::Rejected { reason }).await?;
             return Ok(());
@@ -273,11 +336,11 @@ impl TunnelHub {
         let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_frame::<Auth, _>(&mut stream)).await {
             Ok(Ok((Auth::Auth { mac }, _))) => mac,
             Ok(Err(e)) => {
-                self.failed(peer, Failure::BadAuth);
+                self.failed(attempt, Failure::BadAuth);
                 return Err(e);
             }
             Err(_) => {
-                self.failed(peer, Failure::NoAuth);
+                self.failed(attempt, Failure::NoAuth);
                 return Ok(());
             }
         };
@@ -285,13 +348,17 @@ impl TunnelHub {
         let Some(client) = client.filter(|c| auth::verify(c.secret.expose(), &nonce, &binding, &answer)) else {
             let failure = if self.knows(name) { Failure::WrongSecret } else { Failure::UnknownName };
             debug!(%peer, client = name, reason = failure.reason(), "tunnel client refused");
-            self.failed(peer, failure);
+            self.failed(attempt, failure);
             let reason = "authentication failed: unknown client name or wrong secret".to_string();
             frame::write_frame(&mut stream, &Verdict::Rejected { reason }).await?;
             return Ok(());
         };
         drop(pending);
-        lock(&self.defences).throttle.succeeded(peer.ip());
+        {
+            let mut d = lock(&self.defences);
+            d.throttle.succeeded(peer.ip());
+            d.known.remember(peer.ip(), Instant::now());
+        }
         let (sent, received) = self.metrics.tunnel_meters(&client.name);
         stream.attribute(sent, received);
 
@@ -330,16 +397,28 @@ impl TunnelHub {
         outcome.map(|_| ())
     }
 
-    /// A data channel presents its session's token; the session tells whose it is.
-    fn data_channel(&self, mut stream: TunnelStream, peer: SocketAddr, token: &str) {
+    /// A data channel presents its session's token; the session tells whose it
+    /// is. A live session's channel gets its reserved token back and keeps its
+    /// address known; a recently ended one's is a replaced client catching up;
+    /// any other token is a guess.
+    fn data_channel(&self, mut stream: TunnelStream, attempt: Attempt, token: &str) {
         let clients: Vec<Arc<Client>> = self.all_clients();
+        let now = Instant::now();
         match clients.iter().filter_map(|c| c.current()).find(|s| tokens_equal(&s.token, token)) {
             Some(session) => {
+                {
+                    let mut d = lock(&self.defences);
+                    d.throttle.refund(attempt.source(), attempt.charge, now);
+                    d.known.remember(attempt.source(), now);
+                }
                 let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
                 stream.attribute(sent, received);
                 session.offer(stream)
             }
-            None => self.failed(peer, Failure::UnknownSession),
+            None => {
+                let late = lock(&self.defences).ended.late(token, now);
+                self.failed(attempt, if late { Failure::LateSession } else { Failure::ForgedSession })
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::core::names::DEFAULT_CLIENT;
 use crate::core::secret::Secret;
 use crate::core::sync::{lock, read, write};
 use crate::net::transport::TunnelStream;
-use crate::server::throttle::{AuthThrottle, FailureLog, Flapping, Unauthenticated};
+use crate::server::throttle::{AuthThrottle, EndedSessions, FailureLog, Flapping, KnownSources, Unauthenticated};
 use crate::telemetry::{session_result, Metrics};
 use crate::tunnel::exchange;
 use crate::tunnel::frame::ProtocolError;
@@ -27,6 +27,10 @@ use crate::tunnel::message::Connect;
 /// Connections held open before they authenticate, in total and per source.
 const MAX_UNAUTHENTICATED: usize = 256;
 const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 16;
+/// Beyond [`MAX_UNAUTHENTICATED`], slots only addresses that clients
+/// authenticated from recently may use: a client reconnecting, or opening data
+/// channels, gets in while strangers hold every ordinary slot.
+const RESERVED_FOR_KNOWN_CLIENTS: usize = 64;
 
 /// Why no data channel could be had for a visitor.
 #[derive(Debug, thiserror::Error)]
@@ -94,10 +98,12 @@ impl TunnelHub {
             clients: RwLock::new(HashMap::new()),
             defences: Mutex::new(Defences {
                 throttle: AuthThrottle::default(),
+                known: KnownSources::default(),
+                ended: EndedSessions::default(),
                 log: FailureLog::new(FAILURE_LOG_INTERVAL),
                 flaps: HashMap::new(),
             }),
-            unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE),
+            unauthenticated: Unauthenticated::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE, RESERVED_FOR_KNOWN_CLIENTS),
             presence: tokio::sync::broadcast::channel(256).0,
         });
         hub.add_client(DEFAULT_CLIENT, default_secret);
@@ -118,6 +124,11 @@ impl TunnelHub {
     /// Forgets `name`: its session and the exchanges on its data channels end now,
     /// and its metric series go. Returns whether it was known.
     pub fn remove_client(&self, name: &str) -> bool {
+        // Remembered before the session can no longer be found, so none of its
+        // data channels in flight is taken for a forgery.
+        if let Some(session) = self.session(name) {
+            self.session_ending(&session);
+        }
         let removed = {
             let mut clients = write(&self.clients);
             let removed = clients.remove(name);
@@ -193,6 +204,9 @@ impl TunnelHub {
     pub(super) fn install(&self, session: Arc<Session>) {
         let client = session.client.clone();
         let latest = session.peer;
+        if let Some(old) = client.current() {
+            self.session_ending(&old);
+        }
         let previous = lock(&client.session).replace(session);
         let previous_peer = previous.as_ref().map(|old| old.peer);
         if let Some(old) = previous {
@@ -231,8 +245,16 @@ impl TunnelHub {
         }
     }
 
+    /// A session is about to end (replaced, removed, gone): its client may still
+    /// be opening data channels with its token, which are then no guesses.
+    /// Called while the session can still be found, so no channel falls between.
+    fn session_ending(&self, session: &Session) {
+        lock(&self.defences).ended.ended(&session.token, Instant::now());
+    }
+
     pub(super) fn uninstall(&self, session: &Arc<Session>) {
         session.cancel.cancel();
+        self.session_ending(session);
         let client = &session.client;
         let was_current = {
             let mut current = lock(&client.session);
