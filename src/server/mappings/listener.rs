@@ -1,6 +1,7 @@
 //! The life of one mapping's listener: (re)bind until it has its port, then
-//! accept, checking each visitor against the mapping's policy and connection
-//! limit before any target or tunnel work.
+//! accept, checking each visitor against the mapping's policy, its loop check,
+//! its connection limit and the process's descriptor budget before any target
+//! or tunnel work.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -9,9 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::context::Ctx;
+use super::registry::visitor_descriptors;
+use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
 use crate::core::sync::lock;
 use crate::net::relay;
@@ -46,6 +49,7 @@ pub(super) async fn run_mapping(
     policy: Arc<LivePolicy>,
     listener: Option<TcpListener>,
     bind_error: Arc<Mutex<Option<String>>>,
+    resolved: Arc<ResolvedHere>,
     cancel: CancellationToken,
     metrics: MappingMetrics,
 ) {
@@ -74,6 +78,7 @@ pub(super) async fn run_mapping(
         },
     };
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let descriptors = visitor_descriptors(&spec);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -95,9 +100,32 @@ pub(super) async fn run_mapping(
             debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
             continue;
         }
+        if let Some(why) = ctx.tunnel_loop(&spec, &resolved) {
+            metrics.refused_loop.inc();
+            debug!(port, %peer, reason = %why, "visitor refused: the mapping would forward to itself");
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.refused_connection_limit.inc();
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
+            continue;
+        };
+        // Shared by every mapping: however visitors come back around (a loop
+        // through another host or relay), they stop here, and the descriptors
+        // kept back stay free for the API, the tunnel and the store.
+        let Some(held) = ctx.descriptors.try_take(descriptors) else {
+            metrics.refused_process_limit.inc();
+            let budget = ctx.descriptors.capacity();
+            match ctx.descriptors.refused() {
+                Some(not_logged) => warn!(
+                    port,
+                    %peer,
+                    visitor_descriptors = budget,
+                    refused_not_logged = not_logged,
+                    "visitor refused: all mappings' visitors together hold the descriptors kept for them (a loop, or a flood?); further refusals are counted and logged at most every 10 s"
+                ),
+                None => debug!(port, %peer, visitor_descriptors = budget, "visitor refused: process-wide visitor bound reached"),
+            }
             continue;
         };
         // Admitted: the socket options every forwarded connection gets.
@@ -108,7 +136,7 @@ pub(super) async fn run_mapping(
         let policy = policy.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             tokio::select! {
                 _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
