@@ -49,9 +49,10 @@ impl Watcher {
                         Ok(Presence { client, connected: true }) => {
                             // A client on this host turns a tunneled target on one of
                             // this daemon's own listeners into a loop: said once, here.
+                            let peer = self.hub.peer_on_this_host(&client);
                             for (port, looped_client, reason) in self.mappings.looping().await {
-                                if looped_client == client {
-                                    warn!(port, client = %client, peer = ?self.hub.peer_on_this_host(&client), %reason, "tunneled mapping refuses every visitor: it would forward to itself");
+                                if let Some(peer) = peer.filter(|_| looped_client == client) {
+                                    warn!(port, client = %client, %peer, %reason, "tunneled mapping refuses every visitor: it would forward to itself");
                                 }
                             }
                             if lost.remove(&client) {

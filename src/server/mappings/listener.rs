@@ -41,15 +41,22 @@ pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener
     socket::listen(SocketAddr::new(addr, port))
 }
 
+/// What each visitor of a mapping is checked against at accept, before any
+/// target or tunnel work: its policy, and (tunneled) its target as resolved
+/// here, for the loop check.
+pub(super) struct Admission {
+    pub(super) policy: Arc<LivePolicy>,
+    pub(super) resolved: Arc<ResolvedHere>,
+}
+
 /// The life of one mapping: (re)bind until it has its port, then accept until
 /// removed or shut down.
 pub(super) async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
-    policy: Arc<LivePolicy>,
+    admission: Admission,
     listener: Option<TcpListener>,
     bind_error: Arc<Mutex<Option<String>>>,
-    resolved: Arc<ResolvedHere>,
     cancel: CancellationToken,
     metrics: MappingMetrics,
 ) {
@@ -90,17 +97,17 @@ pub(super) async fn run_mapping(
         relay::arm(&visitor);
         // Policy first, before any target or tunnel work: a refused visitor is
         // dropped here, armed, so it gets a reset at once.
-        if !policy.admits(peer.ip()) {
+        if !admission.policy.admits(peer.ip()) {
             metrics.refused_acl.inc();
             debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
             continue;
         }
-        if policy.quota_blocked() {
+        if admission.policy.quota_blocked() {
             metrics.refused_quota.inc();
             debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
             continue;
         }
-        if let Some(why) = ctx.tunnel_loop(&spec, &resolved) {
+        if let Some(why) = ctx.tunnel_loop(&spec, &admission.resolved) {
             metrics.refused_loop.inc();
             debug!(port, %peer, reason = %why, "visitor refused: the mapping would forward to itself");
             continue;
@@ -133,7 +140,7 @@ pub(super) async fn run_mapping(
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
-        let policy = policy.clone();
+        let policy = admission.policy.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
             let _slot = (slot, held);

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::context::{Ctx, Settings};
 use super::error::MappingError;
-use super::listener::{bind, describe_bind_error, run_mapping, set};
+use super::listener::{bind, describe_bind_error, run_mapping, set, Admission};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
 use crate::core::names::DEFAULT_CLIENT;
@@ -341,10 +341,9 @@ impl Mappings {
         let task = tokio::spawn(run_mapping(
             self.ctx.clone(),
             spec.clone(),
-            policy.clone(),
+            Admission { policy: policy.clone(), resolved: resolved.clone() },
             listener,
             bind_error.clone(),
-            resolved.clone(),
             cancel.clone(),
             metrics,
         ));
