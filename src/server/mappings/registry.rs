@@ -116,14 +116,7 @@ impl Mappings {
                 }
             };
             restored += usize::from(listener.is_some());
-            // A literal target is known at once; a name is looked up in the
-            // background, so a slow resolver cannot hold up the restore.
-            let literal = target::literal(&spec.target_host, spec.target_port);
-            let resolved = Arc::new(ResolvedHere::new(literal.into_iter().collect()));
-            if spec.use_tunnel && literal.is_none() {
-                let (slot, host, target_port) = (resolved.clone(), spec.target_host.clone(), spec.target_port);
-                tokio::spawn(async move { slot.set(target::resolve_here(&host, target_port).await) });
-            }
+            let resolved = ResolvedHere::soon(&spec);
             let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error, resolved);
             write(&self.ctx.mapped_ports).insert(port);
             entries.insert(port, entry);
@@ -154,8 +147,12 @@ impl Mappings {
         // names the server cannot; only direct targets must resolve here.
         let resolved = if req.use_tunnel { Vec::new() } else { target::resolve(&host, req.target_port).await? };
         // Where a tunneled target is as this host sees it: what a client on this
-        // host reaches, checked against this daemon's own listeners.
-        let resolved_here = if req.use_tunnel { target::resolve_here(&host, req.target_port).await } else { Vec::new() };
+        // host reaches, checked against this daemon's own listeners. Looked up
+        // now only when such a client is connected (it may be refused);
+        // otherwise soon after, so a name only the client's network knows
+        // costs no wait.
+        let client_here = client.as_deref().is_some_and(|name| self.ctx.hub.peer_on_this_host(name).is_some());
+        let resolved_here = if req.use_tunnel && client_here { target::resolve_here(&host, req.target_port).await } else { Vec::new() };
 
         let mut entries = self.entries.lock().await;
         // Checked under the mappings lock, which client removal takes too: a
@@ -198,7 +195,10 @@ impl Mappings {
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
         info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), "mapping created");
-        let resolved = Arc::new(ResolvedHere::new(resolved_here));
+        let resolved = match resolved_here.is_empty() {
+            true => ResolvedHere::soon(&spec),
+            false => Arc::new(ResolvedHere::new(resolved_here)),
+        };
         let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)), resolved);
         write(&self.ctx.mapped_ports).insert(req.source_port);
         let view = self.view(&entry);

@@ -3,7 +3,7 @@
 //! or through a tunnel client on this host.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::context::Ctx;
@@ -68,16 +68,24 @@ impl ResolvedHere {
         ResolvedHere(Mutex::new(addrs))
     }
 
-    pub(super) fn set(&self, addrs: Vec<SocketAddr>) {
-        *lock(&self.0) = addrs;
+    /// For `spec`: a literal target at once; a tunneled name looked up in the
+    /// background, so a slow resolver holds nothing up (a restore, a create).
+    pub(super) fn soon(spec: &MappingSpec) -> Arc<ResolvedHere> {
+        let literal = literal(&spec.target_host, spec.target_port);
+        let resolved = Arc::new(ResolvedHere::new(literal.into_iter().collect()));
+        if spec.use_tunnel && literal.is_none() {
+            let (slot, host, port) = (resolved.clone(), spec.target_host.clone(), spec.target_port);
+            tokio::spawn(async move { *lock(&slot.0) = resolve_here(&host, port).await });
+        }
+        resolved
     }
 }
 
 /// `host:port` as this host resolves it, at once for an address literal; empty
 /// when it does not resolve (in time).
 pub(super) async fn resolve_here(host: &str, port: u16) -> Vec<SocketAddr> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return vec![SocketAddr::new(ip, port)];
+    if let Some(addr) = literal(host, port) {
+        return vec![addr];
     }
     match tokio::time::timeout(RESOLVE_HERE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
         Ok(Ok(addrs)) => addrs.collect(),
@@ -86,7 +94,7 @@ pub(super) async fn resolve_here(host: &str, port: u16) -> Vec<SocketAddr> {
 }
 
 /// The address literal `host:port`, if `host` is one: known without a lookup.
-pub(super) fn literal(host: &str, port: u16) -> Option<SocketAddr> {
+fn literal(host: &str, port: u16) -> Option<SocketAddr> {
     host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port))
 }
 
