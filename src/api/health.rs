@@ -21,6 +21,9 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
     for (port, error) in state.mappings.unbound().await {
         reasons.push(format!("mapping on port {port} is not listening: {error}"));
     }
+    for (port, _client, why) in state.mappings.looping().await {
+        reasons.push(format!("mapping on port {port} refuses every visitor: {why}"));
+    }
     let mut waiting: BTreeMap<String, Vec<u16>> = BTreeMap::new();
     for m in state.mappings.list().await {
         if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {

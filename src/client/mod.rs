@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{ClientConfig, Config, Role};
+use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
 use crate::systemd;
 use crate::telemetry::Metrics;
@@ -67,13 +68,22 @@ pub(crate) async fn run(
         });
     }
     let dialer = Arc::new(Dialer::new(config, metrics.clone())?);
+    // Data channels and the targets they dial, across sessions: however many
+    // the server asks for (a loop through this host asks for ever more), the
+    // rest of the open-file limit stays free for the control channel.
+    let descriptors = Arc::new(DescriptorBudget::for_this_process());
+    info!(
+        descriptor_limit = socket::descriptor_limit().unwrap_or(u64::MAX),
+        tunnel_descriptors = descriptors.capacity(),
+        "data channels and target connections share this many descriptors"
+    );
     systemd::ready(&format!("connecting to {}", dialer.config.server));
     let mut backoff = Backoff::new();
     loop {
         let started = Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = session::run(dialer.clone(), shutdown.clone()) => r,
+            r = session::run(dialer.clone(), descriptors.clone(), shutdown.clone()) => r,
         };
         metrics.session_ended(&dialer.config.name);
         match result {

@@ -2,7 +2,8 @@
 //! requests for more data channels) and the pool of data channels, each of which
 //! waits for a `connect`, dials the target and relays, again and again for as
 //! long as exchanges end cleanly — a steady stream of visitors costs no new TCP
-//! or TLS handshakes.
+//! or TLS handshakes. Channels and targets together stay within the process's
+//! descriptor budget: beyond it no channel is opened and no target dialed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::dialer::{Dialer, Throttled, HANDSHAKE_TIMEOUT};
+use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
 use crate::net::transport::TunnelStream;
@@ -24,9 +26,15 @@ use crate::tunnel::frame::{self, ProtocolError};
 use crate::tunnel::handshake::{self, HandshakeError};
 use crate::tunnel::message::{Connect, ConnectResult, Opening, ToClient, ToServer, PROTOCOL_VERSION};
 
+/// Descriptors a data channel holds for its life: its socket, and the second
+/// handle on it that its first exchange makes and keeps (see `exchange::relay`).
+const DATA_CHANNEL_DESCRIPTORS: u32 = 2;
+
 /// What every data channel of one session needs.
 struct SessionCtx {
     dialer: Arc<Dialer>,
+    /// Shared by every channel and target of the process.
+    descriptors: Arc<DescriptorBudget>,
     token: String,
     cancel: CancellationToken,
     /// Channels waiting for a `connect` now.
@@ -36,7 +44,11 @@ struct SessionCtx {
 }
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
-pub(super) async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) -> anyhow::Result<&'static str> {
+pub(super) async fn run(
+    dialer: Arc<Dialer>,
+    descriptors: Arc<DescriptorBudget>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<&'static str> {
     let config = &dialer.config;
     let metrics = &dialer.metrics;
     let handshake = async {
@@ -59,6 +71,7 @@ pub(super) async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) -> any
 
     let ctx = Arc::new(SessionCtx {
         dialer: dialer.clone(),
+        descriptors,
         token: welcome.session,
         cancel: shutdown.child_token(),
         idle: AtomicUsize::new(0),
@@ -87,8 +100,15 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
     if ctx.cancel.is_cancelled() {
         return;
     }
+    // Held for the channel's life; the server asks again when it needs one.
+    let Some(held) = ctx.descriptors.try_take(DATA_CHANNEL_DESCRIPTORS) else {
+        refused(&ctx, "no new data channel");
+        return;
+    };
     tokio::spawn(async move {
-        match data_channel(&ctx).await {
+        let opened = data_channel(&ctx).await;
+        drop(held);
+        match opened {
             // An established channel that closed (idle timeout, the server's pool
             // trimmed, a failed exchange): keep the pool at its size.
             Ok(()) => {
@@ -103,6 +123,21 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
             Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
+}
+
+/// Logs a refusal for the descriptor budget: the first of an interval at WARN,
+/// the rest at debug.
+fn refused(ctx: &SessionCtx, what: &'static str) {
+    let budget = ctx.descriptors.capacity();
+    match ctx.descriptors.refused() {
+        Some(not_logged) => warn!(
+            refused = what,
+            tunnel_descriptors = budget,
+            refused_not_logged = not_logged,
+            "data channels and targets hold all the descriptors kept for them (a loop, or a flood?); further refusals are counted and logged at most every 10 s"
+        ),
+        None => debug!(refused = what, tunnel_descriptors = budget, "descriptor budget reached"),
+    }
 }
 
 /// Marks one channel idle for as long as it lives.
@@ -158,6 +193,16 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             // The last idle one is taken: have another ready for the next visitor.
             spawn_data_channel(ctx.clone());
         }
+        let Some(held) = ctx.descriptors.try_take(1) else {
+            refused(ctx, "target not dialed");
+            let error = format!(
+                "{host}:{port}: not dialed: this client's data channels and targets hold all {} descriptors kept for them (a loop, or a flood?)",
+                ctx.descriptors.capacity()
+            );
+            // Not reusable: the visitor's first bytes may be on their way.
+            let _ = frame::write_frame(&mut channel, &ConnectResult::ConnectResult { error: Some(error) }).await;
+            return Ok(());
+        };
         let timeout = Duration::from_secs(config.connect_timeout_secs);
         let target = match socket::connect(&host, port, timeout).await {
             Ok(target) => target,
@@ -178,7 +223,9 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         relay::arm(&target);
         // Looked up only for the debug log: a syscall per visitor otherwise.
         let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| target.peer_addr().ok()).flatten();
-        match exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await {
+        let relayed = exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await;
+        drop((target, held));
+        match relayed {
             Ok((back, sent, received)) => {
                 debug!(?peer, sent, received, "tunneled connection finished");
                 channel = back;

@@ -2,6 +2,7 @@
 //! idea of mappings or clients.
 //!
 //! - [`socket`]: listeners, accepting through descriptor exhaustion, dialing;
+//! - [`descriptors`]: the share of the open-file limit outside connections may use;
 //! - [`relay`]: the counted copy between two sockets and how it ends;
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
@@ -9,6 +10,7 @@
 //!
 //! May import `core`, `config` and `telemetry`.
 
+pub(crate) mod descriptors;
 pub mod metered;
 pub(crate) mod relay;
 pub(crate) mod socket;

@@ -3,7 +3,7 @@
 //! timeout, and the process's descriptor limit.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -40,6 +40,13 @@ pub(crate) fn raise_descriptor_limit() -> Option<(u64, u64)> {
 /// The soft limit on open descriptors (`None`: unlimited or unknown).
 pub(crate) fn descriptor_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Whether `ip` is one of this host's own addresses (loopback, the wildcard, or
+/// an interface address): an address this host can bind is one it answers on.
+pub(crate) fn is_local_address(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Listen backlog for every listener: a burst of a thousand connects must queue,

@@ -47,6 +47,14 @@ impl Watcher {
                             lost.insert(client);
                         }
                         Ok(Presence { client, connected: true }) => {
+                            // A client on this host turns a tunneled target on one of
+                            // this daemon's own listeners into a loop: said once, here.
+                            let peer = self.hub.peer_on_this_host(&client);
+                            for (port, looped_client, reason) in self.mappings.looping().await {
+                                if let Some(peer) = peer.filter(|_| looped_client == client) {
+                                    warn!(port, client = %client, %peer, %reason, "tunneled mapping refuses every visitor: it would forward to itself");
+                                }
+                            }
                             if lost.remove(&client) {
                                 info!(client = %client, "tunnel client back");
                                 self.events.emit(EventKind::ClientBack, None, Some(&client), format!("tunnel client {client} is back")).await;

@@ -36,8 +36,15 @@ pub(crate) mod refused_reason {
     pub(crate) const ACL: &str = "acl";
     /// The mapping's quota is used up and its action is `block`.
     pub(crate) const QUOTA: &str = "quota";
+    /// Every visitor connection of the process together holds the share of
+    /// its descriptor limit kept for them: a loop of any shape stops here,
+    /// with the reserve left for the API, the tunnel and the store.
+    pub(crate) const PROCESS_LIMIT: &str = "process_limit";
+    /// A tunneled mapping whose client is on this host and whose target is one
+    /// of this daemon's own listeners: every visitor would come back as a new one.
+    pub(crate) const LOOP: &str = "loop";
     /// Every reason; the family's HELP lists these, so it names each one there is.
-    pub(crate) const ALL: [&str; 4] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA];
+    pub(crate) const ALL: [&str; 6] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA, PROCESS_LIMIT, LOOP];
 }
 
 /// Label: a mapping's listening port.

@@ -50,6 +50,8 @@ impl Metrics {
             refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
             refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
             refused_quota: self.mapping_refused.with_label_values(&[&p, refused_reason::QUOTA]),
+            refused_process_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::PROCESS_LIMIT]),
+            refused_loop: self.mapping_refused.with_label_values(&[&p, refused_reason::LOOP]),
             quota_used: self.mapping_quota_used.with_label_values(&[&p]),
             up: self.mapping_up.with_label_values(&[&p]),
             sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
@@ -152,6 +154,8 @@ pub struct MappingMetrics {
     pub(crate) refused_no_descriptors: IntCounter,
     pub(crate) refused_acl: IntCounter,
     pub(crate) refused_quota: IntCounter,
+    pub(crate) refused_process_limit: IntCounter,
+    pub(crate) refused_loop: IntCounter,
     /// `tunneld_mapping_quota_used_ratio`.
     pub(crate) quota_used: Gauge,
     /// `tunneld_mapping_up`: 1 while listening.

@@ -138,6 +138,23 @@ impl Daemon {
 
     /// [`Daemon::client_with`] with extra environment variables.
     pub fn client_with_env(server_tunnel: SocketAddr, secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Self::start_client(server_tunnel, secret, extra, envs, &[])
+    }
+
+    /// Like [`Daemon::client`], run under `prlimit --nofile=SOFT:HARD`: a real
+    /// descriptor limit on the real process.
+    pub fn client_with_nofile(soft: u64, hard: u64, server: &Daemon, secret: &str) -> Daemon {
+        let pin = server.fingerprint();
+        let limit = format!("--nofile={soft}:{hard}");
+        let tunnel = server.tunnel.expect("a server has a tunnel address");
+        let d = Self::start_client(tunnel, secret, &["--fingerprint", &pin], &[], &["prlimit", &limit, "--"]);
+        d.wait_for_notify("STATUS=connected", Duration::from_secs(20));
+        d
+    }
+
+    /// Starts `tunneld client` against `server_tunnel` with `extra` added;
+    /// `wrapper` as in [`Daemon::spawn`]. Waits for `READY=1`.
+    fn start_client(server_tunnel: SocketAddr, secret: &str, extra: &[&str], envs: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let metrics: SocketAddr = loopback(free_port());
         let mut args: Vec<String> = vec![
@@ -151,9 +168,14 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let state = tmp.path().to_path_buf();
-        let d = Self::spawn(tmp, &[], &args, envs, metrics, None, state);
+        let d = Self::spawn(tmp, wrapper, &args, envs, metrics, None, state);
         d.wait_for_notify("READY=1", Duration::from_secs(20));
         d
+    }
+
+    /// How many descriptors the daemon process has open now (`/proc/PID/fd`).
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
     }
 
     /// This server's tunnel certificate fingerprint, via `tunneld fingerprint`.

@@ -367,6 +367,7 @@ impl TunnelHub {
             id: rand::random(),
             token: auth::new_nonce(),
             peer,
+            on_this_host: socket::is_local_address(peer.ip()),
             authenticated_at: crate::core::time::unix_now(),
             client: client.clone(),
             control: control_tx,

@@ -194,6 +194,12 @@ impl TunnelHub {
         self.session(name).is_some()
     }
 
+    /// Where the client `name` is connected from, when that is this host (its
+    /// session's peer is a local address): its targets are then this host's.
+    pub fn peer_on_this_host(&self, name: &str) -> Option<SocketAddr> {
+        self.session(name).filter(|s| s.on_this_host).map(|s| s.peer)
+    }
+
     pub(super) fn session(&self, name: &str) -> Option<Arc<Session>> {
         self.client(name)?.current()
     }

@@ -40,6 +40,9 @@ pub(super) struct Session {
     /// What this session's data channels present.
     pub(super) token: String,
     pub(super) peer: SocketAddr,
+    /// Whether `peer` is one of this host's own addresses: the client runs
+    /// here, so its targets are this host's too.
+    pub(super) on_this_host: bool,
     /// Unix seconds.
     pub(super) authenticated_at: f64,
     pub(super) client: Arc<Client>,

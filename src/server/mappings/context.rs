@@ -1,13 +1,15 @@
 //! What every mapping task and visitor needs: the shared services, the
 //! settings, and the two shutdown phases.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::net::descriptors::DescriptorBudget;
 use crate::server::hub::TunnelHub;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -35,4 +37,10 @@ pub(super) struct Ctx {
     /// Shutdown, phase 2: open connections are cut.
     pub(super) abort: CancellationToken,
     pub(super) connections: TaskTracker,
+    /// Every mapped port, kept by the registry as mappings come and go: what
+    /// each visitor of a tunneled mapping is checked against (see
+    /// `Ctx::tunnel_loop`) without the registry's lock.
+    pub(super) mapped_ports: RwLock<BTreeSet<u16>>,
+    /// The descriptors all visitors of all mappings may hold together.
+    pub(super) descriptors: DescriptorBudget,
 }

@@ -1,6 +1,7 @@
 //! The life of one mapping's listener: (re)bind until it has its port, then
-//! accept, checking each visitor against the mapping's policy and connection
-//! limit before any target or tunnel work.
+//! accept, checking each visitor against the mapping's policy, its loop check,
+//! its connection limit and the process's descriptor budget before any target
+//! or tunnel work.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -9,9 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::context::Ctx;
+use super::registry::visitor_descriptors;
+use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
 use crate::core::sync::lock;
 use crate::net::relay;
@@ -38,12 +41,20 @@ pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener
     socket::listen(SocketAddr::new(addr, port))
 }
 
+/// What each visitor of a mapping is checked against at accept, before any
+/// target or tunnel work: its policy, and (tunneled) its target as resolved
+/// here, for the loop check.
+pub(super) struct Admission {
+    pub(super) policy: Arc<LivePolicy>,
+    pub(super) resolved: Arc<ResolvedHere>,
+}
+
 /// The life of one mapping: (re)bind until it has its port, then accept until
 /// removed or shut down.
 pub(super) async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
-    policy: Arc<LivePolicy>,
+    admission: Admission,
     listener: Option<TcpListener>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
@@ -74,6 +85,7 @@ pub(super) async fn run_mapping(
         },
     };
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let descriptors = visitor_descriptors(&spec);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -85,14 +97,19 @@ pub(super) async fn run_mapping(
         relay::arm(&visitor);
         // Policy first, before any target or tunnel work: a refused visitor is
         // dropped here, armed, so it gets a reset at once.
-        if !policy.admits(peer.ip()) {
+        if !admission.policy.admits(peer.ip()) {
             metrics.refused_acl.inc();
             debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
             continue;
         }
-        if policy.quota_blocked() {
+        if admission.policy.quota_blocked() {
             metrics.refused_quota.inc();
             debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
+            continue;
+        }
+        if let Some(why) = ctx.tunnel_loop(&spec, &admission.resolved) {
+            metrics.refused_loop.inc();
+            debug!(port, %peer, reason = %why, "visitor refused: the mapping would forward to itself");
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -100,15 +117,33 @@ pub(super) async fn run_mapping(
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
             continue;
         };
+        // Shared by every mapping: however visitors come back around (a loop
+        // through another host or relay), they stop here, and the descriptors
+        // kept back stay free for the API, the tunnel and the store.
+        let Some(held) = ctx.descriptors.try_take(descriptors) else {
+            metrics.refused_process_limit.inc();
+            let budget = ctx.descriptors.capacity();
+            match ctx.descriptors.refused() {
+                Some(not_logged) => warn!(
+                    port,
+                    %peer,
+                    visitor_descriptors = budget,
+                    refused_not_logged = not_logged,
+                    "visitor refused: all mappings' visitors together hold the descriptors kept for them (a loop, or a flood?); further refusals are counted and logged at most every 10 s"
+                ),
+                None => debug!(port, %peer, visitor_descriptors = budget, "visitor refused: process-wide visitor bound reached"),
+            }
+            continue;
+        };
         // Admitted: the socket options every forwarded connection gets.
         socket::tune(&visitor);
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
-        let policy = policy.clone();
+        let policy = admission.policy.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             tokio::select! {
                 _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),

@@ -13,11 +13,13 @@ use tracing::{info, warn};
 
 use super::context::{Ctx, Settings};
 use super::error::MappingError;
-use super::listener::{bind, describe_bind_error, run_mapping, set};
-use super::target;
+use super::listener::{bind, describe_bind_error, run_mapping, set, Admission};
+use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
 use crate::core::names::DEFAULT_CLIENT;
-use crate::core::sync::lock;
+use crate::core::sync::{lock, write};
+use crate::net::descriptors::DescriptorBudget;
+use crate::net::socket;
 use crate::policy::{LivePolicy, Policy, PolicyUpdate};
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Store, StoreError};
@@ -45,13 +47,39 @@ pub(super) struct Entry {
     policy: Arc<LivePolicy>,
     quota_used: prometheus::Gauge,
     bind_error: Arc<Mutex<Option<String>>>,
+    /// Tunneled: the target as this host resolves it, for the loop check.
+    resolved: Arc<ResolvedHere>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// Descriptors one visitor holds: its own connection and the target's.
+const DIRECT_VISITOR_DESCRIPTORS: u32 = 2;
+/// Tunneled: its own, the data channel's two (its socket and the second handle
+/// on it that exchanges keep, see `exchange::relay`), and the fresh channel the
+/// client opens to replace the one taken from the pool.
+const TUNNELED_VISITOR_DESCRIPTORS: u32 = 4;
+
+/// What one visitor of `spec` costs from the process's descriptor budget.
+pub(super) fn visitor_descriptors(spec: &MappingSpec) -> u32 {
+    if spec.use_tunnel {
+        TUNNELED_VISITOR_DESCRIPTORS
+    } else {
+        DIRECT_VISITOR_DESCRIPTORS
+    }
 }
 
 impl Mappings {
     pub fn new(store: Store, metrics: Arc<Metrics>, hub: Arc<TunnelHub>, settings: Settings) -> Mappings {
         let abort = CancellationToken::new();
+        let descriptors = DescriptorBudget::for_this_process();
+        info!(
+            descriptor_limit = socket::descriptor_limit().unwrap_or(u64::MAX),
+            visitor_descriptors = descriptors.capacity(),
+            direct_visitors = descriptors.capacity() / DIRECT_VISITOR_DESCRIPTORS as usize,
+            tunneled_visitors = descriptors.capacity() / TUNNELED_VISITOR_DESCRIPTORS as usize,
+            "visitor connections of all mappings share this many descriptors; the rest of the open-file limit is kept for the API, the tunnel and the store"
+        );
         Mappings {
             entries: tokio::sync::Mutex::new(BTreeMap::new()),
             ctx: Arc::new(Ctx {
@@ -62,6 +90,8 @@ impl Mappings {
                 stop_accepting: CancellationToken::new(),
                 abort,
                 connections: TaskTracker::new(),
+                mapped_ports: Default::default(),
+                descriptors,
             }),
         }
     }
@@ -86,7 +116,9 @@ impl Mappings {
                 }
             };
             restored += usize::from(listener.is_some());
-            let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error);
+            let resolved = ResolvedHere::soon(&spec);
+            let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error, resolved);
+            write(&self.ctx.mapped_ports).insert(port);
             entries.insert(port, entry);
         }
         Ok((restored, failed))
@@ -114,6 +146,13 @@ impl Mappings {
         // Tunneled targets are resolved inside the client's network, which may know
         // names the server cannot; only direct targets must resolve here.
         let resolved = if req.use_tunnel { Vec::new() } else { target::resolve(&host, req.target_port).await? };
+        // Where a tunneled target is as this host sees it: what a client on this
+        // host reaches, checked against this daemon's own listeners. Looked up
+        // now only when such a client is connected (it may be refused);
+        // otherwise soon after, so a name only the client's network knows
+        // costs no wait.
+        let client_here = client.as_deref().is_some_and(|name| self.ctx.hub.peer_on_this_host(name).is_some());
+        let resolved_here = if req.use_tunnel && client_here { target::resolve_here(&host, req.target_port).await } else { Vec::new() };
 
         let mut entries = self.entries.lock().await;
         // Checked under the mappings lock, which client removal takes too: a
@@ -127,6 +166,15 @@ impl Mappings {
         let reserved = &self.ctx.settings.reserved_ports;
         if let Some(why) = target::own_listener(&resolved, req.source_port, |port| entries.contains_key(&port), reserved) {
             return Err(MappingError::Invalid(format!("target {host}:{} is {why}: the mapping would forward to itself", req.target_port)));
+        }
+        if let Some((name, peer)) = client.as_deref().and_then(|name| Some((name, self.ctx.hub.peer_on_this_host(name)?))) {
+            let mapped = |port| entries.contains_key(&port);
+            if let Some(why) = target::through_client_on_this_host(&resolved_here, req.source_port, name, peer, mapped, reserved) {
+                return Err(MappingError::Invalid(format!(
+                    "target {host}:{} is {why}: the mapping would forward to itself",
+                    req.target_port
+                )));
+            }
         }
         let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
@@ -147,7 +195,12 @@ impl Mappings {
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
         info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), "mapping created");
-        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)));
+        let resolved = match resolved_here.is_empty() {
+            true => ResolvedHere::soon(&spec),
+            false => Arc::new(ResolvedHere::new(resolved_here)),
+        };
+        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)), resolved);
+        write(&self.ctx.mapped_ports).insert(req.source_port);
         let view = self.view(&entry);
         entries.insert(req.source_port, entry);
         Ok(view)
@@ -191,6 +244,7 @@ impl Mappings {
         }
         self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
         let removed = entries.get(&port).map(|e| e.spec.clone());
+        write(&self.ctx.mapped_ports).remove(&port);
         if let Some(entry) = entries.remove(&port) {
             entry.cancel.cancel();
             // The listener is released when the task ends: wait, so the port can be
@@ -211,6 +265,19 @@ impl Mappings {
         entries.iter().filter_map(|(port, e)| lock(&e.bind_error).clone().map(|b| (*port, b))).collect()
     }
 
+    /// `(port, client, reason)` for every tunneled mapping that refuses its
+    /// visitors because it would forward to itself through a client on this host.
+    pub async fn looping(&self) -> Vec<(u16, String, String)> {
+        let entries = self.entries.lock().await;
+        entries
+            .iter()
+            .filter_map(|(port, e)| {
+                let why = self.ctx.tunnel_loop(&e.spec, &e.resolved)?;
+                Some((*port, e.spec.client.clone().unwrap_or_default(), why))
+            })
+            .collect()
+    }
+
     pub async fn list(&self) -> Vec<MappingView> {
         self.entries.lock().await.values().map(|e| self.view(e)).collect()
     }
@@ -219,7 +286,10 @@ impl Mappings {
         let status = match lock(&entry.bind_error).clone() {
             Some(error) => MappingStatus::Error(error),
             None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => MappingStatus::WaitingForTunnel,
-            None => MappingStatus::Active,
+            None => match self.ctx.tunnel_loop(&entry.spec, &entry.resolved) {
+                Some(why) => MappingStatus::Error(format!("refusing visitors: {why}")),
+                None => MappingStatus::Active,
+            },
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();
@@ -261,6 +331,7 @@ impl Mappings {
         policy: Policy,
         listener: Option<TcpListener>,
         bind_error: Arc<Mutex<Option<String>>>,
+        resolved: Arc<ResolvedHere>,
     ) -> Entry {
         let [target, mode, client] = info_labels(&spec);
         let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
@@ -270,13 +341,13 @@ impl Mappings {
         let task = tokio::spawn(run_mapping(
             self.ctx.clone(),
             spec.clone(),
-            policy.clone(),
+            Admission { policy: policy.clone(), resolved: resolved.clone() },
             listener,
             bind_error.clone(),
             cancel.clone(),
             metrics,
         ));
-        Entry { spec, policy, quota_used, bind_error, cancel, task }
+        Entry { spec, policy, quota_used, bind_error, resolved, cancel, task }
     }
 }
 

@@ -1,13 +1,23 @@
-//! Checks on a new mapping's target: a valid host, resolvable when the server
-//! dials it, and never one of this daemon's own listeners.
+//! Checks on a mapping's target: a valid host, resolvable when the server
+//! dials it, and never one of this daemon's own listeners — dialed directly,
+//! or through a tunnel client on this host.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::context::Ctx;
 use super::error::MappingError;
+use crate::core::sync::{lock, read};
+use crate::net::socket::is_local_address;
+use crate::store::MappingSpec;
 
 /// Bound on resolving a new mapping's `target_host`.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on resolving a tunneled target here, which only matters should its
+/// client run on this host; a name only the client's network knows fails fast
+/// or times out without holding anything up for long.
+const RESOLVE_HERE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Host names and address literals are ASCII; anything else (bidi controls,
 /// zero-width characters, homoglyphs) would only let a name display as
@@ -46,11 +56,76 @@ pub(super) fn own_listener(
     Some(format!("tunneld's own {owner} port"))
 }
 
-/// Whether `ip` is one of this host's own addresses (loopback, the wildcard, or
-/// an interface address): an address this host can bind is one it answers on.
-fn is_local_address(ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+/// A tunneled mapping's target as this host resolves it. A client on this host
+/// dials the same addresses, so these are what the loop check compares with this
+/// daemon's own listeners; empty when the name does not resolve here (then no
+/// client on this host reaches it either).
+#[derive(Default)]
+pub(super) struct ResolvedHere(Mutex<Vec<SocketAddr>>);
+
+impl ResolvedHere {
+    pub(super) fn new(addrs: Vec<SocketAddr>) -> ResolvedHere {
+        ResolvedHere(Mutex::new(addrs))
+    }
+
+    /// For `spec`: a literal target at once; a tunneled name looked up in the
+    /// background, so a slow resolver holds nothing up (a restore, a create).
+    pub(super) fn soon(spec: &MappingSpec) -> Arc<ResolvedHere> {
+        let literal = literal(&spec.target_host, spec.target_port);
+        let resolved = Arc::new(ResolvedHere::new(literal.into_iter().collect()));
+        if spec.use_tunnel && literal.is_none() {
+            let (slot, host, port) = (resolved.clone(), spec.target_host.clone(), spec.target_port);
+            tokio::spawn(async move { *lock(&slot.0) = resolve_here(&host, port).await });
+        }
+        resolved
+    }
+}
+
+/// `host:port` as this host resolves it, at once for an address literal; empty
+/// when it does not resolve (in time).
+pub(super) async fn resolve_here(host: &str, port: u16) -> Vec<SocketAddr> {
+    if let Some(addr) = literal(host, port) {
+        return vec![addr];
+    }
+    match tokio::time::timeout(RESOLVE_HERE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => addrs.collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The address literal `host:port`, if `host` is one: known without a lookup.
+fn literal(host: &str, port: u16) -> Option<SocketAddr> {
+    host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port))
+}
+
+/// Why the tunneled mapping `spec` would forward to itself through a client
+/// connected from this host at `client_peer` — its target (`addrs`, resolved
+/// here) is one of this daemon's listeners, as [`own_listener`] tells — or `None`.
+pub(super) fn through_client_on_this_host(
+    addrs: &[SocketAddr],
+    spec_port: u16,
+    client: &str,
+    client_peer: SocketAddr,
+    mapped: impl Fn(u16) -> bool,
+    reserved: &[(u16, &'static str)],
+) -> Option<String> {
+    let why = own_listener(addrs, spec_port, mapped, reserved)?;
+    Some(format!("{why}, and its client {client:?} is connected from this host ({})", client_peer.ip()))
+}
+
+impl Ctx {
+    /// Why the tunneled mapping `spec` refuses every visitor now — its client
+    /// is on this host and its target is one of this daemon's own listeners —
+    /// or `None`. Cheap (no lookup): checked for every visitor.
+    pub(super) fn tunnel_loop(&self, spec: &MappingSpec, resolved: &ResolvedHere) -> Option<String> {
+        let client = spec.client.as_deref().filter(|_| spec.use_tunnel)?;
+        let peer = self.hub.peer_on_this_host(client)?;
+        let addrs = lock(&resolved.0);
+        let mapped = read(&self.mapped_ports);
+        let why =
+            through_client_on_this_host(&addrs, spec.source_port, client, peer, |p| mapped.contains(&p), &self.settings.reserved_ports)?;
+        Some(format!("target {}:{} is {why}: the mapping would forward to itself", spec.target_host, spec.target_port))
+    }
 }
 
 pub(super) async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, MappingError> {
@@ -68,6 +143,19 @@ pub(super) async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Ma
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_on_this_host_makes_a_local_target_a_loop() {
+        let client = "127.0.0.1:40000".parse().unwrap();
+        let own: Vec<SocketAddr> = vec!["127.0.0.1:5000".parse().unwrap()];
+        let why = through_client_on_this_host(&own, 5000, "default", client, |_| false, &[]).expect("its own port");
+        assert!(why.contains("own port") && why.contains("\"default\"") && why.contains("this host (127.0.0.1)"), "{why}");
+        let other: Vec<SocketAddr> = vec!["127.0.0.1:6000".parse().unwrap()];
+        assert!(through_client_on_this_host(&other, 5000, "default", client, |p| p == 6000, &[]).is_some(), "another mapping");
+        assert!(through_client_on_this_host(&other, 5000, "default", client, |_| false, &[]).is_none(), "an outside target");
+        let remote: Vec<SocketAddr> = vec!["192.0.2.1:5000".parse().unwrap()];
+        assert!(through_client_on_this_host(&remote, 5000, "default", client, |_| true, &[]).is_none(), "another host");
+    }
 
     #[test]
     fn local_addresses_are_the_ones_this_host_answers_on() {
