@@ -19,8 +19,10 @@ mod events;
 pub(crate) mod guard;
 mod health;
 mod history;
+mod limits;
 mod mappings;
 mod state;
+mod stream;
 mod traffic;
 
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, Path};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +48,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// API connections open at once: an eighth of the descriptor limit, at most 128.
 /// Beyond it new ones wait in the listen backlog (costing no descriptor) until
 /// one closes, so the API can never starve the forwarders of descriptors.
+/// [`limits`] shares them out so `/health` and `/metrics` always find one.
 fn max_api_connections() -> usize {
     let limit = socket::descriptor_limit().unwrap_or(u64::MAX);
     (limit / 8).clamp(4, 128) as usize
@@ -88,15 +91,17 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     Ok(())
 }
 
-/// Every route, behind the guard (and the token where it applies).
+/// Every route, behind the guard (and the token where it applies), each kind
+/// within its share of the connections ([`limits`]).
 pub fn router(state: AppState) -> Router {
+    let (requests, streams, _reserve) = limits::shares(max_api_connections());
     let authenticated = Router::new()
         .route("/api/mapping/create", post(mappings::create))
         .route("/api/mapping/remove", post(mappings::remove))
         .route("/api/mapping/update", post(mappings::update))
         .route("/api/mapping/list", get(mappings::list))
         .route("/api/stats/traffic", get(traffic::traffic))
-        .route("/api/stats/stream", get(traffic::stream))
+        .route("/api/stats/stream", get(stream::stream))
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
         .route("/api/events", get(events::list))
@@ -120,5 +125,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this route") })
         .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .layer(middleware::from_fn_with_state(state.guard.clone(), guard::check))
+        .layer(Extension(stream::Streams::new(streams)))
+        .layer(middleware::from_fn_with_state(limits::RequestSlots::new(requests), limits::admit))
         .with_state(state)
 }
