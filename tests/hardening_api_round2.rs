@@ -171,7 +171,7 @@ fn streams_share_one_event_per_interval() {
     // Enough mappings that a report is real work (about 50 KB of JSON).
     let echo = echo_server();
     for _ in 0..120 {
-        create_mapping(&server, free_port(), echo, false);
+        map_some_port(&server, echo);
     }
     let pid = server.child.id();
     let streams = 24;
@@ -186,6 +186,10 @@ fn streams_share_one_event_per_interval() {
     let cpu = cpu_seconds(pid) - cpu_before;
 
     let timestamp = |data: &str| serde_json::from_str::<Value>(data).expect("event JSON")["timestamp"].as_f64().expect("a timestamp");
+    // Builds: one per stream for its first event, then one per second for all.
+    let builds: std::collections::BTreeSet<String> =
+        received.iter().flatten().map(|(_, data)| timestamp(data).to_string()).collect();
+    eprintln!("{streams} streams, {} builds, {cpu:.3} s CPU in {window:?}", builds.len());
     for events in &received {
         // First event at once, then one a second at most.
         assert!(events.len() >= 3 && events.len() <= 7, "{} events in {window:?}", events.len());
@@ -202,12 +206,23 @@ fn streams_share_one_event_per_interval() {
     let (_, largest) = by_build.iter().max_by_key(|(_, v)| v.len()).unwrap();
     assert!(largest.len() >= streams - 2, "streams received the same event: {:?}", by_build.iter().map(|(t, v)| (t, v.len())).collect::<Vec<_>>());
     assert!(largest.iter().all(|d| *d == largest[0]), "one build, identical bytes");
-    // Builds: one per stream for its first event, then one per second for all.
-    let builds: std::collections::BTreeSet<String> =
-        received.iter().flatten().map(|(_, data)| timestamp(data).to_string()).collect();
     assert!(builds.len() <= streams + 8, "{} distinct reports built for {streams} streams in {window:?}", builds.len());
     assert!(cpu < 1.5, "the daemon used {cpu:.2} s of CPU in {window:?} for {streams} streams");
-    eprintln!("{streams} streams, {} builds, {cpu:.3} s CPU in {window:?}", builds.len());
+}
+
+/// Creates a direct mapping to `target` on some free port, trying another
+/// when the one picked was taken meanwhile (other tests bind ports too).
+fn map_some_port(server: &Daemon, target: SocketAddr) -> u16 {
+    for _ in 0..10 {
+        let port = free_port();
+        let body = json!({ "source_port": port, "target_host": "127.0.0.1", "target_port": target.port() });
+        match post(server, "/api/mapping/create", body) {
+            (200, _) => return port,
+            (409, _) => continue,
+            (status, answer) => panic!("create mapping: {status} {answer}"),
+        }
+    }
+    panic!("no free port after 10 tries");
 }
 
 #[test]
