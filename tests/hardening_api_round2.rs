@@ -60,9 +60,8 @@ fn health_answers_while_slow_bodies_hold_the_api() {
     let host = server.http.to_string();
     // 140 POSTs that announce 16,000 bytes and then trickle them, one byte a
     // second: more than the API has connections.
-    let head = format!(
-        "POST /api/mapping/create HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{{"
-    );
+    let head =
+        format!("POST /api/mapping/create HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{{");
     let started = Instant::now();
     let slow: Vec<TcpStream> = (0..140).map(|_| send_head(server.http, &head)).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -86,15 +85,18 @@ fn health_answers_while_slow_bodies_hold_the_api() {
 
     // Each slow request is answered: refused at once beyond the requests'
     // share (503), cut off at the body timeout (408) within it.
-    let answers: Vec<(u16, String)> = slow
-        .into_iter()
-        .map(|mut conn| read_answer(&mut conn, Duration::from_secs(20).saturating_sub(started.elapsed())))
-        .collect();
+    let answers: Vec<(u16, String)> =
+        slow.into_iter().map(|mut conn| read_answer(&mut conn, Duration::from_secs(20).saturating_sub(started.elapsed()))).collect();
     stop.store(true, Ordering::Relaxed);
     trickle.join().unwrap();
     let took = started.elapsed();
     let count = |status: u16| answers.iter().filter(|(s, _)| *s == status).count();
-    assert_eq!(count(408) + count(503), 140, "every slow request is answered within {took:?}: {:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    assert_eq!(
+        count(408) + count(503),
+        140,
+        "every slow request is answered within {took:?}: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
     assert!(count(408) >= 1 && count(503) >= 1, "408: {}, 503: {}", count(408), count(503));
     assert!(took < Duration::from_secs(16), "the body timeout (10 s) held: {took:?}");
     let timed_out = answers.iter().find(|(s, _)| *s == 408).unwrap();
@@ -179,16 +181,14 @@ fn streams_share_one_event_per_interval() {
     let cpu_before = cpu_seconds(pid);
     // Asks for 250 ms: the daemon's minimum, 1 s, applies.
     let received: Vec<Vec<(Instant, String)>> = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            (0..streams).map(|_| s.spawn(|| stream_events(server.http, "?interval_ms=250", window))).collect();
+        let handles: Vec<_> = (0..streams).map(|_| s.spawn(|| stream_events(server.http, "?interval_ms=250", window))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let cpu = cpu_seconds(pid) - cpu_before;
 
     let timestamp = |data: &str| serde_json::from_str::<Value>(data).expect("event JSON")["timestamp"].as_f64().expect("a timestamp");
     // Builds: one per stream for its first event, then one per second for all.
-    let builds: std::collections::BTreeSet<String> =
-        received.iter().flatten().map(|(_, data)| timestamp(data).to_string()).collect();
+    let builds: std::collections::BTreeSet<String> = received.iter().flatten().map(|(_, data)| timestamp(data).to_string()).collect();
     eprintln!("{streams} streams, {} builds, {cpu:.3} s CPU in {window:?}", builds.len());
     for events in &received {
         // First event at once, then one a second at most.
@@ -204,7 +204,11 @@ fn streams_share_one_event_per_interval() {
         by_build.entry(timestamp(data).to_string()).or_default().push(data);
     }
     let (_, largest) = by_build.iter().max_by_key(|(_, v)| v.len()).unwrap();
-    assert!(largest.len() >= streams - 2, "streams received the same event: {:?}", by_build.iter().map(|(t, v)| (t, v.len())).collect::<Vec<_>>());
+    assert!(
+        largest.len() >= streams - 2,
+        "streams received the same event: {:?}",
+        by_build.iter().map(|(t, v)| (t, v.len())).collect::<Vec<_>>()
+    );
     assert!(largest.iter().all(|d| *d == largest[0]), "one build, identical bytes");
     assert!(builds.len() <= streams + 8, "{} distinct reports built for {streams} streams in {window:?}", builds.len());
     assert!(cpu < 1.5, "the daemon used {cpu:.2} s of CPU in {window:?} for {streams} streams");

@@ -89,10 +89,7 @@ pub(crate) async fn admit(State(slots): State<Arc<RequestSlots>>, req: Request, 
             Ok(slot) => Some(slot),
             Err(_) => {
                 tracing::warn!(path, in_progress = slots.total, "API request refused: every request slot is taken");
-                return busy(format!(
-                    "the API is busy: {} requests are in progress, the most it serves at once; try again",
-                    slots.total
-                ));
+                return busy(format!("the API is busy: {} requests are in progress, the most it serves at once; try again", slots.total));
             }
         }
     };
@@ -110,10 +107,7 @@ pub(crate) async fn admit(State(slots): State<Arc<RequestSlots>>, req: Request, 
         }
         Err(_) => {
             tracing::warn!(timeout_secs = REQUEST_TIMEOUT.as_secs(), "API request took too long; answered 503, the work goes on");
-            busy(format!(
-                "the request took longer than {} s; it may still complete, check before repeating it",
-                REQUEST_TIMEOUT.as_secs()
-            ))
+            busy(format!("the request took longer than {} s; it may still complete, check before repeating it", REQUEST_TIMEOUT.as_secs()))
         }
     }
 }

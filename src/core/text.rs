@@ -23,7 +23,9 @@ mod tests {
 
     #[test]
     fn controls_bidi_and_separators_are_hazards_other_scripts_are_not() {
-        for hazard in ['\n', '\u{1b}', '\u{7f}', '\u{85}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200F}', '\u{2028}', '\u{2029}'] {
+        for hazard in
+            ['\n', '\u{1b}', '\u{7f}', '\u{85}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200F}', '\u{2028}', '\u{2029}']
+        {
             assert!(display_hazard(hazard).is_some(), "U+{:04X}", hazard as u32);
         }
         for plain in "office ssh é 東京 مرحبا 👩‍💻".chars() {
