@@ -107,6 +107,24 @@ fn health_answers_while_slow_bodies_hold_the_api() {
     assert_eq!(mapping_count(&server), 0);
 }
 
+#[test]
+fn health_answers_while_idle_connections_fill_the_api() {
+    let server = Daemon::server(SECRET, &[]);
+    // 130 connections that send half a request head and then nothing: more
+    // than the API's connection budget (128).
+    let started = Instant::now();
+    let idle: Vec<TcpStream> = (0..130).map(|_| send_head(server.http, "GET /api/mapping/list HTTP/1.1\r\n")).collect();
+    let health = health_within(server.http, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("/health while 130 idle connections are open: {e}\n{}", server.log()));
+    assert_eq!(health["status"], "ok", "{health}");
+    // Each idle connection is closed at the header timeout (10 s).
+    for mut conn in idle {
+        read_answer(&mut conn, Duration::from_secs(15).saturating_sub(started.elapsed()));
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "idle connections closed after {:?}", started.elapsed());
+    assert_eq!(mapping_count(&server), 0);
+}
+
 /// Opens `/api/stats/stream` on a connection of its own and reads the answer's
 /// status line.
 fn open_stream(addr: SocketAddr, query: &str) -> (u16, BufReader<TcpStream>) {

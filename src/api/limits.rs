@@ -15,7 +15,9 @@
 //! A request beyond its share is answered at once with 503 and the connection
 //! closed, instead of waiting: a waiting request would hold its connection,
 //! which is the slot the reserve keeps free. A request head must arrive within
-//! the header timeout of the module root, idle keep-alive connections included.
+//! the header timeout of the module root, idle keep-alive connections included;
+//! while connections that have sent no head yet fill the budget, the accept
+//! loop has a few more for `/health` and `/metrics` ([`ReserveConnection`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +58,11 @@ pub(super) fn shares(connections: usize) -> (usize, usize, usize) {
     (requests, streams, reserve)
 }
 
+/// Marks a request that came on one of the reserve connections the accept
+/// loop keeps beyond the budget: only `/health` and `/metrics` are served there.
+#[derive(Clone, Copy)]
+pub(crate) struct ReserveConnection;
+
 /// The requests' share of the API's connections (see the module doc).
 pub(crate) struct RequestSlots {
     free: Arc<Semaphore>,
@@ -82,6 +89,9 @@ pub(super) fn busy(message: String) -> Response {
 /// module doc). Applied to every route, outside the others.
 pub(crate) async fn admit(State(slots): State<Arc<RequestSlots>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    if req.extensions().get::<ReserveConnection>().is_some() && !reserved_route(path) {
+        return busy("every API connection is open; this one was kept for /health and /metrics: try again".into());
+    }
     let slot = if reserved_route(path) || stream_route(path) {
         None
     } else {

@@ -54,27 +54,56 @@ fn max_api_connections() -> usize {
     (limit / 8).clamp(4, 128) as usize
 }
 
+/// Connections beyond [`max_api_connections`], taken only while all of those
+/// are open, for `/health` and `/metrics` alone: connections that send nothing
+/// (or a head a byte at a time) can fill the others for a header timeout each,
+/// these only for [`RESERVE_HEADER_READ_TIMEOUT`], one request each.
+const RESERVE_CONNECTIONS: usize = 4;
+/// The head timeout on a reserve connection: a poller sends its head at once.
+const RESERVE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Serves the API on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    use hyper::service::Service as _;
     let app = router(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_api_connections()));
+    let reserve = Arc::new(tokio::sync::Semaphore::new(RESERVE_CONNECTIONS));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let slot = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot,
+            slot = slots.clone().acquire_owned() => slot.map(|slot| (slot, false)),
+            slot = reserve.clone().acquire_owned() => slot.map(|slot| (slot, true)),
         };
-        let Ok(slot) = slot else { break };
+        let Ok((mut slot, mut reserved)) = slot else { break };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = socket::accept(&listener, || {}) => accepted,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // A reserve slot taken while the budget was full; it may have room by now.
+        if reserved {
+            if let Ok(ordinary) = slots.clone().try_acquire_owned() {
+                (slot, reserved) = (ordinary, false);
+            }
+        }
+        let app = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if reserved {
+                req.extensions_mut().insert(limits::ReserveConnection);
+            }
+            app.call(req)
+        });
         let stop = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            http.timer(hyper_util::rt::TokioTimer::new());
+            if reserved {
+                http.header_read_timeout(RESERVE_HEADER_READ_TIMEOUT).keep_alive(false);
+            } else {
+                http.header_read_timeout(HEADER_READ_TIMEOUT);
+            }
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
