@@ -22,7 +22,7 @@
   const LIVE_WINDOW_SECS = 30 * 60; // the live chart shows the last 30 minutes
   const MIN_WINDOW_SECS = 5 * 60;
   const DEFAULT_INTERVAL_MS = 3000;
-  const MIN_INTERVAL_MS = 250; // the daemon's own lower bound for ?interval_ms
+  const MIN_INTERVAL_MS = 1000; // the daemon's own lower bound for ?interval_ms
   const SSE_RETRY_MS = 15000; // while polling, how often to try the stream again
   const MAX_BACKOFF_MS = 15000; // cap for retries while the daemon is unreachable
 

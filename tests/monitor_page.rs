@@ -323,14 +323,15 @@ fn monitor_page_renders_live_traffic_offline() {
     let (canary_addr, canary) = canary_proxy();
     let mut browser = monitor_browser(&chromium, canary_addr);
     let base = format!("http://{}/", daemon.http);
-    // The page passes ?interval_ms on to its event stream: 4 updates a second.
+    // The page passes ?interval_ms on to its event stream: 250 asks for 4
+    // updates a second, the daemon's minimum makes it one.
     browser.navigate(&daemon.url("/api/stats/monitor?interval_ms=250"));
     browser.wait_for("the live stream", &state_is("live"));
 
-    // With traffic flowing, the chart fills and the current rate is non-zero.
+    // With traffic flowing, the current rate is non-zero and the chart fills.
     let (stop, pusher) = background_traffic(ports.to_vec());
-    browser.wait_for("a chart with points", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.points) >= 12"#);
     browser.wait_for("a non-zero send rate", r#"!['0 B/s', '—'].includes(document.querySelector('#rate-sent').textContent)"#);
+    browser.wait_for("a chart with points", r#"Number(document.querySelector('[data-testid="traffic-chart"]').dataset.points) >= 12"#);
     // Screenshots while traffic flows: desktop and phone, light and dark. At
     // 375 px nothing may overflow sideways.
     browser.screenshot("monitor-desktop-light.png");
@@ -409,6 +410,7 @@ fn monitor_page_renders_live_traffic_offline() {
     // The daemon goes away: the page says so, then recovers by itself when a
     // daemon is back on the same address (mappings restored from the state dir).
     daemon.kill();
+    let killed = Instant::now();
     browser.wait_for("the lost state", &state_is("lost"));
     let page = browser.eval(SNAPSHOT_JS);
     assert_eq!(page["lost_visible"], json!(true), "{page:#}");
@@ -424,6 +426,9 @@ fn monitor_page_renders_live_traffic_offline() {
     );
     assert_eq!(card, json!({"connected": "unknown", "state": "Unknown", "ticking": false}), "{card}");
     browser.screenshot("monitor-connection-lost.png");
+    // Away long enough to be a gap at one sample a second (the daemon's
+    // shortest interval): more than 1.5 sample spans plus one interval.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(killed.elapsed()));
     let _back = Daemon::server_restarted_on_api(&daemon.state_dir, daemon.http, "monitor-secret");
     browser.wait_for("recovery", &state_is("live"));
     browser.wait_for("the restored mappings", r#"document.querySelectorAll('[data-testid="mapping-row"]').length === 2"#);

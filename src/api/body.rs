@@ -4,11 +4,12 @@
 //! not `application/json` (415 — a browser cannot send that cross-site without
 //! a CORS preflight), too large (413), not JSON or not one object (400), or a
 //! field that is unknown, missing, repeated, of the wrong type or out of range
-//! (400, naming the field). serde decides what is wrong; this module words it,
+//! (400, naming the field), or too slow to arrive (408). serde decides what is wrong; this module words it,
 //! because serde's messages name the expected type but not where the value sat.
 
 use std::fmt::{self, Write as _};
 use std::marker::PhantomData;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +23,9 @@ use super::error::ApiError;
 
 /// Request bodies are small JSON objects; anything larger is refused unread.
 pub(super) const MAX_BODY: usize = 16 * 1024;
+/// A body must arrive within this time (408): one sent a byte at a time would
+/// otherwise hold its connection for as long as the sender likes.
+pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request body of type `T` (see the module doc for what is refused).
 pub(crate) struct JsonBody<T>(pub(crate) T);
@@ -42,7 +46,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 message: "send the body as JSON with `Content-Type: application/json`".into(),
             });
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| match e.status() {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state)).await.map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+        })?;
+        let bytes = read.map_err(|e: BytesRejection| match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body exceeds {MAX_BODY} bytes") }
             }

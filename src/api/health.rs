@@ -39,6 +39,13 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
             f.previous, f.latest, f.replacements
         ));
     }
+    if let Some(failure) = state.recorder.write_failure() {
+        let for_secs = (state.recorder.now() - failure.since).max(0);
+        reasons.push(format!(
+            "traffic history is not being recorded (writes failing for {for_secs} s; the bytes are kept for the next write): {}",
+            failure.error
+        ));
+    }
     let status = if reasons.is_empty() { HealthStatus::Ok } else { HealthStatus::Degraded };
     Json(Health { status, reasons, tunnel_enabled: true, tunnel_connected })
 }

@@ -22,12 +22,21 @@ pub(super) const MAX_PERIODS: i64 = 2_000;
 /// No range may reach outside 1970..10000 (also keeps the arithmetic far from overflow).
 const LATEST: i64 = 253_402_300_799;
 
-type Params = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+/// The query as its pairs, in order, repeats kept: a map would keep only one
+/// of `port=1&port=2` and answer for a port the caller may not have meant.
+type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
 fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
-    let Query(map) = raw.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str()) && k.as_str() != "token") {
-        return Err(ApiError::bad_request(format!("unknown parameter `{unknown}` (expected one of: {})", allowed.join(", "))));
+    let Query(pairs) = raw.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut map = HashMap::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        if !allowed.contains(&key.as_str()) && key != "token" {
+            return Err(ApiError::bad_request(format!("unknown parameter `{key}` (expected one of: {})", allowed.join(", "))));
+        }
+        if map.contains_key(&key) {
+            return Err(ApiError::bad_request(format!("parameter `{key}` is given more than once; give it once")));
+        }
+        map.insert(key, value);
     }
     Ok(map)
 }
@@ -53,9 +62,11 @@ fn step_param(map: &HashMap<String, String>, key: &str, default: Step, allowed: 
     }
 }
 
-/// `from` and `to` with their defaults, checked: ordered and not too many buckets.
+/// `from` and `to` with their defaults, checked: ordered and not too many
+/// buckets of `step` (the value of parameter `step_key`, which the advice names).
 fn range(
     map: &HashMap<String, String>,
+    step_key: &str,
     step: Step,
     default_span: i64,
     now: i64,
@@ -70,7 +81,7 @@ fn range(
     let count = step.count(from, to, utc_offset);
     if count > limit {
         let hint = match step.coarser() {
-            Some(coarser) => format!("; use step={} or a shorter range", coarser.name()),
+            Some(coarser) => format!("; use {step_key}={} or a shorter range", coarser.name()),
             None => "; use a shorter range".to_string(),
         };
         return Err(ApiError::bad_request(format!("the range spans {count} {}s, more than {limit}{hint}", step.name())));
@@ -90,7 +101,7 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
     let step = step_param(&map, "step", Step::Hour, &[Step::Minute, Step::Hour, Step::Day, Step::Month])?;
     let settings = state.recorder.settings();
     let offset = settings.utc_offset_secs;
-    let (from, to) = range(&map, step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
+    let (from, to) = range(&map, "step", step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
     let points = state.recorder_store().history_points(step, port, from, to, offset).await.map_err(internal)?;
     Ok(success(
         "ok",
@@ -120,7 +131,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         Step::Day => 31 * 86_400,
         _ => 86_400,
     };
-    let (from, to) = range(&map, period, default_span, state.recorder.now(), MAX_PERIODS, offset)?;
+    let (from, to) = range(&map, "period", period, default_span, state.recorder.now(), MAX_PERIODS, offset)?;
     let rows: Vec<ReportRow> =
         state.recorder_store().history_report(period, from, to, offset).await.map_err(internal)?.into_iter().map(Into::into).collect();
     if csv {
@@ -138,7 +149,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are
-/// dates, the rest numbers), so none is quoted.
+/// dates or date-times, the rest numbers), so none is quoted.
 fn to_csv(rows: &[ReportRow]) -> String {
     let mut out = String::from("period,period_start,port,bytes_sent,bytes_received\r\n");
     for r in rows {

@@ -19,8 +19,10 @@ mod events;
 pub(crate) mod guard;
 mod health;
 mod history;
+mod limits;
 mod mappings;
 mod state;
+mod stream;
 mod traffic;
 
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, Path};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -46,32 +48,62 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// API connections open at once: an eighth of the descriptor limit, at most 128.
 /// Beyond it new ones wait in the listen backlog (costing no descriptor) until
 /// one closes, so the API can never starve the forwarders of descriptors.
+/// [`limits`] shares them out so `/health` and `/metrics` always find one.
 fn max_api_connections() -> usize {
     let limit = socket::descriptor_limit().unwrap_or(u64::MAX);
     (limit / 8).clamp(4, 128) as usize
 }
 
+/// Connections beyond [`max_api_connections`], taken only while all of those
+/// are open, for `/health` and `/metrics` alone: connections that send nothing
+/// (or a head a byte at a time) can fill the others for a header timeout each,
+/// these only for [`RESERVE_HEADER_READ_TIMEOUT`], one request each.
+const RESERVE_CONNECTIONS: usize = 4;
+/// The head timeout on a reserve connection: a poller sends its head at once.
+const RESERVE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Serves the API on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    use hyper::service::Service as _;
     let app = router(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_api_connections()));
+    let reserve = Arc::new(tokio::sync::Semaphore::new(RESERVE_CONNECTIONS));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let slot = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot,
+            slot = slots.clone().acquire_owned() => slot.map(|slot| (slot, false)),
+            slot = reserve.clone().acquire_owned() => slot.map(|slot| (slot, true)),
         };
-        let Ok(slot) = slot else { break };
+        let Ok((mut slot, mut reserved)) = slot else { break };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = socket::accept(&listener, || {}) => accepted,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // A reserve slot taken while the budget was full; it may have room by now.
+        if reserved {
+            if let Ok(ordinary) = slots.clone().try_acquire_owned() {
+                (slot, reserved) = (ordinary, false);
+            }
+        }
+        let app = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if reserved {
+                req.extensions_mut().insert(limits::ReserveConnection);
+            }
+            app.call(req)
+        });
         let stop = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            http.timer(hyper_util::rt::TokioTimer::new());
+            if reserved {
+                http.header_read_timeout(RESERVE_HEADER_READ_TIMEOUT).keep_alive(false);
+            } else {
+                http.header_read_timeout(HEADER_READ_TIMEOUT);
+            }
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -88,15 +120,17 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     Ok(())
 }
 
-/// Every route, behind the guard (and the token where it applies).
+/// Every route, behind the guard (and the token where it applies), each kind
+/// within its share of the connections ([`limits`]).
 pub fn router(state: AppState) -> Router {
+    let (requests, streams, _reserve) = limits::shares(max_api_connections());
     let authenticated = Router::new()
         .route("/api/mapping/create", post(mappings::create))
         .route("/api/mapping/remove", post(mappings::remove))
         .route("/api/mapping/update", post(mappings::update))
         .route("/api/mapping/list", get(mappings::list))
         .route("/api/stats/traffic", get(traffic::traffic))
-        .route("/api/stats/stream", get(traffic::stream))
+        .route("/api/stats/stream", get(stream::stream))
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
         .route("/api/events", get(events::list))
@@ -120,5 +154,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this route") })
         .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .layer(middleware::from_fn_with_state(state.guard.clone(), guard::check))
+        .layer(Extension(stream::Streams::new(streams)))
+        .layer(middleware::from_fn_with_state(limits::RequestSlots::new(requests), limits::admit))
         .with_state(state)
 }

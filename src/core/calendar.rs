@@ -118,13 +118,18 @@ fn local_date(t: i64, utc_offset: i64) -> Date {
     date_of_day((t + utc_offset).div_euclid(86_400))
 }
 
-/// The local calendar label of a bucket: `2026-11-29` for days (and finer), `2026-11` for months.
+/// The local calendar label of a bucket: `2026-11` for months, `2026-11-29`
+/// for days, `2026-11-29T14:00` for hours and minutes (each label names one
+/// bucket: hours of a day must not share the day's label).
 pub(crate) fn period_label(start: i64, step: Step, utc_offset: i64) -> String {
     let date = local_date(start, utc_offset);
     let (y, m, d) = (date.year(), u8::from(date.month()), date.day());
+    let local_secs = (start + utc_offset).rem_euclid(86_400);
+    let (hour, minute) = (local_secs / 3600, local_secs % 3600 / 60);
     match step {
         Step::Month => format!("{y:04}-{m:02}"),
-        _ => format!("{y:04}-{m:02}-{d:02}"),
+        Step::Day => format!("{y:04}-{m:02}-{d:02}"),
+        Step::Hour | Step::Minute => format!("{y:04}-{m:02}-{d:02}T{hour:02}:{minute:02}"),
     }
 }
 
@@ -198,6 +203,10 @@ mod tests {
         assert_eq!(Step::Day.bucket_start(t, PLUS_8), local_midnight_29);
         assert_eq!(Step::Day.bucket_start(t + 3600, PLUS_8), local_midnight_29 + 86_400);
         assert_eq!(period_label(Step::Day.bucket_start(t + 3600, PLUS_8), Step::Day, PLUS_8), "2026-11-30");
+        // Hours are labelled with their local hour: 15:30 UTC is 23:00's bucket at +08:00.
+        assert_eq!(period_label(Step::Hour.bucket_start(t, PLUS_8), Step::Hour, PLUS_8), "2026-11-29T23:00");
+        assert_eq!(period_label(Step::Hour.bucket_start(t + 3600, PLUS_8), Step::Hour, PLUS_8), "2026-11-30T00:00");
+        assert_eq!(period_label(Step::Hour.bucket_start(1800, 5 * 3600 + 1800), Step::Hour, 5 * 3600 + 1800), "1970-01-01T06:00");
         // 2026-11-30 16:30 UTC is already December at +08:00.
         let dec = days_from_civil(2026, 11, 30) * 86_400 + 16 * 3600 + 1800;
         assert_eq!(period_label(Step::Month.bucket_start(dec, PLUS_8), Step::Month, PLUS_8), "2026-12");

@@ -1,4 +1,5 @@
-//! The bottom floor: vocabulary every layer shares — client names, time and the
+//! The bottom floor: vocabulary every layer shares — client names, the characters
+//! free text may not carry, time and the
 //! calendar of history periods, secrets, the token bucket that paces traffic, and
 //! the sent/received pair every traffic number comes as.
 //!
@@ -9,5 +10,6 @@ pub(crate) mod names;
 pub(crate) mod rate;
 pub mod secret;
 pub(crate) mod sync;
+pub(crate) mod text;
 pub(crate) mod time;
 pub mod traffic;

@@ -45,6 +45,18 @@ pub struct Recorder {
     /// Flushes never overlap (the periodic one and the final one at shutdown).
     flushing: tokio::sync::Mutex<()>,
     state: Mutex<Baseline>,
+    /// Set while writes fail (a full or read-only disk), cleared by the next
+    /// success: `/health` reports it, as history is then not being recorded.
+    failing: Mutex<Option<WriteFailure>>,
+}
+
+/// Why the history is not being written, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WriteFailure {
+    /// When the first failed write of this outage was tried (recorder clock).
+    pub(crate) since: i64,
+    /// The latest write's error.
+    pub(crate) error: String,
 }
 
 /// What has been written so far, as seen from this process.
@@ -86,6 +98,7 @@ impl Recorder {
             retention_batch: RETENTION_BATCH,
             flushing: tokio::sync::Mutex::new(()),
             state: Mutex::new(Baseline { lifetime, ..Baseline::default() }),
+            failing: Mutex::new(None),
         })
     }
 
@@ -132,7 +145,16 @@ impl Recorder {
             keep_days_from: at - s.day_retention_secs,
             retention_batch: self.retention_batch,
         };
-        let pruned = self.store.flush_history(flush).await?;
+        let pruned = match self.store.flush_history(flush).await {
+            Ok(pruned) => pruned,
+            Err(e) => {
+                let mut failing = lock(&self.failing);
+                let since = failing.as_ref().map_or(at, |f| f.since);
+                *failing = Some(WriteFailure { since, error: e.to_string() });
+                return Err(e);
+            }
+        };
+        *lock(&self.failing) = None;
         {
             let mut base = self.baseline();
             for d in &deltas {
@@ -159,6 +181,11 @@ impl Recorder {
         if let Err(e) = self.flush().await {
             warn!(error = %e, "traffic history flush failed; retried at the next interval");
         }
+    }
+
+    /// Why history is not being recorded, while its writes fail.
+    pub(crate) fn write_failure(&self) -> Option<WriteFailure> {
+        lock(&self.failing).clone()
     }
 
     /// Lifetime traffic per port: stored totals plus what the counters gained

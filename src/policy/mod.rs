@@ -94,6 +94,10 @@ mod tests {
         assert!(message.contains("at most 500 characters") && message.contains("501 characters"), "{message}");
         let message = update::description(json!("two\nlines")).unwrap_err().to_string();
         assert!(message.contains("control character"), "{message}");
+        for hidden in ["a\u{202E}b", "a\u{2066}b", "a\u{2028}b", "a\u{2029}b"] {
+            let message = update::description(json!(hidden)).unwrap_err().to_string();
+            assert!(message.contains("bidi") || message.contains("line separator"), "{hidden:?}: {message}");
+        }
         assert!(update::description(json!(5)).unwrap_err().to_string().contains("a string"));
 
         let quota = |q: serde_json::Value| update::quota(q).unwrap_err().to_string();

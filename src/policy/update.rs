@@ -15,6 +15,7 @@ use serde::Deserialize;
 use super::acl::Cidr;
 use super::model::Policy;
 use super::quota::{Positive, Quota};
+use crate::core::text::display_hazard;
 
 /// Longest description accepted: a label, not a document.
 const MAX_DESCRIPTION: usize = 500;
@@ -60,13 +61,15 @@ impl Policy {
     }
 }
 
-/// `description`: text of at most 500 characters without control characters
-/// (it ends up in logs and on the page); stored trimmed, and blank removes it.
+/// `description`: text of at most 500 characters without control, bidi or
+/// line-separator characters (it ends up in logs, on terminals and on the page,
+/// see [`display_hazard`]); stored trimmed, and blank removes it.
 pub(crate) fn description<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     let Some(text) = Option::<String>::deserialize(d)? else { return Ok(Some(None)) };
-    let expected = format!("text of at most {MAX_DESCRIPTION} characters without control characters");
-    if text.chars().any(char::is_control) {
-        return Err(de::Error::invalid_value(Unexpected::Other("text with a control character"), &expected.as_str()));
+    let expected = format!("text of at most {MAX_DESCRIPTION} characters without control, bidi or line-separator characters");
+    if let Some((c, hazard)) = text.chars().find_map(|c| display_hazard(c).map(|h| (c, h))) {
+        let found = format!("text with {hazard} (U+{:04X})", c as u32);
+        return Err(de::Error::invalid_value(Unexpected::Other(&found), &expected.as_str()));
     }
     let length = text.chars().count();
     if length > MAX_DESCRIPTION {

@@ -78,7 +78,7 @@ pub struct Point {
 /// One row of a report.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReportRow {
-    /// Local calendar label (`2026-11-29`, `2026-11`).
+    /// Local calendar label (`2026-11-29T14:00`, `2026-11-29`, `2026-11`).
     pub period: String,
     pub period_start: i64,
     pub port: u16,

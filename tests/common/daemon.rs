@@ -47,6 +47,41 @@ impl Daemon {
         Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, &[], &["prlimit", &limit, "--"])
     }
 
+    /// Like [`Daemon::server`], with the state directory on a tmpfs of its own
+    /// of `size_kib` KiB: a disk that fills up. The tmpfs is mounted in a user
+    /// and mount namespace of the daemon's own (`unshare -Urm`), so no privilege
+    /// is needed; the test reaches its files through [`Daemon::state_file`].
+    /// `None`, after a loud SKIPPED, where user namespaces are not available.
+    pub fn server_on_small_disk(size_kib: u64, secret: &str, extra: &[&str]) -> Option<Daemon> {
+        let test = "server_on_small_disk";
+        super::tools::external_tool("unshare", test)?;
+        let probe = Command::new("unshare").args(["-Urm", "true"]).stderr(Stdio::null()).status();
+        if !probe.is_ok_and(|s| s.success()) {
+            if std::env::var("CI_REQUIRE_TOOLS").as_deref() == Ok("1") {
+                panic!("{test}: `unshare -Urm` (user namespaces) is not available and CI_REQUIRE_TOOLS=1");
+            }
+            eprintln!("\n*** SKIPPED {test}: `unshare -Urm` (user namespaces) is not available ***\n");
+            return None;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        // `$0` is the daemon's path, `$@` its arguments (see `spawn`); `exec`
+        // keeps the child's pid the daemon's.
+        let script = format!(
+            "mkdir -p '{dir}' && mount -t tmpfs -o size={size_kib}k tmpfs '{dir}' && exec \"$0\" \"$@\"",
+            dir = state_dir.display()
+        );
+        Some(Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, &[], &["unshare", "-Urm", "sh", "-c", &script]))
+    }
+
+    /// `name` in the state directory as the daemon sees it: through
+    /// `/proc/PID/root`, which also reaches into mounts of its own namespace
+    /// (see [`Daemon::server_on_small_disk`]).
+    pub fn state_file(&self, name: &str) -> PathBuf {
+        let inside = self.state_dir.join(name);
+        PathBuf::from(format!("/proc/{}/root{}", self.child.id(), inside.display()))
+    }
+
     /// Like [`Daemon::server`] but reuses `state_dir` (to test restarts).
     pub fn server_with_state(state_dir: &Path, secret: &str, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");

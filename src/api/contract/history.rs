@@ -43,7 +43,8 @@ pub struct History {
 /// One period's total for one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportRow {
-    /// The local calendar label (`2026-11-29`, `2026-11`).
+    /// The local calendar label: `2026-11-29T14:00` for hours, `2026-11-29` for
+    /// days, `2026-11` for months.
     pub period: String,
     /// The period's start (Unix seconds).
     pub period_start: i64,

@@ -61,7 +61,8 @@ pub struct UpdateMapping {
     /// The mapping's `source_port`.
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
-    /// A label: at most 500 characters, no control characters; blank removes it.
+    /// A label: at most 500 characters, no control, bidi or line-separator
+    /// characters; blank removes it.
     #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
     pub description: Option<Option<String>>,
     /// Bytes per second per direction, shared by the mapping's connections.

@@ -324,7 +324,7 @@ impl TunnelHub {
         let peer = attempt.peer;
         if invalid_client_name(name).is_some() {
             self.failed(attempt, Failure::InvalidName);
-            let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-'".to_string();
+            let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-', beginning with a letter or digit".to_string();
             frame::write_frame(&mut stream, &Challenge::Rejected { reason }).await?;
             return Ok(());
         }
