@@ -43,7 +43,9 @@ fn fake_api(answer: Answer) -> (SocketAddr, Arc<AtomicU64>) {
                     Answer::Json(body) => (200, body.len() as u64, 0, Some(body.clone())),
                     Answer::Raw { status, len, fill } => (*status, *len, *fill, None),
                 };
-                let head = format!("HTTP/1.1 {status} Whatever\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+                let head = format!(
+                    "HTTP/1.1 {status} Whatever\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                );
                 if conn.write_all(head.as_bytes()).is_err() {
                     return;
                 }
@@ -87,7 +89,9 @@ fn ctl(api: SocketAddr, args: &[&str]) -> Output {
 fn terminal_controls(out: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(out);
     text.chars()
-        .filter(|&c| (c.is_control() && c != '\n') || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}'))
+        .filter(|&c| {
+            (c.is_control() && c != '\n') || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+        })
         .map(|c| format!("{:?}", c))
         .collect()
 }
@@ -108,7 +112,9 @@ fn ctl_list_events_and_clients_print_no_terminal_controls() {
         (vec!["list"], format!(r#"{{"success":true,"message":"ok","data":{{"mappings":[{mapping}],"count":1}}}}"#)),
         (
             vec!["events"],
-            format!(r#"{{"success":true,"message":"ok","data":{{"events":[{{"time":0,"kind":{evil},"port":1,"client":{evil},"message":{evil}}}],"count":1}}}}"#),
+            format!(
+                r#"{{"success":true,"message":"ok","data":{{"events":[{{"time":0,"kind":{evil},"port":1,"client":{evil},"message":{evil}}}],"count":1}}}}"#
+            ),
         ),
         (
             vec!["client", "list"],
@@ -122,7 +128,12 @@ fn ctl_list_events_and_clients_print_no_terminal_controls() {
         let (api, _) = fake_api(Answer::Json(body));
         let out = ctl(api, &args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(terminal_controls(&out.stdout).is_empty(), "{args:?} printed {:?}:\n{}", terminal_controls(&out.stdout), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            terminal_controls(&out.stdout).is_empty(),
+            "{args:?} printed {:?}:\n{}",
+            terminal_controls(&out.stdout),
+            String::from_utf8_lossy(&out.stdout)
+        );
         let shown = String::from_utf8_lossy(&out.stdout);
         assert!(shown.contains(r"\u{1b}]0;pwned"), "the escape is shown as text, not dropped: {shown}");
     }

@@ -8,6 +8,8 @@ use std::io::Read;
 
 use serde_json::Value;
 
+use crate::core::text::display_hazard;
+
 /// The largest answer `ctl` reads; a real one (thousands of mappings) is a few MiB.
 pub(super) const MAX_ANSWER_BYTES: u64 = 16 << 20;
 /// The part of a refusal's body read for its message.
@@ -75,8 +77,9 @@ fn needs_escaping(text: &str) -> bool {
     text.chars().any(is_unsafe)
 }
 
+/// The characters the API refuses in descriptions: the same hazards on a terminal.
 fn is_unsafe(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    display_hazard(c).is_some()
 }
 
 #[cfg(test)]

@@ -227,13 +227,17 @@ fn read_secret_file(secret: &mut Secret, file: Option<&std::path::Path>, key: &'
     if !secret.is_empty() {
         return Err(ConfigError::Invalid { key, reason: format!("set either `{secret_key}` or `{key}`, not both") });
     }
-    let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid { key, reason: format!("cannot read {}: {e}", file.display()) })?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid { key, reason: format!("cannot read {}: {e}", file.display()) })?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
         return Err(ConfigError::Invalid { key, reason: format!("{} is empty (the secret is its first line)", file.display()) });
     }
     if text.lines().skip(1).any(|l| !l.trim().is_empty()) {
-        return Err(ConfigError::Invalid { key, reason: format!("{} has more than one line (the secret is its only line)", file.display()) });
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("{} has more than one line (the secret is its only line)", file.display()),
+        });
     }
     *secret = Secret::new(line);
     Ok(())
