@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
-use super::registry::visitor_descriptors;
 use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
 use crate::core::sync::lock;
@@ -22,6 +21,22 @@ use crate::net::socket;
 use crate::policy::LivePolicy;
 use crate::store::MappingSpec;
 use crate::telemetry::MappingMetrics;
+
+/// Descriptors one visitor holds: its own connection and the target's.
+pub(super) const DIRECT_VISITOR_DESCRIPTORS: u32 = 2;
+/// Tunneled: its own, the data channel's two (its socket and the second handle
+/// on it that exchanges keep, see `exchange::relay`), and the fresh channel the
+/// client opens to replace the one taken from the pool.
+pub(super) const TUNNELED_VISITOR_DESCRIPTORS: u32 = 4;
+
+/// What one visitor of `spec` costs from the process's descriptor budget.
+pub(super) fn visitor_descriptors(spec: &MappingSpec) -> u32 {
+    if spec.use_tunnel {
+        TUNNELED_VISITOR_DESCRIPTORS
+    } else {
+        DIRECT_VISITOR_DESCRIPTORS
+    }
+}
 
 /// How often a mapping that could not bind its port tries again.
 const BIND_RETRY: Duration = Duration::from_secs(5);

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::context::{Ctx, Settings};
 use super::error::MappingError;
-use super::listener::{bind, describe_bind_error, run_mapping, set, Admission};
+use super::listener::{bind, describe_bind_error, run_mapping, set, Admission, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
 use crate::core::names::DEFAULT_CLIENT;
@@ -51,22 +51,6 @@ pub(super) struct Entry {
     resolved: Arc<ResolvedHere>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
-}
-
-/// Descriptors one visitor holds: its own connection and the target's.
-const DIRECT_VISITOR_DESCRIPTORS: u32 = 2;
-/// Tunneled: its own, the data channel's two (its socket and the second handle
-/// on it that exchanges keep, see `exchange::relay`), and the fresh channel the
-/// client opens to replace the one taken from the pool.
-const TUNNELED_VISITOR_DESCRIPTORS: u32 = 4;
-
-/// What one visitor of `spec` costs from the process's descriptor budget.
-pub(super) fn visitor_descriptors(spec: &MappingSpec) -> u32 {
-    if spec.use_tunnel {
-        TUNNELED_VISITOR_DESCRIPTORS
-    } else {
-        DIRECT_VISITOR_DESCRIPTORS
-    }
 }
 
 impl Mappings {
