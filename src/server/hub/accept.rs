@@ -376,8 +376,14 @@ impl TunnelHub {
         });
         let heartbeat = self.settings.heartbeat;
         let welcome = Verdict::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
-        frame::write_frame(&mut stream, &welcome).await?;
+        // Findable before its token is out: the client opens data channels the
+        // moment it reads the welcome, and on a busy host they can arrive before
+        // this task runs again; a token not yet installed would be a forgery.
         self.install(session.clone());
+        if let Err(e) = frame::write_frame(&mut stream, &welcome).await {
+            self.uninstall(&session);
+            return Err(e);
+        }
         info!(%peer, client = %client.name, session = session.id, "tunnel client authenticated");
 
         let pool_idle = self.settings.pool_idle;
