@@ -75,10 +75,10 @@ pub(crate) enum Answer<'a> {
 }
 
 /// What the visitor has already sent, taken without waiting (at most `max`
-/// bytes, and never more than one chunk: what the mapping's cap lets through
-/// at once, see `Meter::allowance_now`), so that it travels in the same write as the `connect` request: one write (one
-/// TLS record) fewer per visitor, and the client finds the first chunk behind the
-/// request. Only bytes already queued are read (`FIONREAD` first), so a pending
+/// bytes, what the mapping's cap lets through at once, see
+/// `Meter::allowance_now`; never more than one chunk), so that it travels in
+/// the same write as the `connect` request: one write (one TLS record) fewer per
+/// visitor, and the client finds the first chunk behind the request. Only bytes already queued are read (`FIONREAD` first), so a pending
 /// reset or EOF stays on the socket for the exchange to see, exactly as before.
 pub(crate) fn early_bytes(socket: &TcpStream, max: usize) -> Vec<u8> {
     let queued = rustix::io::ioctl_fionread(socket).unwrap_or(0).min(max.min(MAX_CHUNK) as u64) as usize;
