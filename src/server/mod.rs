@@ -112,10 +112,12 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
     let (restored, waiting) = mappings.restore().await.context("cannot read stored mappings")?;
     info!(restored, failed = waiting, state_dir = %state_dir.display(), "mappings restored");
 
+    // Subscribed before the tunnel port serves: no client's arrival is missed.
+    let presence = hub.presence();
     let tunnel_task = tokio::spawn(hub.clone().serve(tunnel, shutdown.clone()));
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
     let events = Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
-    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), recorder: recorder.clone(), events };
+    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), presence, recorder: recorder.clone(), events };
     tokio::spawn(watcher.run(shutdown));
     Ok(Server {
         mappings,

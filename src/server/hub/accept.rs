@@ -373,6 +373,7 @@ impl TunnelHub {
             control: control_tx,
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
+            server_stopping: shutdown,
         });
         let heartbeat = self.settings.heartbeat;
         let welcome = Verdict::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };

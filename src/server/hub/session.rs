@@ -49,7 +49,10 @@ pub(super) struct Session {
     /// Messages for the control channel's writer.
     pub(super) control: mpsc::Sender<ToClient>,
     pub(super) pool: Mutex<Pool>,
+    /// Ends the session; a child of `server_stopping`.
     pub(super) cancel: CancellationToken,
+    /// The server's own shutdown: a session it ends is not a client lost.
+    pub(super) server_stopping: CancellationToken,
 }
 
 #[derive(Default)]
