@@ -16,8 +16,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
+use common::browser::Browser;
+use common::tools::external_tool;
 use common::{create_mapping, echo_server, echo_through, free_port, get_data, listed_mapping, post, wait_for, Daemon};
 use serde_json::{json, Value};
 
@@ -171,4 +174,200 @@ fn a_clean_stop_is_not_a_client_loss() {
         client_kinds(&server, "default").last().map(|k| k == "client_lost").and_then(|l| l.then_some(()))
     });
     assert_eq!(client_kinds(&server, "default"), ["client_lost"], "{:#?}", events(&server));
+}
+
+// ---------------------------------------------------------------------------
+// The page
+// ---------------------------------------------------------------------------
+
+/// A browser on `server`'s monitor page, live.
+fn monitor(chromium: &Path, server: &Daemon, width: u32, height: u32) -> Browser {
+    let mut browser = Browser::launch(chromium, &[], None);
+    browser.set_viewport(width, height, width < 720);
+    browser.navigate(&server.url("/api/stats/monitor?interval_ms=250"));
+    browser.wait_for("the live stream", r#"document.querySelector('[data-testid="connection-status"]').dataset.state === 'live'"#);
+    browser
+}
+
+/// What the policy dialog's amount fields show.
+const DIALOG_JS: &str = r#"(() => {
+  const q = (s) => document.querySelector(s);
+  return {
+    limit: q('#policy-limit').value, limit_unit: q('#policy-limit-unit')?.value,
+    limit_exact: q('[data-testid="policy-limit-exact"]')?.textContent,
+    quota: q('#policy-quota-bytes').value, quota_unit: q('#policy-quota-unit')?.value,
+    quota_exact: q('[data-testid="policy-quota-exact"]')?.textContent,
+    quota_units: [...(q('#policy-quota-unit')?.options ?? [])].map((o) => o.value),
+    limit_units: [...(q('#policy-limit-unit')?.options ?? [])].map((o) => o.value),
+  };
+})()"#;
+
+const DIALOG_OPEN: &str = r#"!document.querySelector('[data-testid="policy-dialog"]').hidden"#;
+const DIALOG_CLOSED: &str = r#"document.querySelector('[data-testid="policy-dialog"]').hidden"#;
+
+fn open_dialog(browser: &mut Browser, port: u16) -> Value {
+    let button = format!(r#"document.querySelector('[data-role="edit-policy"][data-port="{port}"]')"#);
+    browser.wait_for(&format!("the Edit policy link of port {port}"), &format!("!!{button}"));
+    browser.eval(&format!("{button}.click()"));
+    browser.wait_for("the policy dialog", DIALOG_OPEN);
+    browser.eval(DIALOG_JS)
+}
+
+fn save_dialog(browser: &mut Browser) {
+    browser.eval(r#"document.querySelector('#policy-form').requestSubmit()"#);
+    browser.wait_for("the dialog to close after Save", DIALOG_CLOSED);
+}
+
+/// The bodies of every `/api/mapping/update` the page sent so far.
+fn update_requests(browser: &mut Browser) -> Vec<Value> {
+    browser
+        .events_named("Network.requestWillBeSent")
+        .iter()
+        .filter(|p| p["request"]["url"].as_str().is_some_and(|u| u.ends_with("/api/mapping/update")))
+        .map(|p| serde_json::from_str(p["request"]["postData"].as_str().unwrap_or("null")).unwrap_or(Value::Null))
+        .collect()
+}
+
+#[test]
+fn the_policy_dialog_saves_exactly_what_the_operator_changed() {
+    let Some(chromium) = external_tool("chromium", "the_policy_dialog_saves_exactly_what_the_operator_changed") else { return };
+    let server = Daemon::server(SECRET, &[]);
+    // The issue's mapping: a 300,000,000 B quota and a 1,000,000 B/s cap.
+    let office = free_port();
+    let (status, reply) = post(
+        &server,
+        "/api/mapping/create",
+        json!({"source_port": office, "target_host": "127.0.0.1", "target_port": echo_server().port(),
+               "description": "office SSH", "bandwidth_limit": 1_000_000,
+               "quota": {"bytes": 300_000_000, "period": "month", "action": "alert"}, "allow": ["10.0.0.0/8"]}),
+    );
+    assert_eq!(status, 200, "{reply}");
+    // And one past its quota (220 %), as the one whose save re-fired events.
+    let busy = mapping_with_traffic(&server, 1_100_000);
+    exhaust(&server, busy, 1_000_000);
+    let stored = |port| policy_of(&listed_mapping(&server, port).expect("the mapping"));
+    let (office_before, busy_before) = (stored(office), stored(busy));
+
+    let mut browser = monitor(&chromium, &server, 1440, 1000);
+    let shown = open_dialog(&mut browser, office);
+    assert_eq!(shown["limit"], "1", "{shown:#}");
+    assert_eq!(shown["limit_unit"], "MB/s", "{shown:#}");
+    assert_eq!(shown["limit_exact"], "= 1,000,000 bytes/s", "{shown:#}");
+    assert_eq!(shown["quota"], "300", "{shown:#}");
+    assert_eq!(shown["quota_unit"], "MB", "{shown:#}");
+    assert_eq!(shown["quota_exact"], "= 300,000,000 bytes", "{shown:#}");
+    assert_eq!(shown["quota_units"], json!(["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]));
+    assert_eq!(shown["limit_units"], json!(["B/s", "KB/s", "MB/s", "GB/s", "KiB/s", "MiB/s", "GiB/s", "kbit/s", "Mbit/s", "Gbit/s"]));
+    browser.screenshot("policy-dialog-1440.png");
+    save_dialog(&mut browser);
+    let shown = open_dialog(&mut browser, busy);
+    assert_eq!((shown["quota"].as_str(), shown["quota_unit"].as_str()), (Some("1"), Some("MB")), "{shown:#}");
+    save_dialog(&mut browser);
+    assert_eq!(update_requests(&mut browser), Vec::<Value>::new(), "Save without edits sends nothing to change");
+    assert_eq!(stored(office), office_before, "byte-exact");
+    assert_eq!(stored(busy), busy_before, "byte-exact");
+
+    // Esc closes the dialog, changing nothing.
+    open_dialog(&mut browser, office);
+    browser.eval(r#"document.querySelector('#policy-limit').value = '5'"#);
+    browser.eval(r#"document.activeElement.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}))"#);
+    browser.wait_for("Esc to close the dialog", DIALOG_CLOSED);
+    assert_eq!(stored(office), office_before);
+
+    // The operator picks the unit: 12 Mbit/s is 1,500,000 bytes/s, exactly;
+    // half a GiB is 536,870,912 bytes. Only those two fields are sent.
+    open_dialog(&mut browser, office);
+    browser.eval(
+        r#"(() => { const set = (id, value) => { const e = document.querySelector(id); e.value = value;
+                      e.dispatchEvent(new Event(e.tagName === 'SELECT' ? 'change' : 'input', {bubbles: true})); };
+                   set('#policy-limit-unit', 'Mbit/s'); set('#policy-limit', '12');
+                   set('#policy-quota-unit', 'GiB'); set('#policy-quota-bytes', '0.5'); return true; })()"#,
+    );
+    let shown = browser.eval(DIALOG_JS);
+    assert_eq!(shown["limit_exact"], "= 1,500,000 bytes/s", "{shown:#}");
+    assert_eq!(shown["quota_exact"], "= 536,870,912 bytes", "{shown:#}");
+    save_dialog(&mut browser);
+    let sent = update_requests(&mut browser);
+    assert_eq!(
+        sent,
+        [json!({"port": office, "bandwidth_limit": 1_500_000, "quota": {"bytes": 536_870_912, "period": "month", "action": "alert"}})]
+    );
+    let mut expected = office_before.clone();
+    expected["bandwidth_limit"] = json!(1_500_000);
+    expected["quota"]["bytes"] = json!(536_870_912);
+    assert_eq!(stored(office), expected);
+    // Shown back exactly, in the unit that reads shortest.
+    let shown = open_dialog(&mut browser, office);
+    assert_eq!((shown["limit"].as_str(), shown["limit_unit"].as_str()), (Some("1.5"), Some("MB/s")), "{shown:#}");
+    assert_eq!((shown["quota"].as_str(), shown["quota_unit"].as_str()), (Some("512"), Some("MiB")), "{shown:#}");
+    browser.set_viewport(390, 844, true);
+    browser.wait_for("the phone layout", "window.innerWidth === 390");
+    browser.screenshot("policy-dialog-390.png");
+    let past_edge = browser.eval(
+        r#"(() => { const form = document.querySelector('#policy-form');
+                   const inner = form.getBoundingClientRect().right - parseFloat(getComputedStyle(form).paddingRight);
+                   return [...form.querySelectorAll('input, select, textarea, fieldset, button')]
+                     .filter((e) => e.getBoundingClientRect().right > Math.min(inner, window.innerWidth) + 0.5)
+                     .map((e) => e.id || e.tagName); })()"#,
+    );
+    assert_eq!(past_edge, json!([]), "every field of the dialog fits a phone");
+    browser.eval(r#"document.activeElement.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}))"#);
+    browser.wait_for("Esc to close the dialog", DIALOG_CLOSED);
+
+    // Nothing was announced again by any of it.
+    watcher_pass(&server);
+    assert_eq!(port_kinds(&server, busy), ["quota_exhausted"], "{:#?}", events(&server));
+    assert_eq!(port_kinds(&server, office), Vec::<String>::new(), "{:#?}", events(&server));
+}
+
+/// Each event message's width, and the words a line break cut in two.
+const EVENT_LAYOUT_JS: &str = r#"(() => {
+  const list = document.querySelector('[data-testid="event-list"]');
+  return {
+    list_width: list.getBoundingClientRect().width,
+    page_overflow: document.documentElement.scrollWidth > window.innerWidth,
+    messages: [...list.querySelectorAll('[data-testid="event"] .event-message')].map((m) => {
+      const text = m.firstChild;
+      const split = [];
+      for (const word of text.data.matchAll(/\S+/g)) {
+        const range = document.createRange();
+        range.setStart(text, word.index);
+        range.setEnd(text, word.index + word[0].length);
+        const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+        if (lines.size > 1) split.push(word[0]);
+      }
+      return { width: m.getBoundingClientRect().width, split, text: text.data };
+    }),
+  };
+})()"#;
+
+#[test]
+fn the_events_panel_is_readable_on_a_phone_and_a_desktop() {
+    let Some(chromium) = external_tool("chromium", "the_events_panel_is_readable_on_a_phone_and_a_desktop") else { return };
+    let server = Daemon::server(SECRET, &[]);
+    for _ in 0..2 {
+        let port = mapping_with_traffic(&server, 1_100_000);
+        exhaust(&server, port, 1_000_000);
+    }
+    let mut client = Daemon::client(&server, SECRET, &[]);
+    client.kill();
+    wait_for("client_lost", Duration::from_secs(20), || (client_kinds(&server, "default") == ["client_lost"]).then_some(()));
+
+    for (width, height) in [(390, 844), (1440, 1000)] {
+        let mut browser = monitor(&chromium, &server, width, height);
+        browser.wait_for("three events in the panel", r#"document.querySelectorAll('[data-testid="event"]').length === 3"#);
+        browser.eval(r#"document.querySelector('[data-testid="events"]').scrollIntoView({block: 'start'})"#);
+        let layout = browser.eval(EVENT_LAYOUT_JS);
+        browser.screenshot(&format!("events-{width}.png"));
+        assert_eq!(layout["page_overflow"], json!(false), "{layout:#}");
+        let list_width = layout["list_width"].as_f64().unwrap();
+        for message in layout["messages"].as_array().unwrap() {
+            let shown = message["width"].as_f64().unwrap();
+            // On a phone the message has the row to itself; beside the time
+            // and kind on a desktop it still has most of it.
+            let least = if width < 720 { list_width - 1.0 } else { list_width * 0.6 };
+            assert!(shown >= least, "at {width} px a message is {shown} px wide of {list_width}: {layout:#}");
+            assert_eq!(message["split"], json!([]), "at {width} px words are cut: {layout:#}");
+        }
+    }
 }
