@@ -111,10 +111,7 @@ fn one_default_config_file_per_role() {
 #[test]
 fn the_packaged_config_names_the_units_state_directory() {
     let unit = read_repo_file("dist/tunneld-server.service");
-    let state_directory = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("StateDirectory="))
-        .expect("the server unit keeps StateDirectory=");
+    let state_directory = unit.lines().find_map(|l| l.strip_prefix("StateDirectory=")).expect("the server unit keeps StateDirectory=");
     let expected = format!("/var/lib/{state_directory}");
     // What the shell sees, without the unit's $STATE_DIRECTORY.
     let config = repo_path("dist/server.toml").display().to_string();

@@ -27,6 +27,8 @@ pub(super) async fn require_token(State(state): State<AppState>, req: Request, n
     match from_header.or(from_query) {
         Some(given) if tokens_equal(given, &token) => next.run(req).await,
         Some(_) => refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenInvalid), "invalid API token"),
-        None => refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenRequired), "API token required: send `Authorization: Bearer <token>`"),
+        None => {
+            refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenRequired), "API token required: send `Authorization: Bearer <token>`")
+        }
     }
 }

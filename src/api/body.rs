@@ -47,9 +47,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
         })?;
         let bytes = read.map_err(|e: BytesRejection| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes"))
-            }
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes")),
             status => ApiError::new(status, e.body_text()),
         })?;
         parse(&bytes).map(JsonBody).map_err(ApiError::bad_request)

@@ -85,13 +85,10 @@ impl Api {
             };
             (t, source)
         });
-        let token = token
-            .map(|t| (t.to_string(), TokenSource::Flag))
-            .or(from_config)
-            .or_else(|| {
-                let env_file = file?.with_extension("env");
-                token_from_env_file(&env_file).map(|t| (t, TokenSource::EnvFile(env_file)))
-            });
+        let token = token.map(|t| (t.to_string(), TokenSource::Flag)).or(from_config).or_else(|| {
+            let env_file = file?.with_extension("env");
+            token_from_env_file(&env_file).map(|t| (t, TokenSource::EnvFile(env_file)))
+        });
         let config_file = file.unwrap_or(config::default_file(Role::Server)).to_path_buf();
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(30)).build();
         Ok(Api { base, token, config_file, agent })
@@ -152,11 +149,8 @@ impl Api {
     /// A refused token, said in ctl's own terms: its flag, variable and file
     /// (the API's words name an HTTP header).
     fn token_advice(&self, code: Option<ErrorCode>) -> Option<String> {
-        let ways = format!(
-            "pass --token TOKEN, or set {} or api.token in {}",
-            config::env_var_name("api.token"),
-            self.config_file.display()
-        );
+        let ways =
+            format!("pass --token TOKEN, or set {} or api.token in {}", config::env_var_name("api.token"), self.config_file.display());
         match code? {
             ErrorCode::TokenRequired => Some(format!("API token required: {ways}")),
             ErrorCode::TokenInvalid => Some(match &self.token {
@@ -173,10 +167,19 @@ fn refusal_code(error: &anyhow::Error) -> Option<ErrorCode> {
     error.downcast_ref::<ApiRefused>().and_then(|refused| refused.code)
 }
 
+/// `error` (a refusal) said as `message`, keeping its HTTP status and code.
+fn rephrase(error: anyhow::Error, message: String) -> anyhow::Error {
+    match error.downcast::<ApiRefused>() {
+        Ok(refused) => ApiRefused { message, ..refused }.into(),
+        Err(other) => other.context(message),
+    }
+}
+
 /// "no client named X", with the closest existing name and, where it helps,
-/// how to create it with ctl.
-fn unknown_client(api: &Api, name: &str, how_to_create: bool) -> anyhow::Error {
-    let names: Vec<String> = api.get::<ClientList>("/api/client/list").map(|l| l.clients.into_iter().map(|c| c.name).collect()).unwrap_or_default();
+/// how to create it with ctl; `error` is the API's refusal.
+fn unknown_client(api: &Api, error: anyhow::Error, name: &str, how_to_create: bool) -> anyhow::Error {
+    let names: Vec<String> =
+        api.get::<ClientList>("/api/client/list").map(|l| l.clients.into_iter().map(|c| c.name).collect()).unwrap_or_default();
     let mut message = format!("no client named {name:?}");
     if let Some(closest) = closest_name(name, &names) {
         let _ = write!(message, "; did you mean {closest:?}?");
@@ -184,9 +187,9 @@ fn unknown_client(api: &Api, name: &str, how_to_create: bool) -> anyhow::Error {
         let _ = write!(message, " (clients: {})", names.join(", "));
     }
     if how_to_create {
-        let _ = write!(message, " To create it: tunneld ctl client create {name}");
+        let _ = write!(message, ". To create it: tunneld ctl client create {name}");
     }
-    anyhow!(message)
+    rephrase(error, message)
 }
 
 /// The name in `names` nearest to `typed` (at most two edits away).
@@ -241,7 +244,12 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
     header.extend(["CREATED".to_string(), "DESCRIPTION".into()]);
     let mut rows = vec![header];
     for (m, health) in mappings.iter().zip(health) {
-        let mut row = vec![m.source_port.to_string(), format!("{}:{}", m.target_host, m.target_port), mode(m.use_tunnel, m.client.as_deref()), m.status.to_string()];
+        let mut row = vec![
+            m.source_port.to_string(),
+            format!("{}:{}", m.target_host, m.target_port),
+            mode(m.use_tunnel, m.client.as_deref()),
+            m.status.to_string(),
+        ];
         if with_health {
             row.push(health.unwrap_or_else(|| "-".into()));
         }
@@ -280,7 +288,7 @@ pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: O
         deny: deny.map(Some),
     };
     let m: Mapping = api.post("/api/mapping/create", &request).map_err(|e| match (refusal_code(&e), client) {
-        (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, name, true),
+        (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
         _ => e,
     })?;
     Ok(format!(
@@ -322,7 +330,8 @@ pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) ->
         deny: change(set.deny, remove.deny),
     };
     let m: Mapping = api.post("/api/mapping/update", &request)?;
-    let cidrs = |list: &[Cidr]| if list.is_empty() { "-".to_string() } else { list.iter().map(Cidr::to_string).collect::<Vec<_>>().join(", ") };
+    let cidrs =
+        |list: &[Cidr]| if list.is_empty() { "-".to_string() } else { list.iter().map(Cidr::to_string).collect::<Vec<_>>().join(", ") };
     let rows = vec![
         vec!["  description".to_string(), m.description.clone().unwrap_or_else(|| "-".into())],
         vec!["  bandwidth limit".into(), m.bandwidth_limit.map(exact_rate).unwrap_or_else(|| "-".into())],
@@ -410,15 +419,16 @@ pub(super) fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
 pub(super) fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
     let removed: ClientRemoved =
         api.post("/api/client/remove", &RemoveClient { name: name.to_string(), force }).map_err(|e| match refusal_code(&e) {
-            Some(ErrorCode::UnknownClient) => unknown_client(api, name, false),
+            Some(ErrorCode::UnknownClient) => unknown_client(api, e, name, false),
             Some(ErrorCode::ClientInUse) => {
                 let ports: Vec<u16> = api
                     .get::<MappingList>("/api/mapping/list")
                     .map(|l| l.mappings.into_iter().filter(|m| m.client.as_deref() == Some(name)).map(|m| m.source_port).collect())
                     .unwrap_or_default();
-                anyhow!(
+                let message = format!(
                     "client {name:?} is used by the mappings on ports {ports:?}: remove them first (tunneld ctl remove PORT), or pass --force to keep them waiting for a client of this name"
-                )
+                );
+                rephrase(e, message)
             }
             _ => e,
         })?;

@@ -35,7 +35,11 @@ const SIZE_FORMS: &str = "a number of bytes, or with a unit: 300MB, 1.5GiB (kB M
 /// A size in bytes: `300000000`, `300MB`, `1.5 GiB`.
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let (number, unit) = split_number(text).ok_or_else(|| format!("{text:?} is not {SIZE_FORMS}"))?;
-    let per = if unit.is_empty() { 1 } else { lookup(&BYTE_UNITS, unit).ok_or_else(|| format!("{text:?}: unknown unit {unit:?}; {SIZE_FORMS}"))? };
+    let per = if unit.is_empty() {
+        1
+    } else {
+        lookup(&BYTE_UNITS, unit).ok_or_else(|| format!("{text:?}: unknown unit {unit:?}; {SIZE_FORMS}"))?
+    };
     exact(number, per, 1).ok_or_else(|| format!("{text:?} is not a whole number of bytes"))
 }
 
@@ -66,7 +70,8 @@ pub(super) fn parse_rate(text: &str) -> Result<u64, String> {
 pub(super) fn parse_quota(text: &str) -> Result<Quota, String> {
     let forms = "SIZE/day|month:alert|block, e.g. 300GB/month:block";
     let (size, rest) = text.rsplit_once('/').ok_or_else(|| format!("{text:?} is not {forms}"))?;
-    let (period, action) = rest.split_once(':').ok_or_else(|| format!("{text:?}: say what a used-up quota does (:alert or :block); {forms}"))?;
+    let (period, action) =
+        rest.split_once(':').ok_or_else(|| format!("{text:?}: say what a used-up quota does (:alert or :block); {forms}"))?;
     let period = match period.trim() {
         "day" => QuotaPeriod::Day,
         "month" => QuotaPeriod::Month,
