@@ -204,7 +204,9 @@ fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<Secret> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(secret.as_bytes())?;
+    // One line, as a text file should end (`cat` leaves the prompt on its own
+    // line); reading trims it, so files written without it still work.
+    file.write_all(format!("{secret}\n").as_bytes())?;
     file.sync_all()?;
     warn!(path = %path.display(), "no server.secret configured: generated one; give its contents to your clients (client.secret)");
     Ok(Secret::new(secret))

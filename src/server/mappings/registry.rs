@@ -142,7 +142,7 @@ impl Mappings {
         // Checked under the mappings lock, which client removal takes too: a
         // mapping never names a client that is being removed.
         if let Some(name) = client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
-            return Err(MappingError::Invalid(format!("client: no client named {name:?} (create it with /api/client/create)")));
+            return Err(MappingError::NamesUnknownClient(name.to_string()));
         }
         if entries.contains_key(&req.source_port) {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
