@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
+use crate::core::calendar::{period_label, Step};
 use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
-use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
+use crate::store::history::{Delta, Flush, Point, Pruned, ReportRow, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{ByteTotals, Metrics};
 
@@ -201,6 +202,53 @@ impl Recorder {
         out
     }
 
+    /// What each port's counters gained since the last flush: the bytes the next
+    /// flush will write into the bucket it runs in.
+    fn unflushed(&self) -> BTreeMap<u16, Traffic> {
+        let base = self.baseline();
+        let now = self.metrics.byte_totals().mappings;
+        now.into_iter()
+            .map(|(port, counters)| (port, growth(counters, base.mappings.get(&port).copied().unwrap_or_default())))
+            .filter(|(_, t)| !t.is_zero())
+            .collect()
+    }
+
+    /// A history series over `[from, to)` as of now: the stored buckets plus the
+    /// bytes not yet flushed, counted in the bucket in progress (where the next
+    /// flush puts them). So the series' sum always equals what the live counters
+    /// say, not what they said at the last flush. Returns the moment the counters
+    /// were read (`as_of`) with the points.
+    pub(crate) async fn points(&self, step: Step, port: Option<u16>, from: i64, to: i64) -> Result<(Vec<Point>, i64), StoreError> {
+        // No flush in between: a byte is either in the store or unflushed, never both or neither.
+        let _no_flush = self.flushing.lock().await;
+        let offset = self.settings.utc_offset_secs;
+        let mut points = self.store.history_points(step, port, from, to, offset).await?;
+        let as_of = self.now();
+        let unflushed = self.unflushed();
+        let gained = unflushed.iter().filter(|(p, _)| port.is_none_or(|want| **p == want)).fold(Traffic::default(), |sum, (_, t)| sum + *t);
+        let current = step.bucket_start(as_of, offset);
+        if !gained.is_zero() && current >= step.bucket_start(from, offset) && current < to {
+            add_to_point(&mut points, current, gained);
+        }
+        Ok((points, as_of))
+    }
+
+    /// Per-period, per-port totals over `[from, to)` as of now: stored rows plus
+    /// the unflushed bytes in the period in progress (see [`Recorder::points`]).
+    pub(crate) async fn report(&self, period: Step, from: i64, to: i64) -> Result<(Vec<ReportRow>, i64), StoreError> {
+        let _no_flush = self.flushing.lock().await;
+        let offset = self.settings.utc_offset_secs;
+        let mut rows = self.store.history_report(period, from, to, offset).await?;
+        let as_of = self.now();
+        let current = period.bucket_start(as_of, offset);
+        if current >= period.bucket_start(from, offset) && current < to {
+            for (port, gained) in self.unflushed() {
+                add_to_row(&mut rows, period, current, offset, port, gained);
+            }
+        }
+        Ok((rows, as_of))
+    }
+
     /// Flushes every `interval_secs` until `shutdown`; the caller runs the final
     /// flush after connections have drained.
     pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -223,6 +271,39 @@ impl Recorder {
                 }
             }
         }
+    }
+}
+
+/// Adds `gained` to the point of bucket `t`, or inserts that point in time
+/// order (a minute series has no point for a minute not flushed yet).
+fn add_to_point(points: &mut Vec<Point>, t: i64, gained: Traffic) {
+    match points.binary_search_by_key(&t, |p| p.t) {
+        Ok(i) => {
+            points[i].bytes_sent += gained.sent;
+            points[i].bytes_received += gained.received;
+        }
+        Err(i) => points.insert(i, Point { t, bytes_sent: gained.sent, bytes_received: gained.received }),
+    }
+}
+
+/// Adds `gained` to the row of (`start`, `port`), or inserts that row in the
+/// report's order (period, then port).
+fn add_to_row(rows: &mut Vec<ReportRow>, period: Step, start: i64, utc_offset: i64, port: u16, gained: Traffic) {
+    match rows.binary_search_by_key(&(start, port), |r| (r.period_start, r.port)) {
+        Ok(i) => {
+            rows[i].bytes_sent += gained.sent;
+            rows[i].bytes_received += gained.received;
+        }
+        Err(i) => rows.insert(
+            i,
+            ReportRow {
+                period: period_label(start, period, utc_offset),
+                period_start: start,
+                port,
+                bytes_sent: gained.sent,
+                bytes_received: gained.received,
+            },
+        ),
     }
 }
 

@@ -35,6 +35,9 @@ pub struct History {
     pub utc_offset: String,
     /// How often the recorder writes (the finest resolution there is).
     pub interval_secs: u64,
+    /// When the live counters were read (Unix seconds): the bucket that contains
+    /// this moment is in progress and holds the bytes up to it, flushed or not.
+    pub as_of: i64,
     /// The range's buckets, empty ones included (for `minute`: only the minutes
     /// the recorder covered).
     pub points: Vec<HistoryPoint>,
@@ -79,6 +82,9 @@ pub struct Report {
     pub to: i64,
     /// Where days and months begin, like `+02:00`.
     pub utc_offset: String,
+    /// When the live counters were read (Unix seconds): the period that contains
+    /// this moment is in progress and holds the bytes up to it, flushed or not.
+    pub as_of: i64,
     /// Per period and port, only those with traffic.
     pub rows: Vec<ReportRow>,
 }
