@@ -966,7 +966,7 @@
   }
 
   /** What the live chart drew last (window.tunneldCharts.live()). */
-  let drawnLive = { port: null, steps: [], gaps: [], ticks: [], min: null, max: null };
+  let drawnLive = { port: null, steps: [], gaps: [], min: null, max: null };
 
   function renderChart() {
     const steps = chartSteps();
@@ -979,7 +979,7 @@
     // but at least 5 minutes, so a new page is not one spike at the right edge.
     const oldest = steps.length ? steps[0].from : now;
     const min = Math.max(now - LIVE_WINDOW_SECS, Math.min(oldest, now - MIN_WINDOW_SECS));
-    drawnLive = { port: live.port, steps, gaps, ticks: [], min, max: now };
+    drawnLive = { port: live.port, steps, gaps, min, max: now };
     if (!chart) return;
     const samples = steps.filter((seg) => seg.kind === 'sample');
     const minutes = steps.filter((seg) => seg.kind === 'minute');
@@ -996,7 +996,6 @@
     y.ticks.stepSize = niceStep(max);
     y.suggestedMax = max > 0 ? undefined : 1024;
     chart.update('none');
-    drawnLive.ticks = chart.scales.x.ticks.map((t) => ({ value: t.value, label: t.label }));
   }
 
   // ---------- which series the chart shows ----------
@@ -1580,7 +1579,11 @@
   window.tunneldCharts = Object.freeze({
     /** The live chart: the charted port (null: all), its steps {from, to, sent,
      * recv, kind: minute|sample}, gaps {from, to}, the x range and the ticks. */
-    live: () => JSON.parse(JSON.stringify(drawnLive)),
+    live: () => JSON.parse(JSON.stringify({
+      ...drawnLive,
+      // Read from the scale: a resize re-ticks the axis between samples.
+      ticks: chart ? chart.scales.x.ticks.map((t) => ({ value: t.value, label: t.label })) : [],
+    })),
     /** The history chart: range, step, UTC offset, and each tick as {t: bucket
      * start, label}. */
     history: () => JSON.parse(JSON.stringify({
