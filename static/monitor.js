@@ -247,7 +247,9 @@
    * at its average rate. The minute in progress counts up to the answer's `as_of`,
    * once it is at least one recorder interval long (before that its bytes are
    * mostly the previous minute's: the recorder files bytes under the minute it
-   * writes them in). Minutes the daemon was not recording are absent: gaps. */
+   * writes them in). Minutes the daemon was not recording are absent, and the
+   * answer's `unrecorded` spans (the daemon was down, also for less than a
+   * minute) are cut out of their minutes: gaps either way. */
   async function loadMinuteHistory() {
     const request = ++live.request;
     const port = live.port;
@@ -257,11 +259,18 @@
       if (request !== live.request) return; // another mapping was chosen meanwhile
       const asOf = Number.isFinite(data.as_of) ? data.as_of : now;
       const interval = data.interval_secs > 0 ? data.interval_secs : 10;
+      const holes = (data.unrecorded || []).filter((h) => h.to > h.from);
       const minutes = [];
       for (const p of data.points) {
-        const to = Math.min(p.t + 60, asOf);
-        if (to - p.t < Math.min(60, interval)) continue;
-        minutes.push({ from: p.t, to, sent: p.bytes_sent / (to - p.t), recv: p.bytes_received / (to - p.t) });
+        // The parts of this minute some daemon recorded; its bytes moved in them.
+        let pieces = [{ from: p.t, to: Math.min(p.t + 60, asOf) }];
+        for (const h of holes) {
+          pieces = pieces.flatMap((c) => (h.to <= c.from || h.from >= c.to ? [c]
+            : [{ from: c.from, to: h.from }, { from: h.to, to: c.to }].filter((x) => x.to > x.from)));
+        }
+        const recorded = pieces.reduce((sum, c) => sum + (c.to - c.from), 0);
+        if (recorded < Math.min(60, interval)) continue;
+        for (const c of pieces) minutes.push({ ...c, sent: p.bytes_sent / recorded, recv: p.bytes_received / recorded });
       }
       live.minutes = minutes;
       live.historyInterval = interval;

@@ -327,7 +327,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(answer.raw["data"], json!({"port": direct}));
     assert_eq!(answer.data(), MappingRemoved { port: direct });
     let answer = get::<History>(&server, &format!("/api/stats/history?port={direct}&step=minute"));
-    assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "interval_secs", "points", "port", "step", "to", "utc_offset"]);
+    assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "interval_secs", "points", "port", "step", "to", "unrecorded", "utc_offset"]);
     assert_eq!(keys(&answer.raw["data"]["points"][0]), ["bytes_received", "bytes_sent", "t"]);
     let history = answer.data();
     assert_eq!(

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::contract::{History, Report, ReportRow};
+use super::contract::{History, Report, ReportRow, Span};
 use super::error::{success, ApiError};
 use super::state::AppState;
 use crate::core::calendar::{utc_offset_text, Step};
@@ -104,7 +104,7 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
     let settings = state.recorder.settings();
     let offset = settings.utc_offset_secs;
     let (from, to) = range(&map, "step", step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
-    let (points, as_of) = state.recorder.points(step, port, from, to).await.map_err(internal)?;
+    let series = state.recorder.points(step, port, from, to).await.map_err(internal)?;
     Ok(success(
         "ok",
         History {
@@ -114,8 +114,9 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
             to,
             utc_offset: utc_offset_text(offset),
             interval_secs: settings.interval_secs,
-            as_of,
-            points: points.into_iter().map(Into::into).collect(),
+            as_of: series.as_of,
+            unrecorded: series.unrecorded.into_iter().map(|(from, to)| Span { from, to }).collect(),
+            points: series.points.into_iter().map(Into::into).collect(),
         },
     ))
 }

@@ -38,9 +38,23 @@ pub struct History {
     /// When the live counters were read (Unix seconds): the bucket that contains
     /// this moment is in progress and holds the bytes up to it, flushed or not.
     pub as_of: i64,
+    /// The spans of the range (Unix seconds, `[from, to)`) when no recorder ran:
+    /// from a daemon's last write to the next one's start, so an outage shorter
+    /// than a bucket is known too. Kept as long as minute buckets
+    /// (`history.minute_retention`); empty when the daemon was always up.
+    pub unrecorded: Vec<Span>,
     /// The range's buckets, empty ones included (for `minute`: only the minutes
     /// the recorder covered).
     pub points: Vec<HistoryPoint>,
+}
+
+/// A span of time (Unix seconds, `[from, to)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// Its start.
+    pub from: i64,
+    /// Its end (exclusive).
+    pub to: i64,
 }
 
 /// One period's total for one port.
