@@ -24,7 +24,7 @@ use crate::config::HistorySettings;
 use crate::core::calendar::{period_label, Step};
 use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
-use crate::store::history::{Delta, Flush, Point, Pruned, ReportRow, RETENTION_BATCH};
+use crate::store::history::{Delta, Flush, Point, Pruned, ReportRow, Runs, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{ByteTotals, Metrics};
 
@@ -231,12 +231,13 @@ impl Recorder {
         let mut points = self.store.history_points(step, port, from, to, offset).await?;
         let as_of = self.now();
         let unflushed = self.unflushed();
-        let gained = unflushed.iter().filter(|(p, _)| port.is_none_or(|want| **p == want)).fold(Traffic::default(), |sum, (_, t)| sum + *t);
+        let gained =
+            unflushed.iter().filter(|(p, _)| port.map_or(true, |want| **p == want)).fold(Traffic::default(), |sum, (_, t)| sum + *t);
         let current = step.bucket_start(as_of, offset);
         if !gained.is_zero() && current >= step.bucket_start(from, offset) && current < to {
             add_to_point(&mut points, current, gained);
         }
-        let (before, mut runs) = self.store.history_runs(from, to).await?;
+        let Runs { before, mut runs } = self.store.history_runs(from, to).await?;
         // This run covers up to now, whether or not it has written yet.
         match runs.iter_mut().find(|(started, _)| *started == self.started) {
             Some(run) => run.1 = run.1.max(as_of),

@@ -252,15 +252,24 @@ pub(crate) fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_of
         .collect())
 }
 
-/// Recorder runs that may matter for `[from, to)`: those that wrote at or after
-/// `from` and started before `to`, as (started, last write), oldest first, and
-/// the last write of the latest run before them (`None`: none is stored).
-fn runs(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<(Option<i64>, Vec<(i64, i64)>)> {
+/// Recorder runs that may matter for a range, see [`runs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Runs {
+    /// The last write of the latest run that ended before the range (`None`:
+    /// none is stored).
+    pub before: Option<i64>,
+    /// (started, last write) of each run that wrote in or after the range's
+    /// start and started before its end, oldest first.
+    pub runs: Vec<(i64, i64)>,
+}
+
+/// The recorder runs that tell what of `[from, to)` was recorded.
+fn runs(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Runs> {
     let before: Option<i64> =
         conn.prepare_cached("SELECT MAX(last) FROM history_runs WHERE last < ?1")?.query_row(params![from], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached("SELECT started, last FROM history_runs WHERE last >= ?1 AND started < ?2 ORDER BY started")?;
     let rows = stmt.query_map(params![from, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
-    Ok((before, rows.collect::<rusqlite::Result<_>>()?))
+    Ok(Runs { before, runs: rows.collect::<rusqlite::Result<_>>()? })
 }
 
 /// Stored lifetime totals per port.
@@ -318,7 +327,7 @@ impl Store {
     }
 
     /// See [`runs`].
-    pub(crate) async fn history_runs(&self, from: i64, to: i64) -> Result<(Option<i64>, Vec<(i64, i64)>), StoreError> {
+    pub(crate) async fn history_runs(&self, from: i64, to: i64) -> Result<Runs, StoreError> {
         self.with_conn(move |conn| runs(conn, from, to)).await
     }
 
