@@ -168,7 +168,8 @@
   //  - minutes: the charted series' minute history, {from, to, sent, recv}, loaded
   //    on start and whenever the charted mapping changes.
   // port: the mapping charted alone, null for all of them.
-  const live = { points: [], minutes: [], historyPoints: 0, historyInterval: 10, port: null, request: 0 };
+  // holes: the history's `unrecorded` spans (no daemon was recording).
+  const live = { points: [], minutes: [], holes: [], historyPoints: 0, historyInterval: 10, port: null, request: 0 };
   let historyStarted = false; // minute fill and History view load after the first sample
 
   /** Rate of a monotonic counter between two samples, or null when it cannot be
@@ -273,6 +274,7 @@
         for (const c of pieces) minutes.push({ ...c, sent: p.bytes_sent / recorded, recv: p.bytes_received / recorded });
       }
       live.minutes = minutes;
+      live.holes = holes;
       live.historyInterval = interval;
       live.historyPoints = minutes.length;
       dom.chartBox.dataset.historyPoints = String(minutes.length);
@@ -949,14 +951,16 @@
 
   /** Where consecutive steps do not touch, nothing was measured: a gap. From a
    * minute to the samples the tolerance is one recorder interval (the minute in
-   * progress may be too young to draw, see loadMinuteHistory). */
+   * progress may be too young to draw, see loadMinuteHistory), unless the daemon
+   * was known to be down in between. */
   function chartGaps(steps) {
     const gaps = [];
     for (let i = 1; i < steps.length; i += 1) {
       const a = steps[i - 1];
       const b = steps[i];
       const slack = a.kind === b.kind ? 0.5 : live.historyInterval + 1;
-      if (b.from - a.to > slack) gaps.push({ from: a.to, to: b.from });
+      const down = live.holes.some((h) => h.from < b.from && h.to > a.to);
+      if (b.from - a.to > (down ? 0.5 : slack)) gaps.push({ from: a.to, to: b.from });
     }
     return gaps;
   }
@@ -1035,6 +1039,7 @@
   function chartMapping(port) {
     live.port = port;
     live.minutes = []; // the previous series' minutes are not this one's
+    live.holes = [];
     live.historyPoints = 0;
     dom.chartBox.dataset.historyPoints = '0';
     const ports = latest ? latest.mappings.map((m) => m.port) : [];

@@ -310,8 +310,9 @@ fn live_chart_is_steps_on_round_ticks_with_gaps_and_a_series_per_mapping() {
         .find(|g| f64_at(g, "to") >= restarted_at - 2.0 && f64_at(g, "from") <= killed_at + 1.0)
         .cloned();
     let gap = gap.unwrap_or_else(|| panic!("no gap over the outage [{killed_at}, {restarted_at}] after a reload: {page:#}"));
-    // The old daemon wrote every second: its last write is at most ~1 s before the kill.
-    assert!(f64_at(&gap, "from") >= killed_at - 3.0, "{gap} vs killed at {killed_at}");
+    // The old daemon wrote every second: its last write is shortly before the
+    // kill (seconds are whole, and a loaded machine delays a flush or two).
+    assert!(f64_at(&gap, "from") >= killed_at - 10.0, "{gap} vs killed at {killed_at}: {page:#}");
     browser.set_viewport(390, 844, true);
     browser.wait_for("the phone layout", "window.innerWidth === 390");
     browser.screenshot("chart-outage-gap-390.png");
