@@ -14,7 +14,8 @@
 // For tests and scripts the state is visible in the DOM: body[data-state] and
 // [data-testid=connection-status][data-state] (connecting | live | polling | lost |
 // auth-required), [data-testid=traffic-chart][data-points], and data-testid on cards
-// and table rows (see monitor.html).
+// and table rows (see monitor.html). window.tunneldCharts.live() / .history() return
+// copies of what the two charts drew: steps, gaps and tick marks.
 'use strict';
 
 (() => {
@@ -159,9 +160,16 @@
   let latest = null; // the newest sample and when it arrived (performance.now())
   let latestAt = 0;
   const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map(), byClient: new Map() };
-  // Live chart points, oldest first: {x: unix secs, sent, recv: bytes/s, span: secs
-  // the rate covers}. Minute history fills it on load; samples extend it.
-  const live = { points: [], historyPoints: 0 };
+  // The live chart draws two kinds of measurement, each as a flat step over the
+  // time it covers (never a curve through them):
+  //  - points: the page's samples, oldest first: {x: unix secs of the sample, span:
+  //    secs back to the previous sample, sent, recv: bytes/s of all mappings,
+  //    ports: Map port -> {sent, recv}};
+  //  - minutes: the charted series' minute history, {from, to, sent, recv}, loaded
+  //    on start and whenever the charted mapping changes.
+  // port: the mapping charted alone, null for all of them.
+  // holes: the history's `unrecorded` spans (no daemon was recording).
+  const live = { points: [], minutes: [], holes: [], historyPoints: 0, historyInterval: 10, port: null, request: 0 };
   let historyStarted = false; // minute fill and History view load after the first sample
 
   /** Rate of a monotonic counter between two samples, or null when it cannot be
@@ -209,11 +217,11 @@
     // A rate averaged over a long silence (the daemon or the network was away)
     // would draw a flat line over the outage; the chart shows a gap there instead.
     if (rates.sent != null && rates.recv != null && dt <= maxSampleGap()) {
-      addLivePoint({ x: sample.timestamp, sent: rates.sent, recv: rates.recv, span: dt });
+      addLivePoint({ x: sample.timestamp, sent: rates.sent, recv: rates.recv, span: dt, ports: rates.byPort });
     }
     if (!historyStarted) {
       historyStarted = true;
-      fillFromMinuteHistory();
+      loadMinuteHistory();
       loadHistory();
     }
     render();
@@ -235,23 +243,41 @@
     while (pts.length && pts[0].x < oldest) pts.shift();
   }
 
-  /** The live chart starts with the last 30 minutes from the daemon's minute
-   * history (bytes per minute -> average rate over that minute), so a reload does
-   * not start from an empty chart. Minutes the daemon was not recording are
-   * absent from the history and show as gaps. */
-  async function fillFromMinuteHistory() {
+  /** The live chart starts with the charted series' last 30 minutes of minute
+   * history, so a reload does not start from an empty chart: each minute one step
+   * at its average rate. The minute in progress counts up to the answer's `as_of`,
+   * once it is at least one recorder interval long (before that its bytes are
+   * mostly the previous minute's: the recorder files bytes under the minute it
+   * writes them in). Minutes the daemon was not recording are absent, and the
+   * answer's `unrecorded` spans (the daemon was down, also for less than a
+   * minute) are cut out of their minutes: gaps either way. */
+  async function loadMinuteHistory() {
+    const request = ++live.request;
+    const port = live.port;
     const now = Math.floor(serverNow());
     try {
-      const data = await fetchApi(`/api/stats/history?step=minute&from=${now - LIVE_WINDOW_SECS}&to=${now}`);
-      let added = 0;
+      const data = await fetchApi(`/api/stats/history?step=minute&from=${now - LIVE_WINDOW_SECS}&to=${now + 60}${port == null ? '' : `&port=${port}`}`);
+      if (request !== live.request) return; // another mapping was chosen meanwhile
+      const asOf = Number.isFinite(data.as_of) ? data.as_of : now;
+      const interval = data.interval_secs > 0 ? data.interval_secs : 10;
+      const holes = (data.unrecorded || []).filter((h) => h.to > h.from);
+      const minutes = [];
       for (const p of data.points) {
-        // The current minute is still filling up: its average would be too low.
-        if (p.t + 60 > now) continue;
-        addLivePoint({ x: p.t + 60, sent: p.bytes_sent / 60, recv: p.bytes_received / 60, span: 60 });
-        added += 1;
+        // The parts of this minute some daemon recorded; its bytes moved in them.
+        let pieces = [{ from: p.t, to: Math.min(p.t + 60, asOf) }];
+        for (const h of holes) {
+          pieces = pieces.flatMap((c) => (h.to <= c.from || h.from >= c.to ? [c]
+            : [{ from: c.from, to: h.from }, { from: h.to, to: c.to }].filter((x) => x.to > x.from)));
+        }
+        const recorded = pieces.reduce((sum, c) => sum + (c.to - c.from), 0);
+        if (recorded < Math.min(60, interval)) continue;
+        for (const c of pieces) minutes.push({ ...c, sent: p.bytes_sent / recorded, recv: p.bytes_received / recorded });
       }
-      live.historyPoints = added;
-      dom.chartBox.dataset.historyPoints = String(added);
+      live.minutes = minutes;
+      live.holes = holes;
+      live.historyInterval = interval;
+      live.historyPoints = minutes.length;
+      dom.chartBox.dataset.historyPoints = String(minutes.length);
       renderChart();
     } catch (err) {
       if (err instanceof AuthError) needToken();
@@ -315,12 +341,14 @@
     conn.dataset.count = String(open);
     $('[data-role="connections-label"]', c.mappings).textContent = open === 1 ? 'open connection' : 'open connections';
 
-    dom.rateSent.textContent = formatRate(rates.sent);
-    dom.rateRecv.textContent = formatRate(rates.recv);
+    const charted = chartedRates();
+    dom.rateSent.textContent = formatRate(charted.sent);
+    dom.rateRecv.textContent = formatRate(charted.recv);
 
     renderTunnel();
     renderClients();
     renderTable();
+    markChartedRow();
     renderChart();
     renderClock();
   }
@@ -854,46 +882,68 @@
     dom.chartBox.dataset.theme = window.matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light';
     // Same type as the rest of the page (the canvas does not inherit CSS fonts).
     window.Chart.defaults.font.family = cssVar('--font');
-    const dataset = (label, color) => ({
+    // Samples and minute averages are separate datasets: the minute steps are
+    // dashed and paler, so a glance tells a minute's average from a 3 s sample.
+    const dataset = (label, color, kind) => ({
       label,
+      kind,
       data: [],
       borderColor: color,
-      backgroundColor: withAlpha(color, 0.12),
+      backgroundColor: withAlpha(color, kind === 'minute' ? 0.08 : 0.14),
+      borderDash: kind === 'minute' ? [5, 3] : [],
       fill: 'origin',
-      tension: 0.35,
-      cubicInterpolationMode: 'monotone', // smooth, but never dips below zero between points
-      borderWidth: 2,
+      tension: 0, // straight steps: a measurement is flat over the time it covers
+      borderWidth: kind === 'minute' ? 1.5 : 2,
       spanGaps: false, // a null point is a time nobody measured: draw nothing there
-      pointRadius: 0, // hundreds of points over 30 minutes: dots would be noise
-      pointHoverRadius: 4,
-      pointBackgroundColor: color,
+      pointRadius: 0, // two points per step: dots would be noise
+      pointHoverRadius: 0,
+      pointHitRadius: 6,
     });
     chart = new window.Chart(dom.canvas, {
       type: 'line',
-      data: { datasets: [dataset('Sent', col.sent), dataset('Received', col.recv)] },
+      data: {
+        datasets: [
+          dataset('Sent', col.sent, 'sample'),
+          dataset('Received', col.recv, 'sample'),
+          dataset('Sent (minute average)', col.sent, 'minute'),
+          dataset('Received (minute average)', col.recv, 'minute'),
+        ],
+      },
+      plugins: [gapBands],
       options: {
         responsive: true,
         maintainAspectRatio: false,
         // Updates arrive every few seconds; animating each one only adds motion.
         animation: false,
-        interaction: { mode: 'index', intersect: false },
+        interaction: { mode: 'nearest', axis: 'x', intersect: false },
         plugins: {
           legend: { display: false }, // the panel header has its own legend with live values
           tooltip: {
             callbacks: {
-              title: (items) => (items.length ? formatClock(items[0].parsed.x) : ''),
-              label: (ctx) => ` ${ctx.dataset.label}: ${formatRate(ctx.parsed.y)}`,
+              // One step: when it covers, what it is, both directions.
+              title: (items) => {
+                const seg = items.length && items[0].raw && items[0].raw.seg;
+                if (!seg) return '';
+                const what = seg.kind === 'minute' ? 'minute average' : `${Math.round(seg.to - seg.from)} s sample`;
+                return `${formatClock(seg.from)} – ${formatClock(seg.to)} · ${what}`;
+              },
+              label: (ctx) => {
+                const seg = ctx.raw && ctx.raw.seg;
+                return seg ? [` Sent: ${formatRate(seg.sent)}`, ` Received: ${formatRate(seg.recv)}`] : '';
+              },
             },
           },
         },
         scales: {
-          // A real time axis (Unix seconds): samples sit where they were taken, so
-          // an outage is as wide as it lasted.
+          // A real time axis (Unix seconds): steps sit where they were measured,
+          // so an outage is as wide as it lasted.
           x: {
             type: 'linear',
             grid: { display: false },
             border: { color: col.grid },
-            ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 16, stepSize: 300, callback: (v) => formatAxisClock(v) },
+            // Ticks on round local minutes, as many as fit (see clockTicks).
+            afterBuildTicks: (scale) => { scale.ticks = clockTicks(scale.min, scale.max, scale.width || dom.canvas.clientWidth); },
+            ticks: { color: col.muted, maxRotation: 0, autoSkip: false, callback: (v) => formatAxisClock(v) },
           },
           y: {
             beginAtZero: true,
@@ -906,6 +956,36 @@
       },
     });
   }
+
+  /** Shades each gap (no measurement: the daemon or the page was away) and says
+   * so, so it cannot be mistaken for a quiet time at zero. */
+  const gapBands = {
+    id: 'gapBands',
+    beforeDatasetsDraw(c) {
+      const gaps = c.$gaps || [];
+      const { ctx, chartArea: area, scales: { x } } = c;
+      if (!gaps.length || !area) return;
+      ctx.save();
+      ctx.fillStyle = cssVar('--grid');
+      ctx.globalAlpha = 0.55;
+      ctx.font = `11px ${cssVar('--font')}`;
+      ctx.textAlign = 'center';
+      for (const g of gaps) {
+        const left = Math.max(area.left, x.getPixelForValue(g.from));
+        const right = Math.min(area.right, x.getPixelForValue(g.to));
+        if (right - left < 1) continue;
+        ctx.globalAlpha = 0.55;
+        ctx.fillStyle = cssVar('--grid');
+        ctx.fillRect(left, area.top, right - left, area.bottom - area.top);
+        if (right - left > 44) {
+          ctx.globalAlpha = 1;
+          ctx.fillStyle = cssVar('--muted');
+          ctx.fillText('no data', (left + right) / 2, area.top + 14);
+        }
+      }
+      ctx.restore();
+    },
+  };
 
   // On a theme switch the chart is rebuilt from the same history arrays: Chart.js
   // caches resolved per-point colours, so patching options leaves stale dots.
@@ -950,49 +1030,171 @@
     return new Date(unixSecs * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
-  /** The live series with a null wherever consecutive points are further apart
-   * than their own spans allow: the chart breaks the line there. */
-  function liveSeries() {
-    const sent = [];
-    const recv = [];
-    let gaps = 0;
-    let before = null;
-    for (const p of live.points) {
-      if (before && p.x - before.x > Math.max(p.span, before.span) * 1.5 + intervalMs / 1000) {
-        const mid = (before.x + p.x) / 2;
-        sent.push({ x: mid, y: null });
-        recv.push({ x: mid, y: null });
-        gaps += 1;
-      }
-      sent.push({ x: p.x, y: p.sent });
-      recv.push({ x: p.x, y: p.recv });
-      before = p;
-    }
-    return { sent, recv, gaps };
+  // Tick spacings of the live chart's time axis (seconds): round minutes.
+  const CLOCK_STEPS = [60, 120, 300, 600, 900, 1800, 3600];
+
+  /** Ticks on round local times between `min` and `max`: the finest spacing of
+   * CLOCK_STEPS that leaves about 70 px per label. */
+  function clockTicks(min, max, width) {
+    if (!(max > min)) return [];
+    const fit = Math.max(2, Math.floor((width || 600) / 70));
+    const step = CLOCK_STEPS.find((s) => (max - min) / s <= fit) || 3600;
+    // Seconds east of UTC in the browser's zone: "round" is round on its clock.
+    const east = -new Date(min * 1000).getTimezoneOffset() * 60;
+    const ticks = [];
+    for (let t = Math.ceil((min + east) / step) * step - east; t <= max; t += step) ticks.push({ value: t });
+    return ticks;
   }
 
+  /** The charted series' current rates (the legend beside the chart). */
+  function chartedRates() {
+    if (live.port == null) return { sent: rates.sent, recv: rates.recv };
+    return rates.byPort.get(live.port) || { sent: null, recv: null };
+  }
+
+  /** The charted series as steps, oldest first: {from, to, sent, recv, kind}.
+   * Minute steps end where the first sample step begins: no time twice. */
+  function chartSteps() {
+    const samples = [];
+    for (const p of live.points) {
+      const r = live.port == null ? p : p.ports && p.ports.get(live.port);
+      if (!r || r.sent == null || r.recv == null) continue; // not measured: a gap
+      samples.push({ from: p.x - p.span, to: p.x, sent: r.sent, recv: r.recv, kind: 'sample' });
+    }
+    const firstSample = samples.length ? samples[0].from : Infinity;
+    const minutes = live.minutes
+      .filter((m) => m.from < firstSample)
+      .map((m) => ({ ...m, to: Math.min(m.to, firstSample), kind: 'minute' }));
+    return [...minutes, ...samples];
+  }
+
+  /** Where consecutive steps do not touch, nothing was measured: a gap. From a
+   * minute to the samples the tolerance is one recorder interval (the minute in
+   * progress may be too young to draw, see loadMinuteHistory), unless the daemon
+   * was known to be down in between. */
+  function chartGaps(steps) {
+    const gaps = [];
+    for (let i = 1; i < steps.length; i += 1) {
+      const a = steps[i - 1];
+      const b = steps[i];
+      const slack = a.kind === b.kind ? 0.5 : live.historyInterval + 1;
+      const down = live.holes.some((h) => h.from < b.from && h.to > a.to);
+      if (b.from - a.to > (down ? 0.5 : slack)) gaps.push({ from: a.to, to: b.from });
+    }
+    return gaps;
+  }
+
+  /** One dataset's points: each step as a flat line from its start to its end,
+   * a null between steps that do not touch (Chart.js breaks the line there). */
+  function stepLine(steps, key) {
+    const out = [];
+    let end = null;
+    for (const seg of steps) {
+      if (end != null && seg.from - end > 0.5) out.push({ x: (end + seg.from) / 2, y: null });
+      out.push({ x: seg.from, y: seg[key], seg }, { x: seg.to, y: seg[key], seg });
+      end = seg.to;
+    }
+    return out;
+  }
+
+  /** What the live chart drew last (window.tunneldCharts.live()). */
+  let drawnLive = { port: null, steps: [], gaps: [], min: null, max: null };
+
   function renderChart() {
-    const series = liveSeries();
-    dom.chartBox.dataset.points = String(live.points.length);
-    dom.chartBox.dataset.gaps = String(series.gaps);
-    if (!chart) return;
-    chart.data.datasets[0].data = series.sent;
-    chart.data.datasets[1].data = series.recv;
+    const steps = chartSteps();
+    const gaps = chartGaps(steps);
+    dom.chartBox.dataset.points = String(steps.length);
+    dom.chartBox.dataset.gaps = String(gaps.length);
+    dom.chartBox.dataset.port = live.port == null ? '' : String(live.port);
     const now = serverNow();
     // Up to 30 minutes; while less is known (a fresh daemon), just what is known,
     // but at least 5 minutes, so a new page is not one spike at the right edge.
-    const oldest = live.points.length ? live.points[0].x : now;
-    chart.options.scales.x.min = Math.max(now - LIVE_WINDOW_SECS, Math.min(oldest, now - MIN_WINDOW_SECS));
+    const oldest = steps.length ? steps[0].from : now;
+    const min = Math.max(now - LIVE_WINDOW_SECS, Math.min(oldest, now - MIN_WINDOW_SECS));
+    drawnLive = { port: live.port, steps, gaps, min, max: now };
+    if (!chart) return;
+    const samples = steps.filter((seg) => seg.kind === 'sample');
+    const minutes = steps.filter((seg) => seg.kind === 'minute');
+    chart.data.datasets[0].data = stepLine(samples, 'sent');
+    chart.data.datasets[1].data = stepLine(samples, 'recv');
+    chart.data.datasets[2].data = stepLine(minutes, 'sent');
+    chart.data.datasets[3].data = stepLine(minutes, 'recv');
+    chart.$gaps = gaps;
+    chart.options.scales.x.min = min;
     chart.options.scales.x.max = now;
-    // A tick per minute on a short axis, every 5 minutes on the full 30.
-    chart.options.scales.x.ticks.stepSize = now - chart.options.scales.x.min > 10 * 60 ? 300 : 60;
-    const visible = live.points.filter((p) => p.x >= now - LIVE_WINDOW_SECS);
-    const max = Math.max(0, ...visible.map((p) => Math.max(p.sent, p.recv)));
+    const visible = steps.filter((seg) => seg.to >= min);
+    const max = Math.max(0, ...visible.map((seg) => Math.max(seg.sent, seg.recv)));
     const y = chart.options.scales.y;
     y.ticks.stepSize = niceStep(max);
     y.suggestedMax = max > 0 ? undefined : 1024;
     chart.update('none');
   }
+
+  // ---------- which series the chart shows ----------
+
+  const chartPicker = { select: $('#chart-port'), all: $('#chart-all'), name: $('#chart-series-name') };
+
+  /** A mapping as the pickers name it: port, target and description. */
+  function mappingLabel(port) {
+    const m = latest && latest.mappings.find((x) => x.port === port);
+    if (!m) return `:${port}`;
+    const text = `:${port} → ${m.target_host}:${m.target_port}${m.description ? ` — ${m.description}` : ''}`;
+    return text.length > 80 ? `${text.slice(0, 79)}…` : text;
+  }
+
+  /** Fills a mapping picker ("All mappings" first) with `ports`, keeping its choice. */
+  function fillMappingPicker(select, ports) {
+    const labels = [...new Set(ports)].sort((a, b) => a - b).map((p) => [p, mappingLabel(p)]);
+    const key = JSON.stringify(labels);
+    if (select.dataset.options === key) return;
+    select.dataset.options = key;
+    const chosen = select.value;
+    select.replaceChildren(el('option', { value: '' }, 'All mappings'), ...labels.map(([p, label]) => el('option', { value: p }, label)));
+    select.value = chosen;
+  }
+
+  /** Charts one mapping alone (`port`), or all of them (null): its samples since
+   * the page loaded and its own minute history. */
+  function chartMapping(port) {
+    live.port = port;
+    live.minutes = []; // the previous series' minutes are not this one's
+    live.holes = [];
+    live.historyPoints = 0;
+    dom.chartBox.dataset.historyPoints = '0';
+    const ports = latest ? latest.mappings.map((m) => m.port) : [];
+    fillMappingPicker(chartPicker.select, port == null ? ports : [...ports, port]);
+    chartPicker.select.value = port == null ? '' : String(port);
+    chartPicker.all.hidden = port == null;
+    chartPicker.name.textContent = port == null ? '· all mappings' : `· ${mappingLabel(port)}`;
+    markChartedRow();
+    loadMinuteHistory();
+    render();
+    renderChart();
+  }
+
+  /** Highlights the row of the charted mapping (rows are rebuilt every sample). */
+  function markChartedRow() {
+    const ports = latest ? latest.mappings.map((m) => m.port) : [];
+    fillMappingPicker(chartPicker.select, live.port == null ? ports : [...ports, live.port]);
+    for (const row of dom.rows.querySelectorAll('tr[data-port]')) {
+      const on = live.port != null && Number(row.dataset.port) === live.port;
+      row.classList.toggle('is-charted', on);
+      if (on) row.setAttribute('aria-current', 'true');
+      else row.removeAttribute('aria-current');
+    }
+  }
+
+  // A click on a mapping row (not on its buttons or links) charts that mapping;
+  // a second click on it goes back to all.
+  dom.rows.addEventListener('click', (e) => {
+    if (e.target.closest('button, a, input, select, textarea, label')) return;
+    const row = e.target.closest('tr[data-port]');
+    if (!row) return;
+    const port = Number(row.dataset.port);
+    chartMapping(live.port === port ? null : port);
+  });
+  chartPicker.select.addEventListener('change', () => chartMapping(chartPicker.select.value === '' ? null : Number(chartPicker.select.value)));
+  chartPicker.all.addEventListener('click', () => chartMapping(null));
 
   // ---------- connection state ----------
 
@@ -1257,6 +1459,7 @@
     '30d': { span: 30 * 86400, step: 'day', title: 'last 30 days, daily' },
     '12mo': { span: 334 * 86400, step: 'month', title: 'last 12 months, monthly' },
   };
+  const HISTORY_REFRESH_MS = 10000;
   const hist = {
     section: $('[data-testid="history"]'),
     sub: $('#history-sub'),
@@ -1274,6 +1477,11 @@
     request: 0,
     refresh: null,
     knownPorts: new Set(),
+    // The drawn series' bucket starts, the daemon's UTC offset, and the tick
+    // label of each bar (null: no tick), for the x axis callback.
+    starts: [],
+    offset: 0,
+    tickLabels: [],
   };
 
   /** "+08:00" -> seconds east of UTC. */
@@ -1304,16 +1512,11 @@
     return `/api/stats/report?period=${r.step}&from=${from}&to=${to}&format=${format}`;
   }
 
+  /** Every port seen (live or in the stored history) is selectable, named by
+   * its target and description while the mapping exists. */
   function updatePortOptions(ports) {
-    let changed = false;
-    for (const p of ports) {
-      if (!hist.knownPorts.has(p)) { hist.knownPorts.add(p); changed = true; }
-    }
-    if (!changed) return;
-    const selected = hist.port.value;
-    const options = [...hist.knownPorts].sort((a, b) => a - b).map((p) => el('option', { value: p }, `:${p}`));
-    hist.port.replaceChildren(el('option', { value: '' }, 'All mappings'), ...options);
-    hist.port.value = selected;
+    for (const p of ports) hist.knownPorts.add(p);
+    fillMappingPicker(hist.port, [...hist.knownPorts]);
   }
 
   async function loadHistory() {
@@ -1347,7 +1550,9 @@
       hist.box.dataset.bars = '0';
     }
     clearTimeout(hist.refresh);
-    hist.refresh = setTimeout(() => { if (document.body.dataset.state !== 'auth-required') loadHistory(); }, 60000);
+    // Often enough that the totals keep up with the live cards (the daemon's
+    // answer includes the bytes it has not flushed yet).
+    hist.refresh = setTimeout(() => { if (document.body.dataset.state !== 'auth-required') loadHistory(); }, HISTORY_REFRESH_MS);
   }
 
   function renderHistory(series, offset, totals, port) {
@@ -1356,7 +1561,7 @@
     const sent = series.points.map((p) => p.bytes_sent);
     const recv = series.points.map((p) => p.bytes_received);
     const sum = (a) => a.reduce((x, y) => x + y, 0);
-    hist.sub.textContent = `${port ? `:${port}` : 'All mappings'}, ${r.title} (days start at UTC${series.utc_offset})`;
+    hist.sub.textContent = `${port ? mappingLabel(Number(port)) : 'All mappings'}, ${r.title} (days start at UTC${series.utc_offset})`;
     hist.summary.replaceChildren(
       el('span', {}, el('span', { class: 'swatch swatch-sent', 'aria-hidden': 'true' }), ' Sent ',
         el('strong', { 'data-testid': 'history-sent', 'data-bytes': sum(sent) }, formatBytes(sum(sent)))),
@@ -1364,6 +1569,9 @@
         el('strong', { 'data-testid': 'history-received', 'data-bytes': sum(recv) }, formatBytes(sum(recv)))));
     hist.box.dataset.bars = String(series.points.length);
     hist.box.dataset.step = series.step;
+    hist.starts = series.points.map((p) => p.t);
+    hist.offset = offset;
+    hist.tickLabels = historyTickLabels(hist.starts, hist.range, offset, hist.canvas.clientWidth);
     if (hist.chart) {
       hist.chart.data.labels = labels;
       hist.chart.data.datasets[0].data = sent;
@@ -1386,6 +1594,42 @@
     hist.empty.textContent = quiet ? 'No traffic in this range' : '';
   }
 
+  // How many bars (hours, days, months) one tick may stand for, finest first.
+  const HISTORY_TICK_EVERY = { '24h': [1, 2, 3, 6, 12], '7d': [1, 2, 7], '30d': [1, 2, 7, 14], '12mo': [1, 2, 3, 6] };
+
+  /** The label of each bar that gets a tick, null for the others: round
+   * boundaries of the daemon's calendar, as many as fit in about 64 px each.
+   * 24 h: every 1, 2, 3, 6 or 12 hours (a midnight shows its date); 7 d: each
+   * midnight (or every other); 30 d: each day, every other, or Mondays; 12 mo:
+   * each month, or every 2, 3 or 6 (a January shows its year). */
+  function historyTickLabels(starts, range, offset, width) {
+    const fit = Math.max(2, Math.floor((width || 600) / 64));
+    const pad = (n) => String(n).padStart(2, '0');
+    const monthName = (d) => d.toLocaleString('en', { month: 'short', timeZone: 'UTC' });
+    // For each bar: whether it starts a round unit of this range, the unit's
+    // number (to pick every k-th), and its label.
+    const marks = starts.map((t) => {
+      const d = new Date((t + offset) * 1000);
+      const day = Math.floor((t + offset) / 86400);
+      const date = `${monthName(d)} ${d.getUTCDate()}`;
+      switch (range) {
+        case '24h': return { on: d.getUTCMinutes() === 0, n: d.getUTCHours(), label: d.getUTCHours() === 0 ? date : `${pad(d.getUTCHours())}:00` };
+        case '7d': return { on: d.getUTCHours() === 0 && d.getUTCMinutes() === 0, n: day, label: date };
+        // Day 0 (1970-01-01) was a Thursday: day + 3 counts from a Monday.
+        case '30d': return { on: true, n: day + 3, label: date };
+        default: return { on: true, n: d.getUTCFullYear() * 12 + d.getUTCMonth(), label: d.getUTCMonth() === 0 ? `${monthName(d)} ${d.getUTCFullYear()}` : monthName(d) };
+      }
+    });
+    const every = HISTORY_TICK_EVERY[range] || [1];
+    const pick = (k) => marks.map((m) => m.on && m.n % k === 0);
+    let chosen = pick(every[every.length - 1]);
+    for (const k of every) {
+      const picked = pick(k);
+      if (picked.filter(Boolean).length <= fit) { chosen = picked; break; }
+    }
+    return marks.map((m, i) => (chosen[i] ? m.label : null));
+  }
+
   /** Round binary steps on the bar chart's axis, as on the live chart. */
   function fitHistoryAxis() {
     const max = Math.max(0, ...hist.chart.data.datasets.flatMap((d) => d.data));
@@ -1405,13 +1649,20 @@
         responsive: true,
         maintainAspectRatio: false,
         animation: false,
+        // A new width fits a different number of labels.
+        onResize: (c, size) => { hist.tickLabels = historyTickLabels(hist.starts, hist.range, hist.offset, size.width); },
         interaction: { mode: 'index', intersect: false },
         plugins: {
           legend: { display: false },
           tooltip: { callbacks: { label: (ctx) => ` ${ctx.dataset.label}: ${formatBytes(ctx.parsed.y)}` } },
         },
         scales: {
-          x: { grid: { display: false }, border: { color: col.grid }, ticks: { color: col.muted, maxRotation: 0, autoSkipPadding: 12 } },
+          // Labels only on round boundaries (historyTickLabels), none skipped by Chart.js.
+          x: {
+            grid: { display: false },
+            border: { color: col.grid },
+            ticks: { color: col.muted, maxRotation: 0, autoSkip: false, callback: (v, i) => hist.tickLabels[i] ?? null },
+          },
           y: {
             beginAtZero: true,
             grid: { color: col.grid },
@@ -1455,6 +1706,28 @@
     } finally {
       hist.csv.disabled = false;
     }
+  });
+
+  // Read-only copies of what the charts drew, for tests and curious operators.
+  window.tunneldCharts = Object.freeze({
+    /** The live chart: the charted port (null: all), its steps {from, to, sent,
+     * recv, kind: minute|sample}, gaps {from, to}, the x range and the ticks. */
+    live: () => JSON.parse(JSON.stringify({
+      ...drawnLive,
+      // Read from the scale: a resize re-ticks the axis between samples.
+      ticks: chart ? chart.scales.x.ticks.map((t) => ({ value: t.value, label: t.label })) : [],
+    })),
+    /** The history chart: range, step, UTC offset, and each tick as {t: bucket
+     * start, label}. */
+    history: () => JSON.parse(JSON.stringify({
+      range: hist.range,
+      step: hist.box.dataset.step || null,
+      offset: hist.offset,
+      bars: hist.starts.length,
+      ticks: hist.chart
+        ? hist.chart.scales.x.ticks.filter((t) => t.label != null && t.label !== '').map((t) => ({ t: hist.starts[t.value], label: t.label }))
+        : hist.tickLabels.flatMap((label, i) => (label == null ? [] : [{ t: hist.starts[i], label }])),
+    })),
   });
 
   createChart();

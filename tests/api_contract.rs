@@ -327,7 +327,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(answer.raw["data"], json!({"port": direct}));
     assert_eq!(answer.data(), MappingRemoved { port: direct });
     let answer = get::<History>(&server, &format!("/api/stats/history?port={direct}&step=minute"));
-    assert_eq!(keys(&answer.raw["data"]), ["from", "interval_secs", "points", "port", "step", "to", "utc_offset"]);
+    assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "interval_secs", "points", "port", "step", "to", "unrecorded", "utc_offset"]);
     assert_eq!(keys(&answer.raw["data"]["points"][0]), ["bytes_received", "bytes_sent", "t"]);
     let history = answer.data();
     assert_eq!(
@@ -342,7 +342,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!((all.step.as_str(), all.port), ("hour", None));
     assert_eq!(sum(&all.points), (3000, 3000), "{all:?}");
     let answer = get::<Report>(&server, "/api/stats/report?period=day");
-    assert_eq!(keys(&answer.raw["data"]), ["from", "period", "rows", "to", "utc_offset"]);
+    assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "period", "rows", "to", "utc_offset"]);
     assert_eq!(keys(&answer.raw["data"]["rows"][0]), ["bytes_received", "bytes_sent", "period", "period_start", "port"]);
     let report = answer.data();
     assert_eq!((report.period.as_str(), report.utc_offset.as_str()), ("day", "+00:00"));

@@ -3,11 +3,13 @@
 //! JSON or as a CSV attachment.
 //!
 //! Times are Unix seconds, ranges are `[from, to)`, and days and months begin at
-//! `history.utc_offset`.
+//! `history.utc_offset`. Both answers are as of `as_of`: the bucket in progress
+//! holds the bytes the recorder has not flushed yet, so they agree with the live
+//! counters at every moment, not only after a flush.
 
 use std::collections::HashMap;
 
-use super::contract::{History, Report, ReportRow};
+use super::contract::{History, Report, ReportRow, Span};
 use super::error::{success, ApiError};
 use super::state::AppState;
 use crate::core::calendar::{utc_offset_text, Step};
@@ -102,7 +104,7 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
     let settings = state.recorder.settings();
     let offset = settings.utc_offset_secs;
     let (from, to) = range(&map, "step", step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
-    let points = state.recorder_store().history_points(step, port, from, to, offset).await.map_err(internal)?;
+    let series = state.recorder.points(step, port, from, to).await.map_err(internal)?;
     Ok(success(
         "ok",
         History {
@@ -112,7 +114,9 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
             to,
             utc_offset: utc_offset_text(offset),
             interval_secs: settings.interval_secs,
-            points: points.into_iter().map(Into::into).collect(),
+            as_of: series.as_of,
+            unrecorded: series.unrecorded.into_iter().map(|(from, to)| Span { from, to }).collect(),
+            points: series.points.into_iter().map(Into::into).collect(),
         },
     ))
 }
@@ -132,8 +136,8 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         _ => 86_400,
     };
     let (from, to) = range(&map, "period", period, default_span, state.recorder.now(), MAX_PERIODS, offset)?;
-    let rows: Vec<ReportRow> =
-        state.recorder_store().history_report(period, from, to, offset).await.map_err(internal)?.into_iter().map(Into::into).collect();
+    let (rows, as_of) = state.recorder.report(period, from, to).await.map_err(internal)?;
+    let rows: Vec<ReportRow> = rows.into_iter().map(Into::into).collect();
     if csv {
         let filename = format!("tunneld-report-{}-{from}-{to}.csv", period.name());
         return Ok((
@@ -145,7 +149,7 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
         )
             .into_response());
     }
-    Ok(success("ok", Report { period: period.name().to_string(), from, to, utc_offset: utc_offset_text(offset), rows }))
+    Ok(success("ok", Report { period: period.name().to_string(), from, to, utc_offset: utc_offset_text(offset), as_of, rows }))
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are

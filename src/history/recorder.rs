@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
+use crate::core::calendar::{period_label, Step};
 use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
-use crate::store::history::{Delta, Flush, Pruned, RETENTION_BATCH};
+use crate::store::history::{Delta, Flush, Point, Pruned, ReportRow, Runs, RETENTION_BATCH};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{ByteTotals, Metrics};
 
@@ -41,6 +42,8 @@ pub struct Recorder {
     metrics: Arc<Metrics>,
     settings: HistorySettings,
     clock: Clock,
+    /// When this run (process) started recording: its row in the store's runs.
+    started: i64,
     retention_batch: i64,
     /// Flushes never overlap (the periodic one and the final one at shutdown).
     flushing: tokio::sync::Mutex<()>,
@@ -90,11 +93,13 @@ impl Recorder {
     /// Loads the stored lifetime totals so they are exact from the first request.
     pub async fn new(store: Store, metrics: Arc<Metrics>, settings: HistorySettings, clock: Clock) -> Result<Recorder, StoreError> {
         let lifetime = store.lifetime_totals().await?;
+        let started = clock();
         Ok(Recorder {
             store,
             metrics,
             settings,
             clock,
+            started,
             retention_batch: RETENTION_BATCH,
             flushing: tokio::sync::Mutex::new(()),
             state: Mutex::new(Baseline { lifetime, ..Baseline::default() }),
@@ -137,6 +142,7 @@ impl Recorder {
         let s = self.settings;
         let flush = Flush {
             at,
+            run_started: self.started,
             utc_offset: s.utc_offset_secs,
             mappings: deltas.clone(),
             tunnel: tunnel_deltas,
@@ -201,6 +207,65 @@ impl Recorder {
         out
     }
 
+    /// What each port's counters gained since the last flush: the bytes the next
+    /// flush will write into the bucket it runs in.
+    fn unflushed(&self) -> BTreeMap<u16, Traffic> {
+        let base = self.baseline();
+        let now = self.metrics.byte_totals().mappings;
+        now.into_iter()
+            .map(|(port, counters)| (port, growth(counters, base.mappings.get(&port).copied().unwrap_or_default())))
+            .filter(|(_, t)| !t.is_zero())
+            .collect()
+    }
+
+    /// A history series over `[from, to)` as of now: the stored buckets plus the
+    /// bytes not yet flushed, counted in the bucket in progress (where the next
+    /// flush puts them). So the series' sum always equals what the live counters
+    /// say, not what they said at the last flush. With the points: the moment the
+    /// counters were read (`as_of`) and the spans of the range no recorder run
+    /// covered (the daemon was down), finer than the minute coverage.
+    pub(crate) async fn points(&self, step: Step, port: Option<u16>, from: i64, to: i64) -> Result<Series, StoreError> {
+        // No flush in between: a byte is either in the store or unflushed, never both or neither.
+        let _no_flush = self.flushing.lock().await;
+        let offset = self.settings.utc_offset_secs;
+        let mut points = self.store.history_points(step, port, from, to, offset).await?;
+        let as_of = self.now();
+        let unflushed = self.unflushed();
+        let gained =
+            unflushed.iter().filter(|(p, _)| port.map_or(true, |want| **p == want)).fold(Traffic::default(), |sum, (_, t)| sum + *t);
+        let current = step.bucket_start(as_of, offset);
+        if !gained.is_zero() && current >= step.bucket_start(from, offset) && current < to {
+            add_to_point(&mut points, current, gained);
+        }
+        let Runs { before, mut runs } = self.store.history_runs(from, to).await?;
+        // This run covers up to now, whether or not it has written yet.
+        match runs.iter_mut().find(|(started, _)| *started == self.started) {
+            Some(run) => run.1 = run.1.max(as_of),
+            None if self.started < to => {
+                runs.push((self.started, as_of));
+                runs.sort_unstable();
+            }
+            None => {}
+        }
+        Ok(Series { points, as_of, unrecorded: unrecorded(before, &runs, from, to) })
+    }
+
+    /// Per-period, per-port totals over `[from, to)` as of now: stored rows plus
+    /// the unflushed bytes in the period in progress (see [`Recorder::points`]).
+    pub(crate) async fn report(&self, period: Step, from: i64, to: i64) -> Result<(Vec<ReportRow>, i64), StoreError> {
+        let _no_flush = self.flushing.lock().await;
+        let offset = self.settings.utc_offset_secs;
+        let mut rows = self.store.history_report(period, from, to, offset).await?;
+        let as_of = self.now();
+        let current = period.bucket_start(as_of, offset);
+        if current >= period.bucket_start(from, offset) && current < to {
+            for (port, gained) in self.unflushed() {
+                add_to_row(&mut rows, period, current, offset, port, gained);
+            }
+        }
+        Ok((rows, as_of))
+    }
+
     /// Flushes every `interval_secs` until `shutdown`; the caller runs the final
     /// flush after connections have drained.
     pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -223,6 +288,66 @@ impl Recorder {
                 }
             }
         }
+    }
+}
+
+/// A series as of `as_of`, see [`Recorder::points`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Series {
+    pub(crate) points: Vec<Point>,
+    pub(crate) as_of: i64,
+    /// `(from, to)` spans of the range that no recorder run covered, oldest first.
+    pub(crate) unrecorded: Vec<(i64, i64)>,
+}
+
+/// The spans of `[from, to)` between one run's last write and the next run's
+/// start. `runs` are (started, last write), by start; `before` is the last write
+/// of the latest run before them. Time before the first run ever is not an outage.
+fn unrecorded(before: Option<i64>, runs: &[(i64, i64)], from: i64, to: i64) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    let mut covered_until = before;
+    for &(started, last) in runs {
+        if let Some(until) = covered_until {
+            let (gap_from, gap_to) = (until.max(from), started.min(to));
+            if gap_to > gap_from {
+                out.push((gap_from, gap_to));
+            }
+        }
+        covered_until = Some(covered_until.map_or(last, |until| until.max(last)));
+    }
+    out
+}
+
+/// Adds `gained` to the point of bucket `t`, or inserts that point in time
+/// order (a minute series has no point for a minute not flushed yet).
+fn add_to_point(points: &mut Vec<Point>, t: i64, gained: Traffic) {
+    match points.binary_search_by_key(&t, |p| p.t) {
+        Ok(i) => {
+            points[i].bytes_sent += gained.sent;
+            points[i].bytes_received += gained.received;
+        }
+        Err(i) => points.insert(i, Point { t, bytes_sent: gained.sent, bytes_received: gained.received }),
+    }
+}
+
+/// Adds `gained` to the row of (`start`, `port`), or inserts that row in the
+/// report's order (period, then port).
+fn add_to_row(rows: &mut Vec<ReportRow>, period: Step, start: i64, utc_offset: i64, port: u16, gained: Traffic) {
+    match rows.binary_search_by_key(&(start, port), |r| (r.period_start, r.port)) {
+        Ok(i) => {
+            rows[i].bytes_sent += gained.sent;
+            rows[i].bytes_received += gained.received;
+        }
+        Err(i) => rows.insert(
+            i,
+            ReportRow {
+                period: period_label(start, period, utc_offset),
+                period_start: start,
+                port,
+                bytes_sent: gained.sent,
+                bytes_received: gained.received,
+            },
+        ),
     }
 }
 
@@ -307,6 +432,34 @@ mod tests {
         b.sent.inc_by(5);
         assert_eq!(f.recorder.lifetime().get(&4001), Some(&bytes(5, 7)));
         assert_eq!(f.recorder.lifetime().get(&4000), Some(&bytes(1150, 10)));
+    }
+
+    #[test]
+    fn unrecorded_spans_lie_between_runs() {
+        // Before the first run ever: not an outage.
+        assert_eq!(unrecorded(None, &[(100, 200), (240, 300)], 0, 1000), vec![(200, 240)]);
+        // A run that ended before the range; the span is clipped to the range.
+        assert_eq!(unrecorded(Some(50), &[(100, 200)], 60, 150), vec![(60, 100)]);
+        assert_eq!(unrecorded(None, &[(100, 200), (400, 500)], 0, 300), vec![(200, 300)]);
+        // Runs that overlap (a second process on the same state) leave no span.
+        assert_eq!(unrecorded(None, &[(100, 200), (150, 180), (190, 250)], 0, 1000), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_restart_is_an_unrecorded_span_until_the_new_run_started() {
+        let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
+        f.metrics.add_mapping(7000, ["127.0.0.1:9", "direct", ""]).sent.inc_by(5);
+        f.now.store(utc(10, 0) + 20, Ordering::SeqCst);
+        f.recorder.flush().await.unwrap();
+        // Killed after that write; a new process 40 s later has not written yet.
+        let restarted_at = utc(10, 1);
+        let restarted =
+            Recorder::new(f.store.clone(), Arc::new(Metrics::new()), f.recorder.settings(), Arc::new(move || restarted_at)).await.unwrap();
+        let series = restarted.points(Step::Minute, None, utc(9, 0), utc(11, 0)).await.unwrap();
+        assert_eq!(series.unrecorded, vec![(utc(10, 0) + 20, restarted_at)]);
+        assert_eq!(series.as_of, restarted_at);
+        // The old run, seen from itself, is unbroken.
+        assert_eq!(f.recorder.points(Step::Minute, None, utc(9, 0), utc(11, 0)).await.unwrap().unrecorded, vec![]);
     }
 
     #[tokio::test]

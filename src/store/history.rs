@@ -1,6 +1,8 @@
 //! Traffic history in SQLite: minute, hour and day buckets per port (and per
-//! tunnel client), lifetime totals per port, and which minutes the recorder was
-//! running at all (so an idle minute and a minute the daemon was down differ).
+//! tunnel client), lifetime totals per port, which minutes the recorder was
+//! running at all (so an idle minute and a minute the daemon was down differ),
+//! and each recorder run's start and last write (so an outage shorter than a
+//! minute is known too).
 //!
 //! Writes come only from the recorder (`crate::history`), one transaction per
 //! flush. Every statement a flush runs is an upsert on a primary key or a delete
@@ -49,6 +51,8 @@ pub(crate) struct Delta<K> {
 pub(crate) struct Flush {
     /// When the readings were taken (Unix seconds).
     pub at: i64,
+    /// When this recorder run (process) started: its row in `history_runs`.
+    pub run_started: i64,
     pub utc_offset: i64,
     pub mappings: Vec<Delta<u16>>,
     pub tunnel: Vec<Delta<String>>,
@@ -132,6 +136,11 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
         lifetime.execute(params![d.key, to_i64(d.traffic.sent), to_i64(d.traffic.received)])?;
     }
     tx.prepare_cached("INSERT OR IGNORE INTO history_coverage (t) VALUES (?1)")?.execute(params![starts[0]])?;
+    tx.prepare_cached(
+        "INSERT INTO history_runs (started, last) VALUES (?1, ?2)
+         ON CONFLICT (started) DO UPDATE SET last = MAX(last, excluded.last)",
+    )?
+    .execute(params![f.run_started, f.at])?;
 
     let mut pruned = Pruned::default();
     let cutoffs = [f.keep_minutes_from, f.keep_hours_from, f.keep_days_from];
@@ -155,6 +164,11 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
     pruned.minute += tx
         .prepare_cached("DELETE FROM history_coverage WHERE t IN (SELECT t FROM history_coverage WHERE t < ?1 ORDER BY t LIMIT ?2)")?
         .execute(params![f.keep_minutes_from, f.retention_batch])?;
+    // Runs are kept as long as minutes: what they tell is finer than a minute.
+    tx.prepare_cached(
+        "DELETE FROM history_runs WHERE started IN (SELECT started FROM history_runs WHERE last < ?1 ORDER BY started LIMIT ?2)",
+    )?
+    .execute(params![f.keep_minutes_from, f.retention_batch])?;
     Ok(pruned)
 }
 
@@ -238,6 +252,26 @@ pub(crate) fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_of
         .collect())
 }
 
+/// Recorder runs that may matter for a range, see [`runs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Runs {
+    /// The last write of the latest run that ended before the range (`None`:
+    /// none is stored).
+    pub before: Option<i64>,
+    /// (started, last write) of each run that wrote in or after the range's
+    /// start and started before its end, oldest first.
+    pub runs: Vec<(i64, i64)>,
+}
+
+/// The recorder runs that tell what of `[from, to)` was recorded.
+fn runs(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Runs> {
+    let before: Option<i64> =
+        conn.prepare_cached("SELECT MAX(last) FROM history_runs WHERE last < ?1")?.query_row(params![from], |r| r.get(0))?;
+    let mut stmt = conn.prepare_cached("SELECT started, last FROM history_runs WHERE last >= ?1 AND started < ?2 ORDER BY started")?;
+    let rows = stmt.query_map(params![from, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+    Ok(Runs { before, runs: rows.collect::<rusqlite::Result<_>>()? })
+}
+
 /// Stored lifetime totals per port.
 pub(crate) fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
     let mut stmt = conn.prepare_cached("SELECT port, sent, received FROM history_lifetime")?;
@@ -290,6 +324,11 @@ impl Store {
 
     pub(crate) async fn history_report(&self, period: Step, from: i64, to: i64, utc_offset: i64) -> Result<Vec<ReportRow>, StoreError> {
         self.with_conn(move |conn| report(conn, period, from, to, utc_offset)).await
+    }
+
+    /// See [`runs`].
+    pub(crate) async fn history_runs(&self, from: i64, to: i64) -> Result<Runs, StoreError> {
+        self.with_conn(move |conn| runs(conn, from, to)).await
     }
 
     pub(crate) async fn lifetime_totals(&self) -> Result<BTreeMap<u16, Traffic>, StoreError> {

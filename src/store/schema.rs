@@ -68,7 +68,9 @@ fn create_history(conn: &Connection) -> rusqlite::Result<()> {
     sql.push_str(
         "CREATE TABLE IF NOT EXISTS history_lifetime (
             port INTEGER PRIMARY KEY, sent INTEGER NOT NULL, received INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS history_coverage (t INTEGER PRIMARY KEY) WITHOUT ROWID;",
+         CREATE TABLE IF NOT EXISTS history_coverage (t INTEGER PRIMARY KEY) WITHOUT ROWID;
+         -- One row per recorder run (process): when it started, when it last wrote.
+         CREATE TABLE IF NOT EXISTS history_runs (started INTEGER PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;",
     );
     conn.execute_batch(&sql)
 }

@@ -35,9 +35,26 @@ pub struct History {
     pub utc_offset: String,
     /// How often the recorder writes (the finest resolution there is).
     pub interval_secs: u64,
+    /// When the live counters were read (Unix seconds): the bucket that contains
+    /// this moment is in progress and holds the bytes up to it, flushed or not.
+    pub as_of: i64,
+    /// The spans of the range (Unix seconds, `[from, to)`) when no recorder ran:
+    /// from a daemon's last write to the next one's start, so an outage shorter
+    /// than a bucket is known too. Kept as long as minute buckets
+    /// (`history.minute_retention`); empty when the daemon was always up.
+    pub unrecorded: Vec<Span>,
     /// The range's buckets, empty ones included (for `minute`: only the minutes
     /// the recorder covered).
     pub points: Vec<HistoryPoint>,
+}
+
+/// A span of time (Unix seconds, `[from, to)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// Its start.
+    pub from: i64,
+    /// Its end (exclusive).
+    pub to: i64,
 }
 
 /// One period's total for one port.
@@ -79,6 +96,9 @@ pub struct Report {
     pub to: i64,
     /// Where days and months begin, like `+02:00`.
     pub utc_offset: String,
+    /// When the live counters were read (Unix seconds): the period that contains
+    /// this moment is in progress and holds the bytes up to it, flushed or not.
+    pub as_of: i64,
     /// Per period and port, only those with traffic.
     pub rows: Vec<ReportRow>,
 }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
-pub use history::{History, HistoryPoint, Report, ReportRow};
+pub use history::{History, HistoryPoint, Report, ReportRow, Span};
 pub use mappings::{CreateMapping, Mapping, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
 
