@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::untrusted::{make_printable, printable_message, read_bounded, read_prefix, MAX_ANSWER_BYTES, MAX_ERROR_BYTES};
 use crate::api::contract::{
-    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingList, MappingRemoved,
+    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingHealth, MappingList, MappingRemoved,
     RemoveClient, RemoveMapping, TrafficReport,
 };
 use crate::config::{self, Config, Role};
@@ -130,20 +130,26 @@ fn base_url(config: &Config) -> String {
     format!("http://{addr}")
 }
 
-/// `ctl list`: the mappings as a table.
+/// `ctl list`: the mappings as a table, with why each one that is not `ok`
+/// is not, under it.
 pub(super) fn list(api: &Api) -> anyhow::Result<String> {
     let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
-    let mut rows = vec![vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into(), "CREATED".into()]];
+    let mut rows = vec![vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into(), "HEALTH".into(), "CREATED".into()]];
+    let mut reasons = String::new();
     for m in &mappings {
         rows.push(vec![
             m.source_port.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
             mode(m.use_tunnel, m.client.as_deref()),
             m.status.to_string(),
+            m.health.as_str().to_string(),
             format_utc(m.created_at),
         ]);
+        if m.health != MappingHealth::Ok {
+            let _ = writeln!(reasons, "port {} {}: {}", m.source_port, m.health.as_str(), m.health_reason);
+        }
     }
-    Ok(format!("{}{} mapping(s)\n", table(&rows), mappings.len()))
+    Ok(format!("{}{} mapping(s)\n{reasons}", table(&rows), mappings.len()))
 }
 
 /// `ctl create`: one mapping; `target` is `HOST:PORT`.

@@ -87,6 +87,7 @@ impl Watcher {
                 }
             }
             down = now_down;
+            self.mappings.sample_health().await;
 
             // A removed client is gone on purpose: created again, it is new, not back.
             let known: BTreeSet<String> = self.hub.clients().into_iter().map(|c| c.name).collect();
