@@ -124,7 +124,7 @@ pub(super) fn top(api: &Api, interval: Duration) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::contract::{MappingStatus, MappingTraffic, TunnelTraffic};
+    use crate::api::contract::{MappingHealth, MappingStatus, MappingTraffic, TunnelTraffic};
 
     fn mapping(port: u16, bytes_sent: u64) -> MappingTraffic {
         MappingTraffic {
@@ -137,11 +137,14 @@ mod tests {
             active_connections: 0,
             connections_total: 0,
             connect_errors: 0,
+            refused: Default::default(),
             target_host: "h".into(),
             target_port: port / 1000,
             use_tunnel: false,
             client: None,
             status: MappingStatus::Active,
+            health: MappingHealth::Ok,
+            health_reason: String::new(),
             description: None,
             bandwidth_limit: None,
             quota: None,

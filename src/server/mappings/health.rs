@@ -277,8 +277,9 @@ mod tests {
     #[test]
     fn counts_leave_the_window_after_it() {
         let metrics = crate::telemetry::Metrics::new().add_mapping(1, ["t:1", "direct", "", ""]);
-        let start = Instant::now();
         let window = HealthWindow::new(metrics.clone());
+        let start = Instant::now();
+        window.restart(start);
         metrics.connect_errors.inc();
         metrics.connections.inc();
         assert_eq!(window.recent(), counts(1, 1, 0), "counted at once");
