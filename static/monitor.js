@@ -515,6 +515,14 @@
   function healthBadge(m) {
     const known = HEALTH[m.health];
     if (!known) return statusBadge(m.status, m.client);
+    if (String(m.status || '').startsWith('error')) {
+      // Not serving at all (its port, a loop): the status says exactly why.
+      const badge = statusBadge(m.status, m.client);
+      badge.dataset.role = 'health';
+      badge.dataset.health = m.health;
+      if (m.health_reason) badge.title = m.health_reason;
+      return badge;
+    }
     const [text, cls] = known;
     const title = m.status && m.status !== 'active' ? `${m.health_reason || ''} (status: ${m.status})` : m.health_reason || null;
     return el('span', { class: `badge ${cls}`, 'data-role': 'health', 'data-health': m.health, title }, text);
