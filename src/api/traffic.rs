@@ -45,7 +45,7 @@ pub(super) async fn report(state: &AppState) -> TrafficReport {
                 use_tunnel: view.spec.use_tunnel,
                 client: view.spec.client,
                 status: view.status.into(),
-                health: view.health.health.into(),
+                health: Some(view.health.health.into()),
                 health_reason: view.health.reason,
                 description: view.policy.description,
                 bandwidth_limit: view.policy.bandwidth_limit,

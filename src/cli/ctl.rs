@@ -142,11 +142,11 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
             format!("{}:{}", m.target_host, m.target_port),
             mode(m.use_tunnel, m.client.as_deref()),
             m.status.to_string(),
-            m.health.as_str().to_string(),
+            m.health.map_or("-", MappingHealth::as_str).to_string(),
             format_utc(m.created_at),
         ]);
-        if m.health != MappingHealth::Ok {
-            let _ = writeln!(reasons, "port {} {}: {}", m.source_port, m.health.as_str(), m.health_reason);
+        if let Some(health) = m.health.filter(|h| *h != MappingHealth::Ok) {
+            let _ = writeln!(reasons, "port {} {}: {}", m.source_port, health.as_str(), m.health_reason);
         }
     }
     Ok(format!("{}{} mapping(s)\n{reasons}", table(&rows), mappings.len()))

@@ -143,7 +143,7 @@ mod tests {
             use_tunnel: false,
             client: None,
             status: MappingStatus::Active,
-            health: MappingHealth::Ok,
+            health: Some(MappingHealth::Ok),
             health_reason: String::new(),
             description: None,
             bandwidth_limit: None,

@@ -130,9 +130,12 @@ pub struct Mapping {
     pub quota_blocked: Option<bool>,
     /// Whether it is serving.
     pub status: MappingStatus,
-    /// Whether it is doing its job, judged over the last 5 minutes.
-    pub health: MappingHealth,
+    /// Whether it is doing its job, judged over the last 5 minutes (always
+    /// written; read as `None` from a server older than health).
+    #[serde(default)]
+    pub health: Option<MappingHealth>,
     /// Why, in words.
+    #[serde(default)]
     pub health_reason: String,
 }
 
@@ -154,7 +157,7 @@ impl From<MappingView> for Mapping {
             quota_used,
             quota_blocked,
             status: status.into(),
-            health: health.health.into(),
+            health: Some(health.health.into()),
             health_reason: health.reason,
         }
     }

@@ -59,6 +59,7 @@ pub struct MappingTraffic {
     /// Visitors refused since the daemon started, by reason (`acl`, `quota`,
     /// `connection_limit`, `no_descriptors`, `process_limit`, `loop`; every
     /// reason present, 0 when none), as `tunneld_mapping_refused_total`.
+    #[serde(default)]
     pub refused: BTreeMap<String, u64>,
     /// Where visitors are forwarded.
     pub target_host: String,
@@ -70,9 +71,12 @@ pub struct MappingTraffic {
     pub client: Option<String>,
     /// Whether it is serving.
     pub status: MappingStatus,
-    /// Whether it is doing its job, judged over the last 5 minutes.
-    pub health: MappingHealth,
+    /// Whether it is doing its job, judged over the last 5 minutes (always
+    /// written; read as `None` from a server older than health).
+    #[serde(default)]
+    pub health: Option<MappingHealth>,
     /// Why, in words.
+    #[serde(default)]
     pub health_reason: String,
     /// The operator's label, or `null`.
     pub description: Option<String>,
