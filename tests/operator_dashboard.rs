@@ -71,8 +71,15 @@ fn the_mapping_panels_are_at_the_top_and_show_health_refusals_errors_quota_and_w
     let y = |p: &Value| p["gridPos"]["y"].as_i64().expect("y");
     let traffic_row = panels(&dash).into_iter().find(|p| p["type"] == "row" && p["title"] == "Traffic").map(y).expect("Traffic row");
     let handshakes = y(panel(&dash, "Handshakes by result"));
-    for title in ["Mapping health now", "Mappings by health", "Mappings listening", "Quota used", "Refused visitors", "Target connect errors", "Webhook failures"]
-    {
+    for title in [
+        "Mapping health now",
+        "Mappings by health",
+        "Mappings listening",
+        "Quota used",
+        "Refused visitors",
+        "Target connect errors",
+        "Webhook failures",
+    ] {
         let p = panel(&dash, title);
         assert!(y(p) < handshakes && y(p) < traffic_row, "{title} sits at y {} (handshakes at {handshakes}): it belongs at the top", y(p));
     }
@@ -119,7 +126,10 @@ fn daily_totals_are_one_bar_per_day_and_the_tunnel_panel_shows_only_clients_some
     let first = dash["panels"].as_array().expect("panels").iter().find(|p| p["type"] != "row").expect("a panel");
     assert_eq!(first["title"], "Tunnel per client");
     let expr = exprs(first)[0];
-    assert!(expr.contains("and on (job, instance, client)") && expr.contains(r#"tunneld_mapping_info{instance=~"$instance", mode="tunnel"}"#), "{expr}");
+    assert!(
+        expr.contains("and on (job, instance, client)") && expr.contains(r#"tunneld_mapping_info{instance=~"$instance", mode="tunnel"}"#),
+        "{expr}"
+    );
 }
 
 /// Every `tunneld_*` / `process_*` name in `text`.
@@ -162,7 +172,9 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     }
     let missing: Vec<&String> = queried.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(missing.is_empty(), "the dashboard queries metrics nobody exports: {missing:?}");
-    for wanted in ["tunneld_mapping_health", "tunneld_mapping_refused_total", "tunneld_alert_webhook_failures_total", "tunneld_mapping_quota_bytes"] {
+    for wanted in
+        ["tunneld_mapping_health", "tunneld_mapping_refused_total", "tunneld_alert_webhook_failures_total", "tunneld_mapping_quota_bytes"]
+    {
         assert!(queried.contains(wanted), "the dashboard does not show {wanted}");
     }
     // The info series carries the description the panels name mappings by.
@@ -173,13 +185,17 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
         "{server_text}"
     );
     assert_eq!(metric_value(&server_text, "tunneld_mapping_health", &[("port", &p), ("health", "ok")]), Some(1.0));
-    assert!(server_text.contains("# HELP tunneld_mapping_connections_total Visitor connections admitted past"), "the HELP says what is counted");
+    assert!(
+        server_text.contains("# HELP tunneld_mapping_connections_total Visitor connections admitted past"),
+        "the HELP says what is counted"
+    );
 
     // A description changed live moves the info series with it (one series per port).
     let (status, reply) = post(&server, "/api/mapping/update", json!({"port": port, "description": "web (new)"}));
     assert_eq!(status, 200, "{reply}");
     let text = metrics_text(&server);
-    let infos: Vec<&str> = text.lines().filter(|l| l.starts_with("tunneld_mapping_info{") && l.contains(&format!("port=\"{p}\""))).collect();
+    let infos: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("tunneld_mapping_info{") && l.contains(&format!("port=\"{p}\""))).collect();
     assert_eq!(infos.len(), 1, "{infos:?}");
     assert!(infos[0].contains(r#"description="web (new)""#), "{infos:?}");
     // The quota panel's filter: this mapping has an allowance (the quota check

@@ -189,7 +189,11 @@ fn an_allow_list_that_refuses_everyone_is_refusing_and_a_used_up_quota_is_blocke
     assert_eq!(status, 200, "{reply}");
     echo_through(quota_port, 2000);
     let reason = wait_for_health(&server, quota_port, "blocked");
-    assert!(reason.starts_with("its quota of 1000 bytes per day is used up (") && reason.ends_with("bytes): new visitors are refused until the period ends"), "{reason}");
+    assert!(
+        reason.starts_with("its quota of 1000 bytes per day is used up (")
+            && reason.ends_with("bytes): new visitors are refused until the period ends"),
+        "{reason}"
+    );
     let (_, reasons) = daemon_health(&server);
     assert!(reasons.iter().any(|r| r.starts_with(&format!("mapping on port {quota_port} is blocked: its quota"))), "{reasons:?}");
     assert!(ctl_row(&ctl_list(&server), quota_port).contains(&"blocked".to_string()));
@@ -200,8 +204,11 @@ fn an_allow_list_that_refuses_everyone_is_refusing_and_a_used_up_quota_is_blocke
     assert_eq!(quota_bytes(acl_port), Some(0.0), "0: no quota");
 
     // A bigger quota lifts the block.
-    let (status, reply) =
-        post(&server, "/api/mapping/update", json!({"port": quota_port, "quota": {"bytes": 1_000_000, "period": "day", "action": "block"}}));
+    let (status, reply) = post(
+        &server,
+        "/api/mapping/update",
+        json!({"port": quota_port, "quota": {"bytes": 1_000_000, "period": "day", "action": "block"}}),
+    );
     assert_eq!(status, 200, "{reply}");
     wait_for_health(&server, quota_port, "ok");
     assert_eq!(daemon_health(&server), ("ok".to_string(), vec![]));
@@ -290,7 +297,10 @@ fn the_page_badge_shows_health_not_just_listening() {
 
     let mut browser = Browser::launch(&chromium, &[], None);
     browser.navigate(&server.url("/api/stats/monitor?interval_ms=250"));
-    browser.wait_for("three rows with health badges", r#"document.querySelectorAll('[data-testid="mapping-row"] [data-role="health"]').length === 3"#);
+    browser.wait_for(
+        "three rows with health badges",
+        r#"document.querySelectorAll('[data-testid="mapping-row"] [data-role="health"]').length === 3"#,
+    );
     let rows = browser.eval(BADGES_JS);
     let row = |port: u16| rows.as_array().and_then(|r| r.iter().find(|r| r["port"] == port).cloned()).unwrap_or_else(|| panic!("{rows}"));
 
@@ -304,7 +314,11 @@ fn the_page_badge_shows_health_not_just_listening() {
     assert!(bad["problems"].to_string().contains("2 connect errors"), "{bad}");
 
     let refused = row(refusing);
-    assert_eq!((refused["health"].as_str(), refused["text"].as_str(), refused["green"].as_bool()), (Some("refusing"), Some("Refusing"), Some(false)), "{refused}");
+    assert_eq!(
+        (refused["health"].as_str(), refused["text"].as_str(), refused["green"].as_bool()),
+        (Some("refusing"), Some("Refusing"), Some(false)),
+        "{refused}"
+    );
     assert!(refused["problems"].to_string().contains("2 refused (acl 2)"), "{refused}");
 
     let ok = row(fine);

@@ -203,7 +203,10 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
 
     let variables = dash["templating"]["list"].as_array().expect("templating.list");
     let source = variables.first().expect("template variables");
-    assert_eq!((source["name"].as_str(), source["type"].as_str(), source["query"].as_str()), (Some("datasource"), Some("datasource"), Some("prometheus")));
+    assert_eq!(
+        (source["name"].as_str(), source["type"].as_str(), source["query"].as_str()),
+        (Some("datasource"), Some("datasource"), Some("prometheus"))
+    );
     for name in ["instance", "client", "port"] {
         let var = variables.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("template variable {name} missing"));
         assert_eq!(var["type"], "query", "variable {name} is a query variable");

@@ -186,15 +186,11 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         .collect();
     // `idle`, known to the server but named by no mapping and not connected,
     // is not shown: nothing waits for it (no red DOWN), as the alerts agree.
-    let expected: BTreeSet<(String, String, u8)> = [
-        (server.http, "default", 1),
-        (server.http, "office", 1),
-        (default_client.http, "default", 1),
-        (office_client.http, "office", 1),
-    ]
-    .into_iter()
-    .map(|(at, client, up)| (at.to_string(), client.to_string(), up))
-    .collect();
+    let expected: BTreeSet<(String, String, u8)> =
+        [(server.http, "default", 1), (server.http, "office", 1), (default_client.http, "default", 1), (office_client.http, "office", 1)]
+            .into_iter()
+            .map(|(at, client, up)| (at.to_string(), client.to_string(), up))
+            .collect();
     assert_eq!(seen, expected, "tunnel state per client (instance, client, connected)");
     let mappings = prometheus
         .query(&substitute(find_query(&queries, "count by (instance, client) (tunneld_mapping_info"), &variables))

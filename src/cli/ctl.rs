@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::untrusted::{make_printable, printable_message, read_bounded, read_prefix, MAX_ANSWER_BYTES, MAX_ERROR_BYTES};
 use crate::api::contract::{
-    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingHealth, MappingList, MappingRemoved,
-    RemoveClient, RemoveMapping, TrafficReport,
+    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingHealth, MappingList,
+    MappingRemoved, RemoveClient, RemoveMapping, TrafficReport,
 };
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;

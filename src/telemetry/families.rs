@@ -122,11 +122,8 @@ pub(crate) const MAPPING_HEALTH: Family = Family::new(
     &[PORT, "health"],
 )
 .listing(&health_state::ALL);
-pub(crate) const MAPPING_QUOTA_BYTES: Family = Family::new(
-    "tunneld_mapping_quota_bytes",
-    "The mapping's quota per period, both directions together (0: no quota).",
-    &[PORT],
-);
+pub(crate) const MAPPING_QUOTA_BYTES: Family =
+    Family::new("tunneld_mapping_quota_bytes", "The mapping's quota per period, both directions together (0: no quota).", &[PORT]);
 pub(crate) const MAPPING_QUOTA_USED: Family = Family::new(
     "tunneld_mapping_quota_used_ratio",
     "Share of the current period's quota used (1 = all of it; 0 without a quota).",

@@ -132,7 +132,7 @@ impl HealthWindow {
     /// ones the window no longer needs (all but the newest at or before its start).
     pub(super) fn sample(&self, now: Instant) {
         let mut samples = lock(&self.samples);
-        if samples.back().is_none_or(|(at, _)| now.duration_since(*at) >= SAMPLE_EVERY) {
+        if !samples.back().is_some_and(|(at, _)| now.duration_since(*at) < SAMPLE_EVERY) {
             samples.push_back((now, Counts::read(&self.metrics)));
         }
         let start = now.checked_sub(WINDOW);
@@ -169,7 +169,7 @@ fn window_words() -> String {
 /// list or on the deny list), connection_limit 2`.
 fn refusal_words(refused: &[u64; 6]) -> String {
     let mut parts: Vec<(u64, &str)> = refused_reason::ALL.iter().zip(refused).filter(|(_, n)| **n > 0).map(|(r, n)| (*n, *r)).collect();
-    parts.sort_by(|a, b| b.0.cmp(&a.0));
+    parts.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     parts
         .iter()
         .map(|(n, reason)| {
@@ -250,7 +250,8 @@ mod tests {
         let down = verdict(Condition { bind_error: Some("port in use by another process"), ..condition() }, counts(5, 5, 5), None);
         assert_eq!(down.health, Health::Down);
         assert!(down.reason.contains("port in use"), "{}", down.reason);
-        let away = verdict(Condition { client_away: Some("office"), quota_blocked: Some("q".into()), ..condition() }, counts(0, 0, 0), None);
+        let away =
+            verdict(Condition { client_away: Some("office"), quota_blocked: Some("q".into()), ..condition() }, counts(0, 0, 0), None);
         assert_eq!((away.health, away.reason.contains("office")), (Health::WaitingForTunnel, true), "{}", away.reason);
         let blocked = verdict(Condition { quota_blocked: Some("quota used up".into()), ..condition() }, counts(1, 1, 0), None);
         assert_eq!((blocked.health, blocked.reason.as_str()), (Health::Blocked, "quota used up"));
@@ -262,7 +263,11 @@ mod tests {
     fn the_window_decides_between_failing_refusing_and_ok() {
         let failing = verdict(condition(), counts(3, 3, 0), Some("connection refused"));
         assert_eq!(failing.health, Health::TargetFailing);
-        assert!(failing.reason.starts_with("3 of 3 visitors in the last 5 minutes could not reach the target 10.0.0.1:80"), "{}", failing.reason);
+        assert!(
+            failing.reason.starts_with("3 of 3 visitors in the last 5 minutes could not reach the target 10.0.0.1:80"),
+            "{}",
+            failing.reason
+        );
         assert!(failing.reason.ends_with("last error: connection refused"), "{}", failing.reason);
         assert_eq!(verdict(condition(), counts(4, 2, 0), None).health, Health::TargetFailing, "half is failing");
         assert_eq!(verdict(condition(), counts(5, 2, 0), None).health, Health::Ok, "most were served");
