@@ -582,6 +582,13 @@
           formatAgo(ago)));
     });
     dom.rows.replaceChildren(...rows);
+    // The Mappings card says how many are not ok, so a broken one is seen
+    // without scrolling to the table.
+    const attention = $('[data-role="attention"]', dom.cards.mappings);
+    const unwell = maps.filter((m) => m.health && m.health !== 'ok');
+    attention.hidden = unwell.length === 0;
+    attention.dataset.count = String(unwell.length);
+    attention.textContent = unwell.length === 1 ? `:${unwell[0].port} needs attention` : `${unwell.length} need attention`;
     policyState.mappings = new Map(maps.map((m) => [m.port, m]));
     maybeLoadEvents();
     if (typeof updatePortOptions === 'function') updatePortOptions(maps.map((m) => m.port));

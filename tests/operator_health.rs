@@ -325,6 +325,9 @@ fn the_page_badge_shows_health_not_just_listening() {
     assert_eq!((ok["health"].as_str(), ok["text"].as_str(), ok["green"].as_bool()), (Some("ok"), Some("Active"), Some(true)), "{ok}");
     assert_eq!(ok["problems"], json!([]), "nothing to report on a healthy mapping: {ok}");
 
+    let attention = browser.eval(r#"(() => { const a = document.querySelector('[data-testid="card-mappings"] [data-role="attention"]'); return {hidden: a.hidden, text: a.textContent.trim()}; })()"#);
+    assert_eq!(attention, json!({"hidden": false, "text": "2 need attention"}), "the Mappings card counts the unwell");
+
     for (width, height, mobile, name) in [(1440, 900, false, "health-1440.png"), (390, 844, true, "health-390.png")] {
         browser.set_viewport(width, height, mobile);
         browser.wait_for("the table laid out", "document.querySelectorAll('[data-testid=\"mapping-row\"]').length === 3");
