@@ -84,12 +84,11 @@ fn ctl_row(listing: &str, port: u16) -> Vec<String> {
     line.unwrap_or_else(|| panic!("no row for {port} in\n{listing}")).split_whitespace().map(str::to_string).collect()
 }
 
-/// A loopback port nothing listens on (bound, then released): a target that is down.
+/// A loopback port nothing listens on, below the ephemeral range (so no
+/// outgoing connection of a test running beside this one takes it before it is
+/// listened on again): a target that is down.
 fn dead_target() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr
+    loopback(free_port())
 }
 
 /// An echo server on exactly `addr` (a target that comes back).
