@@ -527,6 +527,47 @@
     return el('span', { class: 'badge' }, s);
   }
 
+  // A mapping's health (the API's `health`, judged over its last minutes):
+  // badge text and colour. `ok` keeps the familiar "Active".
+  const HEALTH = {
+    ok: ['Active', 'badge-ok'],
+    target_failing: ['Target failing', 'badge-bad'],
+    blocked: ['Blocked (quota)', 'badge-bad'],
+    refusing: ['Refusing', 'badge-warn'],
+    waiting_for_tunnel: ['Waiting for tunnel', 'badge-warn'],
+    down: ['Down', 'badge-bad'],
+  };
+
+  /** The status cell's badge: the mapping's health, its reason as the tooltip;
+   * from a daemon without health, the listening status alone. */
+  function healthBadge(m) {
+    const known = HEALTH[m.health];
+    if (!known) return statusBadge(m.status, m.client);
+    if (String(m.status || '').startsWith('error')) {
+      // Not serving at all (its port, a loop): the status says exactly why.
+      const badge = statusBadge(m.status, m.client);
+      badge.dataset.role = 'health';
+      badge.dataset.health = m.health;
+      if (m.health_reason) badge.title = m.health_reason;
+      return badge;
+    }
+    const [text, cls] = known;
+    const title = m.status && m.status !== 'active' ? `${m.health_reason || ''} (status: ${m.status})` : m.health_reason || null;
+    return el('span', { class: `badge ${cls}`, 'data-role': 'health', 'data-health': m.health, title }, text);
+  }
+
+  /** Connect errors and refused visitors since the daemon started (the
+   * counters behind the health), when there are any. */
+  function problemsLine(m) {
+    const parts = [];
+    if (m.connect_errors) parts.push(`${intFormat.format(m.connect_errors)} connect error${m.connect_errors === 1 ? '' : 's'}`);
+    const refused = Object.entries(m.refused || {}).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+    const total = refused.reduce((sum, [, n]) => sum + n, 0);
+    if (total) parts.push(`${intFormat.format(total)} refused (${refused.map(([why, n]) => `${why} ${intFormat.format(n)}`).join(', ')})`);
+    if (!parts.length) return null;
+    return el('span', { class: 'cell-sub problems', 'data-role': 'problems', title: 'Since the daemon started' }, parts.join(' · '));
+  }
+
   /** Since-start bytes, with the lifetime total under them (and, in the narrow
    * layout that hides the rate columns, the rate). */
   function bytesCell(label, col, bytes, lifetime, rate) {
@@ -548,7 +589,7 @@
     const rows = maps.map((m) => {
       const r = rates.byPort.get(m.port) || {};
       const ago = m.last_update == null ? null : now - m.last_update;
-      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status, 'data-client': m.client ?? '' },
+      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status, 'data-health': m.health ?? '', 'data-client': m.client ?? '' },
         el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
           el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
@@ -559,7 +600,7 @@
         el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
           el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}`, 'data-role': 'value' }, m.use_tunnel ? 'Tunnel' : 'Direct'),
           m.client ? el('span', { class: 'cell-sub' }, clientRef(m.client, 'client ')) : null),
-        el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, statusBadge(m.status, m.client)), policyBadges(m)),
+        el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, healthBadge(m)), problemsLine(m), policyBadges(m)),
         bytesCell('Sent', 'sent', m.bytes_sent, m.lifetime_sent, r.sent),
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
@@ -569,6 +610,13 @@
           formatAgo(ago)));
     });
     dom.rows.replaceChildren(...rows);
+    // The Mappings card says how many are not ok, so a broken one is seen
+    // without scrolling to the table.
+    const attention = $('[data-role="attention"]', dom.cards.mappings);
+    const unwell = maps.filter((m) => m.health && m.health !== 'ok');
+    attention.hidden = unwell.length === 0;
+    attention.dataset.count = String(unwell.length);
+    attention.textContent = unwell.length === 1 ? `:${unwell[0].port} needs attention` : `${unwell.length} need attention`;
     policyState.mappings = new Map(maps.map((m) => [m.port, m]));
     maybeLoadEvents();
     if (typeof updatePortOptions === 'function') updatePortOptions(maps.map((m) => m.port));

@@ -72,13 +72,15 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 12] = [
+const MAPPING_FIELDS: [&str; 14] = [
     "allow",
     "bandwidth_limit",
     "client",
     "created_at",
     "deny",
     "description",
+    "health",
+    "health_reason",
     "quota",
     "source_port",
     "status",
@@ -246,6 +248,8 @@ fn every_json_route_answers_in_the_contract_types() {
                 "connections_total",
                 "deny",
                 "description",
+                "health",
+                "health_reason",
                 "last_update",
                 "lifetime_received",
                 "lifetime_sent",
@@ -253,6 +257,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "quota",
                 "quota_blocked",
                 "quota_used",
+                "refused",
                 "status",
                 "target_host",
                 "target_port",

@@ -106,7 +106,8 @@ fn ctl_list_events_and_clients_print_no_terminal_controls() {
     let evil_status = serde_json::to_string(&format!("error: {EVIL}")).unwrap();
     let mapping = format!(
         r#"{{"source_port":2222,"target_host":{evil},"target_port":22,"use_tunnel":true,"client":{evil},"created_at":0,"description":{evil},
-            "bandwidth_limit":null,"quota":null,"allow":[],"deny":[],"status":{evil_status}}}"#
+            "bandwidth_limit":null,"quota":null,"allow":[],"deny":[],"status":{evil_status},
+            "health":"target_failing","health_reason":{evil}}}"#
     );
     let cases = [
         (vec!["list"], format!(r#"{{"success":true,"message":"ok","data":{{"mappings":[{mapping}],"count":1}}}}"#)),

@@ -10,6 +10,7 @@ use axum::Json;
 
 use super::contract::{Health, HealthStatus};
 use super::state::AppState;
+use crate::server::mappings::{Health as MappingHealth, MappingStatus};
 use crate::telemetry::Metrics;
 
 /// `ok`, or `degraded` (still 200: the daemon runs) with a reason per problem an
@@ -26,8 +27,16 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
     }
     let mut waiting: BTreeMap<String, Vec<u16>> = BTreeMap::new();
     for m in state.mappings.list().await {
+        let port = m.spec.source_port;
+        // Down, waiting and looping mappings are told above and below, once
+        // per port or client; here what the counters of the last minutes say.
+        let health = m.health.health;
+        let looping = matches!(m.status, MappingStatus::Error(_));
+        if matches!(health, MappingHealth::TargetFailing | MappingHealth::Blocked) || (health == MappingHealth::Refusing && !looping) {
+            reasons.push(format!("mapping on port {port} is {}: {}", health.as_str(), m.health.reason));
+        }
         if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {
-            waiting.entry(client).or_default().push(m.spec.source_port);
+            waiting.entry(client).or_default().push(port);
         }
     }
     for (client, ports) in waiting {

@@ -18,8 +18,8 @@ use serde::Serialize;
 use super::args::PolicyArgs;
 use super::untrusted::{make_printable, printable_message, read_bounded, read_prefix, MAX_ANSWER_BYTES, MAX_ERROR_BYTES};
 use crate::api::contract::{
-    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, ErrorCode, EventList, Mapping, MappingList,
-    MappingRemoved, RemoveClient, RemoveMapping, TrafficReport, UpdateMapping,
+    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, ErrorCode, EventList, Mapping, MappingHealth,
+    MappingList, MappingRemoved, RemoveClient, RemoveMapping, TrafficReport, UpdateMapping,
 };
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
@@ -230,33 +230,35 @@ fn base_url(config: &Config) -> String {
     format!("http://{}", config::reachable_here(config.api.listen))
 }
 
-/// `ctl list`: the mappings as a table. `HEALTH` is shown when the server
-/// reports it (a mapping's `health`; older servers do not).
+/// `ctl list`: the mappings as a table, with why each one that is not `ok`
+/// is not, under it (`HEALTH` is `-` from a server too old to report it).
 pub(super) fn list(api: &Api) -> anyhow::Result<String> {
-    let raw: serde_json::Value = api.get("/api/mapping/list")?;
-    let MappingList { mappings, .. } = serde_json::from_value(raw.clone()).context("cannot read the mapping list")?;
-    let health: Vec<Option<String>> = (0..mappings.len()).map(|i| health_of(&raw["mappings"][i])).collect();
-    let with_health = health.iter().any(Option::is_some);
-    let mut header = vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into()];
-    if with_health {
-        header.push("HEALTH".into());
-    }
-    header.extend(["CREATED".to_string(), "DESCRIPTION".into()]);
-    let mut rows = vec![header];
-    for (m, health) in mappings.iter().zip(health) {
-        let mut row = vec![
+    let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
+    let mut rows = vec![vec![
+        "PORT".to_string(),
+        "TARGET".into(),
+        "MODE".into(),
+        "STATUS".into(),
+        "HEALTH".into(),
+        "CREATED".into(),
+        "DESCRIPTION".into(),
+    ]];
+    let mut reasons = String::new();
+    for m in &mappings {
+        rows.push(vec![
             m.source_port.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
             mode(m.use_tunnel, m.client.as_deref()),
             m.status.to_string(),
-        ];
-        if with_health {
-            row.push(health.unwrap_or_else(|| "-".into()));
+            m.health.map_or("-", MappingHealth::as_str).to_string(),
+            format_utc(m.created_at),
+            m.description.clone().unwrap_or_default(),
+        ]);
+        if let Some(health) = m.health.filter(|h| *h != MappingHealth::Ok) {
+            let _ = writeln!(reasons, "port {} {}: {}", m.source_port, health.as_str(), m.health_reason);
         }
-        row.extend([format_utc(m.created_at), m.description.clone().unwrap_or_default()]);
-        rows.push(row);
     }
-    Ok(format!("{}{} mapping(s)\n", table(&rows), mappings.len()))
+    Ok(format!("{}{} mapping(s)\n{reasons}", table(&rows), mappings.len()))
 }
 
 /// A mapping's `health` (and `health_reason`) in a list or traffic JSON, when

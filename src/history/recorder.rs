@@ -392,8 +392,8 @@ mod tests {
     #[tokio::test]
     async fn deltas_roll_up_into_hours_and_local_days_without_double_counting() {
         let f = fixture(PLUS_8, utc(15, 58), RETENTION_BATCH).await;
-        let a = f.metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
-        let b = f.metrics.add_mapping(4001, ["127.0.0.1:9", "direct", ""]);
+        let a = f.metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        let b = f.metrics.add_mapping(4001, ["127.0.0.1:9", "direct", "", ""]);
         a.sent.inc_by(100);
         a.received.inc_by(10);
         f.recorder.flush().await.unwrap();
@@ -448,7 +448,7 @@ mod tests {
     #[tokio::test]
     async fn a_restart_is_an_unrecorded_span_until_the_new_run_started() {
         let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
-        f.metrics.add_mapping(7000, ["127.0.0.1:9", "direct", ""]).sent.inc_by(5);
+        f.metrics.add_mapping(7000, ["127.0.0.1:9", "direct", "", ""]).sent.inc_by(5);
         f.now.store(utc(10, 0) + 20, Ordering::SeqCst);
         f.recorder.flush().await.unwrap();
         // Killed after that write; a new process 40 s later has not written yet.
@@ -465,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_process_continues_the_totals_without_recounting() {
         let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
-        let m = f.metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        let m = f.metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
         m.sent.inc_by(300);
         // Tunnel wire bytes go to the `default` client's buckets.
         f.metrics.add_client("default");
@@ -481,15 +481,15 @@ mod tests {
         let settings = HistoryConfig::default().settings().unwrap();
         let restarted = Recorder::new(f.store.clone(), metrics.clone(), settings, Arc::new(|| utc(10, 5))).await.unwrap();
         assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(300, 0)));
-        let m2 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        let m2 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
         m2.sent.inc_by(20);
         restarted.flush().await.unwrap();
         assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(320, 0)));
         let day = f.store.history_points(Step::Day, Some(5000), utc(0, 0), utc(24, 0), 0).await.unwrap();
         assert_eq!(day[0].bytes_sent, 320);
         // A mapping removed and created again starts its counters at 0: counted from there.
-        metrics.remove_mapping(5000, ["127.0.0.1:9", "direct", ""]);
-        let m3 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", ""]);
+        metrics.remove_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
+        let m3 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
         m3.sent.inc_by(4);
         restarted.flush().await.unwrap();
         assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(324, 0)));
@@ -499,7 +499,7 @@ mod tests {
     async fn retention_expires_each_resolution_in_bounded_steps() {
         let start = utc(0, 0);
         let f = fixture("+00:00", start, 7).await;
-        let m = f.metrics.add_mapping(6000, ["127.0.0.1:9", "direct", ""]);
+        let m = f.metrics.add_mapping(6000, ["127.0.0.1:9", "direct", "", ""]);
         // 30 minutes of traffic, one flush a minute.
         for minute in 0..30 {
             f.now.store(start + minute * 60, Ordering::SeqCst);

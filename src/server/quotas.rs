@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::Gauge;
+use prometheus::{Gauge, IntGauge};
 use tracing::warn;
 
 use crate::core::calendar::Step;
@@ -27,6 +27,8 @@ pub struct MappingPolicy {
     pub policy: Arc<LivePolicy>,
     /// `tunneld_mapping_quota_used_ratio{port}`.
     pub quota_used: Gauge,
+    /// `tunneld_mapping_quota_bytes{port}`.
+    pub quota_bytes: IntGauge,
 }
 
 /// Something to tell the operator.
@@ -82,6 +84,7 @@ impl QuotaTracker {
             let port = m.port;
             let Some(&quota) = quotas.get(&port) else {
                 m.quota_used.set(0.0);
+                m.quota_bytes.set(0);
                 m.policy.set_quota_used(0);
                 m.policy.set_quota_blocked(false);
                 continue;
@@ -121,6 +124,7 @@ impl QuotaTracker {
             let used = total.saturating_sub(tracked.base);
             let ratio = used as f64 / quota.bytes as f64;
             m.quota_used.set(ratio);
+            m.quota_bytes.set(i64::try_from(quota.bytes).unwrap_or(i64::MAX));
             m.policy.set_quota_used(used);
             // Within a period usage only grows, but a changed quota can put the
             // mapping back below a threshold it had crossed: crossing it again is
@@ -214,10 +218,15 @@ mod tests {
         let c = clock.clone();
         let recorder = Recorder::new(store.clone(), metrics.clone(), settings, Arc::new(move || c.load(Ordering::SeqCst))).await.unwrap();
         let port = 4000;
-        let counters = metrics.add_mapping(port, ["127.0.0.1:22", "direct", ""]);
+        let counters = metrics.add_mapping(port, ["127.0.0.1:22", "direct", "", ""]);
         let quota = Quota { bytes: 1_000, period: QuotaPeriod::Day, action: QuotaAction::Block };
         let policy = LivePolicy::new(Policy { quota: Some(quota), ..Policy::default() });
-        let mappings = [MappingPolicy { port, policy: policy.clone(), quota_used: counters.quota_used.clone() }];
+        let mappings = [MappingPolicy {
+            port,
+            policy: policy.clone(),
+            quota_used: counters.quota_used.clone(),
+            quota_bytes: counters.quota_bytes.clone(),
+        }];
         let mut tracker = QuotaTracker::default();
         let kinds = |notices: Vec<Notice>| notices.into_iter().map(|n| n.kind).collect::<Vec<_>>();
 

@@ -92,6 +92,7 @@ impl Watcher {
                 }
             }
             down = now_down;
+            self.mappings.sample_health().await;
         }
     }
 }

@@ -47,8 +47,29 @@ pub(crate) mod refused_reason {
     pub(crate) const ALL: [&str; 6] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA, PROCESS_LIMIT, LOOP];
 }
 
+/// A mapping's health, in `tunneld_mapping_health{health}` and the API's
+/// `health` field: what the operator should look at, worst first.
+pub(crate) mod health_state {
+    /// Its port cannot be bound.
+    pub(crate) const DOWN: &str = "down";
+    /// Tunneled, and its client is not connected.
+    pub(crate) const WAITING_FOR_TUNNEL: &str = "waiting_for_tunnel";
+    /// Its quota is used up and its action is `block`.
+    pub(crate) const BLOCKED: &str = "blocked";
+    /// Recent visitors could not reach the target.
+    pub(crate) const TARGET_FAILING: &str = "target_failing";
+    /// Recent visitors were refused (allow/deny lists, limits).
+    pub(crate) const REFUSING: &str = "refusing";
+    /// Nothing to act on.
+    pub(crate) const OK: &str = "ok";
+    /// Every state; the family's HELP lists these.
+    pub(crate) const ALL: [&str; 6] = [OK, TARGET_FAILING, BLOCKED, REFUSING, WAITING_FOR_TUNNEL, DOWN];
+}
+
 /// Label: a mapping's listening port.
 pub(crate) const PORT: &str = "port";
+/// Label: why a visitor was refused, one of [`refused_reason::ALL`].
+pub(crate) const REASON: &str = "reason";
 /// Label: [`SENT`] or [`RECEIVED`].
 pub(crate) const DIRECTION: &str = "direction";
 /// Label: a tunnel client's name.
@@ -69,7 +90,11 @@ pub(crate) const MAPPING_BYTES: Family = Family::new(
     "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
     &[PORT, DIRECTION],
 );
-pub(crate) const MAPPING_CONNECTIONS: Family = Family::new("tunneld_mapping_connections_total", "Visitor connections accepted.", &[PORT]);
+pub(crate) const MAPPING_CONNECTIONS: Family = Family::new(
+    "tunneld_mapping_connections_total",
+    "Visitor connections admitted past the mapping's allow/deny lists, quota and limits (the others are in tunneld_mapping_refused_total).",
+    &[PORT],
+);
 pub(crate) const MAPPING_ACTIVE: Family = Family::new("tunneld_mapping_active_connections", "Visitor connections open now.", &[PORT]);
 pub(crate) const MAPPING_LAST_ACTIVITY: Family =
     Family::new("tunneld_mapping_last_activity_timestamp_seconds", "Unix time bytes last moved on the mapping (0: never).", &[PORT]);
@@ -78,15 +103,27 @@ pub(crate) const MAPPING_CONNECT_ERRORS: Family = Family::new(
     "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
     &[PORT],
 );
-pub(crate) const MAPPING_REFUSED: Family =
-    Family::new("tunneld_mapping_refused_total", "Visitors refused, by reason", &[PORT, "reason"]).listing(&refused_reason::ALL);
+pub(crate) const MAPPING_REFUSED: Family = Family::new(
+    "tunneld_mapping_refused_total",
+    "Visitors turned away before their target was dialed (not in connections_total, except no_descriptors after accept), by reason",
+    &[PORT, REASON],
+)
+.listing(&refused_reason::ALL);
 pub(crate) const MAPPING_UP: Family =
     Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT]);
 pub(crate) const MAPPING_INFO: Family = Family::new(
     "tunneld_mapping_info",
-    "Always 1; labels describe the mapping (target, mode, client) for dashboards.",
-    &[PORT, "target", "mode", CLIENT],
+    "Always 1; labels describe the mapping (target, mode, client, the operator's description) for dashboards.",
+    &[PORT, "target", "mode", CLIENT, "description"],
 );
+pub(crate) const MAPPING_HEALTH: Family = Family::new(
+    "tunneld_mapping_health",
+    "1 for the mapping's health now, 0 for the others (as the API's health field, judged over the last 5 minutes)",
+    &[PORT, "health"],
+)
+.listing(&health_state::ALL);
+pub(crate) const MAPPING_QUOTA_BYTES: Family =
+    Family::new("tunneld_mapping_quota_bytes", "The mapping's quota per period, both directions together (0: no quota).", &[PORT]);
 pub(crate) const MAPPING_QUOTA_USED: Family = Family::new(
     "tunneld_mapping_quota_used_ratio",
     "Share of the current period's quota used (1 = all of it; 0 without a quota).",
@@ -123,7 +160,7 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 17] = [
+pub(crate) const ALL: [&Family; 19] = [
     &MAPPING_BYTES,
     &MAPPING_CONNECTIONS,
     &MAPPING_ACTIVE,
@@ -133,6 +170,8 @@ pub(crate) const ALL: [&Family; 17] = [
     &MAPPING_UP,
     &MAPPING_INFO,
     &MAPPING_QUOTA_USED,
+    &MAPPING_QUOTA_BYTES,
+    &MAPPING_HEALTH,
     &TUNNEL_BYTES,
     &TUNNEL_LAST_ACTIVITY,
     &TUNNEL_CONNECTED,

@@ -17,7 +17,7 @@ mod meter;
 mod registry;
 mod snapshot;
 
-pub(crate) use families::{refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{health_state, refused_reason, session_result, RECEIVED, SENT};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
 pub(crate) use snapshot::{ByteTotals, ClientTraffic, TrafficSnapshot};
@@ -36,16 +36,18 @@ impl Metrics {
         self.history_last_flush.set(at);
     }
 
-    /// Creates a mapping's series at 0 so dashboards see it from the start.
-    /// `info` is `(target, mode, client)` for `tunneld_mapping_info`.
-    pub fn add_mapping(&self, port: u16, info: [&str; 3]) -> MappingMetrics {
+    /// Creates a mapping's series at 0 so dashboards see it from the start (its
+    /// health `ok`). `info` is `(target, mode, client, description)` for
+    /// `tunneld_mapping_info`.
+    pub fn add_mapping(&self, port: u16, info: [&str; 4]) -> MappingMetrics {
         let p = port.to_string();
-        let [target, mode, client] = info;
-        self.mapping_info.with_label_values(&[&p, target, mode, client]).set(1);
+        self.mapping_info.with_label_values(&[&p, info[0], info[1], info[2], info[3]]).set(1);
         for reason in refused_reason::ALL {
             self.mapping_refused.with_label_values(&[&p, reason]);
         }
+        self.set_mapping_health(port, health_state::OK);
         MappingMetrics {
+            quota_bytes: self.mapping_quota_bytes.with_label_values(&[&p]),
             refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
             refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
             refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
@@ -63,11 +65,29 @@ impl Metrics {
         }
     }
 
-    /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
-    pub(crate) fn remove_mapping(&self, port: u16, info: [&str; 3]) {
+    /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
+    pub(crate) fn relabel_mapping(&self, port: u16, old: [&str; 4], new: [&str; 4]) {
         let p = port.to_string();
-        let [target, mode, client] = info;
-        let _ = self.mapping_info.remove_label_values(&[&p, target, mode, client]);
+        let _ = self.mapping_info.remove_label_values(&[&p, old[0], old[1], old[2], old[3]]);
+        self.mapping_info.with_label_values(&[&p, new[0], new[1], new[2], new[3]]).set(1);
+    }
+
+    /// `tunneld_mapping_health{port}`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
+    pub(crate) fn set_mapping_health(&self, port: u16, state: &str) {
+        let p = port.to_string();
+        for each in health_state::ALL {
+            self.mapping_health.with_label_values(&[&p, each]).set(i64::from(each == state));
+        }
+    }
+
+    /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
+    pub(crate) fn remove_mapping(&self, port: u16, info: [&str; 4]) {
+        let p = port.to_string();
+        let _ = self.mapping_info.remove_label_values(&[&p, info[0], info[1], info[2], info[3]]);
+        let _ = self.mapping_quota_bytes.remove_label_values(&[&p]);
+        for state in health_state::ALL {
+            let _ = self.mapping_health.remove_label_values(&[&p, state]);
+        }
         for dir in [SENT, RECEIVED] {
             let _ = self.mapping_bytes.remove_label_values(&[&p, dir]);
         }
@@ -158,6 +178,8 @@ pub struct MappingMetrics {
     pub(crate) refused_loop: IntCounter,
     /// `tunneld_mapping_quota_used_ratio`.
     pub(crate) quota_used: Gauge,
+    /// `tunneld_mapping_quota_bytes`: the allowance, 0 without a quota.
+    pub(crate) quota_bytes: IntGauge,
     /// `tunneld_mapping_up`: 1 while listening.
     pub(crate) up: IntGauge,
 }
@@ -169,6 +191,19 @@ impl MappingMetrics {
         self.connections.inc();
         self.active.inc();
         ActiveGuard(self.active.clone())
+    }
+
+    /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
+    pub(crate) fn refused_counts(&self) -> [u64; 6] {
+        [
+            &self.refused_connection_limit,
+            &self.refused_no_descriptors,
+            &self.refused_acl,
+            &self.refused_quota,
+            &self.refused_process_limit,
+            &self.refused_loop,
+        ]
+        .map(|c| c.get())
     }
 
     /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
@@ -201,14 +236,16 @@ mod tests {
     #[test]
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
-        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.add_client("default");
         let text = metrics.render();
-        let readme = include_str!("../../README.md");
+        // The README's metrics table, or (families added since the README was
+        // last restructured) the one in docs/operations.md.
+        let readme = concat!(include_str!("../../README.md"), include_str!("../../docs/operations.md"));
         for family in families::ALL {
             let help = format!("# HELP {} {}\n", family.name(), family.help());
             assert!(text.contains(&help), "{help:?} missing from\n{text}");
-            assert!(readme.contains(&format!("| `{}` |", family.name())), "{} missing from the README's metrics table", family.name());
+            assert!(readme.contains(&format!("| `{}` |", family.name())), "{} missing from the metrics tables of the docs", family.name());
         }
         let help = MAPPING_REFUSED.help();
         assert!(refused_reason::ALL.iter().all(|reason| help.contains(reason)), "{help}");
@@ -217,7 +254,7 @@ mod tests {
     #[test]
     fn traffic_reads_back_what_was_counted() {
         let metrics = Metrics::new();
-        let mapping = metrics.add_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        let mapping = metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         mapping.sent.inc_by(5);
         mapping.received.inc_by(7);
         mapping.connect_errors.inc();
@@ -250,7 +287,7 @@ mod tests {
         metrics.session_ended("b");
         assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
         assert!(!metrics.tunnel_connected());
-        metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", ""]);
+        metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);

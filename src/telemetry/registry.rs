@@ -5,8 +5,8 @@ use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Regist
 
 use super::families::{
     session_result, BUILD_INFO, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECT_ERRORS,
-    MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED,
-    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+    MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP,
+    TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
 };
 use crate::core::time::unix_now;
 
@@ -23,6 +23,8 @@ pub struct Metrics {
     pub(super) mapping_up: IntGaugeVec,
     pub(super) mapping_info: IntGaugeVec,
     pub(super) mapping_quota_used: GaugeVec,
+    pub(super) mapping_quota_bytes: IntGaugeVec,
+    pub(super) mapping_health: IntGaugeVec,
     pub(super) tunnel_bytes: IntCounterVec,
     pub(super) tunnel_last_activity: GaugeVec,
     pub(super) tunnel_connected: IntGaugeVec,
@@ -57,6 +59,8 @@ impl Metrics {
             mapping_up: MAPPING_UP.int_gauge_vec(r),
             mapping_info: MAPPING_INFO.int_gauge_vec(r),
             mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
+            mapping_quota_bytes: MAPPING_QUOTA_BYTES.int_gauge_vec(r),
+            mapping_health: MAPPING_HEALTH.int_gauge_vec(r),
             tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
             tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
             tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),

@@ -9,7 +9,7 @@ use prometheus::core::Collector;
 use prometheus::proto::Metric;
 use serde::Serialize;
 
-use super::families::{CLIENT, DIRECTION, PORT, RECEIVED, SENT};
+use super::families::{CLIENT, DIRECTION, PORT, REASON, RECEIVED, SENT};
 use super::registry::Metrics;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::traffic::Traffic;
@@ -30,6 +30,8 @@ pub(crate) struct PortTraffic {
     pub active_connections: u64,
     pub connections_total: u64,
     pub connect_errors: u64,
+    /// Visitors refused, by `reason` label.
+    pub refused: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -139,6 +141,11 @@ impl Metrics {
         per_port(&self.mapping_active, |p, m| p.active_connections = m.get_gauge().value().max(0.0) as u64);
         per_port(&self.mapping_connect_errors, |p, m| p.connect_errors = m.get_counter().value() as u64);
         per_port(&self.mapping_last_activity, |p, m| p.last_update = timestamp(m.get_gauge().value()));
+        per_port(&self.mapping_refused, |p, m| {
+            if let Some(reason) = label(m, REASON) {
+                p.refused.insert(reason.to_string(), m.get_counter().value() as u64);
+            }
+        });
 
         let mut clients: BTreeMap<String, ClientTraffic> = tunnel_bytes
             .into_iter()

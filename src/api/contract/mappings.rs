@@ -130,11 +130,18 @@ pub struct Mapping {
     pub quota_blocked: Option<bool>,
     /// Whether it is serving.
     pub status: MappingStatus,
+    /// Whether it is doing its job, judged over the last 5 minutes (always
+    /// written; read as `None` from a server older than health).
+    #[serde(default)]
+    pub health: Option<MappingHealth>,
+    /// Why, in words.
+    #[serde(default)]
+    pub health_reason: String,
 }
 
 impl From<MappingView> for Mapping {
     fn from(view: MappingView) -> Mapping {
-        let MappingView { spec, policy, quota_used, quota_blocked, status } = view;
+        let MappingView { spec, policy, quota_used, quota_blocked, status, health } = view;
         Mapping {
             source_port: spec.source_port,
             target_host: spec.target_host,
@@ -150,6 +157,63 @@ impl From<MappingView> for Mapping {
             quota_used,
             quota_blocked,
             status: status.into(),
+            health: Some(health.health.into()),
+            health_reason: health.reason,
+        }
+    }
+}
+
+/// A mapping's health on the wire: what an operator should look at, besides
+/// whether it listens (`status`). Judged over the last 5 minutes of its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingHealth {
+    /// Nothing to act on.
+    Ok,
+    /// At least half of the recent visitors could not reach the target.
+    TargetFailing,
+    /// Its quota is used up and blocks new visitors.
+    Blocked,
+    /// At least half of the recent visitors were refused (allow/deny lists,
+    /// limits), or it refuses every visitor (a loop).
+    Refusing,
+    /// Tunneled, and its client is not connected.
+    WaitingForTunnel,
+    /// Its port cannot be bound.
+    Down,
+}
+
+impl MappingHealth {
+    /// The wire form, as `ctl` prints it.
+    pub fn as_str(self) -> &'static str {
+        crate::server::mappings::Health::from(self).as_str()
+    }
+}
+
+impl From<crate::server::mappings::Health> for MappingHealth {
+    fn from(health: crate::server::mappings::Health) -> MappingHealth {
+        use crate::server::mappings::Health as Server;
+        match health {
+            Server::Ok => MappingHealth::Ok,
+            Server::TargetFailing => MappingHealth::TargetFailing,
+            Server::Blocked => MappingHealth::Blocked,
+            Server::Refusing => MappingHealth::Refusing,
+            Server::WaitingForTunnel => MappingHealth::WaitingForTunnel,
+            Server::Down => MappingHealth::Down,
+        }
+    }
+}
+
+impl From<MappingHealth> for crate::server::mappings::Health {
+    fn from(health: MappingHealth) -> crate::server::mappings::Health {
+        use crate::server::mappings::Health as Server;
+        match health {
+            MappingHealth::Ok => Server::Ok,
+            MappingHealth::TargetFailing => Server::TargetFailing,
+            MappingHealth::Blocked => Server::Blocked,
+            MappingHealth::Refusing => Server::Refusing,
+            MappingHealth::WaitingForTunnel => Server::WaitingForTunnel,
+            MappingHealth::Down => Server::Down,
         }
     }
 }
@@ -245,5 +309,15 @@ mod tests {
             assert_eq!(serde_json::from_value::<MappingStatus>(serde_json::json!(text)).unwrap(), status);
         }
         assert!(serde_json::from_value::<MappingStatus>(serde_json::json!("sleeping")).is_err());
+    }
+
+    #[test]
+    fn healths_are_written_as_their_label_values() {
+        use crate::server::mappings::Health;
+        for health in [Health::Ok, Health::TargetFailing, Health::Blocked, Health::Refusing, Health::WaitingForTunnel, Health::Down] {
+            let wire = MappingHealth::from(health);
+            assert_eq!(serde_json::to_value(wire).unwrap(), serde_json::json!(health.as_str()));
+            assert_eq!(wire.as_str(), health.as_str());
+        }
     }
 }

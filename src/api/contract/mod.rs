@@ -27,7 +27,7 @@ pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};
-pub use mappings::{CreateMapping, Mapping, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
+pub use mappings::{CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Client, MappingStatus};
+use std::collections::BTreeMap;
+
+use super::{Client, MappingHealth, MappingStatus};
 use crate::policy::{Cidr, Quota};
 
 /// The tunnel as one: wire bytes summed over clients.
@@ -52,8 +54,13 @@ pub struct MappingTraffic {
     pub active_connections: u64,
     /// Visitor connections accepted since the daemon started.
     pub connections_total: u64,
-    /// Visitors whose target could not be reached.
+    /// Visitors whose target could not be reached, since the daemon started.
     pub connect_errors: u64,
+    /// Visitors refused since the daemon started, by reason (`acl`, `quota`,
+    /// `connection_limit`, `no_descriptors`, `process_limit`, `loop`; every
+    /// reason present, 0 when none), as `tunneld_mapping_refused_total`.
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
     /// Where visitors are forwarded.
     pub target_host: String,
     /// The target's port.
@@ -64,6 +71,13 @@ pub struct MappingTraffic {
     pub client: Option<String>,
     /// Whether it is serving.
     pub status: MappingStatus,
+    /// Whether it is doing its job, judged over the last 5 minutes (always
+    /// written; read as `None` from a server older than health).
+    #[serde(default)]
+    pub health: Option<MappingHealth>,
+    /// Why, in words.
+    #[serde(default)]
+    pub health_reason: String,
     /// The operator's label, or `null`.
     pub description: Option<String>,
     /// Bytes per second per direction, or `null`.

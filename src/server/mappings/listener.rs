@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
+use super::health::HealthWindow;
 use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
 use crate::core::sync::lock;
@@ -62,6 +63,8 @@ pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener
 pub(super) struct Admission {
     pub(super) policy: Arc<LivePolicy>,
     pub(super) resolved: Arc<ResolvedHere>,
+    /// Told why a visitor's target could not be reached.
+    pub(super) health: Arc<HealthWindow>,
 }
 
 /// The life of one mapping: (re)bind until it has its port, then accept until
@@ -156,11 +159,12 @@ pub(super) async fn run_mapping(
         let spec = spec.clone();
         let metrics = metrics.clone();
         let policy = admission.policy.clone();
+        let health = admission.health.clone();
         let cancel = cancel.clone();
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             tokio::select! {
-                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, visitor, peer) => {}
+                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, peer) => {}
                 _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
             }
         });

@@ -8,6 +8,7 @@
 mod clients;
 mod context;
 mod error;
+mod health;
 mod listener;
 mod registry;
 mod target;
@@ -16,5 +17,6 @@ mod visitor;
 
 pub(crate) use context::Settings;
 pub(crate) use error::MappingError;
+pub(crate) use health::Health;
 pub(crate) use registry::{Mappings, NewMapping};
 pub(crate) use view::{MappingStatus, MappingView};

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::context::{Ctx, Settings};
 use super::error::MappingError;
+use super::health::{Condition, HealthWindow};
 use super::listener::{bind, describe_bind_error, run_mapping, set, Admission, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
@@ -20,7 +21,7 @@ use crate::core::names::DEFAULT_CLIENT;
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
-use crate::policy::{LivePolicy, Policy, PolicyUpdate};
+use crate::policy::{LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Store, StoreError};
 use crate::telemetry::Metrics;
@@ -46,6 +47,11 @@ pub(super) struct Entry {
     pub(super) spec: Arc<MappingSpec>,
     policy: Arc<LivePolicy>,
     quota_used: prometheus::Gauge,
+    quota_bytes: prometheus::IntGauge,
+    /// Its counters over the recent window, for its health.
+    health: Arc<HealthWindow>,
+    /// `tunneld_mapping_info`'s labels now (the description changes live).
+    info: Mutex<[String; 4]>,
     bind_error: Arc<Mutex<Option<String>>>,
     /// Tunneled: the target as this host resolves it, for the loop check.
     resolved: Arc<ResolvedHere>,
@@ -209,6 +215,16 @@ impl Mappings {
             .await
             .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
         entry.policy.set(policy);
+        // Visitors refused under the old policy say nothing about the new one.
+        entry.health.restart(std::time::Instant::now());
+        let new = info_labels(&entry.spec, &entry.policy.get());
+        {
+            let mut info = lock(&entry.info);
+            if *info != new {
+                self.ctx.metrics.relabel_mapping(port, labels(&info), labels(&new));
+                *info = new;
+            }
+        }
         info!(port, changed = %changed.join(", "), "mapping policy updated");
         Ok(self.view(entry))
     }
@@ -222,6 +238,7 @@ impl Mappings {
                 port: *port,
                 policy: e.policy.clone(),
                 quota_used: e.quota_used.clone(),
+                quota_bytes: e.quota_bytes.clone(),
             })
             .collect()
     }
@@ -232,17 +249,14 @@ impl Mappings {
             return Err(MappingError::NotFound(port));
         }
         self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
-        let removed = entries.get(&port).map(|e| e.spec.clone());
         write(&self.ctx.mapped_ports).remove(&port);
         if let Some(entry) = entries.remove(&port) {
             entry.cancel.cancel();
             // The listener is released when the task ends: wait, so the port can be
             // mapped again the moment this returns.
             let _ = entry.task.await;
-        }
-        if let Some(spec) = &removed {
-            let [target, mode, client] = info_labels(spec);
-            self.ctx.metrics.remove_mapping(port, [&target, &mode, &client]);
+            let info = lock(&entry.info).clone();
+            self.ctx.metrics.remove_mapping(port, labels(&info));
         }
         info!(port, "mapping removed");
         Ok(())
@@ -271,23 +285,56 @@ impl Mappings {
         self.entries.lock().await.values().map(|e| self.view(e)).collect()
     }
 
+    /// Samples every mapping's counters for its health window and exports each
+    /// one's health as `tunneld_mapping_health`; the watcher calls it every second.
+    pub async fn sample_health(&self) {
+        let now = std::time::Instant::now();
+        let entries = self.entries.lock().await;
+        for (port, entry) in entries.iter() {
+            entry.health.sample(now);
+            let view = self.view(entry);
+            self.ctx.metrics.set_mapping_health(*port, view.health.health.as_str());
+        }
+    }
+
     fn view(&self, entry: &Entry) -> MappingView {
-        let status = match lock(&entry.bind_error).clone() {
-            Some(error) => MappingStatus::Error(error),
-            None if entry.spec.client.as_deref().is_some_and(|c| !self.ctx.hub.connected(c)) => MappingStatus::WaitingForTunnel,
-            None => match self.ctx.tunnel_loop(&entry.spec, &entry.resolved) {
-                Some(why) => MappingStatus::Error(format!("refusing visitors: {why}")),
-                None => MappingStatus::Active,
-            },
+        let bind_error = lock(&entry.bind_error).clone();
+        let client_away = entry.spec.client.as_deref().filter(|c| !self.ctx.hub.connected(c));
+        let looping = self.ctx.tunnel_loop(&entry.spec, &entry.resolved);
+        let status = match (&bind_error, client_away, &looping) {
+            (Some(error), _, _) => MappingStatus::Error(error.clone()),
+            (None, Some(_), _) => MappingStatus::WaitingForTunnel,
+            (None, None, Some(why)) => MappingStatus::Error(format!("refusing visitors: {why}")),
+            (None, None, None) => MappingStatus::Active,
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();
+        let quota_blocked = policy.quota.filter(|_| entry.policy.quota_blocked()).map(|q| {
+            format!(
+                "its quota of {} bytes per {} is used up ({} bytes): new visitors are refused until the period ends",
+                q.bytes,
+                match q.period {
+                    QuotaPeriod::Day => "day",
+                    QuotaPeriod::Month => "month",
+                },
+                entry.policy.quota_used()
+            )
+        });
+        let health = entry.health.judge(Condition {
+            port: entry.spec.source_port,
+            bind_error: bind_error.as_deref(),
+            client_away,
+            quota_blocked,
+            looping: looping.as_deref(),
+            target: format!("{}:{}", entry.spec.target_host, entry.spec.target_port),
+        });
         MappingView {
             spec: (*entry.spec).clone(),
             policy,
             quota_used: has_quota.then(|| entry.policy.quota_used()),
             quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
             status,
+            health,
         }
     }
 
@@ -322,26 +369,37 @@ impl Mappings {
         bind_error: Arc<Mutex<Option<String>>>,
         resolved: Arc<ResolvedHere>,
     ) -> Entry {
-        let [target, mode, client] = info_labels(&spec);
-        let metrics = self.ctx.metrics.add_mapping(spec.source_port, [&target, &mode, &client]);
+        let info = info_labels(&spec, &policy);
+        let metrics = self.ctx.metrics.add_mapping(spec.source_port, labels(&info));
         let policy = LivePolicy::new(policy);
         let quota_used = metrics.quota_used.clone();
+        let quota_bytes = metrics.quota_bytes.clone();
+        let health = Arc::new(HealthWindow::new(metrics.clone()));
         let cancel = self.ctx.abort.child_token();
         let task = tokio::spawn(run_mapping(
             self.ctx.clone(),
             spec.clone(),
-            Admission { policy: policy.clone(), resolved: resolved.clone() },
+            Admission { policy: policy.clone(), resolved: resolved.clone(), health: health.clone() },
             listener,
             bind_error.clone(),
             cancel.clone(),
             metrics,
         ));
-        Entry { spec, policy, quota_used, bind_error, resolved, cancel, task }
+        Entry { spec, policy, quota_used, quota_bytes, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
     }
 }
 
-/// `tunneld_mapping_info`'s labels besides the port: target, mode, client.
-fn info_labels(spec: &MappingSpec) -> [String; 3] {
+/// `tunneld_mapping_info`'s labels besides the port: target, mode, client, description.
+fn info_labels(spec: &MappingSpec, policy: &Policy) -> [String; 4] {
     let mode = if spec.use_tunnel { "tunnel" } else { "direct" };
-    [format!("{}:{}", spec.target_host, spec.target_port), mode.into(), spec.client.clone().unwrap_or_default()]
+    [
+        format!("{}:{}", spec.target_host, spec.target_port),
+        mode.into(),
+        spec.client.clone().unwrap_or_default(),
+        policy.description.clone().unwrap_or_default(),
+    ]
+}
+
+fn labels(info: &[String; 4]) -> [&str; 4] {
+    [&info[0], &info[1], &info[2], &info[3]]
 }

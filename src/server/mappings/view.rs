@@ -1,6 +1,7 @@
 //! A mapping as the server shows it: where it forwards, its policy, its quota
 //! use, and whether it is serving. The API turns it into its wire types.
 
+use super::health::MappingHealth;
 use crate::policy::Policy;
 use crate::store::MappingSpec;
 
@@ -17,6 +18,8 @@ pub struct MappingView {
     pub quota_blocked: Option<bool>,
     /// Whether it is serving.
     pub status: MappingStatus,
+    /// Whether it is doing its job, judged over the recent window, and why.
+    pub health: MappingHealth,
 }
 
 /// Whether a mapping is serving (the API's wire form is

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::context::Ctx;
+use super::health::HealthWindow;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::net::relay;
 use crate::net::socket;
@@ -21,6 +22,7 @@ pub(super) async fn serve_visitor(
     spec: &MappingSpec,
     policy: &LivePolicy,
     metrics: &MappingMetrics,
+    health: &HealthWindow,
     visitor: TcpStream,
     peer: SocketAddr,
 ) {
@@ -38,6 +40,7 @@ pub(super) async fn serve_visitor(
             debug!(port, %peer, error = %e, "visitor refused: out of file descriptors");
         }
         Err(VisitorError::Target(e)) => {
+            health.connect_failed(&e);
             metrics.connect_errors.inc();
             warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
         }
