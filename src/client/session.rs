@@ -9,16 +9,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::dialer::{Dialer, Throttled, HANDSHAKE_TIMEOUT};
+use super::diagnosis::ConnectFailure;
+use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
 use crate::net::transport::TunnelStream;
 use crate::systemd;
+use crate::net::tls;
+use crate::telemetry::connect_failure::{AUTH_REFUSED, PROTOCOL_ERROR, REJECTED, SERVER_REQUIRES_TLS, THROTTLED, VERSION_MISMATCH};
 use crate::telemetry::{session_result, Meter};
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::exchange::{self, Answer};
@@ -51,6 +54,7 @@ pub(super) async fn run(
 ) -> anyhow::Result<&'static str> {
     let config = &dialer.config;
     let metrics = &dialer.metrics;
+    let server = &config.server;
     let handshake = async {
         let mut stream = dialer.connect().await?;
         let welcome = handshake::authenticate(&mut stream, &config.name, config.secret.expose(), TunnelStream::binding).await;
@@ -58,13 +62,25 @@ pub(super) async fn run(
             Ok(welcome) => Ok((stream, welcome)),
             Err(HandshakeError::AuthFailed(reason)) => {
                 metrics.count_session(session_result::AUTH_FAILED);
-                bail!("server rejected authentication as client {:?}: {reason} (check client.name and client.secret)", config.name)
+                let name = &config.name;
+                Err(ConnectFailure::new(
+                    AUTH_REFUSED,
+                    format!("server rejected authentication as client \"{name}\": {reason} (check client.name and client.secret)"),
+                ))
             }
-            Err(e) => Err(e.into()),
+            Err(HandshakeError::Throttled { reason, retry_after_secs }) => {
+                metrics.count_session(session_result::THROTTLED);
+                let message = format!("{server}: throttled by the server: {reason}");
+                Err(ConnectFailure::throttled(message, Some(Duration::from_secs(retry_after_secs))))
+            }
+            Err(HandshakeError::Rejected(reason)) => Err(ConnectFailure::new(rejection_reason(&reason), format!("server rejected the connection: {reason}"))),
+            Err(HandshakeError::Protocol(e)) => Err(ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} failed: {e}"))),
         }
     };
-    let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
+    let timed_out = || ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} timed out"));
+    let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| timed_out())??;
     metrics.count_session(session_result::OK);
+    metrics.connect_succeeded();
     metrics.session_started(&config.name, crate::core::time::unix_now());
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
@@ -96,6 +112,20 @@ pub(super) async fn run(
     }
 }
 
+/// A rejection before authentication, by its words (the server's, or a
+/// version-1 server's as `explain_rejection` renders them).
+fn rejection_reason(words: &str) -> &'static str {
+    if words.contains("protocol version") {
+        VERSION_MISMATCH
+    } else if words.contains("requires TLS") {
+        SERVER_REQUIRES_TLS
+    } else if words == tls::THROTTLED || words.contains("refused") {
+        THROTTLED
+    } else {
+        REJECTED
+    }
+}
+
 fn spawn_data_channel(ctx: Arc<SessionCtx>) {
     if ctx.cancel.is_cancelled() {
         return;
@@ -117,12 +147,16 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
                 }
             }
             // Not replaced: the control session notices a server that is gone.
-            Err(e) if e.downcast_ref::<Throttled>().is_some() && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
+            Err(e) if is_throttled(&e) && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
                 warn!(error = %format!("{e:#}"), "data channel refused; visitors wait until the server admits this address again (logged once per session)")
             }
             Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
+}
+
+fn is_throttled(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ConnectFailure>().is_some_and(|f| f.reason == THROTTLED)
 }
 
 /// Logs a refusal for the descriptor budget: the first of an interval at WARN,
@@ -227,11 +261,11 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         drop((target, held));
         match relayed {
             Ok((back, sent, received)) => {
-                debug!(?peer, sent, received, "tunneled connection finished");
+                debug!(peer = peer.map(display), sent, received, "tunneled connection finished");
                 channel = back;
             }
             Err(e) => {
-                debug!(?peer, error = %e, "tunneled connection ended with an error");
+                debug!(peer = peer.map(display), error = %e, "tunneled connection ended with an error");
                 return Ok(());
             }
         }

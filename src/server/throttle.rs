@@ -11,7 +11,8 @@
 //! - [`EndedSessions`]: tokens of sessions that just ended, so a replaced
 //!   client's late data channels are told apart from forged ones;
 //! - [`FailureLog`]: one log line per source per interval, with a count, instead of
-//!   one per attempt (2,000 attempts must not mean 2,000 WARN lines);
+//!   one per attempt (2,000 attempts must not mean 2,000 WARN lines); mappings
+//!   use it alike for refused visitors, per port and reason;
 //! - [`Unauthenticated`]: a bound on connections that have not authenticated yet,
 //!   in total and per source, so idle connections cannot eat every descriptor,
 //!   with slots beyond it kept for known clients;
@@ -97,6 +98,20 @@ impl AuthThrottle {
         }
         bucket.tokens -= 1.0;
         Some(Charge::Reserved)
+    }
+
+    /// How long until `source` may start a handshake again: zero unless
+    /// [`AuthThrottle::admit`] refuses it now. Anyone can measure this by
+    /// retrying; a refused client is told it so it need not.
+    pub(crate) fn retry_after(&self, source: IpAddr, now: Instant) -> Duration {
+        let Some(bucket) = self.sources.get(&source.to_canonical()) else { return Duration::ZERO };
+        let earned = now.saturating_duration_since(bucket.updated).as_secs_f64() / FAILURE_REFILL.as_secs_f64();
+        let missing = 1.0 - (bucket.tokens + earned).min(FAILURE_BURST);
+        if missing <= 0.0 {
+            Duration::ZERO
+        } else {
+            FAILURE_REFILL.mul_f64(missing)
+        }
     }
 
     /// Records a failed handshake (wrong secret, garbage, silence, a forged
@@ -230,71 +245,84 @@ impl EndedSessions {
     }
 }
 
-/// Aggregates failure log lines: the first failure from a source is logged at
-/// once; later ones within the interval are counted and reported by [`drain`].
+/// Aggregates log lines of a repeated failure: the first for a key (a source
+/// address, a mapping's port and reason) is logged at once; later ones within
+/// the interval are counted and reported by [`drain`], with the detail of the
+/// last one (`D`: a reason, an error).
 ///
 /// [`drain`]: FailureLog::drain
-pub(crate) struct FailureLog {
+pub(crate) struct FailureLog<K, D = &'static str> {
     interval: Duration,
-    sources: HashMap<IpAddr, Tally>,
+    keys: HashMap<K, Tally<D>>,
 }
 
-struct Tally {
+struct Tally<D> {
     since: Instant,
     suppressed: u64,
-    last_reason: &'static str,
+    last: D,
 }
 
-/// A source's failures not logged one by one during the last interval.
+/// A key's failures not logged one by one during the last interval.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Summary {
-    pub source: IpAddr,
+pub(crate) struct Summary<K, D = &'static str> {
+    pub key: K,
     pub count: u64,
-    pub last_reason: &'static str,
+    /// The detail of the last failure counted.
+    pub last: D,
 }
 
-impl FailureLog {
-    pub(crate) fn new(interval: Duration) -> FailureLog {
-        FailureLog { interval, sources: HashMap::new() }
+impl<K: std::hash::Hash + Eq + Ord + Copy, D: Clone> FailureLog<K, D> {
+    pub(crate) fn new(interval: Duration) -> FailureLog<K, D> {
+        FailureLog { interval, keys: HashMap::new() }
     }
 
+
     /// Counts a failure; `true` when the caller should log this one itself.
-    pub(crate) fn record(&mut self, source: IpAddr, reason: &'static str, now: Instant) -> bool {
-        let source = source.to_canonical();
-        match self.sources.get_mut(&source) {
+    pub(crate) fn record(&mut self, key: K, detail: D, now: Instant) -> bool {
+        match self.keys.get_mut(&key) {
             Some(tally) => {
                 tally.suppressed += 1;
-                tally.last_reason = reason;
+                tally.last = detail;
                 false
             }
             None => {
-                if self.sources.len() < MAX_TRACKED_SOURCES {
-                    self.sources.insert(source, Tally { since: now, suppressed: 0, last_reason: reason });
+                if self.keys.len() < MAX_TRACKED_SOURCES {
+                    self.keys.insert(key, Tally { since: now, suppressed: 0, last: detail });
                 }
                 true
             }
         }
     }
 
-    /// Summaries of sources whose interval is over and that failed again after
-    /// their first logged failure. A source quiet for a whole interval is
+    /// Summaries of keys whose interval is over and that failed again after
+    /// their first logged failure. A key quiet for a whole interval is
     /// forgotten, so its next failure is logged at once again.
-    pub(crate) fn drain(&mut self, now: Instant) -> Vec<Summary> {
-        let mut out = Vec::new();
+    pub(crate) fn drain(&mut self, now: Instant) -> Vec<Summary<K, D>> {
         let interval = self.interval;
-        self.sources.retain(|source, tally| {
-            if now.saturating_duration_since(tally.since) < interval {
+        self.take(|tally| now.saturating_duration_since(tally.since) >= interval, now)
+    }
+
+    /// Every failure counted and not yet summarised, interval over or not: at
+    /// shutdown, so no count is lost with the process.
+    pub(crate) fn flush(&mut self, now: Instant) -> Vec<Summary<K, D>> {
+        self.take(|_| true, now)
+    }
+
+    fn take(&mut self, due: impl Fn(&Tally<D>) -> bool, now: Instant) -> Vec<Summary<K, D>> {
+        let mut out = Vec::new();
+        self.keys.retain(|key, tally| {
+            if !due(tally) {
                 return true;
             }
             if tally.suppressed == 0 {
                 return false;
             }
-            out.push(Summary { source: *source, count: tally.suppressed, last_reason: tally.last_reason });
+            out.push(Summary { key: *key, count: tally.suppressed, last: tally.last.clone() });
             tally.suppressed = 0;
             tally.since = now;
             true
         });
-        out.sort_by_key(|s| s.source);
+        out.sort_by_key(|s| s.key);
         out
     }
 }
@@ -430,7 +458,10 @@ mod tests {
             t.failed(a, charge, start);
         }
         assert_eq!(t.admit(a, false, start), None, "burst used up");
+        assert_eq!(t.retry_after(a, start), FAILURE_REFILL, "a whole token to earn");
+        assert_eq!(t.retry_after(a, start + FAILURE_REFILL / 4), FAILURE_REFILL * 3 / 4);
         assert!(t.admit(b, false, start).is_some(), "other sources are not affected");
+        assert_eq!(t.retry_after(b, start), Duration::ZERO);
         assert_eq!(t.admit(a, false, start + FAILURE_REFILL / 2), None);
         let charge = t.admit(a, false, start + FAILURE_REFILL).expect("one attempt per refill interval");
         t.failed(a, charge, start + FAILURE_REFILL);
@@ -511,7 +542,7 @@ mod tests {
 
     #[test]
     fn failures_are_logged_once_per_source_per_interval_with_a_count() {
-        let mut log = FailureLog::new(Duration::from_secs(60));
+        let mut log = FailureLog::<IpAddr>::new(Duration::from_secs(60));
         let start = Instant::now();
         let a = ip("192.0.2.1");
         assert!(log.record(a, "auth_failed", start));
@@ -519,10 +550,14 @@ mod tests {
             assert!(!log.record(a, "auth_failed", start + Duration::from_secs(1)));
         }
         assert!(log.drain(start + Duration::from_secs(30)).is_empty(), "interval not over");
-        assert_eq!(log.drain(start + Duration::from_secs(60)), vec![Summary { source: a, count: 1999, last_reason: "auth_failed" }]);
+        assert_eq!(log.drain(start + Duration::from_secs(60)), vec![Summary { key: a, count: 1999, last: "auth_failed" }]);
         // Quiet for a whole interval: forgotten, the next failure is logged again.
         assert!(log.drain(start + Duration::from_secs(120)).is_empty());
         assert!(log.record(a, "no_hello", start + Duration::from_secs(121)));
+        assert!(!log.record(a, "no_hello", start + Duration::from_secs(122)));
+        // At shutdown, what the interval counted so far is summarised at once.
+        assert_eq!(log.flush(start + Duration::from_secs(123)), vec![Summary { key: a, count: 1, last: "no_hello" }]);
+        assert!(log.flush(start + Duration::from_secs(124)).is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the tunnel port remembers about misbehaving sources and clients.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::server::throttle::{AuthThrottle, EndedSessions, FailureLog, FlapDetector, KnownSources};
@@ -15,7 +16,7 @@ pub(super) struct Defences {
     pub(super) known: KnownSources,
     /// Tokens of sessions that just ended: their late data channels are no guess.
     pub(super) ended: EndedSessions,
-    pub(super) log: FailureLog,
+    pub(super) log: FailureLog<IpAddr>,
     /// Per client name: two processes with one name replacing each other.
     pub(super) flaps: HashMap<String, FlapDetector>,
 }
