@@ -65,17 +65,29 @@ impl Dialer {
                 tls.get_mut().0.take_kept();
                 Ok(TunnelStream::Tls(Box::new(tls.into())))
             }
-            Ok(Err((e, mut io))) => match tls::explain_client_error(&e, &self.config) {
-                (THROTTLED, _) => {
-                    self.metrics.count_session(session_result::THROTTLED);
-                    let (words, secs) = read_refusal(&mut io).await.unwrap_or_else(|| (tls::THROTTLED.to_string(), None));
-                    Err(ConnectFailure::throttled(format!("{server}: throttled by the server: {words}"), secs.map(Duration::from_secs)))
+            Ok(Err((e, mut io))) => {
+                let (reason, explained) = tls::explain_client_error(&e, &self.config);
+                // A throttling server's refusal follows its access_denied alert;
+                // one with TLS off sends it in the clear, which rustls finds
+                // "not TLS".
+                let refusal = match reason {
+                    THROTTLED | TLS_ERROR => read_refusal(&mut io).await,
+                    _ => None,
+                };
+                match (reason, refusal) {
+                    (THROTTLED, refusal) | (_, refusal @ Some((_, Some(_)))) => {
+                        self.metrics.count_session(session_result::THROTTLED);
+                        let clear = if reason == THROTTLED { "" } else { " (said in the clear: the server runs with server.tls = false)" };
+                        let (words, secs) = refusal.unwrap_or_else(|| (tls::THROTTLED.to_string(), None));
+                        let message = format!("{server}: throttled by the server: {words}{clear}");
+                        Err(ConnectFailure::throttled(message, secs.map(Duration::from_secs)))
+                    }
+                    (reason, _) => {
+                        self.metrics.count_session(session_result::TLS_ERROR);
+                        Err(ConnectFailure::new(reason, format!("TLS with {server}: {explained}")))
+                    }
                 }
-                (reason, explained) => {
-                    self.metrics.count_session(session_result::TLS_ERROR);
-                    Err(ConnectFailure::new(reason, format!("TLS with {server}: {explained}")))
-                }
-            },
+            }
             Err(_) => Err(ConnectFailure::new(TLS_ERROR, format!("TLS handshake with {server} timed out"))),
         }
     }
