@@ -207,3 +207,83 @@ fn a_flood_of_refused_visitors_is_one_line_and_a_summary_with_the_count() {
     assert_eq!(field(summary, "F_REASON"), Some("target_unreachable"), "{summary:?}");
     assert!(message(summary).contains("count=199") && message(summary).contains("is not connected"), "{summary:?}");
 }
+
+/// The root of `port=Some(22225) client=None`: a field recorded with `?` (its
+/// Debug form). An optional field is recorded as the `Option` itself (tracing
+/// leaves out `None` and records `Some(x)` as `x`), `opt.map(display)`, or
+/// `opt.as_deref()`; every other field by value or with `%`. This keeps it so
+/// in every log call of the daemon's source.
+#[test]
+fn no_log_call_records_a_field_in_its_debug_form() {
+    let mut offenders = Vec::new();
+    for file in rust_files(&repo_path("src")) {
+        let source = std::fs::read_to_string(&file).expect("read source");
+        for (line, call) in log_calls(&source) {
+            if records_debug(&call) {
+                offenders.push(format!("{}:{line}: {call}", file.display()));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "fields recorded with `?` (Debug):\n{}", offenders.join("\n"));
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Each `trace!`/`debug!`/`info!`/`warn!`/`error!` call (with its line), its
+/// string literals blanked.
+fn log_calls(source: &str) -> Vec<(usize, String)> {
+    let mut calls = Vec::new();
+    for name in ["trace!(", "debug!(", "info!(", "warn!(", "error!("] {
+        let mut from = 0;
+        while let Some(at) = source[from..].find(name).map(|i| i + from) {
+            from = at + name.len();
+            let preceded = source[..at].chars().next_back();
+            if preceded.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                continue;
+            }
+            let (mut depth, mut in_string, mut escaped, mut call) = (1, false, false, String::new());
+            for c in source[from..].chars() {
+                match (in_string, escaped, c) {
+                    (true, true, _) => escaped = false,
+                    (true, false, '\\') => escaped = true,
+                    (true, false, '"') => in_string = false,
+                    (true, false, _) => {}
+                    (false, _, '"') => {
+                        in_string = true;
+                        call.push_str("\"\"");
+                    }
+                    (false, _, '(') => depth += 1,
+                    (false, _, ')') => depth -= 1,
+                    _ => {}
+                }
+                if depth == 0 {
+                    break;
+                }
+                if !in_string && c != '"' {
+                    call.push(c);
+                }
+            }
+            calls.push((source[..at].lines().count(), call.split_whitespace().collect::<Vec<_>>().join(" ")));
+        }
+    }
+    calls
+}
+
+/// `name = ?value` or a bare `?name` among the call's fields.
+fn records_debug(call: &str) -> bool {
+    call.split(',').any(|part| {
+        let part = part.trim();
+        part.starts_with('?') || part.split_once('=').is_some_and(|(_, value)| value.trim_start().starts_with('?'))
+    })
+}

@@ -152,7 +152,9 @@ mod tests {
         let frame = frame::encode_frame(&Challenge::Rejected { reason: throttled_rejection(Some(12)), retry_after_secs: Some(12) });
         let wire = [&tls::THROTTLED_ALERT[..], &frame].concat();
         match parse_refusal(&wire) {
-            Refusal::Complete(reason, secs) => assert_eq!((reason.as_str(), secs), ("refused for 12 s after failed attempts from this address", Some(12))),
+            Refusal::Complete(reason, secs) => {
+                assert_eq!((reason.as_str(), secs), ("refused for 12 s after failed attempts from this address", Some(12)))
+            }
             _ => panic!("not read"),
         }
         for cut in [0, 3, 7, 10, wire.len() - 1] {

@@ -18,9 +18,9 @@ use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
+use crate::net::tls;
 use crate::net::transport::TunnelStream;
 use crate::systemd;
-use crate::net::tls;
 use crate::telemetry::connect_failure::{AUTH_REFUSED, PROTOCOL_ERROR, REJECTED, SERVER_REQUIRES_TLS, THROTTLED, VERSION_MISMATCH};
 use crate::telemetry::{session_result, Meter};
 use crate::tunnel::control::{self, Ended};
@@ -73,8 +73,12 @@ pub(super) async fn run(
                 let message = format!("{server}: throttled by the server: {reason}");
                 Err(ConnectFailure::throttled(message, Some(Duration::from_secs(retry_after_secs))))
             }
-            Err(HandshakeError::Rejected(reason)) => Err(ConnectFailure::new(rejection_reason(&reason), format!("server rejected the connection: {reason}"))),
-            Err(HandshakeError::Protocol(e)) => Err(ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} failed: {e}"))),
+            Err(HandshakeError::Rejected(reason)) => {
+                Err(ConnectFailure::new(rejection_reason(&reason), format!("server rejected the connection: {reason}")))
+            }
+            Err(HandshakeError::Protocol(e)) => {
+                Err(ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} failed: {e}")))
+            }
         }
     };
     let timed_out = || ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} timed out"));

@@ -276,7 +276,6 @@ impl<K: std::hash::Hash + Eq + Ord + Copy, D: Clone> FailureLog<K, D> {
         FailureLog { interval, keys: HashMap::new() }
     }
 
-
     /// Counts a failure; `true` when the caller should log this one itself.
     pub(crate) fn record(&mut self, key: K, detail: D, now: Instant) -> bool {
         match self.keys.get_mut(&key) {

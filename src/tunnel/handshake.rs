@@ -44,7 +44,9 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: name.to_string() }).await?;
     let nonce = match read_frame(stream).await?.0 {
         Challenge::Challenge { nonce } => nonce,
-        Challenge::Rejected { reason, retry_after_secs: Some(secs) } => return Err(HandshakeError::Throttled { reason, retry_after_secs: secs }),
+        Challenge::Rejected { reason, retry_after_secs: Some(secs) } => {
+            return Err(HandshakeError::Throttled { reason, retry_after_secs: secs })
+        }
         Challenge::Rejected { reason, .. } => return Err(HandshakeError::Rejected(explain_rejection(&reason))),
     };
     let mac = auth::sign(secret, &nonce, &binding(stream));

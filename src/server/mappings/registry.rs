@@ -65,17 +65,17 @@ impl Mappings {
             "visitor connections of all mappings share this many descriptors; the rest of the open-file limit is kept for the API, the tunnel and the store"
         );
         let ctx = Arc::new(Ctx {
-                store,
-                metrics,
-                hub,
-                settings,
-                stop_accepting: CancellationToken::new(),
-                abort,
-                connections: TaskTracker::new(),
-                mapped_ports: Default::default(),
-                descriptors,
-                refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
-            });
+            store,
+            metrics,
+            hub,
+            settings,
+            stop_accepting: CancellationToken::new(),
+            abort,
+            connections: TaskTracker::new(),
+            mapped_ports: Default::default(),
+            descriptors,
+            refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
+        });
         tokio::spawn(ctx.clone().summarise_refusals());
         Mappings { entries: tokio::sync::Mutex::new(BTreeMap::new()), ctx }
     }
