@@ -114,3 +114,18 @@ fn once_connected_the_diagnosis_is_cleared() {
     }
     assert_eq!(metric_value(&text, "tunneld_client_connect_failures_total", &[("reason", "unreachable")]), Some(0.0), "{text}");
 }
+
+#[test]
+fn a_plain_client_of_a_tls_server_is_told_tls_is_required_also_once_throttled() {
+    let server = Daemon::server(SECRET, &[]);
+    let client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
+    let status = wait_for_status(&client, "throttled by the server", Duration::from_secs(30));
+    assert!(status.contains("requires TLS"), "{status}");
+    let failed = failures(&client);
+    assert!(failed.len() > FAILURE_BURST, "{failed:#?}");
+    for line in &failed {
+        assert!(line.contains("reason=\"server_requires_tls\"") && line.contains("requires TLS"), "every attempt: {line}");
+        assert!(!line.contains("frame of"), "no framing jargon: {line}");
+    }
+    assert_eq!(client_metric(&client, "tunneld_client_last_connect_error", "server_requires_tls"), 1.0);
+}

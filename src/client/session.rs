@@ -76,6 +76,14 @@ pub(super) async fn run(
             Err(HandshakeError::Rejected(reason)) => {
                 Err(ConnectFailure::new(rejection_reason(&reason), format!("server rejected the connection: {reason}")))
             }
+            // A TLS alert record read as a frame's length: a TLS server refusing
+            // this plain client unheard (it answers a plain hello in the clear).
+            Err(HandshakeError::Protocol(ProtocolError::FrameTooLarge(n))) if n >> 24 == usize::from(tls::TLS_ALERT_BYTE) => {
+                metrics.count_session(session_result::THROTTLED);
+                let message =
+                    format!("{server}: throttled by the server: {} (said with a TLS alert: the server requires TLS)", tls::THROTTLED);
+                Err(ConnectFailure::throttled(message, None))
+            }
             Err(HandshakeError::Protocol(e)) => {
                 Err(ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} failed: {e}")))
             }
