@@ -208,6 +208,29 @@ fn a_flood_of_refused_visitors_is_one_line_and_a_summary_with_the_count() {
     assert!(message(summary).contains("count=199") && message(summary).contains("is not connected"), "{summary:?}");
 }
 
+#[test]
+fn a_flood_through_the_tunnel_to_a_dead_target_is_one_line_and_a_summary_on_the_client_too() {
+    const VISITORS: usize = 50;
+    let server = Daemon::server(SECRET, &[]);
+    let mut client = Daemon::client(&server, SECRET, &[]);
+    let port = free_port();
+    create_mapping(&server, port, loopback(free_port()), true);
+    for _ in 0..VISITORS {
+        visit(port, b"x");
+    }
+    let p = port.to_string();
+    wait_for("every visitor counted as a connect error", Duration::from_secs(20), || {
+        (scrape_metric(&server, "tunneld_mapping_connect_errors_total", &[("port", &p)]) == Some(VISITORS as f64)).then_some(())
+    });
+    // The summary of an interval cut short by a shutdown is logged at shutdown.
+    client.terminate();
+    let log = client.log();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") && l.contains("target")).collect();
+    assert_eq!(warned.iter().filter(|l| l.contains("cannot reach target")).count(), 1, "{warned:#?}");
+    let summary = warned.iter().find(|l| l.contains("more visitors' targets could not be reached")).expect("a summary line");
+    assert!(summary.contains(&format!("count={}", VISITORS - 1)), "{summary}");
+}
+
 /// The root of `port=Some(22225) client=None`: a field recorded with `?` (its
 /// Debug form). An optional field is recorded as the `Option` itself (tracing
 /// leaves out `None` and records `Some(x)` as `x`), `opt.map(display)`, or

@@ -6,8 +6,8 @@
 //! descriptor budget: beyond it no channel is opened and no target dialed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +15,8 @@ use tracing::{debug, info, warn};
 
 use super::diagnosis::ConnectFailure;
 use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
+use crate::core::failure_log::{FailureLog, Summary};
+use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
@@ -44,7 +46,14 @@ struct SessionCtx {
     idle: AtomicUsize,
     /// Whether a throttled data channel was logged in this session already.
     throttled_logged: AtomicBool,
+    /// Targets that could not be reached, for the log: one that is down fails
+    /// every visitor, and one line each would bury everything else.
+    unreachable: Mutex<FailureLog<String, String>>,
 }
+
+/// Unreachable targets beyond a target's first failure are logged as one
+/// summary per this interval.
+const UNREACHABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
 pub(super) async fn run(
@@ -104,7 +113,9 @@ pub(super) async fn run(
         cancel: shutdown.child_token(),
         idle: AtomicUsize::new(0),
         throttled_logged: AtomicBool::new(false),
+        unreachable: Mutex::new(FailureLog::new(UNREACHABLE_LOG_INTERVAL)),
     });
+    tokio::spawn(summarise_unreachable(ctx.clone()));
     for _ in 0..config.pool_size {
         spawn_data_channel(ctx.clone());
     }
@@ -169,6 +180,36 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
 
 fn is_throttled(e: &anyhow::Error) -> bool {
     e.downcast_ref::<ConnectFailure>().is_some_and(|f| f.reason == THROTTLED)
+}
+
+/// Logs, once per interval, how many more visitors' targets could not be
+/// reached, per target, until the session ends (then its last channel's drop
+/// logs what the interval counted so far).
+async fn summarise_unreachable(ctx: Arc<SessionCtx>) {
+    let mut tick = tokio::time::interval(UNREACHABLE_LOG_INTERVAL / 4);
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let summaries = lock(&ctx.unreachable).drain(Instant::now());
+        log_unreachable(summaries);
+    }
+}
+
+fn log_unreachable(summaries: Vec<Summary<String, String>>) {
+    for s in summaries {
+        let interval_secs = UNREACHABLE_LOG_INTERVAL.as_secs();
+        warn!(target = %s.key, count = s.count, last_error = %s.last, interval_secs, "more visitors' targets could not be reached");
+    }
+}
+
+impl Drop for SessionCtx {
+    /// The session and all its channels are gone (or the process is stopping):
+    /// no count is lost with it.
+    fn drop(&mut self) {
+        log_unreachable(lock(&self.unreachable).flush(Instant::now()));
+    }
 }
 
 /// Logs a refusal for the descriptor budget: the first of an interval at WARN,
@@ -253,7 +294,12 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         let target = match socket::connect(&host, port, timeout).await {
             Ok(target) => target,
             Err(e) => {
-                warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
+                let target = format!("{host}:{port}");
+                if lock(&ctx.unreachable).record(target.clone(), e.to_string(), Instant::now()) {
+                    warn!(%target, error = %e, "cannot reach target; further failures for this target are summarised once a minute");
+                } else {
+                    debug!(%target, error = %e, "cannot reach target");
+                }
                 let reply = ConnectResult::ConnectResult { error: Some(format!("{host}:{port}: {e}")) };
                 // The server may already have sent the visitor's first bytes: this
                 // channel is not reusable; answer and close it.

@@ -10,9 +10,9 @@
 //!   they have not failed (a busy client opens data channels by the hundred);
 //! - [`EndedSessions`]: tokens of sessions that just ended, so a replaced
 //!   client's late data channels are told apart from forged ones;
-//! - [`FailureLog`]: one log line per source per interval, with a count, instead of
-//!   one per attempt (2,000 attempts must not mean 2,000 WARN lines); mappings
-//!   use it alike for refused visitors, per port and reason;
+//! - [`FailureLog`] (from `core`): one log line per source per interval, with a
+//!   count, instead of one per attempt (2,000 attempts must not mean 2,000 WARN
+//!   lines);
 //! - [`Unauthenticated`]: a bound on connections that have not authenticated yet,
 //!   in total and per source, so idle connections cannot eat every descriptor,
 //!   with slots beyond it kept for known clients;
@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::MAX_POOL_SIZE;
+#[cfg(doc)]
+use crate::core::failure_log::FailureLog;
 use crate::core::secret::tokens_equal;
 use crate::core::sync::lock;
 
@@ -245,87 +247,6 @@ impl EndedSessions {
     }
 }
 
-/// Aggregates log lines of a repeated failure: the first for a key (a source
-/// address, a mapping's port and reason) is logged at once; later ones within
-/// the interval are counted and reported by [`drain`], with the detail of the
-/// last one (`D`: a reason, an error).
-///
-/// [`drain`]: FailureLog::drain
-pub(crate) struct FailureLog<K, D = &'static str> {
-    interval: Duration,
-    keys: HashMap<K, Tally<D>>,
-}
-
-struct Tally<D> {
-    since: Instant,
-    suppressed: u64,
-    last: D,
-}
-
-/// A key's failures not logged one by one during the last interval.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Summary<K, D = &'static str> {
-    pub key: K,
-    pub count: u64,
-    /// The detail of the last failure counted.
-    pub last: D,
-}
-
-impl<K: std::hash::Hash + Eq + Ord + Copy, D: Clone> FailureLog<K, D> {
-    pub(crate) fn new(interval: Duration) -> FailureLog<K, D> {
-        FailureLog { interval, keys: HashMap::new() }
-    }
-
-    /// Counts a failure; `true` when the caller should log this one itself.
-    pub(crate) fn record(&mut self, key: K, detail: D, now: Instant) -> bool {
-        match self.keys.get_mut(&key) {
-            Some(tally) => {
-                tally.suppressed += 1;
-                tally.last = detail;
-                false
-            }
-            None => {
-                if self.keys.len() < MAX_TRACKED_SOURCES {
-                    self.keys.insert(key, Tally { since: now, suppressed: 0, last: detail });
-                }
-                true
-            }
-        }
-    }
-
-    /// Summaries of keys whose interval is over and that failed again after
-    /// their first logged failure. A key quiet for a whole interval is
-    /// forgotten, so its next failure is logged at once again.
-    pub(crate) fn drain(&mut self, now: Instant) -> Vec<Summary<K, D>> {
-        let interval = self.interval;
-        self.take(|tally| now.saturating_duration_since(tally.since) >= interval, now)
-    }
-
-    /// Every failure counted and not yet summarised, interval over or not: at
-    /// shutdown, so no count is lost with the process.
-    pub(crate) fn flush(&mut self, now: Instant) -> Vec<Summary<K, D>> {
-        self.take(|_| true, now)
-    }
-
-    fn take(&mut self, due: impl Fn(&Tally<D>) -> bool, now: Instant) -> Vec<Summary<K, D>> {
-        let mut out = Vec::new();
-        self.keys.retain(|key, tally| {
-            if !due(tally) {
-                return true;
-            }
-            if tally.suppressed == 0 {
-                return false;
-            }
-            out.push(Summary { key: *key, count: tally.suppressed, last: tally.last.clone() });
-            tally.suppressed = 0;
-            tally.since = now;
-            true
-        });
-        out.sort_by_key(|s| s.key);
-        out
-    }
-}
-
 /// Connections not yet authenticated, bounded in total and per source, with
 /// slots beyond the total kept for known clients: sources that fill every
 /// ordinary slot with silent connections cannot keep a client out.
@@ -537,26 +458,6 @@ mod tests {
         assert!(!e.late("old", start + LATE_WINDOW / 2), "more than a replaced client can present");
         e.ended("older", start);
         assert!(!e.late("older", start + LATE_WINDOW), "too late");
-    }
-
-    #[test]
-    fn failures_are_logged_once_per_source_per_interval_with_a_count() {
-        let mut log = FailureLog::<IpAddr>::new(Duration::from_secs(60));
-        let start = Instant::now();
-        let a = ip("192.0.2.1");
-        assert!(log.record(a, "auth_failed", start));
-        for _ in 0..1999 {
-            assert!(!log.record(a, "auth_failed", start + Duration::from_secs(1)));
-        }
-        assert!(log.drain(start + Duration::from_secs(30)).is_empty(), "interval not over");
-        assert_eq!(log.drain(start + Duration::from_secs(60)), vec![Summary { key: a, count: 1999, last: "auth_failed" }]);
-        // Quiet for a whole interval: forgotten, the next failure is logged again.
-        assert!(log.drain(start + Duration::from_secs(120)).is_empty());
-        assert!(log.record(a, "no_hello", start + Duration::from_secs(121)));
-        assert!(!log.record(a, "no_hello", start + Duration::from_secs(122)));
-        // At shutdown, what the interval counted so far is summarised at once.
-        assert_eq!(log.flush(start + Duration::from_secs(123)), vec![Summary { key: a, count: 1, last: "no_hello" }]);
-        assert!(log.flush(start + Duration::from_secs(124)).is_empty());
     }
 
     #[test]

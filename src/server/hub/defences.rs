@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::server::throttle::{AuthThrottle, EndedSessions, FailureLog, FlapDetector, KnownSources};
+use crate::core::failure_log::FailureLog;
+use crate::server::throttle::{AuthThrottle, EndedSessions, FlapDetector, KnownSources};
 
 /// Failures beyond a source's first are logged as one summary per this interval.
 pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);

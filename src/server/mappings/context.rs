@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::core::failure_log::{FailureLog, Summary};
 use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
 use crate::server::hub::TunnelHub;
-use crate::server::throttle::FailureLog;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -87,7 +87,7 @@ impl Ctx {
     }
 }
 
-fn log_refusals(summaries: Vec<crate::server::throttle::Summary<(u16, &'static str), String>>) {
+fn log_refusals(summaries: Vec<Summary<(u16, &'static str), String>>) {
     for s in summaries {
         let ((port, reason), count) = (s.key, s.count);
         warn!(port, reason, count, last_error = %s.last, interval_secs = REFUSAL_LOG_INTERVAL.as_secs(), "more visitors refused on this port");
