@@ -3,7 +3,7 @@
 //! failures (a token reserved as each connection is admitted), a bound on
 //! unauthenticated connections with slots kept for known clients, failures
 //! logged in aggregate, flapping names. A refused connection is told it was
-//! throttled before it is closed.
+//! throttled, and for how long, before it is closed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
