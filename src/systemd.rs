@@ -12,6 +12,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
+mod journal;
+
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
         debug!(error = %e, "sd_notify failed");
@@ -77,14 +79,15 @@ async fn ping_every(period: Duration, ping: impl Fn()) {
 /// Lets a reload change the log level without restarting.
 pub(crate) type LogHandle = reload::Handle<EnvFilter, Registry>;
 
-/// Sets up logging: journald (structured fields kept) when stderr is connected to
-/// the journal, human-readable stderr otherwise. `RUST_LOG` overrides `level`.
+/// Sets up logging: journald when stderr is connected to the journal (the
+/// message text carries the fields, and each is a journal field too),
+/// human-readable stderr otherwise. `RUST_LOG` overrides `level`.
 pub(crate) fn init_logging(level: &str) -> LogHandle {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
-        match tracing_journald::layer() {
+        match journal::JournalLayer::new() {
             Ok(journald) => {
                 registry.with(journald).init();
                 return handle;

@@ -5,28 +5,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::warn;
 
+use super::diagnosis::ConnectFailure;
 use crate::config::ClientConfig;
 use crate::net::metered::MeteredStream;
 use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
+use crate::telemetry::connect_failure::{THROTTLED, TLS_ERROR, UNREACHABLE};
 use crate::telemetry::{session_result, Metrics};
+use crate::tunnel::frame;
+use crate::tunnel::message::Challenge;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the TLS handshake, and (twice) on the tunnel handshake after it.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The server's defences refused the connection before any handshake: too many
-/// failed or unfinished handshakes from this client's address.
-#[derive(Debug, thiserror::Error)]
-#[error("{server}: {}", tls::THROTTLED)]
-pub(super) struct Throttled {
-    server: String,
-}
+/// How long a refused handshake may take to deliver the rest of its refusal.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 
 /// Opens tunnel connections, control and data channels alike.
 pub(super) struct Dialer {
@@ -48,29 +46,121 @@ impl Dialer {
         Ok(Dialer { config, metrics, tls })
     }
 
-    pub(super) async fn connect(&self) -> anyhow::Result<TunnelStream> {
+    pub(super) async fn connect(&self) -> Result<TunnelStream, ConnectFailure> {
         let server = &self.config.server;
-        let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server))
-            .await
-            .map_err(|_| anyhow!("connecting to {server} timed out"))?
-            .with_context(|| format!("cannot connect to {server}"))?;
+        let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(ConnectFailure::new(UNREACHABLE, format!("cannot connect to {server}: {e}"))),
+            Err(_) => return Err(ConnectFailure::new(UNREACHABLE, format!("connecting to {server} timed out"))),
+        };
         socket::tune(&tcp);
         let (sent, received) = self.metrics.tunnel_meters(&self.config.name);
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
             return Ok(TunnelStream::Plain(Box::new(metered)));
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), metered.reading_ahead())).await {
-            Ok(Ok(tls)) => Ok(TunnelStream::Tls(Box::new(tls.into()))),
-            Ok(Err(e)) if tls::refused_as_throttled(&e) => {
-                self.metrics.count_session(session_result::THROTTLED);
-                Err(Throttled { server: server.clone() }.into())
+        let handshake = connector.connect(name.clone(), metered.reading_ahead().keeping_first_bytes()).into_fallible();
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(mut tls)) => {
+                tls.get_mut().0.take_kept();
+                Ok(TunnelStream::Tls(Box::new(tls.into())))
             }
-            Ok(Err(e)) => {
-                self.metrics.count_session(session_result::TLS_ERROR);
-                bail!("TLS with {server}: {}", tls::explain_client_error(&e, &self.config))
+            Ok(Err((e, mut io))) => {
+                let (reason, explained) = tls::explain_client_error(&e, &self.config);
+                // A throttling server's refusal follows its access_denied alert;
+                // one with TLS off sends it in the clear, which rustls finds
+                // "not TLS".
+                let refusal = match reason {
+                    THROTTLED | TLS_ERROR => read_refusal(&mut io).await,
+                    _ => None,
+                };
+                match (reason, refusal) {
+                    (THROTTLED, refusal) | (_, refusal @ Some((_, Some(_)))) => {
+                        self.metrics.count_session(session_result::THROTTLED);
+                        let clear = if reason == THROTTLED { "" } else { " (said in the clear: the server runs with server.tls = false)" };
+                        let (words, secs) = refusal.unwrap_or_else(|| (tls::THROTTLED.to_string(), None));
+                        let message = format!("{server}: throttled by the server: {words}{clear}");
+                        Err(ConnectFailure::throttled(message, secs.map(Duration::from_secs)))
+                    }
+                    (reason, _) => {
+                        self.metrics.count_session(session_result::TLS_ERROR);
+                        Err(ConnectFailure::new(reason, format!("TLS with {server}: {explained}")))
+                    }
+                }
             }
-            Err(_) => bail!("TLS handshake with {server} timed out"),
+            Err(_) => Err(ConnectFailure::new(TLS_ERROR, format!("TLS handshake with {server} timed out"))),
         }
+    }
+}
+
+/// What a throttling server sent after its access_denied alert: a plain
+/// `rejected` frame with its words and, when it refuses the address for a
+/// while, the seconds (see `tunnel::message::Challenge::Rejected`). `None`
+/// from a server that sends only the alert.
+async fn read_refusal(io: &mut MeteredStream) -> Option<(String, Option<u64>)> {
+    let mut bytes = io.take_kept();
+    let deadline = tokio::time::Instant::now() + REFUSAL_WAIT;
+    loop {
+        match parse_refusal(&bytes) {
+            Refusal::Complete(reason, secs) => return Some((reason, secs)),
+            Refusal::Invalid => return None,
+            Refusal::Incomplete => {}
+        }
+        let mut more = [0u8; 512];
+        match tokio::time::timeout_at(deadline, io.read(&mut more)).await {
+            Ok(Ok(n)) if n > 0 && bytes.len() + n <= frame::MAX_FRAME => bytes.extend_from_slice(&more[..n]),
+            _ => return None,
+        }
+    }
+}
+
+enum Refusal {
+    Complete(String, Option<u64>),
+    Incomplete,
+    Invalid,
+}
+
+/// TLS alert records, then one frame: a `rejected` challenge.
+fn parse_refusal(bytes: &[u8]) -> Refusal {
+    const RECORD_HEADER: usize = 5;
+    let mut rest = bytes;
+    while rest.first() == Some(&tls::TLS_ALERT_BYTE) {
+        let Some(header) = rest.get(..RECORD_HEADER) else { return Refusal::Incomplete };
+        let end = RECORD_HEADER + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let Some(after) = rest.get(end..) else { return Refusal::Incomplete };
+        rest = after;
+    }
+    let Some(prefix) = rest.get(..frame::FRAME_HEADER) else { return Refusal::Incomplete };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > frame::MAX_FRAME {
+        return Refusal::Invalid;
+    }
+    let Some(body) = rest.get(frame::FRAME_HEADER..frame::FRAME_HEADER + len) else { return Refusal::Incomplete };
+    match frame::decode::<Challenge>(body) {
+        Ok(Challenge::Rejected { reason, retry_after_secs }) => Refusal::Complete(reason, retry_after_secs),
+        _ => Refusal::Invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::message::throttled_rejection;
+
+    #[test]
+    fn a_refusal_is_read_after_the_alert_whole_or_not_at_all() {
+        let frame = frame::encode_frame(&Challenge::Rejected { reason: throttled_rejection(Some(12)), retry_after_secs: Some(12) });
+        let wire = [&tls::THROTTLED_ALERT[..], &frame].concat();
+        match parse_refusal(&wire) {
+            Refusal::Complete(reason, secs) => {
+                assert_eq!((reason.as_str(), secs), ("refused for 12 s after failed attempts from this address", Some(12)))
+            }
+            _ => panic!("not read"),
+        }
+        for cut in [0, 3, 7, 10, wire.len() - 1] {
+            assert!(matches!(parse_refusal(&wire[..cut]), Refusal::Incomplete), "{cut} bytes");
+        }
+        let garbage = [&tls::THROTTLED_ALERT[..], b"\0\0\0\x02{]"].concat();
+        assert!(matches!(parse_refusal(&garbage), Refusal::Invalid));
     }
 }

@@ -13,6 +13,7 @@
 //! `telemetry`, `net` and `tunnel` (never `server` or `api`).
 
 mod backoff;
+mod diagnosis;
 mod dialer;
 mod session;
 
@@ -31,6 +32,7 @@ use crate::net::socket;
 use crate::systemd;
 use crate::telemetry::Metrics;
 use backoff::Backoff;
+use diagnosis::{ConnectFailure, Diagnosis};
 use dialer::Dialer;
 
 /// A session that lasted this long counts as healthy: the next failure starts the
@@ -58,6 +60,7 @@ pub(crate) async fn run(
     let config = config.client;
     let metrics = Arc::new(Metrics::new());
     metrics.add_client(&config.name);
+    metrics.add_connect_diagnosis();
     if let Some(listener) = metrics_listener {
         let router = metrics_router(metrics.clone());
         let stop = shutdown.clone();
@@ -79,6 +82,8 @@ pub(crate) async fn run(
     );
     systemd::ready(&format!("connecting to {}", dialer.config.server));
     let mut backoff = Backoff::new();
+    let mut diagnosis = Diagnosis::default();
+    let server = &dialer.config.server;
     loop {
         let started = Instant::now();
         let result = tokio::select! {
@@ -86,15 +91,33 @@ pub(crate) async fn run(
             r = session::run(dialer.clone(), descriptors.clone(), shutdown.clone()) => r,
         };
         metrics.session_ended(&dialer.config.name);
-        match result {
-            Ok(reason) => info!(server = %dialer.config.server, reason, "tunnel session ended"),
-            Err(e) => error!(server = %dialer.config.server, error = %format!("{e:#}"), "tunnel session failed"),
-        }
+        // What is wrong, for the log, STATUS= and /metrics alike.
+        let (problem, retry_after) = match &result {
+            Ok(reason) => {
+                diagnosis.connected();
+                info!(server = %server, reason, "tunnel session ended");
+                (format!("disconnected from {server}"), None)
+            }
+            Err(e) => match e.downcast_ref::<ConnectFailure>() {
+                Some(failure) => {
+                    let report = diagnosis.failed(failure);
+                    metrics.connect_failed(report.attempt, report.cause);
+                    error!(server = %server, reason = report.cause, error = %report.message, "tunnel session failed");
+                    (format!("disconnected from {server}: {}", report.message), report.retry_after)
+                }
+                None => {
+                    diagnosis.connected();
+                    error!(server = %server, error = %format!("{e:#}"), "tunnel session failed");
+                    (format!("disconnected from {server}: {e:#}"), None)
+                }
+            },
+        };
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
-        systemd::status(&format!("disconnected from {}; reconnecting in {:.1} s", dialer.config.server, delay.as_secs_f64()));
+        // Never sooner than the server said it would admit this address again.
+        let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
+        systemd::status(&format!("{problem}; reconnecting in {:.1} s", delay.as_secs_f64()));
         info!(server = %dialer.config.server, delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => break,

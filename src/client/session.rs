@@ -6,19 +6,24 @@
 //! descriptor budget: beyond it no channel is opened and no target dialed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::dialer::{Dialer, Throttled, HANDSHAKE_TIMEOUT};
+use super::diagnosis::ConnectFailure;
+use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
+use crate::core::failure_log::{FailureLog, Summary};
+use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
+use crate::net::tls;
 use crate::net::transport::TunnelStream;
 use crate::systemd;
+use crate::telemetry::connect_failure::{AUTH_REFUSED, PROTOCOL_ERROR, REJECTED, SERVER_REQUIRES_TLS, THROTTLED, VERSION_MISMATCH};
 use crate::telemetry::{session_result, Meter};
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::exchange::{self, Answer};
@@ -41,7 +46,14 @@ struct SessionCtx {
     idle: AtomicUsize,
     /// Whether a throttled data channel was logged in this session already.
     throttled_logged: AtomicBool,
+    /// Targets that could not be reached, for the log: one that is down fails
+    /// every visitor, and one line each would bury everything else.
+    unreachable: Mutex<FailureLog<String, String>>,
 }
+
+/// Unreachable targets beyond a target's first failure are logged as one
+/// summary per this interval.
+const UNREACHABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
 pub(super) async fn run(
@@ -51,6 +63,7 @@ pub(super) async fn run(
 ) -> anyhow::Result<&'static str> {
     let config = &dialer.config;
     let metrics = &dialer.metrics;
+    let server = &config.server;
     let handshake = async {
         let mut stream = dialer.connect().await?;
         let welcome = handshake::authenticate(&mut stream, &config.name, config.secret.expose(), TunnelStream::binding).await;
@@ -58,13 +71,37 @@ pub(super) async fn run(
             Ok(welcome) => Ok((stream, welcome)),
             Err(HandshakeError::AuthFailed(reason)) => {
                 metrics.count_session(session_result::AUTH_FAILED);
-                bail!("server rejected authentication as client {:?}: {reason} (check client.name and client.secret)", config.name)
+                let name = &config.name;
+                Err(ConnectFailure::new(
+                    AUTH_REFUSED,
+                    format!("server rejected authentication as client \"{name}\": {reason} (check client.name and client.secret)"),
+                ))
             }
-            Err(e) => Err(e.into()),
+            Err(HandshakeError::Throttled { reason, retry_after_secs }) => {
+                metrics.count_session(session_result::THROTTLED);
+                let message = format!("{server}: throttled by the server: {reason}");
+                Err(ConnectFailure::throttled(message, Some(Duration::from_secs(retry_after_secs))))
+            }
+            Err(HandshakeError::Rejected(reason)) => {
+                Err(ConnectFailure::new(rejection_reason(&reason), format!("server rejected the connection: {reason}")))
+            }
+            // A TLS alert record read as a frame's length: a TLS server refusing
+            // this plain client unheard (it answers a plain hello in the clear).
+            Err(HandshakeError::Protocol(ProtocolError::FrameTooLarge(n))) if n >> 24 == usize::from(tls::TLS_ALERT_BYTE) => {
+                metrics.count_session(session_result::THROTTLED);
+                let message =
+                    format!("{server}: throttled by the server: {} (said with a TLS alert: the server requires TLS)", tls::THROTTLED);
+                Err(ConnectFailure::throttled(message, None))
+            }
+            Err(HandshakeError::Protocol(e)) => {
+                Err(ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} failed: {e}")))
+            }
         }
     };
-    let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
+    let timed_out = || ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} timed out"));
+    let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| timed_out())??;
     metrics.count_session(session_result::OK);
+    metrics.connect_succeeded();
     metrics.session_started(&config.name, crate::core::time::unix_now());
     systemd::status(&format!("connected to {} as {}", config.server, config.name));
     info!(server = %config.server, client = %config.name, "tunnel session established");
@@ -76,7 +113,9 @@ pub(super) async fn run(
         cancel: shutdown.child_token(),
         idle: AtomicUsize::new(0),
         throttled_logged: AtomicBool::new(false),
+        unreachable: Mutex::new(FailureLog::new(UNREACHABLE_LOG_INTERVAL)),
     });
+    tokio::spawn(summarise_unreachable(ctx.clone()));
     for _ in 0..config.pool_size {
         spawn_data_channel(ctx.clone());
     }
@@ -93,6 +132,20 @@ pub(super) async fn run(
         Ended::Cancelled => Ok("shutting down"),
         Ended::PeerClosed => Ok("server closed the control channel"),
         Ended::PeerSilent => Ok("server silent for three heartbeat intervals"),
+    }
+}
+
+/// A rejection before authentication, by its words (the server's, or a
+/// version-1 server's as `explain_rejection` renders them).
+fn rejection_reason(words: &str) -> &'static str {
+    if words.contains("protocol version") {
+        VERSION_MISMATCH
+    } else if words.contains("requires TLS") {
+        SERVER_REQUIRES_TLS
+    } else if words == tls::THROTTLED || words.contains("refused") {
+        THROTTLED
+    } else {
+        REJECTED
     }
 }
 
@@ -117,12 +170,46 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
                 }
             }
             // Not replaced: the control session notices a server that is gone.
-            Err(e) if e.downcast_ref::<Throttled>().is_some() && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
+            Err(e) if is_throttled(&e) && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
                 warn!(error = %format!("{e:#}"), "data channel refused; visitors wait until the server admits this address again (logged once per session)")
             }
             Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
+}
+
+fn is_throttled(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ConnectFailure>().is_some_and(|f| f.reason == THROTTLED)
+}
+
+/// Logs, once per interval, how many more visitors' targets could not be
+/// reached, per target, until the session ends (then its last channel's drop
+/// logs what the interval counted so far).
+async fn summarise_unreachable(ctx: Arc<SessionCtx>) {
+    let mut tick = tokio::time::interval(UNREACHABLE_LOG_INTERVAL / 4);
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let summaries = lock(&ctx.unreachable).drain(Instant::now());
+        log_unreachable(summaries);
+    }
+}
+
+fn log_unreachable(summaries: Vec<Summary<String, String>>) {
+    for s in summaries {
+        let interval_secs = UNREACHABLE_LOG_INTERVAL.as_secs();
+        warn!(target = %s.key, count = s.count, last_error = %s.last, interval_secs, "more visitors' targets could not be reached");
+    }
+}
+
+impl Drop for SessionCtx {
+    /// The session and all its channels are gone (or the process is stopping):
+    /// no count is lost with it.
+    fn drop(&mut self) {
+        log_unreachable(lock(&self.unreachable).flush(Instant::now()));
+    }
 }
 
 /// Logs a refusal for the descriptor budget: the first of an interval at WARN,
@@ -207,7 +294,12 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         let target = match socket::connect(&host, port, timeout).await {
             Ok(target) => target,
             Err(e) => {
-                warn!(target = %format!("{host}:{port}"), error = %e, "cannot reach target");
+                let target = format!("{host}:{port}");
+                if lock(&ctx.unreachable).record(target.clone(), e.to_string(), Instant::now()) {
+                    warn!(%target, error = %e, "cannot reach target; further failures for this target are summarised once a minute");
+                } else {
+                    debug!(%target, error = %e, "cannot reach target");
+                }
                 let reply = ConnectResult::ConnectResult { error: Some(format!("{host}:{port}: {e}")) };
                 // The server may already have sent the visitor's first bytes: this
                 // channel is not reusable; answer and close it.
@@ -227,11 +319,11 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         drop((target, held));
         match relayed {
             Ok((back, sent, received)) => {
-                debug!(?peer, sent, received, "tunneled connection finished");
+                debug!(peer = peer.map(display), sent, received, "tunneled connection finished");
                 channel = back;
             }
             Err(e) => {
-                debug!(?peer, error = %e, "tunneled connection ended with an error");
+                debug!(peer = peer.map(display), error = %e, "tunneled connection ended with an error");
                 return Ok(());
             }
         }

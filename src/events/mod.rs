@@ -49,7 +49,8 @@ impl Events {
     /// Logs, stores and (if configured) queues `event` for the webhook.
     pub(crate) async fn emit(&self, kind: EventKind, port: Option<u16>, client: Option<&str>, message: String) {
         let event = Event { time: crate::core::time::unix_now(), kind, port, client: client.map(str::to_string), message };
-        warn!(kind = %event.kind, port = ?event.port, client = ?event.client, message = %event.message, "event");
+        // An absent port or client is left out, not shown as `None`.
+        warn!(kind = %event.kind, port = event.port, client = event.client.as_deref(), message = %event.message, "event");
         if let Err(e) = self.store.add_event(event.clone()).await {
             warn!(error = %e, kind = kind.as_str(), "cannot store the event");
         }

@@ -46,17 +46,23 @@ pub struct MeteredStream {
     /// the stream's life (see `exchange::relay`), so a pooled channel does not
     /// pay a `dup`, two `epoll_ctl` and a `close` per visitor.
     watch: Option<TcpStream>,
+    /// The first bytes received, kept while a handshake may fail (see
+    /// [`MeteredStream::keeping_first_bytes`]); `None` otherwise.
+    kept: Option<Vec<u8>>,
 }
+
+/// How many received bytes [`MeteredStream::keeping_first_bytes`] keeps.
+const KEPT_BYTES: usize = 1024;
 
 impl MeteredStream {
     /// A stream whose bytes count into `sent` and `received` from the first one.
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None, kept: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
     pub(crate) fn unattributed(inner: TcpStream) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None }
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None, kept: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
@@ -93,6 +99,20 @@ impl MeteredStream {
         self
     }
 
+    /// Keeps a copy of the first bytes received, until [`MeteredStream::take_kept`]:
+    /// what a server sent after the TLS alert that refused a handshake (its
+    /// reasons, see `tunnel::message::Challenge::Rejected`) is read by rustls
+    /// and lost with the failed handshake otherwise.
+    pub(crate) fn keeping_first_bytes(mut self) -> MeteredStream {
+        self.kept = Some(Vec::new());
+        self
+    }
+
+    /// The bytes kept so far; stops keeping.
+    pub(crate) fn take_kept(&mut self) -> Vec<u8> {
+        self.kept.take().unwrap_or_default()
+    }
+
     /// Lends out the socket's second handle, made on first use; `None` when the
     /// descriptor cannot be duplicated (out of descriptors). Give it back with
     /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
@@ -121,6 +141,19 @@ impl MeteredStream {
 
 impl AsyncRead for MeteredStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = self.as_mut().poll_read_counted(cx, buf);
+        if let Some(kept) = self.kept.as_mut() {
+            let new = &buf.filled()[before..];
+            let room = KEPT_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&new[..new.len().min(room)]);
+        }
+        poll
+    }
+}
+
+impl MeteredStream {
+    fn poll_read_counted(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if let Some(ahead) = this.ahead.as_mut().filter(|a| a.has_remaining()) {
             serve(ahead, buf);

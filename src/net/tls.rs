@@ -32,6 +32,9 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-tunneld-auth-v2";
 /// length prefix whose first byte is 0 (frames are at most 16 KiB).
 pub(crate) const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
+/// The first byte of a TLS alert record.
+pub(crate) const TLS_ALERT_BYTE: u8 = 0x15;
+
 /// ring, with AES-128-GCM preferred: on the bulk path encryption is the largest
 /// cost, and AES-128 does 10 rounds to AES-256's 14 at a security margin that is
 /// ample for a tunnel. Both sides list it first, so it is what they agree on.
@@ -185,10 +188,8 @@ impl ServerCertVerifier for PinnedVerifier {
         if presented == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the server's certificate fingerprint {presented} does not match the pinned client.server_fingerprint {}",
-                self.pin
-            )))
+            let mismatch = PinMismatch { presented, pinned: self.pin.clone() };
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(mismatch)))))
         }
     }
 
@@ -215,12 +216,38 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-/// A handshake failure in words an operator can act on.
-pub(crate) fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> String {
-    use rustls::{AlertDescription, CertificateError, Error};
+/// The server presented another certificate than the pinned one.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's certificate fingerprint {presented} does not match the pinned client.server_fingerprint {pinned}")]
+struct PinMismatch {
+    presented: String,
+    pinned: String,
+}
+
+/// A failed TLS handshake: why, as `tunneld_client_connect_failures_total`'s
+/// `reason` (see `telemetry::connect_failure`), and in words an operator can
+/// act on.
+pub(crate) fn explain_client_error(e: &std::io::Error, client: &ClientConfig) -> (&'static str, String) {
+    use crate::telemetry::connect_failure::{CERTIFICATE, PIN_MISMATCH, SERVER_TLS_OFF, THROTTLED, TLS_ERROR};
+    use rustls::{CertificateError, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
+    let reason = match inner {
+        Some(Error::InvalidCertificate(CertificateError::Other(other))) if other.0.downcast_ref::<PinMismatch>().is_some() => PIN_MISMATCH,
+        Some(Error::InvalidCertificate(_)) => CERTIFICATE,
+        Some(Error::AlertReceived(rustls::AlertDescription::AccessDenied)) => THROTTLED,
+        Some(Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)) => SERVER_TLS_OFF,
+        _ => TLS_ERROR,
+    };
+    (reason, explain(e, inner, client))
+}
+
+fn explain(e: &std::io::Error, inner: Option<&rustls::Error>, client: &ClientConfig) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
     match inner {
         Some(Error::General(msg)) => msg.clone(),
+        Some(Error::InvalidCertificate(CertificateError::Other(other))) if other.0.downcast_ref::<PinMismatch>().is_some() => {
+            other.0.to_string()
+        }
         Some(Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => format!(
             "the server's certificate is not signed by client.tls_ca {} (a self-signed server certificate needs \
              client.server_fingerprint instead; see `tunneld fingerprint`)",
@@ -268,18 +295,11 @@ pub(crate) const PLAIN_SERVER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x
 /// never sends this alert itself (there are no client certificates).
 pub(crate) const THROTTLED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
 
-/// What a throttled client is told (as [`THROTTLED_ALERT`], or in a plain
-/// rejection) and logs. It says nothing an attacker could use: not which bound,
-/// not for how long.
+/// What a throttled client logs when its server does not say for how long
+/// (a server from before `retry_after_secs`; see `tunnel::message::Challenge`).
 pub(crate) const THROTTLED: &str = "throttled by the server: too many failed or unfinished tunnel handshakes from this address; \
                              retrying later (if this client's name, secret and fingerprint are right, another program \
                              at the same address is failing to authenticate)";
-
-/// Whether a failed TLS handshake was the server's throttle refusing it.
-pub(crate) fn refused_as_throttled(e: &std::io::Error) -> bool {
-    use rustls::{AlertDescription, Error};
-    matches!(e.get_ref().and_then(|i| i.downcast_ref::<Error>()), Some(Error::AlertReceived(AlertDescription::AccessDenied)))
-}
 
 #[cfg(test)]
 mod tests {

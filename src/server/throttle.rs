@@ -10,8 +10,9 @@
 //!   they have not failed (a busy client opens data channels by the hundred);
 //! - [`EndedSessions`]: tokens of sessions that just ended, so a replaced
 //!   client's late data channels are told apart from forged ones;
-//! - [`FailureLog`]: one log line per source per interval, with a count, instead of
-//!   one per attempt (2,000 attempts must not mean 2,000 WARN lines);
+//! - [`FailureLog`] (from `core`): one log line per source per interval, with a
+//!   count, instead of one per attempt (2,000 attempts must not mean 2,000 WARN
+//!   lines);
 //! - [`Unauthenticated`]: a bound on connections that have not authenticated yet,
 //!   in total and per source, so idle connections cannot eat every descriptor,
 //!   with slots beyond it kept for known clients;
@@ -25,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::MAX_POOL_SIZE;
+#[cfg(doc)]
+use crate::core::failure_log::FailureLog;
 use crate::core::secret::tokens_equal;
 use crate::core::sync::lock;
 
@@ -97,6 +100,20 @@ impl AuthThrottle {
         }
         bucket.tokens -= 1.0;
         Some(Charge::Reserved)
+    }
+
+    /// How long until `source` may start a handshake again: zero unless
+    /// [`AuthThrottle::admit`] refuses it now. Anyone can measure this by
+    /// retrying; a refused client is told it so it need not.
+    pub(crate) fn retry_after(&self, source: IpAddr, now: Instant) -> Duration {
+        let Some(bucket) = self.sources.get(&source.to_canonical()) else { return Duration::ZERO };
+        let earned = now.saturating_duration_since(bucket.updated).as_secs_f64() / FAILURE_REFILL.as_secs_f64();
+        let missing = 1.0 - (bucket.tokens + earned).min(FAILURE_BURST);
+        if missing <= 0.0 {
+            Duration::ZERO
+        } else {
+            FAILURE_REFILL.mul_f64(missing)
+        }
     }
 
     /// Records a failed handshake (wrong secret, garbage, silence, a forged
@@ -227,75 +244,6 @@ impl EndedSessions {
         while self.ended.front().is_some_and(|e| now.saturating_duration_since(e.at) >= LATE_WINDOW) {
             self.ended.pop_front();
         }
-    }
-}
-
-/// Aggregates failure log lines: the first failure from a source is logged at
-/// once; later ones within the interval are counted and reported by [`drain`].
-///
-/// [`drain`]: FailureLog::drain
-pub(crate) struct FailureLog {
-    interval: Duration,
-    sources: HashMap<IpAddr, Tally>,
-}
-
-struct Tally {
-    since: Instant,
-    suppressed: u64,
-    last_reason: &'static str,
-}
-
-/// A source's failures not logged one by one during the last interval.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Summary {
-    pub source: IpAddr,
-    pub count: u64,
-    pub last_reason: &'static str,
-}
-
-impl FailureLog {
-    pub(crate) fn new(interval: Duration) -> FailureLog {
-        FailureLog { interval, sources: HashMap::new() }
-    }
-
-    /// Counts a failure; `true` when the caller should log this one itself.
-    pub(crate) fn record(&mut self, source: IpAddr, reason: &'static str, now: Instant) -> bool {
-        let source = source.to_canonical();
-        match self.sources.get_mut(&source) {
-            Some(tally) => {
-                tally.suppressed += 1;
-                tally.last_reason = reason;
-                false
-            }
-            None => {
-                if self.sources.len() < MAX_TRACKED_SOURCES {
-                    self.sources.insert(source, Tally { since: now, suppressed: 0, last_reason: reason });
-                }
-                true
-            }
-        }
-    }
-
-    /// Summaries of sources whose interval is over and that failed again after
-    /// their first logged failure. A source quiet for a whole interval is
-    /// forgotten, so its next failure is logged at once again.
-    pub(crate) fn drain(&mut self, now: Instant) -> Vec<Summary> {
-        let mut out = Vec::new();
-        let interval = self.interval;
-        self.sources.retain(|source, tally| {
-            if now.saturating_duration_since(tally.since) < interval {
-                return true;
-            }
-            if tally.suppressed == 0 {
-                return false;
-            }
-            out.push(Summary { source: *source, count: tally.suppressed, last_reason: tally.last_reason });
-            tally.suppressed = 0;
-            tally.since = now;
-            true
-        });
-        out.sort_by_key(|s| s.source);
-        out
     }
 }
 
@@ -430,7 +378,10 @@ mod tests {
             t.failed(a, charge, start);
         }
         assert_eq!(t.admit(a, false, start), None, "burst used up");
+        assert_eq!(t.retry_after(a, start), FAILURE_REFILL, "a whole token to earn");
+        assert_eq!(t.retry_after(a, start + FAILURE_REFILL / 4), FAILURE_REFILL * 3 / 4);
         assert!(t.admit(b, false, start).is_some(), "other sources are not affected");
+        assert_eq!(t.retry_after(b, start), Duration::ZERO);
         assert_eq!(t.admit(a, false, start + FAILURE_REFILL / 2), None);
         let charge = t.admit(a, false, start + FAILURE_REFILL).expect("one attempt per refill interval");
         t.failed(a, charge, start + FAILURE_REFILL);
@@ -507,22 +458,6 @@ mod tests {
         assert!(!e.late("old", start + LATE_WINDOW / 2), "more than a replaced client can present");
         e.ended("older", start);
         assert!(!e.late("older", start + LATE_WINDOW), "too late");
-    }
-
-    #[test]
-    fn failures_are_logged_once_per_source_per_interval_with_a_count() {
-        let mut log = FailureLog::new(Duration::from_secs(60));
-        let start = Instant::now();
-        let a = ip("192.0.2.1");
-        assert!(log.record(a, "auth_failed", start));
-        for _ in 0..1999 {
-            assert!(!log.record(a, "auth_failed", start + Duration::from_secs(1)));
-        }
-        assert!(log.drain(start + Duration::from_secs(30)).is_empty(), "interval not over");
-        assert_eq!(log.drain(start + Duration::from_secs(60)), vec![Summary { source: a, count: 1999, last_reason: "auth_failed" }]);
-        // Quiet for a whole interval: forgotten, the next failure is logged again.
-        assert!(log.drain(start + Duration::from_secs(120)).is_empty());
-        assert!(log.record(a, "no_hello", start + Duration::from_secs(121)));
     }
 
     #[test]

@@ -66,6 +66,48 @@ pub(crate) mod health_state {
     pub(crate) const ALL: [&str; 6] = [OK, TARGET_FAILING, BLOCKED, REFUSING, WAITING_FOR_TUNNEL, DOWN];
 }
 
+/// Why the client's attempt to connect to its server failed, in
+/// `tunneld_client_connect_failures_total{reason}` and
+/// `tunneld_client_last_connect_error{reason}`.
+pub(crate) mod connect_failure {
+    /// The server's address could not be reached (TCP connect failed or timed out).
+    pub(crate) const UNREACHABLE: &str = "unreachable";
+    /// The server presented another certificate than `client.server_fingerprint`.
+    pub(crate) const PIN_MISMATCH: &str = "pin_mismatch";
+    /// The certificate is not acceptable otherwise (CA, name, expiry).
+    pub(crate) const CERTIFICATE: &str = "certificate";
+    /// The server runs with `server.tls = false` and this client with TLS.
+    pub(crate) const SERVER_TLS_OFF: &str = "server_tls_off";
+    /// The server requires TLS and this client runs with `client.tls = false`.
+    pub(crate) const SERVER_REQUIRES_TLS: &str = "server_requires_tls";
+    /// Any other TLS failure (the connection closed, garbage).
+    pub(crate) const TLS_ERROR: &str = "tls_error";
+    /// The server refuses this address unheard for a while, after failed attempts.
+    pub(crate) const THROTTLED: &str = "throttled";
+    /// Wrong secret, or a client name the server does not know.
+    pub(crate) const AUTH_REFUSED: &str = "auth_refused";
+    /// The two sides speak different protocol versions.
+    pub(crate) const VERSION_MISMATCH: &str = "version_mismatch";
+    /// Refused before authentication for another reason (an invalid name).
+    pub(crate) const REJECTED: &str = "rejected";
+    /// The handshake broke off or timed out after TLS.
+    pub(crate) const PROTOCOL_ERROR: &str = "protocol_error";
+    /// Every reason; the families' HELP lists them.
+    pub(crate) const ALL: [&str; 11] = [
+        UNREACHABLE,
+        PIN_MISMATCH,
+        CERTIFICATE,
+        SERVER_TLS_OFF,
+        SERVER_REQUIRES_TLS,
+        TLS_ERROR,
+        THROTTLED,
+        AUTH_REFUSED,
+        VERSION_MISMATCH,
+        REJECTED,
+        PROTOCOL_ERROR,
+    ];
+}
+
 /// Label: a mapping's listening port.
 pub(crate) const PORT: &str = "port";
 /// Label: why a visitor was refused, one of [`refused_reason::ALL`].
@@ -156,11 +198,24 @@ pub(crate) const WEBHOOK_FAILURES: Family = Family::new(
     "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
     &[],
 );
+pub(crate) const CLIENT_CONNECT_FAILURES: Family = Family::new(
+    "tunneld_client_connect_failures_total",
+    "Client only: failed attempts to connect to the server, by what each attempt ran into",
+    &["reason"],
+)
+.listing(&connect_failure::ALL);
+pub(crate) const CLIENT_LAST_CONNECT_ERROR: Family = Family::new(
+    "tunneld_client_last_connect_error",
+    "Client only: 1 for why the latest attempt to connect failed, all 0 once connected; while the server refuses \
+     this address unheard (throttled), the cause its last answered attempt failed for, if any",
+    &["reason"],
+)
+.listing(&connect_failure::ALL);
 pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 1; the version label says which build runs.", &["version"]);
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 19] = [
+pub(crate) const ALL: [&Family; 21] = [
     &MAPPING_BYTES,
     &MAPPING_CONNECTIONS,
     &MAPPING_ACTIVE,
@@ -179,6 +234,8 @@ pub(crate) const ALL: [&Family; 19] = [
     &TUNNEL_SESSIONS,
     &HISTORY_LAST_FLUSH,
     &WEBHOOK_FAILURES,
+    &CLIENT_CONNECT_FAILURES,
+    &CLIENT_LAST_CONNECT_ERROR,
     &BUILD_INFO,
 ];
 

@@ -17,7 +17,7 @@ mod meter;
 mod registry;
 mod snapshot;
 
-pub(crate) use families::{health_state, refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
 pub(crate) use snapshot::{ByteTotals, ClientTraffic, TrafficSnapshot};
@@ -146,6 +146,32 @@ impl Metrics {
         }
     }
 
+    /// The client role's diagnosis series, every reason at 0, so a dashboard
+    /// or an alert sees them before the first failure.
+    pub(crate) fn add_connect_diagnosis(&self) {
+        for reason in connect_failure::ALL {
+            self.client_connect_failures.with_label_values(&[reason]);
+            self.client_last_connect_error.with_label_values(&[reason]).set(0);
+        }
+    }
+
+    /// An attempt to connect ran into `attempt`; what is wrong is `cause` (the
+    /// same, or, while the server throttles this address, what its last
+    /// answered attempt failed for).
+    pub(crate) fn connect_failed(&self, attempt: &str, cause: &str) {
+        self.client_connect_failures.with_label_values(&[attempt]).inc();
+        for reason in connect_failure::ALL {
+            self.client_last_connect_error.with_label_values(&[reason]).set(i64::from(reason == cause));
+        }
+    }
+
+    /// Connected: nothing is wrong any more.
+    pub(crate) fn connect_succeeded(&self) {
+        for reason in connect_failure::ALL {
+            self.client_last_connect_error.with_label_values(&[reason]).set(0);
+        }
+    }
+
     pub(crate) fn count_session(&self, result: &str) {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
@@ -238,14 +264,15 @@ mod tests {
         let metrics = Metrics::new();
         metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.add_client("default");
+        metrics.add_connect_diagnosis();
         let text = metrics.render();
-        // The README's metrics table, or (families added since the README was
-        // last restructured) the one in docs/operations.md.
-        let readme = concat!(include_str!("../../README.md"), include_str!("../../docs/operations.md"));
+        // The metrics tables: the README's, and the operations guide's for the
+        // client's own families.
+        let docs = [include_str!("../../README.md"), include_str!("../../docs/operations.md")].concat();
         for family in families::ALL {
             let help = format!("# HELP {} {}\n", family.name(), family.help());
             assert!(text.contains(&help), "{help:?} missing from\n{text}");
-            assert!(readme.contains(&format!("| `{}` |", family.name())), "{} missing from the metrics tables of the docs", family.name());
+            assert!(docs.contains(&format!("| `{}` |", family.name())), "{} missing from the metrics tables", family.name());
         }
         let help = MAPPING_REFUSED.help();
         assert!(refused_reason::ALL.iter().all(|reason| help.contains(reason)), "{help}");

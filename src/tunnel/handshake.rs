@@ -23,6 +23,9 @@ pub(crate) enum HandshakeError {
     /// TLS/plain mismatch.
     #[error("server rejected the connection: {0}")]
     Rejected(String),
+    /// Refused unheard: the server throttles this address for `retry_after_secs`.
+    #[error("{reason}")]
+    Throttled { reason: String, retry_after_secs: u64 },
     /// The answer to the challenge was refused: unknown name or wrong secret.
     #[error("{0}")]
     AuthFailed(String),
@@ -41,7 +44,10 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: name.to_string() }).await?;
     let nonce = match read_frame(stream).await?.0 {
         Challenge::Challenge { nonce } => nonce,
-        Challenge::Rejected { reason } => return Err(HandshakeError::Rejected(explain_rejection(&reason))),
+        Challenge::Rejected { reason, retry_after_secs: Some(secs) } => {
+            return Err(HandshakeError::Throttled { reason, retry_after_secs: secs })
+        }
+        Challenge::Rejected { reason, .. } => return Err(HandshakeError::Rejected(explain_rejection(&reason))),
     };
     let mac = auth::sign(secret, &nonce, &binding(stream));
     write_frame(stream, &Auth::Auth { mac }).await?;

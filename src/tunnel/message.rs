@@ -68,10 +68,20 @@ pub enum Challenge {
         nonce: String,
     },
     /// Refused before authentication (another protocol version, a bad name, a
-    /// TLS/plain mismatch); the server closes.
+    /// TLS/plain mismatch, an address the server throttles); the server closes.
+    ///
+    /// A throttled connection is refused before any handshake; on a TLS port
+    /// it gets a fatal `access_denied` alert record and then this frame, in
+    /// the clear (see `net::tls::THROTTLED_ALERT`): a TLS client stops at the
+    /// alert, a tunneld client reads on to learn for how long.
     Rejected {
         /// Why, in words for the client's log.
         reason: String,
+        /// Set when the server refuses this address for a while: how long, in
+        /// whole seconds (rounded up). Absent from servers before it, and from
+        /// every other rejection; clients that do not know it ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
     },
 }
 
@@ -166,6 +176,16 @@ pub fn version_rejection(peer_version: u32) -> String {
     format!("protocol version {peer_version} is not supported by this server ({PROTOCOL_VERSION}); {upgrade}")
 }
 
+/// What the server tells a connection its defences refuse unheard: for how
+/// long, when it refuses the address after failed attempts (`retry_after_secs`),
+/// or that the address holds too many unfinished handshakes.
+pub fn throttled_rejection(retry_after_secs: Option<u64>) -> String {
+    match retry_after_secs {
+        Some(secs) => format!("refused for {secs} s after failed attempts from this address"),
+        None => "refused: too many unfinished tunnel handshakes from this address".to_string(),
+    }
+}
+
 /// A rejection as the client reports it; a version-1 server words its version
 /// rejection differently, so that one is translated into the same message.
 pub fn explain_rejection(reason: &str) -> String {
@@ -197,6 +217,11 @@ mod tests {
             r#"{"type":"welcome","session":"s","heartbeat_interval_secs":10}"#
         );
         assert_eq!(wire(&Verdict::Rejected { reason: "r".into() }), r#"{"type":"rejected","reason":"r"}"#);
+        assert_eq!(wire(&Challenge::Rejected { reason: "r".into(), retry_after_secs: None }), r#"{"type":"rejected","reason":"r"}"#);
+        assert_eq!(
+            wire(&Challenge::Rejected { reason: "r".into(), retry_after_secs: Some(12) }),
+            r#"{"type":"rejected","reason":"r","retry_after_secs":12}"#
+        );
         assert_eq!(wire(&ToClient::OpenDataChannel), r#"{"type":"open_data_channel"}"#);
         assert_eq!(wire(&ToServer::Heartbeat), r#"{"type":"heartbeat"}"#);
         assert_eq!(wire(&Connect::Connect { host: "h".into(), port: 22 }), r#"{"type":"connect","host":"h","port":22}"#);

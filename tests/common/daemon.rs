@@ -74,6 +74,21 @@ impl Daemon {
         Some(Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, &[], &["unshare", "-Urm", "sh", "-c", &script]))
     }
 
+    /// Like [`Daemon::server`], run as under systemd with its stderr connected
+    /// to the journal: `JOURNAL_STREAM` names the daemon's stderr (set by a
+    /// shell that then execs it, as systemd sets it for a unit), and its
+    /// journal entries go to `journal_socket` (`TUNNELD_JOURNAL_SOCKET`, the
+    /// daemon's test-only override of journald's socket), where the test reads
+    /// them in the native protocol.
+    pub fn server_in_journal(secret: &str, extra: &[&str], journal_socket: &Path) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        let socket = journal_socket.display().to_string();
+        let envs = [("TUNNELD_JOURNAL_SOCKET", socket.as_str())];
+        let script = "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); export JOURNAL_STREAM; exec \"$0\" \"$@\"";
+        Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, &envs, &["sh", "-c", script])
+    }
+
     /// `name` in the state directory as the daemon sees it: through
     /// `/proc/PID/root`, which also reaches into mounts of its own namespace
     /// (see [`Daemon::server_on_small_disk`]).

@@ -3,7 +3,7 @@
 //! failures (a token reserved as each connection is admitted), a bound on
 //! unauthenticated connections with slots kept for known clients, failures
 //! logged in aggregate, flapping names. A refused connection is told it was
-//! throttled before it is closed.
+//! throttled, and for how long, before it is closed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,7 +30,9 @@ use crate::telemetry::session_result;
 use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::frame::{self, ProtocolError};
-use crate::tunnel::message::{version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, PROTOCOL_VERSION};
+use crate::tunnel::message::{
+    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, PROTOCOL_VERSION,
+};
 
 /// A connection that has not said who it is within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,6 +93,32 @@ impl Failure {
     }
 }
 
+/// Why a connection was refused unheard.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// Its address failed too often; the next attempt is admitted after this.
+    Throttled { retry_after: Duration },
+    /// Its address holds too many connections that have not authenticated yet.
+    Crowded,
+}
+
+impl Refused {
+    fn log_reason(self) -> &'static str {
+        match self {
+            Refused::Throttled { .. } => "throttled: too many failed handshakes",
+            Refused::Crowded => "throttled: too many unauthenticated connections",
+        }
+    }
+
+    /// Whole seconds, rounded up, so a client that waits them is admitted.
+    fn retry_after_secs(self) -> Option<u64> {
+        match self {
+            Refused::Throttled { retry_after } => Some((retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)),
+            Refused::Crowded => None,
+        }
+    }
+}
+
 /// One admitted connection: where it comes from and what admission took from
 /// its source's failure bucket (settled by its outcome).
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +146,7 @@ impl TunnelHub {
             } else {
                 d.throttle.refund(attempt.source(), attempt.charge, now);
             }
-            d.log.record(attempt.source(), failure.reason(), now)
+            d.log.record(attempt.source().to_canonical(), failure.reason(), now)
         };
         if log_now {
             let peer = attempt.peer;
@@ -129,39 +157,43 @@ impl TunnelHub {
     /// Whether a new connection from `peer` may start a handshake: not while its
     /// address is throttled or holds too many unauthenticated connections. A
     /// token is reserved from the address's failure bucket as it is admitted.
-    fn admit(&self, peer: SocketAddr) -> Option<(Attempt, Pending)> {
+    fn admit(&self, peer: SocketAddr) -> Result<(Attempt, Pending), Refused> {
         let now = Instant::now();
         let refused = {
             let mut d = lock(&self.defences);
             let known = d.known.knows(peer.ip(), now);
             match d.throttle.admit(peer.ip(), known, now) {
-                None => "throttled: too many failed handshakes",
+                None => Refused::Throttled { retry_after: d.throttle.retry_after(peer.ip(), now) },
                 Some(charge) => match self.unauthenticated.enter(peer.ip(), known) {
-                    Some(pending) => return Some((Attempt { peer, charge }, pending)),
+                    Some(pending) => return Ok((Attempt { peer, charge }, pending)),
                     None => {
                         d.throttle.refund(peer.ip(), charge, now);
-                        "throttled: too many unauthenticated connections"
+                        Refused::Crowded
                     }
                 },
             }
         };
         self.metrics.count_session(session_result::THROTTLED);
-        if lock(&self.defences).log.record(peer.ip(), refused, now) {
-            warn!(%peer, reason = refused, "tunnel connection refused; further refusals from this address are summarised once a minute");
+        if lock(&self.defences).log.record(peer.ip().to_canonical(), refused.log_reason(), now) {
+            warn!(%peer, reason = refused.log_reason(), "tunnel connection refused; further refusals from this address are summarised once a minute");
         }
-        None
+        Err(refused)
     }
 
-    /// Tells a refused connection it was throttled, then closes it, without
-    /// waiting for anything: a TLS client reads a fatal access_denied alert, a
-    /// plain one a rejection; either logs [`tls::THROTTLED`] instead of
-    /// "connection closed".
-    fn tell_throttled(&self, stream: TcpStream) {
+    /// Tells a refused connection why, then closes it, without waiting for
+    /// anything. On a TLS port: a fatal access_denied alert (a TLS client
+    /// reports it as a refusal), then a plain `rejected` frame with the
+    /// seconds, which a tunneld client reads after the alert; on a plain port,
+    /// the frame. A few dozen bytes, once per connection the peer had to open:
+    /// nothing worth reflecting.
+    fn tell_refused(&self, stream: TcpStream, refused: Refused) {
+        let retry_after_secs = refused.retry_after_secs();
+        let frame = frame::encode_frame(&Challenge::Rejected { reason: throttled_rejection(retry_after_secs), retry_after_secs });
         let answer = match self.settings.tls {
-            Some(_) => tls::THROTTLED_ALERT.to_vec(),
-            None => frame::encode_frame(&Challenge::Rejected { reason: tls::THROTTLED.to_string() }),
+            Some(_) => [&tls::THROTTLED_ALERT[..], &frame].concat(),
+            None => frame,
         };
-        // A fresh socket's send buffer has room for a few bytes.
+        // A fresh socket's send buffer has room for a few dozen bytes.
         let _ = stream.try_write(&answer);
         // What the peer sent already is read away, so closing sends a FIN after
         // the answer rather than a reset that could discard it.
@@ -175,17 +207,27 @@ impl TunnelHub {
     }
 
     /// Logs, once per interval, how many failures each source had beyond the one
-    /// logged when it started.
+    /// logged when it started; at shutdown, what the interval counted so far.
     async fn summarise_failures(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(FAILURE_LOG_INTERVAL / 4);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let summaries = lock(&self.defences).log.drain(Instant::now());
+            let stopping = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let summaries = {
+                let mut d = lock(&self.defences);
+                if stopping {
+                    d.log.flush(Instant::now())
+                } else {
+                    d.log.drain(Instant::now())
+                }
+            };
             for s in summaries {
-                warn!(source = %s.source, count = s.count, last_reason = s.last_reason, interval_secs = FAILURE_LOG_INTERVAL.as_secs(), "more failed or refused tunnel handshakes from this address");
+                warn!(source = %s.key, count = s.count, last_reason = s.last, interval_secs = FAILURE_LOG_INTERVAL.as_secs(), "more failed or refused tunnel handshakes from this address");
+            }
+            if stopping {
+                return;
             }
         }
     }
@@ -199,9 +241,12 @@ impl TunnelHub {
                 _ = shutdown.cancelled() => break,
                 accepted = socket::accept(&listener, || self.metrics.count_session(session_result::THROTTLED)) => accepted,
             };
-            let Some((attempt, pending)) = self.admit(peer) else {
-                self.tell_throttled(stream);
-                continue;
+            let (attempt, pending) = match self.admit(peer) {
+                Ok(admitted) => admitted,
+                Err(refused) => {
+                    self.tell_refused(stream, refused);
+                    continue;
+                }
             };
             socket::tune(&stream);
             let hub = self.clone();
@@ -258,7 +303,7 @@ impl TunnelHub {
         warn!(%peer, version, "client rejected: protocol version mismatch");
         lock(&self.defences).throttle.refund(attempt.source(), attempt.charge, Instant::now());
         self.metrics.count_session(session_result::VERSION_MISMATCH);
-        frame::write_frame(stream, &Challenge::Rejected { reason: version_rejection(version) }).await?;
+        frame::write_frame(stream, &Challenge::Rejected { reason: version_rejection(version), retry_after_secs: None }).await?;
         Ok(())
     }
 
@@ -294,7 +339,7 @@ impl TunnelHub {
                         let reason = "this server requires TLS (server.tls = true): remove `tls = false` from the client's \
                                       configuration and pin the server's fingerprint"
                             .to_string();
-                        let _ = frame::write_frame(&mut plain, &Challenge::Rejected { reason }).await;
+                        let _ = frame::write_frame(&mut plain, &Challenge::Rejected { reason, retry_after_secs: None }).await;
                     }
                     Err(e) => {
                         debug!(%peer, error = %e, "bad first frame");
@@ -325,7 +370,7 @@ impl TunnelHub {
         if invalid_client_name(name).is_some() {
             self.failed(attempt, Failure::InvalidName);
             let reason = "invalid client name: 1 to 64 characters of a-z, 0-9, '_' and '-', beginning with a letter or digit".to_string();
-            frame::write_frame(&mut stream, &Challenge::Rejected { reason }).await?;
+            frame::write_frame(&mut stream, &Challenge::Rejected { reason, retry_after_secs: None }).await?;
             return Ok(());
         }
         // An unknown name is challenged like a known one and refused with the same

@@ -14,11 +14,12 @@ use tracing::{debug, error, warn};
 
 use super::defences::{Defences, FAILURE_LOG_INTERVAL};
 use super::session::{Client, Lease, Session};
+use crate::core::failure_log::FailureLog;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::secret::Secret;
 use crate::core::sync::{lock, read, write};
 use crate::net::transport::TunnelStream;
-use crate::server::throttle::{AuthThrottle, EndedSessions, FailureLog, Flapping, KnownSources, Unauthenticated};
+use crate::server::throttle::{AuthThrottle, EndedSessions, Flapping, KnownSources, Unauthenticated};
 use crate::telemetry::{session_result, Metrics};
 use crate::tunnel::exchange;
 use crate::tunnel::frame::ProtocolError;

@@ -3,16 +3,26 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
+use crate::core::failure_log::{FailureLog, Summary};
+use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
 use crate::server::hub::TunnelHub;
 use crate::store::Store;
 use crate::telemetry::Metrics;
+
+/// Refused visitors beyond the first of a port and reason are logged as one
+/// summary per this interval.
+pub(super) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Refused visitors by port and reason, with the last one's error.
+pub(super) type RefusalLog = FailureLog<(u16, &'static str), String>;
 
 /// How mappings behave, from `server.*` and the daemon's own ports.
 pub struct Settings {
@@ -43,4 +53,43 @@ pub(super) struct Ctx {
     pub(super) mapped_ports: RwLock<BTreeSet<u16>>,
     /// The descriptors all visitors of all mappings may hold together.
     pub(super) descriptors: DescriptorBudget,
+    /// Refused visitors, for the log: a target that is down refuses every
+    /// visitor, and one line each would bury everything else.
+    pub(super) refusals: Mutex<RefusalLog>,
+}
+
+impl Ctx {
+    /// Counts a refused visitor of `port` for the log; `true` when it is the
+    /// first of its port and `reason` in the interval, to be logged in full by
+    /// the caller. The rest are summarised by [`Ctx::summarise_refusals`].
+    pub(super) fn first_refusal(&self, port: u16, reason: &'static str, error: &str) -> bool {
+        lock(&self.refusals).record((port, reason), error.to_string(), Instant::now())
+    }
+
+    /// Logs, once per interval, how many visitors each port refused for each
+    /// reason beyond the one logged in full, until the listeners close.
+    pub(super) async fn summarise_refusals(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REFUSAL_LOG_INTERVAL / 4);
+        loop {
+            tokio::select! {
+                _ = self.stop_accepting.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let summaries = lock(&self.refusals).drain(Instant::now());
+            log_refusals(summaries);
+        }
+    }
+
+    /// At shutdown: what the interval counted so far, so no count is lost.
+    pub(super) fn flush_refusals(&self) {
+        let summaries = lock(&self.refusals).flush(Instant::now());
+        log_refusals(summaries);
+    }
+}
+
+fn log_refusals(summaries: Vec<Summary<(u16, &'static str), String>>) {
+    for s in summaries {
+        let ((port, reason), count) = (s.key, s.count);
+        warn!(port, reason, count, last_error = %s.last, interval_secs = REFUSAL_LOG_INTERVAL.as_secs(), "more visitors refused on this port");
+    }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::context::{Ctx, Settings};
+use super::context::{Ctx, RefusalLog, Settings, REFUSAL_LOG_INTERVAL};
 use super::error::MappingError;
 use super::health::{Condition, HealthWindow};
 use super::listener::{bind, describe_bind_error, run_mapping, set, Admission, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
@@ -70,20 +70,20 @@ impl Mappings {
             tunneled_visitors = descriptors.capacity() / TUNNELED_VISITOR_DESCRIPTORS as usize,
             "visitor connections of all mappings share this many descriptors; the rest of the open-file limit is kept for the API, the tunnel and the store"
         );
-        Mappings {
-            entries: tokio::sync::Mutex::new(BTreeMap::new()),
-            ctx: Arc::new(Ctx {
-                store,
-                metrics,
-                hub,
-                settings,
-                stop_accepting: CancellationToken::new(),
-                abort,
-                connections: TaskTracker::new(),
-                mapped_ports: Default::default(),
-                descriptors,
-            }),
-        }
+        let ctx = Arc::new(Ctx {
+            store,
+            metrics,
+            hub,
+            settings,
+            stop_accepting: CancellationToken::new(),
+            abort,
+            connections: TaskTracker::new(),
+            mapped_ports: Default::default(),
+            descriptors,
+            refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
+        });
+        tokio::spawn(ctx.clone().summarise_refusals());
+        Mappings { entries: tokio::sync::Mutex::new(BTreeMap::new()), ctx }
     }
 
     /// Brings back every stored mapping. Ports that bind now are serving when this
@@ -359,6 +359,7 @@ impl Mappings {
             self.ctx.abort.cancel();
             self.ctx.connections.wait().await;
         }
+        self.ctx.flush_refusals();
     }
 
     fn spawn_mapping(

@@ -42,11 +42,20 @@ pub(super) async fn serve_visitor(
         Err(VisitorError::Target(e)) => {
             health.connect_failed(&e);
             metrics.connect_errors.inc();
-            warn!(port, %peer, target = %format!("{}:{}", spec.target_host, spec.target_port), error = %e, "visitor refused: target unreachable");
+            let target = format!("{}:{}", spec.target_host, spec.target_port);
+            if ctx.first_refusal(port, TARGET_UNREACHABLE, &e) {
+                warn!(port, %peer, %target, error = %e, "visitor refused: target unreachable; further refusals on this port are summarised once a minute");
+            } else {
+                debug!(port, %peer, %target, error = %e, "visitor refused: target unreachable");
+            }
         }
         Err(VisitorError::Relay(e)) => debug!(port, %peer, error = %e, "connection ended with error"),
     }
 }
+
+/// The reason a summary of refused visitors names for targets that could not
+/// be reached.
+const TARGET_UNREACHABLE: &str = "target_unreachable";
 
 /// Why a visitor's connection ended early: the target could not be reached
 /// (counted as a connect error), or the relay failed midway.
