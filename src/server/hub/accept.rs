@@ -373,6 +373,7 @@ impl TunnelHub {
             control: control_tx,
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
+            ended: CancellationToken::new(),
         });
         let heartbeat = self.settings.heartbeat;
         let welcome = Verdict::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
@@ -399,6 +400,10 @@ impl TunnelHub {
         match &outcome {
             Ok(reason) => info!(%peer, client = %client.name, session = session.id, reason, "tunnel session ended"),
             Err(e) => warn!(%peer, client = %client.name, session = session.id, error = %e, "tunnel session ended"),
+        }
+        if !shutdown.is_cancelled() {
+            // A shutdown drains its visitors; any other end leaves them nothing to drain through.
+            session.ended.cancel();
         }
         self.uninstall(&session);
         outcome.map(|_| ())
