@@ -554,7 +554,7 @@
 
   // ---------- Mapping policy ----------
 
-  const policyState = { mappings: new Map(), eventsAt: 0, editing: null };
+  const policyState = { mappings: new Map(), eventsAt: 0, editing: null, original: null, opener: null };
 
   /** Cap, quota bar (used / allowance) and ACL badges, plus the edit link. */
   function policyBadges(m) {
@@ -588,7 +588,11 @@
     port: $('#policy-port'),
     description: $('#policy-description'),
     limit: $('#policy-limit'),
+    limitUnit: $('#policy-limit-unit'),
+    limitExact: $('#policy-limit-exact'),
     quotaBytes: $('#policy-quota-bytes'),
+    quotaUnit: $('#policy-quota-unit'),
+    quotaExact: $('#policy-quota-exact'),
     quotaPeriod: $('#policy-quota-period'),
     quotaAction: $('#policy-quota-action'),
     allow: $('#policy-allow'),
@@ -596,17 +600,100 @@
     error: $('#policy-error'),
     cancel: $('#policy-cancel'),
   };
-  const MiB = 1024 * 1024;
-  const GiB = 1024 * MiB;
 
-  function openPolicy(port) {
+  // Amounts are a number and a unit the operator picks. Whole bytes are
+  // worked out in integers (BigInt), never through floating point, so the
+  // field shows a stored value exactly and a value saved untouched is the
+  // value stored: 300,000,000 B is "300 MB", and stays 300,000,000.
+  const QUOTA_UNITS = [['B', 1n], ['KB', 10n ** 3n], ['MB', 10n ** 6n], ['GB', 10n ** 9n], ['TB', 10n ** 12n],
+    ['KiB', 2n ** 10n], ['MiB', 2n ** 20n], ['GiB', 2n ** 30n], ['TiB', 2n ** 40n]];
+  // Network people count bits: 1 Mbit/s is 125,000 bytes/s, exactly.
+  const CAP_UNITS = [['B/s', 1n], ['KB/s', 10n ** 3n], ['MB/s', 10n ** 6n], ['GB/s', 10n ** 9n],
+    ['KiB/s', 2n ** 10n], ['MiB/s', 2n ** 20n], ['GiB/s', 2n ** 30n],
+    ['kbit/s', 125n], ['Mbit/s', 125n * 10n ** 3n], ['Gbit/s', 125n * 10n ** 6n]];
+  const amountFields = {
+    cap: { input: policyDom.limit, unit: policyDom.limitUnit, exact: policyDom.limitExact, units: CAP_UNITS,
+      fallback: 'Mbit/s', per: 'bytes/s', none: 'no cap' },
+    quota: { input: policyDom.quotaBytes, unit: policyDom.quotaUnit, exact: policyDom.quotaExact, units: QUOTA_UNITS,
+      fallback: 'GB', per: 'bytes', none: 'no quota' },
+  };
+  for (const field of Object.values(amountFields)) {
+    field.unit.replaceChildren(...field.units.map(([name]) => el('option', { value: name }, name)));
+    field.input.addEventListener('input', () => showExact(field));
+    field.unit.addEventListener('change', () => showExact(field));
+  }
+
+  /** `bytes / factor` as a decimal string, or null if it needs more than 12 decimals. */
+  function exactDecimal(bytes, factor) {
+    let rest = bytes % factor;
+    let decimals = '';
+    while (rest > 0n && decimals.length < 12) {
+      rest *= 10n;
+      decimals += String(rest / factor);
+      rest %= factor;
+    }
+    if (rest > 0n) return null;
+    return decimals ? `${bytes / factor}.${decimals}` : String(bytes / factor);
+  }
+
+  /** The unit in which `bytes` reads shortest exactly (at least 1 of it; ties: the larger unit). */
+  function naturalUnit(bytes, units) {
+    let best = null;
+    for (const [name, factor] of units) {
+      const text = exactDecimal(bytes, factor);
+      if (text === null) continue;
+      const digits = text.replace('.', '').replace(/^0+/, '').replace(/0+$/, '').length;
+      const score = [bytes < factor ? 1 : 0, digits, -Number(factor)];
+      const first = best ? score.findIndex((v, i) => v !== best.score[i]) : -1;
+      if (!best || (first >= 0 && score[first] < best.score[first])) best = { name, text, score };
+    }
+    return best;
+  }
+
+  /** Shows `bytes` (a BigInt, or null for none) in the field, exactly. */
+  function setAmount(field, bytes) {
+    const shown = bytes === null ? null : naturalUnit(bytes, field.units);
+    field.input.value = shown ? shown.text : '';
+    field.unit.value = shown ? shown.name : field.fallback;
+    showExact(field);
+  }
+
+  /** The field's whole bytes (nearest, halves up): a BigInt, null when empty, or an Error. */
+  function readAmount(field) {
+    const text = field.input.value.trim();
+    if (text === '') return null;
+    const number = /^(\d*)(?:\.(\d*))?$/.exec(text);
+    if (!number || (number[1] + (number[2] || '')) === '') return new Error(`“${text}” is not a number (like 300 or 1.5)`);
+    const decimals = number[2] || '';
+    const scale = 10n ** BigInt(decimals.length);
+    const factor = field.units.find(([name]) => name === field.unit.value)[1];
+    const bytes = (BigInt((number[1] || '0') + decimals) * factor * 2n + scale) / (2n * scale);
+    if (bytes < 1n) return new Error(`${text} ${field.unit.value} is less than 1 byte; leave the field empty for ${field.none}`);
+    if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) return new Error(`${text} ${field.unit.value} is too large`);
+    return bytes;
+  }
+
+  /** The exact bytes under the field, so what is saved is never a surprise. */
+  function showExact(field) {
+    const bytes = readAmount(field);
+    const invalid = bytes instanceof Error;
+    field.exact.toggleAttribute('data-invalid', invalid);
+    field.exact.dataset.bytes = typeof bytes === 'bigint' ? String(bytes) : '';
+    field.exact.textContent = invalid ? bytes.message : bytes === null ? field.none : `= ${intFormat.format(bytes)} ${field.per}`;
+  }
+
+  function openPolicy(port, opener) {
     const m = policyState.mappings.get(port);
     if (!m) return;
     policyState.editing = port;
+    // Compared with at save: a field left as it was shown is not sent, even if
+    // the mapping changed meanwhile by other hands.
+    policyState.original = m;
+    policyState.opener = opener || null;
     policyDom.port.textContent = String(port);
     policyDom.description.value = m.description || '';
-    policyDom.limit.value = m.bandwidth_limit ? String(+(m.bandwidth_limit / MiB).toFixed(3)) : '';
-    policyDom.quotaBytes.value = m.quota ? String(+(m.quota.bytes / GiB).toFixed(3)) : '';
+    setAmount(amountFields.cap, m.bandwidth_limit ? BigInt(m.bandwidth_limit) : null);
+    setAmount(amountFields.quota, m.quota ? BigInt(m.quota.bytes) : null);
     policyDom.quotaPeriod.value = m.quota ? m.quota.period : 'month';
     policyDom.quotaAction.value = m.quota ? m.quota.action : 'alert';
     policyDom.allow.value = (m.allow || []).join('\n');
@@ -619,28 +706,54 @@
   function closePolicy() {
     policyState.editing = null;
     policyDom.overlay.hidden = true;
+    if (policyState.opener && policyState.opener.isConnected) policyState.opener.focus();
+    policyState.opener = null;
   }
 
   function lines(text) {
     return text.split(/[\s,]+/).map((s) => s.trim()).filter(Boolean);
   }
 
+  /** Only the fields whose value the operator changed: an untouched field is
+   * not sent, so it cannot change (nor re-announce anything). */
+  function policyChanges(m) {
+    const changes = {};
+    const description = policyDom.description.value.trim();
+    if (description !== (m.description || '')) changes.description = description || null;
+    const cap = readAmount(amountFields.cap);
+    if (cap instanceof Error) throw cap;
+    if (cap !== (m.bandwidth_limit ? BigInt(m.bandwidth_limit) : null)) changes.bandwidth_limit = cap === null ? null : Number(cap);
+    const bytes = readAmount(amountFields.quota);
+    if (bytes instanceof Error) throw bytes;
+    const quota = bytes === null ? null : { bytes: Number(bytes), period: policyDom.quotaPeriod.value, action: policyDom.quotaAction.value };
+    const was = m.quota || null;
+    if (!quota !== !was || (quota && (quota.bytes !== was.bytes || quota.period !== was.period || quota.action !== was.action))) {
+      changes.quota = quota;
+    }
+    for (const key of ['allow', 'deny']) {
+      const list = lines(policyDom[key].value);
+      if (list.join('\n') !== (m[key] || []).join('\n')) changes[key] = list;
+    }
+    return changes;
+  }
+
   async function savePolicy(event) {
     event.preventDefault();
     const port = policyState.editing;
     if (port == null) return;
-    const limit = parseFloat(policyDom.limit.value);
-    const quota = parseFloat(policyDom.quotaBytes.value);
-    const body = {
-      port,
-      description: policyDom.description.value.trim() || null,
-      bandwidth_limit: Number.isFinite(limit) && limit > 0 ? Math.max(1, Math.round(limit * MiB)) : null,
-      quota: Number.isFinite(quota) && quota > 0
-        ? { bytes: Math.max(1, Math.round(quota * GiB)), period: policyDom.quotaPeriod.value, action: policyDom.quotaAction.value }
-        : null,
-      allow: lines(policyDom.allow.value),
-      deny: lines(policyDom.deny.value),
-    };
+    let changes;
+    try {
+      changes = policyChanges(policyState.original);
+    } catch (e) {
+      policyDom.error.textContent = e.message;
+      policyDom.error.hidden = false;
+      return;
+    }
+    if (Object.keys(changes).length === 0) {
+      closePolicy();
+      return;
+    }
+    const body = { port, ...changes };
     const res = await fetch('/api/mapping/update', {
       method: 'POST',
       headers: { ...authHeaders(), 'Content-Type': 'application/json' },
@@ -665,9 +778,15 @@
 
   policyDom.form.addEventListener('submit', savePolicy);
   policyDom.cancel.addEventListener('click', closePolicy);
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && !policyDom.overlay.hidden) {
+      e.preventDefault();
+      closePolicy();
+    }
+  });
   dom.rows.addEventListener('click', (e) => {
     const button = e.target.closest('[data-role="edit-policy"]');
-    if (button) openPolicy(Number(button.dataset.port));
+    if (button) openPolicy(Number(button.dataset.port), button);
   });
 
   const eventsDom = { list: $('#event-list'), empty: $('#events-empty') };

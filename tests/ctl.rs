@@ -280,10 +280,11 @@ fn ctl_top_shows_live_rates_and_quits_on_q() {
             }
         })
     };
-    let screen = wait_for("a live rate in KiB/s or MiB/s", Duration::from_secs(20), || {
+    // Rates are in the SENT/s and RECV/s columns: the cells carry the unit.
+    let screen = wait_for("a live rate in KiB or MiB (per second)", Duration::from_secs(20), || {
         let screen = tmux.screen();
         let line = row(&screen, port);
-        (line.contains("KiB/s") || line.contains("MiB/s")).then_some(screen)
+        (line.contains("KiB") || line.contains("MiB")).then_some(screen)
     });
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();

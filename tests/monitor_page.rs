@@ -789,7 +789,7 @@ fn policy_badges_events_and_the_edit_form() {
         r#"({limit: document.querySelector('#policy-limit').value, quota: document.querySelector('#policy-quota-bytes').value,
             deny: document.querySelector('#policy-deny').value, allow: document.querySelector('#policy-allow').value})"#,
     );
-    assert_eq!(form, json!({"limit": "50", "quota": "0.004", "deny": "10.9.9.9/32", "allow": "127.0.0.0/8\n10.0.0.0/8"}));
+    assert_eq!(form, json!({"limit": "50", "quota": "4", "deny": "10.9.9.9/32", "allow": "127.0.0.0/8\n10.0.0.0/8"}));
     browser.eval(
         r#"(() => { document.querySelector('#policy-deny').value = '300.1.1.1';
                    document.querySelector('#policy-form').requestSubmit(); return true; })()"#,
@@ -802,6 +802,7 @@ fn policy_badges_events_and_the_edit_form() {
         r#"(() => { document.querySelector('#policy-deny').value = '';
                    document.querySelector('#policy-limit').value = '';
                    document.querySelector('#policy-quota-bytes').value = '1';
+                   document.querySelector('#policy-quota-unit').value = 'GiB';
                    document.querySelector('#policy-quota-action').value = 'block';
                    document.querySelector('#policy-form').requestSubmit(); return true; })()"#,
     );

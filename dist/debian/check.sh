@@ -51,7 +51,10 @@ test -x /usr/bin/tunneld || fail "/usr/bin/tunneld missing after install"
 for role in server client; do
     [ "$(stat -c '%a %U' /etc/tunneld/$role.env)" = "600 root" ] || fail "/etc/tunneld/$role.env is not 0600 root"
 done
-/usr/bin/tunneld check-config --config /etc/tunneld/server.toml server >/dev/null || fail "installed server.toml does not pass check-config"
+effective=$(/usr/bin/tunneld check-config --config /etc/tunneld/server.toml server) || fail "installed server.toml does not pass check-config"
+# The unit's StateDirectory=tunneld, named in the file so that commands typed in
+# a shell (tunneld fingerprint, ctl) find the service's state too.
+grep -qx 'state_dir = "/var/lib/tunneld"' <<<"$effective" || fail "installed server.toml does not name /var/lib/tunneld"
 
 step "systemd-analyze verify on the installed units"
 verify=$(systemd-analyze verify /usr/lib/systemd/system/tunneld-server.service /usr/lib/systemd/system/tunneld-client.service 2>&1) \

@@ -6,7 +6,8 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::error::failure;
+use super::contract::ErrorCode;
+use super::error::refusal;
 use super::state::AppState;
 use crate::core::secret::tokens_equal;
 
@@ -25,7 +26,9 @@ pub(super) async fn require_token(State(state): State<AppState>, req: Request, n
     let from_query = query.as_ref().and_then(|q| q.get("token")).map(String::as_str);
     match from_header.or(from_query) {
         Some(given) if tokens_equal(given, &token) => next.run(req).await,
-        Some(_) => failure(StatusCode::UNAUTHORIZED, "invalid API token"),
-        None => failure(StatusCode::UNAUTHORIZED, "API token required: send `Authorization: Bearer <token>`"),
+        Some(_) => refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenInvalid), "invalid API token"),
+        None => {
+            refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenRequired), "API token required: send `Authorization: Bearer <token>`")
+        }
     }
 }

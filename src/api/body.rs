@@ -41,20 +41,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             .and_then(|v| v.split(';').next())
             .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
         if !json {
-            return Err(ApiError {
-                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                message: "send the body as JSON with `Content-Type: application/json`".into(),
-            });
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the body as JSON with `Content-Type: application/json`"));
         }
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state)).await.map_err(|_| ApiError {
-            status: StatusCode::REQUEST_TIMEOUT,
-            message: format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state)).await.map_err(|_| {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
         })?;
         let bytes = read.map_err(|e: BytesRejection| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body exceeds {MAX_BODY} bytes") }
-            }
-            status => ApiError { status, message: e.body_text() },
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes")),
+            status => ApiError::new(status, e.body_text()),
         })?;
         parse(&bytes).map(JsonBody).map_err(ApiError::bad_request)
     }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::contract::Envelope;
+use super::contract::{Envelope, ErrorCode};
 use crate::server::mappings::MappingError;
 
 /// `200` with `{success: true, message, data}`.
@@ -17,7 +17,13 @@ pub(crate) fn success<T: Serialize>(message: &str, data: T) -> Response {
 
 /// `status` with `{success: false, message}`.
 pub(crate) fn failure(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(Envelope::<()>::failure(message))).into_response()
+    refusal(status, None, message)
+}
+
+/// `status` with `{success: false, message, code}`: a refusal programs tell
+/// apart by `code`.
+pub(crate) fn refusal(status: StatusCode, code: Option<ErrorCode>, message: impl Into<String>) -> Response {
+    (status, Json(Envelope::<()>::refusal(code, message))).into_response()
 }
 
 /// A request that cannot be served: its status and the message for the envelope.
@@ -25,17 +31,24 @@ pub(crate) fn failure(status: StatusCode, message: impl Into<String>) -> Respons
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
+    /// The envelope's `code`, for refusals a client may act on.
+    pub(crate) code: Option<ErrorCode>,
 }
 
 impl ApiError {
+    /// `status` with `message` and no code.
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), code: None }
+    }
+
     /// 400: the request itself is wrong; `message` says how.
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+        ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
     /// 500: the daemon failed (logged once, when answered).
     pub(crate) fn internal(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 }
 
@@ -45,18 +58,21 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "API request failed");
         }
-        failure(self.status, self.message)
+        refusal(self.status, self.code, self.message)
     }
 }
 
 impl From<MappingError> for ApiError {
     fn from(e: MappingError) -> ApiError {
-        let status = match &e {
-            MappingError::Invalid(_) => StatusCode::BAD_REQUEST,
-            MappingError::Conflict(_) => StatusCode::CONFLICT,
-            MappingError::NotFound(_) | MappingError::UnknownClient(_) => StatusCode::NOT_FOUND,
-            MappingError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        let (status, code) = match &e {
+            MappingError::Invalid(_) => (StatusCode::BAD_REQUEST, None),
+            MappingError::NamesUnknownClient(_) => (StatusCode::BAD_REQUEST, Some(ErrorCode::UnknownClient)),
+            MappingError::Conflict(_) => (StatusCode::CONFLICT, None),
+            MappingError::ClientInUse { .. } => (StatusCode::CONFLICT, Some(ErrorCode::ClientInUse)),
+            MappingError::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            MappingError::UnknownClient(_) => (StatusCode::NOT_FOUND, Some(ErrorCode::UnknownClient)),
+            MappingError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
-        ApiError { status, message: e.to_string() }
+        ApiError { status, message: e.to_string(), code }
     }
 }

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use super::units::{parse_cidr, parse_quota, parse_rate};
 use crate::config::{Override, Role};
+use crate::policy::{Cidr, Quota};
 
 #[derive(Parser)]
 #[command(name = "tunneld", version, about = "TCP port forwarding and reverse tunnels with live traffic metrics")]
@@ -22,6 +24,7 @@ pub(crate) enum Command {
     Client(ClientArgs),
     /// Print the effective configuration (secrets masked) and exit non-zero if invalid.
     CheckConfig {
+        /// The file to check (default: /etc/tunneld/server.toml or client.toml, by role, when it exists).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Which role's settings to check.
@@ -32,8 +35,10 @@ pub(crate) enum Command {
     Ctl(CtlArgs),
     /// Print the server's tunnel certificate fingerprint (sha256:...) for clients to pin.
     Fingerprint {
+        /// Where the state dir (or `server.tls_cert`) is read (default: /etc/tunneld/server.toml when it exists).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The server's state directory, where it generated its certificate.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<String>,
     },
@@ -43,13 +48,16 @@ pub(crate) enum Command {
 
 #[derive(Args)]
 pub(crate) struct CtlArgs {
-    /// The server's API, e.g. http://127.0.0.1:8080 (default: `api.listen` from the config).
-    #[arg(long, value_name = "URL", global = true)]
+    /// The server's API: HOST:PORT or an http:// URL (default: `api.listen` from the config).
+    #[arg(long, value_name = "HOST:PORT|URL", global = true, value_parser = parse_api)]
     pub(crate) api: Option<String>,
-    /// Where `api.listen` and `api.token` are read (default: /etc/tunneld/server.toml when it
-    /// exists). The token may also come from TUNNELD_API__TOKEN.
+    /// Where `api.listen` and `api.token` are read (default: /etc/tunneld/server.toml when it exists).
     #[arg(long, value_name = "FILE", global = true)]
     pub(crate) config: Option<PathBuf>,
+    /// The API token. Visible to every user in `ps`: prefer TUNNELD_API__TOKEN, `api.token` in the
+    /// config file, or TUNNELD_API__TOKEN= in the env file beside it (server.env).
+    #[arg(long, value_name = "TOKEN", global = true)]
+    pub(crate) token: Option<String>,
     #[command(subcommand)]
     pub(crate) command: CtlCommand,
 }
@@ -69,6 +77,34 @@ pub(crate) enum CtlCommand {
         /// The tunnel client that reaches the target.
         #[arg(long, value_name = "NAME", requires = "tunnel")]
         client: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Change a mapping's description, bandwidth limit, quota or allow/deny lists; what is not
+    /// given stays as it is, and open connections are kept.
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args([
+        "description", "bandwidth_limit", "quota", "allow", "deny",
+        "no_description", "no_bandwidth_limit", "no_quota", "no_allow", "no_deny",
+    ])))]
+    Update {
+        port: u16,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Remove the description.
+        #[arg(long, conflicts_with = "description")]
+        no_description: bool,
+        /// Remove the bandwidth limit.
+        #[arg(long, conflicts_with = "bandwidth_limit")]
+        no_bandwidth_limit: bool,
+        /// Remove the quota.
+        #[arg(long, conflicts_with = "quota")]
+        no_quota: bool,
+        /// Empty the allow list (everyone not denied is let in).
+        #[arg(long, conflicts_with = "allow")]
+        no_allow: bool,
+        /// Empty the deny list.
+        #[arg(long, conflicts_with = "deny")]
+        no_deny: bool,
     },
     /// Remove the mapping on PORT.
     Remove { port: u16 },
@@ -83,12 +119,52 @@ pub(crate) enum CtlCommand {
         #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
-    /// A live view of per-port rates; q quits.
+    /// A live view of per-port rates, by port; q quits.
     Top {
         /// Seconds between refreshes.
         #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
     },
+}
+
+/// A mapping's policy as `create` and `update` take it.
+#[derive(Args)]
+pub(crate) struct PolicyArgs {
+    /// A label, shown in `list`, on the monitor page and in events.
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) description: Option<String>,
+    /// Cap per direction, shared by the mapping's connections: bytes/s, or 10MB/s, 1.5MiB/s, 8Mbit/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub(crate) bandwidth_limit: Option<u64>,
+    /// Traffic allowance, both directions together: SIZE/day|month:alert|block, e.g. 300GB/month:block.
+    #[arg(long, value_name = "SIZE/PERIOD:ACTION", value_parser = parse_quota)]
+    pub(crate) quota: Option<Quota>,
+    /// Visitor addresses let in: CIDR blocks or addresses, comma-separated (replaces the list).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub(crate) allow: Option<Vec<Cidr>>,
+    /// Visitor addresses refused (wins over --allow): CIDR blocks or addresses, comma-separated.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub(crate) deny: Option<Vec<Cidr>>,
+}
+
+/// `--api`: an `http://` or `https://` URL, or `HOST:PORT` as every other
+/// address flag takes it (then `http://`; a wildcard host is reached on loopback).
+fn parse_api(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.starts_with("http://") || text.starts_with("https://") {
+        return Ok(text.trim_end_matches('/').to_string());
+    }
+    let forms = "HOST:PORT (127.0.0.1:8080) or an http:// URL";
+    if text.contains("://") {
+        return Err(format!("{text:?} is not {forms}"));
+    }
+    match crate::config::split_host_port(text) {
+        Some((host, port)) => match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(format!("http://{}", crate::config::reachable_here((ip, port).into()))),
+            Err(_) => Ok(format!("http://{host}:{port}")),
+        },
+        None => Err(format!("{text:?} is not {forms}")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -115,6 +191,7 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 
 #[derive(Args)]
 pub(crate) struct ServerArgs {
+    /// The configuration file (default: /etc/tunneld/server.toml when it exists).
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     #[arg(long, value_name = "ADDR")]
@@ -135,6 +212,7 @@ pub(crate) struct ServerArgs {
 
 #[derive(Args)]
 pub(crate) struct ClientArgs {
+    /// The configuration file (default: /etc/tunneld/client.toml when it exists).
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// host:port of the server's tunnel listener.

@@ -8,55 +8,90 @@
 //! server cannot drift apart field by field.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Serialize;
 
+use super::args::PolicyArgs;
 use super::untrusted::{make_printable, printable_message, read_bounded, read_prefix, MAX_ANSWER_BYTES, MAX_ERROR_BYTES};
 use crate::api::contract::{
-    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Mapping, MappingList, MappingRemoved,
-    RemoveClient, RemoveMapping, TrafficReport,
+    ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, ErrorCode, EventList, Mapping, MappingList,
+    MappingRemoved, RemoveClient, RemoveMapping, TrafficReport, UpdateMapping,
 };
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
+use crate::policy::{Cidr, QuotaAction, QuotaPeriod};
 
-/// An API call the server refused: its HTTP status and the envelope's message.
+/// An API call the server refused: its HTTP status, the envelope's message and
+/// its machine-readable `code`, when it has one.
 #[derive(Debug, thiserror::Error)]
 #[error("{message} (HTTP {status})")]
 pub(super) struct ApiRefused {
     pub status: u16,
     pub message: String,
+    pub code: Option<ErrorCode>,
+}
+
+/// Where `ctl` found the API token, to say which one was refused.
+#[derive(Debug, Clone)]
+enum TokenSource {
+    Flag,
+    Environment,
+    ConfigFile(PathBuf),
+    EnvFile(PathBuf),
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            TokenSource::Flag => f.write_str("--token"),
+            TokenSource::Environment => write!(f, "{}", config::env_var_name("api.token")),
+            TokenSource::ConfigFile(path) => write!(f, "api.token in {}", path.display()),
+            TokenSource::EnvFile(path) => write!(f, "{} in {}", config::env_var_name("api.token"), path.display()),
+        }
+    }
 }
 
 /// A connection to one server's API.
 pub(super) struct Api {
     pub(super) base: String,
-    token: Option<String>,
+    token: Option<(String, TokenSource)>,
+    /// The config file read, to name it in advice.
+    config_file: PathBuf,
     agent: ureq::Agent,
 }
 
 impl Api {
-    /// `--api` wins; else the config file's `api.listen` (a wildcard address is
-    /// reached on loopback). The token comes from `TUNNELD_API__TOKEN` or the file,
-    /// through the same loader the daemon uses, so both agree on precedence.
-    pub(super) fn from_settings(api: Option<&str>, config_file: Option<&Path>) -> anyhow::Result<Api> {
+    /// `--api` wins (already checked and made a URL by the flag's parser); else
+    /// the config file's `api.listen` (a wildcard address is reached on
+    /// loopback). The token: `--token`, else `TUNNELD_API__TOKEN` or the file,
+    /// through the same loader the daemon uses so both agree on precedence, else
+    /// the env file beside it.
+    pub(super) fn from_settings(api: Option<&str>, config_file: Option<&Path>, token: Option<&str>) -> anyhow::Result<Api> {
         let file = config::file_for(Role::Server, config_file);
         let config = config::merge(file, &[], Role::Server).context("cannot read the configuration")?;
         let base = match api {
-            Some(url) => url.trim_end_matches('/').to_string(),
+            Some(url) => url.to_string(),
             None => base_url(&config),
         };
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("--api must be an http:// URL (got {base:?})");
-        }
-        let token = Some(config.api.token.expose().to_string())
-            .filter(|t| !t.is_empty())
-            .or_else(|| file.and_then(|f| token_from_env_file(&f.with_extension("env"))));
+        let from_config = Some(config.api.token.expose().to_string()).filter(|t| !t.is_empty()).map(|t| {
+            let from_env = std::env::var(config::env_var_name("api.token")).is_ok_and(|v| !v.is_empty());
+            let source = match file {
+                Some(path) if !from_env => TokenSource::ConfigFile(path.to_path_buf()),
+                _ => TokenSource::Environment,
+            };
+            (t, source)
+        });
+        let token = token.map(|t| (t.to_string(), TokenSource::Flag)).or(from_config).or_else(|| {
+            let env_file = file?.with_extension("env");
+            token_from_env_file(&env_file).map(|t| (t, TokenSource::EnvFile(env_file)))
+        });
+        let config_file = file.unwrap_or(config::default_file(Role::Server)).to_path_buf();
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(30)).build();
-        Ok(Api { base, token, agent })
+        Ok(Api { base, token, config_file, agent })
     }
 
     /// `GET path`: the answer's `data`.
@@ -74,7 +109,7 @@ impl Api {
     fn request(&self, method: &str, path: &str) -> ureq::Request {
         let request = self.agent.request(method, &format!("{}{path}", self.base));
         match &self.token {
-            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            Some((token, _)) => request.set("Authorization", &format!("Bearer {token}")),
             None => request,
         }
     }
@@ -97,16 +132,85 @@ impl Api {
                 // A body cut short is no envelope, but its start still says something.
                 let body = read_prefix(response.into_reader(), MAX_ERROR_BYTES).unwrap_or_default();
                 let text = String::from_utf8_lossy(&body);
-                let message = match serde_json::from_str::<Envelope<IgnoredAny>>(&text) {
-                    Ok(envelope) => printable_message(&envelope.message),
-                    Err(_) => printable_message(&text),
+                let (message, code) = match serde_json::from_str::<Envelope<IgnoredAny>>(&text) {
+                    Ok(envelope) => (printable_message(&envelope.message), envelope.code),
+                    Err(_) => (printable_message(&text), None),
                 };
                 let message = if message.is_empty() { format!("the API refused without a message: {status} {reason}") } else { message };
-                Err(ApiRefused { status, message }.into())
+                let message = self.token_advice(code).unwrap_or(message);
+                Err(ApiRefused { status, message, code }.into())
             }
             Err(ureq::Error::Transport(e)) => Err(anyhow::anyhow!("cannot reach the API at {}: {e}", self.base)),
         }
     }
+}
+
+impl Api {
+    /// A refused token, said in ctl's own terms: its flag, variable and file
+    /// (the API's words name an HTTP header).
+    fn token_advice(&self, code: Option<ErrorCode>) -> Option<String> {
+        let ways =
+            format!("pass --token TOKEN, or set {} or api.token in {}", config::env_var_name("api.token"), self.config_file.display());
+        match code? {
+            ErrorCode::TokenRequired => Some(format!("API token required: {ways}")),
+            ErrorCode::TokenInvalid => Some(match &self.token {
+                Some((_, source)) => format!("invalid API token (the one from {source}): {ways}"),
+                None => format!("invalid API token: {ways}"),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The API's refusal code of `error`, when it is one.
+fn refusal_code(error: &anyhow::Error) -> Option<ErrorCode> {
+    error.downcast_ref::<ApiRefused>().and_then(|refused| refused.code)
+}
+
+/// `error` (a refusal) said as `message`, keeping its HTTP status and code.
+fn rephrase(error: anyhow::Error, message: String) -> anyhow::Error {
+    match error.downcast::<ApiRefused>() {
+        Ok(refused) => ApiRefused { message, ..refused }.into(),
+        Err(other) => other.context(message),
+    }
+}
+
+/// "no client named X", with the closest existing name and, where it helps,
+/// how to create it with ctl; `error` is the API's refusal.
+fn unknown_client(api: &Api, error: anyhow::Error, name: &str, how_to_create: bool) -> anyhow::Error {
+    let names: Vec<String> =
+        api.get::<ClientList>("/api/client/list").map(|l| l.clients.into_iter().map(|c| c.name).collect()).unwrap_or_default();
+    let mut message = format!("no client named {name:?}");
+    if let Some(closest) = closest_name(name, &names) {
+        let _ = write!(message, "; did you mean {closest:?}?");
+    } else if !names.is_empty() {
+        let _ = write!(message, " (clients: {})", names.join(", "));
+    }
+    if how_to_create {
+        let _ = write!(message, ". To create it: tunneld ctl client create {name}");
+    }
+    rephrase(error, message)
+}
+
+/// The name in `names` nearest to `typed` (at most two edits away).
+fn closest_name<'a>(typed: &str, names: &'a [String]) -> Option<&'a str> {
+    names.iter().map(|n| (edit_distance(typed, n), n)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d).map(|(_, n)| n.as_str())
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// The packaged units keep secrets in an `EnvironmentFile` beside the config
@@ -123,43 +227,70 @@ fn token_from_env_file(path: &Path) -> Option<String> {
 }
 
 fn base_url(config: &Config) -> String {
-    let mut addr = config.api.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-    }
-    format!("http://{addr}")
+    format!("http://{}", config::reachable_here(config.api.listen))
 }
 
-/// `ctl list`: the mappings as a table.
+/// `ctl list`: the mappings as a table. `HEALTH` is shown when the server
+/// reports it (a mapping's `health`; older servers do not).
 pub(super) fn list(api: &Api) -> anyhow::Result<String> {
-    let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
-    let mut rows = vec![vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into(), "CREATED".into()]];
-    for m in &mappings {
-        rows.push(vec![
+    let raw: serde_json::Value = api.get("/api/mapping/list")?;
+    let MappingList { mappings, .. } = serde_json::from_value(raw.clone()).context("cannot read the mapping list")?;
+    let health: Vec<Option<String>> = (0..mappings.len()).map(|i| health_of(&raw["mappings"][i])).collect();
+    let with_health = health.iter().any(Option::is_some);
+    let mut header = vec!["PORT".to_string(), "TARGET".into(), "MODE".into(), "STATUS".into()];
+    if with_health {
+        header.push("HEALTH".into());
+    }
+    header.extend(["CREATED".to_string(), "DESCRIPTION".into()]);
+    let mut rows = vec![header];
+    for (m, health) in mappings.iter().zip(health) {
+        let mut row = vec![
             m.source_port.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
             mode(m.use_tunnel, m.client.as_deref()),
             m.status.to_string(),
-            format_utc(m.created_at),
-        ]);
+        ];
+        if with_health {
+            row.push(health.unwrap_or_else(|| "-".into()));
+        }
+        row.extend([format_utc(m.created_at), m.description.clone().unwrap_or_default()]);
+        rows.push(row);
     }
     Ok(format!("{}{} mapping(s)\n", table(&rows), mappings.len()))
 }
 
+/// A mapping's `health` (and `health_reason`) in a list or traffic JSON, when
+/// the server reports one.
+pub(super) fn health_of(mapping: &serde_json::Value) -> Option<String> {
+    let health = mapping.get("health")?.as_str()?;
+    Some(match mapping.get("health_reason").and_then(|r| r.as_str()).filter(|r| !r.is_empty() && health != "ok") {
+        Some(reason) => format!("{health}: {reason}"),
+        None => health.to_string(),
+    })
+}
+
 /// `ctl create`: one mapping; `target` is `HOST:PORT`.
-pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&str>) -> anyhow::Result<String> {
+pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: Option<&str>, policy: PolicyArgs) -> anyhow::Result<String> {
     let Some((host, target_port)) = config::split_host_port(target) else {
         bail!("target must be HOST:PORT (IPv6 as [::1]:22), got {target:?}");
     };
+    let PolicyArgs { description, bandwidth_limit, quota, allow, deny } = policy;
     let request = CreateMapping {
         source_port: port,
         target_host: host.to_string(),
         target_port,
         use_tunnel: tunnel,
         client: client.map(str::to_string),
-        ..CreateMapping::default()
+        description: description.map(Some),
+        bandwidth_limit: bandwidth_limit.map(Some),
+        quota: quota.map(Some),
+        allow: allow.map(Some),
+        deny: deny.map(Some),
     };
-    let m: Mapping = api.post("/api/mapping/create", &request)?;
+    let m: Mapping = api.post("/api/mapping/create", &request).map_err(|e| match (refusal_code(&e), client) {
+        (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
+        _ => e,
+    })?;
     Ok(format!(
         "mapping created: port {} -> {}:{} ({}), status {}\n",
         m.source_port,
@@ -168,6 +299,71 @@ pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: O
         mode(m.use_tunnel, m.client.as_deref()),
         m.status
     ))
+}
+
+/// What `ctl update` removes: one flag per policy field.
+pub(super) struct Removals {
+    pub(super) description: bool,
+    pub(super) bandwidth_limit: bool,
+    pub(super) quota: bool,
+    pub(super) allow: bool,
+    pub(super) deny: bool,
+}
+
+/// `ctl update`: the fields given are set, those named in `remove` removed, the
+/// rest left as they are (absent from the request). Prints the policy stored.
+pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) -> anyhow::Result<String> {
+    /// `Some(Some(v))` sets, `Some(None)` (`null`) removes, `None` keeps.
+    fn change<T>(value: Option<T>, remove: bool) -> Option<Option<T>> {
+        if remove {
+            Some(None)
+        } else {
+            value.map(Some)
+        }
+    }
+    let request = UpdateMapping {
+        port,
+        description: change(set.description, remove.description),
+        bandwidth_limit: change(set.bandwidth_limit, remove.bandwidth_limit),
+        quota: change(set.quota, remove.quota),
+        allow: change(set.allow, remove.allow),
+        deny: change(set.deny, remove.deny),
+    };
+    let m: Mapping = api.post("/api/mapping/update", &request)?;
+    let cidrs =
+        |list: &[Cidr]| if list.is_empty() { "-".to_string() } else { list.iter().map(Cidr::to_string).collect::<Vec<_>>().join(", ") };
+    let rows = vec![
+        vec!["  description".to_string(), m.description.clone().unwrap_or_else(|| "-".into())],
+        vec!["  bandwidth limit".into(), m.bandwidth_limit.map(exact_rate).unwrap_or_else(|| "-".into())],
+        vec![
+            "  quota".into(),
+            match m.quota {
+                Some(q) => format!(
+                    "{} B ({}) per {}, then {}",
+                    q.bytes,
+                    human_bytes(q.bytes),
+                    match q.period {
+                        QuotaPeriod::Day => "day",
+                        QuotaPeriod::Month => "month",
+                    },
+                    match q.action {
+                        QuotaAction::Alert => "alert",
+                        QuotaAction::Block => "block",
+                    }
+                ),
+                None => "-".into(),
+            },
+        ],
+        vec!["  allow".into(), cidrs(&m.allow)],
+        vec!["  deny".into(), cidrs(&m.deny)],
+    ];
+    Ok(format!("mapping on port {} updated:\n{}", m.source_port, table(&rows)))
+}
+
+/// A rate as stored, and in the units people read it in.
+fn exact_rate(bytes_per_second: u64) -> String {
+    let mbit = bytes_per_second as f64 * 8.0 / 1e6;
+    format!("{bytes_per_second} B/s ({}/s, {mbit:.1} Mbit/s)", human_bytes(bytes_per_second))
 }
 
 /// `ctl remove`.
@@ -221,7 +417,21 @@ pub(super) fn client_create(api: &Api, name: &str) -> anyhow::Result<String> {
 
 /// `ctl client remove`.
 pub(super) fn client_remove(api: &Api, name: &str, force: bool) -> anyhow::Result<String> {
-    let removed: ClientRemoved = api.post("/api/client/remove", &RemoveClient { name: name.to_string(), force })?;
+    let removed: ClientRemoved =
+        api.post("/api/client/remove", &RemoveClient { name: name.to_string(), force }).map_err(|e| match refusal_code(&e) {
+            Some(ErrorCode::UnknownClient) => unknown_client(api, e, name, false),
+            Some(ErrorCode::ClientInUse) => {
+                let ports: Vec<u16> = api
+                    .get::<MappingList>("/api/mapping/list")
+                    .map(|l| l.mappings.into_iter().filter(|m| m.client.as_deref() == Some(name)).map(|m| m.source_port).collect())
+                    .unwrap_or_default();
+                let message = format!(
+                    "client {name:?} is used by the mappings on ports {ports:?}: remove them first (tunneld ctl remove PORT), or pass --force to keep them waiting for a client of this name"
+                );
+                rephrase(e, message)
+            }
+            _ => e,
+        })?;
     Ok(match removed.mappings_waiting.len() {
         0 => format!("client {name} removed\n"),
         n => format!("client {name} removed; {n} mapping(s) wait for a client of that name\n"),
@@ -265,11 +475,17 @@ pub(super) fn stats(api: &Api) -> anyhow::Result<String> {
         "total: sent {}, received {}; tunnel ({}): sent {}, received {}",
         human_bytes(report.total_sent),
         human_bytes(report.total_received),
-        if tunnel.connected { "connected" } else { "not connected" },
+        clients_connected(&report),
         human_bytes(tunnel.bytes_sent),
         human_bytes(tunnel.bytes_received),
     );
     Ok(out)
+}
+
+/// `1 of 2 clients connected`.
+pub(super) fn clients_connected(report: &TrafficReport) -> String {
+    let connected = report.clients.iter().filter(|c| c.connected).count();
+    format!("{connected} of {} clients connected", report.clients.len())
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -322,6 +538,16 @@ pub(super) fn mode(use_tunnel: bool, client: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typos_find_the_name_meant() {
+        let names = vec!["default".to_string(), "office".to_string(), "home-lab".to_string()];
+        assert_eq!(closest_name("ofice", &names), Some("office"));
+        assert_eq!(closest_name("homelab", &names), Some("home-lab"));
+        assert_eq!(closest_name("warehouse", &names), None);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn binary_units() {

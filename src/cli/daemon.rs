@@ -79,6 +79,12 @@ fn spawn_signal_handlers(
     Ok(())
 }
 
+/// Where the monitor page is, for the ready line: the first thing an operator
+/// wants to open.
+fn monitor_url(api: std::net::SocketAddr) -> String {
+    format!("http://{}/api/stats/monitor", config::reachable_here(api))
+}
+
 /// The server role with its HTTP API, until `shutdown`; then the API stops and
 /// the role drains.
 ///
@@ -108,9 +114,10 @@ async fn run_server(
     };
     let api_task = tokio::spawn(api::serve(listeners.api, api_state, shutdown.clone()));
 
-    info!(api = api_port, tunnel = tunnel_port, "tunneld server ready");
+    let monitor = monitor_url(api_addr);
+    info!(api = api_port, tunnel = tunnel_port, %monitor, "tunneld server ready");
     systemd::ready(&format!(
-        "serving {} mappings ({} waiting for their port); API on port {api_port}, tunnel on port {tunnel_port}",
+        "serving {} mappings ({} waiting for their port); API on port {api_port}, tunnel on port {tunnel_port}; monitor page {monitor}",
         role.restored, role.waiting
     ));
 

@@ -7,6 +7,7 @@ mod args;
 mod ctl;
 mod daemon;
 mod top;
+mod units;
 mod untrusted;
 
 use std::process::ExitCode;
@@ -118,17 +119,30 @@ fn print_fingerprint(file: Option<&std::path::Path>, state_dir: &Option<String>)
 /// Runs one `ctl` subcommand; non-zero with the API's own message when it refuses.
 fn ctl(args: CtlArgs) -> ExitCode {
     use std::time::Duration;
-    let result = ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref()).and_then(|api| match args.command {
-        CtlCommand::List => ctl::list(&api).map(Some),
-        CtlCommand::Create { port, target, tunnel, client } => ctl::create(&api, port, &target, tunnel, client.as_deref()).map(Some),
-        CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
-        CtlCommand::Client(ClientCommand::List) => ctl::client_list(&api).map(Some),
-        CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
-        CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
-        CtlCommand::Stats => ctl::stats(&api).map(Some),
-        CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
-        CtlCommand::Top { interval } => top::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
-    });
+    let result =
+        ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref(), args.token.as_deref()).and_then(|api| match args.command {
+            CtlCommand::List => ctl::list(&api).map(Some),
+            CtlCommand::Create { port, target, tunnel, client, policy } => {
+                ctl::create(&api, port, &target, tunnel, client.as_deref(), policy).map(Some)
+            }
+            CtlCommand::Update { port, policy, no_description, no_bandwidth_limit, no_quota, no_allow, no_deny } => {
+                let remove = ctl::Removals {
+                    description: no_description,
+                    bandwidth_limit: no_bandwidth_limit,
+                    quota: no_quota,
+                    allow: no_allow,
+                    deny: no_deny,
+                };
+                ctl::update(&api, port, policy, remove).map(Some)
+            }
+            CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
+            CtlCommand::Client(ClientCommand::List) => ctl::client_list(&api).map(Some),
+            CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
+            CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
+            CtlCommand::Stats => ctl::stats(&api).map(Some),
+            CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
+            CtlCommand::Top { interval } => top::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
+        });
     match result {
         Ok(output) => {
             print!("{}", output.unwrap_or_default());

@@ -19,7 +19,7 @@ mod values;
 pub use error::ConfigError;
 pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
 pub use validate::Role;
-pub use values::{is_loopback, parse_fingerprint, split_host_port, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
+pub use values::{is_loopback, parse_fingerprint, reachable_here, split_host_port, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
 
 /// The file `role` reads when `--config` is not given: the packaged layout's,
 /// so `tunneld fingerprint` or `tunneld ctl` typed on a packaged host find the

@@ -41,3 +41,12 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let port: u16 = port.parse().ok()?;
     (!host.is_empty() && port != 0).then_some((host, port))
 }
+
+/// Where a process on this host reaches a listener bound to `listen`: a
+/// wildcard address (`0.0.0.0`, `::`) is reached on loopback.
+pub fn reachable_here(mut listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(if listen.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    listen
+}

@@ -61,8 +61,18 @@ mod tests {
         assert!(p.deny.is_empty());
         assert_eq!(p.description.as_deref(), Some("office ssh"), "absent fields stay");
         let before = p.clone();
-        p.apply(PolicyUpdate::default());
+        assert!(p.apply(PolicyUpdate::default()).is_empty());
         assert_eq!(p, before, "an empty update changes nothing");
+        let same = PolicyUpdate {
+            description: Some(Some("office ssh".into())),
+            quota: Some(None),
+            allow: Some(Some(vec![])),
+            ..PolicyUpdate::default()
+        };
+        assert!(p.apply(same).is_empty(), "values as they are are no change");
+        let some =
+            PolicyUpdate { description: Some(None), bandwidth_limit: Some(None), deny: Some(Some(vec![])), ..PolicyUpdate::default() };
+        assert_eq!(p.apply(some), ["description"]);
     }
 
     #[test]

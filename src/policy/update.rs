@@ -41,23 +41,23 @@ pub struct PolicyUpdate {
 
 impl Policy {
     /// This policy with `update`'s fields set or removed and the others kept.
-    pub fn apply(&mut self, update: PolicyUpdate) {
+    /// Returns the names of the fields whose value changed: a field sent with
+    /// the value it already has is not a change.
+    pub fn apply(&mut self, update: PolicyUpdate) -> Vec<&'static str> {
+        fn set<T: PartialEq>(field: &mut T, value: Option<T>, name: &'static str, changed: &mut Vec<&'static str>) {
+            if let Some(value) = value.filter(|v| v != field) {
+                *field = value;
+                changed.push(name);
+            }
+        }
         let PolicyUpdate { description, bandwidth_limit, quota, allow, deny } = update;
-        if let Some(description) = description {
-            self.description = description;
-        }
-        if let Some(bandwidth_limit) = bandwidth_limit {
-            self.bandwidth_limit = bandwidth_limit;
-        }
-        if let Some(quota) = quota {
-            self.quota = quota;
-        }
-        if let Some(allow) = allow {
-            self.allow = allow.unwrap_or_default();
-        }
-        if let Some(deny) = deny {
-            self.deny = deny.unwrap_or_default();
-        }
+        let mut changed = Vec::new();
+        set(&mut self.description, description, "description", &mut changed);
+        set(&mut self.bandwidth_limit, bandwidth_limit, "bandwidth_limit", &mut changed);
+        set(&mut self.quota, quota, "quota", &mut changed);
+        set(&mut self.allow, allow.map(Option::unwrap_or_default), "allow", &mut changed);
+        set(&mut self.deny, deny.map(Option::unwrap_or_default), "deny", &mut changed);
+        changed
     }
 }
 

@@ -112,10 +112,12 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
     let (restored, waiting) = mappings.restore().await.context("cannot read stored mappings")?;
     info!(restored, failed = waiting, state_dir = %state_dir.display(), "mappings restored");
 
+    // Subscribed before the tunnel port serves: no client's arrival is missed.
+    let presence = hub.presence();
     let tunnel_task = tokio::spawn(hub.clone().serve(tunnel, shutdown.clone()));
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
     let events = Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
-    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), recorder: recorder.clone(), events };
+    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), presence, recorder: recorder.clone(), events };
     tokio::spawn(watcher.run(shutdown));
     Ok(Server {
         mappings,
@@ -202,7 +204,9 @@ fn load_or_generate_secret(state_dir: &Path) -> anyhow::Result<Secret> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(secret.as_bytes())?;
+    // One line, as a text file should end (`cat` leaves the prompt on its own
+    // line); reading trims it, so files written without it still work.
+    file.write_all(format!("{secret}\n").as_bytes())?;
     file.sync_all()?;
     warn!(path = %path.display(), "no server.secret configured: generated one; give its contents to your clients (client.secret)");
     Ok(Secret::new(secret))

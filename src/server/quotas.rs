@@ -43,12 +43,30 @@ pub(crate) struct QuotaTracker {
 }
 
 struct Tracked {
-    quota: Quota,
     period_start: i64,
     /// Lifetime bytes (both directions) when the period began.
     base: u64,
-    warned: bool,
-    exhausted: bool,
+    /// The highest threshold announced this period.
+    announced: Threshold,
+}
+
+/// How far into its quota a mapping is. One crossing is one event: a jump from
+/// below 80 % to past 100 % announces only that the quota is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Threshold {
+    Below,
+    Warning,
+    Exhausted,
+}
+
+impl Threshold {
+    fn of(ratio: f64) -> Threshold {
+        match ratio {
+            r if r >= 1.0 => Threshold::Exhausted,
+            r if r >= WARNING_RATIO => Threshold::Warning,
+            _ => Threshold::Below,
+        }
+    }
 }
 
 impl QuotaTracker {
@@ -75,12 +93,10 @@ impl QuotaTracker {
             let start = step.bucket_start(now, offset);
             let total = lifetime.get(&port).map_or(0, |t| t.total());
             let previous = self.tracked.remove(&port);
-            let tracked = match previous {
-                Some(t) if t.period_start == start && t.quota == quota => t,
-                // Same period, new quota: same usage, thresholds judged afresh.
-                Some(t) if t.period_start == start => Tracked { quota, warned: false, exhausted: false, ..t },
+            let mut tracked = match previous {
+                Some(t) if t.period_start == start => t,
                 previous => {
-                    if previous.as_ref().is_some_and(|t| t.exhausted) {
+                    if previous.as_ref().is_some_and(|t| t.announced == Threshold::Exhausted) {
                         notices.push(Notice {
                             kind: EventKind::QuotaReset,
                             port,
@@ -95,45 +111,26 @@ impl QuotaTracker {
                         }
                     };
                     // A restarted process must not repeat what it already said this period.
-                    let (warned, exhausted) = match previous {
-                        Some(_) => (false, false),
+                    let announced = match previous {
+                        Some(_) => Threshold::Below,
                         None => announced(recorder, port, start).await,
                     };
-                    Tracked { quota, period_start: start, base, warned, exhausted }
+                    Tracked { period_start: start, base, announced }
                 }
             };
-            let mut tracked = tracked;
             let used = total.saturating_sub(tracked.base);
             let ratio = used as f64 / quota.bytes as f64;
             m.quota_used.set(ratio);
             m.policy.set_quota_used(used);
-            let period = match quota.period {
-                QuotaPeriod::Day => "today",
-                QuotaPeriod::Month => "this month",
-            };
-            if ratio >= WARNING_RATIO && !tracked.warned {
-                tracked.warned = true;
-                notices.push(Notice {
-                    kind: EventKind::QuotaWarning,
-                    port,
-                    message: format!(
-                        "mapping on port {port} has used {:.0} % of its quota {period} ({used} of {} bytes)",
-                        ratio * 100.0,
-                        quota.bytes
-                    ),
-                });
-            }
-            if ratio >= 1.0 && !tracked.exhausted {
-                tracked.exhausted = true;
-                let then = match quota.action {
-                    QuotaAction::Block => "new visitors are refused until the period ends",
-                    QuotaAction::Alert => "traffic continues (action: alert)",
-                };
-                notices.push(Notice {
-                    kind: EventKind::QuotaExhausted,
-                    port,
-                    message: format!("mapping on port {port} has used its whole quota {period} ({used} of {} bytes); {then}", quota.bytes),
-                });
+            // Within a period usage only grows, but a changed quota can put the
+            // mapping back below a threshold it had crossed: crossing it again is
+            // news. A quota changed to one that leaves the mapping past the same
+            // threshold crosses nothing and says nothing.
+            let reached = Threshold::of(ratio);
+            tracked.announced = tracked.announced.min(reached);
+            if reached > tracked.announced {
+                tracked.announced = reached;
+                notices.push(crossing(port, quota, used, ratio, reached));
             }
             m.policy.set_quota_blocked(quota.action == QuotaAction::Block && used >= quota.bytes);
             self.tracked.insert(port, tracked);
@@ -142,15 +139,37 @@ impl QuotaTracker {
     }
 }
 
-/// Whether the warning and the exhaustion notice for `port` were already
-/// recorded since `period_start` (by an earlier process).
-async fn announced(recorder: &Recorder, port: u16, period_start: i64) -> (bool, bool) {
+/// The notice for `port` reaching `threshold` (one above [`Threshold::Below`]).
+fn crossing(port: u16, quota: Quota, used: u64, ratio: f64, threshold: Threshold) -> Notice {
+    let period = match quota.period {
+        QuotaPeriod::Day => "today",
+        QuotaPeriod::Month => "this month",
+    };
+    let bytes = quota.bytes;
+    if threshold == Threshold::Warning {
+        let percent = ratio * 100.0;
+        let message = format!("mapping on port {port} has used {percent:.0} % of its quota {period} ({used} of {bytes} bytes)");
+        return Notice { kind: EventKind::QuotaWarning, port, message };
+    }
+    let then = match quota.action {
+        QuotaAction::Block => "new visitors are refused until the period ends",
+        QuotaAction::Alert => "traffic continues (action: alert)",
+    };
+    let message = format!("mapping on port {port} has used its whole quota {period} ({used} of {bytes} bytes); {then}");
+    Notice { kind: EventKind::QuotaExhausted, port, message }
+}
+
+/// The highest threshold already recorded for `port` since `period_start` (by
+/// an earlier process).
+async fn announced(recorder: &Recorder, port: u16, period_start: i64) -> Threshold {
     const NOTICES: &[EventKind] = &[EventKind::QuotaWarning, EventKind::QuotaExhausted];
     match recorder.store().announced_since(port, period_start as f64, NOTICES).await {
-        Ok(kinds) => (kinds.contains(&EventKind::QuotaWarning), kinds.contains(&EventKind::QuotaExhausted)),
+        Ok(kinds) if kinds.contains(&EventKind::QuotaExhausted) => Threshold::Exhausted,
+        Ok(kinds) if kinds.contains(&EventKind::QuotaWarning) => Threshold::Warning,
+        Ok(_) => Threshold::Below,
         Err(e) => {
             warn!(port, error = %e, "cannot read the recorded quota events; thresholds may be announced again");
-            (false, false)
+            Threshold::Below
         }
     }
 }
@@ -215,11 +234,31 @@ mod tests {
         assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
 
+        // A changed quota that leaves the mapping past the same threshold
+        // crosses nothing; one that puts it back below does, once, when crossed
+        // again; the same quota set again changes nothing.
+        for bytes in [999, 1_000, 2_000] {
+            policy.set(Policy { quota: Some(Quota { bytes, ..quota }), ..Policy::default() });
+            assert!(tracker.check(&recorder, &mappings).await.is_empty(), "quota of {bytes} bytes");
+        }
+        counters.sent.inc_by(700);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaWarning], "1,700 of 2,000");
+        policy.set(Policy { quota: Some(quota), ..Policy::default() });
+        assert_eq!(
+            kinds(tracker.check(&recorder, &mappings).await),
+            [EventKind::QuotaExhausted],
+            "1,700 of 1,000: one crossing, one event"
+        );
+        assert!(tracker.check(&recorder, &mappings).await.is_empty());
+        assert!((counters.quota_used.get() - 1.7).abs() < 1e-9);
+        recorder.flush().await.unwrap();
+
         // A restart in the same local day continues from the stored history. What
-        // was not recorded as announced is announced (once); what was, is not.
+        // was not recorded as announced is announced (once, the highest
+        // threshold crossed); what was, is not.
         let mut restarted = QuotaTracker::default();
         let notices = kinds(restarted.check(&recorder, &mappings).await);
-        assert_eq!(notices, [EventKind::QuotaWarning, EventKind::QuotaExhausted]);
+        assert_eq!(notices, [EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
         for kind in [EventKind::QuotaWarning, EventKind::QuotaExhausted] {
             let event =
@@ -241,8 +280,9 @@ mod tests {
         assert!(!policy.quota_blocked());
 
         // Lifting the quota clears the gauge and the block.
+        // A jump from 0 to 200 % is one crossing: one event.
         counters.sent.inc_by(2_000);
-        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaWarning, EventKind::QuotaExhausted]);
+        assert_eq!(kinds(tracker.check(&recorder, &mappings).await), [EventKind::QuotaExhausted]);
         assert!(policy.quota_blocked());
         policy.set(Policy::default());
         assert!(tracker.check(&recorder, &mappings).await.is_empty());

@@ -1,7 +1,7 @@
 //! Turns changes in the server's live state into events: quota thresholds,
 //! mappings that lose or regain their port, tunnel clients lost and back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,28 +23,27 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Watcher {
     pub mappings: Arc<Mappings>,
     pub hub: Arc<TunnelHub>,
+    /// The hub's [`TunnelHub::presence`], taken before the tunnel port serves,
+    /// so the first clients of a restarted server are seen too.
+    pub presence: tokio::sync::broadcast::Receiver<Presence>,
     pub recorder: Arc<Recorder>,
     pub events: Arc<Events>,
 }
 
 impl Watcher {
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut quotas = QuotaTracker::default();
         let mut down: BTreeMap<u16, String> = BTreeMap::new();
-        let mut presence = self.hub.presence();
-        // Clients whose loss was announced: their return is announced too.
-        let mut lost: BTreeSet<String> = BTreeSet::new();
         let mut ticker = tokio::time::interval(WATCH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
-                change = presence.recv() => {
+                change = self.presence.recv() => {
                     match change {
                         Ok(Presence { client, connected: false }) => {
                             self.events.emit(EventKind::ClientLost, None, Some(&client), format!("tunnel client {client} disconnected")).await;
-                            lost.insert(client);
                         }
                         Ok(Presence { client, connected: true }) => {
                             // A client on this host turns a tunneled target on one of
@@ -55,9 +54,15 @@ impl Watcher {
                                     warn!(port, client = %client, %peer, %reason, "tunneled mapping refuses every visitor: it would forward to itself");
                                 }
                             }
-                            if lost.remove(&client) {
-                                info!(client = %client, "tunnel client back");
-                                self.events.emit(EventKind::ClientBack, None, Some(&client), format!("tunnel client {client} is back")).await;
+                            // Whose loss was recorded — by this process or one
+                            // before a restart — is back, and that is recorded too.
+                            match self.recorder.store().last_presence(&client).await {
+                                Ok(Some(EventKind::ClientLost)) => {
+                                    info!(client = %client, "tunnel client back");
+                                    self.events.emit(EventKind::ClientBack, None, Some(&client), format!("tunnel client {client} is back")).await;
+                                }
+                                Ok(_) => {}
+                                Err(e) => warn!(client = %client, error = %e, "cannot read the recorded client events; a return is not recorded"),
                             }
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -87,10 +92,6 @@ impl Watcher {
                 }
             }
             down = now_down;
-
-            // A removed client is gone on purpose: created again, it is new, not back.
-            let known: BTreeSet<String> = self.hub.clients().into_iter().map(|c| c.name).collect();
-            lost.retain(|name| known.contains(name));
         }
     }
 }

@@ -133,6 +133,27 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The last `client_lost` or `client_back` recorded for the client `name`
+    /// since it was created (a client removed and created again is a new one;
+    /// `default` is never created): the store's last word on whether it is
+    /// away, which outlives the process that said it.
+    pub(crate) async fn last_presence(&self, name: &str) -> Result<Option<EventKind>, StoreError> {
+        let name = name.to_string();
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT kind FROM events
+                 WHERE client = ?1 AND kind IN ('client_lost', 'client_back')
+                   AND time >= (SELECT COALESCE(MAX(created_at), 0) FROM clients WHERE name = ?1)
+                 ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut rows = stmt.query_map(params![name], |r| stored_kind(0, r.get(0)?))?;
+            rows.next().transpose()
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +170,24 @@ mod tests {
         assert_eq!(events.len() as i64, KEEP);
         assert_eq!(events[0].message, format!("{}", KEEP + 4));
         assert_eq!(events.last().unwrap().message, "5");
+    }
+
+    #[tokio::test]
+    async fn the_last_word_on_a_client_is_its_latest_lost_or_back_since_it_was_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let event = |time: f64, kind, client: &str| Event { time, kind, port: None, client: Some(client.into()), message: String::new() };
+        assert_eq!(store.last_presence("default").await.unwrap(), None);
+        store.add_event(event(10.0, EventKind::ClientLost, "default")).await.unwrap();
+        store.add_event(event(11.0, EventKind::QuotaWarning, "default")).await.unwrap();
+        assert_eq!(store.last_presence("default").await.unwrap(), Some(EventKind::ClientLost));
+        store.add_event(event(12.0, EventKind::ClientBack, "default")).await.unwrap();
+        assert_eq!(store.last_presence("default").await.unwrap(), Some(EventKind::ClientBack));
+        store.add_event(event(13.0, EventKind::ClientLost, "office")).await.unwrap();
+        assert_eq!(store.last_presence("default").await.unwrap(), Some(EventKind::ClientBack), "another client's");
+        assert_eq!(store.last_presence("office").await.unwrap(), Some(EventKind::ClientLost));
+        let secret = crate::core::secret::Secret::new("x");
+        store.insert_client(crate::store::clients::StoredClient { name: "office".into(), secret, created_at: 20 }).await.unwrap();
+        assert_eq!(store.last_presence("office").await.unwrap(), None, "lost before it was created again");
     }
 }

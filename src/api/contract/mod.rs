@@ -42,16 +42,43 @@ pub struct Envelope<T> {
     /// `Option`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<T>,
+    /// On some refusals: what kind, for programs. `message` is for people and
+    /// its advice is phrased for the API (a header, a body field); a client
+    /// with its own flags (`tunneld ctl`) reads this instead of the words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+}
+
+/// A refusal a client can do something about, named for programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The API has a token and the request carried none.
+    TokenRequired,
+    /// The request carried a token, not the API's.
+    TokenInvalid,
+    /// The request names a tunnel client that does not exist.
+    UnknownClient,
+    /// The client is named by mappings; removing it anyway needs `force`.
+    ClientInUse,
+    /// A code this build does not know (a newer server's).
+    #[serde(other)]
+    Other,
 }
 
 impl<T> Envelope<T> {
     /// A successful answer carrying `data`.
     pub fn success(message: impl Into<String>, data: T) -> Envelope<T> {
-        Envelope { success: true, message: message.into(), data: Some(data) }
+        Envelope { success: true, message: message.into(), data: Some(data), code: None }
     }
 
     /// A refusal: no data, a message that says why.
     pub fn failure(message: impl Into<String>) -> Envelope<T> {
-        Envelope { success: false, message: message.into(), data: None }
+        Envelope { success: false, message: message.into(), data: None, code: None }
+    }
+
+    /// A refusal of a kind programs tell apart by its `code`.
+    pub fn refusal(code: Option<ErrorCode>, message: impl Into<String>) -> Envelope<T> {
+        Envelope { code, ..Envelope::failure(message) }
     }
 }

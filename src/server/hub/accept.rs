@@ -374,6 +374,7 @@ impl TunnelHub {
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
             ended: CancellationToken::new(),
+            server_stopping: shutdown,
         });
         let heartbeat = self.settings.heartbeat;
         let welcome = Verdict::Welcome { session: session.token.clone(), heartbeat_interval_secs: heartbeat.as_secs().max(1) };
@@ -401,7 +402,7 @@ impl TunnelHub {
             Ok(reason) => info!(%peer, client = %client.name, session = session.id, reason, "tunnel session ended"),
             Err(e) => warn!(%peer, client = %client.name, session = session.id, error = %e, "tunnel session ended"),
         }
-        if !shutdown.is_cancelled() {
+        if !session.server_stopping.is_cancelled() {
             // A shutdown drains its visitors; any other end leaves them nothing to drain through.
             session.ended.cancel();
         }

@@ -66,7 +66,9 @@ pub struct TunnelHub {
 }
 
 /// A client came or went: a session began, or ended without a successor (a
-/// replacement is neither; a removed client's end is not reported).
+/// replacement is neither; the end of a removed client's session is not
+/// reported, nor that of sessions the server ends because it is stopping: a
+/// shutdown loses no client, and each reconnects to the next process).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
     pub client: String,
@@ -272,7 +274,9 @@ impl TunnelHub {
         };
         if was_current && read(&self.clients).get(&client.name).is_some_and(|known| Arc::ptr_eq(known, client)) {
             self.metrics.session_ended(&client.name);
-            let _ = self.presence.send(Presence { client: client.name.clone(), connected: false });
+            if !session.server_stopping.is_cancelled() {
+                let _ = self.presence.send(Presence { client: client.name.clone(), connected: false });
+            }
         }
         // Idle channels and waiting visitors of a dead session go with it.
         let mut pool = lock(&session.pool);

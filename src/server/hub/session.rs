@@ -49,12 +49,15 @@ pub(super) struct Session {
     /// Messages for the control channel's writer.
     pub(super) control: mpsc::Sender<ToClient>,
     pub(super) pool: Mutex<Pool>,
+    /// Ends the session; a child of `server_stopping`.
     pub(super) cancel: CancellationToken,
     /// Cancelled when the session ends for any reason but the server's own
     /// shutdown (client silent or gone, replaced, removed): the exchanges on its
     /// data channels end with it. Their client end is gone, and on a cut link
     /// nothing would tell the visitors so until the idle timeout.
     pub(super) ended: CancellationToken,
+    /// The server's own shutdown: a session it ends is not a client lost.
+    pub(super) server_stopping: CancellationToken,
 }
 
 #[derive(Default)]

@@ -50,9 +50,7 @@ impl Mappings {
         }
         let users: Vec<u16> = entries.values().filter(|e| e.spec.client.as_deref() == Some(name)).map(|e| e.spec.source_port).collect();
         if !users.is_empty() && !force {
-            return Err(MappingError::Conflict(format!(
-                "client {name:?} is used by the mappings on ports {users:?}: remove them first, or send \"force\": true to keep them waiting for this name"
-            )));
+            return Err(MappingError::ClientInUse { name: name.to_string(), ports: users });
         }
         self.ctx.store.remove_client(name).await.map_err(MappingError::store(format!("remove the client {name:?}")))?;
         self.ctx.hub.remove_client(name);

@@ -13,8 +13,20 @@ pub enum MappingError {
     Conflict(String),
     #[error("no mapping on port {0}")]
     NotFound(u16),
+    /// The client a request is about does not exist.
     #[error("no client named {0:?}")]
     UnknownClient(String),
+    /// A new mapping names a client that does not exist.
+    #[error("client: no client named {0:?} (create it with /api/client/create)")]
+    NamesUnknownClient(String),
+    /// Mappings still name the client to be removed.
+    #[error("client {name:?} is used by the mappings on ports {ports:?}: remove them first, or send \"force\": true to keep them waiting for this name")]
+    ClientInUse {
+        /// The client.
+        name: String,
+        /// The ports of the mappings that name it.
+        ports: Vec<u16>,
+    },
     /// `action` says what failed ("save the mapping on port 4000").
     #[error("could not {action}: {error}")]
     Store { action: String, error: StoreError },

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::context::{Ctx, Settings};
 use super::error::MappingError;
@@ -142,7 +142,7 @@ impl Mappings {
         // Checked under the mappings lock, which client removal takes too: a
         // mapping never names a client that is being removed.
         if let Some(name) = client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
-            return Err(MappingError::Invalid(format!("client: no client named {name:?} (create it with /api/client/create)")));
+            return Err(MappingError::NamesUnknownClient(name.to_string()));
         }
         if entries.contains_key(&req.source_port) {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
@@ -192,19 +192,24 @@ impl Mappings {
 
     /// Changes a mapping's policy live: `update` is applied to a copy of the
     /// current one, which is stored, then put in force. Open connections stay and
-    /// follow the new caps at once.
+    /// follow the new caps at once. An update that changes no value touches
+    /// nothing: nothing is stored, nothing is put in force, nothing announced.
     pub async fn update(&self, port: u16, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let entries = self.entries.lock().await;
         let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
         let mut policy = entry.policy.get();
-        policy.apply(update);
+        let changed = policy.apply(update);
+        if changed.is_empty() {
+            debug!(port, "mapping policy update changes nothing");
+            return Ok(self.view(entry));
+        }
         self.ctx
             .store
             .set_policy(port, &policy)
             .await
             .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
         entry.policy.set(policy);
-        info!(port, "mapping policy updated");
+        info!(port, changed = %changed.join(", "), "mapping policy updated");
         Ok(self.view(entry))
     }
 
