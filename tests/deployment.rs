@@ -273,3 +273,75 @@ fn the_server_and_client_packages_live_their_lives_under_a_real_systemd() {
     );
     assert!(left.trim().is_empty(), "left behind after purge: {left}");
 }
+
+#[test]
+fn a_client_only_host_runs_the_packaged_client_against_a_server_across_a_link() {
+    let test = "a_client_only_host_runs_the_packaged_client_against_a_server_across_a_link";
+    let Some(deb) = package(test) else { return };
+    let Some(server_host) = common::netns::NetNs::create(test) else { return };
+    let Some(host) = Host::boot(test) else { return };
+    let deb = host.share(&deb, "tunneld.deb");
+    let (_, client_link) = common::netns::link_to_process(&server_host, "10.214.0.1/30", host.pid());
+    host.ok(&format!("ip addr add 10.214.0.2/30 dev {client_link} && ip link set {client_link} up"));
+
+    // The server: this build, on the other host; its API on that host's loopback.
+    const SECRET: &str = "client-only-host-secret-0123456789";
+    let tunnel: SocketAddr = "10.214.0.1:9000".parse().expect("address");
+    let server = common::Daemon::server_wrapped(&server_host.wrapper(), tunnel, SECRET, &[]);
+    let fingerprint = server.fingerprint();
+
+    // The client host: the package, configured as the docs say, client unit only.
+    host.ok(&format!("dpkg -i {deb} >/dev/null"));
+    host.ok(&format!(
+        "sed -i 's|^server = .*|server = \"10.214.0.1:9000\"|; s|^server_fingerprint = .*|server_fingerprint = \"{fingerprint}\"|' /etc/tunneld/client.toml \
+         && echo 'TUNNELD_CLIENT__SECRET={SECRET}' >> /etc/tunneld/client.env \
+         && systemctl enable --now {CLIENT}"
+    ));
+    host.wait_until(
+        "the client's STATUS=connected",
+        BOOT_TIMEOUT,
+        &format!("systemctl show -p StatusText --value {CLIENT} | grep -q '^connected to 10.214.0.1:9000 as default'"),
+    );
+    assert_eq!(host.property(SERVER, "ActiveState"), "inactive", "the server unit runs on a client-only host");
+
+    // A target on the client's side only, reached from the server's side.
+    let target = echo_target_in(&host);
+    let create = server.url("/api/mapping/create");
+    let body = serde_json::json!({"source_port": 7101, "target_host": "127.0.0.1", "target_port": target, "use_tunnel": true}).to_string();
+    let (status, answer) = in_namespace(&server_host.path(), move || common::http("POST", &create, Some(&body)));
+    assert_eq!(status, 200, "{answer}");
+    let mapping: SocketAddr = "127.0.0.1:7101".parse().expect("address");
+    let payload = common::random_bytes(128 << 10);
+    let echoed = {
+        let payload = payload.clone();
+        in_namespace(&server_host.path(), move || common::roundtrip(mapping, &payload))
+    };
+    assert!(echoed == payload, "the echo through the packaged client differs");
+
+    // The packaged client's own /metrics (client.toml: 127.0.0.1:9101) on its host.
+    let connected = in_namespace(&host.net_namespace(), || {
+        let text = ureq::get("http://127.0.0.1:9101/metrics").call().ok()?.into_string().ok()?;
+        common::metric_value(&text, "tunneld_tunnel_connected", &[("client", "default")])
+    });
+    assert_eq!(connected, Some(1.0), "the packaged client's /metrics");
+
+    // Reload, and a crash: restarted, and back on the tunnel by itself.
+    host.ok(&format!("systemctl reload {CLIENT}"));
+    let killed = main_pid(&host, CLIENT);
+    host.ok(&format!("systemctl kill -s KILL {CLIENT}"));
+    host.wait_until("the client restarted and connected", BOOT_TIMEOUT, &format!(
+        "test \"$(systemctl show -p MainPID --value {CLIENT})\" != {killed} && systemctl show -p StatusText --value {CLIENT} | grep -q '^connected'"
+    ));
+    let payload = common::random_bytes(4096);
+    let echoed = {
+        let payload = payload.clone();
+        in_namespace(&server_host.path(), move || common::roundtrip(mapping, &payload))
+    };
+    assert!(echoed == payload, "the echo after the client's restart differs");
+    let journal = host.journal(CLIENT);
+    assert!(journal.contains("10.214.0.1:9000"), "`journalctl -u {CLIENT}` does not name the server:\n{journal}");
+
+    host.ok("dpkg --purge tunneld >/dev/null");
+    let left = host.sh_out("ls -d /etc/tunneld /var/lib/tunneld /var/lib/private/tunneld /usr/bin/tunneld 2>/dev/null");
+    assert!(left.trim().is_empty(), "left behind after purge: {left}");
+}

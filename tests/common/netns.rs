@@ -79,6 +79,19 @@ pub fn link(a: &NetNs, addr_a: &str, b: &NetNs, addr_b: &str) -> (String, String
     (dev_a, dev_b)
 }
 
+/// Joins `a` (which gets `addr_a`) with the network namespace of process `pid`
+/// (a booted systemd host, say) by a veth pair. Returns the interface names (in
+/// `a`, in the other); the caller configures the second from inside.
+pub fn link_to_process(a: &NetNs, addr_a: &str, pid: i32) -> (String, String) {
+    let (dev_a, dev_b) = (unique("tdva"), unique("tdvb"));
+    ip(&["link", "add", &dev_a, "type", "veth", "peer", "name", &dev_b]);
+    ip(&["link", "set", &dev_a, "netns", &a.name]);
+    ip(&["link", "set", &dev_b, "netns", &pid.to_string()]);
+    ip(&["-n", &a.name, "addr", "add", addr_a, "dev", &dev_a]);
+    ip(&["-n", &a.name, "link", "set", &dev_a, "up"]);
+    (dev_a, dev_b)
+}
+
 /// Runs `f` on a thread that has joined the network namespace at `ns`: sockets it
 /// opens live in that namespace.
 pub fn in_namespace<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {

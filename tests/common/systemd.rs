@@ -193,6 +193,11 @@ impl Host {
         format!("{SHARED}/{name}")
     }
 
+    /// systemd's pid as the machine sees it.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// The host's network namespace, for sockets opened from the test
     /// (see [`super::netns::NetNs`]).
     pub fn net_namespace(&self) -> PathBuf {
