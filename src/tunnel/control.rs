@@ -2,7 +2,9 @@
 //! a peer silent for three intervals is dropped, and each side's own messages go
 //! out in between. Any frame proves the peer is alive.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -55,8 +57,12 @@ where
                 None => std::future::pending().await,
             }
         };
+        // Silence is judged against its own deadline, not at the next tick: a
+        // cut link is noticed three intervals after the last frame, not up to four.
+        let silent_from = last_heard + heartbeat * SILENT_INTERVALS;
         tokio::select! {
             _ = cancel.cancelled() => return Ok(Ended::Cancelled),
+            _ = tokio::time::sleep_until(silent_from) => return Ok(Ended::PeerSilent),
             frame = frames.next() => match frame {
                 Some(Ok(bytes)) => {
                     last_heard = Instant::now();
@@ -69,9 +75,6 @@ where
                 frame::write_frame(&mut writer, &msg).await?;
             }
             _ = tick.tick() => {
-                if last_heard.elapsed() > heartbeat * SILENT_INTERVALS {
-                    return Ok(Ended::PeerSilent);
-                }
                 on_tick();
                 frame::write_frame(&mut writer, &Out::HEARTBEAT).await?;
             }

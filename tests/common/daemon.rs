@@ -38,6 +38,23 @@ impl Daemon {
         Self::start_server(tmp, state_dir, Listen::fresh(), secret, extra, envs, &[])
     }
 
+    /// Starts `tunneld server` through `wrapper` (e.g. `nsenter --net=PATH --`, to
+    /// run it on another network host) with its tunnel on `tunnel`; waits for `READY=1`.
+    pub fn server_wrapped(wrapper: &[String], tunnel: SocketAddr, secret: &str, envs: &[(&str, &str)]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        Self::start_server(tmp, state_dir, Listen { api: None, tunnel: Some(tunnel) }, secret, &[], envs, &wrapper)
+    }
+
+    /// Starts `tunneld client` through `wrapper` against `server`'s tunnel, pinning
+    /// its certificate; waits for `READY=1` only.
+    pub fn client_wrapped(wrapper: &[String], server: &Daemon, secret: &str) -> Daemon {
+        let pin = server.fingerprint();
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        Self::start_client(server.tunnel.expect("a server has a tunnel address"), secret, &["--fingerprint", &pin], &[], &wrapper)
+    }
+
     /// Like [`Daemon::server`], run under `prlimit --nofile=SOFT:HARD`: a real
     /// descriptor limit on the real process.
     pub fn server_with_nofile(soft: u64, hard: u64, secret: &str, extra: &[&str]) -> Daemon {

@@ -13,6 +13,8 @@
 //! - [`files`]: config files and files of this repository;
 //! - [`browser`]: headless Chromium over the DevTools pipe;
 //! - [`tools`]: outside programs a test may need, skipped loudly when missing;
+//! - [`systemd`]: a real systemd booted in its own namespaces, for the package;
+//! - [`netns`]: network namespaces joined by veth, as separate hosts;
 //! - [`tunnel`]: TLS connections to the tunnel port from chosen sources, and the
 //!   control handshake, through the crate's own types.
 //!
@@ -26,6 +28,8 @@ pub mod files;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod netns;
+pub mod systemd;
 pub mod tools;
 pub mod tunnel;
 

@@ -418,6 +418,7 @@ impl TunnelHub {
             control: control_tx,
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
+            ended: CancellationToken::new(),
             server_stopping: shutdown,
         });
         let heartbeat = self.settings.heartbeat;
@@ -445,6 +446,10 @@ impl TunnelHub {
         match &outcome {
             Ok(reason) => info!(%peer, client = %client.name, session = session.id, reason, "tunnel session ended"),
             Err(e) => warn!(%peer, client = %client.name, session = session.id, error = %e, "tunnel session ended"),
+        }
+        if !session.server_stopping.is_cancelled() {
+            // A shutdown drains its visitors; any other end leaves them nothing to drain through.
+            session.ended.cancel();
         }
         self.uninstall(&session);
         outcome.map(|_| ())

@@ -51,6 +51,11 @@ pub(super) struct Session {
     pub(super) pool: Mutex<Pool>,
     /// Ends the session; a child of `server_stopping`.
     pub(super) cancel: CancellationToken,
+    /// Cancelled when the session ends for any reason but the server's own
+    /// shutdown (client silent or gone, replaced, removed): the exchanges on its
+    /// data channels end with it. Their client end is gone, and on a cut link
+    /// nothing would tell the visitors so until the idle timeout.
+    pub(super) ended: CancellationToken,
     /// The server's own shutdown: a session it ends is not a client lost.
     pub(super) server_stopping: CancellationToken,
 }
@@ -66,9 +71,13 @@ pub(super) struct Pool {
 pub struct Lease(pub(super) Arc<Session>);
 
 impl Lease {
-    /// Resolves when the channel's client is removed: its exchanges end then.
+    /// Resolves when the channel's client is removed or its session ended
+    /// (see [`Session::ended`]): its exchanges end then.
     pub async fn revoked(&self) {
-        self.0.client.removed.cancelled().await
+        tokio::select! {
+            _ = self.0.client.removed.cancelled() => {}
+            _ = self.0.ended.cancelled() => {}
+        }
     }
 
     /// Into the session's pool (or to a waiting visitor); dropped if the session

@@ -115,8 +115,9 @@ async fn tunneled(
     let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead };
     let relayed = tokio::select! {
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
-        // A removed client's access ends with its exchanges, not when they finish.
-        _ = lease.revoked() => return Err(VisitorError::Relay(std::io::Error::other(format!("client {client} was removed")))),
+        // A removed client's access ends with its exchanges, not when they
+        // finish; a lost session's exchanges have nothing left to go through.
+        _ = lease.revoked() => return Err(VisitorError::Relay(std::io::Error::other(format!("the tunnel session of client {client} ended")))),
     };
     match relayed {
         Ok((channel, sent, received)) => {
