@@ -257,6 +257,12 @@ fn the_server_and_client_packages_live_their_lives_under_a_real_systemd() {
     for needle in [fingerprint.as_str(), "tunneld client --server", "mappings restored"] {
         assert!(journal.contains(needle), "`journalctl -u {SERVER}` lacks {needle:?}:\n{journal}");
     }
+    // What an operator reads, for the record (`--nocapture`).
+    for needle in ["tunnel TLS certificate", "start a client with", "mappings restored", "Watchdog timeout", "configuration reloaded", "reload rejected"] {
+        for line in journal.lines().filter(|l| l.contains(needle)).take(2) {
+            eprintln!("journal: {line}");
+        }
+    }
     let restored = journal.lines().find(|l| l.contains("mappings restored")).unwrap_or_default();
     assert!(restored.contains("restored=0"), "restore counts not in the text: {restored}");
 

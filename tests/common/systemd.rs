@@ -80,7 +80,6 @@ impl Host {
         // The journal of the host machine (if any) is not this one's.
         script += "rm -rf /var/log/journal/*\n";
         script += "mount -t tmpfs -o mode=1777 tmpfs /tmp\nmount -t tmpfs -o mode=755 tmpfs /run\n";
-        script += "hostname tunneld-test\n";
         script += "exec /lib/systemd/systemd --unit=basic.target\n";
         let console = File::create(root.join("console.log")).expect("console log");
         let unshare = Command::new("unshare")
