@@ -258,7 +258,14 @@ fn the_server_and_client_packages_live_their_lives_under_a_real_systemd() {
         assert!(journal.contains(needle), "`journalctl -u {SERVER}` lacks {needle:?}:\n{journal}");
     }
     // What an operator reads, for the record (`--nocapture`).
-    for needle in ["tunnel TLS certificate", "start a client with", "mappings restored", "Watchdog timeout", "configuration reloaded", "reload rejected"] {
+    for needle in [
+        "tunnel TLS certificate",
+        "start a client with",
+        "mappings restored",
+        "Watchdog timeout",
+        "configuration reloaded",
+        "reload rejected",
+    ] {
         for line in journal.lines().filter(|l| l.contains(needle)).take(2) {
             eprintln!("journal: {line}");
         }
