@@ -305,6 +305,14 @@ fn monitor_page_renders_live_traffic_offline() {
     let ports = [free_port(), free_port()];
     create_mapping(&daemon, ports[0], echo, false);
     create_mapping(&daemon, ports[1], echo, true);
+    // A long description makes the pickers (which name each mapping by port,
+    // target and description) wide: they must still fit a phone.
+    let (status, body) = common::post(
+        &daemon,
+        "/api/mapping/update",
+        json!({"port": ports[0], "description": "the office's main web server, behind the second firewall in rack 4"}),
+    );
+    assert_eq!(status, 200, "{body}");
 
     // Known traffic first: 100 000 bytes each way through one mapping and
     // 1 500 000 through the other.
