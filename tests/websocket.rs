@@ -25,12 +25,15 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const SECRET: &str = "websocket-secret";
-/// A token with the characters a subprotocol name may not hold.
-const TOKEN: &str = "t0ken+/=t0ken+/=ws";
+/// A token with characters a subprotocol name may not hold, whose base64 has
+/// `+`, `/` and padding (`dDBrZW4rLz0/Pz8+Pj53cw==`), so the encoding is tested.
+const TOKEN: &str = "t0ken+/=???>>>ws";
 /// How long a test waits for one message it expects.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Socket = WebSocketStream<MaybeTlsStream<AsyncTcpStream>>;
+/// What a handshake gives: the socket and the server's answer, or the error.
+type Opened = Result<(Socket, Response<Option<Vec<u8>>>), WsError>;
 
 /// The token as the subprotocol carries it: base64url without padding.
 fn encoded(token: &str) -> String {
@@ -39,7 +42,7 @@ fn encoded(token: &str) -> String {
 }
 
 /// Opens `/api/stats/ws{query}` with the given extra handshake headers.
-async fn open(api: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Result<(Socket, Response<Option<Vec<u8>>>), WsError> {
+async fn open(api: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Opened {
     let mut request = format!("ws://{api}/api/stats/ws{query}").into_client_request().unwrap();
     for (name, value) in headers {
         request.headers_mut().append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
@@ -48,7 +51,7 @@ async fn open(api: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Result<
 }
 
 /// The HTTP status a refused handshake got.
-fn refused_with(result: Result<(Socket, Response<Option<Vec<u8>>>), WsError>) -> (u16, String) {
+fn refused_with(result: Opened) -> (u16, String) {
     match result {
         Err(WsError::Http(response)) => {
             let body = response.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
@@ -184,7 +187,8 @@ fn foreign_origins_are_refused_unless_configured() {
         let (status, body) = refused_with(open(server.http, "", &[("Origin", "http://evil.example")]).await);
         assert_eq!(status, 403, "cross-site WebSocket hijacking: {body}");
         assert!(body.contains("cors_origins"), "{body}");
-        for (origin, why) in [(Some("http://friend.example:3000"), "configured"), (Some(own.as_str()), "same origin"), (None, "no browser")] {
+        for (origin, why) in [(Some("http://friend.example:3000"), "configured"), (Some(own.as_str()), "same origin"), (None, "no browser")]
+        {
             let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
             let (mut socket, _) = open(server.http, "", &headers).await.unwrap_or_else(|e| panic!("{why}: {e}"));
             assert!(next_report(&mut socket).await["mappings"].is_array(), "{why}");
@@ -301,16 +305,18 @@ fn page_server() -> SocketAddr {
     addr
 }
 
-/// JS: opens the API's WebSocket with the token subprotocol and resolves with
-/// the first message's mapping count and the selected protocol, or how it failed.
+/// JS: opens the API's WebSocket with the token subprotocol, encoded in the
+/// page as docs/operations.md shows, and resolves with the selected protocol
+/// and the first message's mapping count, or the close code.
 fn open_from_page(api: SocketAddr, token: &str) -> String {
     format!(
         "new Promise(resolve => {{
-            const ws = new WebSocket('ws://{api}/api/stats/ws', ['tunneld', 'bearer.{encoded}']);
+            const b64url = s => btoa(String.fromCharCode(...new TextEncoder().encode(s)))
+              .replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, '');
+            const ws = new WebSocket('ws://{api}/api/stats/ws', ['tunneld', 'bearer.' + b64url({token:?})]);
             ws.onmessage = e => {{ const r = JSON.parse(e.data); ws.close(); resolve({{protocol: ws.protocol, mappings: r.mappings.length}}); }};
             ws.onclose = e => resolve('closed ' + e.code);
-        }})",
-        encoded = encoded(token)
+        }})"
     )
 }
 

@@ -57,8 +57,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The token a WebSocket handshake offers in a `bearer.` subprotocol, still
 /// encoded (padding removed), if it offers one.
 pub(super) fn offered_token(headers: &HeaderMap) -> Option<String> {
-    offered_subprotocols(headers)
-        .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX).map(|t| t.trim_end_matches('=').to_string()))
+    offered_subprotocols(headers).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX).map(|t| t.trim_end_matches('=').to_string()))
 }
 
 /// `token` as a client puts it in the subprotocol: base64url, no padding.
