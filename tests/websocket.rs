@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tunneld::api::contract::TrafficReport;
 
 const SECRET: &str = "websocket-secret";
 /// A token with characters a subprotocol name may not hold, whose base64 has
@@ -114,6 +115,9 @@ fn websocket_sends_the_stream_json_at_the_interval_and_answers_pings() {
         assert_eq!(keys(ws_mapping), keys(sse_mapping));
         assert_eq!(ws_mapping["port"], json!(port));
         assert_eq!(ws_mapping["bytes_sent"], json!(1000));
+        // And the API's contract type reads it whole and writes it back the same.
+        let typed: TrafficReport = serde_json::from_value(first.clone()).unwrap_or_else(|e| panic!("{e}: {first}"));
+        assert_eq!(serde_json::to_value(&typed).unwrap(), first);
 
         // A ping is answered with its payload, between reports.
         socket.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
