@@ -253,6 +253,35 @@ fn websockets_and_event_streams_share_one_cap() {
 }
 
 #[test]
+fn an_open_websocket_keeps_its_api_connection_counted() {
+    // 64 descriptors: 8 API connections (5 for requests, 2 for streams, 1
+    // kept for /health and /metrics), and 4 more beyond for those two alone.
+    let server = Daemon::server_with_nofile(64, 64, SECRET, &[]);
+    runtime().block_on(async {
+        let mut sockets = Vec::new();
+        for _ in 0..2 {
+            let (mut socket, _) = open(server.http, "", &[]).await.expect("within the cap");
+            next_report(&mut socket).await;
+            sockets.push(socket);
+        }
+        // Six connections that send nothing fill the rest of the budget, if
+        // the two sockets still count as the connections they came on.
+        let idle: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(server.http).unwrap()).collect();
+        let (status, body) = http("GET", &server.url("/api/mapping/list"), None);
+        assert_eq!(status, 503, "an upgraded connection is still one of the API's: {body}");
+        assert!(body.to_string().contains("kept for /health"), "{body}");
+        assert_eq!(http("GET", &server.url("/health"), None).0, 200);
+
+        // A socket that leaves gives its connection back.
+        let mut leaving = sockets.pop().unwrap();
+        leaving.close(None).await.unwrap();
+        while leaving.next().await.is_some() {}
+        wait_for("a request slot", MESSAGE_TIMEOUT, || (http("GET", &server.url("/api/mapping/list"), None).0 == 200).then_some(()));
+        drop(idle);
+    });
+}
+
+#[test]
 fn oversized_messages_close_the_socket_and_shutdown_sends_a_close_frame() {
     let mut server = Daemon::server(SECRET, &[]);
     runtime().block_on(async {
