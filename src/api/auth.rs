@@ -11,9 +11,10 @@ use super::error::refusal;
 use super::state::AppState;
 use crate::core::secret::tokens_equal;
 
-/// `Authorization: Bearer <token>`, or `?token=` for EventSource, which cannot set
-/// headers. An empty configured token means no authentication (allowed only on
-/// loopback, see the config).
+/// `Authorization: Bearer <token>`, `?token=` for EventSource, or a
+/// `bearer.<base64url token>` WebSocket subprotocol ([`super::ws`]): browsers can
+/// set no header on either. An empty configured token means no authentication
+/// (allowed only on loopback, see the config).
 pub(super) async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let token = state.token.read().map(|t| t.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone());
     if token.is_empty() {
@@ -24,9 +25,15 @@ pub(super) async fn require_token(State(state): State<AppState>, req: Request, n
     // Percent-decoded, as browsers encode `+`, `/`, `=` in query values.
     let query: Option<Query<std::collections::HashMap<String, String>>> = Query::try_from_uri(req.uri()).ok();
     let from_query = query.as_ref().and_then(|q| q.get("token")).map(String::as_str);
-    match from_header.or(from_query) {
-        Some(given) if tokens_equal(given, &token) => next.run(req).await,
-        Some(_) => refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenInvalid), "invalid API token"),
+    let from_subprotocol = super::ws::offered_token(req.headers());
+    let accepted = match (from_header.or(from_query), &from_subprotocol) {
+        (Some(given), _) => Some(tokens_equal(given, &token)),
+        (None, Some(encoded)) => Some(tokens_equal(encoded, &super::ws::encode_token(&token))),
+        (None, None) => None,
+    };
+    match accepted {
+        Some(true) => next.run(req).await,
+        Some(false) => refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenInvalid), "invalid API token"),
         None => {
             refusal(StatusCode::UNAUTHORIZED, Some(ErrorCode::TokenRequired), "API token required: send `Authorization: Bearer <token>`")
         }

@@ -3,8 +3,10 @@
 //!
 //! - `Host` must be an IP literal, `localhost`, or a name in `api.allowed_hosts`
 //!   (403): a DNS-rebinding page reaches the API under its own name and is refused;
-//! - state-changing requests carrying a foreign `Origin` are refused (403) unless
-//!   the origin is in `api.cors_origins`;
+//! - state-changing requests and WebSocket handshakes carrying a foreign `Origin`
+//!   are refused (403) unless the origin is in `api.cors_origins`: a browser
+//!   opens a WebSocket to any site without asking CORS, so a foreign page could
+//!   otherwise read the socket (cross-site WebSocket hijacking);
 //! - CORS: origins in `api.cors_origins` get `Access-Control-Allow-Origin` and
 //!   preflight answers; no other origin can read a response.
 //!
@@ -88,7 +90,9 @@ pub(crate) async fn check(State(guard): State<Arc<Guard>>, req: Request, next: N
         };
     }
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if let (true, Some(origin), None) = (mutating, &origin, &cors) {
+    // Any protocol upgrade, not only `websocket`: no CORS protects what follows it.
+    let upgrade = headers.contains_key(header::UPGRADE);
+    if let (true, Some(origin), None) = (mutating || upgrade, &origin, &cors) {
         if !same_origin(origin, host) {
             return failure(StatusCode::FORBIDDEN, format!("cross-origin request from {origin} refused (see api.cors_origins)"));
         }

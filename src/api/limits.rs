@@ -6,8 +6,8 @@
 //! - a **reserve** that only `/health` and `/metrics` may use: they are what
 //!   load balancers, service monitors and Prometheus poll, and must answer
 //!   while everything else is busy;
-//! - **streams** (`/api/stats/stream`): long-lived by design, so counted apart
-//!   and capped (see [`super::stream`]);
+//! - **streams** (`/api/stats/stream`, `/api/stats/ws`): long-lived by design,
+//!   so counted apart and capped together (see [`super::stream`]);
 //! - **requests**: every other route, each holding a slot while it reads its
 //!   body and runs, at most [`BODY_READ_TIMEOUT`](super::body::BODY_READ_TIMEOUT)
 //!   for the body and [`REQUEST_TIMEOUT`] in all.
@@ -46,7 +46,7 @@ fn reserved_route(path: &str) -> bool {
 
 /// Streams are admitted (and counted) by their own handler.
 fn stream_route(path: &str) -> bool {
-    path == "/api/stats/stream"
+    matches!(path, "/api/stats/stream" | "/api/stats/ws")
 }
 
 /// The shares of `connections` slots: `(requests, streams, reserve)`, each at

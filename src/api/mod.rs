@@ -1,5 +1,5 @@
 //! The HTTP API: mapping and client management, traffic stats (JSON, SSE,
-//! history), events, health, `/metrics` and the monitor page.
+//! WebSocket, history), events, health, `/metrics` and the monitor page.
 //!
 //! Every `/api/*` answer uses the `{success, message, data}` envelope — errors
 //! included, even for unknown routes and wrong methods — so scripts can always
@@ -24,6 +24,7 @@ mod mappings;
 mod state;
 mod stream;
 mod traffic;
+mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,15 +89,19 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
             }
         }
         let app = hyper_util::service::TowerToHyperService::new(app.clone());
+        let held = ws::HeldConnection::new(slot, connections.token());
+        let request_held = held.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             if reserved {
                 req.extensions_mut().insert(limits::ReserveConnection);
             }
+            req.extensions_mut().insert(request_held.clone());
             app.call(req)
         });
         let stop = shutdown.clone();
         connections.spawn(async move {
-            let _slot = slot;
+            // A WebSocket this connection becomes holds it on past this task.
+            let _held = held;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new());
             if reserved {
@@ -104,7 +109,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
             } else {
                 http.header_read_timeout(HEADER_READ_TIMEOUT);
             }
-            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -131,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/mapping/list", get(mappings::list))
         .route("/api/stats/traffic", get(traffic::traffic))
         .route("/api/stats/stream", get(stream::stream))
+        .route("/api/stats/ws", get(ws::websocket))
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
         .route("/api/events", get(events::list))
