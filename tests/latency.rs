@@ -237,3 +237,80 @@ fn the_server_echoes_a_ping_and_keeps_a_peer_that_never_sends_one() {
     assert_eq!(rtt, Some(0.0), "a peer that never echoes gives no round trip");
     assert_eq!(scrape_metric(&server, "tunneld_tunnel_connected", &[("client", "default")]), Some(1.0), "still connected");
 }
+
+/// Where the page's mapping table and client cards stand, read from the DOM.
+const LAYOUT_JS: &str = r#"(() => {
+  const rows = [...document.querySelectorAll('[data-testid="mapping-row"]')];
+  const wrap = document.querySelector('.table-wrap');
+  return {
+    width: window.innerWidth,
+    page_width: document.documentElement.scrollWidth,
+    table_overflow: wrap.scrollWidth - wrap.clientWidth,
+    rows: rows.map((r) => {
+      const c = r.querySelector('td[data-col="connect"]');
+      const box = c.getBoundingClientRect();
+      return { port: Number(r.dataset.port), text: c.textContent.trim(), p50: c.dataset.p50, right: r.getBoundingClientRect().right,
+        cell_visible: box.width > 0 && box.height > 0, cell_right: box.right };
+    }),
+    rtt: [...document.querySelectorAll('[data-testid="client-card"] [data-role="rtt"]')].map((d) => d.textContent.trim()),
+  };
+})()"#;
+
+#[test]
+fn the_page_shows_connect_times_per_mapping_and_the_round_trip_on_client_cards() {
+    let Some(chromium) = common::tools::external_tool("chromium", "latency") else { return };
+    let delay = Duration::from_millis(120);
+    let server = Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__HEARTBEAT_INTERVAL_SECS", "1")]);
+    let proxy = slow_proxy(server.tunnel.unwrap(), delay);
+    let client = Daemon::client_with(proxy, SECRET, &["--fingerprint", &server.fingerprint()]);
+    client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
+    let echo = echo_server();
+    let (direct, tunneled) = (free_port(), free_port());
+    create_mapping(&server, direct, echo, false);
+    create_mapping(&server, tunneled, echo, true);
+    wait_for("the tunneled mapping active", Duration::from_secs(10), || {
+        (listed_mapping(&server, tunneled)?["status"] == "active").then_some(())
+    });
+    for _ in 0..3 {
+        echo_through(direct, 100);
+        echo_through(tunneled, 100);
+    }
+
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    browser.set_state_probe(LAYOUT_JS);
+    browser.navigate(&server.url("/api/stats/monitor"));
+    let cell = |port: u16| format!(r#"document.querySelector('[data-port="{port}"] td[data-col="connect"]').dataset.p50 !== ''"#);
+    browser.wait_for("the direct mapping's connect times", &cell(direct));
+    browser.wait_for("the tunneled mapping's connect times", &cell(tunneled));
+    browser.wait_for(
+        "the round trip on the client card",
+        r#"/\d+ ms$/.test(document.querySelector('[data-testid="client-card"][data-name="default"] [data-role="rtt"]').textContent.trim())"#,
+    );
+
+    for (width, height, mobile) in [(1440, 900, false), (1000, 800, false), (390, 844, true)] {
+        browser.set_viewport(width, height, mobile);
+        browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
+        let layout = browser.eval(LAYOUT_JS);
+        let text = |port: u16| {
+            let row = layout["rows"].as_array().unwrap().iter().find(|r| r["port"] == port).unwrap_or_else(|| panic!("{layout:#}"));
+            assert_eq!(row["cell_visible"], true, "{width} px: the column shows: {layout:#}");
+            assert!(row["cell_right"].as_f64().unwrap() <= f64::from(width), "{width} px: the cell is on screen: {layout:#}");
+            row["text"].as_str().unwrap().to_string()
+        };
+        // "0.1 ms / 0.2 ms" for loopback; at least the tunnel's delay through it.
+        let (fast, slow) = (text(direct), text(tunneled));
+        assert!(fast.contains(" / ") && (fast.contains("µs") || fast.contains("ms")), "{width} px: {fast}");
+        let slow_p50: f64 = slow.split(" ms").next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{width} px: {slow}"));
+        assert!(slow_p50 >= delay.as_millis() as f64, "{width} px: {slow}");
+        assert!(layout["page_width"].as_f64().unwrap() <= f64::from(width), "{width} px: no sideways scroll: {layout:#}");
+        assert!(layout["table_overflow"].as_f64().unwrap() <= 0.0, "{width} px: the table fits: {layout:#}");
+        let rtt = layout["rtt"][0].as_str().unwrap_or_default();
+        let ms: f64 = rtt.trim_end_matches(" ms").parse().unwrap_or_else(|_| panic!("{width} px: the round trip {rtt:?}"));
+        assert!(ms >= delay.as_millis() as f64, "{width} px: {rtt}");
+        browser.eval("document.querySelector('[data-testid=\"mapping-table\"]').scrollIntoView({ block: 'center' })");
+        browser.screenshot(&format!("latency-{width}.png"));
+        if mobile {
+            browser.screenshot_full_page(&format!("latency-{width}-full.png"));
+        }
+    }
+}
