@@ -617,8 +617,13 @@
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
-        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, intFormat.format(m.active_connections ?? 0)),
-        el('td', { class: 'num', 'data-label': 'Connect p50 / p99', 'data-col': 'connect',
+        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, intFormat.format(m.active_connections ?? 0)),
+          // Where the Connect column is folded away (721-1100 px), its values go here.
+          m.connect_p50_seconds == null ? null : el('span', { class: 'cell-sub connect-inline', 'data-role': 'connect-inline', title: 'Connect time: median, 99th percentile (last 15 minutes)' },
+            // A narrow column may break after "p50", never inside "1.3 ms".
+            el('span', { class: 'connect-line' }, `p50 ${formatLatency(m.connect_p50_seconds).replace(' ', '\u00a0')}`),
+            el('span', { class: 'connect-line' }, `p99 ${formatLatency(m.connect_p99_seconds).replace(' ', '\u00a0')}`))),
+        el('td', { class: 'num col-connect', 'data-label': 'Connect p50 / p99', 'data-col': 'connect',
           'data-p50': m.connect_p50_seconds ?? '', 'data-p99': m.connect_p99_seconds ?? '',
           title: 'Time from accept to the target answering (through the tunnel: the client\'s dial included), median and 99th percentile of the last 15 minutes' },
         m.connect_p50_seconds == null ? '—' : `${formatLatency(m.connect_p50_seconds)} / ${formatLatency(m.connect_p99_seconds)}`),

@@ -145,9 +145,7 @@ fn a_slow_tunnel_shows_in_connect_times_and_in_the_round_trip_on_both_sides() {
     client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
-    wait_for("the mapping active", Duration::from_secs(10), || {
-        (listed_mapping(&server, port)?["status"] == "active").then_some(())
-    });
+    wait_for("the mapping active", Duration::from_secs(10), || (listed_mapping(&server, port)?["status"] == "active").then_some(()));
 
     for _ in 0..3 {
         echo_through(port, 1000);
@@ -247,9 +245,13 @@ const LAYOUT_JS: &str = r#"(() => {
     page_width: document.documentElement.scrollWidth,
     table_overflow: wrap.scrollWidth - wrap.clientWidth,
     rows: rows.map((r) => {
-      const c = r.querySelector('td[data-col="connect"]');
+      // 721-1100 px fold the column into the Open cell.
+      const column = r.querySelector('td[data-col="connect"]');
+      const folded = column.getBoundingClientRect().width === 0;
+      const c = folded ? r.querySelector('[data-role="connect-inline"]') : column;
       const box = c.getBoundingClientRect();
-      return { port: Number(r.dataset.port), text: c.textContent.trim(), p50: c.dataset.p50, right: r.getBoundingClientRect().right,
+      const text = folded ? [...c.children].map((l) => l.textContent.replace(/^p\d+\s/, '').replace('\u00a0', ' ')).join(' / ') : c.textContent.trim();
+      return { port: Number(r.dataset.port), folded, text, right: r.getBoundingClientRect().right,
         cell_visible: box.width > 0 && box.height > 0, cell_right: box.right };
     }),
     rtt: [...document.querySelectorAll('[data-testid="client-card"] [data-role="rtt"]')].map((d) => d.textContent.trim()),
@@ -287,7 +289,7 @@ fn the_page_shows_connect_times_per_mapping_and_the_round_trip_on_client_cards()
         r#"/\d+ ms$/.test(document.querySelector('[data-testid="client-card"][data-name="default"] [data-role="rtt"]').textContent.trim())"#,
     );
 
-    for (width, height, mobile) in [(1440, 900, false), (1000, 800, false), (390, 844, true)] {
+    for (width, height, mobile) in [(1440, 900, false), (1000, 800, false), (780, 900, false), (390, 844, true)] {
         browser.set_viewport(width, height, mobile);
         browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
         let layout = browser.eval(LAYOUT_JS);
@@ -298,6 +300,8 @@ fn the_page_shows_connect_times_per_mapping_and_the_round_trip_on_client_cards()
             row["text"].as_str().unwrap().to_string()
         };
         // "0.1 ms / 0.2 ms" for loopback; at least the tunnel's delay through it.
+        let folded = layout["rows"][0]["folded"] == true;
+        assert_eq!(folded, (721..=1100).contains(&width), "{width} px: the column folds into Open only in the middle layout: {layout:#}");
         let (fast, slow) = (text(direct), text(tunneled));
         assert!(fast.contains(" / ") && (fast.contains("µs") || fast.contains("ms")), "{width} px: {fast}");
         let slow_p50: f64 = slow.split(" ms").next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{width} px: {slow}"));

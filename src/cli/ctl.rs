@@ -393,17 +393,16 @@ pub(super) fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
 /// `ctl client list`.
 pub(super) fn client_list(api: &Api) -> anyhow::Result<String> {
     let ClientList { clients, .. } = api.get("/api/client/list")?;
-    let mut rows =
-        vec![vec![
-            "NAME".to_string(),
-            "STATUS".into(),
-            "PEER".into(),
-            "SINCE".into(),
-            "RTT".into(),
-            "SENT".into(),
-            "RECEIVED".into(),
-            "MAPPINGS".into(),
-        ]];
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "STATUS".into(),
+        "PEER".into(),
+        "SINCE".into(),
+        "RTT".into(),
+        "SENT".into(),
+        "RECEIVED".into(),
+        "MAPPINGS".into(),
+    ]];
     for c in &clients {
         rows.push(vec![
             c.name.clone(),

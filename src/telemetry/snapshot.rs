@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::families::{CLIENT, DIRECTION, PORT, REASON, RECEIVED, SENT};
 use super::latency::ConnectQuantiles;
 use super::registry::Metrics;
-use crate::core::sync::lock;
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
 
 /// Byte counters per mapping port and per tunnel client.
