@@ -20,7 +20,7 @@ use crate::core::sync::lock;
 /// mapping with a visitor every few minutes still shows them, short enough that
 /// a slow spell an hour ago no longer does.
 pub(crate) const QUANTILE_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// At most this many recent connect times are kept per mapping (16 KiB): the
+/// At most this many recent connect times are kept per mapping (24 KiB): the
 /// quantiles are exact over them; at 1,000 connects/s they cover the last second.
 pub(crate) const RESERVOIR_SIZE: usize = 1024;
 
