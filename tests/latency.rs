@@ -120,12 +120,13 @@ fn direct_connect_and_connection_times_land_in_their_buckets() {
     let sum = metric_value(&text, &format!("{LASTED}_sum"), &labels).unwrap();
     assert!((1.5..3.0).contains(&sum), "durations sum to {sum}");
 
-    // A loopback target answers its connect within milliseconds.
+    // A loopback target answers its connect within milliseconds (the bound
+    // leaves room for a busy 2-core machine, and stays below the slow tunnel's).
     assert_eq!(count(&text, CONNECT, &labels), Some(2.0), "{text}");
-    assert_eq!(bucket(&text, CONNECT, &labels, "0.05"), Some(2.0), "loopback connects are fast:\n{text}");
+    assert_eq!(bucket(&text, CONNECT, &labels, "0.1"), Some(2.0), "loopback connects are fast:\n{text}");
     let m = traffic_mapping(&server, port);
     let (p50, p99) = (m["connect_p50_seconds"].as_f64().expect("p50"), m["connect_p99_seconds"].as_f64().expect("p99"));
-    assert!(0.0 < p50 && p50 <= p99 && p99 < 0.05, "p50 {p50}, p99 {p99}");
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 0.1, "p50 {p50}, p99 {p99}");
 
     // Removed with the mapping.
     let (status, _) = post(&server, "/api/mapping/remove", serde_json::json!({ "port": port }));
@@ -236,6 +237,18 @@ fn the_server_echoes_a_ping_and_keeps_a_peer_that_never_sends_one() {
     assert_eq!(scrape_metric(&server, "tunneld_tunnel_connected", &[("client", "default")]), Some(1.0), "still connected");
 }
 
+/// Milliseconds in a latency as the page writes it ("85 µs", "4.2 ms", "1.25 s").
+fn millis(text: &str) -> Option<f64> {
+    let (value, unit) = text.trim().split_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    match unit {
+        "µs" => Some(value / 1000.0),
+        "ms" => Some(value),
+        "s" => Some(value * 1000.0),
+        _ => None,
+    }
+}
+
 /// Where the page's mapping table and client cards stand, read from the DOM.
 const LAYOUT_JS: &str = r#"(() => {
   const rows = [...document.querySelectorAll('[data-testid="mapping-row"]')];
@@ -286,7 +299,7 @@ fn the_page_shows_connect_times_per_mapping_and_the_round_trip_on_client_cards()
     browser.wait_for("the tunneled mapping's connect times", &cell(tunneled));
     browser.wait_for(
         "the round trip on the client card",
-        r#"/\d+ ms$/.test(document.querySelector('[data-testid="client-card"][data-name="default"] [data-role="rtt"]').textContent.trim())"#,
+        r#"/\d (ms|s)$/.test(document.querySelector('[data-testid="client-card"][data-name="default"] [data-role="rtt"]').textContent.trim())"#,
     );
 
     for (width, height, mobile) in [(1440, 900, false), (1000, 800, false), (780, 900, false), (390, 844, true)] {
@@ -304,12 +317,12 @@ fn the_page_shows_connect_times_per_mapping_and_the_round_trip_on_client_cards()
         assert_eq!(folded, (721..=1100).contains(&width), "{width} px: the column folds into Open only in the middle layout: {layout:#}");
         let (fast, slow) = (text(direct), text(tunneled));
         assert!(fast.contains(" / ") && (fast.contains("µs") || fast.contains("ms")), "{width} px: {fast}");
-        let slow_p50: f64 = slow.split(" ms").next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{width} px: {slow}"));
+        let slow_p50 = millis(slow.split(" / ").next().unwrap_or_default()).unwrap_or_else(|| panic!("{width} px: {slow}"));
         assert!(slow_p50 >= delay.as_millis() as f64, "{width} px: {slow}");
         assert!(layout["page_width"].as_f64().unwrap() <= f64::from(width), "{width} px: no sideways scroll: {layout:#}");
         assert!(layout["table_overflow"].as_f64().unwrap() <= 0.0, "{width} px: the table fits: {layout:#}");
         let rtt = layout["rtt"][0].as_str().unwrap_or_default();
-        let ms: f64 = rtt.trim_end_matches(" ms").parse().unwrap_or_else(|_| panic!("{width} px: the round trip {rtt:?}"));
+        let ms = millis(rtt).unwrap_or_else(|| panic!("{width} px: the round trip {rtt:?}"));
         assert!(ms >= delay.as_millis() as f64, "{width} px: {rtt}");
         browser.eval("document.querySelector('[data-testid=\"mapping-table\"]').scrollIntoView({ block: 'center' })");
         browser.screenshot(&format!("latency-{width}.png"));
