@@ -115,6 +115,15 @@
     return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
   }
 
+  /** A latency: "85 µs", "4.2 ms", "152 ms", "1.25 s"; "—" when there is none. */
+  function formatLatency(seconds) {
+    if (seconds == null || !Number.isFinite(seconds)) return '—';
+    if (seconds < 0.001) return `${Math.round(seconds * 1e6)} µs`;
+    if (seconds < 0.1) return `${(seconds * 1e3).toFixed(1)} ms`;
+    if (seconds < 1) return `${Math.round(seconds * 1e3)} ms`;
+    return `${seconds.toFixed(2)} s`;
+  }
+
   function formatClock(unixSecs) {
     const d = new Date(unixSecs * 1000);
     const sameDay = d.toDateString() === new Date().toDateString();
@@ -441,6 +450,7 @@
     sent: 'Tunnel wire bytes from this server to the client (control and data, TLS included)',
     received: 'Tunnel wire bytes from the client to this server',
     mappings: 'Mappings that are served through this client',
+    rtt: 'Round trip of the tunnel, measured by the latest heartbeat and its echo',
   };
 
   function clientCard(c, r, lost) {
@@ -484,6 +494,8 @@
     el('dl', { class: 'client-facts' },
       ...fact('Peer', 'peer', c.peer ?? '—'),
       ...since,
+      ...fact('Round trip', 'rtt', el('span', { 'data-role': 'value', 'data-seconds': c.rtt_seconds ?? '' },
+        c.connected && !lost ? formatLatency(c.rtt_seconds) : '—')),
       ...fact('Sent', 'sent', ...traffic(c.bytes_sent, r.sent)),
       ...fact('Received', 'received', ...traffic(c.bytes_received, r.recv)),
       ...fact('Mappings', 'mappings', el('span', { 'data-role': 'value', 'data-count': count }, intFormat.format(count)))));
@@ -605,7 +617,16 @@
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
-        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, intFormat.format(m.active_connections ?? 0)),
+        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, intFormat.format(m.active_connections ?? 0)),
+          // Where the Connect column is folded away (721-1100 px), its values go here.
+          m.connect_p50_seconds == null ? null : el('span', { class: 'cell-sub connect-inline', 'data-role': 'connect-inline', title: 'Connect time: median, 99th percentile (last 15 minutes)' },
+            // A narrow column may break after "p50", never inside "1.3 ms".
+            el('span', { class: 'connect-line' }, `p50 ${formatLatency(m.connect_p50_seconds).replace(' ', '\u00a0')}`),
+            el('span', { class: 'connect-line' }, `p99 ${formatLatency(m.connect_p99_seconds).replace(' ', '\u00a0')}`))),
+        el('td', { class: 'num col-connect', 'data-label': 'Connect p50 / p99', 'data-col': 'connect',
+          'data-p50': m.connect_p50_seconds ?? '', 'data-p99': m.connect_p99_seconds ?? '',
+          title: 'Time from accept to the target answering (through the tunnel: the client\'s dial included), median and 99th percentile of the last 15 minutes' },
+        m.connect_p50_seconds == null ? '—' : `${formatLatency(m.connect_p50_seconds)} / ${formatLatency(m.connect_p99_seconds)}`),
         el('td', { class: 'num muted', 'data-label': 'Last active', 'data-col': 'last-activity', 'data-ts': m.last_update ?? '' },
           formatAgo(ago)));
     });

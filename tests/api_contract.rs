@@ -232,7 +232,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(keys(&raw["tunnel"]), ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update"]);
     assert_eq!(
         keys(&raw["clients"][0]),
-        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer"]
+        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer", "rtt_seconds"]
     );
     for m in raw["mappings"].as_array().expect("mappings") {
         assert_eq!(
@@ -245,6 +245,8 @@ fn every_json_route_answers_in_the_contract_types() {
                 "bytes_sent",
                 "client",
                 "connect_errors",
+                "connect_p50_seconds",
+                "connect_p99_seconds",
                 "connections_total",
                 "deny",
                 "description",

@@ -156,8 +156,14 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     let client_text = ureq::get(&client.url("/metrics")).call().expect("client /metrics").into_string().expect("text");
     let exported: BTreeSet<String> = [&server_text, &client_text]
         .iter()
-        .flat_map(|t| t.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()))
-        .map(str::to_string)
+        .flat_map(|t| t.lines().filter_map(|l| l.strip_prefix("# TYPE ")))
+        .flat_map(|l| {
+            // A histogram's series are its name with _bucket, _sum and _count.
+            let mut words = l.split_whitespace();
+            let (name, kind) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+            let suffixes: &[&str] = if kind == "histogram" { &["_bucket", "_sum", "_count"] } else { &[""] };
+            suffixes.iter().map(move |s| format!("{name}{s}")).collect::<Vec<_>>()
+        })
         .collect();
 
     let (_, dash) = dashboard();
@@ -172,9 +178,15 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     }
     let missing: Vec<&String> = queried.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(missing.is_empty(), "the dashboard queries metrics nobody exports: {missing:?}");
-    for wanted in
-        ["tunneld_mapping_health", "tunneld_mapping_refused_total", "tunneld_alert_webhook_failures_total", "tunneld_mapping_quota_bytes"]
-    {
+    for wanted in [
+        "tunneld_mapping_health",
+        "tunneld_mapping_refused_total",
+        "tunneld_alert_webhook_failures_total",
+        "tunneld_mapping_quota_bytes",
+        "tunneld_mapping_connect_duration_seconds_bucket",
+        "tunneld_mapping_connection_duration_seconds_bucket",
+        "tunneld_tunnel_rtt_seconds_bucket",
+    ] {
         assert!(queried.contains(wanted), "the dashboard does not show {wanted}");
     }
     // The info series carries the description the panels name mappings by.

@@ -24,7 +24,8 @@ const UNITS: [(&str, &str); 2] =
 const JOBS: [&str; 2] = ["tunneld-server", "tunneld-client"];
 
 /// Metrics labelled per client; a panel showing them must follow `$client`.
-const PER_CLIENT_METRICS: [&str; 4] = [
+const PER_CLIENT_METRICS: [&str; 5] = [
+    "tunneld_tunnel_rtt",
     "tunneld_tunnel_connected{",
     "tunneld_tunnel_connected_since_timestamp_seconds",
     "tunneld_tunnel_bytes_total",
@@ -305,6 +306,9 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("rate(process_cpu_seconds_total", None),
         ("tunneld_mapping_up{", None),
         ("tunneld_mapping_quota_used_ratio{", Some("percentunit")),
+        ("rate(tunneld_mapping_connect_duration_seconds_bucket", Some("s")),
+        ("rate(tunneld_mapping_connection_duration_seconds_bucket", Some("s")),
+        ("rate(tunneld_tunnel_rtt_seconds_bucket", Some("s")),
     ];
     for (fragment, unit) in wanted {
         let showing: Vec<&Value> = panels.iter().filter(|p| panel_exprs(p).iter().any(|e| e.contains(fragment))).copied().collect();

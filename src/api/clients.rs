@@ -56,6 +56,7 @@ pub(super) async fn views(state: &AppState, snap: &TrafficSnapshot) -> Vec<Clien
                 bytes_sent: traffic.bytes_sent,
                 bytes_received: traffic.bytes_received,
                 last_update: traffic.last_update,
+                rtt_seconds: traffic.rtt.filter(|_| c.peer.is_some()),
                 mappings,
                 name: c.name,
             }

@@ -40,6 +40,8 @@ pub(super) async fn report(state: &AppState) -> TrafficReport {
                 connections_total: t.connections_total,
                 connect_errors: t.connect_errors,
                 refused: t.refused,
+                connect_p50_seconds: t.connect.map(|q| q.p50),
+                connect_p99_seconds: t.connect.map(|q| q.p99),
                 target_host: view.spec.target_host,
                 target_port: view.spec.target_port,
                 use_tunnel: view.spec.use_tunnel,

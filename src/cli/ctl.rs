@@ -393,20 +393,39 @@ pub(super) fn events(api: &Api, limit: u32) -> anyhow::Result<String> {
 /// `ctl client list`.
 pub(super) fn client_list(api: &Api) -> anyhow::Result<String> {
     let ClientList { clients, .. } = api.get("/api/client/list")?;
-    let mut rows =
-        vec![vec!["NAME".to_string(), "STATUS".into(), "PEER".into(), "SINCE".into(), "SENT".into(), "RECEIVED".into(), "MAPPINGS".into()]];
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "STATUS".into(),
+        "PEER".into(),
+        "SINCE".into(),
+        "RTT".into(),
+        "SENT".into(),
+        "RECEIVED".into(),
+        "MAPPINGS".into(),
+    ]];
     for c in &clients {
         rows.push(vec![
             c.name.clone(),
             if c.connected { "connected".into() } else { "not connected".into() },
             c.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             c.connected_since.map(|t| format_utc(t as i64)).unwrap_or_else(|| "-".into()),
+            c.rtt_seconds.map(human_latency).unwrap_or_else(|| "-".into()),
             human_bytes(c.bytes_sent),
             human_bytes(c.bytes_received),
             c.mappings.to_string(),
         ]);
     }
     Ok(format!("{}{} client(s)\n", table(&rows), clients.len()))
+}
+
+/// A short time for a table: `85 µs`, `12.3 ms`, `152 ms`, `1.25 s`.
+fn human_latency(seconds: f64) -> String {
+    match seconds {
+        s if s < 0.001 => format!("{:.0} µs", s * 1e6),
+        s if s < 0.1 => format!("{:.1} ms", s * 1e3),
+        s if s < 1.0 => format!("{:.0} ms", s * 1e3),
+        s => format!("{s:.2} s"),
+    }
 }
 
 /// `ctl client create`: prints the secret, with how to use it.

@@ -125,7 +125,8 @@ pub(super) async fn run(
             spawn_data_channel(ctx.clone());
         }
     };
-    let outcome = control::run::<_, ToClient, ToServer>(stream, heartbeat, &ctx.cancel, None, on_message, || {}).await;
+    let rtt = metrics.round_trips(&config.name);
+    let outcome = control::run::<_, ToClient, ToServer>(stream, heartbeat, &rtt, &ctx.cancel, None, on_message, || {}).await;
     // Idle pooled channels belong to this session; active relays finish on their own.
     ctx.cancel.cancel();
     match outcome? {

@@ -3,7 +3,7 @@
 //! labels its series are read back by, so no name is spelled twice.
 
 use prometheus::core::Collector;
-use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// `direction` label value: visitor to target on a mapping, from this side on a tunnel.
 pub(crate) const SENT: &str = "sent";
@@ -125,6 +125,8 @@ pub(crate) struct Family {
     /// Values the HELP lists after `help` (`help: a, b, c.`), taken from the
     /// constant the code counts with so the text cannot fall behind it.
     listed: &'static [&'static str],
+    /// A histogram's bucket bounds (empty for the other types).
+    buckets: &'static [f64],
 }
 
 pub(crate) const MAPPING_BYTES: Family = Family::new(
@@ -211,11 +213,53 @@ pub(crate) const CLIENT_LAST_CONNECT_ERROR: Family = Family::new(
     &["reason"],
 )
 .listing(&connect_failure::ALL);
+/// Bucket bounds (seconds) for connect times and tunnel round trips: from a
+/// loopback target (tens of microseconds) through a LAN (about a millisecond)
+/// and a continent (10–50 ms) to another continent (150–300 ms), then the
+/// seconds where only retransmitted SYNs and `connect_timeout` live. Steps of
+/// 2–2.5× keep `histogram_quantile` within a factor of about two, with 16
+/// buckets per series.
+pub(crate) const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Bucket bounds (seconds) for how long visitor connections last: a request
+/// answered in milliseconds, a page load in seconds, an SSH session or a
+/// database client for hours (the default idle timeout is 2 h), a tunnel kept
+/// open for a day.
+pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
+
+pub(crate) const MAPPING_CONNECT_DURATION: Family = Family::new(
+    "tunneld_mapping_connect_duration_seconds",
+    "From a visitor's accept to its target answering (through the tunnel: the request's way to the client, the client's dial and its answer).",
+    &[PORT],
+)
+.with_buckets(LATENCY_BUCKETS);
+pub(crate) const MAPPING_CONNECTION_DURATION: Family = Family::new(
+    "tunneld_mapping_connection_duration_seconds",
+    "How long admitted visitor connections lasted, from accept to close (those whose target failed too).",
+    &[PORT],
+)
+.with_buckets(CONNECTION_DURATION_BUCKETS);
+pub(crate) const TUNNEL_RTT: Family = Family::new(
+    "tunneld_tunnel_rtt_seconds",
+    "Round trip of the tunnel's control channel, measured by each heartbeat and its echo (on both roles; none with a peer too old to echo).",
+    &[CLIENT],
+)
+.with_buckets(LATENCY_BUCKETS);
+pub(crate) const TUNNEL_RTT_LAST: Family = Family::new(
+    "tunneld_tunnel_rtt_last_seconds",
+    "The latest heartbeat round trip of the client's tunnel (0: none measured in this session).",
+    &[CLIENT],
+);
 pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 1; the version label says which build runs.", &["version"]);
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 21] = [
+pub(crate) const ALL: [&Family; 25] = [
+    &MAPPING_CONNECT_DURATION,
+    &MAPPING_CONNECTION_DURATION,
+    &TUNNEL_RTT,
+    &TUNNEL_RTT_LAST,
     &MAPPING_BYTES,
     &MAPPING_CONNECTIONS,
     &MAPPING_ACTIVE,
@@ -241,12 +285,17 @@ pub(crate) const ALL: [&Family; 21] = [
 
 impl Family {
     const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
-        Family { name, help, labels, listed: &[] }
+        Family { name, help, labels, listed: &[], buckets: &[] }
     }
 
     /// The same family with `values` listed in its HELP.
     const fn listing(self, values: &'static [&'static str]) -> Family {
         Family { listed: values, ..self }
+    }
+
+    /// The same family as a histogram with these bucket bounds.
+    const fn with_buckets(self, buckets: &'static [f64]) -> Family {
+        Family { buckets, ..self }
     }
 
     /// The family's name, as Prometheus shows it.
@@ -287,6 +336,12 @@ impl Family {
 
     pub(crate) fn gauge_vec(&self, registry: &Registry) -> GaugeVec {
         self.register(registry, GaugeVec::new(self.opts(), self.labels))
+    }
+
+    pub(crate) fn histogram_vec(&self, registry: &Registry) -> HistogramVec {
+        debug_assert!(!self.buckets.is_empty(), "{} has no buckets", self.name);
+        let opts = HistogramOpts::new(self.name, self.help()).buckets(self.buckets.to_vec());
+        self.register(registry, HistogramVec::new(opts, self.labels))
     }
 
     /// A family without labels: one gauge.

@@ -10,14 +10,21 @@
 //!
 //! May import `core` only, so every layer above can count.
 
-use prometheus::{Encoder, Gauge, IntCounter, IntGauge, TextEncoder};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntGauge, TextEncoder};
+
+use crate::core::sync::lock;
 
 mod families;
+mod latency;
 mod meter;
 mod registry;
 mod snapshot;
 
 pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
+pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
 pub(crate) use snapshot::{ByteTotals, ClientTraffic, TrafficSnapshot};
@@ -46,7 +53,12 @@ impl Metrics {
             self.mapping_refused.with_label_values(&[&p, reason]);
         }
         self.set_mapping_health(port, health_state::OK);
+        let connect_samples = Arc::new(latency::Reservoir::default());
+        lock(&self.connect_samples).insert(port, connect_samples.clone());
         MappingMetrics {
+            connect_duration: self.mapping_connect_duration.with_label_values(&[&p]),
+            connection_duration: self.mapping_connection_duration.with_label_values(&[&p]),
+            connect_samples,
             quota_bytes: self.mapping_quota_bytes.with_label_values(&[&p]),
             refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
             refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
@@ -97,6 +109,9 @@ impl Metrics {
         let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
         let _ = self.mapping_up.remove_label_values(&[&p]);
         let _ = self.mapping_quota_used.remove_label_values(&[&p]);
+        let _ = self.mapping_connect_duration.remove_label_values(&[&p]);
+        let _ = self.mapping_connection_duration.remove_label_values(&[&p]);
+        lock(&self.connect_samples).remove(&port);
         for reason in refused_reason::ALL {
             let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
         }
@@ -111,6 +126,8 @@ impl Metrics {
         self.tunnel_last_activity.with_label_values(&[client]);
         self.tunnel_connected.with_label_values(&[client]);
         self.tunnel_connected_since.with_label_values(&[client]);
+        self.tunnel_rtt.with_label_values(&[client]);
+        self.tunnel_rtt_last.with_label_values(&[client]);
     }
 
     /// Drops a removed client's series.
@@ -121,6 +138,13 @@ impl Metrics {
         let _ = self.tunnel_last_activity.remove_label_values(&[client]);
         let _ = self.tunnel_connected.remove_label_values(&[client]);
         let _ = self.tunnel_connected_since.remove_label_values(&[client]);
+        let _ = self.tunnel_rtt.remove_label_values(&[client]);
+        let _ = self.tunnel_rtt_last.remove_label_values(&[client]);
+    }
+
+    /// Where `client`'s tunnel records its heartbeat round trips on this side.
+    pub fn round_trips(&self, client: &str) -> RoundTrips {
+        RoundTrips { histogram: self.tunnel_rtt.with_label_values(&[client]), last: self.tunnel_rtt_last.with_label_values(&[client]) }
     }
 
     /// Meters for bytes leaving this side on `client`'s tunnel and arriving from it.
@@ -134,6 +158,8 @@ impl Metrics {
     pub(crate) fn session_started(&self, client: &str, since: f64) {
         self.tunnel_connected.with_label_values(&[client]).set(1);
         self.tunnel_connected_since.with_label_values(&[client]).set(since);
+        // A new session's round trip is yet to be measured.
+        self.tunnel_rtt_last.with_label_values(&[client]).set(0.0);
     }
 
     /// Only for a client still known: a removed client's series stay removed.
@@ -143,6 +169,9 @@ impl Metrics {
         }
         if let Ok(since) = self.tunnel_connected_since.get_metric_with_label_values(&[client]) {
             since.set(0.0);
+        }
+        if let Ok(rtt) = self.tunnel_rtt_last.get_metric_with_label_values(&[client]) {
+            rtt.set(0.0);
         }
     }
 
@@ -208,15 +237,28 @@ pub struct MappingMetrics {
     pub(crate) quota_bytes: IntGauge,
     /// `tunneld_mapping_up`: 1 while listening.
     pub(crate) up: IntGauge,
+    /// `tunneld_mapping_connect_duration_seconds`.
+    connect_duration: Histogram,
+    /// `tunneld_mapping_connection_duration_seconds`.
+    connection_duration: Histogram,
+    /// Recent connect times, for the API's quantiles.
+    connect_samples: Arc<latency::Reservoir>,
 }
 
 impl MappingMetrics {
     /// Counts an accepted visitor and keeps it in `active_connections` until the
-    /// returned guard drops — however the connection ends.
-    pub(crate) fn visitor_accepted(&self) -> ActiveGuard {
+    /// returned guard drops — however the connection ends —, timing its connect
+    /// and its whole connection from now.
+    pub(crate) fn visitor_accepted(&self) -> Visit {
         self.connections.inc();
         self.active.inc();
-        ActiveGuard(self.active.clone())
+        Visit {
+            active: self.active.clone(),
+            started: Instant::now(),
+            connect: self.connect_duration.clone(),
+            samples: self.connect_samples.clone(),
+            duration: self.connection_duration.clone(),
+        }
     }
 
     /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
@@ -237,14 +279,6 @@ impl MappingMetrics {
     pub(crate) fn meters(&self) -> (Meter, Meter) {
         let activity = vec![self.last_activity.clone()];
         (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
-    }
-}
-
-pub(crate) struct ActiveGuard(IntGauge);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -1,14 +1,18 @@
 //! The registry and the handle of every family, registered from the family
 //! table (`families`) so no name or label list is written twice.
 
-use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
 
 use super::families::{
     session_result, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES,
-    MAPPING_CONNECTIONS, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES,
-    MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY,
-    TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO,
+    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED,
+    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
 };
+use super::latency::Reservoir;
 use crate::core::time::unix_now;
 
 /// Every metric family of this process, registered once, with the handles the
@@ -26,6 +30,12 @@ pub struct Metrics {
     pub(super) mapping_quota_used: GaugeVec,
     pub(super) mapping_quota_bytes: IntGaugeVec,
     pub(super) mapping_health: IntGaugeVec,
+    pub(super) mapping_connect_duration: HistogramVec,
+    pub(super) mapping_connection_duration: HistogramVec,
+    /// Each mapping's recent connect times, for the API's quantiles.
+    pub(super) connect_samples: Mutex<BTreeMap<u16, Arc<Reservoir>>>,
+    pub(super) tunnel_rtt: HistogramVec,
+    pub(super) tunnel_rtt_last: GaugeVec,
     pub(super) tunnel_bytes: IntCounterVec,
     pub(super) tunnel_last_activity: GaugeVec,
     pub(super) tunnel_connected: IntGaugeVec,
@@ -64,6 +74,11 @@ impl Metrics {
             mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
             mapping_quota_bytes: MAPPING_QUOTA_BYTES.int_gauge_vec(r),
             mapping_health: MAPPING_HEALTH.int_gauge_vec(r),
+            mapping_connect_duration: MAPPING_CONNECT_DURATION.histogram_vec(r),
+            mapping_connection_duration: MAPPING_CONNECTION_DURATION.histogram_vec(r),
+            connect_samples: Mutex::default(),
+            tunnel_rtt: TUNNEL_RTT.histogram_vec(r),
+            tunnel_rtt_last: TUNNEL_RTT_LAST.gauge_vec(r),
             tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
             tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
             tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),

@@ -4,14 +4,17 @@
 //! nothing gathers families the reader does not need.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use prometheus::core::Collector;
 use prometheus::proto::Metric;
 use serde::Serialize;
 
 use super::families::{CLIENT, DIRECTION, PORT, REASON, RECEIVED, SENT};
+use super::latency::ConnectQuantiles;
 use super::registry::Metrics;
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
 
 /// Byte counters per mapping port and per tunnel client.
@@ -32,6 +35,8 @@ pub(crate) struct PortTraffic {
     pub connect_errors: u64,
     /// Visitors refused, by `reason` label.
     pub refused: BTreeMap<String, u64>,
+    /// Recent connect times' quantiles (see `latency`), `None` without any.
+    pub connect: Option<ConnectQuantiles>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -49,6 +54,8 @@ pub struct ClientTraffic {
     pub last_update: Option<f64>,
     pub connected: bool,
     pub connected_since: Option<f64>,
+    /// The latest heartbeat round trip of the current session, in seconds.
+    pub rtt: Option<f64>,
 }
 
 impl TrafficSnapshot {
@@ -146,6 +153,12 @@ impl Metrics {
                 p.refused.insert(reason.to_string(), m.get_counter().value() as u64);
             }
         });
+        let now = Instant::now();
+        for (port, samples) in lock(&self.connect_samples).iter() {
+            if let Some(p) = ports.get_mut(port) {
+                p.connect = samples.quantiles(now);
+            }
+        }
 
         let mut clients: BTreeMap<String, ClientTraffic> = tunnel_bytes
             .into_iter()
@@ -157,6 +170,7 @@ impl Metrics {
         per_client(&self.tunnel_last_activity, |c, m| c.last_update = timestamp(m.get_gauge().value()));
         per_client(&self.tunnel_connected_since, |c, m| c.connected_since = timestamp(m.get_gauge().value()));
         per_client(&self.tunnel_connected, |c, m| c.connected = m.get_gauge().value() == 1.0);
+        per_client(&self.tunnel_rtt_last, |c, m| c.rtt = Some(m.get_gauge().value()).filter(|rtt| *rtt > 0.0));
         TrafficSnapshot { mappings: ports, clients }
     }
 

@@ -1,6 +1,8 @@
 //! An authenticated control channel as both roles run it: heartbeats each way,
 //! a peer silent for three intervals is dropped, and each side's own messages go
-//! out in between. Any frame proves the peer is alive.
+//! out in between. Any frame proves the peer is alive. Each heartbeat's `ping`
+//! is echoed at once, and each echo gives this side a round trip (see
+//! [`Heartbeat`]).
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, ProtocolError};
 use super::message::Heartbeat;
+use crate::telemetry::RoundTrips;
 
 /// Heartbeat intervals a peer may stay silent before the session is dropped.
 const SILENT_INTERVALS: u32 = 3;
@@ -33,10 +36,12 @@ pub(crate) enum Ended {
 /// Runs the control channel on `stream` until `cancel`, the peer closes or falls
 /// silent, or a frame fails. Each frame from the peer is handed to `on_message`;
 /// messages from `outgoing` (when given) are sent as they come; `on_tick` runs
-/// once per heartbeat interval, before this side's heartbeat goes out.
+/// once per heartbeat interval, before this side's heartbeat goes out. Round
+/// trips go to `rtt`.
 pub(crate) async fn run<S, In, Out>(
     stream: S,
     heartbeat: Duration,
+    rtt: &RoundTrips,
     cancel: &CancellationToken,
     mut outgoing: Option<&mut mpsc::Receiver<Out>>,
     mut on_message: impl FnMut(In),
@@ -44,10 +49,13 @@ pub(crate) async fn run<S, In, Out>(
 ) -> Result<Ended, ProtocolError>
 where
     S: AsyncRead + AsyncWrite,
-    In: DeserializeOwned,
+    In: DeserializeOwned + Heartbeat,
     Out: Serialize + Heartbeat,
 {
     let (mut frames, mut writer) = frame::control_channel(stream);
+    // This side's clock for `ping`: microseconds since the channel opened.
+    let epoch = Instant::now();
+    let clock = || epoch.elapsed().as_micros() as u64;
     let mut tick = tokio::time::interval(heartbeat);
     let mut last_heard = Instant::now();
     loop {
@@ -66,7 +74,17 @@ where
             frame = frames.next() => match frame {
                 Some(Ok(bytes)) => {
                     last_heard = Instant::now();
-                    on_message(frame::decode(&bytes)?);
+                    let message: In = frame::decode(&bytes)?;
+                    if let Some((ping, pong)) = message.probe() {
+                        // An echo of a ping from the future is no round trip.
+                        if let Some(sent) = pong.filter(|sent| *sent <= clock()) {
+                            rtt.record(Duration::from_micros(clock() - sent));
+                        }
+                        if let Some(ping) = ping {
+                            frame::write_frame(&mut writer, &Out::heartbeat(None, Some(ping))).await?;
+                        }
+                    }
+                    on_message(message);
                 }
                 Some(Err(e)) => return Err(ProtocolError::Io(e)),
                 None => return Ok(Ended::PeerClosed),
@@ -76,7 +94,7 @@ where
             }
             _ = tick.tick() => {
                 on_tick();
-                frame::write_frame(&mut writer, &Out::HEARTBEAT).await?;
+                frame::write_frame(&mut writer, &Out::heartbeat(Some(clock()), None)).await?;
             }
         }
     }

@@ -26,7 +26,7 @@ use super::frame;
 use super::message::{Connect, ConnectResult};
 use crate::net::relay::{self, Activity};
 use crate::net::transport::TunnelStream;
-use crate::telemetry::{Held, Meter};
+use crate::telemetry::{Held, Meter, Visit};
 
 /// Chunk length that ends a direction (the half-close).
 pub(crate) const END: u32 = 0;
@@ -70,6 +70,9 @@ pub(crate) enum Answer<'a> {
         /// User bytes already sent as the first chunk, with the `connect`
         /// request ([`opening`]); counted when the exchange starts.
         sent_ahead: usize,
+        /// Told when the answer says the target was reached: the visitor's
+        /// connect time ends there.
+        answered: &'a Visit,
     },
     None,
 }
@@ -138,8 +141,9 @@ pub(crate) async fn relay(
     let outcome = {
         let up = upstream(socket, &mut writer, to_channel, &activity, sent_ahead);
         let down = async {
-            if let Answer::Expected { reached_target, .. } = answer {
+            if let Answer::Expected { reached_target, answered: visit, .. } = answer {
                 read_answer(&mut reader).await?;
+                visit.target_answered();
                 answered.store(true, Ordering::Relaxed);
                 reached_target.release();
             }

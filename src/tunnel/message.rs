@@ -118,8 +118,16 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToClient {
-    /// Every heartbeat interval; any frame proves the peer is alive.
-    Heartbeat,
+    /// Every heartbeat interval; any frame proves the peer is alive. See
+    /// [`Heartbeat`] for `ping` and `pong`.
+    Heartbeat {
+        /// Echo this back at once (in `pong`): the sender's clock, opaque.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ping: Option<u64>,
+        /// The peer's `ping`, echoed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pong: Option<u64>,
+    },
     /// A visitor is waiting and the pool is empty: open one more data channel.
     OpenDataChannel,
 }
@@ -128,22 +136,58 @@ pub enum ToClient {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToServer {
-    /// Every heartbeat interval.
-    Heartbeat,
+    /// Every heartbeat interval; as [`ToClient::Heartbeat`].
+    Heartbeat {
+        /// Echo this back at once (in `pong`): the sender's clock, opaque.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ping: Option<u64>,
+        /// The peer's `ping`, echoed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pong: Option<u64>,
+    },
 }
 
 /// A message both sides of a control channel send every heartbeat interval.
-pub trait Heartbeat {
-    /// The heartbeat frame of this direction.
-    const HEARTBEAT: Self;
+///
+/// The round trip is measured with two optional fields, added compatibly to
+/// protocol version 2: each heartbeat carries `ping` (the sender's clock, in
+/// microseconds of its own), and a peer that knows the field answers at once
+/// with a heartbeat whose `pong` is that value (and no `ping`, so echoes never
+/// echo). The sender's round trip is its clock now minus the `pong`. An older
+/// peer ignores `ping` (unknown fields are ignored; its unit variant decodes
+/// from any `heartbeat` object) and never echoes, so no round trip is measured
+/// with it and nothing else changes; its bare heartbeats decode here as
+/// `ping: None, pong: None`.
+pub trait Heartbeat: Sized {
+    /// The heartbeat frame of this direction, with the given fields.
+    fn heartbeat(ping: Option<u64>, pong: Option<u64>) -> Self;
+
+    /// `(ping, pong)` of a heartbeat; `None` for any other message.
+    fn probe(&self) -> Option<(Option<u64>, Option<u64>)>;
 }
 
 impl Heartbeat for ToClient {
-    const HEARTBEAT: ToClient = ToClient::Heartbeat;
+    fn heartbeat(ping: Option<u64>, pong: Option<u64>) -> ToClient {
+        ToClient::Heartbeat { ping, pong }
+    }
+
+    fn probe(&self) -> Option<(Option<u64>, Option<u64>)> {
+        match *self {
+            ToClient::Heartbeat { ping, pong } => Some((ping, pong)),
+            ToClient::OpenDataChannel => None,
+        }
+    }
 }
 
 impl Heartbeat for ToServer {
-    const HEARTBEAT: ToServer = ToServer::Heartbeat;
+    fn heartbeat(ping: Option<u64>, pong: Option<u64>) -> ToServer {
+        ToServer::Heartbeat { ping, pong }
+    }
+
+    fn probe(&self) -> Option<(Option<u64>, Option<u64>)> {
+        let ToServer::Heartbeat { ping, pong } = *self;
+        Some((ping, pong))
+    }
 }
 
 /// server → client on an idle data channel: dial this target and relay.
@@ -223,7 +267,9 @@ mod tests {
             r#"{"type":"rejected","reason":"r","retry_after_secs":12}"#
         );
         assert_eq!(wire(&ToClient::OpenDataChannel), r#"{"type":"open_data_channel"}"#);
-        assert_eq!(wire(&ToServer::Heartbeat), r#"{"type":"heartbeat"}"#);
+        assert_eq!(wire(&ToServer::Heartbeat { ping: None, pong: None }), r#"{"type":"heartbeat"}"#);
+        assert_eq!(wire(&ToServer::Heartbeat { ping: Some(7), pong: None }), r#"{"type":"heartbeat","ping":7}"#);
+        assert_eq!(wire(&ToClient::Heartbeat { ping: None, pong: Some(7) }), r#"{"type":"heartbeat","pong":7}"#);
         assert_eq!(wire(&Connect::Connect { host: "h".into(), port: 22 }), r#"{"type":"connect","host":"h","port":22}"#);
         assert_eq!(wire(&ConnectResult::ConnectResult { error: None }), r#"{"type":"connect_result","error":null}"#);
     }
@@ -232,6 +278,30 @@ mod tests {
     fn a_message_of_another_phase_does_not_decode() {
         assert!(serde_json::from_slice::<Verdict>(br#"{"type":"challenge","nonce":"n"}"#).is_err());
         assert!(serde_json::from_slice::<ToServer>(br#"{"type":"open_data_channel"}"#).is_err());
+    }
+
+    #[test]
+    fn heartbeats_with_and_without_a_round_trip_probe_decode_on_both_generations() {
+        // A peer from before the probe: its heartbeat has no fields.
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldToServer {
+            Heartbeat,
+        }
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldToClient {
+            Heartbeat,
+            OpenDataChannel,
+        }
+        for new in [r#"{"type":"heartbeat","ping":123}"#, r#"{"type":"heartbeat","pong":123}"#] {
+            assert_eq!(serde_json::from_str::<OldToServer>(new).unwrap(), OldToServer::Heartbeat, "{new}");
+            assert_eq!(serde_json::from_str::<OldToClient>(new).unwrap(), OldToClient::Heartbeat, "{new}");
+        }
+        let old = r#"{"type":"heartbeat"}"#;
+        assert_eq!(serde_json::from_str::<ToServer>(old).unwrap(), ToServer::Heartbeat { ping: None, pong: None });
+        assert_eq!(serde_json::from_str::<ToClient>(old).unwrap(), ToClient::Heartbeat { ping: None, pong: None });
+        assert_eq!(serde_json::from_str::<ToClient>(r#"{"type":"open_data_channel"}"#).unwrap(), ToClient::OpenDataChannel);
     }
 
     /// Serializes any message in a test without naming its type.

@@ -63,6 +63,12 @@ pub struct Client {
     pub last_update: Option<f64>,
     /// How many mappings name it.
     pub mappings: usize,
+    /// While connected: the latest heartbeat round trip of its tunnel, in
+    /// seconds (measured every heartbeat interval); `null` before the first, or
+    /// with a client too old to echo heartbeats. Read as `None` from a server
+    /// older than it.
+    #[serde(default)]
+    pub rtt_seconds: Option<f64>,
 }
 
 /// `GET /api/client/list`.

@@ -61,6 +61,15 @@ pub struct MappingTraffic {
     /// reason present, 0 when none), as `tunneld_mapping_refused_total`.
     #[serde(default)]
     pub refused: BTreeMap<String, u64>,
+    /// Median time from accept to the target answering (through the tunnel:
+    /// including the client's dial), in seconds, over the last 1,024 connects
+    /// of the last 15 minutes (exact over those, nearest rank); `null` without
+    /// any. Read as `None` from a server older than it.
+    #[serde(default)]
+    pub connect_p50_seconds: Option<f64>,
+    /// The 99th percentile of the same connect times.
+    #[serde(default)]
+    pub connect_p99_seconds: Option<f64>,
     /// Where visitors are forwarded.
     pub target_host: String,
     /// The target's port.

@@ -435,8 +435,10 @@ impl TunnelHub {
 
         let pool_idle = self.settings.pool_idle;
         let expire_idle = || session.expire_idle(pool_idle);
+        let rtt = self.metrics.round_trips(&client.name);
         let outcome =
-            control::run::<_, ToServer, ToClient>(stream, heartbeat, &session.cancel, Some(&mut control_rx), |_| {}, expire_idle).await;
+            control::run::<_, ToServer, ToClient>(stream, heartbeat, &rtt, &session.cancel, Some(&mut control_rx), |_| {}, expire_idle)
+                .await;
         let outcome = outcome.map(|ended| match ended {
             Ended::Cancelled if client.removed.is_cancelled() => "client removed",
             Ended::Cancelled => "replaced or shutting down",

@@ -14,7 +14,7 @@ use crate::net::relay;
 use crate::net::socket;
 use crate::policy::LivePolicy;
 use crate::store::MappingSpec;
-use crate::telemetry::{MappingMetrics, Meter};
+use crate::telemetry::{MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
 
 pub(super) async fn serve_visitor(
@@ -27,11 +27,11 @@ pub(super) async fn serve_visitor(
     peer: SocketAddr,
 ) {
     let port = spec.source_port;
-    let _active = metrics.visitor_accepted();
+    let visit = metrics.visitor_accepted();
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, policy, metrics, &visitor).await
+        tunneled(ctx, spec, policy, metrics, &visit, &visitor).await
     } else {
-        direct(ctx, spec, policy, metrics, &visitor).await
+        direct(ctx, spec, policy, metrics, &visit, &visitor).await
     };
     match result {
         Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
@@ -72,6 +72,7 @@ async fn direct(
     spec: &MappingSpec,
     policy: &LivePolicy,
     metrics: &MappingMetrics,
+    visit: &Visit,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
     let target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
@@ -80,6 +81,7 @@ async fn direct(
             false => VisitorError::Target(e.to_string()),
         }
     })?;
+    visit.target_answered();
     relay::arm(&target);
     let (up, down) = policy.capped(metrics.meters());
     relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
@@ -95,6 +97,7 @@ async fn tunneled(
     spec: &MappingSpec,
     policy: &LivePolicy,
     metrics: &MappingMetrics,
+    visit: &Visit,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
     let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
@@ -112,7 +115,8 @@ async fn tunneled(
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
-    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead };
+    // The client's answer says its dial of the target succeeded: the connect time.
+    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit };
     let relayed = tokio::select! {
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
         // A removed client's access ends with its exchanges, not when they
