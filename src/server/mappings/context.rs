@@ -13,6 +13,7 @@ use tracing::warn;
 use crate::core::failure_log::{FailureLog, Summary};
 use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
+use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -56,6 +57,8 @@ pub(super) struct Ctx {
     /// Refused visitors, for the log: a target that is down refuses every
     /// visitor, and one line each would bury everything else.
     pub(super) refusals: Mutex<RefusalLog>,
+    /// Every open visitor connection, and the log of ended ones.
+    pub(super) live: Arc<Connections>,
 }
 
 impl Ctx {
