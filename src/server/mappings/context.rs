@@ -26,7 +26,7 @@ pub(super) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub(super) type RefusalLog = FailureLog<(u16, &'static str), String>;
 
 /// How mappings behave, from `server.*` and the daemon's own ports.
-pub struct Settings {
+pub(crate) struct Settings {
     pub bind_addr: IpAddr,
     /// The API's and the tunnel's own ports: never mappable.
     pub reserved_ports: Vec<(u16, &'static str)>,
