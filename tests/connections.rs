@@ -425,3 +425,70 @@ fn the_log_downloads_as_csv_and_sources_rank_by_bytes() {
     let (status, _) = http("GET", &server.url("/api/connections/log?format=xml"), None);
     assert_eq!(status, 400);
 }
+
+/// `tunneld ctl ARGS` against `server`; its stdout (asserting it succeeded).
+fn ctl(server: &Daemon, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .arg("ctl")
+        .arg("--api")
+        .arg(server.url(""))
+        .args(args)
+        .env_remove("TUNNELD_API__TOKEN")
+        .output()
+        .expect("run tunneld ctl");
+    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn ctl_lists_closes_and_logs_connections_and_ranks_sources() {
+    let server = Daemon::server(SECRET, &[]);
+    let port = free_port();
+    create_direct(&server, port, echo_server(), json!({}));
+    let mut first = connect_from(source(2), loopback(port));
+    echo_exchange(&mut first, 2048);
+    let mut second = connect_from(source(3), loopback(port));
+    echo_exchange(&mut second, 10);
+    wait_for("both connections counted", Duration::from_secs(5), || {
+        let list = open_connections(&server, "");
+        let conns = list["connections"].as_array()?;
+        (conns.len() == 2 && conns[0]["bytes_received"] == 2048 && conns[1]["bytes_received"] == 10).then_some(())
+    });
+
+    let listed = ctl(&server, &["conns", &port.to_string()]);
+    println!("{listed}");
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("SOURCE") && lines[0].contains("RECEIVED"), "{listed}");
+    assert!(lines[1].contains("127.0.0.2:") && lines[1].contains("2.0 KiB"), "{listed}");
+    assert!(lines[2].contains("127.0.0.3:") && lines[2].contains("10 B"), "{listed}");
+    assert!(listed.ends_with("2 open connection(s)\n"), "{listed}");
+    let limited = ctl(&server, &["conns", "--limit", "1"]);
+    assert!(limited.contains("2 open connection(s) (1 shown; --limit for more)"), "{limited}");
+
+    let id: u64 = lines[2].split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(ctl(&server, &["close", &id.to_string()]), format!("connection {id} reset\n"));
+    assert_eq!(read_end(&mut second).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    let unknown = std::process::Command::new(BIN).args(["ctl", "--api", &server.url(""), "close", "999999"]).output().unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no open connection has id 999999"), "{unknown:?}");
+
+    first.shutdown(std::net::Shutdown::Write).unwrap();
+    read_end(&mut first).unwrap();
+    wait_for_logged(&server, port, 2);
+    let log = ctl(&server, &["log", "--port", &port.to_string()]);
+    println!("{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("END"), "{log}");
+    assert!(lines[1].contains("127.0.0.2:") && lines[1].trim_end().ends_with("closed"), "newest first: {log}");
+    assert!(lines[2].contains("127.0.0.3:") && lines[2].trim_end().ends_with("closed_by_api"), "{log}");
+    assert!(log.ends_with("2 connection(s)\n"), "{log}");
+    let from_one = ctl(&server, &["log", "--source", "127.0.0.3"]);
+    assert!(from_one.ends_with("1 connection(s)\n"), "{from_one}");
+
+    let sources = ctl(&server, &["sources", &port.to_string()]);
+    println!("{sources}");
+    let lines: Vec<&str> = sources.lines().collect();
+    assert!(lines[0].starts_with("SOURCE"), "{sources}");
+    assert!(lines[1].starts_with("127.0.0.2 ") && lines[1].contains("4.0 KiB"), "most bytes first: {sources}");
+    assert!(lines[2].starts_with("127.0.0.3 "), "{sources}");
+}
