@@ -251,7 +251,7 @@ impl Default for HistoryConfig {
     }
 }
 
-/// The connection log's default row cap: about 120 MB on disk (see
+/// The connection log's default row cap: under 130 MB on disk (see
 /// `store::connection_log`), whatever the traffic and however long it runs.
 pub(crate) const DEFAULT_CONNECTION_LOG_MAX_ROWS: u64 = 1_000_000;
 
