@@ -60,19 +60,18 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
             v
         })
         .collect();
-    wait_for("three open connections", Duration::from_secs(5), || {
-        (get_data(&server, "/api/connections")["count"] == 3).then_some(())
-    });
-    wait_for("the ended one logged", Duration::from_secs(5), || {
-        (get_data(&server, "/api/connections/log")["count"] == 1).then_some(())
-    });
+    wait_for("three open connections", Duration::from_secs(5), || (get_data(&server, "/api/connections")["count"] == 3).then_some(()));
+    wait_for("the ended one logged", Duration::from_secs(5), || (get_data(&server, "/api/connections/log")["count"] == 1).then_some(()));
 
     let mut browser = Browser::launch(&chromium, &[], None);
     browser.set_state_probe(PROBE);
     browser.set_viewport(1440, 1000, false);
     browser.navigate(&server.url("/api/stats/monitor?interval_ms=1000"));
     browser.wait_for("the live stream", r#"document.querySelector('[data-testid="connection-status"]').dataset.state === 'live'"#);
-    browser.wait_for("the Open button", &format!(r#"document.querySelector('[data-role="open-conns"][data-port="{port}"]')?.textContent === '3'"#));
+    browser.wait_for(
+        "the Open button",
+        &format!(r#"document.querySelector('[data-role="open-conns"][data-port="{port}"]')?.textContent === '3'"#),
+    );
     browser.eval(&format!(r#"document.querySelector('[data-role="open-conns"][data-port="{port}"]').click()"#));
     browser.wait_for("three connections under the row", r#"document.querySelectorAll('[data-testid="conn"]').length === 3"#);
     let page = probe(&mut browser);
@@ -84,9 +83,7 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
         .collect();
     assert_eq!(shown, vec![("127.0.0.2".into(), 3_000), ("127.0.0.3".into(), 700), ("127.0.0.4".into(), 12_000)], "{page}");
     // The row under the mapping sits right after it, and opening it did not chart it.
-    let after = browser.eval(&format!(
-        r#"document.querySelector('tr[data-port="{port}"]').nextElementSibling.dataset.testid"#
-    ));
+    let after = browser.eval(&format!(r#"document.querySelector('tr[data-port="{port}"]').nextElementSibling.dataset.testid"#));
     assert_eq!(after, "conns-row");
     assert!(page["charted"].is_null(), "the Open button does not chart the mapping: {page}");
 
@@ -119,7 +116,9 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
 
     // The log, filtered by source, and its CSV.
     browser.wait_for("the log", r#"document.querySelectorAll('[data-testid="connlog-row"]').length >= 1"#);
-    browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.source.value = '127.0.0.3'; f.requestSubmit(); })()"#);
+    browser.eval(
+        r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.source.value = '127.0.0.3'; f.requestSubmit(); })()"#,
+    );
     browser.wait_for(
         "the .3 row only",
         r#"(() => { const rows = [...document.querySelectorAll('[data-testid="connlog-row"]')]; return rows.length === 1 && rows[0].dataset.end === 'closed_by_api'; })()"#,
@@ -130,9 +129,8 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
     browser.allow_downloads_to(downloads.path());
     browser.eval(r#"document.querySelector('#connlog-csv').click()"#);
     let csv_path = downloads.path().join("tunneld-connections.csv");
-    let text = wait_for("the CSV download", Duration::from_secs(10), || {
-        std::fs::read_to_string(&csv_path).ok().filter(|t| t.ends_with("\r\n"))
-    });
+    let text =
+        wait_for("the CSV download", Duration::from_secs(10), || std::fs::read_to_string(&csv_path).ok().filter(|t| t.ends_with("\r\n")));
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let ends: Vec<String> = reader.records().map(|r| r.unwrap()[9].to_string()).collect();
     assert_eq!(ends, ["closed_by_api", "closed"], "{text}");

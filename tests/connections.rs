@@ -386,11 +386,7 @@ fn the_log_downloads_as_csv_and_sources_rank_by_bytes() {
         .iter()
         .map(|s| (s["source"].as_str().unwrap().to_string(), s["connections"].as_u64().unwrap(), s["bytes_sent"].as_u64().unwrap()))
         .collect();
-    assert_eq!(
-        ranked,
-        vec![("127.0.0.2".into(), 1, 30_000), ("127.0.0.3".into(), 3, 6_000), ("127.0.0.4".into(), 1, 100)],
-        "{sources}"
-    );
+    assert_eq!(ranked, vec![("127.0.0.2".into(), 1, 30_000), ("127.0.0.3".into(), 3, 6_000), ("127.0.0.4".into(), 1, 100)], "{sources}");
     let everywhere = get_data(&server, "/api/stats/sources?limit=1");
     assert_eq!(everywhere["sources"][0]["source"], "127.0.0.4", "the other port's big transfer: {everywhere}");
     assert_eq!(everywhere["sources"].as_array().unwrap().len(), 1);

@@ -184,8 +184,7 @@ pub(super) async fn sources(State(state): State<AppState>, raw: Params) -> Resul
 /// RFC 4180: a header line, CRLF line ends, a field quoted when it holds a
 /// comma, a quote or a line break (a reason is free text).
 fn to_csv(rows: &[LoggedConnection]) -> String {
-    let mut out =
-        String::from("id,port,protocol,client,source,started_at,ended_at,bytes_sent,bytes_received,end,reason\r\n");
+    let mut out = String::from("id,port,protocol,client,source,started_at,ended_at,bytes_sent,bytes_received,end,reason\r\n");
     for r in rows {
         let fields = [
             r.id.to_string(),

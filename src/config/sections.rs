@@ -303,7 +303,12 @@ impl HistoryConfig {
             connection_log: self.connection_log,
             connection_log_retention_secs: retention("history.connection_log_retention", &self.connection_log_retention, 3600, "1h")?,
             connection_log_max_rows: match self.connection_log_max_rows {
-                0 => return Err(invalid("history.connection_log_max_rows", "must be at least 1 (to keep no log, set history.connection_log = false)".into())),
+                0 => {
+                    return Err(invalid(
+                        "history.connection_log_max_rows",
+                        "must be at least 1 (to keep no log, set history.connection_log = false)".into(),
+                    ))
+                }
                 n => n,
             },
         })

@@ -46,9 +46,8 @@ const CHUNK: usize = 64 * 1024;
 /// connection log.
 pub(crate) async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
-    let copies = async {
-        tokio::try_join!(copy(a, b, a_to_b, &activity, (Side::A, Side::B)), copy(b, a, b_to_a, &activity, (Side::B, Side::A)))
-    };
+    let copies =
+        async { tokio::try_join!(copy(a, b, a_to_b, &activity, (Side::A, Side::B)), copy(b, a, b_to_a, &activity, (Side::B, Side::A))) };
     let totals = guard(copies, (a, b), &activity, idle_timeout).await?;
     disarm(a);
     disarm(b);

@@ -202,8 +202,8 @@ impl Connections {
         let open = lock(&self.open);
         let mut matching: Vec<&Arc<OpenConnection>> = open
             .values()
-            .filter(|c| port.is_none_or(|p| c.port == p))
-            .filter(|c| client.is_none_or(|name| c.client.as_deref() == Some(name)))
+            .filter(|c| port.map_or(true, |p| c.port == p))
+            .filter(|c| client.map_or(true, |name| c.client.as_deref() == Some(name)))
             .collect();
         let count = matching.len();
         matching.sort_unstable_by_key(|c| c.id);
@@ -298,6 +298,11 @@ pub(crate) struct Tracked {
 }
 
 impl Tracked {
+    /// The visitor's address.
+    pub(crate) fn source(&self) -> SocketAddr {
+        self.connection.source
+    }
+
     /// What the upstream meter tallies into.
     pub(crate) fn sent(&self) -> Arc<AtomicU64> {
         self.connection.sent.clone()

@@ -25,7 +25,9 @@ mod traffic;
 use serde::{Deserialize, Serialize};
 
 pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
-pub use connections::{CloseConnection, ConnectionClosed, ConnectionList, ConnectionLog, LoggedConnection, OpenConnection, SourceTotals, Sources};
+pub use connections::{
+    CloseConnection, ConnectionClosed, ConnectionList, ConnectionLog, LoggedConnection, OpenConnection, SourceTotals, Sources,
+};
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};

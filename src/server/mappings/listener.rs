@@ -21,8 +21,8 @@ use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
 use crate::policy::LivePolicy;
-use crate::store::MappingSpec;
 use crate::server::connections::End;
+use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics};
 
 /// Descriptors one visitor holds: its own connection and the target's.
@@ -175,7 +175,7 @@ pub(super) async fn run_mapping(
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             let end = tokio::select! {
-                end = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, peer, &tracked) => end,
+                end = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, &tracked) => end,
                 _ = tracked.close_requested() => {
                     debug!(port = spec.source_port, %peer, "connection reset: closed through the API");
                     End::ClosedByApi

@@ -2,8 +2,6 @@
 //! reached through the mapping's tunnel client, and the bytes are relayed,
 //! counted and capped until either side is done.
 
-use std::net::SocketAddr;
-
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -25,19 +23,15 @@ pub(super) async fn serve_visitor(
     metrics: &MappingMetrics,
     health: &HealthWindow,
     visitor: TcpStream,
-    peer: SocketAddr,
     tracked: &Tracked,
 ) -> End {
     let port = spec.source_port;
+    let peer = tracked.source();
     let _active = metrics.visitor_accepted();
     // The same meters as ever, tallying into this connection's entry too.
     let (up, down) = policy.capped(metrics.meters());
     let meters = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
-    let result = if spec.use_tunnel {
-        tunneled(ctx, spec, meters, &visitor).await
-    } else {
-        direct(ctx, spec, meters, &visitor).await
-    };
+    let result = if spec.use_tunnel { tunneled(ctx, spec, meters, &visitor).await } else { direct(ctx, spec, meters, &visitor).await };
     match result {
         Ok((sent, received)) => {
             debug!(port, %peer, sent, received, "connection finished");
@@ -144,7 +138,9 @@ async fn tunneled(ctx: &Ctx, spec: &MappingSpec, (up, down): Meters, visitor: &T
         }
         Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
         // The exchange's own idle timer, or the visitor's socket.
-        Err(ExchangeError::Socket(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(VisitorError::Ended(End::IdleTimeout, e.to_string())),
+        Err(ExchangeError::Socket(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(VisitorError::Ended(End::IdleTimeout, e.to_string()))
+        }
         Err(ExchangeError::Socket(e)) => Err(VisitorError::Ended(End::VisitorReset, e.to_string())),
         // The client's target reset, or the tunnel under it broke.
         Err(e @ (ExchangeError::PeerReset | ExchangeError::Channel(_))) => {
