@@ -1932,9 +1932,13 @@
       const v = String(f.get(key) || '').trim();
       if (v) q.set(key, v);
     }
+    // A plain text field (a date picker's icon would be an image the page
+    // loads): local time as YYYY-MM-DD[ HH:MM], or Unix seconds.
     for (const key of ['from', 'to']) {
-      const v = String(f.get(key) || '');
-      if (v) q.set(key, String(Math.floor(new Date(v).getTime() / 1000)));
+      const v = String(f.get(key) || '').trim();
+      if (!v) continue;
+      const secs = /^\d+$/.test(v) ? Number(v) : Math.floor(new Date(v.replace(' ', 'T')).getTime() / 1000);
+      if (Number.isFinite(secs)) q.set(key, String(secs));
     }
     q.set('limit', format === 'csv' ? '100000' : '200');
     if (format === 'csv') q.set('format', 'csv');

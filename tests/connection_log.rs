@@ -123,7 +123,9 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
         "the .3 row only",
         r#"(() => { const rows = [...document.querySelectorAll('[data-testid="connlog-row"]')]; return rows.length === 1 && rows[0].dataset.end === 'closed_by_api'; })()"#,
     );
-    browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.source.value = ''; f.requestSubmit(); })()"#);
+    browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.source.value = ''; f.elements.to.value = '2000-01-01 00:00'; f.requestSubmit(); })()"#);
+    browser.wait_for("nothing before 2000", r#"!document.querySelector('[data-testid="connlog-empty"]').hidden && document.querySelectorAll('[data-testid="connlog-row"]').length === 0"#);
+    browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.to.value = ''; f.requestSubmit(); })()"#);
     browser.wait_for("both ended rows", r#"document.querySelectorAll('[data-testid="connlog-row"]').length === 2"#);
     let downloads = tempfile::tempdir().unwrap();
     browser.allow_downloads_to(downloads.path());
@@ -147,4 +149,9 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
     browser.screenshot("connections-log-390.png");
     let overflow = browser.eval("document.documentElement.scrollWidth - document.documentElement.clientWidth");
     assert_eq!(overflow, json!(0), "the page scrolls sideways at 390 px");
+    let thrown = browser.events_named("Runtime.exceptionThrown");
+    assert!(thrown.is_empty(), "page threw: {thrown:?}");
+    let base = format!("http://{}/", server.http);
+    let foreign: Vec<String> = browser.requested_urls().into_iter().filter(|u| !u.starts_with(&base) && !u.starts_with("blob:")).collect();
+    assert!(foreign.is_empty(), "the page requested other hosts: {foreign:?}");
 }
