@@ -49,6 +49,8 @@ pub(crate) fn spawn_writer(store: Store, bounds: LogBounds, metrics: Arc<Metrics
     let (queue, mut arrivals) = mpsc::channel(QUEUE);
     let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(1024);
+        // The log's row count, carried from batch to batch (counted once).
+        let mut rows = None;
         loop {
             if arrivals.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 return;
@@ -60,9 +62,14 @@ pub(crate) fn spawn_writer(store: Store, bounds: LogBounds, metrics: Arc<Metrics
                     Err(_) => break,
                 }
             }
-            let rows = batch.len();
-            if let Err(e) = store.log_connections(std::mem::take(&mut batch), bounds, unix_now()).await {
-                warn!(error = %e, rows, "connection log: cannot write ended connections; they are lost");
+            let size = batch.len();
+            match store.log_connections(std::mem::take(&mut batch), bounds, unix_now(), rows).await {
+                Ok(now) => rows = Some(now),
+                Err(e) => {
+                    // Count again next time: the transaction may or may not have happened.
+                    rows = None;
+                    warn!(error = %e, rows = size, "connection log: cannot write ended connections; they are lost");
+                }
             }
         }
     });

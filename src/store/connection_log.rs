@@ -99,7 +99,16 @@ pub(crate) struct LogBounds {
 
 impl Store {
     /// Writes `batch` in one transaction, then trims the log to `bounds`.
-    pub(crate) async fn log_connections(&self, batch: Vec<LoggedConnection>, bounds: LogBounds, now: f64) -> Result<(), StoreError> {
+    /// `rows` is how many rows the log held before (`None`: count them, once):
+    /// the answer is how many it holds now, for the next batch — counting a
+    /// million rows on every batch would hold the database for tens of ms.
+    pub(crate) async fn log_connections(
+        &self,
+        batch: Vec<LoggedConnection>,
+        bounds: LogBounds,
+        now: f64,
+        rows: Option<u64>,
+    ) -> Result<u64, StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             {
@@ -124,8 +133,13 @@ impl Store {
                     ])?;
                 }
             }
-            trim(&tx, bounds, now)?;
-            tx.commit()
+            let rows = match rows {
+                Some(rows) => rows + batch.len() as u64,
+                None => tx.query_row("SELECT COUNT(*) FROM connection_log", [], |r| r.get::<_, i64>(0))?.max(0) as u64,
+            };
+            let rows = trim(&tx, bounds, now, rows)?;
+            tx.commit()?;
+            Ok(rows)
         })
         .await
     }
@@ -192,18 +206,19 @@ impl Store {
     }
 }
 
-/// Deletes what `bounds` no longer keeps.
-fn trim(conn: &Connection, bounds: LogBounds, now: f64) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM connection_log WHERE ended_at < ?1", params![now - bounds.retention_secs as f64])?;
-    let max = i64::try_from(bounds.max_rows).unwrap_or(i64::MAX);
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM connection_log", [], |r| r.get(0))?;
-    if rows > max {
-        conn.execute(
+/// Deletes what `bounds` no longer keeps from a log of `rows` rows; how many are left.
+fn trim(conn: &Connection, bounds: LogBounds, now: f64, rows: u64) -> rusqlite::Result<u64> {
+    let expired = conn.execute("DELETE FROM connection_log WHERE ended_at < ?1", params![now - bounds.retention_secs as f64])?;
+    let mut rows = rows.saturating_sub(expired as u64);
+    if rows > bounds.max_rows {
+        let over = i64::try_from(rows - bounds.max_rows).unwrap_or(i64::MAX);
+        let deleted = conn.execute(
             "DELETE FROM connection_log WHERE id IN (SELECT id FROM connection_log ORDER BY ended_at, id LIMIT ?1)",
-            params![rows - max],
+            params![over],
         )?;
+        rows = rows.saturating_sub(deleted as u64);
     }
-    Ok(())
+    Ok(rows)
 }
 
 fn where_clause(query: &LogQuery) -> (String, Vec<rusqlite::types::Value>) {
@@ -266,11 +281,12 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let bounds = LogBounds { retention_secs: 100, max_rows: 3 };
         let batch = vec![row(1, "10.0.0.1:1", 1.0, 5), row(2, "10.0.0.2:1", 950.0, 50), row(3, "10.0.0.2:2", 960.0, 50)];
-        store.log_connections(batch, bounds, 1000.0).await.unwrap();
+        let rows = store.log_connections(batch, bounds, 1000.0, None).await.unwrap();
+        assert_eq!(rows, 2);
         let all = store.connection_log(LogQuery { limit: 10, ..LogQuery::default() }).await.unwrap();
         assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3, 2], "older than the retention: gone");
         let batch = vec![row(4, "10.0.0.3:1", 970.0, 1), row(5, "10.0.0.3:2", 980.0, 1)];
-        store.log_connections(batch, bounds, 1000.0).await.unwrap();
+        assert_eq!(store.log_connections(batch, bounds, 1000.0, Some(rows)).await.unwrap(), 3);
         let all = store.connection_log(LogQuery { limit: 10, ..LogQuery::default() }).await.unwrap();
         assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), vec![5, 4, 3], "the cap keeps the newest");
         let top = store.top_sources(LogQuery { limit: 10, ..LogQuery::default() }).await.unwrap();
