@@ -6,7 +6,13 @@ through the tunnel; `/api/connections` latency and server RSS per connection
 with 10,000 connections open; and whether the log keeps up with a burst of
 connections finishing thousands a second (every one logged, none dropped).
 
-    python3 bench/connections.py [--rounds 5] [--conns 3000] [--open 10000] [--burst 20000] [--no-build]
+    python3 bench/connections.py [--rounds 5] [--conns 2000] [--open 7000] [--burst 7000]
+                                 [--no-build] [--binary PATH] [--baseline PATH]
+
+With `--baseline` (a tunneld built from before connections were tracked, e.g.
+`git worktree add /tmp/base <commit> && cargo build --release` there), that
+binary joins the rounds as "today" and its RSS per open connection is measured
+the same way, so the figures read as "over today".
 
 The live table of open connections is always on (it is what /api/connections
 reads); what can be switched off is the log, so that is the A/B. The table's
@@ -57,19 +63,48 @@ def dropped(api: str) -> float:
     return float("nan")
 
 
+def hold_rss(procs, loadgen: Path, server, port: int, conns: int) -> tuple[float, int]:
+    """Server RSS added per open direct connection (bytes), and how many were open."""
+    time.sleep(1.0)
+    idle = bench.rss_kib(server.server.pid)["VmRSS"]
+    hold = procs.spawn(f"loadgen-hold-{port}", [str(loadgen), "hold", "--target", f"127.0.0.1:{port}", "--conns", str(conns)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        ready = bench.json.loads(hold.stdout.readline())
+        time.sleep(1.0)
+        held = bench.rss_kib(server.server.pid)["VmRSS"]
+    finally:
+        hold.stdin.close()
+        procs.stop(hold)
+    server.wait_drained([port])
+    return (held - idle) * 1024 / max(ready["open"], 1), ready["open"]
+
+
+def settled_rows(api: str, procs, server) -> int:
+    """Rows in the log once every connection the server counted is in it."""
+    def total() -> int:
+        return sum(m["connections_total"] for m in bench.http_json(api + "/api/stats/traffic")["data"]["mappings"])
+    bench.wait_until("the log to hold every ended connection", lambda: logged_rows(api) >= total(), procs, server, timeout=60)
+    return logged_rows(api)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conns", type=int, default=3000, help="sequential connections per connrate round")
-    ap.add_argument("--open", type=int, default=10000, help="connections held open for the list and memory figures")
-    ap.add_argument("--burst", type=int, default=20000, help="simultaneous connections finishing for the log figure")
+    ap.add_argument("--conns", type=int, default=2000, help="sequential connections per connrate round")
+    ap.add_argument("--open", type=int, default=7000, help="connections held open for the list and memory figures")
+    ap.add_argument("--burst", type=int, default=7000, help="simultaneous connections finishing for the log figure")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--binary", type=Path, help="the tunneld to measure (default: target/release/tunneld)")
+    ap.add_argument("--baseline", type=Path, help="a tunneld from before connection tracking, as \"today\"")
     args = ap.parse_args()
     if not args.no_build:
         build()
-    binary = bench.TARGET_DIR / "release" / "tunneld"
+    binary = args.binary or bench.TARGET_DIR / "release" / "tunneld"
     loadgen = bench.TARGET_DIR / "release" / "examples" / "loadgen"
-    bench.raise_fd_limit(4 * max(args.open, args.burst) + 1000)
+    # tunneld holds two descriptors per direct connection, loadgen and its echo
+    # target one each: the whole run stays within one process's limit.
+    bench.raise_fd_limit(2 * max(args.open, args.burst) + 2000)
     fd_env = dict(bench.os.environ)
 
     with tempfile.TemporaryDirectory(prefix="tunneld-connections-") as tmpdir:
@@ -84,6 +119,8 @@ def main() -> int:
                 "log off": bench.Tunneld(binary, procs, tmp, fd_env, name="log-off",
                                          extra_config="[history]\nconnection_log = false\n"),
             }
+            if args.baseline:
+                servers["today"] = bench.Tunneld(args.baseline, procs, tmp, fd_env, name="today")
             ports = {(label, path): s.map(echo_port, use_tunnel=(path == "tunnel"))
                      for label, s in servers.items() for path in ("direct", "tunnel")}
 
@@ -102,7 +139,15 @@ def main() -> int:
             med = {key: statistics.median(v) for key, v in rates.items()}
             for path in ("direct", "tunnel"):
                 on, off = med[("log on", path)], med[("log off", path)]
-                bench.log(f"  {path:<7} log on {on:7.0f} conn/s, log off {off:7.0f} conn/s: on/off = {on / off:.3f}")
+                line = f"  {path:<7} log on {on:7.0f} conn/s, log off {off:7.0f} conn/s: on/off = {on / off:.3f}"
+                if ("today", path) in med:
+                    today = med[("today", path)]
+                    line += f"; today {today:7.0f} conn/s: on/today = {on / today:.3f}, off/today = {off / today:.3f}"
+                bench.log(line)
+
+            for label in [name for name in ("today",) if name in servers]:
+                held = hold_rss(procs, loadgen, servers[label], ports[(label, "direct")], args.open)
+                bench.log(f"\n== {label}: {held[1]} open direct connections: {held[0]:.0f} bytes of server RSS per connection")
 
             on = servers["log on"]
             direct = ports[("log on", "direct")]
@@ -131,13 +176,11 @@ def main() -> int:
             on.wait_drained([direct])
 
             bench.log(f"\n== the log under a burst: {args.burst} simultaneous connections, 64 bytes echoed each")
-            before = logged_rows(on.api)
+            before = settled_rows(on.api, procs, on.server)
             res = bench.run_loadgen(loadgen, ["concurrent", "--target", f"127.0.0.1:{direct}",
                                               "--conns", str(args.burst), "--bytes", "64"], timeout=600)
             on.wait_drained([direct])
-            bench.wait_until("the log to catch up", lambda: logged_rows(on.api) - before >= args.burst - res["failures"],
-                             procs, on.server, timeout=60)
-            rows = logged_rows(on.api) - before
+            rows = settled_rows(on.api, procs, on.server) - before
             bench.log(f"  {args.burst} connections finished in {res['elapsed_s']:.2f} s "
                       f"({args.burst / res['elapsed_s']:.0f}/s), {res['failures']} failed; "
                       f"{rows} logged, {dropped(on.api):.0f} dropped")
