@@ -254,17 +254,18 @@ class Tunneld:
     defaults — except that mappings listen on loopback only, as everything here does,
     rather than exposing an echo service on every interface."""
 
-    def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict, tls: bool = True):
+    def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict, tls: bool = True, name: str | None = None,
+                 extra_config: str = ""):
         self.procs = procs
         self.api = f"http://127.0.0.1:{free_port()}"
         tunnel_port = free_port()
         secret = "bench-" + os.urandom(8).hex()
-        name = "tls" if tls else "plain"
+        name = name or ("tls" if tls else "plain")
         tmp = tmp / name
         tmp.mkdir()
         config = tmp / "tunneld.toml"
         tls_off = "" if tls else "tls = false\n"
-        config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}[client]\n{tls_off}')
+        config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}[client]\n{tls_off}{extra_config}')
         env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_")}
         env["RUST_LOG"] = "warn"
 

@@ -617,7 +617,7 @@
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
-        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, intFormat.format(m.active_connections ?? 0)),
+        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, openConnsButton(m)),
           // Where the Connect column is folded away (721-1100 px), its values go here.
           m.connect_p50_seconds == null ? null : el('span', { class: 'cell-sub connect-inline', 'data-role': 'connect-inline', title: 'Connect time: median, 99th percentile (last 15 minutes)' },
             // A narrow column may break after "p50", never inside "1.3 ms".
@@ -630,7 +630,7 @@
         el('td', { class: 'num muted', 'data-label': 'Last active', 'data-col': 'last-activity', 'data-ts': m.last_update ?? '' },
           formatAgo(ago)));
     });
-    dom.rows.replaceChildren(...rows);
+    dom.rows.replaceChildren(...withConnections(rows));
     // The Mappings card says how many are not ok, so a broken one is seen
     // without scrolling to the table.
     const attention = $('[data-role="attention"]', dom.cards.mappings);
@@ -1265,6 +1265,129 @@
   chartPicker.select.addEventListener('change', () => chartMapping(chartPicker.select.value === '' ? null : Number(chartPicker.select.value)));
   chartPicker.all.addEventListener('click', () => chartMapping(null));
 
+  // ---------- Live connections of a mapping ----------
+
+  // The Open cell of a mapping row is a button that opens a row under it with
+  // that mapping's open connections, refreshed every CONNS_REFRESH_MS, each
+  // with a Close button (POST /api/connection/close: the visitor gets a reset).
+  const CONNS_REFRESH_MS = 2000;
+  const CONNS_LIMIT = 50;
+  const conns = { port: null, data: null, error: null, timer: null, row: null, request: 0 };
+
+  function openConnsButton(m) {
+    const open = conns.port === m.port;
+    return el('button', {
+      type: 'button', class: 'conns-toggle', 'data-role': 'open-conns', 'data-port': m.port,
+      'aria-expanded': String(open), title: open ? 'Hide the open connections' : 'Show the open connections',
+    }, intFormat.format(m.active_connections ?? 0));
+  }
+
+  /** The table's rows with the open connections' row under the opened mapping. */
+  function withConnections(rows) {
+    if (conns.port == null) return rows;
+    const i = rows.findIndex((r) => Number(r.dataset.port) === conns.port);
+    if (i < 0) {
+      hideConns(); // the mapping is gone
+      return rows;
+    }
+    if (!conns.row) conns.row = el('tr', { class: 'conns-row', 'data-testid': 'conns-row' }, el('td', {}));
+    conns.row.firstChild.colSpan = rows[i].children.length;
+    conns.row.dataset.connsPort = conns.port;
+    return [...rows.slice(0, i + 1), conns.row, ...rows.slice(i + 1)];
+  }
+
+  function showConns(port) {
+    conns.port = port;
+    conns.data = null;
+    conns.error = null;
+    conns.row = null;
+    if (latest) renderTable();
+    renderConns();
+    loadConns();
+  }
+
+  function hideConns() {
+    conns.port = null;
+    conns.data = null;
+    conns.row = null;
+    clearTimeout(conns.timer);
+    if (latest) renderTable();
+  }
+
+  async function loadConns() {
+    clearTimeout(conns.timer);
+    const port = conns.port;
+    if (port == null) return;
+    const request = ++conns.request;
+    try {
+      const data = await fetchApi(`/api/connections?port=${port}&limit=${CONNS_LIMIT}`);
+      if (request !== conns.request || conns.port !== port) return;
+      conns.data = data;
+      conns.error = null;
+    } catch (err) {
+      if (request !== conns.request) return;
+      if (err instanceof AuthError) return needToken();
+      conns.error = err.message;
+    }
+    renderConns();
+    conns.timer = setTimeout(loadConns, CONNS_REFRESH_MS);
+  }
+
+  function renderConns() {
+    if (!conns.row) return;
+    const port = conns.port;
+    const data = conns.data;
+    const now = serverNow();
+    const list = data ? data.connections.map((c) => el('li', { 'data-testid': 'conn', 'data-id': c.id, 'data-source': c.source },
+      el('span', { class: 'conn-source' }, c.source),
+      el('span', { class: 'conn-meta' }, c.client ? `via ${c.client} · ` : '', `${formatDuration(Math.max(0, now - c.started_at))}`),
+      el('span', { class: 'conn-bytes', 'data-role': 'conn-sent', 'data-bytes': c.bytes_sent, title: 'Sent: visitor → target' },
+        `↑ ${formatBytes(c.bytes_sent)}`, el('span', { class: 'cell-sub' }, formatRate(c.sent_rate))),
+      el('span', { class: 'conn-bytes', 'data-role': 'conn-received', 'data-bytes': c.bytes_received, title: 'Received: target → visitor' },
+        `↓ ${formatBytes(c.bytes_received)}`, el('span', { class: 'cell-sub' }, formatRate(c.received_rate))),
+      el('button', { type: 'button', class: 'button button-small button-quiet', 'data-role': 'close-conn', 'data-id': c.id,
+        title: `Reset this connection (the visitor ${c.source} gets a reset)` }, 'Close'))) : [];
+    const count = data ? data.count : 0;
+    const sub = conns.error ? `unavailable: ${conns.error}`
+      : !data ? 'loading…'
+      : `${intFormat.format(count)} open${count > data.connections.length ? `, ${data.connections.length} shown` : ''} · rates over ${data.rate_window_secs} s`;
+    conns.row.firstChild.replaceChildren(el('div', { class: 'conns-panel', 'data-testid': 'conns-panel', 'data-port': port, 'data-count': count },
+      el('div', { class: 'conns-head' },
+        el('strong', {}, `Open connections of :${port}`),
+        el('span', { class: 'panel-sub', 'data-role': 'conns-sub' }, sub),
+        el('button', { type: 'button', class: 'link-button', 'data-role': 'hide-conns' }, 'Hide')),
+      list.length ? el('ul', { class: 'conns-list', 'data-testid': 'conns-list' }, ...list)
+        : el('p', { class: 'empty-text', 'data-testid': 'conns-empty' }, data ? 'No open connections.' : '')));
+  }
+
+  async function closeConnection(button) {
+    button.disabled = true;
+    const id = Number(button.dataset.id);
+    const res = await fetch('/api/connection/close', {
+      method: 'POST',
+      headers: { ...authHeaders(), 'Content-Type': 'application/json' },
+      body: JSON.stringify({ id }),
+      cache: 'no-store',
+    }).catch((e) => ({ ok: false, status: 0, json: async () => ({ message: String(e) }) }));
+    if (res.status === 401) return needToken();
+    const reply = await res.json().catch(() => null);
+    if (!res.ok && res.status !== 404) {
+      conns.error = (reply && reply.message) || `HTTP ${res.status}`;
+    }
+    loadConns();
+  }
+
+  dom.rows.addEventListener('click', (e) => {
+    const toggle = e.target.closest('[data-role="open-conns"]');
+    if (toggle) {
+      const port = Number(toggle.dataset.port);
+      return conns.port === port ? hideConns() : showConns(port);
+    }
+    if (e.target.closest('[data-role="hide-conns"]')) return hideConns();
+    const close = e.target.closest('[data-role="close-conn"]');
+    if (close) closeConnection(close);
+  });
+
   // ---------- connection state ----------
 
   const STATE_TEXT = {
@@ -1610,6 +1733,8 @@
       updatePortOptions([...(latest ? latest.mappings.map((m) => m.port) : []), ...totals.keys()]);
       renderHistory(series, offset, totals, port);
       hist.section.dataset.state = 'ready';
+      loadSources(port, from, to);
+      if (connlog.section.dataset.state === 'idle') loadConnLog();
     } catch (err) {
       if (request !== hist.request) return;
       if (err instanceof AuthError) return needToken();
@@ -1774,6 +1899,130 @@
       hist.summary.append(el('span', { class: 'history-error', role: 'alert' }, `CSV download failed: ${err.message}`));
     } finally {
       hist.csv.disabled = false;
+    }
+  });
+
+  // ---------- Top sources and the connection log ----------
+
+  // Beside the history: who moved the bytes of the chosen mapping (or all) in
+  // the chosen range, from the connection log ("who used this quota").
+  const sourcesDom = { box: $('#sources'), sub: $('#sources-sub'), list: $('#sources-list'), empty: $('#sources-empty') };
+  let sourcesRequest = 0;
+
+  async function loadSources(port, from, to) {
+    const request = ++sourcesRequest;
+    try {
+      const data = await fetchApi(`/api/stats/sources?from=${from}&to=${to}&limit=10${port ? `&port=${port}` : ''}`);
+      if (request !== sourcesRequest) return;
+      const top = data.sources;
+      const most = Math.max(1, ...top.map((s) => s.bytes_sent + s.bytes_received));
+      sourcesDom.sub.textContent = `${port ? `:${port}` : 'All mappings'}, ${RANGES[hist.range].title.replace(/,.*/, '')}, from the connection log`;
+      sourcesDom.list.replaceChildren(...top.map((s) => {
+        const total = s.bytes_sent + s.bytes_received;
+        return el('li', { 'data-testid': 'source', 'data-source': s.source, 'data-bytes': total, 'data-connections': s.connections },
+          el('span', { class: 'source-address' }, s.source),
+          el('span', { class: 'source-bar', 'aria-hidden': 'true' }, el('span', { style: `width: ${(100 * total / most).toFixed(1)}%` })),
+          el('span', { class: 'source-total' }, formatBytes(total)),
+          el('span', { class: 'source-count' }, s.connections === 1 ? '1 connection' : `${intFormat.format(s.connections)} connections`));
+      }));
+      sourcesDom.empty.hidden = top.length > 0;
+      sourcesDom.box.dataset.state = 'ready';
+    } catch (err) {
+      if (request !== sourcesRequest) return;
+      if (err instanceof AuthError) return;
+      sourcesDom.box.dataset.state = 'error';
+      sourcesDom.empty.textContent = `Sources unavailable: ${err.message}`;
+      sourcesDom.empty.hidden = false;
+    }
+  }
+
+  const connlog = {
+    section: $('[data-testid="connlog"]'),
+    form: $('#connlog-form'),
+    rows: $('#connlog-rows'),
+    empty: $('#connlog-empty'),
+    csv: $('#connlog-csv'),
+    request: 0,
+  };
+
+  /** The log's query from the filters (times typed in the browser's zone). */
+  function connlogQuery(format) {
+    const f = new FormData(connlog.form);
+    const q = new URLSearchParams();
+    for (const key of ['port', 'client', 'source']) {
+      const v = String(f.get(key) || '').trim();
+      if (v) q.set(key, v);
+    }
+    // A plain text field (a date picker's icon would be an image the page
+    // loads): local time as YYYY-MM-DD[ HH:MM], or Unix seconds.
+    for (const key of ['from', 'to']) {
+      const v = String(f.get(key) || '').trim();
+      if (!v) continue;
+      const secs = /^\d+$/.test(v) ? Number(v) : Math.floor(new Date(v.replace(' ', 'T')).getTime() / 1000);
+      if (Number.isFinite(secs)) q.set(key, String(secs));
+    }
+    q.set('limit', format === 'csv' ? '100000' : '200');
+    if (format === 'csv') q.set('format', 'csv');
+    return `/api/connections/log?${q}`;
+  }
+
+  function endBadge(c) {
+    const bad = ['target_unreachable', 'target_reset', 'refused'].includes(c.end);
+    const warn = ['visitor_reset', 'idle_timeout', 'closed_by_api', 'mapping_removed', 'client_removed', 'shutdown'].includes(c.end);
+    const text = c.end === 'refused' && c.reason ? `refused: ${c.reason}` : c.end.replace(/_/g, ' ');
+    return el('span', { class: `badge ${bad ? 'badge-bad' : warn ? 'badge-warn' : 'badge-ok'}`, 'data-role': 'end', title: c.reason || '' }, text);
+  }
+
+  async function loadConnLog() {
+    const request = ++connlog.request;
+    fillMappingPicker(connlog.form.elements.port, [...hist.knownPorts]);
+    try {
+      const data = await fetchApi(connlogQuery('json'));
+      if (request !== connlog.request) return;
+      connlog.rows.replaceChildren(...data.connections.map((c) => el('tr', { 'data-testid': 'connlog-row', 'data-id': c.id, 'data-end': c.end },
+        el('td', { 'data-label': 'Ended' }, el('time', { datetime: new Date(c.ended_at * 1000).toISOString() }, new Date(c.ended_at * 1000).toLocaleString())),
+        el('td', { class: 'port', 'data-label': 'Port' }, `:${c.port}`),
+        el('td', { class: 'conn-source', 'data-label': 'Source' }, c.source),
+        el('td', { 'data-label': 'Client' }, c.client || '—'),
+        el('td', { class: 'num', 'data-label': 'Lasted' }, formatDuration(Math.max(0, c.ended_at - c.started_at))),
+        el('td', { class: 'num', 'data-label': 'Sent' }, formatBytes(c.bytes_sent)),
+        el('td', { class: 'num', 'data-label': 'Received' }, formatBytes(c.bytes_received)),
+        el('td', { 'data-label': 'End' }, endBadge(c)))));
+      connlog.empty.textContent = data.enabled ? 'No ended connections match.' : 'The connection log is off on this server (history.connection_log = false).';
+      connlog.empty.hidden = data.connections.length > 0;
+      connlog.section.dataset.state = 'ready';
+    } catch (err) {
+      if (request !== connlog.request) return;
+      if (err instanceof AuthError) return;
+      connlog.section.dataset.state = 'error';
+      connlog.empty.textContent = `Connection log unavailable: ${err.message}`;
+      connlog.empty.hidden = false;
+    }
+  }
+
+  connlog.form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    loadConnLog();
+  });
+  connlog.csv.addEventListener('click', async () => {
+    connlog.csv.disabled = true;
+    try {
+      const res = await fetch(connlogQuery('csv'), { headers: authHeaders(), cache: 'no-store' });
+      if (res.status === 401) return needToken();
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      const url = URL.createObjectURL(await res.blob());
+      const a = el('a', { href: url, download: 'tunneld-connections.csv' });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+      connlog.section.dataset.csv = 'downloaded';
+    } catch (err) {
+      connlog.section.dataset.csv = 'failed';
+      connlog.empty.textContent = `CSV download failed: ${err.message}`;
+      connlog.empty.hidden = false;
+    } finally {
+      connlog.csv.disabled = false;
     }
   });
 

@@ -26,9 +26,9 @@ const LATEST: i64 = 253_402_300_799;
 
 /// The query as its pairs, in order, repeats kept: a map would keep only one
 /// of `port=1&port=2` and answer for a port the caller may not have meant.
-type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
+pub(super) type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
-fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
     let Query(pairs) = raw.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let mut map = HashMap::with_capacity(pairs.len());
     for (key, value) in pairs {
@@ -43,7 +43,7 @@ fn params(raw: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiE
     Ok(map)
 }
 
-fn time_param(map: &HashMap<String, String>, key: &str, default: i64) -> Result<i64, ApiError> {
+pub(super) fn time_param(map: &HashMap<String, String>, key: &str, default: i64) -> Result<i64, ApiError> {
     match map.get(key) {
         None => Ok(default),
         Some(text) => match text.parse::<i64>() {

@@ -13,6 +13,7 @@ mod assets;
 mod auth;
 mod body;
 mod clients;
+mod connections;
 pub mod contract;
 mod error;
 mod events;
@@ -140,6 +141,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats/history", get(history::history))
         .route("/api/stats/report", get(history::report))
         .route("/api/events", get(events::list))
+        .route("/api/connections", get(connections::list))
+        .route("/api/connection/close", post(connections::close))
+        .route("/api/connections/log", get(connections::log))
+        .route("/api/stats/sources", get(connections::sources))
         .route("/api/client/create", post(clients::create))
         .route("/api/client/remove", post(clients::remove))
         .route("/api/client/list", get(clients::list))

@@ -119,6 +119,43 @@ pub(crate) enum CtlCommand {
         #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
+    /// The open visitor connections (of PORT), oldest first, with their bytes and rates.
+    Conns {
+        port: Option<u16>,
+        /// Only those served by this tunnel client.
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+    },
+    /// Reset the open connection ID (see `conns`): its visitor gets a reset.
+    Close { id: u64 },
+    /// Ended connections from the connection log, newest first, with how each ended.
+    Log {
+        /// Only this mapping's.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only those served by this tunnel client.
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+        /// Only those from this IP address (or exact IP:PORT).
+        #[arg(long, value_name = "ADDRESS")]
+        source: Option<String>,
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+    },
+    /// The source addresses that moved the most bytes (of PORT), from the connection log.
+    Sources {
+        port: Option<u16>,
+        /// Over the last N days.
+        #[arg(long, value_name = "N", default_value_t = 31, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// How many to show.
+        #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// A live view of per-port rates, by port; q quits.
     Top {
         /// Seconds between refreshes.

@@ -4,6 +4,7 @@
 //! The top floor: may import everything below it.
 
 mod args;
+mod conns;
 mod ctl;
 mod daemon;
 mod top;
@@ -141,6 +142,10 @@ fn ctl(args: CtlArgs) -> ExitCode {
             CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),
             CtlCommand::Stats => ctl::stats(&api).map(Some),
             CtlCommand::Events { limit } => ctl::events(&api, limit).map(Some),
+            CtlCommand::Conns { port, client, limit } => conns::conns(&api, port, client.as_deref(), limit).map(Some),
+            CtlCommand::Close { id } => conns::close(&api, id).map(Some),
+            CtlCommand::Log { port, client, source, limit } => conns::log(&api, conns::LogFilter { port, client, source, limit }).map(Some),
+            CtlCommand::Sources { port, days, limit } => conns::sources(&api, port, days, limit).map(Some),
             CtlCommand::Top { interval } => top::top(&api, Duration::from_secs_f64(interval)).map(|()| None),
         });
     match result {

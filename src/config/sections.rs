@@ -226,6 +226,14 @@ pub struct HistoryConfig {
     pub hour_retention: String,
     /// How long day buckets are kept (at least 31 days: a month report needs them).
     pub day_retention: String,
+    /// Whether ended visitor connections are logged (who, from which address,
+    /// how long, how many bytes, how it ended). Source addresses are personal
+    /// data: turn this off where you may not keep them.
+    pub connection_log: bool,
+    /// How long the connection log keeps a row (`h`, `d`, `y`).
+    pub connection_log_retention: String,
+    /// Most rows the connection log keeps; the oldest go first.
+    pub connection_log_max_rows: u64,
 }
 
 impl Default for HistoryConfig {
@@ -236,9 +244,16 @@ impl Default for HistoryConfig {
             minute_retention: "2d".into(),
             hour_retention: "90d".into(),
             day_retention: "5y".into(),
+            connection_log: true,
+            connection_log_retention: "7d".into(),
+            connection_log_max_rows: DEFAULT_CONNECTION_LOG_MAX_ROWS,
         }
     }
 }
+
+/// The connection log's default row cap: under 130 MB on disk (see
+/// `store::connection_log`), whatever the traffic and however long it runs.
+pub(crate) const DEFAULT_CONNECTION_LOG_MAX_ROWS: u64 = 1_000_000;
 
 /// `[history]` after validation, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +268,12 @@ pub struct HistorySettings {
     pub hour_retention_secs: i64,
     /// How long day buckets are kept, in seconds.
     pub day_retention_secs: i64,
+    /// Whether ended connections are logged.
+    pub connection_log: bool,
+    /// How long a connection log row is kept, in seconds.
+    pub connection_log_retention_secs: i64,
+    /// Most connection log rows kept.
+    pub connection_log_max_rows: u64,
 }
 
 impl HistoryConfig {
@@ -279,6 +300,17 @@ impl HistoryConfig {
             hour_retention_secs: retention("history.hour_retention", &self.hour_retention, 86_400, "1d")?,
             // A month report needs the whole month's days.
             day_retention_secs: retention("history.day_retention", &self.day_retention, 31 * 86_400, "31d")?,
+            connection_log: self.connection_log,
+            connection_log_retention_secs: retention("history.connection_log_retention", &self.connection_log_retention, 3600, "1h")?,
+            connection_log_max_rows: match self.connection_log_max_rows {
+                0 => {
+                    return Err(invalid(
+                        "history.connection_log_max_rows",
+                        "must be at least 1 (to keep no log, set history.connection_log = false)".into(),
+                    ))
+                }
+                n => n,
+            },
         })
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! May import `core`, `config`, `telemetry` and `store`.
 
+pub(crate) mod connection_log;
 mod recorder;
 
 pub use recorder::{system_clock, Clock, Recorder};

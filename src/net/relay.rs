@@ -40,9 +40,14 @@ const CHUNK: usize = 64 * 1024;
 /// a reset (RST), never an EOF, so a cut-off transfer cannot pass for a complete
 /// one. Callers arm both sockets before relaying (and may abort any time by
 /// dropping them).
+///
+/// An error from either socket says which one it was ([`failed_side`]): a
+/// visitor's reset and its target's end a connection differently in the
+/// connection log.
 pub(crate) async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &Meter, b_to_a: &Meter, idle_timeout: Duration) -> io::Result<(u64, u64)> {
     let activity = Activity::new();
-    let copies = async { tokio::try_join!(copy(a, b, a_to_b, &activity), copy(b, a, b_to_a, &activity)) };
+    let copies =
+        async { tokio::try_join!(copy(a, b, a_to_b, &activity, (Side::A, Side::B)), copy(b, a, b_to_a, &activity, (Side::B, Side::A))) };
     let totals = guard(copies, (a, b), &activity, idle_timeout).await?;
     disarm(a);
     disarm(b);
@@ -61,8 +66,8 @@ pub(crate) async fn guard<T, E: From<io::Error>>(
 ) -> Result<T, E> {
     tokio::select! {
         result = work => result,
-        error = failure(sockets.0) => Err(error.into()),
-        error = failure(sockets.1) => Err(error.into()),
+        error = failure(sockets.0) => Err(on(Side::A, error).into()),
+        error = failure(sockets.1) => Err(on(Side::B, error).into()),
         error = activity.idle_for(idle_timeout) => Err(error.into()),
     }
 }
@@ -83,6 +88,41 @@ pub(crate) async fn failure(socket: &TcpStream) -> io::Error {
             Err(e) => return e,
         }
     }
+}
+
+/// Which socket of a [`relay`] failed: `A` is its first argument, `B` its second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    A,
+    B,
+}
+
+/// An error of one socket of a [`relay`], carried inside the `io::Error` it
+/// returns (same kind, same message).
+#[derive(Debug)]
+struct SideError {
+    side: Side,
+    error: io::Error,
+}
+
+impl std::fmt::Display for SideError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SideError {}
+
+fn on(side: Side, error: io::Error) -> io::Error {
+    if failed_side(&error).is_some() {
+        return error;
+    }
+    io::Error::new(error.kind(), SideError { side, error })
+}
+
+/// Which socket a [`relay`] error came from; `None` for the idle timeout.
+pub(crate) fn failed_side(error: &io::Error) -> Option<Side> {
+    error.get_ref().and_then(|e| e.downcast_ref::<SideError>()).map(|e| e.side)
 }
 
 /// When bytes last moved on a relayed connection, in either direction.
@@ -137,10 +177,11 @@ pub(crate) fn disarm(stream: &TcpStream) {
 /// Each read takes no more than `meter`'s cap allows at that moment (asked
 /// before reading, see [`Meter::allowance`]), so the cap holds from a
 /// connection's first byte; uncapped, a read takes up to [`CHUNK`].
-pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity) -> io::Result<u64> {
+/// Errors name the socket they came from, `sides` being (`src`, `dst`).
+async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activity: &Activity, sides: (Side, Side)) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        src.readable().await?;
+        src.readable().await.map_err(|e| on(sides.0, e))?;
         // Allocated per burst, not per connection: the buffer is released as soon as
         // the socket runs dry. `try_read_buf` fills spare capacity without zeroing.
         let mut buf = BytesMut::with_capacity(CHUNK);
@@ -158,7 +199,7 @@ pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activi
                 }
                 Ok(n) => {
                     activity.touch();
-                    write_all(dst, &buf[..n], activity).await?;
+                    write_all(dst, &buf[..n], activity).await.map_err(|e| on(sides.1, e))?;
                     meter.record(n as u64);
                     total += n as u64;
                     if n < allowed {
@@ -168,7 +209,7 @@ pub(crate) async fn copy(src: &TcpStream, dst: &TcpStream, meter: &Meter, activi
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(on(sides.0, e)),
             }
         }
     }

@@ -6,6 +6,7 @@
 //! May import every layer below the roles: `core`, `config`, `telemetry`,
 //! `net`, `tunnel`, `policy`, `store`, `history`, `events`, `systemd`.
 
+pub(crate) mod connections;
 pub(crate) mod hub;
 pub(crate) mod mappings;
 pub(crate) mod quotas;
@@ -30,9 +31,11 @@ use crate::events::Events;
 use crate::net::socket;
 
 use crate::history::{self, Recorder};
+use crate::store::connection_log::LogBounds;
 use crate::store::Store;
 use crate::systemd;
 use crate::telemetry::Metrics;
+use connections::Connections;
 use hub::{HubSettings, TunnelHub};
 use mappings::{Mappings, Settings};
 
@@ -95,6 +98,15 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
     let clients = store.clients().await.context("cannot read the stored tunnel clients")?;
     let clients = clients.into_iter().map(|c| (c.name, c.secret));
     let hub = TunnelHub::new(secret, clients, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
+    let last_id = store.last_connection_id().await.context("cannot read the connection log")?;
+    let log = history_settings.connection_log.then(|| {
+        let bounds = LogBounds {
+            retention_secs: history_settings.connection_log_retention_secs,
+            max_rows: history_settings.connection_log_max_rows,
+        };
+        history::connection_log::spawn_writer(store.clone(), bounds, metrics.clone())
+    });
+    let connections = Connections::new(last_id, log);
     let mappings = Arc::new(Mappings::new(
         store,
         metrics.clone(),
@@ -106,6 +118,7 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
             max_connections: config.server.max_connections_per_mapping,
             idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
         },
+        connections,
     ));
 
     systemd::status("restoring mappings");
@@ -139,6 +152,8 @@ impl Server {
     pub(crate) async fn stop(self) {
         let _ = self.tunnel_task.await;
         self.mappings.shutdown(self.grace).await;
+        // Every connection has ended and queued its record: write them all.
+        self.mappings.connections().close_log().await;
         // After the drain, so the bytes of connections that finished in the grace
         // period are in the history too.
         let _ = self.recorder_task.await;

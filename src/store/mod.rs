@@ -1,5 +1,5 @@
-//! SQLite persistence: mappings, tunnel clients, traffic history buckets and the
-//! event log, in one private database file in the state directory.
+//! SQLite persistence: mappings, tunnel clients, traffic history buckets, the
+//! event log and the connection log, in one private database file in the state directory.
 //!
 //! Every write is one transaction with `synchronous=FULL`, so a mapping the API
 //! reported as created is on disk, and a crash never leaves half a row. Calls are
@@ -9,6 +9,7 @@
 //! May import `core` and `policy`.
 
 mod clients;
+pub(crate) mod connection_log;
 mod db;
 pub(crate) mod events;
 pub(crate) mod history;

@@ -27,7 +27,8 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
         );",
     )?;
     create_history(conn)?;
-    create_events(conn)
+    create_events(conn)?;
+    super::connection_log::create(conn)
 }
 
 /// Databases made before mappings had a policy get the column, empty (`{}`);

@@ -200,6 +200,11 @@ pub(crate) const WEBHOOK_FAILURES: Family = Family::new(
     "Failed attempts to POST an event to alerts.webhook_url (each retry counts; a full queue counts too).",
     &[],
 );
+pub(crate) const CONNECTION_LOG_DROPPED: Family = Family::new(
+    "tunneld_connection_log_dropped_total",
+    "Ended connections not written to the connection log because its queue was full (forwarding never waits for the log).",
+    &[],
+);
 pub(crate) const CLIENT_CONNECT_FAILURES: Family = Family::new(
     "tunneld_client_connect_failures_total",
     "Client only: failed attempts to connect to the server, by what each attempt ran into",
@@ -255,7 +260,7 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 25] = [
+pub(crate) const ALL: [&Family; 26] = [
     &MAPPING_CONNECT_DURATION,
     &MAPPING_CONNECTION_DURATION,
     &TUNNEL_RTT,
@@ -278,6 +283,7 @@ pub(crate) const ALL: [&Family; 25] = [
     &TUNNEL_SESSIONS,
     &HISTORY_LAST_FLUSH,
     &WEBHOOK_FAILURES,
+    &CONNECTION_LOG_DROPPED,
     &CLIENT_CONNECT_FAILURES,
     &CLIENT_LAST_CONNECT_ERROR,
     &BUILD_INFO,

@@ -17,6 +17,10 @@ pub struct Meter {
     held: Option<Arc<Held>>,
     /// The mapping's shared cap for this direction, if it has one at all.
     limiter: Option<Arc<Limiter>>,
+    /// One visitor connection's bytes in this direction (see
+    /// [`Meter::tallying`]): added by the same `record` that adds to the
+    /// counters, so a connection's numbers and its mapping's never disagree.
+    connection: Option<Arc<AtomicU64>>,
 }
 
 /// Part of a meter that only counts once [`Held::release`] is called: bytes sent
@@ -56,7 +60,7 @@ impl Held {
 impl Meter {
     /// A meter adding to `counters` and stamping `activity` with the time of each chunk.
     pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity, held: None, limiter: None }
+        Meter { counters, activity, held: None, limiter: None, connection: None }
     }
 
     /// Paces this direction by `limiter` (shared by all of a mapping's connections;
@@ -87,6 +91,14 @@ impl Meter {
             Some(limiter) => limiter.grant_now(want),
             None => want,
         }
+    }
+
+    /// Also adds every byte this meter counts to `connection`: one visitor
+    /// connection's share of the mapping's counters, read live by
+    /// `/api/connections` and written to the connection log when it ends.
+    pub fn tallying(mut self, connection: Arc<AtomicU64>) -> Meter {
+        self.connection = Some(connection);
+        self
     }
 
     /// Whether a cap paces this direction now.
@@ -124,6 +136,9 @@ impl Meter {
         }
         for c in &self.counters {
             c.inc_by(n);
+        }
+        if let Some(connection) = &self.connection {
+            connection.fetch_add(n, Ordering::Relaxed);
         }
         if !self.activity.is_empty() {
             let now = unix_now();

@@ -39,6 +39,11 @@ impl Metrics {
         self.webhook_failures.inc();
     }
 
+    /// An ended connection did not fit in the connection log's queue.
+    pub(crate) fn connection_log_dropped(&self) {
+        self.connection_log_dropped.inc();
+    }
+
     pub(crate) fn history_flushed(&self, at: f64) {
         self.history_last_flush.set(at);
     }

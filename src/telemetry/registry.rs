@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
 
 use super::families::{
-    session_result, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES,
-    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO,
-    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED,
-    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+    session_result, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH,
+    MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS,
+    MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP,
+    TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS,
+    WEBHOOK_FAILURES,
 };
 use super::latency::Reservoir;
 use crate::core::time::unix_now;
@@ -43,6 +44,7 @@ pub struct Metrics {
     pub(super) tunnel_sessions: IntCounterVec,
     pub(super) history_last_flush: Gauge,
     pub(super) webhook_failures: IntCounter,
+    pub(super) connection_log_dropped: IntCounter,
     pub(super) client_connect_failures: IntCounterVec,
     pub(super) client_last_connect_error: IntGaugeVec,
     /// When this process's counters began (Unix seconds).
@@ -86,6 +88,7 @@ impl Metrics {
             tunnel_sessions,
             history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
             webhook_failures: WEBHOOK_FAILURES.int_counter(r),
+            connection_log_dropped: CONNECTION_LOG_DROPPED.int_counter(r),
             client_connect_failures: CLIENT_CONNECT_FAILURES.int_counter_vec(r),
             client_last_connect_error: CLIENT_LAST_CONNECT_ERROR.int_gauge_vec(r),
             registry,

@@ -14,6 +14,7 @@
 //! sub-second precision, `i64` for whole-second records), byte counts `u64`.
 
 mod clients;
+mod connections;
 mod events;
 mod fields;
 mod health;
@@ -24,6 +25,9 @@ mod traffic;
 use serde::{Deserialize, Serialize};
 
 pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
+pub use connections::{
+    CloseConnection, ConnectionClosed, ConnectionList, ConnectionLog, LoggedConnection, OpenConnection, SourceTotals, Sources,
+};
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};

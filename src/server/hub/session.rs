@@ -80,6 +80,11 @@ impl Lease {
         }
     }
 
+    /// Whether the channel's client was removed (rather than its session lost).
+    pub fn client_removed(&self) -> bool {
+        self.0.client.removed.is_cancelled()
+    }
+
     /// Into the session's pool (or to a waiting visitor); dropped if the session
     /// has ended meanwhile.
     pub fn give_back(self, stream: TunnelStream) {

@@ -13,6 +13,7 @@ use tracing::warn;
 use crate::core::failure_log::{FailureLog, Summary};
 use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
+use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -25,7 +26,7 @@ pub(super) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub(super) type RefusalLog = FailureLog<(u16, &'static str), String>;
 
 /// How mappings behave, from `server.*` and the daemon's own ports.
-pub struct Settings {
+pub(crate) struct Settings {
     pub bind_addr: IpAddr,
     /// The API's and the tunnel's own ports: never mappable.
     pub reserved_ports: Vec<(u16, &'static str)>,
@@ -56,6 +57,8 @@ pub(super) struct Ctx {
     /// Refused visitors, for the log: a target that is down refuses every
     /// visitor, and one line each would bury everything else.
     pub(super) refusals: Mutex<RefusalLog>,
+    /// Every open visitor connection, and the log of ended ones.
+    pub(super) live: Arc<Connections>,
 }
 
 impl Ctx {

@@ -16,12 +16,14 @@ use super::context::Ctx;
 use super::health::HealthWindow;
 use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
+use crate::core::names::DEFAULT_CLIENT;
 use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
 use crate::policy::LivePolicy;
+use crate::server::connections::End;
 use crate::store::MappingSpec;
-use crate::telemetry::MappingMetrics;
+use crate::telemetry::{refused_reason, MappingMetrics};
 
 /// Descriptors one visitor holds: its own connection and the target's.
 pub(super) const DIRECT_VISITOR_DESCRIPTORS: u32 = 2;
@@ -104,6 +106,9 @@ pub(super) async fn run_mapping(
     };
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let descriptors = visitor_descriptors(&spec);
+    // Shared by every connection's entry: one allocation per mapping, not per visitor.
+    let client: Option<Arc<str>> = spec.use_tunnel.then(|| Arc::from(spec.client.as_deref().unwrap_or(DEFAULT_CLIENT)));
+    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(port, client.as_deref(), peer, reason);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -117,21 +122,25 @@ pub(super) async fn run_mapping(
         // dropped here, armed, so it gets a reset at once.
         if !admission.policy.admits(peer.ip()) {
             metrics.refused_acl.inc();
+            refused(peer, refused_reason::ACL);
             debug!(port, %peer, "visitor refused by the mapping's allow/deny lists");
             continue;
         }
         if admission.policy.quota_blocked() {
             metrics.refused_quota.inc();
+            refused(peer, refused_reason::QUOTA);
             debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
             continue;
         }
         if let Some(why) = ctx.tunnel_loop(&spec, &admission.resolved) {
             metrics.refused_loop.inc();
+            refused(peer, refused_reason::LOOP);
             debug!(port, %peer, reason = %why, "visitor refused: the mapping would forward to itself");
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.refused_connection_limit.inc();
+            refused(peer, refused_reason::CONNECTION_LIMIT);
             debug!(port, %peer, limit = ctx.settings.max_connections, "visitor refused: mapping at its connection limit");
             continue;
         };
@@ -140,6 +149,7 @@ pub(super) async fn run_mapping(
         // kept back stay free for the API, the tunnel and the store.
         let Some(held) = ctx.descriptors.try_take(descriptors) else {
             metrics.refused_process_limit.inc();
+            refused(peer, refused_reason::PROCESS_LIMIT);
             let budget = ctx.descriptors.capacity();
             match ctx.descriptors.refused() {
                 Some(not_logged) => warn!(
@@ -161,12 +171,22 @@ pub(super) async fn run_mapping(
         let policy = admission.policy.clone();
         let health = admission.health.clone();
         let cancel = cancel.clone();
+        let tracked = ctx.live.open(port, client.clone(), peer);
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
-            tokio::select! {
-                _ = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, peer) => {}
-                _ = cancel.cancelled() => debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping"),
-            }
+            let end = tokio::select! {
+                end = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, &tracked) => end,
+                _ = tracked.close_requested() => {
+                    debug!(port = spec.source_port, %peer, "connection reset: closed through the API");
+                    End::ClosedByApi
+                }
+                _ = cancel.cancelled() => {
+                    debug!(port = spec.source_port, %peer, "connection closed: mapping removed or daemon stopping");
+                    // The mapping's token is a child of the daemon's abort.
+                    if ctx2.abort.is_cancelled() { End::Shutdown } else { End::MappingRemoved }
+                }
+            };
+            tracked.finish(end);
         });
     }
 }

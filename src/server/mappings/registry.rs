@@ -22,6 +22,7 @@ use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
 use crate::policy::{LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
+use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Store, StoreError};
 use crate::telemetry::Metrics;
@@ -60,7 +61,7 @@ pub(super) struct Entry {
 }
 
 impl Mappings {
-    pub fn new(store: Store, metrics: Arc<Metrics>, hub: Arc<TunnelHub>, settings: Settings) -> Mappings {
+    pub(crate) fn new(store: Store, metrics: Arc<Metrics>, hub: Arc<TunnelHub>, settings: Settings, live: Arc<Connections>) -> Mappings {
         let abort = CancellationToken::new();
         let descriptors = DescriptorBudget::for_this_process();
         info!(
@@ -81,6 +82,7 @@ impl Mappings {
             mapped_ports: Default::default(),
             descriptors,
             refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
+            live,
         });
         tokio::spawn(ctx.clone().summarise_refusals());
         Mappings { entries: tokio::sync::Mutex::new(BTreeMap::new()), ctx }
@@ -336,6 +338,11 @@ impl Mappings {
             status,
             health,
         }
+    }
+
+    /// Every open visitor connection, and the log of ended ones.
+    pub(crate) fn connections(&self) -> &Arc<Connections> {
+        &self.ctx.live
     }
 
     /// Closes every listener, gives open connections `grace` to finish, then cuts

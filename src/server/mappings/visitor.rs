@@ -2,19 +2,18 @@
 //! reached through the mapping's tunnel client, and the bytes are relayed,
 //! counted and capped until either side is done.
 
-use std::net::SocketAddr;
-
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::context::Ctx;
 use super::health::HealthWindow;
 use crate::core::names::DEFAULT_CLIENT;
-use crate::net::relay;
+use crate::net::relay::{self, Side};
 use crate::net::socket;
 use crate::policy::LivePolicy;
+use crate::server::connections::{End, Tracked};
 use crate::store::MappingSpec;
-use crate::telemetry::{MappingMetrics, Meter, Visit};
+use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
 
 pub(super) async fn serve_visitor(
@@ -24,20 +23,28 @@ pub(super) async fn serve_visitor(
     metrics: &MappingMetrics,
     health: &HealthWindow,
     visitor: TcpStream,
-    peer: SocketAddr,
-) {
+    tracked: &Tracked,
+) -> End {
     let port = spec.source_port;
+    let peer = tracked.source();
     let visit = metrics.visitor_accepted();
+    // The same meters as ever, tallying into this connection's entry too.
+    let (up, down) = policy.capped(metrics.meters());
+    let meters = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, policy, metrics, &visit, &visitor).await
+        tunneled(ctx, spec, meters, &visit, &visitor).await
     } else {
-        direct(ctx, spec, policy, metrics, &visit, &visitor).await
+        direct(ctx, spec, meters, &visit, &visitor).await
     };
     match result {
-        Ok((sent, received)) => debug!(port, %peer, sent, received, "connection finished"),
+        Ok((sent, received)) => {
+            debug!(port, %peer, sent, received, "connection finished");
+            End::Closed
+        }
         Err(VisitorError::NoDescriptors(e)) => {
             metrics.refused_no_descriptors.inc();
             debug!(port, %peer, error = %e, "visitor refused: out of file descriptors");
+            End::Refused(refused_reason::NO_DESCRIPTORS)
         }
         Err(VisitorError::Target(e)) => {
             health.connect_failed(&e);
@@ -48,8 +55,12 @@ pub(super) async fn serve_visitor(
             } else {
                 debug!(port, %peer, %target, error = %e, "visitor refused: target unreachable");
             }
+            End::TargetUnreachable(e)
         }
-        Err(VisitorError::Relay(e)) => debug!(port, %peer, error = %e, "connection ended with error"),
+        Err(VisitorError::Ended(end, e)) => {
+            debug!(port, %peer, error = %e, end = end.name(), "connection ended with error");
+            end
+        }
     }
 }
 
@@ -58,23 +69,32 @@ pub(super) async fn serve_visitor(
 const TARGET_UNREACHABLE: &str = "target_unreachable";
 
 /// Why a visitor's connection ended early: the target could not be reached
-/// (counted as a connect error), or the relay failed midway.
+/// (counted as a connect error), or the relay failed midway (how, for the
+/// connection log, and what was said).
 enum VisitorError {
     Target(String),
     /// This process is out of descriptors: a local limit, counted as a refusal,
     /// not as the target's fault.
     NoDescriptors(std::io::Error),
-    Relay(std::io::Error),
+    Ended(End, String),
 }
 
-async fn direct(
-    ctx: &Ctx,
-    spec: &MappingSpec,
-    policy: &LivePolicy,
-    metrics: &MappingMetrics,
-    visit: &Visit,
-    visitor: &TcpStream,
-) -> Result<(u64, u64), VisitorError> {
+/// How a direct relay's error ended the connection: the idle timeout, or a
+/// reset from one side (the relay says which, see `relay::failed_side`).
+fn relay_ended(e: std::io::Error) -> VisitorError {
+    let end = match relay::failed_side(&e) {
+        Some(Side::B) => End::TargetReset(None),
+        Some(Side::A) => End::VisitorReset,
+        None if e.kind() == std::io::ErrorKind::TimedOut => End::IdleTimeout,
+        None => End::VisitorReset,
+    };
+    VisitorError::Ended(end, e.to_string())
+}
+
+/// Meters for (visitor → target, target → visitor).
+type Meters = (Meter, Meter);
+
+async fn direct(ctx: &Ctx, spec: &MappingSpec, (up, down): Meters, visit: &Visit, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
     let target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
         match socket::out_of_descriptors(&e) {
             true => VisitorError::NoDescriptors(e),
@@ -83,8 +103,7 @@ async fn direct(
     })?;
     visit.target_answered();
     relay::arm(&target);
-    let (up, down) = policy.capped(metrics.meters());
-    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(VisitorError::Relay)
+    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(relay_ended)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
@@ -95,14 +114,12 @@ async fn direct(
 async fn tunneled(
     ctx: &Ctx,
     spec: &MappingSpec,
-    policy: &LivePolicy,
-    metrics: &MappingMetrics,
+    (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
 ) -> Result<(u64, u64), VisitorError> {
     let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
     // User bytes only: the tunnel's wire bytes are counted under the channel.
-    let (up, down) = policy.capped(metrics.meters());
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
@@ -121,7 +138,10 @@ async fn tunneled(
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
         // A removed client's access ends with its exchanges, not when they
         // finish; a lost session's exchanges have nothing left to go through.
-        _ = lease.revoked() => return Err(VisitorError::Relay(std::io::Error::other(format!("the tunnel session of client {client} ended")))),
+        _ = lease.revoked() => {
+            let end = if lease.client_removed() { End::ClientRemoved } else { End::TargetReset(Some(format!("the tunnel session of client {client} ended"))) };
+            return Err(VisitorError::Ended(end, format!("the tunnel session of client {client} ended")));
+        }
     };
     match relayed {
         Ok((channel, sent, received)) => {
@@ -129,7 +149,14 @@ async fn tunneled(
             Ok((sent, received))
         }
         Err(ExchangeError::Refused(e)) => Err(VisitorError::Target(e)),
-        Err(ExchangeError::Socket(e)) => Err(VisitorError::Relay(e)),
-        Err(e) => Err(VisitorError::Relay(std::io::Error::other(e))),
+        // The exchange's own idle timer, or the visitor's socket.
+        Err(ExchangeError::Socket(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(VisitorError::Ended(End::IdleTimeout, e.to_string()))
+        }
+        Err(ExchangeError::Socket(e)) => Err(VisitorError::Ended(End::VisitorReset, e.to_string())),
+        // The client's target reset, or the tunnel under it broke.
+        Err(e @ (ExchangeError::PeerReset | ExchangeError::Channel(_))) => {
+            Err(VisitorError::Ended(End::TargetReset(Some(e.to_string())), e.to_string()))
+        }
     }
 }
