@@ -58,26 +58,6 @@ pub(crate) struct SourceTotals {
     pub(crate) bytes_received: u64,
 }
 
-pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS connection_log (
-            id INTEGER PRIMARY KEY,
-            port INTEGER NOT NULL,
-            client TEXT,
-            source TEXT NOT NULL,
-            source_ip TEXT NOT NULL,
-            started_at REAL NOT NULL,
-            ended_at REAL NOT NULL,
-            bytes_sent INTEGER NOT NULL,
-            bytes_received INTEGER NOT NULL,
-            end_reason TEXT NOT NULL,
-            reason TEXT
-         );
-         CREATE INDEX IF NOT EXISTS connection_log_ended ON connection_log (ended_at);
-         CREATE INDEX IF NOT EXISTS connection_log_port_ended ON connection_log (port, ended_at);",
-    )
-}
-
 /// `ip:port` (or `[v6]:port`) → the IP address as text.
 pub(crate) fn source_ip(source: &str) -> &str {
     match source.parse::<std::net::SocketAddr>() {

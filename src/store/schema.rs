@@ -28,7 +28,7 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     create_history(conn)?;
     create_events(conn)?;
-    super::connection_log::create(conn)
+    create_connection_log(conn)
 }
 
 /// Databases made before mappings had a policy get the column, empty (`{}`);
@@ -86,5 +86,26 @@ fn create_events(conn: &Connection) -> rusqlite::Result<()> {
             client  TEXT,
             message TEXT NOT NULL
         );",
+    )
+}
+
+/// Ended connections (the connection log): one row each, by when they ended and by port.
+fn create_connection_log(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS connection_log (
+            id INTEGER PRIMARY KEY,
+            port INTEGER NOT NULL,
+            client TEXT,
+            source TEXT NOT NULL,
+            source_ip TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL NOT NULL,
+            bytes_sent INTEGER NOT NULL,
+            bytes_received INTEGER NOT NULL,
+            end_reason TEXT NOT NULL,
+            reason TEXT
+         );
+         CREATE INDEX IF NOT EXISTS connection_log_ended ON connection_log (ended_at);
+         CREATE INDEX IF NOT EXISTS connection_log_port_ended ON connection_log (port, ended_at);",
     )
 }
