@@ -12,7 +12,6 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor};
@@ -33,7 +32,7 @@ pub(crate) struct JsonBody<T>(pub(crate) T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<JsonBody<T>, ApiError> {
+    async fn from_request(req: Request, _state: &S) -> Result<JsonBody<T>, ApiError> {
         let json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -43,15 +42,46 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if !json {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the body as JSON with `Content-Type: application/json`"));
         }
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state)).await.map_err(|_| {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, read_body(req)).await.map_err(|_| {
             ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
         })?;
-        let bytes = read.map_err(|e: BytesRejection| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes")),
-            status => ApiError::new(status, e.body_text()),
-        })?;
+        let bytes = read?;
         parse(&bytes).map(JsonBody).map_err(ApiError::bad_request)
     }
+}
+
+/// A body past [`MAX_BODY`] but within this is read to its end and dropped
+/// before the 413 goes out: closing a socket with unread bytes in it resets the
+/// connection, and a client still writing its body would see that reset
+/// instead of the answer. Larger ones are refused unread.
+const MAX_DRAINED: u64 = 1024 * 1024;
+
+/// The whole body, at most [`MAX_BODY`] bytes, or why not (413 after draining
+/// what [`MAX_DRAINED`] allows, or the stream's own error).
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes"));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_DRAINED) {
+        return Err(too_large());
+    }
+    let mut chunks = req.into_body().into_data_stream();
+    let mut body = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")))?;
+        seen += chunk.len() as u64;
+        if seen > MAX_DRAINED {
+            break;
+        }
+        if seen <= MAX_BODY as u64 {
+            body.extend_from_slice(&chunk);
+        }
+    }
+    if seen > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(body))
 }
 
 /// `T` from one JSON object and nothing after it, or what is wrong, in words.
