@@ -7,8 +7,7 @@
 //! `TUNNELD_TEST_DEB=/path/to/tunneld_*.deb`. CI builds it before the tests.
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -51,39 +50,12 @@ fn repack_with_higher_version(host: &Host, deb: &str) -> String {
 
 /// An echo server listening on loopback inside the host; returns its port.
 fn echo_target_in(host: &Host) -> u16 {
-    let listener: TcpListener = in_namespace(&host.net_namespace(), || TcpListener::bind("127.0.0.1:0").expect("bind the target"));
-    let port = listener.local_addr().expect("target address").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
+    common::netns::echo_target_in(&host.net_namespace()).port()
 }
 
 /// Sends `len` random bytes through `port` inside the host and checks the echo.
 fn echo_through_in(host: &Host, port: u16, len: usize) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut stream = in_namespace(&host.net_namespace(), move || TcpStream::connect(addr).expect("connect to the mapping"));
-    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let payload = common::random_bytes(len);
-    let writer = {
-        let mut stream = stream.try_clone().expect("clone");
-        let payload = payload.clone();
-        std::thread::spawn(move || stream.write_all(&payload).expect("send"))
-    };
-    let mut echoed = vec![0u8; len];
-    stream.read_exact(&mut echoed).expect("the echo through the mapping");
-    writer.join().expect("writer");
-    assert!(echoed == payload, "the echo through port {port} differs from what was sent");
+    common::netns::echo_in(&host.net_namespace(), ([127, 0, 0, 1], port).into(), len);
 }
 
 /// `tunneld ctl ARGS` inside the host, from the shell with no flags: the packaged

@@ -5,56 +5,16 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::{in_namespace, link, NetNs};
+use common::netns::{connect_in, echo_in, echo_target_in, in_namespace, link, NetNs};
 use common::Daemon;
 use serde_json::json;
 
 const SECRET: &str = "two-hosts-secret-0123456789";
 const HEARTBEAT_SECS: u64 = 2;
-
-/// An echo server on loopback inside `ns`; returns its address there.
-fn echo_target_in(ns: &Path) -> SocketAddr {
-    let listener: TcpListener = in_namespace(ns, || TcpListener::bind("127.0.0.1:0").expect("bind the target"));
-    let addr = listener.local_addr().expect("target address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn connect_in(ns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    in_namespace(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-}
-
-/// Sends `len` random bytes to `addr` from inside `ns` and checks the echo.
-fn echo_in(ns: &Path, addr: SocketAddr, len: usize) {
-    let mut stream = connect_in(ns, addr).expect("connect to the mapping");
-    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let payload = common::random_bytes(len);
-    let writer = {
-        let mut stream = stream.try_clone().expect("clone");
-        let payload = payload.clone();
-        std::thread::spawn(move || stream.write_all(&payload).expect("send"))
-    };
-    let mut echoed = vec![0u8; len];
-    stream.read_exact(&mut echoed).expect("the echo through the tunnel");
-    writer.join().expect("writer");
-    assert!(echoed == payload, "the echo through {addr} differs from what was sent");
-}
 
 /// A sample of a daemon's `/metrics`, read inside its namespace.
 fn metric_in(ns: &Path, daemon: &Daemon, name: &'static str, labels: &'static [(&'static str, &'static str)]) -> Option<f64> {

@@ -10,9 +10,12 @@
 //! Needs root and `ip` (iproute2); without them [`NetNs::create`] skips loudly,
 //! and with `CI_REQUIRE_TOOLS=1` it fails.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// A named network namespace (`ip netns add`), deleted on drop.
 pub struct NetNs {
@@ -105,6 +108,47 @@ pub fn in_namespace<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send +
     })
     .join()
     .expect("the thread in the namespace panicked")
+}
+
+/// An echo server on loopback inside `ns`; returns its address there.
+pub fn echo_target_in(ns: &Path) -> SocketAddr {
+    let listener: TcpListener = in_namespace(ns, || TcpListener::bind("127.0.0.1:0").expect("bind the target"));
+    let addr = listener.local_addr().expect("target address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP connection to `addr` opened inside `ns`.
+pub fn connect_in(ns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    in_namespace(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+}
+
+/// Sends `len` random bytes to `addr` from inside `ns` and checks the echo.
+pub fn echo_in(ns: &Path, addr: SocketAddr, len: usize) {
+    let mut stream = connect_in(ns, addr).expect("connect to the mapping");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let payload = super::random_bytes(len);
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        let payload = payload.clone();
+        std::thread::spawn(move || stream.write_all(&payload).expect("send"))
+    };
+    let mut echoed = vec![0u8; len];
+    stream.read_exact(&mut echoed).expect("the echo");
+    writer.join().expect("writer");
+    assert!(echoed == payload, "the echo through {addr} differs from what was sent");
 }
 
 fn ip(args: &[&str]) {
