@@ -126,23 +126,42 @@ def main() -> int:
 
             bench.log(f"== connection rate: {args.rounds} rounds x {args.conns} sequential connect -> 1-byte echo -> close")
             rates: dict[tuple[str, str], list[float]] = {key: [] for key in ports}
+            # CPU time per connection of tunneld's processes (server, plus the
+            # client through the tunnel), including the log writer's thread: what
+            # tracking costs, read off the scheduler rather than off a rate that
+            # everything else on a shared machine also moves.
+            cpu: dict[tuple[str, str], list[float]] = {key: [] for key in ports}
             for round_no in range(args.rounds):
                 # Alternate which goes first, so neither always runs on a warmer machine.
                 order = list(ports) if round_no % 2 == 0 else list(reversed(list(ports)))
                 for key in order:
+                    label, path = key
+                    pids = [servers[label].server.pid] + ([servers[label].client.pid] if path == "tunnel" else [])
+                    before = sum(bench.cpu_ns(pid) for pid in pids)
                     res = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[key]}",
                                                       "--count", str(args.conns)], timeout=600)
                     if res["failures"]:
                         raise bench.BenchError(f"{key}: {res['failures']} connections failed: {res['errors']}")
+                    # The log writer gathers for 200 ms before it writes: let it.
+                    time.sleep(0.5)
+                    cpu[key].append((sum(bench.cpu_ns(pid) for pid in pids) - before) / args.conns / 1000)
                     rates[key].append(res["conns_per_s"])
-                bench.log(f"round {round_no + 1}: " + ", ".join(f"{k[1]}/{k[0]} {v[-1]:.0f}" for k, v in rates.items()) + " conn/s")
+                bench.log(f"round {round_no + 1}: " + ", ".join(
+                    f"{k[1]}/{k[0]} {v[-1]:.0f} conn/s {cpu[k][-1]:.1f} µs" for k, v in rates.items()))
             med = {key: statistics.median(v) for key, v in rates.items()}
+            med_cpu = {key: statistics.median(v) for key, v in cpu.items()}
             for path in ("direct", "tunnel"):
                 on, off = med[("log on", path)], med[("log off", path)]
                 line = f"  {path:<7} log on {on:7.0f} conn/s, log off {off:7.0f} conn/s: on/off = {on / off:.3f}"
                 if ("today", path) in med:
                     today = med[("today", path)]
                     line += f"; today {today:7.0f} conn/s: on/today = {on / today:.3f}, off/today = {off / today:.3f}"
+                bench.log(line)
+                on, off = med_cpu[("log on", path)], med_cpu[("log off", path)]
+                line = f"  {path:<7} CPU per connection: log on {on:.1f} µs, log off {off:.1f} µs: on/off = {on / off:.3f}"
+                if ("today", path) in med_cpu:
+                    today = med_cpu[("today", path)]
+                    line += f"; today {today:.1f} µs: on/today = {on / today:.3f}, off/today = {off / today:.3f}"
                 bench.log(line)
 
             for label in [name for name in ("today",) if name in servers]:

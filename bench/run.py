@@ -227,6 +227,19 @@ def rss_kib(pid: int) -> dict:
     return out
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time a process's live threads have used, in nanoseconds (scheduler
+    accounting: finer than /proc/PID/stat's 10 ms ticks, which a round of a few
+    thousand connections would turn into a few percent of error)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended while being read
+    return total
+
+
 def listen_overflows() -> int:
     """TcpExtListenOverflows: SYNs dropped because an accept queue was full. Each one
     costs its connection a 1 s retransmit, so it explains a slow concurrency figure."""

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::core::time::unix_now;
-use crate::store::connection_log::{LogBounds, LoggedConnection};
+use crate::store::connection_log::{EndedConnection, LogBounds};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -29,14 +29,14 @@ const GATHER: Duration = Duration::from_millis(200);
 /// Where connections report how they ended. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct LogSender {
-    queue: mpsc::Sender<LoggedConnection>,
+    queue: mpsc::Sender<EndedConnection>,
     metrics: Arc<Metrics>,
 }
 
 impl LogSender {
     /// Queues `connection` for the log without waiting; counts it as dropped
     /// when the queue is full.
-    pub(crate) fn send(&self, connection: LoggedConnection) {
+    pub(crate) fn send(&self, connection: EndedConnection) {
         if self.queue.try_send(connection).is_err() {
             self.metrics.connection_log_dropped();
         }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::core::sync::lock;
 use crate::core::time::unix_now;
 use crate::history::connection_log::LogSender;
-use crate::store::connection_log::LoggedConnection;
+use crate::store::connection_log::EndedConnection;
 
 /// How often each open connection's rate is taken: the rates `/api/connections`
 /// shows are over the last this long.
@@ -72,11 +72,11 @@ impl End {
 
     /// For `refused`, why; for an unreachable target or a reset through the
     /// tunnel, what was said.
-    fn reason(&self) -> Option<String> {
+    fn into_reason(self) -> Option<String> {
         match self {
-            End::Refused(reason) => Some((*reason).to_string()),
-            End::TargetUnreachable(why) => Some(why.clone()),
-            End::TargetReset(why) => why.clone(),
+            End::Refused(reason) => Some(reason.to_string()),
+            End::TargetUnreachable(why) => Some(why),
+            End::TargetReset(why) => why,
             _ => None,
         }
     }
@@ -168,18 +168,19 @@ impl Connections {
 
     /// A visitor refused at accept: logged (never listed as open).
     pub(crate) fn refused(&self, port: u16, client: Option<&str>, source: SocketAddr, reason: &'static str) {
-        let Some(log) = lock(&self.log).clone() else { return };
+        let log = lock(&self.log);
+        let Some(log) = log.as_ref() else { return };
         let now = unix_now();
-        log.send(LoggedConnection {
+        log.send(EndedConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             port,
-            client: client.map(str::to_string),
-            source: source.to_string(),
+            client: client.map(Arc::from),
+            source,
             started_at: now,
             ended_at: now,
             bytes_sent: 0,
             bytes_received: 0,
-            end: End::Refused(reason).name().to_string(),
+            end: End::Refused(reason).name(),
             reason: Some(reason.to_string()),
         });
     }
@@ -223,18 +224,19 @@ impl Connections {
 
     fn finish(&self, connection: &OpenConnection, end: End) {
         lock(&self.open).remove(&connection.id);
-        let Some(log) = lock(&self.log).clone() else { return };
-        log.send(LoggedConnection {
+        let log = lock(&self.log);
+        let Some(log) = log.as_ref() else { return };
+        log.send(EndedConnection {
             id: connection.id,
             port: connection.port,
-            client: connection.client.as_deref().map(str::to_string),
-            source: connection.source.to_string(),
+            client: connection.client.clone(),
+            source: connection.source,
             started_at: connection.started_at,
             ended_at: unix_now(),
             bytes_sent: connection.sent.load(Ordering::Relaxed),
             bytes_received: connection.received.load(Ordering::Relaxed),
-            reason: end.reason(),
-            end: end.name().to_string(),
+            end: end.name(),
+            reason: end.into_reason(),
         });
     }
 }
