@@ -17,7 +17,7 @@ mod validate;
 mod values;
 
 pub use error::ConfigError;
-pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
+pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig, ServerEntry};
 pub use validate::Role;
 pub use values::{is_loopback, parse_fingerprint, reachable_here, split_host_port, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
 
