@@ -346,7 +346,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.add_client("default");
-        metrics.add_connect_diagnosis();
+        metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();
         // The metrics tables: the README's, and the operations guide's for the
         // client's own families.
@@ -387,7 +387,6 @@ mod tests {
         assert_eq!((b.bytes_sent, b.bytes_received, b.connected, b.connected_since), (3, 4, true, Some(99.0)));
         assert!(b.last_update.is_some());
         assert_eq!(snap.clients["default"], ClientTraffic::default(), "a known client has series at 0");
-        assert!(metrics.tunnel_connected());
         let totals = metrics.byte_totals();
         assert_eq!(totals.mappings[&4000], Traffic { sent: 5, received: 7 });
         assert_eq!(totals.tunnel["b"], Traffic { sent: 3, received: 4 });
@@ -395,11 +394,36 @@ mod tests {
         drop(open);
         metrics.session_ended("b");
         assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
-        assert!(!metrics.tunnel_connected());
+        assert!(!metrics.traffic().clients["b"].connected);
         metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);
         assert_eq!(snap.clients.keys().collect::<Vec<_>>(), ["default"]);
+    }
+
+    #[test]
+    fn a_client_role_registry_keeps_each_server_apart() {
+        let metrics = Metrics::for_client();
+        for server in ["a:9000", "b:9000"] {
+            metrics.add_client(Tunnel::to_server("office", server));
+            metrics.add_connect_diagnosis(server);
+        }
+        metrics.session_started(Tunnel::to_server("office", "a:9000"), 99.0);
+        let (out, _) = metrics.tunnel_meters(Tunnel::to_server("office", "b:9000"));
+        out.record(3);
+        metrics.connect_failed("b:9000", connect_failure::PIN_MISMATCH, connect_failure::PIN_MISMATCH);
+        let text = metrics.render();
+        for line in [
+            r#"tunneld_tunnel_connected{client="office",server="a:9000"} 1"#,
+            r#"tunneld_tunnel_connected{client="office",server="b:9000"} 0"#,
+            r#"tunneld_tunnel_bytes_total{client="office",direction="sent",server="b:9000"} 3"#,
+            r#"tunneld_client_last_connect_error{reason="pin_mismatch",server="b:9000"} 1"#,
+            r#"tunneld_client_last_connect_error{reason="pin_mismatch",server="a:9000"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metrics.session_ended(Tunnel::to_server("office", "a:9000"));
+        assert!(metrics.render().contains(r#"tunneld_tunnel_connected{client="office",server="a:9000"} 0"#));
     }
 }
