@@ -144,7 +144,9 @@ fn visitors_through_either_server_survive_the_loss_of_one_and_its_return() {
     assert!(served > 5, "only {served} visitors of B in 2 s");
     let status = client.wait_for_notify("STATUS=connected to 1 of 2 servers", Duration::from_secs(10));
     assert!(status.contains(&format!("disconnected from {}", entry_a.0)), "{status}");
-    wait_for("the client's metrics to show A down", Duration::from_secs(10), || (connected_to(&client, &entry_a.0) == Some(0.0)).then_some(()));
+    wait_for("the client's metrics to show A down", Duration::from_secs(10), || {
+        (connected_to(&client, &entry_a.0) == Some(0.0)).then_some(())
+    });
     assert_eq!(connected_to(&client, &entry_b.0), Some(1.0));
     let log = client.log();
     assert!(log.contains(&format!("server={}", entry_a.0)), "the client's log names the server that went away:\n{log}");
@@ -185,7 +187,11 @@ fn an_unreachable_server_does_not_hold_up_the_others() {
     assert_eq!(connected_to(&client, &refused.to_string()), Some(0.0));
     assert_eq!(connected_to(&client, &silent_addr.to_string()), Some(0.0));
     let unreachable = wait_for("the refusing server's failure counted", Duration::from_secs(10), || {
-        let n = scrape_metric(&client, "tunneld_client_connect_failures_total", &[("server", &refused.to_string()), ("reason", "unreachable")])?;
+        let n = scrape_metric(
+            &client,
+            "tunneld_client_connect_failures_total",
+            &[("server", &refused.to_string()), ("reason", "unreachable")],
+        )?;
         (n >= 1.0).then_some(n)
     });
     assert!(unreachable >= 1.0);
@@ -206,7 +212,8 @@ fn a_wrong_fingerprint_is_reported_for_that_server_only() {
     let (client, _config) = start_client(&[entry_a.clone(), entry_b.clone()]);
     let status = client.wait_for_notify("STATUS=connected to 1 of 2 servers", Duration::from_secs(20));
     wait_until_served(A_HOST, port);
-    let pin_error = |server: &str| scrape_metric(&client, "tunneld_client_last_connect_error", &[("server", server), ("reason", "pin_mismatch")]);
+    let pin_error =
+        |server: &str| scrape_metric(&client, "tunneld_client_last_connect_error", &[("server", server), ("reason", "pin_mismatch")]);
     wait_for("B's pin mismatch in the metrics", Duration::from_secs(10), || (pin_error(&entry_b.0) == Some(1.0)).then_some(()));
     assert_eq!(pin_error(&entry_a.0), Some(0.0), "A's pin is right");
     let log = client.wait_for_log("does not match the pinned", Duration::from_secs(10));

@@ -175,12 +175,18 @@ async fn report_reloads(mut running: Config, mut reloads: mpsc::Receiver<Config>
 fn metrics_router(metrics: Arc<Metrics>, board: Arc<StatusBoard>) -> axum::Router {
     use axum::routing::get;
     let health = move || async move {
-        let servers: Vec<serde_json::Value> =
-            board.connections().into_iter().map(|(server, connected)| serde_json::json!({"server": server, "connected": connected})).collect();
+        let servers: Vec<serde_json::Value> = board
+            .connections()
+            .into_iter()
+            .map(|(server, connected)| serde_json::json!({"server": server, "connected": connected}))
+            .collect();
         let connected = servers.iter().any(|s| s["connected"] == true);
         axum::Json(serde_json::json!({"status": "ok", "tunnel_connected": connected, "servers": servers}))
     };
     axum::Router::new()
-        .route("/metrics", get(move || async move { ([(axum::http::header::CONTENT_TYPE, crate::telemetry::content_type())], metrics.render()) }))
+        .route(
+            "/metrics",
+            get(move || async move { ([(axum::http::header::CONTENT_TYPE, crate::telemetry::content_type())], metrics.render()) }),
+        )
         .route("/health", get(health))
 }

@@ -116,6 +116,9 @@ mod tests {
             "connected to 1 of 2 servers as office: a:9000; disconnected from b:9000: refused; reconnecting in 2.0 s"
         );
         let none = status_line("office", &[a(State::Connecting), b_down()]);
-        assert_eq!(none, "not connected to any of 2 servers; connecting to a:9000; disconnected from b:9000: refused; reconnecting in 2.0 s");
+        assert_eq!(
+            none,
+            "not connected to any of 2 servers; connecting to a:9000; disconnected from b:9000: refused; reconnecting in 2.0 s"
+        );
     }
 }

@@ -137,7 +137,10 @@ impl Config {
             return invalid("client.servers", format!("{both}: with client.servers, each server's fingerprint goes in its entry"));
         }
         if client.tls_server_name.is_some() {
-            return invalid("client.servers", "client.tls_server_name is per server with client.servers: set tls_server_name in the entry".into());
+            return invalid(
+                "client.servers",
+                "client.tls_server_name is per server with client.servers: set tls_server_name in the entry".into(),
+            );
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, entry) in client.servers.iter().enumerate() {
