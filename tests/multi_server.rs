@@ -267,3 +267,28 @@ fn check_config_takes_a_server_list_and_refuses_both_forms() {
         assert!(err.contains(why), "{bad}: {err}");
     }
 }
+
+/// The client configurations the high-availability guide and the operations
+/// guide show are accepted as written (with a secret from the environment,
+/// where the guides put it).
+#[test]
+fn the_documented_client_configurations_pass_check_config() {
+    let mut checked = 0;
+    for doc in ["docs/high-availability.md", "docs/operations.md"] {
+        let text = read_repo_file(doc);
+        for block in text.split("```toml\n").skip(1).filter_map(|rest| rest.split("```").next()) {
+            if !block.contains("servers = [") {
+                continue;
+            }
+            let (_dir, path) = config_file(block);
+            let out = Command::new(BIN)
+                .args(["check-config", "--config", &path, "client"])
+                .env("TUNNELD_CLIENT__SECRET", "the client's secret")
+                .output()
+                .expect("run check-config");
+            assert!(out.status.success(), "{doc}:\n{block}\n{}", String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2, "one client example in each guide");
+}
