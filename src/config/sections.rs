@@ -143,6 +143,7 @@ impl Default for ApiConfig {
 pub struct ClientConfig {
     /// `host:port` of the server's tunnel listener: the one-server form
     /// (`servers` is the form for several).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub server: String,
     /// Several servers, each with its own trust; the client holds a session
     /// to every one at once, so the same mappings declared on each survive
