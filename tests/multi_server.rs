@@ -133,14 +133,16 @@ fn visitors_through_either_server_survive_the_loss_of_one_and_its_return() {
     let tunnel_a = a.tunnel.expect("tunnel");
     a.kill(); // SIGKILL: no goodbye on the tunnel
     let killed = Instant::now();
-    let mut served = 0;
+    let (mut served, mut slowest) = (0, Duration::ZERO);
     while killed.elapsed() < Duration::from_secs(2) {
         let started = Instant::now();
         echo_at(B_HOST, port, b"through B while A is gone").unwrap_or_else(|e| panic!("B's visitor failed after A died: {e}"));
-        assert!(started.elapsed() < Duration::from_secs(1), "B's visitor took {:?}", started.elapsed());
+        slowest = slowest.max(started.elapsed());
         served += 1;
     }
     converse(2);
+    eprintln!("after A's kill: {served} visitors of B in 2 s, none failed, the slowest {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "a visitor of B took {slowest:?}");
     assert!(served > 5, "only {served} visitors of B in 2 s");
     let status = client.wait_for_notify("STATUS=connected to 1 of 2 servers", Duration::from_secs(10));
     assert!(status.contains(&format!("disconnected from {}", entry_a.0)), "{status}");
@@ -156,7 +158,9 @@ fn visitors_through_either_server_survive_the_loss_of_one_and_its_return() {
     // A comes back on the same tunnel port with its state: the client finds
     // it again and A's visitors are served once more.
     let a = server_on(A_HOST, state_a.path(), Some(tunnel_a));
+    let restarted = Instant::now();
     client.wait_for_notify("STATUS=connected to 2 of 2 servers", Duration::from_secs(20));
+    eprintln!("A ready again: the client's session with it {:?} later", restarted.elapsed());
     wait_until_served(A_HOST, port);
     assert_eq!(connected_to(&client, &entry_a.0), Some(1.0));
     converse(3);
@@ -181,6 +185,7 @@ fn an_unreachable_server_does_not_hold_up_the_others() {
     let (client, _config) = start_client(&servers);
     let status = client.wait_for_notify("STATUS=connected to 1 of 3 servers", Duration::from_secs(20));
     let took = started.elapsed();
+    eprintln!("connected to the good server {took:?} after the client's start, while the silent one hangs");
     // The silent server's handshake takes 10 s to time out; the good one must
     // not wait for it.
     assert!(took < Duration::from_secs(5), "connected to the good server after {took:?}: {status}");
