@@ -85,6 +85,20 @@ fn wait_until_served(host: &str, port: u16) {
     wait_for(&format!("a visitor through {host}:{port} served"), Duration::from_secs(20), || echo_at(host, port, b"ping").ok());
 }
 
+/// The first `STATUS=` line that contains every one of `needles`, waiting
+/// (up to 20 s) through the others.
+fn status_with(client: &Daemon, needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no STATUS= with {needles:?}\n--- client log ---\n{}", client.log());
+        let msg = client.wait_for_notify("STATUS=", left);
+        if let Some(line) = msg.lines().find(|l| l.starts_with("STATUS=") && needles.iter().all(|n| l.contains(n))) {
+            return line.to_string();
+        }
+    }
+}
+
 /// The client's `tunneld_tunnel_connected` for one server.
 fn connected_to(client: &Daemon, server: &str) -> Option<f64> {
     scrape_metric(client, "tunneld_tunnel_connected", &[("server", server)])
@@ -217,7 +231,7 @@ fn a_wrong_fingerprint_is_reported_for_that_server_only() {
     // B pinned with A's certificate: the wrong one.
     entry_b.1 = entry_a.1.clone();
     let (client, _config) = start_client(&[entry_a.clone(), entry_b.clone()]);
-    let status = client.wait_for_notify("STATUS=connected to 1 of 2 servers", Duration::from_secs(20));
+    let status = status_with(&client, &["STATUS=connected to 1 of 2 servers", &format!("disconnected from {}", entry_b.0)]);
     wait_until_served(A_HOST, port);
     let pin_error =
         |server: &str| scrape_metric(&client, "tunneld_client_last_connect_error", &[("server", server), ("reason", "pin_mismatch")]);
@@ -227,7 +241,10 @@ fn a_wrong_fingerprint_is_reported_for_that_server_only() {
     let line = log.lines().find(|l| l.contains("does not match the pinned")).unwrap();
     assert!(line.contains(&format!("server={}", entry_b.0)), "the failure names B: {line}");
     assert!(!log.lines().any(|l| l.contains("does not match") && l.contains(&format!("server={}", entry_a.0))), "{log}");
-    let _ = status;
+    assert!(status.contains(&format!("disconnected from {}", entry_b.0)) && status.contains("does not match the pinned"), "{status}");
+    // A reload says so and still where each server stands.
+    client.signal("HUP");
+    client.wait_for_notify("STATUS=running (configuration reloaded); connected to 1 of 2 servers", Duration::from_secs(10));
 }
 
 #[test]

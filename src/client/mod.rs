@@ -60,12 +60,12 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
-    tokio::spawn(report_reloads(config.clone(), reloads));
+    let per_server = config.client.per_server();
+    let addresses: Vec<String> = per_server.iter().map(|one| one.server.clone()).collect();
+    let board = Arc::new(StatusBoard::new(&config.client.name, &addresses));
+    tokio::spawn(report_reloads(config.clone(), reloads, board.clone()));
     let config = config.client;
     let metrics = Arc::new(Metrics::for_client());
-    let per_server = config.per_server();
-    let addresses: Vec<String> = per_server.iter().map(|one| one.server.clone()).collect();
-    let board = Arc::new(StatusBoard::new(&config.name, &addresses));
     // Every server's dialer first: a trust setting that cannot be used (an
     // unreadable CA) stops the start, as with one server.
     let mut dialers = Vec::with_capacity(per_server.len());
@@ -160,13 +160,14 @@ async fn serve_server(
     }
 }
 
-async fn report_reloads(mut running: Config, mut reloads: mpsc::Receiver<Config>) {
+/// After a reload, `STATUS=` says so and still where each server stands.
+async fn report_reloads(mut running: Config, mut reloads: mpsc::Receiver<Config>, board: Arc<StatusBoard>) {
     while let Some(new) = reloads.recv().await {
         for key in running.restart_only_changes(&new, Role::Client) {
             warn!(key, "changed in the configuration; takes effect on restart");
         }
         running = new;
-        systemd::ready("running (configuration reloaded)");
+        systemd::ready(&format!("running (configuration reloaded); {}", board.line()));
     }
 }
 
