@@ -32,6 +32,7 @@ expect "-rw-r--r-- 0/0 ./etc/tunneld/server.toml"
 expect "-rw-r--r-- 0/0 ./etc/tunneld/client.toml"
 expect "-rw-r--r-- 0/0 ./usr/share/doc/tunneld/copyright"
 expect "-rw-r--r-- 0/0 ./usr/share/doc/tunneld/operations.md"
+expect "-rw-r--r-- 0/0 ./usr/share/doc/tunneld/high-availability.md"
 expect "-rw-r--r-- 0/0 ./usr/share/tunneld/grafana/tunneld.json"
 expect "-rw-r--r-- 0/0 ./usr/share/tunneld/prometheus/alerts.yml"
 # Secrets are never shipped: postinst creates the env files.

@@ -16,7 +16,7 @@ use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
 use crate::telemetry::connect_failure::{THROTTLED, TLS_ERROR, UNREACHABLE};
-use crate::telemetry::{session_result, Metrics};
+use crate::telemetry::{session_result, Metrics, Tunnel};
 use crate::tunnel::frame;
 use crate::tunnel::message::Challenge;
 
@@ -54,7 +54,7 @@ impl Dialer {
             Err(_) => return Err(ConnectFailure::new(UNREACHABLE, format!("connecting to {server} timed out"))),
         };
         socket::tune(&tcp);
-        let (sent, received) = self.metrics.tunnel_meters(&self.config.name);
+        let (sent, received) = self.metrics.tunnel_meters(Tunnel::to_server(&self.config.name, server));
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
             return Ok(TunnelStream::Plain(Box::new(metered)));

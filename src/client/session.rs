@@ -22,9 +22,8 @@ use crate::net::relay;
 use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
-use crate::systemd;
 use crate::telemetry::connect_failure::{AUTH_REFUSED, PROTOCOL_ERROR, REJECTED, SERVER_REQUIRES_TLS, THROTTLED, VERSION_MISMATCH};
-use crate::telemetry::{session_result, Meter};
+use crate::telemetry::{session_result, Meter, Tunnel};
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::exchange::{self, Answer};
 use crate::tunnel::frame::{self, ProtocolError};
@@ -56,9 +55,11 @@ struct SessionCtx {
 const UNREACHABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One control-channel session, from dial to disconnect. Returns why it ended.
+/// `on_connected` runs once the session is authenticated.
 pub(super) async fn run(
     dialer: Arc<Dialer>,
     descriptors: Arc<DescriptorBudget>,
+    on_connected: impl FnOnce(),
     shutdown: CancellationToken,
 ) -> anyhow::Result<&'static str> {
     let config = &dialer.config;
@@ -101,9 +102,9 @@ pub(super) async fn run(
     let timed_out = || ConnectFailure::new(PROTOCOL_ERROR, format!("tunnel handshake with {server} timed out"));
     let (stream, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, handshake).await.map_err(|_| timed_out())??;
     metrics.count_session(session_result::OK);
-    metrics.connect_succeeded();
-    metrics.session_started(&config.name, crate::core::time::unix_now());
-    systemd::status(&format!("connected to {} as {}", config.server, config.name));
+    metrics.connect_succeeded(server);
+    metrics.session_started(Tunnel::to_server(&config.name, server), crate::core::time::unix_now());
+    on_connected();
     info!(server = %config.server, client = %config.name, "tunnel session established");
 
     let ctx = Arc::new(SessionCtx {
@@ -125,7 +126,7 @@ pub(super) async fn run(
             spawn_data_channel(ctx.clone());
         }
     };
-    let rtt = metrics.round_trips(&config.name);
+    let rtt = metrics.round_trips(Tunnel::to_server(&config.name, server));
     let outcome = control::run::<_, ToClient, ToServer>(stream, heartbeat, &rtt, &ctx.cancel, None, on_message, || {}).await;
     // Idle pooled channels belong to this session; active relays finish on their own.
     ctx.cancel.cancel();
@@ -172,9 +173,9 @@ fn spawn_data_channel(ctx: Arc<SessionCtx>) {
             }
             // Not replaced: the control session notices a server that is gone.
             Err(e) if is_throttled(&e) && !ctx.throttled_logged.swap(true, Ordering::Relaxed) => {
-                warn!(error = %format!("{e:#}"), "data channel refused; visitors wait until the server admits this address again (logged once per session)")
+                warn!(server = %ctx.dialer.config.server, error = %format!("{e:#}"), "data channel refused; visitors wait until the server admits this address again (logged once per session)")
             }
-            Err(e) => debug!(error = %format!("{e:#}"), "data channel could not be opened"),
+            Err(e) => debug!(server = %ctx.dialer.config.server, error = %format!("{e:#}"), "data channel could not be opened"),
         }
     });
 }
@@ -194,14 +195,14 @@ async fn summarise_unreachable(ctx: Arc<SessionCtx>) {
             _ = tick.tick() => {}
         }
         let summaries = lock(&ctx.unreachable).drain(Instant::now());
-        log_unreachable(summaries);
+        log_unreachable(&ctx.dialer.config.server, summaries);
     }
 }
 
-fn log_unreachable(summaries: Vec<Summary<String, String>>) {
+fn log_unreachable(server: &str, summaries: Vec<Summary<String, String>>) {
     for s in summaries {
         let interval_secs = UNREACHABLE_LOG_INTERVAL.as_secs();
-        warn!(target = %s.key, count = s.count, last_error = %s.last, interval_secs, "more visitors' targets could not be reached");
+        warn!(server, target = %s.key, count = s.count, last_error = %s.last, interval_secs, "more visitors' targets could not be reached");
     }
 }
 
@@ -209,7 +210,7 @@ impl Drop for SessionCtx {
     /// The session and all its channels are gone (or the process is stopping):
     /// no count is lost with it.
     fn drop(&mut self) {
-        log_unreachable(lock(&self.unreachable).flush(Instant::now()));
+        log_unreachable(&self.dialer.config.server, lock(&self.unreachable).flush(Instant::now()));
     }
 }
 
@@ -219,6 +220,7 @@ fn refused(ctx: &SessionCtx, what: &'static str) {
     let budget = ctx.descriptors.capacity();
     match ctx.descriptors.refused() {
         Some(not_logged) => warn!(
+            server = %ctx.dialer.config.server,
             refused = what,
             tunnel_descriptors = budget,
             refused_not_logged = not_logged,
@@ -297,7 +299,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             Err(e) => {
                 let target = format!("{host}:{port}");
                 if lock(&ctx.unreachable).record(target.clone(), e.to_string(), Instant::now()) {
-                    warn!(%target, error = %e, "cannot reach target; further failures for this target are summarised once a minute");
+                    warn!(server = %config.server, %target, error = %e, "cannot reach target; further failures for this target are summarised once a minute");
                 } else {
                     debug!(%target, error = %e, "cannot reach target");
                 }

@@ -17,7 +17,9 @@ mod validate;
 mod values;
 
 pub use error::ConfigError;
-pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
+pub use sections::{
+    state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig, ServerEntry,
+};
 pub use validate::Role;
 pub use values::{is_loopback, parse_fingerprint, reachable_here, split_host_port, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
 
@@ -191,5 +193,39 @@ mod tests {
             let err = load(None, &[Override { key, value: value.into() }], Role::Server).unwrap_err();
             assert!(err.to_string().contains(key), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn a_server_list_becomes_one_configuration_per_server() {
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let entry = |address: &str, fingerprint: Option<&str>| ServerEntry {
+            address: address.into(),
+            fingerprint: fingerprint.map(str::to_string),
+            tls_ca: None,
+            tls_server_name: None,
+        };
+        let mut config = Config::default();
+        config.client.secret = crate::core::secret::Secret::new("a secret");
+        config.client.tls_ca = Some("/etc/tunneld/ca.pem".into());
+        config.client.servers = vec![entry("a:9000", Some(&pin)), entry("b:9000", None)];
+        config.validate(Role::Client).expect("valid");
+        let each = config.client.per_server();
+        let shown: Vec<_> = each.iter().map(|c| (c.server.as_str(), c.server_fingerprint.is_some(), c.tls_ca.is_some())).collect();
+        // The pinned entry ignores the shared CA; the other one uses it.
+        assert_eq!(shown, [("a:9000", true, false), ("b:9000", false, true)]);
+        assert!(each.iter().all(|c| c.servers.is_empty()));
+
+        let one =
+            Config { client: ClientConfig { server: "a:9000".into(), servers: Vec::new(), ..config.client.clone() }, ..Config::default() };
+        assert_eq!(one.client.per_server().len(), 1);
+
+        let mut both = config.clone();
+        both.client.server = "c:9000".into();
+        let err = both.validate(Role::Client).unwrap_err().to_string();
+        assert!(err.contains("client.servers") && err.contains("not both"), "{err}");
+        let mut untrusted = config.clone();
+        untrusted.client.tls_ca = None;
+        let err = untrusted.validate(Role::Client).unwrap_err().to_string();
+        assert!(err.contains("entry 2") && err.contains("b:9000"), "{err}");
     }
 }

@@ -141,8 +141,15 @@ impl Default for ApiConfig {
 #[serde(deny_unknown_fields, default)]
 /// `[client]`: the client role: its server, its name and secret, its pool.
 pub struct ClientConfig {
-    /// `host:port` of the server's tunnel listener.
+    /// `host:port` of the server's tunnel listener: the one-server form
+    /// (`servers` is the form for several).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub server: String,
+    /// Several servers, each with its own trust; the client holds a session
+    /// to every one at once, so the same mappings declared on each survive
+    /// the loss of any one of them. Empty: the one server is `server`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerEntry>,
     /// Who this client is to the server (`/api/client/create`); `secret` is that
     /// client's. `default` is the client whose secret is `server.secret`.
     pub name: String,
@@ -182,6 +189,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             server: String::new(),
+            servers: Vec::new(),
             name: DEFAULT_CLIENT.to_string(),
             secret: Secret::default(),
             secret_file: None,
@@ -195,6 +203,53 @@ impl Default for ClientConfig {
             tls_server_name: None,
             pool_idle_secs: 75,
         }
+    }
+}
+
+/// One of `client.servers`: a server's tunnel address and how to trust it (a
+/// pinned fingerprint, or a CA; `client.tls_ca` is the CA of entries that
+/// name neither).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerEntry {
+    /// `host:port` of that server's tunnel listener.
+    pub address: String,
+    /// That server's certificate `sha256:<hex>` (`tunneld fingerprint` on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// A CA bundle (PEM) that signed that server's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name checked against a CA-signed certificate; default: the host of `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+impl ClientConfig {
+    /// One configuration per server this client keeps a session with, each in
+    /// the one-server form (`server`, `server_fingerprint`, `tls_ca`,
+    /// `tls_server_name`), so dialing, TLS and its diagnosis have a single
+    /// shape whether one server is configured or several.
+    pub fn per_server(&self) -> Vec<ClientConfig> {
+        if self.servers.is_empty() {
+            return vec![self.clone()];
+        }
+        self.servers
+            .iter()
+            .map(|entry| {
+                let mut one = self.clone();
+                one.servers = Vec::new();
+                one.server = entry.address.clone();
+                one.server_fingerprint = entry.fingerprint.clone();
+                // A pinned entry ignores the shared CA; one with neither uses it.
+                one.tls_ca = match &entry.fingerprint {
+                    Some(_) => entry.tls_ca.clone(),
+                    None => entry.tls_ca.clone().or_else(|| self.tls_ca.clone()),
+                };
+                one.tls_server_name = entry.tls_server_name.clone();
+                one
+            })
+            .collect()
     }
 }
 

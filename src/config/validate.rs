@@ -74,12 +74,7 @@ impl Config {
                 }
             }
             Role::Client => {
-                if self.client.server.is_empty() {
-                    return invalid("client.server", "is required (host:port of the server's tunnel listener)");
-                }
-                if split_host_port(&self.client.server).is_none() {
-                    return invalid("client.server", "must be host:port");
-                }
+                self.validate_servers()?;
                 if let Some(why) = crate::core::names::invalid_client_name(&self.client.name) {
                     return invalid("client.name", &why);
                 }
@@ -101,14 +96,72 @@ impl Config {
                 if self.client.pool_idle_secs == 0 {
                     return invalid("client.pool_idle_secs", "must be at least 1");
                 }
-                if let Some(pin) = &self.client.server_fingerprint {
-                    if parse_fingerprint(pin).is_none() {
-                        return invalid("client.server_fingerprint", "must be sha256: followed by 64 hex digits (`tunneld fingerprint`)");
-                    }
+            }
+        }
+        Ok(())
+    }
+
+    /// `client.server` (with `client.server_fingerprint`) or `client.servers`:
+    /// exactly one of the two forms, every address `host:port` and named once,
+    /// every server with a way to be trusted.
+    fn validate_servers(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let client = &self.client;
+        const BAD_PIN: &str = "must be sha256: followed by 64 hex digits (`tunneld fingerprint`)";
+        if client.servers.is_empty() {
+            if client.server.is_empty() {
+                return invalid(
+                    "client.server",
+                    "is required (host:port of the server's tunnel listener; or client.servers for several servers)".into(),
+                );
+            }
+            if split_host_port(&client.server).is_none() {
+                return invalid("client.server", "must be host:port".into());
+            }
+            if let Some(pin) = &client.server_fingerprint {
+                if parse_fingerprint(pin).is_none() {
+                    return invalid("client.server_fingerprint", BAD_PIN.into());
                 }
-                if self.client.tls && self.client.server_fingerprint.is_none() && self.client.tls_ca.is_none() {
-                    return invalid("client.server_fingerprint", NO_TRUST_ANCHOR);
-                }
+            }
+            if client.tls && client.server_fingerprint.is_none() && client.tls_ca.is_none() {
+                return invalid("client.server_fingerprint", NO_TRUST_ANCHOR.into());
+            }
+            return Ok(());
+        }
+        let both = "set either client.server (one server, with client.server_fingerprint) or client.servers (several, each with \
+                    its own fingerprint), not both";
+        if !client.server.is_empty() {
+            return invalid("client.servers", format!("{both} (client.server is {:?})", client.server));
+        }
+        if client.server_fingerprint.is_some() {
+            return invalid("client.servers", format!("{both}: with client.servers, each server's fingerprint goes in its entry"));
+        }
+        if client.tls_server_name.is_some() {
+            return invalid(
+                "client.servers",
+                "client.tls_server_name is per server with client.servers: set tls_server_name in the entry".into(),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, entry) in client.servers.iter().enumerate() {
+            let which = format!("entry {} ({:?})", i + 1, entry.address);
+            if split_host_port(&entry.address).is_none() {
+                return invalid("client.servers", format!("{which}: address must be host:port"));
+            }
+            if !seen.insert(entry.address.to_ascii_lowercase()) {
+                return invalid("client.servers", format!("{which}: this address is listed twice"));
+            }
+            if entry.fingerprint.as_deref().is_some_and(|pin| parse_fingerprint(pin).is_none()) {
+                return invalid("client.servers", format!("{which}: fingerprint {BAD_PIN}"));
+            }
+            if client.tls && entry.fingerprint.is_none() && entry.tls_ca.is_none() && client.tls_ca.is_none() {
+                return invalid(
+                    "client.servers",
+                    format!(
+                        "{which}: TLS is on but there is no way to verify this server: set its fingerprint \
+                         (`tunneld fingerprint` on that server), or tls_ca in the entry or client.tls_ca for a CA"
+                    ),
+                );
             }
         }
         Ok(())
@@ -149,6 +202,7 @@ impl Config {
             Role::Client => {
                 let (a, b) = (&self.client, &new.client);
                 check("client.server", a.server != b.server);
+                check("client.servers", a.servers != b.servers);
                 check("client.secret", a.secret != b.secret);
                 check("client.name", a.name != b.name);
                 check("client.metrics_listen", a.metrics_listen != b.metrics_listen);

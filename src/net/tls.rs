@@ -218,7 +218,7 @@ impl ServerCertVerifier for PinnedVerifier {
 
 /// The server presented another certificate than the pinned one.
 #[derive(Debug, thiserror::Error)]
-#[error("the server's certificate fingerprint {presented} does not match the pinned client.server_fingerprint {pinned}")]
+#[error("the server's certificate fingerprint {presented} does not match the pinned {pinned} (client.server_fingerprint, or this server's fingerprint in client.servers)")]
 struct PinMismatch {
     presented: String,
     pinned: String,

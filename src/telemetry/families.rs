@@ -116,6 +116,13 @@ pub(crate) const REASON: &str = "reason";
 pub(crate) const DIRECTION: &str = "direction";
 /// Label: a tunnel client's name.
 pub(crate) const CLIENT: &str = "client";
+/// Label, client role only: the server (`host:port` as configured) a series is
+/// about, since a client may hold a session to several at once.
+pub(crate) const SERVER: &str = "server";
+/// The labels of a client-role tunnel series: its own name and its server.
+pub(crate) const CLIENT_SERVER: &[&str] = &[CLIENT, SERVER];
+/// `tunneld_tunnel_bytes_total`'s labels on the client role.
+pub(crate) const CLIENT_SERVER_DIRECTION: &[&str] = &[CLIENT, SERVER, DIRECTION];
 
 /// One metric family: what `/metrics` shows for it and the labels its series have.
 pub(crate) struct Family {
@@ -207,15 +214,15 @@ pub(crate) const CONNECTION_LOG_DROPPED: Family = Family::new(
 );
 pub(crate) const CLIENT_CONNECT_FAILURES: Family = Family::new(
     "tunneld_client_connect_failures_total",
-    "Client only: failed attempts to connect to the server, by what each attempt ran into",
-    &["reason"],
+    "Client only: failed attempts to connect to each server, by what each attempt ran into",
+    &[SERVER, "reason"],
 )
 .listing(&connect_failure::ALL);
 pub(crate) const CLIENT_LAST_CONNECT_ERROR: Family = Family::new(
     "tunneld_client_last_connect_error",
-    "Client only: 1 for why the latest attempt to connect failed, all 0 once connected; while the server refuses \
-     this address unheard (throttled), the cause its last answered attempt failed for, if any",
-    &["reason"],
+    "Client only: per server, 1 for why the latest attempt to connect to it failed, all 0 once connected; while the \
+     server refuses this address unheard (throttled), the cause its last answered attempt failed for, if any",
+    &[SERVER, "reason"],
 )
 .listing(&connect_failure::ALL);
 /// Bucket bounds (seconds) for connect times and tunnel round trips: from a
@@ -297,6 +304,12 @@ impl Family {
     /// The same family with `values` listed in its HELP.
     const fn listing(self, values: &'static [&'static str]) -> Family {
         Family { listed: values, ..self }
+    }
+
+    /// The same family with other labels: a tunnel family as the client role
+    /// exports it, with [`SERVER`] beside [`CLIENT`].
+    pub(crate) const fn labelled(self, labels: &'static [&'static str]) -> Family {
+        Family { labels, ..self }
     }
 
     /// The same family as a histogram with these bucket bounds.

@@ -27,6 +27,33 @@ pub(crate) use families::{connect_failure, health_state, refused_reason, session
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
+
+/// Whose tunnel a series is about: on the server role, a client's (by name);
+/// on the client role, its own session with one server.
+#[derive(Debug, Clone, Copy)]
+pub struct Tunnel<'a> {
+    client: &'a str,
+    server: Option<&'a str>,
+}
+
+impl<'a> Tunnel<'a> {
+    /// A client's session with `server` (`host:port` as configured).
+    pub fn to_server(client: &'a str, server: &'a str) -> Tunnel<'a> {
+        Tunnel { client, server: Some(server) }
+    }
+}
+
+impl<'a> From<&'a str> for Tunnel<'a> {
+    fn from(client: &'a str) -> Tunnel<'a> {
+        Tunnel { client, server: None }
+    }
+}
+
+impl<'a> From<&'a String> for Tunnel<'a> {
+    fn from(client: &'a String) -> Tunnel<'a> {
+        Tunnel { client, server: None }
+    }
+}
 pub(crate) use snapshot::{ByteTotals, ClientTraffic, TrafficSnapshot};
 
 impl Metrics {
@@ -122,87 +149,103 @@ impl Metrics {
         }
     }
 
-    /// Creates a tunnel client's series at 0, so dashboards and alerts see a known
-    /// client from the start, connected or not.
-    pub(crate) fn add_client(&self, client: &str) {
+    /// Creates a tunnel's series at 0, so dashboards and alerts see a known
+    /// client (or, on the client role, a configured server) from the start,
+    /// connected or not.
+    pub(crate) fn add_client<'a>(&self, tunnel: impl Into<Tunnel<'a>>) {
+        let labels = self.tunnel_labels(tunnel.into());
         for dir in [SENT, RECEIVED] {
-            self.tunnel_bytes.with_label_values(&[client, dir]);
+            self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat());
         }
-        self.tunnel_last_activity.with_label_values(&[client]);
-        self.tunnel_connected.with_label_values(&[client]);
-        self.tunnel_connected_since.with_label_values(&[client]);
-        self.tunnel_rtt.with_label_values(&[client]);
-        self.tunnel_rtt_last.with_label_values(&[client]);
+        self.tunnel_last_activity.with_label_values(&labels);
+        self.tunnel_connected.with_label_values(&labels);
+        self.tunnel_connected_since.with_label_values(&labels);
+        self.tunnel_rtt.with_label_values(&labels);
+        self.tunnel_rtt_last.with_label_values(&labels);
     }
 
     /// Drops a removed client's series.
-    pub(crate) fn remove_client(&self, client: &str) {
+    pub(crate) fn remove_client<'a>(&self, tunnel: impl Into<Tunnel<'a>>) {
+        let labels = self.tunnel_labels(tunnel.into());
         for dir in [SENT, RECEIVED] {
-            let _ = self.tunnel_bytes.remove_label_values(&[client, dir]);
+            let _ = self.tunnel_bytes.remove_label_values(&[&labels[..], &[dir]].concat());
         }
-        let _ = self.tunnel_last_activity.remove_label_values(&[client]);
-        let _ = self.tunnel_connected.remove_label_values(&[client]);
-        let _ = self.tunnel_connected_since.remove_label_values(&[client]);
-        let _ = self.tunnel_rtt.remove_label_values(&[client]);
-        let _ = self.tunnel_rtt_last.remove_label_values(&[client]);
+        let _ = self.tunnel_last_activity.remove_label_values(&labels);
+        let _ = self.tunnel_connected.remove_label_values(&labels);
+        let _ = self.tunnel_connected_since.remove_label_values(&labels);
+        let _ = self.tunnel_rtt.remove_label_values(&labels);
+        let _ = self.tunnel_rtt_last.remove_label_values(&labels);
     }
 
-    /// Where `client`'s tunnel records its heartbeat round trips on this side.
-    pub fn round_trips(&self, client: &str) -> RoundTrips {
-        RoundTrips { histogram: self.tunnel_rtt.with_label_values(&[client]), last: self.tunnel_rtt_last.with_label_values(&[client]) }
+    /// Where a tunnel records its heartbeat round trips on this side.
+    pub fn round_trips<'a>(&self, tunnel: impl Into<Tunnel<'a>>) -> RoundTrips {
+        let labels = self.tunnel_labels(tunnel.into());
+        RoundTrips { histogram: self.tunnel_rtt.with_label_values(&labels), last: self.tunnel_rtt_last.with_label_values(&labels) }
     }
 
-    /// Meters for bytes leaving this side on `client`'s tunnel and arriving from it.
-    pub fn tunnel_meters(&self, client: &str) -> (Meter, Meter) {
-        let activity = self.tunnel_last_activity.with_label_values(&[client]);
-        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[client, dir])], vec![activity.clone()]);
+    /// Meters for bytes leaving this side on a tunnel and arriving from it.
+    pub fn tunnel_meters<'a>(&self, tunnel: impl Into<Tunnel<'a>>) -> (Meter, Meter) {
+        let labels = self.tunnel_labels(tunnel.into());
+        let activity = self.tunnel_last_activity.with_label_values(&labels);
+        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat())], vec![activity.clone()]);
         (meter(SENT), meter(RECEIVED))
     }
 
     /// `since`: when the session authenticated (Unix seconds).
-    pub(crate) fn session_started(&self, client: &str, since: f64) {
-        self.tunnel_connected.with_label_values(&[client]).set(1);
-        self.tunnel_connected_since.with_label_values(&[client]).set(since);
+    pub(crate) fn session_started<'a>(&self, tunnel: impl Into<Tunnel<'a>>, since: f64) {
+        let labels = self.tunnel_labels(tunnel.into());
+        self.tunnel_connected.with_label_values(&labels).set(1);
+        self.tunnel_connected_since.with_label_values(&labels).set(since);
         // A new session's round trip is yet to be measured.
-        self.tunnel_rtt_last.with_label_values(&[client]).set(0.0);
+        self.tunnel_rtt_last.with_label_values(&labels).set(0.0);
     }
 
     /// Only for a client still known: a removed client's series stay removed.
-    pub(crate) fn session_ended(&self, client: &str) {
-        if let Ok(connected) = self.tunnel_connected.get_metric_with_label_values(&[client]) {
+    pub(crate) fn session_ended<'a>(&self, tunnel: impl Into<Tunnel<'a>>) {
+        let labels = self.tunnel_labels(tunnel.into());
+        if let Ok(connected) = self.tunnel_connected.get_metric_with_label_values(&labels) {
             connected.set(0);
         }
-        if let Ok(since) = self.tunnel_connected_since.get_metric_with_label_values(&[client]) {
+        if let Ok(since) = self.tunnel_connected_since.get_metric_with_label_values(&labels) {
             since.set(0.0);
         }
-        if let Ok(rtt) = self.tunnel_rtt_last.get_metric_with_label_values(&[client]) {
+        if let Ok(rtt) = self.tunnel_rtt_last.get_metric_with_label_values(&labels) {
             rtt.set(0.0);
         }
     }
 
-    /// The client role's diagnosis series, every reason at 0, so a dashboard
-    /// or an alert sees them before the first failure.
-    pub(crate) fn add_connect_diagnosis(&self) {
-        for reason in connect_failure::ALL {
-            self.client_connect_failures.with_label_values(&[reason]);
-            self.client_last_connect_error.with_label_values(&[reason]).set(0);
+    /// The label values of `tunnel`'s series in this registry: the server
+    /// role's are per client, the client role's per client and server.
+    fn tunnel_labels<'a>(&self, tunnel: Tunnel<'a>) -> Vec<&'a str> {
+        match self.per_server {
+            true => vec![tunnel.client, tunnel.server.unwrap_or_default()],
+            false => vec![tunnel.client],
         }
     }
 
-    /// An attempt to connect ran into `attempt`; what is wrong is `cause` (the
-    /// same, or, while the server throttles this address, what its last
-    /// answered attempt failed for).
-    pub(crate) fn connect_failed(&self, attempt: &str, cause: &str) {
-        self.client_connect_failures.with_label_values(&[attempt]).inc();
+    /// The client role's diagnosis series for `server`, every reason at 0, so
+    /// a dashboard or an alert sees them before the first failure.
+    pub(crate) fn add_connect_diagnosis(&self, server: &str) {
         for reason in connect_failure::ALL {
-            self.client_last_connect_error.with_label_values(&[reason]).set(i64::from(reason == cause));
+            self.client_connect_failures.with_label_values(&[server, reason]);
+            self.client_last_connect_error.with_label_values(&[server, reason]).set(0);
         }
     }
 
-    /// Connected: nothing is wrong any more.
-    pub(crate) fn connect_succeeded(&self) {
+    /// An attempt to connect to `server` ran into `attempt`; what is wrong is
+    /// `cause` (the same, or, while the server throttles this address, what
+    /// its last answered attempt failed for).
+    pub(crate) fn connect_failed(&self, server: &str, attempt: &str, cause: &str) {
+        self.client_connect_failures.with_label_values(&[server, attempt]).inc();
         for reason in connect_failure::ALL {
-            self.client_last_connect_error.with_label_values(&[reason]).set(0);
+            self.client_last_connect_error.with_label_values(&[server, reason]).set(i64::from(reason == cause));
+        }
+    }
+
+    /// Connected to `server`: nothing is wrong with it any more.
+    pub(crate) fn connect_succeeded(&self, server: &str) {
+        for reason in connect_failure::ALL {
+            self.client_last_connect_error.with_label_values(&[server, reason]).set(0);
         }
     }
 
@@ -303,7 +346,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.add_client("default");
-        metrics.add_connect_diagnosis();
+        metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();
         // The metrics tables: the README's, and the operations guide's for the
         // client's own families.
@@ -344,7 +387,6 @@ mod tests {
         assert_eq!((b.bytes_sent, b.bytes_received, b.connected, b.connected_since), (3, 4, true, Some(99.0)));
         assert!(b.last_update.is_some());
         assert_eq!(snap.clients["default"], ClientTraffic::default(), "a known client has series at 0");
-        assert!(metrics.tunnel_connected());
         let totals = metrics.byte_totals();
         assert_eq!(totals.mappings[&4000], Traffic { sent: 5, received: 7 });
         assert_eq!(totals.tunnel["b"], Traffic { sent: 3, received: 4 });
@@ -352,11 +394,36 @@ mod tests {
         drop(open);
         metrics.session_ended("b");
         assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
-        assert!(!metrics.tunnel_connected());
+        assert!(!metrics.traffic().clients["b"].connected);
         metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);
         assert_eq!(snap.clients.keys().collect::<Vec<_>>(), ["default"]);
+    }
+
+    #[test]
+    fn a_client_role_registry_keeps_each_server_apart() {
+        let metrics = Metrics::for_client();
+        for server in ["a:9000", "b:9000"] {
+            metrics.add_client(Tunnel::to_server("office", server));
+            metrics.add_connect_diagnosis(server);
+        }
+        metrics.session_started(Tunnel::to_server("office", "a:9000"), 99.0);
+        let (out, _) = metrics.tunnel_meters(Tunnel::to_server("office", "b:9000"));
+        out.record(3);
+        metrics.connect_failed("b:9000", connect_failure::PIN_MISMATCH, connect_failure::PIN_MISMATCH);
+        let text = metrics.render();
+        for line in [
+            r#"tunneld_tunnel_connected{client="office",server="a:9000"} 1"#,
+            r#"tunneld_tunnel_connected{client="office",server="b:9000"} 0"#,
+            r#"tunneld_tunnel_bytes_total{client="office",direction="sent",server="b:9000"} 3"#,
+            r#"tunneld_client_last_connect_error{reason="pin_mismatch",server="b:9000"} 1"#,
+            r#"tunneld_client_last_connect_error{reason="pin_mismatch",server="a:9000"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metrics.session_ended(Tunnel::to_server("office", "a:9000"));
+        assert!(metrics.render().contains(r#"tunneld_tunnel_connected{client="office",server="a:9000"} 0"#));
     }
 }

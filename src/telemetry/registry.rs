@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
 
 use super::families::{
-    session_result, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH,
-    MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS,
-    MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP,
-    TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS,
-    WEBHOOK_FAILURES,
+    session_result, Family, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CLIENT_SERVER, CLIENT_SERVER_DIRECTION,
+    CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION,
+    MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES,
+    MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY,
+    TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
 };
 use super::latency::Reservoir;
 use crate::core::time::unix_now;
@@ -47,6 +47,8 @@ pub struct Metrics {
     pub(super) connection_log_dropped: IntCounter,
     pub(super) client_connect_failures: IntCounterVec,
     pub(super) client_last_connect_error: IntGaugeVec,
+    /// The client role's: tunnel series carry the `server` label too.
+    pub(super) per_server: bool,
     /// When this process's counters began (Unix seconds).
     pub(super) started_at: f64,
 }
@@ -54,6 +56,20 @@ pub struct Metrics {
 impl Metrics {
     /// A registry with every family, the process collector and the build info.
     pub fn new() -> Metrics {
+        Metrics::build(false)
+    }
+
+    /// The client role's registry: its tunnel series are per server
+    /// (`client`, `server`), since it may hold a session to several at once.
+    pub fn for_client() -> Metrics {
+        Metrics::build(true)
+    }
+
+    fn build(per_server: bool) -> Metrics {
+        let tunnel = |family: Family, per_server_labels: &'static [&'static str]| match per_server {
+            true => family.labelled(per_server_labels),
+            false => family,
+        };
         let registry = Registry::new();
         let r = &registry;
         BUILD_INFO.int_gauge_vec(r).with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -79,18 +95,19 @@ impl Metrics {
             mapping_connect_duration: MAPPING_CONNECT_DURATION.histogram_vec(r),
             mapping_connection_duration: MAPPING_CONNECTION_DURATION.histogram_vec(r),
             connect_samples: Mutex::default(),
-            tunnel_rtt: TUNNEL_RTT.histogram_vec(r),
-            tunnel_rtt_last: TUNNEL_RTT_LAST.gauge_vec(r),
-            tunnel_bytes: TUNNEL_BYTES.int_counter_vec(r),
-            tunnel_last_activity: TUNNEL_LAST_ACTIVITY.gauge_vec(r),
-            tunnel_connected: TUNNEL_CONNECTED.int_gauge_vec(r),
-            tunnel_connected_since: TUNNEL_CONNECTED_SINCE.gauge_vec(r),
+            tunnel_rtt: tunnel(TUNNEL_RTT, CLIENT_SERVER).histogram_vec(r),
+            tunnel_rtt_last: tunnel(TUNNEL_RTT_LAST, CLIENT_SERVER).gauge_vec(r),
+            tunnel_bytes: tunnel(TUNNEL_BYTES, CLIENT_SERVER_DIRECTION).int_counter_vec(r),
+            tunnel_last_activity: tunnel(TUNNEL_LAST_ACTIVITY, CLIENT_SERVER).gauge_vec(r),
+            tunnel_connected: tunnel(TUNNEL_CONNECTED, CLIENT_SERVER).int_gauge_vec(r),
+            tunnel_connected_since: tunnel(TUNNEL_CONNECTED_SINCE, CLIENT_SERVER).gauge_vec(r),
             tunnel_sessions,
             history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
             webhook_failures: WEBHOOK_FAILURES.int_counter(r),
             connection_log_dropped: CONNECTION_LOG_DROPPED.int_counter(r),
             client_connect_failures: CLIENT_CONNECT_FAILURES.int_counter_vec(r),
             client_last_connect_error: CLIENT_LAST_CONNECT_ERROR.int_gauge_vec(r),
+            per_server,
             registry,
             started_at: unix_now(),
         }

@@ -173,11 +173,4 @@ impl Metrics {
         per_client(&self.tunnel_rtt_last, |c, m| c.rtt = Some(m.get_gauge().value()).filter(|rtt| *rtt > 0.0));
         TrafficSnapshot { mappings: ports, clients }
     }
-
-    /// Whether any client is authenticated (on a client: whether it is).
-    pub(crate) fn tunnel_connected(&self) -> bool {
-        let mut any = false;
-        each_series(&self.tunnel_connected, |m| any |= m.get_gauge().value() == 1.0);
-        any
-    }
 }
