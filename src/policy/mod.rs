@@ -1,5 +1,5 @@
-//! Per-mapping policy: a description, a bandwidth cap, a traffic quota and
-//! visitor allow/deny lists — what is stored, how a request changes it
+//! Per-mapping policy: a description, a bandwidth cap, a traffic quota,
+//! visitor allow/deny lists and the PROXY protocol header for targets — what is stored, how a request changes it
 //! ([`update`]), and the live state the forwarders consult ([`LivePolicy`]).
 //!
 //! The data path reads policy in two places only: once per visitor at accept
@@ -7,7 +7,8 @@
 //! the mapping's [`Limiter`](crate::core::rate::Limiter)s, which cost one relaxed atomic load when no cap is
 //! set.
 //!
-//! May import `core` and `telemetry` (the meters a cap paces).
+//! May import `core`, `telemetry` (the meters a cap paces) and `net` (the
+//! PROXY header's versions).
 
 mod acl;
 mod live;
