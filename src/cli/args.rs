@@ -7,8 +7,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use super::units::{parse_cidr, parse_quota, parse_rate};
 use crate::config::{Override, Role};
-use crate::policy::{Cidr, Quota};
 use crate::net::proxy_header::ProxyVersion;
+use crate::policy::{Cidr, Quota};
 
 #[derive(Parser)]
 #[command(name = "tunneld", version, about = "TCP port forwarding and reverse tunnels with live traffic metrics")]

@@ -23,8 +23,8 @@ use crate::api::contract::{
 };
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
-use crate::policy::{Cidr, QuotaAction, QuotaPeriod};
 use crate::net::proxy_header::ProxyVersion;
+use crate::policy::{Cidr, QuotaAction, QuotaPeriod};
 
 /// An API call the server refused: its HTTP status, the envelope's message and
 /// its machine-readable `code`, when it has one.

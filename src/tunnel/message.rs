@@ -301,7 +301,8 @@ mod tests {
         enum OldConnect {
             Connect { host: String, port: u16 },
         }
-        let header = ProxyHeader { version: ProxyVersion::V2, source: "127.0.0.2:4000".parse().unwrap(), destination: "[::1]:80".parse().unwrap() };
+        let header =
+            ProxyHeader { version: ProxyVersion::V2, source: "127.0.0.2:4000".parse().unwrap(), destination: "[::1]:80".parse().unwrap() };
         let connect = Connect::Connect { host: "h".into(), port: 22, proxy_header: Some(header) };
         let wire = serde_json::to_string(&connect).unwrap();
         assert_eq!(

@@ -31,8 +31,7 @@ use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::frame::{self, ProtocolError};
 use crate::tunnel::message::{
-    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, FEATURE_PROXY_HEADER,
-    PROTOCOL_VERSION,
+    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, FEATURE_PROXY_HEADER, PROTOCOL_VERSION,
 };
 
 /// A connection that has not said who it is within this time is dropped.
