@@ -675,6 +675,11 @@
       const title = [allow.length ? `allow ${allow.join(', ')}` : null, deny.length ? `deny ${deny.join(', ')}` : null].filter(Boolean).join('; ');
       parts.push(el('span', { class: 'badge badge-warn', 'data-role': 'acl', title }, `ACL ${allow.length ? `${allow.length} allowed` : ''}${allow.length && deny.length ? ', ' : ''}${deny.length ? `${deny.length} denied` : ''}`));
     }
+    if (m.proxy_protocol) {
+      parts.push(el('span', { class: 'badge', 'data-role': 'proxy-protocol',
+        title: `Targets receive a PROXY protocol ${m.proxy_protocol} header with the visitor's address` },
+        `PROXY ${m.proxy_protocol}`));
+    }
     parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
     return el('div', { class: 'policy', 'data-testid': 'policy' }, ...parts);
   }

@@ -450,3 +450,34 @@ fn proxy_protocol_is_set_changed_and_removed_through_the_api_and_ctl_and_kept_ac
     assert!(updated.status.success() && shown.contains("proxy protocol"), "{shown}");
     assert_eq!(listed_mapping(&server, port).unwrap()["proxy_protocol"], Value::Null, "null removes it");
 }
+
+#[test]
+fn the_page_shows_which_header_a_mappings_targets_receive() {
+    let Some(chromium) = external_tool("chromium", "the_page_shows_which_header_a_mappings_targets_receive") else { return };
+    let server = Daemon::server(SECRET, &[]);
+    let (plain, proxied) = (free_port(), free_port());
+    create_mapping(&server, plain, echo_server(), false);
+    create_proxied(&server, proxied, echo_server(), false, "v2");
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    browser.navigate(&server.url("/api/stats/monitor?interval_ms=250"));
+    let badge = |port: u16| {
+        format!(
+            r#"(() => {{ const row = [...document.querySelectorAll('tr')].find((r) => r.textContent.includes(':{port}'));
+                 const badge = row?.querySelector('[data-role="proxy-protocol"]');
+                 return badge ? [badge.textContent, badge.title] : null; }})()"#
+        )
+    };
+    browser.wait_for("the proxied mapping's badge", &format!("{} !== null", badge(proxied)));
+    let shown = browser.eval(&badge(proxied));
+    assert_eq!(shown[0], "PROXY v2", "{shown}");
+    assert!(shown[1].as_str().unwrap_or_default().contains("visitor's address"), "{shown}");
+    assert_eq!(browser.eval(&badge(plain)), Value::Null, "no badge without proxy_protocol");
+    for (width, height, mobile) in [(1440, 900, false), (390, 844, true)] {
+        browser.set_viewport(width, height, mobile);
+        browser.wait_for("the badge after the resize", &format!("{} !== null", badge(proxied)));
+        browser.eval(
+            r#"(() => { document.querySelector('[data-role="proxy-protocol"]').scrollIntoView({block: 'center'}); return true; })()"#,
+        );
+        browser.screenshot(&format!("proxy-protocol-badge-{width}.png"));
+    }
+}
