@@ -77,6 +77,22 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_is_set_changed_and_removed_like_the_other_fields() {
+        use crate::net::proxy_header::ProxyVersion;
+        let mut p = Policy::default();
+        assert_eq!(update::proxy_protocol(json!("v1")).unwrap(), Some(Some(ProxyVersion::V1)));
+        assert_eq!(update::proxy_protocol(json!(null)).unwrap(), Some(None));
+        let message = update::proxy_protocol(json!("v3")).unwrap_err().to_string();
+        assert!(message.contains("`v3`") && message.contains("`v1`"), "{message}");
+        assert_eq!(p.apply(PolicyUpdate { proxy_protocol: Some(Some(ProxyVersion::V1)), ..PolicyUpdate::default() }), ["proxy_protocol"]);
+        assert!(p.apply(PolicyUpdate { proxy_protocol: Some(Some(ProxyVersion::V1)), ..PolicyUpdate::default() }).is_empty());
+        assert!(p.apply(PolicyUpdate { description: Some(Some("x".into())), ..PolicyUpdate::default() }) == ["description"]);
+        assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1), "absent keeps it");
+        p.apply(PolicyUpdate { proxy_protocol: Some(None), ..PolicyUpdate::default() });
+        assert_eq!(p.proxy_protocol, None, "null removes it");
+    }
+
+    #[test]
     fn values_are_read_null_as_removal_and_text_trimmed() {
         assert_eq!(update::description(json!("  office ssh ")).unwrap(), Some(Some("office ssh".into())));
         assert_eq!(update::description(json!("   ")).unwrap(), Some(None), "blank removes");
