@@ -37,10 +37,11 @@ fn create_proxied(server: &Daemon, port: u16, target: SocketAddr, tunneled: bool
     answer["data"].clone()
 }
 
-/// An HTTP/1.0 GET through the mapping on `port` from `from`: the visitor's own
-/// address and the body of the answer.
-fn http_get_from(from: IpAddr, port: u16) -> (SocketAddr, String) {
-    let mut visitor = connect_from(from, loopback(port));
+/// An HTTP/1.0 GET through the mapping at `mapping` from `from`: the
+/// visitor's own address and the body of the answer.
+fn http_get_from(from: IpAddr, mapping: SocketAddr) -> (SocketAddr, String) {
+    let port = mapping.port();
+    let mut visitor = connect_from(from, mapping);
     let me = visitor.local_addr().expect("the visitor's address");
     visitor.write_all(b"GET / HTTP/1.0\r\nHost: proxied.test\r\n\r\n").expect("send the request");
     let mut answer = Vec::new();
@@ -171,20 +172,21 @@ fn nginx(program: &Path) -> ExternalTarget {
 }
 
 /// Four mappings to `target` — v1 and v2, direct and through a real
-/// `tunneld client` — each visited from 127.0.0.2 and 127.0.0.3: the address
-/// and port the target read from the header are the visitor's own.
-fn the_target_sees_each_visitor(target: &ExternalTarget, name: &str) {
-    let server = Daemon::server(SECRET, &[]);
+/// `tunneld client` — each visited from `visitors` (to `mapping_host`): the
+/// address and port the target read from the header are the visitor's own.
+/// The server listens on `bind_addr`.
+fn the_target_sees_each_visitor(target: &ExternalTarget, name: &str, bind_addr: &str, visitors: &[IpAddr], mapping_host: IpAddr) {
+    let server = Daemon::server_env(SECRET, &[], &[("TUNNELD_SERVER__BIND_ADDR", bind_addr)]);
     let _client = Daemon::client(&server, SECRET, &[]);
     for tunneled in [false, true] {
         for version in ["v1", "v2"] {
             let port = free_port();
             create_proxied(&server, port, target.addr(), tunneled, version);
-            for from in VISITORS {
-                let (visitor, seen) = http_get_from(from, port);
+            for &from in visitors {
+                let (visitor, seen) = http_get_from(from, SocketAddr::new(mapping_host, port));
                 assert_eq!(
                     seen,
-                    visitor.to_string(),
+                    format!("{}:{}", visitor.ip(), visitor.port()),
                     "{name} behind a {version} mapping ({}) saw {seen} for the visitor {visitor}; its log: {}",
                     if tunneled { "tunneled" } else { "direct" },
                     target.log()
@@ -199,7 +201,18 @@ fn haproxy_with_accept_proxy_sees_the_visitors_address_v1_and_v2_direct_and_tunn
     let test = "haproxy_with_accept_proxy_sees_the_visitors_address_v1_and_v2_direct_and_tunneled";
     let Some(program) = external_tool("haproxy", test) else { return };
     let target = haproxy(&program);
-    the_target_sees_each_visitor(&target, "haproxy");
+    the_target_sees_each_visitor(&target, "haproxy", "0.0.0.0", &VISITORS, IpAddr::V4(Ipv4Addr::LOCALHOST));
+}
+
+/// A visitor over IPv6 (`::1`, to a server listening on `::`) is announced as
+/// TCP6, v1 and v2, and both parsers read it so.
+#[test]
+fn ipv6_visitors_are_announced_as_tcp6_to_haproxy_and_nginx() {
+    let test = "ipv6_visitors_are_announced_as_tcp6_to_haproxy_and_nginx";
+    let (Some(haproxy_program), Some(nginx_program)) = (external_tool("haproxy", test), external_tool("nginx", test)) else { return };
+    let ipv6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    the_target_sees_each_visitor(&haproxy(&haproxy_program), "haproxy", "::", &[ipv6], ipv6);
+    the_target_sees_each_visitor(&nginx(&nginx_program), "nginx", "::", &[ipv6], ipv6);
 }
 
 #[test]
@@ -207,7 +220,7 @@ fn nginx_with_proxy_protocol_sees_the_visitors_address_v1_and_v2_direct_and_tunn
     let test = "nginx_with_proxy_protocol_sees_the_visitors_address_v1_and_v2_direct_and_tunneled";
     let Some(program) = external_tool("nginx", test) else { return };
     let target = nginx(&program);
-    the_target_sees_each_visitor(&target, "nginx");
+    the_target_sees_each_visitor(&target, "nginx", "0.0.0.0", &VISITORS, IpAddr::V4(Ipv4Addr::LOCALHOST));
 }
 
 /// A PROXY header as a target parses it: its version, source and destination.
