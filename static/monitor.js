@@ -699,6 +699,7 @@
     quotaAction: $('#policy-quota-action'),
     allow: $('#policy-allow'),
     deny: $('#policy-deny'),
+    proxy: $('#policy-proxy'),
     error: $('#policy-error'),
     cancel: $('#policy-cancel'),
   };
@@ -800,6 +801,7 @@
     policyDom.quotaAction.value = m.quota ? m.quota.action : 'alert';
     policyDom.allow.value = (m.allow || []).join('\n');
     policyDom.deny.value = (m.deny || []).join('\n');
+    policyDom.proxy.value = m.proxy_protocol || '';
     policyDom.error.hidden = true;
     policyDom.overlay.hidden = false;
     policyDom.description.focus();
@@ -836,6 +838,8 @@
       const list = lines(policyDom[key].value);
       if (list.join('\n') !== (m[key] || []).join('\n')) changes[key] = list;
     }
+    const proxy = policyDom.proxy.value || null;
+    if (proxy !== (m.proxy_protocol || null)) changes.proxy_protocol = proxy;
     return changes;
   }
 

@@ -495,4 +495,33 @@ fn the_page_shows_which_header_a_mappings_targets_receive() {
         );
         browser.screenshot(&format!("proxy-protocol-badge-{width}.png"));
     }
+
+    // The policy dialog shows the setting and changes it.
+    browser.set_viewport(1440, 900, false);
+    browser.eval(&format!(
+        r#"(() => {{ document.querySelector('[data-role="edit-policy"][data-port="{proxied}"]').click(); return true; }})()"#
+    ));
+    browser.wait_for("the policy dialog", r#"!document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    assert_eq!(browser.eval("document.querySelector('#policy-proxy').value"), "v2");
+    browser.eval(r#"(() => { document.querySelector('#policy-proxy').value = 'v1'; document.querySelector('#policy-proxy').scrollIntoView({block: 'center'}); return true; })()"#);
+    browser.screenshot("proxy-protocol-dialog-1440.png");
+    browser.set_viewport(390, 844, true);
+    browser.eval(r#"(() => { document.querySelector('#policy-proxy').scrollIntoView({block: 'center'}); return true; })()"#);
+    browser.screenshot("proxy-protocol-dialog-390.png");
+    browser.set_viewport(1440, 900, false);
+    browser.eval(r#"(() => { document.querySelector('#policy-form').requestSubmit(); return true; })()"#);
+    browser.wait_for("the dialog to close", r#"document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    let m = listed_mapping(&server, proxied).expect("the mapping");
+    assert_eq!(m["proxy_protocol"], "v1", "{m}");
+    assert_eq!(m["description"], Value::Null, "only the changed field was sent: {m}");
+    browser.wait_for("the badge to follow", &format!("{}?.[0] === 'PROXY v1'", badge(proxied)));
+    // And `none` removes it.
+    browser.eval(&format!(
+        r#"(() => {{ document.querySelector('[data-role="edit-policy"][data-port="{proxied}"]').click(); return true; }})()"#
+    ));
+    browser.wait_for("the policy dialog", r#"!document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    browser.eval(r#"(() => { document.querySelector('#policy-proxy').value = ''; document.querySelector('#policy-form').requestSubmit(); return true; })()"#);
+    browser.wait_for("the dialog to close", r#"document.querySelector('[data-testid="policy-dialog"]').hidden"#);
+    browser.wait_for("the badge gone", &format!("{} === null", badge(proxied)));
+    assert_eq!(listed_mapping(&server, proxied).expect("the mapping")["proxy_protocol"], Value::Null);
 }
