@@ -34,11 +34,17 @@ pub(super) async fn serve_visitor(
     // The same meters as ever, tallying into this connection's entry too.
     let (up, down) = policy.capped(metrics.meters());
     let meters = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
-    // The address the visitor reached: this listener's, concrete even on a wildcard bind.
-    let proxy_header = policy.proxy_protocol().and_then(|version| {
-        let destination = visitor.local_addr().ok()?;
-        Some(ProxyHeader { version, source: peer, destination })
-    });
+    // The address the visitor reached: this listener's, concrete even on a
+    // wildcard bind. Without it no header can be written, and a target that
+    // expects one must never get the visitor's bytes bare.
+    let proxy_header = match policy.proxy_protocol().map(|version| (version, visitor.local_addr())) {
+        None => None,
+        Some((version, Ok(destination))) => Some(ProxyHeader { version, source: peer, destination }),
+        Some((_, Err(e))) => {
+            debug!(port, %peer, error = %e, "visitor dropped: its socket has no local address for the PROXY header");
+            return End::VisitorReset;
+        }
+    };
     let result = if spec.use_tunnel {
         tunneled(ctx, spec, meters, &visit, &visitor, proxy_header).await
     } else {
