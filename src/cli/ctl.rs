@@ -552,7 +552,6 @@ pub(super) fn human_duration(secs: f64) -> String {
     }
 }
 
-/// `direct`, `tunnel`, or `tunnel:<client>`.
 /// A `MODE` cell with the PROXY header targets receive, when there is one
 /// (`direct+proxy_v2`): one word, so the table stays split by whitespace.
 fn with_proxy_protocol(mode: String, proxy_protocol: Option<ProxyVersion>) -> String {
@@ -562,6 +561,7 @@ fn with_proxy_protocol(mode: String, proxy_protocol: Option<ProxyVersion>) -> St
     }
 }
 
+/// `direct`, `tunnel`, or `tunnel:<client>`.
 pub(super) fn mode(use_tunnel: bool, client: Option<&str>) -> String {
     match (use_tunnel, client) {
         (true, Some(client)) => format!("tunnel:{client}"),

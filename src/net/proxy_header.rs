@@ -43,7 +43,7 @@ const V2_TCP6: u8 = 0x21;
 /// `destination` (the address it connected to). IPv4-mapped IPv6 addresses are
 /// written as the IPv4 addresses they are; when the two families still differ
 /// (a visitor on IPv4 reaching a dual-stack listener by its IPv6 address),
-/// both are written as IPv6, as the specification asks.
+/// both are written as IPv6, the IPv4 one mapped: a header has one family.
 pub fn encode(version: ProxyVersion, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
     let (source_ip, destination_ip) = match (source.ip().to_canonical(), destination.ip().to_canonical()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d)),

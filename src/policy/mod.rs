@@ -1,6 +1,7 @@
 //! Per-mapping policy: a description, a bandwidth cap, a traffic quota,
-//! visitor allow/deny lists and the PROXY protocol header for targets — what is stored, how a request changes it
-//! ([`update`]), and the live state the forwarders consult ([`LivePolicy`]).
+//! visitor allow/deny lists and the PROXY protocol header for targets — what
+//! is stored, how a request changes it ([`update`]), and the live state the
+//! forwarders consult ([`LivePolicy`]).
 //!
 //! The data path reads policy in two places only: once per visitor at accept
 //! (ACL and quota block, under a short read lock), and once per chunk through
