@@ -29,7 +29,7 @@ def haproxy(procs, tmp: Path, echo_port: int) -> dict[str, int]:
     ports = {"plain": bench.free_port(), "proxy": bench.free_port()}
     config = tmp / "haproxy.cfg"
     config.write_text(
-        "global\n    maxconn 20000\n"
+        "global\n    maxconn 4000\n"
         "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
         f"frontend plain\n    bind 127.0.0.1:{ports['plain']}\n    default_backend echo\n"
         f"frontend proxy\n    bind 127.0.0.1:{ports['proxy']} accept-proxy\n    default_backend echo\n"
