@@ -326,6 +326,10 @@ fn open_connection(server: &Daemon, port: u16, source: SocketAddr) -> Option<Val
     data["connections"].as_array()?.iter().find(|c| c["source"] == source.to_string()).cloned()
 }
 
+/// A raw target reads the header, then the payload: the header names the
+/// visitor and the address it connected to, and the live connection's bytes,
+/// the mapping's counters, its metric and its quota count the payload only —
+/// v1 and v2, direct and tunneled.
 #[test]
 fn the_header_carries_the_visitor_and_is_not_counted_as_traffic() {
     let server = Daemon::server(SECRET, &[]);
@@ -337,6 +341,9 @@ fn the_header_carries_the_visitor_and_is_not_counted_as_traffic() {
             let case = format!("{version}, {}", if tunneled { "tunneled" } else { "direct" });
             let port = free_port();
             create_proxied(&server, port, target, tunneled, version);
+            let quota = json!({"port": port, "quota": {"bytes": 1_000_000_000u64, "period": "day", "action": "alert"}});
+            let (status, answer) = post(&server, "/api/mapping/update", quota);
+            assert_eq!(status, 200, "{answer}");
             let mut visitor = connect_from(VISITORS[0], loopback(port));
             let me = visitor.local_addr().unwrap();
             visitor.write_all(&payload).unwrap();
@@ -368,6 +375,11 @@ fn the_header_carries_the_visitor_and_is_not_counted_as_traffic() {
             let port_label = port.to_string();
             let sent = metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &port_label), ("direction", "sent")]);
             assert_eq!(sent, Some(PAYLOAD as f64), "{case}: the metric counts the payload only");
+            // The quota counts the same bytes, both ways (checked once a second).
+            let used = wait_for(&format!("{case}: the quota's use"), Duration::from_secs(10), || {
+                listed_mapping(&server, port)?["quota_used"].as_u64().filter(|used| *used >= (PAYLOAD + RESPONSE) as u64)
+            });
+            assert_eq!(used, (PAYLOAD + RESPONSE) as u64, "{case}: the quota does not count the header");
         }
     }
 }
