@@ -675,6 +675,11 @@
       const title = [allow.length ? `allow ${allow.join(', ')}` : null, deny.length ? `deny ${deny.join(', ')}` : null].filter(Boolean).join('; ');
       parts.push(el('span', { class: 'badge badge-warn', 'data-role': 'acl', title }, `ACL ${allow.length ? `${allow.length} allowed` : ''}${allow.length && deny.length ? ', ' : ''}${deny.length ? `${deny.length} denied` : ''}`));
     }
+    if (m.proxy_protocol) {
+      parts.push(el('span', { class: 'badge', 'data-role': 'proxy-protocol',
+        title: `Targets receive a PROXY protocol ${m.proxy_protocol} header with the visitor's address` },
+        `PROXY ${m.proxy_protocol}`));
+    }
     parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
     return el('div', { class: 'policy', 'data-testid': 'policy' }, ...parts);
   }
@@ -694,6 +699,7 @@
     quotaAction: $('#policy-quota-action'),
     allow: $('#policy-allow'),
     deny: $('#policy-deny'),
+    proxy: $('#policy-proxy'),
     error: $('#policy-error'),
     cancel: $('#policy-cancel'),
   };
@@ -795,6 +801,7 @@
     policyDom.quotaAction.value = m.quota ? m.quota.action : 'alert';
     policyDom.allow.value = (m.allow || []).join('\n');
     policyDom.deny.value = (m.deny || []).join('\n');
+    policyDom.proxy.value = m.proxy_protocol || '';
     policyDom.error.hidden = true;
     policyDom.overlay.hidden = false;
     policyDom.description.focus();
@@ -831,6 +838,8 @@
       const list = lines(policyDom[key].value);
       if (list.join('\n') !== (m[key] || []).join('\n')) changes[key] = list;
     }
+    const proxy = policyDom.proxy.value || null;
+    if (proxy !== (m.proxy_protocol || null)) changes.proxy_protocol = proxy;
     return changes;
   }
 

@@ -72,7 +72,7 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 14] = [
+const MAPPING_FIELDS: [&str; 15] = [
     "allow",
     "bandwidth_limit",
     "client",
@@ -81,6 +81,7 @@ const MAPPING_FIELDS: [&str; 14] = [
     "description",
     "health",
     "health_reason",
+    "proxy_protocol",
     "quota",
     "source_port",
     "status",
@@ -256,6 +257,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "lifetime_received",
                 "lifetime_sent",
                 "port",
+                "proxy_protocol",
                 "quota",
                 "quota_blocked",
                 "quota_used",

@@ -36,7 +36,7 @@ fn read_frame<T: DeserializeOwned>(conn: &mut TcpStream) -> Option<T> {
 /// challenge (and then rejected the answer), `false` when it refused unheard.
 fn guess(from: IpAddr, tunnel: SocketAddr) -> bool {
     let mut conn = connect_from(from, tunnel);
-    let hello = Opening::Control { version: PROTOCOL_VERSION, client: "default".into() };
+    let hello = Opening::Control { version: PROTOCOL_VERSION, client: "default".into(), features: vec![] };
     if write_frame(&mut conn, &hello).is_err() {
         return false;
     }

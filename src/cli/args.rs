@@ -7,6 +7,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use super::units::{parse_cidr, parse_quota, parse_rate};
 use crate::config::{Override, Role};
+use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{Cidr, Quota};
 
 #[derive(Parser)]
@@ -80,11 +81,11 @@ pub(crate) enum CtlCommand {
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// Change a mapping's description, bandwidth limit, quota or allow/deny lists; what is not
-    /// given stays as it is, and open connections are kept.
+    /// Change a mapping's description, bandwidth limit, quota, allow/deny lists or PROXY
+    /// protocol header; what is not given stays as it is, and open connections are kept.
     #[command(group(ArgGroup::new("change").required(true).multiple(true).args([
-        "description", "bandwidth_limit", "quota", "allow", "deny",
-        "no_description", "no_bandwidth_limit", "no_quota", "no_allow", "no_deny",
+        "description", "bandwidth_limit", "quota", "allow", "deny", "proxy_protocol",
+        "no_description", "no_bandwidth_limit", "no_quota", "no_allow", "no_deny", "no_proxy_protocol",
     ])))]
     Update {
         port: u16,
@@ -105,6 +106,9 @@ pub(crate) enum CtlCommand {
         /// Empty the deny list.
         #[arg(long, conflicts_with = "deny")]
         no_deny: bool,
+        /// Stop sending targets a PROXY protocol header.
+        #[arg(long, conflicts_with = "proxy_protocol")]
+        no_proxy_protocol: bool,
     },
     /// Remove the mapping on PORT.
     Remove { port: u16 },
@@ -182,6 +186,18 @@ pub(crate) struct PolicyArgs {
     /// Visitor addresses refused (wins over --allow): CIDR blocks or addresses, comma-separated.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
     pub(crate) deny: Option<Vec<Cidr>>,
+    /// Send each target a PROXY protocol header (v1 text, v2 binary) with the visitor's address.
+    #[arg(long, value_name = "v1|v2", value_parser = parse_proxy_version)]
+    pub(crate) proxy_protocol: Option<ProxyVersion>,
+}
+
+/// `--proxy-protocol`: `v1` or `v2`.
+fn parse_proxy_version(text: &str) -> Result<ProxyVersion, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "v1" | "1" => Ok(ProxyVersion::V1),
+        "v2" | "2" => Ok(ProxyVersion::V2),
+        _ => Err(format!("{text:?} is not a PROXY protocol version: v1 or v2")),
+    }
 }
 
 /// `--api`: an `http://` or `https://` URL, or `HOST:PORT` as every other

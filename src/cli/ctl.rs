@@ -23,6 +23,7 @@ use crate::api::contract::{
 };
 use crate::config::{self, Config, Role};
 use crate::core::time::format_utc;
+use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{Cidr, QuotaAction, QuotaPeriod};
 
 /// An API call the server refused: its HTTP status, the envelope's message and
@@ -248,7 +249,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
         rows.push(vec![
             m.source_port.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
-            mode(m.use_tunnel, m.client.as_deref()),
+            with_proxy_protocol(mode(m.use_tunnel, m.client.as_deref()), m.proxy_protocol),
             m.status.to_string(),
             m.health.map_or("-", MappingHealth::as_str).to_string(),
             format_utc(m.created_at),
@@ -276,7 +277,7 @@ pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: O
     let Some((host, target_port)) = config::split_host_port(target) else {
         bail!("target must be HOST:PORT (IPv6 as [::1]:22), got {target:?}");
     };
-    let PolicyArgs { description, bandwidth_limit, quota, allow, deny } = policy;
+    let PolicyArgs { description, bandwidth_limit, quota, allow, deny, proxy_protocol } = policy;
     let request = CreateMapping {
         source_port: port,
         target_host: host.to_string(),
@@ -288,6 +289,7 @@ pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: O
         quota: quota.map(Some),
         allow: allow.map(Some),
         deny: deny.map(Some),
+        proxy_protocol: proxy_protocol.map(Some),
     };
     let m: Mapping = api.post("/api/mapping/create", &request).map_err(|e| match (refusal_code(&e), client) {
         (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
@@ -310,6 +312,7 @@ pub(super) struct Removals {
     pub(super) quota: bool,
     pub(super) allow: bool,
     pub(super) deny: bool,
+    pub(super) proxy_protocol: bool,
 }
 
 /// `ctl update`: the fields given are set, those named in `remove` removed, the
@@ -330,6 +333,7 @@ pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) ->
         quota: change(set.quota, remove.quota),
         allow: change(set.allow, remove.allow),
         deny: change(set.deny, remove.deny),
+        proxy_protocol: change(set.proxy_protocol, remove.proxy_protocol),
     };
     let m: Mapping = api.post("/api/mapping/update", &request)?;
     let cidrs =
@@ -358,6 +362,7 @@ pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) ->
         ],
         vec!["  allow".into(), cidrs(&m.allow)],
         vec!["  deny".into(), cidrs(&m.deny)],
+        vec!["  proxy protocol".into(), m.proxy_protocol.map_or("-", ProxyVersion::as_str).into()],
     ];
     Ok(format!("mapping on port {} updated:\n{}", m.source_port, table(&rows)))
 }
@@ -544,6 +549,15 @@ pub(super) fn human_duration(secs: f64) -> String {
         s if s < 3600 => format!("{} min", s / 60),
         s if s < 86_400 => format!("{} h", s / 3600),
         s => format!("{} d", s / 86_400),
+    }
+}
+
+/// A `MODE` cell with the PROXY header targets receive, when there is one
+/// (`direct+proxy_v2`): one word, so the table stays split by whitespace.
+fn with_proxy_protocol(mode: String, proxy_protocol: Option<ProxyVersion>) -> String {
+    match proxy_protocol {
+        Some(version) => format!("{mode}+proxy_{}", version.as_str()),
+        None => mode,
     }
 }
 

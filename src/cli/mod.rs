@@ -126,13 +126,14 @@ fn ctl(args: CtlArgs) -> ExitCode {
             CtlCommand::Create { port, target, tunnel, client, policy } => {
                 ctl::create(&api, port, &target, tunnel, client.as_deref(), policy).map(Some)
             }
-            CtlCommand::Update { port, policy, no_description, no_bandwidth_limit, no_quota, no_allow, no_deny } => {
+            CtlCommand::Update { port, policy, no_description, no_bandwidth_limit, no_quota, no_allow, no_deny, no_proxy_protocol } => {
                 let remove = ctl::Removals {
                     description: no_description,
                     bandwidth_limit: no_bandwidth_limit,
                     quota: no_quota,
                     allow: no_allow,
                     deny: no_deny,
+                    proxy_protocol: no_proxy_protocol,
                 };
                 ctl::update(&api, port, policy, remove).map(Some)
             }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -271,7 +272,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             _ = tokio::time::sleep(idle_limit) => return Ok(()),
             r = frame::read_frame::<Connect, _>(&mut channel) => r,
         };
-        let (Connect::Connect { host, port }, _) = match request {
+        let (Connect::Connect { host, port, proxy_header }, _) = match request {
             Ok(request) => request,
             // Not a `connect`: on a plain tunnel, a refusal such as being
             // throttled. Not replaced, so a refusing server is not hammered.
@@ -294,7 +295,15 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             return Ok(());
         };
         let timeout = Duration::from_secs(config.connect_timeout_secs);
-        let target = match socket::connect(&host, port, timeout).await {
+        // The PROXY header goes first, outside any count: it is not user traffic.
+        let dialed = match socket::connect(&host, port, timeout).await {
+            Ok(mut target) => match proxy_header {
+                Some(header) => target.write_all(&header.encode()).await.map(|()| target),
+                None => Ok(target),
+            },
+            Err(e) => Err(e),
+        };
+        let target = match dialed {
             Ok(target) => target,
             Err(e) => {
                 let target = format!("{host}:{port}");

@@ -6,12 +6,14 @@
 //! - [`relay`]: the counted copy between two sockets and how it ends;
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
-//! - [`transport`]: a tunnel connection, TLS or plain.
+//! - [`transport`]: a tunnel connection, TLS or plain;
+//! - [`proxy_header`]: the PROXY protocol header that tells a target who the visitor is.
 //!
 //! May import `core`, `config` and `telemetry`.
 
 pub(crate) mod descriptors;
 pub mod metered;
+pub mod proxy_header;
 pub(crate) mod relay;
 pub(crate) mod socket;
 pub mod tls;

@@ -8,6 +8,7 @@ use super::model::Policy;
 use super::quota::QuotaAction;
 use crate::core::rate::Limiter;
 use crate::core::sync::{read, write};
+use crate::net::proxy_header::ProxyVersion;
 
 /// A mapping's policy as the forwarders see it, changed in place by an update so
 /// open connections follow it (their meters hold the same [`Limiter`]s).
@@ -56,6 +57,11 @@ impl LivePolicy {
         (up, down): (crate::telemetry::Meter, crate::telemetry::Meter),
     ) -> (crate::telemetry::Meter, crate::telemetry::Meter) {
         (up.limited_by(self.upload.clone()), down.limited_by(self.download.clone()))
+    }
+
+    /// The PROXY header version a new visitor's target receives, if any.
+    pub fn proxy_protocol(&self) -> Option<ProxyVersion> {
+        read(&self.policy).proxy_protocol
     }
 
     pub fn admits(&self, ip: IpAddr) -> bool {

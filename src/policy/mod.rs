@@ -1,13 +1,15 @@
-//! Per-mapping policy: a description, a bandwidth cap, a traffic quota and
-//! visitor allow/deny lists — what is stored, how a request changes it
-//! ([`update`]), and the live state the forwarders consult ([`LivePolicy`]).
+//! Per-mapping policy: a description, a bandwidth cap, a traffic quota,
+//! visitor allow/deny lists and the PROXY protocol header for targets — what
+//! is stored, how a request changes it ([`update`]), and the live state the
+//! forwarders consult ([`LivePolicy`]).
 //!
 //! The data path reads policy in two places only: once per visitor at accept
 //! (ACL and quota block, under a short read lock), and once per chunk through
 //! the mapping's [`Limiter`](crate::core::rate::Limiter)s, which cost one relaxed atomic load when no cap is
 //! set.
 //!
-//! May import `core` and `telemetry` (the meters a cap paces).
+//! May import `core`, `telemetry` (the meters a cap paces) and `net` (the
+//! PROXY header's versions).
 
 mod acl;
 mod live;
@@ -73,6 +75,22 @@ mod tests {
         let some =
             PolicyUpdate { description: Some(None), bandwidth_limit: Some(None), deny: Some(Some(vec![])), ..PolicyUpdate::default() };
         assert_eq!(p.apply(some), ["description"]);
+    }
+
+    #[test]
+    fn proxy_protocol_is_set_changed_and_removed_like_the_other_fields() {
+        use crate::net::proxy_header::ProxyVersion;
+        let mut p = Policy::default();
+        assert_eq!(update::proxy_protocol(json!("v1")).unwrap(), Some(Some(ProxyVersion::V1)));
+        assert_eq!(update::proxy_protocol(json!(null)).unwrap(), Some(None));
+        let message = update::proxy_protocol(json!("v3")).unwrap_err().to_string();
+        assert!(message.contains("`v3`") && message.contains("`v1`"), "{message}");
+        assert_eq!(p.apply(PolicyUpdate { proxy_protocol: Some(Some(ProxyVersion::V1)), ..PolicyUpdate::default() }), ["proxy_protocol"]);
+        assert!(p.apply(PolicyUpdate { proxy_protocol: Some(Some(ProxyVersion::V1)), ..PolicyUpdate::default() }).is_empty());
+        assert!(p.apply(PolicyUpdate { description: Some(Some("x".into())), ..PolicyUpdate::default() }) == ["description"]);
+        assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1), "absent keeps it");
+        p.apply(PolicyUpdate { proxy_protocol: Some(None), ..PolicyUpdate::default() });
+        assert_eq!(p.proxy_protocol, None, "null removes it");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A mapping's policy as stored and shown: description, bandwidth cap, quota,
-//! allow and deny lists.
+//! allow and deny lists, and the PROXY protocol header its targets expect.
 
 use std::net::IpAddr;
 
@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::acl::Cidr;
 use super::quota::Quota;
+use crate::net::proxy_header::ProxyVersion;
 
 /// What a mapping lets through, and how much.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +24,10 @@ pub struct Policy {
     /// Wins over `allow`.
     #[serde(default)]
     pub deny: Vec<Cidr>,
+    /// The PROXY protocol header each visitor's target receives before its
+    /// bytes (absent from policies stored before it: none).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 impl Policy {

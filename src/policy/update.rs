@@ -16,6 +16,7 @@ use super::acl::Cidr;
 use super::model::Policy;
 use super::quota::{Positive, Quota};
 use crate::core::text::display_hazard;
+use crate::net::proxy_header::ProxyVersion;
 
 /// Longest description accepted: a label, not a document.
 const MAX_DESCRIPTION: usize = 500;
@@ -37,6 +38,8 @@ pub struct PolicyUpdate {
     pub allow: Option<Option<Vec<Cidr>>>,
     /// Visitor blocks refused (wins over `allow`).
     pub deny: Option<Option<Vec<Cidr>>>,
+    /// The PROXY protocol header version targets receive.
+    pub proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
 impl Policy {
@@ -50,13 +53,14 @@ impl Policy {
                 changed.push(name);
             }
         }
-        let PolicyUpdate { description, bandwidth_limit, quota, allow, deny } = update;
+        let PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol } = update;
         let mut changed = Vec::new();
         set(&mut self.description, description, "description", &mut changed);
         set(&mut self.bandwidth_limit, bandwidth_limit, "bandwidth_limit", &mut changed);
         set(&mut self.quota, quota, "quota", &mut changed);
         set(&mut self.allow, allow.map(Option::unwrap_or_default), "allow", &mut changed);
         set(&mut self.deny, deny.map(Option::unwrap_or_default), "deny", &mut changed);
+        set(&mut self.proxy_protocol, proxy_protocol, "proxy_protocol", &mut changed);
         changed
     }
 }
@@ -91,6 +95,11 @@ pub(crate) fn quota<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Quo
 /// `allow` and `deny`: lists of at most 256 CIDR blocks.
 pub(crate) fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Vec<Cidr>>>, D::Error> {
     d.deserialize_option(Nullable(CidrList)).map(Some)
+}
+
+/// `proxy_protocol`: `"v1"` or `"v2"`.
+pub(crate) fn proxy_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<ProxyVersion>>, D::Error> {
+    Option::<ProxyVersion>::deserialize(d).map(Some)
 }
 
 /// A visitor that also takes `null` (as `None`), for fields where `null` means

@@ -58,6 +58,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn proxy_protocol_is_kept_and_policies_stored_before_it_read_as_none() {
+        use crate::net::proxy_header::ProxyVersion;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            drop(store);
+            // A row as the release before `proxy_protocol` wrote it: the policy
+            // column's JSON has no such key, and no schema change is needed.
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                r#"INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client)
+                   VALUES (4000, 'example.com', 22, 0, 7,
+                           '{"description":"old","bandwidth_limit":null,"quota":null,"allow":[],"deny":[]}', NULL);"#,
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let policy = store.list().await.unwrap()[0].1.clone();
+        assert_eq!((policy.description.as_deref(), policy.proxy_protocol), (Some("old"), None));
+        let policy = Policy { proxy_protocol: Some(ProxyVersion::V2), ..policy };
+        assert!(store.set_policy(4000, &policy).await.unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list().await.unwrap()[0].1.proxy_protocol, Some(ProxyVersion::V2));
+    }
+
+    #[tokio::test]
     async fn a_database_from_before_policies_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         {

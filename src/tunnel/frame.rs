@@ -112,7 +112,7 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_without_over_reading() {
         let mut wire = Vec::new();
-        let msg = Connect::Connect { host: "10.0.0.1".into(), port: 22 };
+        let msg = Connect::Connect { host: "10.0.0.1".into(), port: 22, proxy_header: None };
         let n = write_frame(&mut wire, &msg).await.unwrap();
         wire.extend_from_slice(b"raw bytes after the frame");
         let mut reader = &wire[..];

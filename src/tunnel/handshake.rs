@@ -6,7 +6,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::auth;
 use super::frame::{read_frame, write_frame, ProtocolError};
-use super::message::{explain_rejection, Auth, Challenge, Opening, Verdict, PROTOCOL_VERSION};
+use super::message::{client_features, explain_rejection, Auth, Challenge, Opening, Verdict, PROTOCOL_VERSION};
 
 /// An authenticated session as the server granted it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,8 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     secret: &str,
     binding: impl FnOnce(&S) -> Vec<u8>,
 ) -> Result<Welcome, HandshakeError> {
-    write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: name.to_string() }).await?;
+    let hello = Opening::Control { version: PROTOCOL_VERSION, client: name.to_string(), features: client_features() };
+    write_frame(stream, &hello).await?;
     let nonce = match read_frame(stream).await?.0 {
         Challenge::Challenge { nonce } => nonce,
         Challenge::Rejected { reason, retry_after_secs: Some(secs) } => {

@@ -14,9 +14,12 @@
 //! heartbeats ([`ToClient`], [`ToServer`]). A data channel waits for a
 //! [`Connect`] and answers it with a [`ConnectResult`].
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::names::DEFAULT_CLIENT;
+use crate::net::proxy_header::ProxyVersion;
 
 /// Bumped on any incompatible change; sent in the first frame of every connection.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -34,6 +37,11 @@ pub enum Opening {
         /// The client's name.
         #[serde(default = "default_client")]
         client: String,
+        /// What this client can do beyond protocol version 2 as first
+        /// released (see [`FEATURE_PROXY_HEADER`]). Absent from older clients;
+        /// names a server does not know are ignored.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Opens a data channel for the session whose token it presents.
     #[serde(rename = "data_hello")]
@@ -56,6 +64,17 @@ impl Opening {
 
 fn default_client() -> String {
     DEFAULT_CLIENT.to_string()
+}
+
+/// A client [`Opening::Control`] `features` entry: it writes the PROXY header a
+/// [`Connect`] asks for. An older client would ignore the request and send the
+/// visitor's bytes bare, so a server sends `proxy_header` only to clients that
+/// list this, and refuses the visitors of such a mapping through any other.
+pub const FEATURE_PROXY_HEADER: &str = "proxy_header";
+
+/// Every feature this build's client announces.
+pub fn client_features() -> Vec<String> {
+    vec![FEATURE_PROXY_HEADER.to_string()]
 }
 
 /// server → client: the answer to a control channel's [`Opening`].
@@ -200,7 +219,31 @@ pub enum Connect {
         host: String,
         /// Port.
         port: u16,
+        /// Write this PROXY protocol header to the target before any byte of
+        /// the exchange. Only sent to clients announcing
+        /// [`FEATURE_PROXY_HEADER`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proxy_header: Option<ProxyHeader>,
     },
+}
+
+/// What a PROXY protocol header says: the visitor's address (`source`) and the
+/// server address it connected to (`destination`), as `ip:port` text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHeader {
+    /// `v1` or `v2`.
+    pub version: ProxyVersion,
+    /// The visitor.
+    pub source: SocketAddr,
+    /// The mapping's listening address and port, as the visitor reached it.
+    pub destination: SocketAddr,
+}
+
+impl ProxyHeader {
+    /// The bytes to write to the target.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::net::proxy_header::encode(self.version, self.source, self.destination)
+    }
 }
 
 /// client → server on that data channel; raw chunks follow when the target answered.
@@ -247,7 +290,40 @@ mod tests {
     #[test]
     fn a_hello_without_a_client_name_is_the_default_client() {
         let hello: Opening = serde_json::from_slice(br#"{"type":"hello","version":2}"#).unwrap();
-        assert_eq!(hello, Opening::Control { version: 2, client: "default".into() });
+        assert_eq!(hello, Opening::Control { version: 2, client: "default".into(), features: vec![] });
+    }
+
+    #[test]
+    fn proxy_headers_are_optional_fields_old_peers_ignore_and_new_ones_read() {
+        // A client from before the field: its `connect` type had host and port only.
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldConnect {
+            Connect { host: String, port: u16 },
+        }
+        let header =
+            ProxyHeader { version: ProxyVersion::V2, source: "127.0.0.2:4000".parse().unwrap(), destination: "[::1]:80".parse().unwrap() };
+        let connect = Connect::Connect { host: "h".into(), port: 22, proxy_header: Some(header) };
+        let wire = serde_json::to_string(&connect).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"type":"connect","host":"h","port":22,"proxy_header":{"version":"v2","source":"127.0.0.2:4000","destination":"[::1]:80"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Connect>(&wire).unwrap(), connect);
+        assert_eq!(serde_json::from_str::<OldConnect>(&wire).unwrap(), OldConnect::Connect { host: "h".into(), port: 22 });
+        // And the hello's features: absent from old clients, ignored by old servers.
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type")]
+        enum OldOpening {
+            #[serde(rename = "hello")]
+            Control { version: u32 },
+        }
+        let hello = Opening::Control { version: 2, client: "a".into(), features: client_features() };
+        let wire = serde_json::to_string(&hello).unwrap();
+        assert_eq!(wire, r#"{"type":"hello","version":2,"client":"a","features":["proxy_header"]}"#);
+        assert_eq!(serde_json::from_str::<OldOpening>(&wire).unwrap(), OldOpening::Control { version: 2 });
+        let unknown: Opening = serde_json::from_str(r#"{"type":"hello","version":2,"client":"a","features":["teleport"]}"#).unwrap();
+        assert!(matches!(unknown, Opening::Control { features, .. } if features == ["teleport"]));
     }
 
     #[test]
@@ -270,7 +346,10 @@ mod tests {
         assert_eq!(wire(&ToServer::Heartbeat { ping: None, pong: None }), r#"{"type":"heartbeat"}"#);
         assert_eq!(wire(&ToServer::Heartbeat { ping: Some(7), pong: None }), r#"{"type":"heartbeat","ping":7}"#);
         assert_eq!(wire(&ToClient::Heartbeat { ping: None, pong: Some(7) }), r#"{"type":"heartbeat","pong":7}"#);
-        assert_eq!(wire(&Connect::Connect { host: "h".into(), port: 22 }), r#"{"type":"connect","host":"h","port":22}"#);
+        assert_eq!(
+            wire(&Connect::Connect { host: "h".into(), port: 22, proxy_header: None }),
+            r#"{"type":"connect","host":"h","port":22}"#
+        );
         assert_eq!(wire(&ConnectResult::ConnectResult { error: None }), r#"{"type":"connect_result","error":null}"#);
     }
 

@@ -38,7 +38,9 @@ pub async fn tls_connect(tunnel: SocketAddr, pin: &str) -> TunnelStream {
 
 /// Opens a control channel as `client`: the hello, and the server's challenge nonce.
 pub async fn challenge_as(stream: &mut TunnelStream, client: &str) -> String {
-    write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: client.into() }).await.expect("send hello");
+    write_frame(stream, &Opening::Control { version: PROTOCOL_VERSION, client: client.into(), features: vec![] })
+        .await
+        .expect("send hello");
     match read_frame(stream).await.expect("a challenge").0 {
         Challenge::Challenge { nonce } => nonce,
         other => panic!("expected a challenge, got {other:?}"),

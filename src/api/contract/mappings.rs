@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::fields;
+use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
 use crate::server::mappings::{MappingView, NewMapping};
 
@@ -40,15 +41,29 @@ pub struct CreateMapping {
     /// See [`UpdateMapping::deny`].
     #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
     pub deny: Option<Option<Vec<Cidr>>>,
+    /// See [`UpdateMapping::proxy_protocol`].
+    #[serde(default, deserialize_with = "update::proxy_protocol", skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
 impl CreateMapping {
     /// What the server is asked to set up.
     pub(crate) fn into_new_mapping(self) -> NewMapping {
-        let CreateMapping { source_port, target_host, target_port, use_tunnel, client, description, bandwidth_limit, quota, allow, deny } =
-            self;
+        let CreateMapping {
+            source_port,
+            target_host,
+            target_port,
+            use_tunnel,
+            client,
+            description,
+            bandwidth_limit,
+            quota,
+            allow,
+            deny,
+            proxy_protocol,
+        } = self;
         let mut policy = Policy::default();
-        policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny });
+        policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol });
         NewMapping { source_port, target_host, target_port, use_tunnel, client, policy }
     }
 }
@@ -77,13 +92,17 @@ pub struct UpdateMapping {
     /// Visitor address blocks refused; wins over `allow` (at most 256).
     #[serde(default, deserialize_with = "update::cidrs", skip_serializing_if = "Option::is_none")]
     pub deny: Option<Option<Vec<Cidr>>>,
+    /// `"v1"` or `"v2"`: each target receives a PROXY protocol header with the
+    /// visitor's address before its bytes (new visitors from now on).
+    #[serde(default, deserialize_with = "update::proxy_protocol", skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
 impl UpdateMapping {
     /// The mapping's port and the change to its policy.
     pub(crate) fn into_parts(self) -> (u16, PolicyUpdate) {
-        let UpdateMapping { port, description, bandwidth_limit, quota, allow, deny } = self;
-        (port, PolicyUpdate { description, bandwidth_limit, quota, allow, deny })
+        let UpdateMapping { port, description, bandwidth_limit, quota, allow, deny, proxy_protocol } = self;
+        (port, PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol })
     }
 }
 
@@ -122,6 +141,10 @@ pub struct Mapping {
     pub allow: Vec<Cidr>,
     /// Visitor blocks refused.
     pub deny: Vec<Cidr>,
+    /// The PROXY protocol header targets receive (`"v1"`, `"v2"`), or `null`
+    /// (read as `null` from a server older than it).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyVersion>,
     /// With a quota only: bytes used in the current period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_used: Option<u64>,
@@ -154,6 +177,7 @@ impl From<MappingView> for Mapping {
             quota: policy.quota,
             allow: policy.allow,
             deny: policy.deny,
+            proxy_protocol: policy.proxy_protocol,
             quota_used,
             quota_blocked,
             status: status.into(),

@@ -102,6 +102,10 @@ pub struct MappingTraffic {
     pub allow: Vec<Cidr>,
     /// Visitor blocks refused.
     pub deny: Vec<Cidr>,
+    /// The PROXY protocol header targets receive (`"v1"`, `"v2"`), or `null`
+    /// (read as `null` from a server older than it).
+    #[serde(default)]
+    pub proxy_protocol: Option<crate::net::proxy_header::ProxyVersion>,
 }
 
 /// The whole traffic report.

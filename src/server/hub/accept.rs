@@ -31,7 +31,7 @@ use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::frame::{self, ProtocolError};
 use crate::tunnel::message::{
-    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, PROTOCOL_VERSION,
+    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, FEATURE_PROXY_HEADER, PROTOCOL_VERSION,
 };
 
 /// A connection that has not said who it is within this time is dropped.
@@ -288,7 +288,10 @@ impl TunnelHub {
         };
         match opening {
             opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, attempt, opening.version()).await,
-            Opening::Control { client, .. } => self.control_channel(stream, attempt, &client, pending, shutdown).await,
+            Opening::Control { client, features, .. } => {
+                let writes_proxy_headers = features.iter().any(|f| f == FEATURE_PROXY_HEADER);
+                self.control_channel(stream, attempt, &client, writes_proxy_headers, pending, shutdown).await
+            }
             Opening::Data { session, .. } => {
                 drop(pending);
                 self.data_channel(stream, attempt, &session);
@@ -363,6 +366,7 @@ impl TunnelHub {
         mut stream: TunnelStream,
         attempt: Attempt,
         name: &str,
+        writes_proxy_headers: bool,
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
@@ -415,6 +419,7 @@ impl TunnelHub {
             on_this_host: socket::is_local_address(peer.ip()),
             authenticated_at: crate::core::time::unix_now(),
             client: client.clone(),
+            writes_proxy_headers,
             control: control_tx,
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),

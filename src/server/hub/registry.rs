@@ -23,7 +23,7 @@ use crate::server::throttle::{AuthThrottle, EndedSessions, Flapping, KnownSource
 use crate::telemetry::{session_result, Metrics};
 use crate::tunnel::exchange;
 use crate::tunnel::frame::ProtocolError;
-use crate::tunnel::message::Connect;
+use crate::tunnel::message::{Connect, ProxyHeader};
 
 /// Connections held open before they authenticate, in total and per source.
 const MAX_UNAUTHENTICATED: usize = 256;
@@ -42,6 +42,11 @@ pub enum OpenError {
     Timeout,
     #[error("data channel failed: {0}")]
     Channel(#[from] ProtocolError),
+    /// The mapping asks for a PROXY header and the client's build cannot
+    /// write one: sent bare, its visitors would reach a target expecting the
+    /// header without it, or with the client's address taken for theirs.
+    #[error("tunnel client {0} is too old to write PROXY protocol headers (the mapping sets proxy_protocol): upgrade it")]
+    NoProxyHeaders(String),
 }
 
 /// How the tunnel port behaves, from `server.*`.
@@ -290,7 +295,8 @@ impl TunnelHub {
     /// Gets a data channel through `client` — a pooled one if one is idle, else
     /// one requested now — and sends it the `connect` request for `host:port`,
     /// with what `visitor` has already sent as the first chunk in the same write
-    /// (at most `early_max` bytes; returned: how many user bytes went with it).
+    /// (at most `early_max` bytes; returned: how many user bytes went with it),
+    /// and `proxy_header` for the client to write to the target first.
     /// The client's answer is read by the caller, so the visitor's bytes travel
     /// ahead of it.
     pub async fn open(
@@ -298,11 +304,12 @@ impl TunnelHub {
         client: &str,
         host: &str,
         port: u16,
+        proxy_header: Option<ProxyHeader>,
         visitor: &TcpStream,
         early_max: usize,
     ) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
-        let connect = Connect::Connect { host: host.to_string(), port };
+        let connect = Connect::Connect { host: host.to_string(), port, proxy_header };
         let mut opening: Option<(Vec<u8>, usize)> = None;
         let no_client = || OpenError::NoClient(client.to_string());
         // A pooled channel whose client end is already gone fails the write; try
@@ -310,6 +317,9 @@ impl TunnelHub {
         let mut last_error = OpenError::Timeout;
         for _ in 0..4 {
             let session = self.session(client).ok_or_else(no_client)?;
+            if proxy_header.is_some() && !session.writes_proxy_headers {
+                return Err(OpenError::NoProxyHeaders(client.to_string()));
+            }
             let mut stream = match tokio::time::timeout_at(deadline, session.acquire(self.settings.pool_idle)).await {
                 Ok(Some(stream)) => stream,
                 Ok(None) => return Err(no_client()),

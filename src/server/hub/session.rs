@@ -46,6 +46,9 @@ pub(super) struct Session {
     /// Unix seconds.
     pub(super) authenticated_at: f64,
     pub(super) client: Arc<Client>,
+    /// Whether the client announced `FEATURE_PROXY_HEADER`: only then may a
+    /// `connect` ask it for a PROXY header (an older one would drop the request).
+    pub(super) writes_proxy_headers: bool,
     /// Messages for the control channel's writer.
     pub(super) control: mpsc::Sender<ToClient>,
     pub(super) pool: Mutex<Pool>,

@@ -1,7 +1,9 @@
 //! What happens to one visitor once admitted: the target is dialed directly or
-//! reached through the mapping's tunnel client, and the bytes are relayed,
-//! counted and capped until either side is done.
+//! reached through the mapping's tunnel client, told who the visitor is when
+//! the mapping asks for a PROXY header, and the bytes are relayed, counted and
+//! capped until either side is done.
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -15,6 +17,7 @@ use crate::server::connections::{End, Tracked};
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
+use crate::tunnel::message::ProxyHeader;
 
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
@@ -31,10 +34,21 @@ pub(super) async fn serve_visitor(
     // The same meters as ever, tallying into this connection's entry too.
     let (up, down) = policy.capped(metrics.meters());
     let meters = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
+    // The address the visitor reached: this listener's, concrete even on a
+    // wildcard bind. Without it no header can be written, and a target that
+    // expects one must never get the visitor's bytes bare.
+    let proxy_header = match policy.proxy_protocol().map(|version| (version, visitor.local_addr())) {
+        None => None,
+        Some((version, Ok(destination))) => Some(ProxyHeader { version, source: peer, destination }),
+        Some((_, Err(e))) => {
+            debug!(port, %peer, error = %e, "visitor dropped: its socket has no local address for the PROXY header");
+            return End::VisitorReset;
+        }
+    };
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, meters, &visit, &visitor).await
+        tunneled(ctx, spec, meters, &visit, &visitor, proxy_header).await
     } else {
-        direct(ctx, spec, meters, &visit, &visitor).await
+        direct(ctx, spec, meters, &visit, &visitor, proxy_header).await
     };
     match result {
         Ok((sent, received)) => {
@@ -94,13 +108,25 @@ fn relay_ended(e: std::io::Error) -> VisitorError {
 /// Meters for (visitor → target, target → visitor).
 type Meters = (Meter, Meter);
 
-async fn direct(ctx: &Ctx, spec: &MappingSpec, (up, down): Meters, visit: &Visit, visitor: &TcpStream) -> Result<(u64, u64), VisitorError> {
-    let target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
+/// The PROXY header, when the mapping asks for one, goes to the target before
+/// any of the visitor's bytes and outside the meters: it is not user traffic.
+async fn direct(
+    ctx: &Ctx,
+    spec: &MappingSpec,
+    (up, down): Meters,
+    visit: &Visit,
+    visitor: &TcpStream,
+    proxy_header: Option<ProxyHeader>,
+) -> Result<(u64, u64), VisitorError> {
+    let mut target = socket::connect(&spec.target_host, spec.target_port, ctx.settings.connect_timeout).await.map_err(|e| {
         match socket::out_of_descriptors(&e) {
             true => VisitorError::NoDescriptors(e),
             false => VisitorError::Target(e.to_string()),
         }
     })?;
+    if let Some(header) = proxy_header {
+        target.write_all(&header.encode()).await.map_err(|e| VisitorError::Target(format!("writing the PROXY header: {e}")))?;
+    }
     visit.target_answered();
     relay::arm(&target);
     relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(relay_ended)
@@ -117,13 +143,15 @@ async fn tunneled(
     (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
+    proxy_header: Option<ProxyHeader>,
 ) -> Result<(u64, u64), VisitorError> {
     let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
-    let opened = ctx.hub.open(client, &spec.target_host, spec.target_port, visitor, early_max).await;
+    // The client writes the PROXY header after dialing the target (see `Connect`).
+    let opened = ctx.hub.open(client, &spec.target_host, spec.target_port, proxy_header, visitor, early_max).await;
     let (channel, lease, sent_ahead) = opened.map_err(|e| {
         up.unused(early_max);
         VisitorError::Target(e.to_string())
