@@ -11,11 +11,13 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
+mod declared;
 mod error;
 mod sections;
 mod validate;
 mod values;
 
+pub use declared::{client_entry, mapping_entry, DeclaredClient, DeclaredMapping};
 pub use error::ConfigError;
 pub use sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig};
 pub use validate::Role;
@@ -92,6 +94,9 @@ pub fn load_for_reload(file: Option<&Path>, overrides: &[Override], role: Role) 
 pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
     let mut config = merge(file, overrides, role)?;
     config.read_secret_files()?;
+    if role == Role::Server {
+        config.read_declared_clients()?;
+    }
     config.validate(role)?;
     Ok(config)
 }

@@ -65,6 +65,9 @@ pub enum ErrorCode {
     UnknownClient,
     /// The client is named by mappings; removing it anyway needs `force`.
     ClientInUse,
+    /// The mapping or client is declared in the server's config file: the API
+    /// may not change or remove it (edit the file and reload instead).
+    DeclaredInConfig,
     /// A code this build does not know (a newer server's).
     #[serde(other)]
     Other,
