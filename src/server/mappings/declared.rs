@@ -149,7 +149,7 @@ impl Mappings {
         check_declaration(&mut declaration).map_err(|(index, e)| entry_error(&declaration, index, e))?;
         let mut checked = Vec::with_capacity(declaration.mappings.len());
         for (index, mapping) in declaration.mappings.iter().enumerate() {
-            checked.push(self.prepare(mapping.clone()).await.map_err(|e| entry_error(&declaration, index, e))?);
+            checked.push(self.prepare(mapping.clone(), false).await.map_err(|e| entry_error(&declaration, index, e))?);
         }
         let mut entries = self.entries.lock().await;
         let declared_ports: BTreeSet<u16> = declaration.mappings.iter().map(|m| m.source_port).collect();

@@ -20,5 +20,5 @@ pub(crate) use context::Settings;
 pub(crate) use declared::{check_declaration, Declaration, Reconciled};
 pub(crate) use error::MappingError;
 pub(crate) use health::Health;
-pub(crate) use registry::{check_request, Mappings, NewMapping};
+pub(crate) use registry::{Mappings, NewMapping};
 pub(crate) use view::{MappingStatus, MappingView};

@@ -155,7 +155,7 @@ impl Mappings {
     }
 
     pub async fn create(&self, req: NewMapping) -> Result<MappingView, MappingError> {
-        let checked = self.prepare(req).await?;
+        let checked = self.prepare(req, true).await?;
         let req = &checked.req;
         let mut entries = self.entries.lock().await;
         // Checked under the mappings lock, which client removal takes too: a
@@ -175,15 +175,28 @@ impl Mappings {
     }
 
     /// The checks a request needs besides the registry's state, and its target
-    /// resolved: what [`Mappings::install`] takes.
-    pub(super) async fn prepare(&self, mut req: NewMapping) -> Result<Checked, MappingError> {
+    /// resolved: what [`Mappings::install`] takes. A direct target that does
+    /// not resolve is refused when `must_resolve` (the API's create, where the
+    /// operator is there to see it); a declared one is served anyway, as a
+    /// stored one is at start: DNS may not be up yet at boot.
+    pub(super) async fn prepare(&self, mut req: NewMapping, must_resolve: bool) -> Result<Checked, MappingError> {
         check_request(&mut req)?;
         if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
             return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
         }
         // Tunneled targets are resolved inside the client's network, which may know
         // names the server cannot; only direct targets must resolve here.
-        let resolved = if req.use_tunnel { Vec::new() } else { target::resolve(&req.target_host, req.target_port).await? };
+        let resolved = match req.use_tunnel {
+            true => Vec::new(),
+            false => match target::resolve(&req.target_host, req.target_port).await {
+                Ok(addrs) => addrs,
+                Err(e) if must_resolve => return Err(e),
+                Err(e) => {
+                    warn!(port = req.source_port, error = %e, "declared mapping's target does not resolve now; serving it anyway");
+                    Vec::new()
+                }
+            },
+        };
         // Where a tunneled target is as this host sees it: what a client on this
         // host reaches, checked against this daemon's own listeners. Looked up
         // now only when such a client is connected (it may be refused);
