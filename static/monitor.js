@@ -675,7 +675,13 @@
       const title = [allow.length ? `allow ${allow.join(', ')}` : null, deny.length ? `deny ${deny.join(', ')}` : null].filter(Boolean).join('; ');
       parts.push(el('span', { class: 'badge badge-warn', 'data-role': 'acl', title }, `ACL ${allow.length ? `${allow.length} allowed` : ''}${allow.length && deny.length ? ', ' : ''}${deny.length ? `${deny.length} denied` : ''}`));
     }
-    parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
+    if (m.source === 'config') {
+      // Declared in the server's config file: the API refuses changes, so no edit link.
+      parts.push(el('span', { class: 'badge badge-mode', 'data-role': 'source', 'data-source': 'config',
+        title: 'Declared in the server\'s config file ([[mappings]]): change it there and reload the service' }, 'config'));
+    } else {
+      parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
+    }
     return el('div', { class: 'policy', 'data-testid': 'policy' }, ...parts);
   }
 

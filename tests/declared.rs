@@ -281,3 +281,44 @@ fn bad_declarations_are_named_by_check_config_and_stop_the_start() {
     assert!(stdout.contains("[[mappings]]") && stdout.contains("secret_env = \"TUNNELD_TEST_HOME_SECRET\""), "{stdout}");
     assert!(!stdout.contains(OFFICE_SECRET) && !stdout.contains(HOME_SECRET), "no secret shown: {stdout}");
 }
+
+#[test]
+fn the_page_and_ctl_show_which_mappings_the_config_file_declares() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = echo_server();
+    let (declared_port, api_port) = (free_port(), free_port());
+    let config_path = dir.path().join("server.toml");
+    std::fs::write(&config_path, direct(declared_port, echo, "description = \"declared in the file\"\nbandwidth_limit = 1048576")).unwrap();
+    let config = config_path.display().to_string();
+    let server = Daemon::server(SECRET, &["--config", &config]);
+    create_mapping(&server, api_port, echo, false);
+
+    // `ctl list` has a SOURCE column.
+    let listed = Command::new(BIN).args(["ctl", "--api", &server.http.to_string(), "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let row = |port: u16| listed.lines().find(|l| l.split_whitespace().next() == Some(&port.to_string())).unwrap_or_default().to_string();
+    assert!(listed.lines().next().unwrap_or_default().contains("SOURCE"), "{listed}");
+    assert!(row(declared_port).split_whitespace().any(|w| w == "config"), "{listed}");
+    assert!(row(api_port).split_whitespace().any(|w| w == "api"), "{listed}");
+
+    let Some(chromium) = common::tools::external_tool("chromium", "declared") else { return };
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    for (width, height, mobile) in [(1440, 900, false), (390, 844, true)] {
+        browser.set_viewport(width, height, mobile);
+        browser.navigate(&server.url("/api/stats/monitor?interval_ms=250"));
+        let declared_row = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{declared_port}"]')"#);
+        let api_row = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{api_port}"]')"#);
+        browser.wait_for("both mappings on the page", &format!("!!{declared_row} && !!{api_row}"));
+        let shown = browser.eval(&format!(
+            r#"({{ badge: {declared_row}.querySelector('[data-role="source"]')?.textContent ?? null,
+                 declared_edit: !!{declared_row}.querySelector('[data-role="edit-policy"]'),
+                 api_badge: !!{api_row}.querySelector('[data-role="source"]'),
+                 api_edit: !!{api_row}.querySelector('[data-role="edit-policy"]') }})"#
+        ));
+        assert_eq!(shown, json!({"badge": "config", "declared_edit": false, "api_badge": false, "api_edit": true}), "at {width} px");
+        browser.eval(&format!("{declared_row}.scrollIntoView({{block: 'center'}})"));
+        browser.screenshot(&format!("declared-mappings-{width}.png"));
+    }
+    let thrown = browser.events_named("Runtime.exceptionThrown");
+    assert!(thrown.is_empty(), "page threw: {thrown:?}");
+}

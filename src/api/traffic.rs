@@ -56,6 +56,7 @@ pub(super) async fn report(state: &AppState) -> TrafficReport {
                 quota_blocked: view.quota_blocked,
                 allow: view.policy.allow,
                 deny: view.policy.deny,
+                source: view.spec.source,
             }
         })
         .collect();

@@ -102,6 +102,9 @@ pub struct MappingTraffic {
     pub allow: Vec<Cidr>,
     /// Visitor blocks refused.
     pub deny: Vec<Cidr>,
+    /// `"config"` (declared in the config file) or `"api"`, as in `/api/mapping/list`.
+    #[serde(default)]
+    pub source: super::Source,
 }
 
 /// The whole traffic report.
