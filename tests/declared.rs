@@ -200,23 +200,38 @@ fn declared_mappings_and_clients_are_served_refused_to_the_api_and_reconciled_on
 }
 
 #[test]
-fn a_declared_port_takes_over_the_api_mapping_and_a_removed_client_leaves() {
+fn a_declared_port_takes_over_the_api_mapping_a_changed_target_or_secret_applies_and_a_removed_client_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let office_file = dir.path().join("office.secret");
     std::fs::write(&office_file, format!("{OFFICE_SECRET}\n")).unwrap();
     let config_path = dir.path().join("server.toml");
-    std::fs::write(&config_path, declared_config(&office_file, "")).unwrap();
+    // A declared port another process holds: served once it is free, as a stored one is.
+    let squatter = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let held_port = squatter.local_addr().unwrap().port();
+    let (old_target, new_target, port) = (echo_server(), echo_server(), free_port());
+    std::fs::write(&config_path, declared_config(&office_file, &direct(held_port, old_target, ""))).unwrap();
     let config = config_path.display().to_string();
     let env = [("TUNNELD_TEST_HOME_SECRET", HOME_SECRET)];
     let server = Daemon::server_env(SECRET, &["--config", &config], &env);
+    let held = listed_mapping(&server, held_port).expect("the declared mapping on a held port is listed");
+    assert!(held["status"].as_str().unwrap().contains("port in use"), "{held}");
+    drop(squatter);
+    wait_for("the held port to be served", Duration::from_secs(20), || {
+        (listed_mapping(&server, held_port)?["status"] == "active").then_some(())
+    });
+    echo_through(held_port, 10_000);
 
-    let (old_target, new_target, port) = (echo_server(), echo_server(), free_port());
     create_mapping(&server, port, old_target, false);
     let (status, answer) = post(&server, "/api/client/create", json!({"name": "office"}));
     assert_eq!(status, 409, "a declared client's name is taken: {answer}");
+    let office = Daemon::client(&server, OFFICE_SECRET, &["--name", "office"]);
 
-    // The file now declares that port, and no longer declares `home`.
-    let declared = direct(port, new_target, "");
+    // The file now declares the API's port, moves the held port's target, rotates
+    // office's secret, and no longer declares `home`.
+    let rotated = "office-secret-rotated-0123456789abcdef";
+    std::fs::write(&office_file, format!("{rotated}\n")).unwrap();
+    let created_before = listed_mapping(&server, held_port).unwrap()["created_at"].clone();
+    let declared = format!("{}{}", direct(port, new_target, ""), direct(held_port, new_target, ""));
     let text = format!("[[clients]]\nname = \"office\"\nsecret_file = \"{}\"\n\n{declared}", office_file.display());
     std::fs::write(&config_path, text).unwrap();
     let status = reload(&server);
@@ -225,8 +240,20 @@ fn a_declared_port_takes_over_the_api_mapping_and_a_removed_client_leaves() {
     assert_eq!(m["source"], "config", "{m}");
     assert_eq!(m["target_port"], new_target.port(), "{m}");
     assert!(server.log().contains("replaces it"), "the takeover is logged");
-    assert_eq!(client_listed(&server, "home"), Value::Null, "an undeclared client is removed");
     echo_through(port, 10_000);
+    let moved = listed_mapping(&server, held_port).unwrap();
+    assert_eq!(moved["target_port"], new_target.port(), "a changed target applies: {moved}");
+    assert!(moved["created_at"].as_i64() >= created_before.as_i64(), "{moved}");
+    echo_through(held_port, 10_000);
+    assert_eq!(client_listed(&server, "home"), Value::Null, "an undeclared client is removed");
+
+    // The old secret's session ended; the new secret authenticates.
+    wait_for("office's old session to end", Duration::from_secs(10), || {
+        (client_listed(&server, "office")["connected"] == false).then_some(())
+    });
+    drop(office);
+    let _office = Daemon::client(&server, rotated, &["--name", "office"]);
+    assert_eq!(client_listed(&server, "office")["connected"], true);
 }
 
 #[test]
@@ -241,9 +268,17 @@ fn bad_declarations_are_named_by_check_config_and_stop_the_start() {
             format!("mappings[1] (source_port {port})"),
             "bandwidth_limit",
         ),
-        (format!("{}{}", direct(port, echo, ""), direct(port, echo, "")), format!("mappings[1] (source_port {port})"), "declared by mappings[0]"),
+        (
+            format!("{}{}", direct(port, echo, ""), direct(port, echo, "")),
+            format!("mappings[1] (source_port {port})"),
+            "declared by mappings[0]",
+        ),
         (tunneled(port, echo, "nobody"), format!("mappings[0] (source_port {port})"), "nobody"),
-        ("[[clients]]\nname = \"office\"\nsecret = \"inline-secret-value\"\n".to_string(), "clients[0] (name \"office\")".into(), "secret_file"),
+        (
+            "[[clients]]\nname = \"office\"\nsecret = \"inline-secret-value\"\n".to_string(),
+            "clients[0] (name \"office\")".into(),
+            "secret_file",
+        ),
         (
             "[[clients]]\nname = \"office\"\nsecret_env = \"TUNNELD_TEST_UNSET_VARIABLE\"\n".to_string(),
             "clients[0] (name \"office\")".into(),

@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net::socket;
 use auth::require_token;
-use error::failure;
 pub(crate) use body::from_value;
+use error::failure;
 pub use health::metrics_response;
 pub use state::AppState;
 

@@ -25,7 +25,7 @@ pub(super) fn read(config: &Config, file: Option<PathBuf>) -> Result<Declaration
     }
     let clients = config.clients.iter().map(|c| (c.name.clone(), c.secret.clone())).collect();
     let mut declaration = Declaration { file, clients, mappings };
-    check_declaration(&mut declaration).map_err(|(index, e)| refuse(index, e.to_string()))?;
+    check_declaration(&mut declaration).map_err(|(index, why)| refuse(index, why))?;
     Ok(declaration)
 }
 

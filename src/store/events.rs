@@ -192,7 +192,15 @@ mod tests {
         assert_eq!(store.last_presence("default").await.unwrap(), Some(EventKind::ClientBack), "another client's");
         assert_eq!(store.last_presence("office").await.unwrap(), Some(EventKind::ClientLost));
         let secret = crate::core::secret::Secret::new("x");
-        store.insert_client(crate::store::clients::StoredClient { name: "office".into(), secret, created_at: 20, source: crate::store::Source::Api }).await.unwrap();
+        store
+            .insert_client(crate::store::clients::StoredClient {
+                name: "office".into(),
+                secret,
+                created_at: 20,
+                source: crate::store::Source::Api,
+            })
+            .await
+            .unwrap();
         assert_eq!(store.last_presence("office").await.unwrap(), None, "lost before it was created again");
     }
 }

@@ -31,7 +31,9 @@ pub use connections::{
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};
-pub use mappings::{CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping};
+pub use mappings::{
+    CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
+};
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`

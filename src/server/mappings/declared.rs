@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use super::error::MappingError;
-use super::registry::{check_request, Entry, Mappings, NewMapping};
 use super::listener::{bind, describe_bind_error};
+use super::registry::{check_request, Entry, Mappings, NewMapping};
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::secret::Secret;
 use crate::core::sync::lock;
@@ -96,18 +96,18 @@ impl std::fmt::Display for Reconciled {
 /// tunneled mapping names `default` or a client the file declares — so what
 /// the file declares never depends on what the API made, and `check-config`
 /// can tell whether it will be served. Errors name the entry.
-pub(crate) fn check_declaration(declaration: &mut Declaration) -> Result<(), (usize, MappingError)> {
+pub(crate) fn check_declaration(declaration: &mut Declaration) -> Result<(), (usize, String)> {
     let clients: BTreeSet<&str> = declaration.clients.iter().map(|(name, _)| name.as_str()).collect();
     let mut ports = BTreeMap::new();
     for (index, mapping) in declaration.mappings.iter_mut().enumerate() {
-        check_request(mapping).map_err(|e| (index, e))?;
+        check_request(mapping).map_err(|e| (index, e.to_string()))?;
         if let Some(first) = ports.insert(mapping.source_port, index) {
-            return Err((index, MappingError::Invalid(format!("source_port {} is declared by mappings[{first}] too", mapping.source_port))));
+            return Err((index, format!("source_port {} is declared by mappings[{first}] too", mapping.source_port)));
         }
         if let Some(name) = mapping.client.as_deref().filter(|name| *name != DEFAULT_CLIENT && !clients.contains(name)) {
             return Err((
                 index,
-                MappingError::Invalid(format!("client: no client named {name:?} in [[clients]] (a declared mapping names `default` or a declared client)")),
+                format!("client: no client named {name:?} in [[clients]] (a declared mapping names `default` or a declared client)"),
             ));
         }
     }
@@ -146,15 +146,19 @@ impl Mappings {
     /// is checked before anything changes, so a declaration that is refused
     /// (an error naming the entry) leaves the running set as it was.
     pub(crate) async fn reconcile(&self, mut declaration: Declaration) -> Result<Reconciled, MappingError> {
-        check_declaration(&mut declaration).map_err(|(index, e)| entry_error(&declaration, index, e))?;
+        check_declaration(&mut declaration).map_err(|(index, why)| entry_error(&declaration, index, MappingError::Invalid(why)))?;
         let mut checked = Vec::with_capacity(declaration.mappings.len());
         for (index, mapping) in declaration.mappings.iter().enumerate() {
             checked.push(self.prepare(mapping.clone(), false).await.map_err(|e| entry_error(&declaration, index, e))?);
         }
         let mut entries = self.entries.lock().await;
         let declared_ports: BTreeSet<u16> = declaration.mappings.iter().map(|m| m.source_port).collect();
-        let api_ports: BTreeSet<u16> =
-            entries.values().filter(|e| e.spec.source == Source::Api).map(|e| e.spec.source_port).filter(|p| !declared_ports.contains(p)).collect();
+        let api_ports: BTreeSet<u16> = entries
+            .values()
+            .filter(|e| e.spec.source == Source::Api)
+            .map(|e| e.spec.source_port)
+            .filter(|p| !declared_ports.contains(p))
+            .collect();
         for (index, c) in checked.iter().enumerate() {
             self.check_loops(c, |port| declared_ports.contains(&port) || api_ports.contains(&port))
                 .map_err(|e| entry_error(&declaration, index, e))?;
@@ -169,7 +173,11 @@ impl Mappings {
             match known.get(name) {
                 Some(old) if old == secret => continue,
                 Some(_) => {
-                    self.ctx.store.set_client(name, secret, Source::Config).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
+                    self.ctx
+                        .store
+                        .set_client(name, secret, Source::Config)
+                        .await
+                        .map_err(MappingError::store(format!("save the client {name:?}")))?;
                     // Its session authenticated with the old secret: end it.
                     self.ctx.hub.remove_client(name);
                     self.ctx.hub.add_client(name, secret.clone());
@@ -177,7 +185,11 @@ impl Mappings {
                     done.clients.changed += 1;
                 }
                 None if self.ctx.hub.knows(name) => {
-                    self.ctx.store.set_client(name, secret, Source::Config).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
+                    self.ctx
+                        .store
+                        .set_client(name, secret, Source::Config)
+                        .await
+                        .map_err(MappingError::store(format!("save the client {name:?}")))?;
                     self.ctx.hub.remove_client(name);
                     self.ctx.hub.add_client(name, secret.clone());
                     warn!(client = %name, "the config file declares a client the API had created: the file's secret now applies");
@@ -200,8 +212,11 @@ impl Mappings {
         }
 
         // Mappings the file no longer declares.
-        let gone: Vec<u16> =
-            entries.values().filter(|e| e.spec.source == Source::Config && !declared_ports.contains(&e.spec.source_port)).map(|e| e.spec.source_port).collect();
+        let gone: Vec<u16> = entries
+            .values()
+            .filter(|e| e.spec.source == Source::Config && !declared_ports.contains(&e.spec.source_port))
+            .map(|e| e.spec.source_port)
+            .collect();
         for port in gone {
             self.remove_entry(&mut entries, port).await?;
             done.mappings.removed += 1;
@@ -244,7 +259,8 @@ impl Mappings {
         // Clients the file no longer declares (after the mappings that named them went).
         let undeclared: Vec<String> = known.keys().filter(|n| !declared_names.contains(n.as_str())).cloned().collect();
         for name in undeclared {
-            let users: Vec<u16> = entries.values().filter(|e| e.spec.client.as_deref() == Some(name.as_str())).map(|e| e.spec.source_port).collect();
+            let users: Vec<u16> =
+                entries.values().filter(|e| e.spec.client.as_deref() == Some(name.as_str())).map(|e| e.spec.source_port).collect();
             self.ctx.store.remove_client(&name).await.map_err(MappingError::store(format!("remove the client {name:?}")))?;
             self.ctx.hub.remove_client(&name);
             lock(&self.declared).clients.remove(&name);
