@@ -72,7 +72,7 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 14] = [
+const MAPPING_FIELDS: [&str; 15] = [
     "allow",
     "bandwidth_limit",
     "client",
@@ -82,6 +82,7 @@ const MAPPING_FIELDS: [&str; 14] = [
     "health",
     "health_reason",
     "quota",
+    "source",
     "source_port",
     "status",
     "target_host",
@@ -232,7 +233,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(keys(&raw["tunnel"]), ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update"]);
     assert_eq!(
         keys(&raw["clients"][0]),
-        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer", "rtt_seconds"]
+        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer", "rtt_seconds", "source"]
     );
     for m in raw["mappings"].as_array().expect("mappings") {
         assert_eq!(
@@ -260,6 +261,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "quota_blocked",
                 "quota_used",
                 "refused",
+                "source",
                 "status",
                 "target_host",
                 "target_port",
