@@ -233,7 +233,18 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(keys(&raw["tunnel"]), ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update"]);
     assert_eq!(
         keys(&raw["clients"][0]),
-        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer", "rtt_seconds", "source"]
+        [
+            "bytes_received",
+            "bytes_sent",
+            "connected",
+            "connected_since",
+            "last_update",
+            "mappings",
+            "name",
+            "peer",
+            "rtt_seconds",
+            "source"
+        ]
     );
     for m in raw["mappings"].as_array().expect("mappings") {
         assert_eq!(

@@ -178,6 +178,37 @@ mod tests {
     }
 
     #[test]
+    fn declared_clients_take_their_secret_from_a_file_and_only_the_server_reads_declarations() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("office.secret");
+        std::fs::write(&secret, "office-secret\n").unwrap();
+        let file = dir.path().join("server.toml");
+        let write = |text: String| std::fs::write(&file, text).unwrap();
+        write(format!("[[clients]]\nname = \"office\"\nsecret_file = {:?}\n", secret.display().to_string()));
+        let cfg = load(Some(&file), &[], Role::Server).expect("valid");
+        assert_eq!(cfg.clients[0].secret.expose(), "office-secret");
+        assert!(!cfg.to_masked_toml(Role::Server).contains("office-secret"), "never shown");
+        let err = load(Some(&file), &[Override { key: "client.server", value: "h:9000".into() }], Role::Client).unwrap_err();
+        assert!(err.to_string().contains("`clients`"), "{err}");
+        for (text, want) in [
+            ("[[clients]]\nname = \"office\"\n", "needs its secret"),
+            ("[[clients]]\nname = \"office\"\nsecret = \"inline\"\n", "not written in the config file"),
+            ("[[clients]]\nname = \"default\"\nsecret_env = \"X\"\n", "server.secret"),
+            ("[[clients]]\nname = \"Office!\"\nsecret_env = \"X\"\n", "name:"),
+        ] {
+            write(text.to_string());
+            let err = load(Some(&file), &[], Role::Server).unwrap_err().to_string();
+            assert!(err.contains("clients[0]") && err.contains(want), "{text}: {err}");
+        }
+        write(format!(
+            "[[clients]]\nname = \"a\"\nsecret_file = {0:?}\n[[clients]]\nname = \"a\"\nsecret_file = {0:?}\n",
+            secret.display().to_string()
+        ));
+        let err = load(Some(&file), &[], Role::Server).unwrap_err().to_string();
+        assert!(err.contains("clients[1]") && err.contains("declared twice"), "{err}");
+    }
+
+    #[test]
     fn history_settings_are_validated() {
         let defaults = HistoryConfig::default().settings().expect("defaults are valid");
         assert_eq!(defaults.minute_retention_secs, 2 * 86_400);

@@ -75,6 +75,13 @@ impl Config {
                 }
             }
             Role::Client => {
+                // Declarations are the server's: in a client's file they would be ignored in silence.
+                if !self.clients.is_empty() {
+                    return invalid("clients", "[[clients]] are declared in the server's config file, not the client's");
+                }
+                if !self.mappings.is_empty() {
+                    return invalid("mappings", "[[mappings]] are declared in the server's config file, not the client's");
+                }
                 if self.client.server.is_empty() {
                     return invalid("client.server", "is required (host:port of the server's tunnel listener)");
                 }
