@@ -680,7 +680,13 @@
         title: `Targets receive a PROXY protocol ${m.proxy_protocol} header with the visitor's address` },
         `PROXY ${m.proxy_protocol}`));
     }
-    parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
+    if (m.source === 'config') {
+      // Declared in the server's config file: the API refuses changes, so no edit link.
+      parts.push(el('span', { class: 'badge badge-mode', 'data-role': 'source', 'data-source': 'config',
+        title: 'Declared in the server\'s config file ([[mappings]]): change it there and reload the service' }, 'config'));
+    } else {
+      parts.push(el('button', { type: 'button', class: 'link-button', 'data-role': 'edit-policy', 'data-port': m.port }, 'Edit policy'));
+    }
     return el('div', { class: 'policy', 'data-testid': 'policy' }, ...parts);
   }
 

@@ -72,7 +72,7 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 15] = [
+const MAPPING_FIELDS: [&str; 16] = [
     "allow",
     "bandwidth_limit",
     "client",
@@ -83,6 +83,7 @@ const MAPPING_FIELDS: [&str; 15] = [
     "health_reason",
     "proxy_protocol",
     "quota",
+    "source",
     "source_port",
     "status",
     "target_host",
@@ -233,7 +234,18 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(keys(&raw["tunnel"]), ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update"]);
     assert_eq!(
         keys(&raw["clients"][0]),
-        ["bytes_received", "bytes_sent", "connected", "connected_since", "last_update", "mappings", "name", "peer", "rtt_seconds"]
+        [
+            "bytes_received",
+            "bytes_sent",
+            "connected",
+            "connected_since",
+            "last_update",
+            "mappings",
+            "name",
+            "peer",
+            "rtt_seconds",
+            "source"
+        ]
     );
     for m in raw["mappings"].as_array().expect("mappings") {
         assert_eq!(
@@ -262,6 +274,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "quota_blocked",
                 "quota_used",
                 "refused",
+                "source",
                 "status",
                 "target_host",
                 "target_port",

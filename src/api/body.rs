@@ -92,6 +92,14 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     Ok(value)
 }
 
+/// `T` from a JSON value already parsed (a `[[mappings]]` table of the config
+/// file, read with the request type of the API), or what is wrong, worded as
+/// the API words it: the same field names, the same expectations.
+pub(crate) fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    let Object(value) = serde_path_to_error::deserialize(value).map_err(describe)?;
+    Ok(value)
+}
+
 /// `T` from an object only: a derived struct would also take its fields as an
 /// array, in order, which no client means.
 struct Object<T>(T);

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::body::JsonBody;
-use super::contract::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
+use super::contract::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient, Source};
 use super::error::{success, ApiError};
 use super::state::AppState;
 use crate::telemetry::TrafficSnapshot;
@@ -42,6 +42,7 @@ pub(super) async fn list(State(state): State<AppState>) -> Response {
 /// what crossed its tunnel, and how many mappings it serves.
 pub(super) async fn views(state: &AppState, snap: &TrafficSnapshot) -> Vec<Client> {
     let per_client = state.mappings.mappings_per_client().await;
+    let declared = state.mappings.declared_clients();
     state
         .hub
         .clients()
@@ -58,6 +59,7 @@ pub(super) async fn views(state: &AppState, snap: &TrafficSnapshot) -> Vec<Clien
                 last_update: traffic.last_update,
                 rtt_seconds: traffic.rtt.filter(|_| c.peer.is_some()),
                 mappings,
+                source: if declared.contains(&c.name) { Source::Config } else { Source::Api },
                 name: c.name,
             }
         })

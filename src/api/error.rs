@@ -71,6 +71,7 @@ impl From<MappingError> for ApiError {
             MappingError::ClientInUse { .. } => (StatusCode::CONFLICT, Some(ErrorCode::ClientInUse)),
             MappingError::NotFound(_) => (StatusCode::NOT_FOUND, None),
             MappingError::UnknownClient(_) => (StatusCode::NOT_FOUND, Some(ErrorCode::UnknownClient)),
+            MappingError::Declared { .. } => (StatusCode::CONFLICT, Some(ErrorCode::DeclaredInConfig)),
             MappingError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         ApiError { status, message: e.to_string(), code }

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net::socket;
 use auth::require_token;
+pub(crate) use body::from_value;
 use error::failure;
 pub use health::metrics_response;
 pub use state::AppState;

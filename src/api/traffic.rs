@@ -57,6 +57,7 @@ pub(super) async fn report(state: &AppState) -> TrafficReport {
                 allow: view.policy.allow,
                 deny: view.policy.deny,
                 proxy_protocol: view.policy.proxy_protocol,
+                source: view.spec.source,
             }
         })
         .collect();

@@ -242,6 +242,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
         "STATUS".into(),
         "HEALTH".into(),
         "CREATED".into(),
+        "SOURCE".into(),
         "DESCRIPTION".into(),
     ]];
     let mut reasons = String::new();
@@ -253,6 +254,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
             m.status.to_string(),
             m.health.map_or("-", MappingHealth::as_str).to_string(),
             format_utc(m.created_at),
+            m.source.as_str().to_string(),
             m.description.clone().unwrap_or_default(),
         ]);
         if let Some(health) = m.health.filter(|h| *h != MappingHealth::Ok) {
@@ -400,6 +402,7 @@ pub(super) fn client_list(api: &Api) -> anyhow::Result<String> {
     let ClientList { clients, .. } = api.get("/api/client/list")?;
     let mut rows = vec![vec![
         "NAME".to_string(),
+        "SOURCE".into(),
         "STATUS".into(),
         "PEER".into(),
         "SINCE".into(),
@@ -411,6 +414,7 @@ pub(super) fn client_list(api: &Api) -> anyhow::Result<String> {
     for c in &clients {
         rows.push(vec![
             c.name.clone(),
+            c.source.as_str().to_string(),
             if c.connected { "connected".into() } else { "not connected".into() },
             c.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             c.connected_since.map(|t| format_utc(t as i64)).unwrap_or_else(|| "-".into()),

@@ -9,8 +9,9 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use super::declared;
 use crate::config::{self, Config, Override, Role};
 use crate::{api, client, server, systemd};
 
@@ -24,12 +25,13 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = mpsc::channel(4);
+    let declared_file = declared::server_file(file.as_deref());
     spawn_signal_handlers(shutdown.clone(), reload_tx, role, file, overrides, log)?;
     systemd::spawn_watchdog();
     match role {
         Role::Server => {
             let listeners = server::Listeners::bind(&config).await?;
-            run_server(config, listeners, shutdown, reloads).await
+            run_server(config, declared_file, listeners, shutdown, reloads).await
         }
         Role::Client => {
             let metrics_listener = client::bind_metrics(&config.client).await?;
@@ -59,7 +61,12 @@ fn spawn_signal_handlers(
                 _ = int.recv() => { info!(signal = "SIGINT", "stopping"); break; }
                 _ = hup.recv() => {
                     systemd::reloading();
-                    match config::load_for_reload(file.as_deref(), &overrides, role) {
+                    // A bad [[mappings]] entry refuses the whole file, like any bad key.
+                    let loaded = config::load_for_reload(file.as_deref(), &overrides, role).and_then(|new| match role {
+                        Role::Server => declared::read(&new, declared::server_file(file.as_deref())).map(|_| new),
+                        Role::Client => Ok(new),
+                    });
+                    match loaded {
                         Ok(new) => {
                             systemd::set_log_level(&log, &new.log.level);
                             info!(level = %new.log.level, "configuration reloaded");
@@ -79,6 +86,36 @@ fn spawn_signal_handlers(
     Ok(())
 }
 
+/// Applies a reloaded file's `[[mappings]]` and `[[clients]]`; returns the
+/// `STATUS=` line. A declaration the server refuses leaves the running set
+/// as it was (checked before anything changes) and is logged as an error.
+async fn reconcile(role: &server::Server, new: &Config, file: Option<PathBuf>) -> String {
+    let declaration = match declared::read(new, file) {
+        Ok(declaration) => declaration,
+        // Read once already when the reload was accepted; a secret file may
+        // have changed since.
+        Err(e) => {
+            error!(error = %e, "reload: the config file's mappings and clients are refused; keeping the running ones");
+            return format!("running; config file's mappings refused: {e}");
+        }
+    };
+    // Removed mappings' series vanish with them: record what they moved first
+    // (as /api/mapping/remove does).
+    role.recorder.flush_logged().await;
+    let result = role.mappings.reconcile(declaration).await;
+    role.recorder.flush_logged().await;
+    match result {
+        Ok(done) => {
+            server::report_reconciled(&role.events, &done, "reload").await;
+            "running (configuration reloaded)".to_string()
+        }
+        Err(e) => {
+            error!(error = %e, "reload: the config file's mappings and clients are refused; keeping the running ones");
+            format!("running; config file's mappings refused: {e}")
+        }
+    }
+}
+
 /// Where the monitor page is, for the ready line: the first thing an operator
 /// wants to open.
 fn monitor_url(api: std::net::SocketAddr) -> String {
@@ -93,6 +130,7 @@ fn monitor_url(api: std::net::SocketAddr) -> String {
 /// restart.
 async fn run_server(
     config: Config,
+    declared_file: Option<PathBuf>,
     listeners: server::Listeners,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Config>,
@@ -101,7 +139,8 @@ async fn run_server(
     let api_port = api_addr.port();
     let api_on_loopback = config::is_loopback(api_addr.ip());
     let tunnel_port = listeners.tunnel.local_addr()?.port();
-    let role = server::start(&config, listeners.tunnel, api_port, shutdown.clone()).await?;
+    let declaration = declared::read(&config, declared_file.clone())?;
+    let role = server::start(&config, declaration, listeners.tunnel, api_port, shutdown.clone()).await?;
     let token = Arc::new(RwLock::new(Arc::<str>::from(config.api.token.expose())));
     let api_state = api::AppState {
         mappings: role.mappings.clone(),
@@ -143,8 +182,9 @@ async fn run_server(
                 for key in running.restart_only_changes(&new, Role::Server) {
                     warn!(key, "changed in the configuration; takes effect on restart");
                 }
+                let status = reconcile(&role, &new, declared_file.clone()).await;
                 running = new;
-                systemd::ready("running (configuration reloaded)");
+                systemd::ready(&status);
             }
         }
     }

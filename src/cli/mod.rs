@@ -7,6 +7,7 @@ mod args;
 mod conns;
 mod ctl;
 mod daemon;
+mod declared;
 mod top;
 mod units;
 mod untrusted;
@@ -35,7 +36,11 @@ pub fn main() -> ExitCode {
         }
         Command::Ctl(args) => return ctl(args),
         Command::CheckConfig { config, role } => {
-            return match config::load(config.as_deref(), &[], role) {
+            let loaded = config::load(config.as_deref(), &[], role).and_then(|cfg| match role {
+                Role::Server => declared::read(&cfg, declared::server_file(config.as_deref())).map(|_| cfg),
+                Role::Client => Ok(cfg),
+            });
+            return match loaded {
                 Ok(cfg) => {
                     print!("{}", cfg.to_masked_toml(role));
                     ExitCode::SUCCESS
@@ -51,7 +56,11 @@ pub fn main() -> ExitCode {
         Command::Client(args) => (Role::Client, args.config.clone(), args.overrides()),
     };
     // Validate everything before binding anything.
-    let config = match config::load(file.as_deref(), &overrides, role) {
+    let loaded = config::load(file.as_deref(), &overrides, role).and_then(|cfg| match role {
+        Role::Server => declared::read(&cfg, declared::server_file(file.as_deref())).map(|_| cfg),
+        Role::Client => Ok(cfg),
+    });
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tunneld: invalid configuration: {e}");
@@ -78,6 +87,11 @@ pub fn main() -> ExitCode {
             // Logged once: the log goes to stderr (or the journal, which also
             // captures stderr), so printing it as well would say it twice.
             error!(error = %format!("{e:#}"), "tunneld failed");
+            // A declaration the running server refuses (a loop, say) is a bad
+            // configuration like any other: the same exit status.
+            if e.chain().any(|cause| cause.is::<crate::server::DeclarationRefused>()) {
+                return ExitCode::from(2);
+            }
             ExitCode::FAILURE
         }
     }

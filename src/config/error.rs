@@ -19,6 +19,14 @@ pub enum ConfigError {
         /// What the rule is.
         reason: String,
     },
+    /// A `[[clients]]` or `[[mappings]]` entry that cannot be served.
+    #[error("invalid `{entry}`: {reason}")]
+    Declared {
+        /// Which entry: `mappings[1] (source_port 4001)`.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A reload found the file empty (truncated by accident, most likely).
     #[error("config file {0} is empty; refusing to replace the running configuration with defaults")]
     EmptyFile(PathBuf),

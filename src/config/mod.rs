@@ -11,11 +11,13 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
+mod declared;
 mod error;
 mod sections;
 mod validate;
 mod values;
 
+pub use declared::{client_entry, mapping_entry, DeclaredClient, DeclaredMapping};
 pub use error::ConfigError;
 pub use sections::{
     state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, HistorySettings, LogConfig, ServerConfig, ServerEntry,
@@ -94,6 +96,9 @@ pub fn load_for_reload(file: Option<&Path>, overrides: &[Override], role: Role) 
 pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<Config, ConfigError> {
     let mut config = merge(file, overrides, role)?;
     config.read_secret_files()?;
+    if role == Role::Server {
+        config.read_declared_clients()?;
+    }
     config.validate(role)?;
     Ok(config)
 }
@@ -172,6 +177,37 @@ mod tests {
         assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_loopback("::ffff:10.0.0.1".parse().unwrap()));
         assert!(valid_origin("http://127.0.0.1:8000") && !valid_origin("http://x/y") && !valid_origin("x.example"));
+    }
+
+    #[test]
+    fn declared_clients_take_their_secret_from_a_file_and_only_the_server_reads_declarations() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("office.secret");
+        std::fs::write(&secret, "office-secret\n").unwrap();
+        let file = dir.path().join("server.toml");
+        let write = |text: String| std::fs::write(&file, text).unwrap();
+        write(format!("[[clients]]\nname = \"office\"\nsecret_file = {:?}\n", secret.display().to_string()));
+        let cfg = load(Some(&file), &[], Role::Server).expect("valid");
+        assert_eq!(cfg.clients[0].secret.expose(), "office-secret");
+        assert!(!cfg.to_masked_toml(Role::Server).contains("office-secret"), "never shown");
+        let err = load(Some(&file), &[Override { key: "client.server", value: "h:9000".into() }], Role::Client).unwrap_err();
+        assert!(err.to_string().contains("`clients`"), "{err}");
+        for (text, want) in [
+            ("[[clients]]\nname = \"office\"\n", "needs its secret"),
+            ("[[clients]]\nname = \"office\"\nsecret = \"inline\"\n", "not written in the config file"),
+            ("[[clients]]\nname = \"default\"\nsecret_env = \"X\"\n", "server.secret"),
+            ("[[clients]]\nname = \"Office!\"\nsecret_env = \"X\"\n", "name:"),
+        ] {
+            write(text.to_string());
+            let err = load(Some(&file), &[], Role::Server).unwrap_err().to_string();
+            assert!(err.contains("clients[0]") && err.contains(want), "{text}: {err}");
+        }
+        write(format!(
+            "[[clients]]\nname = \"a\"\nsecret_file = {0:?}\n[[clients]]\nname = \"a\"\nsecret_file = {0:?}\n",
+            secret.display().to_string()
+        ));
+        let err = load(Some(&file), &[], Role::Server).unwrap_err().to_string();
+        assert!(err.contains("clients[1]") && err.contains("declared twice"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::declared::{DeclaredClient, DeclaredMapping};
 use super::error::ConfigError;
 use crate::core::calendar::parse_utc_offset;
 use crate::core::names::DEFAULT_CLIENT;
@@ -27,6 +28,10 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// `[log]`: the log filter.
     pub log: LogConfig,
+    /// `[[clients]]`: tunnel clients declared here (server role).
+    pub clients: Vec<DeclaredClient>,
+    /// `[[mappings]]`: mappings declared here (server role).
+    pub mappings: Vec<DeclaredMapping>,
 }
 
 /// `[alerts]`: where events (quota thresholds, unbindable mappings, clients

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::declared::{DeclaredClient, DeclaredMapping};
 use super::error::ConfigError;
 use super::sections::{state_dir, AlertsConfig, ApiConfig, ClientConfig, Config, HistoryConfig, LogConfig, ServerConfig};
 use super::values::{is_loopback, parse_fingerprint, split_host_port, valid_origin, MAX_POOL_SIZE, MIN_TOKEN_LEN, NO_TRUST_ANCHOR};
@@ -74,6 +75,13 @@ impl Config {
                 }
             }
             Role::Client => {
+                // Declarations are the server's: in a client's file they would be ignored in silence.
+                if !self.clients.is_empty() {
+                    return invalid("clients", "[[clients]] are declared in the server's config file, not the client's");
+                }
+                if !self.mappings.is_empty() {
+                    return invalid("mappings", "[[mappings]] are declared in the server's config file, not the client's");
+                }
                 self.validate_servers()?;
                 if let Some(why) = crate::core::names::invalid_client_name(&self.client.name) {
                     return invalid("client.name", &why);
@@ -251,6 +259,8 @@ impl Config {
                 history: &shown.history,
                 alerts: &shown.alerts,
                 log: &shown.log,
+                clients: &shown.clients,
+                mappings: &shown.mappings,
             }),
             Role::Client => toml::to_string_pretty(&ClientView { client: &shown.client, log: &shown.log }),
         };
@@ -265,6 +275,11 @@ struct ServerView<'a> {
     history: &'a HistoryConfig,
     alerts: &'a AlertsConfig,
     log: &'a LogConfig,
+    /// Secrets are never serialized: only where they come from.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    clients: &'a [DeclaredClient],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    mappings: &'a [DeclaredMapping],
 }
 
 #[derive(Serialize)]
@@ -281,17 +296,19 @@ fn read_secret_file(secret: &mut Secret, file: Option<&std::path::Path>, key: &'
     if !secret.is_empty() {
         return Err(ConfigError::Invalid { key, reason: format!("set either `{secret_key}` or `{key}`, not both") });
     }
-    let text =
-        std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid { key, reason: format!("cannot read {}: {e}", file.display()) })?;
+    read_secret_file_into(secret, file).map_err(|reason| ConfigError::Invalid { key, reason })
+}
+
+/// The only line of `file` into `secret`, or why not (for the caller to put
+/// behind the key it came from).
+pub(super) fn read_secret_file_into(secret: &mut Secret, file: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
-        return Err(ConfigError::Invalid { key, reason: format!("{} is empty (the secret is its first line)", file.display()) });
+        return Err(format!("{} is empty (the secret is its first line)", file.display()));
     }
     if text.lines().skip(1).any(|l| !l.trim().is_empty()) {
-        return Err(ConfigError::Invalid {
-            key,
-            reason: format!("{} has more than one line (the secret is its only line)", file.display()),
-        });
+        return Err(format!("{} has more than one line (the secret is its only line)", file.display()));
     }
     *secret = Secret::new(line);
     Ok(())

@@ -42,6 +42,22 @@ pub struct PolicyUpdate {
     pub proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
+impl PolicyUpdate {
+    /// The update that makes any policy equal to `policy`: every field set (or
+    /// removed), as a mapping declared in the config file is reconciled.
+    pub fn to(policy: Policy) -> PolicyUpdate {
+        let Policy { description, bandwidth_limit, quota, allow, deny, proxy_protocol } = policy;
+        PolicyUpdate {
+            description: Some(description),
+            bandwidth_limit: Some(bandwidth_limit),
+            quota: Some(quota),
+            allow: Some(Some(allow)),
+            deny: Some(Some(deny)),
+            proxy_protocol: Some(proxy_protocol),
+        }
+    }
+}
+
 impl Policy {
     /// This policy with `update`'s fields set or removed and the others kept.
     /// Returns the names of the fields whose value changed: a field sent with

@@ -37,7 +37,14 @@ use crate::systemd;
 use crate::telemetry::Metrics;
 use connections::Connections;
 use hub::{HubSettings, TunnelHub};
-use mappings::{Mappings, Settings};
+use mappings::{Declaration, MappingError, Mappings, Reconciled, Settings};
+
+/// The config file's `[[mappings]]`/`[[clients]]` cannot be served as they
+/// are (one would forward to itself, say): at start the daemon exits as for
+/// any bad configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("the config file's declarations cannot be served: {0}")]
+pub(crate) struct DeclarationRefused(pub MappingError);
 
 /// The server's two fixed listeners.
 pub(crate) struct Listeners {
@@ -65,6 +72,8 @@ pub(crate) struct Server {
     /// Mappings serving when [`start`] returned, and those waiting for their port.
     pub restored: usize,
     pub waiting: usize,
+    /// Where events go (the reconciles of later reloads report there too).
+    pub events: Arc<Events>,
     tunnel_task: JoinHandle<()>,
     recorder_task: JoinHandle<()>,
     grace: Duration,
@@ -74,7 +83,16 @@ pub(crate) struct Server {
 /// tunnel hub, the stored mappings, the events watcher. It runs until
 /// `shutdown` is cancelled; then [`Server::stop`] drains it. `reserved_ports`
 /// (the API's) are never mappable.
-pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, shutdown: CancellationToken) -> anyhow::Result<Server> {
+/// `declaration` (the config file's mappings and clients) is reconciled with
+/// the stored ones before the tunnel port serves, so a declared client is
+/// known from the first handshake.
+pub(crate) async fn start(
+    config: &Config,
+    declaration: Declaration,
+    tunnel: TcpListener,
+    api_port: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Server> {
     let state_dir = config::state_dir(&config.server);
     let store = Store::open(&state_dir)?;
     let secret = match config.server.secret.clone() {
@@ -95,8 +113,8 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
     let tunnel_addr = tunnel.local_addr()?;
     let tls = tunnel_tls(config, &state_dir, tunnel_addr)?;
     let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
-    let clients = store.clients().await.context("cannot read the stored tunnel clients")?;
-    let clients = clients.into_iter().map(|c| (c.name, c.secret));
+    let stored_clients = store.clients().await.context("cannot read the stored tunnel clients")?;
+    let clients = stored_clients.iter().map(|c| (c.name.clone(), c.secret.clone()));
     let hub = TunnelHub::new(secret, clients, metrics.clone(), HubSettings { heartbeat, connect_timeout, tls, pool_idle });
     let last_id = store.last_connection_id().await.context("cannot read the connection log")?;
     let log = history_settings.connection_log.then(|| {
@@ -121,16 +139,25 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
         connections,
     ));
 
+    mappings.remember_declared_clients(&stored_clients);
+    let events = Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
+
     systemd::status("restoring mappings");
     let (restored, waiting) = mappings.restore().await.context("cannot read stored mappings")?;
     info!(restored, failed = waiting, state_dir = %state_dir.display(), "mappings restored");
+    systemd::status("reconciling the config file's mappings and clients");
+    let reconciled = mappings.reconcile(declaration).await.map_err(|e| match e {
+        MappingError::Store { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(DeclarationRefused(e)),
+    })?;
+    report_reconciled(&events, &reconciled, "start").await;
 
     // Subscribed before the tunnel port serves: no client's arrival is missed.
     let presence = hub.presence();
     let tunnel_task = tokio::spawn(hub.clone().serve(tunnel, shutdown.clone()));
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
-    let events = Events::new(recorder.store().clone(), metrics.clone(), &config.alerts.webhook_url, shutdown.clone());
-    let watcher = watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), presence, recorder: recorder.clone(), events };
+    let watcher =
+        watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), presence, recorder: recorder.clone(), events: events.clone() };
     tokio::spawn(watcher.run(shutdown));
     Ok(Server {
         mappings,
@@ -139,6 +166,7 @@ pub(crate) async fn start(config: &Config, tunnel: TcpListener, api_port: u16, s
         recorder,
         restored,
         waiting,
+        events,
         tunnel_task,
         recorder_task,
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
@@ -161,6 +189,16 @@ impl Server {
             Ok(_) => info!("traffic history flushed"),
             Err(e) => warn!(error = %e, "final traffic history flush failed; up to one interval of traffic is not recorded"),
         }
+    }
+}
+
+/// Logs what a reconcile of the config file's declarations did (`when`:
+/// "start", "reload") and, when it changed anything, records it as an event.
+pub(crate) async fn report_reconciled(events: &Events, reconciled: &Reconciled, when: &str) {
+    info!(when, result = %reconciled, "config file's mappings and clients reconciled");
+    if reconciled.changed_anything() {
+        let message = format!("config file reconciled at {when}: {reconciled}");
+        events.emit(crate::store::events::EventKind::ConfigReconciled, None, None, message).await;
     }
 }
 

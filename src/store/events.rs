@@ -27,11 +27,14 @@ pub enum EventKind {
     ClientLost,
     /// A lost client is connected again.
     ClientBack,
+    /// The config file's `[[mappings]]`/`[[clients]]` were applied (at start
+    /// or on reload) and changed something: how many created, changed, removed.
+    ConfigReconciled,
 }
 
 impl EventKind {
     /// Every kind, for parsing.
-    const ALL: [EventKind; 7] = [
+    const ALL: [EventKind; 8] = [
         EventKind::QuotaWarning,
         EventKind::QuotaExhausted,
         EventKind::QuotaReset,
@@ -39,6 +42,7 @@ impl EventKind {
         EventKind::MappingUp,
         EventKind::ClientLost,
         EventKind::ClientBack,
+        EventKind::ConfigReconciled,
     ];
 
     /// The name in the table, the API and the webhook.
@@ -51,6 +55,7 @@ impl EventKind {
             EventKind::MappingUp => "mapping_up",
             EventKind::ClientLost => "client_lost",
             EventKind::ClientBack => "client_back",
+            EventKind::ConfigReconciled => "config_reconciled",
         }
     }
 
@@ -187,7 +192,15 @@ mod tests {
         assert_eq!(store.last_presence("default").await.unwrap(), Some(EventKind::ClientBack), "another client's");
         assert_eq!(store.last_presence("office").await.unwrap(), Some(EventKind::ClientLost));
         let secret = crate::core::secret::Secret::new("x");
-        store.insert_client(crate::store::clients::StoredClient { name: "office".into(), secret, created_at: 20 }).await.unwrap();
+        store
+            .insert_client(crate::store::clients::StoredClient {
+                name: "office".into(),
+                secret,
+                created_at: 20,
+                source: crate::store::Source::Api,
+            })
+            .await
+            .unwrap();
         assert_eq!(store.last_presence("office").await.unwrap(), None, "lost before it was created again");
     }
 }

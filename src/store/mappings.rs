@@ -22,6 +22,39 @@ pub struct MappingSpec {
     pub client: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
+    /// Who owns it: the API, or the config file's `[[mappings]]`.
+    pub source: Source,
+}
+
+/// Where a mapping or a client was declared: the API may change only its own;
+/// the config file's are reconciled from the file at start and on reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Created through `/api/*` (or `tunneld ctl`); the default for rows made
+    /// before declarations existed.
+    #[default]
+    Api,
+    /// Declared in the config file (`[[mappings]]`, `[[clients]]`).
+    Config,
+}
+
+impl Source {
+    /// The name in the database and on the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::Config => "config",
+        }
+    }
+
+    /// Reads a stored name; anything unknown is the API's, which the API may change.
+    pub(super) fn parse(name: &str) -> Source {
+        match name {
+            "config" => Source::Config,
+            _ => Source::Api,
+        }
+    }
 }
 
 fn policy_json(policy: &Policy) -> String {
@@ -34,8 +67,8 @@ impl Store {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client],
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client, m.source.as_str()],
             )?;
             tx.commit()
         })
@@ -69,7 +102,7 @@ impl Store {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client FROM mappings ORDER BY source_port",
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client, source FROM mappings ORDER BY source_port",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -80,6 +113,7 @@ impl Store {
                         r.get::<_, i64>(4)?,
                         r.get::<_, String>(5)?,
                         r.get::<_, Option<String>>(6)?,
+                        r.get::<_, String>(7)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -88,7 +122,7 @@ impl Store {
         let port =
             |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path().to_string(), port: p });
         rows.into_iter()
-            .map(|(sp, host, tp, tunnel, created, policy, client)| {
+            .map(|(sp, host, tp, tunnel, created, policy, client, source)| {
                 let policy = serde_json::from_str(&policy).map_err(|e| StoreError::BadPolicy {
                     path: self.path().to_string(),
                     port: sp,
@@ -101,6 +135,7 @@ impl Store {
                     use_tunnel: tunnel,
                     client: if tunnel { Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())) } else { None },
                     created_at: created,
+                    source: Source::parse(&source),
                 };
                 Ok((spec, policy))
             })

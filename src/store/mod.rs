@@ -18,7 +18,7 @@ mod schema;
 
 pub(crate) use clients::StoredClient;
 pub use db::{Store, StoreError};
-pub use mappings::MappingSpec;
+pub use mappings::{MappingSpec, Source};
 
 #[cfg(test)]
 mod tests {
@@ -37,6 +37,7 @@ mod tests {
             use_tunnel: true,
             client: Some("office".into()),
             created_at: 1,
+            source: Source::Config,
         };
         {
             let store = Store::open(dir.path()).unwrap();
@@ -101,6 +102,7 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1, Policy::default());
         assert_eq!(rows[0].0.client, None, "a direct mapping has no client");
+        assert_eq!(rows[0].0.source, Source::Api, "rows from before declarations were made through the API");
         assert!(store.set_policy(4000, &Policy { description: Some("x".into()), ..Policy::default() }).await.unwrap());
     }
 
@@ -125,7 +127,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("tunneld.db");
-        let office = StoredClient { name: "office".into(), secret: Secret::new("s".repeat(64)), created_at: 3 };
+        let office = StoredClient { name: "office".into(), secret: Secret::new("s".repeat(64)), created_at: 3, source: Source::Api };
         {
             let store = Store::open(dir.path()).unwrap();
             store.insert_client(office.clone()).await.unwrap();

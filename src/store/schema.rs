@@ -26,6 +26,7 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
             created_at INTEGER NOT NULL
         );",
     )?;
+    migrate_source_columns(conn)?;
     create_history(conn)?;
     create_events(conn)?;
     create_connection_log(conn)
@@ -44,6 +45,18 @@ fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
             "ALTER TABLE mappings ADD COLUMN client TEXT;
              UPDATE mappings SET client = 'default' WHERE use_tunnel != 0;",
         )?;
+    }
+    Ok(())
+}
+
+/// Databases made before mappings and clients could be declared in the config
+/// file get a `source` column: every row they hold was made through the API.
+fn migrate_source_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for table in ["mappings", "clients"] {
+        let has = conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = 'source'"))?.exists([])?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN source TEXT NOT NULL DEFAULT 'api'"))?;
+        }
     }
     Ok(())
 }

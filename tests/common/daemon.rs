@@ -120,6 +120,12 @@ impl Daemon {
         Self::start_server(tmp, state_dir.to_path_buf(), Listen::fresh(), secret, extra, &[], &[])
     }
 
+    /// [`Daemon::server_with_state`] with extra environment variables.
+    pub fn server_with_state_env(state_dir: &Path, secret: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Self::start_server(tmp, state_dir.to_path_buf(), Listen::fresh(), secret, extra, envs, &[])
+    }
+
     /// A server restarted in place: same state dir and same tunnel address, so a
     /// running client finds it again.
     pub fn server_restarted(state_dir: &Path, tunnel: SocketAddr, secret: &str) -> Daemon {

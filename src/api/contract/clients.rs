@@ -69,6 +69,10 @@ pub struct Client {
     /// older than it.
     #[serde(default)]
     pub rtt_seconds: Option<f64>,
+    /// `"config"`: declared in the server's config file (`[[clients]]`), which
+    /// the API may not remove; `"api"`: made through the API (and `default`).
+    #[serde(default)]
+    pub source: super::Source,
 }
 
 /// `GET /api/client/list`.

@@ -6,6 +6,7 @@ use super::fields;
 use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
 use crate::server::mappings::{MappingView, NewMapping};
+pub use crate::store::Source;
 
 /// `POST /api/mapping/create`. Besides where to forward, it may carry the
 /// policy fields of [`UpdateMapping`] (here `null` and absent both mean "none").
@@ -160,6 +161,11 @@ pub struct Mapping {
     /// Why, in words.
     #[serde(default)]
     pub health_reason: String,
+    /// `"config"`: declared in the server's config file (`[[mappings]]`), which
+    /// the API may not change or remove; `"api"`: made through the API. Read
+    /// as `"api"` from a server older than declarations.
+    #[serde(default)]
+    pub source: Source,
 }
 
 impl From<MappingView> for Mapping {
@@ -183,6 +189,7 @@ impl From<MappingView> for Mapping {
             status: status.into(),
             health: Some(health.health.into()),
             health_reason: health.reason,
+            source: spec.source,
         }
     }
 }

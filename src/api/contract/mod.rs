@@ -31,7 +31,9 @@ pub use connections::{
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};
-pub use mappings::{CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
+pub use mappings::{
+    CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
+};
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`
@@ -65,6 +67,9 @@ pub enum ErrorCode {
     UnknownClient,
     /// The client is named by mappings; removing it anyway needs `force`.
     ClientInUse,
+    /// The mapping or client is declared in the server's config file: the API
+    /// may not change or remove it (edit the file and reload instead).
+    DeclaredInConfig,
     /// A code this build does not know (a newer server's).
     #[serde(other)]
     Other,

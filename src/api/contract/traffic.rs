@@ -106,6 +106,9 @@ pub struct MappingTraffic {
     /// (read as `null` from a server older than it).
     #[serde(default)]
     pub proxy_protocol: Option<crate::net::proxy_header::ProxyVersion>,
+    /// `"config"` (declared in the config file) or `"api"`, as in `/api/mapping/list`.
+    #[serde(default)]
+    pub source: super::Source,
 }
 
 /// The whole traffic report.

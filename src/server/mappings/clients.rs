@@ -28,6 +28,7 @@ impl Mappings {
             name: name.to_string(),
             secret: Secret::new(secret.clone()),
             created_at: crate::core::time::unix_now() as i64,
+            source: crate::store::Source::Api,
         };
         self.ctx.store.insert_client(stored).await.map_err(MappingError::store(format!("save the client {name:?}")))?;
         self.ctx.hub.add_client(name, Secret::new(secret.clone()));
@@ -47,6 +48,9 @@ impl Mappings {
         let entries = self.entries.lock().await;
         if !self.ctx.hub.knows(name) {
             return Err(MappingError::UnknownClient(name.to_string()));
+        }
+        if self.declared_clients().contains(name) {
+            return Err(self.declared_refusal(format!("the client {name:?}")));
         }
         let users: Vec<u16> = entries.values().filter(|e| e.spec.client.as_deref() == Some(name)).map(|e| e.spec.source_port).collect();
         if !users.is_empty() && !force {

@@ -27,6 +27,14 @@ pub enum MappingError {
         /// The ports of the mappings that name it.
         ports: Vec<u16>,
     },
+    /// The API asked to change or remove what the config file declares.
+    #[error("{what} is declared in {} ([[mappings]] / [[clients]]): change it there and reload (systemctl reload tunneld-server, or SIGHUP)", file.as_ref().map(|f| format!("the config file {}", f.display())).unwrap_or_else(|| "the server's config file".into()))]
+    Declared {
+        /// `the mapping on port 4000`, `the client "office"`.
+        what: String,
+        /// The config file, when known.
+        file: Option<std::path::PathBuf>,
+    },
     /// `action` says what failed ("save the mapping on port 4000").
     #[error("could not {action}: {error}")]
     Store { action: String, error: StoreError },

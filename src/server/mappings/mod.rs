@@ -7,6 +7,7 @@
 
 mod clients;
 mod context;
+mod declared;
 mod error;
 mod health;
 mod listener;
@@ -16,6 +17,7 @@ mod view;
 mod visitor;
 
 pub(crate) use context::Settings;
+pub(crate) use declared::{check_declaration, Declaration, Reconciled};
 pub(crate) use error::MappingError;
 pub(crate) use health::Health;
 pub(crate) use registry::{Mappings, NewMapping};

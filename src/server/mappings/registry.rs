@@ -24,7 +24,7 @@ use crate::net::socket;
 use crate::policy::{LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
-use crate::store::{MappingSpec, Store, StoreError};
+use crate::store::{MappingSpec, Source, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// What the API asks for.
@@ -42,6 +42,37 @@ pub struct NewMapping {
 pub struct Mappings {
     pub(super) entries: tokio::sync::Mutex<BTreeMap<u16, Entry>>,
     pub(super) ctx: Arc<Ctx>,
+    /// What the config file declares, as last reconciled.
+    pub(super) declared: Mutex<super::declared::DeclaredState>,
+}
+
+/// A request that passed the checks that need no lock, with its target
+/// resolved (see [`Mappings::prepare`]).
+pub(super) struct Checked {
+    pub(super) req: NewMapping,
+    resolved: Vec<std::net::SocketAddr>,
+    resolved_here: Vec<std::net::SocketAddr>,
+}
+
+/// The checks a mapping request needs on its own, shared by the API and the
+/// config file's `[[mappings]]` (`tunneld check-config` too): ports, a valid
+/// target host (trimmed here), and a client only when tunneled (`default`
+/// when it names none).
+pub(crate) fn check_request(req: &mut NewMapping) -> Result<(), MappingError> {
+    req.target_host = req.target_host.trim().to_string();
+    target::check_host(&req.target_host)?;
+    if req.source_port == 0 {
+        return Err(MappingError::Invalid("source_port must be between 1 and 65535".into()));
+    }
+    if req.target_port == 0 {
+        return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
+    }
+    req.client = match (req.use_tunnel, req.client.take()) {
+        (true, client) => Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())),
+        (false, None) => None,
+        (false, Some(_)) => return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into())),
+    };
+    Ok(())
 }
 
 pub(super) struct Entry {
@@ -58,6 +89,13 @@ pub(super) struct Entry {
     resolved: Arc<ResolvedHere>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+impl Entry {
+    /// Its policy now.
+    pub(super) fn policy(&self) -> Policy {
+        self.policy.get()
+    }
 }
 
 impl Mappings {
@@ -85,7 +123,7 @@ impl Mappings {
             live,
         });
         tokio::spawn(ctx.clone().summarise_refusals());
-        Mappings { entries: tokio::sync::Mutex::new(BTreeMap::new()), ctx }
+        Mappings { entries: tokio::sync::Mutex::new(BTreeMap::new()), ctx, declared: Mutex::default() }
     }
 
     /// Brings back every stored mapping. Ports that bind now are serving when this
@@ -117,81 +155,114 @@ impl Mappings {
     }
 
     pub async fn create(&self, req: NewMapping) -> Result<MappingView, MappingError> {
-        let host = req.target_host.trim().to_string();
-        target::check_host(&host)?;
-        if req.source_port == 0 {
-            return Err(MappingError::Invalid("source_port must be between 1 and 65535".into()));
-        }
-        if req.target_port == 0 {
-            return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
-        }
-        if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
-            return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
-        }
-        let client = match (req.use_tunnel, req.client) {
-            (true, client) => Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())),
-            (false, None) => None,
-            (false, Some(_)) => {
-                return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into()))
-            }
-        };
-        // Tunneled targets are resolved inside the client's network, which may know
-        // names the server cannot; only direct targets must resolve here.
-        let resolved = if req.use_tunnel { Vec::new() } else { target::resolve(&host, req.target_port).await? };
-        // Where a tunneled target is as this host sees it: what a client on this
-        // host reaches, checked against this daemon's own listeners. Looked up
-        // now only when such a client is connected (it may be refused);
-        // otherwise soon after, so a name only the client's network knows
-        // costs no wait.
-        let client_here = client.as_deref().is_some_and(|name| self.ctx.hub.peer_on_this_host(name).is_some());
-        let resolved_here = if req.use_tunnel && client_here { target::resolve_here(&host, req.target_port).await } else { Vec::new() };
-
+        let checked = self.prepare(req, true).await?;
+        let req = &checked.req;
         let mut entries = self.entries.lock().await;
         // Checked under the mappings lock, which client removal takes too: a
         // mapping never names a client that is being removed.
-        if let Some(name) = client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
+        if let Some(name) = req.client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
             return Err(MappingError::NamesUnknownClient(name.to_string()));
         }
         if entries.contains_key(&req.source_port) {
             return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
         }
-        let reserved = &self.ctx.settings.reserved_ports;
-        if let Some(why) = target::own_listener(&resolved, req.source_port, |port| entries.contains_key(&port), reserved) {
-            return Err(MappingError::Invalid(format!("target {host}:{} is {why}: the mapping would forward to itself", req.target_port)));
-        }
-        if let Some((name, peer)) = client.as_deref().and_then(|name| Some((name, self.ctx.hub.peer_on_this_host(name)?))) {
-            let mapped = |port| entries.contains_key(&port);
-            if let Some(why) = target::through_client_on_this_host(&resolved_here, req.source_port, name, peer, mapped, reserved) {
-                return Err(MappingError::Invalid(format!(
-                    "target {host}:{} is {why}: the mapping would forward to itself",
-                    req.target_port
-                )));
-            }
-        }
+        self.check_loops(&checked, |port| entries.contains_key(&port))?;
         let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
             _ => MappingError::Invalid(format!("cannot listen on port {}: {}", req.source_port, e)),
         })?;
+        self.install(&mut entries, checked, Source::Api, Some(listener), None).await
+    }
+
+    /// The checks a request needs besides the registry's state, and its target
+    /// resolved: what [`Mappings::install`] takes. A direct target that does
+    /// not resolve is refused when `must_resolve` (the API's create, where the
+    /// operator is there to see it); a declared one is served anyway, as a
+    /// stored one is at start: DNS may not be up yet at boot.
+    pub(super) async fn prepare(&self, mut req: NewMapping, must_resolve: bool) -> Result<Checked, MappingError> {
+        check_request(&mut req)?;
+        if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
+            return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
+        }
+        // Tunneled targets are resolved inside the client's network, which may know
+        // names the server cannot; only direct targets must resolve here.
+        let resolved = match req.use_tunnel {
+            true => Vec::new(),
+            false => match target::resolve(&req.target_host, req.target_port).await {
+                Ok(addrs) => addrs,
+                Err(e) if must_resolve => return Err(e),
+                Err(e) => {
+                    warn!(port = req.source_port, error = %e, "declared mapping's target does not resolve now; serving it anyway");
+                    Vec::new()
+                }
+            },
+        };
+        // Where a tunneled target is as this host sees it: what a client on this
+        // host reaches, checked against this daemon's own listeners. Looked up
+        // now only when such a client is connected (it may be refused);
+        // otherwise soon after, so a name only the client's network knows
+        // costs no wait.
+        let client_here = req.client.as_deref().is_some_and(|name| self.ctx.hub.peer_on_this_host(name).is_some());
+        let resolved_here =
+            if req.use_tunnel && client_here { target::resolve_here(&req.target_host, req.target_port).await } else { Vec::new() };
+        Ok(Checked { req, resolved, resolved_here })
+    }
+
+    /// Refuses a mapping that would forward to itself: directly to one of this
+    /// daemon's listeners (`mapped` says which ports are mappings'), or through
+    /// a client on this host.
+    pub(super) fn check_loops(&self, checked: &Checked, mapped: impl Fn(u16) -> bool) -> Result<(), MappingError> {
+        let req = &checked.req;
+        let reserved = &self.ctx.settings.reserved_ports;
+        if let Some(why) = target::own_listener(&checked.resolved, req.source_port, &mapped, reserved) {
+            return Err(MappingError::Invalid(format!(
+                "target {}:{} is {why}: the mapping would forward to itself",
+                req.target_host, req.target_port
+            )));
+        }
+        if let Some((name, peer)) = req.client.as_deref().and_then(|name| Some((name, self.ctx.hub.peer_on_this_host(name)?))) {
+            if let Some(why) = target::through_client_on_this_host(&checked.resolved_here, req.source_port, name, peer, &mapped, reserved) {
+                return Err(MappingError::Invalid(format!(
+                    "target {}:{} is {why}: the mapping would forward to itself",
+                    req.target_host, req.target_port
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a checked mapping (before anyone is told it exists) and starts
+    /// it: on `listener`, or, without one, retrying its port in the background
+    /// with `bind_error` shown meanwhile.
+    pub(super) async fn install(
+        &self,
+        entries: &mut BTreeMap<u16, Entry>,
+        checked: Checked,
+        source: Source,
+        listener: Option<TcpListener>,
+        bind_error: Option<String>,
+    ) -> Result<MappingView, MappingError> {
+        let Checked { req, resolved_here, .. } = checked;
         let spec = MappingSpec {
             source_port: req.source_port,
-            target_host: host,
+            target_host: req.target_host,
             target_port: req.target_port,
             use_tunnel: req.use_tunnel,
-            client,
+            client: req.client,
             created_at: crate::core::time::unix_now() as i64,
+            source,
         };
-        // On disk before anyone is told it exists.
         self.ctx
             .store
             .insert(spec.clone(), &req.policy)
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
-        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), "mapping created");
+        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), source = source.as_str(), "mapping created");
         let resolved = match resolved_here.is_empty() {
             true => ResolvedHere::soon(&spec),
             false => Arc::new(ResolvedHere::new(resolved_here)),
         };
-        let entry = self.spawn_mapping(Arc::new(spec), req.policy, Some(listener), Arc::new(Mutex::new(None)), resolved);
+        let entry = self.spawn_mapping(Arc::new(spec), req.policy, listener, Arc::new(Mutex::new(bind_error)), resolved);
         write(&self.ctx.mapped_ports).insert(req.source_port);
         let view = self.view(&entry);
         entries.insert(req.source_port, entry);
@@ -205,6 +276,14 @@ impl Mappings {
     pub async fn update(&self, port: u16, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let entries = self.entries.lock().await;
         let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        self.refuse_declared(entry)?;
+        self.update_entry(entry, update).await
+    }
+
+    /// [`Mappings::update`] on an entry the caller holds the lock for: the one
+    /// path by which a policy changes live, from the API or from the config file.
+    pub(super) async fn update_entry(&self, entry: &Entry, update: PolicyUpdate) -> Result<MappingView, MappingError> {
+        let port = entry.spec.source_port;
         let mut policy = entry.policy.get();
         let changed = policy.apply(update);
         if changed.is_empty() {
@@ -247,9 +326,14 @@ impl Mappings {
 
     pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
         let mut entries = self.entries.lock().await;
-        if !entries.contains_key(&port) {
-            return Err(MappingError::NotFound(port));
-        }
+        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        self.refuse_declared(entry)?;
+        self.remove_entry(&mut entries, port).await
+    }
+
+    /// Removes the mapping on `port` (which exists: the caller holds the lock
+    /// and looked): stored first, then its listener closed and its connections cut.
+    pub(super) async fn remove_entry(&self, entries: &mut BTreeMap<u16, Entry>, port: u16) -> Result<(), MappingError> {
         self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
         write(&self.ctx.mapped_ports).remove(&port);
         if let Some(entry) = entries.remove(&port) {
