@@ -288,6 +288,7 @@ pub(super) fn create(api: &Api, port: u16, target: &str, tunnel: bool, client: O
         quota: quota.map(Some),
         allow: allow.map(Some),
         deny: deny.map(Some),
+        ..CreateMapping::default()
     };
     let m: Mapping = api.post("/api/mapping/create", &request).map_err(|e| match (refusal_code(&e), client) {
         (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
@@ -330,6 +331,7 @@ pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) ->
         quota: change(set.quota, remove.quota),
         allow: change(set.allow, remove.allow),
         deny: change(set.deny, remove.deny),
+        ..UpdateMapping::default()
     };
     let m: Mapping = api.post("/api/mapping/update", &request)?;
     let cidrs =

@@ -82,6 +82,17 @@ impl Metrics {
         }
     }
 
+    /// `tunneld_mapping_client_connections_total{port, client}`: created at 0
+    /// for each client of a mapping's group.
+    pub(crate) fn mapping_client(&self, port: u16, client: &str) -> IntCounter {
+        self.mapping_client_connections.with_label_values(&[&port.to_string(), client])
+    }
+
+    /// Drops that series: the client left the group, or the mapping went.
+    pub(crate) fn remove_mapping_client(&self, port: u16, client: &str) {
+        let _ = self.mapping_client_connections.remove_label_values(&[&port.to_string(), client]);
+    }
+
     /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
     pub(crate) fn relabel_mapping(&self, port: u16, old: [&str; 4], new: [&str; 4]) {
         let p = port.to_string();

@@ -109,6 +109,22 @@ pub(crate) fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
     wire
 }
 
+/// A health check over `channel`: the `connect` request alone, the client's
+/// answer, then (the target answered) a [`RESET`], so the client drops the
+/// target's connection and the channel. `Err` says why the target could not
+/// be reached through this client. The channel is spent either way.
+pub(crate) async fn probe<S: AsyncRead + AsyncWrite + Unpin>(channel: &mut S, connect: &Connect) -> Result<(), ExchangeError> {
+    let sent = async {
+        channel.write_all(&opening(connect, &[])).await?;
+        channel.flush().await
+    };
+    sent.await.map_err(channel_error)?;
+    read_answer(channel).await?;
+    let _ = channel.write_all(&RESET.to_be_bytes()).await;
+    let _ = channel.flush().await;
+    Ok(())
+}
+
 /// Relays `socket ⇄ channel` until both directions ended. On success the channel
 /// comes back, ready for the next exchange, with the user bytes moved each way
 /// (`to_channel`, `from_channel`). `to_channel` and `from_channel` count user

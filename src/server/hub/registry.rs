@@ -287,6 +287,15 @@ impl TunnelHub {
 }
 
 impl TunnelHub {
+    /// A health check: asks `client` to dial `host:port` over a data channel
+    /// of its own and hang up at once. `Err` says why it could not.
+    pub async fn probe(&self, client: &str, host: &str, port: u16) -> Result<(), String> {
+        let session = self.session(client).ok_or_else(|| format!("tunnel client {client} is not connected"))?;
+        let mut channel = session.acquire(self.settings.pool_idle).await.ok_or_else(|| format!("tunnel client {client} disconnected"))?;
+        let connect = Connect::Connect { host: host.to_string(), port };
+        exchange::probe(&mut channel, &connect).await.map_err(|e| e.to_string())
+    }
+
     /// Gets a data channel through `client` — a pooled one if one is idle, else
     /// one requested now — and sends it the `connect` request for `host:port`,
     /// with what `visitor` has already sent as the first chunk in the same write

@@ -8,6 +8,7 @@
 mod clients;
 mod context;
 mod error;
+mod group;
 mod health;
 mod listener;
 mod registry;
@@ -18,5 +19,6 @@ mod visitor;
 pub(crate) use context::Settings;
 pub(crate) use error::MappingError;
 pub(crate) use health::Health;
-pub(crate) use registry::{Mappings, NewMapping};
+pub(crate) use group::MemberView;
+pub(crate) use registry::{GroupUpdate, Mappings, NewMapping};
 pub(crate) use view::{MappingStatus, MappingView};

@@ -6,12 +6,13 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::context::Ctx;
+use super::group::Group;
 use super::health::HealthWindow;
-use crate::core::names::DEFAULT_CLIENT;
 use crate::net::relay::{self, Side};
 use crate::net::socket;
 use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
+use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
@@ -19,6 +20,7 @@ use crate::tunnel::exchange::{self, ExchangeError};
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
     spec: &MappingSpec,
+    group: &Group,
     policy: &LivePolicy,
     metrics: &MappingMetrics,
     health: &HealthWindow,
@@ -32,7 +34,7 @@ pub(super) async fn serve_visitor(
     let (up, down) = policy.capped(metrics.meters());
     let meters = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, meters, &visit, &visitor).await
+        tunneled(ctx, spec, group, meters, &visit, &visitor, tracked).await
     } else {
         direct(ctx, spec, meters, &visit, &visitor).await
     };
@@ -111,23 +113,43 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, (up, down): Meters, visit: &Visit
 /// connection; the answer is read first in the other direction, and a failure
 /// there ends the connection and counts as a connect error. After a clean
 /// exchange the data channel goes back to the pool for the next visitor.
+///
+/// The client is the first of the group's candidates (see
+/// `Group::candidates`) that gives a channel; one whose session ended a
+/// moment ago is passed over for the next, before any of the visitor's bytes
+/// were taken.
 async fn tunneled(
     ctx: &Ctx,
     spec: &MappingSpec,
+    group: &Group,
     (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
+    tracked: &Tracked,
 ) -> Result<(u64, u64), VisitorError> {
-    let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
-    let opened = ctx.hub.open(client, &spec.target_host, spec.target_port, visitor, early_max).await;
+    let mut opened = Err(OpenError::NoClient(format!("of the mapping on port {}", spec.source_port)));
+    let mut serving = None;
+    for member in group.candidates(&ctx.hub) {
+        opened = ctx.hub.open(&member.name, &spec.target_host, spec.target_port, visitor, early_max).await;
+        if !matches!(opened, Err(OpenError::NoClient(_))) {
+            serving = Some(member);
+            break;
+        }
+    }
     let (channel, lease, sent_ahead) = opened.map_err(|e| {
         up.unused(early_max);
         VisitorError::Target(e.to_string())
     })?;
+    let Some(member) = serving else {
+        return Err(VisitorError::Target(format!("no tunnel client of the mapping on port {}", spec.source_port)));
+    };
+    let _serving = member.serve();
+    tracked.served_by(&member.name);
+    let client = &*member.name;
     up.unused(early_max - sent_ahead);
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
