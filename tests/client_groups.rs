@@ -449,3 +449,44 @@ fn a_cut_link_moves_new_visitors_to_the_other_client_within_three_heartbeats() {
         assert_eq!(tag_of_visit(&on_server, mapping, Duration::from_secs(5)), Some(b'2'));
     }
 }
+
+#[test]
+fn the_monitor_page_shows_each_mappings_clients_and_which_serve() {
+    let test = "the_monitor_page_shows_each_mappings_clients_and_which_serve";
+    let Some(chromium) = common::tools::external_tool("chromium", test) else { return };
+    let (server, mut clients) = server_with_clients(&["office-a", "office-b", "office-c"]);
+    let target = common::echo_server();
+    let (failover, balanced) = (free_port(), free_port());
+    create_group(&server, failover, target, json!({"clients": ["office-a", "office-b"], "description": "ssh, failover"}));
+    create_group(&server, balanced, target, json!({"clients": ["office-a", "office-b", "office-c"], "balance": "round_robin"}));
+    echo_through(failover, 1000);
+    clients[0].kill();
+    wait_for("office-a to be seen gone", Duration::from_secs(10), || {
+        members(&server, failover).iter().any(|(name, connected, _)| name == "office-a" && !connected).then_some(())
+    });
+
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    browser.set_viewport(1440, 900, false);
+    browser.navigate(&server.url("/api/stats/monitor"));
+    let state = |port: u16, client: &str| {
+        format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{port}"] [data-role="group-member"][data-client="{client}"]').dataset.state"#)
+    };
+    browser.wait_for("the group of the failover mapping", &format!("{} === 'serving'", state(failover, "office-b")));
+    for (port, client, wanted) in [
+        (failover, "office-a", "away"),
+        (failover, "office-b", "serving"),
+        (balanced, "office-a", "away"),
+        (balanced, "office-b", "serving"),
+        (balanced, "office-c", "serving"),
+    ] {
+        assert_eq!(browser.eval(&state(port, client)), json!(wanted), "{client} on :{port}");
+    }
+    let balance = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{balanced}"] [data-role="group"]').textContent"#);
+    assert!(browser.eval(&balance).as_str().is_some_and(|t| t.contains("round robin")), "{}", browser.eval(&balance));
+    browser.eval(&format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'center'}})"#));
+    browser.screenshot("client-groups-desktop.png");
+    browser.set_viewport(390, 844, true);
+    browser.wait_for("the phone layout", "window.innerWidth === 390");
+    browser.eval(&format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'start'}})"#));
+    browser.screenshot("client-groups-phone.png");
+}
