@@ -178,6 +178,10 @@ impl Group {
     /// with none connected the first member, whose absence the visitor's error
     /// then names, as a mapping with one client always did.
     pub(super) fn candidates(&self, hub: &TunnelHub) -> Vec<Arc<Member>> {
+        // A group of one has one choice, made as it always was: no lookups.
+        if let [only] = self.members().list.as_slice() {
+            return vec![only.clone()];
+        }
         let eligible = self.eligible(hub);
         if eligible.is_empty() {
             return self.members().list.first().cloned().into_iter().collect();
@@ -269,5 +273,73 @@ impl Group {
             _ => {}
         }
         *failing = verdict;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(names: &[&str], balance: Balance) -> Group {
+        let spec = MappingSpec {
+            source_port: 4000,
+            target_host: "10.0.0.5".into(),
+            target_port: 22,
+            use_tunnel: true,
+            client: names.first().map(|n| n.to_string()),
+            clients: names.iter().map(|n| n.to_string()).collect(),
+            balance,
+            health_check: None,
+            created_at: 0,
+        };
+        Group::new(&spec, Arc::new(Metrics::new()))
+    }
+
+    fn picks(g: &Group, balance: Balance, n: usize) -> Vec<String> {
+        (0..n).map(|_| g.ordered(balance, g.members().list.clone())[0].name.to_string()).collect()
+    }
+
+    #[test]
+    fn failover_keeps_list_order_and_round_robin_takes_turns() {
+        let g = group(&["a", "b", "c"], Balance::Failover);
+        assert_eq!(picks(&g, Balance::Failover, 3), ["a", "a", "a"]);
+        assert_eq!(picks(&g, Balance::RoundRobin, 6), ["a", "b", "c", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idlest_and_takes_turns_among_equals() {
+        let g = group(&["a", "b", "c"], Balance::LeastConnections);
+        let members = g.members();
+        let held: Vec<Serving> = vec![members.list[0].serve(), members.list[0].serve(), members.list[1].serve()];
+        assert_eq!(picks(&g, Balance::LeastConnections, 2), ["c", "c"]);
+        drop(held);
+        let even = picks(&g, Balance::LeastConnections, 3);
+        assert!(even.contains(&"a".to_string()) && even.contains(&"b".to_string()) && even.contains(&"c".to_string()), "{even:?}");
+    }
+
+    #[test]
+    fn a_client_that_stays_in_a_changed_group_keeps_its_counts_and_one_that_leaves_loses_its_series() {
+        let metrics = Arc::new(Metrics::new());
+        let mut spec = MappingSpec {
+            source_port: 4001,
+            target_host: "10.0.0.5".into(),
+            target_port: 22,
+            use_tunnel: true,
+            client: Some("a".into()),
+            clients: vec!["a".into(), "b".into()],
+            balance: Balance::Failover,
+            health_check: None,
+            created_at: 0,
+        };
+        let g = Group::new(&spec, metrics.clone());
+        let _open = g.members().list[0].serve();
+        spec.clients = vec!["c".into(), "a".into()];
+        g.configure(&spec);
+        let members = g.members();
+        assert_eq!(members.list.iter().map(|m| m.name.to_string()).collect::<Vec<_>>(), ["c", "a"]);
+        assert_eq!(members.list[1].active(), 1, "a keeps its open connection");
+        let text = metrics.render();
+        assert!(text.contains(r#"tunneld_mapping_client_connections_total{client="a",port="4001"} 1"#), "{text}");
+        assert!(!text.contains(r#"client="b",port="4001""#), "b's series went with it");
     }
 }
