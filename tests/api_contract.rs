@@ -72,15 +72,19 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 14] = [
+const MAPPING_FIELDS: [&str; 18] = [
     "allow",
+    "balance",
     "bandwidth_limit",
     "client",
+    "clients",
     "created_at",
     "deny",
     "description",
     "health",
+    "health_check",
     "health_reason",
+    "members",
     "quota",
     "source_port",
     "status",
@@ -240,10 +244,12 @@ fn every_json_route_answers_in_the_contract_types() {
             [
                 "active_connections",
                 "allow",
+                "balance",
                 "bandwidth_limit",
                 "bytes_received",
                 "bytes_sent",
                 "client",
+                "clients",
                 "connect_errors",
                 "connect_p50_seconds",
                 "connect_p99_seconds",
@@ -255,6 +261,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "last_update",
                 "lifetime_received",
                 "lifetime_sent",
+                "members",
                 "port",
                 "quota",
                 "quota_blocked",

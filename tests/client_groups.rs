@@ -16,9 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{connect_in, in_namespace, link, NetNs};
-use common::{
-    create_client, echo_through, free_port, get_data, listed_mapping, loopback, post, scrape_metric, wait_for, Daemon, BIN,
-};
+use common::{create_client, echo_through, free_port, get_data, listed_mapping, loopback, post, scrape_metric, wait_for, Daemon, BIN};
 use serde_json::{json, Value};
 
 const SECRET: &str = "client-groups-secret-0123456789";
@@ -165,8 +163,13 @@ fn round_robin_and_least_connections_share_visitors_among_three_clients() {
     }
     // With east's two closed, the next two visitors go to east.
     let data = get_data(&server, &format!("/api/connections?port={port}"));
-    let east: Vec<u64> =
-        data["connections"].as_array().expect("connections").iter().filter(|c| c["client"] == "east").filter_map(|c| c["id"].as_u64()).collect();
+    let east: Vec<u64> = data["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter(|c| c["client"] == "east")
+        .filter_map(|c| c["id"].as_u64())
+        .collect();
     assert_eq!(east.len(), 2, "{data}");
     for id in east {
         let (status, answer) = post(&server, "/api/connection/close", json!({"id": id}));
@@ -202,7 +205,10 @@ fn group_requests_are_checked_listed_for_old_callers_updated_live_and_survive_a_
         (tunneled(port, json!({"clients": ["alpha"], "health_check": {"interval_secs": 0, "timeout_secs": 1}})), "interval_secs"),
         (tunneled(port, json!({"clients": ["alpha"], "health_check": {"interval_secs": 2, "timeout_secs": 5}})), "must not be longer"),
         (json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "clients": ["alpha"]}), "only a tunneled"),
-        (json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "balance": "round_robin"}), "only a tunneled"),
+        (
+            json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "balance": "round_robin"}),
+            "only a tunneled",
+        ),
     ] {
         let (status, answer) = post(&server, "/api/mapping/create", body.clone());
         assert_eq!(status, 400, "{body} -> {answer}");
@@ -223,7 +229,10 @@ fn group_requests_are_checked_listed_for_old_callers_updated_live_and_survive_a_
     let (status, answer) = post(&server, "/api/mapping/update", update);
     assert_eq!(status, 200, "{answer}");
     let m = &answer["data"];
-    assert_eq!((m["client"].clone(), m["clients"].clone(), m["balance"].clone()), (json!("beta"), json!(["beta", "alpha"]), json!("round_robin")));
+    assert_eq!(
+        (m["client"].clone(), m["clients"].clone(), m["balance"].clone()),
+        (json!("beta"), json!(["beta", "alpha"]), json!("round_robin"))
+    );
     assert_eq!(m["health_check"], json!({"interval_secs": 5, "timeout_secs": 2}));
     for (body, status_wanted, needle) in [
         (json!({"port": port, "clients": ["alpha", "ghost"], "description": "x"}), 400, "ghost"),
@@ -238,7 +247,8 @@ fn group_requests_are_checked_listed_for_old_callers_updated_live_and_survive_a_
     assert_eq!((m["clients"].clone(), m["description"].clone()), (json!(["beta", "alpha"]), Value::Null), "unchanged: {m}");
     let (status, answer) = post(&server, "/api/mapping/update", json!({"port": port, "health_check": null}));
     assert_eq!((status, answer["data"]["health_check"].clone()), (200, Value::Null), "null removes the check: {answer}");
-    let (status, answer) = post(&server, "/api/mapping/update", json!({"port": port, "health_check": {"interval_secs": 3, "timeout_secs": 1}}));
+    let (status, answer) =
+        post(&server, "/api/mapping/update", json!({"port": port, "health_check": {"interval_secs": 3, "timeout_secs": 1}}));
     assert_eq!(status, 200, "{answer}");
 
     // A client of a group cannot be removed while the group names it.
@@ -248,13 +258,31 @@ fn group_requests_are_checked_listed_for_old_callers_updated_live_and_survive_a_
 
     // `ctl list` shows the group, and `ctl create` makes one.
     let ctl = |args: &[&str]| {
-        let out = Command::new(BIN).arg("ctl").arg("--api").arg(server.url("")).args(args).env_remove("TUNNELD_API__TOKEN").output().expect("ctl");
+        let out = Command::new(BIN)
+            .arg("ctl")
+            .arg("--api")
+            .arg(server.url(""))
+            .args(args)
+            .env_remove("TUNNELD_API__TOKEN")
+            .output()
+            .expect("ctl");
         assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let ctl_port = free_port();
     let target_arg = format!("127.0.0.1:{}", target.port());
-    let made = ctl(&["create", &ctl_port.to_string(), &target_arg, "--tunnel", "--client", "alpha", "--client", "beta", "--balance", "least_connections"]);
+    let made = ctl(&[
+        "create",
+        &ctl_port.to_string(),
+        &target_arg,
+        "--tunnel",
+        "--client",
+        "alpha",
+        "--client",
+        "beta",
+        "--balance",
+        "least_connections",
+    ]);
     assert!(made.contains("tunnel:alpha,beta least_connections"), "{made}");
     let listed = ctl(&["list"]);
     assert!(listed.contains("tunnel:beta,alpha round_robin"), "{listed}");
@@ -469,7 +497,9 @@ fn the_monitor_page_shows_each_mappings_clients_and_which_serve() {
     browser.set_viewport(1440, 900, false);
     browser.navigate(&server.url("/api/stats/monitor"));
     let state = |port: u16, client: &str| {
-        format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{port}"] [data-role="group-member"][data-client="{client}"]').dataset.state"#)
+        format!(
+            r#"document.querySelector('[data-testid="mapping-row"][data-port="{port}"] [data-role="group-member"][data-client="{client}"]').dataset.state"#
+        )
     };
     browser.wait_for("the group of the failover mapping", &format!("{} === 'serving'", state(failover, "office-b")));
     for (port, client, wanted) in [
@@ -481,12 +511,17 @@ fn the_monitor_page_shows_each_mappings_clients_and_which_serve() {
     ] {
         assert_eq!(browser.eval(&state(port, client)), json!(wanted), "{client} on :{port}");
     }
-    let balance = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{balanced}"] [data-role="group"]').textContent"#);
+    let balance =
+        format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{balanced}"] [data-role="group"]').textContent"#);
     assert!(browser.eval(&balance).as_str().is_some_and(|t| t.contains("round robin")), "{}", browser.eval(&balance));
-    browser.eval(&format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'center'}})"#));
+    browser.eval(&format!(
+        r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'center'}})"#
+    ));
     browser.screenshot("client-groups-desktop.png");
     browser.set_viewport(390, 844, true);
     browser.wait_for("the phone layout", "window.innerWidth === 390");
-    browser.eval(&format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'start'}})"#));
+    browser.eval(&format!(
+        r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'start'}})"#
+    ));
     browser.screenshot("client-groups-phone.png");
 }

@@ -330,14 +330,7 @@ pub(super) fn create(
         (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
         _ => e,
     })?;
-    Ok(format!(
-        "mapping created: port {} -> {}:{} ({}), status {}\n",
-        m.source_port,
-        m.target_host,
-        m.target_port,
-        list_mode(&m),
-        m.status
-    ))
+    Ok(format!("mapping created: port {} -> {}:{} ({}), status {}\n", m.source_port, m.target_host, m.target_port, list_mode(&m), m.status))
 }
 
 /// What `ctl update` removes: one flag per policy field.

@@ -313,6 +313,7 @@ mod tests {
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
         metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.mapping_client(4000, "default");
         metrics.add_client("default");
         metrics.add_connect_diagnosis();
         let text = metrics.render();

@@ -31,7 +31,9 @@ pub use connections::{
 pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};
-pub use mappings::{CreateMapping, Mapping, MappingClient, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping};
+pub use mappings::{
+    CreateMapping, Mapping, MappingClient, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, UpdateMapping,
+};
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`

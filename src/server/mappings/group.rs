@@ -269,7 +269,9 @@ impl Group {
                 %error,
                 "health check failed: this client of the group gets no visitors until a check succeeds"
             ),
-            (Some(_), None) => info!(port = self.port, client = %member.name, "health check passes again: this client of the group takes visitors"),
+            (Some(_), None) => {
+                info!(port = self.port, client = %member.name, "health check passes again: this client of the group takes visitors")
+            }
             _ => {}
         }
         *failing = verdict;

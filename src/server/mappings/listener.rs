@@ -106,6 +106,8 @@ pub(super) async fn run_mapping(
             }
         },
     };
+    // Shared by every visitor's task: one reference count each.
+    let admission = Arc::new(admission);
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let descriptors = visitor_descriptors(&spec);
     // A refused visitor, or one not yet served, is shown under the group's
@@ -172,15 +174,13 @@ pub(super) async fn run_mapping(
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
-        let policy = admission.policy.clone();
-        let health = admission.health.clone();
-        let group = admission.group.clone();
+        let admission = admission.clone();
         let cancel = cancel.clone();
         let tracked = ctx.live.open(port, first_client(), peer);
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             let end = tokio::select! {
-                end = serve_visitor(&ctx2, &spec, &group, &policy, &metrics, &health, visitor, &tracked) => end,
+                end = serve_visitor(&ctx2, &spec, &admission, &metrics, visitor, &tracked) => end,
                 _ = tracked.close_requested() => {
                     debug!(port = spec.source_port, %peer, "connection reset: closed through the API");
                     End::ClosedByApi

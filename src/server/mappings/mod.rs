@@ -18,7 +18,7 @@ mod visitor;
 
 pub(crate) use context::Settings;
 pub(crate) use error::MappingError;
-pub(crate) use health::Health;
 pub(crate) use group::MemberView;
+pub(crate) use health::Health;
 pub(crate) use registry::{GroupUpdate, Mappings, NewMapping};
 pub(crate) use view::{MappingStatus, MappingView};

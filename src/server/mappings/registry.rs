@@ -69,9 +69,7 @@ fn group_of(use_tunnel: bool, client: Option<String>, clients: Option<Vec<String
     let group = match (use_tunnel, client, clients) {
         (false, None, None) => return Ok(Vec::new()),
         (false, _, _) => {
-            return Err(MappingError::Invalid(
-                "client, clients: only a tunneled mapping (use_tunnel: true) has clients".into(),
-            ))
+            return Err(MappingError::Invalid("client, clients: only a tunneled mapping (use_tunnel: true) has clients".into()))
         }
         (true, None, None) => vec![DEFAULT_CLIENT.to_string()],
         (true, Some(client), None) => vec![client],

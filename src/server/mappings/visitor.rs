@@ -7,10 +7,9 @@ use tracing::{debug, warn};
 
 use super::context::Ctx;
 use super::group::Group;
-use super::health::HealthWindow;
+use super::listener::Admission;
 use crate::net::relay::{self, Side};
 use crate::net::socket;
-use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
 use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
@@ -20,13 +19,12 @@ use crate::tunnel::exchange::{self, ExchangeError};
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
     spec: &MappingSpec,
-    group: &Group,
-    policy: &LivePolicy,
+    admission: &Admission,
     metrics: &MappingMetrics,
-    health: &HealthWindow,
     visitor: TcpStream,
     tracked: &Tracked,
 ) -> End {
+    let Admission { policy, health, group, .. } = admission;
     let port = spec.source_port;
     let peer = tracked.source();
     let visit = metrics.visitor_accepted();
