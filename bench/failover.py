@@ -232,6 +232,7 @@ def main() -> int:
     ap.add_argument("--spread", type=int, default=1000, help="visitors spread over three clients per balance mode")
     ap.add_argument("--ab-rounds", type=int, default=6)
     ap.add_argument("--ab-conns", type=int, default=2000)
+    ap.add_argument("--parts", default="failover,spread,ab", help="which parts to run, comma-separated")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--binary", type=Path, help="the tunneld to measure (default: target/release/tunneld)")
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="today's tunneld, before groups")
@@ -250,72 +251,86 @@ def main() -> int:
             echo = procs.spawn("loadgen-echo", [str(loadgen), "echo", "--listen", f"127.0.0.1:{echo_port}"])
             bench.wait_until("the echo target", lambda: bench.listening(echo_port), procs, echo)
 
-            (tmp / "failover").mkdir()
-            group = Group(binary, procs, tmp / "failover", ["first", "second"])
-            port = group.map(echo_port, ["first", "second"], "failover")
-            bench.log(f"== failover: {args.rate:.0f} visitors/s (64 B echo, 40 ms, 64 B echo) through a two-client group; "
-                      f"kill -9 the serving client after 2 s, 3 s more")
-            results = []
-            for round_no in range(args.rounds):
-                r = failover_round(group, port, args.rate, 2.0, 3.0)
-                results.append(r)
-                bench.log(f"round {round_no + 1}: {r['visitors']} visitors ({r['rate']:.0f}/s); at the kill {r['in_flight']} in flight; "
-                          f"{r['failed']} failed, {r['failed_new']} of them started after the kill signal; the process was "
-                          f"reaped {r['reaped_ms']:.1f} ms after it ({r['in_flight_gone']} in flight then, "
-                          f"{r['failed_after_gone']} failed that started later); first new visitor's echo through the other "
-                          f"client {r['first_other_ms']:.1f} ms after the kill; served by client: {r['served']}")
-                group.clients["first"] = group.start_client("first")
-            worst = max(r["first_other_ms"] for r in results)
-            bench.log(f"  first new visitor through the other client: median {statistics.median(r['first_other_ms'] for r in results):.1f} ms, "
-                      f"worst {worst:.1f} ms (target <= 100 ms); failed / in flight at the kill per round: "
-                      + ", ".join(f"{r['failed']}/{r['in_flight']}" for r in results)
-                      + f"; visitors failed that started after the process was gone: {sum(r['failed_after_gone'] for r in results)}")
-            procs.stop(group.server)
-            for proc in group.clients.values():
-                procs.stop(proc)
-
-            (tmp / "spread").mkdir()
-            names = ["one", "two", "three"]
-            group = Group(binary, procs, tmp / "spread", names)
-            port = group.map(echo_port, names, "round_robin")
-            bench.log(f"\n== spreading {args.spread} visitors (20 at a time) over three clients")
-            for balance in ("round_robin", "least_connections"):
-                group.update(port, balance=balance)
-                shares = spread(group, port, args.spread, 20)
-                even = args.spread / 3
-                worst = max(abs(v - even) / even * 100 for v in shares.values())
-                bench.log(f"  {balance:<17} " + ", ".join(f"{c} {v:.0f}" for c, v in shares.items())
-                          + f": furthest from an even third {worst:.1f} % (target within 10 %)")
-            procs.stop(group.server)
-            for proc in group.clients.values():
-                procs.stop(proc)
-
-            if args.baseline and args.baseline.exists():
-                fd_env = dict(os.environ)
-                servers = {"group of one": bench.Tunneld(binary, procs, tmp, fd_env, name="group-of-one"),
-                           "today": bench.Tunneld(args.baseline, procs, tmp, fd_env, name="today")}
-                ports = {label: s.map(echo_port, use_tunnel=True) for label, s in servers.items()}
-                bench.log(f"\n== a group of one vs today's single client: {args.ab_rounds} rounds x {args.ab_conns} "
-                          f"sequential connect -> 1-byte echo -> close through the tunnel, alternating")
-                rates: dict[str, list[float]] = {label: [] for label in ports}
-                for round_no in range(args.ab_rounds):
-                    order = list(ports) if round_no % 2 == 0 else list(reversed(list(ports)))
-                    for label in order:
-                        res = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[label]}",
-                                                          "--count", str(args.ab_conns)], timeout=600)
-                        if res["failures"]:
-                            raise bench.BenchError(f"{label}: {res['failures']} connections failed: {res['errors']}")
-                        rates[label].append(res["conns_per_s"])
-                    bench.log(f"round {round_no + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()) + " conn/s")
-                med = {k: statistics.median(v) for k, v in rates.items()}
-                bench.log(f"  medians: group of one {med['group of one']:.0f} conn/s, today {med['today']:.0f} conn/s: "
-                          f"ratio {med['group of one'] / med['today']:.3f}; per-round ratios "
-                          + ", ".join(f"{a / b:.3f}" for a, b in zip(rates['group of one'], rates['today'])))
-            else:
-                bench.log(f"\n(no baseline at {args.baseline}: the A/B against today is skipped)")
+            parts = set(args.parts.split(","))
+            if "failover" in parts:
+                run_failover(args, binary, procs, tmp, echo_port)
+            if "spread" in parts:
+                run_spread(args, binary, procs, tmp, echo_port)
+            if "ab" in parts:
+                run_ab(args, binary, loadgen, procs, tmp, echo_port)
         finally:
             procs.stop_all()
     return 0
+
+
+def run_failover(args, binary: Path, procs: bench.Children, tmp: Path, echo_port: int) -> None:
+    (tmp / "failover").mkdir()
+    group = Group(binary, procs, tmp / "failover", ["first", "second"])
+    port = group.map(echo_port, ["first", "second"], "failover")
+    bench.log(f"== failover: {args.rate:.0f} visitors/s (64 B echo, 40 ms, 64 B echo) through a two-client group; "
+              f"kill -9 the serving client after 2 s, 3 s more")
+    results = []
+    for round_no in range(args.rounds):
+        r = failover_round(group, port, args.rate, 2.0, 3.0)
+        results.append(r)
+        bench.log(f"round {round_no + 1}: {r['visitors']} visitors ({r['rate']:.0f}/s); at the kill {r['in_flight']} in flight; "
+                  f"{r['failed']} failed, {r['failed_new']} of them started after the kill signal; the process was "
+                  f"reaped {r['reaped_ms']:.1f} ms after it ({r['in_flight_gone']} in flight then, "
+                  f"{r['failed_after_gone']} failed that started later); first new visitor's echo through the other "
+                  f"client {r['first_other_ms']:.1f} ms after the kill; served by client: {r['served']}")
+        group.clients["first"] = group.start_client("first")
+    worst = max(r["first_other_ms"] for r in results)
+    bench.log(f"  first new visitor through the other client: median {statistics.median(r['first_other_ms'] for r in results):.1f} ms, "
+              f"worst {worst:.1f} ms (target <= 100 ms); failed / in flight at the kill per round: "
+              + ", ".join(f"{r['failed']}/{r['in_flight']}" for r in results)
+              + f"; visitors failed that started after the process was gone: {sum(r['failed_after_gone'] for r in results)}")
+    procs.stop(group.server)
+    for proc in group.clients.values():
+        procs.stop(proc)
+
+
+def run_spread(args, binary: Path, procs: bench.Children, tmp: Path, echo_port: int) -> None:
+    (tmp / "spread").mkdir()
+    names = ["one", "two", "three"]
+    group = Group(binary, procs, tmp / "spread", names)
+    port = group.map(echo_port, names, "round_robin")
+    bench.log(f"\n== spreading {args.spread} visitors (20 at a time) over three clients")
+    for balance in ("round_robin", "least_connections"):
+        group.update(port, balance=balance)
+        shares = spread(group, port, args.spread, 20)
+        even = args.spread / 3
+        worst = max(abs(v - even) / even * 100 for v in shares.values())
+        bench.log(f"  {balance:<17} " + ", ".join(f"{c} {v:.0f}" for c, v in shares.items())
+                  + f": furthest from an even third {worst:.1f} % (target within 10 %)")
+    procs.stop(group.server)
+    for proc in group.clients.values():
+        procs.stop(proc)
+
+
+def run_ab(args, binary: Path, loadgen: Path, procs: bench.Children, tmp: Path, echo_port: int) -> None:
+    if args.baseline and args.baseline.exists():
+        fd_env = dict(os.environ)
+        servers = {"group of one": bench.Tunneld(binary, procs, tmp, fd_env, name="group-of-one"),
+                   "today": bench.Tunneld(args.baseline, procs, tmp, fd_env, name="today")}
+        ports = {label: s.map(echo_port, use_tunnel=True) for label, s in servers.items()}
+        bench.log(f"\n== a group of one vs today's single client: {args.ab_rounds} rounds x {args.ab_conns} "
+                  f"sequential connect -> 1-byte echo -> close through the tunnel, alternating")
+        rates: dict[str, list[float]] = {label: [] for label in ports}
+        for round_no in range(args.ab_rounds):
+            order = list(ports) if round_no % 2 == 0 else list(reversed(list(ports)))
+            for label in order:
+                res = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[label]}",
+                                                  "--count", str(args.ab_conns)], timeout=600)
+                if res["failures"]:
+                    raise bench.BenchError(f"{label}: {res['failures']} connections failed: {res['errors']}")
+                rates[label].append(res["conns_per_s"])
+            bench.log(f"round {round_no + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()) + " conn/s")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        bench.log(f"  medians: group of one {med['group of one']:.0f} conn/s, today {med['today']:.0f} conn/s: "
+                  f"ratio {med['group of one'] / med['today']:.3f}; per-round ratios "
+                  + ", ".join(f"{a / b:.3f}" for a, b in zip(rates['group of one'], rates['today'])))
+    else:
+        bench.log(f"\n(no baseline at {args.baseline}: the A/B against today is skipped)")
 
 
 if __name__ == "__main__":
