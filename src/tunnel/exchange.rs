@@ -74,6 +74,11 @@ pub(crate) enum Answer<'a> {
         /// connect time ends there.
         answered: &'a Visit,
     },
+    /// The caller already heard the answer ([`hear_answer`]); `sent_ahead`
+    /// user bytes went with the opening and are counted when the exchange starts.
+    Heard {
+        sent_ahead: usize,
+    },
     None,
 }
 
@@ -148,9 +153,9 @@ pub(crate) async fn relay(
         relay::arm(watch);
     }
     let (mut reader, mut writer) = tokio::io::split(channel);
-    let answered = AtomicBool::new(matches!(answer, Answer::None));
+    let answered = AtomicBool::new(!matches!(answer, Answer::Expected { .. }));
     let sent_ahead = match answer {
-        Answer::Expected { sent_ahead, .. } => sent_ahead as u64,
+        Answer::Expected { sent_ahead, .. } | Answer::Heard { sent_ahead } => sent_ahead as u64,
         Answer::None => 0,
     };
     let activity = Activity::new();
@@ -214,6 +219,18 @@ async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
     match watch {
         Some(watch) => relay::failure(watch).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The client's answer to the `connect` request on `channel`, read before the
+/// exchange starts: `Ok(Ok(()))` the target answered, `Ok(Err(why))` the client
+/// could not reach it, `Err(why)` the channel failed first — the client is gone
+/// and another one may take the visitor.
+pub(crate) async fn hear_answer<R: AsyncRead + Unpin>(channel: &mut R) -> Result<Result<(), String>, String> {
+    match frame::read_frame(channel).await {
+        Ok((ConnectResult::ConnectResult { error: None }, _)) => Ok(Ok(())),
+        Ok((ConnectResult::ConnectResult { error: Some(e) }, _)) => Ok(Err(format!("the tunnel client could not reach the target: {e}"))),
+        Err(e) => Err(format!("no answer from the tunnel client: {e}")),
     }
 }
 

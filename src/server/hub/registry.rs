@@ -299,9 +299,10 @@ impl TunnelHub {
     /// Gets a data channel through `client` — a pooled one if one is idle, else
     /// one requested now — and sends it the `connect` request for `host:port`,
     /// with what `visitor` has already sent as the first chunk in the same write
-    /// (at most `early_max` bytes; returned: how many user bytes went with it).
-    /// The client's answer is read by the caller, so the visitor's bytes travel
-    /// ahead of it.
+    /// (at most `early_max` bytes, taken into `early` the first time; a retry
+    /// through another client sends the same; returned: how many user bytes
+    /// went with it). The client's answer is read by the caller, so the
+    /// visitor's bytes travel ahead of it.
     pub async fn open(
         &self,
         client: &str,
@@ -309,6 +310,7 @@ impl TunnelHub {
         port: u16,
         visitor: &TcpStream,
         early_max: usize,
+        early: &mut Option<Vec<u8>>,
     ) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Connect::Connect { host: host.to_string(), port };
@@ -327,8 +329,8 @@ impl TunnelHub {
             // Read once a channel is at hand (the visitor had longest to send),
             // and kept for the next channel should this one turn out stale.
             let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = exchange::early_bytes(visitor, early_max);
-                (exchange::opening(&connect, &early), early.len())
+                let early = early.get_or_insert_with(|| exchange::early_bytes(visitor, early_max));
+                (exchange::opening(&connect, early), early.len())
             });
             let sent = async {
                 stream.write_all(wire).await?;

@@ -113,9 +113,13 @@ async fn direct(ctx: &Ctx, spec: &MappingSpec, (up, down): Meters, visit: &Visit
 /// exchange the data channel goes back to the pool for the next visitor.
 ///
 /// The client is the first of the group's candidates (see
-/// `Group::candidates`) that gives a channel; one whose session ended a
-/// moment ago is passed over for the next, before any of the visitor's bytes
-/// were taken.
+/// `Group::candidates`) that takes the visitor. One whose session ended a
+/// moment ago is passed over for the next before any of the visitor's bytes
+/// were taken. While another candidate is left, the client's answer is heard
+/// before the exchange starts (the visitor's bytes beyond the first chunk wait
+/// for it in its socket): if the channel dies first — the client was killed
+/// or its session lost just then — the visitor goes to the next client with
+/// the same first chunk, instead of failing.
 async fn tunneled(
     ctx: &Ctx,
     spec: &MappingSpec,
@@ -129,21 +133,49 @@ async fn tunneled(
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
-    let mut opened = Err(OpenError::NoClient(format!("of the mapping on port {}", spec.source_port)));
-    let mut serving = None;
-    for member in group.candidates(&ctx.hub) {
-        opened = ctx.hub.open(&member.name, &spec.target_host, spec.target_port, visitor, early_max).await;
-        if !matches!(opened, Err(OpenError::NoClient(_))) {
-            serving = Some(member);
+    let mut early = None;
+    let mut last_error = OpenError::NoClient(format!("of the mapping on port {}", spec.source_port));
+    let mut taken = None;
+    let candidates = group.candidates(&ctx.hub);
+    for (i, member) in candidates.iter().enumerate() {
+        let opened = ctx.hub.open(&member.name, &spec.target_host, spec.target_port, visitor, early_max, &mut early).await;
+        let (mut channel, lease, sent_ahead) = match opened {
+            Ok(opened) => opened,
+            Err(e @ OpenError::NoClient(_)) => {
+                last_error = e;
+                continue;
+            }
+            Err(e) => {
+                last_error = e;
+                break;
+            }
+        };
+        if i + 1 == candidates.len() {
+            taken = Some((member.clone(), channel, lease, sent_ahead, false));
             break;
         }
+        let heard = tokio::select! {
+            heard = exchange::hear_answer(&mut channel) => heard,
+            _ = lease.revoked() => Err(format!("the tunnel session of client {} ended", member.name)),
+        };
+        match heard {
+            Ok(Ok(())) => {
+                taken = Some((member.clone(), channel, lease, sent_ahead, true));
+                break;
+            }
+            Ok(Err(refused)) => {
+                up.unused(early_max - sent_ahead);
+                return Err(VisitorError::Target(refused));
+            }
+            Err(lost) => {
+                debug!(port = spec.source_port, client = %member.name, error = %lost, "the client was lost before it answered; the visitor goes to the next one");
+                last_error = OpenError::NoClient(member.name.to_string());
+            }
+        }
     }
-    let (channel, lease, sent_ahead) = opened.map_err(|e| {
+    let Some((member, channel, lease, sent_ahead, heard)) = taken else {
         up.unused(early_max);
-        VisitorError::Target(e.to_string())
-    })?;
-    let Some(member) = serving else {
-        return Err(VisitorError::Target(format!("no tunnel client of the mapping on port {}", spec.source_port)));
+        return Err(VisitorError::Target(last_error.to_string()));
     };
     let _serving = member.serve();
     tracked.served_by(&member.name);
@@ -153,7 +185,13 @@ async fn tunneled(
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
     // The client's answer says its dial of the target succeeded: the connect time.
-    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit };
+    let answer = if heard {
+        visit.target_answered();
+        reached_target.release();
+        exchange::Answer::Heard { sent_ahead }
+    } else {
+        exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit }
+    };
     let relayed = tokio::select! {
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
         // A removed client's access ends with its exchanges, not when they
