@@ -72,15 +72,19 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 16] = [
+const MAPPING_FIELDS: [&str; 20] = [
     "allow",
+    "balance",
     "bandwidth_limit",
     "client",
+    "clients",
     "created_at",
     "deny",
     "description",
     "health",
+    "health_check",
     "health_reason",
+    "members",
     "proxy_protocol",
     "quota",
     "source",
@@ -253,10 +257,12 @@ fn every_json_route_answers_in_the_contract_types() {
             [
                 "active_connections",
                 "allow",
+                "balance",
                 "bandwidth_limit",
                 "bytes_received",
                 "bytes_sent",
                 "client",
+                "clients",
                 "connect_errors",
                 "connect_p50_seconds",
                 "connect_p99_seconds",
@@ -268,6 +274,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "last_update",
                 "lifetime_received",
                 "lifetime_sent",
+                "members",
                 "port",
                 "proxy_protocol",
                 "quota",

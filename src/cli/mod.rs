@@ -137,8 +137,8 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let result =
         ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref(), args.token.as_deref()).and_then(|api| match args.command {
             CtlCommand::List => ctl::list(&api).map(Some),
-            CtlCommand::Create { port, target, tunnel, client, policy } => {
-                ctl::create(&api, port, &target, tunnel, client.as_deref(), policy).map(Some)
+            CtlCommand::Create { port, target, tunnel, client, balance, policy } => {
+                ctl::create(&api, port, &target, tunnel, &client, balance.as_deref(), policy).map(Some)
             }
             CtlCommand::Update { port, policy, no_description, no_bandwidth_limit, no_quota, no_allow, no_deny, no_proxy_protocol } => {
                 let remove = ctl::Removals {

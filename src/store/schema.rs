@@ -34,7 +34,8 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Databases made before mappings had a policy get the column, empty (`{}`);
 /// those made before named clients get the `client` column, with their tunneled
-/// mappings belonging to `default`, the one client there was.
+/// mappings belonging to `default`, the one client there was; those made before
+/// client groups get the group's columns, empty (each mapping a group of one).
 fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
     let has = |column: &str| conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = ?1")?.exists([column]);
     if !has("policy")? {
@@ -44,6 +45,15 @@ fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE mappings ADD COLUMN client TEXT;
              UPDATE mappings SET client = 'default' WHERE use_tunnel != 0;",
+        )?;
+    }
+    // Client groups: a row without `clients` is a group of one, its `client`
+    // (read so in `Store::list`), failing over as the one client always did.
+    if !has("clients")? {
+        conn.execute_batch(
+            "ALTER TABLE mappings ADD COLUMN clients TEXT;
+             ALTER TABLE mappings ADD COLUMN balance TEXT;
+             ALTER TABLE mappings ADD COLUMN health_check TEXT;",
         )?;
     }
     Ok(())

@@ -109,6 +109,17 @@ impl Metrics {
         }
     }
 
+    /// `tunneld_mapping_client_connections_total{port, client}`: created at 0
+    /// for each client of a mapping's group.
+    pub(crate) fn mapping_client(&self, port: u16, client: &str) -> IntCounter {
+        self.mapping_client_connections.with_label_values(&[&port.to_string(), client])
+    }
+
+    /// Drops that series: the client left the group, or the mapping went.
+    pub(crate) fn remove_mapping_client(&self, port: u16, client: &str) {
+        let _ = self.mapping_client_connections.remove_label_values(&[&port.to_string(), client]);
+    }
+
     /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
     pub(crate) fn relabel_mapping(&self, port: u16, old: [&str; 4], new: [&str; 4]) {
         let p = port.to_string();
@@ -345,6 +356,7 @@ mod tests {
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
         metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.mapping_client(4000, "default");
         metrics.add_client("default");
         metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();

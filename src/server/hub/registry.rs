@@ -292,13 +292,25 @@ impl TunnelHub {
 }
 
 impl TunnelHub {
+    /// A health check: asks `client` to dial `host:port` over a data channel
+    /// of its own and hang up at once. `Err` says why it could not.
+    pub async fn probe(&self, client: &str, host: &str, port: u16) -> Result<(), String> {
+        let session = self.session(client).ok_or_else(|| format!("tunnel client {client} is not connected"))?;
+        let mut channel = session.acquire(self.settings.pool_idle).await.ok_or_else(|| format!("tunnel client {client} disconnected"))?;
+        // No PROXY header: a check is no visitor (a target expecting headers
+        // sees a connection that closes without one).
+        let connect = Connect::Connect { host: host.to_string(), port, proxy_header: None };
+        exchange::probe(&mut channel, &connect).await.map_err(|e| e.to_string())
+    }
+
     /// Gets a data channel through `client` — a pooled one if one is idle, else
     /// one requested now — and sends it the `connect` request for `host:port`,
     /// with what `visitor` has already sent as the first chunk in the same write
-    /// (at most `early_max` bytes; returned: how many user bytes went with it),
-    /// and `proxy_header` for the client to write to the target first.
-    /// The client's answer is read by the caller, so the visitor's bytes travel
-    /// ahead of it.
+    /// (at most `early_max` bytes, taken into `early` the first time; a retry
+    /// through another client sends the same; returned: how many user bytes
+    /// went with it), and `proxy_header` for the client to write to the target
+    /// first. The client's answer is read by the caller, so the visitor's
+    /// bytes travel ahead of it.
     pub async fn open(
         &self,
         client: &str,
@@ -307,6 +319,7 @@ impl TunnelHub {
         proxy_header: Option<ProxyHeader>,
         visitor: &TcpStream,
         early_max: usize,
+        early: &mut Option<Vec<u8>>,
     ) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         let connect = Connect::Connect { host: host.to_string(), port, proxy_header };
@@ -328,8 +341,8 @@ impl TunnelHub {
             // Read once a channel is at hand (the visitor had longest to send),
             // and kept for the next channel should this one turn out stale.
             let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = exchange::early_bytes(visitor, early_max);
-                (exchange::opening(&connect, &early), early.len())
+                let early = early.get_or_insert_with(|| exchange::early_bytes(visitor, early_max));
+                (exchange::opening(&connect, early), early.len())
             });
             let sent = async {
                 stream.write_all(wire).await?;

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::error::MappingError;
 use super::listener::{bind, describe_bind_error};
-use super::registry::{check_request, Entry, Mappings, NewMapping};
+use super::registry::{check_request, Entry, GroupUpdate, Mappings, NewMapping};
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::secret::Secret;
 use crate::core::sync::lock;
@@ -104,10 +104,12 @@ pub(crate) fn check_declaration(declaration: &mut Declaration) -> Result<(), (us
         if let Some(first) = ports.insert(mapping.source_port, index) {
             return Err((index, format!("source_port {} is declared by mappings[{first}] too", mapping.source_port)));
         }
-        if let Some(name) = mapping.client.as_deref().filter(|name| *name != DEFAULT_CLIENT && !clients.contains(name)) {
+        // `check_request` made `clients` the whole group (`client` is its first).
+        let group = mapping.clients.iter().flatten();
+        if let Some(name) = group.map(String::as_str).find(|name| *name != DEFAULT_CLIENT && !clients.contains(name)) {
             return Err((
                 index,
-                format!("client: no client named {name:?} in [[clients]] (a declared mapping names `default` or a declared client)"),
+                format!("clients: no client named {name:?} in [[clients]] (a declared mapping names `default` or declared clients)"),
             ));
         }
     }
@@ -223,13 +225,23 @@ impl Mappings {
         }
         for c in checked {
             let port = c.req.source_port;
-            if let Some(entry) = entries.get(&port) {
+            if let Some(entry) = entries.get_mut(&port) {
                 match entry.spec.source {
                     Source::Config if same_route(entry, &c.req) => {
+                        let mut changed = false;
                         if entry.policy() != c.req.policy {
                             self.update_entry(entry, PolicyUpdate::to(c.req.policy.clone())).await?;
-                            done.mappings.changed += 1;
+                            changed = true;
                         }
+                        if entry.spec.use_tunnel {
+                            let group = GroupUpdate {
+                                clients: c.req.clients.clone(),
+                                balance: Some(c.req.balance.unwrap_or_default()),
+                                health_check: Some(c.req.health_check),
+                            };
+                            changed |= self.change_group(entry, group).await?;
+                        }
+                        done.mappings.changed += usize::from(changed);
                         continue;
                     }
                     Source::Config => done.mappings.changed += 1,
@@ -259,8 +271,7 @@ impl Mappings {
         // Clients the file no longer declares (after the mappings that named them went).
         let undeclared: Vec<String> = known.keys().filter(|n| !declared_names.contains(n.as_str())).cloned().collect();
         for name in undeclared {
-            let users: Vec<u16> =
-                entries.values().filter(|e| e.spec.client.as_deref() == Some(name.as_str())).map(|e| e.spec.source_port).collect();
+            let users: Vec<u16> = entries.values().filter(|e| e.spec.clients.contains(&name)).map(|e| e.spec.source_port).collect();
             self.ctx.store.remove_client(&name).await.map_err(MappingError::store(format!("remove the client {name:?}")))?;
             self.ctx.hub.remove_client(&name);
             lock(&self.declared).clients.remove(&name);
@@ -276,17 +287,18 @@ impl Mappings {
 }
 
 /// Whether a declared mapping still forwards where `req` says, the same way:
-/// then only its policy may differ, and it changes live.
+/// then only its policy and its group may differ, and they change live (open
+/// connections stay with the client serving them).
 fn same_route(entry: &Entry, req: &NewMapping) -> bool {
     // Every field named, so that a field added to a mapping must be placed
-    // here: part of the route (a new mapping) or of the policy (live).
-    let NewMapping { source_port, target_host, target_port, use_tunnel, client, policy: _ } = req;
+    // here: part of the route (a new mapping) or of what changes live.
+    let NewMapping { source_port, target_host, target_port, use_tunnel, client: _, clients: _, balance: _, health_check: _, policy: _ } =
+        req;
     let spec = &entry.spec;
     spec.source_port == *source_port
         && spec.target_host == *target_host
         && spec.target_port == *target_port
         && spec.use_tunnel == *use_tunnel
-        && spec.client == *client
 }
 
 /// `mappings[1] (source_port 4001): …`, for a refused declaration.
