@@ -301,6 +301,11 @@ pub(crate) struct Tracked {
 }
 
 impl Tracked {
+    /// The mapping's port.
+    pub(crate) fn port(&self) -> u16 {
+        self.connection.port
+    }
+
     /// The visitor's address.
     pub(crate) fn source(&self) -> SocketAddr {
         self.connection.source

@@ -17,7 +17,7 @@ use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
-use crate::tunnel::message::ProxyHeader;
+use crate::tunnel::message::{Connect, ProxyHeader};
 
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
@@ -46,7 +46,9 @@ pub(super) async fn serve_visitor(
         }
     };
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, group, meters, &visit, &visitor, tracked, proxy_header).await
+        // The client writes the PROXY header after dialing the target.
+        let connect = Connect::Connect { host: spec.target_host.clone(), port: spec.target_port, proxy_header };
+        tunneled(ctx, group, meters, &visit, &visitor, tracked, &connect).await
     } else {
         direct(ctx, spec, meters, &visit, &visitor, proxy_header).await
     };
@@ -148,25 +150,24 @@ async fn direct(
 /// the same first chunk, instead of failing.
 async fn tunneled(
     ctx: &Ctx,
-    spec: &MappingSpec,
     group: &Group,
     (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
     tracked: &Tracked,
-    proxy_header: Option<ProxyHeader>,
+    connect: &Connect,
 ) -> Result<(u64, u64), VisitorError> {
+    let port = tracked.port();
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
     let mut early = None;
-    let mut last_error = OpenError::NoClient(format!("of the mapping on port {}", spec.source_port));
+    let mut last_error = OpenError::NoClient(format!("of the mapping on port {port}"));
     let mut taken = None;
     let candidates = group.candidates(&ctx.hub);
     for (i, member) in candidates.iter().enumerate() {
-        let opened =
-            ctx.hub.open(&member.name, &spec.target_host, spec.target_port, proxy_header.clone(), visitor, early_max, &mut early).await;
+        let opened = ctx.hub.open(&member.name, connect, visitor, early_max, &mut early).await;
         let (mut channel, lease, sent_ahead) = match opened {
             Ok(opened) => opened,
             Err(e @ OpenError::NoClient(_)) => {
@@ -196,7 +197,7 @@ async fn tunneled(
                 return Err(VisitorError::Target(refused));
             }
             Err(lost) => {
-                debug!(port = spec.source_port, client = %member.name, error = %lost, "the client was lost before it answered; the visitor goes to the next one");
+                debug!(port, client = %member.name, error = %lost, "the client was lost before it answered; the visitor goes to the next one");
                 last_error = OpenError::NoClient(member.name.to_string());
             }
         }
