@@ -526,6 +526,10 @@ fn the_monitor_page_shows_each_mappings_clients_and_which_serve() {
         r#"document.querySelector('[data-testid="mapping-row"][data-port="{failover}"]').scrollIntoView({{block: 'center'}})"#
     ));
     browser.screenshot("client-groups-desktop.png");
+    // Three clients' names wrap inside the Mode cell: the table needs no
+    // sideways scrolling at 1440 px, as without groups.
+    let overflow = browser.eval("(() => { const w = document.querySelector('.table-wrap'); return w.scrollWidth - w.clientWidth; })()");
+    assert_eq!(overflow, json!(0), "the mapping table scrolls sideways at 1440 px");
     browser.set_viewport(390, 844, true);
     browser.wait_for("the phone layout", "window.innerWidth === 390");
     browser.eval(&format!(
