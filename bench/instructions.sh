@@ -52,14 +52,14 @@ curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$api_port/api/map
     -d "{\"source_port\": $mapped, \"target_host\": \"127.0.0.1\", \"target_port\": $echo_port}" >/dev/null
 "$loadgen" connrate --target "127.0.0.1:$mapped" --count 200 >/dev/null
 sleep 1
-callgrind_control --zero "$server" >/dev/null
+callgrind_control --zero "$server" >/dev/null 2>&1
 "$loadgen" connrate --target "127.0.0.1:$mapped" --count "$connections" >/dev/null
 sleep 1.5
-callgrind_control --dump "$server" >/dev/null
+callgrind_control --dump "$server" >/dev/null 2>&1
 sleep 1
 dump=$(ls "$dir"/callgrind.out.* | head -1)
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
-echo "$(basename "$binary") ${extra:+($extra) }: $total instructions over $connections connections = $((total / connections)) per connection"
+echo "$(basename "$binary")${extra:+ ($extra)}: $total instructions over $connections connections = $((total / connections)) per connection"
 callgrind_annotate --inclusive=yes --auto=no --threshold=99 "$dump" 2>/dev/null \
     | grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS' | sed -n '1,200p' \
     | grep -E 'tunneld::|sqlite3_step|rusqlite' | head -10
