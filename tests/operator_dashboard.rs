@@ -152,6 +152,9 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo_server().port(), "description": "web",
                       "quota": {"bytes": 5000, "period": "day", "action": "alert"}});
     assert_eq!(post(&server, "/api/mapping/create", body).0, 200);
+    // A tunneled one too: its clients' series exist from its creation.
+    let tunneled = json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true});
+    assert_eq!(post(&server, "/api/mapping/create", tunneled).0, 200);
     let server_text = metrics_text(&server);
     let client_text = ureq::get(&client.url("/metrics")).call().expect("client /metrics").into_string().expect("text");
     let exported: BTreeSet<String> = [&server_text, &client_text]
