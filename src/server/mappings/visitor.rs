@@ -170,7 +170,9 @@ async fn tunneled(
         let opened = ctx.hub.open(&member.name, connect, visitor, early_max, &mut early).await;
         let (mut channel, lease, sent_ahead) = match opened {
             Ok(opened) => opened,
-            Err(e @ OpenError::NoClient(_)) => {
+            // Not connected, or too old to write the PROXY header this
+            // mapping needs: the next member may serve.
+            Err(e @ (OpenError::NoClient(_) | OpenError::NoProxyHeaders(_))) => {
                 last_error = e;
                 continue;
             }
