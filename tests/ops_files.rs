@@ -293,7 +293,7 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
             Some("binBps"),
         ),
         ("sum by (instance, client, direction) (increase(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__range]) * on (instance, port) group_left (client)", Some("bytes")),
-        ("count by (instance, client) (tunneld_mapping_info{instance=~\"$instance\", mode=\"tunnel\"", None),
+        ("count by (instance, client) (tunneld_mapping_client_connections_total{instance=~\"$instance\"", None),
         ("rate(tunneld_mapping_connect_errors_total{instance=~\"$instance\", port=~\"$port\"}[$__rate_interval])) / sum by (instance, port) (rate(tunneld_mapping_connections_total", Some("percentunit")),
         ("topk(5, sum by (instance, port) (rate(tunneld_mapping_bytes_total", Some("binBps")),
         ("(increase(tunneld_mapping_bytes_total{instance=~\"$instance\", port=~\"$port\"}[1d] offset -1d))", Some("bytes")),
