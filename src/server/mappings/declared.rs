@@ -3,9 +3,10 @@
 //! created, changed and removed to match — and refused to the API, which may
 //! change only what it made.
 //!
-//! A declared mapping whose route (target, tunnel, client) is unchanged keeps
-//! its listener and its open connections; a changed policy goes through the
-//! same live path as `/api/mapping/update`. A changed route is a new mapping on
+//! A declared mapping whose route (target, tunnel) is unchanged keeps its
+//! listener and its open connections; a changed policy or group (clients,
+//! balance, health check) goes through the same live path as
+//! `/api/mapping/update`. A changed route is a new mapping on
 //! the same port (the old one's connections end). A port the API had mapped is
 //! taken over by the file: the file is what the operator (or Ansible, Salt,
 //! NixOS) says this server serves, and a server must converge on it without
@@ -36,14 +37,6 @@ pub(crate) struct Declaration {
     pub clients: Vec<(String, Secret)>,
     /// `[[mappings]]`, in the file's order.
     pub mappings: Vec<NewMapping>,
-}
-
-/// What the registry remembers of the last reconciled declaration.
-#[derive(Debug, Default)]
-pub(super) struct DeclaredState {
-    file: Option<PathBuf>,
-    /// Declared clients and their secrets (to see a rotated one).
-    clients: BTreeMap<String, Secret>,
 }
 
 /// How many of each were created, changed and removed by one reconcile.
@@ -278,7 +271,8 @@ impl Mappings {
             if users.is_empty() {
                 info!(client = %name, "declared client removed");
             } else {
-                warn!(client = %name, ports = ?users, "declared client removed; the API's mappings that name it wait for a client of that name");
+                let ports = users.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+                warn!(client = %name, %ports, "declared client removed; the API's mappings that name it wait for a client of that name");
             }
             done.clients.removed += 1;
         }

@@ -13,14 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
-use super::group::Group;
-use super::health::HealthWindow;
-use super::target::ResolvedHere;
-use super::visitor::serve_visitor;
+use super::visitor::{serve_visitor, Admission};
 use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
-use crate::policy::LivePolicy;
 use crate::server::connections::End;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics};
@@ -57,18 +53,6 @@ pub(super) fn describe_bind_error(e: &std::io::Error) -> String {
 
 pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     socket::listen(SocketAddr::new(addr, port))
-}
-
-/// What each visitor of a mapping is checked against at accept, before any
-/// target or tunnel work: its policy, and (tunneled) its target as resolved
-/// here, for the loop check.
-pub(super) struct Admission {
-    pub(super) policy: Arc<LivePolicy>,
-    pub(super) resolved: Arc<ResolvedHere>,
-    /// Told why a visitor's target could not be reached.
-    pub(super) health: Arc<HealthWindow>,
-    /// Tunneled: the clients a visitor may go to.
-    pub(super) group: Arc<Group>,
 }
 
 /// The life of one mapping: (re)bind until it has its port, then accept until

@@ -15,9 +15,10 @@ use super::context::{Ctx, RefusalLog, Settings, REFUSAL_LOG_INTERVAL};
 use super::error::MappingError;
 use super::group::Group;
 use super::health::{Condition, HealthWindow};
-use super::listener::{bind, describe_bind_error, run_mapping, set, Admission, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
+use super::listener::{bind, describe_bind_error, run_mapping, set, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
+use super::visitor::Admission;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
@@ -98,7 +99,16 @@ pub struct Mappings {
     pub(super) entries: tokio::sync::Mutex<BTreeMap<u16, Entry>>,
     pub(super) ctx: Arc<Ctx>,
     /// What the config file declares, as last reconciled.
-    pub(super) declared: Mutex<super::declared::DeclaredState>,
+    pub(super) declared: Mutex<DeclaredState>,
+}
+
+/// What the registry remembers of the last reconciled declaration (see
+/// `declared`, which reconciles).
+#[derive(Debug, Default)]
+pub(super) struct DeclaredState {
+    pub(super) file: Option<std::path::PathBuf>,
+    /// Declared clients and their secrets (to see a rotated one).
+    pub(super) clients: BTreeMap<String, crate::core::secret::Secret>,
 }
 
 /// A request that passed the checks that need no lock, with its target

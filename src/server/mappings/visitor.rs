@@ -3,21 +3,37 @@
 //! the mapping asks for a PROXY header, and the bytes are relayed, counted and
 //! capped until either side is done.
 
+use std::sync::Arc;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::context::Ctx;
 use super::group::Group;
-use super::listener::Admission;
+use super::health::HealthWindow;
+use super::target::ResolvedHere;
 use crate::net::relay::{self, Side};
 use crate::net::socket;
+use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
 use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
 use crate::tunnel::message::{Connect, ProxyHeader};
+
+/// What each visitor of a mapping is checked against at accept, before any
+/// target or tunnel work: its policy, and (tunneled) its target as resolved
+/// here, for the loop check.
+pub(super) struct Admission {
+    pub(super) policy: Arc<LivePolicy>,
+    pub(super) resolved: Arc<ResolvedHere>,
+    /// Told why a visitor's target could not be reached.
+    pub(super) health: Arc<HealthWindow>,
+    /// Tunneled: the clients a visitor may go to.
+    pub(super) group: Arc<Group>,
+}
 
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
