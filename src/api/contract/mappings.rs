@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::fields;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
 use crate::server::mappings::{MappingView, NewMapping};
@@ -16,6 +17,9 @@ pub struct CreateMapping {
     /// The port visitors connect to on the server.
     #[serde(deserialize_with = "fields::port")]
     pub source_port: u16,
+    /// `tcp` (absent: the default) or `udp`; with the port, what identifies the mapping.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where they are forwarded: a host name or an address literal.
     pub target_host: String,
     /// The target's port.
@@ -52,6 +56,7 @@ impl CreateMapping {
     pub(crate) fn into_new_mapping(self) -> NewMapping {
         let CreateMapping {
             source_port,
+            protocol,
             target_host,
             target_port,
             use_tunnel,
@@ -65,7 +70,7 @@ impl CreateMapping {
         } = self;
         let mut policy = Policy::default();
         policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol });
-        NewMapping { source_port, target_host, target_port, use_tunnel, client, policy }
+        NewMapping { source_port, protocol, target_host, target_port, use_tunnel, client, policy }
     }
 }
 
@@ -77,6 +82,9 @@ pub struct UpdateMapping {
     /// The mapping's `source_port`.
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
+    /// The mapping's protocol (absent: `tcp`).
+    #[serde(default)]
+    pub protocol: Protocol,
     /// A label: at most 500 characters, no control, bidi or line-separator
     /// characters; blank removes it.
     #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
@@ -101,9 +109,9 @@ pub struct UpdateMapping {
 
 impl UpdateMapping {
     /// The mapping's port and the change to its policy.
-    pub(crate) fn into_parts(self) -> (u16, PolicyUpdate) {
-        let UpdateMapping { port, description, bandwidth_limit, quota, allow, deny, proxy_protocol } = self;
-        (port, PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol })
+    pub(crate) fn into_parts(self) -> (MappingKey, PolicyUpdate) {
+        let UpdateMapping { port, protocol, description, bandwidth_limit, quota, allow, deny, proxy_protocol } = self;
+        (MappingKey { port, protocol }, PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol })
     }
 }
 
@@ -114,6 +122,9 @@ pub struct RemoveMapping {
     /// The mapping's `source_port`.
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
+    /// The mapping's protocol (absent: `tcp`, so calls made before UDP keep working).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// A mapping, wherever one is shown: `create`'s and `update`'s `data`, each
@@ -122,6 +133,9 @@ pub struct RemoveMapping {
 pub struct Mapping {
     /// The port visitors connect to.
     pub source_port: u16,
+    /// `tcp` or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where visitors are forwarded.
     pub target_host: String,
     /// The target's port.
@@ -173,6 +187,7 @@ impl From<MappingView> for Mapping {
         let MappingView { spec, policy, quota_used, quota_blocked, status, health } = view;
         Mapping {
             source_port: spec.source_port,
+            protocol: spec.protocol,
             target_host: spec.target_host,
             target_port: spec.target_port,
             use_tunnel: spec.use_tunnel,
@@ -263,6 +278,9 @@ pub struct MappingList {
 pub struct MappingRemoved {
     /// The port that is free again.
     pub port: u16,
+    /// The removed mapping's protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Whether a mapping is serving, on the wire: `"active"`,

@@ -34,7 +34,7 @@ pub use history::{History, HistoryPoint, Report, ReportRow, Span};
 pub use mappings::{
     CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
 };
-pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
+pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic, UdpTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`
 /// says why).

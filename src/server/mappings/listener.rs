@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -17,6 +17,7 @@ use super::health::HealthWindow;
 use super::target::ResolvedHere;
 use super::visitor::serve_visitor;
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
@@ -55,8 +56,18 @@ pub(super) fn describe_bind_error(e: &std::io::Error) -> String {
     }
 }
 
-pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
-    socket::listen(SocketAddr::new(addr, port))
+/// A mapping's bound port: a TCP listener, or a UDP socket.
+pub(crate) enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+pub(super) async fn bind(addr: IpAddr, key: MappingKey) -> std::io::Result<Bound> {
+    let addr = SocketAddr::new(addr, key.port);
+    match key.protocol {
+        Protocol::Tcp => socket::listen(addr).map(Bound::Tcp),
+        Protocol::Udp => super::udp::bind(addr).map(Bound::Udp),
+    }
 }
 
 /// What each visitor of a mapping is checked against at accept, before any
@@ -75,7 +86,7 @@ pub(super) async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
     admission: Admission,
-    listener: Option<TcpListener>,
+    listener: Option<Bound>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
     metrics: MappingMetrics,
@@ -90,7 +101,7 @@ pub(super) async fn run_mapping(
                 _ = ctx.stop_accepting.cancelled() => return,
                 _ = tokio::time::sleep(BIND_RETRY) => {}
             }
-            match bind(ctx.settings.bind_addr, port).await {
+            match bind(ctx.settings.bind_addr, spec.key()).await {
                 Ok(l) => {
                     info!(port, "mapping port is free again; now listening");
                     set(&bind_error, None);
@@ -104,11 +115,15 @@ pub(super) async fn run_mapping(
             }
         },
     };
+    let listener = match listener {
+        Bound::Tcp(listener) => listener,
+        Bound::Udp(socket) => return super::udp::serve(ctx, spec, admission, socket, cancel, metrics).await,
+    };
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let descriptors = visitor_descriptors(&spec);
     // Shared by every connection's entry: one allocation per mapping, not per visitor.
     let client: Option<Arc<str>> = spec.use_tunnel.then(|| Arc::from(spec.client.as_deref().unwrap_or(DEFAULT_CLIENT)));
-    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(port, client.as_deref(), peer, reason);
+    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(spec.key(), client.as_deref(), peer, reason);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -171,7 +186,7 @@ pub(super) async fn run_mapping(
         let policy = admission.policy.clone();
         let health = admission.health.clone();
         let cancel = cancel.clone();
-        let tracked = ctx.live.open(port, client.clone(), peer);
+        let tracked = ctx.live.open(spec.key(), client.clone(), peer);
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             let end = tokio::select! {

@@ -13,6 +13,7 @@ mod health;
 mod listener;
 mod registry;
 mod target;
+mod udp;
 mod view;
 mod visitor;
 
