@@ -601,8 +601,11 @@
     const rows = maps.map((m) => {
       const r = rates.byPort.get(m.port) || {};
       const ago = m.last_update == null ? null : now - m.last_update;
-      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status, 'data-health': m.health ?? '', 'data-client': m.client ?? '' },
-        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
+      const udp = m.protocol === 'udp';
+      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-protocol': m.protocol ?? 'tcp', 'data-status': m.status, 'data-health': m.health ?? '', 'data-client': m.client ?? '' },
+        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`,
+          // UDP 53 and TCP 53 are two mappings: the badge tells their rows apart.
+          udp ? el('span', { class: 'badge badge-udp', 'data-role': 'protocol', title: 'UDP: datagrams; each visitor address is a session' }, 'UDP') : null),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
           el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
           m.description ? el('span', { class: 'mapping-description', 'data-role': 'description' }, m.description) : null,
@@ -617,7 +620,8 @@
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
-        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, openConnsButton(m)),
+        el('td', { class: 'num', 'data-label': udp ? 'Sessions' : 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, openConnsButton(m)),
+          udp ? el('span', { class: 'cell-sub', 'data-role': 'udp-sessions' }, (m.udp && m.udp.sessions) === 1 ? 'session' : 'sessions') : null,
           // Where the Connect column is folded away (721-1100 px), its values go here.
           m.connect_p50_seconds == null ? null : el('span', { class: 'cell-sub connect-inline', 'data-role': 'connect-inline', title: 'Connect time: median, 99th percentile (last 15 minutes)' },
             // A narrow column may break after "p50", never inside "1.3 ms".
@@ -1293,7 +1297,9 @@
     const open = conns.port === m.port;
     return el('button', {
       type: 'button', class: 'conns-toggle', 'data-role': 'open-conns', 'data-port': m.port,
-      'aria-expanded': String(open), title: open ? 'Hide the open connections' : 'Show the open connections',
+      'aria-expanded': String(open),
+      title: m.protocol === 'udp' ? (open ? 'Hide the open UDP sessions' : 'Show the open UDP sessions (one per visitor address)')
+        : open ? 'Hide the open connections' : 'Show the open connections',
     }, intFormat.format(m.active_connections ?? 0));
   }
 

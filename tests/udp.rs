@@ -409,3 +409,49 @@ fn free_udp_port() -> u16 {
         UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
     })
 }
+
+#[test]
+fn the_page_shows_a_udp_badge_and_sessions_beside_the_tcp_mapping_of_the_same_port() {
+    let Some(chromium) = common::tools::external_tool("chromium", "udp page") else { return };
+    let server = Daemon::server(SECRET, &[]);
+    let port = free_port();
+    create_mapping(&server, port, echo_server(), false);
+    assert_eq!(create_udp(&server, port, udp_echo(), json!({"description": "DNS"})).0, 200);
+    echo_through(port, 2000);
+    let visitors = [visitor(2), visitor(3)];
+    for v in &visitors {
+        assert!(exchange(v, port, &[5u8; 300], Duration::from_secs(5)).is_some());
+    }
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    browser.navigate(&server.url("/api/stats/monitor"));
+    let udp_row = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{port}"][data-protocol="udp"]')"#);
+    let tcp_row = format!(r#"document.querySelector('[data-testid="mapping-row"][data-port="{port}"][data-protocol="tcp"]')"#);
+    browser.wait_for("both rows", &format!("{udp_row} !== null && {tcp_row} !== null"));
+    browser.wait_for("the UDP row's sessions", &format!(r#"{udp_row}.querySelector('[data-role="open-conns"]').textContent === '2'"#));
+    let shown = browser.eval(&format!(
+        r#"(() => {{
+            const udp = {udp_row}, tcp = {tcp_row};
+            const badge = udp.querySelector('[data-role="protocol"]');
+            return {{
+                badge: badge && badge.textContent,
+                tcp_badge: tcp.querySelector('[data-role="protocol"]') !== null,
+                open_label: udp.querySelector('[data-col="open"]').dataset.label,
+                tcp_open_label: tcp.querySelector('[data-col="open"]').dataset.label,
+                sessions_word: udp.querySelector('[data-role="udp-sessions"]').textContent,
+                sent: udp.querySelector('[data-col="sent"]').dataset.bytes,
+            }};
+        }})()"#
+    ));
+    assert_eq!(shown["badge"], "UDP", "{shown}");
+    assert_eq!(shown["tcp_badge"], false, "{shown}");
+    assert_eq!(shown["open_label"], "Sessions", "{shown}");
+    assert_eq!(shown["tcp_open_label"], "Open", "{shown}");
+    assert_eq!(shown["sessions_word"], "sessions", "{shown}");
+    assert_eq!(shown["sent"], "600", "{shown}");
+    for (width, height, mobile) in [(1440, 900, false), (390, 844, true)] {
+        browser.set_viewport(width, height, mobile);
+        browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
+        browser.eval(&format!("{udp_row}.scrollIntoView({{block: 'center'}})"));
+        browser.screenshot(&format!("udp-mapping-{width}.png"));
+    }
+}

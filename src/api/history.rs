@@ -159,11 +159,12 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are
-/// dates or date-times, the rest numbers), so none is quoted.
+/// dates or date-times, the rest numbers and `tcp`/`udp`), so none is quoted.
+/// `protocol` comes last, so the columns scripts read by position stay where they were.
 fn to_csv(rows: &[ReportRow]) -> String {
-    let mut out = String::from("period,period_start,port,bytes_sent,bytes_received\r\n");
+    let mut out = String::from("period,period_start,port,bytes_sent,bytes_received,protocol\r\n");
     for r in rows {
-        out.push_str(&format!("{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received));
+        out.push_str(&format!("{},{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received, r.protocol));
     }
     out
 }
