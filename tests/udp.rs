@@ -262,6 +262,8 @@ fn tunneled_and_self_targeting_udp_mappings_are_refused() {
     let (status, body) = create_udp(&server, port, udp_echo(), json!({"use_tunnel": true}));
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{body}");
+    let (status, body) = create_udp(&server, port, udp_echo(), json!({"proxy_protocol": "v2"}));
+    assert_eq!(status, 400, "no PROXY header on datagrams: {body}");
     let (status, body) = create_udp(&server, port, loopback(port), json!({}));
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("forward to itself"), "{body}");
@@ -272,8 +274,10 @@ fn tunneled_and_self_targeting_udp_mappings_are_refused() {
     // A UDP mapping may target a port only a TCP mapping has.
     let tcp_port = free_port();
     create_mapping(&server, tcp_port, echo_server(), false);
-    assert_eq!(create_udp(&server, port, udp_echo(), json!({})).0, 200);
+    assert_eq!(create_udp(&server, port, loopback(tcp_port), json!({})).0, 200);
     assert_eq!(mapping_count(&server), 3);
+    let (status, body) = post(&server, "/api/mapping/update", json!({"port": port, "protocol": "udp", "proxy_protocol": "v1"}));
+    assert_eq!(status, 400, "{body}");
 }
 
 #[test]

@@ -26,6 +26,11 @@ impl Protocol {
         }
     }
 
+    /// Whether it is TCP (what a request without `protocol` means).
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+
     /// Reads a name as the API and the command line spell it.
     pub fn parse(name: &str) -> Option<Protocol> {
         match name {

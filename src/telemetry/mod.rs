@@ -368,6 +368,11 @@ impl MappingMetrics {
     }
 }
 
+/// A mapping's `(port, protocol)` label values and one more.
+fn with<'a>(k: [&'a str; 2], extra: &'a str) -> [&'a str; 3] {
+    [k[0], k[1], extra]
+}
+
 /// Text exposition content type, per the Prometheus spec.
 pub(crate) fn content_type() -> String {
     TextEncoder::new().format_type().to_string()
@@ -465,9 +470,4 @@ mod tests {
         metrics.session_ended(Tunnel::to_server("office", "a:9000"));
         assert!(metrics.render().contains(r#"tunneld_tunnel_connected{client="office",server="a:9000"} 0"#));
     }
-}
-
-/// A mapping's `(port, protocol)` label values and one more.
-fn with<'a>(k: [&'a str; 2], extra: &'a str) -> [&'a str; 3] {
-    [k[0], k[1], extra]
 }

@@ -18,7 +18,8 @@ pub struct CreateMapping {
     #[serde(deserialize_with = "fields::port")]
     pub source_port: u16,
     /// `tcp` (absent: the default) or `udp`; with the port, what identifies the mapping.
-    #[serde(default)]
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
     pub protocol: Protocol,
     /// Where they are forwarded: a host name or an address literal.
     pub target_host: String,
@@ -83,7 +84,8 @@ pub struct UpdateMapping {
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
     /// The mapping's protocol (absent: `tcp`).
-    #[serde(default)]
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
     pub protocol: Protocol,
     /// A label: at most 500 characters, no control, bidi or line-separator
     /// characters; blank removes it.
@@ -123,7 +125,8 @@ pub struct RemoveMapping {
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
     /// The mapping's protocol (absent: `tcp`, so calls made before UDP keep working).
-    #[serde(default)]
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
     pub protocol: Protocol,
 }
 

@@ -24,6 +24,7 @@ mod traffic;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::core::protocol::Protocol;
 pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
 pub use connections::{
     CloseConnection, ConnectionClosed, ConnectionList, ConnectionLog, LoggedConnection, OpenConnection, SourceTotals, Sources,

@@ -71,6 +71,9 @@ pub(crate) fn check_request(req: &mut NewMapping) -> Result<(), MappingError> {
     if req.target_port == 0 {
         return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
     }
+    if req.protocol == Protocol::Udp && req.policy.proxy_protocol.is_some() {
+        return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
+    }
     if req.protocol == Protocol::Udp && req.use_tunnel {
         return Err(MappingError::Invalid(
             "protocol \"udp\" with use_tunnel: tunneled UDP is not available yet; a UDP mapping forwards directly (use_tunnel: false)"
@@ -304,6 +307,9 @@ impl Mappings {
         let entries = self.entries.lock().await;
         let entry = entries.get(&key).ok_or(MappingError::NotFound(key))?;
         self.refuse_declared(entry)?;
+        if key.protocol == Protocol::Udp && matches!(update.proxy_protocol, Some(Some(_))) {
+            return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
+        }
         self.update_entry(entry, update).await
     }
 

@@ -227,7 +227,6 @@ impl Shared {
         debug!(port, %peer, "UDP session opened");
         let idle = self.ctx.settings.udp_session_idle;
         let max = self.ctx.settings.max_udp_datagram;
-        let mut buf = vec![0u8; max + 1];
         let deadline = tokio::time::sleep(idle);
         tokio::pin!(deadline);
         let end = loop {
@@ -243,15 +242,18 @@ impl Shared {
                     deadline.as_mut().reset(Instant::now() + idle);
                     self.to_target(peer, &target, &datagram, &up).await;
                 }
-                reply = target.recv(&mut buf) => {
-                    match reply {
-                        Ok(n) if n > max => {
-                            self.udp.dropped_too_large.inc();
-                        }
-                        Ok(n) => {
+                ready = target.readable() => {
+                    if let Err(e) = ready {
+                        self.target_error(peer, &e);
+                        continue;
+                    }
+                    match receive(&target, max) {
+                        Ok(Some(reply)) => {
                             deadline.as_mut().reset(Instant::now() + idle);
-                            self.to_visitor(peer, &buf[..n], &down).await;
+                            self.to_visitor(peer, &reply, &down).await;
                         }
+                        Ok(None) => self.udp.dropped_too_large.inc(),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => self.target_error(peer, &e),
                     }
                 }
@@ -330,6 +332,27 @@ impl Shared {
             info!(port, %peer, error = %e, "UDP target did not take a datagram; further errors on this port are summarised once a minute");
         }
     }
+}
+
+thread_local! {
+    /// Where a session's reply is read before it is copied out at its size: one
+    /// buffer per worker thread rather than 64 KiB per session, so a session
+    /// costs what it holds (its task, its socket, its queue), not the largest
+    /// datagram there could be.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reads one datagram from a ready socket: `None` when it was larger than
+/// `max` (dropped whole; the buffer is one byte longer to tell).
+fn receive(socket: &UdpSocket, max: usize) -> io::Result<Option<Vec<u8>>> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < max + 1 {
+            scratch.resize(max + 1, 0);
+        }
+        let n = socket.try_recv(&mut scratch[..max + 1])?;
+        Ok((n <= max).then(|| scratch[..n].to_vec()))
+    })
 }
 
 /// Waits until the cap lets `len` bytes through (at once without a cap): a
