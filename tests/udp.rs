@@ -342,6 +342,10 @@ fn ctl_creates_lists_and_removes_udp_mappings_by_protocol() {
     assert!(list.lines().next().unwrap().contains("PROTO"), "{list}");
     let row = list.lines().find(|l| l.starts_with(&p)).unwrap_or_else(|| panic!("{list}"));
     assert!(row.split_whitespace().nth(1) == Some("udp"), "{row}");
+    // A session is a connection: `ctl conns` lists it, on the UDP port.
+    assert!(exchange(&visitor(2), port, b"hello", Duration::from_secs(5)).is_some());
+    let conns = ctl(&["conns"]);
+    assert!(conns.lines().any(|l| l.split_whitespace().nth(1) == Some(&format!("{port}/udp")) && l.contains("127.0.0.2:")), "{conns}");
     let removed = ctl(&["remove", &p, "--protocol", "udp"]);
     assert!(removed.contains(&format!("{port}/udp")), "{removed}");
     assert_eq!(mapping_count(&server), 0);

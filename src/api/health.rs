@@ -33,7 +33,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
         let health = m.health.health;
         let looping = matches!(m.status, MappingStatus::Error(_));
         if matches!(health, MappingHealth::TargetFailing | MappingHealth::Blocked) || (health == MappingHealth::Refusing && !looping) {
-            reasons.push(format!("mapping on port {port} is {}: {}", health.as_str(), m.health.reason));
+            reasons.push(format!("mapping on port {} is {}: {}", m.spec.key(), health.as_str(), m.health.reason));
         }
         if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {
             waiting.entry(client).or_default().push(port);
