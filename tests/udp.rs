@@ -463,3 +463,56 @@ fn the_page_shows_a_udp_badge_and_sessions_beside_the_tcp_mapping_of_the_same_po
         browser.screenshot(&format!("udp-mapping-{width}.png"));
     }
 }
+
+#[test]
+fn history_and_reports_keep_udp_and_tcp_on_one_port_apart() {
+    let (_dir, server) = server_with("[history]\ninterval_secs = 1\n");
+    let port = free_port();
+    create_mapping(&server, port, echo_server(), false);
+    assert_eq!(create_udp(&server, port, udp_echo(), json!({})).0, 200);
+    echo_through(port, 3000);
+    let v = visitor(2);
+    for _ in 0..4 {
+        assert!(exchange(&v, port, &[3u8; 250], Duration::from_secs(5)).is_some());
+    }
+    let flushed_after = unix_now();
+    wait_for_history_flush(&server, flushed_after);
+    let sent = |protocol: &str| {
+        let h = get_data(&server, &format!("/api/stats/history?port={port}&protocol={protocol}&step=minute"));
+        h["points"].as_array().unwrap().iter().map(|p| p["bytes_sent"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert_eq!(sent("udp"), 1000);
+    assert_eq!(sent("tcp"), 3000);
+    let h = get_data(&server, &format!("/api/stats/history?port={port}&step=minute"));
+    assert_eq!(h["points"].as_array().unwrap().iter().map(|p| p["bytes_sent"].as_u64().unwrap()).sum::<u64>(), 3000, "no protocol: TCP");
+    let report = get_data(&server, "/api/stats/report?period=day");
+    let rows: Vec<(u64, String, u64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["port"].as_u64().unwrap(), r["protocol"].as_str().unwrap().to_string(), r["bytes_sent"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rows, [(u64::from(port), "tcp".to_string(), 3000), (u64::from(port), "udp".to_string(), 1000)], "{report}");
+    let traffic: Vec<Value> = get_data(&server, "/api/stats/traffic")["mappings"].as_array().unwrap().clone();
+    let lifetime: Vec<(String, u64)> =
+        traffic.iter().map(|m| (m["protocol"].as_str().unwrap().to_string(), m["lifetime_sent"].as_u64().unwrap())).collect();
+    assert_eq!(lifetime, [("tcp".to_string(), 3000), ("udp".to_string(), 1000)]);
+}
+
+#[test]
+fn the_bandwidth_cap_paces_datagrams_whole() {
+    let server = Daemon::server(SECRET, &[]);
+    let port = free_port();
+    // 20,000 B/s per direction: 60,000 bytes take about 3 s (the bucket keeps 0.1 s of burst).
+    assert_eq!(create_udp(&server, port, udp_echo(), json!({"bandwidth_limit": 20_000})).0, 200);
+    let v = visitor(2);
+    let started = std::time::Instant::now();
+    for i in 0..30u8 {
+        let payload = vec![i; 2000];
+        assert_eq!(exchange(&v, port, &payload, Duration::from_secs(5)), Some(payload), "datagram {i} whole");
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500), "60,000 bytes at 20,000 B/s took {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(udp_metric(&server, "tunneld_mapping_bytes_total", port, &[("direction", "sent")]), 60_000.0);
+}
