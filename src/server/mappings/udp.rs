@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
@@ -75,6 +76,9 @@ struct Shared {
     /// Payload bytes queued toward targets, all sessions together.
     queued: AtomicUsize,
     cancel: CancellationToken,
+    /// The sessions' tasks, so the mapping's end waits for them: they hold its
+    /// socket, and the port must be free again when a removal returns.
+    tasks: TaskTracker,
 }
 
 /// Serves a bound UDP mapping until it is removed or the daemon stops.
@@ -102,6 +106,7 @@ pub(super) async fn serve(
         sessions: Mutex::new(HashMap::new()),
         queued: AtomicUsize::new(0),
         cancel: cancel.clone(),
+        tasks: TaskTracker::new(),
     });
     let max = ctx.settings.max_udp_datagram;
     // One byte more than the largest datagram forwarded: a datagram that fills
@@ -137,8 +142,11 @@ pub(super) async fn serve(
         }
         shared.forward(peer, &buf[..n], &mut next_id);
     }
-    // Sessions end with the mapping: their tasks see the same token.
+    // Sessions end with the mapping (their queues close; on removal their
+    // tasks see the same token), and hold its socket until they have.
     lock(&shared.sessions).clear();
+    shared.tasks.close();
+    shared.tasks.wait().await;
 }
 
 impl Shared {
@@ -187,7 +195,7 @@ impl Shared {
         drop(sessions);
         let tracked = self.ctx.live.open(self.spec.key(), None, peer);
         let shared = self.clone();
-        self.ctx.connections.spawn(async move {
+        self.ctx.connections.spawn(self.tasks.track_future(async move {
             let _held = held;
             let end = shared.run_session(peer, receiver, &tracked).await;
             {
@@ -197,7 +205,7 @@ impl Shared {
                 }
             }
             tracked.finish(end);
-        });
+        }));
     }
 
     /// One session: datagrams from `queue` to the target, the target's back to
@@ -237,7 +245,10 @@ impl Shared {
                     break if self.ctx.abort.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
                 }
                 datagram = queue.recv() => {
-                    let Some(datagram) = datagram else { break End::MappingRemoved };
+                    // The mapping stopped taking datagrams: removed, or the daemon stops.
+                    let Some(datagram) = datagram else {
+                        break if self.ctx.stop_accepting.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
+                    };
                     self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
                     deadline.as_mut().reset(Instant::now() + idle);
                     self.to_target(peer, &target, &datagram, &up).await;
