@@ -525,3 +525,24 @@ fn the_bandwidth_cap_paces_datagrams_whole() {
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_eq!(udp_metric(&server, "tunneld_mapping_bytes_total", port, &[("direction", "sent")]), 60_000.0);
 }
+
+#[test]
+fn the_config_file_declares_udp_and_tcp_on_one_port() {
+    let port = free_port();
+    let udp_target = udp_echo();
+    let tcp_target = echo_server();
+    let (_dir, server) = server_with(&format!(
+        "[[mappings]]\nsource_port = {port}\nprotocol = \"udp\"\ntarget_host = \"127.0.0.1\"\ntarget_port = {}\n\n\
+         [[mappings]]\nsource_port = {port}\ntarget_host = \"127.0.0.1\"\ntarget_port = {}\n",
+        udp_target.port(),
+        tcp_target.port()
+    ));
+    let list = get_data(&server, "/api/mapping/list");
+    let declared: Vec<(&str, &str)> =
+        list["mappings"].as_array().unwrap().iter().map(|m| (m["protocol"].as_str().unwrap(), m["source"].as_str().unwrap())).collect();
+    assert_eq!(declared, [("tcp", "config"), ("udp", "config")]);
+    assert!(exchange(&visitor(2), port, b"declared", Duration::from_secs(5)).is_some());
+    echo_through(port, 10);
+    // The API may not remove what the file declares, UDP or TCP.
+    assert_eq!(post(&server, "/api/mapping/remove", json!({"port": port, "protocol": "udp"})).0, 409);
+}
