@@ -131,6 +131,7 @@ def main() -> int:
             # tracking costs, read off the scheduler rather than off a rate that
             # everything else on a shared machine also moves.
             cpu: dict[tuple[str, str], list[float]] = {key: [] for key in ports}
+            off_runtime: dict[tuple[str, str], list[float]] = {key: [] for key in ports}
             for round_no in range(args.rounds):
                 # Alternate which goes first, so neither always runs on a warmer machine.
                 order = list(ports) if round_no % 2 == 0 else list(reversed(list(ports)))
@@ -138,6 +139,7 @@ def main() -> int:
                     label, path = key
                     pids = [servers[label].server.pid] + ([servers[label].client.pid] if path == "tunnel" else [])
                     before = sum(bench.cpu_ns(pid) for pid in pids)
+                    threads_before = bench.cpu_ns_by_thread(servers[label].server.pid)
                     res = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[key]}",
                                                       "--count", str(args.conns)], timeout=600)
                     if res["failures"]:
@@ -145,6 +147,13 @@ def main() -> int:
                     # The log writer gathers for 200 ms before it writes: let it.
                     time.sleep(0.5)
                     cpu[key].append((sum(bench.cpu_ns(pid) for pid in pids) - before) / args.conns / 1000)
+                    # The server's threads beyond its runtime workers (one per
+                    # core, the busiest ones): the log writer's SQLite work runs
+                    # there, so this is its cost per connection, measured on its
+                    # own rather than as a difference of two noisy totals.
+                    threads_after = bench.cpu_ns_by_thread(servers[label].server.pid)
+                    used = sorted((ns - threads_before.get(tid, 0) for tid, ns in threads_after.items()), reverse=True)
+                    off_runtime[key].append(sum(used[bench.os.cpu_count() or 1:]) / args.conns / 1000)
                     rates[key].append(res["conns_per_s"])
                 bench.log(f"round {round_no + 1}: " + ", ".join(
                     f"{k[1]}/{k[0]} {v[-1]:.0f} conn/s {cpu[k][-1]:.1f} µs" for k, v in rates.items()))
@@ -163,6 +172,9 @@ def main() -> int:
                     today = med_cpu[("today", path)]
                     line += f"; today {today:.1f} µs: on/today = {on / today:.3f}, off/today = {off / today:.3f}"
                 bench.log(line)
+                writer = statistics.median(off_runtime[("log on", path)])
+                bench.log(f"  {path:<7} server threads beyond the runtime's workers (the log writer), log on: "
+                          f"{writer:.2f} µs per connection = {writer / med_cpu[('log on', path)] * 100:.1f} % of the CPU above")
 
             for label in [name for name in ("today",) if name in servers]:
                 held = hold_rss(procs, loadgen, servers[label], ports[(label, "direct")], args.open)

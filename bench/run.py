@@ -227,6 +227,17 @@ def rss_kib(pid: int) -> dict:
     return out
 
 
+def cpu_ns_by_thread(pid: int) -> dict[str, int]:
+    """CPU time of each live thread of a process, in nanoseconds, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
 def cpu_ns(pid: int) -> int:
     """CPU time a process's live threads have used, in nanoseconds (scheduler
     accounting: finer than /proc/PID/stat's 10 ms ticks, which a round of a few

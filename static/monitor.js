@@ -621,10 +621,10 @@
           m.description ? el('span', { class: 'mapping-description', 'data-role': 'description' }, m.description) : null,
           // Shown under the target when the table is narrow and the Mode column is not.
           el('span', { class: 'cell-sub mode-inline', title: m.client ? `via the tunnel of client ${m.client}` : null },
-            m.use_tunnel ? 'via tunnel' : 'direct', m.client ? clientRef(m.client, ' · ') : null)),
+            m.use_tunnel ? 'via tunnel' : 'direct', groupOf(m) ? ` · ${groupOf(m).length} clients` : m.client ? clientRef(m.client, ' · ') : null)),
         el('td', { 'data-label': 'Mode', 'data-col': 'mode' },
           el('span', { class: `badge badge-mode ${m.use_tunnel ? 'badge-tunnel' : ''}`, 'data-role': 'value' }, m.use_tunnel ? 'Tunnel' : 'Direct'),
-          m.client ? el('span', { class: 'cell-sub' }, clientRef(m.client, 'client ')) : null),
+          groupOf(m) ? groupRef(m) : m.client ? el('span', { class: 'cell-sub' }, clientRef(m.client, 'client ')) : null),
         el('td', { 'data-label': 'Status', 'data-col': 'status' }, el('span', { 'data-role': 'value' }, healthBadge(m)), problemsLine(m), policyBadges(m)),
         bytesCell('Sent', 'sent', m.bytes_sent, m.lifetime_sent, r.sent),
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
@@ -661,6 +661,30 @@
   function clientRef(name, prefix) {
     return el('span', { class: 'client-ref' }, prefix,
       el('a', { href: `#client-${encodeURIComponent(name)}`, 'data-role': 'client' }, name));
+  }
+
+  /** A mapping's group when it names more than one client, else null. */
+  function groupOf(m) {
+    return Array.isArray(m.clients) && m.clients.length > 1 ? m.clients : null;
+  }
+
+  /** A group's clients under the Mode badge: each one linked to its card, those
+   *  taking new visitors now marked, away ones struck through, and how visitors
+   *  are shared. */
+  function groupRef(m) {
+    const members = new Map((m.members || []).map((c) => [c.client, c]));
+    const names = groupOf(m).map((name) => {
+      const c = members.get(name) || {};
+      const state = c.serving ? 'serving' : c.connected ? (c.check_error ? 'failing' : 'standby') : 'away';
+      const why = { serving: 'takes new visitors', standby: 'connected, standing by', failing: `health check fails: ${c.check_error}`, away: 'not connected' }[state];
+      return el('a', { class: `group-member group-${state}`, href: `#client-${encodeURIComponent(name)}`, 'data-role': 'group-member',
+        'data-client': name, 'data-state': state, title: `${name}: ${why}${c.active_connections ? ` · ${c.active_connections} open` : ''}` },
+      state === 'serving' ? `● ${name}` : name);
+    });
+    const list = [];
+    names.forEach((n, i) => list.push(...(i ? [', ', n] : [n])));
+    return el('span', { class: 'cell-sub client-ref group-ref', 'data-role': 'group', 'data-balance': m.balance || '' },
+      'clients ', ...list, el('span', { class: 'group-balance' }, ` · ${(m.balance || 'failover').replace('_', ' ')}`));
   }
 
   // ---------- Mapping policy ----------

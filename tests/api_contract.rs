@@ -73,15 +73,19 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 17] = [
+const MAPPING_FIELDS: [&str; 21] = [
     "allow",
+    "balance",
     "bandwidth_limit",
     "client",
+    "clients",
     "created_at",
     "deny",
     "description",
     "health",
+    "health_check",
     "health_reason",
+    "members",
     "protocol",
     "proxy_protocol",
     "quota",
@@ -255,10 +259,12 @@ fn every_json_route_answers_in_the_contract_types() {
             [
                 "active_connections",
                 "allow",
+                "balance",
                 "bandwidth_limit",
                 "bytes_received",
                 "bytes_sent",
                 "client",
+                "clients",
                 "connect_errors",
                 "connect_p50_seconds",
                 "connect_p99_seconds",
@@ -270,6 +276,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "last_update",
                 "lifetime_received",
                 "lifetime_sent",
+                "members",
                 "port",
                 "protocol",
                 "proxy_protocol",

@@ -327,6 +327,12 @@ fn the_log_keeps_its_row_cap_and_stores_nothing_when_off() {
     create_direct(&server, port, echo_server(), json!({}));
     for len in 1..=5 {
         echo_through(port, len);
+        // Ended on the server's side too before the next begins, so the log's
+        // order by end is the order they were made in (under load, a relay
+        // may see its close after the next connection has come and gone).
+        wait_for(&format!("connection {len} to end"), Duration::from_secs(10), || {
+            (open_connections(&server, &format!("?port={port}"))["count"] == 0).then_some(())
+        });
     }
     wait_for("the newest rows only", Duration::from_secs(10), || {
         let rows = logged(&server, "?limit=100");

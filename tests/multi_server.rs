@@ -317,3 +317,46 @@ fn the_documented_client_configurations_pass_check_config() {
     }
     assert_eq!(checked, 2, "one client example in each guide");
 }
+
+/// The server files of the guides (`[[mappings]]` with a client group,
+/// `[[clients]]` with secrets from files and the environment) are what a
+/// server accepts: their secret files are made where the guide puts them
+/// (under a temporary directory), their environment variables set.
+#[test]
+fn the_documented_server_configurations_pass_check_config() {
+    let mut checked = 0;
+    for doc in ["docs/high-availability.md", "docs/operations.md"] {
+        let text = read_repo_file(doc);
+        for block in text.split("```toml\n").skip(1).filter_map(|rest| rest.split("```").next()) {
+            if !block.contains("[[mappings]]") {
+                continue;
+            }
+            let secrets = tempfile::tempdir().expect("a directory for the secrets");
+            let mut command = Command::new(BIN);
+            let mut lines = Vec::new();
+            for line in block.lines() {
+                let value = |key: &str| {
+                    let rest = line.trim().strip_prefix(key)?.trim_start().strip_prefix('=')?;
+                    rest.trim().strip_prefix('"')?.split('"').next().map(str::to_string)
+                };
+                if let Some(path) = value("secret_file") {
+                    let file = secrets.path().join(path.trim_start_matches('/').replace('/', "_"));
+                    std::fs::write(&file, "a documented client's secret\n").expect("write a secret file");
+                    lines.push(format!("secret_file = {:?}", file.display().to_string()));
+                    continue;
+                }
+                if let Some(variable) = value("secret_env") {
+                    command.env(variable, "a documented client's secret");
+                }
+                lines.push(line.to_string());
+            }
+            let (_dir, path) = config_file(&lines.join("\n"));
+            let out = command.args(["check-config", "--config", &path, "server"]).output().expect("run check-config");
+            assert!(out.status.success(), "{doc}:\n{block}\n{}", String::from_utf8_lossy(&out.stderr));
+            let shown = String::from_utf8_lossy(&out.stdout);
+            assert!(shown.contains("mappings") && !shown.contains("a documented client's secret"), "{doc}: {shown}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "a server example in each guide, found {checked}");
+}

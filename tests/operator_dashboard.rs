@@ -122,12 +122,15 @@ fn daily_totals_are_one_bar_per_day_and_the_tunnel_panel_shows_only_clients_some
     assert_eq!(daily["fieldConfig"]["defaults"]["custom"]["barAlignment"], 1, "the bar covers its day, after the step");
 
     // The top-left panel: a client that no tunneled mapping names and that is
-    // not connected (the `default` of a direct-only server) is not a red DOWN.
+    // not connected (the `default` of a direct-only server) is not a red DOWN;
+    // a client named in a group counts (one series per mapping and member, where
+    // `tunneld_mapping_info`'s client label joins a group's names).
     let first = dash["panels"].as_array().expect("panels").iter().find(|p| p["type"] != "row").expect("a panel");
     assert_eq!(first["title"], "Tunnel per client");
     let expr = exprs(first)[0];
     assert!(
-        expr.contains("and on (job, instance, client)") && expr.contains(r#"tunneld_mapping_info{instance=~"$instance", mode="tunnel"}"#),
+        expr.contains("and on (job, instance, client)")
+            && expr.contains(r#"tunneld_mapping_client_connections_total{instance=~"$instance"}"#),
         "{expr}"
     );
 }
@@ -155,6 +158,9 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     // A UDP mapping too: its datagram and session families exist only with one.
     let udp = json!({"source_port": free_port(), "protocol": "udp", "target_host": "127.0.0.1", "target_port": 9});
     assert_eq!(post(&server, "/api/mapping/create", udp).0, 200);
+    // A tunneled one too: its clients' series exist from its creation.
+    let tunneled = json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true});
+    assert_eq!(post(&server, "/api/mapping/create", tunneled).0, 200);
     let server_text = metrics_text(&server);
     let client_text = ureq::get(&client.url("/metrics")).call().expect("client /metrics").into_string().expect("text");
     let exported: BTreeSet<String> = [&server_text, &client_text]

@@ -213,7 +213,7 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
             .collect();
     assert_eq!(seen, expected, "tunnel state per client (instance, client, connected)");
     let mappings = prometheus
-        .query(&substitute(find_query(&queries, "count by (instance, client) (tunneld_mapping_info"), &variables))
+        .query(&substitute(find_query(&queries, "count by (instance, client) (tunneld_mapping_client_connections_total"), &variables))
         .expect("mappings per client");
     let counts: BTreeMap<String, f64> =
         mappings.iter().filter_map(|s| Some((s["metric"]["client"].as_str()?.to_string(), sample_value(s)?))).collect();

@@ -437,6 +437,40 @@ fn a_client_that_cannot_write_headers_is_sent_none_and_its_visitors_are_refused(
     server.wait_for_log("too old to write PROXY protocol headers", Duration::from_secs(10));
 }
 
+/// In a group, a member too old to write the header is passed over: the
+/// visitor goes to the next member that can, header first.
+#[test]
+fn a_group_passes_over_a_member_that_cannot_write_headers() {
+    let server = Daemon::server(SECRET, &[]);
+    let rt = common::tunnel::runtime();
+    let (_control, channel) = old_client(&server, &rt);
+    let (status, answer) = post(&server, "/api/client/create", json!({"name": "office"}));
+    assert_eq!(status, 200, "{answer}");
+    let office_secret = answer["data"]["secret"].as_str().expect("the new client's secret").to_string();
+    let _office = Daemon::client(&server, &office_secret, &["--name", "office"]);
+    let (target, received) = raw_target();
+    let port = free_port();
+    let body = json!({"source_port": port, "target_host": target.ip().to_string(), "target_port": target.port(), "use_tunnel": true,
+                      "clients": ["default", "office"], "balance": "failover", "proxy_protocol": "v2"});
+    let (status, answer) = post(&server, "/api/mapping/create", body);
+    assert_eq!(status, 200, "{answer}");
+    let mut visitor = connect_from(VISITORS[0], loopback(port));
+    let me = visitor.local_addr().unwrap();
+    visitor.write_all(&vec![7u8; PAYLOAD]).unwrap();
+    let (header, got) = received.recv_timeout(Duration::from_secs(15)).expect("the target is reached through office");
+    assert_eq!((header.version, header.source), (2, me), "the header names the visitor");
+    assert_eq!(got.len(), PAYLOAD);
+    assert_eq!(rt.block_on(channel).unwrap(), None, "no `connect` reached the old client");
+    let mut answer = vec![0u8; RESPONSE];
+    visitor.read_exact(&mut answer).expect("the target's answer");
+    drop(visitor);
+    let served = wait_for("the visitor logged", Duration::from_secs(10), || {
+        let log = get_data(&server, &format!("/api/connections/log?port={port}"));
+        log["connections"].as_array()?.first().cloned()
+    });
+    assert_eq!(served["client"], "office", "{served}");
+}
+
 #[test]
 fn proxy_protocol_is_set_changed_and_removed_through_the_api_and_ctl_and_kept_across_a_restart() {
     let state = tempfile::tempdir().expect("tempdir");

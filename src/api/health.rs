@@ -25,7 +25,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
     for (port, _client, why) in state.mappings.looping().await {
         reasons.push(format!("mapping on port {port} refuses every visitor: {why}"));
     }
-    let mut waiting: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    let mut waiting: BTreeMap<String, (Vec<u16>, Vec<u16>)> = BTreeMap::new();
     for m in state.mappings.list().await {
         let port = m.spec.source_port;
         // Down, waiting and looping mappings are told above and below, once
@@ -35,12 +35,24 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
         if matches!(health, MappingHealth::TargetFailing | MappingHealth::Blocked) || (health == MappingHealth::Refusing && !looping) {
             reasons.push(format!("mapping on port {} is {}: {}", m.spec.key(), health.as_str(), m.health.reason));
         }
-        if let Some(client) = m.spec.client.filter(|c| !state.hub.connected(c)) {
-            waiting.entry(client).or_default().push(port);
+        // A group with a client away still serves through the others, but
+        // has lost some of its redundancy: said too, in other words.
+        let away: Vec<String> = m.spec.clients.iter().filter(|c| !state.hub.connected(c)).cloned().collect();
+        let waits = m.status == MappingStatus::WaitingForTunnel;
+        for client in away {
+            let (waiting_ports, serving_ports) = waiting.entry(client).or_default();
+            if waits { waiting_ports } else { serving_ports }.push(port);
         }
     }
-    for (client, ports) in waiting {
-        reasons.push(format!("tunnel client {client} is not connected; its mappings wait: {ports:?}"));
+    for (client, (waiting_ports, serving_ports)) in waiting {
+        if !waiting_ports.is_empty() {
+            reasons.push(format!("tunnel client {client} is not connected; its mappings wait: {waiting_ports:?}"));
+        }
+        if !serving_ports.is_empty() {
+            reasons.push(format!(
+                "tunnel client {client} is not connected; the other clients of its groups serve the mappings {serving_ports:?}"
+            ));
+        }
     }
     for (client, f) in state.hub.flapping() {
         reasons.push(format!(

@@ -18,7 +18,12 @@ pub(super) async fn create(State(state): State<AppState>, JsonBody(request): Jso
 }
 
 pub(super) async fn update(State(state): State<AppState>, JsonBody(request): JsonBody<UpdateMapping>) -> Result<Response, ApiError> {
-    let (key, change) = request.into_parts();
+    let (key, change, group) = request.into_parts();
+    // The group first: it is the part that can be refused (unknown clients),
+    // and a refused request changes nothing.
+    if !group.is_empty() {
+        state.mappings.update_group(key, group).await?;
+    }
     let view = state.mappings.update(key, change).await?;
     Ok(success("mapping updated", Mapping::from(view)))
 }

@@ -79,9 +79,14 @@ pub(crate) enum CtlCommand {
         /// Reach the target through the tunnel client instead of directly.
         #[arg(long)]
         tunnel: bool,
-        /// The tunnel client that reaches the target.
+        /// The tunnel client that reaches the target; given more than once, a
+        /// group of clients that share its visitors (see --balance).
         #[arg(long, value_name = "NAME", requires = "tunnel")]
-        client: Option<String>,
+        client: Vec<String>,
+        /// How a group's visitors are shared: failover (default, in the order
+        /// given), round_robin or least_connections.
+        #[arg(long, value_name = "MODE", requires = "tunnel")]
+        balance: Option<String>,
         #[command(flatten)]
         policy: PolicyArgs,
     },

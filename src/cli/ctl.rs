@@ -25,7 +25,7 @@ use crate::config::{self, Config, Role};
 use crate::core::protocol::MappingKey;
 use crate::core::time::format_utc;
 use crate::net::proxy_header::ProxyVersion;
-use crate::policy::{Cidr, QuotaAction, QuotaPeriod};
+use crate::policy::{Balance, Cidr, QuotaAction, QuotaPeriod};
 
 /// An API call the server refused: its HTTP status, the envelope's message and
 /// its machine-readable `code`, when it has one.
@@ -253,7 +253,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
             m.source_port.to_string(),
             m.protocol.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
-            with_proxy_protocol(mode(m.use_tunnel, m.client.as_deref()), m.proxy_protocol),
+            with_proxy_protocol(list_mode(m), m.proxy_protocol),
             m.status.to_string(),
             m.health.map_or("-", MappingHealth::as_str).to_string(),
             format_utc(m.created_at),
@@ -264,7 +264,20 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
             let _ = writeln!(reasons, "port {} {}: {}", m.source_port, health.as_str(), m.health_reason);
         }
     }
-    Ok(format!("{}{} mapping(s)\n{reasons}", table(&rows), mappings.len()))
+    let groups = if mappings.iter().any(|m| m.clients.len() > 1) { "(* the clients of a group that take new visitors now)\n" } else { "" };
+    Ok(format!("{}{} mapping(s)\n{groups}{reasons}", table(&rows), mappings.len()))
+}
+
+/// `ctl list`'s MODE: `direct`, `tunnel:NAME`, or for a group of several
+/// clients `tunnel:a*,b failover`, `*` marking those that take new visitors now.
+fn list_mode(m: &Mapping) -> String {
+    if m.clients.len() < 2 {
+        return mode(m.use_tunnel, m.client.as_deref());
+    }
+    let serving = |name: &str| m.members.iter().any(|c| c.client == name && c.serving);
+    let names: Vec<String> = m.clients.iter().map(|c| if serving(c) { format!("{c}*") } else { c.clone() }).collect();
+    let balance = m.balance.map_or("", |b| b.as_str());
+    format!("tunnel:{} {balance}", names.join(","))
 }
 
 /// A mapping's `health` (and `health_reason`) in a list or traffic JSON, when
@@ -283,11 +296,25 @@ pub(super) fn create(
     key: MappingKey,
     target: &str,
     tunnel: bool,
-    client: Option<&str>,
+    clients: &[String],
+    balance: Option<&str>,
     policy: PolicyArgs,
 ) -> anyhow::Result<String> {
     let Some((host, target_port)) = config::split_host_port(target) else {
         bail!("target must be HOST:PORT (IPv6 as [::1]:22), got {target:?}");
+    };
+    let balance = match balance {
+        Some(mode) => Some(
+            serde_json::from_value::<Balance>(serde_json::Value::String(mode.to_string()))
+                .map_err(|_| anyhow!("--balance must be failover, round_robin or least_connections, got {mode:?}"))?,
+        ),
+        None => None,
+    };
+    // One client is the `client` it always was; several are a group.
+    let (client, group) = match clients {
+        [one] => (Some(one.as_str()), None),
+        [] => (None, None),
+        several => (None, Some(several.to_vec())),
     };
     let PolicyArgs { description, bandwidth_limit, quota, allow, deny, proxy_protocol } = policy;
     let request = CreateMapping {
@@ -297,25 +324,21 @@ pub(super) fn create(
         target_port,
         use_tunnel: tunnel,
         client: client.map(str::to_string),
+        clients: group,
+        balance,
         description: description.map(Some),
         bandwidth_limit: bandwidth_limit.map(Some),
         quota: quota.map(Some),
         allow: allow.map(Some),
         deny: deny.map(Some),
         proxy_protocol: proxy_protocol.map(Some),
+        ..CreateMapping::default()
     };
     let m: Mapping = api.post("/api/mapping/create", &request).map_err(|e| match (refusal_code(&e), client) {
         (Some(ErrorCode::UnknownClient), Some(name)) => unknown_client(api, e, name, true),
         _ => e,
     })?;
-    Ok(format!(
-        "mapping created: port {} -> {}:{} ({}), status {}\n",
-        m.source_port,
-        m.target_host,
-        m.target_port,
-        mode(m.use_tunnel, m.client.as_deref()),
-        m.status
-    ))
+    Ok(format!("mapping created: port {} -> {}:{} ({}), status {}\n", m.source_port, m.target_host, m.target_port, list_mode(&m), m.status))
 }
 
 /// What `ctl update` removes: one flag per policy field.
@@ -348,6 +371,7 @@ pub(super) fn update(api: &Api, key: MappingKey, set: PolicyArgs, remove: Remova
         allow: change(set.allow, remove.allow),
         deny: change(set.deny, remove.deny),
         proxy_protocol: change(set.proxy_protocol, remove.proxy_protocol),
+        ..UpdateMapping::default()
     };
     let m: Mapping = api.post("/api/mapping/update", &request)?;
     let cidrs =

@@ -138,8 +138,8 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let result =
         ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref(), args.token.as_deref()).and_then(|api| match args.command {
             CtlCommand::List => ctl::list(&api).map(Some),
-            CtlCommand::Create { port, target, protocol, tunnel, client, policy } => {
-                ctl::create(&api, MappingKey { port, protocol }, &target, tunnel, client.as_deref(), policy).map(Some)
+            CtlCommand::Create { port, target, protocol, tunnel, client, balance, policy } => {
+                ctl::create(&api, MappingKey { port, protocol }, &target, tunnel, &client, balance.as_deref(), policy).map(Some)
             }
             CtlCommand::Update {
                 port,

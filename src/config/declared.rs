@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
-use super::sections::Config;
 use crate::core::names::{invalid_client_name, DEFAULT_CLIENT};
 use crate::core::secret::Secret;
 
@@ -60,45 +59,43 @@ pub fn mapping_entry(index: usize, table: &DeclaredMapping) -> String {
     }
 }
 
-impl Config {
-    /// Checks every `[[clients]]` entry and reads its secret. Server role only:
-    /// the variables and files are the server's.
-    pub(super) fn read_declared_clients(&mut self) -> Result<(), ConfigError> {
-        let mut names = BTreeSet::new();
-        for (index, client) in self.clients.iter_mut().enumerate() {
-            let entry = client_entry(index, &client.name);
-            let refuse = |reason: String| ConfigError::Declared { entry: entry.clone(), reason };
-            if let Some(why) = invalid_client_name(&client.name) {
-                return Err(refuse(format!("name: {why}")));
-            }
-            if client.name == DEFAULT_CLIENT {
-                return Err(refuse("the client `default` is not declared: its secret is server.secret".into()));
-            }
-            if !names.insert(client.name.clone()) {
-                return Err(refuse("declared twice (names are unique)".into()));
-            }
-            if !client.secret.is_empty() {
-                return Err(refuse(
-                    "a declared client's secret is not written in the config file (it is shared, often world-readable): \
-                     set secret_file = \"/etc/tunneld/NAME.secret\" or secret_env = \"VARIABLE\""
-                        .into(),
-                ));
-            }
-            client.secret = match (&client.secret_file, &client.secret_env) {
-                (Some(_), Some(_)) => return Err(refuse("set either secret_file or secret_env, not both".into())),
-                (None, None) => return Err(refuse("needs its secret: secret_file = \"PATH\" or secret_env = \"VARIABLE\"".into())),
-                (Some(path), None) => {
-                    let mut secret = Secret::default();
-                    super::validate::read_secret_file_into(&mut secret, path).map_err(|why| refuse(format!("secret_file: {why}")))?;
-                    secret
-                }
-                (None, Some(variable)) => match std::env::var(variable) {
-                    Ok(value) if !value.trim().is_empty() => Secret::new(value.trim()),
-                    Ok(_) => return Err(refuse(format!("secret_env: the environment variable {variable} is empty"))),
-                    Err(_) => return Err(refuse(format!("secret_env: the environment variable {variable} is not set"))),
-                },
-            };
+/// Checks every `[[clients]]` entry and reads its secret. Server role only:
+/// the variables and files are the server's.
+pub(super) fn read_declared_clients(clients: &mut [DeclaredClient]) -> Result<(), ConfigError> {
+    let mut names = BTreeSet::new();
+    for (index, client) in clients.iter_mut().enumerate() {
+        let entry = client_entry(index, &client.name);
+        let refuse = |reason: String| ConfigError::Declared { entry: entry.clone(), reason };
+        if let Some(why) = invalid_client_name(&client.name) {
+            return Err(refuse(format!("name: {why}")));
         }
-        Ok(())
+        if client.name == DEFAULT_CLIENT {
+            return Err(refuse("the client `default` is not declared: its secret is server.secret".into()));
+        }
+        if !names.insert(client.name.clone()) {
+            return Err(refuse("declared twice (names are unique)".into()));
+        }
+        if !client.secret.is_empty() {
+            return Err(refuse(
+                "a declared client's secret is not written in the config file (it is shared, often world-readable): \
+                     set secret_file = \"/etc/tunneld/NAME.secret\" or secret_env = \"VARIABLE\""
+                    .into(),
+            ));
+        }
+        client.secret = match (&client.secret_file, &client.secret_env) {
+            (Some(_), Some(_)) => return Err(refuse("set either secret_file or secret_env, not both".into())),
+            (None, None) => return Err(refuse("needs its secret: secret_file = \"PATH\" or secret_env = \"VARIABLE\"".into())),
+            (Some(path), None) => {
+                let mut secret = Secret::default();
+                crate::core::secret::read_secret_file_into(&mut secret, path).map_err(|why| refuse(format!("secret_file: {why}")))?;
+                secret
+            }
+            (None, Some(variable)) => match std::env::var(variable) {
+                Ok(value) if !value.trim().is_empty() => Secret::new(value.trim()),
+                Ok(_) => return Err(refuse(format!("secret_env: the environment variable {variable} is empty"))),
+                Err(_) => return Err(refuse(format!("secret_env: the environment variable {variable} is not set"))),
+            },
+        };
     }
+    Ok(())
 }

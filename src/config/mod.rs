@@ -97,7 +97,7 @@ pub fn load(file: Option<&Path>, overrides: &[Override], role: Role) -> Result<C
     let mut config = merge(file, overrides, role)?;
     config.read_secret_files()?;
     if role == Role::Server {
-        config.read_declared_clients()?;
+        declared::read_declared_clients(&mut config.clients)?;
     }
     config.validate(role)?;
     Ok(config)

@@ -308,20 +308,5 @@ fn read_secret_file(secret: &mut Secret, file: Option<&std::path::Path>, key: &'
     if !secret.is_empty() {
         return Err(ConfigError::Invalid { key, reason: format!("set either `{secret_key}` or `{key}`, not both") });
     }
-    read_secret_file_into(secret, file).map_err(|reason| ConfigError::Invalid { key, reason })
-}
-
-/// The only line of `file` into `secret`, or why not (for the caller to put
-/// behind the key it came from).
-pub(super) fn read_secret_file_into(secret: &mut Secret, file: &std::path::Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let line = text.lines().next().unwrap_or("");
-    if line.is_empty() {
-        return Err(format!("{} is empty (the secret is its first line)", file.display()));
-    }
-    if text.lines().skip(1).any(|l| !l.trim().is_empty()) {
-        return Err(format!("{} has more than one line (the secret is its only line)", file.display()));
-    }
-    *secret = Secret::new(line);
-    Ok(())
+    crate::core::secret::read_secret_file_into(secret, file).map_err(|reason| ConfigError::Invalid { key, reason })
 }

@@ -12,12 +12,14 @@
 //! PROXY header's versions).
 
 mod acl;
+mod group;
 mod live;
 mod model;
 mod quota;
 pub(crate) mod update;
 
 pub use acl::Cidr;
+pub use group::{invalid_group, Balance, HealthCheck};
 pub(crate) use live::LivePolicy;
 pub use model::Policy;
 pub use quota::{Quota, QuotaAction, QuotaPeriod};

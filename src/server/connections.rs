@@ -88,8 +88,9 @@ pub(crate) struct OpenConnection {
     pub(crate) id: u64,
     pub(crate) port: u16,
     pub(crate) protocol: Protocol,
-    /// The tunnel client serving it (tunneled mappings).
-    pub(crate) client: Option<Arc<str>>,
+    /// The tunnel client serving it (tunneled mappings): of a group, the
+    /// first one until a member takes it, then the one that did.
+    pub(crate) client: Mutex<Option<Arc<str>>>,
     pub(crate) source: SocketAddr,
     /// Unix seconds.
     pub(crate) started_at: f64,
@@ -158,7 +159,7 @@ impl Connections {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             port: key.port,
             protocol: key.protocol,
-            client,
+            client: Mutex::new(client),
             source,
             started_at: unix_now(),
             sent: Arc::new(AtomicU64::new(0)),
@@ -216,7 +217,7 @@ impl Connections {
             .values()
             .filter(|c| port.map_or(true, |p| c.port == p))
             .filter(|c| protocol.map_or(true, |p| c.protocol == p))
-            .filter(|c| client.map_or(true, |name| c.client.as_deref() == Some(name)))
+            .filter(|c| client.map_or(true, |name| lock(&c.client).as_deref() == Some(name)))
             .collect();
         let count = matching.len();
         matching.sort_unstable_by_key(|c| c.id);
@@ -242,7 +243,7 @@ impl Connections {
             id: connection.id,
             port: connection.port,
             protocol: connection.protocol,
-            client: connection.client.clone(),
+            client: lock(&connection.client).clone(),
             source: connection.source,
             started_at: connection.started_at,
             ended_at: unix_now(),
@@ -269,7 +270,7 @@ fn view(c: &OpenConnection) -> ConnectionView {
         id: c.id,
         port: c.port,
         protocol: c.protocol,
-        client: c.client.as_deref().map(str::to_string),
+        client: lock(&c.client).as_deref().map(str::to_string),
         source: c.source,
         started_at: c.started_at,
         bytes_sent,
@@ -314,6 +315,11 @@ pub(crate) struct Tracked {
 }
 
 impl Tracked {
+    /// The mapping's port.
+    pub(crate) fn port(&self) -> u16 {
+        self.connection.port
+    }
+
     /// The visitor's address.
     pub(crate) fn source(&self) -> SocketAddr {
         self.connection.source
@@ -327,6 +333,15 @@ impl Tracked {
     /// What the downstream meter tallies into.
     pub(crate) fn received(&self) -> Arc<AtomicU64> {
         self.connection.received.clone()
+    }
+
+    /// The tunnel client of its group that took it: what the list and the
+    /// log show from now on.
+    pub(crate) fn served_by(&self, client: &Arc<str>) {
+        let mut current = lock(&self.connection.client);
+        if current.as_ref() != Some(client) {
+            *current = Some(client.clone());
+        }
     }
 
     /// Resolves when `POST /api/connection/close` names this connection.

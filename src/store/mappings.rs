@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::db::{Store, StoreError};
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::protocol::{MappingKey, Protocol};
-use crate::policy::Policy;
+use crate::policy::{Balance, HealthCheck, Policy};
 
 /// A mapping as stored and as the API shows it (plus live status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +23,18 @@ pub struct MappingSpec {
     /// Whether the target is reached through a tunnel client.
     pub use_tunnel: bool,
     /// The tunnel client that reaches the target; `None` for a direct mapping.
+    /// With a group, its first client (`clients[0]`).
     pub client: Option<String>,
+    /// Every client of its group, in order (`[client]` for one client); empty
+    /// for a direct mapping.
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// How the group's visitors are shared among its connected clients.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Active checks of the target through each client of the group.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
     /// Unix seconds.
     pub created_at: i64,
     /// Who owns it: the API, or the config file's `[[mappings]]`.
@@ -66,6 +77,14 @@ impl MappingSpec {
     pub(crate) fn key(&self) -> MappingKey {
         MappingKey { port: self.source_port, protocol: self.protocol }
     }
+
+    /// The group as stored: `clients` as a JSON array, `balance`, and
+    /// `health_check` as JSON (or NULL).
+    fn group_columns(&self) -> (Option<String>, &'static str, Option<String>) {
+        let clients = (!self.clients.is_empty()).then(|| serde_json::to_string(&self.clients).unwrap_or_else(|_| "[]".into()));
+        let check = self.health_check.and_then(|c| serde_json::to_string(&c).ok());
+        (clients, self.balance.as_str(), check)
+    }
 }
 
 fn policy_json(policy: &Policy) -> String {
@@ -75,11 +94,12 @@ fn policy_json(policy: &Policy) -> String {
 impl Store {
     pub(crate) async fn insert(&self, m: MappingSpec, policy: &Policy) -> Result<(), StoreError> {
         let policy = policy_json(policy);
+        let (clients, balance, check) = m.group_columns();
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client, source, protocol) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client, m.source.as_str(), m.protocol.as_str()],
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source, protocol) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client, clients, balance, check, m.source.as_str(), m.protocol.as_str()],
             )?;
             tx.commit()
         })
@@ -94,6 +114,23 @@ impl Store {
             let n = tx.execute(
                 "UPDATE mappings SET policy = ?2 WHERE source_port = ?1 AND protocol = ?3",
                 params![key.port, policy, key.protocol.as_str()],
+            )?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Replaces a tunneled mapping's group (`client` follows `clients[0]`);
+    /// returns whether the mapping exists.
+    pub(crate) async fn set_group(&self, m: &MappingSpec) -> Result<bool, StoreError> {
+        let (clients, balance, check) = m.group_columns();
+        let (key, client) = (m.key(), m.client.clone());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE mappings SET client = ?3, clients = ?4, balance = ?5, health_check = ?6 WHERE source_port = ?1 AND protocol = ?2",
+                params![key.port, key.protocol.as_str(), client, clients, balance, check],
             )?;
             tx.commit()?;
             Ok(n > 0)
@@ -117,7 +154,7 @@ impl Store {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client, source, protocol FROM mappings ORDER BY source_port, protocol",
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source, protocol FROM mappings ORDER BY source_port, protocol",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -128,8 +165,9 @@ impl Store {
                         r.get::<_, i64>(4)?,
                         r.get::<_, String>(5)?,
                         r.get::<_, Option<String>>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, String>(8)?,
+                        (r.get::<_, Option<String>>(7)?, r.get::<_, Option<String>>(8)?, r.get::<_, Option<String>>(9)?),
+                        r.get::<_, String>(10)?,
+                        r.get::<_, String>(11)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -138,12 +176,20 @@ impl Store {
         let port =
             |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path().to_string(), port: p });
         rows.into_iter()
-            .map(|(sp, host, tp, tunnel, created, policy, client, source, protocol)| {
-                let policy = serde_json::from_str(&policy).map_err(|e| StoreError::BadPolicy {
-                    path: self.path().to_string(),
-                    port: sp,
-                    error: e.to_string(),
-                })?;
+            .map(|(sp, host, tp, tunnel, created, policy, client, (clients, balance, check), source, protocol)| {
+                let bad = |e: serde_json::Error| StoreError::BadPolicy { path: self.path().to_string(), port: sp, error: e.to_string() };
+                let policy = serde_json::from_str(&policy).map_err(bad)?;
+                // A row from before client groups has only `client`: a group of one.
+                let client = tunnel.then(|| client.unwrap_or_else(|| DEFAULT_CLIENT.to_string()));
+                let clients: Vec<String> = match clients {
+                    Some(list) if tunnel => serde_json::from_str(&list).map_err(bad)?,
+                    _ => client.iter().cloned().collect(),
+                };
+                let balance = match balance {
+                    Some(b) => serde_json::from_value(serde_json::Value::String(b)).map_err(bad)?,
+                    None => Balance::default(),
+                };
+                let health_check = check.map(|c| serde_json::from_str(&c)).transpose().map_err(bad)?;
                 let spec = MappingSpec {
                     source_port: port(sp)?,
                     // Written only by this code, checked by the table: anything
@@ -152,7 +198,10 @@ impl Store {
                     target_host: host,
                     target_port: port(tp)?,
                     use_tunnel: tunnel,
-                    client: if tunnel { Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())) } else { None },
+                    client: clients.first().cloned().or(client),
+                    clients,
+                    balance,
+                    health_check,
                     created_at: created,
                     source: Source::parse(&source),
                 };

@@ -37,6 +37,9 @@ mod tests {
             target_port: 22,
             use_tunnel: true,
             client: Some("office".into()),
+            clients: vec!["office".into()],
+            balance: Default::default(),
+            health_check: None,
             created_at: 1,
             source: Source::Config,
         };
@@ -154,6 +157,37 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.list().await.unwrap()[0].0.client.as_deref(), Some("default"));
+    }
+
+    #[tokio::test]
+    async fn a_mapping_stored_before_groups_loads_as_a_group_of_one_and_groups_survive_reopen() {
+        use crate::policy::{Balance, HealthCheck};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL, policy TEXT NOT NULL DEFAULT '{}', client TEXT);
+                 INSERT INTO mappings VALUES (4000, '10.0.0.5', 22, 1, 7, '{}', 'office');
+                 INSERT INTO mappings VALUES (4001, '10.0.0.5', 23, 0, 7, '{}', NULL);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows = store.list().await.unwrap();
+        let (tunneled, direct) = (&rows[0].0, &rows[1].0);
+        assert_eq!((tunneled.client.as_deref(), tunneled.clients.as_slice()), (Some("office"), &["office".to_string()][..]));
+        assert_eq!((tunneled.balance, tunneled.health_check), (Balance::Failover, None));
+        assert!(direct.clients.is_empty() && direct.client.is_none(), "a direct mapping has no group");
+        let mut group = tunneled.clone();
+        group.clients = vec!["office-b".into(), "office".into()];
+        group.client = Some("office-b".into());
+        group.balance = Balance::RoundRobin;
+        group.health_check = Some(HealthCheck { interval_secs: 5, timeout_secs: 2 });
+        assert!(store.set_group(&group).await.unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list().await.unwrap()[0].0, group);
     }
 
     #[tokio::test]

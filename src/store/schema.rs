@@ -35,7 +35,8 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Databases made before mappings had a policy get the column, empty (`{}`);
 /// those made before named clients get the `client` column, with their tunneled
-/// mappings belonging to `default`, the one client there was.
+/// mappings belonging to `default`, the one client there was; those made before
+/// client groups get the group's columns, empty (each mapping a group of one).
 fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
     let has = |column: &str| conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = ?1")?.exists([column]);
     if !has("policy")? {
@@ -45,6 +46,15 @@ fn migrate_mapping_columns(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE mappings ADD COLUMN client TEXT;
              UPDATE mappings SET client = 'default' WHERE use_tunnel != 0;",
+        )?;
+    }
+    // Client groups: a row without `clients` is a group of one, its `client`
+    // (read so in `Store::list`), failing over as the one client always did.
+    if !has("clients")? {
+        conn.execute_batch(
+            "ALTER TABLE mappings ADD COLUMN clients TEXT;
+             ALTER TABLE mappings ADD COLUMN balance TEXT;
+             ALTER TABLE mappings ADD COLUMN health_check TEXT;",
         )?;
     }
     Ok(())
@@ -64,8 +74,9 @@ fn migrate_source_columns(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Databases made before UDP mappings key mappings by the port alone: the
 /// table is rebuilt keyed by `(protocol, source_port)`, every row it held a TCP
-/// mapping, so UDP 53 and TCP 53 can both be stored. One transaction: a crash
-/// midway leaves the old table as it was.
+/// mapping, so UDP 53 and TCP 53 can both be stored. Runs after the column
+/// migrations, so the old table has every column copied. One transaction: a
+/// crash midway leaves the old table as it was.
 fn migrate_mapping_protocol(conn: &Connection) -> rusqlite::Result<()> {
     let has = conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = 'protocol'")?.exists([])?;
     if has {
@@ -82,11 +93,16 @@ fn migrate_mapping_protocol(conn: &Connection) -> rusqlite::Result<()> {
             created_at  INTEGER NOT NULL,
             policy      TEXT NOT NULL DEFAULT '{}',
             client      TEXT,
+            clients     TEXT,
+            balance     TEXT,
+            health_check TEXT,
             source      TEXT NOT NULL DEFAULT 'api',
             PRIMARY KEY (protocol, source_port)
          );
-         INSERT INTO mappings_by_protocol (source_port, protocol, target_host, target_port, use_tunnel, created_at, policy, client, source)
-            SELECT source_port, 'tcp', target_host, target_port, use_tunnel, created_at, policy, client, source FROM mappings;
+         INSERT INTO mappings_by_protocol
+            (source_port, protocol, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source)
+            SELECT source_port, 'tcp', target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source
+            FROM mappings;
          DROP TABLE mappings;
          ALTER TABLE mappings_by_protocol RENAME TO mappings;
          COMMIT;",

@@ -294,6 +294,11 @@ pub(crate) const MAPPING_CONNECTION_DURATION: Family = Family::new(
     &[PORT, PROTOCOL],
 )
 .with_buckets(CONNECTION_DURATION_BUCKETS);
+pub(crate) const MAPPING_CLIENT_CONNECTIONS: Family = Family::new(
+    "tunneld_mapping_client_connections_total",
+    "Visitor connections of a tunneled mapping by the client of its group that served them (the target was asked through it).",
+    &[PORT, PROTOCOL, CLIENT],
+);
 pub(crate) const TUNNEL_RTT: Family = Family::new(
     "tunneld_tunnel_rtt_seconds",
     "Round trip of the tunnel's control channel, measured by each heartbeat and its echo (on both roles; none with a peer too old to echo).",
@@ -309,11 +314,12 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 29] = [
+pub(crate) const ALL: [&Family; 30] = [
     &MAPPING_DATAGRAMS,
     &MAPPING_UDP_SESSIONS,
     &MAPPING_DROPPED_DATAGRAMS,
     &MAPPING_CONNECT_DURATION,
+    &MAPPING_CLIENT_CONNECTIONS,
     &MAPPING_CONNECTION_DURATION,
     &TUNNEL_RTT,
     &TUNNEL_RTT_LAST,

@@ -125,6 +125,17 @@ impl Metrics {
         }
     }
 
+    /// `tunneld_mapping_client_connections_total{port, protocol, client}`:
+    /// created at 0 for each client of a mapping's group.
+    pub(crate) fn mapping_client(&self, key: MappingKey, client: &str) -> IntCounter {
+        self.mapping_client_connections.with_label_values(&[&key.port.to_string(), key.protocol.as_str(), client])
+    }
+
+    /// Drops that series: the client left the group, or the mapping went.
+    pub(crate) fn remove_mapping_client(&self, key: MappingKey, client: &str) {
+        let _ = self.mapping_client_connections.remove_label_values(&[&key.port.to_string(), key.protocol.as_str(), client]);
+    }
+
     /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
     pub(crate) fn relabel_mapping(&self, key: MappingKey, old: [&str; 4], new: [&str; 4]) {
         let p = key.port.to_string();
@@ -389,6 +400,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
         metrics.add_mapping(MappingKey { port: 53, protocol: Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
+        metrics.mapping_client(MappingKey::tcp(4000), "default");
         metrics.add_client("default");
         metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();

@@ -74,6 +74,11 @@ pub(crate) enum Answer<'a> {
         /// connect time ends there.
         answered: &'a Visit,
     },
+    /// The caller already heard the answer ([`hear_answer`]); `sent_ahead`
+    /// user bytes went with the opening and are counted when the exchange starts.
+    Heard {
+        sent_ahead: usize,
+    },
     None,
 }
 
@@ -109,6 +114,22 @@ pub(crate) fn opening(connect: &Connect, early: &[u8]) -> Vec<u8> {
     wire
 }
 
+/// A health check over `channel`: the `connect` request alone, the client's
+/// answer, then (the target answered) a [`RESET`], so the client drops the
+/// target's connection and the channel. `Err` says why the target could not
+/// be reached through this client. The channel is spent either way.
+pub(crate) async fn probe<S: AsyncRead + AsyncWrite + Unpin>(channel: &mut S, connect: &Connect) -> Result<(), ExchangeError> {
+    let sent = async {
+        channel.write_all(&opening(connect, &[])).await?;
+        channel.flush().await
+    };
+    sent.await.map_err(channel_error)?;
+    read_answer(channel).await?;
+    let _ = channel.write_all(&RESET.to_be_bytes()).await;
+    let _ = channel.flush().await;
+    Ok(())
+}
+
 /// Relays `socket ⇄ channel` until both directions ended. On success the channel
 /// comes back, ready for the next exchange, with the user bytes moved each way
 /// (`to_channel`, `from_channel`). `to_channel` and `from_channel` count user
@@ -132,9 +153,9 @@ pub(crate) async fn relay(
         relay::arm(watch);
     }
     let (mut reader, mut writer) = tokio::io::split(channel);
-    let answered = AtomicBool::new(matches!(answer, Answer::None));
+    let answered = AtomicBool::new(!matches!(answer, Answer::Expected { .. }));
     let sent_ahead = match answer {
-        Answer::Expected { sent_ahead, .. } => sent_ahead as u64,
+        Answer::Expected { sent_ahead, .. } | Answer::Heard { sent_ahead } => sent_ahead as u64,
         Answer::None => 0,
     };
     let activity = Activity::new();
@@ -198,6 +219,18 @@ async fn channel_failure(watch: Option<&TcpStream>) -> io::Error {
     match watch {
         Some(watch) => relay::failure(watch).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The client's answer to the `connect` request on `channel`, read before the
+/// exchange starts: `Ok(Ok(()))` the target answered, `Ok(Err(why))` the client
+/// could not reach it, `Err(why)` the channel failed first — the client is gone
+/// and another one may take the visitor.
+pub(crate) async fn hear_answer<R: AsyncRead + Unpin>(channel: &mut R) -> Result<Result<(), String>, String> {
+    match frame::read_frame(channel).await {
+        Ok((ConnectResult::ConnectResult { error: None }, _)) => Ok(Ok(())),
+        Ok((ConnectResult::ConnectResult { error: Some(e) }, _)) => Ok(Err(format!("the tunnel client could not reach the target: {e}"))),
+        Err(e) => Err(format!("no answer from the tunnel client: {e}")),
     }
 }
 

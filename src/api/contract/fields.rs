@@ -33,3 +33,9 @@ impl<'de> Visitor<'de> for Port {
 pub(super) fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
+
+/// A field where `null` is a value of its own: absent is `None` (keep),
+/// `null` is `Some(None)` (remove), a value is `Some(Some(value))`.
+pub(super) fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Ok(Some(Option::<T>::deserialize(d)?))
+}

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use super::fields;
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::net::proxy_header::ProxyVersion;
-use crate::policy::{update, Cidr, Policy, PolicyUpdate, Quota};
-use crate::server::mappings::{MappingView, NewMapping};
+use crate::policy::{update, Balance, Cidr, HealthCheck, Policy, PolicyUpdate, Quota};
+use crate::server::mappings::{GroupUpdate, MappingView, MemberView, NewMapping};
 pub use crate::store::Source;
 
 /// `POST /api/mapping/create`. Besides where to forward, it may carry the
@@ -32,6 +32,18 @@ pub struct CreateMapping {
     /// The tunnel client that reaches the target (tunneled only; default `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// A group of tunnel clients that reach the target, instead of `client`
+    /// (tunneled only; not empty, no name twice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<String>>,
+    /// How the group's visitors are shared: `failover` (default, in list
+    /// order), `round_robin`, `least_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// `{interval_secs, timeout_secs}`: the target is dialed through each
+    /// client of the group that often; one that fails gets no visitors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
     /// See [`UpdateMapping::description`].
     #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
     pub description: Option<Option<String>>,
@@ -62,6 +74,9 @@ impl CreateMapping {
             target_port,
             use_tunnel,
             client,
+            clients,
+            balance,
+            health_check,
             description,
             bandwidth_limit,
             quota,
@@ -71,7 +86,7 @@ impl CreateMapping {
         } = self;
         let mut policy = Policy::default();
         policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol });
-        NewMapping { source_port, protocol, target_host, target_port, use_tunnel, client, policy }
+        NewMapping { source_port, protocol, target_host, target_port, use_tunnel, client, clients, balance, health_check, policy }
     }
 }
 
@@ -107,13 +122,38 @@ pub struct UpdateMapping {
     /// visitor's address before its bytes (new visitors from now on).
     #[serde(default, deserialize_with = "update::proxy_protocol", skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<Option<ProxyVersion>>,
+    /// Tunneled: the clients of its group, replaced (`client` becomes the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<String>>,
+    /// Tunneled: how the group's visitors are shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// Tunneled: the group's health check; `null` removes it.
+    #[serde(default, deserialize_with = "fields::nullable", skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Option<HealthCheck>>,
 }
 
 impl UpdateMapping {
-    /// The mapping's port and the change to its policy.
-    pub(crate) fn into_parts(self) -> (MappingKey, PolicyUpdate) {
-        let UpdateMapping { port, protocol, description, bandwidth_limit, quota, allow, deny, proxy_protocol } = self;
-        (MappingKey { port, protocol }, PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol })
+    /// The mapping's key, the change to its policy and the change to its group.
+    pub(crate) fn into_parts(self) -> (MappingKey, PolicyUpdate, GroupUpdate) {
+        let UpdateMapping {
+            port,
+            protocol,
+            description,
+            bandwidth_limit,
+            quota,
+            allow,
+            deny,
+            proxy_protocol,
+            clients,
+            balance,
+            health_check,
+        } = self;
+        (
+            MappingKey { port, protocol },
+            PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol },
+            GroupUpdate { clients, balance, health_check },
+        )
     }
 }
 
@@ -145,8 +185,23 @@ pub struct Mapping {
     pub target_port: u16,
     /// Through a tunnel client rather than directly.
     pub use_tunnel: bool,
-    /// The client that reaches the target; `null` for a direct mapping.
+    /// The client that reaches the target; `null` for a direct mapping. With
+    /// a group, its first client.
     pub client: Option<String>,
+    /// Every client of its group, in order (`[client]` for one); `[]` for a
+    /// direct mapping.
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// How the group's visitors are shared; `null` for a direct mapping.
+    #[serde(default)]
+    pub balance: Option<Balance>,
+    /// The group's health check, or `null`.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Each client of the group now: connected, taking new visitors, serving
+    /// how many connections, failing its health check. `[]` for a direct mapping.
+    #[serde(default)]
+    pub members: Vec<MappingClient>,
     /// When it was created (Unix seconds).
     pub created_at: i64,
     /// The operator's label, or `null`.
@@ -185,9 +240,37 @@ pub struct Mapping {
     pub source: Source,
 }
 
+/// One client of a mapping's group, as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingClient {
+    /// The client's name.
+    pub client: String,
+    /// Its session is up.
+    pub connected: bool,
+    /// New visitors may go to it now (connected, passing its health check;
+    /// with `failover`, the first such client only).
+    pub serving: bool,
+    /// The mapping's connections open through it now.
+    pub active_connections: usize,
+    /// While its health check fails: why; else `null`.
+    pub check_error: Option<String>,
+}
+
+impl From<MemberView> for MappingClient {
+    fn from(m: MemberView) -> MappingClient {
+        MappingClient {
+            client: m.client,
+            connected: m.connected,
+            serving: m.serving,
+            active_connections: m.active_connections,
+            check_error: m.check_error,
+        }
+    }
+}
+
 impl From<MappingView> for Mapping {
     fn from(view: MappingView) -> Mapping {
-        let MappingView { spec, policy, quota_used, quota_blocked, status, health } = view;
+        let MappingView { spec, policy, quota_used, quota_blocked, status, health, members } = view;
         Mapping {
             source_port: spec.source_port,
             protocol: spec.protocol,
@@ -195,6 +278,10 @@ impl From<MappingView> for Mapping {
             target_port: spec.target_port,
             use_tunnel: spec.use_tunnel,
             client: spec.client,
+            balance: spec.use_tunnel.then_some(spec.balance),
+            clients: spec.clients,
+            health_check: spec.health_check,
+            members: members.into_iter().map(MappingClient::from).collect(),
             created_at: spec.created_at,
             description: policy.description,
             bandwidth_limit: policy.bandwidth_limit,

@@ -33,7 +33,7 @@ pub use events::{Event, EventList};
 pub use health::{Health, HealthStatus};
 pub use history::{History, HistoryPoint, Report, ReportRow, Span};
 pub use mappings::{
-    CreateMapping, Mapping, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
+    CreateMapping, Mapping, MappingClient, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
 };
 pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic, UdpTraffic};
 

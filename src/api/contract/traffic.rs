@@ -97,6 +97,15 @@ pub struct MappingTraffic {
     pub use_tunnel: bool,
     /// The client that reaches the target; `null` for a direct mapping.
     pub client: Option<String>,
+    /// Every client of its group, in order, as in `/api/mapping/list`.
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// How the group's visitors are shared; `null` for a direct mapping.
+    #[serde(default)]
+    pub balance: Option<crate::policy::Balance>,
+    /// Each client of the group now, as in `/api/mapping/list`.
+    #[serde(default)]
+    pub members: Vec<super::MappingClient>,
     /// Whether it is serving.
     pub status: MappingStatus,
     /// Whether it is doing its job, judged over the last 5 minutes (always

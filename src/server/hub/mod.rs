@@ -18,4 +18,4 @@ mod defences;
 mod registry;
 mod session;
 
-pub(crate) use registry::{HubSettings, Presence, TunnelHub};
+pub(crate) use registry::{HubSettings, OpenError, Presence, TunnelHub};

@@ -23,7 +23,7 @@ use crate::server::throttle::{AuthThrottle, EndedSessions, Flapping, KnownSource
 use crate::telemetry::{session_result, Metrics};
 use crate::tunnel::exchange;
 use crate::tunnel::frame::ProtocolError;
-use crate::tunnel::message::{Connect, ProxyHeader};
+use crate::tunnel::message::Connect;
 
 /// Connections held open before they authenticate, in total and per source.
 const MAX_UNAUTHENTICATED: usize = 256;
@@ -292,24 +292,35 @@ impl TunnelHub {
 }
 
 impl TunnelHub {
+    /// A health check: asks `client` to dial `host:port` over a data channel
+    /// of its own and hang up at once. `Err` says why it could not.
+    pub async fn probe(&self, client: &str, host: &str, port: u16) -> Result<(), String> {
+        let session = self.session(client).ok_or_else(|| format!("tunnel client {client} is not connected"))?;
+        let mut channel = session.acquire(self.settings.pool_idle).await.ok_or_else(|| format!("tunnel client {client} disconnected"))?;
+        // No PROXY header: a check is no visitor (a target expecting headers
+        // sees a connection that closes without one).
+        let connect = Connect::Connect { host: host.to_string(), port, proxy_header: None };
+        exchange::probe(&mut channel, &connect).await.map_err(|e| e.to_string())
+    }
+
     /// Gets a data channel through `client` — a pooled one if one is idle, else
-    /// one requested now — and sends it the `connect` request for `host:port`,
-    /// with what `visitor` has already sent as the first chunk in the same write
-    /// (at most `early_max` bytes; returned: how many user bytes went with it),
-    /// and `proxy_header` for the client to write to the target first.
-    /// The client's answer is read by the caller, so the visitor's bytes travel
+    /// one requested now — and sends it `connect` (the target, and the PROXY
+    /// header the client writes to it first, if any), with what `visitor` has
+    /// already sent as the first chunk in the same write (at most `early_max`
+    /// bytes, taken into `early` the first time; a retry through another
+    /// client sends the same; returned: how many user bytes went with it). The
+    /// client's answer is read by the caller, so the visitor's bytes travel
     /// ahead of it.
     pub async fn open(
         &self,
         client: &str,
-        host: &str,
-        port: u16,
-        proxy_header: Option<ProxyHeader>,
+        connect: &Connect,
         visitor: &TcpStream,
         early_max: usize,
+        early: &mut Option<Vec<u8>>,
     ) -> Result<(TunnelStream, Lease, usize), OpenError> {
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
-        let connect = Connect::Connect { host: host.to_string(), port, proxy_header };
+        let wants_header = matches!(connect, Connect::Connect { proxy_header: Some(_), .. });
         let mut opening: Option<(Vec<u8>, usize)> = None;
         let no_client = || OpenError::NoClient(client.to_string());
         // A pooled channel whose client end is already gone fails the write; try
@@ -317,7 +328,7 @@ impl TunnelHub {
         let mut last_error = OpenError::Timeout;
         for _ in 0..4 {
             let session = self.session(client).ok_or_else(no_client)?;
-            if proxy_header.is_some() && !session.writes_proxy_headers {
+            if wants_header && !session.writes_proxy_headers {
                 return Err(OpenError::NoProxyHeaders(client.to_string()));
             }
             let mut stream = match tokio::time::timeout_at(deadline, session.acquire(self.settings.pool_idle)).await {
@@ -328,8 +339,8 @@ impl TunnelHub {
             // Read once a channel is at hand (the visitor had longest to send),
             // and kept for the next channel should this one turn out stale.
             let (wire, sent_ahead) = opening.get_or_insert_with(|| {
-                let early = exchange::early_bytes(visitor, early_max);
-                (exchange::opening(&connect, &early), early.len())
+                let early = early.get_or_insert_with(|| exchange::early_bytes(visitor, early_max));
+                (exchange::opening(connect, early), early.len())
             });
             let sent = async {
                 stream.write_all(wire).await?;

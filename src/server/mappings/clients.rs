@@ -52,7 +52,7 @@ impl Mappings {
         if self.declared_clients().contains(name) {
             return Err(self.declared_refusal(format!("the client {name:?}")));
         }
-        let users: Vec<u16> = entries.values().filter(|e| e.spec.client.as_deref() == Some(name)).map(|e| e.spec.source_port).collect();
+        let users: Vec<u16> = entries.values().filter(|e| e.spec.clients.iter().any(|c| c == name)).map(|e| e.spec.source_port).collect();
         if !users.is_empty() && !force {
             return Err(MappingError::ClientInUse { name: name.to_string(), ports: users });
         }
@@ -62,11 +62,11 @@ impl Mappings {
         Ok(users)
     }
 
-    /// How many mappings name each client.
+    /// How many mappings name each client (alone or in a group).
     pub async fn mappings_per_client(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for entry in self.entries.lock().await.values() {
-            if let Some(client) = &entry.spec.client {
+            for client in &entry.spec.clients {
                 *counts.entry(client.clone()).or_default() += 1;
             }
         }

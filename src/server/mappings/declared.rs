@@ -3,9 +3,10 @@
 //! created, changed and removed to match — and refused to the API, which may
 //! change only what it made.
 //!
-//! A declared mapping whose route (target, tunnel, client) is unchanged keeps
-//! its listener and its open connections; a changed policy goes through the
-//! same live path as `/api/mapping/update`. A changed route is a new mapping on
+//! A declared mapping whose route (target, tunnel) is unchanged keeps its
+//! listener and its open connections; a changed policy or group (clients,
+//! balance, health check) goes through the same live path as
+//! `/api/mapping/update`. A changed route is a new mapping on
 //! the same port (the old one's connections end). A port the API had mapped is
 //! taken over by the file: the file is what the operator (or Ansible, Salt,
 //! NixOS) says this server serves, and a server must converge on it without
@@ -19,7 +20,7 @@ use tracing::{info, warn};
 
 use super::error::MappingError;
 use super::listener::{bind, describe_bind_error};
-use super::registry::{check_request, Entry, Mappings, NewMapping};
+use super::registry::{check_request, Entry, GroupUpdate, Mappings, NewMapping};
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::protocol::MappingKey;
 use crate::core::secret::Secret;
@@ -37,14 +38,6 @@ pub(crate) struct Declaration {
     pub clients: Vec<(String, Secret)>,
     /// `[[mappings]]`, in the file's order.
     pub mappings: Vec<NewMapping>,
-}
-
-/// What the registry remembers of the last reconciled declaration.
-#[derive(Debug, Default)]
-pub(super) struct DeclaredState {
-    file: Option<PathBuf>,
-    /// Declared clients and their secrets (to see a rotated one).
-    clients: BTreeMap<String, Secret>,
 }
 
 /// How many of each were created, changed and removed by one reconcile.
@@ -105,10 +98,12 @@ pub(crate) fn check_declaration(declaration: &mut Declaration) -> Result<(), (us
         if let Some(first) = ports.insert((mapping.source_port, mapping.protocol), index) {
             return Err((index, format!("{} source_port {} is declared by mappings[{first}] too", mapping.protocol, mapping.source_port)));
         }
-        if let Some(name) = mapping.client.as_deref().filter(|name| *name != DEFAULT_CLIENT && !clients.contains(name)) {
+        // `check_request` made `clients` the whole group (`client` is its first).
+        let group = mapping.clients.iter().flatten();
+        if let Some(name) = group.map(String::as_str).find(|name| *name != DEFAULT_CLIENT && !clients.contains(name)) {
             return Err((
                 index,
-                format!("client: no client named {name:?} in [[clients]] (a declared mapping names `default` or a declared client)"),
+                format!("clients: no client named {name:?} in [[clients]] (a declared mapping names `default` or declared clients)"),
             ));
         }
     }
@@ -230,13 +225,23 @@ impl Mappings {
         for c in checked {
             let port = c.req.source_port;
             let key = MappingKey { port, protocol: c.req.protocol };
-            if let Some(entry) = entries.get(&key) {
+            if let Some(entry) = entries.get_mut(&key) {
                 match entry.spec.source {
                     Source::Config if same_route(entry, &c.req) => {
+                        let mut changed = false;
                         if entry.policy() != c.req.policy {
                             self.update_entry(entry, PolicyUpdate::to(c.req.policy.clone())).await?;
-                            done.mappings.changed += 1;
+                            changed = true;
                         }
+                        if entry.spec.use_tunnel {
+                            let group = GroupUpdate {
+                                clients: c.req.clients.clone(),
+                                balance: Some(c.req.balance.unwrap_or_default()),
+                                health_check: Some(c.req.health_check),
+                            };
+                            changed |= self.change_group(entry, group).await?;
+                        }
+                        done.mappings.changed += usize::from(changed);
                         continue;
                     }
                     Source::Config => done.mappings.changed += 1,
@@ -266,15 +271,15 @@ impl Mappings {
         // Clients the file no longer declares (after the mappings that named them went).
         let undeclared: Vec<String> = known.keys().filter(|n| !declared_names.contains(n.as_str())).cloned().collect();
         for name in undeclared {
-            let users: Vec<u16> =
-                entries.values().filter(|e| e.spec.client.as_deref() == Some(name.as_str())).map(|e| e.spec.source_port).collect();
+            let users: Vec<u16> = entries.values().filter(|e| e.spec.clients.contains(&name)).map(|e| e.spec.source_port).collect();
             self.ctx.store.remove_client(&name).await.map_err(MappingError::store(format!("remove the client {name:?}")))?;
             self.ctx.hub.remove_client(&name);
             lock(&self.declared).clients.remove(&name);
             if users.is_empty() {
                 info!(client = %name, "declared client removed");
             } else {
-                warn!(client = %name, ports = ?users, "declared client removed; the API's mappings that name it wait for a client of that name");
+                let ports = users.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+                warn!(client = %name, %ports, "declared client removed; the API's mappings that name it wait for a client of that name");
             }
             done.clients.removed += 1;
         }
@@ -283,18 +288,29 @@ impl Mappings {
 }
 
 /// Whether a declared mapping still forwards where `req` says, the same way:
-/// then only its policy may differ, and it changes live.
+/// then only its policy and its group may differ, and they change live (open
+/// connections stay with the client serving them).
 fn same_route(entry: &Entry, req: &NewMapping) -> bool {
     // Every field named, so that a field added to a mapping must be placed
-    // here: part of the route (a new mapping) or of the policy (live).
-    let NewMapping { source_port, protocol, target_host, target_port, use_tunnel, client, policy: _ } = req;
+    // here: part of the route (a new mapping) or of what changes live.
+    let NewMapping {
+        source_port,
+        protocol,
+        target_host,
+        target_port,
+        use_tunnel,
+        client: _,
+        clients: _,
+        balance: _,
+        health_check: _,
+        policy: _,
+    } = req;
     let spec = &entry.spec;
     spec.source_port == *source_port
         && spec.protocol == *protocol
         && spec.target_host == *target_host
         && spec.target_port == *target_port
         && spec.use_tunnel == *use_tunnel
-        && spec.client == *client
 }
 
 /// `mappings[1] (source_port 4001): …`, for a refused declaration.

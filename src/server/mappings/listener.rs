@@ -13,15 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
-use super::health::HealthWindow;
-use super::target::ResolvedHere;
-use super::visitor::serve_visitor;
-use crate::core::names::DEFAULT_CLIENT;
+use super::visitor::{serve_visitor, Admission};
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
-use crate::policy::LivePolicy;
 use crate::server::connections::End;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics};
@@ -70,16 +66,6 @@ pub(super) async fn bind(addr: IpAddr, key: MappingKey) -> std::io::Result<Bound
     }
 }
 
-/// What each visitor of a mapping is checked against at accept, before any
-/// target or tunnel work: its policy, and (tunneled) its target as resolved
-/// here, for the loop check.
-pub(super) struct Admission {
-    pub(super) policy: Arc<LivePolicy>,
-    pub(super) resolved: Arc<ResolvedHere>,
-    /// Told why a visitor's target could not be reached.
-    pub(super) health: Arc<HealthWindow>,
-}
-
 /// The life of one mapping: (re)bind until it has its port, then accept until
 /// removed or shut down.
 pub(super) async fn run_mapping(
@@ -119,11 +105,15 @@ pub(super) async fn run_mapping(
         Bound::Tcp(listener) => listener,
         Bound::Udp(socket) => return super::udp::serve(ctx, spec, admission, socket, cancel, metrics).await,
     };
+    // Shared by every visitor's task: one reference count each.
+    let admission = Arc::new(admission);
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let descriptors = visitor_descriptors(&spec);
-    // Shared by every connection's entry: one allocation per mapping, not per visitor.
-    let client: Option<Arc<str>> = spec.use_tunnel.then(|| Arc::from(spec.client.as_deref().unwrap_or(DEFAULT_CLIENT)));
-    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(spec.key(), client.as_deref(), peer, reason);
+    // A refused visitor, or one not yet served, is shown under the group's
+    // first client (a mapping's one client). The name is shared by every
+    // connection's entry: no allocation per visitor.
+    let first_client = || admission.group.members().list.first().map(|m| m.name.clone());
+    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(spec.key(), first_client().as_deref(), peer, reason);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -147,7 +137,7 @@ pub(super) async fn run_mapping(
             debug!(port, %peer, "visitor refused: the mapping's quota for this period is used up");
             continue;
         }
-        if let Some(why) = ctx.tunnel_loop(&spec, &admission.resolved) {
+        if let Some((_, why)) = ctx.tunnel_loop(&spec, &admission.group.members(), &admission.resolved) {
             metrics.refused_loop.inc();
             refused(peer, refused_reason::LOOP);
             debug!(port, %peer, reason = %why, "visitor refused: the mapping would forward to itself");
@@ -183,14 +173,13 @@ pub(super) async fn run_mapping(
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
-        let policy = admission.policy.clone();
-        let health = admission.health.clone();
+        let admission = admission.clone();
         let cancel = cancel.clone();
-        let tracked = ctx.live.open(spec.key(), client.clone(), peer);
+        let tracked = ctx.live.open(spec.key(), first_client(), peer);
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             let end = tokio::select! {
-                end = serve_visitor(&ctx2, &spec, &policy, &metrics, &health, visitor, &tracked) => end,
+                end = serve_visitor(&ctx2, &spec, &admission, &metrics, visitor, &tracked) => end,
                 _ = tracked.close_requested() => {
                     debug!(port = spec.source_port, %peer, "connection reset: closed through the API");
                     End::ClosedByApi

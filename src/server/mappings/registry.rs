@@ -12,18 +12,18 @@ use tracing::{debug, info, warn};
 
 use super::context::{Ctx, RefusalLog, Settings, REFUSAL_LOG_INTERVAL};
 use super::error::MappingError;
+use super::group::Group;
 use super::health::{Condition, HealthWindow};
-use super::listener::{
-    bind, describe_bind_error, run_mapping, set, Admission, Bound, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS,
-};
+use super::listener::{bind, describe_bind_error, run_mapping, set, Bound, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
+use super::visitor::Admission;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
-use crate::policy::{LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
+use crate::policy::{invalid_group, Balance, HealthCheck, LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Source, Store, StoreError};
@@ -40,14 +40,77 @@ pub struct NewMapping {
     pub use_tunnel: bool,
     /// Which client reaches the target (`None`: `default`); tunneled mappings only.
     pub client: Option<String>,
+    /// Several clients that reach the target (a group); instead of `client`,
+    /// or starting with it.
+    pub clients: Option<Vec<String>>,
+    /// How a group's visitors are shared (default: failover, in list order).
+    pub balance: Option<Balance>,
+    /// Active checks of the target through each client of the group.
+    pub health_check: Option<HealthCheck>,
     pub policy: Policy,
+}
+
+/// What `/api/mapping/update` changes in a tunneled mapping's group; absent
+/// fields (`None`) stay, `health_check: Some(None)` removes the check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupUpdate {
+    pub clients: Option<Vec<String>>,
+    pub balance: Option<Balance>,
+    pub health_check: Option<Option<HealthCheck>>,
+}
+
+impl GroupUpdate {
+    /// Whether it changes anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_none() && self.balance.is_none() && self.health_check.is_none()
+    }
+}
+
+/// The clients of a new mapping: `clients`, `[client]`, `[default]` for a
+/// tunneled one, none for a direct one; refused when they do not fit.
+fn group_of(use_tunnel: bool, client: Option<String>, clients: Option<Vec<String>>) -> Result<Vec<String>, MappingError> {
+    let group = match (use_tunnel, client, clients) {
+        (false, None, None) => return Ok(Vec::new()),
+        (false, _, _) => {
+            return Err(MappingError::Invalid("client, clients: only a tunneled mapping (use_tunnel: true) has clients".into()))
+        }
+        (true, None, None) => vec![DEFAULT_CLIENT.to_string()],
+        (true, Some(client), None) => vec![client],
+        (true, None, Some(clients)) => clients,
+        (true, Some(client), Some(clients)) if clients.first() == Some(&client) => clients,
+        (true, Some(client), Some(clients)) => {
+            return Err(MappingError::Invalid(format!(
+                "client {client:?} and clients {clients:?} disagree: give clients alone (client is its first one)"
+            )))
+        }
+    };
+    match invalid_group(&group) {
+        Some(why) => Err(MappingError::Invalid(why)),
+        None => Ok(group),
+    }
+}
+
+fn check_health_check(check: Option<&HealthCheck>) -> Result<(), MappingError> {
+    match check.and_then(HealthCheck::invalid) {
+        Some(why) => Err(MappingError::Invalid(why)),
+        None => Ok(()),
+    }
 }
 
 pub struct Mappings {
     pub(super) entries: tokio::sync::Mutex<BTreeMap<MappingKey, Entry>>,
     pub(super) ctx: Arc<Ctx>,
     /// What the config file declares, as last reconciled.
-    pub(super) declared: Mutex<super::declared::DeclaredState>,
+    pub(super) declared: Mutex<DeclaredState>,
+}
+
+/// What the registry remembers of the last reconciled declaration (see
+/// `declared`, which reconciles).
+#[derive(Debug, Default)]
+pub(super) struct DeclaredState {
+    pub(super) file: Option<std::path::PathBuf>,
+    /// Declared clients and their secrets (to see a rotated one).
+    pub(super) clients: BTreeMap<String, crate::core::secret::Secret>,
 }
 
 /// A request that passed the checks that need no lock, with its target
@@ -57,6 +120,11 @@ pub(super) struct Checked {
     resolved: Vec<std::net::SocketAddr>,
     resolved_here: Vec<std::net::SocketAddr>,
 }
+
+/// Why a UDP mapping takes no tunnel, client or group: it forwards directly.
+const UDP_NOT_TUNNELED: &str =
+    "protocol \"udp\" with use_tunnel, client, clients, balance or health_check: tunneled UDP is not available yet; \
+     a UDP mapping forwards directly (use_tunnel: false, no clients)";
 
 /// The checks a mapping request needs on its own, shared by the API and the
 /// config file's `[[mappings]]` (`tunneld check-config` too): ports, a valid
@@ -74,22 +142,29 @@ pub(crate) fn check_request(req: &mut NewMapping) -> Result<(), MappingError> {
     if req.protocol == Protocol::Udp && req.policy.proxy_protocol.is_some() {
         return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
     }
-    if req.protocol == Protocol::Udp && req.use_tunnel {
+    if req.protocol == Protocol::Udp
+        && (req.use_tunnel || req.client.is_some() || req.clients.is_some() || req.balance.is_some() || req.health_check.is_some())
+    {
+        return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
+    }
+    let clients = group_of(req.use_tunnel, req.client.take(), req.clients.take())?;
+    if !req.use_tunnel && (req.balance.is_some() || req.health_check.is_some()) {
         return Err(MappingError::Invalid(
-            "protocol \"udp\" with use_tunnel: tunneled UDP is not available yet; a UDP mapping forwards directly (use_tunnel: false)"
-                .into(),
+            "balance, health_check: only a tunneled mapping (use_tunnel: true) has clients to balance or check".into(),
         ));
     }
-    req.client = match (req.use_tunnel, req.client.take()) {
-        (true, client) => Some(client.unwrap_or_else(|| DEFAULT_CLIENT.to_string())),
-        (false, None) => None,
-        (false, Some(_)) => return Err(MappingError::Invalid("client: only a tunneled mapping (use_tunnel: true) has a client".into())),
-    };
+    check_health_check(req.health_check.as_ref())?;
+    // From here on `clients` is the whole group and `client` its first (both
+    // `None` for a direct mapping), so checking again finds the same.
+    req.client = clients.first().cloned();
+    req.clients = (!clients.is_empty()).then_some(clients);
     Ok(())
 }
 
 pub(super) struct Entry {
     pub(super) spec: Arc<MappingSpec>,
+    /// Its clients (tunneled), the one a visitor goes to, their checks.
+    pub(super) group: Arc<Group>,
     policy: Arc<LivePolicy>,
     quota_used: prometheus::Gauge,
     quota_bytes: prometheus::IntGauge,
@@ -174,7 +249,7 @@ impl Mappings {
         let mut entries = self.entries.lock().await;
         // Checked under the mappings lock, which client removal takes too: a
         // mapping never names a client that is being removed.
-        if let Some(name) = req.client.as_deref().filter(|name| !self.ctx.hub.knows(name)) {
+        if let Some(name) = req.clients.iter().flatten().find(|name| !self.ctx.hub.knows(name)) {
             return Err(MappingError::NamesUnknownClient(name.to_string()));
         }
         let key = MappingKey { port: req.source_port, protocol: req.protocol };
@@ -221,7 +296,7 @@ impl Mappings {
         // now only when such a client is connected (it may be refused);
         // otherwise soon after, so a name only the client's network knows
         // costs no wait.
-        let client_here = req.client.as_deref().is_some_and(|name| self.ctx.hub.peer_on_this_host(name).is_some());
+        let client_here = req.clients.iter().flatten().any(|name| self.ctx.hub.peer_on_this_host(name).is_some());
         let resolved_here =
             if req.use_tunnel && client_here { target::resolve_here(&req.target_host, req.target_port).await } else { Vec::new() };
         Ok(Checked { req, resolved, resolved_here })
@@ -239,7 +314,7 @@ impl Mappings {
                 req.target_host, req.target_port
             )));
         }
-        if let Some((name, peer)) = req.client.as_deref().and_then(|name| Some((name, self.ctx.hub.peer_on_this_host(name)?))) {
+        for (name, peer) in req.clients.iter().flatten().filter_map(|name| Some((name.as_str(), self.ctx.hub.peer_on_this_host(name)?))) {
             if let Some(why) = target::through_client_on_this_host(&checked.resolved_here, req.source_port, name, peer, &mapped, reserved) {
                 return Err(MappingError::Invalid(format!(
                     "target {}:{} is {why}: the mapping would forward to itself",
@@ -278,6 +353,9 @@ impl Mappings {
             target_port: req.target_port,
             use_tunnel: req.use_tunnel,
             client: req.client,
+            clients: req.clients.unwrap_or_default(),
+            balance: req.balance.unwrap_or_default(),
+            health_check: req.health_check,
             created_at: crate::core::time::unix_now() as i64,
             source,
         };
@@ -286,7 +364,7 @@ impl Mappings {
             .insert(spec.clone(), &req.policy)
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
-        info!(port = spec.source_port, protocol = %spec.protocol, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, client = spec.client.as_deref().unwrap_or(""), source = source.as_str(), "mapping created");
+        info!(port = spec.source_port, protocol = %spec.protocol, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, clients = %spec.clients.join(","), balance = spec.balance.as_str(), source = source.as_str(), "mapping created");
         let resolved = match resolved_here.is_empty() {
             true => ResolvedHere::soon(&spec),
             false => Arc::new(ResolvedHere::new(resolved_here)),
@@ -344,6 +422,71 @@ impl Mappings {
         Ok(self.view(entry))
     }
 
+    /// Changes a tunneled mapping's group live: its clients, its balance mode,
+    /// its health check. Open connections stay with the client that serves
+    /// them; new visitors follow the new group at once. A change to nothing
+    /// touches nothing.
+    pub async fn update_group(&self, key: MappingKey, update: GroupUpdate) -> Result<MappingView, MappingError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entries.get_mut(&key).ok_or(MappingError::NotFound(key))?;
+        if update.is_empty() {
+            return Ok(self.view(entry));
+        }
+        self.refuse_declared(entry)?;
+        self.change_group(entry, update).await?;
+        Ok(self.view(entry))
+    }
+
+    /// [`Mappings::update_group`] on an entry the caller holds the lock for:
+    /// the one path by which a group changes live, from the API or from the
+    /// config file. Whether anything changed.
+    pub(super) async fn change_group(&self, entry: &mut Entry, update: GroupUpdate) -> Result<bool, MappingError> {
+        let port = entry.spec.source_port;
+        if entry.spec.protocol == Protocol::Udp {
+            return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
+        }
+        if !entry.spec.use_tunnel {
+            return Err(MappingError::Invalid(format!(
+                "clients, balance, health_check: the mapping on port {port} is direct; only a tunneled mapping has clients"
+            )));
+        }
+        let mut spec = (*entry.spec).clone();
+        if let Some(clients) = update.clients {
+            if let Some(why) = invalid_group(&clients) {
+                return Err(MappingError::Invalid(why));
+            }
+            if let Some(name) = clients.iter().find(|name| !self.ctx.hub.knows(name)) {
+                return Err(MappingError::NamesUnknownClient(name.to_string()));
+            }
+            spec.client = clients.first().cloned();
+            spec.clients = clients;
+        }
+        if let Some(balance) = update.balance {
+            spec.balance = balance;
+        }
+        if let Some(check) = update.health_check {
+            check_health_check(check.as_ref())?;
+            spec.health_check = check;
+        }
+        if spec == *entry.spec {
+            debug!(port, "mapping group update changes nothing");
+            return Ok(false);
+        }
+        self.ctx.store.set_group(&spec).await.map_err(MappingError::store(format!("save the clients of the mapping on port {port}")))?;
+        entry.group.configure(&spec);
+        let new = info_labels(&spec, &entry.policy.get());
+        {
+            let mut info = lock(&entry.info);
+            if *info != new {
+                self.ctx.metrics.relabel_mapping(entry.spec.key(), labels(&info), labels(&new));
+                *info = new;
+            }
+        }
+        info!(port, clients = %spec.clients.join(","), balance = spec.balance.as_str(), health_check = spec.health_check.is_some(), "mapping group updated");
+        entry.spec = Arc::new(spec);
+        Ok(true)
+    }
+
     /// Every mapping's live policy and quota gauge, for the quota check.
     pub async fn policies(&self) -> Vec<crate::server::quotas::MappingPolicy> {
         let entries = self.entries.lock().await;
@@ -376,6 +519,7 @@ impl Mappings {
             // The listener is released when the task ends: wait, so the port can be
             // mapped again the moment this returns.
             let _ = entry.task.await;
+            entry.group.remove_series();
             let info = lock(&entry.info).clone();
             self.ctx.metrics.remove_mapping(key, labels(&info));
         }
@@ -396,8 +540,8 @@ impl Mappings {
         entries
             .iter()
             .filter_map(|(port, e)| {
-                let why = self.ctx.tunnel_loop(&e.spec, &e.resolved)?;
-                Some((*port, e.spec.client.clone().unwrap_or_default(), why))
+                let (client, why) = self.ctx.tunnel_loop(&e.spec, &e.group.members(), &e.resolved)?;
+                Some((*port, client.to_string(), why))
             })
             .collect()
     }
@@ -420,8 +564,12 @@ impl Mappings {
 
     fn view(&self, entry: &Entry) -> MappingView {
         let bind_error = lock(&entry.bind_error).clone();
-        let client_away = entry.spec.client.as_deref().filter(|c| !self.ctx.hub.connected(c));
-        let looping = self.ctx.tunnel_loop(&entry.spec, &entry.resolved);
+        // A group waits only when none of its clients is connected.
+        let members = entry.group.members();
+        let none_connected = entry.spec.use_tunnel && !members.list.iter().any(|m| self.ctx.hub.connected(&m.name));
+        let away = none_connected.then(|| members.list.iter().map(|m| m.name.to_string()).collect::<Vec<_>>().join(" or "));
+        let client_away = away.as_deref();
+        let looping = self.ctx.tunnel_loop(&entry.spec, &members, &entry.resolved).map(|(_, why)| why);
         let status = match (&bind_error, client_away, &looping) {
             (Some(error), _, _) => MappingStatus::Error(error.clone()),
             (None, Some(_), _) => MappingStatus::WaitingForTunnel,
@@ -456,6 +604,7 @@ impl Mappings {
             quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
             status,
             health,
+            members: entry.group.view(&self.ctx.hub),
         }
     }
 
@@ -503,26 +652,32 @@ impl Mappings {
         let quota_bytes = metrics.quota_bytes.clone();
         let health = Arc::new(HealthWindow::new(metrics.clone()));
         let cancel = self.ctx.abort.child_token();
+        let group = Arc::new(Group::new(&spec, self.ctx.metrics.clone()));
+        if spec.use_tunnel {
+            let checks = group.clone().run_health_checks(self.ctx.hub.clone(), spec.target_host.clone(), spec.target_port, cancel.clone());
+            tokio::spawn(checks);
+        }
         let task = tokio::spawn(run_mapping(
             self.ctx.clone(),
             spec.clone(),
-            Admission { policy: policy.clone(), resolved: resolved.clone(), health: health.clone() },
+            Admission { policy: policy.clone(), resolved: resolved.clone(), health: health.clone(), group: group.clone() },
             listener,
             bind_error.clone(),
             cancel.clone(),
             metrics,
         ));
-        Entry { spec, policy, quota_used, quota_bytes, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
+        Entry { spec, group, policy, quota_used, quota_bytes, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
     }
 }
 
-/// `tunneld_mapping_info`'s labels besides the port: target, mode, client, description.
+/// `tunneld_mapping_info`'s labels besides the port: target, mode, client (a
+/// group's clients joined by commas), description.
 fn info_labels(spec: &MappingSpec, policy: &Policy) -> [String; 4] {
     let mode = if spec.use_tunnel { "tunnel" } else { "direct" };
     [
         format!("{}:{}", spec.target_host, spec.target_port),
         mode.into(),
-        spec.client.clone().unwrap_or_default(),
+        spec.clients.join(","),
         policy.description.clone().unwrap_or_default(),
     ]
 }

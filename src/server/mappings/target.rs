@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::context::Ctx;
 use super::error::MappingError;
+use super::group::Members;
 use crate::core::sync::{lock, read};
 use crate::net::socket::is_local_address;
 use crate::store::MappingSpec;
@@ -114,11 +115,29 @@ pub(super) fn through_client_on_this_host(
 }
 
 impl Ctx {
-    /// Why the tunneled mapping `spec` refuses every visitor now — its client
-    /// is on this host and its target is one of this daemon's own listeners —
-    /// or `None`. Cheap (no lookup): checked for every visitor.
-    pub(super) fn tunnel_loop(&self, spec: &MappingSpec, resolved: &ResolvedHere) -> Option<String> {
-        let client = spec.client.as_deref().filter(|_| spec.use_tunnel)?;
+    /// Why the tunneled mapping `spec` refuses every visitor now — each of its
+    /// connected clients is on this host and its target is one of this
+    /// daemon's own listeners — with the first such client, or `None`. Cheap
+    /// (no lookup): checked for every visitor.
+    pub(super) fn tunnel_loop(&self, spec: &MappingSpec, members: &Members, resolved: &ResolvedHere) -> Option<(Arc<str>, String)> {
+        if !spec.use_tunnel {
+            return None;
+        }
+        let mut looping = None;
+        for member in members.list.iter().filter(|m| self.hub.connected(&m.name)) {
+            match self.loop_through(&member.name, spec, resolved) {
+                Some(why) => {
+                    looping.get_or_insert((member.name.clone(), why));
+                }
+                // One client that does not loop serves the visitors.
+                None => return None,
+            }
+        }
+        looping
+    }
+
+    /// Why `spec`'s visitors would come back to this daemon through `client`, if so.
+    fn loop_through(&self, client: &str, spec: &MappingSpec, resolved: &ResolvedHere) -> Option<String> {
         let peer = self.hub.peer_on_this_host(client)?;
         let addrs = lock(&resolved.0);
         let mapped = read(&self.mapped_ports);

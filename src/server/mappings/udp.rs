@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use super::context::Ctx;
 use super::health::HealthWindow;
-use super::listener::Admission;
+use super::visitor::Admission;
 use crate::core::sync::lock;
 use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};

@@ -1,6 +1,7 @@
 //! A mapping as the server shows it: where it forwards, its policy, its quota
 //! use, and whether it is serving. The API turns it into its wire types.
 
+use super::group::MemberView;
 use super::health::MappingHealth;
 use crate::policy::Policy;
 use crate::store::MappingSpec;
@@ -20,6 +21,9 @@ pub struct MappingView {
     pub status: MappingStatus,
     /// Whether it is doing its job, judged over the recent window, and why.
     pub health: MappingHealth,
+    /// Tunneled: each client of its group, connected or not, and whether it
+    /// takes new visitors now. Empty for a direct mapping.
+    pub members: Vec<MemberView>,
 }
 
 /// Whether a mapping is serving (the API's wire form is
@@ -28,7 +32,7 @@ pub struct MappingView {
 pub enum MappingStatus {
     /// Listening, and (tunneled) its client is connected.
     Active,
-    /// Listening, but the client that reaches the target is not connected.
+    /// Listening, but no client that reaches the target is connected.
     WaitingForTunnel,
     /// The port cannot be bound (retried in the background); why.
     Error(String),

@@ -3,31 +3,47 @@
 //! the mapping asks for a PROXY header, and the bytes are relayed, counted and
 //! capped until either side is done.
 
+use std::sync::Arc;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::context::Ctx;
+use super::group::Group;
 use super::health::HealthWindow;
-use crate::core::names::DEFAULT_CLIENT;
+use super::target::ResolvedHere;
 use crate::net::relay::{self, Side};
 use crate::net::socket;
 use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
+use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
 use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
-use crate::tunnel::message::ProxyHeader;
+use crate::tunnel::message::{Connect, ProxyHeader};
+
+/// What each visitor of a mapping is checked against at accept, before any
+/// target or tunnel work: its policy, and (tunneled) its target as resolved
+/// here, for the loop check.
+pub(super) struct Admission {
+    pub(super) policy: Arc<LivePolicy>,
+    pub(super) resolved: Arc<ResolvedHere>,
+    /// Told why a visitor's target could not be reached.
+    pub(super) health: Arc<HealthWindow>,
+    /// Tunneled: the clients a visitor may go to.
+    pub(super) group: Arc<Group>,
+}
 
 pub(super) async fn serve_visitor(
     ctx: &Ctx,
     spec: &MappingSpec,
-    policy: &LivePolicy,
+    admission: &Admission,
     metrics: &MappingMetrics,
-    health: &HealthWindow,
     visitor: TcpStream,
     tracked: &Tracked,
 ) -> End {
+    let Admission { policy, health, group, .. } = admission;
     let port = spec.source_port;
     let peer = tracked.source();
     let visit = metrics.visitor_accepted();
@@ -46,7 +62,9 @@ pub(super) async fn serve_visitor(
         }
     };
     let result = if spec.use_tunnel {
-        tunneled(ctx, spec, meters, &visit, &visitor, proxy_header).await
+        // The client writes the PROXY header after dialing the target.
+        let connect = Connect::Connect { host: spec.target_host.clone(), port: spec.target_port, proxy_header };
+        tunneled(ctx, group, meters, &visit, &visitor, tracked, &connect).await
     } else {
         direct(ctx, spec, meters, &visit, &visitor, proxy_header).await
     };
@@ -137,31 +155,90 @@ async fn direct(
 /// connection; the answer is read first in the other direction, and a failure
 /// there ends the connection and counts as a connect error. After a clean
 /// exchange the data channel goes back to the pool for the next visitor.
+///
+/// The client is the first of the group's candidates (see
+/// `Group::candidates`) that takes the visitor. One whose session ended a
+/// moment ago is passed over for the next before any of the visitor's bytes
+/// were taken. While another candidate is left, the client's answer is heard
+/// before the exchange starts (the visitor's bytes beyond the first chunk wait
+/// for it in its socket): if the channel dies first — the client was killed
+/// or its session lost just then — the visitor goes to the next client with
+/// the same first chunk, instead of failing.
 async fn tunneled(
     ctx: &Ctx,
-    spec: &MappingSpec,
+    group: &Group,
     (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
-    proxy_header: Option<ProxyHeader>,
+    tracked: &Tracked,
+    connect: &Connect,
 ) -> Result<(u64, u64), VisitorError> {
-    let client = spec.client.as_deref().unwrap_or(DEFAULT_CLIENT);
+    let port = tracked.port();
     // User bytes only: the tunnel's wire bytes are counted under the channel.
     // What the visitor sent travels with the request only as far as the cap
     // allows at once; the rest follows, paced, in the exchange.
     let early_max = up.allowance_now(exchange::MAX_CHUNK);
-    // The client writes the PROXY header after dialing the target (see `Connect`).
-    let opened = ctx.hub.open(client, &spec.target_host, spec.target_port, proxy_header, visitor, early_max).await;
-    let (channel, lease, sent_ahead) = opened.map_err(|e| {
+    let mut early = None;
+    let mut last_error = OpenError::NoClient(format!("of the mapping on port {port}"));
+    let mut taken = None;
+    let candidates = group.candidates(&ctx.hub);
+    for (i, member) in candidates.iter().enumerate() {
+        let opened = ctx.hub.open(&member.name, connect, visitor, early_max, &mut early).await;
+        let (mut channel, lease, sent_ahead) = match opened {
+            Ok(opened) => opened,
+            // Not connected, or too old to write the PROXY header this
+            // mapping needs: the next member may serve.
+            Err(e @ (OpenError::NoClient(_) | OpenError::NoProxyHeaders(_))) => {
+                last_error = e;
+                continue;
+            }
+            Err(e) => {
+                last_error = e;
+                break;
+            }
+        };
+        if i + 1 == candidates.len() {
+            taken = Some((member.clone(), channel, lease, sent_ahead, false));
+            break;
+        }
+        let heard = tokio::select! {
+            heard = exchange::hear_answer(&mut channel) => heard,
+            _ = lease.revoked() => Err(format!("the tunnel session of client {} ended", member.name)),
+        };
+        match heard {
+            Ok(Ok(())) => {
+                taken = Some((member.clone(), channel, lease, sent_ahead, true));
+                break;
+            }
+            Ok(Err(refused)) => {
+                up.unused(early_max - sent_ahead);
+                return Err(VisitorError::Target(refused));
+            }
+            Err(lost) => {
+                debug!(port, client = %member.name, error = %lost, "the client was lost before it answered; the visitor goes to the next one");
+                last_error = OpenError::NoClient(member.name.to_string());
+            }
+        }
+    }
+    let Some((member, channel, lease, sent_ahead, heard)) = taken else {
         up.unused(early_max);
-        VisitorError::Target(e.to_string())
-    })?;
+        return Err(VisitorError::Target(last_error.to_string()));
+    };
+    let _serving = member.serve();
+    tracked.served_by(&member.name);
+    let client = &*member.name;
     up.unused(early_max - sent_ahead);
     // Visitor bytes sent ahead of the answer reach the target only if it
     // answers: they are counted then.
     let (up, reached_target) = up.held_behind(Meter::default());
     // The client's answer says its dial of the target succeeded: the connect time.
-    let answer = exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit };
+    let answer = if heard {
+        visit.target_answered();
+        reached_target.release();
+        exchange::Answer::Heard { sent_ahead }
+    } else {
+        exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit }
+    };
     let relayed = tokio::select! {
         relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
         // A removed client's access ends with its exchanges, not when they
