@@ -572,3 +572,40 @@ fn a_flood_faster_than_the_target_is_taken_fills_a_bounded_queue_and_the_rest_is
     let (status, _) = http("GET", &server.url("/api/mapping/list"), None);
     assert_eq!(status, 200);
 }
+
+#[test]
+fn a_udp_mapping_takes_no_client_group_and_a_tcp_group_on_its_port_is_its_own() {
+    let server = Daemon::server(SECRET, &[]);
+    let port = free_port();
+    let check = json!({"interval_secs": 5, "timeout_secs": 2});
+    for extra in
+        [json!({"client": "default"}), json!({"clients": ["default"]}), json!({"balance": "round_robin"}), json!({"health_check": check})]
+    {
+        let (status, body) = create_udp(&server, port, udp_echo(), extra.clone());
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{extra}: {body}");
+    }
+    assert_eq!(create_udp(&server, port, udp_echo(), json!({})).0, 200);
+    let (status, body) = post(&server, "/api/mapping/update", json!({"port": port, "protocol": "udp", "balance": "round_robin"}));
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{body}");
+
+    // TCP on the same port number: a tunneled group, whose series say tcp.
+    let tcp = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true, "clients": ["default"]});
+    assert_eq!(post(&server, "/api/mapping/create", tcp).0, 200);
+    let p = port.to_string();
+    let served = |protocol: &str| {
+        scrape_metric(&server, "tunneld_mapping_client_connections_total", &[("port", &p), ("protocol", protocol), ("client", "default")])
+    };
+    assert_eq!(served("tcp"), Some(0.0), "a group's clients have a series from the start, labelled tcp");
+    assert_eq!(served("udp"), None, "the UDP mapping has no group");
+    let (status, body) = post(&server, "/api/mapping/update", json!({"port": port, "balance": "round_robin"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["balance"], "round_robin");
+    let udp = listed_udp(&server, port).expect("the UDP mapping stays");
+    assert_eq!(
+        (udp["use_tunnel"].clone(), udp["clients"].clone(), udp["balance"].clone()),
+        (json!(false), json!([]), Value::Null),
+        "{udp}"
+    );
+}

@@ -144,6 +144,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_group_stored_before_udp_survives_the_rebuild_keyed_by_protocol() {
+        use crate::core::protocol::Protocol;
+        use crate::policy::{Balance, HealthCheck};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout client groups left: group columns, no protocol.
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL, policy TEXT NOT NULL DEFAULT '{}', client TEXT,
+                 clients TEXT, balance TEXT, health_check TEXT, source TEXT NOT NULL DEFAULT 'api');
+                 INSERT INTO mappings VALUES (2222, '10.0.0.5', 22, 1, 7, '{}', 'a', '[\"a\",\"b\"]', 'round_robin',
+                   '{\"interval_secs\":5,\"timeout_secs\":2}', 'api');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let spec = store.list().await.unwrap()[0].0.clone();
+        assert_eq!(spec.protocol, Protocol::Tcp);
+        assert_eq!((spec.clients.as_slice(), spec.balance), (["a".to_string(), "b".to_string()].as_slice(), Balance::RoundRobin));
+        assert_eq!(spec.health_check, Some(HealthCheck { interval_secs: 5, timeout_secs: 2 }));
+        // A group change reaches the row by port and protocol.
+        let changed = MappingSpec { client: Some("b".into()), clients: vec!["b".into()], ..spec };
+        assert!(store.set_group(&changed).await.unwrap());
+        assert!(!store.set_group(&MappingSpec { protocol: Protocol::Udp, ..changed.clone() }).await.unwrap(), "no UDP 2222");
+        assert_eq!(store.list().await.unwrap()[0].0.clients, ["b"]);
+    }
+
+    #[tokio::test]
     async fn tunneled_mappings_from_before_named_clients_belong_to_default() {
         let dir = tempfile::tempdir().unwrap();
         {
