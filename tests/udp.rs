@@ -609,3 +609,17 @@ fn a_udp_mapping_takes_no_client_group_and_a_tcp_group_on_its_port_is_its_own() 
         "{udp}"
     );
 }
+
+#[test]
+fn the_config_file_may_not_give_a_udp_mapping_a_client_group() {
+    for group in ["clients = [\"default\"]", "balance = \"round_robin\"", "health_check = { interval_secs = 5, timeout_secs = 2 }"] {
+        let (_guard, path) = config_file(&format!(
+            "[[mappings]]\nsource_port = {}\nprotocol = \"udp\"\ntarget_host = \"127.0.0.1\"\ntarget_port = 53\n{group}\n",
+            free_port()
+        ));
+        let check = Command::new(BIN).args(["check-config", "--config", &path, "server"]).output().expect("run check-config");
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(2), "{group}: {stderr}");
+        assert!(stderr.contains("mappings[0]") && stderr.contains("tunneled UDP is not available yet"), "{group}: {stderr}");
+    }
+}
