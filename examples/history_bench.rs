@@ -39,7 +39,14 @@ async fn rig(dir: &Path, mappings: u16, start: i64) -> Rig {
     let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
     let settings = HistoryConfig::default().settings().expect("default history settings");
     let recorder = Recorder::new(store, metrics.clone(), settings, clock).await.expect("recorder");
-    let mappings = (0..mappings).map(|i| metrics.add_mapping(10_000 + i, ["127.0.0.1:9", "direct", "", ""])).collect();
+    let mappings = (0..mappings)
+        .map(|i| {
+            metrics.add_mapping(
+                tunneld::core::protocol::MappingKey { port: 10_000 + i, protocol: tunneld::core::protocol::Protocol::Tcp },
+                ["127.0.0.1:9", "direct", "", ""],
+            )
+        })
+        .collect();
     Rig { recorder, mappings, now }
 }
 

@@ -168,7 +168,7 @@
   let prev = null; // the previous sample (T), for rates
   let latest = null; // the newest sample and when it arrived (performance.now())
   let latestAt = 0;
-  const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map(), byClient: new Map() };
+  const rates = { sent: null, recv: null, tunnelSent: null, tunnelRecv: null, byPort: new Map(), byMapping: new Map(), byClient: new Map() };
   // The live chart draws two kinds of measurement, each as a flat step over the
   // time it covers (never a curve through them):
   //  - points: the page's samples, oldest first: {x: unix secs of the sample, span:
@@ -204,14 +204,24 @@
     rates.recv = prev ? rate(sample.total_received, prev.total_received, dt) : null;
     rates.tunnelSent = prev ? rate(sample.tunnel.bytes_sent, prev.tunnel.bytes_sent, dt) : null;
     rates.tunnelRecv = prev ? rate(sample.tunnel.bytes_received, prev.tunnel.bytes_received, dt) : null;
-    const before = new Map((prev ? prev.mappings : []).map((m) => [m.port, m]));
-    rates.byPort = new Map(sample.mappings.map((m) => {
-      const p = before.get(m.port);
-      return [m.port, {
+    // Per mapping: UDP 53 and TCP 53 are two (`protocol` absent: a daemon from before UDP).
+    const mappingKey = (m) => `${m.port}/${m.protocol || 'tcp'}`;
+    const before = new Map((prev ? prev.mappings : []).map((m) => [mappingKey(m), m]));
+    rates.byMapping = new Map(sample.mappings.map((m) => {
+      const p = before.get(mappingKey(m));
+      return [mappingKey(m), {
         sent: p ? rate(m.bytes_sent, p.bytes_sent, dt) : null,
         recv: p ? rate(m.bytes_received, p.bytes_received, dt) : null,
       }];
     }));
+    // Per port (what the chart follows): its mappings of both protocols together.
+    rates.byPort = new Map();
+    for (const m of sample.mappings) {
+      const r = rates.byMapping.get(mappingKey(m));
+      const sum = rates.byPort.get(m.port);
+      const add = (a, b) => (a == null || b == null ? null : a + b);
+      rates.byPort.set(m.port, sum ? { sent: add(sum.sent, r.sent), recv: add(sum.recv, r.recv) } : { ...r });
+    }
     // Per client by name: a client removed and re-created under the same name starts
     // again from zero, which rate() reads as "unknown", not as a negative rate.
     const clientsBefore = new Map(clientsOf(prev).map((c) => [c.name, c]));
@@ -599,10 +609,13 @@
     // Rebuilt on each sample: a handful of rows every few seconds is cheap, and it
     // keeps rows exactly in the daemon's order (sorted by port) with no stale ones.
     const rows = maps.map((m) => {
-      const r = rates.byPort.get(m.port) || {};
+      const r = rates.byMapping.get(`${m.port}/${m.protocol || 'tcp'}`) || {};
       const ago = m.last_update == null ? null : now - m.last_update;
-      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-status': m.status, 'data-health': m.health ?? '', 'data-client': m.client ?? '' },
-        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`),
+      const udp = m.protocol === 'udp';
+      return el('tr', { 'data-testid': 'mapping-row', 'data-port': m.port, 'data-protocol': m.protocol ?? 'tcp', 'data-status': m.status, 'data-health': m.health ?? '', 'data-client': m.client ?? '' },
+        el('td', { class: 'port', 'data-label': 'Port', 'data-col': 'port' }, `:${m.port}`,
+          // UDP 53 and TCP 53 are two mappings: the badge tells their rows apart.
+          udp ? el('span', { class: 'badge badge-udp', 'data-role': 'protocol', title: 'UDP: datagrams; each visitor address is a session' }, 'UDP') : null),
         el('td', { class: 'target', 'data-label': 'Target', 'data-col': 'target', title: `${m.target_host}:${m.target_port}` },
           el('span', { 'data-role': 'value' }, `${m.target_host}:${m.target_port}`),
           m.description ? el('span', { class: 'mapping-description', 'data-role': 'description' }, m.description) : null,
@@ -617,7 +630,8 @@
         bytesCell('Received', 'received', m.bytes_received, m.lifetime_received, r.recv),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↑', 'data-col': 'rate-sent' }, formatRate(r.sent)),
         el('td', { class: 'num col-rate', 'data-label': 'Rate ↓', 'data-col': 'rate-received' }, formatRate(r.recv)),
-        el('td', { class: 'num', 'data-label': 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, openConnsButton(m)),
+        el('td', { class: 'num', 'data-label': udp ? 'Sessions' : 'Open', 'data-col': 'open' }, el('span', { 'data-role': 'value' }, openConnsButton(m)),
+          udp ? el('span', { class: 'cell-sub', 'data-role': 'udp-sessions' }, (m.udp && m.udp.sessions) === 1 ? 'session' : 'sessions') : null,
           // Where the Connect column is folded away (721-1100 px), its values go here.
           m.connect_p50_seconds == null ? null : el('span', { class: 'cell-sub connect-inline', 'data-role': 'connect-inline', title: 'Connect time: median, 99th percentile (last 15 minutes)' },
             // A narrow column may break after "p50", never inside "1.3 ms".
@@ -1317,7 +1331,9 @@
     const open = conns.port === m.port;
     return el('button', {
       type: 'button', class: 'conns-toggle', 'data-role': 'open-conns', 'data-port': m.port,
-      'aria-expanded': String(open), title: open ? 'Hide the open connections' : 'Show the open connections',
+      'aria-expanded': String(open),
+      title: m.protocol === 'udp' ? (open ? 'Hide the open UDP sessions' : 'Show the open UDP sessions (one per visitor address)')
+        : open ? 'Hide the open connections' : 'Show the open connections',
     }, intFormat.format(m.active_connections ?? 0));
   }
 

@@ -97,7 +97,7 @@ fn remove_list_routes_and_methods() {
 
     let (status, body) = post(&server, "/api/mapping/remove", json!({"port": port}));
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["data"], json!({"port": port}));
+    assert_eq!(body["data"], json!({"port": port, "protocol": "tcp"}));
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "listener closed on remove");
     // The port can be mapped again at once.
     create_mapping(&server, port, echo, false);

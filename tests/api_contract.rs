@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tunneld::api::contract::{
     ClientCreated, ClientList, ClientRemoved, CreateClient, CreateMapping, Envelope, EventList, Health, HealthStatus, History,
-    HistoryPoint, Mapping, MappingList, MappingRemoved, MappingStatus, RemoveClient, RemoveMapping, Report, TrafficReport, UpdateMapping,
+    HistoryPoint, Mapping, MappingList, MappingRemoved, MappingStatus, Protocol, RemoveClient, RemoveMapping, Report, TrafficReport,
+    UpdateMapping,
 };
 use tunneld::policy::{Cidr, Quota, QuotaAction, QuotaPeriod};
 
@@ -72,7 +73,7 @@ fn keys(object: &Value) -> Vec<&str> {
 }
 
 /// The fields of a mapping without a quota, as documented (DESIGN.md), sorted.
-const MAPPING_FIELDS: [&str; 20] = [
+const MAPPING_FIELDS: [&str; 21] = [
     "allow",
     "balance",
     "bandwidth_limit",
@@ -85,6 +86,7 @@ const MAPPING_FIELDS: [&str; 20] = [
     "health_check",
     "health_reason",
     "members",
+    "protocol",
     "proxy_protocol",
     "quota",
     "source",
@@ -276,6 +278,7 @@ fn every_json_route_answers_in_the_contract_types() {
                 "lifetime_sent",
                 "members",
                 "port",
+                "protocol",
                 "proxy_protocol",
                 "quota",
                 "quota_blocked",
@@ -352,9 +355,9 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(answer.data(), ClientRemoved { name: "lab".into(), mappings_waiting: vec![lab_port] });
 
     // Removing a mapping flushes its history: the series and the report have it.
-    let answer = post::<MappingRemoved>(&server, "/api/mapping/remove", &RemoveMapping { port: direct });
-    assert_eq!(answer.raw["data"], json!({"port": direct}));
-    assert_eq!(answer.data(), MappingRemoved { port: direct });
+    let answer = post::<MappingRemoved>(&server, "/api/mapping/remove", &RemoveMapping { port: direct, protocol: Protocol::Tcp });
+    assert_eq!(answer.raw["data"], json!({"port": direct, "protocol": "tcp"}));
+    assert_eq!(answer.data(), MappingRemoved { port: direct, protocol: Protocol::Tcp });
     let answer = get::<History>(&server, &format!("/api/stats/history?port={direct}&step=minute"));
     assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "interval_secs", "points", "port", "step", "to", "unrecorded", "utc_offset"]);
     assert_eq!(keys(&answer.raw["data"]["points"][0]), ["bytes_received", "bytes_sent", "t"]);
@@ -372,7 +375,7 @@ fn every_json_route_answers_in_the_contract_types() {
     assert_eq!(sum(&all.points), (3000, 3000), "{all:?}");
     let answer = get::<Report>(&server, "/api/stats/report?period=day");
     assert_eq!(keys(&answer.raw["data"]), ["as_of", "from", "period", "rows", "to", "utc_offset"]);
-    assert_eq!(keys(&answer.raw["data"]["rows"][0]), ["bytes_received", "bytes_sent", "period", "period_start", "port"]);
+    assert_eq!(keys(&answer.raw["data"]["rows"][0]), ["bytes_received", "bytes_sent", "period", "period_start", "port", "protocol"]);
     let report = answer.data();
     assert_eq!((report.period.as_str(), report.utc_offset.as_str()), ("day", "+00:00"));
     let row = report.rows.iter().find(|r| r.port == direct).expect("a row for the removed mapping");

@@ -4,7 +4,7 @@
 //! link is cut, new visitors go to the others; a client whose side cannot reach
 //! the target is taken out by the health check; the mapping waits only when no
 //! client is left. Which client served a visitor is seen three ways: the
-//! server's `tunneld_mapping_client_connections_total{port,client}`, the
+//! server's `tunneld_mapping_client_connections_total{port,protocol,client}`, the
 //! `client` of live connections and of the connection log, and (on two hosts)
 //! the target itself, which answers with the name of the host it runs on.
 mod common;
@@ -43,10 +43,12 @@ fn create_group(server: &Daemon, port: u16, target: SocketAddr, extra: Value) ->
     answer["data"].clone()
 }
 
-/// `tunneld_mapping_client_connections_total{port, client}` now.
+/// `tunneld_mapping_client_connections_total{port, protocol, client}` now (a
+/// group's mapping is TCP).
 fn served_by(server: &Daemon, port: u16, client: &str) -> f64 {
     let port = port.to_string();
-    scrape_metric(server, "tunneld_mapping_client_connections_total", &[("port", &port), ("client", client)]).unwrap_or(-1.0)
+    scrape_metric(server, "tunneld_mapping_client_connections_total", &[("port", &port), ("protocol", "tcp"), ("client", client)])
+        .unwrap_or(-1.0)
 }
 
 /// The members of the mapping on `port` as `list` shows them: (client, connected, serving).

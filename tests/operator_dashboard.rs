@@ -100,7 +100,7 @@ fn the_mapping_panels_are_at_the_top_and_show_health_refusals_errors_quota_and_w
 
     // Only mappings that have a quota: its allowance is above 0.
     let quota = exprs(panel(&dash, "Quota used"))[0];
-    assert!(quota.contains("tunneld_mapping_quota_used_ratio") && quota.contains("and on (instance, port)"), "{quota}");
+    assert!(quota.contains("tunneld_mapping_quota_used_ratio") && quota.contains("and on (instance, port, protocol)"), "{quota}");
     assert!(quota.contains("tunneld_mapping_quota_bytes") && quota.contains("> 0"), "{quota}");
 
     // The listening stat names each mapping with its description, and links the page.
@@ -155,6 +155,9 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     let body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": echo_server().port(), "description": "web",
                       "quota": {"bytes": 5000, "period": "day", "action": "alert"}});
     assert_eq!(post(&server, "/api/mapping/create", body).0, 200);
+    // A UDP mapping too: its datagram and session families exist only with one.
+    let udp = json!({"source_port": free_port(), "protocol": "udp", "target_host": "127.0.0.1", "target_port": 9});
+    assert_eq!(post(&server, "/api/mapping/create", udp).0, 200);
     // A tunneled one too: its clients' series exist from its creation.
     let tunneled = json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true});
     assert_eq!(post(&server, "/api/mapping/create", tunneled).0, 200);

@@ -282,20 +282,21 @@ fn grafana_dashboard_is_importable_and_shows_what_operators_need() {
         ("tunneld_tunnel_connected_since_timestamp_seconds", Some("dateTimeFromNow")),
         // IEC units (KiB/s, MiB/s), as the monitor page shows them.
         ("sum by (direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
-        ("port, direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("port, protocol, direction) (rate(tunneld_mapping_bytes_total", Some("binBps")),
         ("up{job=~\"tunneld-server|tunneld-client\"", None),
-        ("group_left (target, mode, client) (max by (instance, port, target, mode, client) (tunneld_mapping_info", None),
+        ("group_left (target, mode, client) (max by (instance, port, protocol, target, mode, client) (tunneld_mapping_info", None),
         // Per client: the tunnel's own counters, and the user traffic of each
         // client's tunneled mappings through tunneld_mapping_info's client label.
         ("sum by (job, instance, client, direction) (rate(tunneld_tunnel_bytes_total", Some("binBps")),
         (
-            "sum by (instance, client, direction) (rate(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__rate_interval]) * on (instance, port) group_left (client) max by (instance, port, client) (tunneld_mapping_info{instance=~\"$instance\", mode=\"tunnel\", client=~\"$client\"})",
+            "sum by (instance, client, direction) (rate(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__rate_interval]) * on (instance, port, protocol) group_left (client) max by (instance, port, protocol, client) (tunneld_mapping_info{instance=~\"$instance\", mode=\"tunnel\", client=~\"$client\"})",
             Some("binBps"),
         ),
-        ("sum by (instance, client, direction) (increase(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__range]) * on (instance, port) group_left (client)", Some("bytes")),
+        ("sum by (instance, client, direction) (increase(tunneld_mapping_bytes_total{instance=~\"$instance\"}[$__range]) * on (instance, port, protocol) group_left (client)", Some("bytes")),
         ("count by (instance, client) (tunneld_mapping_client_connections_total{instance=~\"$instance\"", None),
-        ("rate(tunneld_mapping_connect_errors_total{instance=~\"$instance\", port=~\"$port\"}[$__rate_interval])) / sum by (instance, port) (rate(tunneld_mapping_connections_total", Some("percentunit")),
-        ("topk(5, sum by (instance, port) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("rate(tunneld_mapping_connect_errors_total{instance=~\"$instance\", port=~\"$port\"}[$__rate_interval])) / sum by (instance, port, protocol) (rate(tunneld_mapping_connections_total", Some("percentunit")),
+        ("topk(5, sum by (instance, port, protocol) (rate(tunneld_mapping_bytes_total", Some("binBps")),
+        ("sum by (instance, port, protocol, client) (rate(tunneld_mapping_client_connections_total", Some("cps")),
         ("(increase(tunneld_mapping_bytes_total{instance=~\"$instance\", port=~\"$port\"}[1d] offset -1d))", Some("bytes")),
         ("tunneld_history_last_flush_timestamp_seconds", Some("s")),
         ("(increase(tunneld_mapping_bytes_total", Some("bytes")),

@@ -63,6 +63,18 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     create_mapping(&server, tunneled_port, echo, true);
     create_tunneled_mapping(&server, office_port, echo, "office");
     let ports = [direct_port, tunneled_port, office_port];
+    // UDP beside TCP on the direct port's number, for the UDP panels.
+    let udp_echo = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP echo");
+    let udp_target = udp_echo.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, peer)) = udp_echo.recv_from(&mut buf) {
+            let _ = udp_echo.send_to(&buf[..n], peer);
+        }
+    });
+    let udp = json!({"source_port": direct_port, "protocol": "udp", "target_host": "127.0.0.1", "target_port": udp_target.port()});
+    let (status, reply) = post(&server, "/api/mapping/create", udp);
+    assert_eq!(status, 200, "{reply}");
     // One mapping with a quota, for the quota panel (which lists only those).
     let quota = json!({"port": direct_port, "quota": {"bytes": 1_000_000_000u64, "period": "month", "action": "alert"}});
     let (status, reply) = post(&server, "/api/mapping/update", quota);
@@ -82,10 +94,16 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         assert!(roundtrip(addr, &payload) == payload, "echo through mapping {port} came back different");
     }
 
+    let visitor = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP visitor");
+    visitor.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    visitor.send_to(&payload[..1000], loopback(direct_port)).expect("send a datagram");
+    assert_eq!(visitor.recv(&mut [0u8; 2048]).expect("the datagram back"), 1000);
+
     let len = payload.len() as f64;
     prometheus.wait_until("the traffic and a few more scrapes", deadline, |p| {
-        let moved =
-            ports.iter().all(|port| p.scalar(&format!(r#"min(tunneld_mapping_bytes_total{{port="{port}"}})"#)).is_some_and(|v| v >= len));
+        let moved = ports.iter().all(|port| {
+            p.scalar(&format!(r#"min(tunneld_mapping_bytes_total{{port="{port}", protocol="tcp"}})"#)).is_some_and(|v| v >= len)
+        });
         let scrapes = p.scalar("min(count_over_time(up[1m]))").is_some_and(|n| n >= 5.0);
         moved && scrapes
     });
@@ -148,7 +166,9 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let totals_expr = queries
         .iter()
         .map(|(_, e)| e)
-        .find(|e| e.contains("sum by (instance, port, direction) (increase(tunneld_mapping_bytes_total") && e.contains("$__range"))
+        .find(|e| {
+            e.contains("sum by (instance, port, protocol, direction) (increase(tunneld_mapping_bytes_total") && e.contains("$__range")
+        })
         .expect("a per-port totals query");
     let totals = prometheus.query(&substitute(totals_expr, &variables)).expect("totals query");
     for port in ports {

@@ -15,6 +15,7 @@ use super::contract::{
 use super::error::{success, ApiError};
 use super::history::{params, time_param, Params};
 use super::state::AppState;
+use crate::core::protocol::Protocol;
 use crate::server::connections::RATE_WINDOW;
 use crate::store::connection_log::LogQuery;
 
@@ -31,10 +32,6 @@ const SOURCES_DEFAULT: u32 = 10;
 const SOURCES_MAX: u32 = 1_000;
 /// `/api/stats/sources` without `from`: the last 31 days (a month's quota).
 const SOURCES_SPAN: i64 = 31 * 86_400;
-
-/// Only TCP mappings exist; `protocol=tcp` is accepted for scripts written
-/// for the routes as the design names them.
-const PROTOCOL: &str = "tcp";
 
 fn port_param(map: &HashMap<String, String>) -> Result<Option<u16>, ApiError> {
     match map.get("port") {
@@ -56,12 +53,13 @@ fn limit_param(map: &HashMap<String, String>, default: u32, max: u32) -> Result<
     }
 }
 
-/// `false` when `protocol` names one this daemon has no mappings of.
-fn protocol_matches(map: &HashMap<String, String>) -> Result<bool, ApiError> {
+/// `?protocol=`: `tcp`, `udp`, or absent (both).
+fn protocol_param(map: &HashMap<String, String>) -> Result<Option<Protocol>, ApiError> {
     match map.get("protocol").map(String::as_str) {
-        None | Some(PROTOCOL) => Ok(true),
-        Some("udp") => Ok(false),
-        Some(other) => Err(ApiError::bad_request(format!("`protocol` must be tcp or udp (got {other:?})"))),
+        None => Ok(None),
+        Some(name) => {
+            Protocol::parse(name).map(Some).ok_or_else(|| ApiError::bad_request(format!("`protocol` must be tcp or udp (got {name:?})")))
+        }
     }
 }
 
@@ -75,16 +73,14 @@ pub(super) async fn list(State(state): State<AppState>, raw: Params) -> Result<R
     let port = port_param(&map)?;
     let client = client_param(&map);
     let limit = limit_param(&map, LIST_DEFAULT as u32, LIST_MAX as u32)? as usize;
-    let (views, count) = match protocol_matches(&map)? {
-        true => state.mappings.connections().list(port, client.as_deref(), limit),
-        false => (Vec::new(), 0),
-    };
+    let protocol = protocol_param(&map)?;
+    let (views, count) = state.mappings.connections().list(port, protocol, client.as_deref(), limit);
     let connections = views
         .into_iter()
         .map(|c| OpenConnection {
             id: c.id,
             port: c.port,
-            protocol: PROTOCOL.into(),
+            protocol: c.protocol.as_str().into(),
             client: c.client,
             source: c.source.to_string(),
             started_at: c.started_at,
@@ -119,22 +115,20 @@ pub(super) async fn log(State(state): State<AppState>, raw: Params) -> Result<Re
     let limit = limit_param(&map, LOG_DEFAULT, if csv { LOG_MAX_CSV } else { LOG_MAX_JSON })?;
     let query = LogQuery {
         port: port_param(&map)?,
+        protocol: protocol_param(&map)?,
         client: client_param(&map),
         source: map.get("source").filter(|s| !s.is_empty()).cloned(),
         from: map.get("from").map(|_| time_param(&map, "from", 0)).transpose()?.map(|t| t as f64),
         to: map.get("to").map(|_| time_param(&map, "to", 0)).transpose()?.map(|t| t as f64),
         limit,
     };
-    let rows = match protocol_matches(&map)? {
-        true => state.recorder_store().connection_log(query).await.map_err(internal)?,
-        false => Vec::new(),
-    };
+    let rows = state.recorder_store().connection_log(query).await.map_err(internal)?;
     let connections: Vec<LoggedConnection> = rows
         .into_iter()
         .map(|c| LoggedConnection {
             id: c.id,
             port: c.port,
-            protocol: PROTOCOL.into(),
+            protocol: c.protocol.as_str().into(),
             client: c.client,
             source: c.source,
             started_at: c.started_at,
@@ -169,11 +163,9 @@ pub(super) async fn sources(State(state): State<AppState>, raw: Params) -> Resul
     if from >= to {
         return Err(ApiError::bad_request(format!("`from` ({from}) must be before `to` ({to})")));
     }
-    let query = LogQuery { port, from: Some(from as f64), to: Some(to as f64), limit, ..LogQuery::default() };
-    let rows = match protocol_matches(&map)? {
-        true => state.recorder_store().top_sources(query).await.map_err(internal)?,
-        false => Vec::new(),
-    };
+    let protocol = protocol_param(&map)?;
+    let query = LogQuery { port, protocol, from: Some(from as f64), to: Some(to as f64), limit, ..LogQuery::default() };
+    let rows = state.recorder_store().top_sources(query).await.map_err(internal)?;
     let sources = rows
         .into_iter()
         .map(|s| SourceTotals { source: s.source, connections: s.connections, bytes_sent: s.bytes_sent, bytes_received: s.bytes_received })

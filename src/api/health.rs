@@ -33,7 +33,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Health> {
         let health = m.health.health;
         let looping = matches!(m.status, MappingStatus::Error(_));
         if matches!(health, MappingHealth::TargetFailing | MappingHealth::Blocked) || (health == MappingHealth::Refusing && !looping) {
-            reasons.push(format!("mapping on port {port} is {}: {}", health.as_str(), m.health.reason));
+            reasons.push(format!("mapping on port {} is {}: {}", m.spec.key(), health.as_str(), m.health.reason));
         }
         // A group with a client away still serves through the others, but
         // has lost some of its redundancy: said too, in other words.

@@ -92,7 +92,7 @@ fn range(
 }
 
 pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Result<Response, ApiError> {
-    let map = params(raw, &["port", "step", "from", "to"])?;
+    let map = params(raw, &["port", "protocol", "step", "from", "to"])?;
     let port = match map.get("port") {
         None => None,
         Some(text) => match text.parse::<u16>() {
@@ -100,11 +100,17 @@ pub(super) async fn history(State(state): State<AppState>, raw: Params) -> Resul
             _ => return Err(ApiError::bad_request(format!("`port` must be an integer between 1 and 65535 (got {text:?})"))),
         },
     };
+    let protocol = match map.get("protocol").map(String::as_str) {
+        None => crate::core::protocol::Protocol::Tcp,
+        Some(name) => crate::core::protocol::Protocol::parse(name)
+            .ok_or_else(|| ApiError::bad_request(format!("`protocol` must be tcp or udp (got {name:?})")))?,
+    };
+    let key = port.map(|port| crate::core::protocol::MappingKey { port, protocol });
     let step = step_param(&map, "step", Step::Hour, &[Step::Minute, Step::Hour, Step::Day, Step::Month])?;
     let settings = state.recorder.settings();
     let offset = settings.utc_offset_secs;
     let (from, to) = range(&map, "step", step, 86_400, state.recorder.now(), MAX_POINTS, offset)?;
-    let series = state.recorder.points(step, port, from, to).await.map_err(internal)?;
+    let series = state.recorder.points(step, key, from, to).await.map_err(internal)?;
     Ok(success(
         "ok",
         History {
@@ -153,11 +159,12 @@ pub(super) async fn report(State(state): State<AppState>, raw: Params) -> Result
 }
 
 /// RFC 4180: a header line, CRLF line ends. No field needs quoting (labels are
-/// dates or date-times, the rest numbers), so none is quoted.
+/// dates or date-times, the rest numbers and `tcp`/`udp`), so none is quoted.
+/// `protocol` comes last, so the columns scripts read by position stay where they were.
 fn to_csv(rows: &[ReportRow]) -> String {
-    let mut out = String::from("period,period_start,port,bytes_sent,bytes_received\r\n");
+    let mut out = String::from("period,period_start,port,bytes_sent,bytes_received,protocol\r\n");
     for r in rows {
-        out.push_str(&format!("{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received));
+        out.push_str(&format!("{},{},{},{},{},{}\r\n", r.period, r.period_start, r.port, r.bytes_sent, r.bytes_received, r.protocol));
     }
     out
 }

@@ -18,27 +18,27 @@ pub(super) async fn create(State(state): State<AppState>, JsonBody(request): Jso
 }
 
 pub(super) async fn update(State(state): State<AppState>, JsonBody(request): JsonBody<UpdateMapping>) -> Result<Response, ApiError> {
-    let (port, change, group) = request.into_parts();
+    let (key, change, group) = request.into_parts();
     // The group first: it is the part that can be refused (unknown clients),
     // and a refused request changes nothing.
     if !group.is_empty() {
-        state.mappings.update_group(port, group).await?;
+        state.mappings.update_group(key, group).await?;
     }
-    let view = state.mappings.update(port, change).await?;
+    let view = state.mappings.update(key, change).await?;
     Ok(success("mapping updated", Mapping::from(view)))
 }
 
 pub(super) async fn remove(
     State(state): State<AppState>,
-    JsonBody(RemoveMapping { port }): JsonBody<RemoveMapping>,
+    JsonBody(RemoveMapping { port, protocol }): JsonBody<RemoveMapping>,
 ) -> Result<Response, ApiError> {
     // The mapping's series vanish with it: record what it moved since the last
     // flush first, and flush again after, so a new mapping on the same port
     // counts from its own zero.
     state.recorder.flush_logged().await;
-    state.mappings.remove(port).await?;
+    state.mappings.remove(crate::core::protocol::MappingKey { port, protocol }).await?;
     state.recorder.flush_logged().await;
-    Ok(success("mapping removed", MappingRemoved { port }))
+    Ok(success("mapping removed", MappingRemoved { port, protocol }))
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Response {

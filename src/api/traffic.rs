@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::clients;
-use super::contract::{MappingTraffic, TrafficReport, TunnelTraffic};
+use super::contract::{MappingTraffic, TrafficReport, TunnelTraffic, UdpTraffic};
 use super::error::success;
 use super::state::AppState;
 use crate::core::time::unix_now;
@@ -26,11 +26,20 @@ pub(super) async fn report(state: &AppState) -> TrafficReport {
         .into_iter()
         .map(|view| {
             let port = view.spec.source_port;
-            let t = snap.mappings.get(&port).cloned().unwrap_or_default();
+            let key = view.spec.key();
+            let t = snap.mappings.get(&key).cloned().unwrap_or_default();
             // Never below since-start: bytes counted after the last flush are in both.
-            let (lifetime_sent, lifetime_received) = lifetime.get(&port).map(|t| (t.sent, t.received)).unwrap_or_default();
+            let (lifetime_sent, lifetime_received) = lifetime.get(&key).map(|t| (t.sent, t.received)).unwrap_or_default();
+            let udp = (key.protocol == crate::core::protocol::Protocol::Udp).then(|| UdpTraffic {
+                datagrams_sent: t.datagrams_sent,
+                datagrams_received: t.datagrams_received,
+                sessions: t.udp_sessions,
+                dropped: t.dropped.clone(),
+            });
             MappingTraffic {
                 port,
+                protocol: key.protocol,
+                udp,
                 bytes_sent: t.bytes_sent,
                 bytes_received: t.bytes_received,
                 lifetime_sent: lifetime_sent.max(t.bytes_sent),

@@ -7,6 +7,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use super::units::{parse_cidr, parse_quota, parse_rate};
 use crate::config::{Override, Role};
+use crate::core::protocol::Protocol;
 use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{Cidr, Quota};
 
@@ -72,6 +73,9 @@ pub(crate) enum CtlCommand {
         port: u16,
         #[arg(value_name = "HOST:PORT")]
         target: String,
+        /// `tcp` or `udp`: UDP 53 and TCP 53 are two mappings.
+        #[arg(long, default_value = "tcp", value_parser = protocol)]
+        protocol: Protocol,
         /// Reach the target through the tunnel client instead of directly.
         #[arg(long)]
         tunnel: bool,
@@ -94,6 +98,9 @@ pub(crate) enum CtlCommand {
     ])))]
     Update {
         port: u16,
+        /// The mapping's protocol.
+        #[arg(long, default_value = "tcp", value_parser = protocol)]
+        protocol: Protocol,
         #[command(flatten)]
         policy: PolicyArgs,
         /// Remove the description.
@@ -115,8 +122,13 @@ pub(crate) enum CtlCommand {
         #[arg(long, conflicts_with = "proxy_protocol")]
         no_proxy_protocol: bool,
     },
-    /// Remove the mapping on PORT.
-    Remove { port: u16 },
+    /// Remove the mapping on PORT (of `--protocol`, TCP unless told).
+    Remove {
+        port: u16,
+        /// The mapping's protocol.
+        #[arg(long, default_value = "tcp", value_parser = protocol)]
+        protocol: Protocol,
+    },
     /// Manage the tunnel clients (each with a name and its own secret).
     #[command(subcommand)]
     Client(ClientCommand),
@@ -320,4 +332,9 @@ impl ClientArgs {
 
 pub(crate) fn collect(flags: &[(&'static str, &Option<String>)]) -> Vec<Override> {
     flags.iter().filter_map(|(key, value)| value.as_ref().map(|v| Override { key, value: v.clone() })).collect()
+}
+
+/// `--protocol`: `tcp` or `udp`.
+fn protocol(text: &str) -> Result<Protocol, String> {
+    Protocol::parse(text).ok_or_else(|| format!("must be tcp or udp, not {text:?}"))
 }

@@ -21,7 +21,7 @@ pub(super) fn conns(api: &Api, port: Option<u16>, client: Option<&str>, limit: u
     for c in &connections {
         rows.push(vec![
             c.id.to_string(),
-            c.port.to_string(),
+            port_of(c.port, &c.protocol),
             c.client.clone().unwrap_or_else(|| "-".into()),
             c.source.clone(),
             human_duration(now - c.started_at),
@@ -73,7 +73,7 @@ pub(super) fn log(api: &Api, filter: LogFilter) -> anyhow::Result<String> {
         };
         rows.push(vec![
             c.id.to_string(),
-            c.port.to_string(),
+            port_of(c.port, &c.protocol),
             c.client.clone().unwrap_or_else(|| "-".into()),
             c.source.clone(),
             format_utc(c.ended_at as i64),
@@ -119,4 +119,12 @@ fn encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// A connection's port as `ctl` shows it: `53` for TCP, `53/udp` for a UDP session.
+fn port_of(port: u16, protocol: &str) -> String {
+    match protocol {
+        "udp" => format!("{port}/udp"),
+        _ => port.to_string(),
+    }
 }

@@ -22,6 +22,7 @@ use crate::api::contract::{
     MappingList, MappingRemoved, RemoveClient, RemoveMapping, TrafficReport, UpdateMapping,
 };
 use crate::config::{self, Config, Role};
+use crate::core::protocol::MappingKey;
 use crate::core::time::format_utc;
 use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{Balance, Cidr, QuotaAction, QuotaPeriod};
@@ -237,6 +238,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
     let MappingList { mappings, .. } = api.get("/api/mapping/list")?;
     let mut rows = vec![vec![
         "PORT".to_string(),
+        "PROTO".into(),
         "TARGET".into(),
         "MODE".into(),
         "STATUS".into(),
@@ -249,6 +251,7 @@ pub(super) fn list(api: &Api) -> anyhow::Result<String> {
     for m in &mappings {
         rows.push(vec![
             m.source_port.to_string(),
+            m.protocol.to_string(),
             format!("{}:{}", m.target_host, m.target_port),
             with_proxy_protocol(list_mode(m), m.proxy_protocol),
             m.status.to_string(),
@@ -290,7 +293,7 @@ pub(super) fn health_of(mapping: &serde_json::Value) -> Option<String> {
 /// `ctl create`: one mapping; `target` is `HOST:PORT`.
 pub(super) fn create(
     api: &Api,
-    port: u16,
+    key: MappingKey,
     target: &str,
     tunnel: bool,
     clients: &[String],
@@ -315,7 +318,8 @@ pub(super) fn create(
     };
     let PolicyArgs { description, bandwidth_limit, quota, allow, deny, proxy_protocol } = policy;
     let request = CreateMapping {
-        source_port: port,
+        source_port: key.port,
+        protocol: key.protocol,
         target_host: host.to_string(),
         target_port,
         use_tunnel: tunnel,
@@ -349,7 +353,7 @@ pub(super) struct Removals {
 
 /// `ctl update`: the fields given are set, those named in `remove` removed, the
 /// rest left as they are (absent from the request). Prints the policy stored.
-pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) -> anyhow::Result<String> {
+pub(super) fn update(api: &Api, key: MappingKey, set: PolicyArgs, remove: Removals) -> anyhow::Result<String> {
     /// `Some(Some(v))` sets, `Some(None)` (`null`) removes, `None` keeps.
     fn change<T>(value: Option<T>, remove: bool) -> Option<Option<T>> {
         if remove {
@@ -359,7 +363,8 @@ pub(super) fn update(api: &Api, port: u16, set: PolicyArgs, remove: Removals) ->
         }
     }
     let request = UpdateMapping {
-        port,
+        port: key.port,
+        protocol: key.protocol,
         description: change(set.description, remove.description),
         bandwidth_limit: change(set.bandwidth_limit, remove.bandwidth_limit),
         quota: change(set.quota, remove.quota),
@@ -407,9 +412,9 @@ fn exact_rate(bytes_per_second: u64) -> String {
 }
 
 /// `ctl remove`.
-pub(super) fn remove(api: &Api, port: u16) -> anyhow::Result<String> {
-    let MappingRemoved { port } = api.post("/api/mapping/remove", &RemoveMapping { port })?;
-    Ok(format!("mapping on port {port} removed\n"))
+pub(super) fn remove(api: &Api, key: MappingKey) -> anyhow::Result<String> {
+    let MappingRemoved { port, protocol } = api.post("/api/mapping/remove", &RemoveMapping { port: key.port, protocol: key.protocol })?;
+    Ok(format!("mapping on port {} removed\n", MappingKey { port, protocol }))
 }
 
 /// `ctl events`: the newest `limit` events, newest first.
@@ -504,6 +509,7 @@ pub(super) fn stats(api: &Api) -> anyhow::Result<String> {
     let report: TrafficReport = api.get("/api/stats/traffic")?;
     let mut rows = vec![vec![
         "PORT".to_string(),
+        "PROTO".into(),
         "TARGET".into(),
         "MODE".into(),
         "SENT".into(),

@@ -18,6 +18,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Role};
+use crate::core::protocol::MappingKey;
 use crate::systemd;
 use args::{Cli, ClientCommand, Command, CtlArgs, CtlCommand};
 
@@ -137,10 +138,20 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let result =
         ctl::Api::from_settings(args.api.as_deref(), args.config.as_deref(), args.token.as_deref()).and_then(|api| match args.command {
             CtlCommand::List => ctl::list(&api).map(Some),
-            CtlCommand::Create { port, target, tunnel, client, balance, policy } => {
-                ctl::create(&api, port, &target, tunnel, &client, balance.as_deref(), policy).map(Some)
+            CtlCommand::Create { port, target, protocol, tunnel, client, balance, policy } => {
+                ctl::create(&api, MappingKey { port, protocol }, &target, tunnel, &client, balance.as_deref(), policy).map(Some)
             }
-            CtlCommand::Update { port, policy, no_description, no_bandwidth_limit, no_quota, no_allow, no_deny, no_proxy_protocol } => {
+            CtlCommand::Update {
+                port,
+                protocol,
+                policy,
+                no_description,
+                no_bandwidth_limit,
+                no_quota,
+                no_allow,
+                no_deny,
+                no_proxy_protocol,
+            } => {
                 let remove = ctl::Removals {
                     description: no_description,
                     bandwidth_limit: no_bandwidth_limit,
@@ -149,9 +160,9 @@ fn ctl(args: CtlArgs) -> ExitCode {
                     deny: no_deny,
                     proxy_protocol: no_proxy_protocol,
                 };
-                ctl::update(&api, port, policy, remove).map(Some)
+                ctl::update(&api, MappingKey { port, protocol }, policy, remove).map(Some)
             }
-            CtlCommand::Remove { port } => ctl::remove(&api, port).map(Some),
+            CtlCommand::Remove { port, protocol } => ctl::remove(&api, MappingKey { port, protocol }).map(Some),
             CtlCommand::Client(ClientCommand::List) => ctl::client_list(&api).map(Some),
             CtlCommand::Client(ClientCommand::Create { name }) => ctl::client_create(&api, &name).map(Some),
             CtlCommand::Client(ClientCommand::Remove { name, force }) => ctl::client_remove(&api, &name, force).map(Some),

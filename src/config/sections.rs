@@ -78,6 +78,16 @@ pub struct ServerConfig {
     /// closed (with a reset), so a stalled target or a vanished visitor cannot pin
     /// descriptors and `active_connections` forever.
     pub idle_timeout_secs: u64,
+    /// A UDP session (one visitor address, with its own socket toward the
+    /// target) ends after this long without a datagram either way.
+    pub udp_session_idle_secs: u64,
+    /// UDP sessions one mapping may hold; datagrams from further visitor
+    /// addresses are dropped and counted (`reason="session_limit"`), so a
+    /// spoofed-source flood cannot take every descriptor or all memory.
+    pub max_udp_sessions_per_mapping: usize,
+    /// The largest UDP datagram (payload bytes) a mapping forwards; larger ones
+    /// are dropped whole and counted (`reason="too_large"`), never truncated.
+    pub max_udp_datagram_bytes: usize,
     /// TLS 1.3 on the tunnel port; off only on a trusted network.
     pub tls: bool,
     /// PEM certificate (chain) and key; both unset: a self-signed pair generated
@@ -105,6 +115,9 @@ impl Default for ServerConfig {
             connect_timeout_secs: 10,
             max_connections_per_mapping: 10_000,
             idle_timeout_secs: 2 * 60 * 60,
+            udp_session_idle_secs: 60,
+            max_udp_sessions_per_mapping: 10_000,
+            max_udp_datagram_bytes: 65_507,
             tls: true,
             tls_cert: None,
             tls_key: None,

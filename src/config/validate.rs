@@ -51,6 +51,15 @@ impl Config {
                 if self.server.idle_timeout_secs == 0 {
                     return invalid("server.idle_timeout_secs", "must be at least 1");
                 }
+                if self.server.udp_session_idle_secs == 0 {
+                    return invalid("server.udp_session_idle_secs", "must be at least 1");
+                }
+                if self.server.max_udp_sessions_per_mapping == 0 {
+                    return invalid("server.max_udp_sessions_per_mapping", "must be at least 1");
+                }
+                if !(1..=65_535).contains(&self.server.max_udp_datagram_bytes) {
+                    return invalid("server.max_udp_datagram_bytes", "must be between 1 and 65535");
+                }
                 if self.api.listen.port() != 0 && self.api.listen.port() == self.server.tunnel_listen.port() {
                     return invalid("api.listen", "must not use the same port as server.tunnel_listen");
                 }
@@ -196,6 +205,9 @@ impl Config {
                 check("server.connect_timeout_secs", a.connect_timeout_secs != b.connect_timeout_secs);
                 check("server.max_connections_per_mapping", a.max_connections_per_mapping != b.max_connections_per_mapping);
                 check("server.idle_timeout_secs", a.idle_timeout_secs != b.idle_timeout_secs);
+                check("server.udp_session_idle_secs", a.udp_session_idle_secs != b.udp_session_idle_secs);
+                check("server.max_udp_sessions_per_mapping", a.max_udp_sessions_per_mapping != b.max_udp_sessions_per_mapping);
+                check("server.max_udp_datagram_bytes", a.max_udp_datagram_bytes != b.max_udp_datagram_bytes);
                 check("server.tls", a.tls != b.tls);
                 check("server.tls_cert", a.tls_cert != b.tls_cert);
                 check("server.tls_key", a.tls_key != b.tls_key);

@@ -9,6 +9,7 @@
 pub(crate) mod calendar;
 pub(crate) mod failure_log;
 pub(crate) mod names;
+pub mod protocol;
 pub(crate) mod rate;
 pub mod secret;
 pub(crate) mod sync;

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 
 use crate::config::HistorySettings;
 use crate::core::calendar::{period_label, Step};
+use crate::core::protocol::MappingKey;
 use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
 use crate::store::history::{Delta, Flush, Point, Pruned, ReportRow, Runs, RETENTION_BATCH};
@@ -66,11 +67,11 @@ pub(crate) struct WriteFailure {
 #[derive(Default)]
 struct Baseline {
     /// Counter values at the last successful flush.
-    mappings: BTreeMap<u16, Traffic>,
+    mappings: BTreeMap<MappingKey, Traffic>,
     /// Tunnel wire bytes per client (`default` until clients have names).
     tunnel: BTreeMap<String, Traffic>,
     /// Stored lifetime totals, kept in step with the database after each commit.
-    lifetime: BTreeMap<u16, Traffic>,
+    lifetime: BTreeMap<MappingKey, Traffic>,
 }
 
 /// What a pair of counters gained since `before`, each direction on its own; a
@@ -196,7 +197,7 @@ impl Recorder {
 
     /// Lifetime traffic per port: stored totals plus what the counters gained
     /// since the last flush — exact at any moment.
-    pub(crate) fn lifetime(&self) -> BTreeMap<u16, Traffic> {
+    pub(crate) fn lifetime(&self) -> BTreeMap<MappingKey, Traffic> {
         let base = self.baseline();
         // Read under the lock: a flush updates baseline and lifetime together.
         let now = self.metrics.byte_totals().mappings;
@@ -209,7 +210,7 @@ impl Recorder {
 
     /// What each port's counters gained since the last flush: the bytes the next
     /// flush will write into the bucket it runs in.
-    fn unflushed(&self) -> BTreeMap<u16, Traffic> {
+    fn unflushed(&self) -> BTreeMap<MappingKey, Traffic> {
         let base = self.baseline();
         let now = self.metrics.byte_totals().mappings;
         now.into_iter()
@@ -224,7 +225,7 @@ impl Recorder {
     /// say, not what they said at the last flush. With the points: the moment the
     /// counters were read (`as_of`) and the spans of the range no recorder run
     /// covered (the daemon was down), finer than the minute coverage.
-    pub(crate) async fn points(&self, step: Step, port: Option<u16>, from: i64, to: i64) -> Result<Series, StoreError> {
+    pub(crate) async fn points(&self, step: Step, port: Option<MappingKey>, from: i64, to: i64) -> Result<Series, StoreError> {
         // No flush in between: a byte is either in the store or unflushed, never both or neither.
         let _no_flush = self.flushing.lock().await;
         let offset = self.settings.utc_offset_secs;
@@ -332,8 +333,8 @@ fn add_to_point(points: &mut Vec<Point>, t: i64, gained: Traffic) {
 
 /// Adds `gained` to the row of (`start`, `port`), or inserts that row in the
 /// report's order (period, then port).
-fn add_to_row(rows: &mut Vec<ReportRow>, period: Step, start: i64, utc_offset: i64, port: u16, gained: Traffic) {
-    match rows.binary_search_by_key(&(start, port), |r| (r.period_start, r.port)) {
+fn add_to_row(rows: &mut Vec<ReportRow>, period: Step, start: i64, utc_offset: i64, key: MappingKey, gained: Traffic) {
+    match rows.binary_search_by_key(&(start, key), |r| (r.period_start, MappingKey { port: r.port, protocol: r.protocol })) {
         Ok(i) => {
             rows[i].bytes_sent += gained.sent;
             rows[i].bytes_received += gained.received;
@@ -343,7 +344,8 @@ fn add_to_row(rows: &mut Vec<ReportRow>, period: Step, start: i64, utc_offset: i
             ReportRow {
                 period: period_label(start, period, utc_offset),
                 period_start: start,
-                port,
+                port: key.port,
+                protocol: key.protocol,
                 bytes_sent: gained.sent,
                 bytes_received: gained.received,
             },
@@ -392,8 +394,8 @@ mod tests {
     #[tokio::test]
     async fn deltas_roll_up_into_hours_and_local_days_without_double_counting() {
         let f = fixture(PLUS_8, utc(15, 58), RETENTION_BATCH).await;
-        let a = f.metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
-        let b = f.metrics.add_mapping(4001, ["127.0.0.1:9", "direct", "", ""]);
+        let a = f.metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
+        let b = f.metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4001), ["127.0.0.1:9", "direct", "", ""]);
         a.sent.inc_by(100);
         a.received.inc_by(10);
         f.recorder.flush().await.unwrap();
@@ -408,7 +410,11 @@ mod tests {
         f.now.store(utc(16, 1), Ordering::SeqCst);
         f.recorder.flush().await.unwrap();
 
-        let minutes = f.store.history_points(Step::Minute, Some(4000), utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
+        let minutes = f
+            .store
+            .history_points(Step::Minute, Some(crate::core::protocol::MappingKey::tcp(4000)), utc(15, 0), utc(17, 0), 8 * 3600)
+            .await
+            .unwrap();
         let sent: Vec<(i64, u64)> = minutes.iter().map(|p| (p.t, p.bytes_sent)).collect();
         assert_eq!(sent, vec![(utc(15, 58), 100), (utc(15, 59), 50), (utc(16, 1), 1000)], "minute 16:00 was not recorded: a gap");
         let hours = f.store.history_points(Step::Hour, None, utc(15, 0), utc(17, 0), 8 * 3600).await.unwrap();
@@ -430,8 +436,8 @@ mod tests {
 
         // Unflushed bytes are in the lifetime totals at once.
         b.sent.inc_by(5);
-        assert_eq!(f.recorder.lifetime().get(&4001), Some(&bytes(5, 7)));
-        assert_eq!(f.recorder.lifetime().get(&4000), Some(&bytes(1150, 10)));
+        assert_eq!(f.recorder.lifetime().get(&crate::core::protocol::MappingKey::tcp(4001)), Some(&bytes(5, 7)));
+        assert_eq!(f.recorder.lifetime().get(&crate::core::protocol::MappingKey::tcp(4000)), Some(&bytes(1150, 10)));
     }
 
     #[test]
@@ -448,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn a_restart_is_an_unrecorded_span_until_the_new_run_started() {
         let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
-        f.metrics.add_mapping(7000, ["127.0.0.1:9", "direct", "", ""]).sent.inc_by(5);
+        f.metrics.add_mapping(crate::core::protocol::MappingKey::tcp(7000), ["127.0.0.1:9", "direct", "", ""]).sent.inc_by(5);
         f.now.store(utc(10, 0) + 20, Ordering::SeqCst);
         f.recorder.flush().await.unwrap();
         // Killed after that write; a new process 40 s later has not written yet.
@@ -465,7 +471,7 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_process_continues_the_totals_without_recounting() {
         let f = fixture("+00:00", utc(10, 0), RETENTION_BATCH).await;
-        let m = f.metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
+        let m = f.metrics.add_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
         m.sent.inc_by(300);
         // Tunnel wire bytes go to the `default` client's buckets.
         f.metrics.add_client("default");
@@ -480,26 +486,27 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let settings = HistoryConfig::default().settings().unwrap();
         let restarted = Recorder::new(f.store.clone(), metrics.clone(), settings, Arc::new(|| utc(10, 5))).await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(300, 0)));
-        let m2 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
+        assert_eq!(restarted.lifetime().get(&crate::core::protocol::MappingKey::tcp(5000)), Some(&bytes(300, 0)));
+        let m2 = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
         m2.sent.inc_by(20);
         restarted.flush().await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(320, 0)));
-        let day = f.store.history_points(Step::Day, Some(5000), utc(0, 0), utc(24, 0), 0).await.unwrap();
+        assert_eq!(restarted.lifetime().get(&crate::core::protocol::MappingKey::tcp(5000)), Some(&bytes(320, 0)));
+        let day =
+            f.store.history_points(Step::Day, Some(crate::core::protocol::MappingKey::tcp(5000)), utc(0, 0), utc(24, 0), 0).await.unwrap();
         assert_eq!(day[0].bytes_sent, 320);
         // A mapping removed and created again starts its counters at 0: counted from there.
-        metrics.remove_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
-        let m3 = metrics.add_mapping(5000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.remove_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
+        let m3 = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
         m3.sent.inc_by(4);
         restarted.flush().await.unwrap();
-        assert_eq!(restarted.lifetime().get(&5000), Some(&bytes(324, 0)));
+        assert_eq!(restarted.lifetime().get(&crate::core::protocol::MappingKey::tcp(5000)), Some(&bytes(324, 0)));
     }
 
     #[tokio::test]
     async fn retention_expires_each_resolution_in_bounded_steps() {
         let start = utc(0, 0);
         let f = fixture("+00:00", start, 7).await;
-        let m = f.metrics.add_mapping(6000, ["127.0.0.1:9", "direct", "", ""]);
+        let m = f.metrics.add_mapping(crate::core::protocol::MappingKey::tcp(6000), ["127.0.0.1:9", "direct", "", ""]);
         // 30 minutes of traffic, one flush a minute.
         for minute in 0..30 {
             f.now.store(start + minute * 60, Ordering::SeqCst);
@@ -508,7 +515,12 @@ mod tests {
         }
         let count = |step| {
             let store = f.store.clone();
-            async move { store.history_points(step, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap() }
+            async move {
+                store
+                    .history_points(step, Some(crate::core::protocol::MappingKey::tcp(6000)), start - 86_400, start + 86_400, 0)
+                    .await
+                    .unwrap()
+            }
         };
         assert_eq!(count(Step::Minute).await.len(), 30);
         // Three days later: minutes (kept 2 days) expire, 7 rows per table per flush
@@ -523,7 +535,11 @@ mod tests {
             }
         }
         assert_eq!(steps, vec![14, 14, 14, 14, 4, 0]);
-        let minutes = f.store.history_points(Step::Minute, Some(6000), start - 86_400, start + 86_400, 0).await.unwrap();
+        let minutes = f
+            .store
+            .history_points(Step::Minute, Some(crate::core::protocol::MappingKey::tcp(6000)), start - 86_400, start + 86_400, 0)
+            .await
+            .unwrap();
         assert!(minutes.is_empty(), "{minutes:?}");
         // Hours (90 days) and days (5 years) still hold every byte.
         assert_eq!(count(Step::Hour).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 30);
@@ -536,6 +552,6 @@ mod tests {
         f.now.store(start + 6 * 365 * 86_400, Ordering::SeqCst);
         f.recorder.flush().await.unwrap();
         assert_eq!(count(Step::Day).await.iter().map(|p| p.bytes_sent).sum::<u64>(), 0);
-        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&6000), Some(&bytes(30, 0)));
+        assert_eq!(f.store.lifetime_totals().await.unwrap().get(&crate::core::protocol::MappingKey::tcp(6000)), Some(&bytes(30, 0)));
     }
 }

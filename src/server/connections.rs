@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 use crate::core::time::unix_now;
 use crate::history::connection_log::LogSender;
@@ -86,6 +87,7 @@ impl End {
 pub(crate) struct OpenConnection {
     pub(crate) id: u64,
     pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
     /// The tunnel client serving it (tunneled mappings): of a group, the
     /// first one until a member takes it, then the one that did.
     pub(crate) client: Mutex<Option<Arc<str>>>,
@@ -115,6 +117,7 @@ struct RateSample {
 pub(crate) struct ConnectionView {
     pub(crate) id: u64,
     pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
     pub(crate) client: Option<String>,
     pub(crate) source: SocketAddr,
     pub(crate) started_at: f64,
@@ -151,10 +154,11 @@ impl Connections {
 
     /// Registers a visitor that was admitted. Its meters must be given
     /// [`Tracked::sent`] and [`Tracked::received`] to tally into.
-    pub(crate) fn open(self: &Arc<Self>, port: u16, client: Option<Arc<str>>, source: SocketAddr) -> Tracked {
+    pub(crate) fn open(self: &Arc<Self>, key: MappingKey, client: Option<Arc<str>>, source: SocketAddr) -> Tracked {
         let connection = Arc::new(OpenConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            port,
+            port: key.port,
+            protocol: key.protocol,
             client: Mutex::new(client),
             source,
             started_at: unix_now(),
@@ -168,13 +172,14 @@ impl Connections {
     }
 
     /// A visitor refused at accept: logged (never listed as open).
-    pub(crate) fn refused(&self, port: u16, client: Option<&str>, source: SocketAddr, reason: &'static str) {
+    pub(crate) fn refused(&self, key: MappingKey, client: Option<&str>, source: SocketAddr, reason: &'static str) {
         let log = lock(&self.log);
         let Some(log) = log.as_ref() else { return };
         let now = unix_now();
         log.send(EndedConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            port,
+            port: key.port,
+            protocol: key.protocol,
             client: client.map(Arc::from),
             source,
             started_at: now,
@@ -200,11 +205,18 @@ impl Connections {
 
     /// The open connections of `port` (any, if `None`) and `client`, oldest
     /// first, at most `limit`; and how many match in all.
-    pub(crate) fn list(&self, port: Option<u16>, client: Option<&str>, limit: usize) -> (Vec<ConnectionView>, usize) {
+    pub(crate) fn list(
+        &self,
+        port: Option<u16>,
+        protocol: Option<Protocol>,
+        client: Option<&str>,
+        limit: usize,
+    ) -> (Vec<ConnectionView>, usize) {
         let open = lock(&self.open);
         let mut matching: Vec<&Arc<OpenConnection>> = open
             .values()
             .filter(|c| port.map_or(true, |p| c.port == p))
+            .filter(|c| protocol.map_or(true, |p| c.protocol == p))
             .filter(|c| client.map_or(true, |name| lock(&c.client).as_deref() == Some(name)))
             .collect();
         let count = matching.len();
@@ -230,6 +242,7 @@ impl Connections {
         log.send(EndedConnection {
             id: connection.id,
             port: connection.port,
+            protocol: connection.protocol,
             client: lock(&connection.client).clone(),
             source: connection.source,
             started_at: connection.started_at,
@@ -256,6 +269,7 @@ fn view(c: &OpenConnection) -> ConnectionView {
     ConnectionView {
         id: c.id,
         port: c.port,
+        protocol: c.protocol,
         client: lock(&c.client).as_deref().map(str::to_string),
         source: c.source,
         started_at: c.started_at,

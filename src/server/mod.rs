@@ -135,6 +135,9 @@ pub(crate) async fn start(
             connect_timeout,
             max_connections: config.server.max_connections_per_mapping,
             idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+            udp_session_idle: Duration::from_secs(config.server.udp_session_idle_secs),
+            max_udp_sessions: config.server.max_udp_sessions_per_mapping,
+            max_udp_datagram: config.server.max_udp_datagram_bytes,
         },
         connections,
     ));

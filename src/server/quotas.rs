@@ -14,6 +14,7 @@ use prometheus::{Gauge, IntGauge};
 use tracing::warn;
 
 use crate::core::calendar::Step;
+use crate::core::protocol::MappingKey;
 use crate::history::Recorder;
 use crate::policy::{LivePolicy, Quota, QuotaAction, QuotaPeriod};
 use crate::store::events::EventKind;
@@ -23,7 +24,8 @@ pub(crate) const WARNING_RATIO: f64 = 0.8;
 
 /// One mapping as the quota check sees it.
 pub struct MappingPolicy {
-    pub port: u16,
+    /// Its port and protocol.
+    pub key: MappingKey,
     pub policy: Arc<LivePolicy>,
     /// `tunneld_mapping_quota_used_ratio{port}`.
     pub quota_used: Gauge,
@@ -41,7 +43,7 @@ pub(crate) struct Notice {
 
 #[derive(Default)]
 pub(crate) struct QuotaTracker {
-    tracked: HashMap<u16, Tracked>,
+    tracked: HashMap<MappingKey, Tracked>,
 }
 
 struct Tracked {
@@ -78,11 +80,12 @@ impl QuotaTracker {
         let offset = recorder.settings().utc_offset_secs;
         let lifetime = recorder.lifetime();
         let mut notices = Vec::new();
-        let quotas: HashMap<u16, Quota> = mappings.iter().filter_map(|m| Some((m.port, m.policy.get().quota?))).collect();
-        self.tracked.retain(|port, _| quotas.contains_key(port));
+        let quotas: HashMap<MappingKey, Quota> = mappings.iter().filter_map(|m| Some((m.key, m.policy.get().quota?))).collect();
+        self.tracked.retain(|key, _| quotas.contains_key(key));
         for m in mappings {
-            let port = m.port;
-            let Some(&quota) = quotas.get(&port) else {
+            let key = m.key;
+            let port = key.port;
+            let Some(&quota) = quotas.get(&key) else {
                 m.quota_used.set(0.0);
                 m.quota_bytes.set(0);
                 m.policy.set_quota_used(0);
@@ -94,8 +97,8 @@ impl QuotaTracker {
                 QuotaPeriod::Month => Step::Month,
             };
             let start = step.bucket_start(now, offset);
-            let total = lifetime.get(&port).map_or(0, |t| t.total());
-            let previous = self.tracked.remove(&port);
+            let total = lifetime.get(&key).map_or(0, |t| t.total());
+            let previous = self.tracked.remove(&key);
             let mut tracked = match previous {
                 Some(t) if t.period_start == start => t,
                 previous => {
@@ -103,10 +106,10 @@ impl QuotaTracker {
                         notices.push(Notice {
                             kind: EventKind::QuotaReset,
                             port,
-                            message: format!("mapping on port {port}: a new quota period began; visitors are admitted again"),
+                            message: format!("mapping on port {key}: a new quota period began; visitors are admitted again"),
                         });
                     }
-                    let base = match stored_before_period(recorder, step, port, start, now, offset).await {
+                    let base = match stored_before_period(recorder, step, key, start, now, offset).await {
                         Ok(bytes) => bytes,
                         Err(e) => {
                             warn!(port, error = %e, "cannot read this period's history for the quota; counting from now");
@@ -134,32 +137,33 @@ impl QuotaTracker {
             tracked.announced = tracked.announced.min(reached);
             if reached > tracked.announced {
                 tracked.announced = reached;
-                notices.push(crossing(port, quota, used, ratio, reached));
+                notices.push(crossing(key, quota, used, ratio, reached));
             }
             m.policy.set_quota_blocked(quota.action == QuotaAction::Block && used >= quota.bytes);
-            self.tracked.insert(port, tracked);
+            self.tracked.insert(key, tracked);
         }
         notices
     }
 }
 
 /// The notice for `port` reaching `threshold` (one above [`Threshold::Below`]).
-fn crossing(port: u16, quota: Quota, used: u64, ratio: f64, threshold: Threshold) -> Notice {
+fn crossing(key: MappingKey, quota: Quota, used: u64, ratio: f64, threshold: Threshold) -> Notice {
     let period = match quota.period {
         QuotaPeriod::Day => "today",
         QuotaPeriod::Month => "this month",
     };
     let bytes = quota.bytes;
+    let port = key.port;
     if threshold == Threshold::Warning {
         let percent = ratio * 100.0;
-        let message = format!("mapping on port {port} has used {percent:.0} % of its quota {period} ({used} of {bytes} bytes)");
+        let message = format!("mapping on port {key} has used {percent:.0} % of its quota {period} ({used} of {bytes} bytes)");
         return Notice { kind: EventKind::QuotaWarning, port, message };
     }
     let then = match quota.action {
         QuotaAction::Block => "new visitors are refused until the period ends",
         QuotaAction::Alert => "traffic continues (action: alert)",
     };
-    let message = format!("mapping on port {port} has used its whole quota {period} ({used} of {bytes} bytes); {then}");
+    let message = format!("mapping on port {key} has used its whole quota {period} ({used} of {bytes} bytes); {then}");
     Notice { kind: EventKind::QuotaExhausted, port, message }
 }
 
@@ -184,15 +188,19 @@ async fn announced(recorder: &Recorder, port: u16, period_start: i64) -> Thresho
 async fn stored_before_period(
     recorder: &Recorder,
     step: Step,
-    port: u16,
+    key: MappingKey,
     start: i64,
     now: i64,
     offset: i64,
 ) -> Result<u64, crate::store::StoreError> {
     let store = recorder.store();
-    let stored = store.lifetime_totals().await?.get(&port).map_or(0, |t| t.total());
+    let stored = store.lifetime_totals().await?.get(&key).map_or(0, |t| t.total());
     let rows = store.history_report(step, start, now.max(start) + 1, offset).await?;
-    let in_period: u64 = rows.iter().filter(|r| r.port == port && r.period_start == start).map(|r| r.bytes_sent + r.bytes_received).sum();
+    let in_period: u64 = rows
+        .iter()
+        .filter(|r| r.port == key.port && r.protocol == key.protocol && r.period_start == start)
+        .map(|r| r.bytes_sent + r.bytes_received)
+        .sum();
     Ok(stored.saturating_sub(in_period))
 }
 
@@ -218,11 +226,11 @@ mod tests {
         let c = clock.clone();
         let recorder = Recorder::new(store.clone(), metrics.clone(), settings, Arc::new(move || c.load(Ordering::SeqCst))).await.unwrap();
         let port = 4000;
-        let counters = metrics.add_mapping(port, ["127.0.0.1:22", "direct", "", ""]);
+        let counters = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(port), ["127.0.0.1:22", "direct", "", ""]);
         let quota = Quota { bytes: 1_000, period: QuotaPeriod::Day, action: QuotaAction::Block };
         let policy = LivePolicy::new(Policy { quota: Some(quota), ..Policy::default() });
         let mappings = [MappingPolicy {
-            port,
+            key: crate::core::protocol::MappingKey::tcp(port),
             policy: policy.clone(),
             quota_used: counters.quota_used.clone(),
             quota_bytes: counters.quota_bytes.clone(),

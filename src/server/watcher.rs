@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::hub::{Presence, TunnelHub};
 use super::mappings::Mappings;
 use super::quotas::QuotaTracker;
+use crate::core::protocol::MappingKey;
 use crate::events::Events;
 use crate::history::Recorder;
 use crate::store::events::EventKind;
@@ -33,7 +34,7 @@ pub(crate) struct Watcher {
 impl Watcher {
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut quotas = QuotaTracker::default();
-        let mut down: BTreeMap<u16, String> = BTreeMap::new();
+        let mut down: BTreeMap<MappingKey, String> = BTreeMap::new();
         let mut ticker = tokio::time::interval(WATCH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -51,7 +52,7 @@ impl Watcher {
                             let peer = self.hub.peer_on_this_host(&client);
                             for (port, looped_client, reason) in self.mappings.looping().await {
                                 if let Some(peer) = peer.filter(|_| looped_client == client) {
-                                    warn!(port, client = %client, %peer, %reason, "tunneled mapping refuses every visitor: it would forward to itself");
+                                    warn!(port = port.port, protocol = %port.protocol, client = %client, %peer, %reason, "tunneled mapping refuses every visitor: it would forward to itself");
                                 }
                             }
                             // Whose loss was recorded — by this process or one
@@ -78,17 +79,17 @@ impl Watcher {
                 self.events.emit(notice.kind, Some(notice.port), None, notice.message).await;
             }
 
-            let now_down: BTreeMap<u16, String> = self.mappings.unbound().await.into_iter().collect();
-            for (port, why) in &now_down {
-                if !down.contains_key(port) {
+            let now_down: BTreeMap<MappingKey, String> = self.mappings.unbound().await.into_iter().collect();
+            for (key, why) in &now_down {
+                if !down.contains_key(key) {
                     self.events
-                        .emit(EventKind::MappingDown, Some(*port), None, format!("mapping on port {port} cannot listen: {why}"))
+                        .emit(EventKind::MappingDown, Some(key.port), None, format!("mapping on port {key} cannot listen: {why}"))
                         .await;
                 }
             }
-            for port in down.keys().filter(|p| !now_down.contains_key(p)) {
-                if policies.iter().any(|p| p.port == *port) {
-                    self.events.emit(EventKind::MappingUp, Some(*port), None, format!("mapping on port {port} listens again")).await;
+            for key in down.keys().filter(|p| !now_down.contains_key(p)) {
+                if policies.iter().any(|p| p.key == *key) {
+                    self.events.emit(EventKind::MappingUp, Some(key.port), None, format!("mapping on port {key} listens again")).await;
                 }
             }
             down = now_down;

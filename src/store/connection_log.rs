@@ -14,6 +14,7 @@ use std::sync::Arc;
 use rusqlite::{params, params_from_iter, Connection};
 
 use super::db::{Store, StoreError};
+use crate::core::protocol::Protocol;
 
 /// One ended (or refused) visitor connection, as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,7 @@ pub(crate) struct LoggedConnection {
     /// next process starts after the largest stored one).
     pub(crate) id: u64,
     pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
     /// The tunnel client that served it (tunneled mappings only).
     pub(crate) client: Option<String>,
     /// The visitor's `ip:port`.
@@ -44,6 +46,7 @@ pub(crate) struct LoggedConnection {
 pub(crate) struct EndedConnection {
     pub(crate) id: u64,
     pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
     pub(crate) client: Option<Arc<str>>,
     pub(crate) source: SocketAddr,
     /// Unix seconds.
@@ -60,6 +63,7 @@ pub(crate) struct EndedConnection {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LogQuery {
     pub(crate) port: Option<u16>,
+    pub(crate) protocol: Option<Protocol>,
     pub(crate) client: Option<String>,
     /// An IP address (every port of it) or an exact `ip:port`.
     pub(crate) source: Option<String>,
@@ -138,7 +142,7 @@ impl Store {
         self.with_conn(move |conn| {
             let (filter, args) = where_clause(&query);
             let sql = format!(
-                "SELECT id, port, client, source, started_at, ended_at, bytes_sent, bytes_received, end_reason, reason
+                "SELECT id, port, client, source, started_at, ended_at, bytes_sent, bytes_received, end_reason, reason, protocol
                  FROM connection_log {filter} ORDER BY ended_at DESC, id DESC LIMIT {}",
                 query.limit
             );
@@ -155,6 +159,7 @@ impl Store {
                     bytes_received: r.get::<_, i64>(7)? as u64,
                     end: r.get(8)?,
                     reason: r.get(9)?,
+                    protocol: Protocol::parse(&r.get::<_, String>(10)?).unwrap_or_default(),
                 })
             })?;
             rows.collect()
@@ -193,11 +198,12 @@ impl Store {
 /// rows halves SQLite's work per row against a statement per row. A batch is
 /// cut into these sizes only, so the four statements are prepared once and
 /// then come from the cache. 64 × 11 values stays far below SQLite's limit on
-/// bound parameters.
+/// bound parameters (12 with the protocol).
 const ROWS_PER_INSERT: [usize; 4] = [64, 16, 4, 1];
 
 /// The columns an ended connection fills, in `VALUES` order.
-const INSERT_COLUMNS: &str = "id, port, client, source, source_ip, started_at, ended_at, bytes_sent, bytes_received, end_reason, reason";
+const INSERT_COLUMNS: &str =
+    "id, port, client, source, source_ip, started_at, ended_at, bytes_sent, bytes_received, end_reason, reason, protocol";
 
 /// A plain INSERT: ids are unique by construction (see `last_connection_id`),
 /// and `OR REPLACE` would make SQLite keep a statement journal for every row.
@@ -209,6 +215,7 @@ fn insert_rows(tx: &Connection, mut batch: &[EndedConnection]) -> rusqlite::Resu
         source: String,
         ip: String,
         numbers: [i64; 3],
+        protocol: &'static str,
     }
     let mut derived: Vec<Derived> = Vec::new();
     while !batch.is_empty() {
@@ -219,8 +226,9 @@ fn insert_rows(tx: &Connection, mut batch: &[EndedConnection]) -> rusqlite::Resu
         for (c, d) in chunk.iter().zip(derived.iter_mut()) {
             write_address(c.source, &mut d.source, &mut d.ip);
             d.numbers = [c.id as i64, c.bytes_sent as i64, c.bytes_received as i64];
+            d.protocol = c.protocol.as_str();
         }
-        let mut values: Vec<&dyn ToSql> = Vec::with_capacity(size * 11);
+        let mut values: Vec<&dyn ToSql> = Vec::with_capacity(size * 12);
         for (c, d) in chunk.iter().zip(&derived) {
             values.extend_from_slice(&[
                 &d.numbers[0],
@@ -234,9 +242,10 @@ fn insert_rows(tx: &Connection, mut batch: &[EndedConnection]) -> rusqlite::Resu
                 &d.numbers[2],
                 &c.end,
                 &c.reason,
+                &d.protocol,
             ]);
         }
-        let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; size].join(", ");
+        let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; size].join(", ");
         let sql = format!("INSERT INTO connection_log ({INSERT_COLUMNS}) VALUES {placeholders}");
         tx.prepare_cached(&sql)?.execute(values.as_slice())?;
     }
@@ -308,6 +317,10 @@ fn where_clause(query: &LogQuery) -> (String, Vec<rusqlite::types::Value>) {
         terms.push("port = ?");
         args.push(Value::Integer(i64::from(port)));
     }
+    if let Some(protocol) = query.protocol {
+        terms.push("protocol = ?");
+        args.push(Value::Text(protocol.as_str().into()));
+    }
     if let Some(client) = &query.client {
         terms.push("client = ?");
         args.push(Value::Text(client.clone()));
@@ -336,6 +349,7 @@ mod tests {
         EndedConnection {
             id,
             port: 4000,
+            protocol: Protocol::Tcp,
             client: None,
             source: source.parse().unwrap(),
             started_at: ended_at - 1.0,

@@ -16,12 +16,14 @@ use rusqlite::{params, Connection, Transaction};
 use super::db::{Store, StoreError};
 use super::schema::{MAPPING_TABLES, TUNNEL_TABLES};
 use crate::core::calendar::{period_label, Step};
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::traffic::Traffic;
 
-/// A stored port outside 1..=65535: a damaged row, reported as SQLite reports any
-/// value that does not fit its column's type.
-fn stored_port(column: usize, port: i64) -> rusqlite::Result<u16> {
-    u16::try_from(port).ok().filter(|p| *p != 0).ok_or(rusqlite::Error::IntegralValueOutOfRange(column, port))
+/// A stored mapping key (the `port` column: see [`MappingKey::history_id`])
+/// that is none: a damaged row, reported as SQLite reports any value that does
+/// not fit its column's type.
+fn stored_port(column: usize, port: i64) -> rusqlite::Result<MappingKey> {
+    MappingKey::from_history_id(port).ok_or(rusqlite::Error::IntegralValueOutOfRange(column, port))
 }
 
 /// Rows each retention step may delete per table and flush: enough to keep up
@@ -54,7 +56,7 @@ pub(crate) struct Flush {
     /// When this recorder run (process) started: its row in `history_runs`.
     pub run_started: i64,
     pub utc_offset: i64,
-    pub mappings: Vec<Delta<u16>>,
+    pub mappings: Vec<Delta<MappingKey>>,
     pub tunnel: Vec<Delta<String>>,
     /// Buckets older than these (Unix seconds) are deleted, a bounded batch per flush.
     pub keep_minutes_from: i64,
@@ -86,6 +88,7 @@ pub struct ReportRow {
     pub period: String,
     pub period_start: i64,
     pub port: u16,
+    pub protocol: Protocol,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -126,14 +129,16 @@ fn add_to_buckets<K: rusqlite::ToSql>(
 
 fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
     let starts = [Step::Minute, Step::Hour, Step::Day].map(|s| s.bucket_start(f.at, f.utc_offset));
-    add_to_buckets(tx, MAPPING_TABLES, "port", starts, &f.mappings)?;
+    // The `port` column holds the mapping's key as one integer (a TCP mapping's port, as ever).
+    let mappings: Vec<Delta<i64>> = f.mappings.iter().map(|d| Delta { key: d.key.history_id(), traffic: d.traffic }).collect();
+    add_to_buckets(tx, MAPPING_TABLES, "port", starts, &mappings)?;
     add_to_buckets(tx, TUNNEL_TABLES, "client", starts, &f.tunnel)?;
     let mut lifetime = tx.prepare_cached(
         "INSERT INTO history_lifetime (port, sent, received) VALUES (?1, ?2, ?3)
          ON CONFLICT (port) DO UPDATE SET sent = sent + excluded.sent, received = received + excluded.received",
     )?;
     for d in &f.mappings {
-        lifetime.execute(params![d.key, to_i64(d.traffic.sent), to_i64(d.traffic.received)])?;
+        lifetime.execute(params![d.key.history_id(), to_i64(d.traffic.sent), to_i64(d.traffic.received)])?;
     }
     tx.prepare_cached("INSERT OR IGNORE INTO history_coverage (t) VALUES (?1)")?.execute(params![starts[0]])?;
     tx.prepare_cached(
@@ -173,12 +178,20 @@ fn write_flush(tx: &Transaction<'_>, f: &Flush) -> rusqlite::Result<Pruned> {
 }
 
 /// Sums per bucket start of `step` over `[from, to)`, one port or all.
-fn sums(conn: &Connection, step: Step, port: Option<u16>, from: i64, to: i64, utc_offset: i64) -> rusqlite::Result<BTreeMap<i64, Traffic>> {
+fn sums(
+    conn: &Connection,
+    step: Step,
+    port: Option<MappingKey>,
+    from: i64,
+    to: i64,
+    utc_offset: i64,
+) -> rusqlite::Result<BTreeMap<i64, Traffic>> {
     let table = mapping_table(step);
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT t, SUM(sent), SUM(received) FROM {table}
          WHERE t >= ?1 AND t < ?2 AND (?3 IS NULL OR port = ?3) GROUP BY t"
     ))?;
+    let port = port.map(MappingKey::history_id);
     let rows = stmt.query_map(params![from, to, port], |r| Ok((r.get::<_, i64>(0)?, stored_traffic(r.get(1)?, r.get(2)?))))?;
     let mut out: BTreeMap<i64, Traffic> = BTreeMap::new();
     for row in rows {
@@ -202,7 +215,7 @@ fn covered_minutes(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Ve
 pub(crate) fn points(
     conn: &Connection,
     step: Step,
-    port: Option<u16>,
+    port: Option<MappingKey>,
     from: i64,
     to: i64,
     utc_offset: i64,
@@ -233,7 +246,7 @@ pub(crate) fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_of
     let mut stmt = conn.prepare_cached(&format!("SELECT t, port, sent, received FROM {table} WHERE t >= ?1 AND t < ?2"))?;
     let rows =
         stmt.query_map(params![first, to], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, stored_traffic(r.get(2)?, r.get(3)?))))?;
-    let mut totals: BTreeMap<(i64, u16), Traffic> = BTreeMap::new();
+    let mut totals: BTreeMap<(i64, MappingKey), Traffic> = BTreeMap::new();
     for row in rows {
         let (t, port, traffic) = row?;
         let port = stored_port(1, port)?;
@@ -245,7 +258,8 @@ pub(crate) fn report(conn: &Connection, period: Step, from: i64, to: i64, utc_of
         .map(|((start, port), traffic)| ReportRow {
             period: period_label(start, period, utc_offset),
             period_start: start,
-            port,
+            port: port.port,
+            protocol: port.protocol,
             bytes_sent: traffic.sent,
             bytes_received: traffic.received,
         })
@@ -273,7 +287,7 @@ fn runs(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Runs> {
 }
 
 /// Stored lifetime totals per port.
-pub(crate) fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<u16, Traffic>> {
+pub(crate) fn lifetime(conn: &Connection) -> rusqlite::Result<BTreeMap<MappingKey, Traffic>> {
     let mut stmt = conn.prepare_cached("SELECT port, sent, received FROM history_lifetime")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, stored_traffic(r.get(1)?, r.get(2)?))))?;
     let mut out = BTreeMap::new();
@@ -314,7 +328,7 @@ impl Store {
     pub(crate) async fn history_points(
         &self,
         step: Step,
-        port: Option<u16>,
+        port: Option<MappingKey>,
         from: i64,
         to: i64,
         utc_offset: i64,
@@ -331,7 +345,7 @@ impl Store {
         self.with_conn(move |conn| runs(conn, from, to)).await
     }
 
-    pub(crate) async fn lifetime_totals(&self) -> Result<BTreeMap<u16, Traffic>, StoreError> {
+    pub(crate) async fn lifetime_totals(&self) -> Result<BTreeMap<MappingKey, Traffic>, StoreError> {
         self.with_conn(|conn| lifetime(conn)).await
     }
 

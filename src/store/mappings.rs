@@ -5,13 +5,17 @@ use serde::{Deserialize, Serialize};
 
 use super::db::{Store, StoreError};
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::policy::{Balance, HealthCheck, Policy};
 
 /// A mapping as stored and as the API shows it (plus live status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingSpec {
-    /// The port the server listens on (1–65535), unique among mappings.
+    /// The port the server listens on (1–65535), unique among mappings of its protocol.
     pub source_port: u16,
+    /// TCP or UDP: with the port, what identifies the mapping.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// The host dialed for each visitor (by the server, or by the client when tunneled).
     pub target_host: String,
     /// The port dialed on `target_host`.
@@ -69,6 +73,11 @@ impl Source {
 }
 
 impl MappingSpec {
+    /// What identifies it: its port and protocol.
+    pub(crate) fn key(&self) -> MappingKey {
+        MappingKey { port: self.source_port, protocol: self.protocol }
+    }
+
     /// The group as stored: `clients` as a JSON array, `balance`, and
     /// `health_check` as JSON (or NULL).
     fn group_columns(&self) -> (Option<String>, &'static str, Option<String>) {
@@ -89,8 +98,8 @@ impl Store {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client, clients, balance, check, m.source.as_str()],
+                "INSERT INTO mappings (source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source, protocol) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![m.source_port, m.target_host, m.target_port, m.use_tunnel, m.created_at, policy, m.client, clients, balance, check, m.source.as_str(), m.protocol.as_str()],
             )?;
             tx.commit()
         })
@@ -98,11 +107,14 @@ impl Store {
     }
 
     /// Replaces a mapping's policy; returns whether the mapping exists.
-    pub(crate) async fn set_policy(&self, port: u16, policy: &Policy) -> Result<bool, StoreError> {
+    pub(crate) async fn set_policy(&self, key: MappingKey, policy: &Policy) -> Result<bool, StoreError> {
         let policy = policy_json(policy);
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
-            let n = tx.execute("UPDATE mappings SET policy = ?2 WHERE source_port = ?1", params![port, policy])?;
+            let n = tx.execute(
+                "UPDATE mappings SET policy = ?2 WHERE source_port = ?1 AND protocol = ?3",
+                params![key.port, policy, key.protocol.as_str()],
+            )?;
             tx.commit()?;
             Ok(n > 0)
         })
@@ -113,12 +125,12 @@ impl Store {
     /// returns whether the mapping exists.
     pub(crate) async fn set_group(&self, m: &MappingSpec) -> Result<bool, StoreError> {
         let (clients, balance, check) = m.group_columns();
-        let (port, client) = (m.source_port, m.client.clone());
+        let (key, client) = (m.key(), m.client.clone());
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let n = tx.execute(
-                "UPDATE mappings SET client = ?2, clients = ?3, balance = ?4, health_check = ?5 WHERE source_port = ?1",
-                params![port, client, clients, balance, check],
+                "UPDATE mappings SET client = ?3, clients = ?4, balance = ?5, health_check = ?6 WHERE source_port = ?1 AND protocol = ?2",
+                params![key.port, key.protocol.as_str(), client, clients, balance, check],
             )?;
             tx.commit()?;
             Ok(n > 0)
@@ -127,10 +139,11 @@ impl Store {
     }
 
     /// Returns whether a row was deleted.
-    pub(crate) async fn remove(&self, port: u16) -> Result<bool, StoreError> {
+    pub(crate) async fn remove(&self, key: MappingKey) -> Result<bool, StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
-            let n = tx.execute("DELETE FROM mappings WHERE source_port = ?1", params![port])?;
+            let n =
+                tx.execute("DELETE FROM mappings WHERE source_port = ?1 AND protocol = ?2", params![key.port, key.protocol.as_str()])?;
             tx.commit()?;
             Ok(n > 0)
         })
@@ -141,7 +154,7 @@ impl Store {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source FROM mappings ORDER BY source_port",
+                    "SELECT source_port, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source, protocol FROM mappings ORDER BY source_port, protocol",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -154,6 +167,7 @@ impl Store {
                         r.get::<_, Option<String>>(6)?,
                         (r.get::<_, Option<String>>(7)?, r.get::<_, Option<String>>(8)?, r.get::<_, Option<String>>(9)?),
                         r.get::<_, String>(10)?,
+                        r.get::<_, String>(11)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -162,7 +176,7 @@ impl Store {
         let port =
             |p: i64| u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StoreError::BadRow { path: self.path().to_string(), port: p });
         rows.into_iter()
-            .map(|(sp, host, tp, tunnel, created, policy, client, (clients, balance, check), source)| {
+            .map(|(sp, host, tp, tunnel, created, policy, client, (clients, balance, check), source, protocol)| {
                 let bad = |e: serde_json::Error| StoreError::BadPolicy { path: self.path().to_string(), port: sp, error: e.to_string() };
                 let policy = serde_json::from_str(&policy).map_err(bad)?;
                 // A row from before client groups has only `client`: a group of one.
@@ -178,6 +192,9 @@ impl Store {
                 let health_check = check.map(|c| serde_json::from_str(&c)).transpose().map_err(bad)?;
                 let spec = MappingSpec {
                     source_port: port(sp)?,
+                    // Written only by this code, checked by the table: anything
+                    // else would be a hand-edited row, read as what rows always were.
+                    protocol: Protocol::parse(&protocol).unwrap_or_default(),
                     target_host: host,
                     target_port: port(tp)?,
                     use_tunnel: tunnel,

@@ -32,6 +32,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = MappingSpec {
             source_port: 4000,
+            protocol: crate::core::protocol::Protocol::Tcp,
             target_host: "127.0.0.1".into(),
             target_port: 22,
             use_tunnel: true,
@@ -51,12 +52,12 @@ mod tests {
         assert_eq!(store.list().await.unwrap(), vec![(m, Policy::default())]);
         let policy =
             Policy { bandwidth_limit: Some(5), allow: vec![crate::policy::Cidr::parse("10.0.0.0/8").unwrap()], ..Policy::default() };
-        assert!(store.set_policy(4000, &policy).await.unwrap());
+        assert!(store.set_policy(crate::core::protocol::MappingKey::tcp(4000), &policy).await.unwrap());
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.list().await.unwrap()[0].1, policy);
-        assert!(store.remove(4000).await.unwrap());
-        assert!(!store.remove(4000).await.unwrap());
+        assert!(store.remove(crate::core::protocol::MappingKey::tcp(4000)).await.unwrap());
+        assert!(!store.remove(crate::core::protocol::MappingKey::tcp(4000)).await.unwrap());
         assert!(store.list().await.unwrap().is_empty());
         assert!(!dir.path().join("tunneld.db-shm").exists(), "no shared-memory file to fault on");
     }
@@ -82,7 +83,7 @@ mod tests {
         let policy = store.list().await.unwrap()[0].1.clone();
         assert_eq!((policy.description.as_deref(), policy.proxy_protocol), (Some("old"), None));
         let policy = Policy { proxy_protocol: Some(ProxyVersion::V2), ..policy };
-        assert!(store.set_policy(4000, &policy).await.unwrap());
+        assert!(store.set_policy(crate::core::protocol::MappingKey::tcp(4000), &policy).await.unwrap());
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.list().await.unwrap()[0].1.proxy_protocol, Some(ProxyVersion::V2));
@@ -106,7 +107,69 @@ mod tests {
         assert_eq!(rows[0].1, Policy::default());
         assert_eq!(rows[0].0.client, None, "a direct mapping has no client");
         assert_eq!(rows[0].0.source, Source::Api, "rows from before declarations were made through the API");
-        assert!(store.set_policy(4000, &Policy { description: Some("x".into()), ..Policy::default() }).await.unwrap());
+        assert!(store
+            .set_policy(crate::core::protocol::MappingKey::tcp(4000), &Policy { description: Some("x".into()), ..Policy::default() })
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_udp_is_keyed_by_protocol_and_port() {
+        use crate::core::protocol::{MappingKey, Protocol};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL, policy TEXT NOT NULL DEFAULT '{}', client TEXT,
+                 source TEXT NOT NULL DEFAULT 'api');
+                 INSERT INTO mappings VALUES (53, '10.0.0.5', 53, 0, 7, '{\"description\":\"dns\"}', NULL, 'config');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows = store.list().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].0.protocol, rows[0].0.source, rows[0].1.description.as_deref()), (Protocol::Tcp, Source::Config, Some("dns")));
+        // UDP 53 beside TCP 53 now.
+        let udp = MappingSpec { protocol: Protocol::Udp, ..rows[0].0.clone() };
+        store.insert(udp, &Policy::default()).await.unwrap();
+        assert!(store.insert(rows[0].0.clone(), &Policy::default()).await.is_err(), "TCP 53 is still taken");
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let protocols: Vec<Protocol> = store.list().await.unwrap().iter().map(|(m, _)| m.protocol).collect();
+        assert_eq!(protocols, [Protocol::Tcp, Protocol::Udp]);
+        assert!(store.remove(MappingKey { port: 53, protocol: Protocol::Udp }).await.unwrap());
+        assert_eq!(store.list().await.unwrap()[0].0.protocol, Protocol::Tcp, "removing UDP 53 leaves TCP 53");
+    }
+
+    #[tokio::test]
+    async fn a_group_stored_before_udp_survives_the_rebuild_keyed_by_protocol() {
+        use crate::core::protocol::Protocol;
+        use crate::policy::{Balance, HealthCheck};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout client groups left: group columns, no protocol.
+            let conn = Connection::open(dir.path().join("tunneld.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE mappings (source_port INTEGER PRIMARY KEY, target_host TEXT NOT NULL, target_port INTEGER NOT NULL,
+                 use_tunnel INTEGER NOT NULL, created_at INTEGER NOT NULL, policy TEXT NOT NULL DEFAULT '{}', client TEXT,
+                 clients TEXT, balance TEXT, health_check TEXT, source TEXT NOT NULL DEFAULT 'api');
+                 INSERT INTO mappings VALUES (2222, '10.0.0.5', 22, 1, 7, '{}', 'a', '[\"a\",\"b\"]', 'round_robin',
+                   '{\"interval_secs\":5,\"timeout_secs\":2}', 'api');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let spec = store.list().await.unwrap()[0].0.clone();
+        assert_eq!(spec.protocol, Protocol::Tcp);
+        assert_eq!((spec.clients.as_slice(), spec.balance), (["a".to_string(), "b".to_string()].as_slice(), Balance::RoundRobin));
+        assert_eq!(spec.health_check, Some(HealthCheck { interval_secs: 5, timeout_secs: 2 }));
+        // A group change reaches the row by port and protocol.
+        let changed = MappingSpec { client: Some("b".into()), clients: vec!["b".into()], ..spec };
+        assert!(store.set_group(&changed).await.unwrap());
+        assert!(!store.set_group(&MappingSpec { protocol: Protocol::Udp, ..changed.clone() }).await.unwrap(), "no UDP 2222");
+        assert_eq!(store.list().await.unwrap()[0].0.clients, ["b"]);
     }
 
     #[tokio::test]

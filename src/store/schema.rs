@@ -27,6 +27,7 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
         );",
     )?;
     migrate_source_columns(conn)?;
+    migrate_mapping_protocol(conn)?;
     create_history(conn)?;
     create_events(conn)?;
     create_connection_log(conn)
@@ -69,6 +70,43 @@ fn migrate_source_columns(conn: &Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Databases made before UDP mappings key mappings by the port alone: the
+/// table is rebuilt keyed by `(protocol, source_port)`, every row it held a TCP
+/// mapping, so UDP 53 and TCP 53 can both be stored. Runs after the column
+/// migrations, so the old table has every column copied. One transaction: a
+/// crash midway leaves the old table as it was.
+fn migrate_mapping_protocol(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn.prepare("SELECT 1 FROM pragma_table_info('mappings') WHERE name = 'protocol'")?.exists([])?;
+    if has {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE mappings_by_protocol (
+            source_port INTEGER NOT NULL CHECK (source_port BETWEEN 1 AND 65535),
+            protocol    TEXT NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp')),
+            target_host TEXT NOT NULL,
+            target_port INTEGER NOT NULL CHECK (target_port BETWEEN 1 AND 65535),
+            use_tunnel  INTEGER NOT NULL,
+            created_at  INTEGER NOT NULL,
+            policy      TEXT NOT NULL DEFAULT '{}',
+            client      TEXT,
+            clients     TEXT,
+            balance     TEXT,
+            health_check TEXT,
+            source      TEXT NOT NULL DEFAULT 'api',
+            PRIMARY KEY (protocol, source_port)
+         );
+         INSERT INTO mappings_by_protocol
+            (source_port, protocol, target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source)
+            SELECT source_port, 'tcp', target_host, target_port, use_tunnel, created_at, policy, client, clients, balance, health_check, source
+            FROM mappings;
+         DROP TABLE mappings;
+         ALTER TABLE mappings_by_protocol RENAME TO mappings;
+         COMMIT;",
+    )
 }
 
 fn create_history(conn: &Connection) -> rusqlite::Result<()> {
@@ -130,5 +168,11 @@ fn create_connection_log(conn: &Connection) -> rusqlite::Result<()> {
          );
          CREATE INDEX IF NOT EXISTS connection_log_ended ON connection_log (ended_at);
          CREATE INDEX IF NOT EXISTS connection_log_port_ended ON connection_log (port, ended_at);",
-    )
+    )?;
+    // Logs made before UDP mappings hold TCP connections only.
+    let has = conn.prepare("SELECT 1 FROM pragma_table_info('connection_log') WHERE name = 'protocol'")?.exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE connection_log ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tcp'")?;
+    }
+    Ok(())
 }

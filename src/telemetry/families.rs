@@ -47,6 +47,23 @@ pub(crate) mod refused_reason {
     pub(crate) const ALL: [&str; 6] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA, PROCESS_LIMIT, LOOP];
 }
 
+/// Why a UDP mapping dropped a datagram, in
+/// `tunneld_mapping_dropped_datagrams_total{reason}`.
+pub(crate) mod dropped_reason {
+    /// The session's queue toward its target or its visitor was full.
+    pub(crate) const QUEUE_FULL: &str = "queue_full";
+    /// Larger than the mapping forwards (never truncated).
+    pub(crate) const TOO_LARGE: &str = "too_large";
+    /// From a new visitor address while the mapping has its most sessions.
+    pub(crate) const SESSION_LIMIT: &str = "session_limit";
+    /// Tunneled, and no client to carry it.
+    pub(crate) const NO_TUNNEL: &str = "no_tunnel";
+    /// Every reason; the family's HELP lists these. (Datagrams from addresses
+    /// the allow/deny lists or a blocking quota refuse are counted in
+    /// `tunneld_mapping_refused_total`, one per datagram, as TCP visitors are.)
+    pub(crate) const ALL: [&str; 4] = [QUEUE_FULL, TOO_LARGE, SESSION_LIMIT, NO_TUNNEL];
+}
+
 /// A mapping's health, in `tunneld_mapping_health{health}` and the API's
 /// `health` field: what the operator should look at, worst first.
 pub(crate) mod health_state {
@@ -110,6 +127,8 @@ pub(crate) mod connect_failure {
 
 /// Label: a mapping's listening port.
 pub(crate) const PORT: &str = "port";
+/// Label: a mapping's protocol, `tcp` or `udp`: with the port, what identifies it.
+pub(crate) const PROTOCOL: &str = "protocol";
 /// Label: why a visitor was refused, one of [`refused_reason::ALL`].
 pub(crate) const REASON: &str = "reason";
 /// Label: [`SENT`] or [`RECEIVED`].
@@ -139,47 +158,70 @@ pub(crate) struct Family {
 pub(crate) const MAPPING_BYTES: Family = Family::new(
     "tunneld_mapping_bytes_total",
     "Bytes forwarded for a mapping (sent: visitor to target, received: target to visitor).",
-    &[PORT, DIRECTION],
+    &[PORT, PROTOCOL, DIRECTION],
 );
 pub(crate) const MAPPING_CONNECTIONS: Family = Family::new(
     "tunneld_mapping_connections_total",
     "Visitor connections admitted past the mapping's allow/deny lists, quota and limits (the others are in tunneld_mapping_refused_total).",
-    &[PORT],
+    &[PORT, PROTOCOL],
 );
-pub(crate) const MAPPING_ACTIVE: Family = Family::new("tunneld_mapping_active_connections", "Visitor connections open now.", &[PORT]);
-pub(crate) const MAPPING_LAST_ACTIVITY: Family =
-    Family::new("tunneld_mapping_last_activity_timestamp_seconds", "Unix time bytes last moved on the mapping (0: never).", &[PORT]);
+pub(crate) const MAPPING_ACTIVE: Family =
+    Family::new("tunneld_mapping_active_connections", "Visitor connections open now.", &[PORT, PROTOCOL]);
+pub(crate) const MAPPING_LAST_ACTIVITY: Family = Family::new(
+    "tunneld_mapping_last_activity_timestamp_seconds",
+    "Unix time bytes last moved on the mapping (0: never).",
+    &[PORT, PROTOCOL],
+);
 pub(crate) const MAPPING_CONNECT_ERRORS: Family = Family::new(
     "tunneld_mapping_connect_errors_total",
     "Visitor connections that could not reach the target (connect failed, target unreachable from the client, or no tunnel client).",
-    &[PORT],
+    &[PORT, PROTOCOL],
 );
 pub(crate) const MAPPING_REFUSED: Family = Family::new(
     "tunneld_mapping_refused_total",
     "Visitors turned away before their target was dialed (not in connections_total, except no_descriptors after accept), by reason",
-    &[PORT, REASON],
+    &[PORT, PROTOCOL, REASON],
 )
 .listing(&refused_reason::ALL);
 pub(crate) const MAPPING_UP: Family =
-    Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT]);
+    Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT, PROTOCOL]);
 pub(crate) const MAPPING_INFO: Family = Family::new(
     "tunneld_mapping_info",
     "Always 1; labels describe the mapping (target, mode, client, the operator's description) for dashboards.",
-    &[PORT, "target", "mode", CLIENT, "description"],
+    &[PORT, PROTOCOL, "target", "mode", CLIENT, "description"],
 );
 pub(crate) const MAPPING_HEALTH: Family = Family::new(
     "tunneld_mapping_health",
     "1 for the mapping's health now, 0 for the others (as the API's health field, judged over the last 5 minutes)",
-    &[PORT, "health"],
+    &[PORT, PROTOCOL, "health"],
 )
 .listing(&health_state::ALL);
-pub(crate) const MAPPING_QUOTA_BYTES: Family =
-    Family::new("tunneld_mapping_quota_bytes", "The mapping's quota per period, both directions together (0: no quota).", &[PORT]);
+pub(crate) const MAPPING_QUOTA_BYTES: Family = Family::new(
+    "tunneld_mapping_quota_bytes",
+    "The mapping's quota per period, both directions together (0: no quota).",
+    &[PORT, PROTOCOL],
+);
 pub(crate) const MAPPING_QUOTA_USED: Family = Family::new(
     "tunneld_mapping_quota_used_ratio",
     "Share of the current period's quota used (1 = all of it; 0 without a quota).",
-    &[PORT],
+    &[PORT, PROTOCOL],
 );
+pub(crate) const MAPPING_DATAGRAMS: Family = Family::new(
+    "tunneld_mapping_datagrams_total",
+    "UDP datagrams forwarded for a mapping (sent: visitor to target, received: target to visitor).",
+    &[PORT, PROTOCOL, DIRECTION],
+);
+pub(crate) const MAPPING_UDP_SESSIONS: Family = Family::new(
+    "tunneld_mapping_udp_sessions",
+    "UDP sessions (visitor addresses with their own socket toward the target) open now.",
+    &[PORT, PROTOCOL],
+);
+pub(crate) const MAPPING_DROPPED_DATAGRAMS: Family = Family::new(
+    "tunneld_mapping_dropped_datagrams_total",
+    "UDP datagrams a mapping dropped instead of forwarding, by reason",
+    &[PORT, PROTOCOL, REASON],
+)
+.listing(&dropped_reason::ALL);
 pub(crate) const TUNNEL_BYTES: Family = Family::new(
     "tunneld_tunnel_bytes_total",
     "Bytes on the tunnel wire, control and data channels, framing included (sent: from this side).",
@@ -243,19 +285,19 @@ pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64] =
 pub(crate) const MAPPING_CONNECT_DURATION: Family = Family::new(
     "tunneld_mapping_connect_duration_seconds",
     "From a visitor's accept to its target answering (through the tunnel: the request's way to the client, the client's dial and its answer).",
-    &[PORT],
+    &[PORT, PROTOCOL],
 )
 .with_buckets(LATENCY_BUCKETS);
 pub(crate) const MAPPING_CONNECTION_DURATION: Family = Family::new(
     "tunneld_mapping_connection_duration_seconds",
     "How long admitted visitor connections lasted, from accept to close (those whose target failed too).",
-    &[PORT],
+    &[PORT, PROTOCOL],
 )
 .with_buckets(CONNECTION_DURATION_BUCKETS);
 pub(crate) const MAPPING_CLIENT_CONNECTIONS: Family = Family::new(
     "tunneld_mapping_client_connections_total",
     "Visitor connections of a tunneled mapping by the client of its group that served them (the target was asked through it).",
-    &[PORT, CLIENT],
+    &[PORT, PROTOCOL, CLIENT],
 );
 pub(crate) const TUNNEL_RTT: Family = Family::new(
     "tunneld_tunnel_rtt_seconds",
@@ -272,7 +314,10 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 27] = [
+pub(crate) const ALL: [&Family; 30] = [
+    &MAPPING_DATAGRAMS,
+    &MAPPING_UDP_SESSIONS,
+    &MAPPING_DROPPED_DATAGRAMS,
     &MAPPING_CONNECT_DURATION,
     &MAPPING_CLIENT_CONNECTIONS,
     &MAPPING_CONNECTION_DURATION,

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntGauge, TextEncoder};
 
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 
 mod families;
@@ -23,7 +24,7 @@ mod meter;
 mod registry;
 mod snapshot;
 
-pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{connect_failure, dropped_reason, health_state, refused_reason, session_result, RECEIVED, SENT};
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
@@ -78,85 +79,107 @@ impl Metrics {
     /// Creates a mapping's series at 0 so dashboards see it from the start (its
     /// health `ok`). `info` is `(target, mode, client, description)` for
     /// `tunneld_mapping_info`.
-    pub fn add_mapping(&self, port: u16, info: [&str; 4]) -> MappingMetrics {
-        let p = port.to_string();
-        self.mapping_info.with_label_values(&[&p, info[0], info[1], info[2], info[3]]).set(1);
+    pub fn add_mapping(&self, key: MappingKey, info: [&str; 4]) -> MappingMetrics {
+        let p = key.port.to_string();
+        let k = [p.as_str(), key.protocol.as_str()];
+        self.mapping_info.with_label_values(&[k[0], k[1], info[0], info[1], info[2], info[3]]).set(1);
         for reason in refused_reason::ALL {
-            self.mapping_refused.with_label_values(&[&p, reason]);
+            self.mapping_refused.with_label_values(&with(k, reason));
         }
-        self.set_mapping_health(port, health_state::OK);
+        let udp = (key.protocol == Protocol::Udp).then(|| {
+            for reason in dropped_reason::ALL {
+                self.mapping_dropped_datagrams.with_label_values(&with(k, reason));
+            }
+            Arc::new(UdpMetrics {
+                datagrams_sent: self.mapping_datagrams.with_label_values(&with(k, SENT)),
+                datagrams_received: self.mapping_datagrams.with_label_values(&with(k, RECEIVED)),
+                sessions: self.mapping_udp_sessions.with_label_values(&k),
+                dropped_queue_full: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::QUEUE_FULL)),
+                dropped_too_large: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::TOO_LARGE)),
+                dropped_session_limit: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::SESSION_LIMIT)),
+            })
+        });
+        self.set_mapping_health(key, health_state::OK);
         let connect_samples = Arc::new(latency::Reservoir::default());
-        lock(&self.connect_samples).insert(port, connect_samples.clone());
+        lock(&self.connect_samples).insert(key, connect_samples.clone());
         MappingMetrics {
-            connect_duration: self.mapping_connect_duration.with_label_values(&[&p]),
-            connection_duration: self.mapping_connection_duration.with_label_values(&[&p]),
+            connect_duration: self.mapping_connect_duration.with_label_values(&k),
+            connection_duration: self.mapping_connection_duration.with_label_values(&k),
             connect_samples,
-            quota_bytes: self.mapping_quota_bytes.with_label_values(&[&p]),
-            refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
-            refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
-            refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
-            refused_quota: self.mapping_refused.with_label_values(&[&p, refused_reason::QUOTA]),
-            refused_process_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::PROCESS_LIMIT]),
-            refused_loop: self.mapping_refused.with_label_values(&[&p, refused_reason::LOOP]),
-            quota_used: self.mapping_quota_used.with_label_values(&[&p]),
-            up: self.mapping_up.with_label_values(&[&p]),
-            sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
-            received: self.mapping_bytes.with_label_values(&[&p, RECEIVED]),
-            connections: self.mapping_connections.with_label_values(&[&p]),
-            active: self.mapping_active.with_label_values(&[&p]),
-            last_activity: self.mapping_last_activity.with_label_values(&[&p]),
-            connect_errors: self.mapping_connect_errors.with_label_values(&[&p]),
+            quota_bytes: self.mapping_quota_bytes.with_label_values(&k),
+            refused_connection_limit: self.mapping_refused.with_label_values(&with(k, refused_reason::CONNECTION_LIMIT)),
+            refused_no_descriptors: self.mapping_refused.with_label_values(&with(k, refused_reason::NO_DESCRIPTORS)),
+            refused_acl: self.mapping_refused.with_label_values(&with(k, refused_reason::ACL)),
+            refused_quota: self.mapping_refused.with_label_values(&with(k, refused_reason::QUOTA)),
+            refused_process_limit: self.mapping_refused.with_label_values(&with(k, refused_reason::PROCESS_LIMIT)),
+            refused_loop: self.mapping_refused.with_label_values(&with(k, refused_reason::LOOP)),
+            quota_used: self.mapping_quota_used.with_label_values(&k),
+            up: self.mapping_up.with_label_values(&k),
+            sent: self.mapping_bytes.with_label_values(&with(k, SENT)),
+            received: self.mapping_bytes.with_label_values(&with(k, RECEIVED)),
+            connections: self.mapping_connections.with_label_values(&k),
+            active: self.mapping_active.with_label_values(&k),
+            last_activity: self.mapping_last_activity.with_label_values(&k),
+            connect_errors: self.mapping_connect_errors.with_label_values(&k),
+            udp,
         }
     }
 
-    /// `tunneld_mapping_client_connections_total{port, client}`: created at 0
-    /// for each client of a mapping's group.
-    pub(crate) fn mapping_client(&self, port: u16, client: &str) -> IntCounter {
-        self.mapping_client_connections.with_label_values(&[&port.to_string(), client])
+    /// `tunneld_mapping_client_connections_total{port, protocol, client}`:
+    /// created at 0 for each client of a mapping's group.
+    pub(crate) fn mapping_client(&self, key: MappingKey, client: &str) -> IntCounter {
+        self.mapping_client_connections.with_label_values(&[&key.port.to_string(), key.protocol.as_str(), client])
     }
 
     /// Drops that series: the client left the group, or the mapping went.
-    pub(crate) fn remove_mapping_client(&self, port: u16, client: &str) {
-        let _ = self.mapping_client_connections.remove_label_values(&[&port.to_string(), client]);
+    pub(crate) fn remove_mapping_client(&self, key: MappingKey, client: &str) {
+        let _ = self.mapping_client_connections.remove_label_values(&[&key.port.to_string(), key.protocol.as_str(), client]);
     }
 
     /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
-    pub(crate) fn relabel_mapping(&self, port: u16, old: [&str; 4], new: [&str; 4]) {
-        let p = port.to_string();
-        let _ = self.mapping_info.remove_label_values(&[&p, old[0], old[1], old[2], old[3]]);
-        self.mapping_info.with_label_values(&[&p, new[0], new[1], new[2], new[3]]).set(1);
+    pub(crate) fn relabel_mapping(&self, key: MappingKey, old: [&str; 4], new: [&str; 4]) {
+        let p = key.port.to_string();
+        let proto = key.protocol.as_str();
+        let _ = self.mapping_info.remove_label_values(&[&p, proto, old[0], old[1], old[2], old[3]]);
+        self.mapping_info.with_label_values(&[&p, proto, new[0], new[1], new[2], new[3]]).set(1);
     }
 
-    /// `tunneld_mapping_health{port}`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
-    pub(crate) fn set_mapping_health(&self, port: u16, state: &str) {
-        let p = port.to_string();
+    /// `tunneld_mapping_health{port,protocol}`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
+    pub(crate) fn set_mapping_health(&self, key: MappingKey, state: &str) {
+        let p = key.port.to_string();
         for each in health_state::ALL {
-            self.mapping_health.with_label_values(&[&p, each]).set(i64::from(each == state));
+            self.mapping_health.with_label_values(&[&p, key.protocol.as_str(), each]).set(i64::from(each == state));
         }
     }
 
     /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
-    pub(crate) fn remove_mapping(&self, port: u16, info: [&str; 4]) {
-        let p = port.to_string();
-        let _ = self.mapping_info.remove_label_values(&[&p, info[0], info[1], info[2], info[3]]);
-        let _ = self.mapping_quota_bytes.remove_label_values(&[&p]);
+    pub(crate) fn remove_mapping(&self, key: MappingKey, info: [&str; 4]) {
+        let p = key.port.to_string();
+        let k = [p.as_str(), key.protocol.as_str()];
+        let _ = self.mapping_info.remove_label_values(&[k[0], k[1], info[0], info[1], info[2], info[3]]);
+        let _ = self.mapping_quota_bytes.remove_label_values(&k);
         for state in health_state::ALL {
-            let _ = self.mapping_health.remove_label_values(&[&p, state]);
+            let _ = self.mapping_health.remove_label_values(&with(k, state));
         }
         for dir in [SENT, RECEIVED] {
-            let _ = self.mapping_bytes.remove_label_values(&[&p, dir]);
+            let _ = self.mapping_bytes.remove_label_values(&with(k, dir));
+            let _ = self.mapping_datagrams.remove_label_values(&with(k, dir));
         }
-        let _ = self.mapping_connections.remove_label_values(&[&p]);
-        let _ = self.mapping_active.remove_label_values(&[&p]);
-        let _ = self.mapping_last_activity.remove_label_values(&[&p]);
-        let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
-        let _ = self.mapping_up.remove_label_values(&[&p]);
-        let _ = self.mapping_quota_used.remove_label_values(&[&p]);
-        let _ = self.mapping_connect_duration.remove_label_values(&[&p]);
-        let _ = self.mapping_connection_duration.remove_label_values(&[&p]);
-        lock(&self.connect_samples).remove(&port);
+        let _ = self.mapping_udp_sessions.remove_label_values(&k);
+        for reason in dropped_reason::ALL {
+            let _ = self.mapping_dropped_datagrams.remove_label_values(&with(k, reason));
+        }
+        let _ = self.mapping_connections.remove_label_values(&k);
+        let _ = self.mapping_active.remove_label_values(&k);
+        let _ = self.mapping_last_activity.remove_label_values(&k);
+        let _ = self.mapping_connect_errors.remove_label_values(&k);
+        let _ = self.mapping_up.remove_label_values(&k);
+        let _ = self.mapping_quota_used.remove_label_values(&k);
+        let _ = self.mapping_connect_duration.remove_label_values(&k);
+        let _ = self.mapping_connection_duration.remove_label_values(&k);
+        lock(&self.connect_samples).remove(&key);
         for reason in refused_reason::ALL {
-            let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
+            let _ = self.mapping_refused.remove_label_values(&with(k, reason));
         }
     }
 
@@ -302,6 +325,21 @@ pub struct MappingMetrics {
     connection_duration: Histogram,
     /// Recent connect times, for the API's quantiles.
     connect_samples: Arc<latency::Reservoir>,
+    /// A UDP mapping's datagram, session and drop counters; `None` for TCP.
+    pub(crate) udp: Option<Arc<UdpMetrics>>,
+}
+
+/// A UDP mapping's own series, pre-resolved.
+pub struct UdpMetrics {
+    /// `tunneld_mapping_datagrams_total{direction="sent"}`: visitor to target.
+    pub(crate) datagrams_sent: IntCounter,
+    /// `tunneld_mapping_datagrams_total{direction="received"}`: target to visitor.
+    pub(crate) datagrams_received: IntCounter,
+    /// `tunneld_mapping_udp_sessions`.
+    pub(crate) sessions: IntGauge,
+    pub(crate) dropped_queue_full: IntCounter,
+    pub(crate) dropped_too_large: IntCounter,
+    pub(crate) dropped_session_limit: IntCounter,
 }
 
 impl MappingMetrics {
@@ -341,6 +379,11 @@ impl MappingMetrics {
     }
 }
 
+/// A mapping's `(port, protocol)` label values and one more.
+fn with<'a>(k: [&'a str; 2], extra: &'a str) -> [&'a str; 3] {
+    [k[0], k[1], extra]
+}
+
 /// Text exposition content type, per the Prometheus spec.
 pub(crate) fn content_type() -> String {
     TextEncoder::new().format_type().to_string()
@@ -355,8 +398,9 @@ mod tests {
     #[test]
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
-        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
-        metrics.mapping_client(4000, "default");
+        metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
+        metrics.add_mapping(MappingKey { port: 53, protocol: Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
+        metrics.mapping_client(MappingKey::tcp(4000), "default");
         metrics.add_client("default");
         metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();
@@ -375,7 +419,7 @@ mod tests {
     #[test]
     fn traffic_reads_back_what_was_counted() {
         let metrics = Metrics::new();
-        let mapping = metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        let mapping = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
         mapping.sent.inc_by(5);
         mapping.received.inc_by(7);
         mapping.connect_errors.inc();
@@ -389,7 +433,7 @@ mod tests {
         metrics.session_started("b", 99.0);
 
         let snap = metrics.traffic();
-        let port = &snap.mappings[&4000];
+        let port = &snap.mappings[&crate::core::protocol::MappingKey::tcp(4000)];
         assert_eq!(
             (port.bytes_sent, port.bytes_received, port.connections_total, port.active_connections, port.connect_errors),
             (5, 7, 1, 1, 1)
@@ -400,14 +444,14 @@ mod tests {
         assert!(b.last_update.is_some());
         assert_eq!(snap.clients["default"], ClientTraffic::default(), "a known client has series at 0");
         let totals = metrics.byte_totals();
-        assert_eq!(totals.mappings[&4000], Traffic { sent: 5, received: 7 });
+        assert_eq!(totals.mappings[&crate::core::protocol::MappingKey::tcp(4000)], Traffic { sent: 5, received: 7 });
         assert_eq!(totals.tunnel["b"], Traffic { sent: 3, received: 4 });
 
         drop(open);
         metrics.session_ended("b");
-        assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
+        assert_eq!(metrics.traffic().mappings[&crate::core::protocol::MappingKey::tcp(4000)].active_connections, 0);
         assert!(!metrics.traffic().clients["b"].connected);
-        metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.remove_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);

@@ -9,11 +9,13 @@ use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGa
 use super::families::{
     session_result, Family, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CLIENT_SERVER, CLIENT_SERVER_DIRECTION,
     CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CLIENT_CONNECTIONS, MAPPING_CONNECTIONS,
-    MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY,
-    MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE,
-    TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+    MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_DATAGRAMS, MAPPING_DROPPED_DATAGRAMS,
+    MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UDP_SESSIONS,
+    MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS,
+    WEBHOOK_FAILURES,
 };
 use super::latency::Reservoir;
+use crate::core::protocol::MappingKey;
 use crate::core::time::unix_now;
 
 /// Every metric family of this process, registered once, with the handles the
@@ -32,10 +34,13 @@ pub struct Metrics {
     pub(super) mapping_quota_bytes: IntGaugeVec,
     pub(super) mapping_health: IntGaugeVec,
     pub(super) mapping_connect_duration: HistogramVec,
+    pub(super) mapping_datagrams: IntCounterVec,
+    pub(super) mapping_udp_sessions: IntGaugeVec,
+    pub(super) mapping_dropped_datagrams: IntCounterVec,
     pub(super) mapping_connection_duration: HistogramVec,
     pub(super) mapping_client_connections: IntCounterVec,
     /// Each mapping's recent connect times, for the API's quantiles.
-    pub(super) connect_samples: Mutex<BTreeMap<u16, Arc<Reservoir>>>,
+    pub(super) connect_samples: Mutex<BTreeMap<MappingKey, Arc<Reservoir>>>,
     pub(super) tunnel_rtt: HistogramVec,
     pub(super) tunnel_rtt_last: GaugeVec,
     pub(super) tunnel_bytes: IntCounterVec,
@@ -94,6 +99,9 @@ impl Metrics {
             mapping_quota_bytes: MAPPING_QUOTA_BYTES.int_gauge_vec(r),
             mapping_health: MAPPING_HEALTH.int_gauge_vec(r),
             mapping_connect_duration: MAPPING_CONNECT_DURATION.histogram_vec(r),
+            mapping_datagrams: MAPPING_DATAGRAMS.int_counter_vec(r),
+            mapping_udp_sessions: MAPPING_UDP_SESSIONS.int_gauge_vec(r),
+            mapping_dropped_datagrams: MAPPING_DROPPED_DATAGRAMS.int_counter_vec(r),
             mapping_connection_duration: MAPPING_CONNECTION_DURATION.histogram_vec(r),
             mapping_client_connections: MAPPING_CLIENT_CONNECTIONS.int_counter_vec(r),
             connect_samples: Mutex::default(),

@@ -10,17 +10,18 @@ use prometheus::core::Collector;
 use prometheus::proto::Metric;
 use serde::Serialize;
 
-use super::families::{CLIENT, DIRECTION, PORT, REASON, RECEIVED, SENT};
+use super::families::{CLIENT, DIRECTION, PORT, PROTOCOL, REASON, RECEIVED, SENT};
 use super::latency::ConnectQuantiles;
 use super::registry::Metrics;
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 use crate::core::traffic::Traffic;
 
 /// Byte counters per mapping port and per tunnel client.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct ByteTotals {
-    pub mappings: BTreeMap<u16, Traffic>,
+    pub mappings: BTreeMap<MappingKey, Traffic>,
     pub tunnel: BTreeMap<String, Traffic>,
 }
 
@@ -37,11 +38,19 @@ pub(crate) struct PortTraffic {
     pub refused: BTreeMap<String, u64>,
     /// Recent connect times' quantiles (see `latency`), `None` without any.
     pub connect: Option<ConnectQuantiles>,
+    /// UDP mappings: datagrams forwarded visitor to target.
+    pub datagrams_sent: u64,
+    /// UDP mappings: datagrams forwarded target to visitor.
+    pub datagrams_received: u64,
+    /// UDP mappings: sessions open now.
+    pub udp_sessions: u64,
+    /// UDP mappings: datagrams dropped, by `reason` label.
+    pub dropped: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct TrafficSnapshot {
-    pub mappings: BTreeMap<u16, PortTraffic>,
+    pub mappings: BTreeMap<MappingKey, PortTraffic>,
     /// Per tunnel client, by name.
     pub clients: BTreeMap<String, ClientTraffic>,
 }
@@ -93,8 +102,11 @@ fn label<'a>(m: &'a Metric, name: &str) -> Option<&'a str> {
     m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
 }
 
-fn port(m: &Metric) -> Option<u16> {
-    label(m, PORT)?.parse().ok()
+/// The mapping a series is about; series without a `protocol` label are TCP's.
+fn port(m: &Metric) -> Option<MappingKey> {
+    let port = label(m, PORT)?.parse().ok()?;
+    let protocol = label(m, PROTOCOL).map_or(Some(Protocol::Tcp), Protocol::parse)?;
+    Some(MappingKey { port, protocol })
 }
 
 fn client(m: &Metric) -> String {
@@ -133,7 +145,7 @@ impl Metrics {
     /// Traffic numbers read back from the registry.
     pub(crate) fn traffic(&self) -> TrafficSnapshot {
         let ByteTotals { mappings: mapping_bytes, tunnel: tunnel_bytes } = self.byte_totals();
-        let mut ports: BTreeMap<u16, PortTraffic> = mapping_bytes
+        let mut ports: BTreeMap<MappingKey, PortTraffic> = mapping_bytes
             .into_iter()
             .map(|(port, t)| (port, PortTraffic { bytes_sent: t.sent, bytes_received: t.received, ..PortTraffic::default() }))
             .collect();
@@ -151,6 +163,17 @@ impl Metrics {
         per_port(&self.mapping_refused, |p, m| {
             if let Some(reason) = label(m, REASON) {
                 p.refused.insert(reason.to_string(), m.get_counter().value() as u64);
+            }
+        });
+        per_port(&self.mapping_datagrams, |p, m| match label(m, DIRECTION) {
+            Some(SENT) => p.datagrams_sent = m.get_counter().value() as u64,
+            Some(RECEIVED) => p.datagrams_received = m.get_counter().value() as u64,
+            _ => {}
+        });
+        per_port(&self.mapping_udp_sessions, |p, m| p.udp_sessions = m.get_gauge().value().max(0.0) as u64);
+        per_port(&self.mapping_dropped_datagrams, |p, m| {
+            if let Some(reason) = label(m, REASON) {
+                p.dropped.insert(reason.to_string(), m.get_counter().value() as u64);
             }
         });
         let now = Instant::now();

@@ -71,6 +71,9 @@ pub struct ReportRow {
     pub bytes_sent: u64,
     /// Target → visitor bytes.
     pub bytes_received: u64,
+    /// The mapping's protocol, `tcp` or `udp`: with the port, which mapping.
+    #[serde(default)]
+    pub protocol: crate::core::protocol::Protocol,
 }
 
 impl From<crate::store::history::ReportRow> for ReportRow {
@@ -81,6 +84,7 @@ impl From<crate::store::history::ReportRow> for ReportRow {
             port: r.port,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
+            protocol: r.protocol,
         }
     }
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::fields;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::net::proxy_header::ProxyVersion;
 use crate::policy::{update, Balance, Cidr, HealthCheck, Policy, PolicyUpdate, Quota};
 use crate::server::mappings::{GroupUpdate, MappingView, MemberView, NewMapping};
@@ -16,6 +17,10 @@ pub struct CreateMapping {
     /// The port visitors connect to on the server.
     #[serde(deserialize_with = "fields::port")]
     pub source_port: u16,
+    /// `tcp` (absent: the default) or `udp`; with the port, what identifies the mapping.
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
     /// Where they are forwarded: a host name or an address literal.
     pub target_host: String,
     /// The target's port.
@@ -64,6 +69,7 @@ impl CreateMapping {
     pub(crate) fn into_new_mapping(self) -> NewMapping {
         let CreateMapping {
             source_port,
+            protocol,
             target_host,
             target_port,
             use_tunnel,
@@ -80,7 +86,7 @@ impl CreateMapping {
         } = self;
         let mut policy = Policy::default();
         policy.apply(PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol });
-        NewMapping { source_port, target_host, target_port, use_tunnel, client, clients, balance, health_check, policy }
+        NewMapping { source_port, protocol, target_host, target_port, use_tunnel, client, clients, balance, health_check, policy }
     }
 }
 
@@ -92,6 +98,10 @@ pub struct UpdateMapping {
     /// The mapping's `source_port`.
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
+    /// The mapping's protocol (absent: `tcp`).
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
     /// A label: at most 500 characters, no control, bidi or line-separator
     /// characters; blank removes it.
     #[serde(default, deserialize_with = "update::description", skip_serializing_if = "Option::is_none")]
@@ -124,11 +134,23 @@ pub struct UpdateMapping {
 }
 
 impl UpdateMapping {
-    /// The mapping's port, the change to its policy and the change to its group.
-    pub(crate) fn into_parts(self) -> (u16, PolicyUpdate, GroupUpdate) {
-        let UpdateMapping { port, description, bandwidth_limit, quota, allow, deny, proxy_protocol, clients, balance, health_check } = self;
-        (
+    /// The mapping's key, the change to its policy and the change to its group.
+    pub(crate) fn into_parts(self) -> (MappingKey, PolicyUpdate, GroupUpdate) {
+        let UpdateMapping {
             port,
+            protocol,
+            description,
+            bandwidth_limit,
+            quota,
+            allow,
+            deny,
+            proxy_protocol,
+            clients,
+            balance,
+            health_check,
+        } = self;
+        (
+            MappingKey { port, protocol },
             PolicyUpdate { description, bandwidth_limit, quota, allow, deny, proxy_protocol },
             GroupUpdate { clients, balance, health_check },
         )
@@ -142,6 +164,10 @@ pub struct RemoveMapping {
     /// The mapping's `source_port`.
     #[serde(deserialize_with = "fields::port")]
     pub port: u16,
+    /// The mapping's protocol (absent: `tcp`, so calls made before UDP keep working).
+    // Left out for TCP: a request to a server from before UDP stays valid.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// A mapping, wherever one is shown: `create`'s and `update`'s `data`, each
@@ -150,6 +176,9 @@ pub struct RemoveMapping {
 pub struct Mapping {
     /// The port visitors connect to.
     pub source_port: u16,
+    /// `tcp` or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where visitors are forwarded.
     pub target_host: String,
     /// The target's port.
@@ -244,6 +273,7 @@ impl From<MappingView> for Mapping {
         let MappingView { spec, policy, quota_used, quota_blocked, status, health, members } = view;
         Mapping {
             source_port: spec.source_port,
+            protocol: spec.protocol,
             target_host: spec.target_host,
             target_port: spec.target_port,
             use_tunnel: spec.use_tunnel,
@@ -338,6 +368,9 @@ pub struct MappingList {
 pub struct MappingRemoved {
     /// The port that is free again.
     pub port: u16,
+    /// The removed mapping's protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Whether a mapping is serving, on the wire: `"active"`,

@@ -24,6 +24,7 @@ mod traffic;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::core::protocol::Protocol;
 pub use clients::{Client, ClientCreated, ClientList, ClientRemoved, CreateClient, RemoveClient};
 pub use connections::{
     CloseConnection, ConnectionClosed, ConnectionList, ConnectionLog, LoggedConnection, OpenConnection, SourceTotals, Sources,
@@ -34,7 +35,7 @@ pub use history::{History, HistoryPoint, Report, ReportRow, Span};
 pub use mappings::{
     CreateMapping, Mapping, MappingClient, MappingHealth, MappingList, MappingRemoved, MappingStatus, RemoveMapping, Source, UpdateMapping,
 };
-pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic};
+pub use traffic::{MappingTraffic, TrafficReport, TunnelTraffic, UdpTraffic};
 
 /// Every `/api/*` answer: `data` on success, left out on failure (then `message`
 /// says why).

@@ -35,11 +35,30 @@ impl From<crate::telemetry::ClientTraffic> for TunnelTraffic {
     }
 }
 
+/// A UDP mapping's own numbers, besides the bytes every mapping has.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UdpTraffic {
+    /// Datagrams forwarded visitor → target since the daemon started.
+    pub datagrams_sent: u64,
+    /// Datagrams forwarded target → visitor.
+    pub datagrams_received: u64,
+    /// Sessions (visitor addresses) open now.
+    pub sessions: u64,
+    /// Datagrams dropped, by reason (`queue_full`, `too_large`, `session_limit`, `no_tunnel`).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
 /// One mapping's traffic, with its settings so a page needs no second call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MappingTraffic {
     /// The mapping's `source_port`.
     pub port: u16,
+    /// `tcp` or `udp`: with the port, which mapping this is.
+    #[serde(default)]
+    pub protocol: crate::core::protocol::Protocol,
+    /// A UDP mapping's datagram and session numbers; absent for TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpTraffic>,
     /// Visitor → target bytes since the daemon started.
     pub bytes_sent: u64,
     /// Target → visitor bytes since the daemon started.

@@ -35,6 +35,13 @@ pub(crate) struct Settings {
     pub max_connections: usize,
     /// `server.idle_timeout_secs`.
     pub idle_timeout: Duration,
+    /// `server.udp_session_idle_secs`: a UDP session this long without a
+    /// datagram either way ends.
+    pub udp_session_idle: Duration,
+    /// `server.max_udp_sessions_per_mapping`.
+    pub max_udp_sessions: usize,
+    /// `server.max_udp_datagram_bytes`.
+    pub max_udp_datagram: usize,
 }
 
 /// What every mapping task needs.
@@ -51,7 +58,7 @@ pub(super) struct Ctx {
     /// Every mapped port, kept by the registry as mappings come and go: what
     /// each visitor of a tunneled mapping is checked against (see
     /// `Ctx::tunnel_loop`) without the registry's lock.
-    pub(super) mapped_ports: RwLock<BTreeSet<u16>>,
+    pub(super) mapped_ports: RwLock<BTreeSet<crate::core::protocol::MappingKey>>,
     /// The descriptors all visitors of all mappings may hold together.
     pub(super) descriptors: DescriptorBudget,
     /// Refused visitors, for the log: a target that is down refuses every

@@ -22,6 +22,7 @@ use super::error::MappingError;
 use super::listener::{bind, describe_bind_error};
 use super::registry::{check_request, Entry, GroupUpdate, Mappings, NewMapping};
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::protocol::MappingKey;
 use crate::core::secret::Secret;
 use crate::core::sync::lock;
 use crate::policy::PolicyUpdate;
@@ -94,8 +95,8 @@ pub(crate) fn check_declaration(declaration: &mut Declaration) -> Result<(), (us
     let mut ports = BTreeMap::new();
     for (index, mapping) in declaration.mappings.iter_mut().enumerate() {
         check_request(mapping).map_err(|e| (index, e.to_string()))?;
-        if let Some(first) = ports.insert(mapping.source_port, index) {
-            return Err((index, format!("source_port {} is declared by mappings[{first}] too", mapping.source_port)));
+        if let Some(first) = ports.insert((mapping.source_port, mapping.protocol), index) {
+            return Err((index, format!("{} source_port {} is declared by mappings[{first}] too", mapping.protocol, mapping.source_port)));
         }
         // `check_request` made `clients` the whole group (`client` is its first).
         let group = mapping.clients.iter().flatten();
@@ -147,16 +148,21 @@ impl Mappings {
             checked.push(self.prepare(mapping.clone(), false).await.map_err(|e| entry_error(&declaration, index, e))?);
         }
         let mut entries = self.entries.lock().await;
-        let declared_ports: BTreeSet<u16> = declaration.mappings.iter().map(|m| m.source_port).collect();
-        let api_ports: BTreeSet<u16> = entries
+        let declared_ports: BTreeSet<MappingKey> =
+            declaration.mappings.iter().map(|m| MappingKey { port: m.source_port, protocol: m.protocol }).collect();
+        let api_ports: BTreeSet<MappingKey> = entries
             .values()
             .filter(|e| e.spec.source == Source::Api)
-            .map(|e| e.spec.source_port)
+            .map(|e| e.spec.key())
             .filter(|p| !declared_ports.contains(p))
             .collect();
         for (index, c) in checked.iter().enumerate() {
-            self.check_loops(c, |port| declared_ports.contains(&port) || api_ports.contains(&port))
-                .map_err(|e| entry_error(&declaration, index, e))?;
+            let protocol = c.req.protocol;
+            let mapped = |port| {
+                let key = MappingKey { port, protocol };
+                declared_ports.contains(&key) || api_ports.contains(&key)
+            };
+            self.check_loops(c, mapped).map_err(|e| entry_error(&declaration, index, e))?;
         }
 
         let mut done = Reconciled::default();
@@ -207,10 +213,10 @@ impl Mappings {
         }
 
         // Mappings the file no longer declares.
-        let gone: Vec<u16> = entries
+        let gone: Vec<MappingKey> = entries
             .values()
-            .filter(|e| e.spec.source == Source::Config && !declared_ports.contains(&e.spec.source_port))
-            .map(|e| e.spec.source_port)
+            .filter(|e| e.spec.source == Source::Config && !declared_ports.contains(&e.spec.key()))
+            .map(|e| e.spec.key())
             .collect();
         for port in gone {
             self.remove_entry(&mut entries, port).await?;
@@ -218,7 +224,8 @@ impl Mappings {
         }
         for c in checked {
             let port = c.req.source_port;
-            if let Some(entry) = entries.get_mut(&port) {
+            let key = MappingKey { port, protocol: c.req.protocol };
+            if let Some(entry) = entries.get_mut(&key) {
                 match entry.spec.source {
                     Source::Config if same_route(entry, &c.req) => {
                         let mut changed = false;
@@ -245,13 +252,13 @@ impl Mappings {
                         done.mappings.created += 1;
                     }
                 }
-                self.remove_entry(&mut entries, port).await?;
+                self.remove_entry(&mut entries, key).await?;
             } else {
                 done.mappings.created += 1;
             }
             // A port held by another process is retried in the background, as
             // a stored mapping's is at start: one bad port never stops the rest.
-            let (listener, bind_error) = match bind(self.ctx.settings.bind_addr, port).await {
+            let (listener, bind_error) = match bind(self.ctx.settings.bind_addr, key).await {
                 Ok(listener) => (Some(listener), None),
                 Err(e) => {
                     warn!(port, error = %e, "declared mapping cannot bind its port; will retry");
@@ -286,10 +293,21 @@ impl Mappings {
 fn same_route(entry: &Entry, req: &NewMapping) -> bool {
     // Every field named, so that a field added to a mapping must be placed
     // here: part of the route (a new mapping) or of what changes live.
-    let NewMapping { source_port, target_host, target_port, use_tunnel, client: _, clients: _, balance: _, health_check: _, policy: _ } =
-        req;
+    let NewMapping {
+        source_port,
+        protocol,
+        target_host,
+        target_port,
+        use_tunnel,
+        client: _,
+        clients: _,
+        balance: _,
+        health_check: _,
+        policy: _,
+    } = req;
     let spec = &entry.spec;
     spec.source_port == *source_port
+        && spec.protocol == *protocol
         && spec.target_host == *target_host
         && spec.target_port == *target_port
         && spec.use_tunnel == *use_tunnel

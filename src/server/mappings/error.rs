@@ -11,8 +11,9 @@ pub enum MappingError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// Shown as `no mapping on port 53` (TCP) or `no mapping on port 53/udp`.
     #[error("no mapping on port {0}")]
-    NotFound(u16),
+    NotFound(crate::core::protocol::MappingKey),
     /// The client a request is about does not exist.
     #[error("no client named {0:?}")]
     UnknownClient(String),

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::core::protocol::MappingKey;
 use crate::core::sync::{lock, read, write};
 use crate::policy::{Balance, HealthCheck};
 use crate::server::hub::TunnelHub;
@@ -23,7 +24,8 @@ use crate::telemetry::Metrics;
 
 /// A mapping's group, changed live by `/api/mapping/update`.
 pub(super) struct Group {
-    port: u16,
+    /// Its mapping's (always TCP: tunneled UDP is not available yet).
+    key: MappingKey,
     metrics: Arc<Metrics>,
     members: RwLock<Arc<Members>>,
     /// Whose turn is next (round robin, and ties of least connections).
@@ -47,7 +49,7 @@ pub(super) struct Member {
     active: AtomicUsize,
     /// While its last health check failed: why.
     failing: Mutex<Option<String>>,
-    /// `tunneld_mapping_client_connections_total{port, client}`.
+    /// `tunneld_mapping_client_connections_total{port, protocol, client}`.
     visitors: IntCounter,
 }
 
@@ -96,7 +98,7 @@ pub struct MemberView {
 impl Group {
     pub(super) fn new(spec: &MappingSpec, metrics: Arc<Metrics>) -> Group {
         let group = Group {
-            port: spec.source_port,
+            key: spec.key(),
             metrics,
             members: RwLock::new(Arc::new(Members { balance: spec.balance, health_check: None, list: Vec::new() })),
             turn: AtomicUsize::new(0),
@@ -125,12 +127,12 @@ impl Group {
                     name: Arc::from(name.as_str()),
                     active: AtomicUsize::new(0),
                     failing: Mutex::new(None),
-                    visitors: self.metrics.mapping_client(self.port, name),
+                    visitors: self.metrics.mapping_client(self.key, name),
                 }),
             })
             .collect::<Vec<_>>();
         for gone in old.iter().filter(|m| !spec.clients.iter().any(|n| n.as_str() == &*m.name)) {
-            self.metrics.remove_mapping_client(self.port, &gone.name);
+            self.metrics.remove_mapping_client(self.key, &gone.name);
         }
         if spec.health_check.is_none() {
             for member in &list {
@@ -145,7 +147,7 @@ impl Group {
     /// Drops every member's series: the mapping is gone.
     pub(super) fn remove_series(&self) {
         for member in &self.members().list {
-            self.metrics.remove_mapping_client(self.port, &member.name);
+            self.metrics.remove_mapping_client(self.key, &member.name);
         }
     }
 
@@ -263,14 +265,14 @@ impl Group {
         let mut failing = lock(&member.failing);
         match (&*failing, &verdict) {
             (None, Some(error)) => warn!(
-                port = self.port,
+                port = self.key.port,
                 client = %member.name,
                 target = %format!("{host}:{target_port}"),
                 %error,
                 "health check failed: this client of the group gets no visitors until a check succeeds"
             ),
             (Some(_), None) => {
-                info!(port = self.port, client = %member.name, "health check passes again: this client of the group takes visitors")
+                info!(port = self.key.port, client = %member.name, "health check passes again: this client of the group takes visitors")
             }
             _ => {}
         }
@@ -281,10 +283,12 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::protocol::Protocol;
 
     fn group(names: &[&str], balance: Balance) -> Group {
         let spec = MappingSpec {
             source_port: 4000,
+            protocol: Protocol::Tcp,
             target_host: "10.0.0.5".into(),
             target_port: 22,
             use_tunnel: true,
@@ -325,6 +329,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let mut spec = MappingSpec {
             source_port: 4001,
+            protocol: Protocol::Tcp,
             target_host: "10.0.0.5".into(),
             target_port: 22,
             use_tunnel: true,
@@ -343,7 +348,7 @@ mod tests {
         assert_eq!(members.list.iter().map(|m| m.name.to_string()).collect::<Vec<_>>(), ["c", "a"]);
         assert_eq!(members.list[1].active(), 1, "a keeps its open connection");
         let text = metrics.render();
-        assert!(text.contains(r#"tunneld_mapping_client_connections_total{client="a",port="4001"} 1"#), "{text}");
+        assert!(text.contains(r#"tunneld_mapping_client_connections_total{client="a",port="4001",protocol="tcp"} 1"#), "{text}");
         assert!(!text.contains(r#"client="b",port="4001""#), "b's series went with it");
     }
 }

@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn counts_leave_the_window_after_it() {
-        let metrics = crate::telemetry::Metrics::new().add_mapping(1, ["t:1", "direct", "", ""]);
+        let metrics = crate::telemetry::Metrics::new().add_mapping(crate::core::protocol::MappingKey::tcp(1), ["t:1", "direct", "", ""]);
         let window = HealthWindow::new(metrics.clone());
         let start = Instant::now();
         window.restart(start);

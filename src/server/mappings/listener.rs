@@ -7,13 +7,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
 use super::visitor::{serve_visitor, Admission};
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 use crate::net::relay;
 use crate::net::socket;
@@ -51,8 +52,18 @@ pub(super) fn describe_bind_error(e: &std::io::Error) -> String {
     }
 }
 
-pub(super) async fn bind(addr: IpAddr, port: u16) -> std::io::Result<TcpListener> {
-    socket::listen(SocketAddr::new(addr, port))
+/// A mapping's bound port: a TCP listener, or a UDP socket.
+pub(crate) enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+pub(super) async fn bind(addr: IpAddr, key: MappingKey) -> std::io::Result<Bound> {
+    let addr = SocketAddr::new(addr, key.port);
+    match key.protocol {
+        Protocol::Tcp => socket::listen(addr).map(Bound::Tcp),
+        Protocol::Udp => super::udp::bind(addr).map(Bound::Udp),
+    }
 }
 
 /// The life of one mapping: (re)bind until it has its port, then accept until
@@ -61,7 +72,7 @@ pub(super) async fn run_mapping(
     ctx: Arc<Ctx>,
     spec: Arc<MappingSpec>,
     admission: Admission,
-    listener: Option<TcpListener>,
+    listener: Option<Bound>,
     bind_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
     metrics: MappingMetrics,
@@ -76,7 +87,7 @@ pub(super) async fn run_mapping(
                 _ = ctx.stop_accepting.cancelled() => return,
                 _ = tokio::time::sleep(BIND_RETRY) => {}
             }
-            match bind(ctx.settings.bind_addr, port).await {
+            match bind(ctx.settings.bind_addr, spec.key()).await {
                 Ok(l) => {
                     info!(port, "mapping port is free again; now listening");
                     set(&bind_error, None);
@@ -90,6 +101,10 @@ pub(super) async fn run_mapping(
             }
         },
     };
+    let listener = match listener {
+        Bound::Tcp(listener) => listener,
+        Bound::Udp(socket) => return super::udp::serve(ctx, spec, admission, socket, cancel, metrics).await,
+    };
     // Shared by every visitor's task: one reference count each.
     let admission = Arc::new(admission);
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
@@ -98,7 +113,7 @@ pub(super) async fn run_mapping(
     // first client (a mapping's one client). The name is shared by every
     // connection's entry: no allocation per visitor.
     let first_client = || admission.group.members().list.first().map(|m| m.name.clone());
-    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(port, first_client().as_deref(), peer, reason);
+    let refused = |peer: SocketAddr, reason: &'static str| ctx.live.refused(spec.key(), first_client().as_deref(), peer, reason);
     loop {
         let (visitor, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -160,7 +175,7 @@ pub(super) async fn run_mapping(
         let metrics = metrics.clone();
         let admission = admission.clone();
         let cancel = cancel.clone();
-        let tracked = ctx.live.open(port, first_client(), peer);
+        let tracked = ctx.live.open(spec.key(), first_client(), peer);
         ctx.connections.spawn(async move {
             let _slot = (slot, held);
             let end = tokio::select! {

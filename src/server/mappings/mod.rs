@@ -14,6 +14,7 @@ mod health;
 mod listener;
 mod registry;
 mod target;
+mod udp;
 mod view;
 mod visitor;
 

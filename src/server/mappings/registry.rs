@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,11 +14,12 @@ use super::context::{Ctx, RefusalLog, Settings, REFUSAL_LOG_INTERVAL};
 use super::error::MappingError;
 use super::group::Group;
 use super::health::{Condition, HealthWindow};
-use super::listener::{bind, describe_bind_error, run_mapping, set, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
+use super::listener::{bind, describe_bind_error, run_mapping, set, Bound, DIRECT_VISITOR_DESCRIPTORS, TUNNELED_VISITOR_DESCRIPTORS};
 use super::target::{self, ResolvedHere};
 use super::view::{MappingStatus, MappingView};
 use super::visitor::Admission;
 use crate::core::names::DEFAULT_CLIENT;
+use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
@@ -33,6 +33,8 @@ use crate::telemetry::Metrics;
 #[derive(Debug, Clone)]
 pub struct NewMapping {
     pub source_port: u16,
+    /// TCP (the default) or UDP.
+    pub protocol: Protocol,
     pub target_host: String,
     pub target_port: u16,
     pub use_tunnel: bool,
@@ -96,7 +98,7 @@ fn check_health_check(check: Option<&HealthCheck>) -> Result<(), MappingError> {
 }
 
 pub struct Mappings {
-    pub(super) entries: tokio::sync::Mutex<BTreeMap<u16, Entry>>,
+    pub(super) entries: tokio::sync::Mutex<BTreeMap<MappingKey, Entry>>,
     pub(super) ctx: Arc<Ctx>,
     /// What the config file declares, as last reconciled.
     pub(super) declared: Mutex<DeclaredState>,
@@ -119,6 +121,11 @@ pub(super) struct Checked {
     resolved_here: Vec<std::net::SocketAddr>,
 }
 
+/// Why a UDP mapping takes no tunnel, client or group: it forwards directly.
+const UDP_NOT_TUNNELED: &str =
+    "protocol \"udp\" with use_tunnel, client, clients, balance or health_check: tunneled UDP is not available yet; \
+     a UDP mapping forwards directly (use_tunnel: false, no clients)";
+
 /// The checks a mapping request needs on its own, shared by the API and the
 /// config file's `[[mappings]]` (`tunneld check-config` too): ports, a valid
 /// target host (trimmed here), and a client only when tunneled (`default`
@@ -131,6 +138,14 @@ pub(crate) fn check_request(req: &mut NewMapping) -> Result<(), MappingError> {
     }
     if req.target_port == 0 {
         return Err(MappingError::Invalid("target_port must be between 1 and 65535".into()));
+    }
+    if req.protocol == Protocol::Udp && req.policy.proxy_protocol.is_some() {
+        return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
+    }
+    if req.protocol == Protocol::Udp
+        && (req.use_tunnel || req.client.is_some() || req.clients.is_some() || req.balance.is_some() || req.health_check.is_some())
+    {
+        return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
     }
     let clients = group_of(req.use_tunnel, req.client.take(), req.clients.take())?;
     if !req.use_tunnel && (req.balance.is_some() || req.health_check.is_some()) {
@@ -208,12 +223,13 @@ impl Mappings {
         let mut failed = 0;
         for (spec, policy) in stored {
             let port = spec.source_port;
+            let key = spec.key();
             let bind_error = Arc::new(Mutex::new(None));
-            let listener = match bind(self.ctx.settings.bind_addr, port).await {
+            let listener = match bind(self.ctx.settings.bind_addr, key).await {
                 Ok(l) => Some(l),
                 Err(e) => {
                     failed += 1;
-                    warn!(port, error = %e, "stored mapping cannot bind its port; will retry");
+                    warn!(port, protocol = %key.protocol, error = %e, "stored mapping cannot bind its port; will retry");
                     set(&bind_error, Some(describe_bind_error(&e)));
                     None
                 }
@@ -221,8 +237,8 @@ impl Mappings {
             restored += usize::from(listener.is_some());
             let resolved = ResolvedHere::soon(&spec);
             let entry = self.spawn_mapping(Arc::new(spec), policy, listener, bind_error, resolved);
-            write(&self.ctx.mapped_ports).insert(port);
-            entries.insert(port, entry);
+            write(&self.ctx.mapped_ports).insert(key);
+            entries.insert(key, entry);
         }
         Ok((restored, failed))
     }
@@ -236,13 +252,16 @@ impl Mappings {
         if let Some(name) = req.clients.iter().flatten().find(|name| !self.ctx.hub.knows(name)) {
             return Err(MappingError::NamesUnknownClient(name.to_string()));
         }
-        if entries.contains_key(&req.source_port) {
-            return Err(MappingError::Conflict(format!("port {} is already mapped", req.source_port)));
+        let key = MappingKey { port: req.source_port, protocol: req.protocol };
+        if entries.contains_key(&key) {
+            return Err(MappingError::Conflict(format!("{} port {} is already mapped", key.protocol.as_str().to_uppercase(), key.port)));
         }
-        self.check_loops(&checked, |port| entries.contains_key(&port))?;
-        let listener = bind(self.ctx.settings.bind_addr, req.source_port).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => MappingError::Conflict(format!("port {} is in use by another process", req.source_port)),
-            _ => MappingError::Invalid(format!("cannot listen on port {}: {}", req.source_port, e)),
+        self.check_loops(&checked, |port| entries.contains_key(&MappingKey { port, protocol: key.protocol }))?;
+        let listener = bind(self.ctx.settings.bind_addr, key).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                MappingError::Conflict(format!("{} port {} is in use by another process", key.protocol.as_str().to_uppercase(), key.port))
+            }
+            _ => MappingError::Invalid(format!("cannot listen on {} port {}: {}", key.protocol, key.port, e)),
         })?;
         self.install(&mut entries, checked, Source::Api, Some(listener), None).await
     }
@@ -254,7 +273,9 @@ impl Mappings {
     /// stored one is at start: DNS may not be up yet at boot.
     pub(super) async fn prepare(&self, mut req: NewMapping, must_resolve: bool) -> Result<Checked, MappingError> {
         check_request(&mut req)?;
-        if let Some((_, owner)) = self.ctx.settings.reserved_ports.iter().find(|(p, _)| *p == req.source_port) {
+        // The API's and the tunnel's ports are TCP ports: a UDP mapping may take the number.
+        let reserved = self.reserved(req.protocol);
+        if let Some((_, owner)) = reserved.iter().find(|(p, _)| *p == req.source_port) {
             return Err(MappingError::Invalid(format!("source_port {} is tunneld's own {owner} port", req.source_port)));
         }
         // Tunneled targets are resolved inside the client's network, which may know
@@ -286,7 +307,7 @@ impl Mappings {
     /// a client on this host.
     pub(super) fn check_loops(&self, checked: &Checked, mapped: impl Fn(u16) -> bool) -> Result<(), MappingError> {
         let req = &checked.req;
-        let reserved = &self.ctx.settings.reserved_ports;
+        let reserved = self.reserved(req.protocol);
         if let Some(why) = target::own_listener(&checked.resolved, req.source_port, &mapped, reserved) {
             return Err(MappingError::Invalid(format!(
                 "target {}:{} is {why}: the mapping would forward to itself",
@@ -304,20 +325,30 @@ impl Mappings {
         Ok(())
     }
 
+    /// This daemon's own ports a mapping of `protocol` must not take nor target:
+    /// the API and the tunnel listen on TCP.
+    fn reserved(&self, protocol: Protocol) -> &[(u16, &'static str)] {
+        match protocol {
+            Protocol::Tcp => &self.ctx.settings.reserved_ports,
+            Protocol::Udp => &[],
+        }
+    }
+
     /// Stores a checked mapping (before anyone is told it exists) and starts
     /// it: on `listener`, or, without one, retrying its port in the background
     /// with `bind_error` shown meanwhile.
     pub(super) async fn install(
         &self,
-        entries: &mut BTreeMap<u16, Entry>,
+        entries: &mut BTreeMap<MappingKey, Entry>,
         checked: Checked,
         source: Source,
-        listener: Option<TcpListener>,
+        listener: Option<Bound>,
         bind_error: Option<String>,
     ) -> Result<MappingView, MappingError> {
         let Checked { req, resolved_here, .. } = checked;
         let spec = MappingSpec {
             source_port: req.source_port,
+            protocol: req.protocol,
             target_host: req.target_host,
             target_port: req.target_port,
             use_tunnel: req.use_tunnel,
@@ -333,15 +364,16 @@ impl Mappings {
             .insert(spec.clone(), &req.policy)
             .await
             .map_err(MappingError::store(format!("save the mapping on port {}", spec.source_port)))?;
-        info!(port = spec.source_port, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, clients = %spec.clients.join(","), balance = spec.balance.as_str(), source = source.as_str(), "mapping created");
+        info!(port = spec.source_port, protocol = %spec.protocol, target = %format!("{}:{}", spec.target_host, spec.target_port), use_tunnel = spec.use_tunnel, clients = %spec.clients.join(","), balance = spec.balance.as_str(), source = source.as_str(), "mapping created");
         let resolved = match resolved_here.is_empty() {
             true => ResolvedHere::soon(&spec),
             false => Arc::new(ResolvedHere::new(resolved_here)),
         };
         let entry = self.spawn_mapping(Arc::new(spec), req.policy, listener, Arc::new(Mutex::new(bind_error)), resolved);
-        write(&self.ctx.mapped_ports).insert(req.source_port);
+        let key = entry.spec.key();
+        write(&self.ctx.mapped_ports).insert(key);
         let view = self.view(&entry);
-        entries.insert(req.source_port, entry);
+        entries.insert(key, entry);
         Ok(view)
     }
 
@@ -349,10 +381,13 @@ impl Mappings {
     /// current one, which is stored, then put in force. Open connections stay and
     /// follow the new caps at once. An update that changes no value touches
     /// nothing: nothing is stored, nothing is put in force, nothing announced.
-    pub async fn update(&self, port: u16, update: PolicyUpdate) -> Result<MappingView, MappingError> {
+    pub async fn update(&self, key: MappingKey, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let entries = self.entries.lock().await;
-        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        let entry = entries.get(&key).ok_or(MappingError::NotFound(key))?;
         self.refuse_declared(entry)?;
+        if key.protocol == Protocol::Udp && matches!(update.proxy_protocol, Some(Some(_))) {
+            return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
+        }
         self.update_entry(entry, update).await
     }
 
@@ -360,6 +395,7 @@ impl Mappings {
     /// path by which a policy changes live, from the API or from the config file.
     pub(super) async fn update_entry(&self, entry: &Entry, update: PolicyUpdate) -> Result<MappingView, MappingError> {
         let port = entry.spec.source_port;
+        let key = entry.spec.key();
         let mut policy = entry.policy.get();
         let changed = policy.apply(update);
         if changed.is_empty() {
@@ -368,7 +404,7 @@ impl Mappings {
         }
         self.ctx
             .store
-            .set_policy(port, &policy)
+            .set_policy(key, &policy)
             .await
             .map_err(MappingError::store(format!("save the policy of the mapping on port {port}")))?;
         entry.policy.set(policy);
@@ -378,7 +414,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(port, labels(&info), labels(&new));
+                self.ctx.metrics.relabel_mapping(key, labels(&info), labels(&new));
                 *info = new;
             }
         }
@@ -390,9 +426,9 @@ impl Mappings {
     /// its health check. Open connections stay with the client that serves
     /// them; new visitors follow the new group at once. A change to nothing
     /// touches nothing.
-    pub async fn update_group(&self, port: u16, update: GroupUpdate) -> Result<MappingView, MappingError> {
+    pub async fn update_group(&self, key: MappingKey, update: GroupUpdate) -> Result<MappingView, MappingError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries.get_mut(&port).ok_or(MappingError::NotFound(port))?;
+        let entry = entries.get_mut(&key).ok_or(MappingError::NotFound(key))?;
         if update.is_empty() {
             return Ok(self.view(entry));
         }
@@ -406,6 +442,9 @@ impl Mappings {
     /// config file. Whether anything changed.
     pub(super) async fn change_group(&self, entry: &mut Entry, update: GroupUpdate) -> Result<bool, MappingError> {
         let port = entry.spec.source_port;
+        if entry.spec.protocol == Protocol::Udp {
+            return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
+        }
         if !entry.spec.use_tunnel {
             return Err(MappingError::Invalid(format!(
                 "clients, balance, health_check: the mapping on port {port} is direct; only a tunneled mapping has clients"
@@ -439,7 +478,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(port, labels(&info), labels(&new));
+                self.ctx.metrics.relabel_mapping(entry.spec.key(), labels(&info), labels(&new));
                 *info = new;
             }
         }
@@ -453,8 +492,8 @@ impl Mappings {
         let entries = self.entries.lock().await;
         entries
             .iter()
-            .map(|(port, e)| crate::server::quotas::MappingPolicy {
-                port: *port,
+            .map(|(key, e)| crate::server::quotas::MappingPolicy {
+                key: *key,
                 policy: e.policy.clone(),
                 quota_used: e.quota_used.clone(),
                 quota_bytes: e.quota_bytes.clone(),
@@ -462,40 +501,41 @@ impl Mappings {
             .collect()
     }
 
-    pub async fn remove(&self, port: u16) -> Result<(), MappingError> {
+    pub async fn remove(&self, key: MappingKey) -> Result<(), MappingError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries.get(&port).ok_or(MappingError::NotFound(port))?;
+        let entry = entries.get(&key).ok_or(MappingError::NotFound(key))?;
         self.refuse_declared(entry)?;
-        self.remove_entry(&mut entries, port).await
+        self.remove_entry(&mut entries, key).await
     }
 
     /// Removes the mapping on `port` (which exists: the caller holds the lock
     /// and looked): stored first, then its listener closed and its connections cut.
-    pub(super) async fn remove_entry(&self, entries: &mut BTreeMap<u16, Entry>, port: u16) -> Result<(), MappingError> {
-        self.ctx.store.remove(port).await.map_err(MappingError::store(format!("remove the mapping on port {port}")))?;
-        write(&self.ctx.mapped_ports).remove(&port);
-        if let Some(entry) = entries.remove(&port) {
+    pub(super) async fn remove_entry(&self, entries: &mut BTreeMap<MappingKey, Entry>, key: MappingKey) -> Result<(), MappingError> {
+        let port = key.port;
+        self.ctx.store.remove(key).await.map_err(MappingError::store(format!("remove the mapping on port {key}")))?;
+        write(&self.ctx.mapped_ports).remove(&key);
+        if let Some(entry) = entries.remove(&key) {
             entry.cancel.cancel();
             // The listener is released when the task ends: wait, so the port can be
             // mapped again the moment this returns.
             let _ = entry.task.await;
             entry.group.remove_series();
             let info = lock(&entry.info).clone();
-            self.ctx.metrics.remove_mapping(port, labels(&info));
+            self.ctx.metrics.remove_mapping(key, labels(&info));
         }
-        info!(port, "mapping removed");
+        info!(port, protocol = %key.protocol, "mapping removed");
         Ok(())
     }
 
     /// `(port, reason)` for every mapping that is not serving, for `/health`.
-    pub async fn unbound(&self) -> Vec<(u16, String)> {
+    pub async fn unbound(&self) -> Vec<(MappingKey, String)> {
         let entries = self.entries.lock().await;
-        entries.iter().filter_map(|(port, e)| lock(&e.bind_error).clone().map(|b| (*port, b))).collect()
+        entries.iter().filter_map(|(key, e)| lock(&e.bind_error).clone().map(|b| (*key, b))).collect()
     }
 
     /// `(port, client, reason)` for every tunneled mapping that refuses its
     /// visitors because it would forward to itself through a client on this host.
-    pub async fn looping(&self) -> Vec<(u16, String, String)> {
+    pub async fn looping(&self) -> Vec<(MappingKey, String, String)> {
         let entries = self.entries.lock().await;
         entries
             .iter()
@@ -515,10 +555,10 @@ impl Mappings {
     pub async fn sample_health(&self) {
         let now = std::time::Instant::now();
         let entries = self.entries.lock().await;
-        for (port, entry) in entries.iter() {
+        for (key, entry) in entries.iter() {
             entry.health.sample(now);
             let view = self.view(entry);
-            self.ctx.metrics.set_mapping_health(*port, view.health.health.as_str());
+            self.ctx.metrics.set_mapping_health(*key, view.health.health.as_str());
         }
     }
 
@@ -601,12 +641,12 @@ impl Mappings {
         &self,
         spec: Arc<MappingSpec>,
         policy: Policy,
-        listener: Option<TcpListener>,
+        listener: Option<Bound>,
         bind_error: Arc<Mutex<Option<String>>>,
         resolved: Arc<ResolvedHere>,
     ) -> Entry {
         let info = info_labels(&spec, &policy);
-        let metrics = self.ctx.metrics.add_mapping(spec.source_port, labels(&info));
+        let metrics = self.ctx.metrics.add_mapping(spec.key(), labels(&info));
         let policy = LivePolicy::new(policy);
         let quota_used = metrics.quota_used.clone();
         let quota_bytes = metrics.quota_bytes.clone();

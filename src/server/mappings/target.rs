@@ -141,8 +141,14 @@ impl Ctx {
         let peer = self.hub.peer_on_this_host(client)?;
         let addrs = lock(&resolved.0);
         let mapped = read(&self.mapped_ports);
-        let why =
-            through_client_on_this_host(&addrs, spec.source_port, client, peer, |p| mapped.contains(&p), &self.settings.reserved_ports)?;
+        let why = through_client_on_this_host(
+            &addrs,
+            spec.source_port,
+            client,
+            peer,
+            |port| mapped.contains(&crate::core::protocol::MappingKey { port, protocol: spec.protocol }),
+            &self.settings.reserved_ports,
+        )?;
         Some(format!("target {}:{} is {why}: the mapping would forward to itself", spec.target_host, spec.target_port))
     }
 }
