@@ -171,31 +171,11 @@ impl Mappings {
         let known: BTreeMap<String, Secret> = lock(&self.declared).clients.clone();
         let declared_names: BTreeSet<&str> = declaration.clients.iter().map(|(n, _)| n.as_str()).collect();
         for (name, secret) in &declaration.clients {
-            match known.get(name) {
+            // A known name gets the file's secret: a rotated one, or one the API had made.
+            let rotated = match known.get(name) {
                 Some(old) if old == secret => continue,
-                Some(_) => {
-                    self.ctx
-                        .store
-                        .set_client(name, secret, Source::Config)
-                        .await
-                        .map_err(MappingError::store(format!("save the client {name:?}")))?;
-                    // Its session authenticated with the old secret: end it.
-                    self.ctx.hub.remove_client(name);
-                    self.ctx.hub.add_client(name, secret.clone());
-                    info!(client = %name, "declared client's secret changed; its session ends and it authenticates again");
-                    done.clients.changed += 1;
-                }
-                None if self.ctx.hub.knows(name) => {
-                    self.ctx
-                        .store
-                        .set_client(name, secret, Source::Config)
-                        .await
-                        .map_err(MappingError::store(format!("save the client {name:?}")))?;
-                    self.ctx.hub.remove_client(name);
-                    self.ctx.hub.add_client(name, secret.clone());
-                    warn!(client = %name, "the config file declares a client the API had created: the file's secret now applies");
-                    done.clients.changed += 1;
-                }
+                Some(_) => true,
+                None if self.ctx.hub.knows(name) => false,
                 None => {
                     let stored = StoredClient {
                         name: name.clone(),
@@ -207,8 +187,24 @@ impl Mappings {
                     self.ctx.hub.add_client(name, secret.clone());
                     info!(client = %name, "declared client created");
                     done.clients.created += 1;
+                    lock(&self.declared).clients.insert(name.clone(), secret.clone());
+                    continue;
                 }
+            };
+            self.ctx
+                .store
+                .set_client(name, secret, Source::Config)
+                .await
+                .map_err(MappingError::store(format!("save the client {name:?}")))?;
+            // Its session authenticated with the old secret: end it.
+            self.ctx.hub.remove_client(name);
+            self.ctx.hub.add_client(name, secret.clone());
+            if rotated {
+                info!(client = %name, "declared client's secret changed; its session ends and it authenticates again");
+            } else {
+                warn!(client = %name, "the config file declares a client the API had created: the file's secret now applies");
             }
+            done.clients.changed += 1;
             lock(&self.declared).clients.insert(name.clone(), secret.clone());
         }
 
