@@ -20,15 +20,23 @@ use serde_json::{json, Value};
 const SOON: Duration = Duration::from_secs(20);
 
 /// The mapping on `port` in both API answers that show a mapping: `(health,
-/// health_reason)`, which must agree.
+/// health_reason)`, which must agree. The two are read one after the other, so
+/// a mapping changing between the reads may disagree once; a disagreement that
+/// lasts is the failure.
 fn health(server: &Daemon, port: u16) -> (String, String) {
-    let listed = listed_mapping(server, port).unwrap_or_else(|| panic!("no mapping on {port} in the list"));
-    let traffic = traffic_entry(server, port).unwrap_or_else(|| panic!("no mapping on {port} in the traffic report"));
-    let from = |m: &Value, field: &str| m[field].as_str().unwrap_or_else(|| panic!("{field} missing from {m}")).to_string();
-    let list = (from(&listed, "health"), from(&listed, "health_reason"));
-    let report = (from(&traffic, "health"), from(&traffic, "health_reason"));
-    assert_eq!(list.0, report.0, "list and traffic report disagree on :{port}: {listed} vs {traffic}");
-    list
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let listed = listed_mapping(server, port).unwrap_or_else(|| panic!("no mapping on {port} in the list"));
+        let traffic = traffic_entry(server, port).unwrap_or_else(|| panic!("no mapping on {port} in the traffic report"));
+        let from = |m: &Value, field: &str| m[field].as_str().unwrap_or_else(|| panic!("{field} missing from {m}")).to_string();
+        let list = (from(&listed, "health"), from(&listed, "health_reason"));
+        let report = (from(&traffic, "health"), from(&traffic, "health_reason"));
+        if list.0 == report.0 {
+            return list;
+        }
+        assert!(std::time::Instant::now() < deadline, "list and traffic report disagree on :{port}: {listed} vs {traffic}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until the mapping on `port` has `wanted` health; its reason.
