@@ -7,6 +7,7 @@
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
 //! - [`transport`]: a tunnel connection, TLS or plain;
+//! - [`udp`]: UDP sockets toward a target, read without a buffer per socket;
 //! - [`proxy_header`]: the PROXY protocol header that tells a target who the visitor is.
 //!
 //! May import `core`, `config` and `telemetry`.
@@ -18,3 +19,4 @@ pub(crate) mod relay;
 pub(crate) mod socket;
 pub mod tls;
 pub mod transport;
+pub(crate) mod udp;

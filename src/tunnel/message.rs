@@ -51,13 +51,23 @@ pub enum Opening {
         /// The session token from [`Verdict::Welcome`].
         session: String,
     },
+    /// Opens the session's datagram channel (see `datagram`): UDP mappings'
+    /// datagrams framed on this connection, for the session whose token it
+    /// presents. Sent only after [`ToClient::OpenDatagrams`].
+    #[serde(rename = "datagram_hello")]
+    Datagrams {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The session token from [`Verdict::Welcome`].
+        session: String,
+    },
 }
 
 impl Opening {
     /// The protocol version the peer speaks.
     pub fn version(&self) -> u32 {
         match self {
-            Opening::Control { version, .. } | Opening::Data { version, .. } => *version,
+            Opening::Control { version, .. } | Opening::Data { version, .. } | Opening::Datagrams { version, .. } => *version,
         }
     }
 }
@@ -72,9 +82,15 @@ fn default_client() -> String {
 /// list this, and refuses the visitors of such a mapping through any other.
 pub const FEATURE_PROXY_HEADER: &str = "proxy_header";
 
+/// A client [`Opening::Control`] `features` entry: it carries UDP mappings'
+/// datagrams (it understands [`ToClient::OpenDatagrams`] and the `datagram`
+/// link). A server sends a UDP mapping's datagrams only through clients that
+/// list this; an older one's are dropped (`no_tunnel`).
+pub const FEATURE_UDP: &str = "udp";
+
 /// Every feature this build's client announces.
 pub fn client_features() -> Vec<String> {
-    vec![FEATURE_PROXY_HEADER.to_string()]
+    vec![FEATURE_PROXY_HEADER.to_string(), FEATURE_UDP.to_string()]
 }
 
 /// server → client: the answer to a control channel's [`Opening`].
@@ -149,6 +165,11 @@ pub enum ToClient {
     },
     /// A visitor is waiting and the pool is empty: open one more data channel.
     OpenDataChannel,
+    /// A UDP mapping's datagram is waiting and the session carries none yet:
+    /// open the datagram link (QUIC where it can be had, else a framed
+    /// datagram channel, [`Opening::Datagrams`]). Sent only to clients
+    /// announcing [`FEATURE_UDP`].
+    OpenDatagrams,
 }
 
 /// client → server on an authenticated control channel.
@@ -193,7 +214,7 @@ impl Heartbeat for ToClient {
     fn probe(&self) -> Option<(Option<u64>, Option<u64>)> {
         match *self {
             ToClient::Heartbeat { ping, pong } => Some((ping, pong)),
-            ToClient::OpenDataChannel => None,
+            ToClient::OpenDataChannel | ToClient::OpenDatagrams => None,
         }
     }
 }
@@ -320,7 +341,7 @@ mod tests {
         }
         let hello = Opening::Control { version: 2, client: "a".into(), features: client_features() };
         let wire = serde_json::to_string(&hello).unwrap();
-        assert_eq!(wire, r#"{"type":"hello","version":2,"client":"a","features":["proxy_header"]}"#);
+        assert_eq!(wire, r#"{"type":"hello","version":2,"client":"a","features":["proxy_header","udp"]}"#);
         assert_eq!(serde_json::from_str::<OldOpening>(&wire).unwrap(), OldOpening::Control { version: 2 });
         let unknown: Opening = serde_json::from_str(r#"{"type":"hello","version":2,"client":"a","features":["teleport"]}"#).unwrap();
         assert!(matches!(unknown, Opening::Control { features, .. } if features == ["teleport"]));

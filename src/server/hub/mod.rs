@@ -17,5 +17,7 @@ mod accept;
 mod defences;
 mod registry;
 mod session;
+mod udp;
 
 pub(crate) use registry::{HubSettings, OpenError, Presence, TunnelHub};
+pub(crate) use udp::{TunnelUdpSession, UdpOpenError};
