@@ -173,7 +173,6 @@ fn a_plain_tunnel_carries_datagrams_framed_counted_exactly_both_ways() {
 }
 
 #[test]
-#[ignore = "QUIC comes in the next step"]
 fn a_tls_tunnel_carries_datagrams_as_quic_datagrams_counted_exactly_both_ways() {
     let (_dir, server) = tls_server("");
     let _client = Daemon::client(&server, SECRET, &[]);
@@ -184,6 +183,22 @@ fn a_tls_tunnel_carries_datagrams_as_quic_datagrams_counted_exactly_both_ways() 
     // connection's stream, whole, and count the same.
     counts_exactly_both_ways(&server, port, &[1, 64, 1000, 1200, 5000, 60_000]);
     wait_for_transport(&server, "quic");
+    let said = server.wait_for_log("the tunnel carries UDP datagrams", Duration::from_secs(5));
+    assert!(said.contains("udp_transport") && said.contains("quic"), "{said}");
+
+    // Datagrams that fit a QUIC datagram travel as QUIC datagrams, not on the
+    // TCP tunnel: its wire bytes grow by a heartbeat or two, not by 200 KB.
+    let tcp_wire = |direction: &str| {
+        scrape_metric(&server, "tunneld_tunnel_bytes_total", &[("client", "default"), ("direction", direction)]).expect("tunnel bytes")
+    };
+    let before = (tcp_wire("sent"), tcp_wire("received"));
+    let v = visitor(2);
+    for i in 0..200u32 {
+        let payload = [&i.to_be_bytes()[..], &[7u8; 996]].concat();
+        assert_eq!(exchange(&v, port, &payload, Duration::from_secs(10)).as_deref(), Some(&payload[..]));
+    }
+    let grew = (tcp_wire("sent") - before.0, tcp_wire("received") - before.1);
+    assert!(grew.0 < 20_000.0 && grew.1 < 20_000.0, "200 KB each way crossed the TCP tunnel: {grew:?}");
 }
 
 /// Forwards every TCP connection to `127.0.0.1:{listen}` to `to`, both ways:
@@ -233,6 +248,8 @@ fn where_udp_to_the_tunnel_port_is_blocked_the_tls_tunnel_falls_back_to_framed()
     create_tunneled_udp(&server, port, echo);
     counts_exactly_both_ways(&server, port, &[1, 500, 1400, 4000]);
     wait_for_transport(&server, "framed");
+    let said = client.wait_for_log("falling back to framed", Duration::from_secs(5));
+    assert!(said.contains("udp_transport"), "{said}");
 }
 
 #[test]

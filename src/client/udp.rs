@@ -1,5 +1,6 @@
 //! Tunneled UDP on the client: the datagram link the server asks for when a
-//! UDP mapping first needs this client (see `tunnel::datagram`), and, per
+//! UDP mapping first needs this client (see `tunnel::datagram`) — QUIC where
+//! it can be had, framed on a data channel where not —, and, per
 //! session the server opens on it, a socket of its own toward the target.
 //!
 //! A session ends when the server says so (its idle timer, or its visitor's
@@ -21,9 +22,10 @@ use super::dialer::Dialer;
 use crate::core::sync::lock;
 use crate::net::descriptors::{DescriptorBudget, Taken};
 use crate::net::udp;
+use crate::tunnel::auth;
 use crate::tunnel::datagram::{self, DatagramControl, Frame, LinkSender, OnFrame, SendError, MAX_DATAGRAM};
 use crate::tunnel::frame;
-use crate::tunnel::message::{Opening, PROTOCOL_VERSION};
+use crate::tunnel::message::{Opening, QuicOpening, Verdict, PROTOCOL_VERSION};
 
 /// Datagrams from the server that may wait for one session's target socket;
 /// more are dropped.
@@ -39,9 +41,11 @@ struct Sessions {
     open: IntGauge,
 }
 
-/// Opens the session's datagram link, as the server asked: a framed datagram
-/// channel of the tunnel. It lasts until `cancel` (the session's end) or until
-/// either side closes it; the server asks again when it next needs one.
+/// Opens the session's datagram link, as the server asked: QUIC on the
+/// tunnel port number over UDP when the tunnel is TLS and the server answers
+/// there within [`datagram::QUIC_ATTEMPT`], else a framed datagram channel of
+/// the tunnel. It lasts until `cancel` (the session's end) or until either
+/// side closes it; the server asks again when it next needs one.
 pub(super) async fn open_link(dialer: Arc<Dialer>, descriptors: Arc<DescriptorBudget>, token: String, cancel: CancellationToken) {
     let server = dialer.config.server.clone();
     let sessions = Arc::new(Sessions {
@@ -50,26 +54,75 @@ pub(super) async fn open_link(dialer: Arc<Dialer>, descriptors: Arc<DescriptorBu
         descriptors,
         queues: Mutex::new(HashMap::new()),
     });
-    let transport = "framed";
-    let mut channel = match dialer.connect().await {
-        Ok(channel) => channel,
-        Err(e) => {
-            warn!(server = %server, error = %e, "the datagram channel could not be opened; UDP mappings through this client drop their datagrams until it can");
-            return;
-        }
+    let handler = |sender: &LinkSender| handler(sessions.clone(), sender.clone());
+    let mut _endpoint = None;
+    let quic = match &dialer.quic {
+        Some(quic) => match tokio::time::timeout(datagram::QUIC_ATTEMPT, join_over_quic(&dialer, quic, &token)).await {
+            Ok(Ok(joined)) => Some(joined),
+            Ok(Err(e)) => {
+                let error = format!("{e:#}");
+                info!(server = %server, udp_transport = "framed", error, "QUIC to the tunnel port over UDP failed; falling back to framed datagrams");
+                None
+            }
+            Err(_) => {
+                let waited_ms = datagram::QUIC_ATTEMPT.as_millis() as u64;
+                info!(server = %server, udp_transport = "framed", waited_ms, "no QUIC answer from the tunnel port over UDP (blocked?); falling back to framed datagrams");
+                None
+            }
+        },
+        None => None,
     };
-    let hello = Opening::Datagrams { version: PROTOCOL_VERSION, session: token };
-    if let Err(e) = frame::write_frame(&mut channel, &hello).await {
-        warn!(server = %server, error = %e, "the datagram channel failed as it opened");
-        return;
-    }
-    let (reader, writer) = tokio::io::split(channel);
-    let link = datagram::start(reader, writer, None, |sender| handler(sessions.clone(), sender.clone()), &cancel);
+    let (link, transport) = match quic {
+        Some((endpoint, connection, send, recv)) => {
+            _endpoint = Some(endpoint);
+            (datagram::start(recv, send, Some(connection), handler, &cancel), "quic")
+        }
+        None => match open_framed(&dialer, token).await {
+            Ok(channel) => {
+                let (reader, writer) = tokio::io::split(channel);
+                (datagram::start(reader, writer, None, handler, &cancel), "framed")
+            }
+            Err(e) => {
+                warn!(server = %server, error = %format!("{e:#}"), "the datagram channel could not be opened; UDP mappings through this client drop their datagrams until it can");
+                return;
+            }
+        },
+    };
     info!(server = %server, udp_transport = transport, "the tunnel carries UDP datagrams");
     link.closed().await;
     // Its sessions end with it.
     lock(&sessions.queues).clear();
     debug!(server = %server, udp_transport = transport, "datagram link ended");
+}
+
+/// A framed datagram channel: a connection of the tunnel, TLS or plain as the
+/// tunnel is, opened with `datagram_hello`.
+async fn open_framed(dialer: &Dialer, token: String) -> anyhow::Result<crate::net::transport::TunnelStream> {
+    let mut channel = dialer.connect().await?;
+    let hello = Opening::Datagrams { version: PROTOCOL_VERSION, session: token };
+    frame::write_frame(&mut channel, &hello).await?;
+    Ok(channel)
+}
+
+/// A QUIC connection to the tunnel port over UDP, proven to be this client's
+/// for the session `token` names (`quic_hello`), with its stream.
+async fn join_over_quic(
+    dialer: &Dialer,
+    quic: &crate::net::quic::Dialer,
+    token: &str,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let config = &dialer.config;
+    let (endpoint, connection) = quic.connect(&config.server).await?;
+    let binding =
+        crate::net::quic::binding(&connection).ok_or_else(|| anyhow::anyhow!("the QUIC connection exports no keying material"))?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let mac = auth::sign(config.secret.expose(), token, &binding);
+    let hello = QuicOpening::Hello { version: PROTOCOL_VERSION, client: config.name.clone(), session: token.to_string(), mac };
+    frame::write_frame(&mut send, &hello).await?;
+    match frame::read_frame::<Verdict, _>(&mut recv).await?.0 {
+        Verdict::Welcome { .. } => Ok((endpoint, connection, send, recv)),
+        Verdict::Rejected { reason } => Err(anyhow::anyhow!("the server refused the QUIC connection: {reason}")),
+    }
 }
 
 /// What the client does with each frame from the server.

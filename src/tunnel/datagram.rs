@@ -292,6 +292,8 @@ async fn read_datagrams(quic: quinn::Connection, on_frame: OnFrame, closed: Canc
         }
     }
     closed.cancel();
+    // The connection is the link's alone.
+    quic.close(0u32.into(), b"datagram link closed");
 }
 
 /// `varint session ‖ payload`, as a QUIC datagram carries it.

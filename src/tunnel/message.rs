@@ -93,6 +93,28 @@ pub fn client_features() -> Vec<String> {
     vec![FEATURE_PROXY_HEADER.to_string(), FEATURE_UDP.to_string()]
 }
 
+/// client → server: the first frame on the stream of a QUIC connection to the
+/// tunnel port over UDP, which makes it the datagram link of the client's
+/// session (see `datagram`). The server answers with a [`Verdict`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum QuicOpening {
+    /// Proves the connection is the named client's, for its session.
+    #[serde(rename = "quic_hello")]
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The client's name.
+        client: String,
+        /// The session token from [`Verdict::Welcome`]: what the connection
+        /// joins, and the nonce of `mac`.
+        session: String,
+        /// Hex HMAC-SHA256(secret, session ‖ the QUIC connection's exporter
+        /// value), so it is worthless on any other connection.
+        mac: String,
+    },
+}
+
 /// server → client: the answer to a control channel's [`Opening`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -36,12 +36,12 @@ use crate::tunnel::message::{
 };
 
 /// A connection that has not said who it is within this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a tunnel connection failed its handshake: what it is counted as, how it
 /// is logged, and whether it is held against its source address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub(super) enum Failure {
     NoHandshake,
     BadFirstFrame,
     NoHello,
@@ -105,7 +105,7 @@ enum Channel {
 
 /// Why a connection was refused unheard.
 #[derive(Debug, Clone, Copy)]
-enum Refused {
+pub(super) enum Refused {
     /// Its address failed too often; the next attempt is admitted after this.
     Throttled { retry_after: Duration },
     /// Its address holds too many connections that have not authenticated yet.
@@ -132,13 +132,13 @@ impl Refused {
 /// One admitted connection: where it comes from and what admission took from
 /// its source's failure bucket (settled by its outcome).
 #[derive(Debug, Clone, Copy)]
-struct Attempt {
-    peer: SocketAddr,
-    charge: Charge,
+pub(super) struct Attempt {
+    pub(super) peer: SocketAddr,
+    pub(super) charge: Charge,
 }
 
 impl Attempt {
-    fn source(&self) -> IpAddr {
+    pub(super) fn source(&self) -> IpAddr {
         self.peer.ip()
     }
 }
@@ -146,7 +146,7 @@ impl Attempt {
 impl TunnelHub {
     /// Counts a failed handshake against its address and logs it — the first of
     /// an interval at once, the rest as one summary line later.
-    fn failed(&self, attempt: Attempt, failure: Failure) {
+    pub(super) fn failed(&self, attempt: Attempt, failure: Failure) {
         self.metrics.count_session(failure.result());
         let now = Instant::now();
         let log_now = {
@@ -167,7 +167,7 @@ impl TunnelHub {
     /// Whether a new connection from `peer` may start a handshake: not while its
     /// address is throttled or holds too many unauthenticated connections. A
     /// token is reserved from the address's failure bucket as it is admitted.
-    fn admit(&self, peer: SocketAddr) -> Result<(Attempt, Pending), Refused> {
+    pub(super) fn admit(&self, peer: SocketAddr) -> Result<(Attempt, Pending), Refused> {
         let now = Instant::now();
         let refused = {
             let mut d = lock(&self.defences);

@@ -15,6 +15,7 @@
 
 mod accept;
 mod defences;
+mod quic;
 mod registry;
 mod session;
 mod udp;
