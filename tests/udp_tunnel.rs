@@ -404,3 +404,20 @@ fn free_udp_port() -> u16 {
         UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
     })
 }
+
+#[test]
+fn a_tunneled_udp_mapping_that_would_come_back_to_itself_through_a_client_here_drops_its_datagrams() {
+    let (_dir, path) = config_file("");
+    let server = Daemon::server_env(SECRET, &["--config", &path], &[("TUNNELD_SERVER__TLS", "false")]);
+    let port = free_port();
+    // No client yet: nothing says where the target is; created.
+    create_tunneled_udp(&server, port, loopback(port));
+    let client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
+    client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
+    // The client runs on this host, and its target is the mapping's own port.
+    let v = visitor(2);
+    assert_eq!(exchange(&v, port, b"round and round", Duration::from_millis(300)), None);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_refused_total", port, &[("reason", "loop")]), 1.0);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]), 0.0);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]), 0.0);
+}
