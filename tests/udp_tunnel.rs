@@ -421,3 +421,35 @@ fn a_tunneled_udp_mapping_that_would_come_back_to_itself_through_a_client_here_d
     assert_eq!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]), 0.0);
     assert_eq!(udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]), 0.0);
 }
+
+#[test]
+fn a_stalled_tunnel_fills_bounded_queues_and_the_rest_is_dropped_and_counted_queue_full() {
+    let (_dir, server, client) = plain_pair("");
+    let echo = udp_echo();
+    let port = free_port();
+    create_tunneled_udp(&server, port, echo);
+    let v = visitor(2);
+    assert!(exchange(&v, port, b"open", Duration::from_secs(10)).is_some(), "the session is open");
+    // The client stops reading: the tunnel's socket buffers fill, then the
+    // link's queue, then the session's; nothing more is held.
+    client.signal("STOP");
+    const FLOOD: usize = 20_000;
+    for _ in 0..FLOOD {
+        let _ = v.send_to(&[3u8; 1000], loopback(port));
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    let dropped = wait_for("the overflow to be counted", Duration::from_secs(20), || {
+        let n = udp_metric(&server, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "queue_full")]);
+        (n >= 5000.0).then_some(n)
+    });
+    let sent = udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]);
+    eprintln!("stalled tunnel: {sent} datagrams taken, {dropped} dropped as queue_full, of {FLOOD} sent");
+    assert!(dropped + sent <= (FLOOD + 1) as f64, "nothing counted twice: {dropped} dropped, {sent} sent");
+    assert!(sent < 15_000.0, "a stalled tunnel took {sent} datagrams: held without bound?");
+    let (status, _) = http("GET", &server.url("/api/mapping/list"), None);
+    assert_eq!(status, 200, "the API answers");
+    client.signal("CONT");
+    // What was held goes through once the client reads again; the session still works.
+    let v2 = visitor(3);
+    assert_eq!(exchange(&v2, port, b"after", Duration::from_secs(10)).as_deref(), Some(&b"after"[..]));
+}
