@@ -453,3 +453,43 @@ fn a_stalled_tunnel_fills_bounded_queues_and_the_rest_is_dropped_and_counted_que
     let v2 = visitor(3);
     assert_eq!(exchange(&v2, port, b"after", Duration::from_secs(10)).as_deref(), Some(&b"after"[..]));
 }
+
+#[test]
+fn a_client_group_serves_each_session_through_its_chosen_member_and_fails_over() {
+    let (_dir, server) = tls_server("");
+    let mut clients: Vec<Daemon> = ["office-a", "office-b"]
+        .iter()
+        .map(|name| {
+            let secret = create_client(&server, name);
+            Daemon::client(&server, &secret, &["--name", name])
+        })
+        .collect();
+    let echo = udp_echo();
+    let port = free_port();
+    let body = json!({"source_port": port, "protocol": "udp", "target_host": "127.0.0.1", "target_port": echo.port(),
+                      "use_tunnel": true, "clients": ["office-a", "office-b"]});
+    let (status, created) = post(&server, "/api/mapping/create", body);
+    assert_eq!(status, 200, "{created}");
+    let p = port.to_string();
+    let served = |client: &str| {
+        scrape_metric(&server, "tunneld_mapping_client_connections_total", &[("port", &p), ("protocol", "udp"), ("client", client)])
+    };
+    // Failover: the first client serves every session while it is there.
+    let first = visitor(2);
+    assert_eq!(exchange(&first, port, b"one", Duration::from_secs(10)).as_deref(), Some(&b"one"[..]));
+    assert_eq!((served("office-a"), served("office-b")), (Some(1.0), Some(0.0)));
+    let open = get_data(&server, &format!("/api/connections?port={port}&protocol=udp"));
+    assert_eq!(open["connections"][0]["client"], "office-a", "{open}");
+    assert_eq!(listed_transport(&server, "office-a"), "quic");
+    assert_eq!(listed_transport(&server, "office-b"), Value::Null, "no session through it yet");
+
+    // office-a goes: its session ends with its tunnel; the next one goes through office-b.
+    clients[0].kill();
+    wait_for("office-a's session to end", Duration::from_secs(20), || {
+        (udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]) == 0.0).then_some(())
+    });
+    assert_eq!(exchange(&first, port, b"two", Duration::from_secs(10)).as_deref(), Some(&b"two"[..]));
+    assert_eq!((served("office-a"), served("office-b")), (Some(1.0), Some(1.0)));
+    assert_eq!(listed_transport(&server, "office-b"), "quic");
+    assert_eq!(udp_metric(&server, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "no_tunnel")]), 0.0);
+}
