@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::{Gauge, IntGauge};
+use crate::telemetry::MappingMetrics;
 use tracing::warn;
 
 use crate::core::calendar::Step;
@@ -25,10 +25,9 @@ pub(crate) const WARNING_RATIO: f64 = 0.8;
 pub struct MappingPolicy {
     pub port: u16,
     pub policy: Arc<LivePolicy>,
-    /// `tunneld_mapping_quota_used_ratio{port}`.
-    pub quota_used: Gauge,
-    /// `tunneld_mapping_quota_bytes{port}`.
-    pub quota_bytes: IntGauge,
+    /// Its series: `tunneld_mapping_quota_used_ratio{port}` and
+    /// `tunneld_mapping_quota_bytes{port}` are set here.
+    pub series: MappingMetrics,
 }
 
 /// Something to tell the operator.
@@ -83,8 +82,8 @@ impl QuotaTracker {
         for m in mappings {
             let port = m.port;
             let Some(&quota) = quotas.get(&port) else {
-                m.quota_used.set(0.0);
-                m.quota_bytes.set(0);
+                m.series.quota_used.set(0.0);
+                m.series.quota_bytes.set(0);
                 m.policy.set_quota_used(0);
                 m.policy.set_quota_blocked(false);
                 continue;
@@ -123,8 +122,8 @@ impl QuotaTracker {
             };
             let used = total.saturating_sub(tracked.base);
             let ratio = used as f64 / quota.bytes as f64;
-            m.quota_used.set(ratio);
-            m.quota_bytes.set(i64::try_from(quota.bytes).unwrap_or(i64::MAX));
+            m.series.quota_used.set(ratio);
+            m.series.quota_bytes.set(i64::try_from(quota.bytes).unwrap_or(i64::MAX));
             m.policy.set_quota_used(used);
             // Within a period usage only grows, but a changed quota can put the
             // mapping back below a threshold it had crossed: crossing it again is
@@ -224,8 +223,7 @@ mod tests {
         let mappings = [MappingPolicy {
             port,
             policy: policy.clone(),
-            quota_used: counters.quota_used.clone(),
-            quota_bytes: counters.quota_bytes.clone(),
+            series: counters.clone(),
         }];
         let mut tracker = QuotaTracker::default();
         let kinds = |notices: Vec<Notice>| notices.into_iter().map(|n| n.kind).collect::<Vec<_>>();

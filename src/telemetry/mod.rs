@@ -13,20 +13,22 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntGauge, TextEncoder};
+use prometheus::{Encoder, IntCounter, TextEncoder};
 
-use crate::core::sync::lock;
+use crate::core::sync::{read, write};
 
 mod families;
 mod latency;
 mod meter;
 mod registry;
+mod series;
 mod snapshot;
 
 pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
+pub use series::{Counter, Gauge, IntGauge, MappingMetrics, MappingSeries};
 
 /// Whose tunnel a series is about: on the server role, a client's (by name);
 /// on the client role, its own session with one server.
@@ -77,35 +79,20 @@ impl Metrics {
 
     /// Creates a mapping's series at 0 so dashboards see it from the start (its
     /// health `ok`). `info` is `(target, mode, client, description)` for
-    /// `tunneld_mapping_info`.
+    /// `tunneld_mapping_info`. A port that has series already keeps them, with
+    /// `info` as its labels now.
     pub fn add_mapping(&self, port: u16, info: [&str; 4]) -> MappingMetrics {
-        let p = port.to_string();
-        self.mapping_info.with_label_values(&[&p, info[0], info[1], info[2], info[3]]).set(1);
-        for reason in refused_reason::ALL {
-            self.mapping_refused.with_label_values(&[&p, reason]);
-        }
-        self.set_mapping_health(port, health_state::OK);
-        let connect_samples = Arc::new(latency::Reservoir::default());
-        lock(&self.connect_samples).insert(port, connect_samples.clone());
-        MappingMetrics {
-            connect_duration: self.mapping_connect_duration.with_label_values(&[&p]),
-            connection_duration: self.mapping_connection_duration.with_label_values(&[&p]),
-            connect_samples,
-            quota_bytes: self.mapping_quota_bytes.with_label_values(&[&p]),
-            refused_connection_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::CONNECTION_LIMIT]),
-            refused_no_descriptors: self.mapping_refused.with_label_values(&[&p, refused_reason::NO_DESCRIPTORS]),
-            refused_acl: self.mapping_refused.with_label_values(&[&p, refused_reason::ACL]),
-            refused_quota: self.mapping_refused.with_label_values(&[&p, refused_reason::QUOTA]),
-            refused_process_limit: self.mapping_refused.with_label_values(&[&p, refused_reason::PROCESS_LIMIT]),
-            refused_loop: self.mapping_refused.with_label_values(&[&p, refused_reason::LOOP]),
-            quota_used: self.mapping_quota_used.with_label_values(&[&p]),
-            up: self.mapping_up.with_label_values(&[&p]),
-            sent: self.mapping_bytes.with_label_values(&[&p, SENT]),
-            received: self.mapping_bytes.with_label_values(&[&p, RECEIVED]),
-            connections: self.mapping_connections.with_label_values(&[&p]),
-            active: self.mapping_active.with_label_values(&[&p]),
-            last_activity: self.mapping_last_activity.with_label_values(&[&p]),
-            connect_errors: self.mapping_connect_errors.with_label_values(&[&p]),
+        let mut mappings = write(&self.mappings);
+        match mappings.get(&port) {
+            Some(existing) => {
+                existing.set_info(info);
+                existing.clone()
+            }
+            None => {
+                let series = MappingMetrics(Arc::new(MappingSeries::new(port, info)));
+                mappings.insert(port, series.clone());
+                series
+            }
         }
     }
 
@@ -120,44 +107,14 @@ impl Metrics {
         let _ = self.mapping_client_connections.remove_label_values(&[&port.to_string(), client]);
     }
 
-    /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
-    pub(crate) fn relabel_mapping(&self, port: u16, old: [&str; 4], new: [&str; 4]) {
-        let p = port.to_string();
-        let _ = self.mapping_info.remove_label_values(&[&p, old[0], old[1], old[2], old[3]]);
-        self.mapping_info.with_label_values(&[&p, new[0], new[1], new[2], new[3]]).set(1);
+    /// Drops every series of a removed mapping.
+    pub(crate) fn remove_mapping(&self, port: u16) {
+        write(&self.mappings).remove(&port);
     }
 
-    /// `tunneld_mapping_health{port}`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
-    pub(crate) fn set_mapping_health(&self, port: u16, state: &str) {
-        let p = port.to_string();
-        for each in health_state::ALL {
-            self.mapping_health.with_label_values(&[&p, each]).set(i64::from(each == state));
-        }
-    }
-
-    /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
-    pub(crate) fn remove_mapping(&self, port: u16, info: [&str; 4]) {
-        let p = port.to_string();
-        let _ = self.mapping_info.remove_label_values(&[&p, info[0], info[1], info[2], info[3]]);
-        let _ = self.mapping_quota_bytes.remove_label_values(&[&p]);
-        for state in health_state::ALL {
-            let _ = self.mapping_health.remove_label_values(&[&p, state]);
-        }
-        for dir in [SENT, RECEIVED] {
-            let _ = self.mapping_bytes.remove_label_values(&[&p, dir]);
-        }
-        let _ = self.mapping_connections.remove_label_values(&[&p]);
-        let _ = self.mapping_active.remove_label_values(&[&p]);
-        let _ = self.mapping_last_activity.remove_label_values(&[&p]);
-        let _ = self.mapping_connect_errors.remove_label_values(&[&p]);
-        let _ = self.mapping_up.remove_label_values(&[&p]);
-        let _ = self.mapping_quota_used.remove_label_values(&[&p]);
-        let _ = self.mapping_connect_duration.remove_label_values(&[&p]);
-        let _ = self.mapping_connection_duration.remove_label_values(&[&p]);
-        lock(&self.connect_samples).remove(&port);
-        for reason in refused_reason::ALL {
-            let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
-        }
+    /// Every mapping's series now, by port: taken under the lock, read after it.
+    pub(crate) fn mapping_series(&self) -> Vec<MappingMetrics> {
+        read(&self.mappings).values().cloned().collect()
     }
 
     /// Creates a tunnel's series at 0, so dashboards and alerts see a known
@@ -198,7 +155,7 @@ impl Metrics {
     pub fn tunnel_meters<'a>(&self, tunnel: impl Into<Tunnel<'a>>) -> (Meter, Meter) {
         let labels = self.tunnel_labels(tunnel.into());
         let activity = self.tunnel_last_activity.with_label_values(&labels);
-        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat())], vec![activity.clone()]);
+        let meter = |dir| Meter::tunnel(self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat()), activity.clone());
         (meter(SENT), meter(RECEIVED))
     }
 
@@ -264,44 +221,29 @@ impl Metrics {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
 
-    /// Prometheus text exposition of everything registered.
+    /// Prometheus text exposition of everything registered: the registry's
+    /// families and the mappings' (see `series`), merged in name order.
     pub(crate) fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let registered = self.registry.gather();
+        let mappings = self.mapping_series();
+        let mut out = String::with_capacity(4096 + mappings.len() * 6 * 1024);
+        let mut ours = series::family_names().enumerate().peekable();
+        for family in &registered {
+            while let Some((index, _)) = ours.next_if(|(_, name)| *name < family.name()) {
+                if !mappings.is_empty() {
+                    series::write_family(&mut out, index, &mappings);
+                }
+            }
+            // Encoding into a String cannot fail for well-formed families.
+            let _ = TextEncoder::new().encode_utf8(std::slice::from_ref(family), &mut out);
+        }
+        for (index, _) in ours {
+            if !mappings.is_empty() {
+                series::write_family(&mut out, index, &mappings);
+            }
+        }
+        out
     }
-}
-
-/// A mapping's pre-resolved handles, created once when the mapping is.
-#[derive(Clone)]
-pub struct MappingMetrics {
-    /// `tunneld_mapping_bytes_total{direction="sent"}`: visitor to target.
-    pub sent: IntCounter,
-    /// `tunneld_mapping_bytes_total{direction="received"}`: target to visitor.
-    pub received: IntCounter,
-    pub(crate) connections: IntCounter,
-    pub(crate) active: IntGauge,
-    pub(crate) last_activity: Gauge,
-    pub(crate) connect_errors: IntCounter,
-    pub(crate) refused_connection_limit: IntCounter,
-    pub(crate) refused_no_descriptors: IntCounter,
-    pub(crate) refused_acl: IntCounter,
-    pub(crate) refused_quota: IntCounter,
-    pub(crate) refused_process_limit: IntCounter,
-    pub(crate) refused_loop: IntCounter,
-    /// `tunneld_mapping_quota_used_ratio`.
-    pub(crate) quota_used: Gauge,
-    /// `tunneld_mapping_quota_bytes`: the allowance, 0 without a quota.
-    pub(crate) quota_bytes: IntGauge,
-    /// `tunneld_mapping_up`: 1 while listening.
-    pub(crate) up: IntGauge,
-    /// `tunneld_mapping_connect_duration_seconds`.
-    connect_duration: Histogram,
-    /// `tunneld_mapping_connection_duration_seconds`.
-    connection_duration: Histogram,
-    /// Recent connect times, for the API's quantiles.
-    connect_samples: Arc<latency::Reservoir>,
 }
 
 impl MappingMetrics {
@@ -311,33 +253,13 @@ impl MappingMetrics {
     pub(crate) fn visitor_accepted(&self) -> Visit {
         self.connections.inc();
         self.active.inc();
-        Visit {
-            active: self.active.clone(),
-            started: Instant::now(),
-            connect: self.connect_duration.clone(),
-            samples: self.connect_samples.clone(),
-            duration: self.connection_duration.clone(),
-        }
-    }
-
-    /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
-    pub(crate) fn refused_counts(&self) -> [u64; 6] {
-        [
-            &self.refused_connection_limit,
-            &self.refused_no_descriptors,
-            &self.refused_acl,
-            &self.refused_quota,
-            &self.refused_process_limit,
-            &self.refused_loop,
-        ]
-        .map(|c| c.get())
+        Visit { mapping: self.clone(), started: Instant::now() }
     }
 
     /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
     /// bytes only, tunneled or not (the tunnel's wire is metered on its own).
     pub(crate) fn meters(&self) -> (Meter, Meter) {
-        let activity = vec![self.last_activity.clone()];
-        (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
+        (Meter::mapping(self.clone(), SENT), Meter::mapping(self.clone(), RECEIVED))
     }
 }
 
@@ -407,7 +329,7 @@ mod tests {
         metrics.session_ended("b");
         assert_eq!(metrics.traffic().mappings[&4000].active_connections, 0);
         assert!(!metrics.traffic().clients["b"].connected);
-        metrics.remove_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.remove_mapping(4000);
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);

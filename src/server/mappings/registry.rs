@@ -26,7 +26,7 @@ use crate::policy::{invalid_group, Balance, HealthCheck, LivePolicy, Policy, Pol
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Source, Store, StoreError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{MappingMetrics, Metrics};
 
 /// What the API asks for.
 #[derive(Debug, Clone)]
@@ -141,8 +141,8 @@ pub(super) struct Entry {
     /// Its clients (tunneled), the one a visitor goes to, their checks.
     pub(super) group: Arc<Group>,
     policy: Arc<LivePolicy>,
-    quota_used: prometheus::Gauge,
-    quota_bytes: prometheus::IntGauge,
+    /// Its series (bytes, connections, health, quota, info, …).
+    metrics: MappingMetrics,
     /// Its counters over the recent window, for its health.
     health: Arc<HealthWindow>,
     /// `tunneld_mapping_info`'s labels now (the description changes live).
@@ -368,7 +368,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(port, labels(&info), labels(&new));
+                entry.metrics.set_info(labels(&new));
                 *info = new;
             }
         }
@@ -429,7 +429,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(port, labels(&info), labels(&new));
+                entry.metrics.set_info(labels(&new));
                 *info = new;
             }
         }
@@ -446,8 +446,7 @@ impl Mappings {
             .map(|(port, e)| crate::server::quotas::MappingPolicy {
                 port: *port,
                 policy: e.policy.clone(),
-                quota_used: e.quota_used.clone(),
-                quota_bytes: e.quota_bytes.clone(),
+                series: e.metrics.clone(),
             })
             .collect()
     }
@@ -470,8 +469,7 @@ impl Mappings {
             // mapped again the moment this returns.
             let _ = entry.task.await;
             entry.group.remove_series();
-            let info = lock(&entry.info).clone();
-            self.ctx.metrics.remove_mapping(port, labels(&info));
+            self.ctx.metrics.remove_mapping(port);
         }
         info!(port, "mapping removed");
         Ok(())
@@ -505,10 +503,10 @@ impl Mappings {
     pub async fn sample_health(&self) {
         let now = std::time::Instant::now();
         let entries = self.entries.lock().await;
-        for (port, entry) in entries.iter() {
+        for entry in entries.values() {
             entry.health.sample(now);
             let view = self.view(entry);
-            self.ctx.metrics.set_mapping_health(*port, view.health.health.as_str());
+            entry.metrics.set_health(view.health.health.as_str());
         }
     }
 
@@ -598,8 +596,6 @@ impl Mappings {
         let info = info_labels(&spec, &policy);
         let metrics = self.ctx.metrics.add_mapping(spec.source_port, labels(&info));
         let policy = LivePolicy::new(policy);
-        let quota_used = metrics.quota_used.clone();
-        let quota_bytes = metrics.quota_bytes.clone();
         let health = Arc::new(HealthWindow::new(metrics.clone()));
         let cancel = self.ctx.abort.child_token();
         let group = Arc::new(Group::new(&spec, self.ctx.metrics.clone()));
@@ -614,9 +610,9 @@ impl Mappings {
             listener,
             bind_error.clone(),
             cancel.clone(),
-            metrics,
+            metrics.clone(),
         ));
-        Entry { spec, group, policy, quota_used, quota_bytes, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
+        Entry { spec, group, policy, metrics, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
     }
 }
 

@@ -1,0 +1,426 @@
+//! A mapping's series: every per-mapping family's value held as plain atomics
+//! in one allocation per mapping, and written straight into the text
+//! exposition.
+//!
+//! Why not the `prometheus` crate's vectors: each of their series is a separate
+//! allocation carrying its own copy of the family's description (name, HELP)
+//! and its label pairs, and every scrape turns each series into protobuf
+//! messages before writing text. A mapping has 23 series and two histograms,
+//! so with 2,000 idle mappings those copies were most of the server's memory,
+//! and a scrape or a traffic report built about 100,000 messages. Here a
+//! mapping costs one block of counters, and reading it back allocates nothing
+//! per series. Names, HELP, labels and values are those the crate wrote.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::families::{
+    health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, LATENCY_BUCKETS, MAPPING_ACTIVE, MAPPING_BYTES,
+    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO,
+    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, RECEIVED, SENT,
+};
+use super::latency::Reservoir;
+use crate::core::sync::lock;
+
+/// A counter: only grows.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    /// Adds `n`.
+    pub fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge of whole numbers.
+#[derive(Default)]
+pub struct IntGauge(AtomicI64);
+
+impl IntGauge {
+    /// Sets it to `v`.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one away.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge of any real number (its bits in an atomic).
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets it to `v`.
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// Bucket bounds per histogram: both of a mapping's have this many.
+const BUCKETS: usize = 16;
+
+/// A histogram over fixed bounds: how many observations fell at or below each
+/// bound (not cumulative here; the exposition sums them), how many in all, and
+/// their sum.
+pub(crate) struct Histogram {
+    bounds: &'static [f64; BUCKETS],
+    counts: [AtomicU64; BUCKETS],
+    count: AtomicU64,
+    sum: Gauge,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64; BUCKETS]) -> Histogram {
+        Histogram { bounds, counts: Default::default(), count: AtomicU64::new(0), sum: Gauge::default() }
+    }
+
+    /// Counts `v` (seconds). The total goes first, so a concurrent read never
+    /// sees the buckets add up to more than it.
+    pub(crate) fn observe(&self, v: f64) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if let Some(bucket) = self.bounds.iter().position(|bound| v <= *bound) {
+            self.counts[bucket].fetch_add(1, Ordering::SeqCst);
+        }
+        let _ = self.sum.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+    }
+}
+
+/// Every series of one mapping.
+pub struct MappingSeries {
+    port: u16,
+    /// `tunneld_mapping_bytes_total{direction="sent"}`: visitor to target.
+    pub sent: Counter,
+    /// `tunneld_mapping_bytes_total{direction="received"}`: target to visitor.
+    pub received: Counter,
+    pub(crate) connections: Counter,
+    pub(crate) active: IntGauge,
+    pub(crate) last_activity: Gauge,
+    pub(crate) connect_errors: Counter,
+    pub(crate) refused_connection_limit: Counter,
+    pub(crate) refused_no_descriptors: Counter,
+    pub(crate) refused_acl: Counter,
+    pub(crate) refused_quota: Counter,
+    pub(crate) refused_process_limit: Counter,
+    pub(crate) refused_loop: Counter,
+    /// `tunneld_mapping_quota_used_ratio`.
+    pub(crate) quota_used: Gauge,
+    /// `tunneld_mapping_quota_bytes`: the allowance, 0 without a quota.
+    pub(crate) quota_bytes: IntGauge,
+    /// `tunneld_mapping_up`: 1 while listening.
+    pub(crate) up: IntGauge,
+    /// `tunneld_mapping_health`: the index in [`health_state::ALL`] of the one at 1.
+    health: AtomicU8,
+    /// `tunneld_mapping_info`'s labels besides the port: target, mode, client, description.
+    info: Mutex<[Box<str>; 4]>,
+    /// `tunneld_mapping_connect_duration_seconds`.
+    pub(crate) connect_duration: Histogram,
+    /// `tunneld_mapping_connection_duration_seconds`.
+    pub(crate) connection_duration: Histogram,
+    /// Recent connect times, for the API's quantiles (empty until the first).
+    pub(crate) connect_samples: Reservoir,
+}
+
+/// A mapping's series, shared by everything that counts for it: its listener,
+/// its visitors' meters, its health window, the quota check and the registry.
+#[derive(Clone)]
+pub struct MappingMetrics(pub(super) Arc<MappingSeries>);
+
+impl std::ops::Deref for MappingMetrics {
+    type Target = MappingSeries;
+
+    fn deref(&self) -> &MappingSeries {
+        &self.0
+    }
+}
+
+impl MappingSeries {
+    pub(super) fn new(port: u16, info: [&str; 4]) -> MappingSeries {
+        MappingSeries {
+            port,
+            sent: Counter::default(),
+            received: Counter::default(),
+            connections: Counter::default(),
+            active: IntGauge::default(),
+            last_activity: Gauge::default(),
+            connect_errors: Counter::default(),
+            refused_connection_limit: Counter::default(),
+            refused_no_descriptors: Counter::default(),
+            refused_acl: Counter::default(),
+            refused_quota: Counter::default(),
+            refused_process_limit: Counter::default(),
+            refused_loop: Counter::default(),
+            quota_used: Gauge::default(),
+            quota_bytes: IntGauge::default(),
+            up: IntGauge::default(),
+            health: AtomicU8::new(health_index(health_state::OK)),
+            info: Mutex::new(info.map(Box::from)),
+            connect_duration: Histogram::new(LATENCY_BUCKETS),
+            connection_duration: Histogram::new(CONNECTION_DURATION_BUCKETS),
+            connect_samples: Reservoir::default(),
+        }
+    }
+
+    /// Replaces `tunneld_mapping_info`'s labels (the description changed).
+    pub(crate) fn set_info(&self, info: [&str; 4]) {
+        *lock(&self.info) = info.map(Box::from);
+    }
+
+    /// `tunneld_mapping_health`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
+    pub(crate) fn set_health(&self, state: &str) {
+        self.health.store(health_index(state), Ordering::Relaxed);
+    }
+
+    /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
+    pub(crate) fn refused_counts(&self) -> [u64; 6] {
+        self.refused().map(|c| c.get())
+    }
+
+    /// The refusal counters in the order of [`refused_reason::ALL`].
+    fn refused(&self) -> [&Counter; 6] {
+        [
+            &self.refused_connection_limit,
+            &self.refused_no_descriptors,
+            &self.refused_acl,
+            &self.refused_quota,
+            &self.refused_process_limit,
+            &self.refused_loop,
+        ]
+    }
+
+    /// The port these series are labelled with.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+fn health_index(state: &str) -> u8 {
+    health_state::ALL.iter().position(|s| *s == state).unwrap_or(0) as u8
+}
+
+/// One per-mapping family: its schema and how to write its samples.
+struct Written {
+    family: &'static Family,
+    kind: &'static str,
+    samples: fn(&mut String, &str, &MappingSeries),
+}
+
+/// Every per-mapping family this module holds (`tunneld_mapping_client_connections_total`,
+/// per client of a group, stays a `prometheus` vector), sorted by name as the
+/// registry's own families are.
+static FAMILIES: [Written; 13] = [
+    Written { family: &MAPPING_ACTIVE, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.active.get()) },
+    Written {
+        family: &MAPPING_BYTES,
+        kind: "counter",
+        samples: |o, n, m| {
+            // Label pairs sorted by name, as Prometheus clients write them.
+            sample_labels(o, n, "", &[("direction", RECEIVED)], m.port, &[], m.received.get());
+            sample_labels(o, n, "", &[("direction", SENT)], m.port, &[], m.sent.get());
+        },
+    },
+    Written {
+        family: &MAPPING_CONNECT_DURATION,
+        kind: "histogram",
+        samples: |o, n, m| histogram(o, n, m.port, &m.connect_duration),
+    },
+    Written {
+        family: &MAPPING_CONNECT_ERRORS,
+        kind: "counter",
+        samples: |o, n, m| sample(o, n, "", m.port, &[], m.connect_errors.get()),
+    },
+    Written {
+        family: &MAPPING_CONNECTION_DURATION,
+        kind: "histogram",
+        samples: |o, n, m| histogram(o, n, m.port, &m.connection_duration),
+    },
+    Written { family: &MAPPING_CONNECTIONS, kind: "counter", samples: |o, n, m| sample(o, n, "", m.port, &[], m.connections.get()) },
+    Written {
+        family: &MAPPING_HEALTH,
+        kind: "gauge",
+        samples: |o, n, m| {
+            let now = usize::from(m.health.load(Ordering::Relaxed));
+            for (i, state) in health_state::ALL.iter().enumerate() {
+                sample_labels(o, n, "", &[("health", state)], m.port, &[], u64::from(i == now));
+            }
+        },
+    },
+    Written {
+        family: &MAPPING_INFO,
+        kind: "gauge",
+        samples: |o, n, m| {
+            let info = lock(&m.info);
+            sample_labels(o, n, "", &[("client", &info[2]), ("description", &info[3]), ("mode", &info[1])], m.port, &[("target", &info[0])], 1);
+        },
+    },
+    Written {
+        family: &MAPPING_LAST_ACTIVITY,
+        kind: "gauge",
+        samples: |o, n, m| sample(o, n, "", m.port, &[], m.last_activity.get()),
+    },
+    Written { family: &MAPPING_QUOTA_BYTES, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_bytes.get()) },
+    Written { family: &MAPPING_QUOTA_USED, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_used.get()) },
+    Written {
+        family: &MAPPING_REFUSED,
+        kind: "counter",
+        samples: |o, n, m| {
+            let counts = m.refused_counts();
+            let mut by_reason: [(&str, u64); 6] = std::array::from_fn(|i| (refused_reason::ALL[i], counts[i]));
+            by_reason.sort_unstable_by_key(|(reason, _)| *reason);
+            for (reason, count) in by_reason {
+                sample(o, n, "", m.port, &[("reason", reason)], count);
+            }
+        },
+    },
+    Written { family: &MAPPING_UP, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.up.get()) },
+];
+
+/// The per-mapping families' names, in the order [`write_family`] takes them.
+pub(super) fn family_names() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().map(|w| w.family.name())
+}
+
+/// Writes the family `index` of [`family_names`]: HELP, TYPE and every mapping's samples.
+pub(super) fn write_family(out: &mut String, index: usize, mappings: &[MappingMetrics]) {
+    let Written { family, kind, samples } = &FAMILIES[index];
+    let name = family.name();
+    let _ = writeln!(out, "# HELP {name} {}", escape(&family.help(), false));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for m in mappings {
+        samples(out, name, m);
+    }
+}
+
+fn histogram(out: &mut String, name: &str, port: u16, h: &Histogram) {
+    let mut cumulative = 0;
+    let mut le = String::new();
+    for (bound, count) in h.bounds.iter().zip(&h.counts) {
+        cumulative += count.load(Ordering::SeqCst);
+        le.clear();
+        let _ = write!(le, "{bound}");
+        sample(out, name, "_bucket", port, &[("le", &le)], cumulative);
+    }
+    let total = h.count.load(Ordering::SeqCst).max(cumulative);
+    sample(out, name, "_bucket", port, &[("le", "+Inf")], total);
+    sample(out, name, "_sum", port, &[], h.sum.get());
+    sample(out, name, "_count", port, &[], total);
+}
+
+/// `name{port="…",after…} value`.
+fn sample(out: &mut String, name: &str, suffix: &str, port: u16, after: &[(&str, &str)], value: impl std::fmt::Display) {
+    sample_labels(out, name, suffix, &[], port, after, value);
+}
+
+/// `name{before…,port="…",after…} value`: the labels in the order given.
+fn sample_labels(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    before: &[(&str, &str)],
+    port: u16,
+    after: &[(&str, &str)],
+    value: impl std::fmt::Display,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    out.push('{');
+    for (label, v) in before {
+        let _ = write!(out, "{label}=\"{}\",", escape(v, true));
+    }
+    let _ = write!(out, "port=\"{port}\"");
+    for (label, v) in after {
+        let _ = write!(out, ",{label}=\"{}\"", escape(v, true));
+    }
+    let _ = writeln!(out, "}} {value}");
+}
+
+/// The text format's escaping: backslash and line feed, and in label values the double quote.
+fn escape(v: &str, quote: bool) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| c == '\\' || c == '\n' || (quote && c == '"');
+    if !v.contains(special) {
+        return v.into();
+    }
+    let mut escaped = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            c if special(c) => {
+                escaped.push('\\');
+                escaped.push(c);
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_families_are_sorted_by_name() {
+        let names: Vec<_> = family_names().collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_says() {
+        assert_eq!(escape(r#"a "b" \ c"#, true), r#"a \"b\" \\ c"#);
+        assert_eq!(escape("line\nbreak", false), "line\\nbreak");
+        assert_eq!(escape(r#"say "hi""#, false), r#"say "hi""#);
+    }
+
+    #[test]
+    fn a_histogram_counts_at_or_below_each_bound() {
+        let h = Histogram::new(LATENCY_BUCKETS);
+        for v in [0.0001, 0.0002, 3.0, 11.0] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        histogram(&mut out, "x", 1, &h);
+        for line in [
+            r#"x_bucket{port="1",le="0.0001"} 1"#,
+            r#"x_bucket{port="1",le="0.00025"} 2"#,
+            r#"x_bucket{port="1",le="2.5"} 2"#,
+            r#"x_bucket{port="1",le="5"} 3"#,
+            r#"x_bucket{port="1",le="10"} 3"#,
+            r#"x_bucket{port="1",le="+Inf"} 4"#,
+            r#"x_sum{port="1"} 14.0003"#,
+            r#"x_count{port="1"} 4"#,
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+    }
+}
