@@ -178,7 +178,10 @@ fn counts_stay_exact_per_mapping_among_many_and_a_removed_one_goes_alone() {
         assert_eq!((json["bytes_sent"].as_u64(), json["bytes_received"].as_u64()), (Some(bytes), Some(bytes)), "JSON of {port}");
         assert_eq!(json["connections_total"].as_u64(), Some(conns), "JSON of {port}");
         assert_eq!(json["active_connections"], 0);
-        assert_eq!(json["refused"], json!({"acl": 0, "connection_limit": 0, "loop": 0, "no_descriptors": 0, "process_limit": 0, "quota": 0}));
+        assert_eq!(
+            json["refused"],
+            json!({"acl": 0, "connection_limit": 0, "loop": 0, "no_descriptors": 0, "process_limit": 0, "quota": 0})
+        );
         assert_eq!(json["connect_p50_seconds"].is_number(), conns > 0, "JSON of {port}: {json}");
     }
     let sum: u64 = used.iter().enumerate().map(|(i, _)| (i as u64 + 1) * (1000 + i as u64)).sum();
@@ -191,7 +194,10 @@ fn counts_stay_exact_per_mapping_among_many_and_a_removed_one_goes_alone() {
     let text = metrics_text(&server);
     let label = format!("port=\"{gone}\"");
     assert!(!text.lines().any(|l| l.contains(&label)), "the removed mapping's series are gone");
-    assert_eq!(metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &kept.to_string()), ("direction", "sent")]), Some(5.0 * 1004.0));
+    assert_eq!(
+        metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &kept.to_string()), ("direction", "sent")]),
+        Some(5.0 * 1004.0)
+    );
     assert_eq!(samples(&text, "tunneld_mapping_up").len(), ports.len() - 1);
 }
 

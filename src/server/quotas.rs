@@ -220,11 +220,7 @@ mod tests {
         let counters = metrics.add_mapping(port, ["127.0.0.1:22", "direct", "", ""]);
         let quota = Quota { bytes: 1_000, period: QuotaPeriod::Day, action: QuotaAction::Block };
         let policy = LivePolicy::new(Policy { quota: Some(quota), ..Policy::default() });
-        let mappings = [MappingPolicy {
-            port,
-            policy: policy.clone(),
-            series: counters.clone(),
-        }];
+        let mappings = [MappingPolicy { port, policy: policy.clone(), series: counters.clone() }];
         let mut tracker = QuotaTracker::default();
         let kinds = |notices: Vec<Notice>| notices.into_iter().map(|n| n.kind).collect::<Vec<_>>();
 

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::families::{
-    health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, LATENCY_BUCKETS, MAPPING_ACTIVE, MAPPING_BYTES,
-    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO,
-    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, RECEIVED, SENT,
+    health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, LATENCY_BUCKETS, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS,
+    MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY,
+    MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, RECEIVED, SENT,
 };
 use super::latency::Reservoir;
 use crate::core::sync::lock;
@@ -248,21 +248,9 @@ static FAMILIES: [Written; 13] = [
             sample_labels(o, n, "", &[("direction", SENT)], m.port, &[], m.sent.get());
         },
     },
-    Written {
-        family: &MAPPING_CONNECT_DURATION,
-        kind: "histogram",
-        samples: |o, n, m| histogram(o, n, m.port, &m.connect_duration),
-    },
-    Written {
-        family: &MAPPING_CONNECT_ERRORS,
-        kind: "counter",
-        samples: |o, n, m| sample(o, n, "", m.port, &[], m.connect_errors.get()),
-    },
-    Written {
-        family: &MAPPING_CONNECTION_DURATION,
-        kind: "histogram",
-        samples: |o, n, m| histogram(o, n, m.port, &m.connection_duration),
-    },
+    Written { family: &MAPPING_CONNECT_DURATION, kind: "histogram", samples: |o, n, m| histogram(o, n, m.port, &m.connect_duration) },
+    Written { family: &MAPPING_CONNECT_ERRORS, kind: "counter", samples: |o, n, m| sample(o, n, "", m.port, &[], m.connect_errors.get()) },
+    Written { family: &MAPPING_CONNECTION_DURATION, kind: "histogram", samples: |o, n, m| histogram(o, n, m.port, &m.connection_duration) },
     Written { family: &MAPPING_CONNECTIONS, kind: "counter", samples: |o, n, m| sample(o, n, "", m.port, &[], m.connections.get()) },
     Written {
         family: &MAPPING_HEALTH,
@@ -279,14 +267,18 @@ static FAMILIES: [Written; 13] = [
         kind: "gauge",
         samples: |o, n, m| {
             let info = lock(&m.info);
-            sample_labels(o, n, "", &[("client", &info[2]), ("description", &info[3]), ("mode", &info[1])], m.port, &[("target", &info[0])], 1);
+            sample_labels(
+                o,
+                n,
+                "",
+                &[("client", &info[2]), ("description", &info[3]), ("mode", &info[1])],
+                m.port,
+                &[("target", &info[0])],
+                1,
+            );
         },
     },
-    Written {
-        family: &MAPPING_LAST_ACTIVITY,
-        kind: "gauge",
-        samples: |o, n, m| sample(o, n, "", m.port, &[], m.last_activity.get()),
-    },
+    Written { family: &MAPPING_LAST_ACTIVITY, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.last_activity.get()) },
     Written { family: &MAPPING_QUOTA_BYTES, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_bytes.get()) },
     Written { family: &MAPPING_QUOTA_USED, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_used.get()) },
     Written {

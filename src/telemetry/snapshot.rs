@@ -116,8 +116,9 @@ impl Metrics {
     /// Every mapping's byte counters and the tunnel's per client, read from the
     /// registry without gathering the other families.
     pub(crate) fn byte_totals(&self) -> ByteTotals {
-        let mut totals = ByteTotals::default();
-        totals.mappings = read(&self.mappings).iter().map(|(port, m)| (*port, Traffic { sent: m.sent.get(), received: m.received.get() })).collect();
+        let mappings =
+            read(&self.mappings).iter().map(|(port, m)| (*port, Traffic { sent: m.sent.get(), received: m.received.get() })).collect();
+        let mut totals = ByteTotals { mappings, tunnel: BTreeMap::new() };
         each_series(&self.tunnel_bytes, |m| set_direction(totals.tunnel.entry(client(m)).or_default(), m));
         totals
     }

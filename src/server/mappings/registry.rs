@@ -443,11 +443,7 @@ impl Mappings {
         let entries = self.entries.lock().await;
         entries
             .iter()
-            .map(|(port, e)| crate::server::quotas::MappingPolicy {
-                port: *port,
-                policy: e.policy.clone(),
-                series: e.metrics.clone(),
-            })
+            .map(|(port, e)| crate::server::quotas::MappingPolicy { port: *port, policy: e.policy.clone(), series: e.metrics.clone() })
             .collect()
     }
 
