@@ -222,3 +222,46 @@ fn mapping_info_escapes_the_description_and_follows_its_changes() {
     has_line(&text, &info("plain"));
     assert_eq!(samples(&text, "tunneld_mapping_info").len(), 1, "the old labels are gone");
 }
+
+/// The daemon's anonymous resident memory (heap, stacks), in KiB.
+fn rss_anon_kib(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).expect("/proc/PID/status");
+    status.lines().find_map(|l| l.strip_prefix("RssAnon:")?.trim().strip_suffix("kB")?.trim().parse().ok()).expect("RssAnon")
+}
+
+/// RssAnon once two readings 200 ms apart agree within 64 KiB (there is no
+/// signal for "the allocator is done"; this polls, it does not wait blind).
+fn settled_rss_kib(d: &Daemon) -> u64 {
+    let mut last = rss_anon_kib(d);
+    wait_for("RSS to settle", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = rss_anon_kib(d);
+        let settled = now.abs_diff(last) <= 64;
+        last = now;
+        settled.then_some(now)
+    })
+}
+
+/// An idle direct mapping costs at most 12 KiB of the daemon's memory (issue
+/// 24's target is 8 KiB in a release build). Measured here: about 5 KiB; 34 KiB
+/// before the mappings' series were held as atomics (each series of the
+/// `prometheus` crate's vectors carried its own copy of its family's HELP).
+#[test]
+fn an_idle_mapping_costs_little_memory() {
+    const MAPPINGS: usize = 300;
+    let server = Daemon::server(SECRET, &[]);
+    let target = echo_server();
+    // The API's and the exposition's code paths run once before the baseline.
+    map_many(&server, target, 1);
+    metrics_text(&server);
+    get_data(&server, "/api/stats/traffic");
+    let before = settled_rss_kib(&server);
+    let ports = map_many(&server, target, MAPPINGS);
+    wait_for("every mapping up", Duration::from_secs(20), || {
+        let text = metrics_text(&server);
+        ports.iter().all(|p| metric_value(&text, "tunneld_mapping_up", &[("port", &p.to_string())]) == Some(1.0)).then_some(())
+    });
+    let after = settled_rss_kib(&server);
+    let per_mapping = after.saturating_sub(before) as f64 / MAPPINGS as f64;
+    assert!(per_mapping <= 12.0, "{per_mapping:.1} KiB per idle mapping ({before} KiB before {MAPPINGS} mappings, {after} KiB after)");
+}
