@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::families::{
-    health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, LATENCY_BUCKETS, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS,
-    MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY,
-    MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, RECEIVED, SENT,
+    health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, DIRECTION, LATENCY_BUCKETS, MAPPING_ACTIVE, MAPPING_BYTES,
+    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO,
+    MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, RECEIVED, SENT,
 };
 use super::latency::Reservoir;
 use crate::core::sync::lock;
@@ -227,74 +227,115 @@ fn health_index(state: &str) -> u8 {
     health_state::ALL.iter().position(|s| *s == state).unwrap_or(0) as u8
 }
 
-/// One per-mapping family: its schema and how to write its samples.
+/// One per-mapping family: its schema and how to write every mapping's samples.
 struct Written {
     family: &'static Family,
     kind: &'static str,
-    samples: fn(&mut String, &str, &MappingSeries),
+    samples: fn(&mut Lines, &[MappingMetrics]),
 }
 
 /// Every per-mapping family this module holds (`tunneld_mapping_client_connections_total`,
 /// per client of a group, stays a `prometheus` vector), sorted by name as the
-/// registry's own families are.
+/// registry's own families are. Labels are written sorted by name, as
+/// Prometheus clients write them; `le` last.
 static FAMILIES: [Written; 13] = [
-    Written { family: &MAPPING_ACTIVE, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.active.get()) },
+    Written {
+        family: &MAPPING_ACTIVE,
+        kind: "gauge",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Int(m.active.get()))),
+    },
     Written {
         family: &MAPPING_BYTES,
         kind: "counter",
-        samples: |o, n, m| {
-            // Label pairs sorted by name, as Prometheus clients write them.
-            sample_labels(o, n, "", &[("direction", RECEIVED)], m.port, &[], m.received.get());
-            sample_labels(o, n, "", &[("direction", SENT)], m.port, &[], m.sent.get());
+        samples: |o, all| {
+            let (received, sent) = (format!("{DIRECTION}=\"{RECEIVED}\","), format!("{DIRECTION}=\"{SENT}\","));
+            each(o, all, |o, m| {
+                o.labelled("", &received, m.port, "", Uint(m.received.get()));
+                o.labelled("", &sent, m.port, "", Uint(m.sent.get()));
+            })
         },
     },
-    Written { family: &MAPPING_CONNECT_DURATION, kind: "histogram", samples: |o, n, m| histogram(o, n, m.port, &m.connect_duration) },
-    Written { family: &MAPPING_CONNECT_ERRORS, kind: "counter", samples: |o, n, m| sample(o, n, "", m.port, &[], m.connect_errors.get()) },
-    Written { family: &MAPPING_CONNECTION_DURATION, kind: "histogram", samples: |o, n, m| histogram(o, n, m.port, &m.connection_duration) },
-    Written { family: &MAPPING_CONNECTIONS, kind: "counter", samples: |o, n, m| sample(o, n, "", m.port, &[], m.connections.get()) },
+    Written { family: &MAPPING_CONNECT_DURATION, kind: "histogram", samples: |o, all| histograms(o, all, |m| &m.connect_duration) },
+    Written {
+        family: &MAPPING_CONNECT_ERRORS,
+        kind: "counter",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Uint(m.connect_errors.get()))),
+    },
+    Written { family: &MAPPING_CONNECTION_DURATION, kind: "histogram", samples: |o, all| histograms(o, all, |m| &m.connection_duration) },
+    Written {
+        family: &MAPPING_CONNECTIONS,
+        kind: "counter",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Uint(m.connections.get()))),
+    },
     Written {
         family: &MAPPING_HEALTH,
         kind: "gauge",
-        samples: |o, n, m| {
-            let now = usize::from(m.health.load(Ordering::Relaxed));
-            for (i, state) in health_state::ALL.iter().enumerate() {
-                sample_labels(o, n, "", &[("health", state)], m.port, &[], u64::from(i == now));
-            }
+        samples: |o, all| {
+            let labels: Vec<String> = health_state::ALL.iter().map(|state| format!("health=\"{state}\",")).collect();
+            each(o, all, |o, m| {
+                let now = usize::from(m.health.load(Ordering::Relaxed));
+                for (i, label) in labels.iter().enumerate() {
+                    o.labelled("", label, m.port, "", Uint(u64::from(i == now)));
+                }
+            })
         },
     },
     Written {
         family: &MAPPING_INFO,
         kind: "gauge",
-        samples: |o, n, m| {
-            let info = lock(&m.info);
-            sample_labels(
-                o,
-                n,
-                "",
-                &[("client", &info[2]), ("description", &info[3]), ("mode", &info[1])],
-                m.port,
-                &[("target", &info[0])],
-                1,
-            );
+        samples: |o, all| {
+            each(o, all, |o, m| {
+                let info = lock(&m.info);
+                let before = format!(
+                    "client=\"{}\",description=\"{}\",mode=\"{}\",",
+                    escape(&info[2], true),
+                    escape(&info[3], true),
+                    escape(&info[1], true)
+                );
+                let after = format!(",target=\"{}\"", escape(&info[0], true));
+                o.labelled("", &before, m.port, &after, Uint(1));
+            })
         },
     },
-    Written { family: &MAPPING_LAST_ACTIVITY, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.last_activity.get()) },
-    Written { family: &MAPPING_QUOTA_BYTES, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_bytes.get()) },
-    Written { family: &MAPPING_QUOTA_USED, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.quota_used.get()) },
+    Written {
+        family: &MAPPING_LAST_ACTIVITY,
+        kind: "gauge",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Real(m.last_activity.get()))),
+    },
+    Written {
+        family: &MAPPING_QUOTA_BYTES,
+        kind: "gauge",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Int(m.quota_bytes.get()))),
+    },
+    Written {
+        family: &MAPPING_QUOTA_USED,
+        kind: "gauge",
+        samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Real(m.quota_used.get()))),
+    },
     Written {
         family: &MAPPING_REFUSED,
         kind: "counter",
-        samples: |o, n, m| {
-            let counts = m.refused_counts();
-            let mut by_reason: [(&str, u64); 6] = std::array::from_fn(|i| (refused_reason::ALL[i], counts[i]));
-            by_reason.sort_unstable_by_key(|(reason, _)| *reason);
-            for (reason, count) in by_reason {
-                sample(o, n, "", m.port, &[("reason", reason)], count);
-            }
+        samples: |o, all| {
+            // By reason's name, as the label values sort.
+            let mut order: [usize; 6] = std::array::from_fn(|i| i);
+            order.sort_unstable_by_key(|i| refused_reason::ALL[*i]);
+            let labels: Vec<String> = order.iter().map(|i| format!(",reason=\"{}\"", refused_reason::ALL[*i])).collect();
+            each(o, all, |o, m| {
+                let counts = m.refused_counts();
+                for (i, label) in order.iter().zip(&labels) {
+                    o.sample("", m.port, label, Uint(counts[*i]));
+                }
+            })
         },
     },
-    Written { family: &MAPPING_UP, kind: "gauge", samples: |o, n, m| sample(o, n, "", m.port, &[], m.up.get()) },
+    Written { family: &MAPPING_UP, kind: "gauge", samples: |o, all| each(o, all, |o, m| o.sample("", m.port, "", Int(m.up.get()))) },
 ];
+
+fn each(out: &mut Lines, all: &[MappingMetrics], mut write: impl FnMut(&mut Lines, &MappingSeries)) {
+    for m in all {
+        write(out, m);
+    }
+}
 
 /// The per-mapping families' names, in the order [`write_family`] takes them.
 pub(super) fn family_names() -> impl Iterator<Item = &'static str> {
@@ -307,52 +348,94 @@ pub(super) fn write_family(out: &mut String, index: usize, mappings: &[MappingMe
     let name = family.name();
     let _ = writeln!(out, "# HELP {name} {}", escape(&family.help(), false));
     let _ = writeln!(out, "# TYPE {name} {kind}");
-    for m in mappings {
-        samples(out, name, m);
+    samples(&mut Lines { out, name }, mappings);
+}
+
+fn histograms(out: &mut Lines, all: &[MappingMetrics], of: fn(&MappingSeries) -> &Histogram) {
+    let Some(first) = all.first() else { return };
+    let les: Vec<String> = of(first).bounds.iter().map(|bound| format!(",le=\"{bound}\"")).collect();
+    for m in all {
+        histogram(out, m.port, of(m), &les);
     }
 }
 
-fn histogram(out: &mut String, name: &str, port: u16, h: &Histogram) {
+/// One histogram's samples; `les` its bounds as `,le="…"` labels.
+fn histogram(out: &mut Lines, port: u16, h: &Histogram, les: &[String]) {
     let mut cumulative = 0;
-    let mut le = String::new();
-    for (bound, count) in h.bounds.iter().zip(&h.counts) {
+    for (le, count) in les.iter().zip(&h.counts) {
         cumulative += count.load(Ordering::SeqCst);
-        le.clear();
-        let _ = write!(le, "{bound}");
-        sample(out, name, "_bucket", port, &[("le", &le)], cumulative);
+        out.sample("_bucket", port, le, Uint(cumulative));
     }
     let total = h.count.load(Ordering::SeqCst).max(cumulative);
-    sample(out, name, "_bucket", port, &[("le", "+Inf")], total);
-    sample(out, name, "_sum", port, &[], h.sum.get());
-    sample(out, name, "_count", port, &[], total);
+    out.sample("_bucket", port, ",le=\"+Inf\"", Uint(total));
+    out.sample("_sum", port, "", Real(h.sum.get()));
+    out.sample("_count", port, "", Uint(total));
 }
 
-/// `name{port="…",after…} value`.
-fn sample(out: &mut String, name: &str, suffix: &str, port: u16, after: &[(&str, &str)], value: impl std::fmt::Display) {
-    sample_labels(out, name, suffix, &[], port, after, value);
+/// A sample's value.
+enum Value {
+    Uint(u64),
+    Int(i64),
+    Real(f64),
+}
+use Value::{Int, Real, Uint};
+
+/// Sample lines of one family, written without the formatting machinery for
+/// the parts that repeat (a scrape of 2,000 mappings is 120,000 lines).
+struct Lines<'a> {
+    out: &'a mut String,
+    name: &'a str,
 }
 
-/// `name{before…,port="…",after…} value`: the labels in the order given.
-fn sample_labels(
-    out: &mut String,
-    name: &str,
-    suffix: &str,
-    before: &[(&str, &str)],
-    port: u16,
-    after: &[(&str, &str)],
-    value: impl std::fmt::Display,
-) {
-    out.push_str(name);
-    out.push_str(suffix);
-    out.push('{');
-    for (label, v) in before {
-        let _ = write!(out, "{label}=\"{}\",", escape(v, true));
+impl Lines<'_> {
+    /// `name{port="…"after} value`.
+    fn sample(&mut self, suffix: &str, port: u16, after: &str, value: Value) {
+        self.labelled(suffix, "", port, after, value);
     }
-    let _ = write!(out, "port=\"{port}\"");
-    for (label, v) in after {
-        let _ = write!(out, ",{label}=\"{}\"", escape(v, true));
+
+    /// `name{before port="…"after} value`: `before` ends with a comma, `after`
+    /// starts with one, both already escaped.
+    fn labelled(&mut self, suffix: &str, before: &str, port: u16, after: &str, value: Value) {
+        let out = &mut *self.out;
+        out.push_str(self.name);
+        out.push_str(suffix);
+        out.push('{');
+        out.push_str(before);
+        out.push_str("port=\"");
+        push_uint(out, u64::from(port));
+        out.push('"');
+        out.push_str(after);
+        out.push_str("} ");
+        match value {
+            Uint(v) => push_uint(out, v),
+            Int(v) if v < 0 => {
+                out.push('-');
+                push_uint(out, v.unsigned_abs());
+            }
+            Int(v) => push_uint(out, v.unsigned_abs()),
+            Real(v) => {
+                let _ = write!(out, "{v}");
+            }
+        }
+        out.push('\n');
     }
-    let _ = writeln!(out, "}} {value}");
+}
+
+/// `v` in decimal.
+fn push_uint(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for d in &digits[at..] {
+        out.push(char::from(*d));
+    }
 }
 
 /// The text format's escaping: backslash and line feed, and in label values the double quote.
@@ -401,7 +484,8 @@ mod tests {
             h.observe(v);
         }
         let mut out = String::new();
-        histogram(&mut out, "x", 1, &h);
+        let les: Vec<String> = LATENCY_BUCKETS.iter().map(|bound| format!(",le=\"{bound}\"")).collect();
+        histogram(&mut Lines { out: &mut out, name: "x" }, 1, &h, &les);
         for line in [
             r#"x_bucket{port="1",le="0.0001"} 1"#,
             r#"x_bucket{port="1",le="0.00025"} 2"#,
