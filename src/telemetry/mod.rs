@@ -2,11 +2,13 @@
 //!
 //! Copy loops hold pre-resolved counter handles ([`Meter`]) so counting a chunk is
 //! an atomic add, never a label lookup. The JSON API, the SSE stream and the monitor
-//! page all read back from [`Metrics::registry`] via [`Metrics::traffic`]; nothing
-//! keeps a second set of numbers.
+//! page all read back from [`Metrics`] via [`Metrics::traffic`]; nothing keeps a
+//! second set of numbers.
 //!
 //! `families` is the schema (each family's name, HELP and labels, defined once),
-//! `snapshot` the read-back, `meter` the data path's side.
+//! `series` a mapping's series (atomics in one block per mapping, written into
+//! the exposition beside the `prometheus` registry's families), `snapshot` the
+//! read-back, `meter` the data path's side.
 //!
 //! May import `core` only, so every layer above can count.
 

@@ -9,7 +9,9 @@
 //! so with 2,000 idle mappings those copies were most of the server's memory,
 //! and a scrape or a traffic report built about 100,000 messages. Here a
 //! mapping costs one block of counters, and reading it back allocates nothing
-//! per series. Names, HELP, labels and values are those the crate wrote.
+//! per series. Names, HELP, label order, escaping and values are those the
+//! crate wrote; only the order of a family's series differs (by port number
+//! here, by label text there), which the text format leaves open.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};

@@ -1,7 +1,8 @@
 //! Read-back: the numbers the API, the SSE stream, the history recorder and the
-//! quota check show, read from the registry's own series. Each family is read
-//! through its typed handle, so nothing here names a family a second time, and
-//! nothing gathers families the reader does not need.
+//! quota check show, read from the series themselves: a mapping's from its block
+//! of atomics (one pass over the mappings, nothing built per series), a tunnel's
+//! through its family's typed handle, so nothing here names a family a second
+//! time, and nothing gathers families the reader does not need.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
