@@ -522,7 +522,10 @@ impl Mappings {
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();
-        let quota_blocked = policy.quota.filter(|_| entry.policy.quota_blocked()).map(|q| {
+        // Read once: the quota check may flip it meanwhile, and the health and
+        // the `quota_blocked` field of one view must agree.
+        let blocked = entry.policy.quota_blocked();
+        let quota_blocked = policy.quota.filter(|_| blocked).map(|q| {
             format!(
                 "its quota of {} bytes per {} is used up ({} bytes): new visitors are refused until the period ends",
                 q.bytes,
@@ -545,7 +548,7 @@ impl Mappings {
             spec: (*entry.spec).clone(),
             policy,
             quota_used: has_quota.then(|| entry.policy.quota_used()),
-            quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
+            quota_blocked: has_quota.then_some(blocked),
             status,
             health,
             members: entry.group.view(&self.ctx.hub),
