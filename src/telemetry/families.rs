@@ -273,13 +273,13 @@ pub(crate) const CLIENT_LAST_CONNECT_ERROR: Family = Family::new(
 /// seconds where only retransmitted SYNs and `connect_timeout` live. Steps of
 /// 2–2.5× keep `histogram_quantile` within a factor of about two, with 16
 /// buckets per series.
-pub(crate) const LATENCY_BUCKETS: &[f64] =
+pub(crate) const LATENCY_BUCKETS: &[f64; 16] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Bucket bounds (seconds) for how long visitor connections last: a request
 /// answered in milliseconds, a page load in seconds, an SSH session or a
 /// database client for hours (the default idle timeout is 2 h), a tunnel kept
 /// open for a day.
-pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64] =
+pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64; 16] =
     &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
 
 pub(crate) const MAPPING_CONNECT_DURATION: Family = Family::new(
@@ -369,7 +369,6 @@ impl Family {
     }
 
     /// The family's name, as Prometheus shows it.
-    #[cfg(test)]
     pub(crate) fn name(&self) -> &'static str {
         self.name
     }

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::context::Ctx;
 use super::health::HealthWindow;
@@ -69,7 +69,6 @@ struct Shared {
     policy: Arc<LivePolicy>,
     health: Arc<HealthWindow>,
     metrics: MappingMetrics,
-    udp: Arc<UdpMetrics>,
     /// The mapping's own socket: what visitors send to, and replies leave from.
     listener: Arc<UdpSocket>,
     sessions: Mutex<HashMap<SocketAddr, SessionHandle>>,
@@ -91,17 +90,12 @@ pub(super) async fn serve(
     metrics: MappingMetrics,
 ) {
     let port = spec.source_port;
-    let Some(udp) = metrics.udp.clone() else {
-        warn!(port, "UDP mapping without its datagram counters; not serving");
-        return;
-    };
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         spec,
         policy: admission.policy,
         health: admission.health,
         metrics,
-        udp,
         listener: Arc::new(socket),
         sessions: Mutex::new(HashMap::new()),
         queued: AtomicUsize::new(0),
@@ -128,7 +122,7 @@ pub(super) async fn serve(
             },
         };
         if n > max {
-            shared.udp.dropped_too_large.inc();
+            shared.metrics.udp.dropped_too_large.inc();
             debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
             continue;
         }
@@ -154,7 +148,7 @@ impl Shared {
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
         if self.queued.load(Ordering::Relaxed) + datagram.len() > MAPPING_QUEUED_BYTES {
-            self.udp.dropped_queue_full.inc();
+            self.metrics.udp.dropped_queue_full.inc();
             return;
         }
         let mut sessions = lock(&self.sessions);
@@ -165,7 +159,7 @@ impl Shared {
                     return;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.udp.dropped_queue_full.inc();
+                    self.metrics.udp.dropped_queue_full.inc();
                     return;
                 }
                 // Its task ended a moment ago: a new session takes its place.
@@ -175,7 +169,7 @@ impl Shared {
             }
         }
         if sessions.len() >= self.ctx.settings.max_udp_sessions {
-            self.udp.dropped_session_limit.inc();
+            self.metrics.udp.dropped_session_limit.inc();
             debug!(port, %peer, limit = self.ctx.settings.max_udp_sessions, "datagram dropped: mapping at its UDP session limit");
             return;
         }
@@ -213,8 +207,8 @@ impl Shared {
     async fn run_session(&self, peer: SocketAddr, mut queue: mpsc::Receiver<Vec<u8>>, tracked: &Tracked) -> End {
         let port = self.spec.source_port;
         let visit = self.metrics.visitor_accepted();
-        self.udp.sessions.inc();
-        let _session = SessionGauge(&self.udp);
+        self.metrics.udp.sessions.inc();
+        let _session = SessionGauge(&self.metrics.udp);
         let (up, down) = self.policy.capped(self.metrics.meters());
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
         let target = match self.open_target().await {
@@ -263,7 +257,7 @@ impl Shared {
                             deadline.as_mut().reset(Instant::now() + idle);
                             self.to_visitor(peer, &reply, &down).await;
                         }
-                        Ok(None) => self.udp.dropped_too_large.inc(),
+                        Ok(None) => self.metrics.udp.dropped_too_large.inc(),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => self.target_error(peer, &e),
                     }
@@ -304,7 +298,7 @@ impl Shared {
         match target.send(datagram).await {
             Ok(n) if n == datagram.len() => {
                 up.record(n as u64);
-                self.udp.datagrams_sent.inc();
+                self.metrics.udp.datagrams_sent.inc();
             }
             Ok(_) => up.unused(datagram.len()),
             Err(e) => {
@@ -320,7 +314,7 @@ impl Shared {
         match self.listener.send_to(datagram, peer).await {
             Ok(n) if n == datagram.len() => {
                 down.record(n as u64);
-                self.udp.datagrams_received.inc();
+                self.metrics.udp.datagrams_received.inc();
             }
             Ok(_) => down.unused(datagram.len()),
             Err(e) => {
