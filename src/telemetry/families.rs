@@ -47,6 +47,17 @@ pub(crate) mod refused_reason {
     pub(crate) const ALL: [&str; 6] = [CONNECTION_LIMIT, NO_DESCRIPTORS, ACL, QUOTA, PROCESS_LIMIT, LOOP];
 }
 
+/// How a direct mapping's relay moves bytes, in
+/// `tunneld_mapping_relayed_connections_total{path}`.
+pub(crate) mod relay_path {
+    /// In the kernel, socket to pipe to socket (`splice(2)`).
+    pub(crate) const SPLICE: &str = "splice";
+    /// Through user space: where splice cannot serve.
+    pub(crate) const COPY: &str = "copy";
+    /// Every path; the family's HELP lists these.
+    pub(crate) const ALL: [&str; 2] = [SPLICE, COPY];
+}
+
 /// A mapping's health, in `tunneld_mapping_health{health}` and the API's
 /// `health` field: what the operator should look at, worst first.
 pub(crate) mod health_state {
@@ -160,6 +171,12 @@ pub(crate) const MAPPING_REFUSED: Family = Family::new(
     &[PORT, REASON],
 )
 .listing(&refused_reason::ALL);
+pub(crate) const MAPPING_RELAYED: Family = Family::new(
+    "tunneld_mapping_relayed_connections_total",
+    "Direct visitor connections by how their relay moves bytes (a series appears with its first connection)",
+    &[PORT, "path"],
+)
+.listing(&relay_path::ALL);
 pub(crate) const MAPPING_UP: Family =
     Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT]);
 pub(crate) const MAPPING_INFO: Family = Family::new(
@@ -272,8 +289,9 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 27] = [
+pub(crate) const ALL: [&Family; 28] = [
     &MAPPING_CONNECT_DURATION,
+    &MAPPING_RELAYED,
     &MAPPING_CLIENT_CONNECTIONS,
     &MAPPING_CONNECTION_DURATION,
     &TUNNEL_RTT,

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntGauge, TextEncoder};
+use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, TextEncoder};
 
 use crate::core::sync::lock;
 
@@ -23,7 +23,7 @@ mod meter;
 mod registry;
 mod snapshot;
 
-pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{connect_failure, health_state, refused_reason, relay_path, session_result, RECEIVED, SENT};
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
@@ -106,6 +106,8 @@ impl Metrics {
             active: self.mapping_active.with_label_values(&[&p]),
             last_activity: self.mapping_last_activity.with_label_values(&[&p]),
             connect_errors: self.mapping_connect_errors.with_label_values(&[&p]),
+            relayed: self.mapping_relayed.clone(),
+            port,
         }
     }
 
@@ -157,6 +159,9 @@ impl Metrics {
         lock(&self.connect_samples).remove(&port);
         for reason in refused_reason::ALL {
             let _ = self.mapping_refused.remove_label_values(&[&p, reason]);
+        }
+        for path in relay_path::ALL {
+            let _ = self.mapping_relayed.remove_label_values(&[&p, path]);
         }
     }
 
@@ -302,6 +307,11 @@ pub struct MappingMetrics {
     connection_duration: Histogram,
     /// Recent connect times, for the API's quantiles.
     connect_samples: Arc<latency::Reservoir>,
+    /// `tunneld_mapping_relayed_connections_total`, resolved per connection:
+    /// its series appear with their first connection, so a mapping that has
+    /// none (every tunneled one) costs nothing.
+    relayed: IntCounterVec,
+    port: u16,
 }
 
 impl MappingMetrics {
@@ -318,6 +328,11 @@ impl MappingMetrics {
             samples: self.connect_samples.clone(),
             duration: self.connection_duration.clone(),
         }
+    }
+
+    /// A direct connection's relay starts on `path` (one of [`relay_path::ALL`]).
+    pub(crate) fn relaying(&self, path: &str) {
+        self.relayed.with_label_values(&[&self.port.to_string(), path]).inc();
     }
 
     /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
@@ -355,7 +370,7 @@ mod tests {
     #[test]
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
-        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]);
+        metrics.add_mapping(4000, ["127.0.0.1:9", "direct", "", ""]).relaying(relay_path::SPLICE);
         metrics.mapping_client(4000, "default");
         metrics.add_client("default");
         metrics.add_connect_diagnosis("a:9000");

@@ -10,8 +10,8 @@ use super::families::{
     session_result, Family, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CLIENT_SERVER, CLIENT_SERVER_DIRECTION,
     CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CLIENT_CONNECTIONS, MAPPING_CONNECTIONS,
     MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY,
-    MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE,
-    TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
+    MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_RELAYED, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED,
+    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, WEBHOOK_FAILURES,
 };
 use super::latency::Reservoir;
 use crate::core::time::unix_now;
@@ -34,6 +34,7 @@ pub struct Metrics {
     pub(super) mapping_connect_duration: HistogramVec,
     pub(super) mapping_connection_duration: HistogramVec,
     pub(super) mapping_client_connections: IntCounterVec,
+    pub(super) mapping_relayed: IntCounterVec,
     /// Each mapping's recent connect times, for the API's quantiles.
     pub(super) connect_samples: Mutex<BTreeMap<u16, Arc<Reservoir>>>,
     pub(super) tunnel_rtt: HistogramVec,
@@ -96,6 +97,7 @@ impl Metrics {
             mapping_connect_duration: MAPPING_CONNECT_DURATION.histogram_vec(r),
             mapping_connection_duration: MAPPING_CONNECTION_DURATION.histogram_vec(r),
             mapping_client_connections: MAPPING_CLIENT_CONNECTIONS.int_counter_vec(r),
+            mapping_relayed: MAPPING_RELAYED.int_counter_vec(r),
             connect_samples: Mutex::default(),
             tunnel_rtt: tunnel(TUNNEL_RTT, CLIENT_SERVER).histogram_vec(r),
             tunnel_rtt_last: tunnel(TUNNEL_RTT_LAST, CLIENT_SERVER).gauge_vec(r),
