@@ -368,3 +368,28 @@ fn idle_connections_hold_no_pipes() {
     assert!(held <= 8, "{held} pipe descriptors held by idle connections");
     assert_eq!(relayed(&server, port), (20.0, 0.0));
 }
+
+/// Splice stops at TCP urgent data and cannot move past it; the relay reads
+/// past it the plain way (skipping the urgent byte, as a user-space relay
+/// always did), so the bytes around it are not stuck.
+#[test]
+fn urgent_data_does_not_stall_the_splice() {
+    let server = Daemon::server(SECRET, &[]);
+    let (got, got_rx) = mpsc::channel::<Vec<u8>>();
+    let target = spawn_target(move |mut conn| {
+        let mut all = Vec::new();
+        conn.read_to_end(&mut all).unwrap();
+        got.send(all).unwrap();
+    });
+    let port = direct_mapping(&server, target, json!({}));
+    let mut visitor = TcpStream::connect(loopback(port)).unwrap();
+    visitor.write_all(&noise(100_000, 11)).unwrap();
+    socket2::SockRef::from(&visitor).send_out_of_band(b"!").unwrap();
+    visitor.write_all(b"after the urgent byte").unwrap();
+    visitor.shutdown(Shutdown::Write).unwrap();
+    let all = got_rx.recv_timeout(Duration::from_secs(10)).expect("the target got everything before the idle timeout");
+    let mut expected = noise(100_000, 11);
+    expected.extend_from_slice(b"after the urgent byte");
+    assert!(all == expected, "{} bytes arrived, {} expected", all.len(), expected.len());
+    assert_eq!(relayed(&server, port), (1.0, 0.0));
+}

@@ -327,11 +327,18 @@ async fn splice_burst(
 ) -> io::Result<Burst> {
     loop {
         let allowed = meter.allowance(pipe.size()).await;
-        let filled = src.try_io(Interest::READABLE, || pipe.fill_from(src, allowed));
-        meter.unused(allowed - filled.as_ref().map_or(0, |n| *n));
+        let filled = src.try_io(Interest::READABLE, || match pipe.fill_from(src, allowed) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && has_data(src) => Ok(None),
+            filled => filled.map(Some),
+        });
+        meter.unused(allowed - filled.as_ref().map_or(0, |n| n.unwrap_or(0)));
         match filled {
-            Ok(0) => return Ok(Burst::MaybeEnded),
-            Ok(n) => {
+            // Splice stops at TCP urgent data and does not move past it; a
+            // plain read does (and skips the urgent byte, as any user-space
+            // relay does). The socket is still marked readable for it.
+            Ok(None) => return copy_burst(src, dst, meter, activity, sides, total).await,
+            Ok(Some(0)) => return Ok(Burst::MaybeEnded),
+            Ok(Some(n)) => {
                 activity.touch();
                 if let Err(e) = drain(pipe, dst, n, meter, activity, total).await {
                     return match cannot_splice(&e) {
@@ -352,6 +359,13 @@ async fn splice_burst(
             Err(e) => return Err(on(sides.0, e)),
         }
     }
+}
+
+/// Whether `socket` has bytes to read, without taking them: when a splice
+/// finds nothing, this tells a drained socket from one stuck at urgent data.
+fn has_data(socket: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    socket2::SockRef::from(socket).peek(&mut byte).is_ok_and(|n| n > 0)
 }
 
 /// Splices the `n` bytes in `pipe` into `dst`, counting each piece as it is
