@@ -129,7 +129,7 @@ def main() -> int:
         procs = bench.Children(rundir)
         try:
             iperf_port = bench.free_port()
-            iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-p", str(iperf_port)])
+            iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)])
             bench.wait_until("iperf3 -s", lambda: bench.listening(iperf_port), procs, iperf)
             echo_port = bench.free_port()
             echo = procs.spawn("loadgen-echo", [str(loadgen), "echo", "--listen", f"127.0.0.1:{echo_port}"])

@@ -229,8 +229,15 @@ async fn pump(
             Some(p) => splice_burst(src, dst, p, meter, activity, sides, &mut total).await?,
             None => copy_burst(src, dst, meter, activity, sides, &mut total).await?,
         };
+        let burst = match burst {
+            // Splice read nothing: the end — unless urgent data comes before
+            // it, which splice cannot pass and a plain read takes.
+            Burst::MaybeEnded if has_data(src) => copy_burst(src, dst, meter, activity, sides, &mut total).await?,
+            Burst::MaybeEnded => Burst::Ended,
+            burst => burst,
+        };
         match burst {
-            Burst::Drained => {}
+            Burst::Drained | Burst::MaybeEnded => {}
             Burst::Ended => {
                 // Half-close: the peer may still be sending the other way.
                 // ENOTCONN here only means the other side is already gone.
@@ -247,14 +254,6 @@ async fn pump(
                     pool.refused(&e);
                 }
                 pipe = None;
-            }
-            Burst::MaybeEnded => {
-                // Splice read nothing: the end, or urgent data only. A plain
-                // read tells which.
-                if let Burst::Ended = copy_burst(src, dst, meter, activity, sides, &mut total).await? {
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                    return Ok(total);
-                }
             }
         }
     }
