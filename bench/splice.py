@@ -143,16 +143,22 @@ def main() -> int:
             sent = {name: 0 for name in servers}
             received = {name: 0 for name in servers}
             figures: dict[str, dict[str, list[float]]] = {"1 stream": {}, "8 streams": {}}
+            cpu: dict[str, dict[str, list[float]]] = {}
             for round_no in range(args.rounds):
                 order = list(ports) if round_no % 2 == 0 else list(reversed(list(ports)))
                 for figure, extra in (("1 stream", []), ("8 streams", ["-P", "8"])):
                     for path in order:
+                        cpu_before = bench.cpu_ns(servers[path].proc.pid) if path in servers else 0
                         res = bench.run_iperf(ports[path], args.seconds, extra,
                                               rundir / f"iperf-{path}-{figure.replace(' ', '')}-{round_no}.json")
                         figures[figure].setdefault(path, []).append(res["gbps"])
                         if path in servers:
                             sent[path] += res["sent_bytes"]
                             received[path] += res["received_bytes"]
+                            # tunneld's own CPU per GB forwarded: what the path
+                            # costs, whatever else the machine is doing.
+                            used = bench.cpu_ns(servers[path].proc.pid) - cpu_before
+                            cpu.setdefault(figure, {}).setdefault(path, []).append(used / 1e9 / (res["received_bytes"] / 1e9))
                     bench.log(f"round {round_no + 1} {figure}: " + ", ".join(
                         f"{p} {figures[figure][p][-1]:.2f}" for p in ports) + " Gbit/s")
 
@@ -164,9 +170,13 @@ def main() -> int:
                     results.setdefault(figure, {})[path] = {"gbps": gbps, "median_gbps": statistics.median(gbps),
                                                             "ratio_to_raw_per_round": per_round,
                                                             "median_ratio_to_raw": statistics.median(per_round)}
-                    summary.append(f"{figure:<10} {path:<9} median {statistics.median(gbps):6.2f} Gbit/s  "
-                                   f"x raw {statistics.median(per_round):.2f} "
-                                   f"(rounds {min(per_round):.2f}-{max(per_round):.2f})")
+                    line = (f"{figure:<10} {path:<9} median {statistics.median(gbps):6.2f} Gbit/s  "
+                            f"x raw {statistics.median(per_round):.2f} (rounds {min(per_round):.2f}-{max(per_round):.2f})")
+                    if path in cpu.get(figure, {}):
+                        per_gb = cpu[figure][path]
+                        results[figure][path]["cpu_s_per_gb"] = per_gb
+                        line += f"  tunneld CPU {statistics.median(per_gb):.3f} s/GB"
+                    summary.append(line)
 
             # The counters: between what arrived and what was sent (plus iperf3's
             # control connection, 1 MiB of slack per run as in run.py).
