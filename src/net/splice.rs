@@ -207,3 +207,33 @@ mod sys {
         Err(io::ErrorKind::Unsupported.into())
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_come_out_of_the_budget_and_idle_ones_are_kept_up_to_the_pool() {
+        // 8 descriptors: four pipes at most, and a pool of none (a sixteenth).
+        let budget = DescriptorBudget::with_capacity(8);
+        let pipes = Pipes::new(&budget);
+        let taken: Vec<Pipe> = std::iter::from_fn(|| pipes.take()).take(10).collect();
+        assert_eq!(taken.len(), 4, "two descriptors a pipe, out of 8");
+        assert!(budget.try_take(1).is_none(), "the pipes hold the whole budget");
+        assert!(taken.iter().all(|p| p.size() >= 64 * 1024), "at least the kernel's default size");
+        for pipe in taken {
+            pipes.give_back(pipe);
+        }
+        assert!(budget.try_take(8).is_some(), "with no pool, given-back pipes are closed and their descriptors free");
+
+        // A larger budget keeps idle pipes for the next burst, at most POOL_MAX.
+        let budget = DescriptorBudget::with_capacity(10_000);
+        let pipes = Pipes::new(&budget);
+        let taken: Vec<Pipe> = (0..POOL_MAX + 5).filter_map(|_| pipes.take()).collect();
+        for pipe in taken {
+            pipes.give_back(pipe);
+        }
+        assert_eq!(lock(&pipes.idle).len(), POOL_MAX);
+        assert!(budget.try_take((10_000 - 2 * POOL_MAX) as u32).is_some(), "only the pool's descriptors are held");
+    }
+}
