@@ -64,6 +64,17 @@ pub(crate) mod dropped_reason {
     pub(crate) const ALL: [&str; 4] = [QUEUE_FULL, TOO_LARGE, SESSION_LIMIT, NO_TUNNEL];
 }
 
+/// How a direct mapping's relay moves bytes, in
+/// `tunneld_mapping_relayed_connections_total{path}`.
+pub(crate) mod relay_path {
+    /// In the kernel, socket to pipe to socket (`splice(2)`).
+    pub(crate) const SPLICE: &str = "splice";
+    /// Through user space: where splice cannot serve.
+    pub(crate) const COPY: &str = "copy";
+    /// Every path; the family's HELP lists these.
+    pub(crate) const ALL: [&str; 2] = [SPLICE, COPY];
+}
+
 /// A mapping's health, in `tunneld_mapping_health{health}` and the API's
 /// `health` field: what the operator should look at, worst first.
 pub(crate) mod health_state {
@@ -183,6 +194,12 @@ pub(crate) const MAPPING_REFUSED: Family = Family::new(
     &[PORT, PROTOCOL, REASON],
 )
 .listing(&refused_reason::ALL);
+pub(crate) const MAPPING_RELAYED: Family = Family::new(
+    "tunneld_mapping_relayed_connections_total",
+    "Direct visitor connections by how their relay moves bytes (a series appears with its first connection)",
+    &[PORT, PROTOCOL, "path"],
+)
+.listing(&relay_path::ALL);
 pub(crate) const MAPPING_UP: Family =
     Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT, PROTOCOL]);
 pub(crate) const MAPPING_INFO: Family = Family::new(
@@ -314,11 +331,12 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 30] = [
+pub(crate) const ALL: [&Family; 31] = [
     &MAPPING_DATAGRAMS,
     &MAPPING_UDP_SESSIONS,
     &MAPPING_DROPPED_DATAGRAMS,
     &MAPPING_CONNECT_DURATION,
+    &MAPPING_RELAYED,
     &MAPPING_CLIENT_CONNECTIONS,
     &MAPPING_CONNECTION_DURATION,
     &TUNNEL_RTT,

@@ -27,7 +27,7 @@ mod registry;
 mod series;
 mod snapshot;
 
-pub(crate) use families::{connect_failure, health_state, refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{connect_failure, health_state, refused_reason, relay_path, session_result, RECEIVED, SENT};
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
-        metrics.add_mapping(MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
+        metrics.add_mapping(MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]).relaying(relay_path::SPLICE);
         metrics.add_mapping(MappingKey { port: 53, protocol: crate::core::protocol::Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
         metrics.mapping_client(MappingKey::tcp(4000), "default");
         metrics.add_client("default");

@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::families::{
-    dropped_reason, health_state, refused_reason, Family, CONNECTION_DURATION_BUCKETS, DIRECTION, LATENCY_BUCKETS, MAPPING_ACTIVE,
-    MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_DATAGRAMS,
-    MAPPING_DROPPED_DATAGRAMS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED,
-    MAPPING_REFUSED, MAPPING_UDP_SESSIONS, MAPPING_UP, RECEIVED, SENT,
+    dropped_reason, health_state, refused_reason, relay_path, Family, CONNECTION_DURATION_BUCKETS, DIRECTION, LATENCY_BUCKETS,
+    MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS,
+    MAPPING_DATAGRAMS, MAPPING_DROPPED_DATAGRAMS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES,
+    MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_RELAYED, MAPPING_UDP_SESSIONS, MAPPING_UP, RECEIVED, SENT,
 };
 use super::latency::Reservoir;
 use crate::core::protocol::{MappingKey, Protocol};
@@ -155,6 +155,10 @@ pub struct MappingSeries {
     /// A UDP mapping's datagram, session and drop counters (a TCP mapping's
     /// stay at 0 and are not exposed).
     pub(crate) udp: UdpMetrics,
+    /// `tunneld_mapping_relayed_connections_total`, per path of
+    /// [`relay_path::ALL`] in that order: shown once non-zero, so a mapping
+    /// that relays none (a tunneled one, a UDP one) shows none.
+    relayed: [Counter; 2],
 }
 
 /// A UDP mapping's own series.
@@ -217,6 +221,14 @@ impl MappingSeries {
             connection_duration: Histogram::new(CONNECTION_DURATION_BUCKETS),
             connect_samples: Reservoir::default(),
             udp: UdpMetrics::default(),
+            relayed: Default::default(),
+        }
+    }
+
+    /// A direct connection's relay starts on `path` (one of [`relay_path::ALL`]).
+    pub(crate) fn relaying(&self, path: &str) {
+        if let Some(i) = relay_path::ALL.iter().position(|p| *p == path) {
+            self.relayed[i].inc();
         }
     }
 
@@ -265,26 +277,39 @@ fn health_index(state: &str) -> u8 {
 struct Written {
     family: &'static Family,
     kind: &'static str,
-    /// Only UDP mappings have this family (and without one it is not shown).
-    udp_only: bool,
+    /// Whether a mapping has samples in this family: one that none has is
+    /// not shown at all.
+    shown: fn(&MappingSeries) -> bool,
     samples: fn(&mut Lines, &[MappingMetrics]),
+}
+
+fn always(_: &MappingSeries) -> bool {
+    true
+}
+
+fn udp(m: &MappingSeries) -> bool {
+    m.is_udp()
+}
+
+fn has_relayed(m: &MappingSeries) -> bool {
+    m.relayed.iter().any(|c| c.get() > 0)
 }
 
 /// Every per-mapping family this module holds (`tunneld_mapping_client_connections_total`,
 /// per client of a group, stays a `prometheus` vector), sorted by name as the
 /// registry's own families are. Labels are written sorted by name, as
 /// Prometheus clients write them; `le` last.
-static FAMILIES: [Written; 16] = [
+static FAMILIES: [Written; 17] = [
     Written {
         family: &MAPPING_ACTIVE,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Int(m.active.get()))),
     },
     Written {
         family: &MAPPING_BYTES,
         kind: "counter",
-        udp_only: false,
+        shown: always,
         samples: |o, all| {
             let (received, sent) = (format!("{DIRECTION}=\"{RECEIVED}\","), format!("{DIRECTION}=\"{SENT}\","));
             each(o, all, |o, m| {
@@ -296,31 +321,31 @@ static FAMILIES: [Written; 16] = [
     Written {
         family: &MAPPING_CONNECT_DURATION,
         kind: "histogram",
-        udp_only: false,
+        shown: always,
         samples: |o, all| histograms(o, all, |m| &m.connect_duration),
     },
     Written {
         family: &MAPPING_CONNECT_ERRORS,
         kind: "counter",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Uint(m.connect_errors.get()))),
     },
     Written {
         family: &MAPPING_CONNECTION_DURATION,
         kind: "histogram",
-        udp_only: false,
+        shown: always,
         samples: |o, all| histograms(o, all, |m| &m.connection_duration),
     },
     Written {
         family: &MAPPING_CONNECTIONS,
         kind: "counter",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Uint(m.connections.get()))),
     },
     Written {
         family: &MAPPING_DATAGRAMS,
         kind: "counter",
-        udp_only: true,
+        shown: udp,
         samples: |o, all| {
             let (received, sent) = (format!("{DIRECTION}=\"{RECEIVED}\","), format!("{DIRECTION}=\"{SENT}\","));
             each_udp(o, all, |o, m, udp| {
@@ -332,7 +357,7 @@ static FAMILIES: [Written; 16] = [
     Written {
         family: &MAPPING_DROPPED_DATAGRAMS,
         kind: "counter",
-        udp_only: true,
+        shown: udp,
         samples: |o, all| {
             let (order, labels) = by_name(&dropped_reason::ALL);
             each_udp(o, all, |o, m, udp| {
@@ -346,7 +371,7 @@ static FAMILIES: [Written; 16] = [
     Written {
         family: &MAPPING_HEALTH,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| {
             let labels: Vec<String> = health_state::ALL.iter().map(|state| format!("health=\"{state}\",")).collect();
             each(o, all, |o, m| {
@@ -360,7 +385,7 @@ static FAMILIES: [Written; 16] = [
     Written {
         family: &MAPPING_INFO,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| {
             each(o, all, |o, m| {
                 let info = lock(&m.info);
@@ -378,25 +403,25 @@ static FAMILIES: [Written; 16] = [
     Written {
         family: &MAPPING_LAST_ACTIVITY,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Real(m.last_activity.get()))),
     },
     Written {
         family: &MAPPING_QUOTA_BYTES,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Int(m.quota_bytes.get()))),
     },
     Written {
         family: &MAPPING_QUOTA_USED,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Real(m.quota_used.get()))),
     },
     Written {
         family: &MAPPING_REFUSED,
         kind: "counter",
-        udp_only: false,
+        shown: always,
         samples: |o, all| {
             let (order, labels) = by_name(&refused_reason::ALL);
             each(o, all, |o, m| {
@@ -408,15 +433,32 @@ static FAMILIES: [Written; 16] = [
         },
     },
     Written {
+        family: &MAPPING_RELAYED,
+        kind: "counter",
+        shown: has_relayed,
+        samples: |o, all| {
+            let labels: Vec<String> = relay_path::ALL.iter().map(|path| format!("path=\"{path}\",")).collect();
+            for m in all {
+                // By path's name, as the label values sort ("copy" before "splice").
+                for i in [1, 0] {
+                    let n = m.relayed[i].get();
+                    if n > 0 {
+                        o.labelled("", &labels[i], m.key, "", Uint(n));
+                    }
+                }
+            }
+        },
+    },
+    Written {
         family: &MAPPING_UDP_SESSIONS,
         kind: "gauge",
-        udp_only: true,
+        shown: udp,
         samples: |o, all| each_udp(o, all, |o, m, udp| o.sample("", m.key, "", Int(udp.sessions.get()))),
     },
     Written {
         family: &MAPPING_UP,
         kind: "gauge",
-        udp_only: false,
+        shown: always,
         samples: |o, all| each(o, all, |o, m| o.sample("", m.key, "", Int(m.up.get()))),
     },
 ];
@@ -452,8 +494,8 @@ pub(super) fn family_names() -> impl Iterator<Item = &'static str> {
 /// samples; nothing when no mapping has the family (as the registry leaves
 /// out a vector without series).
 pub(super) fn write_family(out: &mut String, index: usize, mappings: &[MappingMetrics]) {
-    let Written { family, kind, udp_only, samples } = &FAMILIES[index];
-    if !mappings.iter().any(|m| !udp_only || m.is_udp()) {
+    let Written { family, kind, shown, samples } = &FAMILIES[index];
+    if !mappings.iter().any(|m| shown(m)) {
         return;
     }
     let name = family.name();

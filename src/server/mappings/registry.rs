@@ -23,6 +23,7 @@ use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
+use crate::net::splice::Pipes;
 use crate::policy::{invalid_group, Balance, HealthCheck, LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
@@ -206,6 +207,7 @@ impl Mappings {
             abort,
             connections: TaskTracker::new(),
             mapped_ports: Default::default(),
+            pipes: Pipes::new(&descriptors),
             descriptors,
             refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
             live,
