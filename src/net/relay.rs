@@ -277,8 +277,9 @@ enum Reads {
     /// Everything, until it runs dry: the copy path.
     UntilDrained,
     /// One read, past what stopped a splice (TCP urgent data), and back to
-    /// splicing. Copying on until `src` ran dry would copy a stream that never
-    /// pauses to its end: one traced iperf3 run of four did just that (12,500
+    /// splicing. Copying on until `src` ran dry copies for as long as the
+    /// relay does not catch up with its sender — a CPU-starved relay, a fast
+    /// sender: one strace'd iperf3 run of four copied to its end (12,500
     /// reads and writes per GB, against 20), after a splice found the socket
     /// empty and a segment arrived before the check for urgent data.
     One,
