@@ -268,7 +268,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
     frame::write_frame(&mut channel, &hello).await?;
     let idle_limit = Duration::from_secs(config.pool_idle_secs);
     let idle_timeout = Duration::from_secs(config.idle_timeout_secs);
-    let quiet = Meter::new(Vec::new(), Vec::new());
+    let quiet = Meter::default();
     loop {
         let mark = IdleMark::new(&ctx.idle);
         let request = tokio::select! {

@@ -495,7 +495,7 @@ mod tests {
             f.store.history_points(Step::Day, Some(crate::core::protocol::MappingKey::tcp(5000)), utc(0, 0), utc(24, 0), 0).await.unwrap();
         assert_eq!(day[0].bytes_sent, 320);
         // A mapping removed and created again starts its counters at 0: counted from there.
-        metrics.remove_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
+        metrics.remove_mapping(crate::core::protocol::MappingKey::tcp(5000));
         let m3 = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(5000), ["127.0.0.1:9", "direct", "", ""]);
         m3.sent.inc_by(4);
         restarted.flush().await.unwrap();

@@ -38,6 +38,19 @@ pub(crate) struct Taken {
     _permits: OwnedSemaphorePermit,
 }
 
+/// The descriptors of a [`DescriptorBudget`], taken from another owner.
+#[derive(Clone)]
+pub(crate) struct BudgetShare {
+    permits: Arc<Semaphore>,
+}
+
+impl BudgetShare {
+    /// `descriptors` from the budget, or `None` when that would exceed it.
+    pub(crate) fn try_take(&self, descriptors: u32) -> Option<Taken> {
+        self.permits.clone().try_acquire_many_owned(descriptors).ok().map(|permits| Taken { _permits: permits })
+    }
+}
+
 impl DescriptorBudget {
     /// The budget for this process as it is now: its soft `RLIMIT_NOFILE`, less
     /// the descriptors already open (listeners, the store, the runtime) and the
@@ -58,7 +71,13 @@ impl DescriptorBudget {
 
     /// `descriptors` from the budget, or `None` when that would exceed it.
     pub(crate) fn try_take(&self, descriptors: u32) -> Option<Taken> {
-        self.permits.clone().try_acquire_many_owned(descriptors).ok().map(|permits| Taken { _permits: permits })
+        self.share().try_take(descriptors)
+    }
+
+    /// A handle on the same descriptors, for a taker that is not handed the
+    /// budget with each call (the relays' pipes, see `net::splice`).
+    pub(crate) fn share(&self) -> BudgetShare {
+        BudgetShare { permits: self.permits.clone() }
     }
 
     /// Notes a refusal; `Some(not_logged)` when this one should be logged at

@@ -4,6 +4,7 @@
 //! - [`socket`]: listeners, accepting through descriptor exhaustion, dialing;
 //! - [`descriptors`]: the share of the open-file limit outside connections may use;
 //! - [`relay`]: the counted copy between two sockets and how it ends;
+//! - [`splice`]: the relay's pipes, to move a direct mapping's bytes in the kernel;
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
 //! - [`transport`]: a tunnel connection, TLS or plain;
@@ -19,6 +20,7 @@ pub mod proxy_header;
 pub(crate) mod quic;
 pub(crate) mod relay;
 pub(crate) mod socket;
+pub(crate) mod splice;
 pub mod tls;
 pub mod transport;
 pub(crate) mod udp;

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::{Gauge, IntGauge};
 use tracing::warn;
 
 use crate::core::calendar::Step;
@@ -18,6 +17,7 @@ use crate::core::protocol::MappingKey;
 use crate::history::Recorder;
 use crate::policy::{LivePolicy, Quota, QuotaAction, QuotaPeriod};
 use crate::store::events::EventKind;
+use crate::telemetry::MappingMetrics;
 
 /// Share of the allowance at which the early warning goes out.
 pub(crate) const WARNING_RATIO: f64 = 0.8;
@@ -27,10 +27,9 @@ pub struct MappingPolicy {
     /// Its port and protocol.
     pub key: MappingKey,
     pub policy: Arc<LivePolicy>,
-    /// `tunneld_mapping_quota_used_ratio{port}`.
-    pub quota_used: Gauge,
-    /// `tunneld_mapping_quota_bytes{port}`.
-    pub quota_bytes: IntGauge,
+    /// Its series: `tunneld_mapping_quota_used_ratio` and
+    /// `tunneld_mapping_quota_bytes` are set here.
+    pub series: MappingMetrics,
 }
 
 /// Something to tell the operator.
@@ -86,8 +85,8 @@ impl QuotaTracker {
             let key = m.key;
             let port = key.port;
             let Some(&quota) = quotas.get(&key) else {
-                m.quota_used.set(0.0);
-                m.quota_bytes.set(0);
+                m.series.quota_used.set(0.0);
+                m.series.quota_bytes.set(0);
                 m.policy.set_quota_used(0);
                 m.policy.set_quota_blocked(false);
                 continue;
@@ -126,8 +125,8 @@ impl QuotaTracker {
             };
             let used = total.saturating_sub(tracked.base);
             let ratio = used as f64 / quota.bytes as f64;
-            m.quota_used.set(ratio);
-            m.quota_bytes.set(i64::try_from(quota.bytes).unwrap_or(i64::MAX));
+            m.series.quota_used.set(ratio);
+            m.series.quota_bytes.set(i64::try_from(quota.bytes).unwrap_or(i64::MAX));
             m.policy.set_quota_used(used);
             // Within a period usage only grows, but a changed quota can put the
             // mapping back below a threshold it had crossed: crossing it again is
@@ -229,12 +228,8 @@ mod tests {
         let counters = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(port), ["127.0.0.1:22", "direct", "", ""]);
         let quota = Quota { bytes: 1_000, period: QuotaPeriod::Day, action: QuotaAction::Block };
         let policy = LivePolicy::new(Policy { quota: Some(quota), ..Policy::default() });
-        let mappings = [MappingPolicy {
-            key: crate::core::protocol::MappingKey::tcp(port),
-            policy: policy.clone(),
-            quota_used: counters.quota_used.clone(),
-            quota_bytes: counters.quota_bytes.clone(),
-        }];
+        let mappings =
+            [MappingPolicy { key: crate::core::protocol::MappingKey::tcp(port), policy: policy.clone(), series: counters.clone() }];
         let mut tracker = QuotaTracker::default();
         let kinds = |notices: Vec<Notice>| notices.into_iter().map(|n| n.kind).collect::<Vec<_>>();
 

@@ -64,6 +64,17 @@ pub(crate) mod dropped_reason {
     pub(crate) const ALL: [&str; 4] = [QUEUE_FULL, TOO_LARGE, SESSION_LIMIT, NO_TUNNEL];
 }
 
+/// How a direct mapping's relay moves bytes, in
+/// `tunneld_mapping_relayed_connections_total{path}`.
+pub(crate) mod relay_path {
+    /// In the kernel, socket to pipe to socket (`splice(2)`).
+    pub(crate) const SPLICE: &str = "splice";
+    /// Through user space: where splice cannot serve.
+    pub(crate) const COPY: &str = "copy";
+    /// Every path; the family's HELP lists these.
+    pub(crate) const ALL: [&str; 2] = [SPLICE, COPY];
+}
+
 /// A mapping's health, in `tunneld_mapping_health{health}` and the API's
 /// `health` field: what the operator should look at, worst first.
 pub(crate) mod health_state {
@@ -183,6 +194,12 @@ pub(crate) const MAPPING_REFUSED: Family = Family::new(
     &[PORT, PROTOCOL, REASON],
 )
 .listing(&refused_reason::ALL);
+pub(crate) const MAPPING_RELAYED: Family = Family::new(
+    "tunneld_mapping_relayed_connections_total",
+    "Direct visitor connections by how their relay moves bytes (a series appears with its first connection)",
+    &[PORT, PROTOCOL, "path"],
+)
+.listing(&relay_path::ALL);
 pub(crate) const MAPPING_UP: Family =
     Family::new("tunneld_mapping_up", "1 while the mapping listens on its port; 0 while the port cannot be bound.", &[PORT, PROTOCOL]);
 pub(crate) const MAPPING_INFO: Family = Family::new(
@@ -273,13 +290,13 @@ pub(crate) const CLIENT_LAST_CONNECT_ERROR: Family = Family::new(
 /// seconds where only retransmitted SYNs and `connect_timeout` live. Steps of
 /// 2–2.5× keep `histogram_quantile` within a factor of about two, with 16
 /// buckets per series.
-pub(crate) const LATENCY_BUCKETS: &[f64] =
+pub(crate) const LATENCY_BUCKETS: &[f64; 16] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Bucket bounds (seconds) for how long visitor connections last: a request
 /// answered in milliseconds, a page load in seconds, an SSH session or a
 /// database client for hours (the default idle timeout is 2 h), a tunnel kept
 /// open for a day.
-pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64] =
+pub(crate) const CONNECTION_DURATION_BUCKETS: &[f64; 16] =
     &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
 
 pub(crate) const MAPPING_CONNECT_DURATION: Family = Family::new(
@@ -324,13 +341,14 @@ pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 32] = [
+pub(crate) const ALL: [&Family; 33] = [
     &TUNNEL_UDP_TRANSPORT,
     &CLIENT_UDP_SESSIONS,
     &MAPPING_DATAGRAMS,
     &MAPPING_UDP_SESSIONS,
     &MAPPING_DROPPED_DATAGRAMS,
     &MAPPING_CONNECT_DURATION,
+    &MAPPING_RELAYED,
     &MAPPING_CLIENT_CONNECTIONS,
     &MAPPING_CONNECTION_DURATION,
     &TUNNEL_RTT,
@@ -381,7 +399,6 @@ impl Family {
     }
 
     /// The family's name, as Prometheus shows it.
-    #[cfg(test)]
     pub(crate) fn name(&self) -> &'static str {
         self.name
     }

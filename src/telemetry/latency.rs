@@ -9,10 +9,12 @@
 //! per connection, never per byte.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use prometheus::{Gauge, Histogram, IntGauge};
+use prometheus::{Gauge, Histogram};
+
+use super::series::MappingMetrics;
 
 use crate::core::sync::lock;
 
@@ -24,7 +26,7 @@ pub(crate) const QUANTILE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// quantiles are exact over them; at 1,000 connects/s they cover the last second.
 pub(crate) const RESERVOIR_SIZE: usize = 1024;
 
-/// A mapping's recent connect times, newest last.
+/// A mapping's recent connect times, newest last (nothing allocated before the first).
 #[derive(Default)]
 pub(crate) struct Reservoir(Mutex<VecDeque<(Instant, f64)>>);
 
@@ -69,11 +71,8 @@ impl Reservoir {
 /// when its target answers ([`Visit::target_answered`]), and how long it lasted
 /// when it ends — however it ends.
 pub struct Visit {
-    pub(super) active: IntGauge,
+    pub(super) mapping: MappingMetrics,
     pub(super) started: Instant,
-    pub(super) connect: Histogram,
-    pub(super) samples: Arc<Reservoir>,
-    pub(super) duration: Histogram,
 }
 
 impl Visit {
@@ -82,15 +81,15 @@ impl Visit {
     pub(crate) fn target_answered(&self) {
         let now = Instant::now();
         let seconds = now.duration_since(self.started).as_secs_f64();
-        self.connect.observe(seconds);
-        self.samples.record(now, seconds);
+        self.mapping.connect_duration.observe(seconds);
+        self.mapping.connect_samples.record(now, seconds);
     }
 }
 
 impl Drop for Visit {
     fn drop(&mut self) {
-        self.active.dec();
-        self.duration.observe(self.started.elapsed().as_secs_f64());
+        self.mapping.active.dec();
+        self.mapping.connection_duration.observe(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -5,15 +5,26 @@ use std::sync::Arc;
 
 use prometheus::{Gauge, IntCounter};
 
+use super::families::RECEIVED;
+use super::series::MappingMetrics;
 use crate::core::rate::Limiter;
 use crate::core::time::unix_now;
 
-/// What one direction of a copy loop adds each chunk to: byte counters and
-/// "last activity" gauges, all resolved before the first byte moves.
+/// Where a meter's bytes are counted, with the time of the last chunk.
+#[derive(Clone)]
+enum Counted {
+    /// A mapping's user bytes in one direction.
+    Mapping { series: MappingMetrics, received: bool },
+    /// A tunnel's wire bytes in one direction.
+    Tunnel { bytes: IntCounter, activity: Gauge },
+}
+
+/// What one direction of a copy loop adds each chunk to: a byte counter and
+/// a "last activity" gauge, resolved before the first byte moves (none: a
+/// meter that only paces or tallies).
 #[derive(Clone, Default)]
 pub struct Meter {
-    counters: Vec<IntCounter>,
-    activity: Vec<Gauge>,
+    counted: Option<Counted>,
     held: Option<Arc<Held>>,
     /// The mapping's shared cap for this direction, if it has one at all.
     limiter: Option<Arc<Limiter>>,
@@ -58,9 +69,15 @@ impl Held {
 }
 
 impl Meter {
-    /// A meter adding to `counters` and stamping `activity` with the time of each chunk.
-    pub fn new(counters: Vec<IntCounter>, activity: Vec<Gauge>) -> Meter {
-        Meter { counters, activity, held: None, limiter: None, connection: None }
+    /// A meter adding to a tunnel's `bytes` and stamping `activity` with the time of each chunk.
+    pub(crate) fn tunnel(bytes: IntCounter, activity: Gauge) -> Meter {
+        Meter { counted: Some(Counted::Tunnel { bytes, activity }), ..Meter::default() }
+    }
+
+    /// A meter adding to a mapping's bytes in `direction` ([`super::SENT`] or
+    /// [`RECEIVED`]) and stamping its last activity.
+    pub(crate) fn mapping(series: MappingMetrics, direction: &str) -> Meter {
+        Meter { counted: Some(Counted::Mapping { series, received: direction == RECEIVED }), ..Meter::default() }
     }
 
     /// Paces this direction by `limiter` (shared by all of a mapping's connections;
@@ -134,17 +151,22 @@ impl Meter {
         if let Some(held) = &self.held {
             held.record(n);
         }
-        for c in &self.counters {
-            c.inc_by(n);
+        match &self.counted {
+            Some(Counted::Mapping { series, received }) => {
+                match received {
+                    true => series.received.inc_by(n),
+                    false => series.sent.inc_by(n),
+                }
+                series.last_activity.set(unix_now());
+            }
+            Some(Counted::Tunnel { bytes, activity }) => {
+                bytes.inc_by(n);
+                activity.set(unix_now());
+            }
+            None => {}
         }
         if let Some(connection) = &self.connection {
             connection.fetch_add(n, Ordering::Relaxed);
-        }
-        if !self.activity.is_empty() {
-            let now = unix_now();
-            for g in &self.activity {
-                g.set(now);
-            }
         }
     }
 }

@@ -2,32 +2,36 @@
 //!
 //! Copy loops hold pre-resolved counter handles ([`Meter`]) so counting a chunk is
 //! an atomic add, never a label lookup. The JSON API, the SSE stream and the monitor
-//! page all read back from [`Metrics::registry`] via [`Metrics::traffic`]; nothing
-//! keeps a second set of numbers.
+//! page all read back from [`Metrics`] via [`Metrics::traffic`]; nothing keeps a
+//! second set of numbers.
 //!
 //! `families` is the schema (each family's name, HELP and labels, defined once),
-//! `snapshot` the read-back, `meter` the data path's side.
+//! `series` a mapping's series (atomics in one block per mapping, written into
+//! the exposition beside the `prometheus` registry's families), `snapshot` the
+//! read-back, `meter` the data path's side.
 //!
 //! May import `core` only, so every layer above can count.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Encoder, Gauge, Histogram, IntCounter, IntGauge, TextEncoder};
+use prometheus::{Encoder, IntCounter, TextEncoder};
 
-use crate::core::protocol::{MappingKey, Protocol};
-use crate::core::sync::lock;
+use crate::core::protocol::MappingKey;
+use crate::core::sync::{read, write};
 
 mod families;
 mod latency;
 mod meter;
 mod registry;
+mod series;
 mod snapshot;
 
-pub(crate) use families::{connect_failure, dropped_reason, health_state, refused_reason, session_result, RECEIVED, SENT};
+pub(crate) use families::{connect_failure, health_state, refused_reason, relay_path, session_result, RECEIVED, SENT};
 pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
+pub use series::{Counter, Gauge, IntGauge, MappingMetrics, MappingSeries, UdpMetrics};
 
 /// The values of `tunneld_tunnel_udp_transport`'s `transport` label.
 pub(crate) const UDP_TRANSPORTS: [&str; 2] = ["quic", "framed"];
@@ -81,51 +85,20 @@ impl Metrics {
 
     /// Creates a mapping's series at 0 so dashboards see it from the start (its
     /// health `ok`). `info` is `(target, mode, client, description)` for
-    /// `tunneld_mapping_info`.
+    /// `tunneld_mapping_info`. A mapping that has series already keeps them,
+    /// with `info` as its labels now.
     pub fn add_mapping(&self, key: MappingKey, info: [&str; 4]) -> MappingMetrics {
-        let p = key.port.to_string();
-        let k = [p.as_str(), key.protocol.as_str()];
-        self.mapping_info.with_label_values(&[k[0], k[1], info[0], info[1], info[2], info[3]]).set(1);
-        for reason in refused_reason::ALL {
-            self.mapping_refused.with_label_values(&with(k, reason));
-        }
-        let udp = (key.protocol == Protocol::Udp).then(|| {
-            for reason in dropped_reason::ALL {
-                self.mapping_dropped_datagrams.with_label_values(&with(k, reason));
+        let mut mappings = write(&self.mappings);
+        match mappings.get(&key) {
+            Some(existing) => {
+                existing.set_info(info);
+                existing.clone()
             }
-            Arc::new(UdpMetrics {
-                datagrams_sent: self.mapping_datagrams.with_label_values(&with(k, SENT)),
-                datagrams_received: self.mapping_datagrams.with_label_values(&with(k, RECEIVED)),
-                sessions: self.mapping_udp_sessions.with_label_values(&k),
-                dropped_queue_full: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::QUEUE_FULL)),
-                dropped_too_large: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::TOO_LARGE)),
-                dropped_session_limit: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::SESSION_LIMIT)),
-                dropped_no_tunnel: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::NO_TUNNEL)),
-            })
-        });
-        self.set_mapping_health(key, health_state::OK);
-        let connect_samples = Arc::new(latency::Reservoir::default());
-        lock(&self.connect_samples).insert(key, connect_samples.clone());
-        MappingMetrics {
-            connect_duration: self.mapping_connect_duration.with_label_values(&k),
-            connection_duration: self.mapping_connection_duration.with_label_values(&k),
-            connect_samples,
-            quota_bytes: self.mapping_quota_bytes.with_label_values(&k),
-            refused_connection_limit: self.mapping_refused.with_label_values(&with(k, refused_reason::CONNECTION_LIMIT)),
-            refused_no_descriptors: self.mapping_refused.with_label_values(&with(k, refused_reason::NO_DESCRIPTORS)),
-            refused_acl: self.mapping_refused.with_label_values(&with(k, refused_reason::ACL)),
-            refused_quota: self.mapping_refused.with_label_values(&with(k, refused_reason::QUOTA)),
-            refused_process_limit: self.mapping_refused.with_label_values(&with(k, refused_reason::PROCESS_LIMIT)),
-            refused_loop: self.mapping_refused.with_label_values(&with(k, refused_reason::LOOP)),
-            quota_used: self.mapping_quota_used.with_label_values(&k),
-            up: self.mapping_up.with_label_values(&k),
-            sent: self.mapping_bytes.with_label_values(&with(k, SENT)),
-            received: self.mapping_bytes.with_label_values(&with(k, RECEIVED)),
-            connections: self.mapping_connections.with_label_values(&k),
-            active: self.mapping_active.with_label_values(&k),
-            last_activity: self.mapping_last_activity.with_label_values(&k),
-            connect_errors: self.mapping_connect_errors.with_label_values(&k),
-            udp,
+            None => {
+                let series = MappingMetrics(Arc::new(MappingSeries::new(key, info)));
+                mappings.insert(key, series.clone());
+                series
+            }
         }
     }
 
@@ -140,51 +113,14 @@ impl Metrics {
         let _ = self.mapping_client_connections.remove_label_values(&[&key.port.to_string(), key.protocol.as_str(), client]);
     }
 
-    /// Replaces a mapping's `tunneld_mapping_info` series (its description changed).
-    pub(crate) fn relabel_mapping(&self, key: MappingKey, old: [&str; 4], new: [&str; 4]) {
-        let p = key.port.to_string();
-        let proto = key.protocol.as_str();
-        let _ = self.mapping_info.remove_label_values(&[&p, proto, old[0], old[1], old[2], old[3]]);
-        self.mapping_info.with_label_values(&[&p, proto, new[0], new[1], new[2], new[3]]).set(1);
+    /// Drops every series of a removed mapping.
+    pub(crate) fn remove_mapping(&self, key: MappingKey) {
+        write(&self.mappings).remove(&key);
     }
 
-    /// `tunneld_mapping_health{port,protocol}`: 1 for `state` (one of [`health_state::ALL`]), 0 for the others.
-    pub(crate) fn set_mapping_health(&self, key: MappingKey, state: &str) {
-        let p = key.port.to_string();
-        for each in health_state::ALL {
-            self.mapping_health.with_label_values(&[&p, key.protocol.as_str(), each]).set(i64::from(each == state));
-        }
-    }
-
-    /// Drops every series of a removed mapping (`info` as given to [`Metrics::add_mapping`]).
-    pub(crate) fn remove_mapping(&self, key: MappingKey, info: [&str; 4]) {
-        let p = key.port.to_string();
-        let k = [p.as_str(), key.protocol.as_str()];
-        let _ = self.mapping_info.remove_label_values(&[k[0], k[1], info[0], info[1], info[2], info[3]]);
-        let _ = self.mapping_quota_bytes.remove_label_values(&k);
-        for state in health_state::ALL {
-            let _ = self.mapping_health.remove_label_values(&with(k, state));
-        }
-        for dir in [SENT, RECEIVED] {
-            let _ = self.mapping_bytes.remove_label_values(&with(k, dir));
-            let _ = self.mapping_datagrams.remove_label_values(&with(k, dir));
-        }
-        let _ = self.mapping_udp_sessions.remove_label_values(&k);
-        for reason in dropped_reason::ALL {
-            let _ = self.mapping_dropped_datagrams.remove_label_values(&with(k, reason));
-        }
-        let _ = self.mapping_connections.remove_label_values(&k);
-        let _ = self.mapping_active.remove_label_values(&k);
-        let _ = self.mapping_last_activity.remove_label_values(&k);
-        let _ = self.mapping_connect_errors.remove_label_values(&k);
-        let _ = self.mapping_up.remove_label_values(&k);
-        let _ = self.mapping_quota_used.remove_label_values(&k);
-        let _ = self.mapping_connect_duration.remove_label_values(&k);
-        let _ = self.mapping_connection_duration.remove_label_values(&k);
-        lock(&self.connect_samples).remove(&key);
-        for reason in refused_reason::ALL {
-            let _ = self.mapping_refused.remove_label_values(&with(k, reason));
-        }
+    /// Every mapping's series now, by port and protocol: taken under the lock, read after it.
+    pub(crate) fn mapping_series(&self) -> Vec<MappingMetrics> {
+        read(&self.mappings).values().cloned().collect()
     }
 
     /// Creates a tunnel's series at 0, so dashboards and alerts see a known
@@ -240,7 +176,7 @@ impl Metrics {
     pub fn tunnel_meters<'a>(&self, tunnel: impl Into<Tunnel<'a>>) -> (Meter, Meter) {
         let labels = self.tunnel_labels(tunnel.into());
         let activity = self.tunnel_last_activity.with_label_values(&labels);
-        let meter = |dir| Meter::new(vec![self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat())], vec![activity.clone()]);
+        let meter = |dir| Meter::tunnel(self.tunnel_bytes.with_label_values(&[&labels[..], &[dir]].concat()), activity.clone());
         (meter(SENT), meter(RECEIVED))
     }
 
@@ -306,61 +242,25 @@ impl Metrics {
         self.tunnel_sessions.with_label_values(&[result]).inc();
     }
 
-    /// Prometheus text exposition of everything registered.
+    /// Prometheus text exposition of everything registered: the registry's
+    /// families and the mappings' (see `series`), merged in name order.
     pub(crate) fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let registered = self.registry.gather();
+        let mappings = self.mapping_series();
+        let mut out = String::with_capacity(4096 + mappings.len() * 6 * 1024);
+        let mut ours = series::family_names().enumerate().peekable();
+        for family in &registered {
+            while let Some((index, _)) = ours.next_if(|(_, name)| *name < family.name()) {
+                series::write_family(&mut out, index, &mappings);
+            }
+            // Encoding into a String cannot fail for well-formed families.
+            let _ = TextEncoder::new().encode_utf8(std::slice::from_ref(family), &mut out);
+        }
+        for (index, _) in ours {
+            series::write_family(&mut out, index, &mappings);
+        }
+        out
     }
-}
-
-/// A mapping's pre-resolved handles, created once when the mapping is.
-#[derive(Clone)]
-pub struct MappingMetrics {
-    /// `tunneld_mapping_bytes_total{direction="sent"}`: visitor to target.
-    pub sent: IntCounter,
-    /// `tunneld_mapping_bytes_total{direction="received"}`: target to visitor.
-    pub received: IntCounter,
-    pub(crate) connections: IntCounter,
-    pub(crate) active: IntGauge,
-    pub(crate) last_activity: Gauge,
-    pub(crate) connect_errors: IntCounter,
-    pub(crate) refused_connection_limit: IntCounter,
-    pub(crate) refused_no_descriptors: IntCounter,
-    pub(crate) refused_acl: IntCounter,
-    pub(crate) refused_quota: IntCounter,
-    pub(crate) refused_process_limit: IntCounter,
-    pub(crate) refused_loop: IntCounter,
-    /// `tunneld_mapping_quota_used_ratio`.
-    pub(crate) quota_used: Gauge,
-    /// `tunneld_mapping_quota_bytes`: the allowance, 0 without a quota.
-    pub(crate) quota_bytes: IntGauge,
-    /// `tunneld_mapping_up`: 1 while listening.
-    pub(crate) up: IntGauge,
-    /// `tunneld_mapping_connect_duration_seconds`.
-    connect_duration: Histogram,
-    /// `tunneld_mapping_connection_duration_seconds`.
-    connection_duration: Histogram,
-    /// Recent connect times, for the API's quantiles.
-    connect_samples: Arc<latency::Reservoir>,
-    /// A UDP mapping's datagram, session and drop counters; `None` for TCP.
-    pub(crate) udp: Option<Arc<UdpMetrics>>,
-}
-
-/// A UDP mapping's own series, pre-resolved.
-pub struct UdpMetrics {
-    /// `tunneld_mapping_datagrams_total{direction="sent"}`: visitor to target.
-    pub(crate) datagrams_sent: IntCounter,
-    /// `tunneld_mapping_datagrams_total{direction="received"}`: target to visitor.
-    pub(crate) datagrams_received: IntCounter,
-    /// `tunneld_mapping_udp_sessions`.
-    pub(crate) sessions: IntGauge,
-    pub(crate) dropped_queue_full: IntCounter,
-    pub(crate) dropped_too_large: IntCounter,
-    pub(crate) dropped_session_limit: IntCounter,
-    /// Tunneled: the mapping's client was not connected (or its session ended).
-    pub(crate) dropped_no_tunnel: IntCounter,
 }
 
 impl MappingMetrics {
@@ -370,39 +270,14 @@ impl MappingMetrics {
     pub(crate) fn visitor_accepted(&self) -> Visit {
         self.connections.inc();
         self.active.inc();
-        Visit {
-            active: self.active.clone(),
-            started: Instant::now(),
-            connect: self.connect_duration.clone(),
-            samples: self.connect_samples.clone(),
-            duration: self.connection_duration.clone(),
-        }
-    }
-
-    /// Visitors refused so far, per reason of [`refused_reason::ALL`], in that order.
-    pub(crate) fn refused_counts(&self) -> [u64; 6] {
-        [
-            &self.refused_connection_limit,
-            &self.refused_no_descriptors,
-            &self.refused_acl,
-            &self.refused_quota,
-            &self.refused_process_limit,
-            &self.refused_loop,
-        ]
-        .map(|c| c.get())
+        Visit { mapping: self.clone(), started: Instant::now() }
     }
 
     /// Meters for visitor→target (`sent`) and target→visitor (`received`): user
     /// bytes only, tunneled or not (the tunnel's wire is metered on its own).
     pub(crate) fn meters(&self) -> (Meter, Meter) {
-        let activity = vec![self.last_activity.clone()];
-        (Meter::new(vec![self.sent.clone()], activity.clone()), Meter::new(vec![self.received.clone()], activity))
+        (Meter::mapping(self.clone(), SENT), Meter::mapping(self.clone(), RECEIVED))
     }
-}
-
-/// A mapping's `(port, protocol)` label values and one more.
-fn with<'a>(k: [&'a str; 2], extra: &'a str) -> [&'a str; 3] {
-    [k[0], k[1], extra]
 }
 
 /// Text exposition content type, per the Prometheus spec.
@@ -419,8 +294,8 @@ mod tests {
     #[test]
     fn every_family_is_exported_with_its_help_and_documented() {
         let metrics = Metrics::new();
-        metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
-        metrics.add_mapping(MappingKey { port: 53, protocol: Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
+        metrics.add_mapping(MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]).relaying(relay_path::SPLICE);
+        metrics.add_mapping(MappingKey { port: 53, protocol: crate::core::protocol::Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
         metrics.mapping_client(MappingKey::tcp(4000), "default");
         metrics.add_client("default");
         metrics.set_udp_transport("default", Some("quic"));
@@ -441,7 +316,7 @@ mod tests {
     #[test]
     fn traffic_reads_back_what_was_counted() {
         let metrics = Metrics::new();
-        let mapping = metrics.add_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
+        let mapping = metrics.add_mapping(MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
         mapping.sent.inc_by(5);
         mapping.received.inc_by(7);
         mapping.connect_errors.inc();
@@ -455,7 +330,7 @@ mod tests {
         metrics.session_started("b", 99.0);
 
         let snap = metrics.traffic();
-        let port = &snap.mappings[&crate::core::protocol::MappingKey::tcp(4000)];
+        let port = &snap.mappings[&MappingKey::tcp(4000)];
         assert_eq!(
             (port.bytes_sent, port.bytes_received, port.connections_total, port.active_connections, port.connect_errors),
             (5, 7, 1, 1, 1)
@@ -466,14 +341,14 @@ mod tests {
         assert!(b.last_update.is_some());
         assert_eq!(snap.clients["default"], ClientTraffic::default(), "a known client has series at 0");
         let totals = metrics.byte_totals();
-        assert_eq!(totals.mappings[&crate::core::protocol::MappingKey::tcp(4000)], Traffic { sent: 5, received: 7 });
+        assert_eq!(totals.mappings[&MappingKey::tcp(4000)], Traffic { sent: 5, received: 7 });
         assert_eq!(totals.tunnel["b"], Traffic { sent: 3, received: 4 });
 
         drop(open);
         metrics.session_ended("b");
-        assert_eq!(metrics.traffic().mappings[&crate::core::protocol::MappingKey::tcp(4000)].active_connections, 0);
+        assert_eq!(metrics.traffic().mappings[&MappingKey::tcp(4000)].active_connections, 0);
         assert!(!metrics.traffic().clients["b"].connected);
-        metrics.remove_mapping(crate::core::protocol::MappingKey::tcp(4000), ["127.0.0.1:9", "direct", "", ""]);
+        metrics.remove_mapping(MappingKey::tcp(4000));
         metrics.remove_client("b");
         let snap = metrics.traffic();
         assert!(snap.mappings.is_empty(), "{:?}", snap.mappings);

@@ -2,19 +2,16 @@
 //! table (`families`) so no name or label list is written twice.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::RwLock;
 
 use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry};
 
 use super::families::{
     session_result, Family, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CLIENT_SERVER, CLIENT_SERVER_DIRECTION,
-    CLIENT_UDP_SESSIONS, CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CLIENT_CONNECTIONS,
-    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_DATAGRAMS,
-    MAPPING_DROPPED_DATAGRAMS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED,
-    MAPPING_REFUSED, MAPPING_UDP_SESSIONS, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY,
-    TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, TUNNEL_UDP_TRANSPORT, WEBHOOK_FAILURES,
+    CLIENT_UDP_SESSIONS, CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_CLIENT_CONNECTIONS, TUNNEL_BYTES, TUNNEL_CONNECTED,
+    TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, TUNNEL_UDP_TRANSPORT, WEBHOOK_FAILURES,
 };
-use super::latency::Reservoir;
+use super::series::MappingMetrics;
 use crate::core::protocol::MappingKey;
 use crate::core::time::unix_now;
 
@@ -22,25 +19,10 @@ use crate::core::time::unix_now;
 /// rest of the crate counts through.
 pub struct Metrics {
     pub(super) registry: Registry,
-    pub(super) mapping_bytes: IntCounterVec,
-    pub(super) mapping_connections: IntCounterVec,
-    pub(super) mapping_active: IntGaugeVec,
-    pub(super) mapping_last_activity: GaugeVec,
-    pub(super) mapping_connect_errors: IntCounterVec,
-    pub(super) mapping_refused: IntCounterVec,
-    pub(super) mapping_up: IntGaugeVec,
-    pub(super) mapping_info: IntGaugeVec,
-    pub(super) mapping_quota_used: GaugeVec,
-    pub(super) mapping_quota_bytes: IntGaugeVec,
-    pub(super) mapping_health: IntGaugeVec,
-    pub(super) mapping_connect_duration: HistogramVec,
-    pub(super) mapping_datagrams: IntCounterVec,
-    pub(super) mapping_udp_sessions: IntGaugeVec,
-    pub(super) mapping_dropped_datagrams: IntCounterVec,
-    pub(super) mapping_connection_duration: HistogramVec,
+    /// Every mapping's series (all the per-mapping families but the next),
+    /// by port and protocol: written into the exposition beside the registry's.
+    pub(super) mappings: RwLock<BTreeMap<MappingKey, MappingMetrics>>,
     pub(super) mapping_client_connections: IntCounterVec,
-    /// Each mapping's recent connect times, for the API's quantiles.
-    pub(super) connect_samples: Mutex<BTreeMap<MappingKey, Arc<Reservoir>>>,
     pub(super) tunnel_rtt: HistogramVec,
     pub(super) tunnel_rtt_last: GaugeVec,
     pub(super) tunnel_bytes: IntCounterVec,
@@ -90,24 +72,8 @@ impl Metrics {
             tunnel_sessions.with_label_values(&[result]);
         }
         Metrics {
-            mapping_bytes: MAPPING_BYTES.int_counter_vec(r),
-            mapping_connections: MAPPING_CONNECTIONS.int_counter_vec(r),
-            mapping_active: MAPPING_ACTIVE.int_gauge_vec(r),
-            mapping_last_activity: MAPPING_LAST_ACTIVITY.gauge_vec(r),
-            mapping_connect_errors: MAPPING_CONNECT_ERRORS.int_counter_vec(r),
-            mapping_refused: MAPPING_REFUSED.int_counter_vec(r),
-            mapping_up: MAPPING_UP.int_gauge_vec(r),
-            mapping_info: MAPPING_INFO.int_gauge_vec(r),
-            mapping_quota_used: MAPPING_QUOTA_USED.gauge_vec(r),
-            mapping_quota_bytes: MAPPING_QUOTA_BYTES.int_gauge_vec(r),
-            mapping_health: MAPPING_HEALTH.int_gauge_vec(r),
-            mapping_connect_duration: MAPPING_CONNECT_DURATION.histogram_vec(r),
-            mapping_datagrams: MAPPING_DATAGRAMS.int_counter_vec(r),
-            mapping_udp_sessions: MAPPING_UDP_SESSIONS.int_gauge_vec(r),
-            mapping_dropped_datagrams: MAPPING_DROPPED_DATAGRAMS.int_counter_vec(r),
-            mapping_connection_duration: MAPPING_CONNECTION_DURATION.histogram_vec(r),
+            mappings: RwLock::default(),
             mapping_client_connections: MAPPING_CLIENT_CONNECTIONS.int_counter_vec(r),
-            connect_samples: Mutex::default(),
             tunnel_rtt: tunnel(TUNNEL_RTT, CLIENT_SERVER).histogram_vec(r),
             tunnel_rtt_last: tunnel(TUNNEL_RTT_LAST, CLIENT_SERVER).gauge_vec(r),
             tunnel_bytes: tunnel(TUNNEL_BYTES, CLIENT_SERVER_DIRECTION).int_counter_vec(r),

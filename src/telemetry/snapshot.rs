@@ -1,7 +1,8 @@
 //! Read-back: the numbers the API, the SSE stream, the history recorder and the
-//! quota check show, read from the registry's own series. Each family is read
-//! through its typed handle, so nothing here names a family a second time, and
-//! nothing gathers families the reader does not need.
+//! quota check show, read from the series themselves: a mapping's from its block
+//! of atomics (one pass over the mappings, nothing built per series), a tunnel's
+//! through its family's typed handle, so nothing here names a family a second
+//! time, and nothing gathers families the reader does not need.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -10,12 +11,12 @@ use prometheus::core::Collector;
 use prometheus::proto::Metric;
 use serde::Serialize;
 
-use super::families::{CLIENT, DIRECTION, PORT, PROTOCOL, REASON, RECEIVED, SENT};
+use super::families::{dropped_reason, refused_reason, CLIENT, DIRECTION, RECEIVED, SENT};
 use super::latency::ConnectQuantiles;
 use super::registry::Metrics;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::protocol::{MappingKey, Protocol};
-use crate::core::sync::lock;
+use crate::core::sync::read;
 use crate::core::traffic::Traffic;
 
 /// Byte counters per mapping port and per tunnel client.
@@ -102,13 +103,6 @@ fn label<'a>(m: &'a Metric, name: &str) -> Option<&'a str> {
     m.get_label().iter().find(|l| l.name() == name).map(|l| l.value())
 }
 
-/// The mapping a series is about; series without a `protocol` label are TCP's.
-fn port(m: &Metric) -> Option<MappingKey> {
-    let port = label(m, PORT)?.parse().ok()?;
-    let protocol = label(m, PROTOCOL).map_or(Some(Protocol::Tcp), Protocol::parse)?;
-    Some(MappingKey { port, protocol })
-}
-
 fn client(m: &Metric) -> String {
     label(m, CLIENT).unwrap_or(DEFAULT_CLIENT).to_string()
 }
@@ -132,57 +126,48 @@ impl Metrics {
     /// Every mapping's byte counters and the tunnel's per client, read from the
     /// registry without gathering the other families.
     pub(crate) fn byte_totals(&self) -> ByteTotals {
-        let mut totals = ByteTotals::default();
-        each_series(&self.mapping_bytes, |m| {
-            if let Some(port) = port(m) {
-                set_direction(totals.mappings.entry(port).or_default(), m);
-            }
-        });
+        let mappings =
+            read(&self.mappings).iter().map(|(key, m)| (*key, Traffic { sent: m.sent.get(), received: m.received.get() })).collect();
+        let mut totals = ByteTotals { mappings, tunnel: BTreeMap::new() };
         each_series(&self.tunnel_bytes, |m| set_direction(totals.tunnel.entry(client(m)).or_default(), m));
         totals
     }
 
     /// Traffic numbers read back from the registry.
     pub(crate) fn traffic(&self) -> TrafficSnapshot {
-        let ByteTotals { mappings: mapping_bytes, tunnel: tunnel_bytes } = self.byte_totals();
-        let mut ports: BTreeMap<MappingKey, PortTraffic> = mapping_bytes
-            .into_iter()
-            .map(|(port, t)| (port, PortTraffic { bytes_sent: t.sent, bytes_received: t.received, ..PortTraffic::default() }))
-            .collect();
-        let mut per_port = |handle: &dyn Collector, set: fn(&mut PortTraffic, &Metric)| {
-            each_series(handle, |m| {
-                if let Some(port) = port(m) {
-                    set(ports.entry(port).or_default(), m);
-                }
-            })
-        };
-        per_port(&self.mapping_connections, |p, m| p.connections_total = m.get_counter().value() as u64);
-        per_port(&self.mapping_active, |p, m| p.active_connections = m.get_gauge().value().max(0.0) as u64);
-        per_port(&self.mapping_connect_errors, |p, m| p.connect_errors = m.get_counter().value() as u64);
-        per_port(&self.mapping_last_activity, |p, m| p.last_update = timestamp(m.get_gauge().value()));
-        per_port(&self.mapping_refused, |p, m| {
-            if let Some(reason) = label(m, REASON) {
-                p.refused.insert(reason.to_string(), m.get_counter().value() as u64);
-            }
-        });
-        per_port(&self.mapping_datagrams, |p, m| match label(m, DIRECTION) {
-            Some(SENT) => p.datagrams_sent = m.get_counter().value() as u64,
-            Some(RECEIVED) => p.datagrams_received = m.get_counter().value() as u64,
-            _ => {}
-        });
-        per_port(&self.mapping_udp_sessions, |p, m| p.udp_sessions = m.get_gauge().value().max(0.0) as u64);
-        per_port(&self.mapping_dropped_datagrams, |p, m| {
-            if let Some(reason) = label(m, REASON) {
-                p.dropped.insert(reason.to_string(), m.get_counter().value() as u64);
-            }
-        });
         let now = Instant::now();
-        for (port, samples) in lock(&self.connect_samples).iter() {
-            if let Some(p) = ports.get_mut(port) {
-                p.connect = samples.quantiles(now);
-            }
-        }
+        let ports: BTreeMap<MappingKey, PortTraffic> = self
+            .mapping_series()
+            .iter()
+            .map(|m| {
+                let refused = refused_reason::ALL.iter().zip(m.refused_counts()).map(|(reason, n)| (reason.to_string(), n)).collect();
+                let traffic = PortTraffic {
+                    bytes_sent: m.sent.get(),
+                    bytes_received: m.received.get(),
+                    last_update: timestamp(m.last_activity.get()),
+                    active_connections: m.active.get().max(0) as u64,
+                    connections_total: m.connections.get(),
+                    connect_errors: m.connect_errors.get(),
+                    refused,
+                    connect: m.connect_samples.quantiles(now),
+                    ..PortTraffic::default()
+                };
+                let traffic = match m.key().protocol {
+                    Protocol::Tcp => traffic,
+                    Protocol::Udp => PortTraffic {
+                        datagrams_sent: m.udp.datagrams_sent.get(),
+                        datagrams_received: m.udp.datagrams_received.get(),
+                        udp_sessions: m.udp.sessions.get().max(0) as u64,
+                        dropped: dropped_reason::ALL.iter().zip(m.udp.dropped_counts()).map(|(r, n)| (r.to_string(), n)).collect(),
+                        ..traffic
+                    },
+                };
+                (m.key(), traffic)
+            })
+            .collect();
 
+        let mut tunnel_bytes: BTreeMap<String, Traffic> = BTreeMap::new();
+        each_series(&self.tunnel_bytes, |m| set_direction(tunnel_bytes.entry(client(m)).or_default(), m));
         let mut clients: BTreeMap<String, ClientTraffic> = tunnel_bytes
             .into_iter()
             .map(|(name, t)| (name, ClientTraffic { bytes_sent: t.sent, bytes_received: t.received, ..ClientTraffic::default() }))

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
@@ -17,6 +16,7 @@ use tracing::{debug, info};
 use super::registry::TunnelHub;
 use super::session::Session;
 use crate::core::sync::lock;
+use crate::telemetry::MappingMetrics;
 use crate::tunnel::datagram::{self, DatagramControl, Frame, LinkSender, SendError};
 use crate::tunnel::message::ToClient;
 
@@ -40,8 +40,9 @@ pub enum UdpOpenError {
 struct Route {
     replies: mpsc::Sender<Bytes>,
     opened: Option<oneshot::Sender<Option<String>>>,
-    /// Its mapping's `queue_full` drops.
-    queue_full: IntCounter,
+    /// Its mapping's series, where replies dropped for want of room count
+    /// (`queue_full`).
+    mapping: MappingMetrics,
 }
 
 /// The sessions on one link, by id.
@@ -57,7 +58,7 @@ impl Routes {
                 let routes = lock(&self.0);
                 if let Some(route) = routes.get(&session) {
                     if let Err(mpsc::error::TrySendError::Full(_)) = route.replies.try_send(payload) {
-                        route.queue_full.inc();
+                        route.mapping.udp.dropped_queue_full.inc();
                     }
                 }
             }
@@ -135,15 +136,15 @@ impl TunnelHub {
     /// first (asked for now if the session has none), then the client's
     /// answer that it has a socket toward the target. The client ends the
     /// session on its own after well over `idle` of silence, should the
-    /// server's word that it ended never come. `queue_full` counts replies
-    /// dropped for want of room.
+    /// server's word that it ended never come. Replies dropped for want of room
+    /// count in `mapping`'s `queue_full` drops.
     pub async fn open_udp(
         &self,
         client: &str,
         host: &str,
         port: u16,
         idle: Duration,
-        queue_full: IntCounter,
+        mapping: MappingMetrics,
     ) -> Result<TunnelUdpSession, UdpOpenError> {
         let session = self.session(client).ok_or_else(|| UdpOpenError::NoTunnel(format!("tunnel client {client} is not connected")))?;
         if !session.speaks_udp {
@@ -153,7 +154,7 @@ impl TunnelHub {
         let id = link.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (replies_tx, replies) = mpsc::channel(SESSION_REPLIES);
         let (opened_tx, opened) = oneshot::channel();
-        lock(&link.routes.0).insert(id, Route { replies: replies_tx, opened: Some(opened_tx), queue_full });
+        lock(&link.routes.0).insert(id, Route { replies: replies_tx, opened: Some(opened_tx), mapping });
         // From here its drop ends the session, however this goes.
         let tunneled = TunnelUdpSession { link: link.clone(), id, replies };
         let lost = || UdpOpenError::NoTunnel(format!("the datagram link of tunnel client {client} ended"));

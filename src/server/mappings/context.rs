@@ -13,6 +13,7 @@ use tracing::warn;
 use crate::core::failure_log::{FailureLog, Summary};
 use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
+use crate::net::splice::Pipes;
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::Store;
@@ -61,6 +62,8 @@ pub(super) struct Ctx {
     pub(super) mapped_ports: RwLock<BTreeSet<crate::core::protocol::MappingKey>>,
     /// The descriptors all visitors of all mappings may hold together.
     pub(super) descriptors: DescriptorBudget,
+    /// The pipes direct visitors' relays splice through, out of `descriptors`.
+    pub(super) pipes: Pipes,
     /// Refused visitors, for the log: a target that is down refuses every
     /// visitor, and one line each would bury everything else.
     pub(super) refusals: Mutex<RefusalLog>,

@@ -93,8 +93,18 @@ impl Counts {
 /// connect error in words.
 pub(super) struct HealthWindow {
     metrics: MappingMetrics,
-    samples: Mutex<VecDeque<(Instant, Counts)>>,
+    samples: Mutex<Samples>,
     last_error: Mutex<Option<String>>,
+}
+
+/// A window's samples: when one was last due, and those that differ from the
+/// one before them. A sample equal to the one before it would change no
+/// verdict (the window's base is the newest sample at or before its start, and
+/// the two hold the same counts), so an idle mapping keeps one sample, not the
+/// window's thirty.
+struct Samples {
+    taken: Instant,
+    kept: VecDeque<(Instant, Counts)>,
 }
 
 /// What the mapping is besides its counters, for [`HealthWindow::judge`].
@@ -114,8 +124,10 @@ pub(super) struct Condition<'a> {
 
 impl HealthWindow {
     pub(super) fn new(metrics: MappingMetrics) -> HealthWindow {
-        let window = HealthWindow { metrics, samples: Mutex::new(VecDeque::new()), last_error: Mutex::new(None) };
-        window.restart(Instant::now());
+        let now = Instant::now();
+        let samples = Mutex::new(Samples { taken: now, kept: VecDeque::new() });
+        let window = HealthWindow { metrics, samples, last_error: Mutex::new(None) };
+        window.restart(now);
         window
     }
 
@@ -123,8 +135,9 @@ impl HealthWindow {
     /// makes earlier refusals say nothing about the new one).
     pub(super) fn restart(&self, now: Instant) {
         let mut samples = lock(&self.samples);
-        samples.clear();
-        samples.push_back((now, Counts::read(&self.metrics)));
+        samples.taken = now;
+        samples.kept.clear();
+        samples.kept.push_back((now, Counts::read(&self.metrics)));
         *lock(&self.last_error) = None;
     }
 
@@ -132,12 +145,17 @@ impl HealthWindow {
     /// ones the window no longer needs (all but the newest at or before its start).
     pub(super) fn sample(&self, now: Instant) {
         let mut samples = lock(&self.samples);
-        if !samples.back().is_some_and(|(at, _)| now.duration_since(*at) < SAMPLE_EVERY) {
-            samples.push_back((now, Counts::read(&self.metrics)));
+        if samples.kept.is_empty() || now.duration_since(samples.taken) >= SAMPLE_EVERY {
+            samples.taken = now;
+            let counts = Counts::read(&self.metrics);
+            if samples.kept.back().map_or(true, |(_, last)| *last != counts) {
+                samples.kept.push_back((now, counts));
+            }
         }
+        let kept = &mut samples.kept;
         let start = now.checked_sub(WINDOW);
-        while samples.len() > 1 && start.is_some_and(|start| samples[1].0 <= start) {
-            samples.pop_front();
+        while kept.len() > 1 && start.is_some_and(|start| kept[1].0 <= start) {
+            kept.pop_front();
         }
     }
 
@@ -150,7 +168,7 @@ impl HealthWindow {
     fn recent(&self) -> Counts {
         let now = Counts::read(&self.metrics);
         let samples = lock(&self.samples);
-        samples.front().map_or(now, |(_, base)| now.since(base))
+        samples.kept.front().map_or(now, |(_, base)| now.since(base))
     }
 
     /// The mapping's health now.

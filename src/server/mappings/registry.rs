@@ -23,11 +23,12 @@ use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::{lock, write};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
+use crate::net::splice::Pipes;
 use crate::policy::{invalid_group, Balance, HealthCheck, LivePolicy, Policy, PolicyUpdate, QuotaPeriod};
 use crate::server::connections::Connections;
 use crate::server::hub::TunnelHub;
 use crate::store::{MappingSpec, Source, Store, StoreError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{MappingMetrics, Metrics};
 
 /// What the API asks for.
 #[derive(Debug, Clone)]
@@ -164,8 +165,8 @@ pub(super) struct Entry {
     /// Its clients (tunneled), the one a visitor goes to, their checks.
     pub(super) group: Arc<Group>,
     policy: Arc<LivePolicy>,
-    quota_used: prometheus::Gauge,
-    quota_bytes: prometheus::IntGauge,
+    /// Its series (bytes, connections, health, quota, info, …).
+    metrics: MappingMetrics,
     /// Its counters over the recent window, for its health.
     health: Arc<HealthWindow>,
     /// `tunneld_mapping_info`'s labels now (the description changes live).
@@ -204,6 +205,7 @@ impl Mappings {
             abort,
             connections: TaskTracker::new(),
             mapped_ports: Default::default(),
+            pipes: Pipes::new(&descriptors),
             descriptors,
             refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_INTERVAL)),
             live,
@@ -412,7 +414,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(key, labels(&info), labels(&new));
+                entry.metrics.set_info(labels(&new));
                 *info = new;
             }
         }
@@ -476,7 +478,7 @@ impl Mappings {
         {
             let mut info = lock(&entry.info);
             if *info != new {
-                self.ctx.metrics.relabel_mapping(entry.spec.key(), labels(&info), labels(&new));
+                entry.metrics.set_info(labels(&new));
                 *info = new;
             }
         }
@@ -490,12 +492,7 @@ impl Mappings {
         let entries = self.entries.lock().await;
         entries
             .iter()
-            .map(|(key, e)| crate::server::quotas::MappingPolicy {
-                key: *key,
-                policy: e.policy.clone(),
-                quota_used: e.quota_used.clone(),
-                quota_bytes: e.quota_bytes.clone(),
-            })
+            .map(|(key, e)| crate::server::quotas::MappingPolicy { key: *key, policy: e.policy.clone(), series: e.metrics.clone() })
             .collect()
     }
 
@@ -518,8 +515,7 @@ impl Mappings {
             // mapped again the moment this returns.
             let _ = entry.task.await;
             entry.group.remove_series();
-            let info = lock(&entry.info).clone();
-            self.ctx.metrics.remove_mapping(key, labels(&info));
+            self.ctx.metrics.remove_mapping(key);
         }
         info!(port, protocol = %key.protocol, "mapping removed");
         Ok(())
@@ -553,10 +549,10 @@ impl Mappings {
     pub async fn sample_health(&self) {
         let now = std::time::Instant::now();
         let entries = self.entries.lock().await;
-        for (key, entry) in entries.iter() {
+        for entry in entries.values() {
             entry.health.sample(now);
             let view = self.view(entry);
-            self.ctx.metrics.set_mapping_health(*key, view.health.health.as_str());
+            entry.metrics.set_health(view.health.health.as_str());
         }
     }
 
@@ -576,7 +572,10 @@ impl Mappings {
         };
         let policy = entry.policy.get();
         let has_quota = policy.quota.is_some();
-        let quota_blocked = policy.quota.filter(|_| entry.policy.quota_blocked()).map(|q| {
+        // Read once: the quota check may flip it meanwhile, and the health and
+        // the `quota_blocked` field of one view must agree.
+        let blocked = entry.policy.quota_blocked();
+        let quota_blocked = policy.quota.filter(|_| blocked).map(|q| {
             format!(
                 "its quota of {} bytes per {} is used up ({} bytes): new visitors are refused until the period ends",
                 q.bytes,
@@ -599,7 +598,7 @@ impl Mappings {
             spec: (*entry.spec).clone(),
             policy,
             quota_used: has_quota.then(|| entry.policy.quota_used()),
-            quota_blocked: has_quota.then(|| entry.policy.quota_blocked()),
+            quota_blocked: has_quota.then_some(blocked),
             status,
             health,
             members: entry.group.view(&self.ctx.hub),
@@ -646,8 +645,6 @@ impl Mappings {
         let info = info_labels(&spec, &policy);
         let metrics = self.ctx.metrics.add_mapping(spec.key(), labels(&info));
         let policy = LivePolicy::new(policy);
-        let quota_used = metrics.quota_used.clone();
-        let quota_bytes = metrics.quota_bytes.clone();
         let health = Arc::new(HealthWindow::new(metrics.clone()));
         let cancel = self.ctx.abort.child_token();
         let group = Arc::new(Group::new(&spec, self.ctx.metrics.clone()));
@@ -662,9 +659,9 @@ impl Mappings {
             listener,
             bind_error.clone(),
             cancel.clone(),
-            metrics,
+            metrics.clone(),
         ));
-        Entry { spec, group, policy, quota_used, quota_bytes, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
+        Entry { spec, group, policy, metrics, health, info: Mutex::new(info), bind_error, resolved, cancel, task }
     }
 }
 

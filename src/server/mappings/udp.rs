@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::context::Ctx;
 use super::group::{Group, Serving};
@@ -87,7 +87,6 @@ struct Shared {
     /// Tunneled: the target as this host resolves it, for the loop check.
     resolved: Arc<ResolvedHere>,
     metrics: MappingMetrics,
-    udp: Arc<UdpMetrics>,
     /// The mapping's own socket: what visitors send to, and replies leave from.
     listener: Arc<UdpSocket>,
     sessions: Mutex<HashMap<SocketAddr, SessionHandle>>,
@@ -109,10 +108,6 @@ pub(super) async fn serve(
     metrics: MappingMetrics,
 ) {
     let port = spec.source_port;
-    let Some(udp) = metrics.udp.clone() else {
-        warn!(port, "UDP mapping without its datagram counters; not serving");
-        return;
-    };
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         spec,
@@ -121,7 +116,6 @@ pub(super) async fn serve(
         group: admission.group,
         resolved: admission.resolved,
         metrics,
-        udp,
         listener: Arc::new(socket),
         sessions: Mutex::new(HashMap::new()),
         queued: AtomicUsize::new(0),
@@ -148,7 +142,7 @@ pub(super) async fn serve(
             },
         };
         if n > max {
-            shared.udp.dropped_too_large.inc();
+            shared.metrics.udp.dropped_too_large.inc();
             debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
             continue;
         }
@@ -174,13 +168,13 @@ impl Shared {
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
         if self.queued.load(Ordering::Relaxed) + datagram.len() > MAPPING_QUEUED_BYTES {
-            self.udp.dropped_queue_full.inc();
+            self.metrics.udp.dropped_queue_full.inc();
             return;
         }
         let mut sessions = lock(&self.sessions);
         if self.spec.use_tunnel && !sessions.contains_key(&peer) {
             if !self.tunnel_available() {
-                self.udp.dropped_no_tunnel.inc();
+                self.metrics.udp.dropped_no_tunnel.inc();
                 debug!(port, %peer, "datagram dropped: no client of the mapping is connected");
                 return;
             }
@@ -199,7 +193,7 @@ impl Shared {
                     return;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.udp.dropped_queue_full.inc();
+                    self.metrics.udp.dropped_queue_full.inc();
                     return;
                 }
                 // Its task ended a moment ago: a new session takes its place.
@@ -209,7 +203,7 @@ impl Shared {
             }
         }
         if sessions.len() >= self.ctx.settings.max_udp_sessions {
-            self.udp.dropped_session_limit.inc();
+            self.metrics.udp.dropped_session_limit.inc();
             debug!(port, %peer, limit = self.ctx.settings.max_udp_sessions, "datagram dropped: mapping at its UDP session limit");
             return;
         }
@@ -248,8 +242,8 @@ impl Shared {
     async fn run_session(&self, peer: SocketAddr, mut queue: mpsc::Receiver<Vec<u8>>, tracked: &Tracked) -> End {
         let port = self.spec.source_port;
         let visit = self.metrics.visitor_accepted();
-        self.udp.sessions.inc();
-        let _session = SessionGauge(&self.udp);
+        self.metrics.udp.sessions.inc();
+        let _session = SessionGauge(&self.metrics.udp);
         let (up, down) = self.policy.capped(self.metrics.meters());
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
         let opened = match self.spec.use_tunnel {
@@ -274,7 +268,7 @@ impl Shared {
                     }
                     // Its client went away between the datagram and the open.
                     OpenFailed::NoTunnel(e) => {
-                        self.udp.dropped_no_tunnel.inc_by(waiting);
+                        self.metrics.udp.dropped_no_tunnel.inc_by(waiting);
                         debug!(port, %peer, error = %e, "UDP session dropped: no tunnel");
                         End::TargetUnreachable(e)
                     }
@@ -308,7 +302,7 @@ impl Shared {
                         deadline.as_mut().reset(Instant::now() + idle);
                         self.to_visitor(peer, &reply, &down).await;
                     }
-                    Ok(Reply::TooLarge) => self.udp.dropped_too_large.inc(),
+                    Ok(Reply::TooLarge) => self.metrics.udp.dropped_too_large.inc(),
                     Ok(Reply::Gone(client)) => {
                         break if self.ctx.hub.knows(&client) {
                             End::TargetReset(Some(format!("the tunnel session of client {client} ended")))
@@ -336,8 +330,7 @@ impl Shared {
         let mut why = format!("no client of the mapping on port {} is connected", self.spec.source_port);
         for member in self.group.candidates(&self.ctx.hub) {
             let (host, port) = (&self.spec.target_host, self.spec.target_port);
-            let opened =
-                self.ctx.hub.open_udp(&member.name, host, port, settings.udp_session_idle, self.udp.dropped_queue_full.clone()).await;
+            let opened = self.ctx.hub.open_udp(&member.name, host, port, settings.udp_session_idle, self.metrics.clone()).await;
             match opened {
                 Ok(session) => {
                     tracked.served_by(&member.name);
@@ -366,7 +359,7 @@ impl Shared {
             Target::Tunnel { session, .. } => match session.try_send(Bytes::from(datagram)) {
                 Ok(()) => Ok(true),
                 Err(SendError::Full) => {
-                    self.udp.dropped_queue_full.inc();
+                    self.metrics.udp.dropped_queue_full.inc();
                     Ok(false)
                 }
                 // The link is gone: the session ends as its replies say so.
@@ -376,7 +369,7 @@ impl Shared {
         match sent {
             Ok(true) => {
                 up.record(len as u64);
-                self.udp.datagrams_sent.inc();
+                self.metrics.udp.datagrams_sent.inc();
             }
             Ok(false) => up.unused(len),
             Err(e) => {
@@ -392,7 +385,7 @@ impl Shared {
         match self.listener.send_to(datagram, peer).await {
             Ok(n) if n == datagram.len() => {
                 down.record(n as u64);
-                self.udp.datagrams_received.inc();
+                self.metrics.udp.datagrams_received.inc();
             }
             Ok(_) => down.unused(datagram.len()),
             Err(e) => {

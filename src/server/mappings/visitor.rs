@@ -19,7 +19,7 @@ use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
 use crate::server::hub::OpenError;
 use crate::store::MappingSpec;
-use crate::telemetry::{refused_reason, MappingMetrics, Meter, Visit};
+use crate::telemetry::{refused_reason, relay_path, MappingMetrics, Meter, Visit};
 use crate::tunnel::exchange::{self, ExchangeError};
 use crate::tunnel::message::{Connect, ProxyHeader};
 
@@ -66,7 +66,7 @@ pub(super) async fn serve_visitor(
         let connect = Connect::Connect { host: spec.target_host.clone(), port: spec.target_port, proxy_header };
         tunneled(ctx, group, meters, &visit, &visitor, tracked, &connect).await
     } else {
-        direct(ctx, spec, meters, &visit, &visitor, proxy_header).await
+        direct(ctx, spec, metrics, meters, &visit, &visitor, proxy_header).await
     };
     match result {
         Ok((sent, received)) => {
@@ -128,9 +128,12 @@ type Meters = (Meter, Meter);
 
 /// The PROXY header, when the mapping asks for one, goes to the target before
 /// any of the visitor's bytes and outside the meters: it is not user traffic.
+/// The bytes are then spliced in the kernel where it can (see
+/// `net::splice`), and the mapping's metrics say which way they went.
 async fn direct(
     ctx: &Ctx,
     spec: &MappingSpec,
+    metrics: &MappingMetrics,
     (up, down): Meters,
     visit: &Visit,
     visitor: &TcpStream,
@@ -147,7 +150,9 @@ async fn direct(
     }
     visit.target_answered();
     relay::arm(&target);
-    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout).await.map_err(relay_ended)
+    let pipes = ctx.pipes.splicing().then_some(&ctx.pipes);
+    metrics.relaying(if pipes.is_some() { relay_path::SPLICE } else { relay_path::COPY });
+    relay::relay(visitor, &target, &up, &down, ctx.settings.idle_timeout, pipes).await.map_err(relay_ended)
 }
 
 /// The visitor's bytes start flowing to the client together with the `connect`
