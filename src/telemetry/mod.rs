@@ -24,6 +24,7 @@ mod families;
 mod latency;
 mod meter;
 mod registry;
+mod reservoir;
 mod series;
 mod snapshot;
 

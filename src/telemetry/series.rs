@@ -23,7 +23,7 @@ use super::families::{
     MAPPING_DATAGRAMS, MAPPING_DROPPED_DATAGRAMS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES,
     MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_RELAYED, MAPPING_UDP_SESSIONS, MAPPING_UP, RECEIVED, SENT,
 };
-use super::latency::Reservoir;
+use super::reservoir::Reservoir;
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
 

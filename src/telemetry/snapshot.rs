@@ -12,8 +12,8 @@ use prometheus::proto::Metric;
 use serde::Serialize;
 
 use super::families::{dropped_reason, refused_reason, CLIENT, DIRECTION, RECEIVED, SENT};
-use super::latency::ConnectQuantiles;
 use super::registry::Metrics;
+use super::reservoir::ConnectQuantiles;
 use crate::core::names::DEFAULT_CLIENT;
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::read;

@@ -1,7 +1,7 @@
 //! The server's side of the tunnel: the registry of named clients and their live
 //! sessions (`registry`), each session's pool of data channels that visitors of
-//! its mappings borrow (`session`), and the tunnel port with its handshake and
-//! defences (`accept`, `defences`).
+//! its mappings borrow (`session`), the tunnel port with its handshake and
+//! defences (`accept`, `defences`), and tunneled UDP (`quic`, `udp`, `udp_links`).
 //!
 //! Clients are known by name, each with its own secret. One session per name: a
 //! newly authenticated connection under a name replaces that name's session, so a
@@ -19,6 +19,7 @@ mod quic;
 mod registry;
 mod session;
 mod udp;
+mod udp_links;
 
 pub(crate) use registry::{HubSettings, OpenError, Presence, TunnelHub};
 pub(crate) use udp::{TunnelUdpSession, UdpOpenError};
