@@ -1,0 +1,179 @@
+//! Issue 24 §3/§4: what one visitor costs the daemons in system calls, counted
+//! by `strace -c -f` attached to the real processes while visitors go through
+//! a direct and a tunneled mapping one after another (connect, one byte each
+//! way, close). Counts, not timings: they do not move with the machine's load.
+//!
+//! The figures are for the calls whose number per visitor is fixed by the
+//! code (`setsockopt`, `ioctl`, the tunnel's writes), not for `epoll_wait` or
+//! `futex`, which depend on how the scheduler interleaves the threads.
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const SECRET: &str = "tls perf secret";
+const VISITORS: usize = 200;
+
+/// `strace -c -f` attached to one process, until [`Strace::finish`].
+struct Strace {
+    child: Child,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Strace {
+    /// Attached to every thread of `pid` before it returns.
+    fn attach(strace: &Path, pid: u32) -> Strace {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("counts.txt");
+        let mut child = Command::new(strace)
+            .args(["-c", "-f", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run strace");
+        // strace says so on stderr once it holds every thread.
+        let mut stderr = BufReader::new(child.stderr.take().expect("strace stderr"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = stderr.read_line(&mut line).expect("read strace's stderr");
+            assert!(n > 0, "strace exited before attaching (is ptrace allowed here?)");
+            if line.contains("attached") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Strace { child, out, _dir: dir }
+    }
+
+    /// Detaches and returns the calls made meanwhile, by name.
+    fn finish(mut self) -> BTreeMap<String, u64> {
+        let status = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success());
+        self.child.wait().expect("strace to exit");
+        let text = std::fs::read_to_string(&self.out).expect("strace's summary");
+        let mut calls = BTreeMap::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors,] syscall
+            if fields.len() >= 5 && fields[0].parse::<f64>().is_ok() {
+                if let (Ok(n), Some(name)) = (fields[3].parse::<u64>(), fields.last()) {
+                    calls.insert(name.to_string(), n);
+                }
+            }
+        }
+        assert!(!calls.is_empty(), "no counts in strace's summary:\n{text}");
+        calls
+    }
+}
+
+/// `VISITORS` sequential visitors through `port` (whose target echoes).
+fn visit_one_byte_each(port: u16) {
+    for _ in 0..VISITORS {
+        let mut conn = TcpStream::connect(loopback(port)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).expect("the echoed byte");
+        assert_eq!(&byte, b"x");
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        // The echo target half-closes after us: the exchange ended cleanly.
+        assert_eq!(conn.read(&mut byte).expect("EOF"), 0);
+    }
+}
+
+fn per_visitor(calls: &BTreeMap<String, u64>, name: &str) -> f64 {
+    calls.get(name).copied().unwrap_or(0) as f64 / VISITORS as f64
+}
+
+fn wait_closed(server: &Daemon, port: u16) {
+    wait_for("the visitors' connections to close", Duration::from_secs(10), || {
+        (traffic_entry(server, port)?["active_connections"].as_u64()? == 0).then_some(())
+    });
+}
+
+fn table(calls: &BTreeMap<String, u64>) -> String {
+    calls
+        .iter()
+        .filter(|(name, _)| *name != "total")
+        .map(|(name, n)| format!("{name} {:.2}", *n as f64 / VISITORS as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A visitor's socket comes out of `accept` with every option it needs, set
+/// once on the mapping's listener (no `setsockopt` for it); its target, dialed,
+/// takes five (`TCP_NODELAY`, keepalive and its two timings) plus the arming
+/// and disarming of `SO_LINGER` around the relay, and the visitor's disarming
+/// after a clean end. Before: twelve, the visitor's own five included.
+#[test]
+fn a_direct_visitor_costs_the_server_no_setsockopt_for_its_own_socket() {
+    let Some(strace) = common::tools::external_tool("strace", "a_direct_visitor_costs_the_server_no_setsockopt_for_its_own_socket") else {
+        return;
+    };
+    let server = Daemon::server(SECRET, &[]);
+    let echo = echo_server();
+    let port = free_port();
+    create_mapping(&server, port, echo, false);
+    // The first visitor pays for what happens once (the runtime's first
+    // connection, lazily built state); it is not counted.
+    visit_one_byte_each_once(port);
+    let trace = Strace::attach(&strace, server.child.id());
+    visit_one_byte_each(port);
+    wait_closed(&server, port);
+    let calls = trace.finish();
+    eprintln!("direct, server, per visitor: {}", table(&calls));
+    let setsockopt = per_visitor(&calls, "setsockopt");
+    assert!(setsockopt <= 7.05, "{setsockopt:.2} setsockopt per direct visitor (want at most 7): {}", table(&calls));
+    // One accept that takes the visitor, and one that finds the queue empty.
+    let accept = per_visitor(&calls, "accept4");
+    assert!(accept <= 2.05, "{accept:.2} accept4 per direct visitor: {}", table(&calls));
+}
+
+/// Through a pooled TLS data channel, the server's share of a visitor: its
+/// socket as accepted, and one `SO_LINGER` change to disarm it after the
+/// clean end; the channel stays armed between exchanges instead of being
+/// armed and disarmed around each (before: eight). The client's: its dial of
+/// the target (five options set, armed, disarmed), nothing for the channel
+/// (before: eight).
+#[test]
+fn a_tunneled_visitor_costs_no_setsockopt_for_its_socket_nor_its_channel() {
+    let Some(strace) = common::tools::external_tool("strace", "a_tunneled_visitor_costs_no_setsockopt_for_its_socket_nor_its_channel")
+    else {
+        return;
+    };
+    let (server, client) = server_and_client(SECRET, true);
+    let client = client.expect("a client");
+    let echo = echo_server();
+    let port = free_port();
+    create_mapping(&server, port, echo, true);
+    visit_one_byte_each_once(port);
+    let server_trace = Strace::attach(&strace, server.child.id());
+    let client_trace = Strace::attach(&strace, client.child.id());
+    visit_one_byte_each(port);
+    wait_closed(&server, port);
+    let (server_calls, client_calls) = (server_trace.finish(), client_trace.finish());
+    eprintln!("tunnel, server, per visitor: {}", table(&server_calls));
+    eprintln!("tunnel, client, per visitor: {}", table(&client_calls));
+    let setsockopt = per_visitor(&server_calls, "setsockopt");
+    assert!(setsockopt <= 1.05, "{setsockopt:.2} setsockopt per tunneled visitor in the server (want at most 1): {}", table(&server_calls));
+    let setsockopt = per_visitor(&client_calls, "setsockopt");
+    assert!(setsockopt <= 6.05, "{setsockopt:.2} setsockopt per tunneled visitor in the client (want at most 6): {}", table(&client_calls));
+}
+
+/// One visitor, to warm up what the first one builds.
+fn visit_one_byte_each_once(port: u16) {
+    let mut conn = TcpStream::connect(loopback(port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte).expect("the echoed byte");
+}
