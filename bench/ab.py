@@ -96,7 +96,7 @@ def main() -> int:
     rundir.mkdir(parents=True)
     bench.log(f"logs in {rundir.relative_to(bench.REPO)}; binaries {binaries}")
     results: dict = {"binaries": binaries, "envs": envs, "rounds": args.rounds, "seconds": args.seconds, "conns": args.conns,
-                     "tput_1": {}, "cpu_s_per_gb": {}, "conn_rate": {}, "memory": {}, "syscalls": {}}
+                     "tput_1": {}, "cpu_s_per_gb": {}, "conn_rate": {}, "cpu_us_per_conn": {}, "memory": {}, "syscalls": {}}
     fd_env = dict(bench.os.environ)
     with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmpdir:
         tmp = Path(tmpdir)
@@ -153,9 +153,9 @@ def main() -> int:
                 path_order = paths if round_no % 2 == 0 else list(reversed(paths))
                 for name in order:
                     for path in path_order:
+                        d = daemons[name][path]
+                        pids = [d.server.pid] if path == "direct" else [d.server.pid, d.client.pid]
                         if not args.no_throughput:
-                            d = daemons[name][path]
-                            pids = [d.server.pid] if path == "direct" else [d.server.pid, d.client.pid]
                             cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
                             res = bench.run_iperf(ports[name][path]["iperf"], args.seconds, [],
                                                   rundir / f"iperf3-{name}-{path}-{round_no}.json")
@@ -164,19 +164,25 @@ def main() -> int:
                             # CPU seconds tunneld spent per GB moved: what load elsewhere moves least.
                             results["cpu_s_per_gb"].setdefault(name, {}).setdefault(path, []).append(
                                 cpu / 1e9 / (res["received_bytes"] / 1e9))
+                        cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
                         rate = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[name][path]['echo']}",
                                                            "--count", str(args.conns)], timeout=600)
+                        # CPU microseconds tunneld spent per visitor (server and client).
+                        results["cpu_us_per_conn"].setdefault(name, {}).setdefault(path, []).append(
+                            (sum(bench.cpu_ns(pid) for pid in pids) - cpu_before) / 1e3 / args.conns)
                         if rate["failures"]:
                             raise bench.BenchError(f"{name} {path}: {rate['failures']} failures: {rate['errors']}")
                         results["conn_rate"].setdefault(name, {}).setdefault(path, []).append(rate["conns_per_s"])
                         tput = "" if args.no_throughput else \
                             f"{res['gbps']:6.2f} Gbit/s {results['cpu_s_per_gb'][name][path][-1]:5.2f} CPU s/GB  "
-                        bench.log(f"round {round_no + 1} {name:10} {path:6} {tput}{rate['conns_per_s']:7.0f} conn/s")
+                        bench.log(f"round {round_no + 1} {name:10} {path:6} {tput}{rate['conns_per_s']:7.0f} conn/s "
+                                  f"{results['cpu_us_per_conn'][name][path][-1]:6.1f} CPU us/conn")
         finally:
             procs.stop_all()
     bench.log("\nmedians over rounds (ratios within one binary: tunnel/plain; across binaries: to the first):")
     first = next(iter(binaries))
-    for key, unit in (("tput_1", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("conn_rate", "conn/s")):
+    for key, unit in (("tput_1", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("conn_rate", "conn/s"),
+                      ("cpu_us_per_conn", "CPU us/conn")):
         for path in paths:
             line = f"  {key:9} {path:6}"
             for name in binaries:
