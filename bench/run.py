@@ -879,7 +879,8 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
                 figs[key][path] = median([r[field] for r in runs[path]])
                 print_figure(figs, key, path)
             if res["failures"]:
-                ok = False
+                # The peer's failures are its own: reported, not this run's verdict.
+                ok &= path in RATHOLE_PATHS
                 log(f"  FAILED: {res['failures']} connections failed: {res['errors']}")
         results["connrate"] = {path: {"rounds": r} for path, r in runs.items()} if args.rounds > 1 else \
             {path: r[0] for path, r in runs.items()}
@@ -890,7 +891,9 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
 
     log(f"\n== concurrency: {args.concurrent} simultaneous connections, {args.bytes} random bytes echoed each")
     results["concurrent"] = {}
-    for path in paths:
+    # Not through rathole: it dials a data channel (and, with TLS, a handshake)
+    # per visitor, so a thousand at once measure its pool, not what is compared.
+    for path in [p for p in paths if p not in RATHOLE_PATHS]:
         overflows = listen_overflows()
         res = run_loadgen(loadgen, ["concurrent", "--target", f"127.0.0.1:{ports[path]['echo']}",
                                     "--conns", str(args.concurrent), "--bytes", str(args.bytes)], timeout=600)
