@@ -46,9 +46,6 @@ pub struct MeteredStream {
     /// the stream's life (see `exchange::relay`), so a pooled channel does not
     /// pay a `dup`, two `epoll_ctl` and a `close` per visitor.
     watch: Option<TcpStream>,
-    /// Whether the socket is armed (`SO_LINGER` 0: closing it sends a reset),
-    /// which it is from its first exchange on; see [`MeteredStream::take_watch`].
-    armed: bool,
     /// The first bytes received, kept while a handshake may fail (see
     /// [`MeteredStream::keeping_first_bytes`]); `None` otherwise.
     kept: Option<Vec<u8>>,
@@ -60,28 +57,12 @@ const KEPT_BYTES: usize = 1024;
 impl MeteredStream {
     /// A stream whose bytes count into `sent` and `received` from the first one.
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream {
-            inner,
-            counting: Counting::Meters { sent, received },
-            ahead: None,
-            read_ahead: false,
-            watch: None,
-            armed: false,
-            kept: None,
-        }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None, kept: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
     pub(crate) fn unattributed(inner: TcpStream) -> MeteredStream {
-        MeteredStream {
-            inner,
-            counting: Counting::Tally { sent: 0, received: 0 },
-            ahead: None,
-            read_ahead: false,
-            watch: None,
-            armed: false,
-            kept: None,
-        }
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None, kept: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
@@ -132,31 +113,16 @@ impl MeteredStream {
         self.kept.take().unwrap_or_default()
     }
 
-    /// Lends out the socket's second handle for an exchange, made on first use;
-    /// `None` when the descriptor cannot be duplicated (out of descriptors).
-    /// Give it back with [`MeteredStream::return_watch`] when the exchange ended
-    /// cleanly, to reuse it for the next one.
-    ///
-    /// The socket is armed when the watch is made, and stays so for the
-    /// stream's life: while an exchange is in flight, this end's close (a
-    /// failure, or the process dying) must be a reset, so the other end learns
-    /// at once. Arming once instead of around each exchange spares every
-    /// visitor two `setsockopt` calls on each side; a clean close is still an
-    /// EOF that delivers every byte, because dropping the stream disarms it
-    /// when no exchange holds the watch. (A process that dies with channels
-    /// idle in its pool resets them instead of closing them: the other end
-    /// drops those alike.)
+    /// Lends out the socket's second handle, made on first use; `None` when the
+    /// descriptor cannot be duplicated (out of descriptors). Give it back with
+    /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
     pub(crate) fn take_watch(&mut self) -> Option<TcpStream> {
-        if let Some(watch) = self.watch.take() {
-            return Some(watch);
-        }
-        let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
-        let watch = TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()?;
-        self.armed = socket2::SockRef::from(&self.inner).set_linger(Some(std::time::Duration::ZERO)).is_ok();
-        Some(watch)
+        self.watch.take().or_else(|| {
+            let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
+            TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
+        })
     }
 
-    /// Takes back the watch after an exchange that ended cleanly.
     pub(crate) fn return_watch(&mut self, watch: TcpStream) {
         self.watch = Some(watch);
     }
@@ -169,17 +135,6 @@ impl MeteredStream {
     pub(crate) fn release_read_ahead(&mut self) {
         if self.ahead.as_ref().is_some_and(|a| !a.has_remaining()) {
             self.ahead = None;
-        }
-    }
-}
-
-impl Drop for MeteredStream {
-    /// Disarms an armed socket whose watch is home (no exchange failed with it
-    /// lent out), so its close delivers every byte still queued; with the watch
-    /// out, the close is the reset that tells the other end its exchange failed.
-    fn drop(&mut self) {
-        if self.armed && self.watch.is_some() {
-            let _ = socket2::SockRef::from(&self.inner).set_linger(None);
         }
     }
 }
@@ -299,34 +254,5 @@ mod tests {
         assert!(stream.ahead.is_some());
         stream.release_read_ahead();
         assert!(stream.ahead.is_none());
-    }
-
-    #[tokio::test]
-    async fn a_channel_is_armed_from_its_first_exchange_and_disarmed_on_a_clean_drop() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut stream = MeteredStream::unattributed(dialed.unwrap());
-        let peer = accepted.unwrap().0;
-        let linger = |watch: &TcpStream| socket2::SockRef::from(watch).linger().unwrap();
-        let watch = stream.take_watch().expect("a watch");
-        assert_eq!(linger(&watch), Some(std::time::Duration::ZERO), "armed for the exchange");
-        stream.return_watch(watch);
-        // Between exchanges it stays armed: no system call per exchange.
-        let watch = stream.take_watch().expect("the same watch");
-        assert_eq!(linger(&watch), Some(std::time::Duration::ZERO));
-        // A clean end, then the stream is dropped: disarmed, so the close is an EOF.
-        let spare = socket2::SockRef::from(&watch).try_clone().unwrap();
-        stream.return_watch(watch);
-        drop(stream);
-        assert_eq!(spare.linger().unwrap(), None);
-        // Dropped while an exchange holds the watch (it failed): still armed, a reset.
-        let (dialed, _accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut stream = MeteredStream::unattributed(dialed.unwrap());
-        let watch = stream.take_watch().expect("a watch");
-        let spare = socket2::SockRef::from(&watch).try_clone().unwrap();
-        drop((stream, watch));
-        assert_eq!(spare.linger().unwrap(), Some(std::time::Duration::ZERO));
-        drop(peer);
     }
 }

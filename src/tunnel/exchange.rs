@@ -153,8 +153,10 @@ pub(crate) async fn relay(
     answer: Answer<'_>,
     idle_timeout: Duration,
 ) -> Result<(TunnelStream, u64, u64), ExchangeError> {
-    // Armed while lent out (see `MeteredStream::take_watch`).
     let watch = channel.take_watch();
+    if let Some(watch) = &watch {
+        relay::arm(watch);
+    }
     let (mut reader, mut writer) = tokio::io::split(channel);
     let answered = AtomicBool::new(!matches!(answer, Answer::Expected { .. }));
     let sent_ahead = match answer {
@@ -185,6 +187,7 @@ pub(crate) async fn relay(
             relay::disarm(socket);
             let mut channel = reader.unsplit(writer);
             if let Some(watch) = watch {
+                relay::disarm(&watch);
                 channel.return_watch(watch);
             }
             Ok((channel, up, down))
