@@ -98,6 +98,10 @@ fn a_group_fails_over_at_once_when_its_serving_client_is_killed_and_waits_only_w
     assert_eq!((served_by(&server, port, "office-a"), served_by(&server, port, "office-b")), (6.0, 0.0));
     assert_eq!(members(&server, port), [("office-a".into(), true, true), ("office-b".into(), true, false)]);
     drop(held);
+    // Its exchange ends once office-a relays the target's EOF back: stopped
+    // before that, office-a would hold it open, and the wait below would see
+    // two connections (or this one instead of the caught visitor).
+    wait_for("the held visitor's connection to close", Duration::from_secs(10), || live_clients(&server, port).is_empty().then_some(()));
 
     // A visitor that office-a took but had not answered yet when it died (it
     // is stopped, then killed) goes to office-b instead of failing.
