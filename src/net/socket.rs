@@ -63,6 +63,21 @@ pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// A [`listen`]er for a mapping's visitors, whose accepted sockets come out
+/// [`tune`]d and armed (`SO_LINGER` 0, see `relay::arm`: however a visitor's
+/// connection ends early, it gets a reset, not an EOF that looks like a
+/// complete answer). Linux copies a listening socket's options (`TCP_NODELAY`,
+/// keepalive and its timings, `SO_LINGER`) into every socket it accepts, so
+/// setting them once here spares each visitor five `setsockopt` calls, an
+/// eighth of the system calls of a direct visitor.
+pub(crate) fn listen_for_visitors(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = listen(addr)?;
+    let socket = socket2::SockRef::from(&listener);
+    set_tuned(&socket)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    Ok(listener)
+}
+
 /// Accepts the next connection, riding out transient failures (ECONNABORTED)
 /// with a short pause instead of spinning or giving up on the listener.
 ///
@@ -144,9 +159,13 @@ fn shed(listener: &TcpListener) -> bool {
 /// protocols and small request/response exchanges), and keepalive so a vanished
 /// peer is eventually noticed even on an idle connection.
 pub(crate) fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+    let _ = set_tuned(&socket2::SockRef::from(stream));
+}
+
+fn set_tuned(socket: &socket2::SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    socket.set_tcp_keepalive(&keepalive)
 }
 
 /// Dials `host:port` within `timeout`, trying each resolved address in turn.
@@ -158,5 +177,26 @@ pub(crate) async fn connect(host: &str, port: u16, timeout: Duration) -> io::Res
         }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {host}:{port} timed out after {timeout:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What [`listen_for_visitors`] relies on: the kernel hands every
+    /// accepted socket the listener's options, so nobody sets them again.
+    #[tokio::test]
+    async fn visitors_are_accepted_tuned_and_armed() {
+        let listener = listen_for_visitors("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, taken) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_dialed, (stream, _)) = (dialed.unwrap(), taken.unwrap());
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(15));
+        assert_eq!(socket.linger().unwrap(), Some(Duration::ZERO));
     }
 }

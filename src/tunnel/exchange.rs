@@ -35,6 +35,11 @@ pub(crate) const RESET: u32 = u32::MAX;
 /// Largest chunk; anything longer (other than [`RESET`]) is garbage.
 pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 const HEADER: usize = 4;
+/// Most user bytes one chunk carries when this end writes it: header and
+/// payload then make exactly 64 KiB, four full TLS records of 16 KiB. A full
+/// [`MAX_CHUNK`] of payload would spill its last four bytes into a fifth,
+/// nearly empty record, written by a second system call.
+const CHUNK_PAYLOAD: usize = MAX_CHUNK - HEADER;
 
 /// How long a failing side tries to tell the other one to reset.
 const RESET_NOTICE: Duration = Duration::from_secs(1);
@@ -265,10 +270,10 @@ async fn upstream<W: AsyncWrite + Unpin>(
         socket.readable().await.map_err(ExchangeError::Socket)?;
         // Per burst, released when the socket runs dry; the header slot sits in
         // front of the payload so each chunk is one write.
-        let mut buf = BytesMut::with_capacity(HEADER + MAX_CHUNK);
+        let mut buf = BytesMut::with_capacity(HEADER + CHUNK_PAYLOAD);
         loop {
             // Asked before reading, so nothing goes out ahead of the cap.
-            let allowed = meter.allowance(MAX_CHUNK).await;
+            let allowed = meter.allowance(CHUNK_PAYLOAD).await;
             buf.clear();
             buf.put_u32(0);
             let read = socket.try_read_buf(&mut (&mut buf).limit(allowed));

@@ -16,7 +16,6 @@ use super::context::Ctx;
 use super::visitor::{serve_visitor, Admission};
 use crate::core::protocol::{MappingKey, Protocol};
 use crate::core::sync::lock;
-use crate::net::relay;
 use crate::net::socket;
 use crate::server::connections::End;
 use crate::store::MappingSpec;
@@ -61,7 +60,8 @@ pub(crate) enum Bound {
 pub(super) async fn bind(addr: IpAddr, key: MappingKey) -> std::io::Result<Bound> {
     let addr = SocketAddr::new(addr, key.port);
     match key.protocol {
-        Protocol::Tcp => socket::listen(addr).map(Bound::Tcp),
+        // Visitors are accepted tuned and armed (see `socket::listen_for_visitors`).
+        Protocol::Tcp => socket::listen_for_visitors(addr).map(Bound::Tcp),
         Protocol::Udp => super::udp::bind(addr).map(Bound::Udp),
     }
 }
@@ -120,9 +120,9 @@ pub(super) async fn run_mapping(
             _ = ctx.stop_accepting.cancelled() => break,
             accepted = socket::accept(&listener, || metrics.refused_no_descriptors.inc()) => accepted,
         };
-        // Armed from the start: however this connection ends early, the visitor
-        // sees a reset, not an EOF that looks like a complete answer.
-        relay::arm(&visitor);
+        // Armed from the start (the listener's options, inherited): however
+        // this connection ends early, the visitor sees a reset, not an EOF
+        // that looks like a complete answer.
         // Policy first, before any target or tunnel work: a refused visitor is
         // dropped here, armed, so it gets a reset at once.
         if !admission.policy.admits(peer.ip()) {
@@ -168,8 +168,6 @@ pub(super) async fn run_mapping(
             }
             continue;
         };
-        // Admitted: the socket options every forwarded connection gets.
-        socket::tune(&visitor);
         let ctx2 = ctx.clone();
         let spec = spec.clone();
         let metrics = metrics.clone();
