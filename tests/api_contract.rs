@@ -250,7 +250,8 @@ fn every_json_route_answers_in_the_contract_types() {
             "name",
             "peer",
             "rtt_seconds",
-            "source"
+            "source",
+            "udp_transport"
         ]
     );
     for m in raw["mappings"].as_array().expect("mappings") {

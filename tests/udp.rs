@@ -261,12 +261,14 @@ fn udp_and_tcp_on_the_same_port_are_two_mappings_removed_by_protocol() {
 }
 
 #[test]
-fn tunneled_and_self_targeting_udp_mappings_are_refused() {
+fn health_checked_and_self_targeting_udp_mappings_are_refused() {
     let server = Daemon::server(SECRET, &[]);
     let port = free_port();
-    let (status, body) = create_udp(&server, port, udp_echo(), json!({"use_tunnel": true}));
+    // Tunneled UDP is tests/udp_tunnel.rs's; a health check (a TCP connect) is no UDP mapping's.
+    let check = json!({"use_tunnel": true, "health_check": {"interval_secs": 5, "timeout_secs": 2}});
+    let (status, body) = create_udp(&server, port, udp_echo(), check);
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("a UDP mapping has none"), "{body}");
     let (status, body) = create_udp(&server, port, udp_echo(), json!({"proxy_protocol": "v2"}));
     assert_eq!(status, 400, "no PROXY header on datagrams: {body}");
     let (status, body) = create_udp(&server, port, loopback(port), json!({}));
@@ -574,21 +576,24 @@ fn a_flood_faster_than_the_target_is_taken_fills_a_bounded_queue_and_the_rest_is
 }
 
 #[test]
-fn a_udp_mapping_takes_no_client_group_and_a_tcp_group_on_its_port_is_its_own() {
+fn a_direct_udp_mapping_takes_no_client_group_and_a_tcp_group_on_its_port_is_its_own() {
     let server = Daemon::server(SECRET, &[]);
     let port = free_port();
     let check = json!({"interval_secs": 5, "timeout_secs": 2});
-    for extra in
-        [json!({"client": "default"}), json!({"clients": ["default"]}), json!({"balance": "round_robin"}), json!({"health_check": check})]
-    {
+    for (extra, why) in [
+        (json!({"client": "default"}), "use_tunnel"),
+        (json!({"clients": ["default"]}), "use_tunnel"),
+        (json!({"balance": "round_robin"}), "only a tunneled mapping"),
+        (json!({"use_tunnel": true, "health_check": check}), "a UDP mapping has none"),
+    ] {
         let (status, body) = create_udp(&server, port, udp_echo(), extra.clone());
         assert_eq!(status, 400, "{extra}: {body}");
-        assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{extra}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{extra}: {body}");
     }
     assert_eq!(create_udp(&server, port, udp_echo(), json!({})).0, 200);
     let (status, body) = post(&server, "/api/mapping/update", json!({"port": port, "protocol": "udp", "balance": "round_robin"}));
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("tunneled UDP is not available yet"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("is direct"), "{body}");
 
     // TCP on the same port number: a tunneled group, whose series say tcp.
     let tcp = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true, "clients": ["default"]});
@@ -611,15 +616,14 @@ fn a_udp_mapping_takes_no_client_group_and_a_tcp_group_on_its_port_is_its_own() 
 }
 
 #[test]
-fn the_config_file_may_not_give_a_udp_mapping_a_client_group() {
-    for group in ["clients = [\"default\"]", "balance = \"round_robin\"", "health_check = { interval_secs = 5, timeout_secs = 2 }"] {
-        let (_guard, path) = config_file(&format!(
-            "[[mappings]]\nsource_port = {}\nprotocol = \"udp\"\ntarget_host = \"127.0.0.1\"\ntarget_port = 53\n{group}\n",
-            free_port()
-        ));
-        let check = Command::new(BIN).args(["check-config", "--config", &path, "server"]).output().expect("run check-config");
-        let stderr = String::from_utf8_lossy(&check.stderr);
-        assert_eq!(check.status.code(), Some(2), "{group}: {stderr}");
-        assert!(stderr.contains("mappings[0]") && stderr.contains("tunneled UDP is not available yet"), "{group}: {stderr}");
-    }
+fn the_config_file_may_not_give_a_udp_mapping_a_health_check() {
+    let group = "use_tunnel = true\nhealth_check = { interval_secs = 5, timeout_secs = 2 }";
+    let (_guard, path) = config_file(&format!(
+        "[[mappings]]\nsource_port = {}\nprotocol = \"udp\"\ntarget_host = \"127.0.0.1\"\ntarget_port = 53\n{group}\n",
+        free_port()
+    ));
+    let check = Command::new(BIN).args(["check-config", "--config", &path, "server"]).output().expect("run check-config");
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mappings[0]") && stderr.contains("a UDP mapping has none"), "{stderr}");
 }

@@ -58,6 +58,7 @@ pub(super) async fn views(state: &AppState, snap: &TrafficSnapshot) -> Vec<Clien
                 bytes_received: traffic.bytes_received,
                 last_update: traffic.last_update,
                 rtt_seconds: traffic.rtt.filter(|_| c.peer.is_some()),
+                udp_transport: c.udp_transport.map(str::to_string),
                 mappings,
                 source: if declared.contains(&c.name) { Source::Config } else { Source::Api },
                 name: c.name,

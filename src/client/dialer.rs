@@ -12,6 +12,7 @@ use tracing::warn;
 use super::diagnosis::ConnectFailure;
 use crate::config::ClientConfig;
 use crate::net::metered::MeteredStream;
+use crate::net::quic;
 use crate::net::socket;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
@@ -31,6 +32,8 @@ pub(super) struct Dialer {
     pub(super) config: ClientConfig,
     pub(super) metrics: Arc<Metrics>,
     tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    /// With TLS: QUIC with the same trust, for UDP mappings' datagrams.
+    pub(super) quic: Option<quic::Dialer>,
 }
 
 impl Dialer {
@@ -43,7 +46,18 @@ impl Dialer {
                 None
             }
         };
-        Ok(Dialer { config, metrics, tls })
+        // The same trust again, for QUIC; without it datagrams go framed.
+        let quic = match &tls {
+            Some(_) => match tls::client_config(&config).and_then(|(tls, name)| quic::Dialer::new(tls, &name)) {
+                Ok(quic) => Some(quic),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "no QUIC for UDP mappings' datagrams; they go framed");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Dialer { config, metrics, tls, quic })
     }
 
     pub(super) async fn connect(&self) -> Result<TunnelStream, ConnectFailure> {

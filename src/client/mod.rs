@@ -17,6 +17,7 @@ mod diagnosis;
 mod dialer;
 mod session;
 mod status;
+mod udp;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

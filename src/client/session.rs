@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::diagnosis::ConnectFailure;
 use super::dialer::{Dialer, HANDSHAKE_TIMEOUT};
+use super::udp;
 use crate::core::failure_log::{FailureLog, Summary};
 use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
@@ -122,10 +123,13 @@ pub(super) async fn run(
         spawn_data_channel(ctx.clone());
     }
     let heartbeat = Duration::from_secs(welcome.heartbeat_interval_secs.max(1));
-    let on_message = |msg: ToClient| {
-        if msg == ToClient::OpenDataChannel {
-            spawn_data_channel(ctx.clone());
+    let on_message = |msg: ToClient| match msg {
+        ToClient::OpenDataChannel => spawn_data_channel(ctx.clone()),
+        ToClient::OpenDatagrams => {
+            let link = udp::open_link(ctx.dialer.clone(), ctx.descriptors.clone(), ctx.token.clone(), ctx.cancel.clone());
+            tokio::spawn(link);
         }
+        ToClient::Heartbeat { .. } => {}
     };
     let rtt = metrics.round_trips(Tunnel::to_server(&config.name, server));
     let outcome = control::run::<_, ToClient, ToServer>(stream, heartbeat, &rtt, &ctx.cancel, None, on_message, || {}).await;

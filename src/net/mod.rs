@@ -7,6 +7,8 @@
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
 //! - [`transport`]: a tunnel connection, TLS or plain;
+//! - [`quic`]: QUIC on the tunnel port over UDP, with the tunnel's TLS;
+//! - [`udp`]: UDP sockets toward a target, read without a buffer per socket;
 //! - [`proxy_header`]: the PROXY protocol header that tells a target who the visitor is.
 //!
 //! May import `core`, `config` and `telemetry`.
@@ -14,7 +16,9 @@
 pub(crate) mod descriptors;
 pub mod metered;
 pub mod proxy_header;
+pub(crate) mod quic;
 pub(crate) mod relay;
 pub(crate) mod socket;
 pub mod tls;
 pub mod transport;
+pub(crate) mod udp;

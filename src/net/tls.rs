@@ -26,7 +26,7 @@ pub(crate) const GENERATED_CERT: &str = "tls-cert.pem";
 pub(crate) const GENERATED_KEY: &str = "tls-key.pem";
 
 /// Exporter label for the auth binding (RFC 8446 §7.5); both sides must agree.
-const EXPORTER_LABEL: &[u8] = b"EXPORTER-tunneld-auth-v2";
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-tunneld-auth-v2";
 
 /// The first byte of a TLS handshake record; a plain v1/v2 frame starts with a
 /// length prefix whose first byte is 0 (frames are at most 16 KiB).
@@ -123,19 +123,31 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The acceptor for the server's tunnel port.
-pub(crate) fn acceptor(identity: Identity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+/// The server's TLS configuration for the tunnel port: its TCP acceptor
+/// ([`acceptor`]) and its QUIC endpoint (`net::quic`) present the same certificate.
+pub(crate) fn server_config(identity: Identity) -> anyhow::Result<rustls::ServerConfig> {
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
-        .context("the TLS certificate and key do not match")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        .context("the TLS certificate and key do not match")
+}
+
+/// The acceptor for the server's tunnel port.
+pub(crate) fn acceptor(config: rustls::ServerConfig) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// The client's connector and the server name it presents, from `client.*`:
 /// a pinned fingerprint, or a CA file checked against `tls_server_name`.
 pub fn connector(client: &ClientConfig) -> anyhow::Result<(tokio_rustls::TlsConnector, ServerName<'static>)> {
+    let (config, name) = client_config(client)?;
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
+/// The client's TLS configuration and the server name it presents: the same
+/// trust for its TCP connections ([`connector`]) and its QUIC one (`net::quic`).
+pub(crate) fn client_config(client: &ClientConfig) -> anyhow::Result<(rustls::ClientConfig, ServerName<'static>)> {
     let builder = rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
     let host = split_host_port(&client.server).map(|(h, _)| h.to_string()).unwrap_or_default();
     let (config, name) = if let Some(pin) = client.server_fingerprint.as_deref().and_then(parse_fingerprint) {
@@ -159,7 +171,7 @@ pub fn connector(client: &ClientConfig) -> anyhow::Result<(tokio_rustls::TlsConn
     } else {
         bail!("{}", NO_TRUST_ANCHOR);
     };
-    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+    Ok((config, name))
 }
 
 /// The value both ends of one TLS session derive alike, and no other session can.
@@ -315,6 +327,6 @@ mod tests {
         assert_eq!(first.fingerprint(), second.fingerprint());
         let mode = std::fs::metadata(dir.path().join(GENERATED_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(acceptor(first).is_ok());
+        assert!(server_config(first).is_ok());
     }
 }

@@ -112,6 +112,16 @@ pub(crate) async fn start(
     let connect_timeout = Duration::from_secs(config.server.connect_timeout_secs);
     let tunnel_addr = tunnel.local_addr()?;
     let tls = tunnel_tls(config, &state_dir, tunnel_addr)?;
+    // The same certificate on the tunnel port number over UDP, for UDP
+    // mappings' datagrams; without it clients fall back to framed datagrams.
+    let quic = tls.as_ref().and_then(|tls| match crate::net::quic::server(tls, tunnel_addr) {
+        Ok(endpoint) => Some(endpoint),
+        Err(e) => {
+            warn!(port = tunnel_addr.port(), error = %format!("{e:#}"), "no QUIC on the tunnel port over UDP; clients carry UDP mappings' datagrams framed");
+            None
+        }
+    });
+    let tls = tls.map(crate::net::tls::acceptor);
     let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
     let stored_clients = store.clients().await.context("cannot read the stored tunnel clients")?;
     let clients = stored_clients.iter().map(|c| (c.name.clone(), c.secret.clone()));
@@ -158,6 +168,9 @@ pub(crate) async fn start(
     // Subscribed before the tunnel port serves: no client's arrival is missed.
     let presence = hub.presence();
     let tunnel_task = tokio::spawn(hub.clone().serve(tunnel, shutdown.clone()));
+    if let Some(endpoint) = quic {
+        tokio::spawn(hub.clone().serve_quic(endpoint, shutdown.clone()));
+    }
     let recorder_task = tokio::spawn(recorder.clone().run(shutdown.clone()));
     let watcher =
         watcher::Watcher { mappings: mappings.clone(), hub: hub.clone(), presence, recorder: recorder.clone(), events: events.clone() };
@@ -205,9 +218,9 @@ pub(crate) async fn report_reconciled(events: &Events, reconciled: &Reconciled, 
     }
 }
 
-/// The tunnel port's TLS acceptor (`None` with `server.tls = false`), and the
+/// The tunnel port's TLS configuration (`None` with `server.tls = false`), and the
 /// start-up line that tells the operator exactly how to start a client.
-fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<Option<rustls::ServerConfig>> {
     let host = if tunnel.ip().is_unspecified() { this_host() } else { tunnel.ip().to_string() };
     // The secret goes in a file on the client's host (never on its command line,
     // where `ps` shows it): say which secret belongs there.
@@ -227,7 +240,7 @@ fn tunnel_tls(config: &Config, state_dir: &Path, tunnel: std::net::SocketAddr) -
     let command = format!("tunneld client --server {host}:{} --fingerprint {fingerprint} --secret-file {secret_ref}", tunnel.port());
     info!(%fingerprint, cert = %identity.cert_path.display(), "tunnel TLS certificate");
     info!(client_command = %command, "start a client with");
-    Ok(Some(crate::net::tls::acceptor(identity)?))
+    Ok(Some(crate::net::tls::server_config(identity)?))
 }
 
 /// This machine's host name for the client command line (the tunnel listens on

@@ -310,11 +310,23 @@ pub(crate) const TUNNEL_RTT_LAST: Family = Family::new(
     "The latest heartbeat round trip of the client's tunnel (0: none measured in this session).",
     &[CLIENT],
 );
+pub(crate) const TUNNEL_UDP_TRANSPORT: Family = Family::new(
+    "tunneld_tunnel_udp_transport",
+    "1 for how the client's tunnel carries UDP mappings' datagrams now: quic (QUIC datagrams on the tunnel port over UDP) or framed (framed on a data channel, where UDP to the server is blocked or the tunnel is plain); no series before the first UDP session or without a session.",
+    &[CLIENT, "transport"],
+);
+pub(crate) const CLIENT_UDP_SESSIONS: Family = Family::new(
+    "tunneld_client_udp_sessions",
+    "Client only: tunneled UDP sessions open now, each with its own socket toward its target.",
+    &[],
+);
 pub(crate) const BUILD_INFO: Family = Family::new("tunneld_build_info", "Always 1; the version label says which build runs.", &["version"]);
 
 /// Every family, for the checks that the exposition and the docs show each one.
 #[cfg(test)]
-pub(crate) const ALL: [&Family; 30] = [
+pub(crate) const ALL: [&Family; 32] = [
+    &TUNNEL_UDP_TRANSPORT,
+    &CLIENT_UDP_SESSIONS,
     &MAPPING_DATAGRAMS,
     &MAPPING_UDP_SESSIONS,
     &MAPPING_DROPPED_DATAGRAMS,
@@ -418,6 +430,12 @@ impl Family {
     pub(crate) fn gauge(&self, registry: &Registry) -> Gauge {
         debug_assert!(self.labels.is_empty(), "{} has labels", self.name);
         self.register(registry, Gauge::with_opts(self.opts()))
+    }
+
+    /// A family without labels: one integer gauge.
+    pub(crate) fn int_gauge(&self, registry: &Registry) -> prometheus::IntGauge {
+        debug_assert!(self.labels.is_empty(), "{} has labels", self.name);
+        self.register(registry, prometheus::IntGauge::with_opts(self.opts()))
     }
 
     /// A family without labels: one counter.

@@ -29,6 +29,9 @@ pub use latency::{RoundTrips, Visit};
 pub use meter::{Held, Meter};
 pub use registry::Metrics;
 
+/// The values of `tunneld_tunnel_udp_transport`'s `transport` label.
+pub(crate) const UDP_TRANSPORTS: [&str; 2] = ["quic", "framed"];
+
 /// Whose tunnel a series is about: on the server role, a client's (by name);
 /// on the client role, its own session with one server.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +100,7 @@ impl Metrics {
                 dropped_queue_full: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::QUEUE_FULL)),
                 dropped_too_large: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::TOO_LARGE)),
                 dropped_session_limit: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::SESSION_LIMIT)),
+                dropped_no_tunnel: self.mapping_dropped_datagrams.with_label_values(&with(k, dropped_reason::NO_TUNNEL)),
             })
         });
         self.set_mapping_health(key, health_state::OK);
@@ -209,6 +213,21 @@ impl Metrics {
         let _ = self.tunnel_connected_since.remove_label_values(&labels);
         let _ = self.tunnel_rtt.remove_label_values(&labels);
         let _ = self.tunnel_rtt_last.remove_label_values(&labels);
+        if labels.len() == 1 {
+            self.set_udp_transport(labels[0], None);
+        }
+    }
+
+    /// How the client `name`'s tunnel carries datagrams now (`quic`,
+    /// `framed`), or, with `None`, that it carries none (no session).
+    pub(crate) fn set_udp_transport(&self, name: &str, transport: Option<&str>) {
+        for t in UDP_TRANSPORTS {
+            if Some(t) == transport {
+                self.tunnel_udp_transport.with_label_values(&[name, t]).set(1);
+            } else {
+                let _ = self.tunnel_udp_transport.remove_label_values(&[name, t]);
+            }
+        }
     }
 
     /// Where a tunnel records its heartbeat round trips on this side.
@@ -340,6 +359,8 @@ pub struct UdpMetrics {
     pub(crate) dropped_queue_full: IntCounter,
     pub(crate) dropped_too_large: IntCounter,
     pub(crate) dropped_session_limit: IntCounter,
+    /// Tunneled: the mapping's client was not connected (or its session ended).
+    pub(crate) dropped_no_tunnel: IntCounter,
 }
 
 impl MappingMetrics {
@@ -402,6 +423,7 @@ mod tests {
         metrics.add_mapping(MappingKey { port: 53, protocol: Protocol::Udp }, ["127.0.0.1:53", "direct", "", ""]);
         metrics.mapping_client(MappingKey::tcp(4000), "default");
         metrics.add_client("default");
+        metrics.set_udp_transport("default", Some("quic"));
         metrics.add_connect_diagnosis("a:9000");
         let text = metrics.render();
         // The metrics tables: the README's, and the operations guide's for the

@@ -8,11 +8,11 @@ use prometheus::{Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGa
 
 use super::families::{
     session_result, Family, BUILD_INFO, CLIENT_CONNECT_FAILURES, CLIENT_LAST_CONNECT_ERROR, CLIENT_SERVER, CLIENT_SERVER_DIRECTION,
-    CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CLIENT_CONNECTIONS, MAPPING_CONNECTIONS,
-    MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_DATAGRAMS, MAPPING_DROPPED_DATAGRAMS,
-    MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED, MAPPING_REFUSED, MAPPING_UDP_SESSIONS,
-    MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY, TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS,
-    WEBHOOK_FAILURES,
+    CLIENT_UDP_SESSIONS, CONNECTION_LOG_DROPPED, HISTORY_LAST_FLUSH, MAPPING_ACTIVE, MAPPING_BYTES, MAPPING_CLIENT_CONNECTIONS,
+    MAPPING_CONNECTIONS, MAPPING_CONNECTION_DURATION, MAPPING_CONNECT_DURATION, MAPPING_CONNECT_ERRORS, MAPPING_DATAGRAMS,
+    MAPPING_DROPPED_DATAGRAMS, MAPPING_HEALTH, MAPPING_INFO, MAPPING_LAST_ACTIVITY, MAPPING_QUOTA_BYTES, MAPPING_QUOTA_USED,
+    MAPPING_REFUSED, MAPPING_UDP_SESSIONS, MAPPING_UP, TUNNEL_BYTES, TUNNEL_CONNECTED, TUNNEL_CONNECTED_SINCE, TUNNEL_LAST_ACTIVITY,
+    TUNNEL_RTT, TUNNEL_RTT_LAST, TUNNEL_SESSIONS, TUNNEL_UDP_TRANSPORT, WEBHOOK_FAILURES,
 };
 use super::latency::Reservoir;
 use crate::core::protocol::MappingKey;
@@ -48,6 +48,9 @@ pub struct Metrics {
     pub(super) tunnel_connected: IntGaugeVec,
     pub(super) tunnel_connected_since: GaugeVec,
     pub(super) tunnel_sessions: IntCounterVec,
+    pub(super) tunnel_udp_transport: IntGaugeVec,
+    /// Client role: tunneled UDP sessions open now.
+    pub(crate) client_udp_sessions: prometheus::IntGauge,
     pub(super) history_last_flush: Gauge,
     pub(super) webhook_failures: IntCounter,
     pub(super) connection_log_dropped: IntCounter,
@@ -112,6 +115,8 @@ impl Metrics {
             tunnel_connected: tunnel(TUNNEL_CONNECTED, CLIENT_SERVER).int_gauge_vec(r),
             tunnel_connected_since: tunnel(TUNNEL_CONNECTED_SINCE, CLIENT_SERVER).gauge_vec(r),
             tunnel_sessions,
+            tunnel_udp_transport: TUNNEL_UDP_TRANSPORT.int_gauge_vec(r),
+            client_udp_sessions: CLIENT_UDP_SESSIONS.int_gauge(r),
             history_last_flush: HISTORY_LAST_FLUSH.gauge(r),
             webhook_failures: WEBHOOK_FAILURES.int_counter(r),
             connection_log_dropped: CONNECTION_LOG_DROPPED.int_counter(r),

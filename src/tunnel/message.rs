@@ -51,13 +51,23 @@ pub enum Opening {
         /// The session token from [`Verdict::Welcome`].
         session: String,
     },
+    /// Opens the session's datagram channel (see `datagram`): UDP mappings'
+    /// datagrams framed on this connection, for the session whose token it
+    /// presents. Sent only after [`ToClient::OpenDatagrams`].
+    #[serde(rename = "datagram_hello")]
+    Datagrams {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The session token from [`Verdict::Welcome`].
+        session: String,
+    },
 }
 
 impl Opening {
     /// The protocol version the peer speaks.
     pub fn version(&self) -> u32 {
         match self {
-            Opening::Control { version, .. } | Opening::Data { version, .. } => *version,
+            Opening::Control { version, .. } | Opening::Data { version, .. } | Opening::Datagrams { version, .. } => *version,
         }
     }
 }
@@ -72,9 +82,37 @@ fn default_client() -> String {
 /// list this, and refuses the visitors of such a mapping through any other.
 pub const FEATURE_PROXY_HEADER: &str = "proxy_header";
 
+/// A client [`Opening::Control`] `features` entry: it carries UDP mappings'
+/// datagrams (it understands [`ToClient::OpenDatagrams`] and the `datagram`
+/// link). A server sends a UDP mapping's datagrams only through clients that
+/// list this; an older one's are dropped (`no_tunnel`).
+pub const FEATURE_UDP: &str = "udp";
+
 /// Every feature this build's client announces.
 pub fn client_features() -> Vec<String> {
-    vec![FEATURE_PROXY_HEADER.to_string()]
+    vec![FEATURE_PROXY_HEADER.to_string(), FEATURE_UDP.to_string()]
+}
+
+/// client → server: the first frame on the stream of a QUIC connection to the
+/// tunnel port over UDP, which makes it the datagram link of the client's
+/// session (see `datagram`). The server answers with a [`Verdict`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum QuicOpening {
+    /// Proves the connection is the named client's, for its session.
+    #[serde(rename = "quic_hello")]
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The client's name.
+        client: String,
+        /// The session token from [`Verdict::Welcome`]: what the connection
+        /// joins, and the nonce of `mac`.
+        session: String,
+        /// Hex HMAC-SHA256(secret, session ‖ the QUIC connection's exporter
+        /// value), so it is worthless on any other connection.
+        mac: String,
+    },
 }
 
 /// server → client: the answer to a control channel's [`Opening`].
@@ -149,6 +187,11 @@ pub enum ToClient {
     },
     /// A visitor is waiting and the pool is empty: open one more data channel.
     OpenDataChannel,
+    /// A UDP mapping's datagram is waiting and the session carries none yet:
+    /// open the datagram link (QUIC where it can be had, else a framed
+    /// datagram channel, [`Opening::Datagrams`]). Sent only to clients
+    /// announcing [`FEATURE_UDP`].
+    OpenDatagrams,
 }
 
 /// client → server on an authenticated control channel.
@@ -193,7 +236,7 @@ impl Heartbeat for ToClient {
     fn probe(&self) -> Option<(Option<u64>, Option<u64>)> {
         match *self {
             ToClient::Heartbeat { ping, pong } => Some((ping, pong)),
-            ToClient::OpenDataChannel => None,
+            ToClient::OpenDataChannel | ToClient::OpenDatagrams => None,
         }
     }
 }
@@ -320,7 +363,7 @@ mod tests {
         }
         let hello = Opening::Control { version: 2, client: "a".into(), features: client_features() };
         let wire = serde_json::to_string(&hello).unwrap();
-        assert_eq!(wire, r#"{"type":"hello","version":2,"client":"a","features":["proxy_header"]}"#);
+        assert_eq!(wire, r#"{"type":"hello","version":2,"client":"a","features":["proxy_header","udp"]}"#);
         assert_eq!(serde_json::from_str::<OldOpening>(&wire).unwrap(), OldOpening::Control { version: 2 });
         let unknown: Opening = serde_json::from_str(r#"{"type":"hello","version":2,"client":"a","features":["teleport"]}"#).unwrap();
         assert!(matches!(unknown, Opening::Control { features, .. } if features == ["teleport"]));

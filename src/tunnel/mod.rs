@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub(crate) mod control;
+pub(crate) mod datagram;
 pub(crate) mod exchange;
 pub mod frame;
 pub(crate) mod handshake;

@@ -73,6 +73,13 @@ pub struct Client {
     /// the API may not remove; `"api"`: made through the API (and `default`).
     #[serde(default)]
     pub source: super::Source,
+    /// How its tunnel carries UDP mappings' datagrams now: `"quic"` (QUIC
+    /// datagrams on the tunnel port over UDP), `"framed"` (framed on a data
+    /// channel: UDP to the server blocked, or a plain tunnel), or `null` (not
+    /// connected, or no UDP session through it yet this session). Read as
+    /// `None` from a server older than it.
+    #[serde(default)]
+    pub udp_transport: Option<String>,
 }
 
 /// `GET /api/client/list`.

@@ -31,16 +31,17 @@ use crate::tunnel::auth;
 use crate::tunnel::control::{self, Ended};
 use crate::tunnel::frame::{self, ProtocolError};
 use crate::tunnel::message::{
-    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, FEATURE_PROXY_HEADER, PROTOCOL_VERSION,
+    throttled_rejection, version_rejection, Auth, Challenge, Opening, ToClient, ToServer, Verdict, FEATURE_PROXY_HEADER, FEATURE_UDP,
+    PROTOCOL_VERSION,
 };
 
 /// A connection that has not said who it is within this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a tunnel connection failed its handshake: what it is counted as, how it
 /// is logged, and whether it is held against its source address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub(super) enum Failure {
     NoHandshake,
     BadFirstFrame,
     NoHello,
@@ -93,9 +94,18 @@ impl Failure {
     }
 }
 
+/// What a connection presenting a session's token is for.
+#[derive(Debug, Clone, Copy)]
+enum Channel {
+    /// A pooled data channel (`data_hello`).
+    Data,
+    /// The session's framed datagram link (`datagram_hello`).
+    Datagrams,
+}
+
 /// Why a connection was refused unheard.
 #[derive(Debug, Clone, Copy)]
-enum Refused {
+pub(super) enum Refused {
     /// Its address failed too often; the next attempt is admitted after this.
     Throttled { retry_after: Duration },
     /// Its address holds too many connections that have not authenticated yet.
@@ -122,13 +132,13 @@ impl Refused {
 /// One admitted connection: where it comes from and what admission took from
 /// its source's failure bucket (settled by its outcome).
 #[derive(Debug, Clone, Copy)]
-struct Attempt {
-    peer: SocketAddr,
-    charge: Charge,
+pub(super) struct Attempt {
+    pub(super) peer: SocketAddr,
+    pub(super) charge: Charge,
 }
 
 impl Attempt {
-    fn source(&self) -> IpAddr {
+    pub(super) fn source(&self) -> IpAddr {
         self.peer.ip()
     }
 }
@@ -136,7 +146,7 @@ impl Attempt {
 impl TunnelHub {
     /// Counts a failed handshake against its address and logs it — the first of
     /// an interval at once, the rest as one summary line later.
-    fn failed(&self, attempt: Attempt, failure: Failure) {
+    pub(super) fn failed(&self, attempt: Attempt, failure: Failure) {
         self.metrics.count_session(failure.result());
         let now = Instant::now();
         let log_now = {
@@ -157,7 +167,7 @@ impl TunnelHub {
     /// Whether a new connection from `peer` may start a handshake: not while its
     /// address is throttled or holds too many unauthenticated connections. A
     /// token is reserved from the address's failure bucket as it is admitted.
-    fn admit(&self, peer: SocketAddr) -> Result<(Attempt, Pending), Refused> {
+    pub(super) fn admit(&self, peer: SocketAddr) -> Result<(Attempt, Pending), Refused> {
         let now = Instant::now();
         let refused = {
             let mut d = lock(&self.defences);
@@ -290,11 +300,17 @@ impl TunnelHub {
             opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, attempt, opening.version()).await,
             Opening::Control { client, features, .. } => {
                 let writes_proxy_headers = features.iter().any(|f| f == FEATURE_PROXY_HEADER);
-                self.control_channel(stream, attempt, &client, writes_proxy_headers, pending, shutdown).await
+                let speaks_udp = features.iter().any(|f| f == FEATURE_UDP);
+                self.control_channel(stream, attempt, &client, (writes_proxy_headers, speaks_udp), pending, shutdown).await
             }
             Opening::Data { session, .. } => {
                 drop(pending);
-                self.data_channel(stream, attempt, &session);
+                self.data_channel(stream, attempt, &session, Channel::Data);
+                Ok(())
+            }
+            Opening::Datagrams { session, .. } => {
+                drop(pending);
+                self.data_channel(stream, attempt, &session, Channel::Datagrams);
                 Ok(())
             }
         }
@@ -366,7 +382,7 @@ impl TunnelHub {
         mut stream: TunnelStream,
         attempt: Attempt,
         name: &str,
-        writes_proxy_headers: bool,
+        (writes_proxy_headers, speaks_udp): (bool, bool),
         pending: Pending,
         shutdown: CancellationToken,
     ) -> Result<(), ProtocolError> {
@@ -420,6 +436,9 @@ impl TunnelHub {
             authenticated_at: crate::core::time::unix_now(),
             client: client.clone(),
             writes_proxy_headers,
+            speaks_udp,
+            udp: tokio::sync::watch::channel(None).0,
+            udp_requested: std::sync::atomic::AtomicBool::new(false),
             control: control_tx,
             pool: std::sync::Mutex::new(Pool::default()),
             cancel: shutdown.child_token(),
@@ -465,8 +484,9 @@ impl TunnelHub {
     /// A data channel presents its session's token; the session tells whose it
     /// is. A live session's channel gets its reserved token back and keeps its
     /// address known; a recently ended one's is a replaced client catching up;
-    /// any other token is a guess.
-    fn data_channel(&self, mut stream: TunnelStream, attempt: Attempt, token: &str) {
+    /// any other token is a guess. A pooled channel goes into the session's
+    /// pool, a datagram channel becomes its datagram link.
+    fn data_channel(self: &Arc<Self>, mut stream: TunnelStream, attempt: Attempt, token: &str, kind: Channel) {
         let clients: Vec<Arc<Client>> = self.all_clients();
         let now = Instant::now();
         match clients.iter().filter_map(|c| c.current()).find(|s| tokens_equal(&s.token, token)) {
@@ -478,7 +498,13 @@ impl TunnelHub {
                 }
                 let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
                 stream.attribute(sent, received);
-                session.offer(stream)
+                match kind {
+                    Channel::Data => session.offer(stream),
+                    Channel::Datagrams => {
+                        let (reader, writer) = tokio::io::split(stream);
+                        self.attach_udp(&session, reader, writer, None);
+                    }
+                }
             }
             None => {
                 let late = lock(&self.defences).ended.late(token, now);

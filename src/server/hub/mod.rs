@@ -15,7 +15,10 @@
 
 mod accept;
 mod defences;
+mod quic;
 mod registry;
 mod session;
+mod udp;
 
 pub(crate) use registry::{HubSettings, OpenError, Presence, TunnelHub};
+pub(crate) use udp::{TunnelUdpSession, UdpOpenError};

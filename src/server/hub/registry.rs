@@ -89,6 +89,8 @@ pub struct ClientStatus {
     pub peer: Option<SocketAddr>,
     /// While connected: when this session authenticated (Unix seconds).
     pub connected_since: Option<f64>,
+    /// While its tunnel carries datagrams: how (`quic`, `framed`).
+    pub udp_transport: Option<&'static str>,
 }
 
 impl TunnelHub {
@@ -176,6 +178,7 @@ impl TunnelHub {
                     name: c.name.clone(),
                     peer: session.as_ref().map(|s| s.peer),
                     connected_since: session.as_ref().map(|s| s.authenticated_at),
+                    udp_transport: session.as_ref().and_then(|s| s.udp.borrow().as_ref().filter(|l| l.is_open()).map(|l| l.transport)),
                 }
             })
             .collect();

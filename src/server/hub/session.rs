@@ -49,6 +49,13 @@ pub(super) struct Session {
     /// Whether the client announced `FEATURE_PROXY_HEADER`: only then may a
     /// `connect` ask it for a PROXY header (an older one would drop the request).
     pub(super) writes_proxy_headers: bool,
+    /// Whether the client announced `FEATURE_UDP`: only then may it be asked
+    /// for a datagram link.
+    pub(super) speaks_udp: bool,
+    /// Its datagram link, once the client opened one (see `udp`).
+    pub(super) udp: tokio::sync::watch::Sender<Option<Arc<super::udp::UdpLink>>>,
+    /// Whether the client was asked for a datagram link and has not answered.
+    pub(super) udp_requested: std::sync::atomic::AtomicBool,
     /// Messages for the control channel's writer.
     pub(super) control: mpsc::Sender<ToClient>,
     pub(super) pool: Mutex<Pool>,

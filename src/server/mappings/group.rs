@@ -24,7 +24,7 @@ use crate::telemetry::Metrics;
 
 /// A mapping's group, changed live by `/api/mapping/update`.
 pub(super) struct Group {
-    /// Its mapping's (always TCP: tunneled UDP is not available yet).
+    /// Its mapping's.
     key: MappingKey,
     metrics: Arc<Metrics>,
     members: RwLock<Arc<Members>>,

@@ -121,10 +121,10 @@ pub(super) struct Checked {
     resolved_here: Vec<std::net::SocketAddr>,
 }
 
-/// Why a UDP mapping takes no tunnel, client or group: it forwards directly.
-const UDP_NOT_TUNNELED: &str =
-    "protocol \"udp\" with use_tunnel, client, clients, balance or health_check: tunneled UDP is not available yet; \
-     a UDP mapping forwards directly (use_tunnel: false, no clients)";
+/// Why a UDP mapping takes no health check: a check is a TCP connect to the
+/// target through a client, which says nothing of a UDP service.
+const UDP_NO_HEALTH_CHECK: &str =
+    "health_check: a check is a TCP connect to the target; a UDP mapping has none (its clients serve in balance order)";
 
 /// The checks a mapping request needs on its own, shared by the API and the
 /// config file's `[[mappings]]` (`tunneld check-config` too): ports, a valid
@@ -142,10 +142,8 @@ pub(crate) fn check_request(req: &mut NewMapping) -> Result<(), MappingError> {
     if req.protocol == Protocol::Udp && req.policy.proxy_protocol.is_some() {
         return Err(MappingError::Invalid("proxy_protocol: a PROXY header is sent on TCP connections; a UDP mapping has none".into()));
     }
-    if req.protocol == Protocol::Udp
-        && (req.use_tunnel || req.client.is_some() || req.clients.is_some() || req.balance.is_some() || req.health_check.is_some())
-    {
-        return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
+    if req.protocol == Protocol::Udp && req.health_check.is_some() {
+        return Err(MappingError::Invalid(UDP_NO_HEALTH_CHECK.into()));
     }
     let clients = group_of(req.use_tunnel, req.client.take(), req.clients.take())?;
     if !req.use_tunnel && (req.balance.is_some() || req.health_check.is_some()) {
@@ -442,8 +440,8 @@ impl Mappings {
     /// config file. Whether anything changed.
     pub(super) async fn change_group(&self, entry: &mut Entry, update: GroupUpdate) -> Result<bool, MappingError> {
         let port = entry.spec.source_port;
-        if entry.spec.protocol == Protocol::Udp {
-            return Err(MappingError::Invalid(UDP_NOT_TUNNELED.into()));
+        if entry.spec.protocol == Protocol::Udp && matches!(update.health_check, Some(Some(_))) {
+            return Err(MappingError::Invalid(UDP_NO_HEALTH_CHECK.into()));
         }
         if !entry.spec.use_tunnel {
             return Err(MappingError::Invalid(format!(

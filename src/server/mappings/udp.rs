@@ -16,13 +16,22 @@
 //! Counting is the TCP mapping's: `tunneld_mapping_bytes_total` (payload bytes
 //! that reached the other side), the session as a connection (its own counters,
 //! `/api/connections`, the connection log), plus the datagram counters.
+//!
+//! A tunneled mapping differs in one thing only, where a session's datagrams
+//! go ([`Target`]): instead of a socket of its own, a session of the mapping's
+//! client, through its tunnel's datagram link (`hub::udp`); the client holds
+//! the socket toward the target. Everything else (the table of sessions, the
+//! checks, the caps, the queues, the counting, the idle end) is this file's,
+//! for both. A datagram for a tunneled mapping whose clients are all away is
+//! dropped and counted (`no_tunnel`) before any session is opened for it.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -31,13 +40,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::context::Ctx;
+use super::group::{Group, Serving};
 use super::health::HealthWindow;
 use super::visitor::Admission;
 use crate::core::sync::lock;
+use crate::net;
 use crate::policy::LivePolicy;
 use crate::server::connections::{End, Tracked};
+use crate::server::hub::{TunnelUdpSession, UdpOpenError};
 use crate::store::MappingSpec;
 use crate::telemetry::{MappingMetrics, Meter, UdpMetrics};
+use crate::tunnel::datagram::SendError;
 
 /// Datagrams one session may have waiting for its target: a burst beyond what
 /// the target socket takes at once. More are dropped (`queue_full`).
@@ -68,6 +81,8 @@ struct Shared {
     spec: Arc<MappingSpec>,
     policy: Arc<LivePolicy>,
     health: Arc<HealthWindow>,
+    /// Tunneled: the clients a session may go through.
+    group: Arc<Group>,
     metrics: MappingMetrics,
     udp: Arc<UdpMetrics>,
     /// The mapping's own socket: what visitors send to, and replies leave from.
@@ -100,6 +115,7 @@ pub(super) async fn serve(
         spec,
         policy: admission.policy,
         health: admission.health,
+        group: admission.group,
         metrics,
         udp,
         listener: Arc::new(socket),
@@ -158,6 +174,11 @@ impl Shared {
             return;
         }
         let mut sessions = lock(&self.sessions);
+        if self.spec.use_tunnel && !sessions.contains_key(&peer) && !self.tunnel_available() {
+            self.udp.dropped_no_tunnel.inc();
+            debug!(port, %peer, "datagram dropped: no client of the mapping is connected");
+            return;
+        }
         if let Some(session) = sessions.get(&peer) {
             match session.queue.try_send(datagram.to_vec()) {
                 Ok(()) => {
@@ -179,8 +200,9 @@ impl Shared {
             debug!(port, %peer, limit = self.ctx.settings.max_udp_sessions, "datagram dropped: mapping at its UDP session limit");
             return;
         }
-        // One descriptor per session, from the budget every mapping's visitors share.
-        let Some(held) = self.ctx.descriptors.try_take(1) else {
+        // One descriptor per direct session (the client holds a tunneled
+        // one's), from the budget every mapping's visitors share.
+        let Some(held) = self.ctx.descriptors.try_take(u32::from(!self.spec.use_tunnel)) else {
             self.metrics.refused_process_limit.inc();
             debug!(port, %peer, "datagram dropped: all mappings' visitors hold the descriptors kept for them");
             return;
@@ -217,18 +239,33 @@ impl Shared {
         let _session = SessionGauge(&self.udp);
         let (up, down) = self.policy.capped(self.metrics.meters());
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
-        let target = match self.open_target().await {
+        let opened = match self.spec.use_tunnel {
+            true => self.open_tunneled(tracked).await,
+            false => self.open_target().await.map(Target::Socket).map_err(|e| OpenFailed::Unreachable(e.to_string())),
+        };
+        let mut target = match opened {
             Ok(target) => target,
-            Err(e) => {
-                let e = e.to_string();
-                self.health.connect_failed(&e);
-                self.metrics.connect_errors.inc();
-                debug!(port, %peer, error = %e, "UDP session refused: target unreachable");
+            Err(failed) => {
                 queue.close();
+                let mut waiting = 0;
                 while let Some(datagram) = queue.recv().await {
                     self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+                    waiting += 1;
                 }
-                return End::TargetUnreachable(e);
+                return match failed {
+                    OpenFailed::Unreachable(e) => {
+                        self.health.connect_failed(&e);
+                        self.metrics.connect_errors.inc();
+                        debug!(port, %peer, error = %e, "UDP session refused: target unreachable");
+                        End::TargetUnreachable(e)
+                    }
+                    // Its client went away between the datagram and the open.
+                    OpenFailed::NoTunnel(e) => {
+                        self.udp.dropped_no_tunnel.inc_by(waiting);
+                        debug!(port, %peer, error = %e, "UDP session dropped: no tunnel");
+                        End::TargetUnreachable(e)
+                    }
+                };
             }
         };
         visit.target_answered();
@@ -251,64 +288,86 @@ impl Shared {
                     };
                     self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
                     deadline.as_mut().reset(Instant::now() + idle);
-                    self.to_target(peer, &target, &datagram, &up).await;
+                    self.to_target(peer, &target, datagram, &up).await;
                 }
-                ready = target.readable() => {
-                    if let Err(e) = ready {
-                        self.target_error(peer, &e);
-                        continue;
+                reply = target.recv(max) => match reply {
+                    Ok(Reply::Datagram(reply)) => {
+                        deadline.as_mut().reset(Instant::now() + idle);
+                        self.to_visitor(peer, &reply, &down).await;
                     }
-                    match receive(&target, max) {
-                        Ok(Some(reply)) => {
-                            deadline.as_mut().reset(Instant::now() + idle);
-                            self.to_visitor(peer, &reply, &down).await;
-                        }
-                        Ok(None) => self.udp.dropped_too_large.inc(),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => self.target_error(peer, &e),
+                    Ok(Reply::TooLarge) => self.udp.dropped_too_large.inc(),
+                    Ok(Reply::Gone(client)) => {
+                        break if self.ctx.hub.knows(&client) {
+                            End::TargetReset(Some(format!("the tunnel session of client {client} ended")))
+                        } else {
+                            End::ClientRemoved
+                        };
                     }
-                }
+                    Err(e) => self.target_error(peer, &e),
+                },
             }
         };
         debug!(port, %peer, end = end.name(), "UDP session ended");
         end
     }
 
-    /// A socket connected to the target, of the target's address family.
-    async fn open_target(&self) -> io::Result<UdpSocket> {
-        let addrs = tokio::time::timeout(
-            self.ctx.settings.connect_timeout,
-            tokio::net::lookup_host((self.spec.target_host.as_str(), self.spec.target_port)),
-        )
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "resolving the target timed out"))??;
-        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", self.spec.target_host));
-        for addr in addrs {
-            let local: IpAddr = if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-            let socket = match UdpSocket::bind((local, 0)).await {
-                Ok(socket) => socket,
-                Err(e) => return Err(e),
-            };
-            match socket.connect(addr).await {
-                Ok(()) => return Ok(socket),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+    /// Whether any client of the (tunneled) mapping is connected now.
+    fn tunnel_available(&self) -> bool {
+        self.group.members().list.iter().any(|m| self.ctx.hub.connected(&m.name))
     }
 
-    /// Sends one datagram to the target, within the mapping's bandwidth cap;
-    /// counted once the socket took it whole.
-    async fn to_target(&self, peer: SocketAddr, target: &UdpSocket, datagram: &[u8], up: &Meter) {
-        whole_allowance(up, datagram.len()).await;
-        match target.send(datagram).await {
-            Ok(n) if n == datagram.len() => {
-                up.record(n as u64);
+    /// A session through the first of the group's candidates that opens one
+    /// (see `Group::candidates`).
+    async fn open_tunneled(&self, tracked: &Tracked) -> Result<Target, OpenFailed> {
+        let settings = &self.ctx.settings;
+        let mut why = format!("no client of the mapping on port {} is connected", self.spec.source_port);
+        for member in self.group.candidates(&self.ctx.hub) {
+            let (host, port) = (&self.spec.target_host, self.spec.target_port);
+            let opened =
+                self.ctx.hub.open_udp(&member.name, host, port, settings.udp_session_idle, self.udp.dropped_queue_full.clone()).await;
+            match opened {
+                Ok(session) => {
+                    tracked.served_by(&member.name);
+                    return Ok(Target::Tunnel { client: member.name.clone(), _serving: member.serve(), session });
+                }
+                Err(UdpOpenError::NoTunnel(e)) => why = e,
+                Err(UdpOpenError::Refused(e)) => return Err(OpenFailed::Unreachable(e)),
+            }
+        }
+        Err(OpenFailed::NoTunnel(why))
+    }
+
+    /// A socket connected to the target, of the target's address family.
+    async fn open_target(&self) -> io::Result<UdpSocket> {
+        net::udp::connect(&self.spec.target_host, self.spec.target_port, self.ctx.settings.connect_timeout).await
+    }
+
+    /// Sends one datagram toward the target, within the mapping's bandwidth
+    /// cap; counted once the socket took it whole, or the tunnel's link
+    /// queued it (a full queue drops it: `queue_full`).
+    async fn to_target(&self, peer: SocketAddr, target: &Target, datagram: Vec<u8>, up: &Meter) {
+        let len = datagram.len();
+        whole_allowance(up, len).await;
+        let sent = match target {
+            Target::Socket(socket) => socket.send(&datagram).await.map(|n| n == len),
+            Target::Tunnel { session, .. } => match session.try_send(Bytes::from(datagram)) {
+                Ok(()) => Ok(true),
+                Err(SendError::Full) => {
+                    self.udp.dropped_queue_full.inc();
+                    Ok(false)
+                }
+                // The link is gone: the session ends as its replies say so.
+                Err(SendError::Closed) => Ok(false),
+            },
+        };
+        match sent {
+            Ok(true) => {
+                up.record(len as u64);
                 self.udp.datagrams_sent.inc();
             }
-            Ok(_) => up.unused(datagram.len()),
+            Ok(false) => up.unused(len),
             Err(e) => {
-                up.unused(datagram.len());
+                up.unused(len);
                 self.target_error(peer, &e);
             }
         }
@@ -345,25 +404,48 @@ impl Shared {
     }
 }
 
-thread_local! {
-    /// Where a session's reply is read before it is copied out at its size: one
-    /// buffer per worker thread rather than 64 KiB per session, so a session
-    /// costs what it holds (its task, its socket, its queue), not the largest
-    /// datagram there could be.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Where a session's datagrams go: the one thing a direct session and a
+/// tunneled one do differently.
+enum Target {
+    /// Direct: a socket of the session's own, connected to the target.
+    Socket(UdpSocket),
+    /// Tunneled: a session of `client`'s, which holds the socket toward the
+    /// target; `_serving` counts it as one of the client's connections.
+    Tunnel { client: Arc<str>, _serving: Serving, session: TunnelUdpSession },
 }
 
-/// Reads one datagram from a ready socket: `None` when it was larger than
-/// `max` (dropped whole; the buffer is one byte longer to tell).
-fn receive(socket: &UdpSocket, max: usize) -> io::Result<Option<Vec<u8>>> {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if scratch.len() < max + 1 {
-            scratch.resize(max + 1, 0);
+/// What came back from the target.
+enum Reply {
+    Datagram(Bytes),
+    /// Larger than `server.max_udp_datagram_bytes`: dropped whole.
+    TooLarge,
+    /// Tunneled: the client's session is over (its tunnel ended, or the
+    /// client ended it), whose name this is.
+    Gone(Arc<str>),
+}
+
+/// Why a session could not be opened.
+enum OpenFailed {
+    Unreachable(String),
+    NoTunnel(String),
+}
+
+impl Target {
+    /// The target's next datagram. Cancel-safe: nothing is read until it is
+    /// returned.
+    async fn recv(&mut self, max: usize) -> io::Result<Reply> {
+        match self {
+            Target::Socket(socket) => Ok(match net::udp::next(socket, max).await? {
+                Some(reply) => Reply::Datagram(Bytes::from(reply)),
+                None => Reply::TooLarge,
+            }),
+            Target::Tunnel { client, session, .. } => Ok(match session.recv().await {
+                Some(reply) if reply.len() > max => Reply::TooLarge,
+                Some(reply) => Reply::Datagram(reply),
+                None => Reply::Gone(client.clone()),
+            }),
         }
-        let n = socket.try_recv(&mut scratch[..max + 1])?;
-        Ok((n <= max).then(|| scratch[..n].to_vec()))
-    })
+    }
 }
 
 /// Waits until the cap lets `len` bytes through (at once without a cap): a
