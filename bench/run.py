@@ -278,13 +278,13 @@ class Tunneld:
     defaults — except that mappings listen on loopback only, as everything here does,
     rather than exposing an echo service on every interface. `server_extra` and
     `extra_config` are lines added to the config file's `[server]` and `[client]`
-    tables."""
+    tables; `tunnel_port` is the tunnel's port (default: a free one)."""
 
     def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict, tls: bool = True, name: str | None = None,
-                 extra_config: str = "", server_extra: str = ""):
+                 extra_config: str = "", server_extra: str = "", tunnel_port: int | None = None):
         self.procs = procs
         self.api = f"http://127.0.0.1:{free_port()}"
-        tunnel_port = free_port()
+        tunnel_port = tunnel_port or free_port()
         secret = "bench-" + os.urandom(8).hex()
         name = name or ("tls" if tls else "plain")
         tmp = tmp / name
