@@ -253,33 +253,48 @@ fn where_udp_to_the_tunnel_port_is_blocked_the_tls_tunnel_falls_back_to_framed()
 }
 
 #[test]
-fn tunneled_sessions_end_when_idle_on_both_sides_and_the_next_datagram_opens_a_new_one() {
+fn framed_sessions_end_when_idle_on_both_sides_and_the_next_datagram_opens_a_new_one() {
     let (_dir, server, client) = plain_pair("[server]\nudp_session_idle_secs = 1\n");
+    sessions_end_when_idle_on_both_sides(&server, &client, "framed");
+}
+
+#[test]
+fn quic_sessions_end_when_idle_on_both_sides_and_the_next_datagram_opens_a_new_one() {
+    let (_dir, server) = tls_server("[server]\nudp_session_idle_secs = 1\n");
+    let client = Daemon::client(&server, SECRET, &[]);
+    sessions_end_when_idle_on_both_sides(&server, &client, "quic");
+}
+
+/// One session through `transport`: it ends after the server's idle time, on
+/// the server and (told so) on the client; the same visitor then gets a new one.
+fn sessions_end_when_idle_on_both_sides(server: &Daemon, client: &Daemon, transport: &str) {
     let echo = udp_echo();
     let port = free_port();
-    create_tunneled_udp(&server, port, echo);
+    create_tunneled_udp(server, port, echo);
     let v = visitor(2);
     assert_eq!(exchange(&v, port, b"first", Duration::from_secs(10)).as_deref(), Some(&b"first"[..]));
-    assert_eq!(udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]), 1.0);
+    assert_eq!(udp_metric(server, "tunneld_mapping_udp_sessions", port, &[]), 1.0);
+    assert_eq!(listed_transport(server, "default"), transport);
     // The client holds a socket toward the target per session; the server's
     // idle end closes it there too.
     wait_for("the client's session socket", Duration::from_secs(10), || {
-        (scrape_metric(&client, "tunneld_client_udp_sessions", &[]) == Some(1.0)).then_some(())
+        (scrape_metric(client, "tunneld_client_udp_sessions", &[]) == Some(1.0)).then_some(())
     });
     wait_for("the idle session to end on the server", Duration::from_secs(10), || {
-        (udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]) == 0.0).then_some(())
+        (udp_metric(server, "tunneld_mapping_udp_sessions", port, &[]) == 0.0).then_some(())
     });
-    wait_for("the idle session to end on the client", Duration::from_secs(10), || {
-        (scrape_metric(&client, "tunneld_client_udp_sessions", &[]) == Some(0.0)).then_some(())
+    // Told by the server, not by its own safety net (2 × idle + 5 s later).
+    wait_for("the idle session to end on the client", Duration::from_secs(3), || {
+        (scrape_metric(client, "tunneld_client_udp_sessions", &[]) == Some(0.0)).then_some(())
     });
     let logged = wait_for("the ended session in the connection log", Duration::from_secs(10), || {
-        let log = get_data(&server, &format!("/api/connections/log?port={port}&protocol=udp"));
+        let log = get_data(server, &format!("/api/connections/log?port={port}&protocol=udp"));
         (log["count"] == 1).then_some(log)
     });
     assert_eq!(logged["connections"][0]["end"], "idle_timeout", "{logged}");
     assert_eq!(logged["connections"][0]["bytes_sent"], 5);
     assert_eq!(exchange(&v, port, b"again", Duration::from_secs(10)).as_deref(), Some(&b"again"[..]));
-    assert_eq!(udp_metric(&server, "tunneld_mapping_connections_total", port, &[]), 2.0);
+    assert_eq!(udp_metric(server, "tunneld_mapping_connections_total", port, &[]), 2.0);
 }
 
 #[test]
@@ -403,4 +418,93 @@ fn free_udp_port() -> u16 {
         let port = free_port();
         UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
     })
+}
+
+#[test]
+fn a_tunneled_udp_mapping_that_would_come_back_to_itself_through_a_client_here_drops_its_datagrams() {
+    let (_dir, path) = config_file("");
+    let server = Daemon::server_env(SECRET, &["--config", &path], &[("TUNNELD_SERVER__TLS", "false")]);
+    let port = free_port();
+    // No client yet: nothing says where the target is; created.
+    create_tunneled_udp(&server, port, loopback(port));
+    let client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
+    client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
+    // The client runs on this host, and its target is the mapping's own port.
+    let v = visitor(2);
+    assert_eq!(exchange(&v, port, b"round and round", Duration::from_millis(300)), None);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_refused_total", port, &[("reason", "loop")]), 1.0);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]), 0.0);
+    assert_eq!(udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]), 0.0);
+}
+
+#[test]
+fn a_stalled_tunnel_fills_bounded_queues_and_the_rest_is_dropped_and_counted_queue_full() {
+    let (_dir, server, client) = plain_pair("");
+    let echo = udp_echo();
+    let port = free_port();
+    create_tunneled_udp(&server, port, echo);
+    let v = visitor(2);
+    assert!(exchange(&v, port, b"open", Duration::from_secs(10)).is_some(), "the session is open");
+    // The client stops reading: the tunnel's socket buffers fill, then the
+    // link's queue, then the session's; nothing more is held.
+    client.signal("STOP");
+    const FLOOD: usize = 20_000;
+    for _ in 0..FLOOD {
+        let _ = v.send_to(&[3u8; 1000], loopback(port));
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    let dropped = wait_for("the overflow to be counted", Duration::from_secs(20), || {
+        let n = udp_metric(&server, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "queue_full")]);
+        (n >= 5000.0).then_some(n)
+    });
+    let sent = udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]);
+    eprintln!("stalled tunnel: {sent} datagrams taken, {dropped} dropped as queue_full, of {FLOOD} sent");
+    assert!(dropped + sent <= (FLOOD + 1) as f64, "nothing counted twice: {dropped} dropped, {sent} sent");
+    assert!(sent < 15_000.0, "a stalled tunnel took {sent} datagrams: held without bound?");
+    let (status, _) = http("GET", &server.url("/api/mapping/list"), None);
+    assert_eq!(status, 200, "the API answers");
+    client.signal("CONT");
+    // What was held goes through once the client reads again; the session still works.
+    let v2 = visitor(3);
+    assert_eq!(exchange(&v2, port, b"after", Duration::from_secs(10)).as_deref(), Some(&b"after"[..]));
+}
+
+#[test]
+fn a_client_group_serves_each_session_through_its_chosen_member_and_fails_over() {
+    let (_dir, server) = tls_server("");
+    let mut clients: Vec<Daemon> = ["office-a", "office-b"]
+        .iter()
+        .map(|name| {
+            let secret = create_client(&server, name);
+            Daemon::client(&server, &secret, &["--name", name])
+        })
+        .collect();
+    let echo = udp_echo();
+    let port = free_port();
+    let body = json!({"source_port": port, "protocol": "udp", "target_host": "127.0.0.1", "target_port": echo.port(),
+                      "use_tunnel": true, "clients": ["office-a", "office-b"]});
+    let (status, created) = post(&server, "/api/mapping/create", body);
+    assert_eq!(status, 200, "{created}");
+    let p = port.to_string();
+    let served = |client: &str| {
+        scrape_metric(&server, "tunneld_mapping_client_connections_total", &[("port", &p), ("protocol", "udp"), ("client", client)])
+    };
+    // Failover: the first client serves every session while it is there.
+    let first = visitor(2);
+    assert_eq!(exchange(&first, port, b"one", Duration::from_secs(10)).as_deref(), Some(&b"one"[..]));
+    assert_eq!((served("office-a"), served("office-b")), (Some(1.0), Some(0.0)));
+    let open = get_data(&server, &format!("/api/connections?port={port}&protocol=udp"));
+    assert_eq!(open["connections"][0]["client"], "office-a", "{open}");
+    assert_eq!(listed_transport(&server, "office-a"), "quic");
+    assert_eq!(listed_transport(&server, "office-b"), Value::Null, "no session through it yet");
+
+    // office-a goes: its session ends with its tunnel; the next one goes through office-b.
+    clients[0].kill();
+    wait_for("office-a's session to end", Duration::from_secs(20), || {
+        (udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]) == 0.0).then_some(())
+    });
+    assert_eq!(exchange(&first, port, b"two", Duration::from_secs(10)).as_deref(), Some(&b"two"[..]));
+    assert_eq!((served("office-a"), served("office-b")), (Some(1.0), Some(1.0)));
+    assert_eq!(listed_transport(&server, "office-b"), "quic");
+    assert_eq!(udp_metric(&server, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "no_tunnel")]), 0.0);
 }

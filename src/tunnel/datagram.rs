@@ -372,4 +372,58 @@ mod tests {
         a_side.close();
         assert!(a_side.try_datagram(7, Bytes::new()).is_err());
     }
+
+    /// A QUIC link's stream that carries nothing either way, so whatever
+    /// arrives came by the datagram lane.
+    struct Blackhole;
+
+    impl AsyncRead for Blackhole {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn on_quic_a_datagram_that_fits_takes_the_datagram_lane_and_a_larger_one_the_stream() {
+        use crate::net::{quic, tls};
+        let certified = rcgen::generate_simple_self_signed(vec!["tunneld".to_string()]).unwrap();
+        let der = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        let pin = tls::fingerprint(&der);
+        let identity = tls::Identity { chain: vec![der], key, cert_path: "test".into() };
+        let server = quic::server(&tls::server_config(identity).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client_config = crate::config::ClientConfig { server: addr.to_string(), server_fingerprint: Some(pin), ..Default::default() };
+        let (tls_config, name) = tls::client_config(&client_config).unwrap();
+        let dialer = quic::Dialer::new(tls_config, &name).unwrap();
+        let accepted = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
+        let (_endpoint, to_server) = dialer.connect(&addr.to_string()).await.unwrap();
+        let at_server = accepted.await.unwrap();
+        assert_eq!(quic::binding(&to_server), quic::binding(&at_server), "both ends derive one binding");
+        assert!(quic::binding(&to_server).is_some());
+
+        let cancel = CancellationToken::new();
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let on_server: OnFrame = Arc::new(move |f| {
+            let _ = seen_tx.send(f);
+        });
+        // The stream both ways is a black hole: only QUIC datagrams get through.
+        let client_side = start(Blackhole, tokio::io::sink(), Some(to_server.clone()), |_| Arc::new(|_| {}), &cancel);
+        let _server_side = start(Blackhole, tokio::io::sink(), Some(at_server.clone()), |_| on_server, &cancel);
+        let max = to_server.max_datagram_size().unwrap();
+        assert!(max >= 1000, "{max}");
+        client_side.try_datagram(3, Bytes::from(vec![1u8; 1000])).unwrap();
+        // Too large for one QUIC datagram: the stream, which here goes nowhere.
+        client_side.try_datagram(4, Bytes::from(vec![2u8; max + 1])).unwrap();
+        client_side.try_datagram(5, Bytes::from_static(b"after")).unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv()).await.unwrap();
+        assert!(matches!(got, Some(Frame::Datagram { session: 3, payload }) if payload[..] == [1u8; 1000][..]));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv()).await.unwrap();
+        assert!(matches!(&got, Some(Frame::Datagram { session: 5, payload }) if &payload[..] == b"after"), "{got:?}");
+        cancel.cancel();
+    }
 }

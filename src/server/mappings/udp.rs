@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use super::context::Ctx;
 use super::group::{Group, Serving};
 use super::health::HealthWindow;
+use super::target::ResolvedHere;
 use super::visitor::Admission;
 use crate::core::sync::lock;
 use crate::net;
@@ -95,6 +96,8 @@ struct Shared {
     health: Arc<HealthWindow>,
     /// Tunneled: the clients a session may go through.
     group: Arc<Group>,
+    /// Tunneled: the target as this host resolves it, for the loop check.
+    resolved: Arc<ResolvedHere>,
     metrics: MappingMetrics,
     udp: Arc<UdpMetrics>,
     /// The mapping's own socket: what visitors send to, and replies leave from.
@@ -128,6 +131,7 @@ pub(super) async fn serve(
         policy: admission.policy,
         health: admission.health,
         group: admission.group,
+        resolved: admission.resolved,
         metrics,
         udp,
         listener: Arc::new(socket),
@@ -186,10 +190,19 @@ impl Shared {
             return;
         }
         let mut sessions = lock(&self.sessions);
-        if self.spec.use_tunnel && !sessions.contains_key(&peer) && !self.tunnel_available() {
-            self.udp.dropped_no_tunnel.inc();
-            debug!(port, %peer, "datagram dropped: no client of the mapping is connected");
-            return;
+        if self.spec.use_tunnel && !sessions.contains_key(&peer) {
+            if !self.tunnel_available() {
+                self.udp.dropped_no_tunnel.inc();
+                debug!(port, %peer, "datagram dropped: no client of the mapping is connected");
+                return;
+            }
+            // As a TCP visitor: a client on this host whose target is this
+            // daemon's own port would send the datagram round again.
+            if let Some((_, why)) = self.ctx.tunnel_loop(&self.spec, &self.group.members(), &self.resolved) {
+                self.metrics.refused_loop.inc();
+                debug!(port, %peer, reason = %why, "datagram dropped: the mapping would forward to itself");
+                return;
+            }
         }
         if let Some(session) = sessions.get(&peer) {
             match session.queue.try_send(datagram.to_vec()) {
