@@ -514,7 +514,7 @@ def main() -> int:
             raise BenchError("cargo build --release failed")
     if not args.tunneld.is_file():
         raise BenchError(f"{args.tunneld} does not exist (build it, or drop --no-build)")
-    bench.raise_fd_limit(2 * args.sessions + 1024)
+    bench.raise_fd_limit(args.sessions + 1024)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     rundir = bench.RESULTS_DIR / f"udp-{stamp}"
