@@ -5,12 +5,17 @@ alternating rounds so load from elsewhere on the machine hits them alike:
   raw      visitor -> target                                       (loopback UDP's limit)
   direct   visitor -> tunneld UDP mapping -> target
   tunnel   visitor -> tunneld server -> tunnel -> tunneld client -> target
-           (a UDP mapping with use_tunnel; skipped, loudly, where this build refuses one)
+           (a UDP mapping with use_tunnel on a TLS tunnel: QUIC datagrams; skipped,
+           loudly, where this build refuses one)
+  framed   the same, the tunnel port's number over UDP taken by a socket that never
+           answers, so the client falls back to datagrams framed over TLS
   rathole  visitor -> rathole server -> rathole client -> target   (its `type = "udp"` services)
 
-1. `iperf3 -u` at rising rates through each path: the highest rate with < 0.1 %
-   loss (a rate fails when two tries in a row lose 0.1 % or more). Targets:
-   tunnel >= 2x rathole's, direct >= 0.9x raw's.
+1. `iperf3 -u` at rising rates through each path: the rate received at the
+   highest offered rate with < 0.1 % loss (a rate fails when two tries in a row
+   lose 0.1 % or more), once with the system's socket buffers for iperf3 and once
+   with `-w 4M` (so iperf3's own ends do not drop). Targets: tunnel >= 2x
+   rathole's, direct >= 0.9x raw's.
 2. 64-byte request/response to a UDP echo, one at a time: transactions/s, p50 and p99.
 3. 10,000 UDP sessions (10,000 sockets on 127.0.0.2-41) on one mapping of freshly
    started daemons: RSS before and after, memory per session; direct and tunneled.
@@ -22,7 +27,7 @@ alternating rounds so load from elsewhere on the machine hits them alike:
    was sent and what the kernel dropped (`/proc/net/udp`), then a sample of the
    admitted sessions must still be answered.
 
-    python3 bench/udp.py [--rounds 3] [--seconds 3] [--quick] [--no-build]
+    python3 bench/udp.py [--rounds 3] [--seconds 3] [--windows default,4M] [--quick] [--no-build]
 
 Writes bench/results/udp-<timestamp>/ (results.json, summary.txt, every iperf3
 JSON and every child's log). See bench/README.md ("UDP"). Python 3 standard
