@@ -22,6 +22,7 @@ use super::dialer::Dialer;
 use crate::core::sync::lock;
 use crate::net::descriptors::{DescriptorBudget, Taken};
 use crate::net::udp;
+use crate::telemetry::Tunnel;
 use crate::tunnel::auth;
 use crate::tunnel::datagram::{self, DatagramControl, Frame, LinkSender, OnFrame, SendError, MAX_DATAGRAM};
 use crate::tunnel::frame;
@@ -75,6 +76,8 @@ pub(super) async fn open_link(dialer: Arc<Dialer>, descriptors: Arc<DescriptorBu
     let (link, transport) = match quic {
         Some((endpoint, connection, send, recv)) => {
             _endpoint = Some(endpoint);
+            let (sent, received) = dialer.metrics.tunnel_meters(Tunnel::to_server(&dialer.config.name, &server));
+            tokio::spawn(crate::net::quic::count_wire(connection.clone(), sent, received));
             (datagram::start(recv, send, Some(connection), handler, &cancel), "quic")
         }
         None => match open_framed(&dialer, token).await {

@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context};
 use rustls::pki_types::ServerName;
 
 use super::tls::EXPORTER_LABEL;
+use crate::telemetry::Meter;
 
 /// ALPN of the tunnel's QUIC connections: nothing else is spoken on them.
 const ALPN: &[u8] = b"tunneld-datagrams";
@@ -73,6 +74,32 @@ impl Dialer {
         endpoint.set_default_client_config(self.config.clone());
         let connection = endpoint.connect(addr, &self.server_name)?.await?;
         Ok((endpoint, connection))
+    }
+}
+
+/// Counts the connection's bytes on the wire (its UDP payloads: QUIC packets
+/// with their headers, acknowledgements and retransmissions) into the
+/// tunnel's meters, as a TCP tunnel connection's are: every second, and once
+/// more when it closes.
+pub(crate) async fn count_wire(connection: quinn::Connection, sent: Meter, received: Meter) {
+    let mut counted = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let closed = tokio::select! {
+            _ = connection.closed() => true,
+            _ = tick.tick() => false,
+        };
+        let stats = connection.stats();
+        let now = (stats.udp_tx.bytes, stats.udp_rx.bytes);
+        for (meter, before, now) in [(&sent, counted.0, now.0), (&received, counted.1, now.1)] {
+            if now > before {
+                meter.record(now - before);
+            }
+        }
+        counted = now;
+        if closed {
+            return;
+        }
     }
 }
 

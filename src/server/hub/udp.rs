@@ -204,6 +204,10 @@ impl TunnelHub {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let transport = if quic.is_some() { "quic" } else { "framed" };
+        if let Some(connection) = &quic {
+            let (sent, received) = self.metrics.tunnel_meters(&session.client.name);
+            tokio::spawn(crate::net::quic::count_wire(connection.clone(), sent, received));
+        }
         let routes = Arc::new(Routes::default());
         let deliver = routes.clone();
         let sender = datagram::start(reader, writer, quic, |_| Arc::new(move |frame| deliver.deliver(frame)), &session.cancel);
