@@ -284,20 +284,22 @@ class Tunneld:
     """A tunneld server with a connected client, both isolated from any config on
     the host (their own config file, no TUNNELD_* variables) so the run measures
     defaults — except that mappings listen on loopback only, as everything here does,
-    rather than exposing an echo service on every interface."""
+    rather than exposing an echo service on every interface. `server_extra` and
+    `extra_config` are lines added to the config file's `[server]` and `[client]`
+    tables; `tunnel_port` is the tunnel's port (default: a free one)."""
 
     def __init__(self, binary: Path, procs: Children, tmp: Path, fd_env: dict, tls: bool = True, name: str | None = None,
-                 extra_config: str = ""):
+                 extra_config: str = "", server_extra: str = "", tunnel_port: int | None = None):
         self.procs = procs
         self.api = f"http://127.0.0.1:{free_port()}"
-        tunnel_port = free_port()
+        tunnel_port = tunnel_port or free_port()
         secret = "bench-" + os.urandom(8).hex()
         name = name or ("tls" if tls else "plain")
         tmp = tmp / name
         tmp.mkdir()
         config = tmp / "tunneld.toml"
         tls_off = "" if tls else "tls = false\n"
-        config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}[client]\n{tls_off}{extra_config}')
+        config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}{server_extra}[client]\n{tls_off}{extra_config}')
         env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_")}
         env["RUST_LOG"] = "warn"
 

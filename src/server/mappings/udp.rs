@@ -62,11 +62,23 @@ const SESSION_QUEUE: usize = 256;
 /// number of sessions.
 const MAPPING_QUEUED_BYTES: usize = 4 << 20;
 
+/// Receive buffer asked for on a mapping's socket, where every visitor's
+/// datagrams converge: the kernel's default (about 200 KiB, some 90 datagrams
+/// of 1,200 bytes) overflows whenever the receive loop is off the CPU for a few
+/// milliseconds at a rate of a few hundred Mbit/s, and what overflows is lost
+/// before tunneld sees it. The kernel caps the request at `net.core.rmem_max`.
+const LISTENER_RECEIVE_BUFFER: usize = 4 << 20;
+
 /// Binds a UDP mapping's port.
 pub(super) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    let socket = socket2::Socket::from(socket);
+    // A smaller buffer than asked for is not an error: the port still works.
+    if let Err(e) = socket.set_recv_buffer_size(LISTENER_RECEIVE_BUFFER) {
+        debug!(%addr, error = %e, "UDP receive buffer not enlarged");
+    }
+    UdpSocket::from_std(socket.into())
 }
 
 /// One visitor address's way to its session's task.
