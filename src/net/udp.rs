@@ -1,11 +1,38 @@
-//! UDP sockets toward a target, as a direct UDP session on the server and a
-//! tunneled one on the client open and read them.
+//! UDP sockets: those toward a target, as a direct UDP session on the server
+//! and a tunneled one on the client open and read them, and those where many
+//! datagrams converge (a UDP mapping's port, a QUIC endpoint), bound with
+//! large buffers.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
+use tracing::debug;
+
+/// Buffers asked for on a socket where datagrams converge (every visitor's of
+/// a mapping, or every session's of a QUIC link): the kernel's default (about
+/// 200 KiB, some 90 datagrams of 1,200 bytes) overflows whenever the reading
+/// task is off the CPU for a few milliseconds at a few hundred Mbit/s, and
+/// what overflows is lost before tunneld sees it. The kernel caps the request
+/// at `net.core.rmem_max` / `wmem_max`.
+const CONVERGING_BUFFER: usize = 4 << 20;
+
+/// A non-blocking UDP socket bound to `addr` with [`CONVERGING_BUFFER`]-sized
+/// receive and send buffers (smaller ones, where the kernel grants less, are
+/// not an error: the socket still works).
+pub(crate) fn bind_buffered(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    let socket = socket2::Socket::from(socket);
+    if let Err(e) = socket.set_recv_buffer_size(CONVERGING_BUFFER) {
+        debug!(%addr, error = %e, "UDP receive buffer not enlarged");
+    }
+    if let Err(e) = socket.set_send_buffer_size(CONVERGING_BUFFER) {
+        debug!(%addr, error = %e, "UDP send buffer not enlarged");
+    }
+    Ok(socket.into())
+}
 
 /// A socket connected to `host:port`, of the target's address family: the
 /// target's replies come back on it, and nobody else's.
