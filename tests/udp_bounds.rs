@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::udp::*;
 use common::*;
 use serde_json::json;
 
@@ -40,19 +41,6 @@ const FLOODERS: usize = 3;
 /// a loaded 2-core machine, sharing it with the flood; a daemon whose receive
 /// loop starved the API would take far longer (or not answer at all).
 const API_BOUND: Duration = Duration::from_secs(3);
-
-/// A UDP echo target on 127.0.0.1: every datagram goes back to its sender.
-fn udp_echo() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the UDP echo");
-    let addr = socket.local_addr().expect("the echo's address");
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 70_000];
-        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], peer);
-        }
-    });
-    addr
-}
 
 /// A socket on `127.0.0.{last}`, any port.
 fn bind_on(last: u8) -> UdpSocket {

@@ -18,44 +18,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::udp::*;
 use common::*;
 use serde_json::{json, Value};
 
 const SECRET: &str = "udp-tunnel-test-secret-0123456789";
-
-/// A UDP echo target on 127.0.0.1: every datagram goes back to its sender as it came.
-fn udp_echo() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the UDP echo");
-    let addr = socket.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 70_000];
-        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], peer);
-        }
-    });
-    addr
-}
-
-/// A visitor socket on `127.0.0.{last}`.
-fn visitor(last: u8) -> UdpSocket {
-    let socket = UdpSocket::bind(SocketAddr::from(([127, 0, 0, last], 0))).expect("bind a visitor");
-    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    socket
-}
-
-/// Sends `payload` to the mapping and returns the reply, or `None` after `wait`.
-fn exchange(socket: &UdpSocket, port: u16, payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    socket.set_read_timeout(Some(wait)).unwrap();
-    socket.send_to(payload, loopback(port)).expect("send");
-    let mut buf = vec![0u8; 70_000];
-    match socket.recv_from(&mut buf) {
-        Ok((n, from)) => {
-            assert_eq!(from, loopback(port), "the reply comes from the mapping's own port");
-            Some(buf[..n].to_vec())
-        }
-        Err(_) => None,
-    }
-}
 
 /// A UDP mapping through the client `default`.
 fn create_tunneled_udp(server: &Daemon, port: u16, target: SocketAddr) -> Value {
@@ -66,13 +33,6 @@ fn create_tunneled_udp(server: &Daemon, port: u16, target: SocketAddr) -> Value 
     assert_eq!(created["data"]["protocol"], "udp");
     assert_eq!(created["data"]["use_tunnel"], true, "{created}");
     created
-}
-
-fn udp_metric(server: &Daemon, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
-    let p = port.to_string();
-    let mut labels = vec![("port", p.as_str()), ("protocol", "udp")];
-    labels.extend_from_slice(extra);
-    scrape_metric(server, name, &labels).unwrap_or_else(|| panic!("{name} {labels:?} is exported in\n{}", metrics_text(server)))
 }
 
 /// A TLS server (the default) with `config` as its config file.
@@ -417,14 +377,6 @@ impl Drop for DnsMasq {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// A port free for TCP (dnsmasq listens on both) and for UDP.
-fn free_udp_port() -> u16 {
-    wait_for("a port free for TCP and UDP", Duration::from_secs(5), || {
-        let port = free_port();
-        UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
-    })
 }
 
 #[test]

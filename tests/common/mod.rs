@@ -15,6 +15,7 @@
 //! - [`tools`]: outside programs a test may need, skipped loudly when missing;
 //! - [`systemd`]: a real systemd booted in its own namespaces, for the package;
 //! - [`netns`]: network namespaces joined by veth, as separate hosts;
+//! - [`udp`]: UDP echo targets, visitors and a UDP mapping's series;
 //! - [`tunnel`]: TLS connections to the tunnel port from chosen sources, and the
 //!   control handshake, through the crate's own types.
 //!
@@ -32,6 +33,7 @@ pub mod netns;
 pub mod systemd;
 pub mod tools;
 pub mod tunnel;
+pub mod udp;
 
 #[allow(unused_imports)]
 pub use {daemon::*, files::*, http::*, metrics::*, net::*};
