@@ -125,6 +125,11 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
     );
     browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.source.value = ''; f.elements.to.value = '2000-01-01 00:00'; f.requestSubmit(); })()"#);
     browser.wait_for("nothing before 2000", r#"!document.querySelector('[data-testid="connlog-empty"]').hidden && document.querySelectorAll('[data-testid="connlog-row"]').length === 0"#);
+    // The note sits below the table's header row, not on it.
+    let overlap = browser.eval(
+        r#"(() => { const head = document.querySelector('[data-testid="connlog-table"] thead').getBoundingClientRect(); const note = document.querySelector('[data-testid="connlog-empty"]').getBoundingClientRect(); return note.top - head.bottom; })()"#,
+    );
+    assert!(overlap.as_f64().is_some_and(|gap| gap >= 0.0), "the empty log's note overlaps the table's header by {overlap}px");
     browser.eval(r#"(() => { const f = document.querySelector('#connlog-form'); f.elements.to.value = ''; f.requestSubmit(); })()"#);
     browser.wait_for("both ended rows", r#"document.querySelectorAll('[data-testid="connlog-row"]').length === 2"#);
     let downloads = tempfile::tempdir().unwrap();
@@ -149,6 +154,10 @@ fn the_page_lists_closes_and_logs_connections_and_shows_top_sources() {
     browser.screenshot("connections-log-390.png");
     let overflow = browser.eval("document.documentElement.scrollWidth - document.documentElement.clientWidth");
     assert_eq!(overflow, json!(0), "the page scrolls sideways at 390 px");
+    let outside = browser.eval(
+        r#"(() => { const card = document.querySelector('[data-testid="connlog"]').getBoundingClientRect(); const rows = document.querySelector('#connlog-rows').getBoundingClientRect(); return rows.bottom - card.bottom; })()"#,
+    );
+    assert!(outside.as_f64().is_some_and(|past| past <= 0.0), "the log's rows run {outside}px past its card at 390 px");
     let thrown = browser.events_named("Runtime.exceptionThrown");
     assert!(thrown.is_empty(), "page threw: {thrown:?}");
     let base = format!("http://{}/", server.http);
