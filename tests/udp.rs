@@ -10,7 +10,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::udp::*;
@@ -324,57 +324,13 @@ fn dig_resolves_through_a_direct_udp_mapping_to_dnsmasq() {
     let (Some(dnsmasq), Some(dig)) = (common::tools::external_tool("dnsmasq", test), common::tools::external_tool("dig", test)) else {
         return;
     };
-    let dns_port = free_udp_port();
-    let mut dns = DnsMasq(
-        Command::new(dnsmasq)
-            .args([
-                "--no-daemon",
-                &format!("--port={dns_port}"),
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=",
-                "--address=/example.test/192.0.2.7",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start dnsmasq"),
-    );
+    let mut dns = DnsMasq::start(&dnsmasq);
     let server = Daemon::server(SECRET, &[]);
     let port = free_port();
-    assert_eq!(create_udp(&server, port, loopback(dns_port), json!({})).0, 200);
-    let answer = wait_for("dig to get an answer through the mapping", Duration::from_secs(10), || {
-        if let Ok(Some(status)) = dns.0.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut e) = dns.0.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-            }
-            panic!("dnsmasq exited: {status}: {stderr}");
-        }
-        let out = Command::new(&dig)
-            .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "+tries=1", "+time=1", "www.example.test", "A"])
-            .output()
-            .expect("run dig");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (!text.is_empty()).then_some(text)
-    });
-    assert_eq!(answer, "192.0.2.7");
+    assert_eq!(create_udp(&server, port, loopback(dns.port), json!({})).0, 200);
+    let answer = dns.resolve_through(&dig, port, Duration::from_secs(10));
+    assert_eq!(answer, DnsMasq::ANSWER);
     assert!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "received")]) >= 1.0);
-    dns.0.kill().ok();
-}
-
-/// Stops dnsmasq however the test ends.
-struct DnsMasq(Child);
-
-impl Drop for DnsMasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -15,7 +15,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::udp::*;
@@ -326,57 +325,14 @@ fn dig_resolves_through_a_tunneled_udp_mapping_to_dnsmasq() {
     let (Some(dnsmasq), Some(dig)) = (common::tools::external_tool("dnsmasq", test), common::tools::external_tool("dig", test)) else {
         return;
     };
-    let dns_port = free_udp_port();
-    let mut dns = DnsMasq(
-        Command::new(dnsmasq)
-            .args([
-                "--no-daemon",
-                &format!("--port={dns_port}"),
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=",
-                "--address=/example.test/192.0.2.7",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start dnsmasq"),
-    );
+    let mut dns = DnsMasq::start(&dnsmasq);
     let (_dir, server) = tls_server("");
     let _client = Daemon::client(&server, SECRET, &[]);
     let port = free_port();
-    create_tunneled_udp(&server, port, loopback(dns_port));
-    let answer = wait_for("dig to get an answer through the tunnel", Duration::from_secs(15), || {
-        if let Ok(Some(status)) = dns.0.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut e) = dns.0.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-            }
-            panic!("dnsmasq exited: {status}: {stderr}");
-        }
-        let out = Command::new(&dig)
-            .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "+tries=1", "+time=1", "www.example.test", "A"])
-            .output()
-            .expect("run dig");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (!text.is_empty()).then_some(text)
-    });
-    assert_eq!(answer, "192.0.2.7");
+    create_tunneled_udp(&server, port, loopback(dns.port));
+    let answer = dns.resolve_through(&dig, port, Duration::from_secs(15));
+    assert_eq!(answer, DnsMasq::ANSWER);
     assert!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "received")]) >= 1.0);
-}
-
-/// Stops dnsmasq however the test ends.
-struct DnsMasq(Child);
-
-impl Drop for DnsMasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! UDP targets and visitors on loopback, shared by the UDP test files: an echo
 //! target, visitors from chosen addresses of 127.0.0.0/8 (so each one's replies
 //! can be told apart), one exchange through a mapping, a UDP mapping's series,
-//! and a port free for both TCP and UDP (dnsmasq listens on both).
+//! a port free for both TCP and UDP, and dnsmasq with dig as a real DNS
+//! server and client.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::{free_port, loopback, metrics_text, scrape_metric, wait_for, Daemon};
@@ -56,4 +59,68 @@ pub fn free_udp_port() -> u16 {
         let port = free_port();
         UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
     })
+}
+
+/// A real DNS server (Debian's dnsmasq) on 127.0.0.1 at [`DnsMasq::port`],
+/// answering only `www.example.test A` with [`DnsMasq::ANSWER`]; stopped
+/// however the test ends.
+pub struct DnsMasq {
+    child: Child,
+    pub port: u16,
+}
+
+impl DnsMasq {
+    /// What it answers for `www.example.test`.
+    pub const ANSWER: &'static str = "192.0.2.7";
+
+    pub fn start(dnsmasq: &Path) -> DnsMasq {
+        let port = free_udp_port();
+        let child = Command::new(dnsmasq)
+            .args([
+                "--no-daemon",
+                &format!("--port={port}"),
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--user=",
+                &format!("--address=/example.test/{}", Self::ANSWER),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dnsmasq");
+        DnsMasq { child, port }
+    }
+
+    /// `dig`'s answer for `www.example.test` asked of `127.0.0.1:port`, asking
+    /// again until one comes within `within` (the first queries may come
+    /// before the mapping or dnsmasq is ready); fails at once should dnsmasq
+    /// have exited.
+    pub fn resolve_through(&mut self, dig: &Path, port: u16, within: Duration) -> String {
+        wait_for("dig to get an answer through the mapping", within, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                }
+                panic!("dnsmasq exited: {status}: {stderr}");
+            }
+            let out = Command::new(dig)
+                .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "+tries=1", "+time=1", "www.example.test", "A"])
+                .output()
+                .expect("run dig");
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            (!text.is_empty()).then_some(text)
+        })
+    }
+}
+
+impl Drop for DnsMasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
