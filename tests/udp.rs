@@ -61,12 +61,7 @@ fn datagrams_are_counted_exactly_both_ways_and_each_visitor_gets_only_its_own_re
         assert!(v.recv_from(&mut [0u8; 2048]).is_err(), "no stray replies");
     }
     let text = metrics_text(&server);
-    let p = port.to_string();
-    let m = |name: &str, extra: &[(&str, &str)]| {
-        let mut labels = vec![("port", p.as_str()), ("protocol", "udp")];
-        labels.extend_from_slice(extra);
-        metric_value(&text, name, &labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{text}"))
-    };
+    let m = |name: &str, extra: &[(&str, &str)]| udp_sample(&text, name, port, extra);
     assert_eq!(m("tunneld_mapping_bytes_total", &[("direction", "sent")]) as u64, bytes);
     assert_eq!(m("tunneld_mapping_bytes_total", &[("direction", "received")]) as u64, bytes);
     assert_eq!(m("tunneld_mapping_datagrams_total", &[("direction", "sent")]) as u64, datagrams);

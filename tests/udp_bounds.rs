@@ -91,13 +91,6 @@ fn kernel_drops(port: u16) -> u64 {
     drops[0]
 }
 
-fn udp_metric(text: &str, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
-    let p = port.to_string();
-    let mut labels = vec![("port", p.as_str()), ("protocol", "udp")];
-    labels.extend_from_slice(extra);
-    metric_value(text, name, &labels).unwrap_or_else(|| panic!("{name} {labels:?} is exported"))
-}
-
 /// What the prober saw while the flood ran.
 #[derive(Default, Debug)]
 struct Probed {
@@ -126,7 +119,7 @@ fn probe_until(server: &Daemon, port: u16, stop: &AtomicBool) -> Probed {
         let started = Instant::now();
         let text = metrics_text(server);
         seen.slowest = seen.slowest.max(started.elapsed());
-        let gauge = udp_metric(&text, "tunneld_mapping_udp_sessions", port, &[]);
+        let gauge = udp_sample(&text, "tunneld_mapping_udp_sessions", port, &[]);
         seen.most_sessions_gauge = seen.most_sessions_gauge.max(gauge);
         seen.calls += 3;
     }
@@ -181,9 +174,9 @@ fn a_flood_from_many_more_sources_than_the_cap_opens_no_session_beyond_it_and_ev
         assert!(echoed_within(v, port, format!("admitted {i}").as_bytes(), Duration::from_secs(5)), "visitor {i} is answered");
     }
     let text = metrics_text(&server);
-    assert_eq!(udp_metric(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64);
-    let forwarded_before = udp_metric(&text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]);
-    assert_eq!(udp_metric(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "session_limit")]), 0.0);
+    assert_eq!(udp_sample(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64);
+    let forwarded_before = udp_sample(&text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]);
+    assert_eq!(udp_sample(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "session_limit")]), 0.0);
 
     let sources: Arc<Vec<UdpSocket>> =
         Arc::new((FIRST..=LAST).flat_map(|last| (0..PORTS_PER_ADDRESS).map(move |_| bind_on(last))).collect());
@@ -208,7 +201,7 @@ fn a_flood_from_many_more_sources_than_the_cap_opens_no_session_beyond_it_and_ev
     let settled = Instant::now() + Duration::from_secs(10);
     let (dropped, kernel) = loop {
         let text = metrics_text(&server);
-        let counted = |name: &str, extra: &[(&str, &str)]| udp_metric(&text, name, port, extra) as u64;
+        let counted = |name: &str, extra: &[(&str, &str)]| udp_sample(&text, name, port, extra) as u64;
         let dropped = counted("tunneld_mapping_dropped_datagrams_total", &[("reason", "session_limit")]);
         let others = counted("tunneld_mapping_dropped_datagrams_total", &[("reason", "queue_full")])
             + counted("tunneld_mapping_datagrams_total", &[("direction", "sent")])
@@ -222,24 +215,24 @@ fn a_flood_from_many_more_sources_than_the_cap_opens_no_session_beyond_it_and_ev
     eprintln!("flood: {sent} sent, {dropped} read and dropped at the cap, {kernel} dropped by the kernel; API: {probed:?}");
     let text = metrics_text(&server);
     assert_eq!(
-        udp_metric(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "session_limit")]) as u64,
+        udp_sample(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "session_limit")]) as u64,
         sent - (kernel_drops(port) - kernel_before),
         "each flood datagram the daemon read is one session-limit drop ({sent} sent, {kernel} dropped by the kernel)"
     );
     assert!(dropped > 0, "the flood reached the daemon");
     assert_eq!(
-        udp_metric(&text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]),
+        udp_sample(&text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]),
         forwarded_before,
         "no flood datagram reached the target"
     );
-    assert_eq!(udp_metric(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64, "the cap's sessions, no more");
+    assert_eq!(udp_sample(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64, "the cap's sessions, no more");
     assert_eq!(
-        udp_metric(&text, "tunneld_mapping_connections_total", port, &[]),
+        udp_sample(&text, "tunneld_mapping_connections_total", port, &[]),
         CAP as f64,
         "no session beyond the cap was ever opened, not even for a moment"
     );
     for reason in ["queue_full", "too_large", "no_tunnel"] {
-        assert_eq!(udp_metric(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", reason)]), 0.0, "{reason}");
+        assert_eq!(udp_sample(&text, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", reason)]), 0.0, "{reason}");
     }
     assert!(probed.calls >= 3, "the API was probed during the flood: {probed:?}");
     assert!(probed.most_sessions_gauge <= CAP as f64, "the session gauge never exceeded the cap: {probed:?}");
@@ -273,8 +266,8 @@ fn a_flood_from_many_more_sources_than_the_cap_opens_no_session_beyond_it_and_ev
         assert!(echoed_within(v, port, format!("after {i}").as_bytes(), Duration::from_secs(5)), "visitor {i} after the flood");
     }
     let text = metrics_text(&server);
-    assert_eq!(udp_metric(&text, "tunneld_mapping_connections_total", port, &[]), CAP as f64);
-    assert_eq!(udp_metric(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64);
+    assert_eq!(udp_sample(&text, "tunneld_mapping_connections_total", port, &[]), CAP as f64);
+    assert_eq!(udp_sample(&text, "tunneld_mapping_udp_sessions", port, &[]), CAP as f64);
 }
 
 /// The kernel's cap on what a socket may ask for as its receive buffer.
@@ -308,7 +301,7 @@ fn a_burst_that_comes_while_the_daemon_is_off_the_cpu_waits_in_the_mapping_socke
     for (i, v) in visitors.iter().enumerate() {
         assert!(echoed_within(v, port, b"open", Duration::from_secs(5)), "visitor {i} has its session");
     }
-    let forwarded = |text: &str| udp_metric(text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]) as usize;
+    let forwarded = |text: &str| udp_sample(text, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]) as usize;
     let before = forwarded(&metrics_text(&server));
     let kernel_before = kernel_drops(port);
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, loopback, metrics_text, scrape_metric, wait_for, Daemon};
+use super::{free_port, loopback, metric_value, metrics_text, wait_for, Daemon};
 
 /// A UDP echo target on 127.0.0.1: every datagram goes back to its sender as it came.
 pub fn udp_echo() -> SocketAddr {
@@ -45,12 +45,18 @@ pub fn exchange(socket: &UdpSocket, port: u16, payload: &[u8], wait: Duration) -
     }
 }
 
-/// A UDP mapping's series `name` with `extra` labels beside port and protocol.
-pub fn udp_metric(server: &Daemon, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
+/// A UDP mapping's series `name` with `extra` labels beside port and protocol,
+/// in the scraped exposition `text`.
+pub fn udp_sample(text: &str, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
     let p = port.to_string();
     let mut labels = vec![("port", p.as_str()), ("protocol", "udp")];
     labels.extend_from_slice(extra);
-    scrape_metric(server, name, &labels).unwrap_or_else(|| panic!("{name} {labels:?} is exported in\n{}", metrics_text(server)))
+    metric_value(text, name, &labels).unwrap_or_else(|| panic!("{name} {labels:?} is exported in\n{text}"))
+}
+
+/// A UDP mapping's series `name` now (see [`udp_sample`]).
+pub fn udp_metric(server: &Daemon, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
+    udp_sample(&metrics_text(server), name, port, extra)
 }
 
 /// A port free for TCP and for UDP.
