@@ -9,8 +9,15 @@ use std::time::Duration;
 /// ephemeral range: a port the kernel hands out (bind port 0) is one that the
 /// outgoing connections of tests running in parallel — hundreds at a time in
 /// some — can take before the daemon binds it ("port in use by another process").
+/// A port is never handed out twice in one test process: a daemon's API and
+/// tunnel ports are both chosen before it binds either, and a random draw that
+/// repeats would give it the same port twice.
 pub fn free_port() -> u16 {
     use rand::Rng;
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut handed_out = HANDED_OUT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
@@ -18,12 +25,18 @@ pub fn free_port() -> u16 {
     if ephemeral_start > 10_000 {
         for _ in 0..1000 {
             let port = rand::thread_rng().gen_range(10_000..ephemeral_start);
-            if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            if !handed_out.contains(&port) && TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                handed_out.insert(port);
                 return port;
             }
         }
     }
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0");
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// `127.0.0.1:port`: where a mapping on `port` (or anything the tests bind)
