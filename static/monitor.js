@@ -461,7 +461,9 @@
     received: 'Tunnel wire bytes from the client to this server',
     mappings: 'Mappings that are served through this client',
     rtt: 'Round trip of the tunnel, measured by the latest heartbeat and its echo',
+    udp: 'How UDP mappings\' datagrams travel to this client: as QUIC datagrams, or framed on a tunnel data channel where UDP to the server is blocked (and always on a plain tunnel)',
   };
+  const UDP_TRANSPORTS = { quic: 'QUIC datagrams', framed: 'Framed on TCP' };
 
   function clientCard(c, r, lost) {
     const state = lost ? 'unknown' : String(Boolean(c.connected));
@@ -508,7 +510,12 @@
         c.connected && !lost ? formatLatency(c.rtt_seconds) : '—')),
       ...fact('Sent', 'sent', ...traffic(c.bytes_sent, r.sent)),
       ...fact('Received', 'received', ...traffic(c.bytes_received, r.recv)),
-      ...fact('Mappings', 'mappings', el('span', { 'data-role': 'value', 'data-count': count }, intFormat.format(count)))));
+      ...fact('Mappings', 'mappings', el('span', { 'data-role': 'value', 'data-count': count }, intFormat.format(count))),
+      // Only once a UDP session has gone through this client: before that there is no datagram link.
+      ...(c.udp_transport && !lost
+        ? fact('UDP', 'udp', el('span', { 'data-role': 'value', 'data-transport': c.udp_transport },
+          UDP_TRANSPORTS[c.udp_transport] ?? c.udp_transport))
+        : [])));
   }
 
   /** "Connected 12 min" and "Last active 3 s ago" move on between samples. */

@@ -56,6 +56,21 @@ fn listed_transport(server: &Daemon, name: &str) -> Value {
     client.get("udp_transport").cloned().unwrap_or_else(|| panic!("no udp_transport field in {client}"))
 }
 
+/// The client `default`'s `UDP` column in `tunneld ctl client list` (the
+/// table's columns are aligned: read the row from where the header's `UDP` starts).
+fn ctl_listed_transport(server: &Daemon) -> String {
+    let out = std::process::Command::new(BIN).args(["ctl", "--api", &server.url(""), "client", "list"]).output().expect("run ctl");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let header: Vec<char> = table.lines().next().unwrap_or_default().chars().collect();
+    let column = header.windows(5).position(|w| w.iter().collect::<String>() == "  UDP").map(|at| at + 2);
+    let row = table.lines().find(|l| l.starts_with("default "));
+    match (column, row) {
+        (Some(column), Some(row)) => row.chars().skip(column).take_while(|c| !c.is_whitespace()).collect(),
+        _ => panic!("no UDP column or no default row in\n{table}"),
+    }
+}
+
 /// Waits until the client `default` shows `transport` in the API and the gauge.
 fn wait_for_transport(server: &Daemon, transport: &str) {
     wait_for(&format!("the client's UDP transport to be {transport}"), Duration::from_secs(20), || {
@@ -137,6 +152,7 @@ fn a_tls_tunnel_carries_datagrams_as_quic_datagrams_counted_exactly_both_ways() 
     // connection's stream, whole, and count the same.
     counts_exactly_both_ways(&server, port, &[1, 64, 1000, 1200, 5000, 60_000]);
     wait_for_transport(&server, "quic");
+    assert_eq!(ctl_listed_transport(&server), "quic");
     let said = server.wait_for_log("the tunnel carries UDP datagrams", Duration::from_secs(5));
     assert!(said.contains("udp_transport") && said.contains("quic"), "{said}");
 
@@ -160,6 +176,37 @@ fn a_tls_tunnel_carries_datagrams_as_quic_datagrams_counted_exactly_both_ways() 
     });
     eprintln!("tunnel wire bytes for 1000 datagrams of 1000 B each way over QUIC: sent {}, received {}", grew.0, grew.1);
     assert!(grew.0 < 1_500_000.0 && grew.1 < 1_500_000.0, "QUIC's overhead on 1000 datagrams of 1 kB each way: {grew:?}");
+}
+
+#[test]
+fn the_monitor_page_says_on_the_client_card_how_the_tunnel_carries_udp() {
+    let Some(chromium) = common::tools::external_tool("chromium", "udp_tunnel") else { return };
+    let (_dir, server) = tls_server("");
+    let _client = Daemon::client(&server, SECRET, &[]);
+    let mut browser = common::browser::Browser::launch(&chromium, &[], None);
+    browser.navigate(&server.url("/api/stats/monitor"));
+    let card = r#"document.querySelector('[data-testid="client-card"][data-name="default"]')"#;
+    browser.wait_for("the connected client's card", &format!("{card}?.dataset.connected === 'true'"));
+    assert_eq!(
+        browser.eval(&format!("{card}.querySelector('[data-role=\"udp\"]') === null")),
+        Value::Bool(true),
+        "no UDP fact before a UDP session"
+    );
+
+    let echo = udp_echo();
+    let port = free_port();
+    create_tunneled_udp(&server, port, echo);
+    assert_eq!(exchange(&visitor(2), port, b"hello", Duration::from_secs(10)).as_deref(), Some(&b"hello"[..]));
+    wait_for_transport(&server, "quic");
+    browser.wait_for("the UDP fact on the card", &format!("{card}.querySelector('dd[data-role=\"udp\"]') !== null"));
+    let shown = browser.eval(&format!("{card}.querySelector('dd[data-role=\"udp\"]').textContent"));
+    assert_eq!(shown, "QUIC datagrams");
+    for (width, height, mobile) in [(1440, 900, false), (390, 844, true)] {
+        browser.set_viewport(width, height, mobile);
+        browser.wait_for("the new width", &format!("window.innerWidth === {width}"));
+        browser.eval(&format!("{card}.scrollIntoView({{ block: 'center' }})"));
+        browser.screenshot(&format!("udp-transport-card-{width}.png"));
+    }
 }
 
 /// Forwards every TCP connection to `127.0.0.1:{listen}` to `to`, both ways:
@@ -209,6 +256,7 @@ fn where_udp_to_the_tunnel_port_is_blocked_the_tls_tunnel_falls_back_to_framed()
     create_tunneled_udp(&server, port, echo);
     counts_exactly_both_ways(&server, port, &[1, 500, 1400, 4000]);
     wait_for_transport(&server, "framed");
+    assert_eq!(ctl_listed_transport(&server), "framed");
     let said = client.wait_for_log("falling back to framed", Duration::from_secs(5));
     assert!(said.contains("udp_transport"), "{said}");
 }
@@ -293,6 +341,7 @@ fn datagrams_for_a_client_that_is_not_connected_are_dropped_and_counted_no_tunne
     assert_eq!(no_tunnel(), 3.0);
     assert_eq!(udp_metric(&server, "tunneld_mapping_udp_sessions", port, &[]), 0.0, "no session without a tunnel");
     assert_eq!(listed_transport(&server, "default"), Value::Null, "not connected: no transport");
+    assert_eq!(ctl_listed_transport(&server), "-");
 
     // A client comes: served. It goes: dropped again, its sessions with it.
     let mut client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &[("TUNNELD_CLIENT__TLS", "false")]);
