@@ -161,6 +161,18 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
     // A tunneled one too: its clients' series exist from its creation.
     let tunneled = json!({"source_port": free_port(), "target_host": "127.0.0.1", "target_port": 9, "use_tunnel": true});
     assert_eq!(post(&server, "/api/mapping/create", tunneled).0, 200);
+    // And a tunneled UDP mapping that carried a datagram: a client's UDP
+    // transport series exists only once its datagram link is open.
+    let udp_tunneled = udp::free_udp_port();
+    let echo = udp::udp_echo();
+    let body =
+        json!({"source_port": udp_tunneled, "protocol": "udp", "target_host": "127.0.0.1", "target_port": echo.port(), "use_tunnel": true});
+    assert_eq!(post(&server, "/api/mapping/create", body).0, 200);
+    let reply = udp::exchange(&udp::visitor(2), udp_tunneled, b"hello", std::time::Duration::from_secs(10));
+    assert_eq!(reply.as_deref(), Some(&b"hello"[..]));
+    wait_for("the client's UDP transport series", std::time::Duration::from_secs(10), || {
+        metrics_text(&server).contains("tunneld_tunnel_udp_transport{").then_some(())
+    });
     let server_text = metrics_text(&server);
     let client_text = ureq::get(&client.url("/metrics")).call().expect("client /metrics").into_string().expect("text");
     let exported: BTreeSet<String> = [&server_text, &client_text]
@@ -195,6 +207,7 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_live_server_or_client() {
         "tunneld_mapping_connect_duration_seconds_bucket",
         "tunneld_mapping_connection_duration_seconds_bucket",
         "tunneld_tunnel_rtt_seconds_bucket",
+        "tunneld_tunnel_udp_transport",
     ] {
         assert!(queried.contains(wanted), "the dashboard does not show {wanted}");
     }

@@ -75,6 +75,11 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
     let udp = json!({"source_port": direct_port, "protocol": "udp", "target_host": "127.0.0.1", "target_port": udp_target.port()});
     let (status, reply) = post(&server, "/api/mapping/create", udp);
     assert_eq!(status, 200, "{reply}");
+    // And one through the default client, for its UDP transport (QUIC here).
+    let udp = json!({"source_port": tunneled_port, "protocol": "udp", "target_host": "127.0.0.1", "target_port": udp_target.port(),
+                     "use_tunnel": true});
+    let (status, reply) = post(&server, "/api/mapping/create", udp);
+    assert_eq!(status, 200, "{reply}");
     // One mapping with a quota, for the quota panel (which lists only those).
     let quota = json!({"port": direct_port, "quota": {"bytes": 1_000_000_000u64, "period": "month", "action": "alert"}});
     let (status, reply) = post(&server, "/api/mapping/update", quota);
@@ -96,8 +101,10 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
 
     let visitor = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP visitor");
     visitor.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
-    visitor.send_to(&payload[..1000], loopback(direct_port)).expect("send a datagram");
-    assert_eq!(visitor.recv(&mut [0u8; 2048]).expect("the datagram back"), 1000);
+    for port in [direct_port, tunneled_port] {
+        visitor.send_to(&payload[..1000], loopback(port)).expect("send a datagram");
+        assert_eq!(visitor.recv(&mut [0u8; 2048]).expect("the datagram back"), 1000, "through UDP {port}");
+    }
 
     let len = payload.len() as f64;
     prometheus.wait_until("the traffic and a few more scrapes", deadline, |p| {
@@ -212,6 +219,18 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
             .map(|(at, client, up)| (at.to_string(), client.to_string(), up))
             .collect();
     assert_eq!(seen, expected, "tunnel state per client (instance, client, connected)");
+    // How the default client carries UDP: over QUIC, as the server says (only the
+    // server's view; a client process reports its own sessions instead).
+    let transport =
+        prometheus.query(&substitute(find_query(&queries, "tunneld_tunnel_udp_transport{"), &variables)).expect("UDP transport per client");
+    let transports: BTreeSet<(String, String)> = transport
+        .iter()
+        .map(|s| {
+            let label = |k: &str| s["metric"][k].as_str().unwrap_or("").to_string();
+            (label("client"), label("transport"))
+        })
+        .collect();
+    assert_eq!(transports, BTreeSet::from([("default".to_string(), "quic".to_string())]), "UDP transport per client");
     let mappings = prometheus
         .query(&substitute(find_query(&queries, "count by (instance, client) (tunneld_mapping_client_connections_total"), &variables))
         .expect("mappings per client");
@@ -219,7 +238,8 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         mappings.iter().filter_map(|s| Some((s["metric"]["client"].as_str()?.to_string(), sample_value(s)?))).collect();
     assert_eq!(
         counts,
-        BTreeMap::from([("default".into(), 1.0), ("idle".into(), 0.0), ("office".into(), 1.0)]),
+        // default: its TCP and its UDP mapping on the tunneled port's number.
+        BTreeMap::from([("default".into(), 2.0), ("idle".into(), 0.0), ("office".into(), 1.0)]),
         "tunneled mappings per client"
     );
 
