@@ -9,8 +9,10 @@
 //! connection that never authenticates is counted nowhere, so unknown peers
 //! cannot create label sets.
 //!
-//! Under TLS it also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
-//! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record. The
+//! It also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
+//! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record,
+//! and a plain tunnel's frames and chunk headers are read in pieces of a few
+//! bytes (a visitor's exchange took ten `recv` calls on each end). The
 //! read-ahead takes up to [`READ_AHEAD`] per call instead and hands it out from
 //! memory; its buffer exists only while data is arriving and is released as soon
 //! as the socket has nothing more, so an idle connection holds none.
@@ -44,7 +46,8 @@ pub struct MeteredStream {
     read_ahead: bool,
     /// A second handle on the socket, made for the first exchange and kept for
     /// the stream's life (see `exchange::relay`), so a pooled channel does not
-    /// pay a `dup`, two `epoll_ctl` and a `close` per visitor.
+    /// pay a `dup`, two `epoll_ctl` and a `close` per visitor. Making it arms
+    /// the socket for good (see [`MeteredStream::take_watch`]).
     watch: Option<TcpStream>,
     /// The first bytes received, kept while a handshake may fail (see
     /// [`MeteredStream::keeping_first_bytes`]); `None` otherwise.
@@ -93,7 +96,8 @@ impl MeteredStream {
         }
     }
 
-    /// Turns on read-ahead (for a stream that TLS will read in small pieces).
+    /// Turns on read-ahead (for a stream read in small pieces: by TLS, or by
+    /// the tunnel's framing).
     pub(crate) fn reading_ahead(mut self) -> MeteredStream {
         self.read_ahead = true;
         self
@@ -116,11 +120,30 @@ impl MeteredStream {
     /// Lends out the socket's second handle, made on first use; `None` when the
     /// descriptor cannot be duplicated (out of descriptors). Give it back with
     /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
+    ///
+    /// The first use also arms the socket (`SO_LINGER` 0, see `relay::arm`),
+    /// once for the channel's life rather than around each exchange (two
+    /// `setsockopt` per visitor on each end): should this process die or drop
+    /// the channel mid-exchange, the other end gets a reset, never an EOF that
+    /// could pass for the end of the exchange. Between exchanges nothing is in
+    /// flight on the channel, so a reset loses nothing there: the other end
+    /// takes a reset idle channel for a closed one (`TunnelStream::is_stale`,
+    /// the client's wait for a `connect`). Where this end sends a last word
+    /// before it closes, [`MeteredStream::disarm`] lets it arrive first.
     pub(crate) fn take_watch(&mut self) -> Option<TcpStream> {
         self.watch.take().or_else(|| {
+            crate::net::relay::arm(&self.inner);
             let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
             TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
         })
+    }
+
+    /// Undoes the arming of [`MeteredStream::take_watch`] (if it happened), so
+    /// that closing this stream delivers what was written last.
+    pub(crate) fn disarm(&mut self) {
+        if self.watch.is_some() {
+            crate::net::relay::disarm(&self.inner);
+        }
     }
 
     pub(crate) fn return_watch(&mut self, watch: TcpStream) {
