@@ -13,7 +13,9 @@
 //! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record,
 //! and a plain tunnel's frames and chunk headers are read in pieces of a few
 //! bytes (a visitor's exchange took ten `recv` calls on each end). The
-//! read-ahead takes up to [`READ_AHEAD`] per call instead and hands it out from
+//! read-ahead takes up to [`READ_AHEAD`] per call instead (under TLS; a plain
+//! stream, whose payload reads are large and go straight to the socket, reads
+//! only its small reads ahead, [`SMALL_READ_AHEAD`]) and hands it out from
 //! memory; its buffer exists only while data is arriving and is released as soon
 //! as the socket has nothing more, so an idle connection holds none.
 
@@ -29,6 +31,10 @@ use crate::telemetry::Meter;
 
 /// Largest read from the socket when reading ahead.
 const READ_AHEAD: usize = 64 * 1024;
+/// Largest read ahead of a plain stream: enough for a frame, or a chunk's
+/// header and a small payload. A larger one would take the start of the next
+/// large payload too, and copy it once more on its way out of the buffer.
+const SMALL_READ_AHEAD: usize = 4 * 1024;
 
 /// Where a stream's bytes go: a client's meters, or a tally until it is known.
 enum Counting {
@@ -43,7 +49,8 @@ pub struct MeteredStream {
     /// `None`: reads go straight to the socket. `Some`: read-ahead, holding
     /// unread bytes (an empty buffer is dropped, so this is free while idle).
     ahead: Option<BytesMut>,
-    read_ahead: bool,
+    /// How much to read from the socket at once for a read asking less (0: no read-ahead).
+    read_ahead: usize,
     /// A second handle on the socket, made for the first exchange and kept for
     /// the stream's life (see `exchange::relay`), so a pooled channel does not
     /// pay a `dup`, two `epoll_ctl` and a `close` per visitor. Making it arms
@@ -60,12 +67,12 @@ const KEPT_BYTES: usize = 1024;
 impl MeteredStream {
     /// A stream whose bytes count into `sent` and `received` from the first one.
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None, kept: None }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: 0, watch: None, kept: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
     pub(crate) fn unattributed(inner: TcpStream) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None, kept: None }
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: 0, watch: None, kept: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
@@ -96,10 +103,16 @@ impl MeteredStream {
         }
     }
 
-    /// Turns on read-ahead (for a stream read in small pieces: by TLS, or by
-    /// the tunnel's framing).
+    /// Turns on read-ahead (for a stream that TLS will read in small pieces).
     pub(crate) fn reading_ahead(mut self) -> MeteredStream {
-        self.read_ahead = true;
+        self.read_ahead = READ_AHEAD;
+        self
+    }
+
+    /// Turns on read-ahead for small reads only (for a plain tunnel stream,
+    /// whose frames and chunk headers are read a few bytes at a time).
+    pub(crate) fn reading_small_reads_ahead(mut self) -> MeteredStream {
+        self.read_ahead = SMALL_READ_AHEAD;
         self
     }
 
@@ -182,7 +195,7 @@ impl MeteredStream {
             serve(ahead, buf);
             return Poll::Ready(Ok(()));
         }
-        if !this.read_ahead || buf.remaining() >= READ_AHEAD {
+        if buf.remaining() >= this.read_ahead {
             let before = buf.filled().len();
             let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
             let n = buf.filled().len() - before;
@@ -191,10 +204,11 @@ impl MeteredStream {
             }
             return poll;
         }
-        let ahead = this.ahead.get_or_insert_with(|| BytesMut::with_capacity(READ_AHEAD));
+        let size = this.read_ahead;
+        let ahead = this.ahead.get_or_insert_with(|| BytesMut::with_capacity(size));
         // Drained: reuse the whole allocation from its start.
         ahead.clear();
-        ahead.reserve(READ_AHEAD);
+        ahead.reserve(size);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, ahead) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
