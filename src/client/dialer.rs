@@ -71,7 +71,7 @@ impl Dialer {
         let (sent, received) = self.metrics.tunnel_meters(Tunnel::to_server(&self.config.name, server));
         let metered = MeteredStream::new(tcp, sent, received);
         let Some((connector, name)) = &self.tls else {
-            return Ok(TunnelStream::Plain(Box::new(metered)));
+            return Ok(TunnelStream::Plain(Box::new(metered.reading_small_reads_ahead())));
         };
         let handshake = connector.connect(name.clone(), metered.reading_ahead().keeping_first_bytes()).into_fallible();
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {

@@ -296,6 +296,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
             );
             // Not reusable: the visitor's first bytes may be on their way.
             let _ = frame::write_frame(&mut channel, &ConnectResult::ConnectResult { error: Some(error) }).await;
+            channel.close_gracefully();
             return Ok(());
         };
         let timeout = Duration::from_secs(config.connect_timeout_secs);
@@ -320,6 +321,7 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
                 // The server may already have sent the visitor's first bytes: this
                 // channel is not reusable; answer and close it.
                 let _ = frame::write_frame(&mut channel, &reply).await;
+                channel.close_gracefully();
                 return Ok(());
             }
         };

@@ -9,9 +9,13 @@
 //! connection that never authenticates is counted nowhere, so unknown peers
 //! cannot create label sets.
 //!
-//! Under TLS it also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
-//! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record. The
-//! read-ahead takes up to [`READ_AHEAD`] per call instead and hands it out from
+//! It also reads ahead: rustls asks for 4 KiB at a time, which on a bulk
+//! transfer means four `recv` calls (and as many wake-ups) per 16 KiB record,
+//! and a plain tunnel's frames and chunk headers are read in pieces of a few
+//! bytes (a visitor's exchange took ten `recv` calls on each end). The
+//! read-ahead takes up to [`READ_AHEAD`] per call instead (under TLS; a plain
+//! stream, whose payload reads are large and go straight to the socket, reads
+//! only its small reads ahead, [`SMALL_READ_AHEAD`]) and hands it out from
 //! memory; its buffer exists only while data is arriving and is released as soon
 //! as the socket has nothing more, so an idle connection holds none.
 
@@ -27,6 +31,10 @@ use crate::telemetry::Meter;
 
 /// Largest read from the socket when reading ahead.
 const READ_AHEAD: usize = 64 * 1024;
+/// Largest read ahead of a plain stream: enough for a frame, or a chunk's
+/// header and a small payload. A larger one would take the start of the next
+/// large payload too, and copy it once more on its way out of the buffer.
+const SMALL_READ_AHEAD: usize = 4 * 1024;
 
 /// Where a stream's bytes go: a client's meters, or a tally until it is known.
 enum Counting {
@@ -41,10 +49,12 @@ pub struct MeteredStream {
     /// `None`: reads go straight to the socket. `Some`: read-ahead, holding
     /// unread bytes (an empty buffer is dropped, so this is free while idle).
     ahead: Option<BytesMut>,
-    read_ahead: bool,
+    /// How much to read from the socket at once for a read asking less (0: no read-ahead).
+    read_ahead: usize,
     /// A second handle on the socket, made for the first exchange and kept for
     /// the stream's life (see `exchange::relay`), so a pooled channel does not
-    /// pay a `dup`, two `epoll_ctl` and a `close` per visitor.
+    /// pay a `dup`, two `epoll_ctl` and a `close` per visitor. Making it arms
+    /// the socket for good (see [`MeteredStream::take_watch`]).
     watch: Option<TcpStream>,
     /// The first bytes received, kept while a handshake may fail (see
     /// [`MeteredStream::keeping_first_bytes`]); `None` otherwise.
@@ -57,12 +67,12 @@ const KEPT_BYTES: usize = 1024;
 impl MeteredStream {
     /// A stream whose bytes count into `sent` and `received` from the first one.
     pub fn new(inner: TcpStream, sent: Meter, received: Meter) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: false, watch: None, kept: None }
+        MeteredStream { inner, counting: Counting::Meters { sent, received }, ahead: None, read_ahead: 0, watch: None, kept: None }
     }
 
     /// A stream whose client is not known yet; see [`MeteredStream::attribute`].
     pub(crate) fn unattributed(inner: TcpStream) -> MeteredStream {
-        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: false, watch: None, kept: None }
+        MeteredStream { inner, counting: Counting::Tally { sent: 0, received: 0 }, ahead: None, read_ahead: 0, watch: None, kept: None }
     }
 
     /// Counts everything from here into these meters, starting with what crossed
@@ -95,7 +105,14 @@ impl MeteredStream {
 
     /// Turns on read-ahead (for a stream that TLS will read in small pieces).
     pub(crate) fn reading_ahead(mut self) -> MeteredStream {
-        self.read_ahead = true;
+        self.read_ahead = READ_AHEAD;
+        self
+    }
+
+    /// Turns on read-ahead for small reads only (for a plain tunnel stream,
+    /// whose frames and chunk headers are read a few bytes at a time).
+    pub(crate) fn reading_small_reads_ahead(mut self) -> MeteredStream {
+        self.read_ahead = SMALL_READ_AHEAD;
         self
     }
 
@@ -116,11 +133,30 @@ impl MeteredStream {
     /// Lends out the socket's second handle, made on first use; `None` when the
     /// descriptor cannot be duplicated (out of descriptors). Give it back with
     /// [`MeteredStream::return_watch`] to reuse it for the next exchange.
+    ///
+    /// The first use also arms the socket (`SO_LINGER` 0, see `relay::arm`),
+    /// once for the channel's life rather than around each exchange (two
+    /// `setsockopt` per visitor on each end): should this process die or drop
+    /// the channel mid-exchange, the other end gets a reset, never an EOF that
+    /// could pass for the end of the exchange. Between exchanges nothing is in
+    /// flight on the channel, so a reset loses nothing there: the other end
+    /// takes a reset idle channel for a closed one (`TunnelStream::is_stale`,
+    /// the client's wait for a `connect`). Where this end sends a last word
+    /// before it closes, [`MeteredStream::disarm`] lets it arrive first.
     pub(crate) fn take_watch(&mut self) -> Option<TcpStream> {
         self.watch.take().or_else(|| {
+            crate::net::relay::arm(&self.inner);
             let duplicate = socket2::SockRef::from(&self.inner).try_clone().ok()?;
             TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
         })
+    }
+
+    /// Undoes the arming of [`MeteredStream::take_watch`] (if it happened), so
+    /// that closing this stream delivers what was written last.
+    pub(crate) fn disarm(&mut self) {
+        if self.watch.is_some() {
+            crate::net::relay::disarm(&self.inner);
+        }
     }
 
     pub(crate) fn return_watch(&mut self, watch: TcpStream) {
@@ -159,7 +195,7 @@ impl MeteredStream {
             serve(ahead, buf);
             return Poll::Ready(Ok(()));
         }
-        if !this.read_ahead || buf.remaining() >= READ_AHEAD {
+        if buf.remaining() >= this.read_ahead {
             let before = buf.filled().len();
             let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
             let n = buf.filled().len() - before;
@@ -168,10 +204,11 @@ impl MeteredStream {
             }
             return poll;
         }
-        let ahead = this.ahead.get_or_insert_with(|| BytesMut::with_capacity(READ_AHEAD));
+        let size = this.read_ahead;
+        let ahead = this.ahead.get_or_insert_with(|| BytesMut::with_capacity(size));
         // Drained: reuse the whole allocation from its start.
         ahead.clear();
-        ahead.reserve(READ_AHEAD);
+        ahead.reserve(size);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, ahead) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {

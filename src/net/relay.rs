@@ -7,9 +7,10 @@
 //! no user-space buffer at all, which keeps thousands of open tunnels cheap.
 //!
 //! Between two sockets (a direct mapping) the bytes need not come up to user
-//! space at all: given [`Pipes`], a direction splices each burst through a pipe
-//! in the kernel (see [`super::splice`]) and copies only where splice cannot
-//! serve. Either way the bytes are counted as they reach the other socket,
+//! space at all: given [`Pipes`], a direction that turns out to carry a bulk
+//! transfer splices its bursts through a pipe in the kernel (see
+//! [`super::splice`]); a short exchange, and where splice cannot serve, copy
+//! (see [`pump`]). Either way the bytes are counted as they reach the other socket,
 //! paced by the same cap, and end the same way.
 //!
 //! It also owns how a forwarded connection ends (see [`relay`]): cleanly only when
@@ -199,6 +200,13 @@ pub(crate) fn disarm(stream: &TcpStream) {
 /// given back as soon as it has none, so an idle direction holds no pipe, as
 /// it holds no buffer.
 ///
+/// A direction copies until one read fills what it asked for (more is
+/// waiting: a bulk transfer), and splices from then on. A request or an
+/// answer of a few bytes costs a copy two calls (`recv`, `send`) and a splice
+/// three or more (into the pipe, out of it, and the peeks that tell a drained
+/// socket or its end from urgent data): the first read of a short-lived
+/// connection copies, a bulk one splices all but its first [`CHUNK`].
+///
 /// Errors name the socket they came from, `sides` being (`src`, `dst`).
 async fn pump(
     src: &TcpStream,
@@ -210,6 +218,8 @@ async fn pump(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
+    // Whether a read filled what it asked for: splice from then on.
+    let mut bulk = false;
     loop {
         let ready = match src.readable().now_or_never() {
             Some(ready) => ready,
@@ -222,12 +232,16 @@ async fn pump(
             }
         };
         ready.map_err(|e| on(sides.0, e))?;
-        if pipe.is_none() {
+        if pipe.is_none() && bulk {
             pipe = pipes.and_then(Pipes::take);
         }
+        let reads = match pipes.is_some() && !bulk {
+            true => Reads::UntilFull,
+            false => Reads::UntilDrained,
+        };
         let burst = match &pipe {
             Some(p) => splice_burst(src, dst, p, meter, activity, sides, &mut total).await?,
-            None => copy_burst(src, dst, meter, activity, sides, &mut total, Reads::UntilDrained).await?,
+            None => copy_burst(src, dst, meter, activity, sides, &mut total, reads).await?,
         };
         let burst = match burst {
             // Splice read nothing: the end — unless urgent data comes before
@@ -238,6 +252,7 @@ async fn pump(
         };
         match burst {
             Burst::Drained | Burst::MaybeEnded => {}
+            Burst::Bulk => bulk = true,
             Burst::Ended => {
                 // Half-close: the peer may still be sending the other way.
                 // ENOTCONN here only means the other side is already gone.
@@ -269,6 +284,9 @@ enum Burst {
     MaybeEnded,
     /// The kernel refused to splice (see [`cannot_splice`]).
     Refused(io::Error),
+    /// A read filled what it asked for and more is probably waiting (see
+    /// [`Reads::UntilFull`]).
+    Bulk,
 }
 
 /// How much of what `src` has [`copy_burst`] copies.
@@ -283,6 +301,9 @@ enum Reads {
     /// reads and writes per GB, against 20), after a splice found the socket
     /// empty and a segment arrived before the check for urgent data.
     One,
+    /// Until it runs dry or a read fills what it asked for ([`Burst::Bulk`]):
+    /// a direction that may splice, until it turns out to be a bulk one.
+    UntilFull,
 }
 
 /// Copies what `src` has now (or one read of it, see [`Reads`]) to `dst`
@@ -319,6 +340,9 @@ async fn copy_burst(
                 // tell us rather than paying for a WouldBlock syscall.
                 if n < allowed || reads == Reads::One {
                     return Ok(Burst::Drained);
+                }
+                if reads == Reads::UntilFull {
+                    return Ok(Burst::Bulk);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),

@@ -36,6 +36,12 @@ impl TunnelStream {
         self.metered().return_watch(watch)
     }
 
+    /// Closes the channel so that what was written last arrives (see
+    /// [`MeteredStream::disarm`]): for a last word such as a refusal.
+    pub(crate) fn close_gracefully(mut self) {
+        self.metered().disarm();
+    }
+
     /// Counts this connection, from its first byte, as `client`'s (see
     /// [`MeteredStream::attribute`]).
     pub(crate) fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {

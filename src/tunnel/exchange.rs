@@ -144,7 +144,8 @@ pub(crate) async fn probe<S: AsyncRead + AsyncWrite + Unpin>(channel: &mut S, co
 /// reset) or on the channel, even while the other direction is blocked, or no
 /// byte either way for `idle_timeout`, aborts the exchange; the socket stays armed (a reset on
 /// close) and the other end is sent a [`RESET`]. After a clean end the socket is
-/// disarmed, so its close delivers every byte.
+/// disarmed, so its close delivers every byte. The channel stays armed for its
+/// life (see `MeteredStream::take_watch`): idle, it has nothing in flight.
 pub(crate) async fn relay(
     mut channel: TunnelStream,
     socket: &TcpStream,
@@ -153,10 +154,8 @@ pub(crate) async fn relay(
     answer: Answer<'_>,
     idle_timeout: Duration,
 ) -> Result<(TunnelStream, u64, u64), ExchangeError> {
+    // Armed for the channel's life (see `MeteredStream::take_watch`).
     let watch = channel.take_watch();
-    if let Some(watch) = &watch {
-        relay::arm(watch);
-    }
     let (mut reader, mut writer) = tokio::io::split(channel);
     let answered = AtomicBool::new(!matches!(answer, Answer::Expected { .. }));
     let sent_ahead = match answer {
@@ -187,7 +186,6 @@ pub(crate) async fn relay(
             relay::disarm(socket);
             let mut channel = reader.unsplit(writer);
             if let Some(watch) = watch {
-                relay::disarm(&watch);
                 channel.return_watch(watch);
             }
             Ok((channel, up, down))

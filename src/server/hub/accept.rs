@@ -344,7 +344,7 @@ impl TunnelHub {
                     None
                 }
             },
-            (None, false) => Some(TunnelStream::Plain(Box::new(metered))),
+            (None, false) => Some(TunnelStream::Plain(Box::new(metered.reading_small_reads_ahead()))),
             (Some(_), false) => {
                 // A version-1 client, a client with `tls = false`, or garbage: read
                 // its hello in the clear to tell which, and answer in the clear.

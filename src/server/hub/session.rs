@@ -95,11 +95,12 @@ impl Lease {
         self.0.client.removed.is_cancelled()
     }
 
-    /// Into the session's pool (or to a waiting visitor); dropped if the session
-    /// has ended meanwhile.
+    /// Into the session's pool (or to a waiting visitor); closed if the session
+    /// has ended meanwhile, after what the exchange wrote last.
     pub fn give_back(self, stream: TunnelStream) {
-        if !self.0.cancel.is_cancelled() {
-            self.0.offer(stream);
+        match self.0.cancel.is_cancelled() {
+            false => self.0.offer(stream),
+            true => stream.close_gracefully(),
         }
     }
 }
