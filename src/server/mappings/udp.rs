@@ -28,8 +28,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -60,6 +60,12 @@ use crate::tunnel::datagram::SendError;
 /// [`MAPPING_QUEUED_BYTES`] whatever the count.
 const SESSION_QUEUE: usize = 2048;
 
+/// Datagrams a direct session's task sends toward its target in one
+/// `sendmmsg`, of those already waiting in its queue when it wakes: one system
+/// call and one wake-up of the target for a burst, instead of one each per
+/// datagram (see [`net::udp::send_many`]).
+const SEND_BATCH: usize = 32;
+
 /// Payload bytes all sessions of one mapping may have waiting for their
 /// targets together, so a flood of large datagrams cannot grow memory with the
 /// number of sessions.
@@ -76,51 +82,6 @@ struct SessionHandle {
     /// Distinguishes this session from a later one of the same address.
     id: u64,
     queue: mpsc::Sender<Vec<u8>>,
-    /// The receive loop's way around the queue, once the session is open.
-    shortcut: Arc<Shortcut>,
-}
-
-/// Lets the mapping's receive loop send a direct session's datagram to its
-/// target itself, instead of queueing it and waking the session's task: at a
-/// few hundred Mbit/s that wake-up, one per datagram, was where the CPU went
-/// (the scheduler's switch and the sockets' wake-ups led the profile) and the
-/// session's queue overflowed while its task waited for a core.
-///
-/// The receive loop takes the shortcut only while nothing of the session's
-/// waits in (or is being sent from) its queue, so datagrams stay in order,
-/// and only without a bandwidth cap, whose pacing is the queue's; otherwise,
-/// and whenever the target's socket would block, the datagram is queued as
-/// before. Both ways count in the same meter and counters.
-struct Shortcut {
-    /// The session's socket toward the target and its visitor→target meter,
-    /// set by the session's task once the socket is open (direct sessions only).
-    target: OnceLock<(Arc<UdpSocket>, Meter)>,
-    /// Datagrams queued for the session's task that it has not finished
-    /// sending (or dropping) yet: the shortcut is closed while there are any.
-    queued: AtomicUsize,
-    /// When the session started, what [`Shortcut::last_forwarded`] counts from.
-    opened: Instant,
-    /// Milliseconds from `opened` to the last datagram the receive loop sent
-    /// itself, for the session's idle end (its task does not see them).
-    last_forwarded: AtomicU64,
-}
-
-impl Shortcut {
-    fn new() -> Shortcut {
-        Shortcut { target: OnceLock::new(), queued: AtomicUsize::new(0), opened: Instant::now(), last_forwarded: AtomicU64::new(0) }
-    }
-
-    /// Notes a datagram the receive loop forwarded itself.
-    fn forwarded_now(&self) {
-        let since = self.opened.elapsed().as_millis();
-        self.last_forwarded.fetch_max(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    /// When the receive loop last forwarded a datagram itself (the session's
-    /// start, if never).
-    fn last_forwarded(&self) -> Instant {
-        self.opened + std::time::Duration::from_millis(self.last_forwarded.load(Ordering::Relaxed))
-    }
 }
 
 /// What every session of a mapping shares.
@@ -214,16 +175,11 @@ impl Shared {
     /// Queues one admitted datagram for `peer`'s session, opening it if needed.
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
-        let mut sessions = lock(&self.sessions);
-        if let Some(session) = sessions.get(&peer) {
-            if self.send_past_queue(peer, &session.shortcut, datagram) {
-                return;
-            }
-        }
         if self.queued.load(Ordering::Relaxed) + datagram.len() > MAPPING_QUEUED_BYTES {
             self.metrics.udp.dropped_queue_full.inc();
             return;
         }
+        let mut sessions = lock(&self.sessions);
         if self.spec.use_tunnel && !sessions.contains_key(&peer) {
             if !self.tunnel_available() {
                 self.metrics.udp.dropped_no_tunnel.inc();
@@ -239,22 +195,17 @@ impl Shared {
             }
         }
         if let Some(session) = sessions.get(&peer) {
-            // Counted before the datagram is in the queue, so the shortcut is
-            // closed by the time the session's task could take it.
-            session.shortcut.queued.fetch_add(1, Ordering::AcqRel);
             match session.queue.try_send(datagram.to_vec()) {
                 Ok(()) => {
                     self.queued.fetch_add(datagram.len(), Ordering::Relaxed);
                     return;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    session.shortcut.queued.fetch_sub(1, Ordering::AcqRel);
                     self.metrics.udp.dropped_queue_full.inc();
                     return;
                 }
                 // Its task ended a moment ago: a new session takes its place.
                 Err(mpsc::error::TrySendError::Closed(_)) => {
-                    session.shortcut.queued.fetch_sub(1, Ordering::AcqRel);
                     sessions.remove(&peer);
                 }
             }
@@ -272,21 +223,18 @@ impl Shared {
             return;
         };
         let (queue, receiver) = mpsc::channel(SESSION_QUEUE);
-        let shortcut = Arc::new(Shortcut::new());
         // Fits: the channel is new and empty.
-        shortcut.queued.fetch_add(1, Ordering::AcqRel);
         let _ = queue.try_send(datagram.to_vec());
         self.queued.fetch_add(datagram.len(), Ordering::Relaxed);
         *next_id += 1;
         let id = *next_id;
-        sessions.insert(peer, SessionHandle { id, queue, shortcut: shortcut.clone() });
+        sessions.insert(peer, SessionHandle { id, queue });
         drop(sessions);
         let tracked = self.ctx.live.open(self.spec.key(), None, peer);
         let shared = self.clone();
         self.ctx.connections.spawn(self.tasks.track_future(async move {
             let _held = held;
-            let session = Session { peer, id, shortcut };
-            let end = shared.run_session(&session, receiver, &tracked).await;
+            let end = shared.run_session(peer, receiver, &tracked).await;
             {
                 let mut sessions = lock(&shared.sessions);
                 if sessions.get(&peer).is_some_and(|s| s.id == id) {
@@ -299,8 +247,8 @@ impl Shared {
 
     /// One session: datagrams from `queue` to the target, the target's back to
     /// `peer`, until it is idle for `server.udp_session_idle_secs`.
-    async fn run_session(&self, session: &Session, mut queue: mpsc::Receiver<Vec<u8>>, tracked: &Tracked) -> End {
-        let (port, peer) = (self.spec.source_port, session.peer);
+    async fn run_session(&self, peer: SocketAddr, mut queue: mpsc::Receiver<Vec<u8>>, tracked: &Tracked) -> End {
+        let port = self.spec.source_port;
         let visit = self.metrics.visitor_accepted();
         self.metrics.udp.sessions.inc();
         let _session = SessionGauge(&self.metrics.udp);
@@ -308,14 +256,7 @@ impl Shared {
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
         let opened = match self.spec.use_tunnel {
             true => self.open_tunneled(tracked).await,
-            false => match self.open_target().await {
-                Ok(socket) => {
-                    let socket = Arc::new(socket);
-                    let _ = session.shortcut.target.set((socket.clone(), up.clone()));
-                    Ok(Target::Socket(socket))
-                }
-                Err(e) => Err(OpenFailed::Unreachable(e.to_string())),
-            },
+            false => self.open_target().await.map(Target::Socket).map_err(|e| OpenFailed::Unreachable(e.to_string())),
         };
         let mut target = match opened {
             Ok(target) => target,
@@ -350,13 +291,7 @@ impl Shared {
         tokio::pin!(deadline);
         let end = loop {
             tokio::select! {
-                _ = &mut deadline => {
-                    // Datagrams the receive loop sent itself count as activity too.
-                    match self.end_if_idle(session, idle) {
-                        Ok(()) => break End::IdleTimeout,
-                        Err(busy_until) => deadline.as_mut().reset(busy_until),
-                    }
-                }
+                _ = &mut deadline => break End::IdleTimeout,
                 _ = tracked.close_requested() => break End::ClosedByApi,
                 _ = self.cancel.cancelled() => {
                     break if self.ctx.abort.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
@@ -366,10 +301,25 @@ impl Shared {
                     let Some(datagram) = datagram else {
                         break if self.ctx.stop_accepting.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
                     };
-                    self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
                     deadline.as_mut().reset(Instant::now() + idle);
-                    self.to_target(peer, &target, datagram, &up).await;
-                    session.shortcut.queued.fetch_sub(1, Ordering::AcqRel);
+                    match &target {
+                        // Uncapped, what else waits goes in the same system call.
+                        Target::Socket(socket) if !up.capped() => {
+                            let mut batch = Vec::with_capacity(SEND_BATCH);
+                            batch.push(datagram);
+                            while batch.len() < SEND_BATCH {
+                                let Ok(next) = queue.try_recv() else { break };
+                                batch.push(next);
+                            }
+                            self.to_socket(peer, socket, &batch, &up).await;
+                            let bytes = batch.iter().map(Vec::len).sum();
+                            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                        }
+                        _ => {
+                            self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+                            self.to_target(peer, &target, datagram, &up).await;
+                        }
+                    }
                 }
                 reply = target.recv(max) => match reply {
                     Ok(Reply::Datagram(reply)) => {
@@ -389,56 +339,13 @@ impl Shared {
             }
         };
         // What is still queued is dropped with the session: give back its share
-        // of the mapping's queue bound.
+        // of the mapping's bound on queued bytes.
         queue.close();
         while let Ok(datagram) = queue.try_recv() {
             self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
         }
         debug!(port, %peer, end = end.name(), "UDP session ended");
         end
-    }
-
-    /// Sends `datagram` straight to its session's target from the receive
-    /// loop, if the session's [`Shortcut`] is open: true when it was dealt
-    /// with (sent and counted as [`Shared::to_target`] would have, or refused
-    /// by the target), false when it is to be queued as before.
-    fn send_past_queue(&self, peer: SocketAddr, shortcut: &Shortcut, datagram: &[u8]) -> bool {
-        let Some((socket, up)) = shortcut.target.get() else { return false };
-        if up.capped() || shortcut.queued.load(Ordering::Acquire) > 0 {
-            return false;
-        }
-        let len = datagram.len();
-        match socket.try_send(datagram) {
-            Ok(n) if n == len => {
-                up.record(len as u64);
-                self.metrics.udp.datagrams_sent.inc();
-            }
-            // A datagram goes whole or not at all: as `to_target`, not counted.
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) => self.target_error(peer, &e),
-        }
-        shortcut.forwarded_now();
-        true
-    }
-
-    /// At a session's idle deadline: ends the session, taking it out of the
-    /// mapping's table so no further datagram is sent past its queue, unless
-    /// the receive loop forwarded one since or one is queued (then `Err` with
-    /// the new deadline).
-    fn end_if_idle(&self, session: &Session, idle: std::time::Duration) -> Result<(), Instant> {
-        let mut sessions = lock(&self.sessions);
-        let busy_until = session.shortcut.last_forwarded() + idle;
-        if busy_until > Instant::now() {
-            return Err(busy_until);
-        }
-        if session.shortcut.queued.load(Ordering::Acquire) > 0 {
-            return Err(Instant::now() + idle);
-        }
-        if sessions.get(&session.peer).is_some_and(|s| s.id == session.id) {
-            sessions.remove(&session.peer);
-        }
-        Ok(())
     }
 
     /// Whether any client of the (tunneled) mapping is connected now.
@@ -502,6 +409,31 @@ impl Shared {
         }
     }
 
+    /// Sends `batch` to a direct session's target without a cap, as few
+    /// system calls as the socket takes them in: each datagram counted once
+    /// the socket took it whole, as [`Shared::to_target`] does; one the target
+    /// refused is not, and the rest still go.
+    async fn to_socket(&self, peer: SocketAddr, socket: &UdpSocket, batch: &[Vec<u8>], up: &Meter) {
+        let mut next = 0;
+        while next < batch.len() {
+            let rest = &batch[next..];
+            match socket.async_io(tokio::io::Interest::WRITABLE, || net::udp::send_many(socket, rest)).await {
+                Ok(sent) => {
+                    for datagram in &rest[..sent] {
+                        up.record(datagram.len() as u64);
+                        self.metrics.udp.datagrams_sent.inc();
+                    }
+                    // Nothing taken and no error cannot happen; skip one rather than spin.
+                    next += sent.max(1);
+                }
+                Err(e) => {
+                    self.target_error(peer, &e);
+                    next += 1;
+                }
+            }
+        }
+    }
+
     /// Sends one of the target's datagrams to the visitor, within the cap.
     async fn to_visitor(&self, peer: SocketAddr, datagram: &[u8], down: &Meter) {
         whole_allowance(down, datagram.len()).await;
@@ -533,21 +465,11 @@ impl Shared {
     }
 }
 
-/// What a session's task knows of itself.
-struct Session {
-    /// The visitor's address.
-    peer: SocketAddr,
-    /// Its [`SessionHandle::id`].
-    id: u64,
-    shortcut: Arc<Shortcut>,
-}
-
 /// Where a session's datagrams go: the one thing a direct session and a
 /// tunneled one do differently.
 enum Target {
-    /// Direct: a socket of the session's own, connected to the target (shared
-    /// with the receive loop's [`Shortcut`]).
-    Socket(Arc<UdpSocket>),
+    /// Direct: a socket of the session's own, connected to the target.
+    Socket(UdpSocket),
     /// Tunneled: a session of `client`'s, which holds the socket toward the
     /// target; `_serving` counts it as one of the client's connections.
     Tunnel { client: Arc<str>, _serving: Serving, session: TunnelUdpSession },
