@@ -1,16 +1,14 @@
-//! A direct UDP session's shortcut (issue 22, direct UDP at loopback's rate):
-//! once a session is open, the mapping's receive loop sends a visitor's
-//! datagram to the target itself, and queues it for the session's task only
-//! while something of that session is already queued (order), a bandwidth cap
-//! paces the mapping, or the target's socket would block. These tests hold
-//! what must not change whichever way a datagram goes: order, exact counts,
+//! A direct UDP session's fast path (issue 22, direct UDP toward loopback's
+//! rate): a session's task sends what waits in its queue toward the target
+//! with one `sendmmsg` when no cap paces the mapping, one datagram at a time
+//! behind a cap. These tests hold what must not change whichever way a
+//! datagram goes: order, exact counts (the mapping's and the session's own),
 //! nothing lost unaccounted or duplicated, the idle end, and the mapping's
-//! bound on queued bytes.
+//! bound on queued bytes once sessions end with datagrams still queued.
 //!
-//! A target that stops reading does not make the session's socket block on
-//! loopback (the kernel drops at the target's full buffer and the sender
-//! never waits), so the queue/shortcut mix is made with a cap that is lifted
-//! while datagrams wait behind it.
+//! A target that stops reading does not make a sender block on loopback (the
+//! kernel drops at the target's full buffer, and the sender never waits), so
+//! the mix of paths is made with a cap lifted while datagrams wait behind it.
 
 mod common;
 
@@ -143,7 +141,7 @@ fn datagrams_queued_behind_a_cap_keep_their_order_when_the_cap_is_lifted() {
     let (seqs, bytes) = target.sequence_after(240);
     assert_eq!(seqs, (0..240).collect::<Vec<u32>>(), "all of them, in the order sent, once");
     assert_eq!(bytes, 240_000);
-    // And after the queue ran dry, the shortcut carries on in order.
+    // Uncapped from now on: batches, in order.
     for seq in 240..1240 {
         v.send_to(&numbered(seq, 1000), loopback(port)).expect("send");
     }
@@ -157,15 +155,14 @@ fn datagrams_queued_behind_a_cap_keep_their_order_when_the_cap_is_lifted() {
 }
 
 #[test]
-fn a_session_fed_past_its_queue_stays_open_while_datagrams_flow_and_ends_when_they_stop() {
+fn a_session_stays_open_while_one_way_datagrams_flow_and_ends_when_they_stop() {
     let (_dir, path) = config_file("[server]\nudp_session_idle_secs = 1\n");
     let server = Daemon::server(SECRET, &["--config", &path]);
     let target = Recorder::start();
     let port = free_port();
     create_udp(&server, port, target.addr, json!({}));
     let v = visitor(2);
-    // Three idle periods of datagrams that only the receive loop sees (the
-    // target never answers, so the session's task has nothing to do).
+    // Three idle periods of datagrams one way (the target never answers).
     let started = std::time::Instant::now();
     let mut seq = 0;
     while started.elapsed() < Duration::from_millis(3000) {
