@@ -104,6 +104,8 @@ struct Shared {
     /// The sessions' tasks, so the mapping's end waits for them: they hold its
     /// socket, and the port must be free again when a removal returns.
     tasks: TaskTracker,
+    /// The daemon's runtime, where the sessions' tasks run.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Serves a bound UDP mapping until it is removed or the daemon stops.
@@ -129,40 +131,31 @@ pub(super) async fn serve(
         queued: AtomicUsize::new(0),
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
+        runtime: tokio::runtime::Handle::current(),
     });
-    let max = ctx.settings.max_udp_datagram;
-    // One byte more than the largest datagram forwarded: a datagram that fills
-    // it was larger, and is dropped rather than forwarded cut.
-    let mut buf = vec![0u8; max + 1];
-    let mut next_id = 0u64;
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ctx.stop_accepting.cancelled() => break,
-            received = shared.listener.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    // ICMP errors reported on the unconnected socket, and the
-                    // like: nothing to do for one datagram, keep serving.
-                    debug!(port, error = %e, "UDP receive failed");
-                    continue;
-                }
-            },
-        };
-        if n > max {
-            shared.metrics.udp.dropped_too_large.inc();
-            debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
-            continue;
+    // The receive loop gets a thread of its own, so the sessions' tasks
+    // (on the runtime's workers) send while it reads. On a worker, a session's
+    // task woken by the loop ran on the loop's thread after it, never beside
+    // it (tokio runs a task a worker wakes next on that worker): one thread
+    // did every datagram's read and send in turn.
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let receiving = shared.clone();
+    let spawned = std::thread::Builder::new().name(format!("udp-{port}")).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(runtime) => runtime.block_on(receiving.receive(&cancel)),
+            Err(e) => info!(port, error = %e, "the UDP mapping's receive loop could not start"),
         }
-        if !shared.policy.admits(peer.ip()) {
-            shared.metrics.refused_acl.inc();
-            continue;
+        let _ = done.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
         }
-        if shared.policy.quota_blocked() {
-            shared.metrics.refused_quota.inc();
-            continue;
+        // No thread to be had: the loop runs here, on a worker, as it did.
+        Err(e) => {
+            debug!(port, error = %e, "no thread for the UDP mapping's receive loop; it shares the workers");
+            shared.receive(&shared.cancel).await;
         }
-        shared.forward(peer, &buf[..n], &mut next_id);
     }
     // Sessions end with the mapping (their queues close; on removal their
     // tasks see the same token), and hold its socket until they have.
@@ -172,6 +165,46 @@ pub(super) async fn serve(
 }
 
 impl Shared {
+    /// Reads the mapping's socket until the mapping is removed or the daemon
+    /// stops, and hands each admitted datagram to its session.
+    async fn receive(self: &Arc<Self>, cancel: &CancellationToken) {
+        let port = self.spec.source_port;
+        let max = self.ctx.settings.max_udp_datagram;
+        // One byte more than the largest datagram forwarded: a datagram that fills
+        // it was larger, and is dropped rather than forwarded cut.
+        let mut buf = vec![0u8; max + 1];
+        let mut next_id = 0u64;
+        loop {
+            let (n, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.ctx.stop_accepting.cancelled() => break,
+                received = self.listener.recv_from(&mut buf) => match received {
+                    Ok(received) => received,
+                    Err(e) => {
+                        // ICMP errors reported on the unconnected socket, and the
+                        // like: nothing to do for one datagram, keep serving.
+                        debug!(port, error = %e, "UDP receive failed");
+                        continue;
+                    }
+                },
+            };
+            if n > max {
+                self.metrics.udp.dropped_too_large.inc();
+                debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
+                continue;
+            }
+            if !self.policy.admits(peer.ip()) {
+                self.metrics.refused_acl.inc();
+                continue;
+            }
+            if self.policy.quota_blocked() {
+                self.metrics.refused_quota.inc();
+                continue;
+            }
+            self.forward(peer, &buf[..n], &mut next_id);
+        }
+    }
+
     /// Queues one admitted datagram for `peer`'s session, opening it if needed.
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
@@ -232,7 +265,8 @@ impl Shared {
         drop(sessions);
         let tracked = self.ctx.live.open(self.spec.key(), None, peer);
         let shared = self.clone();
-        self.ctx.connections.spawn(self.tasks.track_future(async move {
+        // On the runtime's workers, not the receive loop's own thread.
+        self.ctx.connections.spawn_on(self.tasks.track_future(async move {
             let _held = held;
             let end = shared.run_session(peer, receiver, &tracked).await;
             {
@@ -242,7 +276,7 @@ impl Shared {
                 }
             }
             tracked.finish(end);
-        }));
+        }), &self.runtime);
     }
 
     /// One session: datagrams from `queue` to the target, the target's back to
