@@ -52,18 +52,6 @@ pub(crate) async fn connect(host: &str, port: u16, timeout: Duration) -> io::Res
     Err(last)
 }
 
-/// Sends `datagrams` (at most 64 of them) on a connected, non-blocking socket
-/// with one `sendmmsg`: how many the socket took, each whole, from the first
-/// on; an error (`WouldBlock` included) means the first was not sent.
-pub(crate) fn send_many(socket: &UdpSocket, datagrams: &[Vec<u8>]) -> io::Result<usize> {
-    use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
-    let datagrams = &datagrams[..datagrams.len().min(64)];
-    let slices: Vec<[io::IoSlice<'_>; 1]> = datagrams.iter().map(|d| [io::IoSlice::new(d)]).collect();
-    let mut no_control: Vec<SendAncillaryBuffer<'_, '_, '_>> = datagrams.iter().map(|_| SendAncillaryBuffer::default()).collect();
-    let mut messages: Vec<MMsgHdr<'_>> = slices.iter().zip(no_control.iter_mut()).map(|(iov, control)| MMsgHdr::new(iov, control)).collect();
-    Ok(sendmmsg(socket, &mut messages, SendFlags::empty())?)
-}
-
 thread_local! {
     /// Where a datagram is read before it is copied out at its size: one
     /// buffer per worker thread rather than 64 KiB per session, so a session

@@ -60,12 +60,6 @@ use crate::tunnel::datagram::SendError;
 /// [`MAPPING_QUEUED_BYTES`] whatever the count.
 const SESSION_QUEUE: usize = 2048;
 
-/// Datagrams a direct session's task sends toward its target in one
-/// `sendmmsg`, of those already waiting in its queue when it wakes: one system
-/// call and one wake-up of the target for a burst, instead of one each per
-/// datagram (see [`net::udp::send_many`]).
-const SEND_BATCH: usize = 32;
-
 /// Payload bytes all sessions of one mapping may have waiting for their
 /// targets together, so a flood of large datagrams cannot grow memory with the
 /// number of sessions.
@@ -104,8 +98,6 @@ struct Shared {
     /// The sessions' tasks, so the mapping's end waits for them: they hold its
     /// socket, and the port must be free again when a removal returns.
     tasks: TaskTracker,
-    /// The daemon's runtime, where the sessions' tasks run.
-    runtime: tokio::runtime::Handle,
 }
 
 /// Serves a bound UDP mapping until it is removed or the daemon stops.
@@ -131,31 +123,40 @@ pub(super) async fn serve(
         queued: AtomicUsize::new(0),
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
-        runtime: tokio::runtime::Handle::current(),
     });
-    // The receive loop gets a thread of its own, so the sessions' tasks
-    // (on the runtime's workers) send while it reads. On a worker, a session's
-    // task woken by the loop ran on the loop's thread after it, never beside
-    // it (tokio runs a task a worker wakes next on that worker): one thread
-    // did every datagram's read and send in turn.
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let receiving = shared.clone();
-    let spawned = std::thread::Builder::new().name(format!("udp-{port}")).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().build() {
-            Ok(runtime) => runtime.block_on(receiving.receive(&cancel)),
-            Err(e) => info!(port, error = %e, "the UDP mapping's receive loop could not start"),
+    let max = ctx.settings.max_udp_datagram;
+    // One byte more than the largest datagram forwarded: a datagram that fills
+    // it was larger, and is dropped rather than forwarded cut.
+    let mut buf = vec![0u8; max + 1];
+    let mut next_id = 0u64;
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.stop_accepting.cancelled() => break,
+            received = shared.listener.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                Err(e) => {
+                    // ICMP errors reported on the unconnected socket, and the
+                    // like: nothing to do for one datagram, keep serving.
+                    debug!(port, error = %e, "UDP receive failed");
+                    continue;
+                }
+            },
+        };
+        if n > max {
+            shared.metrics.udp.dropped_too_large.inc();
+            debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
+            continue;
         }
-        let _ = done.send(());
-    });
-    match spawned {
-        Ok(_) => {
-            let _ = finished.await;
+        if !shared.policy.admits(peer.ip()) {
+            shared.metrics.refused_acl.inc();
+            continue;
         }
-        // No thread to be had: the loop runs here, on a worker, as it did.
-        Err(e) => {
-            debug!(port, error = %e, "no thread for the UDP mapping's receive loop; it shares the workers");
-            shared.receive(&shared.cancel).await;
+        if shared.policy.quota_blocked() {
+            shared.metrics.refused_quota.inc();
+            continue;
         }
+        shared.forward(peer, &buf[..n], &mut next_id);
     }
     // Sessions end with the mapping (their queues close; on removal their
     // tasks see the same token), and hold its socket until they have.
@@ -165,46 +166,6 @@ pub(super) async fn serve(
 }
 
 impl Shared {
-    /// Reads the mapping's socket until the mapping is removed or the daemon
-    /// stops, and hands each admitted datagram to its session.
-    async fn receive(self: &Arc<Self>, cancel: &CancellationToken) {
-        let port = self.spec.source_port;
-        let max = self.ctx.settings.max_udp_datagram;
-        // One byte more than the largest datagram forwarded: a datagram that fills
-        // it was larger, and is dropped rather than forwarded cut.
-        let mut buf = vec![0u8; max + 1];
-        let mut next_id = 0u64;
-        loop {
-            let (n, peer) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = self.ctx.stop_accepting.cancelled() => break,
-                received = self.listener.recv_from(&mut buf) => match received {
-                    Ok(received) => received,
-                    Err(e) => {
-                        // ICMP errors reported on the unconnected socket, and the
-                        // like: nothing to do for one datagram, keep serving.
-                        debug!(port, error = %e, "UDP receive failed");
-                        continue;
-                    }
-                },
-            };
-            if n > max {
-                self.metrics.udp.dropped_too_large.inc();
-                debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
-                continue;
-            }
-            if !self.policy.admits(peer.ip()) {
-                self.metrics.refused_acl.inc();
-                continue;
-            }
-            if self.policy.quota_blocked() {
-                self.metrics.refused_quota.inc();
-                continue;
-            }
-            self.forward(peer, &buf[..n], &mut next_id);
-        }
-    }
-
     /// Queues one admitted datagram for `peer`'s session, opening it if needed.
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
@@ -265,8 +226,7 @@ impl Shared {
         drop(sessions);
         let tracked = self.ctx.live.open(self.spec.key(), None, peer);
         let shared = self.clone();
-        // On the runtime's workers, not the receive loop's own thread.
-        self.ctx.connections.spawn_on(self.tasks.track_future(async move {
+        self.ctx.connections.spawn(self.tasks.track_future(async move {
             let _held = held;
             let end = shared.run_session(peer, receiver, &tracked).await;
             {
@@ -276,7 +236,7 @@ impl Shared {
                 }
             }
             tracked.finish(end);
-        }), &self.runtime);
+        }));
     }
 
     /// One session: datagrams from `queue` to the target, the target's back to
@@ -335,25 +295,9 @@ impl Shared {
                     let Some(datagram) = datagram else {
                         break if self.ctx.stop_accepting.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
                     };
+                    self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
                     deadline.as_mut().reset(Instant::now() + idle);
-                    match &target {
-                        // Uncapped, what else waits goes in the same system call.
-                        Target::Socket(socket) if !up.capped() => {
-                            let mut batch = Vec::with_capacity(SEND_BATCH);
-                            batch.push(datagram);
-                            while batch.len() < SEND_BATCH {
-                                let Ok(next) = queue.try_recv() else { break };
-                                batch.push(next);
-                            }
-                            self.to_socket(peer, socket, &batch, &up).await;
-                            let bytes = batch.iter().map(Vec::len).sum();
-                            self.queued.fetch_sub(bytes, Ordering::Relaxed);
-                        }
-                        _ => {
-                            self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
-                            self.to_target(peer, &target, datagram, &up).await;
-                        }
-                    }
+                    self.to_target(peer, &target, datagram, &up).await;
                 }
                 reply = target.recv(max) => match reply {
                     Ok(Reply::Datagram(reply)) => {
@@ -373,7 +317,9 @@ impl Shared {
             }
         };
         // What is still queued is dropped with the session: give back its share
-        // of the mapping's bound on queued bytes.
+        // of the mapping's bound on queued bytes (or that bound shrinks for
+        // good by what each such session held, until every datagram of the
+        // mapping is dropped as `queue_full`).
         queue.close();
         while let Ok(datagram) = queue.try_recv() {
             self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
@@ -439,31 +385,6 @@ impl Shared {
             Err(e) => {
                 up.unused(len);
                 self.target_error(peer, &e);
-            }
-        }
-    }
-
-    /// Sends `batch` to a direct session's target without a cap, as few
-    /// system calls as the socket takes them in: each datagram counted once
-    /// the socket took it whole, as [`Shared::to_target`] does; one the target
-    /// refused is not, and the rest still go.
-    async fn to_socket(&self, peer: SocketAddr, socket: &UdpSocket, batch: &[Vec<u8>], up: &Meter) {
-        let mut next = 0;
-        while next < batch.len() {
-            let rest = &batch[next..];
-            match socket.async_io(tokio::io::Interest::WRITABLE, || net::udp::send_many(socket, rest)).await {
-                Ok(sent) => {
-                    for datagram in &rest[..sent] {
-                        up.record(datagram.len() as u64);
-                        self.metrics.udp.datagrams_sent.inc();
-                    }
-                    // Nothing taken and no error cannot happen; skip one rather than spin.
-                    next += sent.max(1);
-                }
-                Err(e) => {
-                    self.target_error(peer, &e);
-                    next += 1;
-                }
             }
         }
     }
