@@ -10,6 +10,7 @@ alternating rounds so load from elsewhere on the machine hits them alike:
   framed   the same, the tunnel port's number over UDP taken by a socket that never
            answers, so the client falls back to datagrams framed over TLS
   rathole  visitor -> rathole server -> rathole client -> target   (its `type = "udp"` services)
+  direct-base  with --baseline BIN: direct, through that other build (an A/B in the same rounds)
 
 1. `iperf3 -u` at rising rates through each path: the rate received at the
    highest offered rate with < 0.1 % loss (a rate fails when two tries in a row
