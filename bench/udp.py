@@ -10,6 +10,7 @@ alternating rounds so load from elsewhere on the machine hits them alike:
   framed   the same, the tunnel port's number over UDP taken by a socket that never
            answers, so the client falls back to datagrams framed over TLS
   rathole  visitor -> rathole server -> rathole client -> target   (its `type = "udp"` services)
+  direct-base  with --baseline BIN: direct, through that other build (an A/B in the same rounds)
 
 1. `iperf3 -u` at rising rates through each path: the rate received at the
    highest offered rate with < 0.1 % loss (a rate fails when two tries in a row
@@ -62,7 +63,7 @@ import run as bench  # noqa: E402  (the harness's process, port and tunneld help
 
 from run import BenchError, log  # noqa: E402
 
-PATHS = ("raw", "direct", "tunnel", "framed", "rathole")
+PATHS = ("raw", "direct", "direct-base", "tunnel", "framed", "rathole")
 LOSS_LIMIT = 0.1  # percent
 RATES_MBIT = [25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3200, 4000]
 ECHO_PAYLOAD = 64
@@ -492,6 +493,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tunneld", type=Path, default=bench.TARGET_DIR / "release" / "tunneld")
     ap.add_argument("--rathole", default=None, help="rathole binary (default /work/tools/rathole, else on PATH)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a second tunneld binary whose direct mapping runs as path 'direct-base' in the same "
+                         "alternating rounds (an A/B in one run: ratio direct/direct-base)")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the sessions and flood phases")
     ap.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--flood", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -565,6 +570,12 @@ def run(args, rathole: str | None, procs: bench.Children, tmp: Path, rundir: Pat
     speed_daemons = [tunneld]
     echo_ports["direct"], _ = map_udp(tunneld, echo_port, False)
     iperf_ports["direct"], _ = map_udp(tunneld, iperf_port, False, also_tcp=True)
+    if args.baseline:
+        (tmp / "base").mkdir()
+        base = bench.Tunneld(args.baseline, procs, tmp / "base", env, name="base")
+        speed_daemons.append(base)
+        echo_ports["direct-base"], _ = map_udp(base, echo_port, False)
+        iperf_ports["direct-base"], _ = map_udp(base, iperf_port, False, also_tcp=True)
     port, why = map_udp(tunneld, echo_port, True)
     if port is None:
         skipped["tunnel"] = skipped["framed"] = why
@@ -628,7 +639,9 @@ def run(args, rathole: str | None, procs: bench.Children, tmp: Path, rundir: Pat
             log("  round {}: best {}".format(r + 1, "  ".join(f"{p} {ladders[-1]['achieved'][p]:.0f}" for p in paths)))
         best = {p: statistics.median(lad["achieved"][p] for lad in ladders) for p in paths}
         ratios = {}
-        for name, a, b, target in (("direct/raw", "direct", "raw", 0.9), ("tunnel/rathole", "tunnel", "rathole", 2.0),
+        for name, a, b, target in (("direct/raw", "direct", "raw", 0.9), ("direct-base/raw", "direct-base", "raw", 0.9),
+                                   ("direct/direct-base", "direct", "direct-base", None),
+                                   ("tunnel/rathole", "tunnel", "rathole", 2.0),
                                    ("framed/rathole", "framed", "rathole", None)):
             if a in best and b in best and best[b]:
                 per_round = [lad["achieved"][a] / lad["achieved"][b] if lad["achieved"][b] else None for lad in ladders]
@@ -640,11 +653,15 @@ def run(args, rathole: str | None, procs: bench.Children, tmp: Path, rundir: Pat
                                     "median_best_mbit": best, "ratios": ratios, "rounds": ladders}
     results["tunneld_drops_speed"] = {p: traffic_entry(d.api, iperf_ports[p])["udp"]["dropped"]
                                       for p, d in (("direct", tunneld), ("tunnel", tunneld),
-                                                   ("framed", speed_daemons[-1])) if p in iperf_ports}
+                                                   ("framed", speed_daemons[-1] if "framed" in iperf_ports else None),
+                                                   ("direct-base", speed_daemons[1] if args.baseline else None))
+                                      if p in iperf_ports}
     for daemon in speed_daemons:
         for proc in (daemon.client, daemon.server):
             procs.stop(proc)
 
+    if args.skip_memory:
+        return True
     # 3 and 4. Fresh daemons: sessions, then the flood at the cap.
     (tmp / "memory").mkdir()
     # Sessions must outlive the whole phase (opening them, the flood, the check

@@ -316,6 +316,14 @@ impl Shared {
                 },
             }
         };
+        // What is still queued is dropped with the session: give back its share
+        // of the mapping's bound on queued bytes (or that bound shrinks for
+        // good by what each such session held, until every datagram of the
+        // mapping is dropped as `queue_full`).
+        queue.close();
+        while let Ok(datagram) = queue.try_recv() {
+            self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+        }
         debug!(port, %peer, end = end.name(), "UDP session ended");
         end
     }
