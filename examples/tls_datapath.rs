@@ -11,6 +11,8 @@
 //! Modes:
 //! - `plain`: TCP only, the floor (kernel copies, no TLS).
 //! - `tokio-rustls`: today's path: `tokio_rustls` over a 64 KiB read-ahead.
+//! - `tokio-rustls-bufread`: the same, the receiver taking plaintext through
+//!   `AsyncBufRead` (no copy into its own buffer).
 //! - `unbuffered`: `rustls::unbuffered`; the sender encrypts into a buffer it
 //!   owns, the receiver decrypts in the buffer it read into and copies each
 //!   record's plaintext into the caller's buffer (what an `AsyncRead` must do).
@@ -51,13 +53,16 @@ struct Args {
     /// Rounds per mode (alternating order); each is reported.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Read-ahead under tokio-rustls on both sides, in bytes (the tunnel's is 64 KiB).
+    #[arg(long, default_value_t = CHUNK)]
+    read_ahead: usize,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let modes: Vec<&str> = match args.mode.as_str() {
-        "all" => vec!["plain", "tokio-rustls", "unbuffered", "unbuffered-ref"],
-        one => vec![one],
+        "all" => vec!["plain", "tokio-rustls", "tokio-rustls-bufread", "unbuffered", "unbuffered-ref"],
+        some => some.split(',').collect(),
     };
     let bytes = (args.gib * (1u64 << 30) as f64) as u64;
     let (server, client) = configs()?;
@@ -65,7 +70,7 @@ fn main() -> Result<()> {
     for round in 0..args.rounds {
         let order: Vec<&str> = if round % 2 == 0 { modes.clone() } else { modes.iter().rev().copied().collect() };
         for mode in order {
-            let run = run(mode, bytes, server.clone(), client.clone())?;
+            let run = run(mode, bytes, args.read_ahead, server.clone(), client.clone())?;
             let gb = bytes as f64 / 1e9;
             println!(
                 "{:<15} {:>9.2} {:>10.3} {:>10.3} {:>10.3}",
@@ -96,7 +101,7 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime")
 }
 
-fn run(mode: &str, bytes: u64, server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Result<Run> {
+fn run(mode: &str, bytes: u64, read_ahead: usize, server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Result<Run> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mode_r = mode.to_string();
@@ -112,8 +117,12 @@ fn run(mode: &str, bytes: u64, server: Arc<rustls::ServerConfig>, client: Arc<ru
             let got = match mode_r.as_str() {
                 "plain" => drain(tcp).await?,
                 "tokio-rustls" => {
-                    let tls = tokio_rustls::TlsAcceptor::from(server).accept(BufReader::with_capacity(CHUNK, tcp)).await?;
+                    let tls = tokio_rustls::TlsAcceptor::from(server).accept(BufReader::with_capacity(read_ahead, tcp)).await?;
                     drain(tls).await?
+                }
+                "tokio-rustls-bufread" => {
+                    let tls = tokio_rustls::TlsAcceptor::from(server).accept(BufReader::with_capacity(read_ahead, tcp)).await?;
+                    drain_by_reference(tls).await?
                 }
                 "unbuffered" | "unbuffered-ref" => {
                     let conn = UnbufferedServerConnection::new(server)?;
@@ -136,9 +145,9 @@ fn run(mode: &str, bytes: u64, server: Arc<rustls::ServerConfig>, client: Arc<ru
             let chunk = vec![0x5au8; CHUNK];
             match mode_s.as_str() {
                 "plain" => push(tcp, &chunk, bytes).await?,
-                "tokio-rustls" => {
+                "tokio-rustls" | "tokio-rustls-bufread" => {
                     let name = ServerName::try_from("tunneld")?;
-                    let tls = tokio_rustls::TlsConnector::from(client).connect(name, BufReader::with_capacity(CHUNK, tcp)).await?;
+                    let tls = tokio_rustls::TlsConnector::from(client).connect(name, BufReader::with_capacity(read_ahead, tcp)).await?;
                     push(tls, &chunk, bytes).await?
                 }
                 _ => {
@@ -191,6 +200,20 @@ async fn drain<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<u64> {
     }
 }
 
+/// Takes each record's plaintext where rustls holds it (`AsyncBufRead`), no copy out.
+async fn drain_by_reference<S: tokio::io::AsyncBufRead + Unpin>(mut stream: S) -> io::Result<u64> {
+    use tokio::io::AsyncBufReadExt;
+    let mut got = 0;
+    loop {
+        let n = stream.fill_buf().await?.len();
+        if n == 0 {
+            return Ok(got);
+        }
+        stream.consume(n);
+        got += n as u64;
+    }
+}
+
 enum Side {
     Client(UnbufferedClientConnection),
     Server(UnbufferedServerConnection),
@@ -218,6 +241,9 @@ struct Unbuffered {
     out: usize,
     /// Plaintext copied out of records, for `unbuffered` (not `-ref`).
     sink: Vec<u8>,
+    /// Application bytes that arrived with the peer's last handshake flight
+    /// (the client's data can follow its Finished in one read).
+    early: u64,
 }
 
 macro_rules! with_status {
@@ -284,6 +310,7 @@ impl Unbuffered {
             output: vec![0; CHUNK + 4 * 256],
             out: 0,
             sink: vec![0; CHUNK],
+            early: 0,
         }
     }
 
@@ -311,8 +338,8 @@ impl Unbuffered {
     async fn handshake(&mut self) -> Result<()> {
         loop {
             let (discard, step) = {
-                let (output, out) = (&mut self.output, &mut self.out);
-                with_status!(self, |status| handle(status, output, out, |_| {})?)
+                let (output, out, early) = (&mut self.output, &mut self.out, &mut self.early);
+                with_status!(self, |status| handle(status, output, out, |payload| *early += payload.len() as u64)?)
             };
             self.start += discard;
             match step {
@@ -369,7 +396,7 @@ impl Unbuffered {
     }
 
     async fn drain(&mut self, by_reference: bool) -> Result<u64> {
-        let mut got = 0u64;
+        let mut got = self.early;
         loop {
             let (discard, step) = {
                 let (output, out, sink) = (&mut self.output, &mut self.out, &mut self.sink);
