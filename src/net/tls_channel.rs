@@ -61,6 +61,13 @@ pub struct TlsDataChannel {
     close_sent: bool,
     /// The reader waiting for the socket, woken when a write decrypts its bytes.
     read_waker: Option<Waker>,
+    /// The error that ended the session. rustls's unbuffered state machine must
+    /// not run again after one: it would deframe the bad input again and queue a
+    /// second fatal alert, which it asserts against (and its deframer's progress
+    /// belongs to the input it failed on, so even an empty turn to take the
+    /// first alert out panics). So no alert is sent: the peer sees the channel
+    /// close, which a data channel's peer handles as any failed channel.
+    failed: Option<rustls::Error>,
 }
 
 /// What the caller wants done once the connection may send application data.
@@ -93,7 +100,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 /// The TLS client handshake over `io`, then the data channel. On failure the
 /// socket comes back (with what it kept, see `MeteredStream::keeping_first_bytes`)
 /// for the caller to read a refusal from.
-pub(crate) async fn connect(
+pub async fn connect(
     config: Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
     io: MeteredStream,
@@ -112,6 +119,7 @@ pub(crate) async fn connect(
         peer_closed: false,
         close_sent: false,
         read_waker: None,
+        failed: None,
     };
     match channel.handshake().await {
         Ok(()) => Ok(channel),
@@ -152,25 +160,7 @@ impl TlsDataChannel {
                     }
                 }
                 Ok(Step::PeerClosed) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof")),
-                Err(e) => {
-                    self.send_alert().await;
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    /// After a failed handshake: the alert rustls queued, if any, best effort.
-    async fn send_alert(&mut self) {
-        for _ in 0..4 {
-            match self.step(None, Want::Nothing) {
-                Ok(Step::Again) => {}
-                Ok(Step::Transmit) => {
-                    let send = poll_fn(|cx| self.poll_transmit(cx));
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
-                    return;
-                }
-                _ => return,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -178,10 +168,16 @@ impl TlsDataChannel {
     /// One turn of rustls's state machine over the unprocessed input. Decrypted
     /// plaintext goes into `read` while it has room, the rest into `plain`.
     fn step(&mut self, read: Option<&mut ReadBuf<'_>>, want: Want<'_>) -> io::Result<Step> {
-        let TlsDataChannel { conn, input, output, plain, .. } = self;
+        if let Some(e) = &self.failed {
+            return Err(tls_error(e.clone()));
+        }
+        let TlsDataChannel { conn, input, output, plain, failed, .. } = self;
         let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[..]);
         let step = match state {
-            Err(e) => Err(tls_error(e)),
+            Err(e) => {
+                *failed = Some(e.clone());
+                Err(tls_error(e))
+            }
             Ok(state) => handle(state, output, plain, read, want),
         };
         input.advance(discard);
@@ -334,7 +330,14 @@ impl AsyncRead for TlsDataChannel {
         }
         let start = buf.filled().len();
         loop {
-            match this.step(Some(buf), Want::Nothing)? {
+            let step = match this.step(Some(buf), Want::Nothing) {
+                Ok(step) => step,
+                // What came before the bad record goes out first; the error
+                // (kept in `failed`) comes with the next read.
+                Err(_) if buf.filled().len() > start => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            match step {
                 Step::Again => {
                     if buf.remaining() == 0 {
                         return Poll::Ready(Ok(()));
