@@ -363,7 +363,9 @@ impl Unbuffered {
             ($c:expr) => {{
                 let UnbufferedStatus { discard, state } = $c.process_tls_records(input);
                 match state.context("TLS")? {
-                    ConnectionState::WriteTraffic(mut write) => (discard, write.encrypt(data, &mut output[*out..]).map_err(|e| anyhow!("{e}"))?),
+                    ConnectionState::WriteTraffic(mut write) => {
+                        (discard, write.encrypt(data, &mut output[*out..]).map_err(|e| anyhow!("{e}"))?)
+                    }
                     other => bail!("not writable: {other:?}"),
                 }
             }};
