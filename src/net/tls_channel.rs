@@ -51,9 +51,8 @@ pub struct TlsDataChannel {
     io: MeteredStream,
     /// Received TLS bytes not processed yet (a partial record at most, between reads).
     input: BytesMut,
-    /// TLS bytes to send; `output[sent..]` has not been written yet.
-    output: Vec<u8>,
-    sent: usize,
+    /// TLS bytes to send.
+    output: Outgoing,
     /// Plaintext decrypted but not yet handed out: what did not fit the reader's
     /// buffer, or what a write found while processing.
     plain: BytesMut,
@@ -113,8 +112,7 @@ pub async fn connect(
         conn,
         io,
         input: BytesMut::new(),
-        output: Vec::new(),
-        sent: 0,
+        output: Outgoing::default(),
         plain: BytesMut::new(),
         peer_closed: false,
         close_sent: false,
@@ -140,9 +138,8 @@ impl TlsDataChannel {
         if self.plain.is_empty() {
             self.plain = BytesMut::new();
         }
-        if self.sent == self.output.len() {
-            self.output = Vec::new();
-            self.sent = 0;
+        if self.output.is_drained() {
+            self.output = Outgoing::default();
         }
     }
 
@@ -186,24 +183,28 @@ impl TlsDataChannel {
 
     /// Writes out the pending TLS bytes.
     fn poll_transmit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.output.len() {
-            let pending = [io::IoSlice::new(&self.output[self.sent..])];
+        while !self.output.is_drained() {
+            let pending = [io::IoSlice::new(self.output.unsent())];
             let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &pending))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.sent += n;
+            self.output.sent += n;
         }
-        self.output.clear();
-        self.sent = 0;
+        // Drained: the next records start at the front, over the same memory.
+        self.output.filled = 0;
+        self.output.sent = 0;
         Poll::Ready(Ok(()))
     }
 
     /// Reads more TLS bytes: how many, 0 at EOF. A drained buffer is released
     /// while nothing arrives.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.input.capacity() - self.input.len() < MAX_RECORD {
-            // Moves at most a partial record to the front of the allocation.
+        if self.input.capacity() == 0 {
+            self.input.reserve(READ_SIZE + MAX_RECORD);
+        } else if self.input.capacity() - self.input.len() < MAX_RECORD {
+            // Moves what is left (a partial record at most) to the front of the
+            // same allocation: it was sized so that this always fits.
             self.input.reserve(READ_SIZE);
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input) {
@@ -248,9 +249,36 @@ impl TlsDataChannel {
     }
 }
 
+/// TLS bytes on their way out: `buf[sent..filled]` is not written yet. The
+/// memory is kept (and zeroed) once per burst, not per record.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    filled: usize,
+    sent: usize,
+}
+
+impl Outgoing {
+    fn is_drained(&self) -> bool {
+        self.sent == self.filled
+    }
+
+    fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..self.filled]
+    }
+
+    /// At least `n` writable bytes after what is filled.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.filled + n {
+            self.buf.resize(self.filled + n, 0);
+        }
+        &mut self.buf[self.filled..]
+    }
+}
+
 fn handle<D>(
     state: ConnectionState<'_, '_, D>,
-    output: &mut Vec<u8>,
+    output: &mut Outgoing,
     plain: &mut BytesMut,
     mut read: Option<&mut ReadBuf<'_>>,
     want: Want<'_>,
@@ -269,15 +297,13 @@ fn handle<D>(
             Ok(Step::Again)
         }
         ConnectionState::EncodeTlsData(mut encode) => {
-            let at = output.len();
             let needed = match encode.encode(&mut []) {
                 Err(EncodeError::InsufficientSize(size)) => size.required_size,
                 Ok(_) => return Ok(Step::Again),
                 Err(e) => return Err(io::Error::other(e)),
             };
-            output.resize(at + needed, 0);
-            let n = encode.encode(&mut output[at..]).map_err(io::Error::other)?;
-            output.truncate(at + n);
+            let n = encode.encode(output.room(needed)).map_err(io::Error::other)?;
+            output.filled += n;
             Ok(Step::Again)
         }
         ConnectionState::TransmitTlsData(transmit) => {
@@ -287,28 +313,23 @@ fn handle<D>(
         ConnectionState::BlockedHandshake => Ok(Step::NeedInput),
         ConnectionState::PeerClosed | ConnectionState::Closed => Ok(Step::PeerClosed),
         ConnectionState::WriteTraffic(mut traffic) => {
-            let at = output.len();
             let mut room = match want {
                 Want::Nothing => return Ok(Step::NeedInput),
                 Want::Encrypt(data) => data.len() + data.len().div_ceil(MAX_FRAGMENT).max(1) * RECORD_OVERHEAD,
                 Want::CloseNotify => 2 + RECORD_OVERHEAD,
             };
             loop {
-                output.resize(at + room, 0);
                 let written = match want {
-                    Want::Encrypt(data) => traffic.encrypt(data, &mut output[at..]),
-                    _ => traffic.queue_close_notify(&mut output[at..]),
+                    Want::Encrypt(data) => traffic.encrypt(data, output.room(room)),
+                    _ => traffic.queue_close_notify(output.room(room)),
                 };
                 match written {
                     Ok(n) => {
-                        output.truncate(at + n);
+                        output.filled += n;
                         return Ok(Step::Encrypted);
                     }
                     Err(EncryptError::InsufficientSize(size)) if size.required_size > room => room = size.required_size,
-                    Err(e) => {
-                        output.truncate(at);
-                        return Err(io::Error::other(e));
-                    }
+                    Err(e) => return Err(io::Error::other(e)),
                 }
             }
         }
@@ -404,7 +425,7 @@ impl AsyncWrite for TlsDataChannel {
         let this = self.get_mut();
         ready!(this.poll_transmit(cx))?;
         // A burst is over: its buffer goes until the next one.
-        this.output = Vec::new();
+        this.output = Outgoing::default();
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
