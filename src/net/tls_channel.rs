@@ -231,9 +231,14 @@ impl TlsDataChannel {
                 Some(data) => Want::Encrypt(data),
                 None => Want::CloseNotify,
             };
+            let was_closed = self.peer_closed;
             let step = self.step(None, want)?;
-            if self.plain.len() > before {
-                // Records for the reader, found on the way: it may be waiting on the socket.
+            if matches!(step, Step::PeerClosed) {
+                self.peer_closed = true;
+            }
+            if self.plain.len() > before || self.peer_closed != was_closed {
+                // Records (or the end) for the reader, found on the way: it may
+                // be waiting on the socket, which will not wake it for these.
                 if let Some(waker) = self.read_waker.take() {
                     waker.wake();
                 }
@@ -242,7 +247,7 @@ impl TlsDataChannel {
                 Step::Encrypted => return Poll::Ready(Ok(())),
                 Step::Again => {}
                 Step::Transmit => ready!(self.poll_transmit(cx))?,
-                Step::PeerClosed => self.peer_closed = true,
+                Step::PeerClosed => {}
                 Step::NeedInput => return Poll::Ready(Err(io::Error::other("TLS handshake not complete"))),
             }
         }
