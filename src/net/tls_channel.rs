@@ -36,8 +36,9 @@ use crate::net::metered::MeteredStream;
 /// Largest TLS record on the wire: 16 KiB of plaintext, its content type, the
 /// AEAD tag and padding allowance (RFC 8446 §5.2), and the 5-byte header.
 const MAX_RECORD: usize = 5 + 16 * 1024 + 256;
-/// Most received bytes one `recv` takes: four full records, as the read-ahead did.
-const READ_SIZE: usize = 64 * 1024;
+/// Most received bytes one `recv` takes: eight full records, two chunks (only
+/// while data moves; an idle channel holds no input buffer).
+const READ_SIZE: usize = 128 * 1024;
 /// Most plaintext one `write` encrypts: a 64 KiB chunk, four records, one `writev`.
 const MAX_WRITE: usize = 64 * 1024;
 /// Largest plaintext per record, and what each record adds to it (header,
