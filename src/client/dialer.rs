@@ -15,6 +15,7 @@ use crate::net::metered::MeteredStream;
 use crate::net::quic;
 use crate::net::socket;
 use crate::net::tls;
+use crate::net::tls_channel;
 use crate::net::transport::TunnelStream;
 use crate::telemetry::connect_failure::{THROTTLED, TLS_ERROR, UNREACHABLE};
 use crate::telemetry::{session_result, Metrics, Tunnel};
@@ -31,7 +32,9 @@ const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 pub(super) struct Dialer {
     pub(super) config: ClientConfig,
     pub(super) metrics: Arc<Metrics>,
-    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    /// The buffered connector (control connections), the server name, and the
+    /// configuration again for data channels' unbuffered connections.
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>, Arc<rustls::ClientConfig>)>,
     /// With TLS: QUIC with the same trust, for UDP mappings' datagrams.
     pub(super) quic: Option<quic::Dialer>,
 }
@@ -40,7 +43,11 @@ impl Dialer {
     /// Fails when TLS is on and the configured trust (pin or CA) is unusable.
     pub(super) fn new(config: ClientConfig, metrics: Arc<Metrics>) -> anyhow::Result<Dialer> {
         let tls = match config.tls {
-            true => Some(tls::connector(&config)?),
+            true => {
+                let (tls, name) = tls::client_config(&config)?;
+                let tls = Arc::new(tls);
+                Some((tokio_rustls::TlsConnector::from(tls.clone()), name, tls))
+            }
             false => {
                 warn!("client.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");
                 None
@@ -60,7 +67,19 @@ impl Dialer {
         Ok(Dialer { config, metrics, tls, quic })
     }
 
+    /// A control connection (TLS through rustls's buffered stream, whose exporter
+    /// the auth HMAC is bound to).
     pub(super) async fn connect(&self) -> Result<TunnelStream, ConnectFailure> {
+        self.dial(false).await
+    }
+
+    /// A data channel: under TLS through rustls's unbuffered API
+    /// (`net::tls_channel`), which copies less per byte.
+    pub(super) async fn connect_data(&self) -> Result<TunnelStream, ConnectFailure> {
+        self.dial(true).await
+    }
+
+    async fn dial(&self, data: bool) -> Result<TunnelStream, ConnectFailure> {
         let server = &self.config.server;
         let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server)).await {
             Ok(Ok(tcp)) => tcp,
@@ -70,15 +89,24 @@ impl Dialer {
         socket::tune(&tcp);
         let (sent, received) = self.metrics.tunnel_meters(Tunnel::to_server(&self.config.name, server));
         let metered = MeteredStream::new(tcp, sent, received);
-        let Some((connector, name)) = &self.tls else {
+        let Some((connector, name, config)) = &self.tls else {
             return Ok(TunnelStream::Plain(Box::new(metered.reading_small_reads_ahead())));
         };
-        let handshake = connector.connect(name.clone(), metered.reading_ahead().keeping_first_bytes()).into_fallible();
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(mut tls)) => {
+        let handshake = async {
+            if data {
+                // Reads 64 KiB at a time itself: no read-ahead under it.
+                let mut tls = tls_channel::connect(config.clone(), name.clone(), metered.keeping_first_bytes()).await?;
+                tls.metered().take_kept();
+                Ok(TunnelStream::TlsData(Box::new(tls)))
+            } else {
+                let handshake = connector.connect(name.clone(), metered.reading_ahead().keeping_first_bytes()).into_fallible();
+                let mut tls = handshake.await?;
                 tls.get_mut().0.take_kept();
                 Ok(TunnelStream::Tls(Box::new(tls.into())))
             }
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(stream)) => Ok(stream),
             Ok(Err((e, mut io))) => {
                 let (reason, explained) = tls::explain_client_error(&e, &self.config);
                 // A throttling server's refusal follows its access_denied alert;

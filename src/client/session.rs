@@ -263,7 +263,7 @@ impl Drop for IdleMark<'_> {
 /// opened at all.
 async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
     let config = &ctx.dialer.config;
-    let mut channel = ctx.dialer.connect().await?;
+    let mut channel = ctx.dialer.connect_data().await?;
     let hello = Opening::Data { version: PROTOCOL_VERSION, session: ctx.token.clone() };
     frame::write_frame(&mut channel, &hello).await?;
     let idle_limit = Duration::from_secs(config.pool_idle_secs);

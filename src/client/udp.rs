@@ -101,7 +101,7 @@ pub(super) async fn open_link(dialer: Arc<Dialer>, descriptors: Arc<DescriptorBu
 /// A framed datagram channel: a connection of the tunnel, TLS or plain as the
 /// tunnel is, opened with `datagram_hello`.
 async fn open_framed(dialer: &Dialer, token: String) -> anyhow::Result<crate::net::transport::TunnelStream> {
-    let mut channel = dialer.connect().await?;
+    let mut channel = dialer.connect_data().await?;
     let hello = Opening::Datagrams { version: PROTOCOL_VERSION, session: token };
     frame::write_frame(&mut channel, &hello).await?;
     Ok(channel)

@@ -7,6 +7,7 @@
 //! - [`splice`]: the relay's pipes, to move a direct mapping's bytes in the kernel;
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
+//! - [`tls_channel`]: a client data channel's TLS through rustls's unbuffered API;
 //! - [`transport`]: a tunnel connection, TLS or plain;
 //! - [`quic`]: QUIC on the tunnel port over UDP, with the tunnel's TLS;
 //! - [`udp`]: UDP sockets toward a target, read without a buffer per socket;
@@ -22,5 +23,6 @@ pub(crate) mod relay;
 pub(crate) mod socket;
 pub(crate) mod splice;
 pub mod tls;
+pub mod tls_channel;
 pub mod transport;
 pub(crate) mod udp;

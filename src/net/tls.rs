@@ -147,7 +147,7 @@ pub fn connector(client: &ClientConfig) -> anyhow::Result<(tokio_rustls::TlsConn
 
 /// The client's TLS configuration and the server name it presents: the same
 /// trust for its TCP connections ([`connector`]) and its QUIC one (`net::quic`).
-pub(crate) fn client_config(client: &ClientConfig) -> anyhow::Result<(rustls::ClientConfig, ServerName<'static>)> {
+pub fn client_config(client: &ClientConfig) -> anyhow::Result<(rustls::ClientConfig, ServerName<'static>)> {
     let builder = rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
     let host = split_host_port(&client.server).map(|(h, _)| h.to_string()).unwrap_or_default();
     let (config, name) = if let Some(pin) = client.server_fingerprint.as_deref().and_then(parse_fingerprint) {

@@ -15,8 +15,11 @@ use crate::net::metered::MeteredStream;
 pub enum TunnelStream {
     /// A plain TCP tunnel (`tls = false` on both sides).
     Plain(Box<MeteredStream>),
-    /// TLS 1.3, client or server side.
+    /// TLS 1.3, client or server side, through rustls's buffered stream.
     Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
+    /// TLS 1.3, a client's data channel, through rustls's unbuffered API (see
+    /// [`crate::net::tls_channel`]): no exporter, so never a control connection.
+    TlsData(Box<crate::net::tls_channel::TlsDataChannel>),
 }
 
 impl TunnelStream {
@@ -24,6 +27,7 @@ impl TunnelStream {
         match self {
             TunnelStream::Plain(s) => s,
             TunnelStream::Tls(s) => s.get_mut().0,
+            TunnelStream::TlsData(s) => s.metered(),
         }
     }
 
@@ -51,14 +55,18 @@ impl TunnelStream {
     /// Frees what an idle channel does not need (see
     /// [`MeteredStream::release_read_ahead`]).
     pub(crate) fn release_read_ahead(&mut self) {
+        if let TunnelStream::TlsData(s) = self {
+            s.release_buffers();
+        }
         self.metered().release_read_ahead()
     }
 
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
-    /// plain (trusted-network) tunnel.
+    /// plain (trusted-network) tunnel. A data channel has none (it is not
+    /// authenticated with a HMAC; rustls's unbuffered API has no exporter).
     pub fn binding(&self) -> Vec<u8> {
         match self {
-            TunnelStream::Plain(_) => Vec::new(),
+            TunnelStream::Plain(_) | TunnelStream::TlsData(_) => Vec::new(),
             TunnelStream::Tls(s) => match s.as_ref() {
                 tokio_rustls::TlsStream::Client(c) => crate::net::tls::binding(c.get_ref().1),
                 tokio_rustls::TlsStream::Server(c) => crate::net::tls::binding(c.get_ref().1),
@@ -82,6 +90,7 @@ impl AsyncRead for TunnelStream {
         match self.get_mut() {
             TunnelStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            TunnelStream::TlsData(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -91,6 +100,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             TunnelStream::Plain(s) => Pin::new(s).poll_write(cx, data),
             TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            TunnelStream::TlsData(s) => Pin::new(s.as_mut()).poll_write(cx, data),
         }
     }
 
@@ -98,6 +108,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             TunnelStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            TunnelStream::TlsData(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -105,6 +116,7 @@ impl AsyncWrite for TunnelStream {
         match self {
             TunnelStream::Plain(s) => s.is_write_vectored(),
             TunnelStream::Tls(s) => s.is_write_vectored(),
+            TunnelStream::TlsData(s) => s.is_write_vectored(),
         }
     }
 
@@ -112,6 +124,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             TunnelStream::Plain(s) => Pin::new(s).poll_flush(cx),
             TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            TunnelStream::TlsData(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -119,6 +132,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             TunnelStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             TunnelStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            TunnelStream::TlsData(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
