@@ -51,6 +51,15 @@ pub struct MeteredStream {
     kept: Option<Vec<u8>>,
 }
 
+/// A [`MeteredStream`]'s socket with the meters of what crosses it: whoever
+/// moves bytes on `socket` directly records them in `sent` and `received`, as
+/// the stream would have.
+pub(crate) struct Wire<'a> {
+    pub(crate) socket: &'a TcpStream,
+    pub(crate) sent: Meter,
+    pub(crate) received: Meter,
+}
+
 /// How many received bytes [`MeteredStream::keeping_first_bytes`] keeps.
 const KEPT_BYTES: usize = 1024;
 
@@ -125,6 +134,21 @@ impl MeteredStream {
 
     pub(crate) fn return_watch(&mut self, watch: TcpStream) {
         self.watch = Some(watch);
+    }
+
+    /// The socket and its meters, for moving bytes on it without this
+    /// stream (a plain data channel's chunks spliced in the kernel, see
+    /// `tunnel::exchange`): `None` while bytes it read are held unread (read
+    /// ahead or kept), or while its client is not known yet — then only the
+    /// stream itself counts right.
+    pub(crate) fn wire(&self) -> Option<Wire<'_>> {
+        let unread = self.ahead.as_ref().is_some_and(|a| a.has_remaining());
+        match &self.counting {
+            Counting::Meters { sent, received } if !unread && self.kept.is_none() => {
+                Some(Wire { socket: &self.inner, sent: sent.clone(), received: received.clone() })
+            }
+            _ => None,
+        }
     }
 
     /// Drops the read-ahead buffer when nothing unread is in it. A reader that

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::net::metered::MeteredStream;
+use crate::net::metered::{MeteredStream, Wire};
 
 /// Both variants boxed alike: the stream carries its read-ahead and its watch.
 pub enum TunnelStream {
@@ -40,6 +40,15 @@ impl TunnelStream {
     /// [`MeteredStream::attribute`]).
     pub(crate) fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {
         self.metered().attribute(sent, received)
+    }
+
+    /// A plain channel's socket and meters (see [`MeteredStream::wire`]);
+    /// `None` under TLS, whose bytes only the TLS stream can move.
+    pub(crate) fn wire(&self) -> Option<Wire<'_>> {
+        match self {
+            TunnelStream::Plain(s) => s.wire(),
+            TunnelStream::Tls(_) => None,
+        }
     }
 
     /// Frees what an idle channel does not need (see
