@@ -10,7 +10,9 @@
 //! space at all: given [`Pipes`], a direction splices each burst through a pipe
 //! in the kernel (see [`super::splice`]) and copies only where splice cannot
 //! serve. Either way the bytes are counted as they reach the other socket,
-//! paced by the same cap, and end the same way.
+//! paced by the same cap, and end the same way. (A tunnel exchange over a
+//! plain data channel splices its chunks' payloads with the same pipes, see
+//! `tunnel::exchange`.)
 //!
 //! It also owns how a forwarded connection ends (see [`relay`]): cleanly only when
 //! both directions finished; otherwise — a peer's reset, the idle timeout, an

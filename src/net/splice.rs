@@ -11,6 +11,10 @@
 //! process's [`DescriptorBudget`](super::descriptors::DescriptorBudget) like
 //! the sockets do: when it is spent, a burst is copied instead.
 //!
+//! The same pipes serve a plain tunnel's exchanges (`tunnel::exchange`),
+//! which splice each chunk's payload between the local socket and the data
+//! channel and write only its header through user space.
+//!
 //! Where splice cannot serve — not Linux, a kernel or a seccomp filter that
 //! refuses it (`EINVAL`, `ENOSYS`, `EPERM`), or `TUNNELD_FORCE_COPY=1` (for
 //! benchmarks: the same build, the other path) — [`Pipes::take`] gives none and
@@ -149,8 +153,9 @@ pub(crate) enum Fill {
     /// Moved this many bytes (0: the socket's end, or rarely urgent data
     /// only: the caller checks with [`has_data`]).
     Moved(usize),
-    /// The socket holds urgent data, which splice cannot move past; a plain
-    /// read can.
+    /// The splice found nothing, yet the socket has bytes: urgent data, which
+    /// splice cannot move past, or bytes that arrived just after it looked.
+    /// A plain read takes them either way.
     Urgent,
 }
 

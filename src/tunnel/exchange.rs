@@ -679,6 +679,11 @@ async fn spliced_downstream(
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
     loop {
+        // A busy channel never makes these splices wait, so nothing here would
+        // give the worker back to the other tasks (the session's heartbeats
+        // among them): a chunk spends a unit of the task's budget, as a read
+        // through the stream does.
+        tokio::task::consume_budget().await;
         match read_wire_header(wire, pipes, &mut pipe).await? {
             END => {
                 // ENOTCONN only means the socket's peer is already gone.
@@ -730,8 +735,9 @@ async fn spliced_downstream(
                                 pipe = None;
                             }
                         }
-                        // Neither end of a tunnel sends urgent data.
-                        Ok(Fill::Urgent) => return Err(ExchangeError::Channel("urgent data on the data channel".into())),
+                        // Bytes arrived just after the splice found none (or,
+                        // never from a tunneld peer, urgent data): a plain read.
+                        Ok(Fill::Urgent) => left -= copy_piece(wire, socket, left, meter, activity, &mut total).await?,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => wire.socket.readable().await.map_err(channel_error)?,
                         Err(e) if cannot_splice(&e) => {
                             pipes.refused(&e);
