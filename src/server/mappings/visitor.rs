@@ -64,7 +64,7 @@ pub(super) async fn serve_visitor(
     let result = if spec.use_tunnel {
         // The client writes the PROXY header after dialing the target.
         let connect = Connect::Connect { host: spec.target_host.clone(), port: spec.target_port, proxy_header };
-        tunneled(ctx, group, metrics, meters, &visit, &visitor, tracked, &connect).await
+        tunneled(ctx, group, metrics, meters, &visit, (&visitor, tracked), &connect).await
     } else {
         direct(ctx, spec, metrics, meters, &visit, &visitor, proxy_header).await
     };
@@ -175,8 +175,7 @@ async fn tunneled(
     metrics: &MappingMetrics,
     (up, down): Meters,
     visit: &Visit,
-    visitor: &TcpStream,
-    tracked: &Tracked,
+    (visitor, tracked): (&TcpStream, &Tracked),
     connect: &Connect,
 ) -> Result<(u64, u64), VisitorError> {
     let port = tracked.port();
