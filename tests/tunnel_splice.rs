@@ -527,3 +527,40 @@ fn metrics_say_which_path_a_tunneled_mapping_takes() {
     echo_through(port, 100_000);
     assert_eq!(relayed(&server, port), (0.0, 1.0), "a TLS tunnel copies");
 }
+
+/// Pipe descriptors `daemon` holds now (`/proc/PID/fd`).
+fn pipes_held(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|target| target.to_string_lossy().starts_with("pipe:")))
+        .count()
+}
+
+/// Pipes are held only while a chunk moves: twenty open tunneled connections
+/// that each moved bytes both ways and went quiet hold none of their own on
+/// either end (what is left is the pools' few spares).
+#[test]
+fn quiet_tunneled_connections_hold_no_pipes() {
+    let (server, client) = plain_pair();
+    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let before = (pipes_held(&server), pipes_held(&client));
+    let mut visitors = Vec::new();
+    for i in 0..20 {
+        let mut v = TcpStream::connect(loopback(port)).unwrap();
+        v.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let payload = noise(200_000, 300 + i);
+        v.write_all(&payload).unwrap();
+        assert!(read_len(&mut v, payload.len()) == payload);
+        visitors.push(v);
+    }
+    wait_for("20 open connections with their bytes", Duration::from_secs(10), || {
+        let list = get_data(&server, &format!("/api/connections?port={port}"));
+        let conns = list["connections"].as_array()?;
+        (conns.len() == 20 && conns.iter().all(|c| c["bytes_received"] == 200_000)).then_some(())
+    });
+    // Two descriptors a pipe; 20 exchanges splicing both ways would hold 80 on each end.
+    let held = (pipes_held(&server).saturating_sub(before.0), pipes_held(&client).saturating_sub(before.1));
+    assert!(held.0 <= 16 && held.1 <= 16, "pipe descriptors held by quiet exchanges (server, client): {held:?}");
+    assert_eq!(relayed(&server, port), (20.0, 0.0));
+}
