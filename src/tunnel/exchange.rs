@@ -185,8 +185,12 @@ pub(crate) async fn relay(
                 spliced_downstream(&wire, socket, pipes, from_channel, &activity).await
             };
             let outcome = ends.guard(async { tokio::try_join!(up, down) }).await;
-            if let Err(ExchangeError::Socket(_)) = outcome {
-                let _ = tokio::time::timeout(RESET_NOTICE, write_wire(&wire, &RESET.to_be_bytes(), Segment::Last)).await;
+            match outcome {
+                Err(ExchangeError::Socket(_)) => {
+                    let _ = tokio::time::timeout(RESET_NOTICE, write_wire(&wire, &RESET.to_be_bytes(), Segment::Last)).await;
+                }
+                Err(ExchangeError::Channel(_)) => hearing.hear_late(&mut Queued(&wire)),
+                _ => {}
             }
             outcome
         }
@@ -198,14 +202,18 @@ pub(crate) async fn relay(
                 downstream(&mut reader, socket, from_channel, &activity).await
             };
             let outcome = ends.guard(async { tokio::try_join!(up, down) }).await;
-            if let Err(ExchangeError::Socket(_)) = outcome {
-                // Best effort: if a chunk was cut off mid-write the other end reads
-                // garbage instead, which ends in the same reset.
-                let notice = async {
-                    writer.write_all(&RESET.to_be_bytes()).await?;
-                    writer.flush().await
-                };
-                let _ = tokio::time::timeout(RESET_NOTICE, notice).await;
+            match outcome {
+                Err(ExchangeError::Socket(_)) => {
+                    // Best effort: if a chunk was cut off mid-write the other end reads
+                    // garbage instead, which ends in the same reset.
+                    let notice = async {
+                        writer.write_all(&RESET.to_be_bytes()).await?;
+                        writer.flush().await
+                    };
+                    let _ = tokio::time::timeout(RESET_NOTICE, notice).await;
+                }
+                Err(ExchangeError::Channel(_)) => hearing.hear_late(&mut reader),
+                _ => {}
             }
             outcome
         }
@@ -274,6 +282,25 @@ impl Hearing<'_> {
             reached_target.release();
         }
         Ok(())
+    }
+
+    /// After the channel failed while the answer was still expected: the
+    /// client may have answered (the target was reached) and reset the
+    /// channel right after — its target reset at once — while this end was
+    /// busy sending. A reset does not discard what was received before it,
+    /// so an answer already queued is read now, without waiting: the visitor
+    /// then ends as its target's reset, not as a target never reached.
+    fn hear_late<R: AsyncRead + Unpin>(&self, reader: &mut R) {
+        if self.answered.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Answer::Expected { reached_target, answered: visit, .. } = &self.answer {
+            if let Some(Ok(())) = read_answer(reader).now_or_never() {
+                visit.target_answered();
+                self.answered.store(true, Ordering::Relaxed);
+                reached_target.release();
+            }
+        }
     }
 }
 
@@ -515,6 +542,27 @@ impl AsyncRead for WireReader<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+}
+
+/// What a plain channel has queued, read straight from the socket and counted
+/// on the wire, without waiting and without the runtime's readiness (which may
+/// not have caught up with a reset yet): only for a last look, polled once;
+/// `Pending` when nothing (more) is queued.
+struct Queued<'a>(&'a Wire<'a>);
+
+impl AsyncRead for Queued<'_> {
+    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let wire = self.0;
+        match io::Read::read(&mut &*socket2::SockRef::from(wire.socket), buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                wire.received.record(n as u64);
+                Poll::Ready(Ok(()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }
