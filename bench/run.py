@@ -300,7 +300,9 @@ class Tunneld:
         config = tmp / "tunneld.toml"
         tls_off = "" if tls else "tls = false\n"
         config.write_text(f'[server]\nbind_addr = "127.0.0.1"\n{tls_off}{server_extra}[client]\n{tls_off}{extra_config}')
-        env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_")}
+        # No configuration from the caller's environment, but the benchmarks'
+        # own switch (`bench/ab.py --binary copy=PATH@TUNNELD_FORCE_COPY=1`).
+        env = {k: v for k, v in fd_env.items() if not k.startswith("TUNNELD_") or k == "TUNNELD_FORCE_COPY"}
         env["RUST_LOG"] = "warn"
 
         notify = Notify(tmp / "server.notify")

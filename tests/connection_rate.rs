@@ -193,7 +193,12 @@ fn a_plain_tunnel_reads_each_exchange_in_few_calls() {
     eprintln!("plain tunnel, server, per visitor: {}", table(&calls[0]));
     eprintln!("plain tunnel, client, per visitor: {}", table(&calls[1]));
     let (server_reads, client_reads) = (per_visitor(&calls[0], "recvfrom"), per_visitor(&calls[1], "recvfrom"));
-    assert!(server_reads <= 7.5, "{server_reads:.2} recvfrom per plain-tunneled visitor in the server: {}", table(&calls[0]));
+    // The server's side of a plain exchange splices (tunnel::exchange): it
+    // reads the channel with `try_read` past the stream, which leaves tokio's
+    // readiness set after a short read where the stream's `poll_read` clears
+    // it, so two reads per visitor find the channel empty (`EAGAIN`): 9 where
+    // a copying server makes 6 (`TUNNELD_FORCE_COPY=1`), and main made 10.
+    assert!(server_reads <= 9.5, "{server_reads:.2} recvfrom per plain-tunneled visitor in the server: {}", table(&calls[0]));
     assert!(client_reads <= 7.5, "{client_reads:.2} recvfrom per plain-tunneled visitor in the client: {}", table(&calls[1]));
 }
 

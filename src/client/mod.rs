@@ -31,6 +31,7 @@ use tracing::{error, info, warn};
 use crate::config::{ClientConfig, Config, Role};
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::socket;
+use crate::net::splice::Pipes;
 use crate::systemd;
 use crate::telemetry::{Metrics, Tunnel};
 use backoff::Backoff;
@@ -95,10 +96,12 @@ pub(crate) async fn run(
         servers = addresses.len(),
         "data channels and target connections share this many descriptors"
     );
+    // Plain data channels splice their chunks through these (see `tunnel::exchange`).
+    let pipes = Arc::new(Pipes::new(&descriptors));
     systemd::ready(&board.line());
     let mut sessions = tokio::task::JoinSet::new();
     for (index, dialer) in dialers.into_iter().enumerate() {
-        sessions.spawn(serve_server(dialer, index, board.clone(), descriptors.clone(), shutdown.clone()));
+        sessions.spawn(serve_server(dialer, index, board.clone(), (descriptors.clone(), pipes.clone()), shutdown.clone()));
     }
     while sessions.join_next().await.is_some() {}
     systemd::stopping();
@@ -111,7 +114,7 @@ async fn serve_server(
     dialer: Arc<Dialer>,
     index: usize,
     board: Arc<StatusBoard>,
-    descriptors: Arc<DescriptorBudget>,
+    (descriptors, pipes): (Arc<DescriptorBudget>, Arc<Pipes>),
     shutdown: CancellationToken,
 ) {
     let metrics = dialer.metrics.clone();
@@ -123,7 +126,7 @@ async fn serve_server(
         let started = Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = session::run(dialer.clone(), descriptors.clone(), || board.connected(index), shutdown.clone()) => r,
+            r = session::run(dialer.clone(), (descriptors.clone(), pipes.clone()), || board.connected(index), shutdown.clone()) => r,
         };
         metrics.session_ended(Tunnel::to_server(&name, &server));
         // What is wrong, for the log, STATUS= and /metrics alike.

@@ -22,6 +22,7 @@ use crate::core::sync::lock;
 use crate::net::descriptors::DescriptorBudget;
 use crate::net::relay;
 use crate::net::socket;
+use crate::net::splice::Pipes;
 use crate::net::tls;
 use crate::net::transport::TunnelStream;
 use crate::telemetry::connect_failure::{AUTH_REFUSED, PROTOCOL_ERROR, REJECTED, SERVER_REQUIRES_TLS, THROTTLED, VERSION_MISMATCH};
@@ -41,6 +42,8 @@ struct SessionCtx {
     dialer: Arc<Dialer>,
     /// Shared by every channel and target of the process.
     descriptors: Arc<DescriptorBudget>,
+    /// The pipes a plain channel's exchanges splice through, out of `descriptors`.
+    pipes: Arc<Pipes>,
     token: String,
     cancel: CancellationToken,
     /// Channels waiting for a `connect` now.
@@ -60,7 +63,7 @@ const UNREACHABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// `on_connected` runs once the session is authenticated.
 pub(super) async fn run(
     dialer: Arc<Dialer>,
-    descriptors: Arc<DescriptorBudget>,
+    (descriptors, pipes): (Arc<DescriptorBudget>, Arc<Pipes>),
     on_connected: impl FnOnce(),
     shutdown: CancellationToken,
 ) -> anyhow::Result<&'static str> {
@@ -112,6 +115,7 @@ pub(super) async fn run(
     let ctx = Arc::new(SessionCtx {
         dialer: dialer.clone(),
         descriptors,
+        pipes,
         token: welcome.session,
         cancel: shutdown.child_token(),
         idle: AtomicUsize::new(0),
@@ -333,7 +337,8 @@ async fn data_channel(ctx: &Arc<SessionCtx>) -> anyhow::Result<()> {
         relay::arm(&target);
         // Looked up only for the debug log: a syscall per visitor otherwise.
         let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| target.peer_addr().ok()).flatten();
-        let relayed = exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout).await;
+        let pipes = exchange::splicing(&channel, &ctx.pipes);
+        let relayed = exchange::relay(channel, &target, &quiet, &quiet, Answer::None, idle_timeout, pipes).await;
         drop((target, held));
         match relayed {
             Ok((back, sent, received)) => {

@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -34,7 +34,7 @@ const READ_AHEAD: usize = 64 * 1024;
 /// Largest read ahead of a plain stream: enough for a frame, or a chunk's
 /// header and a small payload. A larger one would take the start of the next
 /// large payload too, and copy it once more on its way out of the buffer.
-const SMALL_READ_AHEAD: usize = 4 * 1024;
+pub(crate) const SMALL_READ_AHEAD: usize = 4 * 1024;
 
 /// Where a stream's bytes go: a client's meters, or a tally until it is known.
 enum Counting {
@@ -59,6 +59,78 @@ pub struct MeteredStream {
     /// The first bytes received, kept while a handshake may fail (see
     /// [`MeteredStream::keeping_first_bytes`]); `None` otherwise.
     kept: Option<Vec<u8>>,
+}
+
+/// A [`MeteredStream`]'s socket with the meters of what crosses it: whoever
+/// moves bytes on `socket` directly records them in `sent` and `received`, as
+/// the stream would have. What the stream had read ahead and not handed out
+/// yet (the start of a plain channel's first chunk, read with the `connect`
+/// in front of it) comes first: [`Wire::try_read`] serves it before the socket.
+pub(crate) struct Wire<'a> {
+    pub(crate) socket: &'a TcpStream,
+    pub(crate) sent: Meter,
+    pub(crate) received: Meter,
+    /// Read ahead by the stream, counted on the wire then, not handed out yet.
+    unread: std::sync::Mutex<BytesMut>,
+}
+
+impl Wire<'_> {
+    /// Whether bytes read ahead wait to be read before the socket's.
+    pub(crate) fn has_unread(&self) -> bool {
+        self.unread.lock().is_ok_and(|unread| unread.has_remaining())
+    }
+
+    /// Reads what was read ahead, else what the socket has now (counted on
+    /// the wire); `WouldBlock` when neither has anything.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(n) = self.read_unread(buf) {
+            return Ok(n);
+        }
+        let n = self.socket.try_read(buf)?;
+        self.received.record(n as u64);
+        Ok(n)
+    }
+
+    /// As [`Wire::try_read`], but a short read when nothing waits reads up to
+    /// [`SMALL_READ_AHEAD`] from the socket and serves from that, as the stream
+    /// reads ahead: a frame, a chunk's header and a short payload behind it
+    /// come in one `recv`. Not for a bulk transfer's headers, whose payloads
+    /// go through the kernel: what is read ahead is copied.
+    pub(crate) fn try_read_ahead(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.len() >= SMALL_READ_AHEAD || self.has_unread() {
+            return self.try_read(buf);
+        }
+        let n = {
+            let Ok(mut unread) = self.unread.lock() else { return self.try_read(buf) };
+            unread.clear();
+            unread.reserve(SMALL_READ_AHEAD);
+            self.socket.try_read_buf(&mut (&mut *unread).limit(SMALL_READ_AHEAD))?
+        };
+        self.received.record(n as u64);
+        Ok(self.read_unread(buf).unwrap_or(0))
+    }
+
+    /// As [`Wire::try_read`], but reading the socket directly, past the
+    /// runtime's readiness (which may not have caught up with a reset yet).
+    pub(crate) fn read_queued(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(n) = self.read_unread(buf) {
+            return Ok(n);
+        }
+        let n = io::Read::read(&mut &*socket2::SockRef::from(self.socket), buf)?;
+        self.received.record(n as u64);
+        Ok(n)
+    }
+
+    fn read_unread(&self, buf: &mut [u8]) -> Option<usize> {
+        let mut unread = self.unread.lock().ok()?;
+        if !unread.has_remaining() || buf.is_empty() {
+            return None;
+        }
+        let n = unread.remaining().min(buf.len());
+        buf[..n].copy_from_slice(&unread[..n]);
+        unread.advance(n);
+        Some(n)
+    }
 }
 
 /// How many received bytes [`MeteredStream::keeping_first_bytes`] keeps.
@@ -161,6 +233,27 @@ impl MeteredStream {
 
     pub(crate) fn return_watch(&mut self, watch: TcpStream) {
         self.watch = Some(watch);
+    }
+
+    /// Whether [`MeteredStream::wire`] can hand out the socket: not while
+    /// first bytes are kept, nor while its client is not known yet — then only
+    /// the stream itself counts right.
+    pub(crate) fn has_wire(&self) -> bool {
+        matches!(self.counting, Counting::Meters { .. }) && self.kept.is_none()
+    }
+
+    /// The socket and its meters, for moving bytes on it without this
+    /// stream (a plain data channel's chunks spliced in the kernel, see
+    /// `tunnel::exchange`), with what the stream read ahead and did not hand
+    /// out yet; `None` where [`MeteredStream::has_wire`] says so.
+    pub(crate) fn wire(&mut self) -> Option<Wire<'_>> {
+        if !self.has_wire() {
+            return None;
+        }
+        let Counting::Meters { sent, received } = &self.counting else { return None };
+        let (sent, received) = (sent.clone(), received.clone());
+        let unread = self.ahead.take().unwrap_or_default();
+        Some(Wire { socket: &self.inner, sent, received, unread: std::sync::Mutex::new(unread) })
     }
 
     /// Drops the read-ahead buffer when nothing unread is in it. A reader that

@@ -4,7 +4,7 @@
 //! - [`socket`]: listeners, accepting through descriptor exhaustion, dialing;
 //! - [`descriptors`]: the share of the open-file limit outside connections may use;
 //! - [`relay`]: the counted copy between two sockets and how it ends;
-//! - [`splice`]: the relay's pipes, to move a direct mapping's bytes in the kernel;
+//! - [`splice`]: the relays' pipes, to move a mapping's bytes in the kernel (direct, or a plain tunnel's chunks);
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
 //! - [`tls_channel`]: a client data channel's TLS through rustls's unbuffered API;

@@ -11,7 +11,9 @@
 //! transfer splices its bursts through a pipe in the kernel (see
 //! [`super::splice`]); a short exchange, and where splice cannot serve, copy
 //! (see [`pump`]). Either way the bytes are counted as they reach the other socket,
-//! paced by the same cap, and end the same way.
+//! paced by the same cap, and end the same way. (A tunnel exchange over a
+//! plain data channel splices its chunks' payloads with the same pipes, see
+//! `tunnel::exchange`.)
 //!
 //! It also owns how a forwarded connection ends (see [`relay`]): cleanly only when
 //! both directions finished; otherwise — a peer's reset, the idle timeout, an
@@ -27,7 +29,7 @@ use futures_util::FutureExt;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::splice::{cannot_splice, Pipe, Pipes};
+use super::splice::{cannot_splice, has_data, Fill, Pipe, Pipes};
 use crate::telemetry::Meter;
 
 /// Largest single read. Big enough that a bulk transfer needs few syscalls.
@@ -366,18 +368,15 @@ async fn splice_burst(
 ) -> io::Result<Burst> {
     loop {
         let allowed = meter.allowance(pipe.size()).await;
-        let filled = src.try_io(Interest::READABLE, || match pipe.fill_from(src, allowed) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && has_data(src) => Ok(None),
-            filled => filled.map(Some),
-        });
-        meter.unused(allowed - filled.as_ref().map_or(0, |n| n.unwrap_or(0)));
+        let filled = pipe.try_fill(src, allowed);
+        meter.unused(allowed - filled.as_ref().map_or(0, |f| if let Fill::Moved(n) = f { *n } else { 0 }));
         match filled {
             // Splice stops at TCP urgent data and does not move past it; a
             // plain read does (and skips the urgent byte, as any user-space
             // relay does). The socket is still marked readable for it.
-            Ok(None) => return copy_burst(src, dst, meter, activity, sides, total, Reads::One).await,
-            Ok(Some(0)) => return Ok(Burst::MaybeEnded),
-            Ok(Some(n)) => {
+            Ok(Fill::Urgent) => return copy_burst(src, dst, meter, activity, sides, total, Reads::One).await,
+            Ok(Fill::Moved(0)) => return Ok(Burst::MaybeEnded),
+            Ok(Fill::Moved(n)) => {
                 activity.touch();
                 if let Err(e) = drain(pipe, dst, n, meter, activity, total).await {
                     return match cannot_splice(&e) {
@@ -400,50 +399,23 @@ async fn splice_burst(
     }
 }
 
-/// Whether `socket` has bytes to read, without taking them: when a splice
-/// finds nothing, this tells a drained socket from one stuck at urgent data.
-fn has_data(socket: &TcpStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::uninit()];
-    socket2::SockRef::from(socket).peek(&mut byte).is_ok_and(|n| n > 0)
-}
-
 /// Splices the `n` bytes in `pipe` into `dst`, counting each piece as it is
 /// delivered. On an error, what was not delivered is still in the pipe.
-async fn drain(pipe: &Pipe, dst: &TcpStream, mut n: usize, meter: &Meter, activity: &Activity, total: &mut u64) -> io::Result<()> {
-    while n > 0 {
-        match dst.try_io(Interest::WRITABLE, || pipe.drain_into(dst, n)) {
-            // A pipe with bytes in it never splices 0 into a socket.
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(moved) => {
-                n -= moved;
-                meter.record(moved as u64);
-                *total += moved as u64;
-                activity.touch();
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+async fn drain(pipe: &Pipe, dst: &TcpStream, n: usize, meter: &Meter, activity: &Activity, total: &mut u64) -> io::Result<()> {
+    pipe.drain(dst, n, |moved| delivered(moved, meter, activity, total)).await
 }
 
 /// Delivers what is left in `pipe` (at most `n` bytes) to `dst` through user
 /// space: for bytes spliced in before the kernel refused to splice them out.
 async fn copy_out(pipe: &Pipe, dst: &TcpStream, n: usize, meter: &Meter, activity: &Activity, total: &mut u64) -> io::Result<()> {
-    let mut buf = vec![0u8; n.min(pipe.size())];
-    loop {
-        match pipe.read_out(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(read) => {
-                write_all(dst, &buf[..read], activity).await?;
-                meter.record(read as u64);
-                *total += read as u64;
-            }
-            // Empty: everything was delivered.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
+    pipe.copy_out(dst, n, |moved| delivered(moved, meter, activity, total)).await
+}
+
+/// Counts `n` bytes that reached the other socket.
+fn delivered(n: usize, meter: &Meter, activity: &Activity, total: &mut u64) {
+    meter.record(n as u64);
+    *total += n as u64;
+    activity.touch();
 }
 
 /// Writes all of `data` to `dst` as `meter`'s cap allows, asking before each

@@ -11,6 +11,10 @@
 //! process's [`DescriptorBudget`](super::descriptors::DescriptorBudget) like
 //! the sockets do: when it is spent, a burst is copied instead.
 //!
+//! The same pipes serve a plain tunnel's exchanges (`tunnel::exchange`),
+//! which splice each chunk's payload between the local socket and the data
+//! channel and write only its header through user space.
+//!
 //! Where splice cannot serve — not Linux, a kernel or a seccomp filter that
 //! refuses it (`EINVAL`, `ENOSYS`, `EPERM`), or `TUNNELD_FORCE_COPY=1` (for
 //! benchmarks: the same build, the other path) — [`Pipes::take`] gives none and
@@ -21,6 +25,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::descriptors::{BudgetShare, DescriptorBudget, Taken};
@@ -127,7 +133,7 @@ impl Pipes {
     /// The kernel refused a splice with `error`: every relay copies from now on.
     pub(crate) fn refused(&self, error: &io::Error) {
         if !self.off.swap(true, Ordering::Relaxed) {
-            warn!(error = %error, "splice(2) refused by the kernel; direct mappings copy through user space from now on");
+            warn!(error = %error, "splice(2) refused by the kernel; relays copy through user space from now on");
             lock(&self.idle).clear();
         }
     }
@@ -142,22 +148,99 @@ pub(crate) fn cannot_splice(error: &io::Error) -> bool {
         || error.kind() == io::ErrorKind::Unsupported
 }
 
+/// What one splice from a socket into a pipe found ([`Pipe::try_fill`]).
+pub(crate) enum Fill {
+    /// Moved this many bytes (0: the socket's end, or rarely urgent data
+    /// only: the caller checks with [`has_data`]).
+    Moved(usize),
+    /// The splice found nothing, yet the socket has bytes: urgent data, which
+    /// splice cannot move past, or bytes that arrived just after it looked.
+    /// A plain read takes them either way.
+    Urgent,
+}
+
+impl Pipe {
+    /// One non-blocking splice of up to `max` bytes from `src` into the pipe
+    /// (empty on entry), through `src`'s readiness: `WouldBlock` clears it,
+    /// so the caller's next `readable().await` waits for new bytes.
+    pub(crate) fn try_fill(&self, src: &TcpStream, max: usize) -> io::Result<Fill> {
+        src.try_io(Interest::READABLE, || match self.fill_from(src, max) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && has_data(src) => Ok(Fill::Urgent),
+            filled => filled.map(Fill::Moved),
+        })
+    }
+
+    /// Splices the `n` bytes in the pipe into `dst`, waiting while it cannot
+    /// take more, and tells `delivered` of each piece as it reaches `dst` (the
+    /// caller counts there). On an error, what was not delivered is still in
+    /// the pipe.
+    pub(crate) async fn drain(&self, dst: &TcpStream, mut n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+        while n > 0 {
+            match dst.try_io(Interest::WRITABLE, || self.drain_into(dst, n)) {
+                // A pipe with bytes in it never splices 0 into a socket.
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(moved) => {
+                    n -= moved;
+                    delivered(moved);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers what is left in the pipe (at most `n` bytes) to `dst` through
+    /// user space, telling `delivered` of each piece: for bytes spliced in
+    /// before the kernel refused to splice them on.
+    pub(crate) async fn copy_out(&self, dst: &TcpStream, n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+        let mut buf = vec![0u8; n.min(self.size)];
+        loop {
+            let read = match self.read_out(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(read) => read,
+                // Empty: everything was delivered.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut data = &buf[..read];
+            while !data.is_empty() {
+                match dst.try_write(data) {
+                    Ok(written) => {
+                        data = &data[written..];
+                        delivered(written);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Whether `socket` has bytes to read, without taking them: when a splice
+/// finds nothing, this tells a drained socket from one stuck at urgent data.
+pub(crate) fn has_data(socket: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    socket2::SockRef::from(socket).peek(&mut byte).is_ok_and(|n| n > 0)
+}
+
 impl Pipe {
     /// Moves up to `max` bytes from `socket` into the pipe (which the caller
     /// keeps empty before each fill); `Ok(0)` at the socket's end (or, rarely,
     /// when it holds urgent data only: the caller checks with a plain read).
-    pub(crate) fn fill_from(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
+    fn fill_from(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
         sys::splice(socket.as_fd(), self.write.as_fd(), max.min(self.size))
     }
 
     /// Moves up to `max` of the bytes the pipe holds into `socket`.
-    pub(crate) fn drain_into(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
+    fn drain_into(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
         sys::splice(self.read.as_fd(), socket.as_fd(), max)
     }
 
     /// Reads what the pipe holds into `buf` the ordinary way: for bytes left in
     /// it when the kernel refused to splice them on.
-    pub(crate) fn read_out(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_out(&self, buf: &mut [u8]) -> io::Result<usize> {
         sys::read(self.read.as_fd(), buf)
     }
 }

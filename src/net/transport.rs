@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::net::metered::MeteredStream;
+use crate::net::metered::{MeteredStream, Wire};
 
 /// Both variants boxed alike: the stream carries its read-ahead and its watch.
 pub enum TunnelStream {
@@ -50,6 +50,23 @@ impl TunnelStream {
     /// [`MeteredStream::attribute`]).
     pub(crate) fn attribute(&mut self, sent: crate::telemetry::Meter, received: crate::telemetry::Meter) {
         self.metered().attribute(sent, received)
+    }
+
+    /// A plain channel's socket and meters (see [`MeteredStream::wire`]);
+    /// `None` under TLS, whose bytes only the TLS stream can move.
+    pub(crate) fn wire(&mut self) -> Option<Wire<'_>> {
+        match self {
+            TunnelStream::Plain(s) => s.wire(),
+            TunnelStream::Tls(_) | TunnelStream::TlsData(_) => None,
+        }
+    }
+
+    /// Whether [`TunnelStream::wire`] would hand out the socket.
+    pub(crate) fn has_wire(&self) -> bool {
+        match self {
+            TunnelStream::Plain(s) => s.has_wire(),
+            TunnelStream::Tls(_) | TunnelStream::TlsData(_) => false,
+        }
     }
 
     /// Frees what an idle channel does not need (see

@@ -64,12 +64,16 @@ pub(crate) mod dropped_reason {
     pub(crate) const ALL: [&str; 4] = [QUEUE_FULL, TOO_LARGE, SESSION_LIMIT, NO_TUNNEL];
 }
 
-/// How a direct mapping's relay moves bytes, in
-/// `tunneld_mapping_relayed_connections_total{path}`.
+/// How a mapping's relay moves bytes, in
+/// `tunneld_mapping_relayed_connections_total{path}`: a direct mapping's
+/// between its two sockets, a tunneled one's chunk payloads between the
+/// visitor and a plain data channel (the server's end; the client chooses
+/// its own the same way).
 pub(crate) mod relay_path {
     /// In the kernel, socket to pipe to socket (`splice(2)`).
     pub(crate) const SPLICE: &str = "splice";
-    /// Through user space: where splice cannot serve.
+    /// Through user space: where splice cannot serve (a TLS data channel,
+    /// `TUNNELD_FORCE_COPY=1`, a kernel that refuses it).
     pub(crate) const COPY: &str = "copy";
     /// Every path; the family's HELP lists these.
     pub(crate) const ALL: [&str; 2] = [SPLICE, COPY];
@@ -196,7 +200,7 @@ pub(crate) const MAPPING_REFUSED: Family = Family::new(
 .listing(&refused_reason::ALL);
 pub(crate) const MAPPING_RELAYED: Family = Family::new(
     "tunneld_mapping_relayed_connections_total",
-    "Direct visitor connections by how their relay moves bytes (a series appears with its first connection)",
+    "Visitor connections by how their relay moves bytes, direct or through a tunnel (a series appears with its first connection)",
     &[PORT, PROTOCOL, "path"],
 )
 .listing(&relay_path::ALL);

@@ -157,7 +157,7 @@ pub struct MappingSeries {
     pub(crate) udp: UdpMetrics,
     /// `tunneld_mapping_relayed_connections_total`, per path of
     /// [`relay_path::ALL`] in that order: shown once non-zero, so a mapping
-    /// that relays none (a tunneled one, a UDP one) shows none.
+    /// that relays none (a UDP one) shows none.
     relayed: [Counter; 2],
 }
 
@@ -225,7 +225,8 @@ impl MappingSeries {
         }
     }
 
-    /// A direct connection's relay starts on `path` (one of [`relay_path::ALL`]).
+    /// A connection's relay (direct, or a tunneled exchange) starts on `path`
+    /// (one of [`relay_path::ALL`]).
     pub(crate) fn relaying(&self, path: &str) {
         if let Some(i) = relay_path::ALL.iter().position(|p| *p == path) {
             self.relayed[i].inc();

@@ -64,7 +64,7 @@ pub(super) async fn serve_visitor(
     let result = if spec.use_tunnel {
         // The client writes the PROXY header after dialing the target.
         let connect = Connect::Connect { host: spec.target_host.clone(), port: spec.target_port, proxy_header };
-        tunneled(ctx, group, meters, &visit, &visitor, tracked, &connect).await
+        tunneled(ctx, group, metrics, meters, &visit, (&visitor, tracked), &connect).await
     } else {
         direct(ctx, spec, metrics, meters, &visit, &visitor, proxy_header).await
     };
@@ -172,10 +172,10 @@ async fn direct(
 async fn tunneled(
     ctx: &Ctx,
     group: &Group,
+    metrics: &MappingMetrics,
     (up, down): Meters,
     visit: &Visit,
-    visitor: &TcpStream,
-    tracked: &Tracked,
+    (visitor, tracked): (&TcpStream, &Tracked),
     connect: &Connect,
 ) -> Result<(u64, u64), VisitorError> {
     let port = tracked.port();
@@ -244,8 +244,12 @@ async fn tunneled(
     } else {
         exchange::Answer::Expected { reached_target: &reached_target, sent_ahead, answered: visit }
     };
+    // A plain channel's chunks are spliced where the kernel allows (this end's
+    // path; the client chooses its own the same way).
+    let pipes = exchange::splicing(&channel, &ctx.pipes);
+    metrics.relaying(if pipes.is_some() { relay_path::SPLICE } else { relay_path::COPY });
     let relayed = tokio::select! {
-        relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout) => relayed,
+        relayed = exchange::relay(channel, visitor, &up, &down, answer, ctx.settings.idle_timeout, pipes) => relayed,
         // A removed client's access ends with its exchanges, not when they
         // finish; a lost session's exchanges have nothing left to go through.
         _ = lease.revoked() => {
