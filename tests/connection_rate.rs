@@ -12,72 +12,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::strace::Strace;
 use common::*;
 use serde_json::Value;
 
 const SECRET: &str = "connection rate secret";
 const VISITORS: usize = 200;
-
-/// `strace -c -f` attached to one process, until [`Strace::finish`].
-struct Strace {
-    child: Child,
-    out: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Strace {
-    /// Attached to every thread of `pid` before it returns.
-    fn attach(strace: &Path, pid: u32) -> Strace {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("counts.txt");
-        let mut child = Command::new(strace)
-            .args(["-c", "-f", "-o"])
-            .arg(&out)
-            .args(["-p", &pid.to_string()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run strace");
-        // strace says so on stderr once it holds every thread.
-        let mut stderr = BufReader::new(child.stderr.take().expect("strace stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = stderr.read_line(&mut line).expect("read strace's stderr");
-            assert!(n > 0, "strace exited before attaching (is ptrace allowed here?)");
-            if line.contains("attached") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Strace { child, out, _dir: dir }
-    }
-
-    /// Detaches and returns the calls made meanwhile, by name.
-    fn finish(mut self) -> BTreeMap<String, u64> {
-        let status = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().expect("run kill");
-        assert!(status.success());
-        self.child.wait().expect("strace to exit");
-        let text = std::fs::read_to_string(&self.out).expect("strace's summary");
-        let mut calls = BTreeMap::new();
-        for line in text.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // % time, seconds, usecs/call, calls, [errors,] syscall
-            if fields.len() >= 5 && fields[0].parse::<f64>().is_ok() {
-                if let (Ok(n), Some(name)) = (fields[3].parse::<u64>(), fields.last()) {
-                    calls.insert(name.to_string(), n);
-                }
-            }
-        }
-        assert!(!calls.is_empty(), "no counts in strace's summary:\n{text}");
-        calls
-    }
-}
 
 /// One visitor: connect, one byte each way, half-close, the target's EOF.
 fn visit_one_byte(port: u16) {

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,34 +16,6 @@ use serde_json::{json, Value};
 const SECRET: &str = "splice-test-secret";
 /// Bytes each way in the large transfers.
 const LARGE: usize = 50 * 1024 * 1024;
-
-/// `n` pseudo-random bytes from `seed` (xorshift: fast even unoptimised, and
-/// the same seed gives the same bytes to compare against).
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
-/// A target on 127.0.0.1 that serves each connection with `serve` on a thread.
-fn spawn_target(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let serve = serve.clone();
-            std::thread::spawn(move || serve(conn));
-        }
-    });
-    addr
-}
 
 fn direct_mapping(server: &Daemon, target: SocketAddr, extra: Value) -> u16 {
     let port = free_port();

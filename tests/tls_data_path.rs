@@ -14,6 +14,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::strace::Strace;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunneld::net::metered::MeteredStream;
@@ -368,52 +369,6 @@ async fn a_wrong_pin_fails_the_handshake_with_the_pin_mismatch() {
 
 // ------------------------------------------------- system calls on the client's side
 
-/// `strace -c -f` attached to one process until [`Strace::finish`] (as in tests/tls_perf.rs).
-struct Strace {
-    child: std::process::Child,
-    out: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Strace {
-    fn attach(strace: &std::path::Path, pid: u32) -> Strace {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("counts.txt");
-        let mut child = std::process::Command::new(strace)
-            .args(["-c", "-f", "-o"])
-            .arg(&out)
-            .args(["-p", &pid.to_string()])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run strace");
-        let mut stderr = std::io::BufReader::new(child.stderr.take().expect("strace stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(stderr.read_line(&mut line).expect("read strace's stderr") > 0, "strace exited before attaching");
-            if line.contains("attached") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Strace { child, out, _dir: dir }
-    }
-
-    /// Detaches; the number of calls of `name` meanwhile.
-    fn finish(mut self, name: &str) -> u64 {
-        let status = std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().expect("run kill");
-        assert!(status.success());
-        self.child.wait().expect("strace to exit");
-        let text = std::fs::read_to_string(&self.out).expect("strace's summary");
-        text.lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .filter(|f| f.len() >= 5 && f[0].parse::<f64>().is_ok() && f.last() == Some(&name))
-            .find_map(|f| f[3].parse().ok())
-            .unwrap_or(0)
-    }
-}
-
 /// The client writes the target's bytes into its data channel as whole chunks:
 /// header and payload, four full records, one `writev` each (16 per MiB, and a
 /// few for partial writes), as the server does the other way (tests/tls_perf.rs).
@@ -451,7 +406,7 @@ fn the_client_writes_each_chunk_of_the_download_in_one_call() {
     wait_for("the download's exchange to end", Duration::from_secs(10), || {
         (traffic_entry(&server, port)?["active_connections"].as_u64()? == 0).then_some(())
     });
-    let writev = trace.finish("writev") as f64 / MIB as f64;
+    let writev = trace.finish().get("writev").copied().unwrap_or(0) as f64 / MIB as f64;
     eprintln!("TLS tunnel downstream, client: {writev:.1} writev per MiB");
     assert!(writev <= 28.0, "{writev:.1} writev per MiB from the client (want 16, and a few for partial writes)");
 }

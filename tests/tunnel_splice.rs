@@ -23,33 +23,6 @@ const LARGE: usize = 32 * 1024 * 1024;
 /// The largest chunk payload the tunnel carries.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// `n` pseudo-random bytes from `seed` (xorshift: fast even unoptimised).
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
-/// A target on 127.0.0.1 that serves each connection with `serve` on a thread.
-fn spawn_target(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let serve = serve.clone();
-            std::thread::spawn(move || serve(conn));
-        }
-    });
-    addr
-}
-
 /// A plain-tunnel server (`server.tls = false`).
 fn plain_server(envs: &[(&str, &str)]) -> Daemon {
     let mut all = vec![("TUNNELD_SERVER__TLS", "false")];

@@ -30,6 +30,7 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod netns;
+pub mod strace;
 pub mod systemd;
 pub mod tools;
 pub mod tunnel;
@@ -54,6 +55,21 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `n` pseudo-random bytes from `seed` (xorshift: fast even unoptimised, and
+/// the same seed gives the same bytes to compare against).
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
 }
 
 /// `n` random bytes.

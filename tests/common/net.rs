@@ -57,6 +57,20 @@ pub fn target(serve: fn(TcpStream)) -> SocketAddr {
     addr
 }
 
+/// A target on 127.0.0.1 that serves each connection with `serve` on a thread
+/// (a closure, unlike [`target`]'s function).
+pub fn spawn_target(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    addr
+}
+
 /// A TCP echo target; it half-closes after the visitor does.
 pub fn echo_server() -> SocketAddr {
     target(|mut conn| {
