@@ -121,6 +121,11 @@ impl Wire<'_> {
         Ok(n)
     }
 
+    /// What was read ahead and not read yet, for [`MeteredStream::restore_unread`].
+    pub(crate) fn into_unread(self) -> BytesMut {
+        self.unread.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn read_unread(&self, buf: &mut [u8]) -> Option<usize> {
         let mut unread = self.unread.lock().ok()?;
         if !unread.has_remaining() || buf.is_empty() {
@@ -256,6 +261,14 @@ impl MeteredStream {
         Some(Wire { socket: &self.inner, sent, received, unread: std::sync::Mutex::new(unread) })
     }
 
+    /// Puts back what a [`Wire`] read ahead and left unread (bytes past the
+    /// end of a spliced exchange), so the stream's next read returns them.
+    pub(crate) fn restore_unread(&mut self, unread: BytesMut) {
+        if unread.has_remaining() {
+            self.ahead = Some(unread);
+        }
+    }
+
     /// Drops the read-ahead buffer when nothing unread is in it. A reader that
     /// stops polling after a read that returned data (a data channel parked in
     /// the server's pool after reading its hello or an exchange's last frame)
@@ -362,6 +375,34 @@ impl AsyncWrite for MeteredStream {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A spliced exchange takes the stream's unread bytes with its [`Wire`];
+    /// what it leaves unread (the next exchange's opening, read ahead with the
+    /// last header) must be what the stream reads next, none lost.
+    #[tokio::test]
+    async fn bytes_a_wire_read_ahead_and_left_go_back_to_the_stream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let meter = || Meter::tunnel(prometheus::IntCounter::new("t", "t").unwrap(), prometheus::Gauge::new("a", "a").unwrap());
+        let mut stream = MeteredStream::new(dialed.unwrap(), meter(), meter()).reading_small_reads_ahead();
+        let mut peer = accepted.unwrap().0;
+
+        peer.write_all(b"endnext exchange").await.unwrap();
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"e");
+        let wire = stream.wire().expect("a plain, attributed stream has a wire");
+        let mut rest_of_end = [0u8; 2];
+        assert_eq!(wire.try_read_ahead(&mut rest_of_end).unwrap(), 2, "served from what the stream read ahead");
+        assert_eq!(&rest_of_end, b"nd");
+        let left = wire.into_unread();
+        stream.restore_unread(left);
+        let mut next = [0u8; 13];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_exact(&mut next)).await;
+        read.expect("the bytes given back, not a wait on the socket").unwrap();
+        assert_eq!(&next, b"next exchange");
+    }
 
     #[tokio::test]
     async fn releasing_the_read_ahead_keeps_unread_bytes_and_frees_a_drained_buffer() {

@@ -61,6 +61,14 @@ impl TunnelStream {
         }
     }
 
+    /// Gives back what a [`Wire`] read ahead and left unread (see
+    /// [`MeteredStream::restore_unread`]).
+    pub(crate) fn restore_unread(&mut self, unread: bytes::BytesMut) {
+        if let TunnelStream::Plain(s) = self {
+            s.restore_unread(unread);
+        }
+    }
+
     /// Whether [`TunnelStream::wire`] would hand out the socket.
     pub(crate) fn has_wire(&self) -> bool {
         match self {

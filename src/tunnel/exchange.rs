@@ -176,6 +176,9 @@ pub(crate) async fn relay(
     let ends = Ends { socket, watch: watch.as_ref(), activity: &activity, idle_timeout };
     let hearing = Hearing { answer, answered: &answered };
     let spliced = pipes.and_then(|pipes| Some((channel.wire()?, pipes)));
+    // What a spliced exchange read ahead past its end (the next `connect`, when
+    // the other end reused the channel at once) goes back to the stream.
+    let mut leftover = None;
     let outcome = match spliced {
         Some((wire, pipes)) => {
             let up = spliced_upstream(socket, &wire, pipes, to_channel, &activity, sent_ahead);
@@ -196,6 +199,7 @@ pub(crate) async fn relay(
                 Err(ExchangeError::Channel(_)) => hearing.hear_late(&mut Queued(&wire)),
                 _ => {}
             }
+            leftover = Some(wire.into_unread());
             outcome
         }
         None => {
@@ -222,6 +226,9 @@ pub(crate) async fn relay(
             outcome
         }
     };
+    if let Some(unread) = leftover {
+        channel.restore_unread(unread);
+    }
     match outcome {
         Ok((up, down)) => {
             relay::disarm(socket);
