@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,33 +16,6 @@ use serde_json::{json, Value};
 const SECRET: &str = "splice-test-secret";
 /// Bytes each way in the large transfers.
 const LARGE: usize = 50 * 1024 * 1024;
-
-fn direct_mapping(server: &Daemon, target: SocketAddr, extra: Value) -> u16 {
-    let port = free_port();
-    let mut body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "use_tunnel": false});
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        body[k] = v;
-    }
-    let (status, reply) = post(server, "/api/mapping/create", body);
-    assert_eq!(status, 200, "{reply}");
-    port
-}
-
-/// The relay paths `/metrics` counts for the TCP mapping on `port`: (splice, copy).
-fn relayed(server: &Daemon, port: u16) -> (f64, f64) {
-    let text = metrics_text(server);
-    let p = port.to_string();
-    let of = |path| {
-        metric_value(&text, "tunneld_mapping_relayed_connections_total", &[("path", path), ("port", &p), ("protocol", "tcp")])
-            .unwrap_or(0.0)
-    };
-    (of("splice"), of("copy"))
-}
-
-/// The open connection of `port` as `/api/connections` shows it now.
-fn open_connection(server: &Daemon, port: u16) -> Option<Value> {
-    get_data(server, &format!("/api/connections?port={port}"))["connections"].as_array()?.first().cloned()
-}
 
 /// Waits until the connection log holds a connection of `port`; returns it.
 fn logged_end(server: &Daemon, port: u16) -> Value {
@@ -101,7 +74,7 @@ fn large_transfer(server: &Daemon) -> u16 {
             assert!(rest.is_empty(), "nothing after the upload");
         })
     };
-    let port = direct_mapping(server, target, json!({}));
+    let port = create_mapping_with(server, target, false, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     for (i, part) in [&up[..half], &up[half..]].into_iter().enumerate() {
@@ -141,7 +114,7 @@ fn large_transfer(server: &Daemon) -> u16 {
 fn large_transfers_are_spliced_intact_and_counted_exactly() {
     let server = Daemon::server(SECRET, &[]);
     let port = large_transfer(&server);
-    assert_eq!(relayed(&server, port), (1.0, 0.0), "the connection was relayed by splice");
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0), "the connection was relayed by splice");
 }
 
 /// The copy path stays for where splice cannot serve; `TUNNELD_FORCE_COPY=1`
@@ -150,7 +123,7 @@ fn large_transfers_are_spliced_intact_and_counted_exactly() {
 fn the_copy_path_still_serves_and_metrics_say_so() {
     let server = Daemon::server_env(SECRET, &[], &[("TUNNELD_FORCE_COPY", "1")]);
     let port = large_transfer(&server);
-    assert_eq!(relayed(&server, port), (0.0, 1.0), "the connection was relayed by copying");
+    assert_eq!(relayed_paths(&server, port), (0.0, 1.0), "the connection was relayed by copying");
 }
 
 /// A FIN one way keeps the other way flowing, both ways round, and the
@@ -165,7 +138,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
         conn.read_to_end(&mut request).unwrap();
         conn.write_all(&noise(REPLY, request.len() as u64)).unwrap();
     });
-    let port = direct_mapping(&server, answers_after_eof, json!({}));
+    let port = create_mapping_with(&server, answers_after_eof, false, json!({}));
     let request = noise(300_000, 3);
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -192,7 +165,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
         assert!(answer == noise(REPLY, 5), "the visitor's answer arrived altered");
         lengths.send(answer.len()).unwrap();
     });
-    let port = direct_mapping(&server, closes_first, json!({}));
+    let port = create_mapping_with(&server, closes_first, false, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut first = Vec::new();
@@ -207,7 +180,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
         (Some("closed"), Some(REPLY as u64), Some(REPLY as u64)),
         "{row}"
     );
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 /// A reset instead of a FIN when `stream` is dropped.
@@ -226,7 +199,7 @@ fn resets_mid_transfer_are_told_apart() {
         read_len(&mut conn, 1024 * 1024);
         reset_on_drop(&conn);
     });
-    let port = direct_mapping(&server, resets, json!({}));
+    let port = create_mapping_with(&server, resets, false, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     visitor.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -252,7 +225,7 @@ fn resets_mid_transfer_are_told_apart() {
         };
         let _ = ended.send(e);
     });
-    let port = direct_mapping(&server, endless, json!({}));
+    let port = create_mapping_with(&server, endless, false, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     read_len(&mut visitor, 1024 * 1024);
@@ -263,7 +236,7 @@ fn resets_mid_transfer_are_told_apart() {
     let row = logged_end(&server, port);
     assert_eq!(row["end"], "visitor_reset", "{row}");
     assert!(row["bytes_received"].as_u64().unwrap() >= 1024 * 1024, "{row}");
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 /// A `bandwidth_limit` paces the splices: sampled while a download runs, the
@@ -278,7 +251,7 @@ fn a_bandwidth_limit_paces_the_splices() {
     let target = spawn_target(|mut conn| {
         let _ = conn.write_all(&noise(DOWNLOAD, 8));
     });
-    let port = direct_mapping(&server, target, json!({"bandwidth_limit": CAP as u64}));
+    let port = create_mapping_with(&server, target, false, json!({"bandwidth_limit": CAP as u64}));
     let start = Instant::now();
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -306,7 +279,7 @@ fn a_bandwidth_limit_paces_the_splices() {
     assert!(samples.windows(2).all(|w| w[0] <= w[1]), "live counts only grow: {samples:?}");
     let row = logged_end(&server, port);
     assert_eq!(row["bytes_received"], DOWNLOAD as u64, "{row}");
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 /// Pipes are taken only while bytes move and given back when a direction
@@ -315,7 +288,7 @@ fn a_bandwidth_limit_paces_the_splices() {
 #[test]
 fn idle_connections_hold_no_pipes() {
     let server = Daemon::server(SECRET, &[]);
-    let port = direct_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), false, json!({}));
     let pipes = |d: &Daemon| -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
             .unwrap()
@@ -343,7 +316,7 @@ fn idle_connections_hold_no_pipes() {
     // What is held is the pool's: the few pipes of the moments when one
     // connection's last burst overlapped the next one's first.
     assert!(held <= 16, "{held} pipe descriptors held by idle connections");
-    assert_eq!(relayed(&server, port), (20.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (20.0, 0.0));
 }
 
 /// Splice stops at TCP urgent data and cannot move past it; the relay reads
@@ -361,7 +334,7 @@ fn urgent_data_does_not_stall_the_splice() {
         conn.write_all(b"ok").unwrap();
         got.send(all).unwrap();
     });
-    let port = direct_mapping(&server, target, json!({}));
+    let port = create_mapping_with(&server, target, false, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     visitor.write_all(&noise(100_000, 11)).unwrap();
@@ -372,5 +345,5 @@ fn urgent_data_does_not_stall_the_splice() {
     let mut expected = noise(100_000, 11);
     expected.extend_from_slice(TAIL);
     assert!(all == expected, "the bytes around the urgent byte arrived altered");
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }

@@ -50,33 +50,6 @@ fn plain_pair() -> (Daemon, Daemon) {
     plain_pair_with(&[])
 }
 
-/// A tunneled mapping of `server` to `target`, with `extra` fields; its port.
-fn tunneled_mapping(server: &Daemon, target: SocketAddr, extra: Value) -> u16 {
-    let port = free_port();
-    let mut body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "use_tunnel": true});
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        body[k] = v;
-    }
-    let (status, reply) = post(server, "/api/mapping/create", body);
-    assert_eq!(status, 200, "{reply}");
-    port
-}
-
-/// The relay paths `/metrics` counts for the TCP mapping on `port`: (splice, copy).
-fn relayed(server: &Daemon, port: u16) -> (f64, f64) {
-    let text = metrics_text(server);
-    let p = port.to_string();
-    let of = |path| {
-        metric_value(&text, "tunneld_mapping_relayed_connections_total", &[("path", path), ("port", &p), ("protocol", "tcp")])
-            .unwrap_or(0.0)
-    };
-    (of("splice"), of("copy"))
-}
-
-fn open_connection(server: &Daemon, port: u16) -> Option<Value> {
-    get_data(server, &format!("/api/connections?port={port}"))["connections"].as_array()?.first().cloned()
-}
-
 /// Waits until the connection log holds `n` connections of `port`; returns them, newest first.
 fn logged(server: &Daemon, port: u16, n: usize) -> Vec<Value> {
     wait_for(&format!("{n} logged connections of :{port}"), Duration::from_secs(15), || {
@@ -163,7 +136,7 @@ fn large_transfers_through_a_plain_tunnel_are_spliced_intact_and_counted_exactly
             assert!(rest.is_empty(), "nothing after the upload");
         })
     };
-    let port = tunneled_mapping(&server, target, json!({}));
+    let port = create_mapping_with(&server, target, true, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     for (i, part) in [&up[..half], &up[half..]].into_iter().enumerate() {
@@ -183,7 +156,7 @@ fn large_transfers_through_a_plain_tunnel_are_spliced_intact_and_counted_exactly
     assert!(rest.is_empty());
     let row = &logged(&server, port, 1)[0];
     assert_counted(&server, port, row, LARGE as u64, LARGE as u64, (LARGE as u64, LARGE as u64));
-    assert_eq!(relayed(&server, port), (1.0, 0.0), "the tunneled connection was spliced");
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0), "the tunneled connection was spliced");
 
     // The wire: every payload byte and at least a header per 64 KiB, counted
     // alike by the end that sent it and the end that received it.
@@ -202,7 +175,7 @@ fn large_transfers_through_a_plain_tunnel_are_spliced_intact_and_counted_exactly
 #[test]
 fn many_small_writes_arrive_in_order_and_count_exactly() {
     let (server, _client) = plain_pair();
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     visitor.set_nodelay(true).unwrap();
@@ -234,7 +207,7 @@ fn many_small_writes_arrive_in_order_and_count_exactly() {
     };
     let row = &logged(&server, port, 1)[0];
     assert_counted(&server, port, row, expected_len, expected_len, (expected_len, expected_len));
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 /// Sizes around the 64 KiB chunk and the 256 KiB pipe, each its own visitor
@@ -242,7 +215,7 @@ fn many_small_writes_arrive_in_order_and_count_exactly() {
 #[test]
 fn chunk_boundary_sizes_arrive_whole() {
     let (server, _client) = plain_pair();
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     let sizes = [1, 4, 65_531, 65_532, 65_535, 65_536, 65_537, 131_072, 131_076, 262_144, 262_145, 1_048_577];
     let mut total = 0u64;
     for (i, size) in sizes.into_iter().enumerate() {
@@ -254,7 +227,7 @@ fn chunk_boundary_sizes_arrive_whole() {
         let row = &logged(&server, port, i + 1)[0];
         assert_counted(&server, port, row, size as u64, size as u64, (total, total));
     }
-    assert_eq!(relayed(&server, port), (sizes.len() as f64, 0.0));
+    assert_eq!(relayed_paths(&server, port), (sizes.len() as f64, 0.0));
 }
 
 /// A FIN one way keeps the other way flowing, both ways round, through the
@@ -268,7 +241,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
         conn.read_to_end(&mut request).unwrap();
         conn.write_all(&noise(REPLY, request.len() as u64)).unwrap();
     });
-    let port = tunneled_mapping(&server, answers_after_eof, json!({}));
+    let port = create_mapping_with(&server, answers_after_eof, true, json!({}));
     let request = noise(300_000, 3);
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -289,7 +262,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
         assert!(answer == noise(REPLY, 5), "the visitor's answer arrived altered");
         lengths.send(answer.len()).unwrap();
     });
-    let port = tunneled_mapping(&server, closes_first, json!({}));
+    let port = create_mapping_with(&server, closes_first, true, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut first = Vec::new();
@@ -300,7 +273,7 @@ fn half_close_either_way_keeps_the_other_way_flowing() {
     assert_eq!(lengths_rx.recv_timeout(Duration::from_secs(30)).unwrap(), REPLY);
     let row = &logged(&server, port, 1)[0];
     assert_counted(&server, port, row, REPLY as u64, REPLY as u64, (REPLY as u64, REPLY as u64));
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 fn reset_on_drop(stream: &TcpStream) {
@@ -316,7 +289,7 @@ fn resets_mid_transfer_cross_the_tunnel_either_way() {
         read_len(&mut conn, 1024 * 1024);
         reset_on_drop(&conn);
     });
-    let port = tunneled_mapping(&server, resets, json!({}));
+    let port = create_mapping_with(&server, resets, true, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     visitor.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -341,7 +314,7 @@ fn resets_mid_transfer_cross_the_tunnel_either_way() {
         };
         let _ = ended.send(e);
     });
-    let port = tunneled_mapping(&server, endless, json!({}));
+    let port = create_mapping_with(&server, endless, true, json!({}));
     let mut visitor = TcpStream::connect(loopback(port)).unwrap();
     visitor.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     read_len(&mut visitor, 1024 * 1024);
@@ -352,7 +325,7 @@ fn resets_mid_transfer_cross_the_tunnel_either_way() {
     let row = &logged(&server, port, 1)[0];
     assert_eq!(row["end"], "visitor_reset", "{row}");
     assert!(row["bytes_received"].as_u64().unwrap() >= 1024 * 1024, "{row}");
-    assert_eq!(relayed(&server, port), (1.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0));
 }
 
 /// A TCP proxy in front of `to` that counts the connections it accepted.
@@ -385,7 +358,7 @@ fn a_reused_pooled_channel_carries_the_next_visitor_cleanly() {
     let server = plain_server(&[]);
     let (proxy, accepted) = counting_proxy(server.tunnel.unwrap());
     let _client = plain_client(proxy, &[("TUNNELD_CLIENT__POOL_SIZE", "1")]);
-    let echo = tunneled_mapping(&server, echo_server(), json!({}));
+    let echo = create_mapping_with(&server, echo_server(), true, json!({}));
     const ROUNDS: usize = 30;
     let mut total = 0u64;
     for round in 0..ROUNDS {
@@ -409,7 +382,7 @@ fn a_reused_pooled_channel_carries_the_next_visitor_cleanly() {
         rows[0]["bytes_received"].as_u64().unwrap(),
         (total, total),
     );
-    assert_eq!(relayed(&server, echo), (ROUNDS as f64, 0.0));
+    assert_eq!(relayed_paths(&server, echo), (ROUNDS as f64, 0.0));
 }
 
 /// A `bandwidth_limit` paces the spliced tunnel both ways: sampled while a
@@ -433,7 +406,7 @@ fn a_bandwidth_limit_paces_the_spliced_tunnel() {
             let _ = uploaded.send(all.len() + 1);
         }
     });
-    let port = tunneled_mapping(&server, target, json!({"bandwidth_limit": CAP as u64}));
+    let port = create_mapping_with(&server, target, true, json!({"bandwidth_limit": CAP as u64}));
     for download in [true, false] {
         let start = Instant::now();
         let mut visitor = TcpStream::connect(loopback(port)).unwrap();
@@ -476,7 +449,7 @@ fn a_bandwidth_limit_paces_the_spliced_tunnel() {
         let rows = logged(&server, port, if download { 1 } else { 2 });
         assert_eq!(rows[0][field], SIZE as u64, "{}", rows[0]);
     }
-    assert_eq!(relayed(&server, port), (2.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (2.0, 0.0));
 }
 
 /// `/metrics` says which path a tunneled mapping's exchanges took: splice on
@@ -485,20 +458,20 @@ fn a_bandwidth_limit_paces_the_spliced_tunnel() {
 #[test]
 fn metrics_say_which_path_a_tunneled_mapping_takes() {
     let (server, _client) = plain_pair();
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     echo_through(port, 100_000);
-    assert_eq!(relayed(&server, port), (1.0, 0.0), "a plain tunnel splices:\n{}", metrics_text(&server));
+    assert_eq!(relayed_paths(&server, port), (1.0, 0.0), "a plain tunnel splices:\n{}", metrics_text(&server));
 
     let (server, _client) = plain_pair_with(&[("TUNNELD_FORCE_COPY", "1")]);
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     echo_through(port, 100_000);
-    assert_eq!(relayed(&server, port), (0.0, 1.0), "TUNNELD_FORCE_COPY=1 copies");
+    assert_eq!(relayed_paths(&server, port), (0.0, 1.0), "TUNNELD_FORCE_COPY=1 copies");
 
     let server = Daemon::server(SECRET, &[]);
     let _client = Daemon::client(&server, SECRET, &[]);
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     echo_through(port, 100_000);
-    assert_eq!(relayed(&server, port), (0.0, 1.0), "a TLS tunnel copies");
+    assert_eq!(relayed_paths(&server, port), (0.0, 1.0), "a TLS tunnel copies");
 }
 
 /// Pipe descriptors `daemon` holds now (`/proc/PID/fd`).
@@ -516,7 +489,7 @@ fn pipes_held(daemon: &Daemon) -> usize {
 #[test]
 fn quiet_tunneled_connections_hold_no_pipes() {
     let (server, client) = plain_pair();
-    let port = tunneled_mapping(&server, echo_server(), json!({}));
+    let port = create_mapping_with(&server, echo_server(), true, json!({}));
     let before = (pipes_held(&server), pipes_held(&client));
     let mut visitors = Vec::new();
     for i in 0..20 {
@@ -535,5 +508,5 @@ fn quiet_tunneled_connections_hold_no_pipes() {
     // Two descriptors a pipe; 20 exchanges splicing both ways would hold 80 on each end.
     let held = (pipes_held(&server).saturating_sub(before.0), pipes_held(&client).saturating_sub(before.1));
     assert!(held.0 <= 16 && held.1 <= 16, "pipe descriptors held by quiet exchanges (server, client): {held:?}");
-    assert_eq!(relayed(&server, port), (20.0, 0.0));
+    assert_eq!(relayed_paths(&server, port), (20.0, 0.0));
 }

@@ -120,6 +120,24 @@ pub fn mapping_count(d: &Daemon) -> u64 {
     get_data(d, "/api/mapping/list")["count"].as_u64().expect("a mapping count")
 }
 
+/// A mapping on a free port to `target` (on 127.0.0.1), direct or through the
+/// tunnel, with `extra` fields (policy, caps) merged into the request; its port.
+pub fn create_mapping_with(server: &Daemon, target: SocketAddr, use_tunnel: bool, extra: Value) -> u16 {
+    let port = super::net::free_port();
+    let mut body = json!({"source_port": port, "target_host": "127.0.0.1", "target_port": target.port(), "use_tunnel": use_tunnel});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let (status, reply) = post(server, "/api/mapping/create", body);
+    assert_eq!(status, 200, "{reply}");
+    port
+}
+
+/// The open connection of `port` as `/api/connections` shows it now.
+pub fn open_connection(server: &Daemon, port: u16) -> Option<Value> {
+    get_data(server, &format!("/api/connections?port={port}"))["connections"].as_array()?.first().cloned()
+}
+
 /// The mapping on `port` as `/api/mapping/list` shows it, if there is one.
 pub fn listed_mapping(d: &Daemon, port: u16) -> Option<Value> {
     get_data(d, "/api/mapping/list")["mappings"].as_array()?.iter().find(|m| m["source_port"] == port).cloned()

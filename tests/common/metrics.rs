@@ -46,3 +46,14 @@ pub fn wait_for_history_flush(d: &Daemon, after: f64) {
         (last > after).then_some(())
     });
 }
+
+/// The relay paths `/metrics` counts for the TCP mapping on `port`: (splice, copy).
+pub fn relayed_paths(server: &Daemon, port: u16) -> (f64, f64) {
+    let text = metrics_text(server);
+    let p = port.to_string();
+    let of = |path| {
+        metric_value(&text, "tunneld_mapping_relayed_connections_total", &[("path", path), ("port", &p), ("protocol", "tcp")])
+            .unwrap_or(0.0)
+    };
+    (of("splice"), of("copy"))
+}
