@@ -71,12 +71,8 @@ fn peer_let_go(conn: &TcpStream, wait: Duration) -> bool {
     let (local, remote) = (hex(conn.local_addr().unwrap()), hex(peer));
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-        let state = table
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() > 3 && f[1] == local && f[2] == remote)
-            .map(|f| f[3].to_string());
+        let rows = socket_table_rows("/proc/net/tcp", |f| f[1] == local && f[2] == remote);
+        let state = rows.first().map(|f| f[3].clone());
         // Gone from the table (reset: TCP_CLOSE is unhashed) or CLOSE_WAIT (FIN).
         if matches!(state.as_deref(), None | Some("08") | Some("07")) {
             return true;

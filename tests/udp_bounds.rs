@@ -76,19 +76,12 @@ fn echoed_within(socket: &UdpSocket, port: u16, payload: &[u8], within: Duration
 /// The kernel's count of datagrams it dropped on the UDP socket bound to
 /// `port` (the `drops` column of `/proc/net/udp`, e.g. a full receive buffer).
 fn kernel_drops(port: u16) -> u64 {
-    let table = std::fs::read_to_string("/proc/net/udp").expect("read /proc/net/udp");
     let local = format!(":{port:04X}");
-    let drops: Vec<u64> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // The mapping's socket: bound to the port, not connected.
-            (fields.get(1)?.ends_with(&local) && *fields.get(2)? == "00000000:0000").then(|| fields.last()?.parse().ok())?
-        })
-        .collect();
-    assert_eq!(drops.len(), 1, "one unconnected UDP socket on port {port} in /proc/net/udp:\n{table}");
-    drops[0]
+    // The mapping's socket: bound to the port, not connected.
+    let rows = socket_table_rows("/proc/net/udp", |f| f[1].ends_with(&local) && f[2] == "00000000:0000");
+    assert_eq!(rows.len(), 1, "one unconnected UDP socket on port {port} in /proc/net/udp: {rows:?}");
+    let drops = rows[0].last().expect("a drops column");
+    drops.parse().unwrap_or_else(|e| panic!("drops column {drops:?}: {e}"))
 }
 
 /// What the prober saw while the flood ran.

@@ -130,3 +130,36 @@ pub fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
     stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     stream
 }
+
+/// The rows of a kernel socket table (`/proc/net/tcp`, `/proc/net/udp`) that
+/// `wanted` picks, split into fields, each socket once.
+///
+/// The kernel hands such a table out a page per `read` and does not hold it
+/// still in between: while other tests open and close sockets, one reading can
+/// show a row twice or skip it (a CI run once saw the mapping's socket twice).
+/// So rows are told apart by their inode, and the table is read again until two
+/// readings in a row pick the same sockets.
+pub fn socket_table_rows(path: &str, wanted: impl Fn(&[&str]) -> bool) -> Vec<Vec<String>> {
+    const INODE: usize = 9;
+    let read = || {
+        let table = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > INODE && wanted(&fields) && !rows.iter().any(|r| r[INODE] == fields[INODE]) {
+                rows.push(fields.iter().map(|f| f.to_string()).collect());
+            }
+        }
+        rows
+    };
+    let inodes = |rows: &[Vec<String>]| rows.iter().map(|r| r[INODE].clone()).collect::<std::collections::BTreeSet<_>>();
+    let mut last = read();
+    for _ in 0..50 {
+        let now = read();
+        if inodes(&now) == inodes(&last) {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
