@@ -14,7 +14,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::strace::Strace;
+use common::strace::{self, Strace};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunneld::net::metered::MeteredStream;
@@ -367,11 +367,11 @@ async fn a_wrong_pin_fails_the_handshake_with_the_pin_mismatch() {
     assert!(err.to_string().contains("PinMismatch"), "{err}");
 }
 
-// ------------------------------------------------- system calls on the client's side
+// ------------------------------------------------- system calls per MiB on each side
 
 /// The client writes the target's bytes into its data channel as whole chunks:
 /// header and payload, four full records, one `writev` each (16 per MiB, and a
-/// few for partial writes), as the server does the other way (tests/tls_perf.rs).
+/// few for partial writes), as the server does the other way (below).
 #[test]
 fn the_client_writes_each_chunk_of_the_download_in_one_call() {
     let Some(strace) = common::tools::external_tool("strace", "the_client_writes_each_chunk_of_the_download_in_one_call") else {
@@ -409,4 +409,58 @@ fn the_client_writes_each_chunk_of_the_download_in_one_call() {
     let writev = trace.finish().get("writev").copied().unwrap_or(0) as f64 / MIB as f64;
     eprintln!("TLS tunnel downstream, client: {writev:.1} writev per MiB");
     assert!(writev <= 28.0, "{writev:.1} writev per MiB from the client (want 16, and a few for partial writes)");
+}
+
+/// Upstream, each chunk the server writes to the data channel (a 4-byte header
+/// and its payload) fills exactly four 16 KiB TLS records and leaves in one
+/// `writev`: 16 per MiB, plus the odd partial write. A full 64 KiB payload
+/// used to spill 4 bytes into a fifth record, written by a second call.
+#[test]
+fn the_server_writes_each_chunk_of_the_upload_in_one_call() {
+    let Some(strace) = common::tools::external_tool("strace", "the_server_writes_each_chunk_of_the_upload_in_one_call") else {
+        return;
+    };
+    const MIB: usize = 32;
+    let (server, _client) = server_and_client(SECRET, true);
+    // A sink: reads everything, then says how much.
+    let sink = target(|mut conn| {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+        let _ = conn.write_all(&total.to_be_bytes());
+    });
+    let port = free_port();
+    create_mapping(&server, port, sink, true);
+    let upload = |mib: usize| {
+        let mut conn = TcpStream::connect(loopback(port)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..mib {
+            conn.write_all(&block).unwrap();
+        }
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut total = [0u8; 8];
+        conn.read_exact(&mut total).expect("the sink's count");
+        assert_eq!(u64::from_be_bytes(total), (mib << 20) as u64, "every byte arrived");
+        wait_for("the upload's exchange to end", Duration::from_secs(10), || {
+            (traffic_entry(&server, port)?["active_connections"].as_u64()? == 0).then_some(())
+        });
+    };
+    // The first visitor opens what is opened once; it is not counted.
+    upload(1);
+    let trace = Strace::attach(&strace, server.child.id());
+    upload(MIB);
+    let calls = trace.finish();
+    let writev = strace::per(&calls, "writev", MIB);
+    eprintln!("TLS tunnel upstream, server: {writev:.1} writev per MiB");
+    assert!(
+        writev <= 28.0,
+        "{writev:.1} writev per MiB through the TLS tunnel (want 16, and a few for partial writes): {}",
+        strace::table(&calls, MIB)
+    );
 }

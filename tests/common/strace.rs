@@ -60,3 +60,18 @@ impl Strace {
         calls
     }
 }
+
+/// Calls named `name` per unit of work (`units` visitors, MiB...).
+pub fn per(calls: &BTreeMap<String, u64>, name: &str, units: usize) -> f64 {
+    calls.get(name).copied().unwrap_or(0) as f64 / units as f64
+}
+
+/// Every call per unit of work, for a failing assertion's message.
+pub fn table(calls: &BTreeMap<String, u64>, units: usize) -> String {
+    calls
+        .iter()
+        .filter(|(name, _)| *name != "total")
+        .map(|(name, n)| format!("{name} {:.2}", *n as f64 / units as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
