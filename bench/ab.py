@@ -8,6 +8,8 @@ tunneled mappings; medians are reported. Once per binary, on fresh daemons: the
 RSS added per open TLS-tunneled connection (as bench/run.py measures it), and
 with --strace the system calls per visitor (`strace -c -f` attached to the
 server and the client while `--strace-conns` connections go through each path).
+Each round also reports the times tunneld's threads were switched in per
+visitor (schedstat), the measure of its wake-ups and cross-thread hand-offs.
 
     python3 bench/ab.py --binary ring=/tmp/tunneld-ring --binary awslc=target/release/tunneld \\
         [--rounds 4] [--seconds 5] [--conns 2000] [--strace]
