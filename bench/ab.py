@@ -8,6 +8,8 @@ tunneled mappings; medians are reported. Once per binary, on fresh daemons: the
 RSS added per open TLS-tunneled connection (as bench/run.py measures it), and
 with --strace the system calls per visitor (`strace -c -f` attached to the
 server and the client while `--strace-conns` connections go through each path).
+Each round also reports the times tunneld's threads were switched in per
+visitor (schedstat), the measure of its wake-ups and cross-thread hand-offs.
 
     python3 bench/ab.py --binary ring=/tmp/tunneld-ring --binary awslc=target/release/tunneld \\
         [--rounds 4] [--seconds 5] [--conns 2000] [--strace]
@@ -35,6 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the harness's process, tunneld and loadgen helpers)
 
 PATHS = ("direct", "tunnel", "plain")
+
+
+def switches(pid: int) -> int:
+    """Times a process's live threads were switched in (schedstat's third
+    field, voluntary and involuntary together): a thread sleeping in
+    `epoll_wait` and woken for each step of an exchange counts once a wake."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[2])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended while being read
+    return total
 
 
 def strace_counts(pids: dict[str, int], load, per: float, rundir: Path, label: str) -> dict:
@@ -96,7 +111,7 @@ def main() -> int:
     rundir.mkdir(parents=True)
     bench.log(f"logs in {rundir.relative_to(bench.REPO)}; binaries {binaries}")
     results: dict = {"binaries": binaries, "envs": envs, "rounds": args.rounds, "seconds": args.seconds, "conns": args.conns,
-                     "tput_1": {}, "cpu_s_per_gb": {}, "conn_rate": {}, "cpu_us_per_conn": {}, "memory": {}, "syscalls": {}}
+                     "tput_1": {}, "cpu_s_per_gb": {}, "conn_rate": {}, "cpu_us_per_conn": {}, "switches_per_conn": {}, "memory": {}, "syscalls": {}}
     fd_env = dict(bench.os.environ)
     with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmpdir:
         tmp = Path(tmpdir)
@@ -165,24 +180,29 @@ def main() -> int:
                             results["cpu_s_per_gb"].setdefault(name, {}).setdefault(path, []).append(
                                 cpu / 1e9 / (res["received_bytes"] / 1e9))
                         cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
+                        switches_before = sum(switches(pid) for pid in pids)
                         rate = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[name][path]['echo']}",
                                                            "--count", str(args.conns)], timeout=600)
                         # CPU microseconds tunneld spent per visitor (server and client).
                         results["cpu_us_per_conn"].setdefault(name, {}).setdefault(path, []).append(
                             (sum(bench.cpu_ns(pid) for pid in pids) - cpu_before) / 1e3 / args.conns)
+                        # Threads of tunneld switched in per visitor: the wake-ups and hand-offs.
+                        results["switches_per_conn"].setdefault(name, {}).setdefault(path, []).append(
+                            (sum(switches(pid) for pid in pids) - switches_before) / args.conns)
                         if rate["failures"]:
                             raise bench.BenchError(f"{name} {path}: {rate['failures']} failures: {rate['errors']}")
                         results["conn_rate"].setdefault(name, {}).setdefault(path, []).append(rate["conns_per_s"])
                         tput = "" if args.no_throughput else \
                             f"{res['gbps']:6.2f} Gbit/s {results['cpu_s_per_gb'][name][path][-1]:5.2f} CPU s/GB  "
                         bench.log(f"round {round_no + 1} {name:10} {path:6} {tput}{rate['conns_per_s']:7.0f} conn/s "
-                                  f"{results['cpu_us_per_conn'][name][path][-1]:6.1f} CPU us/conn")
+                                  f"{results['cpu_us_per_conn'][name][path][-1]:6.1f} CPU us/conn "
+                                  f"{results['switches_per_conn'][name][path][-1]:5.2f} switches/conn")
         finally:
             procs.stop_all()
     bench.log("\nmedians over rounds (ratios within one binary: tunnel/plain; across binaries: to the first):")
     first = next(iter(binaries))
     for key, unit in (("tput_1", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("conn_rate", "conn/s"),
-                      ("cpu_us_per_conn", "CPU us/conn")):
+                      ("cpu_us_per_conn", "CPU us/conn"), ("switches_per_conn", "switches/conn")):
         for path in paths:
             line = f"  {key:9} {path:6}"
             for name in binaries:
