@@ -190,19 +190,22 @@ impl Pipe {
         Ok(())
     }
 
-    /// Delivers what is left in the pipe (at most `n` bytes) to `dst` through
-    /// user space, telling `delivered` of each piece: for bytes spliced in
-    /// before the kernel refused to splice them on.
-    pub(crate) async fn copy_out(&self, dst: &TcpStream, n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+    /// Delivers the next `n` bytes in the pipe (fewer if it holds fewer) to
+    /// `dst` through user space, telling `delivered` of each piece: for bytes
+    /// spliced in before the kernel refused to splice them on. What the pipe
+    /// holds past them stays in it.
+    pub(crate) async fn copy_out(&self, dst: &TcpStream, mut n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
         let mut buf = vec![0u8; n.min(self.size)];
-        loop {
-            let read = match self.read_out(&mut buf) {
+        while n > 0 {
+            let want = n.min(buf.len());
+            let read = match self.read_out(&mut buf[..want]) {
                 Ok(0) => return Ok(()),
                 Ok(read) => read,
                 // Empty: everything was delivered.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
+            n -= read;
             let mut data = &buf[..read];
             while !data.is_empty() {
                 match dst.try_write(data) {
@@ -215,6 +218,7 @@ impl Pipe {
                 }
             }
         }
+        Ok(())
     }
 }
 
