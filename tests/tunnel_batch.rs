@@ -126,11 +126,13 @@ fn table(calls: &BTreeMap<String, u64>, per: f64) -> String {
 }
 
 /// 32 MiB up and 32 MiB down through a plain tunnel: each end, sending and
-/// receiving, makes at most 42 data-path calls per MiB carried. Chunk by
+/// receiving, makes at most 45 data-path calls per MiB carried. Chunk by
 /// chunk (main) each 64 KiB costs the sender a splice in, a header and a
 /// splice out, and the receiver a header, a splice in and a splice out: 48
-/// per MiB at the least. In batches of four chunks (a 256 KiB pipe) it is
-/// 36. The bytes arrive intact and count exactly.
+/// per MiB at the least (53 measured). In batches of four chunks (a 256 KiB
+/// pipe) it is 36, and a few more where the receiver finds a header or a
+/// payload not there yet (40-42 measured). The bytes arrive intact and count
+/// exactly.
 #[test]
 fn a_bulk_transfer_through_a_plain_tunnel_costs_fewer_calls_per_mib() {
     let Some(strace) = tools::external_tool("strace", "a_bulk_transfer_through_a_plain_tunnel_costs_fewer_calls_per_mib") else {
@@ -162,7 +164,7 @@ fn a_bulk_transfer_through_a_plain_tunnel_costs_fewer_calls_per_mib() {
     for (end, calls) in [("server", &server_calls), ("client", &client_calls)] {
         let per_mib = data_path_calls(calls) as f64 / carried;
         eprintln!("plain tunnel bulk, {end}, per MiB: {per_mib:.1} data-path calls; {}", table(calls, carried));
-        assert!(per_mib <= 42.0, "{per_mib:.1} splice + sendto + recvfrom per MiB in the {end}: {}", table(calls, carried));
+        assert!(per_mib <= 45.0, "{per_mib:.1} splice + sendto + recvfrom per MiB in the {end}: {}", table(calls, carried));
     }
 }
 

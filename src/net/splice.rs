@@ -174,9 +174,14 @@ impl Pipe {
     /// take more, and tells `delivered` of each piece as it reaches `dst` (the
     /// caller counts there). On an error, what was not delivered is still in
     /// the pipe.
-    pub(crate) async fn drain(&self, dst: &TcpStream, mut n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+    ///
+    /// `followed`: the caller writes more to `dst` at once (`SPLICE_F_MORE`),
+    /// so TCP holds back a part-filled last segment to fill it with what
+    /// follows rather than send it short (a tunnel's chunks of 64 KiB and 4
+    /// header bytes do not end on the 64 KiB segments of loopback).
+    pub(crate) async fn drain(&self, dst: &TcpStream, mut n: usize, followed: bool, mut delivered: impl FnMut(usize)) -> io::Result<()> {
         while n > 0 {
-            match dst.try_io(Interest::WRITABLE, || self.drain_into(dst, n)) {
+            match dst.try_io(Interest::WRITABLE, || self.drain_into(dst, n, followed)) {
                 // A pipe with bytes in it never splices 0 into a socket.
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(moved) => {
@@ -234,12 +239,12 @@ impl Pipe {
     /// keeps empty before each fill); `Ok(0)` at the socket's end (or, rarely,
     /// when it holds urgent data only: the caller checks with a plain read).
     fn fill_from(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
-        sys::splice(socket.as_fd(), self.write.as_fd(), max.min(self.size))
+        sys::splice(socket.as_fd(), self.write.as_fd(), max.min(self.size), false)
     }
 
     /// Moves up to `max` of the bytes the pipe holds into `socket`.
-    fn drain_into(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
-        sys::splice(self.read.as_fd(), socket.as_fd(), max)
+    fn drain_into(&self, socket: &impl AsFd, max: usize, followed: bool) -> io::Result<usize> {
+        sys::splice(self.read.as_fd(), socket.as_fd(), max, followed)
     }
 
     /// Reads what the pipe holds into `buf` the ordinary way: for bytes left in
@@ -265,9 +270,12 @@ mod sys {
         Ok((read, write, size))
     }
 
-    /// One non-blocking splice of up to `len` bytes from `from` to `to`.
-    pub(super) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
+    /// One non-blocking splice of up to `len` bytes from `from` to `to`;
+    /// `more`: more follows at once (`SPLICE_F_MORE`).
+    pub(super) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize, more: bool) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let flags = if more { flags | SpliceFlags::MORE } else { flags };
+        Ok(rustix::pipe::splice(from, None, to, None, len, flags)?)
     }
 
     pub(super) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
@@ -286,7 +294,7 @@ mod sys {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    pub(super) fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize) -> io::Result<usize> {
+    pub(super) fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize, _: bool) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
 

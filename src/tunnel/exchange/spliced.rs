@@ -205,8 +205,9 @@ pub(super) async fn spliced_upstream(
 
 /// Sends the `n` bytes the pipe holds as chunks of at most [`MAX_CHUNK`]:
 /// each chunk's header (held back by `MSG_MORE` to leave in its payload's
-/// segment), then its payload spliced pipe → channel. A user byte counts as
-/// it enters the channel. When the kernel refuses to splice on, the rest goes
+/// segment), then its payload spliced pipe → channel, each but the last with
+/// `SPLICE_F_MORE` (so the next header and payload fill the segment the
+/// payload's last bytes began). A user byte counts as it enters the channel. When the kernel refuses to splice on, the rest goes
 /// through user space, as each header promised, and the refusal is returned.
 async fn send_batch(
     p: &Pipe,
@@ -231,7 +232,7 @@ async fn send_batch(
                 spliced += piece;
                 delivered(piece);
             };
-            match p.drain(wire.socket, chunk, counted).await {
+            match p.drain(wire.socket, chunk, n > chunk, counted).await {
                 Ok(()) => {}
                 Err(e) if cannot_splice(&e) => refusal = Some(e),
                 Err(e) => return Err(channel_error(e)),
@@ -406,7 +407,7 @@ impl Batch<'_> {
             activity.touch();
             delivered += piece;
         };
-        let drained = p.drain(self.socket, self.held, counted).await;
+        let drained = p.drain(self.socket, self.held, false, counted).await;
         self.total += delivered as u64;
         self.held -= delivered;
         match drained {
