@@ -24,11 +24,16 @@ const SECRET: &str = "tunnel-batch-secret";
 
 /// A plain-tunnel server and its connected plain client, both with `envs`.
 fn plain_pair_with(envs: &[(&str, &str)]) -> (Daemon, Daemon) {
+    plain_pair_each(envs, envs)
+}
+
+/// A plain-tunnel server with `server_envs` and its connected plain client with `client_envs`.
+fn plain_pair_each(server_envs: &[(&str, &str)], client_envs: &[(&str, &str)]) -> (Daemon, Daemon) {
     let mut server_env = vec![("TUNNELD_SERVER__TLS", "false")];
-    server_env.extend_from_slice(envs);
+    server_env.extend_from_slice(server_envs);
     let server = Daemon::server_env(SECRET, &[], &server_env);
     let mut client_env = vec![("TUNNELD_CLIENT__TLS", "false")];
-    client_env.extend_from_slice(envs);
+    client_env.extend_from_slice(client_envs);
     let client = Daemon::client_with_env(server.tunnel.unwrap(), SECRET, &[], &client_env);
     client.wait_for_notify("STATUS=connected", Duration::from_secs(20));
     (server, client)
@@ -200,6 +205,28 @@ fn bytes_arrive_intact_and_counted_across_batch_boundaries() {
             .sum::<f64>()
     };
     assert_eq!((sum("sent"), sum("received")), (totals.0 as f64, totals.1 as f64));
+}
+
+/// The wire format is the copy path's: a batching end and a copying one
+/// (`TUNNELD_FORCE_COPY=1`, chunks of 65,532 bytes written whole, as TLS
+/// peers and copying builds send them) carry uploads and downloads of sizes
+/// around chunks and batches intact both ways round, counted exactly.
+#[test]
+fn a_batching_end_and_a_copying_end_understand_each_other() {
+    let copy = [("TUNNELD_FORCE_COPY", "1")];
+    for (copying, (server_envs, client_envs)) in [("client", (&[][..], &copy[..])), ("server", (&copy[..], &[][..]))] {
+        let (server, _client) = plain_pair_each(server_envs, client_envs);
+        for (i, size) in [1usize, 65_532, 65_537, 262_145, 1_048_579].into_iter().enumerate() {
+            let (target, uploads) = sink_then_source(size + 5);
+            let port = create_mapping_with(&server, target, true, json!({}));
+            let upload = noise(size, 90 + i as u64);
+            let back = up_then_down(port, &upload, None);
+            let arrived = uploads.recv_timeout(Duration::from_secs(60)).expect("the target read the upload");
+            assert!(arrived == upload, "copying {copying}, size {size}: the upload arrived altered ({} bytes)", arrived.len());
+            assert!(back == noise(size + 5, 7), "copying {copying}, size {size}: the download arrived altered ({} bytes)", back.len());
+            assert_counted(&server, port, 1, size as u64, size as u64 + 5, (size as u64, size as u64 + 5));
+        }
+    }
 }
 
 /// Visitors that go through a mapping one after another (connect, one byte
