@@ -207,8 +207,9 @@ pub(super) async fn spliced_upstream(
 /// each chunk's header (held back by `MSG_MORE` to leave in its payload's
 /// segment), then its payload spliced pipe → channel, each but the last with
 /// `SPLICE_F_MORE` (so the next header and payload fill the segment the
-/// payload's last bytes began). A user byte counts as it enters the channel. When the kernel refuses to splice on, the rest goes
-/// through user space, as each header promised, and the refusal is returned.
+/// payload's last bytes began). A user byte counts as it enters the channel.
+/// When the kernel refuses to splice on, the rest goes through user space, as
+/// each header promised, and the refusal is returned.
 async fn send_batch(
     p: &Pipe,
     wire: &Wire<'_>,
