@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::telemetry::Meter;
@@ -86,7 +86,8 @@ impl Wire<'_> {
         if let Some(n) = self.read_unread(buf) {
             return Ok(n);
         }
-        let n = self.socket.try_read(buf)?;
+        let asked = buf.len();
+        let n = read_clearing(self.socket, asked, || io::Read::read(&mut &*socket2::SockRef::from(self.socket), buf))?;
         self.received.record(n as u64);
         Ok(n)
     }
@@ -104,7 +105,7 @@ impl Wire<'_> {
             let Ok(mut unread) = self.unread.lock() else { return self.try_read(buf) };
             unread.clear();
             unread.reserve(SMALL_READ_AHEAD);
-            self.socket.try_read_buf(&mut (&mut *unread).limit(SMALL_READ_AHEAD))?
+            read_clearing(self.socket, SMALL_READ_AHEAD, || self.socket.try_read_buf(&mut (&mut *unread).limit(SMALL_READ_AHEAD)))?
         };
         self.received.record(n as u64);
         Ok(self.read_unread(buf).unwrap_or(0))
@@ -135,6 +136,32 @@ impl Wire<'_> {
         buf[..n].copy_from_slice(&unread[..n]);
         unread.advance(n);
         Some(n)
+    }
+}
+
+/// One read of `socket` by `read` (which asks for `asked` bytes), through the
+/// runtime's readiness as the stream's `poll_read` goes through it: a
+/// `WouldBlock` clears the readiness, and so does a short read — fewer bytes
+/// than asked means the socket is drained for now. `TcpStream::try_read`
+/// clears it only on `WouldBlock`, so after a short read the next read would
+/// be one more `recv` that finds the socket empty (on a plain tunnel two per
+/// visitor in the server). The readiness is cleared only if no new event
+/// arrived since it was looked at (tokio's tick), so bytes that arrive
+/// meanwhile are never missed.
+fn read_clearing(socket: &TcpStream, asked: usize, read: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+    let mut short = None;
+    let result = socket.try_io(Interest::READABLE, || match read()? {
+        n if n > 0 && n < asked => {
+            // `try_io` clears the readiness on `WouldBlock`; the bytes read
+            // are handed out below.
+            short = Some(n);
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        n => Ok(n),
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => result,
     }
 }
 

@@ -402,7 +402,7 @@ async fn splice_burst(
 /// Splices the `n` bytes in `pipe` into `dst`, counting each piece as it is
 /// delivered. On an error, what was not delivered is still in the pipe.
 async fn drain(pipe: &Pipe, dst: &TcpStream, n: usize, meter: &Meter, activity: &Activity, total: &mut u64) -> io::Result<()> {
-    pipe.drain(dst, n, |moved| delivered(moved, meter, activity, total)).await
+    pipe.drain(dst, n, false, |moved| delivered(moved, meter, activity, total)).await
 }
 
 /// Delivers what is left in `pipe` (at most `n` bytes) to `dst` through user

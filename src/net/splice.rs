@@ -174,9 +174,14 @@ impl Pipe {
     /// take more, and tells `delivered` of each piece as it reaches `dst` (the
     /// caller counts there). On an error, what was not delivered is still in
     /// the pipe.
-    pub(crate) async fn drain(&self, dst: &TcpStream, mut n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+    ///
+    /// `followed`: the caller writes more to `dst` at once (`SPLICE_F_MORE`),
+    /// so TCP holds back a part-filled last segment to fill it with what
+    /// follows rather than send it short (a tunnel's chunks of 64 KiB and 4
+    /// header bytes do not end on the 64 KiB segments of loopback).
+    pub(crate) async fn drain(&self, dst: &TcpStream, mut n: usize, followed: bool, mut delivered: impl FnMut(usize)) -> io::Result<()> {
         while n > 0 {
-            match dst.try_io(Interest::WRITABLE, || self.drain_into(dst, n)) {
+            match dst.try_io(Interest::WRITABLE, || self.drain_into(dst, n, followed)) {
                 // A pipe with bytes in it never splices 0 into a socket.
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(moved) => {
@@ -190,19 +195,22 @@ impl Pipe {
         Ok(())
     }
 
-    /// Delivers what is left in the pipe (at most `n` bytes) to `dst` through
-    /// user space, telling `delivered` of each piece: for bytes spliced in
-    /// before the kernel refused to splice them on.
-    pub(crate) async fn copy_out(&self, dst: &TcpStream, n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
+    /// Delivers the next `n` bytes in the pipe (fewer if it holds fewer) to
+    /// `dst` through user space, telling `delivered` of each piece: for bytes
+    /// spliced in before the kernel refused to splice them on. What the pipe
+    /// holds past them stays in it.
+    pub(crate) async fn copy_out(&self, dst: &TcpStream, mut n: usize, mut delivered: impl FnMut(usize)) -> io::Result<()> {
         let mut buf = vec![0u8; n.min(self.size)];
-        loop {
-            let read = match self.read_out(&mut buf) {
+        while n > 0 {
+            let want = n.min(buf.len());
+            let read = match self.read_out(&mut buf[..want]) {
                 Ok(0) => return Ok(()),
                 Ok(read) => read,
                 // Empty: everything was delivered.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
+            n -= read;
             let mut data = &buf[..read];
             while !data.is_empty() {
                 match dst.try_write(data) {
@@ -215,6 +223,7 @@ impl Pipe {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -230,12 +239,12 @@ impl Pipe {
     /// keeps empty before each fill); `Ok(0)` at the socket's end (or, rarely,
     /// when it holds urgent data only: the caller checks with a plain read).
     fn fill_from(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
-        sys::splice(socket.as_fd(), self.write.as_fd(), max.min(self.size))
+        sys::splice(socket.as_fd(), self.write.as_fd(), max.min(self.size), false)
     }
 
     /// Moves up to `max` of the bytes the pipe holds into `socket`.
-    fn drain_into(&self, socket: &impl AsFd, max: usize) -> io::Result<usize> {
-        sys::splice(self.read.as_fd(), socket.as_fd(), max)
+    fn drain_into(&self, socket: &impl AsFd, max: usize, followed: bool) -> io::Result<usize> {
+        sys::splice(self.read.as_fd(), socket.as_fd(), max, followed)
     }
 
     /// Reads what the pipe holds into `buf` the ordinary way: for bytes left in
@@ -261,9 +270,12 @@ mod sys {
         Ok((read, write, size))
     }
 
-    /// One non-blocking splice of up to `len` bytes from `from` to `to`.
-    pub(super) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
+    /// One non-blocking splice of up to `len` bytes from `from` to `to`;
+    /// `more`: more follows at once (`SPLICE_F_MORE`).
+    pub(super) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize, more: bool) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let flags = if more { flags | SpliceFlags::MORE } else { flags };
+        Ok(rustix::pipe::splice(from, None, to, None, len, flags)?)
     }
 
     pub(super) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
@@ -282,7 +294,7 @@ mod sys {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    pub(super) fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize) -> io::Result<usize> {
+    pub(super) fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize, _: bool) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
 

@@ -166,7 +166,9 @@ pub(super) async fn spliced_upstream(
             }
             continue;
         };
-        let allowed = meter.allowance(MAX_CHUNK.min(p.size())).await;
+        // As much as the pipe holds (several chunks) in one splice: the
+        // chunks then cost a header and a splice out each.
+        let allowed = meter.allowance(p.size()).await;
         let filled = p.try_fill(socket, allowed);
         meter.unused(allowed - moved(&filled));
         match filled {
@@ -185,25 +187,8 @@ pub(super) async fn spliced_upstream(
             }
             Ok(Fill::Moved(n)) => {
                 activity.touch();
-                write_wire(wire, &(n as u32).to_be_bytes(), Segment::More).await.map_err(channel_error)?;
-                let delivered = |piece: usize| {
-                    meter.record(piece as u64);
-                    wire.sent.record(piece as u64);
-                    total += piece as u64;
-                    activity.touch();
-                };
-                if let Err(e) = p.drain(wire.socket, n, delivered).await {
-                    if !cannot_splice(&e) {
-                        return Err(channel_error(e));
-                    }
-                    // The header promised `n` bytes: what is left goes the plain way.
-                    let delivered = |piece: usize| {
-                        meter.record(piece as u64);
-                        wire.sent.record(piece as u64);
-                        total += piece as u64;
-                    };
-                    p.copy_out(wire.socket, n, delivered).await.map_err(channel_error)?;
-                    pipes.refused(&e);
+                if let Some(refusal) = send_batch(p, wire, n, meter, activity, &mut total).await? {
+                    pipes.refused(&refusal);
                     pipe = None;
                 }
             }
@@ -216,6 +201,51 @@ pub(super) async fn spliced_upstream(
             Err(e) => return Err(ExchangeError::Socket(e)),
         }
     }
+}
+
+/// Sends the `n` bytes the pipe holds as chunks of at most [`MAX_CHUNK`]:
+/// each chunk's header (held back by `MSG_MORE` to leave in its payload's
+/// segment), then its payload spliced pipe → channel, each but the last with
+/// `SPLICE_F_MORE` (so the next header and payload fill the segment the
+/// payload's last bytes began). A user byte counts as it enters the channel.
+/// When the kernel refuses to splice on, the rest goes through user space, as
+/// each header promised, and the refusal is returned.
+async fn send_batch(
+    p: &Pipe,
+    wire: &Wire<'_>,
+    mut n: usize,
+    meter: &Meter,
+    activity: &Activity,
+    total: &mut u64,
+) -> Result<Option<io::Error>, ExchangeError> {
+    let mut refusal = None;
+    while n > 0 {
+        let chunk = n.min(MAX_CHUNK);
+        write_wire(wire, &(chunk as u32).to_be_bytes(), Segment::More).await.map_err(channel_error)?;
+        let mut spliced = 0;
+        let delivered = |piece: usize| {
+            meter.record(piece as u64);
+            wire.sent.record(piece as u64);
+            activity.touch();
+        };
+        if refusal.is_none() {
+            let counted = |piece: usize| {
+                spliced += piece;
+                delivered(piece);
+            };
+            match p.drain(wire.socket, chunk, n > chunk, counted).await {
+                Ok(()) => {}
+                Err(e) if cannot_splice(&e) => refusal = Some(e),
+                Err(e) => return Err(channel_error(e)),
+            }
+        }
+        if spliced < chunk {
+            p.copy_out(wire.socket, chunk - spliced, delivered).await.map_err(channel_error)?;
+        }
+        *total += chunk as u64;
+        n -= chunk;
+    }
+    Ok(refusal)
 }
 
 /// One read of `socket` (what the meter allows) sent as one chunk, header and
@@ -252,9 +282,12 @@ async fn copy_chunk(
 
 /// `channel → socket` as [`downstream`] does, with each chunk's payload
 /// spliced: exactly the 4 header bytes are read, then exactly the payload's
-/// length is spliced channel → pipe → socket, piece by piece as the meter
-/// allows (the next header stays in the channel). A user byte counts as it
-/// reaches the socket. Without a pipe a piece is copied.
+/// length is spliced channel → pipe, piece by piece as the meter allows (the
+/// next header stays in the channel). Several chunks' payloads gather in the
+/// pipe (reading the next header in between) before one splice takes them
+/// out to the socket: when the pipe cannot take the next payload whole, when
+/// the channel has nothing more for now, and at the end. A user byte counts
+/// as it reaches the socket. Without a pipe a piece is copied.
 pub(super) async fn spliced_downstream(
     wire: &Wire<'_>,
     socket: &TcpStream,
@@ -262,8 +295,7 @@ pub(super) async fn spliced_downstream(
     meter: &Meter,
     activity: &Activity,
 ) -> Result<u64, ExchangeError> {
-    let mut total = 0u64;
-    let mut pipe: Option<Pipe> = None;
+    let mut batch = Batch { pipes, pipe: None, held: 0, socket, meter, activity, total: 0 };
     // Short chunks are read whole with their header (read ahead) and copied;
     // see [`Wire::try_read_ahead`].
     let mut bulk = false;
@@ -273,14 +305,13 @@ pub(super) async fn spliced_downstream(
         // among them): a chunk spends a unit of the task's budget, as a read
         // through the stream does.
         tokio::task::consume_budget().await;
-        match read_wire_header(wire, pipes, &mut pipe, bulk).await? {
+        match read_wire_header(wire, &mut batch, bulk).await? {
             END => {
+                batch.deliver().await?;
                 // ENOTCONN only means the socket's peer is already gone.
                 let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
-                if let Some(empty) = pipe.take() {
-                    pipes.give_back(empty);
-                }
-                return Ok(total);
+                batch.give_back();
+                return Ok(batch.total);
             }
             RESET => return Err(ExchangeError::PeerReset),
             len if len as usize > MAX_CHUNK => {
@@ -294,20 +325,28 @@ pub(super) async fn spliced_downstream(
                 let mut left = len as usize;
                 while left > 0 {
                     // The start of the first chunk may have been read ahead
-                    // with the `connect` in front of it: that part is copied.
+                    // with the `connect` in front of it: that part is copied,
+                    // after what the pipe holds.
                     if wire.has_unread() {
-                        left -= copy_piece(wire, socket, left, meter, activity, &mut total).await?;
+                        batch.deliver().await?;
+                        left -= copy_piece(wire, socket, left, meter, activity, &mut batch.total).await?;
                         continue;
                     }
-                    if pipe.is_none() {
-                        pipe = pipes.take();
+                    if batch.pipe.is_none() {
+                        batch.pipe = pipes.take();
                     }
-                    let Some(p) = &pipe else {
-                        left -= copy_piece(wire, socket, left, meter, activity, &mut total).await?;
+                    let Some(p) = &batch.pipe else {
+                        left -= copy_piece(wire, socket, left, meter, activity, &mut batch.total).await?;
                         continue;
                     };
+                    let room = p.size() - batch.held;
+                    if batch.held > 0 && room < left {
+                        // The payload would not fit whole: out with the batch first.
+                        batch.deliver().await?;
+                        continue;
+                    }
                     // Paced piece by piece, as the copy path's `relay::forward`.
-                    let allowed = meter.allowance(left.min(p.size())).await;
+                    let allowed = meter.allowance(left.min(room)).await;
                     let filled = p.try_fill(wire.socket, allowed);
                     meter.unused(allowed - moved(&filled));
                     match filled {
@@ -315,32 +354,25 @@ pub(super) async fn spliced_downstream(
                         Ok(Fill::Moved(n)) => {
                             wire.received.record(n as u64);
                             activity.touch();
+                            batch.held += n;
                             left -= n;
-                            let delivered = |piece: usize| {
-                                meter.record(piece as u64);
-                                total += piece as u64;
-                                activity.touch();
-                            };
-                            if let Err(e) = p.drain(socket, n, delivered).await {
-                                if !cannot_splice(&e) {
-                                    return Err(ExchangeError::Socket(e));
-                                }
-                                let delivered = |piece: usize| {
-                                    meter.record(piece as u64);
-                                    total += piece as u64;
-                                };
-                                p.copy_out(socket, n, delivered).await.map_err(ExchangeError::Socket)?;
-                                pipes.refused(&e);
-                                pipe = None;
-                            }
                         }
+                        // The pipe is full (its slots, not its bytes), and the
+                        // channel has more: out with the batch, then go on.
+                        Ok(Fill::Urgent) if batch.held > 0 => batch.deliver().await?,
                         // Bytes arrived just after the splice found none (or,
                         // never from a tunneld peer, urgent data): a plain read.
-                        Ok(Fill::Urgent) => left -= copy_piece(wire, socket, left, meter, activity, &mut total).await?,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => wire.socket.readable().await.map_err(channel_error)?,
+                        Ok(Fill::Urgent) => left -= copy_piece(wire, socket, left, meter, activity, &mut batch.total).await?,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // The rest of the payload is still on its way:
+                            // what has come goes out while waiting.
+                            batch.deliver().await?;
+                            wire.socket.readable().await.map_err(channel_error)?
+                        }
                         Err(e) if cannot_splice(&e) => {
+                            batch.deliver().await?;
                             pipes.refused(&e);
-                            pipe = None;
+                            batch.pipe = None;
                         }
                         Err(e) => return Err(channel_error(e)),
                     }
@@ -350,9 +382,68 @@ pub(super) async fn spliced_downstream(
     }
 }
 
+/// The receiving end's pipe and the payload bytes it holds for the socket.
+struct Batch<'a> {
+    pipes: &'a Pipes,
+    pipe: Option<Pipe>,
+    /// Bytes in the pipe, not yet delivered.
+    held: usize,
+    socket: &'a TcpStream,
+    meter: &'a Meter,
+    activity: &'a Activity,
+    /// User bytes delivered to the socket so far.
+    total: u64,
+}
+
+impl Batch<'_> {
+    /// Splices what the pipe holds into the socket, counting each piece as it
+    /// arrives there; through user space if the kernel refuses (then splicing
+    /// stops for good).
+    async fn deliver(&mut self) -> Result<(), ExchangeError> {
+        let Some(p) = self.pipe.as_ref().filter(|_| self.held > 0) else { return Ok(()) };
+        let (meter, activity) = (self.meter, self.activity);
+        let mut delivered = 0;
+        let counted = |piece: usize| {
+            meter.record(piece as u64);
+            activity.touch();
+            delivered += piece;
+        };
+        let drained = p.drain(self.socket, self.held, false, counted).await;
+        self.total += delivered as u64;
+        self.held -= delivered;
+        match drained {
+            Ok(()) => Ok(()),
+            Err(e) if cannot_splice(&e) => {
+                let mut copied = 0;
+                let counted = |piece: usize| {
+                    meter.record(piece as u64);
+                    copied += piece;
+                };
+                let out = p.copy_out(self.socket, self.held, counted).await;
+                self.total += copied as u64;
+                self.held = 0;
+                self.pipes.refused(&e);
+                self.pipe = None;
+                out.map_err(ExchangeError::Socket)
+            }
+            Err(e) => Err(ExchangeError::Socket(e)),
+        }
+    }
+
+    /// Gives the pipe back, empty: nothing moves for now.
+    fn give_back(&mut self) {
+        if self.held == 0 {
+            if let Some(idle) = self.pipe.take() {
+                self.pipes.give_back(idle);
+            }
+        }
+    }
+}
+
 /// Exactly the next chunk header off a plain channel, nothing past it. When
-/// none is ready the pipe goes back first, so a quiet exchange holds none.
-async fn read_wire_header(wire: &Wire<'_>, pipes: &Pipes, pipe: &mut Option<Pipe>, bulk: bool) -> Result<u32, ExchangeError> {
+/// none is ready what the pipe holds goes out and the pipe goes back first,
+/// so a quiet exchange holds none.
+async fn read_wire_header(wire: &Wire<'_>, batch: &mut Batch<'_>, bulk: bool) -> Result<u32, ExchangeError> {
     let mut header = [0u8; HEADER];
     let mut have = 0;
     while have < HEADER {
@@ -367,9 +458,8 @@ async fn read_wire_header(wire: &Wire<'_>, pipes: &Pipes, pipe: &mut Option<Pipe
             }
             Ok(n) => have += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(idle) = pipe.take() {
-                    pipes.give_back(idle);
-                }
+                batch.deliver().await?;
+                batch.give_back();
                 wire.socket.readable().await.map_err(channel_error)?;
             }
             Err(e) => return Err(channel_error(e)),
