@@ -84,3 +84,91 @@ pub(crate) async fn next(socket: &UdpSocket, max: usize) -> io::Result<Option<Ve
         }
     }
 }
+
+/// Datagrams read (`recvmmsg`) or sent (`sendmmsg`) in one system call: one
+/// wake-up and one call carry up to this many, where each cost one before.
+pub(crate) const BATCH: usize = 32;
+
+thread_local! {
+    /// Where [`receive_batch`] reads: [`BATCH`] slots of the largest datagram
+    /// plus one byte, per worker thread rather than per mapping (the pages
+    /// are the kernel's zero pages until a datagram lands in them).
+    static BATCH_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// quinn-udp's receive path (`recvmmsg`), without its socket set-up.
+///
+/// `UdpSocketState::new` sets options on the socket it is given: don't
+/// fragment (`IP_MTU_DISCOVER` = probe, `IPV6_DONTFRAG`), GRO, packet info.
+/// A mapping's replies to visitors must not lose fragmentation (a 4 KB DNS
+/// answer would then fail to leave), and GRO would hand over trains of
+/// datagrams a slot of [`BATCH_SCRATCH`] may not hold. Its `recv` reads
+/// whichever socket it is handed and only decodes what the kernel reports, so
+/// the state is made once on a throwaway socket, and the mappings' sockets keep
+/// the kernel's defaults.
+fn receive_state() -> io::Result<&'static quinn_udp::UdpSocketState> {
+    static STATE: std::sync::OnceLock<quinn_udp::UdpSocketState> = std::sync::OnceLock::new();
+    if let Some(state) = STATE.get() {
+        return Ok(state);
+    }
+    let throwaway = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let state = quinn_udp::UdpSocketState::new((&throwaway).into())?;
+    Ok(STATE.get_or_init(|| state))
+}
+
+/// One datagram of a batch read by [`receive_batch`]: `None` when it was
+/// larger than the `max` asked for (dropped whole, never forwarded cut).
+pub(crate) type Received<'a> = (Option<&'a [u8]>, SocketAddr);
+
+/// Reads what is waiting on `socket`, up to [`BATCH`] datagrams in one
+/// `recvmmsg`, and hands each to `each` in arrival order with its source;
+/// returns how many were read (`WouldBlock` when none were waiting: the
+/// socket's readiness is then cleared, as by tokio's own reads).
+pub(crate) fn receive_batch(socket: &UdpSocket, max: usize, mut each: impl FnMut(Received<'_>)) -> io::Result<usize> {
+    let state = receive_state()?;
+    let slot = max + 1;
+    BATCH_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < slot * BATCH {
+            // Zeroed allocation: untouched pages cost no memory.
+            *scratch = vec![0u8; slot * BATCH];
+        }
+        let mut meta = [quinn_udp::RecvMeta::default(); BATCH];
+        let read = {
+            let mut slices: Vec<io::IoSliceMut<'_>> = scratch.chunks_exact_mut(slot).take(BATCH).map(io::IoSliceMut::new).collect();
+            let batch = slices.len().min(quinn_udp::BATCH_SIZE);
+            socket.try_io(tokio::io::Interest::READABLE, || state.recv(socket.into(), &mut slices[..batch], &mut meta[..batch]))?
+        };
+        for (i, meta) in meta.iter().take(read).enumerate() {
+            // A datagram that fills its slot was larger than `max`.
+            let datagram = (meta.len <= max).then(|| &scratch[i * slot..i * slot + meta.len]);
+            each((datagram, meta.addr));
+        }
+        Ok(read)
+    })
+}
+
+/// Sends `datagrams` in order on a connected `socket`, up to [`BATCH`] in one
+/// `sendmmsg`, waiting while the socket's buffer is full; returns how many
+/// the kernel took, each whole (an error is the first unsent one's: the
+/// caller skips it and sends the rest).
+pub(crate) async fn send_batch(socket: &UdpSocket, datagrams: &[Vec<u8>]) -> io::Result<usize> {
+    let count = datagrams.len().min(BATCH);
+    if count == 0 {
+        return Ok(0);
+    }
+    let slices: Vec<[io::IoSlice<'_>; 1]> = datagrams[..count].iter().map(|d| [io::IoSlice::new(d)]).collect();
+    loop {
+        socket.writable().await?;
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut controls: Vec<rustix::net::SendAncillaryBuffer<'_, '_, '_>> = slices.iter().map(|_| Default::default()).collect();
+            let mut headers: Vec<rustix::net::MMsgHdr<'_>> =
+                slices.iter().zip(controls.iter_mut()).map(|(iov, control)| rustix::net::MMsgHdr::new(iov, control)).collect();
+            Ok(rustix::net::sendmmsg(socket, &mut headers, rustix::net::SendFlags::DONTWAIT)?)
+        });
+        match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            sent => return sent,
+        }
+    }
+}
