@@ -216,6 +216,7 @@ fn a_burst_waiting_in_the_mapping_socket_is_read_and_sent_in_batches() {
     let receives = count(&["recvfrom", "recvmsg", "recvmmsg"]);
     let sends = count(&["sendto", "sendmsg", "sendmmsg"]);
     let per_thousand = |n: u64| n * 1000 / u64::from(BURST);
+    eprintln!("{BURST} datagrams: {receives} receive calls, {sends} send calls: {calls:?}");
     // Full batches of 32 would take 47 calls of each; some slack for batches
     // cut short where the daemon caught up with the kernel mid-burst.
     assert!(

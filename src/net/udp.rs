@@ -96,16 +96,17 @@ thread_local! {
     static BATCH_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// quinn-udp's receive path (`recvmmsg`), without its socket set-up.
+/// quinn-udp's receive path (`recvmmsg`) and GSO send, without its socket set-up.
 ///
 /// `UdpSocketState::new` sets options on the socket it is given: don't
 /// fragment (`IP_MTU_DISCOVER` = probe, `IPV6_DONTFRAG`), GRO, packet info.
 /// A mapping's replies to visitors must not lose fragmentation (a 4 KB DNS
 /// answer would then fail to leave), and GRO would hand over trains of
-/// datagrams a slot of [`BATCH_SCRATCH`] may not hold. Its `recv` reads
-/// whichever socket it is handed and only decodes what the kernel reports, so
-/// the state is made once on a throwaway socket, and the mappings' sockets keep
-/// the kernel's defaults.
+/// datagrams a slot of [`BATCH_SCRATCH`] may not hold. Its `recv` and
+/// `try_send` use whichever socket they are handed (the state only decodes
+/// what the kernel reports, and remembers whether GSO works), so the state is
+/// made once on a throwaway socket, and the mappings' and sessions' sockets
+/// keep the kernel's defaults.
 fn receive_state() -> io::Result<&'static quinn_udp::UdpSocketState> {
     static STATE: std::sync::OnceLock<quinn_udp::UdpSocketState> = std::sync::OnceLock::new();
     if let Some(state) = STATE.get() {
@@ -148,14 +149,31 @@ pub(crate) fn receive_batch(socket: &UdpSocket, max: usize, mut each: impl FnMut
     })
 }
 
-/// Sends `datagrams` in order on a connected `socket`, up to [`BATCH`] in one
-/// `sendmmsg`, waiting while the socket's buffer is full; returns how many
-/// the kernel took, each whole (an error is the first unsent one's: the
-/// caller skips it and sends the rest).
-pub(crate) async fn send_batch(socket: &UdpSocket, datagrams: &[Vec<u8>]) -> io::Result<usize> {
+/// Sends `datagrams` in order on `socket`, connected to `to`, waiting while
+/// the socket's buffer is full; returns how many the kernel took, each whole
+/// (an error is the first unsent one's: the caller skips it and sends the
+/// rest). A train of equal-sized datagrams (the last may be shorter) goes as
+/// one `sendmsg` the kernel splits (UDP GSO, `UDP_SEGMENT`), others up to
+/// [`BATCH`] in one `sendmmsg`.
+pub(crate) async fn send_batch(socket: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<usize> {
     let count = datagrams.len().min(BATCH);
     if count == 0 {
         return Ok(0);
+    }
+    if count == 1 {
+        // One datagram: a plain `send`, without the batch's bookkeeping.
+        return socket.send(&datagrams[0]).await.map(|_| 1);
+    }
+    let train = gso_train(&datagrams[..count]);
+    if train > 1 {
+        match send_train(socket, to, &datagrams[..train]).await {
+            Ok(()) => return Ok(train),
+            // Reported for an earlier datagram: as any send would.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(e),
+            // The route cannot segment (a datagram over its MTU, no GSO):
+            // one by one instead; quinn-udp stops offering GSO after this.
+            Err(e) => debug!(%to, error = %e, "UDP GSO send failed; sending the datagrams one by one"),
+        }
     }
     let slices: Vec<[io::IoSlice<'_>; 1]> = datagrams[..count].iter().map(|d| [io::IoSlice::new(d)]).collect();
     loop {
@@ -167,6 +185,45 @@ pub(crate) async fn send_batch(socket: &UdpSocket, datagrams: &[Vec<u8>]) -> io:
             Ok(rustix::net::sendmmsg(socket, &mut headers, rustix::net::SendFlags::DONTWAIT)?)
         });
         match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            sent => return sent,
+        }
+    }
+}
+
+/// Bytes one GSO send may carry (the kernel's limit is a UDP datagram's 64 KiB).
+const GSO_MAX_BYTES: usize = 60_000;
+
+/// How many of `datagrams`, from the first, make a train the kernel can split
+/// at equal sizes: all of the first's length, the last possibly shorter.
+fn gso_train(datagrams: &[Vec<u8>]) -> usize {
+    let Ok(state) = receive_state() else { return 1 };
+    let segment = datagrams[0].len();
+    if segment == 0 {
+        return 1;
+    }
+    let most = state.max_gso_segments().min(GSO_MAX_BYTES / segment);
+    let mut train = 0;
+    for datagram in datagrams.iter().take(most) {
+        if datagram.len() > segment || datagram.len() == 0 {
+            break;
+        }
+        train += 1;
+        if datagram.len() < segment {
+            break;
+        }
+    }
+    train.max(1)
+}
+
+/// Sends `datagrams` (a [`gso_train`]) as one `sendmsg` with `UDP_SEGMENT`.
+async fn send_train(socket: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<()> {
+    let state = receive_state()?;
+    let contents = datagrams.concat();
+    let transmit = quinn_udp::Transmit { destination: to, ecn: None, contents: &contents, segment_size: Some(datagrams[0].len()), src_ip: None };
+    loop {
+        socket.writable().await?;
+        match socket.try_io(tokio::io::Interest::WRITABLE, || state.try_send(socket.into(), &transmit)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             sent => return sent,
         }

@@ -264,7 +264,7 @@ impl Shared {
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
         let opened = match self.spec.use_tunnel {
             true => self.open_tunneled(tracked).await,
-            false => self.open_target().await.map(Target::Socket).map_err(|e| OpenFailed::Unreachable(e.to_string())),
+            false => self.open_target().await.map_err(|e| OpenFailed::Unreachable(e.to_string())),
         };
         let mut target = match opened {
             Ok(target) => target,
@@ -307,7 +307,10 @@ impl Shared {
                 }
                 // All that is queued, up to a batch: one wake-up of this task
                 // and one `sendmmsg` for them.
-                received = queue.recv_many(&mut batch, net::udp::BATCH) => {
+                // Under a cap, one at a time: a batch would wait for the cap
+                // as a whole, and the session's end (idle, closed through the
+                // API) with it.
+                received = queue.recv_many(&mut batch, if up.capped() { 1 } else { net::udp::BATCH }) => {
                     // The mapping stopped taking datagrams: removed, or the daemon stops.
                     if received == 0 {
                         break if self.ctx.stop_accepting.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
@@ -371,8 +374,10 @@ impl Shared {
     }
 
     /// A socket connected to the target, of the target's address family.
-    async fn open_target(&self) -> io::Result<UdpSocket> {
-        net::udp::connect(&self.spec.target_host, self.spec.target_port, self.ctx.settings.connect_timeout).await
+    async fn open_target(&self) -> io::Result<Target> {
+        let socket = net::udp::connect(&self.spec.target_host, self.spec.target_port, self.ctx.settings.connect_timeout).await?;
+        let to = socket.peer_addr()?;
+        Ok(Target::Socket { socket, to })
     }
 
     /// Sends a batch of datagrams toward the target, in order, within the
@@ -381,13 +386,13 @@ impl Shared {
     /// the tunnel's link queued it (a full queue drops it: `queue_full`).
     async fn to_target(&self, peer: SocketAddr, target: &Target, batch: &mut Vec<Vec<u8>>, up: &Meter) {
         match target {
-            Target::Socket(socket) => {
+            Target::Socket { socket, to } => {
                 let mut next = 0;
                 while next < batch.len() {
                     let chunk = &batch[next..batch.len().min(next + net::udp::BATCH)];
                     let bytes: usize = chunk.iter().map(Vec::len).sum();
                     whole_allowance(up, bytes).await;
-                    match net::udp::send_batch(socket, chunk).await {
+                    match net::udp::send_batch(socket, *to, chunk).await {
                         Ok(sent) => {
                             let sent_bytes: usize = chunk[..sent].iter().map(Vec::len).sum();
                             up.record(sent_bytes as u64);
@@ -462,8 +467,8 @@ impl Shared {
 /// Where a session's datagrams go: the one thing a direct session and a
 /// tunneled one do differently.
 enum Target {
-    /// Direct: a socket of the session's own, connected to the target.
-    Socket(UdpSocket),
+    /// Direct: a socket of the session's own, connected to the target `to`.
+    Socket { socket: UdpSocket, to: SocketAddr },
     /// Tunneled: a session of `client`'s, which holds the socket toward the
     /// target; `_serving` counts it as one of the client's connections.
     Tunnel { client: Arc<str>, _serving: Serving, session: TunnelUdpSession },
@@ -490,7 +495,7 @@ impl Target {
     /// returned.
     async fn recv(&mut self, max: usize) -> io::Result<Reply> {
         match self {
-            Target::Socket(socket) => Ok(match net::udp::next(socket, max).await? {
+            Target::Socket { socket, .. } => Ok(match net::udp::next(socket, max).await? {
                 Some(reply) => Reply::Datagram(Bytes::from(reply)),
                 None => Reply::TooLarge,
             }),
