@@ -120,11 +120,15 @@ fn bursts_of_mixed_sizes_larger_than_a_batch_arrive_whole_in_order_per_session_a
     // Three visitors, their datagrams interleaved: every batch holds all three.
     let visitors: Vec<UdpSocket> = (2..5).map(visitor).collect();
     const EACH: u32 = 300;
-    // 1 .. 4,000 bytes and every 17th one 4,001 or 9,000 (over the limit).
+    // 5 .. 4,000 bytes and every 17th one 4,001 or 9,000 (over the limit);
+    // visitor 4 sends trains of equal sizes, as iperf3 does (sent as one
+    // GSO `sendmsg`), each ended by a shorter or a longer one.
     let size = |who: u8, seq: u32| -> usize {
-        match seq % 17 {
-            16 if who == 2 => 4001,
-            16 => 9000,
+        match (who, seq % 17, seq % 40) {
+            (2, 16, _) => 4001,
+            (_, 16, _) => 9000,
+            (4, _, 0..=29) => 1000,
+            (4, _, 30) => 600,
             _ => 5 + ((seq as usize * 977 + usize::from(who) * 131) % 3996),
         }
     };
