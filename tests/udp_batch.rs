@@ -29,11 +29,14 @@ use serde_json::json;
 
 const SECRET: &str = "udp-batch-secret-0123456789abcdef";
 
+/// A datagram as the target got it, with its source (one per session).
+type Arrival = (SocketAddr, Vec<u8>);
+
 /// A target on 127.0.0.1 that keeps every datagram with its source, in
 /// arrival order, read by a thread of its own into a 4 MiB buffer.
 struct Recorder {
     addr: SocketAddr,
-    got: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Arrival>>>,
 }
 
 impl Recorder {
@@ -55,10 +58,8 @@ impl Recorder {
     }
 
     /// Everything received, once `n` datagrams have arrived.
-    fn after(&self, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
-        wait_for(&format!("{n} datagrams at the target"), Duration::from_secs(30), || {
-            (self.got.lock().unwrap().len() >= n).then_some(())
-        });
+    fn after(&self, n: usize) -> Vec<Arrival> {
+        wait_for(&format!("{n} datagrams at the target"), Duration::from_secs(30), || (self.got.lock().unwrap().len() >= n).then_some(()));
         self.got.lock().unwrap().clone()
     }
 }
@@ -82,10 +83,7 @@ fn create_udp(server: &Daemon, port: u16, target: SocketAddr) {
 /// Whether the kernel lets a mapping's socket hold a burst of a few MB (the
 /// mapping asks for 4 MiB, capped at `net.core.rmem_max`); skips loudly if not.
 fn buffers_hold_a_burst(test: &str) -> bool {
-    let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     if max >= 4 << 20 {
         return true;
     }
@@ -101,10 +99,7 @@ fn buffers_hold_a_burst(test: &str) -> bool {
 fn sessions_bytes_sent(server: &Daemon, port: u16) -> BTreeMap<String, u64> {
     let open = get_data(server, &format!("/api/connections?port={port}&protocol=udp"));
     let connections = open["connections"].as_array().expect("connections");
-    connections
-        .iter()
-        .map(|c| (c["source"].as_str().expect("source").to_string(), c["bytes_sent"].as_u64().expect("bytes_sent")))
-        .collect()
+    connections.iter().map(|c| (c["source"].as_str().expect("source").to_string(), c["bytes_sent"].as_u64().expect("bytes_sent"))).collect()
 }
 
 #[test]

@@ -205,7 +205,7 @@ fn gso_train(datagrams: &[Vec<u8>]) -> usize {
     let most = state.max_gso_segments().min(GSO_MAX_BYTES / segment);
     let mut train = 0;
     for datagram in datagrams.iter().take(most) {
-        if datagram.len() > segment || datagram.len() == 0 {
+        if datagram.len() > segment || datagram.is_empty() {
             break;
         }
         train += 1;
@@ -220,7 +220,8 @@ fn gso_train(datagrams: &[Vec<u8>]) -> usize {
 async fn send_train(socket: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> io::Result<()> {
     let state = receive_state()?;
     let contents = datagrams.concat();
-    let transmit = quinn_udp::Transmit { destination: to, ecn: None, contents: &contents, segment_size: Some(datagrams[0].len()), src_ip: None };
+    let transmit =
+        quinn_udp::Transmit { destination: to, ecn: None, contents: &contents, segment_size: Some(datagrams[0].len()), src_ip: None };
     loop {
         socket.writable().await?;
         match socket.try_io(tokio::io::Interest::WRITABLE, || state.try_send(socket.into(), &transmit)) {
