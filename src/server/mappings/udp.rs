@@ -17,6 +17,12 @@
 //! that reached the other side), the session as a connection (its own counters,
 //! `/api/connections`, the connection log), plus the datagram counters.
 //!
+//! Datagrams that come in bursts move in batches: the mapping's socket is read
+//! with `recvmmsg` (up to `net::udp::BATCH` a call), each session is woken
+//! once for its share of a batch and sends what it has queued in one call (a
+//! GSO train or `sendmmsg`); a wake-up and a call per datagram were most of
+//! what a direct datagram cost (bench/README.md, "Direct UDP in batches").
+//!
 //! A tunneled mapping differs in one thing only, where a session's datagrams
 //! go ([`Target`]): instead of a socket of its own, a session of the mapping's
 //! client, through its tunnel's datagram link (`hub::udp`); the client holds
@@ -144,7 +150,7 @@ pub(super) async fn serve(
         match read {
             // A full batch: more are likely waiting. Let the sessions just
             // woken (on this worker, next) send theirs before reading on, so
-            // a batch goes out as one `sendmmsg` rather than piling up.
+            // a batch goes out in one call (GSO or `sendmmsg`) rather than piling up.
             Ok(n) if n == net::udp::BATCH => tokio::task::yield_now().await,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -306,7 +312,7 @@ impl Shared {
                     break if self.ctx.abort.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
                 }
                 // All that is queued, up to a batch: one wake-up of this task
-                // and one `sendmmsg` for them.
+                // and one send call for them (`net::udp::send_batch`).
                 // Under a cap, one at a time: a batch would wait for the cap
                 // as a whole, and the session's end (idle, closed through the
                 // API) with it.
@@ -382,7 +388,8 @@ impl Shared {
 
     /// Sends a batch of datagrams toward the target, in order, within the
     /// mapping's bandwidth cap, and empties `batch`. Each is counted once the
-    /// socket took it whole (up to [`net::udp::BATCH`] per `sendmmsg`), or
+    /// socket took it whole (up to [`net::udp::BATCH`] per call: one GSO
+    /// `sendmsg` for a train of equal sizes, else `sendmmsg`), or
     /// the tunnel's link queued it (a full queue drops it: `queue_full`).
     async fn to_target(&self, peer: SocketAddr, target: &Target, batch: &mut Vec<Vec<u8>>, up: &Meter) {
         match target {
