@@ -12,11 +12,15 @@ the machine's load than the loss does.
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
 import udp
+
+
+SETTLE = float(os.environ.get("SETTLE", "1"))
 
 
 def cpu_ns(pid: int) -> int:
@@ -66,6 +70,11 @@ def main():
                 if r % 2: order.reverse()
                 for name in order:
                     p, t = ports[name]
+                    # The previous run's tail (datagrams a forwarder still had
+                    # queued) must not reach iperf3's next test: it would take
+                    # one of them for its client's UDP handshake and answer the
+                    # wrong address ("unable to read from stream socket").
+                    time.sleep(SETTLE)
                     if t:
                         pid = t.server.pid
                         c0, s0 = cpu_ns(pid), switches(pid)
