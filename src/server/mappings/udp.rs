@@ -17,6 +17,12 @@
 //! that reached the other side), the session as a connection (its own counters,
 //! `/api/connections`, the connection log), plus the datagram counters.
 //!
+//! Datagrams that come in bursts move in batches: the mapping's socket is read
+//! with `recvmmsg` (up to `net::udp::BATCH` a call), each session is woken
+//! once for its share of a batch and sends what it has queued in one call (a
+//! GSO train or `sendmmsg`); a wake-up and a call per datagram were most of
+//! what a direct datagram cost (bench/README.md, "Direct UDP in batches").
+//!
 //! A tunneled mapping differs in one thing only, where a session's datagrams
 //! go ([`Target`]): instead of a socket of its own, a session of the mapping's
 //! client, through its tunnel's datagram link (`hub::udp`); the client holds
@@ -125,38 +131,33 @@ pub(super) async fn serve(
         tasks: TaskTracker::new(),
     });
     let max = ctx.settings.max_udp_datagram;
-    // One byte more than the largest datagram forwarded: a datagram that fills
-    // it was larger, and is dropped rather than forwarded cut.
-    let mut buf = vec![0u8; max + 1];
     let mut next_id = 0u64;
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ctx.stop_accepting.cancelled() => break,
-            received = shared.listener.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    // ICMP errors reported on the unconnected socket, and the
-                    // like: nothing to do for one datagram, keep serving.
-                    debug!(port, error = %e, "UDP receive failed");
-                    continue;
-                }
+            ready = shared.listener.readable() => if let Err(e) = ready {
+                debug!(port, error = %e, "UDP socket not readable");
+                continue;
             },
-        };
-        if n > max {
-            shared.metrics.udp.dropped_too_large.inc();
-            debug!(port, %peer, limit = max, "datagram dropped: larger than server.max_udp_datagram_bytes");
-            continue;
         }
-        if !shared.policy.admits(peer.ip()) {
-            shared.metrics.refused_acl.inc();
-            continue;
+        // Everything waiting, a batch per call: one wake-up of this task and
+        // one system call for up to `BATCH` datagrams, and each session's task
+        // woken once for all of its datagrams in the batch.
+        let read = net::udp::receive_batch(&shared.listener, max, |(datagram, peer)| {
+            shared.admit(peer, datagram, &mut next_id);
+        });
+        match read {
+            // A full batch: more are likely waiting. Let the sessions just
+            // woken (on this worker, next) send theirs before reading on, so
+            // a batch goes out in one call (GSO or `sendmmsg`) rather than piling up.
+            Ok(n) if n == net::udp::BATCH => tokio::task::yield_now().await,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // ICMP errors reported on the unconnected socket, and the like:
+            // nothing to do for one datagram, keep serving.
+            Err(e) => debug!(port, error = %e, "UDP receive failed"),
         }
-        if shared.policy.quota_blocked() {
-            shared.metrics.refused_quota.inc();
-            continue;
-        }
-        shared.forward(peer, &buf[..n], &mut next_id);
     }
     // Sessions end with the mapping (their queues close; on removal their
     // tasks see the same token), and hold its socket until they have.
@@ -166,6 +167,25 @@ pub(super) async fn serve(
 }
 
 impl Shared {
+    /// Checks one datagram from `peer` (`None`: it was too large) against the
+    /// mapping's limits and policy, and queues it for `peer`'s session.
+    fn admit(self: &Arc<Self>, peer: SocketAddr, datagram: Option<&[u8]>, next_id: &mut u64) {
+        let Some(datagram) = datagram else {
+            self.metrics.udp.dropped_too_large.inc();
+            debug!(port = self.spec.source_port, %peer, limit = self.ctx.settings.max_udp_datagram, "datagram dropped: larger than server.max_udp_datagram_bytes");
+            return;
+        };
+        if !self.policy.admits(peer.ip()) {
+            self.metrics.refused_acl.inc();
+            return;
+        }
+        if self.policy.quota_blocked() {
+            self.metrics.refused_quota.inc();
+            return;
+        }
+        self.forward(peer, datagram, next_id);
+    }
+
     /// Queues one admitted datagram for `peer`'s session, opening it if needed.
     fn forward(self: &Arc<Self>, peer: SocketAddr, datagram: &[u8], next_id: &mut u64) {
         let port = self.spec.source_port;
@@ -250,7 +270,7 @@ impl Shared {
         let (up, down) = (up.tallying(tracked.sent()), down.tallying(tracked.received()));
         let opened = match self.spec.use_tunnel {
             true => self.open_tunneled(tracked).await,
-            false => self.open_target().await.map(Target::Socket).map_err(|e| OpenFailed::Unreachable(e.to_string())),
+            false => self.open_target().await.map_err(|e| OpenFailed::Unreachable(e.to_string())),
         };
         let mut target = match opened {
             Ok(target) => target,
@@ -283,6 +303,7 @@ impl Shared {
         let max = self.ctx.settings.max_udp_datagram;
         let deadline = tokio::time::sleep(idle);
         tokio::pin!(deadline);
+        let mut batch = Vec::with_capacity(net::udp::BATCH);
         let end = loop {
             tokio::select! {
                 _ = &mut deadline => break End::IdleTimeout,
@@ -290,14 +311,19 @@ impl Shared {
                 _ = self.cancel.cancelled() => {
                     break if self.ctx.abort.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
                 }
-                datagram = queue.recv() => {
+                // All that is queued, up to a batch: one wake-up of this task
+                // and one send call for them (`net::udp::send_batch`).
+                // Under a cap, one at a time: a batch would wait for the cap
+                // as a whole, and the session's end (idle, closed through the
+                // API) with it.
+                received = queue.recv_many(&mut batch, if up.capped() { 1 } else { net::udp::BATCH }) => {
                     // The mapping stopped taking datagrams: removed, or the daemon stops.
-                    let Some(datagram) = datagram else {
+                    if received == 0 {
                         break if self.ctx.stop_accepting.is_cancelled() { End::Shutdown } else { End::MappingRemoved };
-                    };
-                    self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+                    }
+                    self.queued.fetch_sub(batch.iter().map(Vec::len).sum(), Ordering::Relaxed);
                     deadline.as_mut().reset(Instant::now() + idle);
-                    self.to_target(peer, &target, datagram, &up).await;
+                    self.to_target(peer, &target, &mut batch, &up).await;
                 }
                 reply = target.recv(max) => match reply {
                     Ok(Reply::Datagram(reply)) => {
@@ -354,37 +380,62 @@ impl Shared {
     }
 
     /// A socket connected to the target, of the target's address family.
-    async fn open_target(&self) -> io::Result<UdpSocket> {
-        net::udp::connect(&self.spec.target_host, self.spec.target_port, self.ctx.settings.connect_timeout).await
+    async fn open_target(&self) -> io::Result<Target> {
+        let socket = net::udp::connect(&self.spec.target_host, self.spec.target_port, self.ctx.settings.connect_timeout).await?;
+        let to = socket.peer_addr()?;
+        Ok(Target::Socket { socket, to })
     }
 
-    /// Sends one datagram toward the target, within the mapping's bandwidth
-    /// cap; counted once the socket took it whole, or the tunnel's link
-    /// queued it (a full queue drops it: `queue_full`).
-    async fn to_target(&self, peer: SocketAddr, target: &Target, datagram: Vec<u8>, up: &Meter) {
-        let len = datagram.len();
-        whole_allowance(up, len).await;
-        let sent = match target {
-            Target::Socket(socket) => socket.send(&datagram).await.map(|n| n == len),
-            Target::Tunnel { session, .. } => match session.try_send(Bytes::from(datagram)) {
-                Ok(()) => Ok(true),
-                Err(SendError::Full) => {
-                    self.metrics.udp.dropped_queue_full.inc();
-                    Ok(false)
+    /// Sends a batch of datagrams toward the target, in order, within the
+    /// mapping's bandwidth cap, and empties `batch`. Each is counted once the
+    /// socket took it whole (up to [`net::udp::BATCH`] per call: one GSO
+    /// `sendmsg` for a train of equal sizes, else `sendmmsg`), or
+    /// the tunnel's link queued it (a full queue drops it: `queue_full`).
+    async fn to_target(&self, peer: SocketAddr, target: &Target, batch: &mut Vec<Vec<u8>>, up: &Meter) {
+        match target {
+            Target::Socket { socket, to } => {
+                let mut next = 0;
+                while next < batch.len() {
+                    let chunk = &batch[next..batch.len().min(next + net::udp::BATCH)];
+                    let bytes: usize = chunk.iter().map(Vec::len).sum();
+                    whole_allowance(up, bytes).await;
+                    match net::udp::send_batch(socket, *to, chunk).await {
+                        Ok(sent) => {
+                            let sent_bytes: usize = chunk[..sent].iter().map(Vec::len).sum();
+                            up.record(sent_bytes as u64);
+                            up.unused(bytes - sent_bytes);
+                            self.metrics.udp.datagrams_sent.inc_by(sent as u64);
+                            next += sent;
+                        }
+                        // The first of the chunk was not sent (the target
+                        // refused an earlier one, say): it is dropped, the
+                        // rest go on.
+                        Err(e) => {
+                            up.unused(bytes);
+                            self.target_error(peer, &e);
+                            next += 1;
+                        }
+                    }
                 }
-                // The link is gone: the session ends as its replies say so.
-                Err(SendError::Closed) => Ok(false),
-            },
-        };
-        match sent {
-            Ok(true) => {
-                up.record(len as u64);
-                self.metrics.udp.datagrams_sent.inc();
+                batch.clear();
             }
-            Ok(false) => up.unused(len),
-            Err(e) => {
-                up.unused(len);
-                self.target_error(peer, &e);
+            Target::Tunnel { session, .. } => {
+                for datagram in batch.drain(..) {
+                    let len = datagram.len();
+                    whole_allowance(up, len).await;
+                    match session.try_send(Bytes::from(datagram)) {
+                        Ok(()) => {
+                            up.record(len as u64);
+                            self.metrics.udp.datagrams_sent.inc();
+                        }
+                        Err(SendError::Full) => {
+                            self.metrics.udp.dropped_queue_full.inc();
+                            up.unused(len);
+                        }
+                        // The link is gone: the session ends as its replies say so.
+                        Err(SendError::Closed) => up.unused(len),
+                    }
+                }
             }
         }
     }
@@ -423,8 +474,8 @@ impl Shared {
 /// Where a session's datagrams go: the one thing a direct session and a
 /// tunneled one do differently.
 enum Target {
-    /// Direct: a socket of the session's own, connected to the target.
-    Socket(UdpSocket),
+    /// Direct: a socket of the session's own, connected to the target `to`.
+    Socket { socket: UdpSocket, to: SocketAddr },
     /// Tunneled: a session of `client`'s, which holds the socket toward the
     /// target; `_serving` counts it as one of the client's connections.
     Tunnel { client: Arc<str>, _serving: Serving, session: TunnelUdpSession },
@@ -451,7 +502,7 @@ impl Target {
     /// returned.
     async fn recv(&mut self, max: usize) -> io::Result<Reply> {
         match self {
-            Target::Socket(socket) => Ok(match net::udp::next(socket, max).await? {
+            Target::Socket { socket, .. } => Ok(match net::udp::next(socket, max).await? {
                 Some(reply) => Reply::Datagram(Bytes::from(reply)),
                 None => Reply::TooLarge,
             }),
