@@ -283,17 +283,17 @@ fn a_control_hello_on_a_data_channel_session_is_refused() {
     assert_eq!(metric_value(&text, "tunneld_tunnel_sessions_total", &[("result", "authenticated")]).unwrap_or(0.0), 0.0);
 }
 
-/// The crate's own data channel (it offers `tunneld-data`) to the tunnel port.
-async fn data_channel_to(tunnel: SocketAddr, pin: &str) -> TlsDataChannel {
+/// A TLS connection to the tunnel port that offers `tunneld-data`, as a data
+/// channel's does (here through the buffered stream: what matters is the offer).
+async fn data_channel_to(tunnel: SocketAddr, pin: &str) -> tunneld::net::transport::TunnelStream {
     let config =
         tunneld::config::ClientConfig { server: tunnel.to_string(), server_fingerprint: Some(pin.to_string()), ..Default::default() };
-    let (config, name) = tunneld::net::tls::client_config(&config).unwrap();
+    let (mut config, name) = tunneld::net::tls::client_config(&config).unwrap();
+    config.alpn_protocols = vec![b"tunneld-data".to_vec()];
     let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
     let (sent, received) = Metrics::new().tunnel_meters("default");
-    match tls_channel::connect(Arc::new(config), name, MeteredStream::new(tcp, sent, received)).await {
-        Ok(channel) => channel,
-        Err((e, _)) => panic!("TLS handshake: {e}"),
-    }
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, MeteredStream::new(tcp, sent, received)).await;
+    tunneld::net::transport::TunnelStream::Tls(Box::new(tls.expect("TLS handshake").into()))
 }
 
 // ------------------------------------------------- the server's channel against a rustls client

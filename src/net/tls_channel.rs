@@ -158,18 +158,21 @@ pub async fn connect(
 /// `InvalidData` error, a connection closed before a whole hello `UnexpectedEof`.
 pub async fn read_client_hello(io: &mut MeteredStream) -> io::Result<(BytesMut, bool)> {
     let mut acceptor = rustls::server::Acceptor::default();
-    let mut hello = BytesMut::with_capacity(2048);
+    let mut hello = BytesMut::new();
     loop {
         if hello.len() >= MAX_CLIENT_HELLO {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS ClientHello larger than 64 KiB"));
         }
         let fed = hello.len();
+        hello.reserve(4096);
         if io.read_buf(&mut hello).await? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a whole TLS ClientHello"));
         }
         let mut new = &hello[fed..];
         while !new.is_empty() {
-            acceptor.read_tls(&mut new)?;
+            if acceptor.read_tls(&mut new)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS ClientHello not taken whole"));
+            }
         }
         match acceptor.accept() {
             Ok(None) => {}
