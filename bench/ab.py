@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--strace", action="store_true", help="also count system calls per visitor")
     ap.add_argument("--strace-conns", type=int, default=1000)
+    ap.add_argument("--reverse", action="store_true",
+                    help="also run iperf3 -R (target -> visitor: the client encrypts, the server decrypts)")
     ap.add_argument("--strace-mb", type=int, default=0,
                     help="also count system calls per MB while iperf3 moves this many MB through each path")
     args = ap.parse_args()
@@ -170,15 +172,22 @@ def main() -> int:
                     for path in path_order:
                         d = daemons[name][path]
                         pids = [d.server.pid] if path == "direct" else [d.server.pid, d.client.pid]
-                        if not args.no_throughput:
-                            cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
-                            res = bench.run_iperf(ports[name][path]["iperf"], args.seconds, [],
-                                                  rundir / f"iperf3-{name}-{path}-{round_no}.json")
-                            cpu = sum(bench.cpu_ns(pid) for pid in pids) - cpu_before
-                            results["tput_1"].setdefault(name, {}).setdefault(path, []).append(res["gbps"])
-                            # CPU seconds tunneld spent per GB moved: what load elsewhere moves least.
-                            results["cpu_s_per_gb"].setdefault(name, {}).setdefault(path, []).append(
-                                cpu / 1e9 / (res["received_bytes"] / 1e9))
+                        directions = [("", [])] + ([("_R", ["-R"])] if args.reverse else [])
+                        for suffix, iperf_args in ([] if args.no_throughput else directions):
+                            cpu_before = [bench.cpu_ns(pid) for pid in pids]
+                            res = bench.run_iperf(ports[name][path]["iperf"], args.seconds, iperf_args,
+                                                  rundir / f"iperf3-{name}-{path}{suffix}-{round_no}.json")
+                            cpus = [bench.cpu_ns(pid) - before for pid, before in zip(pids, cpu_before)]
+                            gb = res["received_bytes"] / 1e9
+                            results.setdefault("tput_1" + suffix, {}).setdefault(name, {}).setdefault(path, []).append(
+                                res["gbps"])
+                            # CPU seconds tunneld spent per GB moved: what load elsewhere moves least;
+                            # in all, and in the server and the client apart.
+                            results.setdefault("cpu_s_per_gb" + suffix, {}).setdefault(name, {}).setdefault(
+                                path, []).append(sum(cpus) / 1e9 / gb)
+                            for role, cpu in zip(("server", "client"), cpus):
+                                results.setdefault(f"cpu_s_per_gb_{role}{suffix}", {}).setdefault(name, {}).setdefault(
+                                    path, []).append(cpu / 1e9 / gb)
                         cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
                         switches_before = sum(switches(pid) for pid in pids)
                         rate = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[name][path]['echo']}",
@@ -192,8 +201,11 @@ def main() -> int:
                         if rate["failures"]:
                             raise bench.BenchError(f"{name} {path}: {rate['failures']} failures: {rate['errors']}")
                         results["conn_rate"].setdefault(name, {}).setdefault(path, []).append(rate["conns_per_s"])
-                        tput = "" if args.no_throughput else \
-                            f"{res['gbps']:6.2f} Gbit/s {results['cpu_s_per_gb'][name][path][-1]:5.2f} CPU s/GB  "
+                        tput = "".join(
+                            f"{suffix or '  '} {results['tput_1' + suffix][name][path][-1]:6.2f} Gbit/s "
+                            f"{results['cpu_s_per_gb_server' + suffix][name][path][-1]:5.2f}"
+                            f"+{results['cpu_s_per_gb_client' + suffix][name][path][-1]:5.2f} CPU s/GB  "
+                            for suffix, _ in ([] if args.no_throughput else directions))
                         bench.log(f"round {round_no + 1} {name:10} {path:6} {tput}{rate['conns_per_s']:7.0f} conn/s "
                                   f"{results['cpu_us_per_conn'][name][path][-1]:6.1f} CPU us/conn "
                                   f"{results['switches_per_conn'][name][path][-1]:5.2f} switches/conn")
@@ -201,12 +213,15 @@ def main() -> int:
             procs.stop_all()
     bench.log("\nmedians over rounds (ratios within one binary: tunnel/plain; across binaries: to the first):")
     first = next(iter(binaries))
-    for key, unit in (("tput_1", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("conn_rate", "conn/s"),
-                      ("cpu_us_per_conn", "CPU us/conn"), ("switches_per_conn", "switches/conn")):
+    keys = [("tput_1", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("cpu_s_per_gb_server", "CPU s/GB"),
+            ("cpu_s_per_gb_client", "CPU s/GB")]
+    if args.reverse:
+        keys += [(key + "_R", unit) for key, unit in keys]
+    for key, unit in keys + [("conn_rate", "conn/s"), ("cpu_us_per_conn", "CPU us/conn"), ("switches_per_conn", "switches/conn")]:
         for path in paths:
-            line = f"  {key:9} {path:6}"
+            line = f"  {key:22} {path:6}"
             for name in binaries:
-                runs = results[key].get(name, {}).get(path)
+                runs = results.get(key, {}).get(name, {}).get(path)
                 if not runs:
                     continue
                 med = statistics.median(runs)

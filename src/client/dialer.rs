@@ -74,7 +74,8 @@ impl Dialer {
     }
 
     /// A data channel: under TLS through rustls's unbuffered API
-    /// (`net::tls_channel`), which copies less per byte.
+    /// (`net::tls_channel`), which copies less per byte, offering the ALPN
+    /// protocol `tunneld-data` so that a server that knows it does the same.
     pub(super) async fn connect_data(&self) -> Result<TunnelStream, ConnectFailure> {
         self.dial(true).await
     }

@@ -124,7 +124,7 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 /// The server's TLS configuration for the tunnel port: its TCP acceptor
-/// ([`acceptor`]) and its QUIC endpoint (`net::quic`) present the same certificate.
+/// ([`ServerTls`]) and its QUIC endpoint (`net::quic`) present the same certificate.
 pub(crate) fn server_config(identity: Identity) -> anyhow::Result<rustls::ServerConfig> {
     rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -133,9 +133,24 @@ pub(crate) fn server_config(identity: Identity) -> anyhow::Result<rustls::Server
         .context("the TLS certificate and key do not match")
 }
 
-/// The acceptor for the server's tunnel port.
-pub(crate) fn acceptor(config: rustls::ServerConfig) -> tokio_rustls::TlsAcceptor {
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+/// The server's TLS on its tunnel port: the buffered acceptor (control
+/// connections, whose auth is bound to the exporter, and older clients' data
+/// channels), and the configuration for data channels served through rustls's
+/// unbuffered API (those whose ClientHello offers `net::tls_channel::DATA_ALPN`;
+/// see `net::transport::accept_tls`).
+pub struct ServerTls {
+    pub(crate) buffered: tokio_rustls::TlsAcceptor,
+    /// The same configuration, listing the data channels' ALPN protocol so the
+    /// client sees it taken.
+    pub(crate) data: Arc<rustls::ServerConfig>,
+}
+
+impl ServerTls {
+    pub(crate) fn new(config: rustls::ServerConfig) -> ServerTls {
+        let mut data = config.clone();
+        data.alpn_protocols = vec![crate::net::tls_channel::DATA_ALPN.to_vec()];
+        ServerTls { buffered: tokio_rustls::TlsAcceptor::from(Arc::new(config)), data: Arc::new(data) }
+    }
 }
 
 /// The client's connector and the server name it presents, from `client.*`:

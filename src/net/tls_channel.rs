@@ -1,17 +1,25 @@
-//! A data channel's TLS on the client, through rustls's unbuffered API (issue 24
-//! §3): records are read into a buffer this stream owns, decrypted where they
+//! A data channel's TLS, on either end, through rustls's unbuffered API (issue
+//! 24 §3): records are read into a buffer this stream owns, decrypted where they
 //! lie, and encrypted straight into the buffer that goes to the socket.
 //!
 //! Against the buffered stream (`tokio_rustls`) it costs a third less CPU per GB
 //! on the receiving side (`examples/tls_datapath.rs`): no 4 KiB `read_tls` steps,
 //! no read-ahead copy into rustls's deframer, no plaintext queue to copy out of.
 //!
-//! Only data channels, and only on the client. rustls 0.23's unbuffered
-//! connections have no exporter (`export_keying_material`), and a control
-//! connection's auth HMAC is bound to one ([`crate::net::tls::binding`]); a data
-//! channel proves itself with its session's token inside the TLS session and needs
-//! none. The server cannot tell a data channel from a control connection before
-//! its handshake, so it keeps the buffered stream for both.
+//! Only data channels. rustls 0.23's unbuffered connections have no exporter
+//! (`export_keying_material`), and a control connection's auth HMAC is bound to
+//! one ([`crate::net::tls::binding`]); a data channel proves itself with its
+//! session's token inside the TLS session and needs none. So the client offers
+//! the ALPN protocol [`DATA_ALPN`] on data channels only ([`connect`]), and the
+//! server reads each ClientHello first ([`read_client_hello`]): a connection
+//! that offers it is served here ([`accept`]), any other (a control connection,
+//! an older client's data channel) through the buffered stream, whose exporter
+//! the auth needs. A server that lists no ALPN (an older one) ignores the offer,
+//! and the client takes an answer without ALPN as it takes one with it: the
+//! unbuffered API on the client does not depend on the server's.
+//!
+//! One state machine for both roles ([`Role`]): past the handshake the two
+//! connections behave alike, and the handshake differs only in who speaks first.
 //!
 //! Semantics are the buffered stream's: `read` returns 0 only after the peer's
 //! `close_notify`, a TCP EOF without one is `UnexpectedEof`, a bad record is
@@ -28,8 +36,9 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::{Buf, BytesMut};
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
+use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::net::metered::MeteredStream;
 
@@ -46,9 +55,35 @@ const MAX_WRITE: usize = 64 * 1024;
 const MAX_FRAGMENT: usize = 16 * 1024;
 const RECORD_OVERHEAD: usize = 5 + 1 + 16;
 
-/// A TLS 1.3 client connection driven through `rustls::unbuffered` (see the module doc).
+/// The ALPN protocol a client offers on its data channels, and only there: it
+/// tells the server, before the handshake, that this connection needs no
+/// exporter and may be served by [`accept`].
+pub const DATA_ALPN: &[u8] = b"tunneld-data";
+
+/// Most bytes a ClientHello may take before the server gives up on it (rustls
+/// refuses a larger handshake message itself; this bounds the buffer meanwhile).
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
+
+/// Which end of the TLS session this channel is: the only place the two differ
+/// (rustls types each side's state machine on its own).
+enum Role {
+    Client(UnbufferedClientConnection),
+    Server(UnbufferedServerConnection),
+}
+
+impl Role {
+    fn is_handshaking(&self) -> bool {
+        match self {
+            Role::Client(c) => c.is_handshaking(),
+            Role::Server(s) => s.is_handshaking(),
+        }
+    }
+}
+
+/// A TLS 1.3 data channel, either end, driven through `rustls::unbuffered`
+/// (see the module doc).
 pub struct TlsDataChannel {
-    conn: UnbufferedClientConnection,
+    conn: Role,
     io: MeteredStream,
     /// Received TLS bytes not processed yet (a partial record at most, between reads).
     input: BytesMut,
@@ -105,28 +140,82 @@ pub async fn connect(
     name: ServerName<'static>,
     io: MeteredStream,
 ) -> Result<TlsDataChannel, (io::Error, MeteredStream)> {
-    let conn = match UnbufferedClientConnection::new(config, name) {
+    let conn = match UnbufferedClientConnection::new_with_alpn(config, name, vec![DATA_ALPN.to_vec()]) {
         Ok(conn) => conn,
         Err(e) => return Err((tls_error(e), io)),
     };
-    let mut channel = TlsDataChannel {
-        conn,
-        io,
-        input: BytesMut::new(),
-        output: Outgoing::default(),
-        plain: BytesMut::new(),
-        peer_closed: false,
-        close_sent: false,
-        read_waker: None,
-        failed: None,
-    };
+    let mut channel = TlsDataChannel::new(Role::Client(conn), io, BytesMut::new());
     match channel.handshake().await {
         Ok(()) => Ok(channel),
         Err(e) => Err((e, channel.io)),
     }
 }
 
+/// Reads a ClientHello off `io`: the bytes read (the hello, to be handed to the
+/// TLS stack that serves the connection), and whether the client offers
+/// [`DATA_ALPN`]. `rustls::server::Acceptor` parses it, so what is and is not a
+/// valid hello is rustls's call; a bad one gets rustls's alert and an
+/// `InvalidData` error, a connection closed before a whole hello `UnexpectedEof`.
+pub async fn read_client_hello(io: &mut MeteredStream) -> io::Result<(BytesMut, bool)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut hello = BytesMut::new();
+    loop {
+        if hello.len() >= MAX_CLIENT_HELLO {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS ClientHello larger than 64 KiB"));
+        }
+        let fed = hello.len();
+        hello.reserve(4096);
+        if io.read_buf(&mut hello).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a whole TLS ClientHello"));
+        }
+        let mut new = &hello[fed..];
+        while !new.is_empty() {
+            if acceptor.read_tls(&mut new)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS ClientHello not taken whole"));
+            }
+        }
+        match acceptor.accept() {
+            Ok(None) => {}
+            Ok(Some(accepted)) => {
+                let offers_data = accepted.client_hello().alpn().is_some_and(|mut offered| offered.any(|p| p == DATA_ALPN));
+                return Ok((hello, offers_data));
+            }
+            Err((e, mut alert)) => {
+                let mut wire = Vec::new();
+                if alert.write_all(&mut wire).is_ok() && !wire.is_empty() {
+                    let _ = io.write_all(&wire).await;
+                }
+                return Err(tls_error(e));
+            }
+        }
+    }
+}
+
+/// The server's TLS handshake of a data channel whose ClientHello
+/// ([`read_client_hello`]) is in `hello`, then the channel. `config` should list
+/// [`DATA_ALPN`], so the client sees it taken.
+pub async fn accept(config: Arc<rustls::ServerConfig>, io: MeteredStream, hello: BytesMut) -> io::Result<TlsDataChannel> {
+    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let mut channel = TlsDataChannel::new(Role::Server(conn), io, hello);
+    channel.handshake().await?;
+    Ok(channel)
+}
+
 impl TlsDataChannel {
+    fn new(conn: Role, io: MeteredStream, input: BytesMut) -> TlsDataChannel {
+        TlsDataChannel {
+            conn,
+            io,
+            input,
+            output: Outgoing::default(),
+            plain: BytesMut::new(),
+            peer_closed: false,
+            close_sent: false,
+            read_waker: None,
+            failed: None,
+        }
+    }
+
     pub(crate) fn metered(&mut self) -> &mut MeteredStream {
         &mut self.io
     }
@@ -170,13 +259,9 @@ impl TlsDataChannel {
             return Err(tls_error(e.clone()));
         }
         let TlsDataChannel { conn, input, output, plain, failed, .. } = self;
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[..]);
-        let step = match state {
-            Err(e) => {
-                *failed = Some(e.clone());
-                Err(tls_error(e))
-            }
-            Ok(state) => handle(state, output, plain, read, want),
+        let (discard, step) = match conn {
+            Role::Client(c) => turn(c.process_tls_records(&mut input[..]), output, plain, read, want, failed),
+            Role::Server(s) => turn(s.process_tls_records(&mut input[..]), output, plain, read, want, failed),
         };
         input.advance(discard);
         step
@@ -280,6 +365,26 @@ impl Outgoing {
         }
         &mut self.buf[self.filled..]
     }
+}
+
+/// What one `process_tls_records` found: how much input it consumed, and the step.
+fn turn<D>(
+    status: UnbufferedStatus<'_, '_, D>,
+    output: &mut Outgoing,
+    plain: &mut BytesMut,
+    read: Option<&mut ReadBuf<'_>>,
+    want: Want<'_>,
+    failed: &mut Option<rustls::Error>,
+) -> (usize, io::Result<Step>) {
+    let UnbufferedStatus { discard, state } = status;
+    let step = match state {
+        Err(e) => {
+            *failed = Some(e.clone());
+            Err(tls_error(e))
+        }
+        Ok(state) => handle(state, output, plain, read, want),
+    };
+    (discard, step)
 }
 
 fn handle<D>(

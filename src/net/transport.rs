@@ -17,12 +17,35 @@ pub enum TunnelStream {
     Plain(Box<MeteredStream>),
     /// TLS 1.3, client or server side, through rustls's buffered stream.
     Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
-    /// TLS 1.3, a client's data channel, through rustls's unbuffered API (see
-    /// [`crate::net::tls_channel`]): no exporter, so never a control connection.
+    /// TLS 1.3, a data channel (either end), through rustls's unbuffered API
+    /// (see [`crate::net::tls_channel`]): no exporter, so never a control connection.
     TlsData(Box<crate::net::tls_channel::TlsDataChannel>),
 }
 
+/// The server's TLS handshake on a tunnel connection: a data channel (its
+/// ClientHello offers [`crate::net::tls_channel::DATA_ALPN`]) through rustls's
+/// unbuffered API, anything else through the buffered stream. The hello is read
+/// once and handed to the stack that serves the connection.
+pub(crate) async fn accept_tls(tls: &crate::net::tls::ServerTls, mut io: MeteredStream) -> io::Result<TunnelStream> {
+    use crate::net::tls_channel;
+    let (hello, offers_data) = tls_channel::read_client_hello(&mut io).await?;
+    if offers_data {
+        let channel = tls_channel::accept(tls.data.clone(), io, hello).await?;
+        return Ok(TunnelStream::TlsData(Box::new(channel)));
+    }
+    io.restore_unread(hello);
+    let stream = tls.buffered.accept(io.reading_ahead()).await?;
+    Ok(TunnelStream::Tls(Box::new(stream.into())))
+}
+
 impl TunnelStream {
+    /// Whether this connection can carry a control session: its auth HMAC is
+    /// bound to the TLS exporter ([`TunnelStream::binding`]), which a channel
+    /// through rustls's unbuffered API does not have.
+    pub(crate) fn can_carry_control(&self) -> bool {
+        !matches!(self, TunnelStream::TlsData(_))
+    }
+
     fn metered(&mut self) -> &mut MeteredStream {
         match self {
             TunnelStream::Plain(s) => s,
@@ -87,8 +110,10 @@ impl TunnelStream {
     }
 
     /// What the auth HMAC is bound to: the TLS exporter value, or nothing on a
-    /// plain (trusted-network) tunnel. A data channel has none (it is not
-    /// authenticated with a HMAC; rustls's unbuffered API has no exporter).
+    /// plain (trusted-network) tunnel. A data channel through rustls's
+    /// unbuffered API has none (it is not authenticated with a HMAC, and the
+    /// server refuses a control hello on one, see
+    /// [`TunnelStream::can_carry_control`]).
     pub fn binding(&self) -> Vec<u8> {
         match self {
             TunnelStream::Plain(_) | TunnelStream::TlsData(_) => Vec::new(),

@@ -121,7 +121,7 @@ pub(crate) async fn start(
             None
         }
     });
-    let tls = tls.map(crate::net::tls::acceptor);
+    let tls = tls.map(crate::net::tls::ServerTls::new);
     let pool_idle = Duration::from_secs(config.server.pool_idle_secs);
     let stored_clients = store.clients().await.context("cannot read the stored tunnel clients")?;
     let clients = stored_clients.iter().map(|c| (c.name.clone(), c.secret.clone()));

@@ -24,7 +24,7 @@ use crate::core::sync::lock;
 use crate::net::metered::MeteredStream;
 use crate::net::socket;
 use crate::net::tls;
-use crate::net::transport::TunnelStream;
+use crate::net::transport::{self, TunnelStream};
 use crate::server::throttle::{Charge, Pending};
 use crate::telemetry::session_result;
 use crate::tunnel::auth;
@@ -55,6 +55,7 @@ pub(super) enum Failure {
     UnknownName,
     LateSession,
     ForgedSession,
+    ControlOnDataChannel,
 }
 
 impl Failure {
@@ -82,6 +83,7 @@ impl Failure {
             Failure::UnknownName => "authentication failed (unknown client name)",
             Failure::LateSession => "data channel for a session that has ended",
             Failure::ForgedSession => "data channel for an unknown session",
+            Failure::ControlOnDataChannel => "control hello on a data channel's TLS session (ALPN tunneld-data)",
         }
     }
 
@@ -298,6 +300,17 @@ impl TunnelHub {
         };
         match opening {
             opening if opening.version() != PROTOCOL_VERSION => self.reject_version(&mut stream, attempt, opening.version()).await,
+            Opening::Control { .. } if !stream.can_carry_control() => {
+                // Its auth could not be bound to this TLS session (no exporter):
+                // refused, never authenticated unbound.
+                self.failed(attempt, Failure::ControlOnDataChannel);
+                let reason = format!(
+                    "a control connection must not offer the ALPN protocol {:?} (data channels only)",
+                    String::from_utf8_lossy(crate::net::tls_channel::DATA_ALPN)
+                );
+                frame::write_frame(&mut stream, &Challenge::Rejected { reason, retry_after_secs: None }).await?;
+                Ok(())
+            }
             Opening::Control { client, features, .. } => {
                 let writes_proxy_headers = features.iter().any(|f| f == FEATURE_PROXY_HEADER);
                 let speaks_udp = features.iter().any(|f| f == FEATURE_UDP);
@@ -336,8 +349,8 @@ impl TunnelHub {
         // Counted as a client's once it has authenticated (see `attribute`).
         let mut metered = MeteredStream::unattributed(stream);
         match (&self.settings.tls, speaks_tls) {
-            (Some(acceptor), true) => match acceptor.accept(metered.reading_ahead()).await {
-                Ok(tls) => Some(TunnelStream::Tls(Box::new(tls.into()))),
+            (Some(tls), true) => match transport::accept_tls(tls, metered).await {
+                Ok(stream) => Some(stream),
                 Err(e) => {
                     debug!(%peer, error = %e, "TLS handshake with a tunnel client failed");
                     self.failed(attempt, Failure::TlsHandshake);

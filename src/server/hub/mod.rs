@@ -10,8 +10,11 @@
 //!
 //! Every connection is TLS unless `server.tls = false`; the first byte tells a TLS
 //! client from a plain one, so a mismatch (or a version-1 client) gets a clear
-//! answer instead of a "malformed frame". Data channels are reused: after a clean
-//! exchange a channel goes back into the session's idle pool.
+//! answer instead of a "malformed frame". A TLS connection whose ClientHello
+//! offers the ALPN protocol `tunneld-data` is a data channel and is served
+//! through rustls's unbuffered API (`net::tls_channel`); a control hello on one
+//! is refused, its auth having no exporter to be bound to. Data channels are
+//! reused: after a clean exchange a channel goes back into the session's idle pool.
 
 mod accept;
 mod defences;

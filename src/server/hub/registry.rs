@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
@@ -54,7 +53,7 @@ pub struct HubSettings {
     pub heartbeat: Duration,
     pub connect_timeout: Duration,
     /// `None` when `server.tls = false`.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<crate::net::tls::ServerTls>,
     pub pool_idle: Duration,
 }
 
