@@ -1,13 +1,14 @@
 //! A direct UDP session's path to its target (issue 22, direct UDP toward
-//! loopback's rate): what any change to make it faster must keep. Three were
-//! tried and measured (the receive loop sending past the queue, `sendmmsg`
-//! batches from the session's queue, the receive loop on a thread of its
-//! own; see bench/README.md, "UDP"); none is kept, as none beat main's path
-//! in A/B runs. These tests hold, whichever way a datagram goes: order, exact
-//! counts (the mapping's and the session's own), nothing lost unaccounted or
-//! duplicated, the idle end, and the mapping's bound on queued bytes once
-//! sessions end with datagrams still queued (that one failed on main: the
-//! bound shrank for good by what each such session held).
+//! loopback's rate): what any change to make it faster must keep. Three levers
+//! were tried first and none kept (the receive loop sending past the queue,
+//! `sendmmsg` batches alone, the receive loop on a thread of its own); what
+//! is kept reads the mapping's socket with `recvmmsg` and sends a session's
+//! queued trains with UDP GSO (bench/README.md, "UDP", "Direct UDP in
+//! batches"; tests/udp_batch.rs). These tests hold, whichever way a datagram
+//! goes: order, exact counts (the mapping's and the session's own), nothing
+//! lost unaccounted or duplicated, the idle end, and the mapping's bound on
+//! queued bytes once sessions end with datagrams still queued (that one
+//! failed before: the bound shrank for good by what each such session held).
 //!
 //! A target that stops reading does not make a sender block on loopback (the
 //! kernel drops at the target's full buffer, and the sender never waits), so
