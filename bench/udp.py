@@ -334,6 +334,10 @@ def ladder_round(paths: dict, round_no: int, args, window: str | None, iperf_dir
                 tries.append({"loss": round(r["loss"], 3), "mbit": round(r["mbit"], 1)})
                 if r["loss"] < LOSS_LIMIT:
                     break
+                if "error" in r:
+                    # iperf3's own handshake failed, often on the tail of a
+                    # lossy run's datagrams: let that tail drain before the retry.
+                    time.sleep(1.0)
             tried[path].append((rate, tries))
             if tries[-1]["loss"] < LOSS_LIMIT:
                 best[path] = rate
