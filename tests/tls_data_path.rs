@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::strace::{self, Strace};
+use common::tunnel::{a_visitor_reset_reaches_the_target, flush_tls, read_all};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunneld::net::metered::MeteredStream;
@@ -51,20 +52,6 @@ fn every_byte_crosses_the_tls_tunnel_both_ways_at_chunk_and_record_boundaries() 
     assert_eq!(mapping_bytes(&text, port, "received"), Some(expected));
 }
 
-/// A target of this test's own, one connection at a time, run by `serve`.
-fn target_with(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
-    let addr = listener.local_addr().unwrap();
-    let serve = Arc::new(serve);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let serve = serve.clone();
-            std::thread::spawn(move || serve(conn));
-        }
-    });
-    addr
-}
-
 /// The target half-closes first (its reply, then FIN) and still reads the
 /// visitor's late bytes; the visitor half-closes after them, and the target's
 /// count of what it read comes back... on a second connection, since its side is shut.
@@ -73,7 +60,7 @@ fn half_closes_cross_the_tls_tunnel_each_way() {
     let (server, _client) = server_and_client(SECRET, true);
     let (counts, counted) = std::sync::mpsc::channel::<usize>();
     let counts = std::sync::Mutex::new(counts);
-    let target = target_with(move |mut conn| {
+    let target = spawn_target(move |mut conn| {
         conn.write_all(b"reply first").unwrap();
         conn.shutdown(Shutdown::Write).unwrap();
         let mut got = Vec::new();
@@ -110,7 +97,7 @@ fn echo_through_target_again(server: &Daemon) {
 fn resets_cross_the_tls_tunnel_each_way() {
     let (server, _client) = server_and_client(SECRET, true);
     // Reads a little, then resets.
-    let resetting = target_with(|mut conn| {
+    let resetting = spawn_target(|mut conn| {
         let mut buf = [0u8; 1000];
         let _ = conn.read_exact(&mut buf);
         socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
@@ -125,28 +112,7 @@ fn resets_cross_the_tls_tunnel_each_way() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
     // The other way: the target waits; the visitor resets.
-    let (seen, saw) = std::sync::mpsc::channel::<std::io::ErrorKind>();
-    let seen = std::sync::Mutex::new(seen);
-    let waiting = target_with(move |mut conn| {
-        let mut buf = vec![0u8; 1 << 16];
-        let kind = loop {
-            match conn.read(&mut buf) {
-                Ok(0) => break std::io::ErrorKind::UnexpectedEof,
-                Ok(_) => {}
-                Err(e) => break e.kind(),
-            }
-        };
-        let _ = seen.lock().unwrap().send(kind);
-    });
-    let port = free_port();
-    create_mapping(&server, port, waiting, true);
-    let visitor = TcpStream::connect(loopback(port)).unwrap();
-    (&visitor).write_all(&[2u8; 5000]).unwrap();
-    std::thread::sleep(Duration::from_millis(200)); // let the bytes reach the target first
-    socket2::SockRef::from(&visitor).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(visitor);
-    let kind = saw.recv_timeout(Duration::from_secs(15)).expect("the target learns of the visitor's reset");
-    assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+    a_visitor_reset_reaches_the_target(&server);
     echo_through_target_again(&server);
 }
 
@@ -195,27 +161,6 @@ async fn channel_to(addr: SocketAddr, pin: &str) -> TlsDataChannel {
     match tls_channel::connect(Arc::new(config), name, MeteredStream::new(tcp, sent, received)).await {
         Ok(channel) => channel,
         Err((e, _)) => panic!("TLS handshake: {e}"),
-    }
-}
-
-/// Writes what the rustls connection has queued, to the socket.
-fn flush_tls(conn: &mut rustls::ServerConnection, tcp: &mut TcpStream) {
-    while conn.wants_write() {
-        conn.write_tls(tcp).unwrap();
-    }
-}
-
-/// Reads the channel until it ends: the bytes, and how it ended.
-async fn read_all(channel: &mut TlsDataChannel) -> (Vec<u8>, std::io::Result<()>) {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let read = tokio::time::timeout(Duration::from_secs(10), channel.read(&mut buf)).await.expect("a read hangs");
-        match read {
-            Ok(0) => return (got, Ok(())),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => return (got, Err(e)),
-        }
     }
 }
 

@@ -13,13 +13,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::strace::Strace;
+use common::tunnel::{a_visitor_reset_reaches_the_target, flush_tls, read_all};
 use common::*;
-use tokio::io::AsyncReadExt;
 use tunneld::net::metered::MeteredStream;
 use tunneld::net::tls_channel::{self, TlsDataChannel, DATA_ALPN};
 use tunneld::telemetry::Metrics;
@@ -32,25 +32,11 @@ fn mapping_bytes(text: &str, port: u16, direction: &str) -> Option<f64> {
     metric_value(text, "tunneld_mapping_bytes_total", &[("port", &port.to_string()), ("direction", direction)])
 }
 
-/// A target of this test's own, one thread per connection.
-fn target_with(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
-    let addr = listener.local_addr().unwrap();
-    let serve = Arc::new(serve);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let serve = serve.clone();
-            std::thread::spawn(move || serve(conn));
-        }
-    });
-    addr
-}
-
 /// A target that reads a 4-byte length, then sends that many bytes of
 /// `noise(len, len)` and closes: the download direction alone (target → client
 /// → server, the server decrypting).
 fn download_target() -> SocketAddr {
-    target_with(|mut conn| {
+    spawn_target(|mut conn| {
         let mut len = [0u8; 4];
         if conn.read_exact(&mut len).is_err() {
             return;
@@ -120,7 +106,7 @@ fn half_closes_cross_the_servers_channel_each_way() {
     create_mapping(
         &server,
         port,
-        target_with(|mut conn| {
+        spawn_target(|mut conn| {
             let mut got = Vec::new();
             let _ = conn.read_to_end(&mut got);
             got.reverse();
@@ -146,7 +132,7 @@ fn half_closes_cross_the_servers_channel_each_way() {
     create_mapping(
         &server,
         port,
-        target_with(move |mut conn| {
+        spawn_target(move |mut conn| {
             conn.write_all(&[3u8; 70_000]).unwrap();
             conn.shutdown(Shutdown::Write).unwrap();
             let mut got = Vec::new();
@@ -176,7 +162,7 @@ fn half_closes_cross_the_servers_channel_each_way() {
 #[test]
 fn resets_cross_the_servers_channel_each_way() {
     let (server, _client) = server_and_client(SECRET, true);
-    let resetting = target_with(|mut conn| {
+    let resetting = spawn_target(|mut conn| {
         let _ = conn.write_all(&[1u8; 100_000]);
         socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
     });
@@ -194,28 +180,7 @@ fn resets_cross_the_servers_channel_each_way() {
     };
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
-    let (seen, saw) = std::sync::mpsc::channel::<std::io::ErrorKind>();
-    let seen = std::sync::Mutex::new(seen);
-    let waiting = target_with(move |mut conn| {
-        let mut buf = vec![0u8; 1 << 16];
-        let kind = loop {
-            match conn.read(&mut buf) {
-                Ok(0) => break std::io::ErrorKind::UnexpectedEof,
-                Ok(_) => {}
-                Err(e) => break e.kind(),
-            }
-        };
-        let _ = seen.lock().unwrap().send(kind);
-    });
-    let port = free_port();
-    create_mapping(&server, port, waiting, true);
-    let visitor = TcpStream::connect(loopback(port)).unwrap();
-    (&visitor).write_all(&[2u8; 5000]).unwrap();
-    std::thread::sleep(Duration::from_millis(200)); // let the bytes reach the target first
-    socket2::SockRef::from(&visitor).set_linger(Some(Duration::ZERO)).unwrap();
-    drop(visitor);
-    let kind = saw.recv_timeout(Duration::from_secs(15)).expect("the target learns of the visitor's reset");
-    assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+    a_visitor_reset_reaches_the_target(&server);
 
     let port = free_port();
     create_mapping(&server, port, echo_server(), true);
@@ -344,26 +309,6 @@ async fn server_channel(then: fn(rustls::ClientConnection, TcpStream)) -> (TlsDa
     let accept = tls_channel::accept(server, io, hello);
     let channel = tokio::time::timeout(Duration::from_secs(10), accept).await.expect("the handshake hangs").expect("the handshake");
     (channel, offers_data)
-}
-
-fn flush_tls(conn: &mut rustls::ClientConnection, tcp: &mut TcpStream) {
-    while conn.wants_write() {
-        conn.write_tls(tcp).unwrap();
-    }
-}
-
-/// Reads the channel until it ends: the bytes, and how it ended.
-async fn read_all(channel: &mut TlsDataChannel) -> (Vec<u8>, std::io::Result<()>) {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let read = tokio::time::timeout(Duration::from_secs(10), channel.read(&mut buf)).await.expect("a read hangs");
-        match read {
-            Ok(0) => return (got, Ok(())),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => return (got, Err(e)),
-        }
-    }
 }
 
 /// Records, then close_notify: every byte, then a clean end; and the hello

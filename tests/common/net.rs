@@ -59,9 +59,10 @@ pub fn target(serve: fn(TcpStream)) -> SocketAddr {
 
 /// A target on 127.0.0.1 that serves each connection with `serve` on a thread
 /// (a closure, unlike [`target`]'s function).
-pub fn spawn_target(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+pub fn spawn_target(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind target");
     let addr = listener.local_addr().unwrap();
+    let serve = std::sync::Arc::new(serve);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let serve = serve.clone();

@@ -54,3 +54,65 @@ pub async fn authenticate(stream: &mut TunnelStream, secret: &str) -> Verdict {
     write_frame(stream, &Auth::Auth { mac }).await.expect("send auth");
     read_frame(stream).await.expect("a verdict").0
 }
+
+/// Writes what a rustls connection (either side) has queued, to the socket.
+pub fn flush_tls<T>(conn: &mut rustls::ConnectionCommon<T>, tcp: &mut std::net::TcpStream) {
+    while conn.wants_write() {
+        conn.write_tls(tcp).unwrap();
+    }
+}
+
+/// Reads a data channel until it ends: the bytes, and how it ended (a read
+/// that hangs for 10 s fails the test).
+pub async fn read_all(channel: &mut tunneld::net::tls_channel::TlsDataChannel) -> (Vec<u8>, std::io::Result<()>) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), channel.read(&mut buf)).await.expect("a read hangs");
+        match read {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+/// A visitor of a new tunneled mapping on `server` sends 5,000 bytes, and once
+/// the target has read them, resets: the target must see the reset (not a
+/// clean EOF) through the tunnel.
+pub fn a_visitor_reset_reaches_the_target(server: &super::Daemon) {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    const SENT: usize = 5000;
+    let (read_all_sent, all_sent_read) = mpsc::channel::<()>();
+    let (seen, saw) = mpsc::channel::<std::io::ErrorKind>();
+    let (read_all_sent, seen) = (std::sync::Mutex::new(read_all_sent), std::sync::Mutex::new(seen));
+    let waiting = super::spawn_target(move |mut conn| {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        let kind = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break std::io::ErrorKind::UnexpectedEof,
+                Ok(n) => {
+                    total += n;
+                    if total == SENT {
+                        let _ = read_all_sent.lock().unwrap().send(());
+                    }
+                }
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = seen.lock().unwrap().send(kind);
+    });
+    let port = super::free_port();
+    super::create_mapping(server, port, waiting, true);
+    let visitor = std::net::TcpStream::connect(super::loopback(port)).unwrap();
+    (&visitor).write_all(&[2u8; SENT]).unwrap();
+    all_sent_read.recv_timeout(Duration::from_secs(15)).expect("the target reads the visitor's bytes");
+    socket2::SockRef::from(&visitor).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(visitor);
+    let kind = saw.recv_timeout(Duration::from_secs(15)).expect("the target learns of the visitor's reset");
+    assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+}
