@@ -19,7 +19,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::strace::Strace;
@@ -28,41 +27,6 @@ use common::*;
 use serde_json::json;
 
 const SECRET: &str = "udp-batch-secret-0123456789abcdef";
-
-/// A datagram as the target got it, with its source (one per session).
-type Arrival = (SocketAddr, Vec<u8>);
-
-/// A target on 127.0.0.1 that keeps every datagram with its source, in
-/// arrival order, read by a thread of its own into a 4 MiB buffer.
-struct Recorder {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Arrival>>>,
-}
-
-impl Recorder {
-    fn start() -> Recorder {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("a UDP socket");
-        socket.set_recv_buffer_size(4 << 20).expect("a 4 MiB receive buffer");
-        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind the recorder");
-        let socket: UdpSocket = socket.into();
-        let addr = socket.local_addr().expect("the recorder's address");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let keep = got.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 70_000];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                keep.lock().unwrap().push((from, buf[..n].to_vec()));
-            }
-        });
-        Recorder { addr, got }
-    }
-
-    /// Everything received, once `n` datagrams have arrived.
-    fn after(&self, n: usize) -> Vec<Arrival> {
-        wait_for(&format!("{n} datagrams at the target"), Duration::from_secs(30), || (self.got.lock().unwrap().len() >= n).then_some(()));
-        self.got.lock().unwrap().clone()
-    }
-}
 
 /// Datagram `seq` of visitor `who`, `len` bytes (at least 5): who, the
 /// number, then a filler that depends on both, so a datagram cut, padded or
@@ -149,7 +113,7 @@ fn bursts_of_mixed_sizes_larger_than_a_batch_arrive_whole_in_order_per_session_a
         }
     }
     let total: usize = expected.values().map(Vec::len).sum();
-    let got = target.after(total);
+    let got = target.after(total, Duration::from_secs(30));
     assert_eq!(got.len(), total, "no datagram twice, none of another");
 
     // Per session (the target sees one source address per session): whole, in order.
@@ -197,7 +161,7 @@ fn a_burst_waiting_in_the_mapping_socket_is_read_and_sent_in_batches() {
     let v = visitor(2);
     // The session opens first: what follows is its steady state.
     v.send_to(&numbered(2, 0, 100), loopback(port)).expect("send");
-    target.after(1);
+    target.after(1, Duration::from_secs(30));
 
     const BURST: u32 = 1500;
     let trace = Strace::attach(&strace, server.child.id());
@@ -206,7 +170,7 @@ fn a_burst_waiting_in_the_mapping_socket_is_read_and_sent_in_batches() {
         v.send_to(&numbered(2, seq, 1000), loopback(port)).expect("send");
     }
     server.signal("CONT");
-    let got = target.after(BURST as usize + 1);
+    let got = target.after(BURST as usize + 1, Duration::from_secs(30));
     let calls = trace.finish();
 
     let seqs: Vec<u32> = got.iter().map(|(_, d)| u32::from_be_bytes([d[1], d[2], d[3], d[4]])).collect();

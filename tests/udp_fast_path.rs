@@ -17,8 +17,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::udp::*;
@@ -36,43 +35,12 @@ fn create_udp(server: &Daemon, port: u16, target: SocketAddr, extra: Value) {
     assert_eq!(status, 200, "{created}");
 }
 
-/// A target on 127.0.0.1 that keeps every datagram it gets, in arrival order,
-/// read by a thread of its own into a 4 MiB buffer so it drops nothing itself.
-struct Recorder {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Recorder {
-    fn start() -> Recorder {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("a UDP socket");
-        socket.set_recv_buffer_size(4 << 20).expect("a 4 MiB receive buffer");
-        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind the recorder");
-        let socket: UdpSocket = socket.into();
-        let addr = socket.local_addr().expect("the recorder's address");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let keep = got.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 70_000];
-            while let Ok(n) = socket.recv(&mut buf) {
-                keep.lock().unwrap().push(buf[..n].to_vec());
-            }
-        });
-        Recorder { addr, got }
-    }
-
-    fn count(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    /// The sequence numbers (each datagram's first 4 bytes) in arrival order,
-    /// and the payload bytes, once `n` datagrams have arrived.
-    fn sequence_after(&self, n: usize) -> (Vec<u32>, u64) {
-        wait_for(&format!("{n} datagrams at the target"), Duration::from_secs(20), || (self.count() >= n).then_some(()));
-        let got = self.got.lock().unwrap();
-        let seqs = got.iter().map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]])).collect();
-        (seqs, got.iter().map(|d| d.len() as u64).sum())
-    }
+/// The sequence numbers (each datagram's first 4 bytes) in arrival order,
+/// and the payload bytes, once `n` datagrams have arrived at `target`.
+fn sequence_after(target: &Recorder, n: usize) -> (Vec<u32>, u64) {
+    let got = target.after(n, Duration::from_secs(20));
+    let seqs = got.iter().map(|(_, d)| u32::from_be_bytes([d[0], d[1], d[2], d[3]])).collect();
+    (seqs, got.iter().map(|(_, d)| d.len() as u64).sum())
 }
 
 /// Datagram `seq` of `len` bytes: the number, then filler.
@@ -114,7 +82,7 @@ fn a_burst_reaches_the_target_in_order_each_datagram_once_and_counted_exactly() 
         (before == after && target.count() as f64 >= after).then_some(after)
     });
     let dropped = udp_metric(&server, "tunneld_mapping_dropped_datagrams_total", port, &[("reason", "queue_full")]);
-    let (seqs, bytes) = target.sequence_after(forwarded as usize);
+    let (seqs, bytes) = sequence_after(&target, forwarded as usize);
     assert_eq!(seqs.len() as f64, forwarded, "every datagram counted as sent reached the target, and no other");
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, none twice: {:?}", &seqs[..seqs.len().min(50)]);
     assert!(seqs.len() as f64 + dropped <= f64::from(N));
@@ -143,14 +111,14 @@ fn datagrams_queued_behind_a_cap_keep_their_order_when_the_cap_is_lifted() {
     for seq in 40..240 {
         v.send_to(&numbered(seq, 1000), loopback(port)).expect("send");
     }
-    let (seqs, bytes) = target.sequence_after(240);
+    let (seqs, bytes) = sequence_after(&target, 240);
     assert_eq!(seqs, (0..240).collect::<Vec<u32>>(), "all of them, in the order sent, once");
     assert_eq!(bytes, 240_000);
     // Uncapped from now on, still in order.
     for seq in 240..1240 {
         v.send_to(&numbered(seq, 1000), loopback(port)).expect("send");
     }
-    let (seqs, bytes) = target.sequence_after(1240);
+    let (seqs, bytes) = sequence_after(&target, 1240);
     assert_eq!(seqs, (0..1240).collect::<Vec<u32>>());
     assert_eq!(bytes, 1_240_000);
     assert_eq!(udp_metric(&server, "tunneld_mapping_datagrams_total", port, &[("direction", "sent")]), 1240.0);
@@ -190,7 +158,7 @@ fn a_session_stays_open_while_one_way_datagrams_flow_and_ends_when_they_stop() {
     });
     assert_eq!(logged["connections"][0]["end"], "idle_timeout", "{logged}");
     assert_eq!(logged["connections"][0]["bytes_sent"], u64::from(seq) * 100, "{logged}");
-    assert_eq!(target.sequence_after(seq as usize).0, (0..seq).collect::<Vec<u32>>());
+    assert_eq!(sequence_after(&target, seq as usize).0, (0..seq).collect::<Vec<u32>>());
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! UDP targets and visitors on loopback, shared by the UDP test files: an echo
 //! target, visitors from chosen addresses of 127.0.0.0/8 (so each one's replies
 //! can be told apart), one exchange through a mapping, a UDP mapping's series,
-//! a port free for both TCP and UDP, and dnsmasq with dig as a real DNS
+//! a port free for both TCP and UDP, a target that records what it gets, and dnsmasq with dig as a real DNS
 //! server and client.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{free_port, loopback, metric_value, metrics_text, wait_for, Daemon};
@@ -128,5 +129,46 @@ impl Drop for DnsMasq {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A datagram as a [`Recorder`] got it, with its source (one per session).
+pub type Arrival = (SocketAddr, Vec<u8>);
+
+/// A target on 127.0.0.1 that keeps every datagram with its source, in
+/// arrival order, read by a thread of its own into a 4 MiB buffer so it drops
+/// nothing itself.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    got: Arc<Mutex<Vec<Arrival>>>,
+}
+
+impl Recorder {
+    pub fn start() -> Recorder {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("a UDP socket");
+        socket.set_recv_buffer_size(4 << 20).expect("a 4 MiB receive buffer");
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind the recorder");
+        let socket: UdpSocket = socket.into();
+        let addr = socket.local_addr().expect("the recorder's address");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let keep = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 70_000];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                keep.lock().unwrap().push((from, buf[..n].to_vec()));
+            }
+        });
+        Recorder { addr, got }
+    }
+
+    /// How many datagrams have arrived so far.
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Everything received, once `n` datagrams have arrived (at most `within`).
+    pub fn after(&self, n: usize, within: Duration) -> Vec<Arrival> {
+        wait_for(&format!("{n} datagrams at the target"), within, || (self.count() >= n).then_some(()));
+        self.got.lock().unwrap().clone()
     }
 }
