@@ -156,6 +156,24 @@ def udp_socket_row(port: int) -> dict | None:
     return None
 
 
+def iperf3_behind_each(binaries: dict, procs, tmp: Path) -> dict:
+    """An iperf3 server on 127.0.0.1, and a direct UDP mapping to it in a fresh
+    server of each of `binaries` (name -> path): {name: (port, Tunneld or
+    None)}, with "raw" for iperf3's own port. For the probes that compare
+    builds at fixed rates (udp_where.py, udp_cost.py)."""
+    iport = bench.free_port()
+    procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iport)])
+    server = procs.procs[-1]
+    bench.wait_until("iperf3", lambda: bench.listening(iport), procs, server)
+    ports = {"raw": (iport, None)}
+    for name, path in binaries.items():
+        (tmp / name).mkdir()
+        t = bench.Tunneld(Path(path), procs, tmp / name, dict(os.environ), name=name)
+        port, _ = map_udp(t, iport, False, also_tcp=True)
+        ports[name] = (port, t)
+    return ports
+
+
 def udp_bound(port: int) -> bool:
     return udp_socket_row(port) is not None
 

@@ -55,15 +55,7 @@ def main():
     procs = bench.Children(logdir)
     rows = []
     try:
-        iport = bench.free_port()
-        procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iport)])
-        ip = procs.procs[-1]; bench.wait_until("iperf3", lambda: bench.listening(iport), procs, ip)
-        ports = {"raw": (iport, None)}
-        for name, b in bins.items():
-            (tmp / name).mkdir()
-            t = bench.Tunneld(Path(b), procs, tmp / name, dict(os.environ), name=name)
-            p, _ = udp.map_udp(t, iport, False, also_tcp=True)
-            ports[name] = (p, t)
+        ports = udp.iperf3_behind_each(bins, procs, tmp)
         for r in range(rounds):
             for rate in rates:
                 order = list(ports)
