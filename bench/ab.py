@@ -39,19 +39,6 @@ import run as bench  # noqa: E402  (the harness's process, tunneld and loadgen h
 PATHS = ("direct", "tunnel", "plain")
 
 
-def switches(pid: int) -> int:
-    """Times a process's live threads were switched in (schedstat's third
-    field, voluntary and involuntary together): a thread sleeping in
-    `epoll_wait` and woken for each step of an exchange counts once a wake."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[2])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # the thread ended while being read
-    return total
-
-
 def strace_counts(pids: dict[str, int], load, per: float, rundir: Path, label: str) -> dict:
     """System calls in each process, counted by `strace -c -f` while `load()`
     runs, divided by `per` (visitors, or MB moved). The daemons' own timers
@@ -189,7 +176,7 @@ def main() -> int:
                                 results.setdefault(f"cpu_s_per_gb_{role}{suffix}", {}).setdefault(name, {}).setdefault(
                                     path, []).append(cpu / 1e9 / gb)
                         cpu_before = sum(bench.cpu_ns(pid) for pid in pids)
-                        switches_before = sum(switches(pid) for pid in pids)
+                        switches_before = sum(bench.switch_ins(pid) for pid in pids)
                         rate = bench.run_loadgen(loadgen, ["connrate", "--target", f"127.0.0.1:{ports[name][path]['echo']}",
                                                            "--count", str(args.conns)], timeout=600)
                         # CPU microseconds tunneld spent per visitor (server and client).
@@ -197,7 +184,7 @@ def main() -> int:
                             (sum(bench.cpu_ns(pid) for pid in pids) - cpu_before) / 1e3 / args.conns)
                         # Threads of tunneld switched in per visitor: the wake-ups and hand-offs.
                         results["switches_per_conn"].setdefault(name, {}).setdefault(path, []).append(
-                            (sum(switches(pid) for pid in pids) - switches_before) / args.conns)
+                            (sum(bench.switch_ins(pid) for pid in pids) - switches_before) / args.conns)
                         if rate["failures"]:
                             raise bench.BenchError(f"{name} {path}: {rate['failures']} failures: {rate['errors']}")
                         results["conn_rate"].setdefault(name, {}).setdefault(path, []).append(rate["conns_per_s"])

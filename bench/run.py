@@ -246,17 +246,32 @@ def cpu_ns_by_thread(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time a process's live threads have used, in nanoseconds (scheduler
-    accounting: finer than /proc/PID/stat's 10 ms ticks, which a round of a few
-    thousand connections would turn into a few percent of error)."""
-    total = 0
+def schedstat_sums(pid: int) -> tuple[int, int]:
+    """(CPU ns, switch-ins) summed over a process's live threads, from
+    schedstat: CPU time by scheduler accounting (finer than /proc/PID/stat's
+    10 ms ticks, which a round of a few thousand connections would turn into a
+    few percent of error), and the times its threads were switched in
+    (voluntary and involuntary together: a thread sleeping in `epoll_wait` and
+    woken for each step of an exchange counts once a wake)."""
+    cpu = switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            total += int((task / "schedstat").read_text().split()[0])
+            fields = (task / "schedstat").read_text().split()
         except (FileNotFoundError, ProcessLookupError):
-            pass  # the thread ended while being read
-    return total
+            continue  # the thread ended while being read
+        cpu += int(fields[0])
+        switches += int(fields[2])
+    return cpu, switches
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time a process's live threads have used, in nanoseconds."""
+    return schedstat_sums(pid)[0]
+
+
+def switch_ins(pid: int) -> int:
+    """Times a process's live threads were switched in."""
+    return schedstat_sums(pid)[1]
 
 
 def listen_overflows() -> int:

@@ -30,15 +30,13 @@ import run as bench  # noqa: E402  (the harness's process, tunneld, HAProxy, rat
 
 def per_thread(pid: int) -> tuple[int, int, int]:
     """(CPU ns, switch-ins, voluntary switches) summed over a process's live threads."""
-    cpu = switches = voluntary = 0
+    cpu, switches = bench.schedstat_sums(pid)
+    voluntary = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "schedstat").read_text().split()
             status = (task / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended while being read
-        cpu += int(fields[0])
-        switches += int(fields[2])
         for line in status.splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
                 voluntary += int(line.split()[1])
