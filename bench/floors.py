@@ -41,15 +41,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import sys
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the harness's process, port and iperf3 helpers)
 from splice import Server, endpoint_cpu_per_gb  # noqa: E402
+import udp  # noqa: E402  (bench/udp.py: its iperf3 -u runner and mapping helpers)
 
 PATHS = ["raw", "direct", "chained", "plain", "copy", "tls"]
 
@@ -157,8 +157,6 @@ def other_tasks_ns() -> dict[str, int]:
 
 
 def udp_floor(binary: Path, args) -> int:
-    import udp  # noqa: E402  (bench/udp.py: its iperf3 -u runner and mapping helpers)
-
     rundir = bench.REPO / "bench" / "results" / time.strftime("floors-udp-%Y%m%d-%H%M%S")
     rundir.mkdir(parents=True)
     results: dict = {"mbit": args.udp, "rounds": args.rounds, "load_before": os.getloadavg()}
