@@ -106,10 +106,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         procs = bench.Children(rundir)
         try:
-            iperf_port = bench.free_port()
-            iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port),
-                                                   "--rcv-timeout", "10000"])
-            bench.wait_until("iperf3 -s to listen", lambda: bench.listening(iperf_port), procs, iperf)
+            iperf_port = bench.start_iperf3(procs)
             echo_port = bench.free_port()
             echo = procs.spawn("loadgen-echo", [str(loadgen), "echo", "--listen", f"127.0.0.1:{echo_port}"])
             bench.wait_until("the echo target to listen", lambda: bench.listening(echo_port), procs, echo)

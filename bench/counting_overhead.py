@@ -51,9 +51,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         procs = bench.Children(tmp)
         try:
-            target = bench.free_port()
-            iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(target)])
-            bench.wait_until("iperf3 to listen", lambda: bench.listening(target), procs, iperf)
+            target = bench.start_iperf3(procs)
             ports = {"raw": target}
             for name, binary in binaries.items():
                 home = tmp / name

@@ -86,9 +86,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         procs = bench.Children(rundir)
         try:
-            iperf_port = bench.free_port()
-            iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)])
-            bench.wait_until("iperf3 -s", lambda: bench.listening(iperf_port), procs, iperf)
+            iperf_port = bench.start_iperf3(procs)
 
             direct = Server(binary, procs, tmp, "direct", {})
             second = Server(binary, procs, tmp, "chained-second", {})

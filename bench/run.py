@@ -461,6 +461,16 @@ def make_rathole_identity(tmp: Path) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
+def start_iperf3(procs: Children) -> int:
+    """An iperf3 server on a free loopback port, listening: its port. It gives up
+    on a silent peer after 10 s instead of staying busy forever, so one broken
+    path cannot wedge the runs through the other paths."""
+    port = free_port()
+    proc = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port), "--rcv-timeout", "10000"])
+    wait_until("iperf3 -s to listen", lambda: listening(port), procs, proc)
+    return port
+
+
 def run_iperf(port: int, seconds: int, extra: list[str], save: Path) -> dict:
     # seconds 0: the run ends by what `extra` says (-n BYTES).
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), *(["-t", str(seconds)] if seconds else []), "-J", *extra]
@@ -826,12 +836,7 @@ def run(args, paths: list[str], procs: Children, tmp: Path, loadgen: Path, rundi
     env = dict(os.environ)
     figs = results["figures"]
 
-    # Targets. iperf3 gives up on a silent peer after 10 s instead of staying busy
-    # forever, so one broken path cannot wedge the runs through the other paths.
-    iperf_port = free_port()
-    iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port),
-                                           "--rcv-timeout", "10000"])
-    wait_until("iperf3 -s to listen", lambda: listening(iperf_port), procs, iperf)
+    iperf_port = start_iperf3(procs)
     echo_port = free_port()
     echo = procs.spawn("loadgen-echo", [str(loadgen), "echo", "--listen", f"127.0.0.1:{echo_port}"])
     wait_until("the echo target to listen", lambda: listening(echo_port), procs, echo)

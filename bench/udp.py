@@ -161,10 +161,7 @@ def iperf3_behind_each(binaries: dict, procs, tmp: Path) -> dict:
     server of each of `binaries` (name -> path): {name: (port, Tunneld or
     None)}, with "raw" for iperf3's own port. For the probes that compare
     builds at fixed rates (udp_where.py, udp_cost.py)."""
-    iport = bench.free_port()
-    procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iport)])
-    server = procs.procs[-1]
-    bench.wait_until("iperf3", lambda: bench.listening(iport), procs, server)
+    iport = bench.start_iperf3(procs)
     ports = {"raw": (iport, None)}
     for name, path in binaries.items():
         (tmp / name).mkdir()
@@ -578,11 +575,10 @@ def main() -> int:
 
 def run(args, rathole: str | None, procs: bench.Children, tmp: Path, rundir: Path, results: dict) -> bool:
     env = dict(os.environ)
-    echo_port, iperf_port = bench.free_port(), bench.free_port()
+    echo_port = bench.free_port()
     echo = procs.spawn("udp-echo", [sys.executable, str(SCRIPT), "--serve-echo", str(echo_port)])
     bench.wait_until("the UDP echo", lambda: udp_bound(echo_port), procs, echo)
-    iperf = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)])
-    bench.wait_until("iperf3 -s", lambda: bench.listening(iperf_port), procs, iperf)
+    iperf_port = bench.start_iperf3(procs)
 
     (tmp / "speed").mkdir()
     tunneld = bench.Tunneld(args.tunneld, procs, tmp / "speed", env, name="speed")
