@@ -185,10 +185,15 @@ def main() -> int:
                         if rate["failures"]:
                             raise bench.BenchError(f"{name} {path}: {rate['failures']} failures: {rate['errors']}")
                         results["conn_rate"].setdefault(name, {}).setdefault(path, []).append(rate["conns_per_s"])
+                        def cpu_per_gb(suffix: str) -> str:
+                            # The server's, and the client's where the path has one (not direct).
+                            parts = [results[f"cpu_s_per_gb_{role}{suffix}"][name][path][-1]
+                                     for role in ("server", "client")[:len(pids)]]
+                            return "+".join(f"{part:5.2f}" for part in parts)
+
                         tput = "".join(
                             f"{suffix or '  '} {results['tput_1' + suffix][name][path][-1]:6.2f} Gbit/s "
-                            f"{results['cpu_s_per_gb_server' + suffix][name][path][-1]:5.2f}"
-                            f"+{results['cpu_s_per_gb_client' + suffix][name][path][-1]:5.2f} CPU s/GB  "
+                            f"{cpu_per_gb(suffix)} CPU s/GB  "
                             for suffix, _ in ([] if args.no_throughput else directions))
                         bench.log(f"round {round_no + 1} {name:10} {path:6} {tput}{rate['conns_per_s']:7.0f} conn/s "
                                   f"{results['cpu_us_per_conn'][name][path][-1]:6.1f} CPU us/conn "
