@@ -494,7 +494,8 @@ fn every_byte_crosses_the_daemons_each_way_to_a_slow_reader() {
         let t = metrics_text(&server);
         (metric_value(&t, "tunneld_mapping_active_connections", &[("port", &port.to_string())]) == Some(0.0)).then_some(t)
     });
-    let bytes = |direction: &str| metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &port.to_string()), ("direction", direction)]);
+    let bytes =
+        |direction: &str| metric_value(&text, "tunneld_mapping_bytes_total", &[("port", &port.to_string()), ("direction", direction)]);
     assert_eq!(bytes("sent"), Some((LEN + 2) as f64), "counted visitor → target");
     assert_eq!(bytes("received"), Some((LEN + 32) as f64), "counted target → visitor");
 }

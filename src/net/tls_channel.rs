@@ -297,7 +297,9 @@ impl Handshake {
     /// The channel, with rustls's secrets taken over. rustls has processed
     /// every whole record in `input` (it returns `WriteTraffic` only then) and
     /// sent everything it queued, so the rest of `input` is the records this
-    /// end opens from here on.
+    /// end opens from here on. On failure the socket comes back, as from
+    /// [`connect`], whose result this is.
+    #[allow(clippy::result_large_err)]
     fn into_channel(self) -> Result<TlsDataChannel, (io::Error, MeteredStream)> {
         let Handshake { conn, io, input, output, plain } = self;
         let records = match conn {
@@ -673,9 +675,7 @@ impl TlsDataChannel {
                     }
                 }
                 _ => {
-                    return Err(rustls::Error::InvalidMessage(InvalidMessage::UnexpectedMessage(
-                        "a handshake message after the handshake",
-                    )))
+                    return Err(rustls::Error::InvalidMessage(InvalidMessage::UnexpectedMessage("a handshake message after the handshake")))
                 }
             }
             rest = after;
