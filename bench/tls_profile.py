@@ -7,8 +7,11 @@ encrypts; `-R`: the client encrypts, the server decrypts) while
 of the symbols that copy (`memmove`/`memcpy`), zero (`memset`), allocate (`malloc`, `free`,
 `realloc`, glibc's `_int_*`) and fault pages (`clear_page*`, `*page_fault*`)
 are summed from `perf report`. Also the CPU seconds per GB each process spent
-(schedstat), and, with --strace-mb, the memory system calls (`mmap`, `munmap`,
-`madvise`, `brk`) and all calls per MB under `strace -c -f`.
+(schedstat); with --strace-mb, the memory system calls (`mmap`, `munmap`,
+`madvise`, `brk`) and all calls per MB under `strace -c -f`; with
+--callgrind-mb, the user-space instructions per MB of the server and of the
+client, each run under valgrind's callgrind on a pair of its own (counted only
+while iperf3 runs: `callgrind_control -z`, `-i on`, `-i off`, `-s`).
 
     python3 bench/tls_profile.py --binary main=/work/bin/tunneld-21f6 \\
         --binary new=target/release/tunneld [--seconds 5] [--rounds 2] [--strace-mb 512]
@@ -86,12 +89,50 @@ def strace_mem(pid: int, out: Path, load) -> dict:
             "top": {k: round(v / mb, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:8]}}
 
 
+def callgrind_wrapper(binary: Path, tmp: Path, name: str, role: str) -> Path:
+    """A stand-in for `binary` that runs its `role` (server or client) under
+    callgrind with instrumentation off until `callgrind_control -i on`, and the
+    other role natively."""
+    wrapper = tmp / f"callgrind-{name}-{role}.sh"
+    out = tmp / f"callgrind-{name}-{role}.%p"
+    wrapper.write_text(f"""#!/bin/sh
+if [ "$1" = "{role}" ]; then
+    exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out} {binary} "$@"
+fi
+exec {binary} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def callgrind_ir(pid: int, tmp: Path, load) -> tuple[int, dict]:
+    """User-space instructions `pid` (under callgrind, see `callgrind_wrapper`)
+    executed while `load()` ran: zeroed, collected, dumped, read from the dump."""
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+    moved = load()
+    before = set(tmp.glob(f"callgrind-*.{pid}*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+    dumps = sorted(set(tmp.glob(f"callgrind-*.{pid}*")) - before, key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise bench.BenchError(f"callgrind wrote no dump for {pid}")
+    text = dumps[-1].read_text(errors="replace")
+    m = re.search(r"^(?:summary|totals):\s*(\d+)", text, re.M)
+    if not m:
+        raise bench.BenchError(f"no totals in {dumps[-1]}")
+    return int(m.group(1)), moved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", action="append", required=True, help="NAME=PATH")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--strace-mb", type=int, default=0)
+    ap.add_argument("--callgrind-mb", type=int, default=0,
+                    help="also count the server's and the client's user-space instructions per MB under callgrind "
+                         "(each on a pair of its own) while iperf3 moves this many MB each way")
     args = ap.parse_args()
     binaries = dict(spec.split("=", 1) for spec in args.binary)
     rundir = bench.RESULTS_DIR / ("tlsprof-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -111,6 +152,23 @@ def main() -> int:
                 home.mkdir()
                 pairs[name] = bench.Tunneld(Path(binary), procs, home, dict(bench.os.environ), name=f"{name}-tls")
                 ports[name] = pairs[name].map(iperf_port, True)
+            if args.callgrind_mb:
+                for name, binary in binaries.items():
+                    for role in ("server", "client"):
+                        home = tmp / f"cg-{name}-{role}"
+                        home.mkdir()
+                        wrapped = callgrind_wrapper(Path(binary).resolve(), tmp, name, role)
+                        pair = bench.Tunneld(wrapped, procs, home, dict(bench.os.environ), name=f"{name}-cg-{role}")
+                        port = pair.map(iperf_port, True)
+                        for suffix, extra in (("", []), ("_R", ["-R"])):
+                            ir, moved = callgrind_ir(getattr(pair, role).pid, tmp, lambda: bench.run_iperf(
+                                port, 0, ["-n", f"{args.callgrind_mb}M", *extra],
+                                rundir / f"iperf3-callgrind-{name}-{role}{suffix}.json"))
+                            per_mb = ir / (moved["received_bytes"] / 1e6)
+                            results.setdefault("instructions_per_mb", {}).setdefault(name + suffix, {})[role] = per_mb
+                            bench.log(f"callgrind {name}{suffix} {role}: {per_mb / 1e6:.3f} M instructions per MB")
+                        procs.stop(pair.client)
+                        procs.stop(pair.server)
             if args.strace_mb:
                 for name in binaries:
                     for suffix, extra in (("", []), ("_R", ["-R"])):
