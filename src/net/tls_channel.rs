@@ -403,7 +403,7 @@ fn poll_fill(io: &mut MeteredStream, input: &mut BytesMut, cx: &mut Context<'_>)
 }
 
 /// TLS bytes on their way out: `buf[sent..]` is not written yet. The memory is
-/// kept while the channel carries an exchange, and given back when it is pooled.
+/// kept from write to write within a burst, and given back at each flush.
 #[derive(Default)]
 struct Outgoing {
     buf: Vec<u8>,
@@ -775,6 +775,10 @@ impl AsyncWrite for TlsDataChannel {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(poll_transmit(&mut this.io, &mut this.output, cx))?;
+        // A burst is over: its buffer goes until the next one, so an exchange
+        // that went quiet after a large write holds no 64 KiB. Taking it again
+        // costs one allocation per burst and no zeroing (records are appended).
+        this.output = Outgoing::default();
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
