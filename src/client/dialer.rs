@@ -45,8 +45,12 @@ impl Dialer {
         let tls = match config.tls {
             true => {
                 let (tls, name) = tls::client_config(&config)?;
-                let tls = Arc::new(tls);
-                Some((tokio_rustls::TlsConnector::from(tls.clone()), name, tls))
+                // Data channels hand their traffic secrets over to their own
+                // record layer after the handshake (`net::tls_channel`); the
+                // control connection keeps them inside rustls.
+                let mut data = tls.clone();
+                data.enable_secret_extraction = true;
+                Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), name, Arc::new(data)))
             }
             false => {
                 warn!("client.tls = false: the tunnel is NOT encrypted and the server is not authenticated; use only on a trusted network");

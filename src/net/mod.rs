@@ -7,7 +7,7 @@
 //! - [`splice`]: the relays' pipes, to move a mapping's bytes in the kernel (direct, or a plain tunnel's chunks);
 //! - [`metered`]: a stream that counts its wire bytes into tunnel meters;
 //! - [`tls`]: the tunnel's TLS identity, trust and handshake errors;
-//! - [`tls_channel`]: a data channel's TLS (client or server) through rustls's unbuffered API;
+//! - [`tls_channel`]: a data channel's TLS (client or server): rustls's handshake, then its own record layer;
 //! - [`transport`]: a tunnel connection, TLS or plain;
 //! - [`quic`]: QUIC on the tunnel port over UDP, with the tunnel's TLS;
 //! - [`udp`]: UDP sockets toward a target, read without a buffer per socket;

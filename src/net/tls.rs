@@ -141,7 +141,7 @@ pub(crate) fn server_config(identity: Identity) -> anyhow::Result<rustls::Server
 pub struct ServerTls {
     pub(crate) buffered: tokio_rustls::TlsAcceptor,
     /// The same configuration, listing the data channels' ALPN protocol so the
-    /// client sees it taken.
+    /// client sees it taken, with secret extraction on for their own record layer.
     pub(crate) data: Arc<rustls::ServerConfig>,
 }
 
@@ -149,6 +149,8 @@ impl ServerTls {
     pub(crate) fn new(config: rustls::ServerConfig) -> ServerTls {
         let mut data = config.clone();
         data.alpn_protocols = vec![crate::net::tls_channel::DATA_ALPN.to_vec()];
+        // Its record layer takes the traffic secrets over after the handshake.
+        data.enable_secret_extraction = true;
         ServerTls { buffered: tokio_rustls::TlsAcceptor::from(Arc::new(config)), data: Arc::new(data) }
     }
 }

@@ -17,8 +17,9 @@ pub enum TunnelStream {
     Plain(Box<MeteredStream>),
     /// TLS 1.3, client or server side, through rustls's buffered stream.
     Tls(Box<tokio_rustls::TlsStream<MeteredStream>>),
-    /// TLS 1.3, a data channel (either end), through rustls's unbuffered API
-    /// (see [`crate::net::tls_channel`]): no exporter, so never a control connection.
+    /// TLS 1.3, a data channel (either end): rustls's unbuffered handshake, then
+    /// the channel's own record layer (see [`crate::net::tls_channel`]): no
+    /// exporter, so never a control connection.
     TlsData(Box<crate::net::tls_channel::TlsDataChannel>),
 }
 

@@ -411,7 +411,9 @@ async fn upstream<W: AsyncWrite + Unpin>(
 ///
 /// Each read of a chunk's payload may also take the next chunk's header (never
 /// more: bytes past it could belong to the channel's next exchange), so a bulk
-/// transfer costs one read per chunk, not two.
+/// transfer costs one read per chunk, not two. Reads fill the buffer's spare
+/// capacity, which is never zeroed: the buffer is released whenever the
+/// channel has nothing ready, so zeroing it would be a pass over every burst.
 async fn downstream<R: AsyncRead + Unpin>(
     channel: &mut R,
     socket: &TcpStream,
@@ -419,7 +421,7 @@ async fn downstream<R: AsyncRead + Unpin>(
     activity: &Activity,
 ) -> Result<u64, ExchangeError> {
     let mut total = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = BytesMut::new();
     let mut header = [0u8; HEADER];
     let mut have = 0;
     loop {
@@ -435,22 +437,25 @@ async fn downstream<R: AsyncRead + Unpin>(
             }
             len => {
                 let mut left = len as usize;
-                // Sized by what arrives: a one-byte exchange does not zero 64 KiB.
-                if buf.len() < left + HEADER {
-                    buf.resize(left + HEADER, 0);
-                }
                 have = 0;
                 while left > 0 {
                     // Gather what is already buffered or decrypted, then one write.
+                    // Sized by what arrives: a one-byte exchange takes no 64 KiB.
                     let limit = left + HEADER;
-                    let mut filled = read_some(channel, &mut buf[..limit]).await?;
-                    while filled < left {
-                        match channel.read(&mut buf[filled..limit]).now_or_never() {
+                    buf.clear();
+                    buf.reserve(limit);
+                    if channel.read_buf(&mut (&mut buf).limit(limit)).await.map_err(channel_error)? == 0 {
+                        return Err(ExchangeError::Channel("closed in the middle of a chunk".into()));
+                    }
+                    while buf.len() < left {
+                        let room = limit - buf.len();
+                        match channel.read_buf(&mut (&mut buf).limit(room)).now_or_never() {
                             Some(Ok(0)) | None => break,
-                            Some(Ok(n)) => filled += n,
+                            Some(Ok(_)) => {}
                             Some(Err(e)) => return Err(channel_error(e)),
                         }
                     }
+                    let filled = buf.len();
                     let payload = filled.min(left);
                     // Paced piece by piece: a chunk off the channel does not
                     // go out ahead of the cap either.
@@ -466,20 +471,13 @@ async fn downstream<R: AsyncRead + Unpin>(
     }
 }
 
-async fn read_some<R: AsyncRead + Unpin>(channel: &mut R, buf: &mut [u8]) -> Result<usize, ExchangeError> {
-    match channel.read(buf).await.map_err(channel_error)? {
-        0 => Err(ExchangeError::Channel("closed in the middle of a chunk".into())),
-        n => Ok(n),
-    }
-}
-
 /// The next chunk header, of which `have` bytes are already in `header`. When
 /// none is ready the copy buffer is released first, so a quiet exchange holds none.
 async fn read_header<R: AsyncRead + Unpin>(
     channel: &mut R,
     header: &mut [u8; HEADER],
     mut have: usize,
-    buf: &mut Vec<u8>,
+    buf: &mut BytesMut,
 ) -> Result<u32, ExchangeError> {
     while have < HEADER {
         // A `read` that is not ready has read nothing, so trying once is lossless.
@@ -487,7 +485,7 @@ async fn read_header<R: AsyncRead + Unpin>(
         let n = match ready {
             Some(r) => r,
             None => {
-                *buf = Vec::new();
+                *buf = BytesMut::new();
                 channel.read(&mut header[have..]).await
             }
         }
