@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import signal
 import statistics
 import subprocess
@@ -55,9 +54,7 @@ def strace_counts(pids: dict[str, int], load, per: float, rundir: Path, label: s
         tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
         text = path.read_text()
-        calls = {m.group(2): int(m.group(1))
-                 for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", text, re.M)}
-        total = calls.pop("total", sum(calls.values()))
+        calls, total = bench.strace_calls(text)
         out[role] = {"per": total / per,
                      "by_call": {k: round(v / per, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}}
     return out

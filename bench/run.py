@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -469,6 +470,13 @@ def start_iperf3(procs: Children) -> int:
     proc = procs.spawn("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port), "--rcv-timeout", "10000"])
     wait_until("iperf3 -s to listen", lambda: listening(port), procs, proc)
     return port
+
+
+def strace_calls(text: str) -> tuple[dict[str, int], int]:
+    """What `strace -c` wrote: ({syscall: calls}, total calls)."""
+    calls = {m.group(2): int(m.group(1))
+             for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", text, re.M)}
+    return calls, calls.pop("total", sum(calls.values()))
 
 
 def run_iperf(port: int, seconds: int, extra: list[str], save: Path) -> dict:

@@ -81,9 +81,7 @@ def strace_mem(pid: int, out: Path, load) -> dict:
     tracer.send_signal(signal.SIGINT)
     tracer.wait(10)
     text = out.read_text()
-    calls = {m.group(2): int(m.group(1))
-             for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", text, re.M)}
-    total = calls.pop("total", sum(calls.values()))
+    calls, total = bench.strace_calls(text)
     mb = moved["received_bytes"] / 1e6
     return {"per_mb": round(total / mb, 2), **{k: round(calls.get(k, 0) / mb, 3) for k in ("mmap", "munmap", "madvise", "brk", "mprotect")},
             "top": {k: round(v / mb, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:8]}}

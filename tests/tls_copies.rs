@@ -20,11 +20,11 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::tunnel::flush_tls;
+use common::tunnel::{data_channel_identity, flush_tls};
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tunneld::net::metered::MeteredStream;
-use tunneld::net::tls_channel::{self, TlsDataChannel, DATA_ALPN};
+use tunneld::net::tls_channel::{self, TlsDataChannel};
 use tunneld::telemetry::Metrics;
 
 // ------------------------------------------------- allocations, counted per thread
@@ -72,26 +72,9 @@ static ALLOCATOR: Counting = Counting;
 
 // ------------------------------------------------- a channel's two ends, in process
 
-/// A fresh identity: the server's configuration (listing `tunneld-data`, with
-/// `suite` only when given) and the daemon's client configuration pinned to it.
+/// A fresh identity (`common::tunnel::data_channel_identity`), shared.
 fn identity(suite: Option<rustls::SupportedCipherSuite>) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let certified = rcgen::generate_simple_self_signed(vec!["tunneld".to_string()]).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from(certified.cert.der().to_vec());
-    let pin = format!("sha256:{}", hex::encode(sha256(&cert)));
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
-    let mut provider = rustls::crypto::ring::default_provider();
-    if let Some(suite) = suite {
-        provider.cipher_suites = vec![suite];
-    }
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    server.alpn_protocols = vec![DATA_ALPN.to_vec()];
-    let client = tunneld::config::ClientConfig { server: "127.0.0.1:1".into(), server_fingerprint: Some(pin), ..Default::default() };
-    let (client, _) = tunneld::net::tls::client_config(&client).unwrap();
+    let (server, client) = data_channel_identity(suite);
     (Arc::new(server), Arc::new(client))
 }
 

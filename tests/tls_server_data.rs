@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::strace::Strace;
-use common::tunnel::{a_visitor_reset_reaches_the_target, flush_tls, read_all};
+use common::tunnel::{a_visitor_reset_reaches_the_target, data_channel_identity, flush_tls, read_all};
 use common::*;
 use tunneld::net::metered::MeteredStream;
 use tunneld::net::tls_channel::{self, TlsDataChannel, DATA_ALPN};
@@ -263,23 +263,10 @@ async fn data_channel_to(tunnel: SocketAddr, pin: &str) -> tunneld::net::transpo
 
 // ------------------------------------------------- the server's channel against a rustls client
 
-/// A fresh identity: the server's configuration (listing `tunneld-data`) and a
-/// client configuration pinned to it that offers `alpn`.
+/// A fresh identity (`common::tunnel::data_channel_identity`) whose client
+/// offers `alpn`.
 fn identity(alpn: &[&[u8]]) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let certified = rcgen::generate_simple_self_signed(vec!["tunneld".to_string()]).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from(certified.cert.der().to_vec());
-    let pin = format!("sha256:{}", hex::encode(sha256(&cert)));
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    server.alpn_protocols = vec![DATA_ALPN.to_vec()];
-    let client = tunneld::config::ClientConfig { server: "127.0.0.1:1".into(), server_fingerprint: Some(pin), ..Default::default() };
-    let (mut client, _) = tunneld::net::tls::client_config(&client).unwrap();
+    let (server, mut client) = data_channel_identity(None);
     client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     (Arc::new(server), Arc::new(client))
 }

@@ -116,3 +116,27 @@ pub fn a_visitor_reset_reaches_the_target(server: &super::Daemon) {
     let kind = saw.recv_timeout(Duration::from_secs(15)).expect("the target learns of the visitor's reset");
     assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
 }
+
+/// A fresh identity for a data channel: the server's configuration (TLS 1.3,
+/// listing `tunneld-data`, only `suite` when given) and the daemon's client
+/// configuration pinned to it (the caller may change what it offers).
+pub fn data_channel_identity(suite: Option<rustls::SupportedCipherSuite>) -> (rustls::ServerConfig, rustls::ClientConfig) {
+    let certified = rcgen::generate_simple_self_signed(vec!["tunneld".to_string()]).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from(certified.cert.der().to_vec());
+    let pin = format!("sha256:{}", hex::encode(super::sha256(&cert)));
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(suite) = suite {
+        provider.cipher_suites = vec![suite];
+    }
+    let mut server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    server.alpn_protocols = vec![tunneld::net::tls_channel::DATA_ALPN.to_vec()];
+    let client = tunneld::config::ClientConfig { server: "127.0.0.1:1".into(), server_fingerprint: Some(pin), ..Default::default() };
+    let (client, _) = tunneld::net::tls::client_config(&client).unwrap();
+    (server, client)
+}

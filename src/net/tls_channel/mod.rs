@@ -149,13 +149,10 @@ pub async fn connect(
 ) -> Result<TlsDataChannel, (io::Error, MeteredStream)> {
     // The handover after the handshake needs secret extraction (the daemon's
     // own configuration has it on; one made elsewhere gets a copy with it).
-    let config = if config.enable_secret_extraction {
-        config
-    } else {
-        let mut own = (*config).clone();
-        own.enable_secret_extraction = true;
-        Arc::new(own)
-    };
+    let mut config = config;
+    if !config.enable_secret_extraction {
+        Arc::make_mut(&mut config).enable_secret_extraction = true;
+    }
     let conn = match UnbufferedClientConnection::new_with_alpn(config, name, vec![DATA_ALPN.to_vec()]) {
         Ok(conn) => conn,
         Err(e) => return Err((tls_error(e), io)),
@@ -212,13 +209,10 @@ pub async fn read_client_hello(io: &mut MeteredStream) -> io::Result<(BytesMut, 
 /// [`DATA_ALPN`], so the client sees it taken, and have secret extraction on
 /// (else a copy with it on is made per connection).
 pub async fn accept(config: Arc<rustls::ServerConfig>, io: MeteredStream, hello: BytesMut) -> io::Result<TlsDataChannel> {
-    let config = if config.enable_secret_extraction {
-        config
-    } else {
-        let mut own = (*config).clone();
-        own.enable_secret_extraction = true;
-        Arc::new(own)
-    };
+    let mut config = config;
+    if !config.enable_secret_extraction {
+        Arc::make_mut(&mut config).enable_secret_extraction = true;
+    }
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut handshake = Handshake::new(Role::Server(conn), io, hello);
     handshake.run().await?;
