@@ -309,6 +309,18 @@ async fn carry(from: &mut TlsDataChannel, to: &mut TlsDataChannel, data: &[u8]) 
     got
 }
 
+/// The next connection on `listener`, served by a plain rustls server (the
+/// record layer an older tunneld runs) once its handshake is done.
+fn rustls_peer_accepts(listener: &std::net::TcpListener, config: Arc<rustls::ServerConfig>) -> (TcpStream, rustls::ServerConnection) {
+    let (mut tcp, _) = listener.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut conn = rustls::ServerConnection::new(config).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    (tcp, conn)
+}
+
 /// A rustls peer that updates its keys and asks for ours (TLS 1.3 KeyUpdate,
 /// update_requested) in the middle of an echo: the channel follows to the new
 /// receive keys, answers with its own update, and every byte comes back.
@@ -318,12 +330,7 @@ fn key_updates_from_the_peer_are_followed_and_answered() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let echo = std::thread::spawn(move || {
-        let (mut tcp, _) = listener.accept().unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut conn = rustls::ServerConnection::new(server).unwrap();
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp).unwrap();
-        }
+        let (mut tcp, mut conn) = rustls_peer_accepts(&listener, server);
         let mut echoed = 0usize;
         let mut updates = 0;
         let mut buf = vec![0u8; 1 << 16];
@@ -387,12 +394,7 @@ fn session_tickets_still_resume_the_next_handshake() {
     let peer = std::thread::spawn(move || {
         let mut kinds = Vec::new();
         for _ in 0..2 {
-            let (mut tcp, _) = listener.accept().unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            let mut conn = rustls::ServerConnection::new(server.clone()).unwrap();
-            while conn.is_handshaking() {
-                conn.complete_io(&mut tcp).unwrap();
-            }
+            let (mut tcp, mut conn) = rustls_peer_accepts(&listener, server.clone());
             kinds.push(conn.handshake_kind());
             // Tickets went with the handshake; a record after them, then close.
             conn.writer().write_all(b"after the tickets").unwrap();
